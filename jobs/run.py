@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""The mediasieve job: ``torchrun --nproc_per_node=N jobs/run.py --config configs/X.yaml [key.sub=value ...]``.
+
+Plain ``python jobs/run.py ...`` is the same job with one process. Exit codes: 0 done, 2 bad config or input,
+3 output directory in use, 143 stopped by a signal (rerun to resume), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.errors import ConfigError, ManifestError, OutputLockedError  # noqa: E402
+from pipeline.metrics import setup_logging  # noqa: E402
+
+log = logging.getLogger("mediasieve")
+
+
+def format_summary(summary: dict) -> str:
+    """A short human-readable account of the run summary."""
+    run, total = summary["this_run"], summary["total"]
+    lines = [
+        f"mediasieve run {summary['run_id']} on {summary['world_size']} rank(s)",
+        f"  this run : {run['items']} items ({run['succeeded']} ok, {run['failed']} failed) in {run['wall_s']:.1f}s"
+        f" = {run['items_per_s'] or 0:.2f} items/s; {run['skipped_already_done']} already done",
+        f"  tiers    : {json.dumps(run['tier_hits'])}",
+        f"  overall  : {summary['manifest_items']} items, {total['succeeded']} succeeded, {total['failed']} failed"
+        f" {json.dumps(total['failures_by_type'])}",
+        f"  output   : {summary['output_dir']} (summary.json, failures.jsonl, parts/)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML job config (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    setup_logging(rank, getattr(logging, args.log_level.upper(), logging.INFO))
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        return 2
+
+    from pipeline.runner import run_job  # torch is imported only after the config is known to be good
+
+    try:
+        outcome = run_job(cfg, install_signal_handlers=True)
+    except (ConfigError, ManifestError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        return 2
+    except OutputLockedError as e:
+        log.error("%s", e)
+        return 3
+    if outcome.interrupted:
+        log.warning("stopped before the end; committed rows are kept: rerun the same command to resume")
+        return 143
+    if outcome.summary is not None:
+        print(format_summary(outcome.summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""mediasieve runtime: config, distribution, manifest, storage tiers, queue, workers, model pool, writer."""

@@ -1,0 +1,438 @@
+"""Job configuration: nested frozen dataclasses loaded from YAML, overridden by ``section.key=value``.
+
+Every field has a docstring-style comment; ``Literal`` marks a closed set of choices. ``load_config`` turns
+unknown keys, wrong types and bad values into one ``ConfigError`` before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Where the items come from."""
+
+    manifest: str | None = None
+    """Manifest URL (any fsspec URL): Parquet, JSONL or CSV, one row per item."""
+    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
+    """Manifest format; ``auto`` picks it from the file extension."""
+    listing_glob: str | None = None
+    """Listing mode instead of a manifest: a glob over a storage prefix (e.g. ``s3://b/videos/**/*.mp4``)."""
+    id_column: str = "video_id"
+    """Column holding the item id (unique)."""
+    path_column: str = "video_path"
+    """Column holding the item path: absolute (any fsspec URL) or relative to each storage tier's root."""
+    on_duplicate_ids: Literal["error", "drop"] = "error"
+    """Duplicate ids: ``error`` stops before any work, naming them; ``drop`` keeps the first with a warning."""
+    limit: int | None = None
+    """Process only the first N items of the manifest (for trials)."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec storage options for the manifest or listing URL."""
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """One shared-filesystem or object-store tier that relative paths resolve against."""
+
+    name: str = ""
+    """Name recorded in ``result_info.storage_tier`` when this tier serves an item."""
+    root: str = ""
+    """Root URL of the tier: a directory (a FUSE mount of a parallel filesystem), or ``s3://bucket/prefix``."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options, e.g. ``{client_kwargs: {endpoint_url: ..., region_name: ...}}`` for S3, MinIO or OSS."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """The node-local cache and the ordered fetch tiers behind it."""
+
+    cache_dir: str = "/tmp/mediasieve-cache"
+    """Node-local cache directory (shared by the ranks of a node)."""
+    cache_max_bytes: int = 180_000_000_000
+    """Byte limit of the cache; finished items are evicted oldest first, never one still in use."""
+    use_cache: bool = True
+    """Copy every fetched item into the cache (False: local-filesystem tiers are read in place)."""
+    tiers: tuple[TierConfig, ...] = ()
+    """Tiers tried in order for relative paths after the cache."""
+    retries: int = 4
+    """Retries of a transient fetch error (timeout, 5xx, throttling) per tier."""
+    backoff_base_s: float = 0.5
+    """First retry delay; doubles each retry, with full jitter."""
+    backoff_max_s: float = 30.0
+    """Cap on one retry delay."""
+    max_item_bytes: int = 50_000_000_000
+    """Items larger than this fail with a FetchError instead of filling the disk."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Threads, queue, work units and device."""
+
+    producers: int = 6
+    """Fetch threads per rank."""
+    consumers: int = 6
+    """Decode-and-filter threads per rank."""
+    queue_depth: int = 16
+    """Fetched items waiting for a consumer; producers block when it is full."""
+    unit_size: int = 16
+    """Items per work unit; ranks pull the next unit dynamically."""
+    stall_timeout_s: float = 900.0
+    """No item finished for this long while work remains: the rank reports a stall and stops."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: the rank's LOCAL_RANK GPU when CUDA is present, else CPU."""
+    empty_cache_every: int = 10
+    """On GPU, ``torch.cuda.empty_cache()`` every N items per consumer."""
+    dist_timeout_s: float = 7200.0
+    """torch.distributed collective timeout (barriers wait for the slowest rank to finish its work)."""
+    shutdown_grace_s: float = 20.0
+    """After SIGTERM, how long items already in a filter may take before they are abandoned."""
+    torch_threads: int | None = None
+    """torch intra-op threads per rank (None: leave torch's default)."""
+    progress: bool = True
+    """Show a tqdm bar per rank."""
+    metrics_interval_s: float = 10.0
+    """Seconds between lines of the per-rank JSON-lines metrics log."""
+    prometheus_port: int | None = None
+    """Serve Prometheus metrics on this port plus the local rank (None: off)."""
+
+
+@dataclass(frozen=True)
+class ModelPoolConfig:
+    """Exclusive model instances per rank."""
+
+    instances: int = 6
+    """Instances per model and rank (one per consumer is enough)."""
+    acquire_timeout_s: float = 300.0
+    """Waiting longer than this for a free instance fails the item with ModelTimeout."""
+    model_cache_dir: str | None = None
+    """Node-local directory for downloaded model files (default: ``<storage.cache_dir>/models``)."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where and how rows are written."""
+
+    dir: str = ""
+    """Output directory (any fsspec URL)."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options for the output URL."""
+    rows_per_file: int = 2000
+    """A part file is committed every N rows ..."""
+    flush_interval_s: float = 120.0
+    """... or every T seconds, whichever comes first."""
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    """Parquet compression codec."""
+    lease_timeout_s: float = 120.0
+    """A run's lease on the output directory is live while its heartbeat is younger than this."""
+
+
+@dataclass(frozen=True)
+class ResumeConfig:
+    """What a rerun on the same output directory does."""
+
+    retry_failed: bool = True
+    """Redo items whose only rows are failures (False: skip them too)."""
+    allow_config_change: bool = False
+    """Resume even though the input or the filters differ from the recorded config."""
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """One configured filter instance; ``params`` are validated by the filter's own params dataclass."""
+
+    name: str
+    """Instance name: the output column."""
+    type: str
+    """Registry key of the filter class."""
+    enabled: bool = True
+    """Switch the filter on or off."""
+    params: dict = field(default_factory=dict)
+    """Filter-specific settings."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The whole job."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    model_pool: ModelPoolConfig = field(default_factory=ModelPoolConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    filters: tuple[FilterSpec, ...] = ()
+    """Filters in the order they run; YAML gives them as a mapping ``name: {type:, enabled:, ...params}``."""
+
+    @property
+    def enabled_filters(self) -> tuple[FilterSpec, ...]:
+        return tuple(f for f in self.filters if f.enabled)
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: null is not allowed")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build the frozen dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types.
+
+    Args:
+        cls: a dataclass type whose fields are annotated with supported types.
+        data: the mapping read from YAML.
+        where: dotted path used in error messages.
+
+    Returns:
+        An instance of ``cls``.
+
+    Raises:
+        ConfigError: on an unknown key, a wrong type or a value outside a ``Literal``.
+    """
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {names}")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}" if where != "config" else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _filters_from_mapping(raw: Any) -> list[dict]:
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        raise ConfigError("filters: expected a mapping of filter name to its settings")
+    out = []
+    for name, body in raw.items():
+        body = {} if body is None else body
+        if not isinstance(body, dict):
+            raise ConfigError(f"filters.{name}: expected a mapping, got {body!r}")
+        body = dict(body)
+        spec = {"name": str(name), "type": body.pop("type", str(name)), "enabled": body.pop("enabled", True)}
+        spec["params"] = body
+        out.append(spec)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into its key path and a YAML-parsed value.
+
+    Args:
+        text: one command-line override.
+
+    Returns:
+        The key path and the value (``null``, numbers, booleans and lists parse as YAML).
+    """
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, value = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
+    return path, parsed
+
+
+def apply_override(raw: dict, path: list[str], value: Any) -> None:
+    """Set ``raw[path[0]][path[1]]... = value``, creating mappings as needed (validation comes later)."""
+    node = raw
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = {}
+            node[part] = nxt
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def load_raw(path: str | None) -> dict:
+    """Read a YAML config (safe loader) into a plain mapping; ``None`` gives an empty one."""
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} does not exist") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return raw
+
+
+def build_config(raw: dict, overrides: list[str] = ()) -> JobConfig:
+    """Apply overrides to a raw mapping and build a validated ``JobConfig``.
+
+    Args:
+        raw: the YAML mapping.
+        overrides: ``section.key=value`` strings, applied in order.
+
+    Returns:
+        The frozen, type-checked config (filter params are checked by ``validate_config``).
+    """
+    raw = json.loads(json.dumps(raw))  # deep copy; YAML scalars are JSON-compatible here
+    for text in overrides:
+        path, value = parse_override(text)
+        apply_override(raw, path, value)
+    raw = dict(raw)
+    raw["filters"] = _filters_from_mapping(raw.get("filters"))
+    return from_dict(JobConfig, raw)
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> JobConfig:
+    """Load, override and validate a job config: the single entry used by ``jobs/run.py``.
+
+    Args:
+        path: YAML file, or None for the built-in defaults.
+        overrides: ``section.key=value`` strings.
+
+    Returns:
+        A validated ``JobConfig``.
+
+    Raises:
+        ConfigError: with one clear message, before any work.
+    """
+    cfg = build_config(load_raw(path), overrides)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: JobConfig) -> None:
+    """Check values and cross-field rules that types alone cannot express."""
+    if bool(cfg.input.manifest) == bool(cfg.input.listing_glob):
+        raise ConfigError("input: set exactly one of input.manifest and input.listing_glob")
+    if not cfg.output.dir:
+        raise ConfigError("output.dir is required")
+    positive = {
+        "runtime.producers": cfg.runtime.producers,
+        "runtime.consumers": cfg.runtime.consumers,
+        "runtime.queue_depth": cfg.runtime.queue_depth,
+        "runtime.unit_size": cfg.runtime.unit_size,
+        "runtime.empty_cache_every": cfg.runtime.empty_cache_every,
+        "model_pool.instances": cfg.model_pool.instances,
+        "output.rows_per_file": cfg.output.rows_per_file,
+        "storage.cache_max_bytes": cfg.storage.cache_max_bytes,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if cfg.storage.retries < 0:
+        raise ConfigError("storage.retries must be >= 0")
+    for i, tier in enumerate(cfg.storage.tiers):
+        if not tier.name or not tier.root:
+            raise ConfigError(f"storage.tiers[{i}]: name and root are required")
+    names = [f.name for f in cfg.filters]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"filters: duplicate filter names {names}")
+    if not cfg.enabled_filters:
+        raise ConfigError("filters: no filter is enabled")
+    from pipeline.filters import validate_filter_specs  # registry import is deferred: filters import config
+
+    validate_filter_specs(cfg.filters)
+
+
+def to_dict(cfg: Any) -> Any:
+    """The resolved config as plain JSON-able data (filters back in their mapping form)."""
+    if isinstance(cfg, JobConfig):
+        out = {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "filters"}
+        out["filters"] = {
+            s.name: {"type": s.type, "enabled": s.enabled, **s.params} for s in cfg.filters
+        }
+        return out
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def job_identity(cfg: JobConfig) -> dict:
+    """The parts of a config that must match for a rerun to resume the same job."""
+    d = to_dict(cfg)
+    inp = dict(d["input"])
+    inp.pop("storage_options", None)
+    inp.pop("limit", None)
+    return {"input": inp, "filters": {k: v for k, v in d["filters"].items() if v.get("enabled", True)}}

@@ -1,0 +1,167 @@
+"""Rank identity, torch.distributed set-up under torchrun, and dynamic work units through the c10d store."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistContext:
+    """Who this process is and how it talks to the others (``store`` is None with one process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    restart_count: int = 0
+    host: str = socket.gethostname()
+    store: Any = None
+    initialized: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op with one process)."""
+        if self.initialized:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.initialized:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.initialized:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.initialized:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.initialized = False
+
+
+def env_context() -> DistContext:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, ...) without initialising anything."""
+    env = os.environ
+    return DistContext(
+        rank=int(env.get("RANK", 0)),
+        world_size=int(env.get("WORLD_SIZE", 1)),
+        local_rank=int(env.get("LOCAL_RANK", 0)),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+        node_rank=int(env.get("GROUP_RANK", 0)),
+        restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+    )
+
+
+def resolve_device(choice: str, local_rank: int) -> str:
+    """``auto``: this rank's LOCAL_RANK GPU when CUDA is present, else ``cpu``."""
+    import torch
+
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        from pipeline.errors import ConfigError
+
+        raise ConfigError("runtime.device=cuda but CUDA is not available")
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
+
+
+def init_distributed(device: str, timeout_s: float) -> DistContext:
+    """Initialise torch.distributed when launched by torchrun with more than one process.
+
+    Args:
+        device: the rank's device (``cpu`` picks gloo, ``cuda:N`` nccl).
+        timeout_s: collective timeout.
+
+    Returns:
+        The rank's context; with one process nothing is initialised.
+    """
+    ctx = env_context()
+    if ctx.world_size <= 1 or "MASTER_ADDR" not in os.environ:
+        return ctx
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
+    if backend == "nccl":
+        kwargs["device_id"] = torch.device(device)
+    dist.init_process_group(**kwargs)
+    ctx.initialized = True
+    ctx.store = dist.distributed_c10d._get_default_store()
+    log.info("torch.distributed up: backend=%s world=%d local=%d/%d", backend, ctx.world_size, ctx.local_rank,
+             ctx.local_world_size)
+    return ctx
+
+
+class WorkUnitCounter:
+    """Hands out work-unit indices 0, 1, 2, ... to whichever rank asks next.
+
+    Across ranks it is the c10d store's atomic ``add`` (the store torchrun already runs), so a fast rank simply
+    takes more units and no rank idles while another has a backlog. With one process it is a local counter.
+
+    Args:
+        n_units: number of units in this run.
+        store: the c10d store, or None.
+        key: store key unique to this run attempt.
+    """
+
+    def __init__(self, n_units: int, store: Any = None, key: str = "mediasieve/units"):
+        self.n_units = n_units
+        self.store = store
+        self.key = key
+        self._lock = threading.Lock()
+        self._next = 0
+
+    def next_unit(self) -> int | None:
+        """The next unclaimed unit index, or None when all are claimed."""
+        if self.store is not None:
+            idx = int(self.store.add(self.key, 1)) - 1
+        else:
+            with self._lock:
+                idx = self._next
+                self._next += 1
+        return idx if idx < self.n_units else None
+
+
+class GlobalCounter:
+    """A shared running total (items finished over all ranks), for rank 0's progress bar."""
+
+    def __init__(self, store: Any = None, key: str = "mediasieve/done"):
+        self.store = store
+        self.key = key
+        self._local = 0
+
+    def add(self, n: int) -> int:
+        if self.store is None:
+            self._local += n
+            return self._local
+        return int(self.store.add(self.key, n))

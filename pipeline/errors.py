@@ -1,0 +1,106 @@
+"""Typed errors of the job and which of them are worth retrying.
+
+Item failures become rows whose ``error_type`` is the class name of one of these errors; system failures
+(``ConfigError``, ``StallError``, ``OutputLockedError``) stop the job loudly.
+"""
+
+from __future__ import annotations
+
+
+class MediasieveError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+# ---- system failures: the job stops -------------------------------------------------------------
+class ConfigError(MediasieveError):
+    """The config or the command line is wrong; raised before any work starts."""
+
+
+class ManifestError(MediasieveError):
+    """The input manifest cannot be read or is inconsistent (missing columns, duplicate ids)."""
+
+
+class OutputLockedError(MediasieveError):
+    """Another live run holds the output directory."""
+
+
+class StallError(MediasieveError):
+    """No progress for longer than the configured stall timeout: a worker is dead or hung."""
+
+
+class DependencyError(MediasieveError):
+    """An optional package needed by the configured filters is not installed."""
+
+
+# ---- item failures: the item gets a failure row and the job goes on ------------------------------
+class ItemError(MediasieveError):
+    """An error that fails one item; its class name is written to the row's ``error_type``."""
+
+
+class BadInputError(ItemError):
+    """The manifest row itself is unusable (empty path, path escaping its storage root)."""
+
+
+class FetchError(ItemError):
+    """The media could not be fetched through any storage tier."""
+
+
+class NotFoundError(FetchError):
+    """No tier has the object."""
+
+
+class AccessDeniedError(FetchError):
+    """A tier refused access to the object."""
+
+
+class TransientFetchError(FetchError):
+    """A timeout, 5xx or throttling answer that survived every retry."""
+
+
+class DecodeError(ItemError):
+    """The media is corrupt, truncated, empty or of an unsupported format."""
+
+
+class DecodeTimeout(DecodeError):
+    """Decoding took longer than the per-item limit."""
+
+
+class ModelTimeout(ItemError):
+    """No model instance became free within the acquire timeout."""
+
+
+class FilterError(ItemError):
+    """A filter raised an unexpected exception on this item."""
+
+
+class ShutdownError(ItemError):
+    """The item was abandoned because the rank is shutting down (never written as a success)."""
+
+
+# Error type -> whether a retry (in this run's fetch loop, or on a rerun) may succeed.
+RETRYABLE: dict[type[BaseException], bool] = {
+    TransientFetchError: True,
+    ModelTimeout: True,
+    ShutdownError: True,
+    NotFoundError: False,
+    AccessDeniedError: False,
+    BadInputError: False,
+    DecodeError: False,
+    DecodeTimeout: False,
+    FilterError: False,
+}
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Return whether ``error`` is transient, looking up the most specific class in ``RETRYABLE``.
+
+    Args:
+        error: the exception raised for an item.
+
+    Returns:
+        True when retrying the same operation may succeed.
+    """
+    for cls in type(error).__mro__:
+        if cls in RETRYABLE:
+            return RETRYABLE[cls]
+    return False

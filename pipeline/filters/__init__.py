@@ -1,0 +1,40 @@
+"""The filter registry: adding a filter is one new module and one line in ``FILTERS``."""
+
+from __future__ import annotations
+
+from pipeline.config import FilterSpec, from_dict
+from pipeline.errors import ConfigError
+from pipeline.filters.base import Filter, FilterContext, ModelSpec
+from pipeline.filters.probe import ProbeFilter
+from pipeline.filters.synthetic import CpuBurnFilter, NoopFilter
+
+FILTERS: dict[str, type[Filter]] = {
+    "probe": ProbeFilter,
+    "noop": NoopFilter,
+    "cpu_burn": CpuBurnFilter,
+}
+
+__all__ = ["FILTERS", "Filter", "FilterContext", "ModelSpec", "build_filters", "validate_filter_specs"]
+
+
+def _params(spec: FilterSpec):
+    cls = FILTERS.get(spec.type)
+    if cls is None:
+        raise ConfigError(f"filters.{spec.name}: unknown filter type {spec.type!r}; known: {sorted(FILTERS)}")
+    return cls, from_dict(cls.params_type, spec.params, f"filters.{spec.name}")
+
+
+def validate_filter_specs(specs: tuple[FilterSpec, ...]) -> None:
+    """Check every filter's type and params (ConfigError before any work)."""
+    for spec in specs:
+        _params(spec)
+
+
+def build_filters(specs: tuple[FilterSpec, ...]) -> list[Filter]:
+    """Instantiate the enabled filters in config order."""
+    out = []
+    for spec in specs:
+        if spec.enabled:
+            cls, params = _params(spec)
+            out.append(cls(spec.name, params))
+    return out

@@ -1,0 +1,87 @@
+"""The filter contract: declare needs and output type, implement one method from media to a typed result."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from pipeline.errors import FilterError, ItemError
+from pipeline.media.item import MediaItem
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """A filter without settings."""
+
+
+@dataclass
+class FilterContext:
+    """What a filter may use besides the media: the rank's device and model pool."""
+
+    device: str
+    pool: Any  # pipeline.model_pool.ModelPool; typed loosely to keep filters free of runtime imports
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model a filter needs in the pool: a factory building one instance on a device."""
+
+    name: str
+    factory: Any  # Callable[[str], model]
+    warmup: Any = None  # Callable[[model], None] | None
+
+
+class Filter:
+    """Base of every filter.
+
+    Subclasses set ``params_type`` (a frozen dataclass validated from the config), ``output_type`` (a pyarrow
+    struct) and implement ``apply``. The base times the call and turns unexpected exceptions into
+    ``FilterError`` so that an item fails with a typed error and the job goes on.
+    """
+
+    params_type: ClassVar[type] = NoParams
+    output_type: ClassVar[pa.DataType] = pa.struct([])
+
+    def __init__(self, name: str, params: Any):
+        self.name = name
+        self.params = params
+
+    def models(self) -> list[ModelSpec]:
+        """Models this filter needs in the pool (none by default)."""
+        return []
+
+    def arrow_type(self) -> pa.DataType:
+        """The output column's type (override when it depends on params)."""
+        return self.output_type
+
+    def apply(self, media: MediaItem, ctx: FilterContext) -> dict:
+        """Compute this filter's result for one item.
+
+        Args:
+            media: the fetched item with lazily decoded data.
+            ctx: device and model pool.
+
+        Returns:
+            A mapping matching ``arrow_type()``.
+        """
+        raise NotImplementedError
+
+    def run(self, media: MediaItem, ctx: FilterContext) -> tuple[dict, float]:
+        """Apply with timing and error typing; returns the result and its seconds."""
+        start = time.perf_counter()
+        try:
+            result = self.apply(media, ctx)
+        except ItemError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any bug in a filter fails this item, not the job
+            raise FilterError(f"{self.name}: {type(e).__name__}: {e}") from e
+        return result, time.perf_counter() - start
+
+
+def params_to_dict(params: Any) -> dict:
+    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params)

@@ -1,0 +1,37 @@
+"""``probe``: container and stream metadata, so every success row holds real data."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipeline.filters.base import Filter, FilterContext
+from pipeline.media.item import MediaItem
+
+
+class ProbeFilter(Filter):
+    """Container format, duration, bit rate, and the first video and audio stream's parameters."""
+
+    output_type = pa.struct([
+        ("container", pa.string()),
+        ("duration_s", pa.float64()),
+        ("bit_rate", pa.int64()),
+        ("video_streams", pa.int32()),
+        ("audio_streams", pa.int32()),
+        ("video", pa.struct([
+            ("codec", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+            ("fps", pa.float64()), ("frames", pa.int64()), ("pix_fmt", pa.string()),
+        ])),
+        ("audio", pa.struct([("codec", pa.string()), ("sample_rate", pa.int32()), ("channels", pa.int32())])),
+    ])
+
+    def apply(self, media: MediaItem, ctx: FilterContext) -> dict:
+        info = media.info
+        return {
+            "container": info.container,
+            "duration_s": info.duration_s,
+            "bit_rate": info.bit_rate,
+            "video_streams": info.video_streams,
+            "audio_streams": info.audio_streams,
+            "video": None if info.video is None else vars(info.video),
+            "audio": None if info.audio is None else vars(info.audio),
+        }

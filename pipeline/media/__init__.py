@@ -1,0 +1,1 @@
+"""Media handling: probing containers now; video/ and audio/ decoding build on it."""

@@ -1,0 +1,99 @@
+"""Container and stream metadata through PyAV, with one decoded frame as proof that the media is readable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import DecodeError
+
+
+@dataclass(frozen=True)
+class VideoStreamInfo:
+    codec: str
+    width: int
+    height: int
+    fps: float | None
+    frames: int | None
+    pix_fmt: str | None
+
+
+@dataclass(frozen=True)
+class AudioStreamInfo:
+    codec: str
+    sample_rate: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    container: str
+    duration_s: float | None
+    bit_rate: int | None
+    video_streams: int
+    audio_streams: int
+    video: VideoStreamInfo | None
+    audio: AudioStreamInfo | None
+
+
+def _open(path: str):
+    import av
+
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError, OSError) as e:
+        raise DecodeError(f"cannot open media: {type(e).__name__}: {e}") from e
+
+
+def probe_media(path: str) -> MediaInfo:
+    """Read container and first-stream metadata and decode one frame of the first stream.
+
+    Args:
+        path: local file path.
+
+    Returns:
+        The metadata of the container and of its first video and audio streams.
+
+    Raises:
+        DecodeError: the file is empty, not media, has no audio or video stream, or its first frame does not
+            decode.
+    """
+    import av
+
+    with _open(path) as container:
+        vstreams = list(container.streams.video)
+        astreams = list(container.streams.audio)
+        if not vstreams and not astreams:
+            raise DecodeError(f"no audio or video stream in {container.format.name} container")
+        video = audio = None
+        if vstreams:
+            s = vstreams[0]
+            ctx = s.codec_context
+            rate = s.average_rate or s.guessed_rate
+            video = VideoStreamInfo(
+                codec=ctx.name, width=int(ctx.width), height=int(ctx.height),
+                fps=float(rate) if rate else None, frames=int(s.frames) or None,
+                pix_fmt=ctx.pix_fmt,
+            )
+            if video.width <= 0 or video.height <= 0:
+                raise DecodeError(f"video stream has no size ({video.width}x{video.height})")
+        if astreams:
+            s = astreams[0]
+            audio = AudioStreamInfo(codec=s.codec_context.name, sample_rate=int(s.codec_context.sample_rate or 0),
+                                    channels=int(s.codec_context.channels or 0))
+        duration = float(container.duration) / av.time_base if container.duration else None
+        if duration is None:
+            first = vstreams[0] if vstreams else astreams[0]
+            if first.duration and first.time_base:
+                duration = float(first.duration * first.time_base)
+        try:
+            stream = vstreams[0] if vstreams else astreams[0]
+            frame = next(iter(container.decode(stream)), None)
+        except (av.error.FFmpegError, ValueError, StopIteration) as e:
+            raise DecodeError(f"first frame does not decode: {type(e).__name__}: {e}") from e
+        if frame is None:
+            raise DecodeError("stream holds no decodable frame")
+        return MediaInfo(
+            container=container.format.name, duration_s=duration,
+            bit_rate=int(container.bit_rate) if container.bit_rate else None,
+            video_streams=len(vstreams), audio_streams=len(astreams), video=video, audio=audio,
+        )

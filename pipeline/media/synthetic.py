@@ -1,0 +1,86 @@
+"""Real media files made with the ffmpeg CLI and espeak-ng, with known content, for the demo and the tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise RuntimeError(f"{tool} is not installed (apt-get install -y ffmpeg espeak-ng)")
+    return path
+
+
+def _ffmpeg(args: list[str]) -> None:
+    cmd = [_need("ffmpeg"), "-hide_banner", "-loglevel", "error", "-y", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ffmpeg failed: {' '.join(cmd)}\n{proc.stderr}")
+
+
+def speech_wav(path: str, text: str, rate_hz: int = 16000, words_per_min: int = 150) -> str:
+    """Real speech from espeak-ng, resampled to ``rate_hz`` mono WAV."""
+    raw = path + ".espeak.wav"
+    subprocess.run([_need("espeak-ng"), "-s", str(words_per_min), "-w", raw, text], check=True, capture_output=True)
+    _ffmpeg(["-i", raw, "-ar", str(rate_hz), "-ac", "1", path])
+    os.remove(raw)
+    return path
+
+
+def motion_clip(path: str, seconds: float = 3.0, size: str = "320x240", fps: int = 25, audio: bool = True) -> str:
+    """A moving test pattern (testsrc2) with a sine tone, H.264/AAC in MP4."""
+    args = ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={fps}:duration={seconds}"]
+    if audio:
+        args += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=44100:duration={seconds}", "-c:a", "aac"]
+    _ffmpeg(args + ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-shortest", path])
+    return path
+
+
+def still_clip(path: str, seconds: float = 3.0, size: str = "320x240", fps: int = 25, speech: str | None = None) -> str:
+    """One frame held for ``seconds`` (a static video), optionally over real speech."""
+    args = ["-f", "lavfi", "-i", f"testsrc=size={size}:rate=1:duration=1", "-vf", f"fps={fps},loop=-1:1:0",
+            "-t", str(seconds)]
+    if speech:
+        wav = path + ".speech.wav"
+        speech_wav(wav, speech)
+        args = ["-f", "lavfi", "-i", f"testsrc=size={size}:rate=1:duration=1", "-i", wav, "-vf",
+                f"fps={fps},loop=-1:1:0", "-t", str(seconds), "-c:a", "aac"]
+    _ffmpeg(args + ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", path])
+    if speech:
+        os.remove(wav)
+    return path
+
+
+def letterboxed_clip(path: str, seconds: float = 3.0, inner: str = "320x180", outer: str = "320x240", fps: int = 25) -> str:
+    """A moving pattern padded with black bars top and bottom (letterbox) to ``outer``."""
+    w, h = (int(v) for v in outer.split("x"))
+    _ffmpeg(["-f", "lavfi", "-i", f"testsrc2=size={inner}:rate={fps}:duration={seconds}",
+             "-vf", f"pad={w}:{h}:(ow-iw)/2:(oh-ih)/2:black", "-c:v", "libx264", "-preset", "ultrafast",
+             "-pix_fmt", "yuv420p", path])
+    return path
+
+
+def broken_files(directory: str) -> dict[str, str]:
+    """Empty, random-bytes, truncated and not-media files, named by what is wrong with them."""
+    os.makedirs(directory, exist_ok=True)
+    out = {}
+    out["empty"] = os.path.join(directory, "empty.mp4")
+    open(out["empty"], "wb").close()
+    out["random"] = os.path.join(directory, "random.mp4")
+    with open(out["random"], "wb") as f:
+        f.write(os.urandom(64 * 1024))
+    out["notmedia"] = os.path.join(directory, "notes.mp4")
+    with open(out["notmedia"], "w") as f:
+        f.write("this is a text file with a video extension\n" * 100)
+    full = os.path.join(directory, ".full.mp4")
+    motion_clip(full, seconds=2.0, audio=False)
+    out["truncated"] = os.path.join(directory, "truncated.mp4")
+    with open(full, "rb") as f:
+        data = f.read()
+    with open(out["truncated"], "wb") as f:
+        f.write(data[: len(data) // 3])  # moov atom at the end is cut off
+    os.remove(full)
+    return out

@@ -1,0 +1,127 @@
+"""Per-rank counters, the JSON-lines metrics log, optional Prometheus endpoint, and the logging format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+
+class RankLogFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(rank: int, level: int = logging.INFO) -> None:
+    """Log through ``logging`` with the rank in every line."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    handler.addFilter(RankLogFilter(rank))
+    handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s"))
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class RankStats:
+    """Thread-safe counters of one rank's run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.done = 0
+        self.succeeded = 0
+        self.failures: Counter[str] = Counter()
+        self.tiers: Counter[str] = Counter()
+        self.bytes_fetched = 0
+        self.last_progress = time.monotonic()
+
+    def record(self, ok: bool, error_type: str | None, tier: str | None, nbytes: int | None) -> None:
+        with self._lock:
+            self.done += 1
+            if ok:
+                self.succeeded += 1
+            else:
+                self.failures[error_type or "Unknown"] += 1
+            if tier:
+                self.tiers[tier] += 1
+            if nbytes and tier and tier != "cache":
+                self.bytes_fetched += nbytes
+            self.last_progress = time.monotonic()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            elapsed = max(1e-9, time.time() - self.started)
+            return {
+                "done": self.done,
+                "succeeded": self.succeeded,
+                "failed": sum(self.failures.values()),
+                "failures_by_type": dict(self.failures),
+                "tier_hits": dict(self.tiers),
+                "bytes_fetched": self.bytes_fetched,
+                "elapsed_s": round(elapsed, 3),
+                "items_per_s": round(self.done / elapsed, 3),
+            }
+
+
+class MetricsLog:
+    """Appends one JSON line per interval to a local per-rank file."""
+
+    def __init__(self, path: str, rank: int, interval_s: float):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.path = path
+        self.rank = rank
+        self.interval_s = interval_s
+        self._last = 0.0
+        self._f = open(path, "a", buffering=1)
+
+    def maybe_write(self, fields: dict[str, Any], force: bool = False) -> None:
+        now = time.time()
+        if force or now - self._last >= self.interval_s:
+            self._last = now
+            self._f.write(json.dumps({"time": round(now, 3), "rank": self.rank, **fields}) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class PrometheusExporter:
+    """Serves the rank's counters on ``port`` (prometheus_client), refreshed from snapshots."""
+
+    def __init__(self, port: int, rank: int):
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+        self.registry = CollectorRegistry()
+        labels = ["rank"]
+        self.rank = str(rank)
+        self.items = Gauge("mediasieve_items_processed", "Items finished", labels, registry=self.registry)
+        self.failed = Gauge("mediasieve_items_failed", "Items failed by error type", labels + ["error_type"],
+                            registry=self.registry)
+        self.queue = Gauge("mediasieve_queue_depth", "Items waiting in the task queue", labels, registry=self.registry)
+        self.tiers = Gauge("mediasieve_tier_hits", "Items served per storage tier", labels + ["tier"],
+                           registry=self.registry)
+        self.pool_wait = Gauge("mediasieve_model_pool_wait_seconds", "Total model-pool wait", labels,
+                               registry=self.registry)
+        self.bytes = Gauge("mediasieve_bytes_fetched", "Bytes fetched from tiers", labels, registry=self.registry)
+        self.server, self.thread = start_http_server(port, registry=self.registry)
+
+    def update(self, snap: dict[str, Any]) -> None:
+        self.items.labels(self.rank).set(snap["done"])
+        for k, v in snap["failures_by_type"].items():
+            self.failed.labels(self.rank, k).set(v)
+        for k, v in snap["tier_hits"].items():
+            self.tiers.labels(self.rank, k).set(v)
+        self.queue.labels(self.rank).set(snap.get("queue_depth", 0))
+        self.pool_wait.labels(self.rank).set(snap.get("pool_wait_s", 0.0))
+        self.bytes.labels(self.rank).set(snap["bytes_fetched"])
+
+    def close(self) -> None:
+        self.server.shutdown()

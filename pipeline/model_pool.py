@@ -1,0 +1,163 @@
+"""Per-device pool of exclusive model instances, and node-local copies of model files from any URI."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import posixpath
+import queue
+import shutil
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+import fsspec
+
+from pipeline.errors import ConfigError, ModelTimeout
+
+log = logging.getLogger(__name__)
+
+
+class ModelPool:
+    """K exclusive instances per model on this rank's device, built and warmed up once per process.
+
+    Args:
+        device: the rank's device string.
+        instances: default instance count per model.
+        acquire_timeout_s: default wait for a free instance.
+    """
+
+    def __init__(self, device: str, instances: int = 6, acquire_timeout_s: float = 300.0, empty_cache_every: int = 10):
+        self.device = device
+        self.instances = instances
+        self.acquire_timeout_s = acquire_timeout_s
+        self.empty_cache_every = empty_cache_every
+        self._free: dict[str, queue.LifoQueue] = {}
+        self._lock = threading.Lock()
+        self._releases = 0
+        self.wait_seconds = 0.0
+
+    def add(self, name: str, factory: Callable[[str], Any], warmup: Callable[[Any], None] | None = None,
+            instances: int | None = None) -> None:
+        """Build ``instances`` copies of a model with ``factory(device)`` and warm each one up.
+
+        Args:
+            name: pool key; adding the same name twice keeps the first.
+            factory: builds one instance on the device.
+            warmup: optional call run once per instance (first-call costs paid before timing starts).
+            instances: overrides the pool's default count.
+        """
+        if name in self._free:
+            return
+        q: queue.LifoQueue = queue.LifoQueue()
+        count = instances or self.instances
+        start = time.perf_counter()
+        for _ in range(count):
+            model = factory(self.device)
+            if warmup is not None:
+                warmup(model)
+            q.put(model)
+        self._free[name] = q
+        log.info("model %s: %d instance(s) on %s ready in %.2fs", name, count, self.device, time.perf_counter() - start)
+
+    def names(self) -> list[str]:
+        return list(self._free)
+
+    @contextlib.contextmanager
+    def acquire(self, name: str, timeout: float | None = None) -> Iterator[Any]:
+        """Check out one instance exclusively for the ``with`` block.
+
+        Args:
+            name: the model's pool key.
+            timeout: seconds to wait for a free instance (default: the pool's).
+
+        Raises:
+            ModelTimeout: no instance was free in time (the item fails; nothing deadlocks).
+        """
+        if name not in self._free:
+            raise KeyError(f"model {name!r} is not in the pool (have {self.names()})")
+        q = self._free[name]
+        wait = self.acquire_timeout_s if timeout is None else timeout
+        start = time.perf_counter()
+        try:
+            model = q.get(timeout=wait)
+        except queue.Empty:
+            raise ModelTimeout(f"no free instance of {name!r} within {wait:.1f}s") from None
+        with self._lock:
+            self.wait_seconds += time.perf_counter() - start
+        try:
+            yield model
+        finally:
+            q.put(model)
+            self._after_release()
+
+    def _after_release(self) -> None:
+        with self._lock:
+            self._releases += 1
+            due = self._releases % self.empty_cache_every == 0
+        if due and self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith("file://") or "://" not in uri
+
+
+def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[[], None],
+                   storage_options: dict | None = None) -> str:
+    """Make a model file or directory available on this node and return its local path.
+
+    Local paths are used in place. Remote ones (any fsspec URL) are downloaded once per node by local rank 0
+    into ``cache_dir`` (temporary name, then rename) while the node's other ranks wait at ``barrier``; all ranks
+    then load the same copy.
+
+    Args:
+        uri: a local path or any fsspec URL of a file or directory.
+        cache_dir: node-local directory for model copies.
+        local_rank: this process's rank on its node.
+        barrier: called by every rank after local rank 0's download (a no-op with one process).
+        storage_options: fsspec options for the URI.
+
+    Returns:
+        The local path.
+
+    Raises:
+        ConfigError: the URI does not exist.
+    """
+    if _is_local(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        if not os.path.exists(path):
+            raise ConfigError(f"model file {uri} does not exist")
+        return path
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = os.path.join(cache_dir, f"{digest}-{posixpath.basename(uri.rstrip('/')) or 'model'}")
+    error: Exception | None = None
+    if local_rank == 0 and not os.path.exists(target):
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+            if not fs.exists(path):
+                raise ConfigError(f"model file {uri} does not exist")
+            tmp = f"{target}.{uuid.uuid4().hex[:8]}.part"
+            if fs.isdir(path):
+                fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+            else:
+                fs.get_file(path, tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:  # a concurrent copy won (two jobs on one node): keep theirs
+                shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.remove(tmp)
+            log.info("model %s copied to node cache %s", uri, target)
+        except Exception as e:  # noqa: BLE001 - re-raised after the barrier so other ranks are not left waiting
+            error = e
+    barrier()
+    if error is not None:
+        raise error
+    if not os.path.exists(target):
+        raise ConfigError(f"model {uri} was not copied to {target} by local rank 0")
+    return target

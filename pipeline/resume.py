@@ -1,0 +1,186 @@
+"""The output directory as the job's memory: committed rows, the live-run lease, the recorded config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from pipeline.errors import ConfigError, OutputLockedError
+from pipeline.writer import PARTS_DIR, commit_bytes, is_local_fs
+
+log = logging.getLogger(__name__)
+
+LEASE = "_lease.json"
+CONFIG = "_config.json"
+SUMMARY = "summary.json"
+FAILURES = "failures.jsonl"
+SUCCESS_MARKER = "_SUCCESS"
+
+_SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential", "session_token")
+
+
+def redact(obj):
+    """Replace values whose key looks like a credential with ``***`` (configs written to disk)."""
+    if isinstance(obj, dict):
+        return {k: ("***" if any(w in str(k).lower() for w in _SECRET_WORDS) and v else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+@dataclass
+class CommittedState:
+    """What the committed part files say about the items."""
+
+    succeeded: set[str]
+    failed_only: set[str]
+    files: int
+    rows: int
+
+
+def read_committed(out_dir: str, storage_options: dict, id_column: str) -> CommittedState:
+    """Scan committed part files for ids with a success row and ids with only failure rows.
+
+    Args:
+        out_dir: output directory URL.
+        storage_options: fsspec options.
+        id_column: the id column name.
+
+    Returns:
+        The committed state (empty for a new output directory).
+    """
+    fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
+    parts = f"{root.rstrip('/')}/{PARTS_DIR}"
+    try:
+        files = [p for p in fs.find(parts) if p.endswith(".parquet")]
+    except FileNotFoundError:
+        files = []
+    if not files:
+        return CommittedState(set(), set(), 0, 0)
+    dataset = ds.dataset(files, format="parquet", filesystem=fs)
+    table = dataset.to_table(columns={"id": pc.field(id_column), "ok": pc.field("result_info", "succeed")})
+    ok_ids = pc.unique(table.filter(table["ok"])["id"])
+    bad_ids = pc.unique(table.filter(pc.invert(table["ok"]))["id"])
+    succeeded = set(ok_ids.to_pylist())
+    failed_only = set(bad_ids.to_pylist()) - succeeded
+    return CommittedState(succeeded, failed_only, len(files), table.num_rows)
+
+
+def pending_indices(ids: pa.Array, state: CommittedState, retry_failed: bool) -> pa.Array:
+    """Indices (in manifest order) of the items this run must process."""
+    done = pa.array(list(state.succeeded if retry_failed else state.succeeded | state.failed_only), pa.string())
+    mask = pc.invert(pc.is_in(ids, value_set=done))
+    return pc.indices_nonzero(mask)
+
+
+class OutputLease:
+    """A heartbeat file that marks the output directory as used by a live run.
+
+    A second run refuses while the lease is fresh; a lease whose holder is gone (same host, dead pid) or whose
+    heartbeat is older than ``timeout_s`` is taken over.
+    """
+
+    def __init__(self, out_dir: str, storage_options: dict, run_id: str, timeout_s: float = 120.0):
+        self.fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
+        self.root = root.rstrip("/")
+        self.path = f"{self.root}/{LEASE}"
+        self.run_id = run_id
+        self.timeout_s = timeout_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict:
+        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+
+    def _write(self) -> None:
+        commit_bytes(self.fs, self.path, json.dumps(self._record()).encode(), f"{self.root}/_tmp")
+
+    def holder(self) -> dict | None:
+        """The current lease record when it is live, else None."""
+        try:
+            rec = json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if rec.get("run_id") == self.run_id:
+            return None
+        if rec.get("host") == socket.gethostname():
+            try:
+                os.kill(int(rec.get("pid", -1)), 0)
+            except (ProcessLookupError, ValueError):
+                return None
+            except PermissionError:
+                pass
+        if time.time() - float(rec.get("heartbeat", 0)) > self.timeout_s:
+            return None
+        return rec
+
+    def acquire(self) -> None:
+        """Take the lease and start the heartbeat, or raise OutputLockedError naming the live run."""
+        self.fs.makedirs(self.root, exist_ok=True)
+        if is_local_fs(self.fs):
+            self.fs.makedirs(f"{self.root}/_tmp", exist_ok=True)
+        rec = self.holder()
+        if rec is not None:
+            age = time.time() - float(rec.get("heartbeat", 0))
+            raise OutputLockedError(
+                f"output directory is in use by live run {rec.get('run_id')} (host {rec.get('host')}, "
+                f"pid {rec.get('pid')}, heartbeat {age:.0f}s ago); wait for it to finish, or stop it. "
+                f"A crashed run's lease expires after {self.timeout_s:.0f}s."
+            )
+        self._write()
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(max(1.0, self.timeout_s / 4)):
+            try:
+                self._write()
+            except Exception as e:  # noqa: BLE001 - a missed heartbeat is logged; the next one may succeed
+                log.warning("lease heartbeat failed: %s: %s", type(e).__name__, e)
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lease."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            rec = json.loads(self.fs.cat_file(self.path))
+            if rec.get("run_id") == self.run_id:
+                self.fs.rm_file(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, identity: dict,
+                           allow_change: bool) -> None:
+    """Record the resolved config next to the output; on a rerun, refuse a different job.
+
+    Raises:
+        ConfigError: the recorded input or filters differ and ``resume.allow_config_change`` is false.
+    """
+    fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
+    path = f"{root.rstrip('/')}/{CONFIG}"
+    try:
+        recorded = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        recorded = None
+    if recorded is not None and recorded.get("identity") != identity and not allow_change:
+        raise ConfigError(
+            f"{out_dir} holds output of a different job (input or filters differ from {CONFIG}); "
+            "use a new output.dir, or resume.allow_config_change=true to continue anyway"
+        )
+    body = json.dumps({"identity": identity, "config": redact(resolved)}, indent=2, default=str).encode()
+    commit_bytes(fs, path, body, f"{root.rstrip('/')}/_tmp")

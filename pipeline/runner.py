@@ -1,0 +1,519 @@
+"""One rank of the job, from a config: the function ``jobs/run.py`` calls and the unit tests call directly.
+
+Data flow: pending items -> work units pulled from a shared counter -> producer threads fetch through the tiers
+-> bounded queue -> consumer threads decode once and run the filters -> one row per item -> ResultWriter.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import JobConfig, job_identity, to_dict
+from pipeline.distributed import DistContext, GlobalCounter, WorkUnitCounter, init_distributed, resolve_device
+from pipeline.errors import ItemError, MediasieveError, ShutdownError, is_retryable
+from pipeline.filters import FilterContext, build_filters
+from pipeline.manifest import check_input_exists, read_manifest
+from pipeline.media.item import MediaItem
+from pipeline.metrics import MetricsLog, PrometheusExporter, RankStats
+from pipeline.model_pool import ModelPool
+from pipeline.resume import (
+    FAILURES,
+    SUCCESS_MARKER,
+    SUMMARY,
+    OutputLease,
+    check_or_record_config,
+    pending_indices,
+    read_committed,
+)
+from pipeline.storage import FetchedItem, TieredFetcher
+from pipeline.task_queue import BoundedTaskQueue
+from pipeline.writer import PARTS_DIR, ResultWriter, commit_bytes, is_local_fs, result_schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RankOutcome:
+    """What one rank did; ``summary`` is set on rank 0 when the run finished."""
+
+    run_id: str
+    rank: int
+    stats: dict[str, Any]
+    interrupted: bool
+    summary: dict[str, Any] | None = None
+    output_dir: str = ""
+
+
+def _now(t: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc)
+
+
+class UnitSource:
+    """Thread-safe stream of pending manifest rows, pulled unit by unit from the shared counter."""
+
+    def __init__(self, manifest: pa.Table, pending: pa.Array, unit_size: int, counter: WorkUnitCounter):
+        self.manifest = manifest
+        self.pending = pending
+        self.unit_size = unit_size
+        self.counter = counter
+        self._lock = threading.Lock()
+        self._buffer: list[dict[str, Any]] = []
+        self.units_taken = 0
+        self.exhausted = False
+
+    def next_row(self) -> dict[str, Any] | None:
+        with self._lock:
+            while not self._buffer:
+                if self.exhausted:
+                    return None
+                unit = self.counter.next_unit()
+                if unit is None:
+                    self.exhausted = True
+                    return None
+                idx = self.pending.slice(unit * self.unit_size, self.unit_size)
+                self._buffer = self.manifest.take(idx).to_pylist()
+                self._buffer.reverse()
+                self.units_taken += 1
+            return self._buffer.pop()
+
+
+@dataclass
+class _Task:
+    row: dict[str, Any]
+    fetched: FetchedItem
+    start: float
+    fetch_s: float
+
+
+@dataclass
+class RankWorkers:
+    """Producer and consumer threads of one rank, supervised by the calling thread."""
+
+    cfg: JobConfig
+    source: UnitSource
+    fetcher: TieredFetcher
+    filters: list
+    filter_ctx: FilterContext
+    writer: ResultWriter
+    stats: RankStats
+    run_id: str
+    rank: int
+    host: str
+    device: str
+    pool: ModelPool
+    global_done: GlobalCounter
+    global_total: int
+    metrics: MetricsLog | None = None
+    exporter: PrometheusExporter | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    interrupted: bool = False
+
+    def __post_init__(self) -> None:
+        rt = self.cfg.runtime
+        self.queue = BoundedTaskQueue(rt.queue_depth, rt.stall_timeout_s)
+        self.id_col = self.cfg.input.id_column
+        self.path_col = self.cfg.input.path_column
+        self._fatal: list[BaseException] = []
+        self._producers_left = rt.producers
+        self._plock = threading.Lock()
+
+    # ---- rows ---------------------------------------------------------------------------------------
+    def _row(self, row: dict[str, Any], start: float, fetch_s: float, fetched: FetchedItem | None,
+             results: dict[str, Any], filter_s: dict[str, float], error: BaseException | None,
+             media: MediaItem | None) -> dict[str, Any]:
+        end = time.time()
+        out = dict(row)
+        for f in self.filters:
+            out[f.name] = results.get(f.name)
+        out["result_info"] = {
+            "succeed": error is None,
+            "error_type": None if error is None else type(error).__name__,
+            "error_message": None if error is None else str(error)[:2000],
+            "retryable": None if error is None else is_retryable(error),
+            "start_time": _now(start),
+            "end_time": _now(end),
+            "cost_s": end - start,
+            "fetch_s": fetch_s,
+            "filter_s": filter_s,
+            "storage_tier": fetched.tier if fetched else None,
+            "bytes": fetched.bytes if fetched else None,
+            "fetch_attempts": fetched.attempts if fetched else None,
+            "decode_backend": media.decode_backend if media else None,
+            "frames_decoded": media.frames_decoded if media else None,
+            "rank": self.rank,
+            "host": self.host,
+            "device": self.device,
+            "run_id": self.run_id,
+        }
+        return out
+
+    def _emit(self, row: dict[str, Any]) -> None:
+        self.writer.add(row)
+        info = row["result_info"]
+        self.stats.record(info["succeed"], info["error_type"], info["storage_tier"], info["bytes"])
+
+    # ---- threads ------------------------------------------------------------------------------------
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - a dead worker is a system failure: stop the rank loudly
+            log.exception("worker thread %s failed", threading.current_thread().name)
+            self._fatal.append(e)
+            self.stop.set()
+
+    def _produce(self) -> None:
+        try:
+            while not self.stop.is_set():
+                row = self.source.next_row()
+                if row is None:
+                    return
+                start = time.time()
+                t0 = time.perf_counter()
+                try:
+                    fetched = self.fetcher.fetch(row[self.path_col] or "", self.stop.is_set)
+                except ItemError as e:
+                    self._emit(self._row(row, start, time.perf_counter() - t0, None, {}, {}, e, None))
+                    continue
+                task = _Task(row, fetched, start, time.perf_counter() - t0)
+                if not self.queue.put(task, self.stop):
+                    fetched.release()
+                    return
+        finally:
+            with self._plock:
+                self._producers_left -= 1
+
+    def _producers_done(self) -> bool:
+        return self._producers_left == 0
+
+    def _consume(self) -> None:
+        while True:
+            task = self.queue.get(self.stop, self._producers_done)
+            if task is None:
+                return
+            self._process(task)
+
+    def _process(self, task: _Task) -> None:
+        media = MediaItem(str(task.row[self.id_col]), task.fetched.local_path, task.fetched.bytes)
+        results: dict[str, Any] = {}
+        timings: dict[str, float] = {}
+        error: BaseException | None = None
+        try:
+            for f in self.filters:
+                if self.stop.is_set() and self.interrupted:
+                    raise ShutdownError("rank is shutting down")
+                results[f.name], timings[f.name] = f.run(media, self.filter_ctx)
+        except ShutdownError:
+            task.fetched.release()
+            return  # abandoned, not written: the rerun redoes it
+        except ItemError as e:
+            error = e
+        finally:
+            task.fetched.release()
+        self._emit(self._row(task.row, task.start, task.fetch_s, task.fetched, results, timings, error, media))
+
+    # ---- supervision --------------------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        log.warning("stopping: %s; in-flight items finish, queued items are left for the rerun", reason)
+        self.interrupted = True
+        self.stop.set()
+
+    def _snapshot(self) -> dict[str, Any]:
+        snap = self.stats.snapshot()
+        snap.update(queue_depth=self.queue.qsize(), pool_wait_s=round(self.pool.wait_seconds, 3),
+                    units_taken=self.source.units_taken, rows_committed=self.writer.rows_committed,
+                    fetch_retries=self.fetcher.retries_done)
+        return snap
+
+    def run(self) -> None:
+        """Start the threads and supervise them until the input is exhausted, a stop, or a fatal error."""
+        rt = self.cfg.runtime
+        producers = [threading.Thread(target=self._guard, args=(self._produce,), name=f"producer-{i}", daemon=True)
+                     for i in range(rt.producers)]
+        consumers = [threading.Thread(target=self._guard, args=(self._consume,), name=f"consumer-{i}", daemon=True)
+                     for i in range(rt.consumers)]
+        for t in producers + consumers:
+            t.start()
+        bar = None
+        if rt.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.global_total if self.rank == 0 else None, unit="item", mininterval=2.0,
+                       desc="all ranks" if self.rank == 0 else f"rank {self.rank}", position=0, leave=True)
+        stop_seen_at: float | None = None
+        shown = 0
+        try:
+            while any(t.is_alive() for t in consumers + producers):
+                time.sleep(0.25)
+                self.writer.flush_if_due()
+                delta = self.stats.done - shown
+                if delta or self.rank == 0:
+                    shown += delta
+                    total = self.global_done.add(delta)
+                    if bar is not None:
+                        bar.update((total if self.rank == 0 else shown) - bar.n)
+                snap = None
+                if self.metrics is not None or self.exporter is not None:
+                    snap = self._snapshot()
+                    if self.metrics is not None:
+                        self.metrics.maybe_write(snap)
+                    if self.exporter is not None:
+                        self.exporter.update(snap)
+                if self._fatal:
+                    break
+                if self.stop.is_set():
+                    stop_seen_at = stop_seen_at or time.monotonic()
+                    if time.monotonic() - stop_seen_at > rt.shutdown_grace_s:
+                        log.warning("shutdown grace of %.0fs over; abandoning items still in filters", rt.shutdown_grace_s)
+                        break
+                elif time.monotonic() - self.stats.last_progress > rt.stall_timeout_s:
+                    from pipeline.errors import StallError
+
+                    self._fatal.append(StallError(f"no item finished in {rt.stall_timeout_s:.0f}s; threads alive: "
+                                                  f"{[t.name for t in producers + consumers if t.is_alive()]}"))
+                    break
+        finally:
+            self.stop.set()
+            for t in producers + consumers:
+                t.join(timeout=1.0)
+            for task in self.queue.drain():
+                task.fetched.release()
+            if bar is not None:
+                bar.close()
+        if self.metrics is not None:
+            self.metrics.maybe_write(self._snapshot(), force=True)
+        if self._fatal:
+            raise self._fatal[0]
+
+
+def _new_run_id() -> str:
+    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+def _prepare_output(cfg: JobConfig, run_id: str) -> OutputLease:
+    """Rank 0: take the output lease and check/record the resolved config."""
+    lease = OutputLease(cfg.output.dir, cfg.output.storage_options, run_id, cfg.output.lease_timeout_s)
+    lease.acquire()
+    try:
+        fs, root = fsspec.core.url_to_fs(cfg.output.dir, **cfg.output.storage_options)
+        marker = f"{root.rstrip('/')}/{SUCCESS_MARKER}"
+        if fs.exists(marker):  # this run is not complete until it says so itself
+            fs.rm_file(marker)
+        check_or_record_config(cfg.output.dir, cfg.output.storage_options, to_dict(cfg), job_identity(cfg),
+                               cfg.resume.allow_config_change)
+    except BaseException:
+        lease.release()
+        raise
+    return lease
+
+
+def run_job(cfg: JobConfig, install_signal_handlers: bool = False) -> RankOutcome:
+    """Run this process's rank of the job described by ``cfg`` (world size from torchrun's environment).
+
+    Args:
+        cfg: a validated config.
+        install_signal_handlers: turn SIGTERM/SIGINT into a clean stop (only from the main thread).
+
+    Returns:
+        The rank's outcome; rank 0's carries the run summary.
+    """
+    device = resolve_device(cfg.runtime.device, int(os.environ.get("LOCAL_RANK", 0)))
+    ctx = init_distributed(device, cfg.runtime.dist_timeout_s)
+    try:
+        return run_rank(cfg, ctx, device, install_signal_handlers)
+    finally:
+        ctx.close()
+
+
+def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_signal_handlers: bool = False) -> RankOutcome:
+    """Run one rank from a config and a distribution context (world size 1 in unit tests)."""
+    if cfg.runtime.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.runtime.torch_threads)
+    check_input_exists(cfg.input)
+
+    # Rank 0 takes the lease; every rank learns the run id or the reason to stop.
+    lease = None
+    verdict: tuple[str, str | None, str | None]
+    if ctx.is_main:
+        run_id = _new_run_id()
+        try:
+            lease = _prepare_output(cfg, run_id)
+            verdict = (run_id, None, None)
+        except MediasieveError as e:
+            verdict = (run_id, type(e).__name__, str(e))
+            ctx.broadcast(verdict)
+            raise
+    else:
+        verdict = ("", None, None)
+    verdict = ctx.broadcast(verdict)
+    run_id, err_type, err_msg = verdict
+    if err_type is not None:
+        from pipeline import errors
+
+        raise getattr(errors, err_type, MediasieveError)(err_msg)
+
+    try:
+        return _run_started(cfg, ctx, device, run_id, install_signal_handlers)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, install_signal_handlers: bool) -> RankOutcome:
+    started = time.time()
+    manifest = read_manifest(cfg.input)
+    ids = manifest[cfg.input.id_column]
+    state = read_committed(cfg.output.dir, cfg.output.storage_options, cfg.input.id_column)
+    pending = pending_indices(ids, state, cfg.resume.retry_failed)
+    n_units = math.ceil(len(pending) / cfg.runtime.unit_size)
+    log.info("run %s: %d items in manifest, %d committed successes, %d to process in %d units", run_id,
+             len(manifest), len(state.succeeded), len(pending), n_units)
+
+    filters = build_filters(cfg.filters)
+    schema = result_schema(manifest.schema, [(f.name, f.arrow_type()) for f in filters])
+    pool = ModelPool(device, cfg.model_pool.instances, cfg.model_pool.acquire_timeout_s, cfg.runtime.empty_cache_every)
+    for f in filters:
+        for spec in f.models():
+            pool.add(spec.name, spec.factory, spec.warmup)
+    writer = ResultWriter(cfg.output.dir, cfg.output.storage_options, schema, run_id, ctx.rank,
+                          cfg.output.rows_per_file, cfg.output.flush_interval_s, cfg.output.compression)
+    fetcher = TieredFetcher(cfg.storage, cache_share=1.0 / max(1, ctx.local_world_size))
+
+    # No rank writes a part before every rank has read the committed state: they all agree on `pending`.
+    counts = ctx.gather(len(pending))
+    if len(set(counts)) != 1:
+        raise MediasieveError(f"ranks disagree on the pending item count {counts}: was the output changed mid-start?")
+
+    out_fs, out_root = fsspec.core.url_to_fs(cfg.output.dir, **cfg.output.storage_options)
+    local_out = is_local_fs(out_fs)
+    log_dir = os.path.join(out_root, "_logs") if local_out else os.path.join(cfg.storage.cache_dir, "_logs", run_id)
+    metrics = MetricsLog(os.path.join(log_dir, f"metrics-{run_id}-r{ctx.rank:05d}.jsonl"), ctx.rank,
+                         cfg.runtime.metrics_interval_s)
+    exporter = None
+    if cfg.runtime.prometheus_port is not None:
+        exporter = PrometheusExporter(cfg.runtime.prometheus_port + ctx.local_rank, ctx.rank)
+
+    workers = RankWorkers(
+        cfg=cfg,
+        source=UnitSource(manifest, pending, cfg.runtime.unit_size,
+                          WorkUnitCounter(n_units, ctx.store, f"mediasieve/{run_id}/units")),
+        fetcher=fetcher, filters=filters, filter_ctx=FilterContext(device, pool, ctx.rank), writer=writer,
+        stats=RankStats(), run_id=run_id, rank=ctx.rank, host=ctx.host, device=device, pool=pool,
+        global_done=GlobalCounter(ctx.store, f"mediasieve/{run_id}/done"), global_total=len(pending),
+        metrics=metrics, exporter=exporter,
+    )
+    ctx.barrier()
+
+    previous: dict[int, Any] = {}
+    if install_signal_handlers:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda s, _f: workers.request_stop(f"signal {signal.Signals(s).name}"))
+    try:
+        workers.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        writer.close()  # committed before any completion marker; also on a stop, so finished rows are kept
+        metrics.close()
+        if exporter is not None:
+            exporter.close()
+        if not local_out:
+            out_fs.put(metrics.path, f"{out_root.rstrip('/')}/_logs/{os.path.basename(metrics.path)}")
+
+    snap = workers._snapshot()
+    everyone = ctx.gather({"rank": ctx.rank, "host": ctx.host, "device": device, "interrupted": workers.interrupted,
+                           **snap})
+    outcome = RankOutcome(run_id, ctx.rank, snap, workers.interrupted, output_dir=cfg.output.dir)
+    if ctx.is_main and not any(r["interrupted"] for r in everyone):
+        outcome.summary = write_summary(cfg, run_id, manifest, len(pending), everyone, started)
+    ctx.barrier()
+    return outcome
+
+
+def write_summary(cfg: JobConfig, run_id: str, manifest: pa.Table, pending: int, ranks: list[dict[str, Any]],
+                  started: float) -> dict[str, Any]:
+    """Rank 0, after every rank committed: failure log, run summary, then the completion marker (last)."""
+    out = cfg.output
+    id_col, path_col = cfg.input.id_column, cfg.input.path_column
+    fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
+    root = root.rstrip("/")
+    import pyarrow.dataset as ds
+
+    files = [p for p in fs.find(f"{root}/{PARTS_DIR}") if p.endswith(".parquet")]
+    table = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={
+        "id": pc.field(id_col), "path": pc.field(path_col), "ok": pc.field("result_info", "succeed"),
+        "error_type": pc.field("result_info", "error_type"), "error_message": pc.field("result_info", "error_message"),
+        "end_time": pc.field("result_info", "end_time"), "run_id": pc.field("result_info", "run_id"),
+    }) if files else None
+    manifest_ids = set(manifest[id_col].to_pylist())
+    succeeded: set[str] = set()
+    failures: dict[str, dict[str, Any]] = {}
+    if table is not None:
+        for rec in table.sort_by([("end_time", "ascending")]).to_pylist():
+            if rec["ok"]:
+                succeeded.add(rec["id"])
+            else:
+                failures[rec["id"]] = rec  # latest failure row wins
+    failures = {k: v for k, v in failures.items() if k not in succeeded and k in manifest_ids}
+    by_type: dict[str, int] = {}
+    lines = []
+    for rec in failures.values():
+        by_type[rec["error_type"]] = by_type.get(rec["error_type"], 0) + 1
+        lines.append(json.dumps({id_col: rec["id"], path_col: rec["path"], "error_type": rec["error_type"],
+                                 "error_message": rec["error_message"], "run_id": rec["run_id"],
+                                 "time": rec["end_time"].isoformat() if rec["end_time"] else None}))
+    wall = time.time() - started
+    done = sum(r["done"] for r in ranks)
+    this_by_type: dict[str, int] = {}
+    tiers: dict[str, int] = {}
+    for r in ranks:
+        for k, v in r["failures_by_type"].items():
+            this_by_type[k] = this_by_type.get(k, 0) + v
+        for k, v in r["tier_hits"].items():
+            tiers[k] = tiers.get(k, 0) + v
+    summary = {
+        "run_id": run_id,
+        "finished_at": _now(time.time()).isoformat(),
+        "output_dir": out.dir,
+        "world_size": len(ranks),
+        "manifest_items": len(manifest),
+        "this_run": {
+            "items": done,
+            "skipped_already_done": len(manifest) - pending,
+            "succeeded": sum(r["succeeded"] for r in ranks),
+            "failed": sum(r["failed"] for r in ranks),
+            "failures_by_type": this_by_type,
+            "tier_hits": tiers,
+            "bytes_fetched": sum(r["bytes_fetched"] for r in ranks),
+            "wall_s": round(wall, 3),
+            "items_per_s": round(done / wall, 3) if wall > 0 else None,
+        },
+        "total": {
+            "succeeded": len(succeeded & manifest_ids),
+            "failed": len(failures),
+            "failures_by_type": by_type,
+            "without_row": len(manifest_ids - succeeded - set(failures)),
+        },
+        "per_rank": [{k: r[k] for k in ("rank", "host", "device", "done", "succeeded", "failed", "items_per_s",
+                                        "units_taken")} for r in ranks],
+    }
+    tmp = f"{root}/_tmp"
+    commit_bytes(fs, f"{root}/{FAILURES}", ("\n".join(lines) + ("\n" if lines else "")).encode(), tmp)
+    commit_bytes(fs, f"{root}/{SUMMARY}", json.dumps(summary, indent=2).encode(), tmp)
+    commit_bytes(fs, f"{root}/{SUCCESS_MARKER}", json.dumps({"run_id": run_id}).encode(), tmp)
+    return summary

@@ -1,0 +1,175 @@
+"""Result rows to Parquet part files under the output directory, each committed atomically."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+PARTS_DIR = "parts"
+TMP_DIR = "_tmp"
+
+RESULT_INFO_TYPE = pa.struct([
+    ("succeed", pa.bool_()),
+    ("error_type", pa.string()),
+    ("error_message", pa.string()),
+    ("retryable", pa.bool_()),
+    ("start_time", pa.timestamp("us", tz="UTC")),
+    ("end_time", pa.timestamp("us", tz="UTC")),
+    ("cost_s", pa.float64()),
+    ("fetch_s", pa.float64()),
+    ("filter_s", pa.map_(pa.string(), pa.float64())),
+    ("storage_tier", pa.string()),
+    ("bytes", pa.int64()),
+    ("fetch_attempts", pa.int32()),
+    ("decode_backend", pa.string()),
+    ("frames_decoded", pa.int64()),
+    ("rank", pa.int32()),
+    ("host", pa.string()),
+    ("device", pa.string()),
+    ("run_id", pa.string()),
+])
+
+
+def result_schema(manifest_schema: pa.Schema, filter_columns: list[tuple[str, pa.DataType]]) -> pa.Schema:
+    """Manifest columns (passed through), one struct column per filter, then ``result_info``."""
+    names = set(manifest_schema.names)
+    fields = list(manifest_schema)
+    for name, typ in filter_columns:
+        if name in names or name == "result_info":
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"filter name {name!r} clashes with a manifest column; rename the filter")
+        fields.append(pa.field(name, typ))
+    fields.append(pa.field("result_info", RESULT_INFO_TYPE))
+    return pa.schema(fields)
+
+
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def commit_bytes(fs: fsspec.AbstractFileSystem, final_path: str, data: bytes, tmp_dir: str) -> None:
+    """Write ``data`` so that ``final_path`` appears whole or not at all.
+
+    On a filesystem: a temporary file in ``tmp_dir`` renamed into place. On an object store: one PUT of the
+    final key (never a streaming upload, which commits a partial object when the writer fails mid-way).
+    """
+    if is_local_fs(fs):
+        tmp = f"{tmp_dir}/{final_path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, final_path)
+    else:
+        fs.pipe_file(final_path, data)
+
+
+class ResultWriter:
+    """Buffers rows and commits them as ``parts/part-<run>-r<rank>-<seq>.parquet``.
+
+    A part is committed every ``rows_per_file`` rows or ``flush_interval_s`` seconds. A failed commit keeps its
+    rows and retries under the same name, so a retry never leaves an orphan with a fresh name.
+
+    Args:
+        out_dir: output directory URL.
+        storage_options: fsspec options.
+        schema: the table schema (see ``result_schema``).
+        run_id: this run attempt's id.
+        rank: this process's rank.
+        rows_per_file: rows per part.
+        flush_interval_s: maximum age of buffered rows.
+        compression: Parquet codec.
+    """
+
+    def __init__(self, out_dir: str, storage_options: dict, schema: pa.Schema, run_id: str, rank: int,
+                 rows_per_file: int = 2000, flush_interval_s: float = 120.0, compression: str = "zstd",
+                 commit_retries: int = 5):
+        self.fs, self.root = fsspec.core.url_to_fs(out_dir, **storage_options)
+        self.root = self.root.rstrip("/")
+        self.schema = schema
+        self.run_id = run_id
+        self.rank = rank
+        self.rows_per_file = rows_per_file
+        self.flush_interval_s = flush_interval_s
+        self.compression = None if compression == "none" else compression
+        self.commit_retries = commit_retries
+        self._rows: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._seq = 0
+        self._oldest: float | None = None
+        self.rows_committed = 0
+        self.files_committed = 0
+        self.fs.makedirs(f"{self.root}/{PARTS_DIR}", exist_ok=True)
+        if is_local_fs(self.fs):
+            self.fs.makedirs(f"{self.root}/{TMP_DIR}", exist_ok=True)
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Buffer one row; commits a part when the buffer is full."""
+        with self._lock:
+            self._rows.append(row)
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+            full = len(self._rows) >= self.rows_per_file
+        if full:
+            self.flush()
+
+    def flush_if_due(self) -> None:
+        """Commit buffered rows older than ``flush_interval_s``."""
+        with self._lock:
+            due = self._oldest is not None and time.monotonic() - self._oldest >= self.flush_interval_s
+        if due:
+            self.flush()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._rows)
+
+    def flush(self) -> None:
+        """Commit everything buffered now as one or more parts (no-op when empty)."""
+        with self._commit_lock:
+            while True:
+                with self._lock:
+                    rows = self._rows[: self.rows_per_file]
+                if not rows:
+                    return
+                self._commit(rows)
+                with self._lock:
+                    del self._rows[: len(rows)]
+                    self._oldest = time.monotonic() if self._rows else None
+
+    def _commit(self, rows: list[dict[str, Any]]) -> None:
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression=self.compression)
+        data = buf.getvalue()
+        name = f"part-{self.run_id}-r{self.rank:05d}-{self._seq:06d}.parquet"
+        final = f"{self.root}/{PARTS_DIR}/{name}"
+        delay = 0.5
+        for attempt in range(self.commit_retries + 1):
+            try:
+                commit_bytes(self.fs, final, data, f"{self.root}/{TMP_DIR}")
+                break
+            except Exception as e:  # noqa: BLE001 - retried, then raised loudly with the rows still buffered
+                if attempt == self.commit_retries:
+                    raise
+                log.warning("commit of %s failed (%s: %s), retrying in %.1fs", name, type(e).__name__, e, delay)
+                time.sleep(delay)
+                delay *= 2
+        self._seq += 1
+        self.rows_committed += len(rows)
+        self.files_committed += 1
+        log.debug("committed %s (%d rows)", name, len(rows))
+
+    def close(self) -> None:
+        """Commit what is left."""
+        self.flush()
