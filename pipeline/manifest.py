@@ -73,7 +73,10 @@ def _listing_table(cfg: InputConfig) -> pa.Table:
         if ch in "*?[":
             base = path[: path.rfind("/", 0, i) + 1]
             break
-    found = sorted(fs.glob(path))
+    try:
+        found = sorted(fs.glob(path))
+    except ValueError as e:
+        raise ConfigError(f"input.listing_glob {pattern!r}: {e}") from e
     files = [p for p in found if not fs.isdir(p)]
     ids = [posixpath.relpath(p, base) if base else p for p in files]
     paths = [proto + p if proto else p for p in files]

@@ -65,6 +65,7 @@ def commit_bytes(fs: fsspec.AbstractFileSystem, final_path: str, data: bytes, tm
     final key (never a streaming upload, which commits a partial object when the writer fails mid-way).
     """
     if is_local_fs(fs):
+        fs.makedirs(tmp_dir, exist_ok=True)
         tmp = f"{tmp_dir}/{final_path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
         with fs.open(tmp, "wb") as f:
             f.write(data)

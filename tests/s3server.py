@@ -1,0 +1,136 @@
+"""A real S3 HTTP server on loopback (moto's server mode) and a fault-injecting HTTP proxy in front of it."""
+
+from __future__ import annotations
+
+import http.client
+import random
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoS3:
+    """moto's threaded server bound to 127.0.0.1 on a free port."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def options(self, endpoint: str | None = None, **config_kwargs) -> dict:
+        """s3fs storage options for this server (or a proxy in front of it)."""
+        opts = {
+            "key": "testing-key-id",
+            "secret": "testing-secret",
+            "client_kwargs": {"endpoint_url": endpoint or self.endpoint, "region_name": "eu-west-1"},
+        }
+        if config_kwargs:
+            opts["config_kwargs"] = config_kwargs
+        return opts
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class FaultProxy:
+    """Forwards HTTP to ``upstream_port``, answering 500 for ``fail_ratio`` of requests and stalling
+    ``stall_s`` before ``stall_ratio`` of them; ``latency_s`` is added to every request.
+
+    Faults are drawn from a seeded generator, and counted, so a test can check that they happened.
+    """
+
+    def __init__(self, upstream_port: int, fail_ratio: float = 0.0, stall_ratio: float = 0.0, stall_s: float = 0.0,
+                 latency_s: float = 0.0, seed: int = 0, only_get: bool = False):
+        self.upstream_port = upstream_port
+        self.fail_ratio = fail_ratio
+        self.stall_ratio = stall_ratio
+        self.stall_s = stall_s
+        self.latency_s = latency_s
+        self.only_get = only_get
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.failed = 0
+        self.stalled = 0
+        self.requests = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                fault = proxy._draw(self.command)
+                if proxy.latency_s:
+                    time.sleep(proxy.latency_s)
+                if fault == "fail":
+                    payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+                               b"<Message>injected fault</Message></Error>")
+                    self.send_response(500)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                    return
+                if fault == "stall":
+                    time.sleep(proxy.stall_s)
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                try:
+                    self.send_response(resp.status, resp.reason)
+                    for k, v in resp.getheaders():
+                        if k.lower() in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                            continue
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout) while we stalled
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def _draw(self, method: str) -> str | None:
+        with self.lock:
+            self.requests += 1
+            if self.only_get and method not in ("GET", "HEAD"):
+                return None
+            x = self.rng.random()
+            if x < self.fail_ratio:
+                self.failed += 1
+                return "fail"
+            if x < self.fail_ratio + self.stall_ratio:
+                self.stalled += 1
+                return "stall"
+            return None
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

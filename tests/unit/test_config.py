@@ -1,0 +1,96 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import build_config, load_config, parse_override, to_dict
+from pipeline.errors import ConfigError
+from tests.conftest import ROOT
+
+
+def _write(tmp_path, raw):
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return str(p)
+
+
+def _good(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"video_id": "a", "video_path": "a.mp4"}\n')
+    return {"input": {"manifest": str(manifest)}, "output": {"dir": str(tmp_path / "out")}, "filters": {"probe": {}}}
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(_write(tmp_path, _good(tmp_path)), ["runtime.producers=3", "storage.cache_max_bytes=1000",
+                                                          "runtime.device=cpu", "filters.probe.enabled=true"])
+    assert cfg.runtime.producers == 3
+    assert cfg.storage.cache_max_bytes == 1000
+    assert cfg.runtime.consumers == 6 and cfg.runtime.queue_depth == 16 and cfg.model_pool.instances == 6
+    assert cfg.input.id_column == "video_id" and cfg.input.path_column == "video_path"
+    assert [f.name for f in cfg.enabled_filters] == ["probe"]
+    with pytest.raises(Exception):
+        cfg.runtime.producers = 1  # frozen
+
+
+@pytest.mark.parametrize("override, message", [
+    ("runtime.bogus=1", "unknown key"),
+    ("bogus.key=1", "unknown key"),
+    ("runtime.producers=many", "expected an integer"),
+    ("runtime.producers=1.5", "expected an integer"),
+    ("runtime.progress=3", "true or false"),
+    ("runtime.device=tpu", "not one of"),
+    ("runtime.queue_depth=0", ">= 1"),
+    ("filters.probe.type=nope", "unknown filter type"),
+    ("filters.noop.sleep_s=abc", "expected a number"),
+    ("filters.noop.bogus=1", "unknown key"),
+    ("filters.probe.enabled=false", "no filter is enabled"),
+    ("input.listing_glob=/x/*.mp4", "exactly one"),
+    ("noequals", "section.key=value"),
+])
+def test_bad_values_are_one_clear_error(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, _good(tmp_path)), [override])
+
+
+def test_tiers_are_typed(tmp_path):
+    raw = _good(tmp_path)
+    raw["storage"] = {"tiers": [{"name": "s3", "root": "s3://b/p", "storage_options": {"anon": True}}]}
+    cfg = load_config(_write(tmp_path, raw))
+    assert cfg.storage.tiers[0].root == "s3://b/p"
+    raw["storage"] = {"tiers": [{"name": "s3", "rot": "s3://b/p"}]}
+    with pytest.raises(ConfigError, match=r"storage.tiers\[0\]: unknown key"):
+        load_config(_write(tmp_path, raw))
+
+
+def test_override_values_parse_as_yaml():
+    assert parse_override("a.b=null") == (["a", "b"], None)
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(_write(tmp_path, _good(tmp_path)), ["filters.noop.sleep_s=0.5"])
+    again = build_config(json.loads(json.dumps(to_dict(cfg))))
+    assert again == cfg
+
+
+def _run_cli(args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "run.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["runtime.bogus=1"], "unknown key"),
+    (["runtime.consumers=two"], "expected an integer"),
+    (["input.manifest=/nonexistent/manifest.parquet"], "does not exist"),
+])
+def test_cli_config_errors_exit_non_zero_before_work(tmp_path, extra, message):
+    raw = _good(tmp_path)
+    proc = _run_cli(["--config", _write(tmp_path, raw), *extra], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # no work done, nothing written

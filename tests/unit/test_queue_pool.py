@@ -1,0 +1,95 @@
+import threading
+import time
+
+import pytest
+
+from pipeline.errors import ConfigError, ModelTimeout, StallError
+from pipeline.model_pool import ModelPool, localize_model
+from pipeline.task_queue import BoundedTaskQueue
+
+
+def test_queue_blocks_producers_when_full():
+    q = BoundedTaskQueue(depth=3, stall_timeout_s=30)
+    stop = threading.Event()
+    put = []
+
+    def producer():
+        for i in range(10):
+            if q.put(i, stop):
+                put.append(i)
+
+    t = threading.Thread(target=producer, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    assert len(put) == 3 and q.qsize() == 3  # bounded: the producer waits
+    got = [q.get(stop, lambda: False) for _ in range(10)]
+    t.join(5)
+    assert got == list(range(10))
+    assert q.get(stop, lambda: True) is None  # end of input
+
+
+def test_queue_waits_have_limits_and_honour_stop():
+    q = BoundedTaskQueue(depth=1, stall_timeout_s=0.5)
+    stop = threading.Event()
+    q.put("a", stop)
+    with pytest.raises(StallError, match="consumers are not taking"):
+        q.put("b", stop)
+    q.drain()
+    with pytest.raises(StallError, match="producers are running"):
+        q.get(stop, lambda: False)
+    stop.set()
+    assert q.put("c", stop) is False and q.get(stop, lambda: False) is None
+
+
+def test_pool_instances_are_exclusive_and_timeout_fails_cleanly():
+    built = []
+    pool = ModelPool("cpu", instances=2, acquire_timeout_s=0.3)
+    pool.add("m", lambda device: built.append(device) or object(), warmup=lambda m: None)
+    pool.add("m", lambda device: 1 / 0)  # same name again keeps the first
+    assert len(built) == 2
+    in_use = set()
+    lock = threading.Lock()
+    clashes = []
+
+    def work():
+        for _ in range(20):
+            with pool.acquire("m", timeout=10) as inst:
+                with lock:
+                    if id(inst) in in_use:
+                        clashes.append(inst)
+                    in_use.add(id(inst))
+                time.sleep(0.001)
+                with lock:
+                    in_use.discard(id(inst))
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert clashes == []
+    with pool.acquire("m"), pool.acquire("m"):
+        with pytest.raises(ModelTimeout, match="no free instance"):
+            with pool.acquire("m"):
+                pass
+    with pool.acquire("m"):  # instances were returned after the timeout
+        pass
+
+
+def test_localize_model_from_s3_downloads_once(s3, bucket, tmp_path):
+    name, fs = bucket
+    fs.pipe(f"{name}/models/w.bin", b"weights")
+    fs.pipe(f"{name}/models/dir/config.json", b"{}")
+    fs.pipe(f"{name}/models/dir/model.safetensors", b"st")
+    barriers = []
+    path = localize_model(f"s3://{name}/models/w.bin", str(tmp_path), 0, lambda: barriers.append(1), s3.options())
+    assert open(path, "rb").read() == b"weights" and barriers == [1]
+    fs.pipe(f"{name}/models/w.bin", b"changed")  # a second call uses the node copy, no download
+    assert open(localize_model(f"s3://{name}/models/w.bin", str(tmp_path), 0, lambda: None, s3.options()),
+                "rb").read() == b"weights"
+    d = localize_model(f"s3://{name}/models/dir", str(tmp_path), 0, lambda: None, s3.options())
+    assert sorted(__import__("os").listdir(d)) == ["config.json", "model.safetensors"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        localize_model(f"s3://{name}/models/nope.bin", str(tmp_path), 0, lambda: None, s3.options())
+    with pytest.raises(ConfigError, match="does not exist"):
+        localize_model(str(tmp_path / "nope.pt"), str(tmp_path), 0, lambda: None)

@@ -1,0 +1,104 @@
+import json
+import os
+import threading
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import ConfigError, OutputLockedError
+from pipeline.resume import OutputLease, check_or_record_config, pending_indices, read_committed, redact
+from pipeline.writer import ResultWriter, result_schema
+
+SCHEMA = result_schema(pa.schema([("video_id", pa.string()), ("video_path", pa.string())]),
+                       [("noop", pa.struct([("bytes", pa.int64())]))])
+
+
+def _row(i, ok=True):
+    return {"video_id": f"id{i}", "video_path": f"p{i}", "noop": {"bytes": i} if ok else None,
+            "result_info": {"succeed": ok, "error_type": None if ok else "DecodeError", "rank": 0, "run_id": "r"}}
+
+
+def test_parts_by_rows_and_resume_state(tmp_path):
+    w = ResultWriter(str(tmp_path), {}, SCHEMA, "run1", 3, rows_per_file=4, flush_interval_s=999)
+    for i in range(10):
+        w.add(_row(i, ok=i % 5 != 0))
+    assert w.files_committed == 2 and w.buffered == 2
+    w.close()
+    files = sorted(os.listdir(tmp_path / "parts"))
+    assert files == [f"part-run1-r00003-{s:06d}.parquet" for s in range(3)]
+    assert os.listdir(tmp_path / "_tmp") == []
+    table = pq.read_table(tmp_path / "parts")
+    assert table.num_rows == 10 and table.schema.field("noop").type == pa.struct([("bytes", pa.int64())])
+    state = read_committed(str(tmp_path), {}, "video_id")
+    assert state.succeeded == {f"id{i}" for i in range(10) if i % 5} and state.failed_only == {"id0", "id5"}
+    ids = pa.array([f"id{i}" for i in range(12)])
+    assert pending_indices(ids, state, retry_failed=True).to_pylist() == [0, 5, 10, 11]
+    assert pending_indices(ids, state, retry_failed=False).to_pylist() == [10, 11]
+
+
+def test_flush_by_time(tmp_path):
+    w = ResultWriter(str(tmp_path), {}, SCHEMA, "run1", 0, rows_per_file=100, flush_interval_s=0.0)
+    w.add(_row(1))
+    w.flush_if_due()
+    assert w.files_committed == 1
+
+
+def test_failed_commit_keeps_rows_and_name(tmp_path, monkeypatch):
+    import pipeline.writer as writer_mod
+
+    w = ResultWriter(str(tmp_path), {}, SCHEMA, "run1", 0, rows_per_file=100, commit_retries=0)
+    w.add(_row(1))
+    real = writer_mod.commit_bytes
+    monkeypatch.setattr(writer_mod, "commit_bytes", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        w.flush()
+    assert w.buffered == 1 and not os.listdir(tmp_path / "parts")
+    monkeypatch.setattr(writer_mod, "commit_bytes", real)
+    w.flush()
+    assert os.listdir(tmp_path / "parts") == ["part-run1-r00000-000000.parquet"]
+
+
+def test_writer_on_s3_is_one_put_per_part(s3, bucket):
+    name, fs = bucket
+    out = f"s3://{name}/out"
+    w = ResultWriter(out, s3.options(), SCHEMA, "run1", 1, rows_per_file=3)
+    for i in range(7):
+        w.add(_row(i))
+    w.close()
+    assert len(fs.ls(f"{name}/out/parts")) == 3
+    assert read_committed(out, s3.options(), "video_id").succeeded == {f"id{i}" for i in range(7)}
+
+
+def test_lease_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
+    a = OutputLease(str(tmp_path), {}, "run-a", timeout_s=60)
+    a.acquire()
+    with pytest.raises(OutputLockedError, match="in use by live run run-a"):
+        OutputLease(str(tmp_path), {}, "run-b", timeout_s=60).acquire()
+    a.release()
+    b = OutputLease(str(tmp_path), {}, "run-b", timeout_s=60)
+    b.acquire()
+    b._stop.set()
+    # a crashed holder on this host: its pid is gone, so the lease is free at once
+    rec = json.loads((tmp_path / "_lease.json").read_text())
+    rec["pid"] = 2**22 + 12345
+    (tmp_path / "_lease.json").write_text(json.dumps(rec))
+    OutputLease(str(tmp_path), {}, "run-c", timeout_s=60).acquire()
+    # another host's lease with an old heartbeat has expired
+    rec = {"run_id": "run-d", "host": "elsewhere", "pid": 1, "heartbeat": 0}
+    (tmp_path / "_lease.json").write_text(json.dumps(rec))
+    OutputLease(str(tmp_path), {}, "run-e", timeout_s=60).acquire()
+
+
+def test_config_record_refuses_other_job_and_redacts_secrets(tmp_path):
+    ident = {"input": {"manifest": "m1"}, "filters": {"probe": {}}}
+    resolved = {"storage": {"tiers": [{"storage_options": {"secret": "s3cr3t", "key_id": "AK", "anon": False}}]}}
+    check_or_record_config(str(tmp_path), {}, resolved, ident, False)
+    text = (tmp_path / "_config.json").read_text()
+    assert "s3cr3t" not in text and "AK" not in text and '"anon": false' in text
+    check_or_record_config(str(tmp_path), {}, resolved, ident, False)
+    with pytest.raises(ConfigError, match="different job"):
+        check_or_record_config(str(tmp_path), {}, resolved, {**ident, "filters": {"noop": {}}}, False)
+    check_or_record_config(str(tmp_path), {}, resolved, {**ident, "filters": {"noop": {}}}, True)
+    assert redact({"a": [{"password": "x"}]}) == {"a": [{"password": "***"}]}
