@@ -345,6 +345,7 @@ def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_sign
 
         torch.set_num_threads(cfg.runtime.torch_threads)
     check_input_exists(cfg.input)
+    fetcher = TieredFetcher(cfg.storage, cache_share=1.0 / max(1, ctx.local_world_size))  # checks the tiers
 
     # Rank 0 takes the lease; every rank learns the run id or the reason to stop.
     lease = None
@@ -368,13 +369,14 @@ def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_sign
         raise getattr(errors, err_type, MediasieveError)(err_msg)
 
     try:
-        return _run_started(cfg, ctx, device, run_id, install_signal_handlers)
+        return _run_started(cfg, ctx, device, run_id, fetcher, install_signal_handlers)
     finally:
         if lease is not None:
             lease.release()
 
 
-def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, install_signal_handlers: bool) -> RankOutcome:
+def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fetcher: TieredFetcher,
+                 install_signal_handlers: bool) -> RankOutcome:
     started = time.time()
     manifest = read_manifest(cfg.input)
     ids = manifest[cfg.input.id_column]
@@ -392,7 +394,6 @@ def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, ins
             pool.add(spec.name, spec.factory, spec.warmup)
     writer = ResultWriter(cfg.output.dir, cfg.output.storage_options, schema, run_id, ctx.rank,
                           cfg.output.rows_per_file, cfg.output.flush_interval_s, cfg.output.compression)
-    fetcher = TieredFetcher(cfg.storage, cache_share=1.0 / max(1, ctx.local_world_size))
 
     # No rank writes a part before every rank has read the committed state: they all agree on `pending`.
     counts = ctx.gather(len(pending))

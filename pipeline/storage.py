@@ -71,8 +71,16 @@ def classify_fs_error(error: BaseException) -> type[FetchError]:
         return NotFoundError
     if "AccessDenied" in text or "Forbidden" in text:
         return AccessDeniedError
-    # Timeouts, connection resets, 5xx, SlowDown/throttling and anything unknown: worth a retry.
-    return TransientFetchError
+    # Timeouts, connection resets, 5xx and SlowDown/throttling (s3fs raises these as OSError subclasses, or as
+    # the HTTP stack's own errors) are worth a retry; a programming or option error is not.
+    module = type(error).__module__.split(".", 1)[0]
+    if isinstance(error, (OSError, TimeoutError, ConnectionError)) or module in ("botocore", "aiobotocore", "aiohttp"):
+        return TransientFetchError
+    import asyncio
+
+    if isinstance(error, asyncio.TimeoutError):
+        return TransientFetchError
+    return FetchError
 
 
 def backoff_delays(retries: int, base_s: float, max_s: float, rng: random.Random | None = None) -> list[float]:
@@ -232,6 +240,13 @@ class TieredFetcher:
         self._fs: dict[tuple, fsspec.AbstractFileSystem] = {}
         self.retries_done = 0
         self._counter_lock = threading.Lock()
+        for tier in self.tiers:  # bad tier options are a config error before any work, not an item failure
+            try:
+                self._filesystem(tier.root, tier.storage_options)
+            except Exception as e:  # noqa: BLE001 - anything here is the config's fault
+                from pipeline.errors import ConfigError
+
+                raise ConfigError(f"storage tier {tier.name!r} ({tier.root}): {type(e).__name__}: {e}") from e
 
     def _filesystem(self, url: str, options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
         key = (_protocol(url), repr(sorted(options.items())))
@@ -321,7 +336,7 @@ class TieredFetcher:
             fs.get_file(rpath, tmp)
             got = os.path.getsize(tmp)
             if got != size:
-                raise TransientFetchError(f"{tier}: short read of {url}: {got} of {size} bytes")
+                raise TransientFetchError(f"{tier}: short read of {url}: got {got} bytes, listed size {size}")
             path = self.cache.commit(url, tmp, got)
         except BaseException:
             try:

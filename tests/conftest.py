@@ -85,3 +85,7 @@ def base_config(manifest: str, corpus: str, out: str, cache: str, **sections) ->
         else:
             raw[key] = value
     return raw
+
+import logging  # noqa: E402
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)

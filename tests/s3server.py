@@ -99,7 +99,8 @@ class FaultProxy:
                         if k.lower() in ("transfer-encoding", "connection", "content-length", "server", "date"):
                             continue
                         self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
+                    length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                    self.send_header("Content-Length", length or str(len(data)))
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(data)

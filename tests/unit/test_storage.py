@@ -41,6 +41,7 @@ def test_error_classification():
     assert classify_fs_error(PermissionError("x")).__name__ == "AccessDeniedError"
     assert classify_fs_error(TimeoutError("read timed out")) is TransientFetchError
     assert classify_fs_error(OSError("503 SlowDown")) is TransientFetchError
+    assert classify_fs_error(TypeError("bad kwarg")).__name__ == "FetchError"
     assert is_retryable(TransientFetchError("x")) and not is_retryable(NotFoundError("x"))
 
 

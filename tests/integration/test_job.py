@@ -1,0 +1,210 @@
+"""The whole rank in-process (world size 1) over real media: local and S3 tiers, faults, bad and hostile input."""
+
+import json
+import os
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import build_config, validate_config
+from pipeline.distributed import DistContext
+from pipeline.errors import OutputLockedError
+from pipeline.resume import OutputLease
+from pipeline.runner import run_rank
+from tests.conftest import base_config, make_corpus, write_manifest
+from tests.s3server import FaultProxy
+
+
+def _run(raw):
+    cfg = build_config(raw)
+    validate_config(cfg)
+    return run_rank(cfg, DistContext())
+
+
+def _rows(out):
+    return pq.read_table(os.path.join(out, "parts")).to_pylist()
+
+
+def test_job_with_bad_inputs_gives_typed_failure_rows(tmp_path, media_dir):
+    corpus = tmp_path / "corpus"
+    rows = make_corpus(str(corpus), media_dir, 4, kinds=("motion.mp4", "still.mp4", "speech.wav"))
+    for name in ("empty.mp4", "random.mp4", "truncated.mp4", "notes.mp4"):
+        os.link(os.path.join(media_dir, "broken", name), corpus / name)
+        rows.append({"video_id": f"bad-{name}", "video_path": name, "batch": 9})
+    rows.append({"video_id": "gone", "video_path": "missing.mp4", "batch": 9})
+    rows.append({"video_id": "climb", "video_path": "../../etc/passwd", "batch": 9})
+    rows.append({"video_id": "blank", "video_path": "", "batch": 9})
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    out = str(tmp_path / "out")
+    outcome = _run(base_config(manifest, str(corpus), out, str(tmp_path / "cache")))
+    by_id = {r["video_id"]: r for r in _rows(out)}
+    assert len(by_id) == len(rows) == len(_rows(out))  # exactly one row each
+    for i in range(4):
+        r = by_id[f"id-{i:04d}"]
+        assert r["result_info"]["succeed"] and r["batch"] == i % 3  # pass-through column kept
+        assert r["result_info"]["storage_tier"] == "shared" and r["result_info"]["bytes"] > 0
+        if i != 2:
+            assert r["probe"]["duration_s"] == pytest.approx(1.0, abs=0.1)
+    assert by_id["id-0000"]["probe"]["video"]["width"] == 320
+    assert by_id["id-0002"]["probe"]["video"] is None and by_id["id-0002"]["probe"]["audio"]["sample_rate"] == 16000
+    assert 1.0 < by_id["id-0002"]["probe"]["duration_s"] < 4.0  # espeak-ng speech of one short sentence
+    types = {k: v["result_info"]["error_type"] for k, v in by_id.items() if not v["result_info"]["succeed"]}
+    assert types == {"bad-empty.mp4": "DecodeError", "bad-random.mp4": "DecodeError",
+                     "bad-truncated.mp4": "DecodeError", "bad-notes.mp4": "DecodeError", "gone": "NotFoundError",
+                     "climb": "BadInputError", "blank": "BadInputError"}
+    assert all(by_id[k]["result_info"]["error_message"] for k in types)
+    s = outcome.summary
+    assert s["this_run"]["items"] == len(rows) and s["total"]["failed"] == 7 and s["total"]["succeeded"] == 4
+    assert s["total"]["failures_by_type"] == {"DecodeError": 4, "NotFoundError": 1, "BadInputError": 2}
+    assert json.load(open(os.path.join(out, "summary.json")))["run_id"] == outcome.run_id
+    assert len(open(os.path.join(out, "failures.jsonl")).read().splitlines()) == 7
+    assert os.path.exists(os.path.join(out, "_SUCCESS")) and not os.path.exists(os.path.join(out, "_lease.json"))
+    metrics = open(os.path.join(out, "_logs", f"metrics-{outcome.run_id}-r00000.jsonl")).read().splitlines()
+    assert json.loads(metrics[-1])["done"] == len(rows)
+
+    # rerun: only the failures are retried; second pass served from the cache; no second success row
+    again = _run(base_config(manifest, str(corpus), out, str(tmp_path / "cache")))
+    assert again.summary["this_run"]["items"] == 7 and again.summary["this_run"]["skipped_already_done"] == 4
+    assert again.summary["this_run"]["tier_hits"].get("cache") == 4  # the 4 broken files fetched before
+    ok = [r["video_id"] for r in _rows(out) if r["result_info"]["succeed"]]
+    assert sorted(ok) == sorted(set(ok)) and len(ok) == 4
+    third = _run(base_config(manifest, str(corpus), out, str(tmp_path / "cache"), resume={"retry_failed": False}))
+    assert third.summary["this_run"]["items"] == 0
+
+
+def test_hostile_ids_write_nothing_outside_output_and_cache(tmp_path, media_dir):
+    corpus = tmp_path / "corpus"
+    rows = make_corpus(str(corpus), media_dir, 4)
+    hostile = ["../../x", "/etc/passwd", "a/../../../b", "..", "\\..\\..\\w", "id\x00nul", "x" * 5000, "$(rm -rf)"]
+    for row, hid in zip(rows, hostile):
+        row["video_id"] = hid
+    rows += [{"video_id": hid, "video_path": "item_0000.mp4", "batch": 0} for hid in hostile[len(rows):]]
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    before = set(os.listdir(tmp_path))
+    out, cache = tmp_path / "nested" / "out", tmp_path / "nested" / "cache"
+    _run(base_config(manifest, str(corpus), str(out), str(cache)))
+    assert set(os.listdir(tmp_path)) == before | {"nested"}
+    assert sorted(os.listdir(tmp_path / "nested")) == ["cache", "out"]
+    assert not os.path.exists("/x") and not (tmp_path.parent / "x").exists()
+    got = {r["video_id"] for r in _rows(str(out)) if r["result_info"]["succeed"]}
+    assert got == set(hostile)
+    for dirpath, _dirs, files in os.walk(cache):
+        for f in files:
+            assert len(f) < 80 and ".." not in f
+
+
+def test_object_store_tier_and_shared_tier(tmp_path, media_dir, s3, bucket):
+    name, fs = bucket
+    local = tmp_path / "shared"
+    rows = make_corpus(str(tmp_path / "all"), media_dir, 6)
+    local.mkdir()
+    for r in rows[:3]:  # half on the shared filesystem, all in the object store
+        os.link(tmp_path / "all" / r["video_path"], local / r["video_path"])
+    for r in rows:
+        fs.put(str(tmp_path / "all" / r["video_path"]), f"{name}/videos/{r['video_path']}")
+    manifest = f"s3://{name}/manifest.parquet"
+    with fs.open(f"{name}/manifest.parquet", "wb") as f:
+        import pyarrow as pa
+
+        pq.write_table(pa.Table.from_pylist(rows), f)
+    out = f"s3://{name}/out"
+    raw = base_config(manifest, "unused", out, str(tmp_path / "cache"),
+                      input={"manifest": manifest, "storage_options": s3.options()},
+                      output={"dir": out, "storage_options": s3.options(), "rows_per_file": 4},
+                      storage={"cache_dir": str(tmp_path / "cache"), "tiers": [
+                          {"name": "shared", "root": str(local)},
+                          {"name": "s3", "root": f"s3://{name}/videos", "storage_options": s3.options()}]})
+    outcome = _run(raw)
+    assert outcome.summary["this_run"]["tier_hits"] == {"shared": 3, "s3": 3}
+    table = pq.read_table(f"{name}/out/parts", filesystem=fs)
+    tiers = dict(zip(table["video_id"].to_pylist(), pc.struct_field(table["result_info"], "storage_tier").to_pylist()))
+    assert {tiers[r["video_id"]] for r in rows[:3]} == {"shared"} and {tiers[r["video_id"]] for r in rows[3:]} == {"s3"}
+    assert fs.exists(f"{name}/out/_SUCCESS") and fs.exists(f"{name}/out/summary.json")
+    assert fs.exists(f"{name}/out/_logs/metrics-{outcome.run_id}-r00000.jsonl")
+
+
+def test_transient_object_store_faults_are_ridden_out(tmp_path, media_dir, s3, bucket):
+    name, fs = bucket
+    rows = make_corpus(str(tmp_path / "all"), media_dir, 12)
+    for r in rows:
+        fs.put(str(tmp_path / "all" / r["video_path"]), f"{name}/videos/{r['video_path']}")
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    proxy = FaultProxy(s3.port, fail_ratio=0.3, stall_ratio=0.1, stall_s=2.5, seed=7, only_get=True)
+    try:
+        # botocore's own retries are off so that our retry layer is what rides out the faults
+        opts = s3.options(endpoint=proxy.endpoint, read_timeout=1, connect_timeout=1,
+                          retries={"max_attempts": 1})
+        raw = base_config(manifest, "unused", str(tmp_path / "out"), str(tmp_path / "cache"),
+                          storage={"cache_dir": str(tmp_path / "cache"), "retries": 8, "backoff_base_s": 0.05,
+                                   "backoff_max_s": 0.3,
+                                   "tiers": [{"name": "s3", "root": f"s3://{name}/videos", "storage_options": opts}]})
+        outcome = _run(raw)
+    finally:
+        proxy.stop()
+    assert proxy.failed > 0 and proxy.stalled > 0, (proxy.requests, outcome.summary)
+    assert outcome.summary["this_run"]["succeeded"] == 12 and outcome.summary["total"]["failed"] == 0
+    attempts = [r["result_info"]["fetch_attempts"] for r in _rows(str(tmp_path / "out"))]
+    assert max(attempts) > 1
+
+
+def test_permanent_object_store_errors_are_not_retried(tmp_path, media_dir, s3, bucket):
+    name, _fs = bucket
+    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "a", "video_path": "missing.mp4"}])
+    raw = base_config(manifest, "unused", str(tmp_path / "out"), str(tmp_path / "cache"),
+                      storage={"cache_dir": str(tmp_path / "cache"), "retries": 5,
+                               "tiers": [{"name": "s3", "root": f"s3://{name}/videos",
+                                          "storage_options": s3.options()}]})
+    outcome = _run(raw)
+    row = _rows(str(tmp_path / "out"))[0]
+    assert row["result_info"]["error_type"] == "NotFoundError" and row["result_info"]["retryable"] is False
+    assert outcome.stats["fetch_retries"] == 0
+
+
+def test_bad_tier_options_are_a_config_error_before_work(tmp_path, media_dir, s3, bucket):
+    from pipeline.errors import ConfigError
+
+    name, _fs = bucket
+    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "a", "video_path": "a.mp4"}])
+    raw = base_config(manifest, "unused", str(tmp_path / "out"), str(tmp_path / "cache"),
+                      storage={"tiers": [{"name": "s3", "root": f"nosuchproto://{name}/v"}]})
+    with pytest.raises(ConfigError, match="storage tier 's3'"):
+        _run(raw)
+    assert not (tmp_path / "out" / "parts").exists()
+
+
+def test_second_run_on_a_live_output_refuses(tmp_path, media_dir):
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 2)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    out = tmp_path / "out"
+    live = OutputLease(str(out), {}, "someone-else", timeout_s=60)
+    live.acquire()
+    try:
+        with pytest.raises(OutputLockedError, match="someone-else"):
+            _run(base_config(manifest, str(tmp_path / "c"), str(out), str(tmp_path / "cache")))
+        assert not (out / "parts").exists()
+    finally:
+        live.release()
+
+
+def test_resume_refuses_a_different_job(tmp_path, media_dir):
+    from pipeline.errors import ConfigError
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 2)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"))
+    _run(raw)
+    raw["filters"] = {"noop": {}}
+    with pytest.raises(ConfigError, match="different job"):
+        _run(raw)
+
+
+def test_several_filters_fill_their_typed_columns(tmp_path, media_dir):
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 3)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"),
+                      filters={"probe": {}, "noop": {"sleep_s": 0.0}})
+    outcome = _run(raw)
+    assert outcome.summary["this_run"]["succeeded"] == 3
+    row = _rows(str(tmp_path / "out"))[0]
+    assert row["noop"]["bytes"] == row["result_info"]["bytes"] and {k for k, _ in row["result_info"]["filter_s"]} == {"probe", "noop"}
