@@ -437,6 +437,9 @@ def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fet
             out_fs.put(metrics.path, f"{out_root.rstrip('/')}/_logs/{os.path.basename(metrics.path)}")
 
     snap = workers._snapshot()
+    if workers.interrupted:
+        # No collective after a stop: other ranks may be gone already (torchrun tears the group down).
+        return RankOutcome(run_id, ctx.rank, snap, True, output_dir=cfg.output.dir)
     everyone = ctx.gather({"rank": ctx.rank, "host": ctx.host, "device": device, "interrupted": workers.interrupted,
                            **snap})
     outcome = RankOutcome(run_id, ctx.rank, snap, workers.interrupted, output_dir=cfg.output.dir)

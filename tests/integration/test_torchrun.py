@@ -1,0 +1,155 @@
+"""The job under a real ``torchrun --nproc_per_node=2`` (gloo on CPU): one row per item, crash and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import ROOT, base_config, make_corpus, write_manifest
+
+
+def _torchrun(config: str, *overrides: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            os.path.join(ROOT, "jobs", "run.py"), "--config", config, *overrides]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    return env
+
+
+def _setup(tmp_path, media_dir, n, **sections):
+    rows = make_corpus(str(tmp_path / "corpus"), media_dir, n, kinds=("motion.mp4", "still.mp4", "speech.wav"))
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    raw = base_config(manifest, str(tmp_path / "corpus"), str(tmp_path / "out"), str(tmp_path / "cache"), **sections)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return rows, str(path)
+
+
+def _table(tmp_path):
+    return pq.read_table(str(tmp_path / "out" / "parts"))
+
+
+def test_two_ranks_every_item_exactly_one_row(tmp_path, media_dir):
+    rows, config = _setup(tmp_path, media_dir, 30)
+    proc = subprocess.run(_torchrun(config), env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = _table(tmp_path)
+    ids = table["video_id"].to_pylist()
+    assert sorted(ids) == sorted(r["video_id"] for r in rows)  # exactly one row each
+    assert all(pc.struct_field(table["result_info"], "succeed").to_pylist())
+    ranks = set(pc.struct_field(table["result_info"], "rank").to_pylist())
+    assert ranks == {0, 1}  # both ranks pulled work units
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["world_size"] == 2 and summary["total"]["succeeded"] == 30
+    assert "30 succeeded" in proc.stdout  # the printed summary
+    assert len(os.listdir(tmp_path / "out" / "_logs")) == 2  # a metrics log per rank
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    out.append(int(entry))
+            except (OSError, IndexError):
+                pass
+    return out
+
+
+def test_sigkill_one_rank_then_resume_loses_and_redoes_nothing_committed(tmp_path, media_dir):
+    n = 40
+    rows, config = _setup(tmp_path, media_dir, n, filters={"probe": {}, "noop": {"sleep_s": 0.15}},
+                          output={"dir": str(tmp_path / "out"), "rows_per_file": 3, "flush_interval_s": 1})
+    proc = subprocess.Popen(_torchrun(config), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / "out" / "parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not parts.exists() or len(os.listdir(parts)) < 4):
+        time.sleep(0.1)
+    assert parts.exists() and len(os.listdir(parts)) >= 4, "no commits before the kill"
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    first = _table(tmp_path)
+    first_ok = set(first.filter(pc.struct_field(first["result_info"], "succeed"))["video_id"].to_pylist())
+    assert 0 < len(first_ok) < n, "the kill should land mid-run"
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+    proc2 = subprocess.run(_torchrun(config), env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    table = _table(tmp_path)
+    ok = table.filter(pc.struct_field(table["result_info"], "succeed"))
+    ids = ok["video_id"].to_pylist()
+    assert sorted(ids) == sorted(r["video_id"] for r in rows)  # every item exactly one success row
+    run_ids = pc.struct_field(ok["result_info"], "run_id").to_pylist()
+    second_run = {i for i, r in zip(ids, run_ids) if r != pc.struct_field(first["result_info"], "run_id")[0].as_py()}
+    assert second_run == {r["video_id"] for r in rows} - first_ok  # committed work was not redone
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["this_run"]["skipped_already_done"] == len(first_ok)
+    assert summary["this_run"]["items"] == n - len(first_ok)
+
+
+def test_sigterm_stops_cleanly_keeps_finished_rows_and_resumes(tmp_path, media_dir):
+    n = 60
+    rows, config = _setup(tmp_path, media_dir, n, filters={"noop": {"sleep_s": 0.3}},
+                          runtime={"metrics_interval_s": 0.2},
+                          output={"dir": str(tmp_path / "out"), "rows_per_file": 1000, "flush_interval_s": 600})
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "run.py"), "--config", config], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = tmp_path / "out" / "_logs"
+    deadline = time.time() + 60
+    done = 0
+    while done < 4 and time.time() < deadline:  # some items done, none committed (rows_per_file, flush interval)
+        time.sleep(0.1)
+        for name in os.listdir(logs) if logs.exists() else []:
+            lines = (logs / name).read_text().splitlines()
+            done = json.loads(lines[-1])["done"] if lines else 0
+    assert not (tmp_path / "out" / "parts").exists() or not os.listdir(tmp_path / "out" / "parts")
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert "rerun the same command to resume" in err
+    assert not (tmp_path / "out" / "_lease.json").exists()  # the lease was released
+    done = _table(tmp_path).num_rows
+    assert 0 < done < n  # the rows finished before the stop were committed on the way out
+    proc2 = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "run.py"), "--config", config,
+                            "filters.noop.sleep_s=0.0"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc2.returncode == 2 and "different job" in proc2.stderr  # a changed filter is another job
+    proc3 = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "run.py"), "--config", config], env=_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert proc3.returncode == 0, proc3.stderr[-2000:]
+    ids = _table(tmp_path)["video_id"].to_pylist()
+    assert sorted(ids) == sorted(r["video_id"] for r in rows)
+
+
+def test_cli_refuses_an_output_in_use(tmp_path, media_dir):
+    rows, config = _setup(tmp_path, media_dir, 20, filters={"noop": {"sleep_s": 0.5}})
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "run.py"), "--config", config], env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "out" / "_lease.json").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "run.py"), "--config", config],
+                                env=_env(), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 3
+        assert "in use by live run" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
