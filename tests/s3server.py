@@ -135,3 +135,28 @@ class FaultProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def main() -> None:
+    """Serve moto plus a fault proxy in this process until killed (benchmarks run it as a separate process so the
+    server's CPU does not compete with the job being measured). Prints ``READY <moto port> <proxy port>``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--fail-ratio", type=float, default=0.0)
+    args = parser.parse_args()
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = MotoS3()
+    proxy = FaultProxy(server.port, fail_ratio=args.fail_ratio, latency_s=args.latency_ms / 1000.0)
+    print(f"READY {server.port} {proxy.port}", flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    proxy.stop()
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()

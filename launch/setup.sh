@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install everything mediasieve needs on a fresh Debian/Ubuntu machine with Python 3.10+ (run as root or with sudo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""
+if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null; then SUDO="sudo"; fi
+if command -v apt-get >/dev/null; then
+  $SUDO apt-get update -qq
+  # system FFmpeg (torchcodec, the ffmpeg CLI), espeak-ng (real speech in generated media)
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg espeak-ng >/dev/null
+fi
+PY=${PYTHON:-python3}
+$PY -m pip install -q --upgrade pip
+# torch first, pinned to the build the other wheels are made for (a CUDA build that also runs on CPU)
+$PY -m pip install -q torch==2.14.1 torchvision==0.29.1
+$PY -m pip install -q -e '.[dev]'
+$PY - <<'PY'
+import av, pyarrow, s3fs, torch, onnxruntime
+print(f"mediasieve set up: torch {torch.__version__} (cuda={torch.cuda.is_available()}), pyav {av.__version__}, "
+      f"pyarrow {pyarrow.__version__}, onnxruntime {onnxruntime.__version__} {onnxruntime.get_available_providers()}")
+PY
