@@ -147,6 +147,25 @@ class ResumeConfig:
 
 
 @dataclass(frozen=True)
+class VideoConfig:
+    """How video is decoded for the filters (once per item)."""
+
+    backends: tuple[str, ...] = ("decord", "torchcodec", "pyav")
+    """Decoder backends in order of preference; the next takes over when one cannot open or decode a file."""
+    decode_device: Literal["cpu", "cuda"] = "cpu"
+    """``cuda``: NVDEC decode through torchcodec onto the rank's GPU (measure first: CPU is often faster for
+    small resolutions); other backends decode on CPU."""
+    max_frames: int = 2048
+    """An item whose frame plan needs more frames fails (a hostile file cannot exhaust a worker)."""
+    max_pixels: int = 8192 * 4320
+    """Frames larger than this fail the item."""
+    decode_max_side: int | None = None
+    """Decode downscaled so the long side is at most this (None: source size); outputs stay in source pixels."""
+    decode_timeout_s: float = 120.0
+    """Per-item, per-backend decode limit; past it the item fails with DecodeTimeout."""
+
+
+@dataclass(frozen=True)
 class FilterSpec:
     """One configured filter instance; ``params`` are validated by the filter's own params dataclass."""
 
@@ -170,6 +189,7 @@ class JobConfig:
     model_pool: ModelPoolConfig = field(default_factory=ModelPoolConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     filters: tuple[FilterSpec, ...] = ()
     """Filters in the order they run; YAML gives them as a mapping ``name: {type:, enabled:, ...params}``."""
 
@@ -404,6 +424,11 @@ def validate_config(cfg: JobConfig) -> None:
     for i, tier in enumerate(cfg.storage.tiers):
         if not tier.name or not tier.root:
             raise ConfigError(f"storage.tiers[{i}]: name and root are required")
+    from pipeline.video.decoders import BACKENDS
+
+    unknown = [b for b in cfg.video.backends if b not in BACKENDS]
+    if unknown or not cfg.video.backends:
+        raise ConfigError(f"video.backends: unknown {unknown}; choose from {sorted(BACKENDS)}")
     names = [f.name for f in cfg.filters]
     if len(set(names)) != len(names):
         raise ConfigError(f"filters: duplicate filter names {names}")

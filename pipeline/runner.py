@@ -128,6 +128,12 @@ class RankWorkers:
         self.id_col = self.cfg.input.id_column
         self.path_col = self.cfg.input.path_column
         self._fatal: list[BaseException] = []
+        self.frame_requests = list(dict.fromkeys(r for f in self.filters for r in f.frame_requests()))
+        self.backends = []
+        if self.frame_requests:
+            from pipeline.video.decoders import available_backends
+
+            self.backends = available_backends(self.cfg.video.backends)
         self._producers_left = rt.producers
         self._plock = threading.Lock()
 
@@ -207,7 +213,8 @@ class RankWorkers:
             self._process(task)
 
     def _process(self, task: _Task) -> None:
-        media = MediaItem(str(task.row[self.id_col]), task.fetched.local_path, task.fetched.bytes)
+        media = MediaItem(str(task.row[self.id_col]), task.fetched.local_path, task.fetched.bytes,
+                          self.frame_requests, self.cfg.video, self.backends, self.device)
         results: dict[str, Any] = {}
         timings: dict[str, float] = {}
         error: BaseException | None = None

@@ -6,10 +6,22 @@ from pipeline.config import FilterSpec, from_dict
 from pipeline.errors import ConfigError
 from pipeline.filters.base import Filter, FilterContext, ModelSpec
 from pipeline.filters.probe import ProbeFilter
+from pipeline.filters.signal import (
+    BlackBorderFilter,
+    ExposureFilter,
+    SceneCutFilter,
+    SharpnessFilter,
+    StaticFilter,
+)
 from pipeline.filters.synthetic import CpuBurnFilter, NoopFilter
 
 FILTERS: dict[str, type[Filter]] = {
     "probe": ProbeFilter,
+    "black_borders": BlackBorderFilter,
+    "static": StaticFilter,
+    "exposure": ExposureFilter,
+    "sharpness": SharpnessFilter,
+    "scene_cuts": SceneCutFilter,
     "noop": NoopFilter,
     "cpu_burn": CpuBurnFilter,
 }

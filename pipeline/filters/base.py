@@ -55,6 +55,10 @@ class Filter:
         """Models this filter needs in the pool (none by default)."""
         return []
 
+    def frame_requests(self) -> list:
+        """Frames this filter needs (``pipeline.video.sampling`` requests); the item decodes their union once."""
+        return []
+
     def arrow_type(self) -> pa.DataType:
         """The output column's type (override when it depends on params)."""
         return self.output_type

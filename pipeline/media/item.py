@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from pipeline.media.probe import MediaInfo, probe_media
+
+if TYPE_CHECKING:
+    from pipeline.config import VideoConfig
+    from pipeline.video.decoders import DecodedVideo
+    from pipeline.video.sampling import FrameRequest
 
 
 class MediaItem:
@@ -14,14 +20,26 @@ class MediaItem:
         item_id: the manifest id.
         local_path: the file in the node cache (or in place on a local tier).
         size_bytes: file size.
+        frame_requests: the union of the frame requests of every filter that runs on this item.
+        video_config: decoding settings.
+        backends: decoder backend instances, in order.
+        device: the rank's device (for NVDEC decode).
     """
 
-    def __init__(self, item_id: str, local_path: str, size_bytes: int):
+    def __init__(self, item_id: str, local_path: str, size_bytes: int, frame_requests: list[FrameRequest] = (),
+                 video_config: VideoConfig | None = None, backends: list[object] = (), device: str = "cpu"):
         self.item_id = item_id
         self.local_path = local_path
         self.size_bytes = size_bytes
+        self.frame_requests = list(frame_requests)
+        self.video_config = video_config
+        self.backends = list(backends)
+        self.device = device
         self._lock = threading.Lock()
         self._info: MediaInfo | None = None
+        self._video: DecodedVideo | None = None
+        self._video_done = False
+        self._video_error: Exception | None = None
         self.decode_backend: str | None = None
         self.frames_decoded: int | None = None
 
@@ -33,3 +51,32 @@ class MediaItem:
                 self._info = probe_media(self.local_path)
                 self.decode_backend = self.decode_backend or "pyav"
             return self._info
+
+    def video(self) -> DecodedVideo | None:
+        """Every declared frame request, decoded once (None when the item has no video stream).
+
+        Raises:
+            DecodeError: every backend failed, or the item is over a cap.
+        """
+        if self.info.video is None:
+            return None
+        with self._lock:
+            if self._video_error is not None:
+                raise self._video_error
+            if not self._video_done:
+                from pipeline.config import VideoConfig
+                from pipeline.video.decoders import decode_video
+
+                cfg = self.video_config or VideoConfig()
+                device = self.device if cfg.decode_device == "cuda" else "cpu"
+                try:
+                    self._video = decode_video(self.local_path, self.frame_requests, self.backends, device=device,
+                                               max_frames=cfg.max_frames, max_pixels=cfg.max_pixels,
+                                               max_side=cfg.decode_max_side, timeout_s=cfg.decode_timeout_s)
+                except Exception as e:  # every filter of this item sees the same decode failure
+                    self._video_error = e
+                    raise
+                self._video_done = True
+                self.decode_backend = self._video.backend
+                self.frames_decoded = len(self._video.plan.indices)
+            return self._video

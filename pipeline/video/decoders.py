@@ -1,0 +1,234 @@
+"""Decoder backends behind one small interface, tried in order: decord, then torchcodec, then PyAV.
+
+A file fails only when every configured backend failed on it; the result says which backend decoded it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.errors import DecodeError, DecodeTimeout
+from pipeline.video.sampling import FramePlan, FrameRequest, make_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VideoMeta:
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+
+
+@dataclass
+class DecodedVideo:
+    """Frames decoded once for every filter of an item.
+
+    ``frames`` is uint8 ``[N, H, W, 3]`` RGB on CPU (or on the GPU with NVDEC decode); ``scale`` maps decoded
+    pixels back to the source (decoding can downscale to ``video.decode_max_side``).
+    """
+
+    frames: torch.Tensor
+    plan: FramePlan
+    meta: VideoMeta
+    backend: str
+    scale: tuple[float, float]  # (source width / decoded width, source height / decoded height)
+
+    def view(self, request: FrameRequest, window: int = 0) -> torch.Tensor:
+        """The frames of one request (one window), in request order."""
+        pos = self.plan.positions[request][window]
+        return self.frames[torch.from_numpy(pos).to(self.frames.device)]
+
+    def windows(self, request: FrameRequest) -> int:
+        return len(self.plan.positions[request])
+
+    def times(self, request: FrameRequest, window: int = 0) -> np.ndarray:
+        """Seconds of each frame of a request."""
+        idx = np.asarray(self.plan.indices)[self.plan.positions[request][window]]
+        return idx / self.meta.fps if self.meta.fps > 0 else idx.astype(float)
+
+
+def _decode_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    s = max_side / max(width, height)
+    return max(2, int(round(width * s / 2)) * 2), max(2, int(round(height * s / 2)) * 2)
+
+
+class DecordBackend:
+    name = "decord"
+
+    def __init__(self) -> None:
+        import decord  # noqa: F401 - fail at construction when the package is missing
+
+    def meta(self, path: str) -> VideoMeta:
+        import decord
+
+        vr = decord.VideoReader(path, ctx=decord.cpu(0))
+        h, w = vr[0].shape[:2] if len(vr) else (0, 0)
+        return VideoMeta(len(vr), float(vr.get_avg_fps() or 0.0), int(w), int(h))
+
+    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str) -> torch.Tensor:
+        import decord
+
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1], num_threads=1)
+        return torch.from_numpy(vr.get_batch(indices).asnumpy())
+
+
+class TorchcodecBackend:
+    name = "torchcodec"
+
+    def __init__(self) -> None:
+        import torchcodec  # noqa: F401
+
+    def meta(self, path: str) -> VideoMeta:
+        from torchcodec.decoders import VideoDecoder
+
+        m = VideoDecoder(path, seek_mode="exact").metadata
+        return VideoMeta(int(m.num_frames or 0), float(m.average_fps or 0.0), int(m.width), int(m.height))
+
+    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str) -> torch.Tensor:
+        from torchcodec.decoders import VideoDecoder
+
+        transforms = None
+        m = VideoDecoder(path, seek_mode="exact").metadata
+        if (m.width, m.height) != size:
+            from torchcodec.transforms import Resize
+
+            transforms = [Resize(size=(size[1], size[0]))]
+        dec = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", device=device, transforms=transforms)
+        return dec.get_frames_at(indices).data
+
+
+class PyAVBackend:
+    """Sequential decode up to the last wanted frame; tolerates a broken tail by keeping what decoded."""
+
+    name = "pyav"
+
+    def meta(self, path: str) -> VideoMeta:
+        import av
+
+        with av.open(path) as c:
+            if not c.streams.video:
+                raise DecodeError("no video stream")
+            s = c.streams.video[0]
+            rate = float(s.average_rate or s.guessed_rate or 0.0)
+            n = int(s.frames or 0)
+            if n <= 0:
+                dur = (float(s.duration * s.time_base) if s.duration else
+                       (c.duration / av.time_base if c.duration else 0.0))
+                n = int(math.floor(dur * rate))
+            return VideoMeta(n, rate, int(s.codec_context.width), int(s.codec_context.height))
+
+    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str) -> torch.Tensor:
+        import av
+
+        wanted = set(indices)
+        last = max(indices)
+        got: dict[int, np.ndarray] = {}
+        with av.open(path) as c:
+            stream = c.streams.video[0]
+            stream.thread_type = "AUTO"
+            try:
+                for i, frame in enumerate(c.decode(stream)):
+                    if i in wanted:
+                        got[i] = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+                    if i >= last:
+                        break
+            except av.error.FFmpegError as e:
+                if not got:
+                    raise
+                log.debug("pyav: broken tail after %d frames: %s", len(got), e)
+        if not got:
+            raise DecodeError("no frame decoded")
+        have = sorted(got)
+        # frames past a broken tail repeat the last decodable one; frames_decoded records the truth
+        return torch.from_numpy(np.stack([got[i] if i in got else got[max(j for j in have if j <= i) if any(
+            j <= i for j in have) else have[0]] for i in indices]))
+
+
+BACKENDS: dict[str, Callable[[], object]] = {
+    "decord": DecordBackend,
+    "torchcodec": TorchcodecBackend,
+    "pyav": PyAVBackend,
+}
+
+
+def available_backends(names: tuple[str, ...]) -> list[object]:
+    """Instantiate the configured backends that are installed (decord has no wheel off x86_64 Linux)."""
+    out = []
+    for name in names:
+        try:
+            out.append(BACKENDS[name]())
+        except ImportError as e:
+            log.warning("video backend %s unavailable (%s); using the others", name, e)
+    if not out:
+        from pipeline.errors import DependencyError
+
+        raise DependencyError(f"none of the video backends {names} is installed (pip install decord torchcodec av)")
+    return out
+
+
+_DECODE_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="decode")
+_POOL_LOCK = threading.Lock()
+
+
+def decode_video(path: str, requests: list[FrameRequest], backends: list[object], *, device: str = "cpu",
+                 max_frames: int = 2048, max_pixels: int = 8192 * 4320, max_side: int | None = None,
+                 timeout_s: float = 120.0) -> DecodedVideo:
+    """Decode the union of ``requests`` once, trying each backend until one succeeds.
+
+    Args:
+        path: local media file.
+        requests: the frame requests of every filter that runs on this item.
+        backends: instances from ``available_backends``, in order of preference.
+        device: ``cpu``, or ``cuda:N`` for NVDEC decode where the backend supports it (torchcodec).
+        max_frames: refuse a plan needing more frames (a hostile file cannot exhaust a worker).
+        max_pixels: refuse larger frames.
+        max_side: decode downscaled so that the long side is at most this (None: source size).
+        timeout_s: per-backend decode limit; past it the item fails with DecodeTimeout (the decode thread is left
+            to finish in the background, bounded by the caps above).
+
+    Returns:
+        The decoded frames and their plan.
+
+    Raises:
+        DecodeError: every backend failed (the message lists each backend's error).
+    """
+    errors = []
+    for backend in backends:
+        try:
+            meta = backend.meta(path)
+            if meta.num_frames <= 0 or meta.width <= 0 or meta.height <= 0:
+                raise DecodeError(f"no frames ({meta})")
+            if meta.width * meta.height > max_pixels:
+                raise DecodeError(f"{meta.width}x{meta.height} is over video.max_pixels={max_pixels}")
+            plan = make_plan(requests, meta.num_frames, meta.fps)
+            if len(plan.indices) > max_frames:
+                raise DecodeError(f"frame plan needs {len(plan.indices)} frames, over video.max_frames={max_frames}")
+            size = _decode_size(meta.width, meta.height, max_side)
+            dev = device if backend.name == "torchcodec" else "cpu"
+            future = _DECODE_POOL.submit(backend.decode, path, plan.indices, size, dev)
+            try:
+                frames = future.result(timeout=timeout_s)
+            except FutureTimeout:
+                raise DecodeTimeout(f"{backend.name}: decode took over {timeout_s:.0f}s") from None
+            if frames.shape[0] != len(plan.indices):
+                raise DecodeError(f"{backend.name} returned {frames.shape[0]} of {len(plan.indices)} frames")
+            return DecodedVideo(frames, plan, meta, backend.name,
+                                (meta.width / frames.shape[2], meta.height / frames.shape[1]))
+        except DecodeTimeout:
+            raise
+        except Exception as e:  # noqa: BLE001 - any backend failure means: try the next backend
+            errors.append(f"{backend.name}: {type(e).__name__}: {str(e)[:300]}")
+    raise DecodeError("every video backend failed: " + " | ".join(errors))

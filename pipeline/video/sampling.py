@@ -1,0 +1,122 @@
+"""Frame requests a filter declares, and the plan that decodes their union once.
+
+Oracle for the tests: every request's indices are a subset of the plan, and ``DecodedVideo.view`` returns the
+frames at exactly those indices, in the request's order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """``n`` frames evenly spaced over the whole clip (repeats when the clip has fewer frames)."""
+
+    n: int
+
+
+@dataclass(frozen=True)
+class EveryK:
+    """Every ``k``-th frame from the start, at most ``max_count``."""
+
+    k: int
+    max_count: int = 512
+
+
+@dataclass(frozen=True)
+class AtFps:
+    """Frames at about ``fps`` per second (for scene cuts), at most ``max_count``."""
+
+    fps: float
+    max_count: int = 512
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Sliding windows of ``window_s`` seconds every ``stride_s`` between ``start_s`` and ``end_s`` (None: clip
+    end), ``n`` frames evenly spaced inside each; at most ``max_windows``."""
+
+    window_s: float
+    stride_s: float
+    n: int
+    start_s: float = 0.0
+    end_s: float | None = None
+    max_windows: int = 64
+
+
+FrameRequest = Uniform | EveryK | AtFps | Windows
+
+
+def uniform_indices(start: int, stop: int, n: int) -> list[int]:
+    """``n`` indices evenly spaced in ``[start, stop)`` (centres of n equal segments), repeating when short."""
+    if stop <= start:
+        return [start] * n
+    span = stop - start
+    return [min(stop - 1, start + int(math.floor((i + 0.5) * span / n))) for i in range(n)]
+
+
+def window_bounds(req: Windows, num_frames: int, fps: float) -> list[tuple[float, float]]:
+    """The (start_s, end_s) of each window; a clip shorter than one window gets one window over all of it."""
+    duration = num_frames / fps if fps > 0 else 0.0
+    end = min(duration, req.end_s) if req.end_s is not None else duration
+    start = max(0.0, req.start_s)
+    if end - start <= req.window_s:
+        return [(start, end)] if end > start else [(0.0, duration)]
+    out = []
+    t = start
+    while t + req.window_s <= end + 1e-9 and len(out) < req.max_windows:
+        out.append((t, t + req.window_s))
+        t += req.stride_s
+    return out
+
+
+def request_indices(req: FrameRequest, num_frames: int, fps: float) -> list[list[int]]:
+    """Frame indices of a request: one list per window (one list for whole-clip requests)."""
+    if num_frames <= 0:
+        return [[]]
+    if isinstance(req, Uniform):
+        return [uniform_indices(0, num_frames, req.n)]
+    if isinstance(req, EveryK):
+        return [list(range(0, num_frames, max(1, req.k)))[: req.max_count]]
+    if isinstance(req, AtFps):
+        step = max(1, int(round(fps / req.fps))) if fps > 0 and req.fps > 0 else 1
+        return [list(range(0, num_frames, step))[: req.max_count]]
+    if isinstance(req, Windows):
+        out = []
+        for s, e in window_bounds(req, num_frames, fps):
+            a = int(round(s * fps))
+            b = max(a + 1, min(num_frames, int(round(e * fps))))
+            out.append(uniform_indices(a, b, req.n))
+        return out
+    raise TypeError(f"unknown frame request {req!r}")
+
+
+@dataclass
+class FramePlan:
+    """The sorted union of every request's indices, and each request's positions in it."""
+
+    indices: list[int]
+    positions: dict[FrameRequest, list[np.ndarray]]
+
+
+def make_plan(requests: list[FrameRequest], num_frames: int, fps: float) -> FramePlan:
+    """Union the requests' indices so each frame is decoded once.
+
+    Args:
+        requests: every filter's frame requests for this item.
+        num_frames: frames in the clip (as the decoder reports it).
+        fps: average frame rate.
+
+    Returns:
+        The plan: decode ``indices``; request ``r``'s window ``w`` is ``frames[positions[r][w]]``.
+    """
+    per_req = {r: request_indices(r, num_frames, fps) for r in dict.fromkeys(requests)}
+    union = sorted({i for lists in per_req.values() for idx in lists for i in idx})
+    where = {idx: pos for pos, idx in enumerate(union)}
+    positions = {r: [np.array([where[i] for i in idx], dtype=np.int64) for idx in lists]
+                 for r, lists in per_req.items()}
+    return FramePlan(union, positions)
