@@ -84,3 +84,23 @@ def broken_files(directory: str) -> dict[str, str]:
         f.write(data[: len(data) // 3])  # moov atom at the end is cut off
     os.remove(full)
     return out
+
+
+def lavfi_clip(path: str, source: str = "testsrc2=size=320x240:rate=25", seconds: float = 2.0, vf: str | None = None,
+               codec: tuple[str, ...] = ("-c:v", "libx264", "-preset", "ultrafast"), pix_fmt: str = "yuv420p",
+               extra: tuple[str, ...] = ()) -> str:
+    """A clip from any lavfi source with an optional filter chain (``vf``), codec and pixel format."""
+    args = ["-f", "lavfi", "-i", f"{source}:duration={seconds}"]
+    if vf:
+        args += ["-vf", vf]
+    _ffmpeg(args + list(codec) + ["-pix_fmt", pix_fmt, *extra, path])
+    return path
+
+
+def two_scene_clip(path: str, seconds_each: float = 2.0, size: str = "320x240", fps: int = 25) -> str:
+    """A moving pattern followed by SMPTE bars: exactly one hard cut, at ``seconds_each``."""
+    _ffmpeg(["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={fps}:duration={seconds_each}",
+             "-f", "lavfi", "-i", f"smptebars=size={size}:rate={fps}:duration={seconds_each}",
+             "-filter_complex", "[0:v][1:v]concat=n=2:v=1:a=0[v]", "-map", "[v]",
+             "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", path])
+    return path

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -151,10 +150,17 @@ class PyAVBackend:
                 log.debug("pyav: broken tail after %d frames: %s", len(got), e)
         if not got:
             raise DecodeError("no frame decoded")
-        have = sorted(got)
-        # frames past a broken tail repeat the last decodable one; frames_decoded records the truth
-        return torch.from_numpy(np.stack([got[i] if i in got else got[max(j for j in have if j <= i) if any(
-            j <= i for j in have) else have[0]] for i in indices]))
+        if len(got) < len(wanted):
+            raise TruncatedVideo(i + 1 if i < last else max(got) + 1)
+        return torch.from_numpy(np.stack([got[i] for i in indices]))
+
+
+class TruncatedVideo(Exception):
+    """The stream ends (a broken tail) before the frame count the container claims."""
+
+    def __init__(self, decodable: int):
+        super().__init__(f"only the first {decodable} frames decode")
+        self.decodable = decodable
 
 
 BACKENDS: dict[str, Callable[[], object]] = {
@@ -180,7 +186,15 @@ def available_backends(names: tuple[str, ...]) -> list[object]:
 
 
 _DECODE_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="decode")
-_POOL_LOCK = threading.Lock()
+
+
+def _decode_with_timeout(backend, path: str, indices: list[int], size: tuple[int, int], device: str,
+                         timeout_s: float) -> torch.Tensor:
+    future = _DECODE_POOL.submit(backend.decode, path, indices, size, device)
+    try:
+        return future.result(timeout=timeout_s)
+    except FutureTimeout:
+        raise DecodeTimeout(f"{backend.name}: decode took over {timeout_s:.0f}s") from None
 
 
 def decode_video(path: str, requests: list[FrameRequest], backends: list[object], *, device: str = "cpu",
@@ -218,11 +232,12 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
                 raise DecodeError(f"frame plan needs {len(plan.indices)} frames, over video.max_frames={max_frames}")
             size = _decode_size(meta.width, meta.height, max_side)
             dev = device if backend.name == "torchcodec" else "cpu"
-            future = _DECODE_POOL.submit(backend.decode, path, plan.indices, size, dev)
             try:
-                frames = future.result(timeout=timeout_s)
-            except FutureTimeout:
-                raise DecodeTimeout(f"{backend.name}: decode took over {timeout_s:.0f}s") from None
+                frames = _decode_with_timeout(backend, path, plan.indices, size, dev, timeout_s)
+            except TruncatedVideo as t:  # a broken tail: the clip is its decodable prefix
+                meta = VideoMeta(t.decodable, meta.fps, meta.width, meta.height)
+                plan = make_plan(requests, meta.num_frames, meta.fps)
+                frames = _decode_with_timeout(backend, path, plan.indices, size, dev, timeout_s)
             if frames.shape[0] != len(plan.indices):
                 raise DecodeError(f"{backend.name} returned {frames.shape[0]} of {len(plan.indices)} frames")
             return DecodedVideo(frames, plan, meta, backend.name,

@@ -88,7 +88,7 @@ def request_indices(req: FrameRequest, num_frames: int, fps: float) -> list[list
     if isinstance(req, Windows):
         out = []
         for s, e in window_bounds(req, num_frames, fps):
-            a = int(round(s * fps))
+            a = min(num_frames - 1, int(math.floor(s * fps + 1e-9)))
             b = max(a + 1, min(num_frames, int(round(e * fps))))
             out.append(uniform_indices(a, b, req.n))
         return out

@@ -208,3 +208,24 @@ def test_several_filters_fill_their_typed_columns(tmp_path, media_dir):
     assert outcome.summary["this_run"]["succeeded"] == 3
     row = _rows(str(tmp_path / "out"))[0]
     assert row["noop"]["bytes"] == row["result_info"]["bytes"] and {k for k, _ in row["result_info"]["filter_s"]} == {"probe", "noop"}
+
+
+def test_default_filter_set_writes_typed_columns(tmp_path, media_dir):
+    import pyarrow as pa
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 3, kinds=("motion.mp4", "still.mp4", "speech.wav"))
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    names = ["probe", "black_borders", "static", "exposure", "sharpness", "scene_cuts"]
+    raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"),
+                      filters={n: {} for n in names})
+    outcome = _run(raw)
+    assert outcome.summary["this_run"]["succeeded"] == 3
+    table = pq.read_table(os.path.join(str(tmp_path / "out"), "parts"))
+    for n in names:
+        assert pa.types.is_struct(table.schema.field(n).type)
+    assert pa.types.is_list(table.schema.field("static").type.field("windows").type)
+    by_id = {r["video_id"]: r for r in table.to_pylist()}
+    assert by_id["id-0001"]["static"]["static"] is True and by_id["id-0000"]["static"]["static"] is False
+    assert by_id["id-0002"]["black_borders"] is None  # audio only
+    info = by_id["id-0000"]["result_info"]
+    assert info["decode_backend"] in ("decord", "torchcodec", "pyav") and info["frames_decoded"] > 0

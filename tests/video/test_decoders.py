@@ -1,0 +1,151 @@
+"""Decoder backends and fallback on real files made by ffmpeg."""
+
+import os
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from pipeline.errors import DecodeError, DecodeTimeout
+from pipeline.media import synthetic
+from pipeline.video.decoders import available_backends, decode_video
+from pipeline.video.sampling import AtFps, EveryK, Uniform, Windows, make_plan, request_indices
+
+ALL = ("decord", "torchcodec", "pyav")
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clips")
+    out = {
+        "h264": synthetic.lavfi_clip(str(d / "h264.mp4"), seconds=2.0),
+        "av1": synthetic.lavfi_clip(str(d / "av1.mp4"), seconds=1.0,
+                                    codec=("-c:v", "libaom-av1", "-cpu-used", "8", "-b:v", "200k")),
+        "10bit": synthetic.lavfi_clip(str(d / "10bit.mp4"), seconds=1.0, pix_fmt="yuv420p10le",
+                                      codec=("-c:v", "libx264", "-preset", "ultrafast", "-profile:v", "high10")),
+        "fullrange": synthetic.lavfi_clip(str(d / "full.mp4"), seconds=1.0, pix_fmt="yuvj420p"),
+        "vp9": synthetic.lavfi_clip(str(d / "vp9.webm"), seconds=1.0,
+                                    codec=("-c:v", "libvpx-vp9", "-deadline", "realtime", "-b:v", "300k")),
+    }
+    # several video and audio streams in one container: the first video stream is decoded
+    multi = str(d / "multi.mkv")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "sine=frequency=300:duration=1", "-f", "lavfi", "-i",
+                       "testsrc2=size=320x240:rate=25:duration=1", "-f", "lavfi", "-i",
+                       "smptebars=size=160x120:rate=25:duration=1", "-f", "lavfi", "-i", "sine=duration=1",
+                       "-map", "0", "-map", "1", "-map", "2", "-map", "3", "-c:v", "libx264", "-preset", "ultrafast",
+                       "-c:a", "aac", multi])
+    out["multi"] = multi
+    # faststart (index first) and then cut: a broken tail
+    full = synthetic.lavfi_clip(str(d / "fs.mp4"), seconds=4.0, extra=("-movflags", "+faststart"))
+    data = open(full, "rb").read()
+    out["broken_tail"] = str(d / "broken_tail.mp4")
+    open(out["broken_tail"], "wb").write(data[: len(data) // 5])
+    return out
+
+
+def test_backends_agree_on_frames(clips):
+    results = {b.name: decode_video(clips["h264"], [Uniform(8), EveryK(7)], [b]) for b in available_backends(ALL)}
+    ref = results["pyav"]
+    assert ref.frames.shape == (len(ref.plan.indices), 240, 320, 3) and ref.frames.dtype == torch.uint8
+    for name, v in results.items():
+        assert v.backend == name and v.plan.indices == ref.plan.indices
+        assert (v.frames.float() - ref.frames.float()).abs().mean() < 1.0, name
+
+
+def test_decord_rejects_av1_and_torchcodec_takes_over(clips):
+    backends = available_backends(ALL)
+    if backends[0].name == "decord":
+        with pytest.raises(DecodeError, match="decord"):
+            decode_video(clips["av1"], [Uniform(4)], backends[:1])
+    v = decode_video(clips["av1"], [Uniform(4)], backends)
+    assert v.backend == "torchcodec" and v.frames.shape[0] == 4
+
+
+@pytest.mark.parametrize("kind", ["10bit", "fullrange", "vp9", "multi"])
+def test_modern_formats_decode_with_right_colours(clips, kind):
+    v = decode_video(clips[kind], [Uniform(4)], available_backends(ALL))
+    ref = decode_video(clips["h264"], [Uniform(4)], available_backends(("pyav",)))
+    assert v.frames.shape[1:] == (240, 320, 3)
+    # same source pattern: colours agree within coding error, whatever the bit depth or range
+    assert (v.frames.float().mean() - ref.frames.float().mean()).abs() < 12
+
+
+def test_broken_tail_decodes_its_prefix(clips):
+    v = decode_video(clips["broken_tail"], [Uniform(8)], available_backends(ALL))
+    assert 0 < v.meta.num_frames < 100 and max(v.plan.indices) < v.meta.num_frames
+    assert v.frames.shape[0] == 8 and v.frames.float().std() > 10  # real pictures, not grey
+
+
+def test_every_backend_failing_is_one_decode_error(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(DecodeError, match="every video backend failed") as e:
+        decode_video(str(bad), [Uniform(4)], available_backends(ALL))
+    for name in [b.name for b in available_backends(ALL)]:
+        assert name in str(e.value)
+
+
+def test_caps_refuse_hostile_plans(clips):
+    b = available_backends(("pyav",))
+    with pytest.raises(DecodeError, match="max_frames"):
+        decode_video(clips["h264"], [EveryK(1)], b, max_frames=10)
+    with pytest.raises(DecodeError, match="max_pixels"):
+        decode_video(clips["h264"], [Uniform(2)], b, max_pixels=320 * 239)
+
+
+def test_decode_timeout(clips):
+    class SlowBackend:  # the backend interface, with a decode that hangs
+        name = "slow"
+
+        def meta(self, path):
+            return available_backends(("pyav",))[0].meta(path)
+
+        def decode(self, *args):
+            time.sleep(3)
+
+    start = time.time()
+    with pytest.raises(DecodeTimeout):
+        decode_video(clips["h264"], [Uniform(2)], [SlowBackend()], timeout_s=0.5)
+    assert time.time() - start < 2
+
+
+def test_downscaled_decode_reports_scale(clips):
+    v = decode_video(clips["h264"], [Uniform(2)], available_backends(ALL), max_side=160)
+    assert v.frames.shape[1:3] == (120, 160) and v.scale == (2.0, 2.0)
+
+
+def test_missing_backend_package_falls_back(monkeypatch):
+    import pipeline.video.decoders as dec
+
+    class Missing:
+        def __init__(self):
+            raise ImportError("No module named 'decord'")
+
+    monkeypatch.setitem(dec.BACKENDS, "decord", Missing)
+    assert [b.name for b in dec.available_backends(ALL)] == ["torchcodec", "pyav"]
+    monkeypatch.setitem(dec.BACKENDS, "pyav", Missing)
+    monkeypatch.setitem(dec.BACKENDS, "torchcodec", Missing)
+    from pipeline.errors import DependencyError
+
+    with pytest.raises(DependencyError, match="pip install"):
+        dec.available_backends(ALL)
+
+
+requests = st.one_of(
+    st.builds(Uniform, st.integers(1, 40)),
+    st.builds(EveryK, st.integers(1, 30), st.integers(1, 50)),
+    st.builds(AtFps, st.floats(0.5, 30), st.integers(1, 50)),
+    st.builds(Windows, st.floats(0.2, 5), st.floats(0.1, 5), st.integers(1, 16)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(requests, min_size=1, max_size=5), st.integers(1, 2000), st.floats(1, 60))
+def test_plan_is_the_union_and_views_map_back(reqs, num_frames, fps):
+    # Oracle: plan.indices[positions[r][w]] equals the request's own indices, each index decoded once.
+    plan = make_plan(reqs, num_frames, fps)
+    assert plan.indices == sorted(set(plan.indices)) and all(0 <= i < num_frames for i in plan.indices)
+    for r in reqs:
+        own = request_indices(r, num_frames, fps)
+        assert [[plan.indices[p] for p in pos] for pos in plan.positions[r]] == own
