@@ -25,11 +25,11 @@ import pyarrow.compute as pc
 from pipeline.config import JobConfig, job_identity, to_dict
 from pipeline.distributed import DistContext, GlobalCounter, WorkUnitCounter, init_distributed, resolve_device
 from pipeline.errors import ItemError, MediasieveError, ShutdownError, is_retryable
-from pipeline.filters import FilterContext, build_filters
+from pipeline.filters import FilterContext, SetupContext, build_filters
 from pipeline.manifest import check_input_exists, read_manifest
 from pipeline.media.item import MediaItem
 from pipeline.metrics import MetricsLog, PrometheusExporter, RankStats
-from pipeline.model_pool import ModelPool
+from pipeline.model_pool import ModelPool, localize_model
 from pipeline.resume import (
     FAILURES,
     SUCCESS_MARKER,
@@ -396,9 +396,11 @@ def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fet
     filters = build_filters(cfg.filters)
     schema = result_schema(manifest.schema, [(f.name, f.arrow_type()) for f in filters])
     pool = ModelPool(device, cfg.model_pool.instances, cfg.model_pool.acquire_timeout_s, cfg.runtime.empty_cache_every)
+    model_cache = cfg.model_pool.model_cache_dir or os.path.join(cfg.storage.cache_dir, "models")
+    setup = SetupContext(device, pool, lambda uri, options=None: localize_model(
+        uri, model_cache, ctx.local_rank, ctx.barrier, options))
     for f in filters:
-        for spec in f.models():
-            pool.add(spec.name, spec.factory, spec.warmup)
+        f.setup(setup)
     writer = ResultWriter(cfg.output.dir, cfg.output.storage_options, schema, run_id, ctx.rank,
                           cfg.output.rows_per_file, cfg.output.flush_interval_s, cfg.output.compression)
 

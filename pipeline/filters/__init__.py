@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pipeline.config import FilterSpec, from_dict
 from pipeline.errors import ConfigError
-from pipeline.filters.base import Filter, FilterContext, ModelSpec
+from pipeline.filters.base import Filter, FilterContext, SetupContext
+from pipeline.filters.clip_classifier import ClipClassifierFilter
 from pipeline.filters.probe import ProbeFilter
 from pipeline.filters.signal import (
     BlackBorderFilter,
@@ -22,11 +23,12 @@ FILTERS: dict[str, type[Filter]] = {
     "exposure": ExposureFilter,
     "sharpness": SharpnessFilter,
     "scene_cuts": SceneCutFilter,
+    "clip_classifier": ClipClassifierFilter,
     "noop": NoopFilter,
     "cpu_burn": CpuBurnFilter,
 }
 
-__all__ = ["FILTERS", "Filter", "FilterContext", "ModelSpec", "build_filters", "validate_filter_specs"]
+__all__ = ["FILTERS", "Filter", "FilterContext", "SetupContext", "build_filters", "validate_filter_specs"]
 
 
 def _params(spec: FilterSpec):
@@ -39,7 +41,8 @@ def _params(spec: FilterSpec):
 def validate_filter_specs(specs: tuple[FilterSpec, ...]) -> None:
     """Check every filter's type and params (ConfigError before any work)."""
     for spec in specs:
-        _params(spec)
+        cls, params = _params(spec)
+        cls(spec.name, params)  # cross-field checks in the constructor; it loads nothing
 
 
 def build_filters(specs: tuple[FilterSpec, ...]) -> list[Filter]:

@@ -27,13 +27,14 @@ class FilterContext:
     rank: int = 0
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model a filter needs in the pool: a factory building one instance on a device."""
+@dataclass
+class SetupContext:
+    """What a filter may use once per process to get ready: the device, the model pool, and ``localize`` (a model
+    URI -> a node-local path, downloaded once per node)."""
 
-    name: str
-    factory: Any  # Callable[[str], model]
-    warmup: Any = None  # Callable[[model], None] | None
+    device: str
+    pool: Any
+    localize: Any  # Callable[[str, dict], str]
 
 
 class Filter:
@@ -51,9 +52,8 @@ class Filter:
         self.name = name
         self.params = params
 
-    def models(self) -> list[ModelSpec]:
-        """Models this filter needs in the pool (none by default)."""
-        return []
+    def setup(self, ctx: SetupContext) -> None:
+        """Load models into ``ctx.pool`` (once per process, before any item); nothing by default."""
 
     def frame_requests(self) -> list:
         """Frames this filter needs (``pipeline.video.sampling`` requests); the item decodes their union once."""

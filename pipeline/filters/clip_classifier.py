@@ -1,0 +1,146 @@
+"""``clip_classifier``: a VideoMAE / V-JEPA 2 style classifier on the whole clip, sliding windows and reversed
+windows. The users run four instances of it (``vfx``, ``simcam``, ``rov``, ``low_quality``), each a config entry
+with its own ``model_uri``."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import torch
+
+from pipeline.batching import DynamicBatcher
+from pipeline.errors import ConfigError
+from pipeline.filters.base import Filter, FilterContext, SetupContext
+from pipeline.media.item import MediaItem
+from pipeline.video.preprocess import clips_to_input
+from pipeline.video.sampling import Uniform, Windows, window_bounds
+
+WINDOW = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("label", pa.string()), ("prob", pa.float32())])
+
+
+@dataclass(frozen=True)
+class ClipClassifierParams:
+    model_uri: str = ""
+    """Classifier directory (backbone/, head.safetensors, head.json): a local path or any fsspec URL."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options for ``model_uri``."""
+    whole_clip: bool = True
+    """Classify the whole clip (frames uniformly over it)."""
+    window_s: float | None = None
+    """Sliding windows of this length (None: no windows)."""
+    stride_s: float | None = None
+    """Window stride (default: the window length)."""
+    start_s: float = 0.0
+    """Windows start here ..."""
+    end_s: float | None = None
+    """... and end here (None: the clip's end)."""
+    reversed_windows: bool = False
+    """Also classify each window with its frames in reverse order."""
+    batch_size: int = 8
+    """Clips per model call, across windows and items."""
+    fp16: bool = True
+    """FP16 on GPU (FP32 on CPU always)."""
+    max_wait_ms: float = 10.0
+    """How long a batch waits for clips of other items before it runs partly full."""
+
+
+class ClipClassifierFilter(Filter):
+    """Softmax label and probability per clip, window and reversed window."""
+
+    params_type = ClipClassifierParams
+    output_type = pa.struct([
+        ("label", pa.string()), ("prob", pa.float32()), ("scores", pa.map_(pa.string(), pa.float32())),
+        ("windows", pa.list_(WINDOW)), ("reversed_windows", pa.list_(WINDOW)),
+    ])
+
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        if not params.model_uri:
+            raise ConfigError(f"filters.{name}.model_uri is required")
+        if not params.whole_clip and params.window_s is None:
+            raise ConfigError(f"filters.{name}: enable whole_clip or set window_s")
+        self.head: dict | None = None
+        self._batcher: DynamicBatcher | None = None
+        self._device = "cpu"
+
+    @property
+    def _pool_key(self) -> str:
+        return f"clip_classifier:{self.params.model_uri}"
+
+    def setup(self, ctx: SetupContext) -> None:
+        from models.video_classifier import VideoClassifier
+
+        local = ctx.localize(self.params.model_uri, self.params.storage_options)
+        with open(os.path.join(local, "head.json")) as f:
+            self.head = json.load(f)
+        fp16 = self.params.fp16 and ctx.device.startswith("cuda")
+        self._dtype = torch.float16 if fp16 else torch.float32
+        self._device = ctx.device
+        size, t = self.head["image_size"], self.head["num_frames"]
+
+        def warmup(model):
+            with torch.inference_mode():
+                model(torch.zeros(1, t, 3, size, size, device=ctx.device, dtype=self._dtype))
+
+        ctx.pool.add(self._pool_key, lambda device: VideoClassifier.load(local, device, fp16), warmup)
+        pool = ctx.pool
+
+        def run_batch(x: torch.Tensor) -> torch.Tensor:
+            with pool.acquire(self._pool_key) as model, torch.inference_mode():
+                return torch.softmax(model(x).float(), dim=-1).cpu()
+
+        self._batcher = DynamicBatcher(run_batch, self.params.batch_size, self.params.max_wait_ms / 1000.0,
+                                       runners=pool.instances)
+
+    def _whole(self) -> Uniform:
+        return Uniform(self.head["num_frames"])
+
+    def _windows(self) -> Windows:
+        p = self.params
+        return Windows(p.window_s, p.stride_s or p.window_s, self.head["num_frames"], p.start_s, p.end_s)
+
+    def frame_requests(self) -> list:
+        if self.head is None:
+            return []
+        reqs = [self._whole()] if self.params.whole_clip else []
+        return reqs + ([self._windows()] if self.params.window_s else [])
+
+    def classify(self, clips: torch.Tensor) -> torch.Tensor:
+        """uint8 clips ``[B, T, H, W, 3]`` -> class probabilities ``[B, L]`` (batched with other items' clips)."""
+        x = clips_to_input(clips, self.head["image_size"], self.head["mean"], self.head["std"], self._device,
+                           self._dtype)
+        return self._batcher(x)
+
+    def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
+        video = media.video()
+        if video is None:
+            return None
+        labels = self.head["labels"]
+        clips, kinds = [], []
+        if self.params.whole_clip:
+            clips.append(video.view(self._whole()))
+            kinds.append(("clip", None))
+        if self.params.window_s:
+            req = self._windows()
+            bounds = window_bounds(req, video.meta.num_frames, video.meta.fps)
+            for w in range(video.windows(req)):
+                frames = video.view(req, w)
+                span = (float(bounds[w][0]), float(bounds[w][1]))
+                clips.append(frames)
+                kinds.append(("window", span))
+                if self.params.reversed_windows:
+                    clips.append(frames.flip(0))
+                    kinds.append(("reversed", span))
+        probs = self.classify(torch.stack(clips))
+        out = {"label": None, "prob": None, "scores": None, "windows": [], "reversed_windows": []}
+        for (kind, span), p in zip(kinds, probs):
+            k = int(p.argmax())
+            if kind == "clip":
+                out.update(label=labels[k], prob=float(p[k]), scores=list(zip(labels, p.tolist())))
+            else:
+                key = "windows" if kind == "window" else "reversed_windows"
+                out[key].append({"start_s": span[0], "end_s": span[1], "label": labels[k], "prob": float(p[k])})
+        return out

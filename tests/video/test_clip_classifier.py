@@ -1,0 +1,139 @@
+"""The generic clip classifier with tiny random models: loading from a URI, pooling, batching, windows."""
+
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from models.video_classifier import VideoClassifier
+from pipeline.config import FilterSpec, VideoConfig
+from pipeline.filters import build_filters
+from pipeline.filters.base import FilterContext, SetupContext
+from pipeline.media import synthetic
+from pipeline.media.item import MediaItem
+from pipeline.model_pool import ModelPool, localize_model
+from pipeline.video.decoders import available_backends
+from tests.video.tiny_models import LABELS, as_pt_head, tiny_videomae, tiny_vjepa2
+
+
+@pytest.fixture(scope="module")
+def clip4s(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cls")
+    return synthetic.two_scene_clip(str(d / "four.mp4"), seconds_each=2.0)
+
+
+def make_filter(tmp_path, uri, storage_options=None, **params):
+    (f,) = build_filters((FilterSpec("vfx", "clip_classifier", True,
+                                     {"model_uri": uri, "storage_options": storage_options or {}, **params}),))
+    pool = ModelPool("cpu", instances=2)
+    f.setup(SetupContext("cpu", pool, lambda u, o=None: localize_model(u, str(tmp_path / "mcache"), 0, lambda: None, o)))
+    return f, pool
+
+
+def item(path, f):
+    return MediaItem("x", path, 0, f.frame_requests(), VideoConfig(), available_backends(("pyav",)))
+
+
+def test_loads_from_s3_and_classifies(tmp_path, clip4s, s3, bucket):
+    name, fs = bucket
+    local = tiny_videomae(str(tmp_path / "m"))
+    fs.put(local, f"{name}/models/vfx", recursive=True)
+    f, _ = make_filter(tmp_path, f"s3://{name}/models/vfx", s3.options(), window_s=1.0, reversed_windows=True)
+    out = f.apply(item(clip4s, f), FilterContext("cpu", None))
+    assert out["label"] in LABELS and 0 < out["prob"] <= 1
+    assert sum(v for _, v in out["scores"]) == pytest.approx(1.0, abs=1e-5)
+    assert [w["start_s"] for w in out["windows"]] == pytest.approx([0.0, 1.0, 2.0, 3.0], abs=0.05)
+    assert len(out["reversed_windows"]) == 4
+
+
+def test_windows_and_reversed_windows_are_the_right_frames(tmp_path, clip4s):
+    f, pool = make_filter(tmp_path, tiny_videomae(str(tmp_path / "m")), window_s=2.0, stride_s=1.0,
+                          reversed_windows=True, whole_clip=False)
+    it = item(clip4s, f)
+    out = f.apply(it, FilterContext("cpu", None))
+    video = it.video()
+    req = f._windows()
+    assert video.windows(req) == 3 and out["label"] is None
+    for w in range(3):  # oracle: the model on the window's frames, forward and reversed
+        frames = video.view(req, w)
+        fwd = f.classify(frames[None])[0]
+        rev = f.classify(frames.flip(0)[None])[0]
+        assert out["windows"][w]["prob"] == pytest.approx(float(fwd.max()), abs=1e-5)
+        assert out["reversed_windows"][w]["label"] == LABELS[int(rev.argmax())]
+        assert out["reversed_windows"][w]["prob"] == pytest.approx(float(rev.max()), abs=1e-5)
+
+
+@pytest.mark.parametrize("pooling,depth", [("linear", 1), ("attentive", 1), ("attentive", 3)])
+def test_batched_equals_one_at_a_time(tmp_path, pooling, depth):
+    path = tiny_videomae(str(tmp_path / "m"), pooling=pooling, depth=depth)
+    f, _ = make_filter(tmp_path, path, batch_size=8)
+    clips = torch.randint(0, 256, (6, 4, 40, 48, 3), dtype=torch.uint8)
+    batched = f.classify(clips)
+    single = torch.cat([f.classify(c[None]) for c in clips])
+    assert torch.allclose(batched, single, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3)  # inputs differ, so do outputs
+
+
+def test_concurrent_items_share_batches(tmp_path):
+    f, _ = make_filter(tmp_path, tiny_videomae(str(tmp_path / "m")), batch_size=8, max_wait_ms=50)
+    clips = torch.randint(0, 256, (8, 4, 32, 32, 3), dtype=torch.uint8)
+    expected = torch.cat([f.classify(c[None]) for c in clips])
+    runs_before = f._batcher.batches_run
+    results = [None] * 8
+
+    def go(i):
+        results[i] = f.classify(clips[i:i + 1])
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.allclose(torch.cat(results), expected, atol=1e-5)
+    assert f._batcher.batches_run - runs_before < 8  # clips of different callers ran together
+
+
+def test_vjepa2_backbone_and_torch_checkpoint_head(tmp_path):
+    model = VideoClassifier.load(tiny_vjepa2(str(tmp_path / "vj")))
+    assert model._input_name == "pixel_values_videos"
+    assert model(torch.randn(2, 4, 3, 32, 32)).shape == (2, 3)
+    pt = as_pt_head(tiny_videomae(str(tmp_path / "pt")))
+    ref = tiny_videomae(str(tmp_path / "st"))
+    x = torch.randn(1, 4, 3, 32, 32)
+    assert torch.allclose(VideoClassifier.load(pt)(x), VideoClassifier.load(ref)(x), atol=1e-6)
+
+
+def test_config_errors(tmp_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model_uri is required"):
+        build_filters((FilterSpec("vfx", "clip_classifier", True, {}),))
+    with pytest.raises(ConfigError, match="does not exist"):
+        make_filter(tmp_path, str(tmp_path / "nope"))
+
+
+def test_four_instances_in_the_job(tmp_path, media_dir):
+    from pipeline.config import build_config, validate_config
+    from pipeline.distributed import DistContext
+    from pipeline.runner import run_rank
+    from tests.conftest import base_config, make_corpus, write_manifest
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 4, kinds=("motion.mp4", "still.mp4", "speech.wav"))
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    filters = {"probe": {}}
+    for i, name in enumerate(["vfx", "simcam", "rov", "low_quality"]):
+        filters[name] = {"type": "clip_classifier", "model_uri": tiny_videomae(str(tmp_path / name), seed=i),
+                         "window_s": 0.5, "reversed_windows": name == "rov"}
+    raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"), filters=filters)
+    cfg = build_config(raw)
+    validate_config(cfg)
+    outcome = run_rank(cfg, DistContext())
+    assert outcome.summary["this_run"]["succeeded"] == 4
+    table = pq.read_table(str(tmp_path / "out" / "parts"))
+    assert pa.types.is_list(table.schema.field("vfx").type.field("windows").type)
+    by_id = {r["video_id"]: r for r in table.to_pylist()}
+    assert by_id["id-0000"]["rov"]["reversed_windows"] and not by_id["id-0000"]["vfx"]["reversed_windows"]
+    assert by_id["id-0002"]["vfx"] is None  # audio only
+    assert all(by_id["id-0000"][n]["label"] in LABELS for n in ["vfx", "simcam", "rov", "low_quality"])

@@ -1,0 +1,49 @@
+"""Tiny randomly initialised models the tests build and save locally (never a hub download)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from models.video_classifier import ClassifierHead, HeadConfig, save_classifier
+
+LABELS = ["no", "yes", "maybe"]
+
+
+def tiny_videomae(path: str, pooling: str = "attentive", depth: int = 2, seed: int = 0, num_frames: int = 4,
+                  image_size: int = 32) -> str:
+    from transformers import VideoMAEConfig, VideoMAEModel
+
+    torch.manual_seed(seed)
+    cfg = VideoMAEConfig(image_size=image_size, patch_size=16, num_frames=num_frames, tubelet_size=2, hidden_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    backbone = VideoMAEModel(cfg)
+    head_cfg = HeadConfig(labels=LABELS, pooling=pooling, depth=depth, num_heads=2, num_frames=num_frames,
+                          image_size=image_size)
+    head = ClassifierHead(32, head_cfg)
+    with torch.no_grad():  # a spread of logits, so that labels differ between inputs
+        head.fc.weight.mul_(4)
+    return save_classifier(path, backbone, head, head_cfg)
+
+
+def tiny_vjepa2(path: str, seed: int = 0) -> str:
+    from transformers import VJEPA2Config, VJEPA2Model
+
+    torch.manual_seed(seed)
+    cfg = VJEPA2Config(crop_size=32, frames_per_clip=4, patch_size=16, tubelet_size=2, hidden_size=32,
+                       num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2.0, pred_hidden_size=16,
+                       pred_num_hidden_layers=1, pred_num_attention_heads=2)
+    backbone = VJEPA2Model(cfg)
+    head_cfg = HeadConfig(labels=LABELS, pooling="linear", num_frames=4, image_size=32)
+    return save_classifier(path, backbone, ClassifierHead(32, head_cfg), head_cfg)
+
+
+def as_pt_head(path: str) -> str:
+    """Replace head.safetensors with a torch checkpoint (the weights_only path)."""
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(path, "head.safetensors"))
+    torch.save(state, os.path.join(path, "head.pt"))
+    os.remove(os.path.join(path, "head.safetensors"))
+    return path
