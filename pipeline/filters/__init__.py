@@ -15,6 +15,7 @@ from pipeline.filters.signal import (
     StaticFilter,
 )
 from pipeline.filters.synthetic import CpuBurnFilter, NoopFilter
+from pipeline.filters.yolo_regions import YoloRegionsFilter
 
 FILTERS: dict[str, type[Filter]] = {
     "probe": ProbeFilter,
@@ -23,6 +24,7 @@ FILTERS: dict[str, type[Filter]] = {
     "exposure": ExposureFilter,
     "sharpness": SharpnessFilter,
     "scene_cuts": SceneCutFilter,
+    "yolo_regions": YoloRegionsFilter,
     "clip_classifier": ClipClassifierFilter,
     "noop": NoopFilter,
     "cpu_burn": CpuBurnFilter,

@@ -42,11 +42,21 @@ class DecodedVideo:
     meta: VideoMeta
     backend: str
     scale: tuple[float, float]  # (source width / decoded width, source height / decoded height)
+    crop: tuple[int, int, int, int] | None = None  # (x1, y1, x2, y2) in decoded pixels, applied by view()
 
     def view(self, request: FrameRequest, window: int = 0) -> torch.Tensor:
-        """The frames of one request (one window), in request order."""
+        """The frames of one request (one window), in request order, cropped when a crop was set."""
         pos = self.plan.positions[request][window]
-        return self.frames[torch.from_numpy(pos).to(self.frames.device)]
+        frames = self.frames[torch.from_numpy(pos).to(self.frames.device)]
+        if self.crop is not None:
+            x1, y1, x2, y2 = self.crop
+            frames = frames[:, y1:y2, x1:x2]
+        return frames
+
+    def set_crop_source(self, box: tuple[int, int, int, int]) -> None:
+        """Crop every later view to ``box`` given in source pixels (filters after a safe crop see the crop)."""
+        sx, sy = self.scale
+        self.crop = (int(box[0] / sx), int(box[1] / sy), int(round(box[2] / sx)), int(round(box[3] / sy)))
 
     def windows(self, request: FrameRequest) -> int:
         return len(self.plan.positions[request])

@@ -47,3 +47,27 @@ def as_pt_head(path: str) -> str:
     torch.save(state, os.path.join(path, "head.pt"))
     os.remove(os.path.join(path, "head.safetensors"))
     return path
+
+
+YOLO_NAMES = {0: "watermark", 1: "subtitle", 2: "logo"}
+
+
+def tiny_yolo(path: str, seed: int = 0) -> str:
+    """A yolov8n-shaped detector with three abnormal-region classes and random weights, saved as .pt."""
+    import ultralytics
+    import yaml
+
+    import models.yolo  # noqa: F401 - sets YOLO_OFFLINE / YOLO_AUTOINSTALL before ultralytics loads
+    from ultralytics import YOLO
+
+    torch.manual_seed(seed)
+    base = os.path.join(os.path.dirname(ultralytics.__file__), "cfg", "models", "v8", "yolov8.yaml")
+    spec = yaml.safe_load(open(base))
+    spec["nc"] = len(YOLO_NAMES)
+    yaml_path = os.path.join(os.path.dirname(path), "tiny-yolov8n.yaml")
+    with open(yaml_path, "w") as f:
+        yaml.safe_dump(spec, f)
+    model = YOLO(yaml_path, task="detect")
+    model.model.names = dict(YOLO_NAMES)
+    model.save(path)
+    return path

@@ -1,0 +1,61 @@
+"""YOLO detection through ultralytics, from a local weights file (``.pt``, or an exported ``.onnx``/``.engine``).
+
+ultralytics is imported only after ``YOLO_OFFLINE`` and ``YOLO_AUTOINSTALL`` are set: without them it may try to
+reach a hub or pip-install missing packages while the job runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+os.environ.setdefault("YOLO_OFFLINE", "true")
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+os.environ.setdefault("YOLO_VERBOSE", "false")
+
+
+@dataclass
+class Detections:
+    """Boxes of one frame in the frame's pixels: ``xyxy [n, 4]``, ``cls [n]``, ``conf [n]``."""
+
+    xyxy: np.ndarray
+    cls: np.ndarray
+    conf: np.ndarray
+
+
+class YoloDetector:
+    """One YOLO instance on one device.
+
+    Args:
+        path: local weights file.
+        device: ``cpu`` or ``cuda:N``.
+        imgsz: inference size (long side, letterboxed).
+        conf: confidence threshold.
+        iou: NMS IoU threshold.
+        fp16: half precision (GPU only).
+    """
+
+    def __init__(self, path: str, device: str = "cpu", imgsz: int = 960, conf: float = 0.25, iou: float = 0.7,
+                 fp16: bool = False):
+        from ultralytics import YOLO
+
+        self.model = YOLO(path, task="detect")
+        self.device = device
+        self.imgsz = imgsz
+        self.conf = conf
+        self.iou = iou
+        self.half = fp16 and device.startswith("cuda")
+        self.names: dict[int, str] = dict(self.model.names)
+
+    def detect(self, frames_rgb: np.ndarray, classes: list[int] | None = None) -> list[Detections]:
+        """Detect on a batch of RGB uint8 frames ``[B, H, W, 3]`` (converted to the BGR ultralytics expects)."""
+        bgr = [np.ascontiguousarray(f[..., ::-1]) for f in frames_rgb]
+        results = self.model.predict(bgr, imgsz=self.imgsz, conf=self.conf, iou=self.iou, half=self.half,
+                                     device=self.device, classes=classes, verbose=False, batch=len(bgr))
+        out = []
+        for r in results:
+            b = r.boxes
+            out.append(Detections(b.xyxy.cpu().numpy(), b.cls.cpu().numpy().astype(int), b.conf.cpu().numpy()))
+        return out

@@ -1,0 +1,169 @@
+"""``yolo_regions``: abnormal regions (watermarks, subtitles, logos, borders: whatever the model's classes are)
+detected by YOLO over sampled frames, aggregated over time, and the safe crop box that excludes them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+
+import fsspec
+import pyarrow as pa
+
+from pipeline.errors import ConfigError, FilterError
+from pipeline.filters.base import Filter, FilterContext, SetupContext
+from pipeline.filters.signal import BOX, content_box, luma
+from pipeline.media.item import MediaItem
+from pipeline.video.crop import aggregate_regions, safe_crop
+from pipeline.video.sampling import EveryK
+
+REGION = pa.struct([("label", pa.string()), ("x", pa.int32()), ("y", pa.int32()), ("w", pa.int32()),
+                    ("h", pa.int32()), ("persistence", pa.float32()), ("mean_conf", pa.float32())])
+
+
+@dataclass(frozen=True)
+class YoloRegionsParams:
+    model_uri: str = ""
+    """YOLO weights (``.pt``, or an exported ``.onnx``/``.engine``): a local path or any fsspec URL."""
+    storage_options: dict = field(default_factory=dict)
+    classes: tuple[str, ...] = ()
+    """Class names that count as abnormal (empty: every class of the model)."""
+    step: int = 10
+    """Detect on every step-th frame ..."""
+    max_frames: int = 64
+    """... at most this many frames per item."""
+    imgsz: int = 960
+    conf: float = 0.25
+    iou: float = 0.7
+    fp16: bool = True
+    """FP16 on GPU."""
+    batch_size: int = 16
+    """Frames per YOLO call."""
+    min_persistence: float = 0.2
+    """A region must appear in at least this fraction of the sampled frames."""
+    use_black_borders: bool = True
+    """Keep the crop inside the non-black content box."""
+    aspect_min: float = 0.0
+    """Allowed crop aspect ratio (width / height) ..."""
+    aspect_max: float = 100.0
+    """... range."""
+    crop_output: str | None = None
+    """Write the cropped clip under this prefix (any fsspec URL) and record its URI; later filters then see the
+    cropped frames."""
+    crop_storage_options: dict = field(default_factory=dict)
+
+
+class YoloRegionsFilter(Filter):
+    params_type = YoloRegionsParams
+    output_type = pa.struct([("regions", pa.list_(REGION)), ("crop", BOX), ("crop_area_ratio", pa.float32()),
+                             ("frames", pa.int32()), ("crop_uri", pa.string())])
+
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        if not params.model_uri:
+            raise ConfigError(f"filters.{name}.model_uri is required")
+        if params.step < 1 or params.batch_size < 1:
+            raise ConfigError(f"filters.{name}: step and batch_size must be >= 1")
+        self.names: dict[int, str] = {}
+        self.class_ids: list[int] | None = None
+
+    @property
+    def _pool_key(self) -> str:
+        return f"yolo:{self.params.model_uri}"
+
+    def setup(self, ctx: SetupContext) -> None:
+        import numpy as np
+
+        from models.yolo import YoloDetector
+
+        local = ctx.localize(self.params.model_uri, self.params.storage_options)
+        p = self.params
+
+        def build(device):
+            return YoloDetector(local, device, p.imgsz, p.conf, p.iou, p.fp16)
+
+        ctx.pool.add(self._pool_key, build, lambda d: d.detect(np.zeros((1, 64, 64, 3), np.uint8)))
+        self._pool = ctx.pool
+        with ctx.pool.acquire(self._pool_key) as det:
+            self.names = det.names
+        if p.classes:
+            unknown = [c for c in p.classes if c not in self.names.values()]
+            if unknown:
+                raise ConfigError(f"filters.{self.name}.classes {unknown} are not classes of the model "
+                                  f"({sorted(self.names.values())})")
+            self.class_ids = [i for i, n in self.names.items() if n in p.classes]
+
+    def _request(self) -> EveryK:
+        return EveryK(self.params.step, self.params.max_frames)
+
+    def frame_requests(self) -> list:
+        return [self._request()]
+
+    def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
+        video = media.video()
+        if video is None:
+            return None
+        p = self.params
+        frames = video.view(self._request())
+        host = frames.cpu().numpy()
+        per_frame = []
+        for start in range(0, len(host), p.batch_size):
+            with self._pool.acquire(self._pool_key) as det:
+                dets = det.detect(host[start:start + p.batch_size], self.class_ids)
+            for d in dets:
+                per_frame.append([(self.names[int(c)], float(s), tuple(float(v) for v in box))
+                                  for box, c, s in zip(d.xyxy, d.cls, d.conf)])
+        # detections are in decoded pixels (plus any earlier crop); map them to source pixels
+        sx, sy = video.scale
+        ox, oy = (video.crop[0], video.crop[1]) if video.crop else (0, 0)
+        per_frame = [[(lab, conf, ((b[0] + ox) * sx, (b[1] + oy) * sy, (b[2] + ox) * sx, (b[3] + oy) * sy))
+                      for lab, conf, b in f] for f in per_frame]
+        regions = aggregate_regions(per_frame, p.min_persistence)
+        W, H = video.meta.width, video.meta.height
+        content = None
+        if p.use_black_borders:
+            x, y, w, h = content_box(luma(frames, ctx.device), 24.0, 0.02)
+            content = ((x + ox) * sx, (y + oy) * sy, (x + ox + w) * sx, (y + oy + h) * sy)
+        crop = safe_crop(W, H, [r.box for r in regions], content, p.aspect_min, p.aspect_max)
+        uri = None
+        if p.crop_output and crop[2] > crop[0] and crop[3] > crop[1]:
+            uri = self._write_crop(media, crop)
+            video.set_crop_source(crop)
+        return {
+            "regions": [{"label": r.label, "x": round(r.box[0]), "y": round(r.box[1]), "w": round(r.box[2] - r.box[0]),
+                         "h": round(r.box[3] - r.box[1]), "persistence": r.persistence, "mean_conf": r.mean_conf}
+                        for r in regions],
+            "crop": {"x": crop[0], "y": crop[1], "w": crop[2] - crop[0], "h": crop[3] - crop[1]},
+            "crop_area_ratio": (crop[2] - crop[0]) * (crop[3] - crop[1]) / float(W * H),
+            "frames": len(per_frame),
+            "crop_uri": uri,
+        }
+
+    def _write_crop(self, media: MediaItem, crop: tuple[int, int, int, int]) -> str:
+        """Encode the cropped clip (audio copied) locally, then move or upload it whole under ``crop_output``."""
+        name = hashlib.sha256(media.item_id.encode("utf-8", "surrogatepass")).hexdigest()[:32] + ".mp4"
+        tmp = os.path.join(os.path.dirname(media.local_path), f".crop-{uuid.uuid4().hex[:8]}.mp4")
+        x1, y1, x2, y2 = crop
+        cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", media.local_path,
+               "-vf", f"crop={x2 - x1}:{y2 - y1}:{x1}:{y1}", "-map", "0:v:0", "-map", "0:a?",
+               "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-c:a", "copy", tmp]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+            if proc.returncode != 0:
+                raise FilterError(f"{self.name}: crop encode failed: {proc.stderr[-500:]}")
+            fs, root = fsspec.core.url_to_fs(self.params.crop_output, **self.params.crop_storage_options)
+            final = f"{root.rstrip('/')}/{name[:2]}/{name}"
+            fs.makedirs(os.path.dirname(final), exist_ok=True)
+            if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+                part = final + f".{uuid.uuid4().hex[:8]}.part"
+                fs.put_file(tmp, part)
+                fs.mv(part, final)
+            else:
+                fs.put_file(tmp, final)  # an object appears only when its upload completes
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        proto = self.params.crop_output.split("://", 1)[0] + "://" if "://" in self.params.crop_output else ""
+        return proto + final

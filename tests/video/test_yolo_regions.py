@@ -1,0 +1,112 @@
+"""YOLO regions with a tiny random detector: loading from a URI, batching, classes, crop output in the job."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from models.yolo import YoloDetector
+from pipeline.config import FilterSpec, VideoConfig, build_config, validate_config
+from pipeline.errors import ConfigError
+from pipeline.filters import build_filters
+from pipeline.filters.base import FilterContext, SetupContext
+from pipeline.media.item import MediaItem
+from pipeline.media.probe import probe_media
+from pipeline.model_pool import ModelPool, localize_model
+from pipeline.video.decoders import available_backends
+from tests.video.tiny_models import YOLO_NAMES, tiny_yolo
+
+
+@pytest.fixture(scope="module")
+def yolo_pt(tmp_path_factory):
+    return tiny_yolo(str(tmp_path_factory.mktemp("yolo") / "tiny.pt"))
+
+
+def test_batched_detection_equals_one_at_a_time(yolo_pt):
+    det = YoloDetector(yolo_pt, imgsz=160, conf=0.001)
+    assert det.names == YOLO_NAMES
+    frames = np.random.default_rng(0).integers(0, 255, (5, 120, 160, 3), dtype=np.uint8)
+    batched = det.detect(frames)
+    single = [det.detect(frames[i:i + 1])[0] for i in range(5)]
+    assert sum(len(b.xyxy) for b in batched) > 0  # low threshold: the random model does emit boxes
+    for a, b in zip(batched, single):
+        assert np.allclose(a.xyxy, b.xyxy, atol=1e-3) and np.array_equal(a.cls, b.cls)
+
+
+def test_rgb_is_converted_for_ultralytics(yolo_pt, monkeypatch):
+    det = YoloDetector(yolo_pt, imgsz=160, conf=0.001)
+    seen = []
+    real = det.model.predict
+    monkeypatch.setattr(det.model, "predict", lambda src, **kw: seen.append(src) or real(src, **kw))
+    frame = np.zeros((1, 120, 160, 3), np.uint8)
+    frame[..., 0] = 255  # pure red in RGB
+    det.detect(frame)
+    assert seen[0][0][..., 2].min() == 255 and seen[0][0][..., 0].max() == 0  # red is channel 2 in BGR
+
+
+def _setup(tmp_path, uri, options=None, **params):
+    (f,) = build_filters((FilterSpec("regions", "yolo_regions", True,
+                                     {"model_uri": uri, "storage_options": options or {}, "imgsz": 160, **params}),))
+    f.setup(SetupContext("cpu", ModelPool("cpu", instances=1),
+                         lambda u, o=None: localize_model(u, str(tmp_path / "mc"), 0, lambda: None, o)))
+    return f
+
+
+def test_filter_from_s3_gives_regions_and_a_safe_crop(tmp_path, media_dir, yolo_pt, s3, bucket):
+    name, fs = bucket
+    fs.put(yolo_pt, f"{name}/models/tiny.pt")
+    f = _setup(tmp_path, f"s3://{name}/models/tiny.pt", s3.options(), conf=0.001, step=5, min_persistence=0.0)
+    item = MediaItem("x", f"{media_dir}/motion.mp4", 0, f.frame_requests(), VideoConfig(),
+                     available_backends(("pyav",)))
+    out = f.apply(item, FilterContext("cpu", None))
+    assert out["frames"] == 5 and out["regions"]
+    assert {r["label"] for r in out["regions"]} <= set(YOLO_NAMES.values())
+    c = out["crop"]
+    for r in out["regions"]:  # the crop excludes every region
+        assert not (min(c["x"] + c["w"], r["x"] + r["w"]) > max(c["x"], r["x"]) + 1 and
+                    min(c["y"] + c["h"], r["y"] + r["h"]) > max(c["y"], r["y"]) + 1)
+    assert 0 <= out["crop_area_ratio"] <= 1
+
+
+def test_unknown_class_and_missing_model_are_config_errors(tmp_path, yolo_pt):
+    with pytest.raises(ConfigError, match="not classes of the model"):
+        _setup(tmp_path, yolo_pt, classes=["watermark", "cat"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        _setup(tmp_path, str(tmp_path / "nope.pt"))
+    with pytest.raises(ConfigError, match="model_uri is required"):
+        build_filters((FilterSpec("r", "yolo_regions", True, {}),))
+
+
+def test_job_writes_cropped_clips_and_later_filters_see_the_crop(tmp_path, media_dir, yolo_pt, s3, bucket):
+    from pipeline.distributed import DistContext
+    from pipeline.runner import run_rank
+    from tests.conftest import base_config, make_corpus, write_manifest
+
+    name, fs = bucket
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 3, kinds=("motion.mp4", "speech.wav"))
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    filters = {
+        "regions": {"type": "yolo_regions", "model_uri": yolo_pt, "imgsz": 160, "conf": 0.01, "step": 5,
+                    "classes": ["watermark", "logo"], "min_persistence": 0.3,
+                    "crop_output": f"s3://{name}/crops", "crop_storage_options": s3.options()},
+        "black_borders": {},
+    }
+    raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"), filters=filters)
+    cfg = build_config(raw)
+    validate_config(cfg)
+    outcome = run_rank(cfg, DistContext())
+    assert outcome.summary["this_run"]["succeeded"] == 3, outcome.summary
+    by_id = {r["video_id"]: r for r in pq.read_table(str(tmp_path / "out" / "parts")).to_pylist()}
+    row = by_id["id-0000"]
+    reg = row["regions"]
+    assert all(r["label"] in ("watermark", "logo") for r in reg["regions"])
+    crop = reg["crop"]
+    uri = reg["crop_uri"]
+    assert uri.startswith(f"s3://{name}/crops/") and "id-0000" not in uri
+    local = tmp_path / "crop.mp4"
+    fs.get(uri, str(local))
+    info = probe_media(str(local))
+    assert (info.video.width, info.video.height) == (crop["w"], crop["h"])
+    # black_borders ran after the crop: it sees the cropped frame size
+    bb = row["black_borders"]["crop"]
+    assert bb["x"] + bb["w"] <= crop["w"] + 2 and bb["y"] + bb["h"] <= crop["h"] + 2
+    assert by_id["id-0001"]["regions"] is None  # audio only
