@@ -25,18 +25,27 @@ def luma(frames: torch.Tensor, device: str) -> torch.Tensor:
     return f[..., 0] * 0.299 + f[..., 1] * 0.587 + f[..., 2] * 0.114
 
 
-def content_box(y: torch.Tensor, threshold: float, min_fraction: float) -> tuple[int, int, int, int]:
+def subsample(frames: torch.Tensor, max_side: int = 256) -> torch.Tensor:
+    """A strided view of ``[N, H, W, C]`` frames with the long side near ``max_side`` (no copy, no filtering):
+    enough for statistics that do not need pixel accuracy, and much cheaper than converting full frames."""
+    step = max(1, max(frames.shape[1], frames.shape[2]) // max_side)
+    return frames[:, ::step, ::step]
+
+
+def content_box(y: torch.Tensor, threshold: float, min_fraction: float,
+                y_cols: torch.Tensor | None = None) -> tuple[int, int, int, int]:
     """The box ``(x, y, w, h)`` outside which every sampled frame is black.
 
     A row (column) is black when, in every frame, fewer than ``min_fraction`` of its pixels exceed ``threshold``
-    luma; the fraction (not the max) keeps compression noise at a bar's edge from counting as content.
+    luma; the fraction (not the max) keeps compression noise at a bar's edge from counting as content. Rows are
+    measured on ``y``; columns on ``y_cols`` when given (a view subsampled along the other axis keeps each axis at
+    full resolution for a quarter of the work).
     """
-    bright = (y > threshold).float()  # [N, H, W]
-    rows = bright.mean(dim=2).amax(dim=0)  # [H]
-    cols = bright.mean(dim=1).amax(dim=0)  # [W]
+    rows = (y > threshold).float().mean(dim=2).amax(dim=0)  # [H]
+    cols = ((y if y_cols is None else y_cols) > threshold).float().mean(dim=1).amax(dim=0)  # [W]
     r = torch.nonzero(rows >= min_fraction).flatten()
     c = torch.nonzero(cols >= min_fraction).flatten()
-    h, w = y.shape[1], y.shape[2]
+    h, w = rows.shape[0], cols.shape[0]
     if len(r) == 0 or len(c) == 0:  # an all-black clip: no content to crop to
         return 0, 0, w, h
     top, bottom = int(r[0]), int(r[-1]) + 1
@@ -70,8 +79,10 @@ class BlackBorderFilter(Filter):
         video = media.video()
         if video is None:
             return None
-        y = luma(video.view(Uniform(self.params.frames)), ctx.device)
-        x0, y0, w, h = content_box(y, self.params.threshold, self.params.min_fraction)
+        frames = video.view(Uniform(self.params.frames))
+        y = luma(frames[:, :, ::4], ctx.device)  # full row resolution
+        x0, y0, w, h = content_box(y, self.params.threshold, self.params.min_fraction,
+                                   luma(frames[:, ::4, :], ctx.device))  # full column resolution
         sx, sy = video.scale
         W, H = video.meta.width, video.meta.height
         crop = {"x": round(x0 * sx), "y": round(y0 * sy), "w": round(w * sx), "h": round(h * sy)}
@@ -116,7 +127,7 @@ class StaticFilter(Filter):
         if video is None:
             return None
         req = self._request()
-        y = luma(video.view(req), ctx.device)
+        y = luma(subsample(video.view(req), 256), ctx.device)
         times = video.times(req)
         small = F.interpolate(y[:, None], size=(64, 64), mode="area")[:, 0] / 255.0  # noise-robust, size-free
         if small.shape[0] < 2:
@@ -163,7 +174,7 @@ class ExposureFilter(Filter):
         video = media.video()
         if video is None:
             return None
-        y = luma(video.view(Uniform(self.params.frames)), ctx.device)
+        y = luma(subsample(video.view(Uniform(self.params.frames)), 512), ctx.device)
         x0, y0, w, h = content_box(y, 24.0, 0.02)
         if w * h < 0.05 * y.shape[1] * y.shape[2]:  # (nearly) all black: measure the whole frame
             x0, y0, w, h = 0, 0, y.shape[2], y.shape[1]
@@ -237,7 +248,7 @@ class SceneCutFilter(Filter):
         if video is None:
             return None
         req = self._request()
-        frames = video.view(req).to(ctx.device)
+        frames = subsample(video.view(req), 192).to(ctx.device)
         times = video.times(req)
         if frames.shape[0] < 2:
             return {"count": 0, "times_s": [], "max_diff": 0.0}
