@@ -48,14 +48,19 @@ class YoloDetector:
         self.iou = iou
         self.half = fp16 and device.startswith("cuda")
         self.names: dict[int, str] = dict(self.model.names)
+        from ultralytics.cfg import DEFAULT_CFG_DICT
+
+        # newer ultralytics takes the precision as `quantize` and deprecates `half`
+        self._precision = ({"quantize": 16 if self.half else None} if "quantize" in DEFAULT_CFG_DICT
+                           else {"half": self.half})
 
     def detect(self, frames_rgb: np.ndarray, classes: list[int] | None = None) -> list[Detections]:
         """Detect on a batch of RGB uint8 frames ``[B, H, W, 3]`` (converted to the BGR ultralytics expects)."""
         bgr = [np.ascontiguousarray(f[..., ::-1]) for f in frames_rgb]
-        results = self.model.predict(bgr, imgsz=self.imgsz, conf=self.conf, iou=self.iou, half=self.half,
-                                     device=self.device, classes=classes, verbose=False, batch=len(bgr))
+        results = self.model.predict(bgr, imgsz=self.imgsz, conf=self.conf, iou=self.iou, device=self.device,
+                                     classes=classes, verbose=False, batch=len(bgr), **self._precision)
         out = []
-        for r in results:
+        for r in results:  # the predictor runs its own copy of the model, on `device` and in FP16 when asked
             b = r.boxes
             out.append(Detections(b.xyxy.cpu().numpy(), b.cls.cpu().numpy().astype(int), b.conf.cpu().numpy()))
         return out
