@@ -94,3 +94,17 @@ def test_cli_config_errors_exit_non_zero_before_work(tmp_path, extra, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()  # no work done, nothing written
+
+
+def test_shipped_configs_are_valid_in_shape():
+    # every shipped config parses and type-checks (input existence is checked at run time, not here)
+    import glob
+
+    from pipeline.config import build_config, load_raw, validate_config
+
+    paths = glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
+    assert len(paths) >= 2
+    for path in paths:
+        cfg = build_config(load_raw(path))
+        validate_config(cfg)
+        assert cfg.enabled_filters, path
