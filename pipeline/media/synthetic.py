@@ -104,3 +104,22 @@ def two_scene_clip(path: str, seconds_each: float = 2.0, size: str = "320x240", 
              "-filter_complex", "[0:v][1:v]concat=n=2:v=1:a=0[v]", "-map", "[v]",
              "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", path])
     return path
+
+
+PARAGRAPHS = [
+    "Sieving a large corpus starts with knowing what is in it. Every clip is fetched, decoded once, and measured.",
+    "Some recordings are long lectures. Others are short interviews, with pauses, breaths, and laughter between the "
+    "sentences.",
+    "We cut speech at natural pauses, so that every piece starts and ends in silence. A breath is a weaker place to "
+    "cut than a real pause.",
+    "The chunked pipeline must agree with a single pass over the whole file. Otherwise the cut points would depend on "
+    "how the file happened to be split.",
+    "Numbers matter here: ten milliseconds on average, thirty at the ninety fifth percentile, and the same count of "
+    "cuts within one percent.",
+]
+
+
+def long_speech_wav(path: str, repeats: int = 2, rate_hz: int = 16000, words_per_min: int = 160) -> str:
+    """Real speech of several paragraphs (espeak-ng), ``repeats`` times over, with natural sentence pauses."""
+    text = " ".join(PARAGRAPHS * repeats)
+    return speech_wav(path, text, rate_hz, words_per_min)

@@ -1,0 +1,51 @@
+"""Decode the audio stream of an audio file or a video container to mono float32 at one rate (PyAV)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import DecodeError
+
+
+def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
+    """The first audio stream of ``path`` as mono float32 in [-1, 1] at ``sample_rate``.
+
+    Args:
+        path: local file (any container PyAV opens: WAV, FLAC, MP3, MP4, MKV, ...), any rate and channel count.
+        sample_rate: output rate (16000; 8000 where the VAD supports it).
+        max_seconds: refuse longer audio (a cap a hostile file cannot exceed).
+
+    Raises:
+        DecodeError: no audio stream, undecodable, or over the cap.
+    """
+    import av
+
+    try:
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise DecodeError(f"cannot open media: {type(e).__name__}: {e}") from e
+    with container:
+        if not container.streams.audio:
+            raise DecodeError("no audio stream")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        parts: list[np.ndarray] = []
+        total = 0
+        cap = None if max_seconds is None else int(max_seconds * sample_rate)
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    arr = out.to_ndarray().reshape(-1)
+                    parts.append(arr)
+                    total += len(arr)
+                if cap is not None and total > cap:
+                    raise DecodeError(f"audio longer than the {max_seconds:.0f}s cap")
+            for out in resampler.resample(None):
+                parts.append(out.to_ndarray().reshape(-1))
+        except av.error.FFmpegError as e:
+            if not parts:
+                raise DecodeError(f"audio does not decode: {type(e).__name__}: {e}") from e
+            # a broken tail: keep what decoded
+    if not parts:
+        raise DecodeError("audio stream holds no samples")
+    return np.concatenate(parts).astype(np.float32, copy=False)

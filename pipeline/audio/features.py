@@ -1,0 +1,57 @@
+"""STFT feature cache: one STFT per chunk with one window and hop, valid frames only, stitched per file."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.audio.schedule import ChunkPlan
+
+
+def n_frames(n_samples: int, n_fft: int, hop: int) -> int:
+    """Frames of a non-centred STFT over the whole file (the last frame ends inside the file)."""
+    return 0 if n_samples < n_fft else 1 + (n_samples - n_fft) // hop
+
+
+def stft_magnitude(x: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """``[B, L]`` -> magnitudes ``[B, frames, n_fft // 2 + 1]`` (Hann window, not centred)."""
+    window = torch.hann_window(n_fft, device=x.device)
+    spec = torch.stft(x, n_fft, hop, window=window, center=False, return_complex=True)
+    return spec.abs().transpose(1, 2)
+
+
+class FeatureCache:
+    """Stitched STFT magnitudes of one file, frame ``f`` covering samples ``[f*hop, f*hop + n_fft)``."""
+
+    def __init__(self, magnitudes: np.ndarray, hop: int, sample_rate: int):
+        self.mag = magnitudes
+        self.hop = hop
+        self.sample_rate = sample_rate
+
+    def frame_times(self) -> np.ndarray:
+        return np.arange(len(self.mag)) * self.hop / self.sample_rate
+
+    def get_window(self, t: float, w_s: float) -> np.ndarray:
+        """Frames whose start lies within ``w_s / 2`` seconds of ``t``."""
+        a = max(0, int(np.ceil((t - w_s / 2) * self.sample_rate / self.hop)))
+        b = min(len(self.mag), int(np.floor((t + w_s / 2) * self.sample_rate / self.hop)) + 1)
+        return self.mag[a:b]
+
+    def log_energy(self) -> np.ndarray:
+        """Per-frame energy in dB."""
+        return 10.0 * np.log10((self.mag ** 2).sum(axis=1) + 1e-10)
+
+
+def stitch_frames(chunk_values: torch.Tensor, plans: list[ChunkPlan], hop: int, total: int) -> np.ndarray:
+    """Stitch per-chunk frame values ``[C, frames, ...]`` into the file's ``total`` frames: frame ``f`` comes from
+    the chunk whose valid region holds its first sample ``f * hop``."""
+    out = np.zeros((total, *chunk_values.shape[2:]), np.float32)
+    vals = chunk_values.numpy()
+    for c, plan in enumerate(plans):
+        first = -(-plan.valid_start // hop)
+        last = min(total, -(-plan.valid_end // hop))
+        if last <= first:
+            continue
+        offset = plan.start // hop
+        out[first:last] = vals[c, first - offset:last - offset]
+    return out

@@ -1,0 +1,126 @@
+"""The chunked audio pipeline on real speech: schedule, merge, cuts, and the equivalence contract."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from pipeline.audio.cuts import Cut, final_check, guard, nms
+from pipeline.audio.decode import decode_audio
+from pipeline.audio.equivalence import compare, write_report
+from pipeline.audio.pipeline import AudioParams, GpuPipelineParams, run_audio
+from pipeline.audio.schedule import chunk_schedule
+from pipeline.audio.vad import SileroVAD, merge_segments
+from pipeline.errors import DecodeError
+from pipeline.media import synthetic
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0.05, 400), st.floats(1, 30), st.floats(0, 0.45), st.floats(0, 2), st.sampled_from([512, 1024, 4096]))
+def test_schedule_tiles_the_file_exactly(total, chunk, overlap_frac, halo, hop):
+    # Oracle: valid regions are contiguous from 0 to n, aligned to the hop inside, each inside its processed span.
+    overlap = overlap_frac * chunk
+    plans = chunk_schedule(total, chunk, overlap, halo, hop)
+    n = int(round(total * 16000))
+    assert plans[0].valid_start == 0 and plans[-1].valid_end == n
+    for a, b in zip(plans, plans[1:]):
+        assert a.valid_end == b.valid_start and a.valid_start < a.valid_end
+        assert b.valid_start % hop == 0 and b.start % hop == 0
+    for p in plans:
+        assert p.start <= p.valid_start and p.valid_end <= p.start + p.length
+        assert p.length == plans[0].length and p.length % hop == 0
+
+
+def test_short_gap_merge_and_boundary_union():
+    assert merge_segments([(0.0, 1.0), (1.1, 2.0)], 0.12) == [(0.0, 2.0)]  # 100 ms gap merged
+    assert merge_segments([(0.0, 1.0), (1.2, 2.0)], 0.12) == [(0.0, 1.0), (1.2, 2.0)]  # 200 ms kept
+    assert merge_segments([(1.5, 3.0), (0.0, 2.0), (2.5, 2.8)], 0.12) == [(0.0, 3.0)]  # overlaps unioned
+
+
+def test_nms_min_gap_and_final_check():
+    cands = [(1.0, 0.9, "pause"), (1.3, 0.95, "breath"), (2.6, 0.5, "pause"), (2.7, 0.6, "pause")]
+    assert nms(cands, 1.0) == [(1.3, 0.95, "breath"), (2.7, 0.6, "pause")]
+    moved = [Cut(1.0, 1.3, "pause", 0.9), Cut(1.8, 1.7, "pause", 0.5), Cut(3.0, 3.0, "pause", 0.7)]
+    kept = final_check(moved, 1.0)  # the guard moved two cuts within 1 s of each other: the weaker one goes
+    assert [c.time_s for c in kept] == [1.0, 3.0]
+    assert all(b.time_s - a.time_s >= 1.0 for a, b in zip(kept, kept[1:]))
+
+
+def test_guard_moves_to_zero_crossing_or_quiet():
+    sr = 16000
+    t = np.arange(sr) / sr
+    x = np.sin(2 * np.pi * 50 * t).astype(np.float32)  # zero crossings every 10 ms
+    moved = guard(x, 0.503, sr, 0.02)
+    assert abs(moved - 0.5) < 1 / sr + 1e-9
+    y = np.ones(sr, np.float32)
+    y[8000:8040] = 0.001  # no crossing: the quietest place
+    assert abs(guard(y, 0.495, sr, 0.02) - 0.50125) < 0.002
+
+
+@pytest.fixture(scope="module")
+def long_speech(tmp_path_factory):
+    path = synthetic.long_speech_wav(str(tmp_path_factory.mktemp("speech") / "long.wav"), repeats=2)
+    return decode_audio(path)
+
+
+@pytest.fixture(scope="module")
+def vad():
+    return SileroVAD()
+
+
+def test_equivalence_contract_on_real_speech(long_speech, vad, tmp_path):
+    from silero_vad import get_speech_timestamps
+
+    params = AudioParams()
+    assert len(long_speech) / 16000 > 4 * params.gpu_pipeline.chunk_seconds  # several chunks
+    chunked = run_audio([long_speech], params, vad.probs)[0]
+    whole = run_audio([long_speech], params, vad.probs, chunked=False)[0]
+    stamps = get_speech_timestamps(torch.from_numpy(long_speech), vad.model, threshold=params.threshold,
+                                   min_speech_duration_ms=params.min_speech_ms,
+                                   min_silence_duration_ms=params.min_silence_ms, speech_pad_ms=params.speech_pad_ms)
+    reference = merge_segments([(s["start"] / 16000, s["end"] / 16000) for s in stamps], params.merge_gap_ms / 1000)
+    eq = compare(chunked, whole, reference)
+    write_report(eq, params, str(tmp_path / "eq.json"), str(tmp_path / "eq.md"))
+    assert eq.chunks >= 5 and eq.cuts_whole >= 10
+    assert eq.violations() == [], eq
+    assert json.load(open(tmp_path / "eq.json"))["violations"] == []
+    assert "| cut_mean_ms |" in (tmp_path / "eq.md").read_text()
+    # the whole-file run reproduces silero's own timestamps exactly (same probabilities, same state machine)
+    assert whole.speech == reference
+
+
+def test_results_do_not_depend_on_batching(long_speech, vad):
+    params = AudioParams()
+    small = AudioParams(gpu_pipeline=GpuPipelineParams(batch_chunks=3))
+    a = run_audio([long_speech], params, vad.probs)[0]
+    b = run_audio([long_speech], small, vad.probs)[0]
+    assert np.allclose(a.probs, b.probs, atol=1e-5) and [c.time_s for c in a.cuts] == [c.time_s for c in b.cuts]
+    # several files at once: each equals its own run, in its own time base
+    both = run_audio([long_speech[: 16000 * 30], long_speech], params, vad.probs)
+    assert [c.time_s for c in both[1].cuts] == [c.time_s for c in a.cuts]
+    assert both[0].duration_s == pytest.approx(30.0)
+
+
+def test_eight_khz_and_any_input_rate(tmp_path, vad):
+    path = synthetic.speech_wav(str(tmp_path / "s44.wav"), "Testing another sample rate, with two channels.",
+                                rate_hz=44100)
+    a16 = decode_audio(path, 16000)
+    a8 = decode_audio(path, 8000)
+    assert len(a16) == pytest.approx(2 * len(a8), rel=0.01)
+    r8 = run_audio([a8], AudioParams(sample_rate=8000, gpu_pipeline=GpuPipelineParams(align_hop=4096)),
+                   SileroVAD(8000).probs)[0]
+    r16 = run_audio([a16], AudioParams(), vad.probs)[0]
+    assert r8.speech and r16.speech
+    assert r8.speech[0][0] == pytest.approx(r16.speech[0][0], abs=0.15)
+
+
+def test_audio_decode_errors(tmp_path, media_dir):
+    with pytest.raises(DecodeError, match="no audio stream"):
+        decode_audio(f"{media_dir}/still.mp4")
+    with pytest.raises(DecodeError):
+        decode_audio(f"{media_dir}/broken/random.mp4")
+    with pytest.raises(DecodeError, match="cap"):
+        decode_audio(f"{media_dir}/speech.wav", max_seconds=0.1)
+    assert decode_audio(f"{media_dir}/motion.mp4").shape[0] == pytest.approx(16000, rel=0.05)  # a video's audio
