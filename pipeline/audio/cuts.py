@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,8 +72,11 @@ def candidates(segments: list[tuple[float, float]], frame_times: np.ndarray, vad
 def nms(cands: list[tuple[float, float, str]], min_gap_s: float) -> list[tuple[float, float, str]]:
     """Keep the best-ranked candidates, none within ``min_gap_s`` of a better one (ties: earlier first)."""
     kept: list[tuple[float, float, str]] = []
+    times: list[float] = []  # kept times, sorted: only the neighbours of a candidate can be too close
     for c in sorted(cands, key=lambda c: (-c[1], c[0])):
-        if all(abs(c[0] - k[0]) >= min_gap_s for k in kept):
+        i = bisect.bisect_left(times, c[0])
+        if (i == 0 or c[0] - times[i - 1] >= min_gap_s) and (i == len(times) or times[i] - c[0] >= min_gap_s):
+            times.insert(i, c[0])
             kept.append(c)
     return sorted(kept)
 

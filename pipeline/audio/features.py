@@ -16,8 +16,24 @@ def n_frames(n_samples: int, n_fft: int, hop: int) -> int:
 def stft_magnitude(x: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     """``[B, L]`` -> magnitudes ``[B, frames, n_fft // 2 + 1]`` (Hann window, not centred)."""
     window = torch.hann_window(n_fft, device=x.device)
-    spec = torch.stft(x, n_fft, hop, window=window, center=False, return_complex=True)
-    return spec.abs().transpose(1, 2)
+    spec = torch.view_as_real(torch.stft(x, n_fft, hop, window=window, center=False, return_complex=True))
+    return spec.pow(2).sum(-1).sqrt().transpose(1, 2)  # faster than complex abs() on CPU
+
+
+def chunked_stft(audio: np.ndarray, plans: list[ChunkPlan], n_fft: int, hop: int, device: str = "cpu") -> np.ndarray:
+    """The file's STFT magnitudes computed chunk by chunk, each chunk only over its valid frames (every frame
+    once), stitched in the global frame index. Equal to the whole-file STFT up to float rounding."""
+    total = n_frames(len(audio), n_fft, hop)
+    out = np.zeros((total, n_fft // 2 + 1), np.float32)
+    src = torch.from_numpy(audio)
+    for plan in plans:
+        first = -(-plan.valid_start // hop)
+        last = min(total, -(-plan.valid_end // hop))
+        if last <= first:
+            continue
+        piece = src[first * hop:(last - 1) * hop + n_fft].to(device)
+        out[first:last] = stft_magnitude(piece[None], n_fft, hop)[0].cpu().numpy()
+    return out
 
 
 class FeatureCache:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline.audio.cuts import Cut, CutParams, cut_points, pieces
-from pipeline.audio.features import FeatureCache, n_frames, stft_magnitude, stitch_frames
+from pipeline.audio.features import FeatureCache, chunked_stft, stitch_frames
 from pipeline.audio.schedule import ChunkPlan, chunk_schedule
 from pipeline.audio.vad import frame_samples, merge_segments, speech_segments
 
@@ -126,9 +126,7 @@ def run_audio(audios: list[np.ndarray], params: AudioParams, vad_batch: Callable
         p = plans[fi]
         chunk_probs = torch.stack([probs_by_chunk[(fi, ci)] for ci in range(len(p))])
         probs = stitch_frames(chunk_probs, p, f, int(math.ceil(n / f)))
-        mags = stft_magnitude(tensors[fi].to(device), params.n_fft, params.stft_hop).cpu()
-        feats = FeatureCache(stitch_frames(mags, p, params.stft_hop, n_frames(n, params.n_fft, params.stft_hop)),
-                             params.stft_hop, sr)
+        feats = FeatureCache(chunked_stft(audio, p, params.n_fft, params.stft_hop, device), params.stft_hop, sr)
         speech = merge_segments(speech_segments(probs, n, sr, params.threshold, params.min_speech_ms,
                                                 params.min_silence_ms, params.speech_pad_ms),
                                 params.merge_gap_ms / 1000.0)

@@ -14,6 +14,7 @@ from pipeline.filters.signal import (
     SharpnessFilter,
     StaticFilter,
 )
+from pipeline.filters.speech_cuts import SpeechCutsFilter
 from pipeline.filters.synthetic import CpuBurnFilter, NoopFilter
 from pipeline.filters.yolo_regions import YoloRegionsFilter
 
@@ -24,6 +25,7 @@ FILTERS: dict[str, type[Filter]] = {
     "exposure": ExposureFilter,
     "sharpness": SharpnessFilter,
     "scene_cuts": SceneCutFilter,
+    "speech_cuts": SpeechCutsFilter,
     "yolo_regions": YoloRegionsFilter,
     "clip_classifier": ClipClassifierFilter,
     "noop": NoopFilter,

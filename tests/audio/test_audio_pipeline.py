@@ -87,6 +87,12 @@ def test_equivalence_contract_on_real_speech(long_speech, vad, tmp_path):
     assert eq.violations() == [], eq
     assert json.load(open(tmp_path / "eq.json"))["violations"] == []
     assert "| cut_mean_ms |" in (tmp_path / "eq.md").read_text()
+    # STFT oracle independent of our chunking code: one torch.stft over the whole file
+    from pipeline.audio.features import stft_magnitude
+
+    direct = stft_magnitude(torch.from_numpy(long_speech)[None], params.n_fft, params.stft_hop)[0].numpy()
+    assert chunked.features.mag.shape == direct.shape
+    assert np.abs(chunked.features.mag - direct).mean() < 1e-4
     # the whole-file run reproduces silero's own timestamps exactly (same probabilities, same state machine)
     assert whole.speech == reference
 
@@ -124,3 +130,54 @@ def test_audio_decode_errors(tmp_path, media_dir):
     with pytest.raises(DecodeError, match="cap"):
         decode_audio(f"{media_dir}/speech.wav", max_seconds=0.1)
     assert decode_audio(f"{media_dir}/motion.mp4").shape[0] == pytest.approx(16000, rel=0.05)  # a video's audio
+
+
+def test_speech_cuts_in_the_job(tmp_path, media_dir, long_speech):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import build_config, validate_config
+    from pipeline.distributed import DistContext
+    from pipeline.runner import run_rank
+    from tests.conftest import base_config, make_corpus, write_manifest
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 3, kinds=("speech.wav", "still.mp4", "motion.mp4"))
+    synthetic.long_speech_wav(str(tmp_path / "c" / "long.wav"), repeats=1)
+    rows.append({"video_id": "long", "video_path": "long.wav", "batch": 0})
+    rows.append({"video_id": "capped", "video_path": "long.wav", "batch": 0})
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"),
+                      filters={"speech_cuts": {"min_speech_ms": 250}})
+    cfg = build_config(raw)
+    validate_config(cfg)
+    outcome = run_rank(cfg, DistContext())
+    assert outcome.summary["this_run"]["succeeded"] == 5
+    table = pq.read_table(str(tmp_path / "out" / "parts"))
+    assert pa.types.is_list(table.schema.field("speech_cuts").type.field("speech").type)
+    by_id = {r["video_id"]: r["speech_cuts"] for r in table.to_pylist()}
+    long = by_id["long"]
+    assert long["chunking"]["chunks"] >= 4 and long["speech_ratio"] > 0.5 and len(long["cuts"]) >= 5
+    assert [p["duration_s"] for p in long["pieces"]] == pytest.approx(
+        [b - a for a, b in zip([0.0] + long["cuts"], long["cuts"] + [long["duration_s"]])])
+    assert by_id["id-0001"] is None  # a video without an audio stream
+    assert by_id["id-0002"]["speech"] == [] and by_id["id-0002"]["cuts"] == []  # a sine tone is not speech
+    # the same file run with a cap below its length fails with a typed error, and nothing else does
+    raw["filters"] = {"speech_cuts": {"max_seconds": 5.0}}
+    raw["output"]["dir"] = str(tmp_path / "out2")
+    cfg = build_config(raw)
+    validate_config(cfg)
+    run_rank(cfg, DistContext())
+    types = {r["video_id"]: r["result_info"]["error_type"] for r in pq.read_table(str(tmp_path / "out2" / "parts")).to_pylist()}
+    assert types["long"] == "DecodeError" and types["id-0000"] is None
+
+
+def test_speech_cuts_config_errors():
+    from pipeline.config import FilterSpec
+    from pipeline.errors import ConfigError
+    from pipeline.filters import validate_filter_specs
+
+    for params, msg in [({"sample_rate": 22050}, "16000 or 8000"), ({"gpu_pipeline": {"align_hop": 1000}}, "multiple"),
+                        ({"gpu_pipeline": {"overlap_seconds": 20}}, "overlap_seconds"),
+                        ({"gpu_pipeline": {"bogus": 1}}, "unknown key")]:
+        with pytest.raises(ConfigError, match=msg):
+            validate_filter_specs((FilterSpec("a", "speech_cuts", True, params),))

@@ -1,0 +1,92 @@
+"""``speech_cuts``: speech segments and cut points at natural pauses, for speech and TTS training data.
+
+Runs the chunked audio pipeline (``pipeline/audio``) on the item's audio stream (an audio file or a video's
+track); the chunks of concurrent items share Silero VAD batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pipeline.audio.decode import decode_audio
+from pipeline.audio.pipeline import AudioParams, run_audio
+from pipeline.audio.vad import SileroVAD
+from pipeline.batching import DynamicBatcher
+from pipeline.errors import ConfigError
+from pipeline.filters.base import Filter, FilterContext, SetupContext
+from pipeline.media.item import MediaItem
+
+SPAN = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())])
+
+
+@dataclass(frozen=True)
+class SpeechCutsParams(AudioParams):
+    max_wait_ms: float = 20.0
+    """How long a VAD batch waits for chunks of other items before it runs partly full."""
+    vad_instances: int = 1
+    """VAD instances per rank. One batch at a time is fastest: a VAD step is many tiny ops, and two loops at once
+    only contend for the cores; the chunks of all concurrent items share that one batch instead."""
+
+
+class SpeechCutsFilter(Filter):
+    params_type = SpeechCutsParams
+    output_type = pa.struct([
+        ("duration_s", pa.float64()), ("sample_rate", pa.int32()), ("speech_ratio", pa.float64()),
+        ("speech", pa.list_(SPAN)),
+        ("cuts", pa.list_(pa.float64())),
+        ("cut_details", pa.list_(pa.struct([("time_s", pa.float64()), ("kind", pa.string()), ("rank", pa.float64()),
+                                            ("guard_shift_s", pa.float64())]))),
+        ("pieces", pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()),
+                                       ("duration_s", pa.float64())]))),
+        ("chunking", pa.struct([("enabled", pa.bool_()), ("chunk_s", pa.float64()), ("overlap_s", pa.float64()),
+                                ("halo_s", pa.float64()), ("align_hop", pa.int32()), ("chunks", pa.int32())])),
+    ])
+
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        if params.sample_rate not in (8000, 16000):
+            raise ConfigError(f"filters.{name}.sample_rate must be 16000 or 8000 (Silero VAD)")
+        g = params.gpu_pipeline
+        if g.align_hop % 512 or g.align_hop % params.stft_hop:
+            raise ConfigError(f"filters.{name}.gpu_pipeline.align_hop must be a multiple of 512 and of stft_hop")
+        if not 0 <= g.overlap_seconds < g.chunk_seconds:
+            raise ConfigError(f"filters.{name}.gpu_pipeline: overlap_seconds must be in [0, chunk_seconds)")
+
+    def setup(self, ctx: SetupContext) -> None:
+        key = f"silero_vad:{self.params.sample_rate}"
+        ctx.pool.add(key, lambda device: SileroVAD(self.params.sample_rate, device),
+                     instances=self.params.vad_instances)
+        pool = ctx.pool
+        self._device = ctx.device
+
+        def run_batch(x):
+            with pool.acquire(key) as vad:
+                return vad.probs(x)
+
+        self._direct = run_batch  # whole-file chunks differ in length per file: no cross-item batching
+        self._batcher = DynamicBatcher(run_batch, self.params.gpu_pipeline.batch_chunks,
+                                       self.params.max_wait_ms / 1000.0, runners=self.params.vad_instances)
+
+    def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
+        if media.info.audio is None:
+            return None
+        p = self.params
+        audio = decode_audio(media.local_path, p.sample_rate, p.max_seconds)
+        chunked = p.gpu_pipeline.enable
+        result = run_audio([audio], p, self._batcher if chunked else self._direct, chunked, self._device)[0]
+        g = p.gpu_pipeline
+        return {
+            "duration_s": result.duration_s, "sample_rate": p.sample_rate, "speech_ratio": result.speech_ratio,
+            "speech": [{"start_s": s, "end_s": e} for s, e in result.speech],
+            "cuts": [c.time_s for c in result.cuts],
+            "cut_details": [{"time_s": c.time_s, "kind": c.kind, "rank": c.rank, "guard_shift_s": c.guard_shift_s}
+                            for c in result.cuts],
+            "pieces": [{"start_s": a, "end_s": b, "duration_s": b - a} for a, b in result.pieces()],
+            "chunking": {"enabled": chunked, "chunk_s": g.chunk_seconds, "overlap_s": g.overlap_seconds,
+                         "halo_s": g.halo_seconds, "align_hop": g.align_hop, "chunks": len(result.plans)},
+        }
+
+
+
