@@ -129,3 +129,22 @@ def test_torchcodec_nvdec_decode_matches_cpu(clips):
     cpu = decode_video(clips["cut"], [Uniform(8)], backends)
     assert gpu.frames.device.type == "cuda"
     assert (gpu.frames.float().cpu() - cpu.frames.float()).abs().mean() < 3.0
+
+
+def test_silero_vad_and_audio_pipeline_on_cuda(clips):
+    import numpy as np
+
+    from pipeline.audio.decode import decode_audio
+    from pipeline.audio.pipeline import AudioParams, run_audio
+    from pipeline.audio.vad import SileroVAD
+
+    if "long" not in clips:
+        pytest.skip("needs the long speech recording (MEDIASIEVE_GPU_MEDIA/long.wav)")
+    audio = decode_audio(clips["long"])
+    cpu_vad, gpu_vad = SileroVAD(), SileroVAD(device="cuda:0")
+    x = torch.from_numpy(audio[: 16000 * 20].copy()).reshape(4, -1)[:, : 512 * 150]
+    assert torch.allclose(cpu_vad.probs(x), gpu_vad.probs(x), atol=1e-3)
+    cpu = run_audio([audio], AudioParams(), cpu_vad.probs)[0]
+    gpu = run_audio([audio], AudioParams(), gpu_vad.probs, device="cuda:0")[0]
+    assert np.abs(cpu.features.mag - gpu.features.mag).mean() < 1e-4
+    assert [round(c.time_s, 3) for c in cpu.cuts] == [round(c.time_s, 3) for c in gpu.cuts]
