@@ -68,6 +68,7 @@ def main() -> int:
 
     vad = SileroVAD(16000, args.device)
     torch.set_num_threads(args.threads)
+    vad.probs(torch.zeros(4, 512 * 8))  # warm-up (CUDA context, cuDNN), not timed
 
     def vad_only():
         plans = _plans(len(audio), params, True)

@@ -143,7 +143,7 @@ def test_silero_vad_and_audio_pipeline_on_cuda(clips):
     audio = decode_audio(clips["long"])
     cpu_vad, gpu_vad = SileroVAD(), SileroVAD(device="cuda:0")
     x = torch.from_numpy(audio[: 16000 * 20].copy()).reshape(4, -1)[:, : 512 * 150]
-    assert torch.allclose(cpu_vad.probs(x), gpu_vad.probs(x), atol=1e-3)
+    assert (cpu_vad.probs(x) - gpu_vad.probs(x)).abs().max() < 5e-3  # cuDNN LSTM vs CPU kernels
     cpu = run_audio([audio], AudioParams(), cpu_vad.probs)[0]
     gpu = run_audio([audio], AudioParams(), gpu_vad.probs, device="cuda:0")[0]
     assert np.abs(cpu.features.mag - gpu.features.mag).mean() < 1e-4
