@@ -111,12 +111,21 @@ def init_distributed(device: str, timeout_s: float) -> DistContext:
     import torch.distributed as dist
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # The process group's keys go under a prefix unique to this restart attempt. torchrun's agent store outlives
+    # a restart, and without the prefix a restarted rank can read a dead rank's address from the last attempt
+    # (gloo then fails with "connection refused" or hangs in connectFullMesh).
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size,
+                         is_master=ctx.rank == 0 and not agent_store, timeout=timeout)
+    store = dist.PrefixStore(f"mediasieve/attempt_{ctx.restart_count}", base)
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout, "store": store, "rank": ctx.rank,
+                              "world_size": ctx.world_size}
     if backend == "nccl":
         kwargs["device_id"] = torch.device(device)
     dist.init_process_group(**kwargs)
     ctx.initialized = True
-    ctx.store = dist.distributed_c10d._get_default_store()
+    ctx.store = store
     log.info("torch.distributed up: backend=%s world=%d local=%d/%d", backend, ctx.world_size, ctx.local_rank,
              ctx.local_world_size)
     return ctx

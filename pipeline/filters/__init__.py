@@ -15,7 +15,7 @@ from pipeline.filters.signal import (
     StaticFilter,
 )
 from pipeline.filters.speech_cuts import SpeechCutsFilter
-from pipeline.filters.synthetic import CpuBurnFilter, NoopFilter
+from pipeline.filters.synthetic import CpuBurnFilter, CrashOnceFilter, NoopFilter
 from pipeline.filters.yolo_regions import YoloRegionsFilter
 
 FILTERS: dict[str, type[Filter]] = {
@@ -30,6 +30,7 @@ FILTERS: dict[str, type[Filter]] = {
     "clip_classifier": ClipClassifierFilter,
     "noop": NoopFilter,
     "cpu_burn": CpuBurnFilter,
+    "crash_once": CrashOnceFilter,
 }
 
 __all__ = ["FILTERS", "Filter", "FilterContext", "SetupContext", "build_filters", "validate_filter_specs"]

@@ -53,3 +53,47 @@ class CpuBurnFilter(Filter):
             acc = np.tanh(acc @ a)
             n += 1
         return {"checksum": float(acc.sum()), "iterations": n}
+
+
+@dataclass(frozen=True)
+class CrashOnceParams:
+    marker: str = ""
+    """A file path; the first process to reach ``after_items`` creates it and dies, later ones carry on."""
+    after_items: int = 5
+    """Items this process finishes before it dies."""
+
+
+class CrashOnceFilter(Filter):
+    """A fault-injection aid for elastic-restart tests: SIGKILLs its own process once per marker file."""
+
+    params_type = CrashOnceParams
+    output_type = pa.struct([("survived", pa.bool_())])
+
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        if not params.marker:
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"filters.{name}.marker is required")
+        self._seen = 0
+        import threading
+
+        self._lock = threading.Lock()
+
+    def apply(self, media: MediaItem, ctx: FilterContext) -> dict:
+        import os
+        import signal
+
+        with self._lock:
+            self._seen += 1
+            due = self._seen >= self.params.after_items
+            if due:
+                try:
+                    fd = os.open(self.params.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    due = False
+                else:
+                    os.close(fd)
+        if due:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"survived": True}
