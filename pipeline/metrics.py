@@ -21,11 +21,36 @@ class RankLogFilter(logging.Filter):
         return True
 
 
+_SECRET_ENV = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "KEY_ID", "CREDENTIAL")
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces the values of credential-like environment variables in every record with ``***``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values = sorted({v for k, v in os.environ.items()
+                              if any(w in k.upper() for w in _SECRET_ENV) and len(v) >= 8}, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.values:
+            msg = record.getMessage()
+            if any(v in msg for v in self.values):
+                for v in self.values:
+                    msg = msg.replace(v, "***")
+                record.msg, record.args = msg, None
+        return True
+
+
 def setup_logging(rank: int, level: int = logging.INFO) -> None:
-    """Log through ``logging`` with the rank in every line."""
+    """Log through ``logging`` with the rank in every line, credentials scrubbed."""
     root = logging.getLogger()
     handler = logging.StreamHandler()
     handler.addFilter(RankLogFilter(rank))
+    handler.addFilter(RedactSecrets())
+    # The HTTP stacks' debug logs print request headers (signed credentials): never below WARNING here.
+    for name in ("botocore", "aiobotocore", "s3fs", "urllib3", "fsspec"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s"))
     root.handlers[:] = [handler]
     root.setLevel(level)

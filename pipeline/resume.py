@@ -26,14 +26,19 @@ SUMMARY = "summary.json"
 FAILURES = "failures.jsonl"
 SUCCESS_MARKER = "_SUCCESS"
 
-_SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential", "session_token")
+_SECRET_WORDS = ("secret", "password", "passwd", "token", "key_id", "access_key", "credential", "signature")
+_SECRET_NAMES = {"key", "account_key", "sas_key", "private_key", "api_key", "auth"}  # s3fs/adlfs/gcsfs option names
+
+
+def _is_secret(name: str) -> bool:
+    n = name.lower()
+    return n in _SECRET_NAMES or any(w in n for w in _SECRET_WORDS)
 
 
 def redact(obj):
-    """Replace values whose key looks like a credential with ``***`` (configs written to disk)."""
+    """Replace values whose key names a credential with ``***`` (configs written to disk)."""
     if isinstance(obj, dict):
-        return {k: ("***" if any(w in str(k).lower() for w in _SECRET_WORDS) and v else redact(v))
-                for k, v in obj.items()}
+        return {k: ("***" if _is_secret(str(k)) and v else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj

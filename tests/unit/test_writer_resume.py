@@ -102,3 +102,20 @@ def test_config_record_refuses_other_job_and_redacts_secrets(tmp_path):
         check_or_record_config(str(tmp_path), {}, resolved, {**ident, "filters": {"noop": {}}}, False)
     check_or_record_config(str(tmp_path), {}, resolved, {**ident, "filters": {"noop": {}}}, True)
     assert redact({"a": [{"password": "x"}]}) == {"a": [{"password": "***"}]}
+
+
+def test_log_lines_scrub_credential_values(monkeypatch, capfd):
+    import logging
+
+    from pipeline.metrics import setup_logging
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "topsecretvalue123")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(3)
+        logging.getLogger("pipeline.x").warning("connecting with %s", "topsecretvalue123")
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    err = capfd.readouterr().err
+    assert "[rank 3]" in err and "***" in err and "topsecretvalue123" not in err

@@ -1,0 +1,72 @@
+"""Prometheus endpoint while a rank runs; secrets never reach logs, rows, summaries or error messages."""
+
+import glob
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+from pipeline.config import build_config, validate_config
+from pipeline.distributed import DistContext
+from pipeline.runner import run_rank
+from tests.conftest import ROOT, base_config, make_corpus, write_manifest
+from tests.s3server import free_port
+
+
+def test_prometheus_endpoint_serves_rank_metrics(tmp_path, media_dir):
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 12)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    port = free_port()
+    raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"),
+                      runtime={"prometheus_port": port}, filters={"noop": {"sleep_s": 0.3}})
+    cfg = build_config(raw)
+    validate_config(cfg)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(outcome=run_rank(cfg, DistContext())))
+    t.start()
+    seen, done = "", 0.0
+    deadline = time.time() + 60
+    while time.time() < deadline and done == 0.0 and t.is_alive():
+        time.sleep(0.2)
+        try:
+            seen = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        except OSError:
+            continue
+        for line in seen.splitlines():
+            if line.startswith('mediasieve_items_processed{rank="0"}'):
+                done = float(line.split()[-1])
+    t.join(120)
+    assert done > 0  # scraped while the rank was running, with items already counted
+    assert "mediasieve_queue_depth" in seen and "mediasieve_tier_hits" in seen
+    assert result["outcome"].summary["this_run"]["succeeded"] == 12
+
+
+def test_secrets_never_leave_the_environment(tmp_path, media_dir, s3, bucket, monkeypatch):
+    name, fs = bucket
+    secret = "SUPERSECRET-" + "x" * 20
+    key_id = "AKIASECRETKEYID12345"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    rows = make_corpus(str(tmp_path / "all"), media_dir, 3)
+    for r in rows:
+        fs.put(str(tmp_path / "all" / r["video_path"]), f"{name}/v/{r['video_path']}")
+    rows.append({"video_id": "missing", "video_path": "nope.mp4", "batch": 0})
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    opts = s3.options()
+    opts.update(key=key_id, secret=secret)  # also given explicitly in the config, as some users do
+    raw = base_config(manifest, "unused", str(tmp_path / "out"), str(tmp_path / "cache"),
+                      storage={"cache_dir": str(tmp_path / "cache"),
+                               "tiers": [{"name": "s3", "root": f"s3://{name}/v", "storage_options": opts}]})
+    (tmp_path / "job.yaml").write_text(__import__("yaml").safe_dump(raw))
+    # the CLI at DEBUG level: everything it prints, and everything it writes, is free of the credentials
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "run.py"), "--config", str(tmp_path / "job.yaml"),
+                           "--log-level", "DEBUG"], env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 succeeded, 1 failed" in proc.stdout
+    assert secret not in proc.stdout + proc.stderr and key_id not in proc.stdout + proc.stderr
+    for path in glob.glob(str(tmp_path / "out" / "**" / "*"), recursive=True):
+        if os.path.isfile(path):
+            data = open(path, "rb").read()
+            assert secret.encode() not in data and key_id.encode() not in data, path
