@@ -54,8 +54,9 @@ class YoloDetector:
         self._precision = ({"quantize": 16 if self.half else None} if "quantize" in DEFAULT_CFG_DICT
                            else {"half": self.half})
 
-    def detect(self, frames_rgb: np.ndarray, classes: list[int] | None = None) -> list[Detections]:
-        """Detect on a batch of RGB uint8 frames ``[B, H, W, 3]`` (converted to the BGR ultralytics expects)."""
+    def detect(self, frames_rgb, classes: list[int] | None = None) -> list[Detections]:
+        """Detect on a batch of RGB uint8 frames (``[B, H, W, 3]``, or a list of ``[H, W, 3]`` of any sizes),
+        converted to the BGR ultralytics expects."""
         bgr = [np.ascontiguousarray(f[..., ::-1]) for f in frames_rgb]
         results = self.model.predict(bgr, imgsz=self.imgsz, conf=self.conf, iou=self.iou, device=self.device,
                                      classes=classes, verbose=False, batch=len(bgr), **self._precision)

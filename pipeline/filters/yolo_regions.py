@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import fsspec
 import pyarrow as pa
 
+from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, FilterError
 from pipeline.filters.base import Filter, FilterContext, SetupContext
 from pipeline.filters.signal import BOX, content_box, luma
@@ -40,7 +41,9 @@ class YoloRegionsParams:
     fp16: bool = True
     """FP16 on GPU."""
     batch_size: int = 16
-    """Frames per YOLO call."""
+    """Frames per YOLO call, across items."""
+    max_wait_ms: float = 10.0
+    """How long a batch waits for frames of other items before it runs partly full."""
     min_persistence: float = 0.2
     """A region must appear in at least this fraction of the sampled frames."""
     use_black_borders: bool = True
@@ -86,6 +89,16 @@ class YoloRegionsFilter(Filter):
 
         ctx.pool.add(self._pool_key, build, lambda d: d.detect(np.zeros((1, 64, 64, 3), np.uint8)))
         self._pool = ctx.pool
+        key, pool = self._pool_key, ctx.pool
+
+        def run_batch(frames: list) -> list:
+            with pool.acquire(key) as det:
+                return det.detect(frames, self.class_ids)
+
+        # frames of several queued items share one YOLO call when they have the same size (ultralytics pads a
+        # batch of mixed sizes to one square shape, which would change the detections against a lone run)
+        self._batcher = DynamicBatcher(run_batch, p.batch_size, p.max_wait_ms / 1000.0, runners=pool.instances,
+                                       group_key=lambda frames: frames[0].shape)
         with ctx.pool.acquire(self._pool_key) as det:
             self.names = det.names
         if p.classes:
@@ -110,9 +123,7 @@ class YoloRegionsFilter(Filter):
         host = frames.cpu().numpy()
         per_frame = []
         for start in range(0, len(host), p.batch_size):
-            with self._pool.acquire(self._pool_key) as det:
-                dets = det.detect(host[start:start + p.batch_size], self.class_ids)
-            for d in dets:
+            for d in self._batcher(list(host[start:start + p.batch_size])):
                 per_frame.append([(self.names[int(c)], float(s), tuple(float(v) for v in box))
                                   for box, c, s in zip(d.xyxy, d.cls, d.conf)])
         # detections are in decoded pixels (plus any earlier crop); map them to source pixels

@@ -36,6 +36,9 @@ def clips(tmp_path_factory):
                        "-map", "0", "-map", "1", "-map", "2", "-map", "3", "-c:v", "libx264", "-preset", "ultrafast",
                        "-c:a", "aac", multi])
     out["multi"] = multi
+    # variable frame rate: 25 frames in the first second, then 25 frames at 10 fps
+    out["vfr"] = synthetic.lavfi_clip(str(d / "vfr.mp4"), seconds=2.0,
+                                      vf="setpts='if(lt(N,25),N/25,1+(N-25)/10)/TB'", extra=("-fps_mode", "vfr"))
     # faststart (index first) and then cut: a broken tail
     full = synthetic.lavfi_clip(str(d / "fs.mp4"), seconds=4.0, extra=("-movflags", "+faststart"))
     data = open(full, "rb").read()
@@ -69,6 +72,19 @@ def test_modern_formats_decode_with_right_colours(clips, kind):
     assert v.frames.shape[1:] == (240, 320, 3)
     # same source pattern: colours agree within coding error, whatever the bit depth or range
     assert (v.frames.float().mean() - ref.frames.float().mean()).abs() < 12
+
+
+def test_variable_frame_rate(clips):
+    from pipeline.media.probe import probe_media
+
+    info = probe_media(clips["vfr"])
+    assert info.duration_s == pytest.approx(3.5, abs=0.15)
+    counts = {}
+    for b in available_backends(ALL):
+        v = decode_video(clips["vfr"], [Uniform(8)], [b])
+        counts[b.name] = v.meta.num_frames
+        assert v.frames.shape[0] == 8 and v.frames.float().std() > 10
+    assert set(counts.values()) == {50}, counts  # frame indices are exact whatever the timing
 
 
 def test_broken_tail_decodes_its_prefix(clips):

@@ -110,3 +110,25 @@ def test_job_writes_cropped_clips_and_later_filters_see_the_crop(tmp_path, media
     bb = row["black_borders"]["crop"]
     assert bb["x"] + bb["w"] <= crop["w"] + 2 and bb["y"] + bb["h"] <= crop["h"] + 2
     assert by_id["id-0001"]["regions"] is None  # audio only
+
+
+def test_frames_of_several_items_share_yolo_batches(tmp_path, yolo_pt):
+    import threading
+
+    f = _setup(tmp_path, yolo_pt, conf=0.001, batch_size=16, max_wait_ms=100)
+    rng = np.random.default_rng(1)
+    items = [list(rng.integers(0, 255, (3, h, 160, 3), dtype=np.uint8)) for h in (120, 96, 120, 120)]
+    expected = [[d.xyxy for d in YoloDetector(yolo_pt, imgsz=160, conf=0.001).detect(frames)] for frames in items]
+    results = [None] * 4
+
+    def go(i):
+        results[i] = [d.xyxy for d in f._batcher(items[i])]
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert f._batcher.batches_run < 4  # frames of different items of one size ran together; the odd size alone
+    for got, want in zip(results, expected):
+        assert len(got) == len(want) and all(np.allclose(a, b, atol=1e-2) for a, b in zip(got, want))
