@@ -7,8 +7,10 @@ import numpy as np
 from pipeline.errors import DecodeError
 
 
-def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
-    """The first audio stream of ``path`` as mono float32 in [-1, 1] at ``sample_rate``.
+def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None = None,
+                 channels: int = 1) -> np.ndarray:
+    """The first audio stream of ``path`` as float32 in [-1, 1] at ``sample_rate``: ``[N]`` mono, or ``[2, N]``
+    with ``channels=2`` (a mono source is duplicated).
 
     Args:
         path: local file (any container PyAV opens: WAV, FLAC, MP3, MP4, MKV, ...), any rate and channel count.
@@ -28,24 +30,41 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         if not container.streams.audio:
             raise DecodeError("no audio stream")
         stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        layout = "mono" if channels == 1 else "stereo"
+        resampler = av.AudioResampler(format="fltp", layout=layout, rate=sample_rate)
         parts: list[np.ndarray] = []
         total = 0
         cap = None if max_seconds is None else int(max_seconds * sample_rate)
         try:
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
-                    arr = out.to_ndarray().reshape(-1)
+                    arr = out.to_ndarray().reshape(channels, -1)
                     parts.append(arr)
-                    total += len(arr)
+                    total += arr.shape[1]
                 if cap is not None and total > cap:
                     raise DecodeError(f"audio longer than the {max_seconds:.0f}s cap")
             for out in resampler.resample(None):
-                parts.append(out.to_ndarray().reshape(-1))
+                parts.append(out.to_ndarray().reshape(channels, -1))
         except av.error.FFmpegError as e:
             if not parts:
                 raise DecodeError(f"audio does not decode: {type(e).__name__}: {e}") from e
             # a broken tail: keep what decoded
     if not parts:
         raise DecodeError("audio stream holds no samples")
-    return np.concatenate(parts).astype(np.float32, copy=False)
+    audio = np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+    return audio[0] if channels == 1 else audio
+
+
+def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Mono float32 from one rate to another with FFmpeg's resampler (through PyAV)."""
+    import av
+
+    if from_rate == to_rate:
+        return audio
+    resampler = av.AudioResampler(format="fltp", layout="mono", rate=to_rate)
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[None], dtype=np.float32), format="fltp",
+                                       layout="mono")
+    frame.sample_rate = from_rate
+    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    return np.concatenate(out).astype(np.float32, copy=False)

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.audio.decode import decode_audio
+from pipeline.audio.decode import decode_audio, resample
 from pipeline.audio.pipeline import AudioParams, run_audio
+from pipeline.audio.schedule import chunk_schedule
+from pipeline.audio.separator import Separator, SeparatorParams, load_sidecar
 from pipeline.audio.vad import SileroVAD
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError
@@ -23,6 +25,8 @@ SPAN = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())])
 
 @dataclass(frozen=True)
 class SpeechCutsParams(AudioParams):
+    separator: SeparatorParams | None = None
+    """Optional vocal separator (ONNX) run first; off when not configured (the pipeline runs on the mixture)."""
     max_wait_ms: float = 20.0
     """How long a VAD batch waits for chunks of other items before it runs partly full."""
     vad_instances: int = 1
@@ -40,6 +44,7 @@ class SpeechCutsFilter(Filter):
                                             ("guard_shift_s", pa.float64())]))),
         ("pieces", pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()),
                                        ("duration_s", pa.float64())]))),
+        ("separator_provider", pa.string()),
         ("chunking", pa.struct([("enabled", pa.bool_()), ("chunk_s", pa.float64()), ("overlap_s", pa.float64()),
                                 ("halo_s", pa.float64()), ("align_hop", pa.int32()), ("chunks", pa.int32())])),
     ])
@@ -53,6 +58,10 @@ class SpeechCutsFilter(Filter):
             raise ConfigError(f"filters.{name}.gpu_pipeline.align_hop must be a multiple of 512 and of stft_hop")
         if not 0 <= g.overlap_seconds < g.chunk_seconds:
             raise ConfigError(f"filters.{name}.gpu_pipeline: overlap_seconds must be in [0, chunk_seconds)")
+        if params.separator is not None and not params.separator.model_uri:
+            raise ConfigError(f"filters.{name}.separator.model_uri is required when a separator is configured")
+        if params.separator is not None and params.separator.provider not in ("cpu", "cuda", "tensorrt"):
+            raise ConfigError(f"filters.{name}.separator.provider must be cpu, cuda or tensorrt")
 
     def setup(self, ctx: SetupContext) -> None:
         key = f"silero_vad:{self.params.sample_rate}"
@@ -65,6 +74,16 @@ class SpeechCutsFilter(Filter):
             with pool.acquire(key) as vad:
                 return vad.probs(x)
 
+        self._separator_key = None
+        sep = self.params.separator
+        if sep is not None:
+            model = ctx.localize(sep.model_uri, sep.storage_options)
+            sidecar = load_sidecar(model, ctx.localize(sep.sidecar_uri, sep.storage_options) if sep.sidecar_uri else None)
+            device_id = int(ctx.device.split(":")[1]) if ctx.device.startswith("cuda:") else 0
+            self._separator_key = f"separator:{sep.model_uri}"
+            ctx.pool.add(self._separator_key, lambda device: Separator(model, sidecar, sep, device_id),
+                         instances=self.params.vad_instances)
+        self._pool = pool
         self._direct = run_batch  # whole-file chunks differ in length per file: no cross-item batching
         self._batcher = DynamicBatcher(run_batch, self.params.gpu_pipeline.batch_chunks,
                                        self.params.max_wait_ms / 1000.0, runners=self.params.vad_instances)
@@ -73,10 +92,21 @@ class SpeechCutsFilter(Filter):
         if media.info.audio is None:
             return None
         p = self.params
-        audio = decode_audio(media.local_path, p.sample_rate, p.max_seconds)
-        chunked = p.gpu_pipeline.enable
-        result = run_audio([audio], p, self._batcher if chunked else self._direct, chunked, self._device)[0]
         g = p.gpu_pipeline
+        provider = None
+        if self._separator_key is None:
+            audio = decode_audio(media.local_path, p.sample_rate, p.max_seconds)
+        else:
+            with self._pool.acquire(self._separator_key) as sep:
+                rate = sep.spec.sample_rate
+                stereo = decode_audio(media.local_path, rate, p.max_seconds, channels=2)
+                plans = chunk_schedule(stereo.shape[1] / rate, g.chunk_seconds, g.overlap_seconds, g.halo_seconds,
+                                       1024, rate) if g.enable else chunk_schedule(stereo.shape[1] / rate, 1e9, 0, 0,
+                                                                                   1024, rate)
+                audio = resample(sep.separate(stereo, plans).mean(axis=0), rate, p.sample_rate)
+                provider = sep.ort.execution_provider
+        chunked = g.enable
+        result = run_audio([audio], p, self._batcher if chunked else self._direct, chunked, self._device)[0]
         return {
             "duration_s": result.duration_s, "sample_rate": p.sample_rate, "speech_ratio": result.speech_ratio,
             "speech": [{"start_s": s, "end_s": e} for s, e in result.speech],
@@ -84,6 +114,7 @@ class SpeechCutsFilter(Filter):
             "cut_details": [{"time_s": c.time_s, "kind": c.kind, "rank": c.rank, "guard_shift_s": c.guard_shift_s}
                             for c in result.cuts],
             "pieces": [{"start_s": a, "end_s": b, "duration_s": b - a} for a, b in result.pieces()],
+            "separator_provider": provider,
             "chunking": {"enabled": chunked, "chunk_s": g.chunk_seconds, "overlap_s": g.overlap_seconds,
                          "halo_s": g.halo_seconds, "align_hop": g.align_hop, "chunks": len(result.plans)},
         }
