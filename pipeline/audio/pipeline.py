@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline.audio.cuts import Cut, CutParams, cut_points, pieces
-from pipeline.audio.features import FeatureCache, chunked_stft, stitch_frames
+from pipeline.audio.features import FeatureCache, chunked_stft, n_frames, stft_magnitude, stitch_frames
 from pipeline.audio.schedule import ChunkPlan, chunk_schedule
 from pipeline.audio.vad import frame_samples, merge_segments, speech_segments
 
@@ -31,6 +31,12 @@ class GpuPipelineParams:
     """Boundaries are multiples of this many samples (a multiple of the VAD frame and the STFT hop)."""
     batch_chunks: int = 128
     """Chunks (of one file and of several) per VAD batch."""
+    use_cuda_streams: bool = True
+    """On GPU: host-to-device copies, VAD and features on their own CUDA streams, ordered by events."""
+    prefetch_pinned_buffers: bool = True
+    """On GPU: stage chunk audio in a ring of pinned host buffers (asynchronous copies)."""
+    inflight_chunks_limit: int = 2
+    """On GPU: chunk batches on the device at once (bounds device memory)."""
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,65 @@ def chunk_tensor(audio: np.ndarray, plans: list[ChunkPlan]) -> torch.Tensor:
     return out
 
 
+def gpu_stages(batches: list[torch.Tensor], vad, n_fft: int, hop: int, device: str, inflight: int = 2,
+               pinned: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """VAD probabilities and STFT magnitudes of chunk batches on a GPU, the stages on their own CUDA streams.
+
+    Each batch is staged in a ring of ``inflight`` pinned host buffers, copied on a copy stream, and the VAD and
+    feature streams wait on the copy's event (no implicit synchronisation); at most ``inflight`` batches live on
+    the device at once. Returns ``(probs [B, L/frame], magnitudes [B, frames, bins])`` on the host per batch.
+    """
+    dev = torch.device(device)
+    copy_s, vad_s, feat_s = (torch.cuda.Stream(dev) for _ in range(3))
+    ring: list[torch.Tensor | None] = [None] * inflight
+    ring_free: list[torch.cuda.Event | None] = [None] * inflight
+    pending: list[tuple] = []
+    results: list = [None] * len(batches)
+
+    def finish(entry) -> None:
+        i, probs, mags, done_vad, done_feat = entry
+        done_vad.synchronize()
+        done_feat.synchronize()
+        results[i] = (probs.cpu(), mags.cpu())
+
+    for i, batch in enumerate(batches):
+        while len(pending) >= inflight:  # bound device memory
+            finish(pending.pop(0))
+        k = i % inflight
+        if pinned:
+            if ring_free[k] is not None:
+                ring_free[k].synchronize()  # the last copy out of this slot has finished
+            if ring[k] is None or ring[k].numel() < batch.numel():
+                ring[k] = torch.empty(batch.numel(), pin_memory=True)
+            host = ring[k][: batch.numel()].view_as(batch)
+            host.copy_(batch)
+        else:
+            host = batch
+        with torch.cuda.stream(copy_s):
+            gpu = host.to(dev, non_blocking=pinned)
+            copied = torch.cuda.Event()
+            copied.record(copy_s)
+        ring_free[k] = copied
+        vad_s.wait_event(copied)
+        feat_s.wait_event(copied)
+        with torch.cuda.stream(vad_s):
+            probs = vad.probs(gpu, to_cpu=False)
+            done_vad = torch.cuda.Event()
+            done_vad.record(vad_s)
+        with torch.cuda.stream(feat_s):
+            mags = stft_magnitude(gpu, n_fft, hop)
+            done_feat = torch.cuda.Event()
+            done_feat.record(feat_s)
+        gpu.record_stream(vad_s)  # the allocator must not reuse the input before both streams are done with it
+        gpu.record_stream(feat_s)
+        pending.append((i, probs, mags, done_vad, done_feat))
+    for entry in pending:
+        finish(entry)
+    return results
+
+
 def run_audio(audios: list[np.ndarray], params: AudioParams, vad_batch: Callable[[torch.Tensor], torch.Tensor],
-              chunked: bool = True, device: str = "cpu") -> list[AudioResult]:
+              chunked: bool = True, device: str = "cpu", vad=None) -> list[AudioResult]:
     """Run the pipeline on several files at once: all their chunks go through the VAD in shared batches.
 
     Args:
@@ -98,6 +161,8 @@ def run_audio(audios: list[np.ndarray], params: AudioParams, vad_batch: Callable
         vad_batch: ``[B, L] -> [B, L / frame]`` speech probabilities (a ``SileroVAD.probs``, or a batcher over it).
         chunked: False runs each file as one chunk (the whole-file reference).
         device: where the STFT runs.
+        vad: the ``SileroVAD`` itself; on a GPU with ``use_cuda_streams`` the stages then run on CUDA streams
+            (``gpu_stages``) instead of through ``vad_batch``.
 
     Returns:
         One result per file, in the global time base of that file.
@@ -112,12 +177,22 @@ def run_audio(audios: list[np.ndarray], params: AudioParams, vad_batch: Callable
         for ci in range(len(p)):
             groups.setdefault(p[ci].length, []).append((fi, ci))
     probs_by_chunk: dict[tuple[int, int], torch.Tensor] = {}
-    step = params.gpu_pipeline.batch_chunks
-    for _length, members in groups.items():
-        for s in range(0, len(members), step):
-            batch = members[s:s + step]
-            out = vad_batch(torch.stack([tensors[fi][ci] for fi, ci in batch]))
-            for (fi, ci), row in zip(batch, out):
+    mags_by_chunk: dict[tuple[int, int], torch.Tensor] = {}
+    g = params.gpu_pipeline
+    batches = [members[s:s + g.batch_chunks] for members in groups.values()
+               for s in range(0, len(members), g.batch_chunks)]
+    streams = vad is not None and device.startswith("cuda") and g.use_cuda_streams
+    if streams:
+        outs = gpu_stages([torch.stack([tensors[fi][ci] for fi, ci in b]) for b in batches], vad, params.n_fft,
+                          params.stft_hop, device, g.inflight_chunks_limit, g.prefetch_pinned_buffers)
+        for b, (probs, mags) in zip(batches, outs):
+            for (fi, ci), prow, mrow in zip(b, probs, mags):
+                probs_by_chunk[(fi, ci)] = prow
+                mags_by_chunk[(fi, ci)] = mrow
+    else:
+        for b in batches:
+            out = vad_batch(torch.stack([tensors[fi][ci] for fi, ci in b]))
+            for (fi, ci), row in zip(b, out):
                 probs_by_chunk[(fi, ci)] = row
     for fi, audio in enumerate(audios):
         n = len(audio)
@@ -126,7 +201,12 @@ def run_audio(audios: list[np.ndarray], params: AudioParams, vad_batch: Callable
         p = plans[fi]
         chunk_probs = torch.stack([probs_by_chunk[(fi, ci)] for ci in range(len(p))])
         probs = stitch_frames(chunk_probs, p, f, int(math.ceil(n / f)))
-        feats = FeatureCache(chunked_stft(audio, p, params.n_fft, params.stft_hop, device), params.stft_hop, sr)
+        if streams:  # whole-chunk magnitudes from the feature stream, valid frames stitched
+            mags = torch.stack([mags_by_chunk[(fi, ci)] for ci in range(len(p))])
+            feats = FeatureCache(stitch_frames(mags, p, params.stft_hop, n_frames(n, params.n_fft, params.stft_hop)),
+                                 params.stft_hop, sr)
+        else:
+            feats = FeatureCache(chunked_stft(audio, p, params.n_fft, params.stft_hop, device), params.stft_hop, sr)
         speech = merge_segments(speech_segments(probs, n, sr, params.threshold, params.min_speech_ms,
                                                 params.min_silence_ms, params.speech_pad_ms),
                                 params.merge_gap_ms / 1000.0)

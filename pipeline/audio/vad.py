@@ -42,8 +42,9 @@ class SileroVAD:
             self.model = self.model.to(device)
 
     @torch.inference_mode()
-    def probs(self, chunks: torch.Tensor) -> torch.Tensor:
-        """Speech probability per frame for a batch of chunks ``[B, L]`` (L a multiple of the frame): ``[B, L/f]``."""
+    def probs(self, chunks: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
+        """Speech probability per frame for a batch of chunks ``[B, L]`` (L a multiple of the frame): ``[B, L/f]``
+        (left on the model's device with ``to_cpu=False``, for callers that order streams themselves)."""
         b, length = chunks.shape
         if length % self.frame:
             raise ValueError(f"chunk length {length} is not a multiple of {self.frame}")
@@ -52,7 +53,7 @@ class SileroVAD:
         out = torch.empty(b, length // self.frame, device=x.device)
         for i in range(length // self.frame):
             out[:, i] = self.model(x[:, i * self.frame:(i + 1) * self.frame], self.sample_rate)[:, 0]
-        return out.cpu()
+        return out.cpu() if to_cpu else out
 
 
 def whole_file_probs(model: SileroVAD, audio: np.ndarray) -> np.ndarray:

@@ -64,7 +64,7 @@ class SpeechCutsFilter(Filter):
             raise ConfigError(f"filters.{name}.separator.provider must be cpu, cuda or tensorrt")
 
     def setup(self, ctx: SetupContext) -> None:
-        key = f"silero_vad:{self.params.sample_rate}"
+        key = self._vad_key = f"silero_vad:{self.params.sample_rate}"
         ctx.pool.add(key, lambda device: SileroVAD(self.params.sample_rate, device),
                      instances=self.params.vad_instances)
         pool = ctx.pool
@@ -106,7 +106,11 @@ class SpeechCutsFilter(Filter):
                 audio = resample(sep.separate(stereo, plans).mean(axis=0), rate, p.sample_rate)
                 provider = sep.ort.execution_provider
         chunked = g.enable
-        result = run_audio([audio], p, self._batcher if chunked else self._direct, chunked, self._device)[0]
+        if chunked and g.use_cuda_streams and self._device.startswith("cuda"):
+            with self._pool.acquire(self._vad_key) as vad:  # stages on CUDA streams, this item's chunks batched
+                result = run_audio([audio], p, vad.probs, chunked, self._device, vad=vad)[0]
+        else:
+            result = run_audio([audio], p, self._batcher if chunked else self._direct, chunked, self._device)[0]
         return {
             "duration_s": result.duration_s, "sample_rate": p.sample_rate, "speech_ratio": result.speech_ratio,
             "speech": [{"start_s": s, "end_s": e} for s, e in result.speech],

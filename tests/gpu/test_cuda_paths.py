@@ -148,3 +148,25 @@ def test_silero_vad_and_audio_pipeline_on_cuda(clips):
     gpu = run_audio([audio], AudioParams(), gpu_vad.probs, device="cuda:0")[0]
     assert np.abs(cpu.features.mag - gpu.features.mag).mean() < 1e-4
     assert [round(c.time_s, 3) for c in cpu.cuts] == [round(c.time_s, 3) for c in gpu.cuts]
+
+
+def test_audio_stages_on_cuda_streams_equal_the_plain_gpu_path(clips):
+    import numpy as np
+
+    from pipeline.audio.decode import decode_audio
+    from pipeline.audio.pipeline import AudioParams, GpuPipelineParams, run_audio
+    from pipeline.audio.vad import SileroVAD
+
+    if "long" not in clips:
+        pytest.skip("needs the long speech recording (MEDIASIEVE_GPU_MEDIA/long.wav)")
+    audio = decode_audio(clips["long"])
+    vad = SileroVAD(device="cuda:0")
+    plain = run_audio([audio, audio[: 16000 * 30]], AudioParams(), vad.probs, device="cuda:0")
+    for limit, pinned in ((1, True), (2, True), (3, False)):
+        params = AudioParams(gpu_pipeline=GpuPipelineParams(inflight_chunks_limit=limit, prefetch_pinned_buffers=pinned,
+                                                            batch_chunks=4))
+        streams = run_audio([audio, audio[: 16000 * 30]], params, vad.probs, device="cuda:0", vad=vad)
+        for a, b in zip(plain, streams):
+            assert np.abs(a.probs - b.probs).max() < 1e-4
+            assert np.abs(a.features.mag - b.features.mag).mean() < 1e-4
+            assert [round(c.time_s, 4) for c in a.cuts] == [round(c.time_s, 4) for c in b.cuts]
