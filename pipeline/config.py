@@ -62,6 +62,8 @@ class StorageConfig:
     """Byte limit of the cache; finished items are evicted oldest first, never one still in use."""
     use_cache: bool = True
     """Copy every fetched item into the cache (False: local-filesystem tiers are read in place)."""
+    fetch: bool = True
+    """False: items are not fetched at all (control-plane runs with the ``noop`` filter; no media is read)."""
     tiers: tuple[TierConfig, ...] = ()
     """Tiers tried in order for relative paths after the cache."""
     retries: int = 4

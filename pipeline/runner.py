@@ -190,7 +190,10 @@ class RankWorkers:
                 start = time.time()
                 t0 = time.perf_counter()
                 try:
-                    fetched = self.fetcher.fetch(row[self.path_col] or "", self.stop.is_set)
+                    if self.cfg.storage.fetch:
+                        fetched = self.fetcher.fetch(row[self.path_col] or "", self.stop.is_set)
+                    else:
+                        fetched = FetchedItem("", "none", 0, row[self.path_col] or "", 0)
                 except ItemError as e:
                     self._emit(self._row(row, start, time.perf_counter() - t0, None, {}, {}, e, None))
                     continue

@@ -31,8 +31,10 @@ class GpuPipelineParams:
     """Boundaries are multiples of this many samples (a multiple of the VAD frame and the STFT hop)."""
     batch_chunks: int = 128
     """Chunks (of one file and of several) per VAD batch."""
-    use_cuda_streams: bool = True
-    """On GPU: host-to-device copies, VAD and features on their own CUDA streams, ordered by events."""
+    use_cuda_streams: bool = False
+    """On GPU: host-to-device copies, VAD and features on their own CUDA streams, ordered by events. Off by
+    default: on an H100 it measured slower than the plain GPU path (the VAD loop is bound by kernel launches on
+    the one host thread, and the stream path moves whole-chunk spectra to the host); see bench_vad.py."""
     prefetch_pinned_buffers: bool = True
     """On GPU: stage chunk audio in a ring of pinned host buffers (asynchronous copies)."""
     inflight_chunks_limit: int = 2
@@ -112,8 +114,8 @@ def gpu_stages(batches: list[torch.Tensor], vad, n_fft: int, hop: int, device: s
     def finish(entry) -> None:
         i, probs, mags, done_vad, done_feat = entry
         done_vad.synchronize()
-        done_feat.synchronize()
-        results[i] = (probs.cpu(), mags.cpu())
+        done_feat.synchronize()  # the magnitudes' copy to the host was queued on the feature stream
+        results[i] = (probs.cpu(), mags)
 
     for i, batch in enumerate(batches):
         while len(pending) >= inflight:  # bound device memory
@@ -135,14 +137,15 @@ def gpu_stages(batches: list[torch.Tensor], vad, n_fft: int, hop: int, device: s
         ring_free[k] = copied
         vad_s.wait_event(copied)
         feat_s.wait_event(copied)
+        # features first: a few large kernels that run while this thread launches the VAD's many small steps
+        with torch.cuda.stream(feat_s):
+            mags = stft_magnitude(gpu, n_fft, hop).to("cpu", non_blocking=pinned)
+            done_feat = torch.cuda.Event()
+            done_feat.record(feat_s)
         with torch.cuda.stream(vad_s):
             probs = vad.probs(gpu, to_cpu=False)
             done_vad = torch.cuda.Event()
             done_vad.record(vad_s)
-        with torch.cuda.stream(feat_s):
-            mags = stft_magnitude(gpu, n_fft, hop)
-            done_feat = torch.cuda.Event()
-            done_feat.record(feat_s)
         gpu.record_stream(vad_s)  # the allocator must not reuse the input before both streams are done with it
         gpu.record_stream(feat_s)
         pending.append((i, probs, mags, done_vad, done_feat))
