@@ -85,7 +85,10 @@ class RankStats:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             elapsed = max(1e-9, time.time() - self.started)
+            import resource
+
             return {
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "done": self.done,
                 "succeeded": self.succeeded,
                 "failed": sum(self.failures.values()),

@@ -476,23 +476,27 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: pa.Table, pending: int,
         "error_type": pc.field("result_info", "error_type"), "error_message": pc.field("result_info", "error_message"),
         "end_time": pc.field("result_info", "end_time"), "run_id": pc.field("result_info", "run_id"),
     }) if files else None
-    manifest_ids = set(manifest[id_col].to_pylist())
-    succeeded: set[str] = set()
-    failures: dict[str, dict[str, Any]] = {}
-    if table is not None:
-        for rec in table.sort_by([("end_time", "ascending")]).to_pylist():
-            if rec["ok"]:
-                succeeded.add(rec["id"])
-            else:
-                failures[rec["id"]] = rec  # latest failure row wins
-    failures = {k: v for k, v in failures.items() if k not in succeeded and k in manifest_ids}
+    # Vectorised: a million-row output must not become a million Python objects on rank 0.
+    manifest_ids = manifest[id_col]
     by_type: dict[str, int] = {}
     lines = []
-    for rec in failures.values():
-        by_type[rec["error_type"]] = by_type.get(rec["error_type"], 0) + 1
-        lines.append(json.dumps({id_col: rec["id"], path_col: rec["path"], "error_type": rec["error_type"],
-                                 "error_message": rec["error_message"], "run_id": rec["run_id"],
-                                 "time": rec["end_time"].isoformat() if rec["end_time"] else None}))
+    n_succeeded = n_failed = n_with_row = 0
+    if table is not None:
+        in_manifest = pc.is_in(table["id"], value_set=manifest_ids)
+        ok_ids = pc.unique(table.filter(pc.and_(table["ok"], in_manifest))["id"])
+        n_succeeded = len(ok_ids)
+        n_with_row = len(pc.unique(table.filter(in_manifest)["id"]))
+        failed = table.filter(pc.and_(pc.and_(pc.invert(table["ok"]), in_manifest),
+                                      pc.invert(pc.is_in(table["id"], value_set=ok_ids))))
+        latest: dict[str, dict[str, Any]] = {}
+        for rec in failed.sort_by([("end_time", "ascending")]).to_pylist():  # failures only: usually few
+            latest[rec["id"]] = rec  # the latest failure row wins
+        n_failed = len(latest)
+        for rec in latest.values():
+            by_type[rec["error_type"]] = by_type.get(rec["error_type"], 0) + 1
+            lines.append(json.dumps({id_col: rec["id"], path_col: rec["path"], "error_type": rec["error_type"],
+                                     "error_message": rec["error_message"], "run_id": rec["run_id"],
+                                     "time": rec["end_time"].isoformat() if rec["end_time"] else None}))
     wall = time.time() - started
     done = sum(r["done"] for r in ranks)
     this_by_type: dict[str, int] = {}
@@ -520,13 +524,13 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: pa.Table, pending: int,
             "items_per_s": round(done / wall, 3) if wall > 0 else None,
         },
         "total": {
-            "succeeded": len(succeeded & manifest_ids),
-            "failed": len(failures),
+            "succeeded": n_succeeded,
+            "failed": n_failed,
             "failures_by_type": by_type,
-            "without_row": len(manifest_ids - succeeded - set(failures)),
+            "without_row": len(manifest) - n_with_row,
         },
         "per_rank": [{k: r[k] for k in ("rank", "host", "device", "done", "succeeded", "failed", "items_per_s",
-                                        "units_taken")} for r in ranks],
+                                        "units_taken", "peak_rss_mb")} for r in ranks],
     }
     tmp = f"{root}/_tmp"
     commit_bytes(fs, f"{root}/{FAILURES}", ("\n".join(lines) + ("\n" if lines else "")).encode(), tmp)

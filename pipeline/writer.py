@@ -122,7 +122,7 @@ class ResultWriter:
                 self._oldest = time.monotonic()
             full = len(self._rows) >= self.rows_per_file
         if full:
-            self.flush()
+            self.flush(full_parts_only=True)
 
     def flush_if_due(self) -> None:
         """Commit buffered rows older than ``flush_interval_s``."""
@@ -135,13 +135,14 @@ class ResultWriter:
     def buffered(self) -> int:
         return len(self._rows)
 
-    def flush(self) -> None:
-        """Commit everything buffered now as one or more parts (no-op when empty)."""
+    def flush(self, full_parts_only: bool = False) -> None:
+        """Commit what is buffered as parts of ``rows_per_file`` rows; the remainder too unless
+        ``full_parts_only`` (a part is cut by size, so a busy writer does not leave small files behind)."""
         with self._commit_lock:
             while True:
                 with self._lock:
                     rows = self._rows[: self.rows_per_file]
-                if not rows:
+                if not rows or (full_parts_only and len(rows) < self.rows_per_file):
                     return
                 self._commit(rows)
                 with self._lock:

@@ -38,6 +38,25 @@ def test_parts_by_rows_and_resume_state(tmp_path):
     assert pending_indices(ids, state, retry_failed=False).to_pylist() == [10, 11]
 
 
+def test_concurrent_writers_cut_full_parts(tmp_path):
+    import threading
+
+    w = ResultWriter(str(tmp_path), {}, SCHEMA, "run1", 0, rows_per_file=50, flush_interval_s=999)
+
+    def add(base):
+        for i in range(250):
+            w.add(_row(base + i))
+
+    threads = [threading.Thread(target=add, args=(k * 1000,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert w.files_committed == 20 and w.buffered == 0  # 1000 rows in full parts of 50, no small remainders
+    w.close()
+    assert w.files_committed == 20 and pq.read_table(tmp_path / "parts").num_rows == 1000
+
+
 def test_flush_by_time(tmp_path):
     w = ResultWriter(str(tmp_path), {}, SCHEMA, "run1", 0, rows_per_file=100, flush_interval_s=0.0)
     w.add(_row(1))
