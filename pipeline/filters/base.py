@@ -87,5 +87,18 @@ class Filter:
         return result, time.perf_counter() - start
 
 
+class VideoFilter(Filter):
+    """A filter of the decoded video: ``apply_video`` gets the item's frames (decoded once for every filter); an
+    item without a video stream gets a null column."""
+
+    def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
+        video = media.video()
+        return None if video is None else self.apply_video(video, media, ctx)
+
+    def apply_video(self, video: Any, media: MediaItem, ctx: FilterContext) -> dict:
+        """Compute the result from ``video`` (a ``pipeline.video.decoders.DecodedVideo``)."""
+        raise NotImplementedError
+
+
 def params_to_dict(params: Any) -> dict:
     return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params)

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError
-from pipeline.filters.base import Filter, FilterContext, SetupContext
+from pipeline.filters.base import FilterContext, SetupContext, VideoFilter
 from pipeline.media.item import MediaItem
 from pipeline.video.preprocess import clips_to_input
 from pipeline.video.sampling import Uniform, Windows, window_bounds
@@ -47,7 +47,7 @@ class ClipClassifierParams:
     """How long a batch waits for clips of other items before it runs partly full."""
 
 
-class ClipClassifierFilter(Filter):
+class ClipClassifierFilter(VideoFilter):
     """Softmax label and probability per clip, window and reversed window."""
 
     params_type = ClipClassifierParams
@@ -114,10 +114,7 @@ class ClipClassifierFilter(Filter):
                            self._dtype)
         return self._batcher(x)
 
-    def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
-        video = media.video()
-        if video is None:
-            return None
+    def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         labels = self.head["labels"]
         clips, kinds = [], []
         if self.params.whole_clip:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from pipeline.filters.base import Filter, FilterContext
+from pipeline.filters.base import FilterContext, VideoFilter
 from pipeline.media.item import MediaItem
 from pipeline.video.sampling import AtFps, Uniform
 
@@ -65,7 +65,7 @@ class BlackBorderParams:
     """Bars thinner than this fraction of the frame side are not reported as letterbox/pillarbox."""
 
 
-class BlackBorderFilter(Filter):
+class BlackBorderFilter(VideoFilter):
     """Letterbox and pillarbox detection, giving the crop box of the content in source pixels."""
 
     params_type = BlackBorderParams
@@ -75,10 +75,7 @@ class BlackBorderFilter(Filter):
     def frame_requests(self) -> list:
         return [Uniform(self.params.frames)]
 
-    def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
-        video = media.video()
-        if video is None:
-            return None
+    def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         frames = video.view(Uniform(self.params.frames))
         y = luma(frames[:, :, ::4], ctx.device)  # full row resolution
         x0, y0, w, h = content_box(y, self.params.threshold, self.params.min_fraction,
@@ -106,7 +103,7 @@ class StaticParams:
     """Window length of the per-window motion scores."""
 
 
-class StaticFilter(Filter):
+class StaticFilter(VideoFilter):
     """Frame-difference energy over the clip and per window; a still image (with or without sound) is static."""
 
     params_type = StaticParams
@@ -122,10 +119,7 @@ class StaticFilter(Filter):
     def frame_requests(self) -> list:
         return [self._request()]
 
-    def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
-        video = media.video()
-        if video is None:
-            return None
+    def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         req = self._request()
         y = luma(subsample(video.view(req), 256), ctx.device)
         times = video.times(req)
@@ -160,7 +154,7 @@ class ExposureParams:
     """Mean luma above which the clip is too bright."""
 
 
-class ExposureFilter(Filter):
+class ExposureFilter(VideoFilter):
     """Too dark / too bright, measured inside the content box so black bars do not count as darkness."""
 
     params_type = ExposureParams
@@ -170,10 +164,7 @@ class ExposureFilter(Filter):
     def frame_requests(self) -> list:
         return [Uniform(self.params.frames)]
 
-    def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
-        video = media.video()
-        if video is None:
-            return None
+    def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         y = luma(subsample(video.view(Uniform(self.params.frames)), 512), ctx.device)
         x0, y0, w, h = content_box(y, 24.0, 0.02)
         if w * h < 0.05 * y.shape[1] * y.shape[2]:  # (nearly) all black: measure the whole frame
@@ -197,7 +188,7 @@ class SharpnessParams:
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
 
-class SharpnessFilter(Filter):
+class SharpnessFilter(VideoFilter):
     """Blur measure: variance of the Laplacian of luma, averaged over frames."""
 
     params_type = SharpnessParams
@@ -206,10 +197,7 @@ class SharpnessFilter(Filter):
     def frame_requests(self) -> list:
         return [Uniform(self.params.frames)]
 
-    def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
-        video = media.video()
-        if video is None:
-            return None
+    def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         y = luma(video.view(Uniform(self.params.frames)), ctx.device)[:, None]
         h, w = y.shape[-2:]
         s = self.params.analysis_short_side / min(h, w)
@@ -231,7 +219,7 @@ class SceneCutParams:
     """Half the L1 distance (0-1) between consecutive frames' colour histograms above which a cut is declared."""
 
 
-class SceneCutFilter(Filter):
+class SceneCutFilter(VideoFilter):
     """Histogram-difference scene cuts: their count and times."""
 
     params_type = SceneCutParams
@@ -243,10 +231,7 @@ class SceneCutFilter(Filter):
     def frame_requests(self) -> list:
         return [self._request()]
 
-    def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
-        video = media.video()
-        if video is None:
-            return None
+    def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         req = self._request()
         frames = subsample(video.view(req), 192).to(ctx.device)
         times = video.times(req)

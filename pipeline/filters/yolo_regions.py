@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, FilterError
-from pipeline.filters.base import Filter, FilterContext, SetupContext
+from pipeline.filters.base import FilterContext, SetupContext, VideoFilter
 from pipeline.filters.signal import BOX, content_box, luma
 from pipeline.media.item import MediaItem
 from pipeline.video.crop import aggregate_regions, safe_crop
@@ -58,7 +58,7 @@ class YoloRegionsParams:
     crop_storage_options: dict = field(default_factory=dict)
 
 
-class YoloRegionsFilter(Filter):
+class YoloRegionsFilter(VideoFilter):
     params_type = YoloRegionsParams
     output_type = pa.struct([("regions", pa.list_(REGION)), ("crop", BOX), ("crop_area_ratio", pa.float32()),
                              ("frames", pa.int32()), ("crop_uri", pa.string())])
@@ -114,10 +114,7 @@ class YoloRegionsFilter(Filter):
     def frame_requests(self) -> list:
         return [self._request()]
 
-    def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
-        video = media.video()
-        if video is None:
-            return None
+    def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         p = self.params
         frames = video.view(self._request())
         host = frames.cpu().numpy()
