@@ -181,3 +181,14 @@ def test_speech_cuts_config_errors():
                         ({"gpu_pipeline": {"bogus": 1}}, "unknown key")]:
         with pytest.raises(ConfigError, match=msg):
             validate_filter_specs((FilterSpec("a", "speech_cuts", True, params),))
+
+
+def test_feature_cache_window_and_times():
+    from pipeline.audio.features import FeatureCache
+
+    mags = np.arange(100 * 3, dtype=np.float32).reshape(100, 3)
+    cache = FeatureCache(mags, hop=256, sample_rate=16000)  # frames every 16 ms
+    w = cache.get_window(0.4, 0.1)  # frames starting within 50 ms of 400 ms: 350..450 ms -> frames 22..28
+    assert w.shape == (7, 3) and w[0, 0] == mags[22, 0] and w[-1, 0] == mags[28, 0]
+    assert cache.get_window(0.0, 0.1).shape[0] == 4 and cache.get_window(10.0, 0.1).shape[0] == 0
+    assert cache.frame_times()[25] == pytest.approx(0.4)
