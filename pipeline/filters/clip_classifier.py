@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pyarrow as pa
 import torch
@@ -45,6 +46,16 @@ class ClipClassifierParams:
     """FP16 on GPU (FP32 on CPU always)."""
     max_wait_ms: float = 10.0
     """How long a batch waits for clips of other items before it runs partly full."""
+    backend: Literal["torch", "onnx"] = "torch"
+    """``onnx``: run ``model.onnx`` from the model directory (``jobs/export_onnx.py`` writes it) in ONNX Runtime."""
+    provider: Literal["tensorrt", "cuda", "cpu"] = "cuda"
+    """ONNX Runtime provider on a GPU rank (CPU ranks use ``cpu``); falls back TensorRT -> CUDA -> CPU."""
+    io_binding: bool = True
+    """Bind torch buffers to the ONNX session (no copy through host memory on GPU)."""
+    strict_gpu: bool = False
+    """Any fallback from the requested provider is fatal."""
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
+    """Batch sizes the ONNX model is warmed up on; batches are padded to the next bucket."""
 
 
 class ClipClassifierFilter(VideoFilter):
@@ -54,6 +65,8 @@ class ClipClassifierFilter(VideoFilter):
     output_type = pa.struct([
         ("label", pa.string()), ("prob", pa.float32()), ("scores", pa.map_(pa.string(), pa.float32())),
         ("windows", pa.list_(WINDOW)), ("reversed_windows", pa.list_(WINDOW)),
+        ("runtime", pa.struct([("backend", pa.string()), ("execution_provider", pa.string()),
+                               ("io_binding", pa.bool_()), ("fallback_reason", pa.string())])),
     ])
 
     def __init__(self, name, params):
@@ -62,6 +75,8 @@ class ClipClassifierFilter(VideoFilter):
             raise ConfigError(f"filters.{name}.model_uri is required")
         if not params.whole_clip and params.window_s is None:
             raise ConfigError(f"filters.{name}: enable whole_clip or set window_s")
+        if params.backend == "onnx" and params.batch_size > max(params.batch_buckets, default=0):
+            raise ConfigError(f"filters.{name}: batch_size {params.batch_size} exceeds the largest batch bucket")
         self.head: dict | None = None
         self._batcher: DynamicBatcher | None = None
         self._device = "cpu"
@@ -85,7 +100,32 @@ class ClipClassifierFilter(VideoFilter):
             with torch.inference_mode():
                 model(torch.zeros(1, t, 3, size, size, device=ctx.device, dtype=self._dtype))
 
-        ctx.pool.add(self._pool_key, lambda device: VideoClassifier.load(local, device, fp16), warmup)
+        p = self.params
+        if p.backend == "onnx":
+            from models.onnx_classifier import OnnxClassifier
+            from models.onnx_session import ProviderError
+
+            onnx_path = os.path.join(local, "model.onnx")
+            if not os.path.exists(onnx_path):
+                raise ConfigError(f"filters.{self.name}: {onnx_path} missing; run jobs/export_onnx.py first")
+            provider = p.provider if ctx.device.startswith("cuda") else "cpu"
+            self._dtype = torch.float32
+
+            def build(device):
+                try:
+                    return OnnxClassifier(onnx_path, t, size, provider, device, p.batch_buckets, p.io_binding,
+                                          p.strict_gpu)
+                except ProviderError as e:
+                    raise ConfigError(f"filters.{self.name}: strict_gpu: {e}") from e
+
+            ctx.pool.add(self._pool_key, build)
+            with ctx.pool.acquire(self._pool_key) as runner:
+                self.runtime = {"backend": "onnx", "execution_provider": runner.ort.execution_provider,
+                                "io_binding": p.io_binding, "fallback_reason": runner.ort.fallback_reason}
+        else:
+            ctx.pool.add(self._pool_key, lambda device: VideoClassifier.load(local, device, fp16), warmup)
+            self.runtime = {"backend": "torch", "execution_provider": ctx.device, "io_binding": None,
+                            "fallback_reason": None}
         pool = ctx.pool
 
         def run_batch(x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +172,8 @@ class ClipClassifierFilter(VideoFilter):
                     clips.append(frames.flip(0))
                     kinds.append(("reversed", span))
         probs = self.classify(torch.stack(clips))
-        out = {"label": None, "prob": None, "scores": None, "windows": [], "reversed_windows": []}
+        out = {"label": None, "prob": None, "scores": None, "windows": [], "reversed_windows": [],
+               "runtime": self.runtime}
         for (kind, span), p in zip(kinds, probs):
             k = int(p.argmax())
             if kind == "clip":

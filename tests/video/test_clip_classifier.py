@@ -137,3 +137,41 @@ def test_four_instances_in_the_job(tmp_path, media_dir):
     assert by_id["id-0000"]["rov"]["reversed_windows"] and not by_id["id-0000"]["vfx"]["reversed_windows"]
     assert by_id["id-0002"]["vfx"] is None  # audio only
     assert all(by_id["id-0000"][n]["label"] in LABELS for n in ["vfx", "simcam", "rov", "low_quality"])
+
+
+def test_onnx_backend_matches_torch_with_buckets_and_io_binding(tmp_path, clip4s):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_onnx", f"{__import__('tests.conftest').conftest.ROOT}/jobs/export_onnx.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    path = tiny_videomae(str(tmp_path / "m"))
+    report = export.export_classifier(path)
+    assert report["max_abs_diff"] < 1e-4 and report["argmax_equal"]
+    ref, _ = make_filter(tmp_path, path, window_s=1.0, reversed_windows=True)
+    outs = {}
+    for binding in (True, False):
+        f, _ = make_filter(tmp_path, path, window_s=1.0, reversed_windows=True, backend="onnx", io_binding=binding,
+                           batch_buckets=[1, 4, 8], batch_size=8)
+        outs[binding] = f.apply(item(clip4s, f), FilterContext("cpu", None))
+        assert outs[binding]["runtime"] == {"backend": "onnx", "execution_provider": "CPUExecutionProvider",
+                                            "io_binding": binding, "fallback_reason": None}
+    want = ref.apply(item(clip4s, ref), FilterContext("cpu", None))
+    for got in outs.values():
+        assert got["label"] == want["label"] and got["prob"] == pytest.approx(want["prob"], abs=1e-5)
+        assert [w["prob"] for w in got["windows"]] == pytest.approx([w["prob"] for w in want["windows"]], abs=1e-5)
+    # padding to a bucket never changes a row: 3 clips (padded to 4) equal each clip alone (bucket 1)
+    f, _ = make_filter(tmp_path, path, backend="onnx", batch_buckets=[1, 4], batch_size=4)
+    clips = torch.randint(0, 256, (3, 4, 32, 32, 3), dtype=torch.uint8)
+    assert torch.allclose(f.classify(clips), torch.cat([f.classify(c[None]) for c in clips]), atol=1e-6)
+
+
+def test_onnx_backend_errors(tmp_path):
+    from pipeline.errors import ConfigError
+
+    path = tiny_videomae(str(tmp_path / "m"))
+    with pytest.raises(ConfigError, match="export_onnx"):
+        make_filter(tmp_path, path, backend="onnx")
+    with pytest.raises(ConfigError, match="largest batch bucket"):
+        build_filters((FilterSpec("vfx", "clip_classifier", True,
+                                  {"model_uri": path, "backend": "onnx", "batch_size": 16}),))

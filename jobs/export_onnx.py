@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Export the configured torch models to ONNX and check torch against ONNX Runtime on the same inputs.
+
+Video classifiers (``clip_classifier`` filters) are written as ``model.onnx`` inside their model directory (with a
+dynamic batch dimension); YOLO weights (``yolo_regions``) go through ultralytics' own exporter. Prints the largest
+differences. Usage: python jobs/export_onnx.py --config configs/X.yaml [--filters vfx rov] [--opset 17]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def export_classifier(path: str, opset: int = 17, check_batch: int = 3) -> dict:
+    """Write ``<path>/model.onnx`` and return torch-vs-ORT differences on random clips."""
+    import torch
+
+    from models.onnx_classifier import OnnxClassifier
+    from models.video_classifier import VideoClassifier
+
+    model = VideoClassifier.load(path, "cpu")
+    t, s = model.cfg.num_frames, model.cfg.image_size
+    out = os.path.join(path, "model.onnx")
+    torch.onnx.export(model, (torch.randn(1, t, 3, s, s),), out, input_names=["clips"], output_names=["logits"],
+                      dynamic_axes={"clips": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False)
+    x = torch.randn(check_batch, t, 3, s, s)
+    with torch.inference_mode():
+        ref = model(x)
+    got = OnnxClassifier(out, t, s)(x)
+    diff = (ref - got).abs()
+    cos = torch.nn.functional.cosine_similarity(ref, got, dim=1).min()
+    return {"model": out, "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "min_cosine": float(cos), "argmax_equal": bool((ref.argmax(1) == got.argmax(1)).all())}
+
+
+def export_yolo(path: str, imgsz: int) -> dict:
+    import models.yolo  # noqa: F401 - offline settings first
+    from ultralytics import YOLO
+
+    out = YOLO(path).export(format="onnx", imgsz=imgsz, dynamic=True, simplify=False)
+    return {"model": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import load_raw, build_config
+    from pipeline.model_pool import localize_model
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--filters", nargs="*", help="filter names to export (default: all model filters)")
+    parser.add_argument("--opset", type=int, default=17)
+    args = parser.parse_args(argv)
+    cfg = build_config(load_raw(args.config))
+    cache = cfg.model_pool.model_cache_dir or os.path.join(cfg.storage.cache_dir, "models")
+    report = {}
+    for spec in cfg.filters:
+        if args.filters and spec.name not in args.filters:
+            continue
+        if spec.type not in ("clip_classifier", "yolo_regions"):
+            continue
+        local = localize_model(spec.params["model_uri"], cache, 0, lambda: None, spec.params.get("storage_options"))
+        if spec.type == "clip_classifier":
+            report[spec.name] = export_classifier(local, args.opset)
+        else:
+            report[spec.name] = export_yolo(local, int(spec.params.get("imgsz", 960)))
+    print(json.dumps(report, indent=2))
+    bad = [k for k, v in report.items() if v.get("argmax_equal") is False or v.get("max_abs_diff", 0) > 1e-3]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
