@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import ConfigError, ManifestError, OutputLockedError  # noqa: E402
+from pipeline.errors import ConfigError, ManifestError, MediasieveError, OutputLockedError  # noqa: E402
 from pipeline.metrics import setup_logging  # noqa: E402
 
 log = logging.getLogger("mediasieve")
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except OutputLockedError as e:
         log.error("%s", e)
         return 3
+    except MediasieveError as e:  # a system failure (stall, GPU failure in strict mode): loud, committed rows kept
+        log.exception("%s: %s; committed rows are kept, rerun to resume", type(e).__name__, e)
+        return 1
     if outcome.interrupted:
         log.warning("stopped before the end; committed rows are kept: rerun the same command to resume")
         return 143

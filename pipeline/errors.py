@@ -28,6 +28,10 @@ class StallError(MediasieveError):
     """No progress for longer than the configured stall timeout: a worker is dead or hung."""
 
 
+class GpuFailure(MediasieveError):
+    """CUDA failed in this process and strict GPU mode forbids falling back to CPU."""
+
+
 class DependencyError(MediasieveError):
     """An optional package needed by the configured filters is not installed."""
 

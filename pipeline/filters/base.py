@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from pipeline.errors import FilterError, ItemError
+from pipeline.errors import FilterError, MediasieveError
 from pipeline.media.item import MediaItem
 
 
@@ -80,8 +80,8 @@ class Filter:
         start = time.perf_counter()
         try:
             result = self.apply(media, ctx)
-        except ItemError:
-            raise
+        except MediasieveError:
+            raise  # typed: an item failure becomes its row, a system failure stops the rank
         except Exception as e:  # noqa: BLE001 - any bug in a filter fails this item, not the job
             raise FilterError(f"{self.name}: {type(e).__name__}: {e}") from e
         return result, time.perf_counter() - start

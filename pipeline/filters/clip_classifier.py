@@ -4,6 +4,7 @@ with its own ``model_uri``."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -12,8 +13,9 @@ from typing import Literal
 import pyarrow as pa
 import torch
 
+from models.circuit_breaker import CircuitBreaker, CudaCircuitOpen, tripped
 from pipeline.batching import DynamicBatcher
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, GpuFailure
 from pipeline.filters.base import FilterContext, SetupContext, VideoFilter
 from pipeline.media.item import MediaItem
 from pipeline.video.preprocess import clips_to_input
@@ -113,10 +115,14 @@ class ClipClassifierFilter(VideoFilter):
 
             def build(device):
                 try:
-                    return OnnxClassifier(onnx_path, t, size, provider, device, p.batch_buckets, p.io_binding,
-                                          p.strict_gpu)
+                    runner = OnnxClassifier(onnx_path, t, size, provider, device, p.batch_buckets, p.io_binding,
+                                            p.strict_gpu)
                 except ProviderError as e:
                     raise ConfigError(f"filters.{self.name}: strict_gpu: {e}") from e
+                cpu = functools.partial(OnnxClassifier, onnx_path, t, size, "cpu", "cpu", p.batch_buckets, False)
+                breaker = CircuitBreaker(runner, cpu, p.strict_gpu)
+                breaker.ort = runner.ort
+                return breaker
 
             ctx.pool.add(self._pool_key, build)
             with ctx.pool.acquire(self._pool_key) as runner:
@@ -152,7 +158,10 @@ class ClipClassifierFilter(VideoFilter):
         """uint8 clips ``[B, T, H, W, 3]`` -> class probabilities ``[B, L]`` (batched with other items' clips)."""
         x = clips_to_input(clips, self.head["image_size"], self.head["mean"], self.head["std"], self._device,
                            self._dtype)
-        return self._batcher(x)
+        try:
+            return self._batcher(x)
+        except CudaCircuitOpen as e:
+            raise GpuFailure(str(e)) from e  # a system failure: the rank stops, the item is redone on a rerun
 
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         labels = self.head["labels"]
@@ -172,8 +181,12 @@ class ClipClassifierFilter(VideoFilter):
                     clips.append(frames.flip(0))
                     kinds.append(("reversed", span))
         probs = self.classify(torch.stack(clips))
+        runtime = self.runtime
+        if runtime["backend"] == "onnx" and tripped():
+            runtime = {**runtime, "execution_provider": "CPUExecutionProvider (subprocess)",
+                       "fallback_reason": f"circuit breaker: {tripped()}"}
         out = {"label": None, "prob": None, "scores": None, "windows": [], "reversed_windows": [],
-               "runtime": self.runtime}
+               "runtime": runtime}
         for (kind, span), p in zip(kinds, probs):
             k = int(p.argmax())
             if kind == "clip":

@@ -1,0 +1,119 @@
+"""A circuit breaker for GPU inference: after a CUDA failure, no more CUDA in this process.
+
+An ONNX Runtime CUDA error at run time (CUDNN_STATUS_*, an illegal memory access, invalid PTX, out of memory)
+leaves the CUDA context unusable. The breaker trips process-wide, moves the work to a fresh subprocess that runs
+the same model on CPU, and retries the failing batch there once; in strict mode it raises ``CudaCircuitOpen``, a
+system failure that stops the rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+from typing import Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CUDA_FAILURES = ("CUDNN_STATUS_", "CUBLAS_STATUS_", "illegal memory access", "invalid PTX", "PTX JIT",
+                 "out of memory", "CUDA failure", "cudaError", "CUDA error", "no kernel image")
+
+_TRIPPED = threading.Event()
+_REASON: list[str] = []
+
+
+class CudaCircuitOpen(RuntimeError):
+    """CUDA failed in this process and strict GPU mode forbids the CPU fallback."""
+
+
+def is_cuda_failure(error: BaseException) -> bool:
+    text = f"{type(error).__name__}: {error}"
+    return any(p.lower() in text.lower() for p in CUDA_FAILURES)
+
+
+def tripped() -> str | None:
+    """The reason the breaker tripped in this process, or None."""
+    return _REASON[0] if _TRIPPED.is_set() and _REASON else None
+
+
+def _reset_for_tests() -> None:
+    _TRIPPED.clear()
+    _REASON.clear()
+
+
+def _serve(conn, factory: Callable[[], Callable[[torch.Tensor], torch.Tensor]]) -> None:
+    """Subprocess loop: build the CPU model, then answer arrays with arrays until the pipe closes."""
+    model = factory()
+    while True:
+        try:
+            x = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("ok", model(torch.from_numpy(x)).numpy()))
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the item
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class CpuSubprocess:
+    """A model served on CPU by a fresh (spawned) process, so no CUDA state is inherited."""
+
+    def __init__(self, factory: Callable[[], Callable[[torch.Tensor], torch.Tensor]]):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, factory), daemon=True)
+        self.proc.start()
+        self.lock = threading.Lock()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.conn.send(np.ascontiguousarray(x.detach().cpu().float().numpy()))
+            status, value = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"CPU fallback subprocess failed: {value}")
+        return torch.from_numpy(value)
+
+    def close(self) -> None:
+        self.conn.close()
+        self.proc.join(timeout=5)
+
+
+class CircuitBreaker:
+    """Wraps a GPU model call; see the module docstring.
+
+    Args:
+        primary: the model call on the GPU.
+        cpu_factory: a picklable callable building the same model on CPU (run in the subprocess).
+        strict: raise ``CudaCircuitOpen`` instead of falling back.
+    """
+
+    def __init__(self, primary: Callable[[torch.Tensor], torch.Tensor], cpu_factory: Callable, strict: bool = False):
+        self.primary = primary
+        self.cpu_factory = cpu_factory
+        self.strict = strict
+        self._fallback: CpuSubprocess | None = None
+        self._lock = threading.Lock()
+
+    def _cpu(self) -> CpuSubprocess:
+        with self._lock:
+            if self._fallback is None:
+                self._fallback = CpuSubprocess(self.cpu_factory)
+            return self._fallback
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not _TRIPPED.is_set():
+            try:
+                return self.primary(x)
+            except Exception as e:  # noqa: BLE001 - only CUDA failures trip; others propagate unchanged
+                if not is_cuda_failure(e):
+                    raise
+                if not _TRIPPED.is_set():
+                    _REASON.append(f"{type(e).__name__}: {str(e)[:300]}")
+                    _TRIPPED.set()
+                    log.error("CUDA failure, circuit breaker open for this process: %s", e)
+        if self.strict:
+            raise CudaCircuitOpen(f"strict GPU mode: CUDA failed ({tripped()}); no CPU fallback")
+        return self._cpu()(x)  # the failing batch is retried once here, and every later one runs here
