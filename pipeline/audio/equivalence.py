@@ -87,6 +87,25 @@ def compare(chunked: AudioResult, whole: AudioResult, reference: list[tuple[floa
     )
 
 
+def measure(audio: np.ndarray, params: AudioParams, vad) -> tuple[Equivalence, AudioResult, AudioResult]:
+    """Run the chunked pipeline, the one-chunk whole-file run and silero-vad's ``get_speech_timestamps`` (same
+    parameters, same merge) on ``audio`` with the ``SileroVAD`` ``vad``, and compare them."""
+    import torch
+    from silero_vad import get_speech_timestamps
+
+    from pipeline.audio.pipeline import run_audio
+    from pipeline.audio.vad import merge_segments
+
+    chunked = run_audio([audio], params, vad.probs)[0]
+    whole = run_audio([audio], params, vad.probs, chunked=False)[0]
+    sr = params.sample_rate
+    stamps = get_speech_timestamps(torch.from_numpy(audio), vad.model, threshold=params.threshold, sampling_rate=sr,
+                                   min_speech_duration_ms=params.min_speech_ms,
+                                   min_silence_duration_ms=params.min_silence_ms, speech_pad_ms=params.speech_pad_ms)
+    reference = merge_segments([(s["start"] / sr, s["end"] / sr) for s in stamps], params.merge_gap_ms / 1000)
+    return compare(chunked, whole, reference), chunked, whole
+
+
 def write_report(eq: Equivalence, params: AudioParams, json_path: str, md_path: str) -> None:
     """The figures as JSON and as a Markdown table with the bounds and a verdict per line."""
     body = {"figures": asdict(eq), "bounds": BOUNDS, "violations": eq.violations(),

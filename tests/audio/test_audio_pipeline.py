@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from pipeline.audio.cuts import Cut, final_check, guard, nms
 from pipeline.audio.decode import decode_audio
-from pipeline.audio.equivalence import compare, write_report
+from pipeline.audio.equivalence import measure, write_report
 from pipeline.audio.pipeline import AudioParams, GpuPipelineParams, run_audio
 from pipeline.audio.schedule import chunk_schedule
 from pipeline.audio.vad import SileroVAD, merge_segments
@@ -75,13 +75,7 @@ def test_equivalence_contract_on_real_speech(long_speech, vad, tmp_path):
 
     params = AudioParams()
     assert len(long_speech) / 16000 > 4 * params.gpu_pipeline.chunk_seconds  # several chunks
-    chunked = run_audio([long_speech], params, vad.probs)[0]
-    whole = run_audio([long_speech], params, vad.probs, chunked=False)[0]
-    stamps = get_speech_timestamps(torch.from_numpy(long_speech), vad.model, threshold=params.threshold,
-                                   min_speech_duration_ms=params.min_speech_ms,
-                                   min_silence_duration_ms=params.min_silence_ms, speech_pad_ms=params.speech_pad_ms)
-    reference = merge_segments([(s["start"] / 16000, s["end"] / 16000) for s in stamps], params.merge_gap_ms / 1000)
-    eq = compare(chunked, whole, reference)
+    eq, chunked, whole = measure(long_speech, params, vad)
     write_report(eq, params, str(tmp_path / "eq.json"), str(tmp_path / "eq.md"))
     assert eq.chunks >= 5 and eq.cuts_whole >= 10
     assert eq.violations() == [], eq
@@ -94,7 +88,8 @@ def test_equivalence_contract_on_real_speech(long_speech, vad, tmp_path):
     assert chunked.features.mag.shape == direct.shape
     assert np.abs(chunked.features.mag - direct).mean() < 1e-4
     # the whole-file run reproduces silero's own timestamps exactly (same probabilities, same state machine)
-    assert whole.speech == reference
+    stamps = get_speech_timestamps(torch.from_numpy(long_speech), vad.model)
+    assert whole.speech == merge_segments([(s["start"] / 16000, s["end"] / 16000) for s in stamps], 0.12)
 
 
 def test_results_do_not_depend_on_batching(long_speech, vad):
