@@ -42,11 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML job config (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--strict-gpu", action="store_true",
+                        help="any fallback from a requested GPU provider, or a CUDA failure, is fatal")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     setup_logging(rank, getattr(logging, args.log_level.upper(), logging.INFO))
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + (["runtime.strict_gpu=true"] if args.strict_gpu else []))
     except ConfigError as e:
         log.error("config error: %s", e)
         return 2

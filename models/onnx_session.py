@@ -6,6 +6,7 @@ lists; when the requested provider is not the first in effect, the reason is rec
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -79,6 +80,7 @@ def make_session(path: str, provider: str = "cpu", device_id: int = 0, graph_opt
                                 + (f" ({', '.join(missing)} not available in this onnxruntime build)" if missing else ""))
             if strict:
                 raise ProviderError(f"{path}: {reason}")
-        log.info("%s", {"onnx_model": path, "requested": provider, "providers": in_effect, "fallback_reason": reason})
+        log.info("%s", json.dumps({"onnx_model": path, "requested": provider, "providers": in_effect,
+                                   "fallback_reason": reason}))
         return OrtSession(sess, provider, in_effect, reason)
     raise ProviderError(f"{path}: no execution provider could open the model: {'; '.join(reasons)}")

@@ -98,6 +98,8 @@ class RuntimeConfig:
     """torch.distributed collective timeout (barriers wait for the slowest rank to finish its work)."""
     shutdown_grace_s: float = 20.0
     """After SIGTERM, how long items already in a filter may take before they are abandoned."""
+    strict_gpu: bool = False
+    """Any fallback from a requested GPU provider, or a CUDA failure at run time, is fatal (``--strict-gpu``)."""
     torch_threads: int | None = None
     """torch intra-op threads per rank (None: leave torch's default)."""
     progress: bool = True

@@ -405,7 +405,7 @@ def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fet
     pool = ModelPool(device, cfg.model_pool.instances, cfg.model_pool.acquire_timeout_s, cfg.runtime.empty_cache_every)
     model_cache = cfg.model_pool.model_cache_dir or os.path.join(cfg.storage.cache_dir, "models")
     setup = SetupContext(device, pool, lambda uri, options=None: localize_model(
-        uri, model_cache, ctx.local_rank, ctx.barrier, options))
+        uri, model_cache, ctx.local_rank, ctx.barrier, options), cfg.runtime.strict_gpu)
     for f in filters:
         f.setup(setup)
     writer = ResultWriter(cfg.output.dir, cfg.output.storage_options, schema, run_id, ctx.rank,

@@ -86,10 +86,11 @@ def resolve_spec(input_shape: list, sidecar: dict, params: SeparatorParams) -> S
 class Separator:
     """An MDX-style ONNX separator; ``separate`` returns the model's source (e.g. vocals) for a stereo signal."""
 
-    def __init__(self, model_path: str, sidecar: dict, params: SeparatorParams, device_id: int = 0):
+    def __init__(self, model_path: str, sidecar: dict, params: SeparatorParams, device_id: int = 0,
+                 strict: bool = False):
         from models.onnx_session import make_session
 
-        self.ort = make_session(model_path, params.provider, device_id)
+        self.ort = make_session(model_path, params.provider, device_id, strict=strict)
         inp = self.ort.session.get_inputs()[0]
         self.input_name = inp.name
         self.spec = resolve_spec(list(inp.shape), sidecar, params)

@@ -35,6 +35,7 @@ class SetupContext:
     device: str
     pool: Any
     localize: Any  # Callable[[str, dict], str]
+    strict_gpu: bool = False
 
 
 class Filter:

@@ -103,6 +103,7 @@ class ClipClassifierFilter(VideoFilter):
                 model(torch.zeros(1, t, 3, size, size, device=ctx.device, dtype=self._dtype))
 
         p = self.params
+        strict = p.strict_gpu or ctx.strict_gpu
         if p.backend == "onnx":
             from models.onnx_classifier import OnnxClassifier
             from models.onnx_session import ProviderError
@@ -116,11 +117,11 @@ class ClipClassifierFilter(VideoFilter):
             def build(device):
                 try:
                     runner = OnnxClassifier(onnx_path, t, size, provider, device, p.batch_buckets, p.io_binding,
-                                            p.strict_gpu)
+                                            strict)
                 except ProviderError as e:
                     raise ConfigError(f"filters.{self.name}: strict_gpu: {e}") from e
                 cpu = functools.partial(OnnxClassifier, onnx_path, t, size, "cpu", "cpu", p.batch_buckets, False)
-                breaker = CircuitBreaker(runner, cpu, p.strict_gpu)
+                breaker = CircuitBreaker(runner, cpu, strict)
                 breaker.ort = runner.ort
                 return breaker
 

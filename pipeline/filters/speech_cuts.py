@@ -81,7 +81,7 @@ class SpeechCutsFilter(Filter):
             sidecar = load_sidecar(model, ctx.localize(sep.sidecar_uri, sep.storage_options) if sep.sidecar_uri else None)
             device_id = int(ctx.device.split(":")[1]) if ctx.device.startswith("cuda:") else 0
             self._separator_key = f"separator:{sep.model_uri}"
-            ctx.pool.add(self._separator_key, lambda device: Separator(model, sidecar, sep, device_id),
+            ctx.pool.add(self._separator_key, lambda device: Separator(model, sidecar, sep, device_id, ctx.strict_gpu),
                          instances=self.params.vad_instances)
         self._pool = pool
         self._direct = run_batch  # whole-file chunks differ in length per file: no cross-item batching

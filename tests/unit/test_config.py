@@ -108,3 +108,16 @@ def test_shipped_configs_are_valid_in_shape():
         cfg = build_config(load_raw(path))
         validate_config(cfg)
         assert cfg.enabled_filters, path
+
+
+def test_cli_strict_gpu_flag_reaches_the_recorded_config(tmp_path, media_dir):
+    from tests.conftest import make_corpus, write_manifest
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 2)
+    raw = {"input": {"manifest": write_manifest(str(tmp_path / "m.parquet"), rows)},
+           "storage": {"cache_dir": str(tmp_path / "cache"), "tiers": [{"name": "s", "root": str(tmp_path / "c")}]},
+           "runtime": {"progress": False}, "output": {"dir": str(tmp_path / "out")}, "filters": {"noop": {}}}
+    proc = _run_cli(["--config", _write(tmp_path, raw), "--strict-gpu"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recorded = json.load(open(tmp_path / "out" / "_config.json"))
+    assert recorded["config"]["runtime"]["strict_gpu"] is True
