@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Video classifier inference, side by side in one run: torch eager, ONNX Runtime on CPU with and without
+IOBinding, and (with onnxruntime-gpu on a GPU) ORT CUDA with and without IOBinding and TensorRT FP16; latency per
+batch and clips/s; and the first-call cost of an unseen batch shape with and without buckets.
+The model has random weights (a ViT-S-like VideoMAE by default): for speed only, never for its outputs.
+
+Usage: python tests/benchmarks/bench_onnx.py [--frames 8] [--size 112] [--hidden 384] [--layers 6] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    import onnxruntime as ort
+    from transformers import VideoMAEConfig, VideoMAEModel
+
+
+    import importlib.util
+
+    from models.onnx_classifier import OnnxClassifier
+    from models.video_classifier import ClassifierHead, HeadConfig, VideoClassifier, save_classifier
+
+    spec = importlib.util.spec_from_file_location("export_onnx", os.path.join(ROOT, "jobs", "export_onnx.py"))
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    path = os.path.join(tempfile.mkdtemp(), "cls")
+    cfg = VideoMAEConfig(image_size=args.size, num_frames=args.frames, hidden_size=args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                         intermediate_size=4 * args.hidden)
+    hc = HeadConfig(labels=["a", "b", "c"], pooling="attentive", num_heads=args.hidden // 64, num_frames=args.frames,
+                    image_size=args.size)
+    save_classifier(path, VideoMAEModel(cfg), ClassifierHead(args.hidden, hc), hc)
+    parity = export.export_classifier(path)
+    onnx_path = os.path.join(path, "model.onnx")
+    b, t, s = args.batch, args.frames, args.size
+    x = torch.randn(b, t, 3, s, s)
+    rows = []
+    model = VideoClassifier.load(path, "cpu")
+    with torch.inference_mode():
+        rows.append(("torch eager, CPU", timed(lambda: model(x), args.repeats)))
+    for binding in (False, True):
+        runner = OnnxClassifier(onnx_path, t, s, "cpu", "cpu", (b,), io_binding=binding)
+        rows.append((f"ORT CPU, IOBinding {'on' if binding else 'off'}", timed(lambda: runner(x), args.repeats)))
+    gpu = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+    if gpu:
+        xg = x.cuda()
+        gmodel = VideoClassifier.load(path, "cuda:0", fp16=True)
+        with torch.inference_mode():
+            rows.append(("torch eager, CUDA FP16", timed(lambda: (gmodel(xg.half()), torch.cuda.synchronize()),
+                                                         args.repeats)))
+        for binding in (False, True):
+            runner = OnnxClassifier(onnx_path, t, s, "cuda", "cuda:0", (b,), io_binding=binding)
+            rows.append((f"ORT {runner.ort.execution_provider}, IOBinding {'on' if binding else 'off'}",
+                         timed(lambda: runner(xg), args.repeats)))
+    # first call of an unseen batch shape: without buckets (a fresh shape) and with (padded to a warmed bucket)
+    plain = OnnxClassifier(onnx_path, t, s, "cpu", "cpu", (b,), io_binding=True)
+    t0 = time.perf_counter()
+    plain(torch.randn(b - 1 if b > 1 else 2, t, 3, s, s))
+    unseen = time.perf_counter() - t0
+    bucketed = OnnxClassifier(onnx_path, t, s, "cpu", "cpu", tuple(range(1, b + 1)), io_binding=True)
+    t0 = time.perf_counter()
+    bucketed(torch.randn(b - 1 if b > 1 else 1, t, 3, s, s))
+    warmed = time.perf_counter() - t0
+
+    print(f"\nONNX benchmark: VideoMAE hidden {args.hidden} x {args.layers} layers, {t} frames at {s}px, batch {b}; "
+          f"torch vs ORT max |diff| {parity['max_abs_diff']:.2e}, {os.cpu_count()} cores, torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"{'runtime':<40}{'ms/batch':>10}{'clips/s':>10}")
+    for label, sec in rows:
+        print(f"{label:<40}{sec * 1000:>10.1f}{b / sec:>10.1f}")
+    print(f"first call of an unseen batch shape: {unseen * 1000:.1f} ms without buckets, {warmed * 1000:.1f} ms when "
+          "it falls in a warmed bucket (on CPU the gap is small; TensorRT builds an engine per unseen shape)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
