@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -99,7 +98,3 @@ class VideoFilter(Filter):
     def apply_video(self, video: Any, media: MediaItem, ctx: FilterContext) -> dict:
         """Compute the result from ``video`` (a ``pipeline.video.decoders.DecodedVideo``)."""
         raise NotImplementedError
-
-
-def params_to_dict(params: Any) -> dict:
-    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params)

@@ -11,7 +11,6 @@ import time
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from tests.conftest import ROOT, base_config, make_corpus, write_manifest

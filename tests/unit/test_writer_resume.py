@@ -2,7 +2,6 @@ import json
 import os
 import threading
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -39,7 +38,6 @@ def test_parts_by_rows_and_resume_state(tmp_path):
 
 
 def test_concurrent_writers_cut_full_parts(tmp_path):
-    import threading
 
     w = ResultWriter(str(tmp_path), {}, SCHEMA, "run1", 0, rows_per_file=50, flush_interval_s=999)
 
