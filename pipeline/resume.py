@@ -44,6 +44,14 @@ def redact(obj):
     return obj
 
 
+def part_files(fs, root: str) -> list[str]:
+    """The committed part files under an output root (temporaries live elsewhere, so every one is whole)."""
+    try:
+        return [p for p in fs.find(f"{root.rstrip('/')}/{PARTS_DIR}") if p.endswith(".parquet")]
+    except FileNotFoundError:
+        return []
+
+
 @dataclass
 class CommittedState:
     """What the committed part files say about the items."""
@@ -66,11 +74,7 @@ def read_committed(out_dir: str, storage_options: dict, id_column: str) -> Commi
         The committed state (empty for a new output directory).
     """
     fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
-    parts = f"{root.rstrip('/')}/{PARTS_DIR}"
-    try:
-        files = [p for p in fs.find(parts) if p.endswith(".parquet")]
-    except FileNotFoundError:
-        files = []
+    files = part_files(fs, root)
     if not files:
         return CommittedState(set(), set(), 0, 0)
     dataset = ds.dataset(files, format="parquet", filesystem=fs)

@@ -36,12 +36,13 @@ from pipeline.resume import (
     SUMMARY,
     OutputLease,
     check_or_record_config,
+    part_files,
     pending_indices,
     read_committed,
 )
 from pipeline.storage import FetchedItem, TieredFetcher
 from pipeline.task_queue import BoundedTaskQueue
-from pipeline.writer import PARTS_DIR, ResultWriter, commit_bytes, is_local_fs, result_schema
+from pipeline.writer import ResultWriter, commit_bytes, is_local_fs, result_schema
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +475,7 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: pa.Table, pending: int,
     root = root.rstrip("/")
     import pyarrow.dataset as ds
 
-    files = [p for p in fs.find(f"{root}/{PARTS_DIR}") if p.endswith(".parquet")]
+    files = part_files(fs, root)
     table = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={
         "id": pc.field(id_col), "path": pc.field(path_col), "ok": pc.field("result_info", "succeed"),
         "error_type": pc.field("result_info", "error_type"), "error_message": pc.field("result_info", "error_message"),

@@ -20,6 +20,11 @@ def stft_magnitude(x: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     return spec.pow(2).sum(-1).sqrt().transpose(1, 2)  # faster than complex abs() on CPU
 
 
+def valid_frames(plan: ChunkPlan, hop: int, total: int) -> tuple[int, int]:
+    """Frames ``[first, last)`` whose first sample lies in the chunk's valid region (each frame in one chunk)."""
+    return -(-plan.valid_start // hop), min(total, -(-plan.valid_end // hop))
+
+
 def chunked_stft(audio: np.ndarray, plans: list[ChunkPlan], n_fft: int, hop: int, device: str = "cpu") -> np.ndarray:
     """The file's STFT magnitudes computed chunk by chunk, each chunk only over its valid frames (every frame
     once), stitched in the global frame index. Equal to the whole-file STFT up to float rounding."""
@@ -27,8 +32,7 @@ def chunked_stft(audio: np.ndarray, plans: list[ChunkPlan], n_fft: int, hop: int
     out = np.zeros((total, n_fft // 2 + 1), np.float32)
     src = torch.from_numpy(audio)
     for plan in plans:
-        first = -(-plan.valid_start // hop)
-        last = min(total, -(-plan.valid_end // hop))
+        first, last = valid_frames(plan, hop, total)
         if last <= first:
             continue
         piece = src[first * hop:(last - 1) * hop + n_fft].to(device)
@@ -64,8 +68,7 @@ def stitch_frames(chunk_values: torch.Tensor, plans: list[ChunkPlan], hop: int, 
     out = np.zeros((total, *chunk_values.shape[2:]), np.float32)
     vals = chunk_values.numpy()
     for c, plan in enumerate(plans):
-        first = -(-plan.valid_start // hop)
-        last = min(total, -(-plan.valid_end // hop))
+        first, last = valid_frames(plan, hop, total)
         if last <= first:
             continue
         offset = plan.start // hop

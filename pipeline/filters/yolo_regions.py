@@ -19,6 +19,7 @@ from pipeline.filters.signal import BOX, content_box, luma
 from pipeline.media.item import MediaItem
 from pipeline.video.crop import aggregate_regions, safe_crop
 from pipeline.video.sampling import EveryK
+from pipeline.writer import is_local_fs
 
 REGION = pa.struct([("label", pa.string()), ("x", pa.int32()), ("y", pa.int32()), ("w", pa.int32()),
                     ("h", pa.int32()), ("persistence", pa.float32()), ("mean_conf", pa.float32())])
@@ -164,7 +165,7 @@ class YoloRegionsFilter(VideoFilter):
             fs, root = fsspec.core.url_to_fs(self.params.crop_output, **self.params.crop_storage_options)
             final = f"{root.rstrip('/')}/{name[:2]}/{name}"
             fs.makedirs(os.path.dirname(final), exist_ok=True)
-            if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            if is_local_fs(fs):
                 part = final + f".{uuid.uuid4().hex[:8]}.part"
                 fs.put_file(tmp, part)
                 fs.mv(part, final)
