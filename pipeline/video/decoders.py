@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -80,17 +82,29 @@ class DecordBackend:
     def __init__(self) -> None:
         import decord  # noqa: F401 - fail at construction when the package is missing
 
+        # readers opened by meta(), reused by decode() at source size: one open per item, not two
+        self._readers: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+
     def meta(self, path: str) -> VideoMeta:
         import decord
 
-        vr = decord.VideoReader(path, ctx=decord.cpu(0))
-        h, w = vr[0].shape[:2] if len(vr) else (0, 0)
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        h, w = vr[0].shape[:2] if len(vr) else (0, 0)  # decord exposes the size only through a frame
+        with self._lock:
+            self._readers[path] = vr
+            while len(self._readers) > 16:  # bounded: a meta() whose decode() never came is dropped
+                self._readers.popitem(last=False)
         return VideoMeta(len(vr), float(vr.get_avg_fps() or 0.0), int(w), int(h))
 
-    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str) -> torch.Tensor:
+    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
+               resize: bool) -> torch.Tensor:
         import decord
 
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1], num_threads=1)
+        with self._lock:
+            vr = self._readers.pop(path, None)
+        if vr is None or resize:
+            vr = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1], num_threads=1)
         return torch.from_numpy(vr.get_batch(indices).asnumpy())
 
 
@@ -106,12 +120,12 @@ class TorchcodecBackend:
         m = VideoDecoder(path, seek_mode="exact").metadata
         return VideoMeta(int(m.num_frames or 0), float(m.average_fps or 0.0), int(m.width), int(m.height))
 
-    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str) -> torch.Tensor:
+    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
+               resize: bool) -> torch.Tensor:
         from torchcodec.decoders import VideoDecoder
 
         transforms = None
-        m = VideoDecoder(path, seek_mode="exact").metadata
-        if (m.width, m.height) != size:
+        if resize:
             from torchcodec.transforms import Resize
 
             transforms = [Resize(size=(size[1], size[0]))]
@@ -139,7 +153,8 @@ class PyAVBackend:
                 n = int(math.floor(dur * rate))
             return VideoMeta(n, rate, int(s.codec_context.width), int(s.codec_context.height))
 
-    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str) -> torch.Tensor:
+    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
+               resize: bool) -> torch.Tensor:
         import av
 
         wanted = set(indices)
@@ -199,8 +214,8 @@ _DECODE_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="decode")
 
 
 def _decode_with_timeout(backend, path: str, indices: list[int], size: tuple[int, int], device: str,
-                         timeout_s: float) -> torch.Tensor:
-    future = _DECODE_POOL.submit(backend.decode, path, indices, size, device)
+                         timeout_s: float, resize: bool) -> torch.Tensor:
+    future = _DECODE_POOL.submit(backend.decode, path, indices, size, device, resize)
     try:
         return future.result(timeout=timeout_s)
     except FutureTimeout:
@@ -241,13 +256,14 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
             if len(plan.indices) > max_frames:
                 raise DecodeError(f"frame plan needs {len(plan.indices)} frames, over video.max_frames={max_frames}")
             size = _decode_size(meta.width, meta.height, max_side)
+            resize = size != (meta.width, meta.height)
             dev = device if backend.name == "torchcodec" else "cpu"
             try:
-                frames = _decode_with_timeout(backend, path, plan.indices, size, dev, timeout_s)
+                frames = _decode_with_timeout(backend, path, plan.indices, size, dev, timeout_s, resize)
             except TruncatedVideo as t:  # a broken tail: the clip is its decodable prefix
                 meta = VideoMeta(t.decodable, meta.fps, meta.width, meta.height)
                 plan = make_plan(requests, meta.num_frames, meta.fps)
-                frames = _decode_with_timeout(backend, path, plan.indices, size, dev, timeout_s)
+                frames = _decode_with_timeout(backend, path, plan.indices, size, dev, timeout_s, resize)
             if frames.shape[0] != len(plan.indices):
                 raise DecodeError(f"{backend.name} returned {frames.shape[0]} of {len(plan.indices)} frames")
             return DecodedVideo(frames, plan, meta, backend.name,
