@@ -1,11 +1,22 @@
-"""Read the input manifest (Parquet, JSONL, CSV at any fsspec URL) or list a storage prefix."""
+"""Read the input manifest (Parquet, JSONL, CSV at any fsspec URL) or list a storage prefix.
+
+A rank keeps only the id column in memory. The manifest is streamed once, batch by batch, into a node-local
+Parquet spill with small row groups; the rows of a work unit are read back from the spill when the unit is
+taken. Peak memory then grows with the ids alone, not with the paths and passthrough columns of every row.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
+import socket
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -18,6 +29,9 @@ from pipeline.errors import ConfigError, ManifestError
 log = logging.getLogger(__name__)
 
 ID = "video_id"
+BATCH_ROWS = 65_536
+SPILL_GROUP_ROWS = 8_192
+SPILL_DIR = "_manifest"
 
 
 def _format_of(url: str, fmt: str) -> str:
@@ -44,27 +58,29 @@ def check_input_exists(cfg: InputConfig) -> None:
         _format_of(cfg.manifest, cfg.format)
 
 
-def _read_table(cfg: InputConfig) -> pa.Table:
+def _file_batches(cfg: InputConfig) -> Iterator[pa.RecordBatch]:
     url = cfg.manifest
     fmt = _format_of(url, cfg.format)
     fs, path = fsspec.core.url_to_fs(url, **cfg.storage_options)
     try:
         with fs.open(path, "rb") as f:
             if fmt == "parquet":
-                return pq.read_table(f)
-            if fmt == "jsonl":
-                return pajson.read_json(f)
-            delimiter = "\t" if url.lower().endswith(".tsv") else ","
-            # ids and paths stay strings even when they look like numbers
-            opts = pacsv.ConvertOptions(column_types={cfg.id_column: pa.string(), cfg.path_column: pa.string()})
-            return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=delimiter), convert_options=opts)
+                yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS)
+            elif fmt == "jsonl":
+                yield from pajson.open_json(f)
+            else:
+                delimiter = "\t" if url.lower().endswith(".tsv") else ","
+                # ids and paths stay strings even when they look like numbers
+                opts = pacsv.ConvertOptions(column_types={cfg.id_column: pa.string(), cfg.path_column: pa.string()})
+                yield from pacsv.open_csv(f, parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                                          convert_options=opts)
     except FileNotFoundError as e:
         raise ConfigError(f"input.manifest {url} does not exist") from e
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
         raise ManifestError(f"cannot read manifest {url} as {fmt}: {e}") from e
 
 
-def _listing_table(cfg: InputConfig) -> pa.Table:
+def _listing_batches(cfg: InputConfig) -> Iterator[pa.RecordBatch]:
     pattern = cfg.listing_glob
     fs, path = fsspec.core.url_to_fs(pattern, **cfg.storage_options)
     proto = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
@@ -80,51 +96,202 @@ def _listing_table(cfg: InputConfig) -> pa.Table:
     files = [p for p in found if not fs.isdir(p)]
     ids = [posixpath.relpath(p, base) if base else p for p in files]
     paths = [proto + p if proto else p for p in files]
-    return pa.table({cfg.id_column: pa.array(ids, pa.string()), cfg.path_column: pa.array(paths, pa.string())})
+    yield pa.record_batch({cfg.id_column: pa.array(ids, pa.string()), cfg.path_column: pa.array(paths, pa.string())})
 
 
-def read_manifest(cfg: InputConfig) -> pa.Table:
-    """Read the manifest into a table whose id and path columns are strings, in manifest order.
+def _normalise(batch: pa.RecordBatch, cfg: InputConfig, offset: int) -> pa.RecordBatch:
+    for col in (cfg.id_column, cfg.path_column):
+        if col not in batch.schema.names:
+            raise ManifestError(f"manifest has no column {col!r}; columns are {batch.schema.names}")
+    arrays = list(batch.columns)
+    for col in (cfg.id_column, cfg.path_column):
+        i = batch.schema.get_field_index(col)
+        arrays[i] = pc.cast(arrays[i], pa.string())
+    batch = pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+    nulls = batch.column(cfg.id_column).null_count
+    if nulls:
+        first = offset + pc.index(pc.is_null(batch.column(cfg.id_column)), True).as_py()
+        raise ManifestError(f"manifest has {nulls} row(s) with a null {cfg.id_column} (the first at row {first})")
+    return batch
+
+
+def _duplicates(ids: pa.ChunkedArray) -> tuple[np.ndarray, list[str], int]:
+    """Positions of later occurrences of repeated ids, some repeated ids, and how many ids repeat.
+
+    Sort-based, in slices: no hash table over every id and no second copy of the column.
+    """
+    order = pc.sort_indices(ids)  # stable: equal ids keep manifest order, so the first occurrence comes first
+    later: list[np.ndarray] = []
+    names: list[str] = []
+    n_repeated = 0
+    step = BATCH_ROWS
+    for start in range(0, len(order) - 1, step):
+        idx = order.slice(start, step + 1)
+        run = ids.take(idx)
+        same = pc.equal(run.slice(1), run.slice(0, len(run) - 1)).to_numpy(zero_copy_only=False)
+        if same.any():
+            hit = np.flatnonzero(same) + 1
+            later.append(idx.to_numpy()[hit])
+            prev_same = np.concatenate([[False], same[:-1]])
+            starts = np.flatnonzero(same & ~prev_same)  # the first repeat of each run of equal ids
+            n_repeated += len(starts)
+            if len(names) < 10:
+                names.extend(run.take(pa.array(starts[: 10 - len(names)])).to_pylist())
+    pos = np.sort(np.concatenate(later)) if later else np.empty(0, np.int64)
+    return pos, names, n_repeated
+
+
+class Manifest:
+    """The manifest of one run: ids in memory, every row in a node-local spill read back per work unit.
+
+    Attributes:
+        ids: the id column (strings, manifest order, duplicates included).
+        keep: a boolean mask over ``ids`` of the rows to process (None when every row is kept).
+        schema: the manifest's schema with id and path cast to strings.
+    """
+
+    def __init__(self, ids: pa.ChunkedArray, keep: pa.Array | None, schema: pa.Schema, spill_path: str):
+        self.ids = ids
+        self.keep = keep
+        self.schema = schema
+        self.spill_path = spill_path
+        self._file = pq.ParquetFile(spill_path)
+        meta = self._file.metadata
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Rows to process (after dropping duplicates and applying the limit)."""
+        return len(self.ids) if self.keep is None else int(pc.sum(self.keep).as_py() or 0)
+
+    def kept_ids(self) -> pa.ChunkedArray | pa.Array:
+        """The ids of the rows to process."""
+        return self.ids if self.keep is None else self.ids.filter(self.keep)
+
+    def _group(self, g: int) -> pa.Table:
+        table = self._cache.pop(g, None)
+        if table is None:
+            table = self._file.read_row_group(g)
+            if len(self._cache) >= 2:
+                self._cache.popitem(last=False)
+        self._cache[g] = table
+        return table
+
+    def rows(self, positions: pa.Array | np.ndarray) -> list[dict[str, Any]]:
+        """The rows at ascending positions of ``ids``, as dicts, read from the spill (not thread-safe)."""
+        pos = np.asarray(positions.to_numpy() if isinstance(positions, pa.Array) else positions, np.int64)
+        if len(pos) and np.any(np.diff(pos) < 0):
+            raise ValueError("manifest rows are read at ascending positions")
+        groups = np.searchsorted(self._starts, pos, side="right") - 1
+        out: list[dict[str, Any]] = []
+        for g in np.unique(groups):
+            local = pos[groups == g] - self._starts[g]
+            out.extend(self._group(int(g)).take(pa.array(local)).to_pylist())
+        return out
+
+    def to_table(self) -> pa.Table:
+        """Every kept row (small manifests and tests; the job reads per unit)."""
+        table = self._file.read()
+        return table if self.keep is None else table.filter(self.keep)
+
+    def close(self) -> None:
+        """Close and remove the spill."""
+        self._cache.clear()
+        self._file.close()
+        try:
+            os.remove(self.spill_path)
+        except FileNotFoundError:
+            pass
+
+
+def _remove_stale_spills(spill_dir: str) -> None:
+    """Remove spills of dead processes on this host (a crashed run leaves its spill behind)."""
+    host = socket.gethostname()
+    try:
+        names = os.listdir(spill_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        parts = name.rsplit(".", 1)[0].split("__")
+        if len(parts) != 3 or parts[1] != host:
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            try:
+                os.remove(os.path.join(spill_dir, name))
+            except FileNotFoundError:
+                pass
+        except (ValueError, PermissionError):
+            pass
+
+
+def open_manifest(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> Manifest:
+    """Stream the manifest into a node-local spill and keep its ids.
 
     Args:
         cfg: the input section of the config.
+        spill_dir: a node-local directory for the spill (``<storage.cache_dir>/_manifest`` in the job).
+        tag: a name for the spill file (the job uses the run id and rank).
 
     Returns:
-        The manifest table; other columns pass through unchanged.
+        The manifest; close it to remove the spill.
 
     Raises:
-        ManifestError: missing id/path column, null ids, or duplicate ids when ``on_duplicate_ids=error``.
+        ManifestError: unreadable file, missing id/path column, null ids, or duplicate ids when
+            ``on_duplicate_ids=error``.
     """
-    table = _listing_table(cfg) if cfg.listing_glob else _read_table(cfg)
-    for col in (cfg.id_column, cfg.path_column):
-        if col not in table.column_names:
-            raise ManifestError(f"manifest has no column {col!r}; columns are {table.column_names}")
-    table = table.set_column(table.schema.get_field_index(cfg.id_column), cfg.id_column,
-                             pc.cast(table[cfg.id_column], pa.string()))
-    table = table.set_column(table.schema.get_field_index(cfg.path_column), cfg.path_column,
-                             pc.cast(table[cfg.path_column], pa.string()))
-    nulls = table[cfg.id_column].null_count
-    if nulls:
-        raise ManifestError(f"manifest has {nulls} row(s) with a null {cfg.id_column}")
-    table = table.combine_chunks()
-    counts = pc.value_counts(table[cfg.id_column])
-    dup_mask = pc.greater(counts.field("counts"), 1)
-    dups = counts.filter(dup_mask).field("values").to_pylist()
-    if dups:
+    os.makedirs(spill_dir, exist_ok=True)
+    _remove_stale_spills(spill_dir)
+    spill_path = os.path.join(spill_dir, f"{tag}__{socket.gethostname()}__{os.getpid()}.parquet")
+    batches = _listing_batches(cfg) if cfg.listing_glob else _file_batches(cfg)
+    writer: pq.ParquetWriter | None = None
+    id_chunks: list[pa.Array] = []
+    n = 0
+    try:
+        for raw in batches:
+            batch = _normalise(raw, cfg, n)
+            if writer is None:
+                writer = pq.ParquetWriter(spill_path, batch.schema, compression="lz4")
+            elif batch.schema != writer.schema:
+                try:
+                    batch = batch.cast(writer.schema)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+                    raise ManifestError(f"manifest rows from {n} on have another schema than the first rows: "
+                                        f"{batch.schema} vs {writer.schema}: {e}") from e
+            writer.write_batch(batch, row_group_size=SPILL_GROUP_ROWS)
+            id_chunks.append(batch.column(cfg.id_column))
+            n += batch.num_rows
+        if writer is None:  # an empty manifest (or an empty listing) still has its columns
+            schema = pa.schema([(cfg.id_column, pa.string()), (cfg.path_column, pa.string())])
+            writer = pq.ParquetWriter(spill_path, schema)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        if os.path.exists(spill_path):
+            os.remove(spill_path)
+        raise
+    writer.close()
+    schema = writer.schema
+    ids = pa.chunked_array(id_chunks, pa.string())
+    keep = None
+    later, names, n_repeated = _duplicates(ids)
+    if len(later):
         if cfg.on_duplicate_ids == "error":
-            shown = ", ".join(repr(d) for d in dups[:10])
+            os.remove(spill_path)
+            shown = ", ".join(repr(d) for d in names)
             raise ManifestError(
-                f"manifest has {len(dups)} duplicate id(s): {shown}{' ...' if len(dups) > 10 else ''} "
+                f"manifest has {n_repeated} duplicate id(s): {shown}{' ...' if n_repeated > len(names) else ''} "
                 "(set input.on_duplicate_ids=drop to keep the first of each)"
             )
-        log.warning("dropping later rows of %d duplicate id(s), e.g. %r", len(dups), dups[:5])
-        ids = table[cfg.id_column].to_pylist()
-        seen: set[str] = set()
-        keep = []
-        for i in ids:
-            keep.append(i not in seen)
-            seen.add(i)
-        table = table.filter(pa.array(keep))
-    if cfg.limit is not None:
-        table = table.slice(0, cfg.limit)
-    return table
+        log.warning("dropping later rows of %d duplicate id(s), e.g. %r", n_repeated, names[:5])
+        mask = np.ones(len(ids), bool)
+        mask[later] = False
+        keep = pa.array(mask)
+    if cfg.limit is not None and cfg.limit < len(ids):
+        mask = np.ones(len(ids), bool) if keep is None else keep.to_numpy(zero_copy_only=False).copy()
+        kept = np.flatnonzero(mask)
+        mask[kept[cfg.limit:]] = False
+        keep = pa.array(mask)
+    return Manifest(ids, keep, schema, spill_path)

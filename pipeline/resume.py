@@ -54,10 +54,10 @@ def part_files(fs, root: str) -> list[str]:
 
 @dataclass
 class CommittedState:
-    """What the committed part files say about the items."""
+    """What the committed part files say about the items (distinct ids, as Arrow arrays: no Python objects)."""
 
-    succeeded: set[str]
-    failed_only: set[str]
+    succeeded: pa.Array
+    failed_only: pa.Array
     files: int
     rows: int
 
@@ -76,20 +76,32 @@ def read_committed(out_dir: str, storage_options: dict, id_column: str) -> Commi
     fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
     files = part_files(fs, root)
     if not files:
-        return CommittedState(set(), set(), 0, 0)
+        return CommittedState(pa.array([], pa.string()), pa.array([], pa.string()), 0, 0)
     dataset = ds.dataset(files, format="parquet", filesystem=fs)
     table = dataset.to_table(columns={"id": pc.field(id_column), "ok": pc.field("result_info", "succeed")})
+    rows = table.num_rows
     ok_ids = pc.unique(table.filter(table["ok"])["id"])
     bad_ids = pc.unique(table.filter(pc.invert(table["ok"]))["id"])
-    succeeded = set(ok_ids.to_pylist())
-    failed_only = set(bad_ids.to_pylist()) - succeeded
-    return CommittedState(succeeded, failed_only, len(files), table.num_rows)
+    del table
+    failed_only = bad_ids.filter(pc.invert(pc.is_in(bad_ids, value_set=ok_ids)))
+    return CommittedState(ok_ids, failed_only, len(files), rows)
 
 
-def pending_indices(ids: pa.Array, state: CommittedState, retry_failed: bool) -> pa.Array:
-    """Indices (in manifest order) of the items this run must process."""
-    done = pa.array(list(state.succeeded if retry_failed else state.succeeded | state.failed_only), pa.string())
-    mask = pc.invert(pc.is_in(ids, value_set=done))
+def pending_indices(ids: pa.Array | pa.ChunkedArray, state: CommittedState, retry_failed: bool,
+                    keep: pa.Array | None = None) -> pa.Array:
+    """Positions (ascending, in manifest order) of the items this run must process.
+
+    Args:
+        ids: the manifest's id column.
+        state: the committed state.
+        retry_failed: whether ids with only failure rows run again.
+        keep: a mask over ``ids`` of the rows the manifest keeps (duplicates dropped, limit applied).
+    """
+    mask = pc.invert(pc.is_in(ids, value_set=state.succeeded))
+    if not retry_failed and len(state.failed_only):
+        mask = pc.and_(mask, pc.invert(pc.is_in(ids, value_set=state.failed_only)))
+    if keep is not None:
+        mask = pc.and_(mask, keep)
     return pc.indices_nonzero(mask)
 
 

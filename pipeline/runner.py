@@ -26,7 +26,7 @@ from pipeline.config import JobConfig, job_identity, to_dict
 from pipeline.distributed import DistContext, GlobalCounter, WorkUnitCounter, init_distributed, resolve_device
 from pipeline.errors import ItemError, MediasieveError, ShutdownError, is_retryable
 from pipeline.filters import FilterContext, SetupContext, build_filters
-from pipeline.manifest import check_input_exists, read_manifest
+from pipeline.manifest import SPILL_DIR, Manifest, check_input_exists, open_manifest
 from pipeline.media.item import MediaItem
 from pipeline.metrics import MetricsLog, PrometheusExporter, RankStats
 from pipeline.model_pool import ModelPool, localize_model
@@ -66,7 +66,7 @@ def _now(t: float) -> dt.datetime:
 class UnitSource:
     """Thread-safe stream of pending manifest rows, pulled unit by unit from the shared counter."""
 
-    def __init__(self, manifest: pa.Table, pending: pa.Array, unit_size: int, counter: WorkUnitCounter):
+    def __init__(self, manifest: Manifest, pending: pa.Array, unit_size: int, counter: WorkUnitCounter):
         self.manifest = manifest
         self.pending = pending
         self.unit_size = unit_size
@@ -86,7 +86,7 @@ class UnitSource:
                     self.exhausted = True
                     return None
                 idx = self.pending.slice(unit * self.unit_size, self.unit_size)
-                self._buffer = self.manifest.take(idx).to_pylist()
+                self._buffer = self.manifest.rows(idx)
                 self._buffer.reverse()
                 self.units_taken += 1
             return self._buffer.pop()
@@ -335,6 +335,19 @@ def _prepare_output(cfg: JobConfig, run_id: str) -> OutputLease:
     return lease
 
 
+def _use_returning_arrow_pool() -> None:
+    """Arrow's default mimalloc pool keeps freed pages, so a rank's RSS grows with the largest table it ever
+    read (the manifest, the committed ids). jemalloc with prompt decay hands them back. An explicit
+    ``ARROW_DEFAULT_MEMORY_POOL`` in the environment wins."""
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        return
+    try:
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+        pa.jemalloc_set_decay_ms(0)
+    except NotImplementedError:  # a pyarrow build without jemalloc
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
 def run_job(cfg: JobConfig, install_signal_handlers: bool = False) -> RankOutcome:
     """Run this process's rank of the job described by ``cfg`` (world size from torchrun's environment).
 
@@ -345,6 +358,7 @@ def run_job(cfg: JobConfig, install_signal_handlers: bool = False) -> RankOutcom
     Returns:
         The rank's outcome; rank 0's carries the run summary.
     """
+    _use_returning_arrow_pool()
     device = resolve_device(cfg.runtime.device, int(os.environ.get("LOCAL_RANK", 0)))
     ctx = init_distributed(device, cfg.runtime.dist_timeout_s)
     try:
@@ -393,13 +407,21 @@ def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_sign
 def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fetcher: TieredFetcher,
                  install_signal_handlers: bool) -> RankOutcome:
     started = time.time()
-    manifest = read_manifest(cfg.input)
-    ids = manifest[cfg.input.id_column]
+    manifest = open_manifest(cfg.input, os.path.join(cfg.storage.cache_dir, SPILL_DIR), f"{run_id}-r{ctx.rank:05d}")
+    try:
+        return _run_with_manifest(cfg, ctx, device, run_id, fetcher, install_signal_handlers, manifest, started)
+    finally:
+        manifest.close()
+
+
+def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fetcher: TieredFetcher,
+                       install_signal_handlers: bool, manifest: Manifest, started: float) -> RankOutcome:
     state = read_committed(cfg.output.dir, cfg.output.storage_options, cfg.input.id_column)
-    pending = pending_indices(ids, state, cfg.resume.retry_failed)
+    pending = pending_indices(manifest.ids, state, cfg.resume.retry_failed, manifest.keep)
     n_units = math.ceil(len(pending) / cfg.runtime.unit_size)
     log.info("run %s: %d items in manifest, %d committed successes, %d to process in %d units", run_id,
              len(manifest), len(state.succeeded), len(pending), n_units)
+    del state
 
     filters = build_filters(cfg.filters)
     schema = result_schema(manifest.schema, [(f.name, f.arrow_type()) for f in filters])
@@ -466,7 +488,7 @@ def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fet
     return outcome
 
 
-def write_summary(cfg: JobConfig, run_id: str, manifest: pa.Table, pending: int, ranks: list[dict[str, Any]],
+def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int, ranks: list[dict[str, Any]],
                   started: float) -> dict[str, Any]:
     """Rank 0, after every rank committed: failure log, run summary, then the completion marker (last)."""
     out = cfg.output
@@ -476,23 +498,28 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: pa.Table, pending: int,
     import pyarrow.dataset as ds
 
     files = part_files(fs, root)
-    table = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={
-        "id": pc.field(id_col), "path": pc.field(path_col), "ok": pc.field("result_info", "succeed"),
-        "error_type": pc.field("result_info", "error_type"), "error_message": pc.field("result_info", "error_message"),
-        "end_time": pc.field("result_info", "end_time"), "run_id": pc.field("result_info", "run_id"),
-    }) if files else None
-    # Vectorised: a million-row output must not become a million Python objects on rank 0.
-    manifest_ids = manifest[id_col]
+    # Vectorised and column-lean: a million-row output must not become a million Python objects on rank 0.
     by_type: dict[str, int] = {}
     lines = []
     n_succeeded = n_failed = n_with_row = 0
-    if table is not None:
-        in_manifest = pc.is_in(table["id"], value_set=manifest_ids)
-        ok_ids = pc.unique(table.filter(pc.and_(table["ok"], in_manifest))["id"])
-        n_succeeded = len(ok_ids)
-        n_with_row = len(pc.unique(table.filter(in_manifest)["id"]))
-        failed = table.filter(pc.and_(pc.and_(pc.invert(table["ok"]), in_manifest),
-                                      pc.invert(pc.is_in(table["id"], value_set=ok_ids))))
+    if files:
+        dataset = ds.dataset(files, format="parquet", filesystem=fs)
+        ok_field = pc.field("result_info", "succeed")
+        table = dataset.to_table(columns={"id": pc.field(id_col), "ok": ok_field})
+        ok_ids = pc.unique(table.filter(table["ok"])["id"])
+        any_ids = pc.unique(table["id"])
+        del table
+        kept = manifest.kept_ids()  # distinct ids
+        n_succeeded = pc.sum(pc.is_in(kept, value_set=ok_ids)).as_py() or 0
+        n_with_row = pc.sum(pc.is_in(kept, value_set=any_ids)).as_py() or 0
+        del any_ids
+        failed = dataset.to_table(columns={
+            "id": pc.field(id_col), "path": pc.field(path_col), "error_type": pc.field("result_info", "error_type"),
+            "error_message": pc.field("result_info", "error_message"),
+            "end_time": pc.field("result_info", "end_time"), "run_id": pc.field("result_info", "run_id"),
+        }, filter=pc.invert(ok_field))
+        failed = failed.filter(pc.and_(pc.is_in(failed["id"], value_set=kept),
+                                       pc.invert(pc.is_in(failed["id"], value_set=ok_ids))))
         latest: dict[str, dict[str, Any]] = {}
         for rec in failed.sort_by([("end_time", "ascending")]).to_pylist():  # failures only: usually few
             latest[rec["id"]] = rec  # the latest failure row wins

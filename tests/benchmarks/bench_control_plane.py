@@ -27,6 +27,14 @@ import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 
 
+_PEAK_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.run(sys.argv[1:]).returncode\n"
+    "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(rc)\n"
+)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -54,35 +62,42 @@ def main() -> int:
                 yaml.safe_dump(cfg, f)
             env = dict(os.environ, OMP_NUM_THREADS="1")
             t = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                   "2", os.path.join(ROOT, "jobs", "run.py"), "--config", os.path.join(work, "job.yaml")],
+            # The wrapper reports the peak RSS of the largest process it waited for, over its whole life (rank 0's
+            # summary pass included; the ranks' own figure is taken before it).
+            proc = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, sys.executable, "-m", "torch.distributed.run",
+                                   "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "jobs", "run.py"),
+                                   "--config", os.path.join(work, "job.yaml")],
                                   env=env, capture_output=True, text=True)
             wall = time.perf_counter() - t
             if proc.returncode != 0:
                 print(proc.stderr[-3000:])
                 return 1
             summary = json.load(open(os.path.join(work, "out", "summary.json")))
+            lifetime_peak = int(proc.stderr.strip().splitlines()[-1].split()[-1]) / 1024
             files = len(os.listdir(os.path.join(work, "out", "parts")))
             t = time.perf_counter()
             state = read_committed(os.path.join(work, "out"), {}, "video_id")
-            pending = pending_indices(ids, state, True)
+            pending = pending_indices(pa.chunked_array([ids]), state, True)
             resume_s = time.perf_counter() - t
             assert len(pending) == 0 and len(state.succeeded) == n
             results.append({"items": n, "wall_s": wall, "job_items_per_s": summary["this_run"]["items_per_s"],
-                            "peak_rss_mb": max(r["peak_rss_mb"] for r in summary["per_rank"]), "files": files,
+                            "peak_rss_mb": max(r["peak_rss_mb"] for r in summary["per_rank"]),
+                            "lifetime_peak_mb": lifetime_peak, "files": files,
                             "resume_s": resume_s})
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
     print(f"\ncontrol plane: noop filter, no media, 2 ranks, unit_size {args.unit_size}, rows_per_file "
           f"{args.rows_per_file}, {os.cpu_count()} cores")
-    print(f"{'items':>10}{'wall s':>9}{'items/s (job)':>15}{'peak RSS MB/rank':>18}{'files':>7}{'resume set s':>14}")
+    print(f"{'items':>10}{'wall s':>9}{'items/s (job)':>15}{'peak RSS MB/rank':>18}{'incl. summary':>15}"
+          f"{'files':>7}{'resume set s':>14}")
     for r in results:
         print(f"{r['items']:>10}{r['wall_s']:>9.1f}{r['job_items_per_s']:>15.0f}{r['peak_rss_mb']:>18.0f}"
-              f"{r['files']:>7}{r['resume_s']:>14.2f}")
+              f"{r['lifetime_peak_mb']:>15.0f}{r['files']:>7}{r['resume_s']:>14.2f}")
     if len(results) >= 2:
-        print(f"peak memory {results[-1]['items']} vs {results[0]['items']}: "
-              f"{results[-1]['peak_rss_mb'] / results[0]['peak_rss_mb']:.2f}x (target <= 1.1x)")
+        a, b = results[0], results[-1]
+        print(f"peak memory {b['items']} vs {a['items']}: {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x during the run, "
+              f"{b['lifetime_peak_mb'] / a['lifetime_peak_mb']:.2f}x over the whole process life (target <= 1.1x)")
     gpus = 1000
     rate = gpus * args.per_gpu
     print(f"\nat {gpus} GPUs x {args.per_gpu} items/s: {rate:.0f} items/s; counter adds {rate / args.unit_size:.1f}/s "

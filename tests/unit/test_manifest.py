@@ -1,4 +1,5 @@
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -7,7 +8,15 @@ import pytest
 
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError, ManifestError
-from pipeline.manifest import check_input_exists, read_manifest
+from pipeline.manifest import check_input_exists, open_manifest
+
+def read_manifest(cfg: InputConfig, spill_dir: str = "/tmp/mediasieve-test-spill") -> pa.Table:
+    m = open_manifest(cfg, spill_dir)
+    try:
+        return m.to_table()
+    finally:
+        m.close()
+
 
 ROWS = [{"video_id": "a", "video_path": "x/a.mp4", "lang": "en"},
         {"video_id": "b", "video_path": "x/b.mp4", "lang": "de"}]
@@ -71,3 +80,91 @@ def test_listing_mode_over_s3(bucket):
 def test_bad_glob_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="listing_glob"):
         read_manifest(InputConfig(listing_glob=str(tmp_path) + "/a**b"))
+
+
+@pytest.fixture
+def small_batches(monkeypatch):
+    """Batches, duplicate-check slices and spill row groups of a few rows, so every boundary is crossed."""
+    import pipeline.manifest as mf
+
+    monkeypatch.setattr(mf, "BATCH_ROWS", 7)
+    monkeypatch.setattr(mf, "SPILL_GROUP_ROWS", 5)
+
+
+def test_rows_per_unit_come_back_from_the_spill_across_row_groups(tmp_path, small_batches):
+    n = 103
+    table = pa.table({"video_id": [f"v{i:04d}" for i in range(n)], "video_path": [f"p/{i}.mp4" for i in range(n)],
+                      "score": list(range(n))})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=11)
+    m = open_manifest(InputConfig(manifest=str(tmp_path / "m.parquet")), str(tmp_path / "spill"), "t")
+    try:
+        assert m._file.metadata.num_row_groups > 10 and len(m) == n and m.keep is None
+        assert m.ids.to_pylist() == table["video_id"].to_pylist()
+        for positions in ([0, 1, 2], [4, 5, 6, 7], [9, 31, 32, 77, 102], list(range(40, 60))):
+            assert m.rows(pa.array(positions)) == table.take(positions).to_pylist()
+        with pytest.raises(ValueError, match="ascending"):
+            m.rows([5, 3])
+        spill = m.spill_path
+        assert spill.startswith(str(tmp_path / "spill"))
+    finally:
+        m.close()
+    assert not (tmp_path / "spill").joinpath(spill).exists()
+
+
+def test_duplicates_across_batches_are_found_and_the_first_kept(tmp_path, small_batches):
+    ids = [f"v{i}" for i in range(40)] + ["v3", "v39", "v3", "v17"]  # repeats far from their firsts
+    rows = [{"video_id": v, "video_path": f"p{k}"} for k, v in enumerate(ids)]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ManifestError, match=r"3 duplicate id\(s\): 'v17', 'v3', 'v39'"):
+        read_manifest(InputConfig(manifest=str(path)), str(tmp_path / "s"))
+    assert list((tmp_path / "s").iterdir()) == []  # the refused manifest left no spill
+    out = read_manifest(InputConfig(manifest=str(path), on_duplicate_ids="drop", limit=38), str(tmp_path / "s"))
+    assert out["video_path"].to_pylist() == [f"p{k}" for k in range(38)]
+    m = open_manifest(InputConfig(manifest=str(path), on_duplicate_ids="drop"), str(tmp_path / "s"))
+    try:
+        assert len(m) == 40 and m.kept_ids().to_pylist() == [f"v{i}" for i in range(40)]
+    finally:
+        m.close()
+
+
+def test_null_id_names_its_row_and_a_changed_schema_is_refused(tmp_path, small_batches):
+    rows = [{"video_id": f"v{i}", "video_path": "p"} for i in range(20)]
+    rows[12]["video_id"] = None
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)
+    with pytest.raises(ManifestError, match="1 row.*null video_id.*row 12"):
+        read_manifest(InputConfig(manifest=str(path)), str(tmp_path / "s"))
+    # a CSV (over one 1 MB read block) whose type inference from the first block does not hold later on
+    csv = tmp_path / "m.csv"
+    csv.write_text("video_id,video_path,n\n" + "".join(f"v{i},p,{i}\n" for i in range(150_000)) + "vx,p,nan-ish\n")
+    with pytest.raises(ManifestError, match="cannot read manifest.*nan-ish"):
+        read_manifest(InputConfig(manifest=str(csv)), str(tmp_path / "s"))
+    assert list((tmp_path / "s").iterdir()) == []
+
+
+def test_spills_of_dead_processes_are_removed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    spill = tmp_path / "s"
+    spill.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = spill / f"old__{host}__{int(dead.stdout)}.parquet"
+    live = spill / f"other__{host}__{os.getppid()}.parquet"
+    foreign = spill / f"other__not-{host}__1.parquet"
+    for p in (stale, live, foreign):
+        p.write_bytes(b"x")
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    read_manifest(InputConfig(manifest=str(path)), str(spill))
+    assert not stale.exists() and live.exists() and foreign.exists()
+
+
+def test_empty_manifest_keeps_its_columns(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("video_id,video_path\n")
+    out = read_manifest(InputConfig(manifest=str(path)), str(tmp_path / "s"))
+    assert out.num_rows == 0 and out.column_names == ["video_id", "video_path"]
