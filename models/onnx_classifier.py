@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.onnx_session import make_session
+from models.onnx_session import OrtParams, graph_input, make_session, shape_profile
 
 
 class OnnxClassifier:
@@ -27,12 +27,18 @@ class OnnxClassifier:
         buckets: batch sizes the model is warmed up on; a batch is padded to the smallest bucket that holds it.
         io_binding: bind torch buffers instead of passing numpy arrays.
         strict: a fallback from the requested provider is fatal.
+        params: per-model ORT settings (graph optimisation, cuDNN search, TensorRT FP16, engine cache, workspace).
+        cache_dir: node-local default for the TensorRT engine cache.
     """
 
     def __init__(self, path: str, num_frames: int, image_size: int, provider: str = "cpu", device: str = "cpu",
-                 buckets: tuple[int, ...] = (1, 2, 4, 8), io_binding: bool = True, strict: bool = False):
+                 buckets: tuple[int, ...] = (1, 2, 4, 8), io_binding: bool = True, strict: bool = False,
+                 params: OrtParams | None = None, cache_dir: str | None = None):
         device_id = int(device.split(":")[1]) if device.startswith("cuda:") else 0
-        self.ort = make_session(path, provider, device_id, strict=strict)
+        input_name, _ = graph_input(path)
+        profile = shape_profile(input_name, [(b, num_frames, 3, image_size, image_size) for b in buckets])
+        self.ort = make_session(path, provider, device_id, strict=strict, params=params, profile=profile,
+                                cache_dir=cache_dir)
         inputs, outputs = self.ort.session.get_inputs(), self.ort.session.get_outputs()
         if len(inputs) != 1:
             raise ValueError(f"{path}: expected one input, the model has {[i.name for i in inputs]}")

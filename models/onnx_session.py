@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +22,93 @@ PROVIDER_CHAINS = {
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
            "all": "ORT_ENABLE_ALL"}
+
+
+@dataclass(frozen=True)
+class OrtParams:
+    """Per-model ONNX Runtime settings (the ``ort:`` block of a filter or separator config)."""
+
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    """ORT graph optimisations."""
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
+    """CUDA provider: how cuDNN picks convolution algorithms (EXHAUSTIVE benchmarks once per shape)."""
+    trt_fp16: bool = True
+    """TensorRT: build FP16 engines."""
+    trt_engine_cache_dir: str | None = None
+    """TensorRT: node-local engine and timing cache (default ``<storage.cache_dir>/trt-engines``)."""
+    trt_workspace_gb: float = 4.0
+    """TensorRT: builder workspace."""
+    intra_op_threads: int | None = None
+    """ORT intra-op threads (None: ORT's default)."""
+
+
+def graph_input(path: str) -> tuple[str, list[int | None]]:
+    """Name and shape (None for a symbolic dimension) of the model's first input, read from the file without a
+    session: TensorRT takes its profile shapes when the session is built."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    first = next(i for i in graph.input if i.name not in inits)
+    dims = first.type.tensor_type.shape.dim
+    return first.name, [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+
+def shape_profile(name: str, shapes: list[tuple[int, ...]]) -> dict[str, str]:
+    """TensorRT optimisation profile (min, opt, max) covering the bucket shapes of one input.
+
+    The smallest and largest bucket bound the profile and the largest is the optimum, so one engine serves every
+    bucket and none is rebuilt at run time.
+    """
+    if not shapes:
+        return {}
+    lo = min(shapes, key=lambda s: tuple(s))
+    hi = max(shapes, key=lambda s: tuple(s))
+    fmt = lambda s: f"{name}:" + "x".join(str(int(d)) for d in s)  # noqa: E731
+    return {"trt_profile_min_shapes": fmt(lo), "trt_profile_opt_shapes": fmt(hi), "trt_profile_max_shapes": fmt(hi)}
+
+
+def provider_options(provider: str, params: OrtParams, device_id: int, profile: dict[str, str] | None = None,
+                     cache_dir: str | None = None) -> dict[str, str]:
+    """The ORT provider options of one execution provider (strings, as ORT takes them)."""
+    if provider == "TensorrtExecutionProvider":
+        opts = {"device_id": str(device_id), "trt_fp16_enable": str(int(params.trt_fp16)),
+                "trt_max_workspace_size": str(int(params.trt_workspace_gb * (1 << 30)))}
+        cache = params.trt_engine_cache_dir or cache_dir
+        if cache:
+            opts.update({"trt_engine_cache_enable": "1", "trt_engine_cache_path": cache,
+                         "trt_timing_cache_enable": "1", "trt_timing_cache_path": cache})
+        opts.update(profile or {})
+        return opts
+    if provider == "CUDAExecutionProvider":
+        return {"device_id": str(device_id), "cudnn_conv_algo_search": params.cudnn_conv_algo_search}
+    return {}
+
+
+_LOGGED: set[tuple] = set()
+
+_PROVIDER_LIBS = {"TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so",
+                  "CUDAExecutionProvider": "libonnxruntime_providers_cuda.so"}
+
+
+def diagnose_provider(provider: str) -> str | None:
+    """Why a GPU provider cannot load here, naming the missing library (None when its library loads)."""
+    import ctypes
+
+    import onnxruntime as ort
+
+    lib = _PROVIDER_LIBS.get(provider)
+    if lib is None:
+        return None
+    capi = os.path.join(os.path.dirname(ort.__file__), "capi")
+    if not os.path.exists(os.path.join(capi, lib)):
+        return f"{lib} is not in this onnxruntime build (install onnxruntime-gpu, not onnxruntime)"
+    try:
+        ctypes.CDLL(os.path.join(capi, "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(os.path.join(capi, lib))
+    except OSError as e:
+        return f"{lib} cannot load: {e}"
+    return None
 
 
 class ProviderError(RuntimeError):
@@ -38,33 +127,40 @@ class OrtSession:
         return self.providers[0]
 
 
-def make_session(path: str, provider: str = "cpu", device_id: int = 0, graph_optimization_level: str = "all",
-                 intra_op_threads: int | None = None, strict: bool = False) -> OrtSession:
+def make_session(path: str, provider: str = "cpu", device_id: int = 0, strict: bool = False,
+                 params: OrtParams | None = None, profile: dict[str, str] | None = None,
+                 cache_dir: str | None = None) -> OrtSession:
     """Open ``path`` on the first provider of the requested chain that works.
 
     Args:
         path: local ONNX file.
         provider: ``tensorrt``, ``cuda`` or ``cpu``; each falls back along the chain TensorRT -> CUDA -> CPU.
         device_id: GPU index for CUDA and TensorRT.
-        graph_optimization_level: ``disable``, ``basic``, ``extended`` or ``all``.
-        intra_op_threads: ORT intra-op threads (None: ORT's default).
         strict: raise ProviderError instead of falling back.
+        params: graph optimisation, cuDNN algorithm search, TensorRT FP16, engine cache, workspace, threads.
+        profile: TensorRT profile shapes (``shape_profile`` of the padding buckets).
+        cache_dir: default TensorRT engine cache directory (node-local).
 
     Returns:
         The session with the providers in effect and the fallback reason, if any.
     """
     import onnxruntime as ort
 
+    params = params or OrtParams()
     chain = PROVIDER_CHAINS[provider]
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[graph_optimization_level])
-    if intra_op_threads:
-        opts.intra_op_num_threads = intra_op_threads
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[params.graph_optimization_level])
+    if params.intra_op_threads:
+        opts.intra_op_num_threads = params.intra_op_threads
     available = set(ort.get_available_providers())
+    trt_cache = params.trt_engine_cache_dir or cache_dir
+    if "TensorrtExecutionProvider" in chain and "TensorrtExecutionProvider" in available and trt_cache:
+        os.makedirs(trt_cache, exist_ok=True)
     reasons = []
     for i in range(len(chain)):
         wanted = [p for p in chain[i:] if p in available] or ["CPUExecutionProvider"]
-        providers = [(p, {"device_id": device_id}) if p != "CPUExecutionProvider" else p for p in wanted]
+        providers = [(p, provider_options(p, params, device_id, profile, cache_dir)) if p != "CPUExecutionProvider"
+                     else p for p in wanted]
         try:
             sess = ort.InferenceSession(path, sess_options=opts, providers=providers)
         except Exception as e:  # noqa: BLE001 - a provider that cannot build this model: next in the chain
@@ -76,11 +172,18 @@ def make_session(path: str, provider: str = "cpu", device_id: int = 0, graph_opt
         reason = "; ".join(reasons) or None
         if in_effect[0] != chain[0]:
             missing = [p for p in chain if p not in available]
+            why = [d for d in (diagnose_provider(p) for p in chain[:chain.index(in_effect[0])] if p in available) if d]
             reason = reason or (f"{chain[0]} requested, {in_effect[0]} in effect"
-                                + (f" ({', '.join(missing)} not available in this onnxruntime build)" if missing else ""))
+                                + (f" ({', '.join(missing)} not available in this onnxruntime build)" if missing else "")
+                                + (f": {'; '.join(why)}" if why else ""))
             if strict:
                 raise ProviderError(f"{path}: {reason}")
-        log.info("%s", json.dumps({"onnx_model": path, "requested": provider, "providers": in_effect,
-                                   "fallback_reason": reason}))
+        key = (path, provider, tuple(in_effect), reason)
+        if key not in _LOGGED:  # once per model per process, not per pool instance
+            _LOGGED.add(key)
+            log.info("%s", json.dumps({"onnx_model": path, "requested": provider, "providers": in_effect,
+                                       "fallback_reason": reason,
+                                       "provider_options": {p: o for p, o in sess.get_provider_options().items()
+                                                            if p != "CPUExecutionProvider"}}))
         return OrtSession(sess, provider, in_effect, reason)
     raise ProviderError(f"{path}: no execution provider could open the model: {'; '.join(reasons)}")

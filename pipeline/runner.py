@@ -428,7 +428,8 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
     pool = ModelPool(device, cfg.model_pool.instances, cfg.model_pool.acquire_timeout_s, cfg.runtime.empty_cache_every)
     model_cache = cfg.model_pool.model_cache_dir or os.path.join(cfg.storage.cache_dir, "models")
     setup = SetupContext(device, pool, lambda uri, options=None: localize_model(
-        uri, model_cache, ctx.local_rank, ctx.barrier, options), cfg.runtime.strict_gpu)
+        uri, model_cache, ctx.local_rank, ctx.barrier, options), cfg.runtime.strict_gpu,
+                         cfg.storage.cache_dir)
     for f in filters:
         f.setup(setup)
     writer = ResultWriter(cfg.output.dir, cfg.output.storage_options, schema, run_id, ctx.rank,
@@ -479,13 +480,29 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
     if workers.interrupted:
         # No collective after a stop: other ranks may be gone already (torchrun tears the group down).
         return RankOutcome(run_id, ctx.rank, snap, True, output_dir=cfg.output.dir)
+    models = {f.name: f.runtime_now() for f in filters if f.runtime_now() is not None}
     everyone = ctx.gather({"rank": ctx.rank, "host": ctx.host, "device": device, "interrupted": workers.interrupted,
-                           **snap})
+                           "models": models, **snap})
     outcome = RankOutcome(run_id, ctx.rank, snap, workers.interrupted, output_dir=cfg.output.dir)
     if ctx.is_main and not any(r["interrupted"] for r in everyone):
         outcome.summary = write_summary(cfg, run_id, manifest, len(pending), everyone, started)
     ctx.barrier()
     return outcome
+
+
+def _models_summary(ranks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per filter: each distinct runtime (execution provider, io_binding, fallback reason) and the ranks on it."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in ranks:
+        for name, rt in r.get("models", {}).items():
+            entries = out.setdefault(name, [])
+            for e in entries:
+                if {k: v for k, v in e.items() if k != "ranks"} == rt:
+                    e["ranks"].append(r["rank"])
+                    break
+            else:
+                entries.append({**rt, "ranks": [r["rank"]]})
+    return out
 
 
 def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int, ranks: list[dict[str, Any]],
@@ -561,6 +578,7 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
             "failures_by_type": by_type,
             "without_row": len(manifest) - n_with_row,
         },
+        "models": _models_summary(ranks),
         "per_rank": [{k: r[k] for k in ("rank", "host", "device", "done", "succeeded", "failed", "items_per_s",
                                         "units_taken", "peak_rss_mb")} for r in ranks],
     }

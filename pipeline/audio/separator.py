@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from models.onnx_session import OrtParams
+
 from pipeline.audio.schedule import ChunkPlan
 from pipeline.errors import ConfigError
 
@@ -38,7 +40,9 @@ class SeparatorParams:
     provider: str = "cpu"
     """``cpu``, ``cuda`` or ``tensorrt`` (falls back along that chain; see models/onnx_session.py)."""
     batch_size: int = 4
-    """Segments per model call."""
+    """Segments per model call; a short last batch is padded to it, so the model sees one shape."""
+    ort: OrtParams = field(default_factory=OrtParams)
+    """ONNX Runtime settings: graph optimisation, cuDNN search, TensorRT FP16, engine cache, workspace."""
 
 
 @dataclass(frozen=True)
@@ -87,15 +91,24 @@ class Separator:
     """An MDX-style ONNX separator; ``separate`` returns the model's source (e.g. vocals) for a stereo signal."""
 
     def __init__(self, model_path: str, sidecar: dict, params: SeparatorParams, device_id: int = 0,
-                 strict: bool = False):
-        from models.onnx_session import make_session
+                 strict: bool = False, cache_dir: str | None = None):
+        from models.onnx_session import graph_input, make_session, shape_profile
 
-        self.ort = make_session(model_path, params.provider, device_id, strict=strict)
+        # The layout is read from the file before the session exists (TensorRT needs the profile at build time),
+        # then again from the session, which is the authority.
+        name, shape = graph_input(model_path)
+        spec = resolve_spec(shape, sidecar, params)
+        batch = spec.batch_fixed or params.batch_size
+        profile = shape_profile(name, [(b, 4, spec.dim_f, spec.dim_t) for b in sorted({1, batch})])
+        self.ort = make_session(model_path, params.provider, device_id, strict=strict, params=params.ort,
+                                profile=profile, cache_dir=cache_dir)
         inp = self.ort.session.get_inputs()[0]
         self.input_name = inp.name
         self.spec = resolve_spec(list(inp.shape), sidecar, params)
         self.batch_size = self.spec.batch_fixed or params.batch_size
         self.window = torch.hann_window(self.spec.n_fft)
+        s = self.spec
+        self.ort.session.run(None, {self.input_name: np.zeros((self.batch_size, 4, s.dim_f, s.dim_t), np.float32)})
 
     def _run_segments(self, segs: torch.Tensor) -> torch.Tensor:
         """``[B, 2, segment]`` -> the model's source ``[B, 2, segment]``."""
@@ -104,8 +117,13 @@ class Separator:
                           return_complex=True)[:, : s.dim_f]  # [B*2, dim_f, dim_t]
         x = torch.view_as_real(spec).reshape(-1, 2, s.dim_f, s.dim_t, 2).permute(0, 1, 4, 2, 3)
         x = x.reshape(-1, 4, s.dim_f, s.dim_t).contiguous().numpy()
-        outs = [self.ort.session.run(None, {self.input_name: x[i:i + self.batch_size]})[0]
-                for i in range(0, len(x), self.batch_size)]
+        outs = []
+        for i in range(0, len(x), self.batch_size):
+            part = x[i:i + self.batch_size]
+            n = len(part)
+            if n < self.batch_size:  # one shape for the model (rows are independent: padding changes nothing)
+                part = np.concatenate([part, np.zeros((self.batch_size - n, *part.shape[1:]), part.dtype)])
+            outs.append(self.ort.session.run(None, {self.input_name: part})[0][:n])
         y = torch.from_numpy(np.concatenate(outs)).reshape(-1, 2, 2, s.dim_f, s.dim_t).permute(0, 1, 3, 4, 2)
         full = torch.zeros(y.shape[0], 2, s.n_fft // 2 + 1, s.dim_t, dtype=torch.complex64)
         full[:, :, : s.dim_f] = torch.view_as_complex(y.contiguous())

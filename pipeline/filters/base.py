@@ -35,6 +35,8 @@ class SetupContext:
     pool: Any
     localize: Any  # Callable[[str, dict], str]
     strict_gpu: bool = False
+    cache_dir: str | None = None
+    """Node-local directory for derived artefacts (TensorRT engines): ``<storage.cache_dir>``."""
 
 
 class Filter:
@@ -51,6 +53,12 @@ class Filter:
     def __init__(self, name: str, params: Any):
         self.name = name
         self.params = params
+        self.runtime: dict[str, Any] | None = None
+        """Where the filter's model runs (backend, execution_provider, io_binding, fallback_reason), set in setup."""
+
+    def runtime_now(self) -> dict[str, Any] | None:
+        """``runtime`` as it stands now (a circuit breaker may have moved the model since setup)."""
+        return self.runtime
 
     def setup(self, ctx: SetupContext) -> None:
         """Load models into ``ctx.pool`` (once per process, before any item); nothing by default."""

@@ -14,6 +14,7 @@ import pyarrow as pa
 import torch
 
 from models.circuit_breaker import CircuitBreaker, CudaCircuitOpen, tripped
+from models.onnx_session import OrtParams
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, GpuFailure
 from pipeline.filters.base import FilterContext, SetupContext, VideoFilter
@@ -58,6 +59,8 @@ class ClipClassifierParams:
     """Any fallback from the requested provider is fatal."""
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
     """Batch sizes the ONNX model is warmed up on; batches are padded to the next bucket."""
+    ort: OrtParams = field(default_factory=OrtParams)
+    """ONNX Runtime settings: graph optimisation, cuDNN search, TensorRT FP16, engine cache, workspace."""
 
 
 class ClipClassifierFilter(VideoFilter):
@@ -112,15 +115,17 @@ class ClipClassifierFilter(VideoFilter):
             if not os.path.exists(onnx_path):
                 raise ConfigError(f"filters.{self.name}: {onnx_path} missing; run jobs/export_onnx.py first")
             provider = p.provider if ctx.device.startswith("cuda") else "cpu"
+            trt_cache = os.path.join(ctx.cache_dir, "trt-engines") if ctx.cache_dir else None
             self._dtype = torch.float32
 
             def build(device):
                 try:
                     runner = OnnxClassifier(onnx_path, t, size, provider, device, p.batch_buckets, p.io_binding,
-                                            strict)
+                                            strict, p.ort, trt_cache)
                 except ProviderError as e:
                     raise ConfigError(f"filters.{self.name}: strict_gpu: {e}") from e
-                cpu = functools.partial(OnnxClassifier, onnx_path, t, size, "cpu", "cpu", p.batch_buckets, False)
+                cpu = functools.partial(OnnxClassifier, onnx_path, t, size, "cpu", "cpu", p.batch_buckets, False,
+                                        params=p.ort)
                 breaker = CircuitBreaker(runner, cpu, strict)
                 breaker.ort = runner.ort
                 return breaker
@@ -141,6 +146,12 @@ class ClipClassifierFilter(VideoFilter):
 
         self._batcher = DynamicBatcher(run_batch, self.params.batch_size, self.params.max_wait_ms / 1000.0,
                                        runners=pool.instances)
+
+    def runtime_now(self) -> dict | None:
+        if self.runtime and self.runtime["backend"] == "onnx" and tripped():
+            return {**self.runtime, "execution_provider": "CPUExecutionProvider (subprocess)",
+                    "fallback_reason": f"circuit breaker: {tripped()}"}
+        return self.runtime
 
     def _whole(self) -> Uniform:
         return Uniform(self.head["num_frames"])
@@ -182,10 +193,7 @@ class ClipClassifierFilter(VideoFilter):
                     clips.append(frames.flip(0))
                     kinds.append(("reversed", span))
         probs = self.classify(torch.stack(clips))
-        runtime = self.runtime
-        if runtime["backend"] == "onnx" and tripped():
-            runtime = {**runtime, "execution_provider": "CPUExecutionProvider (subprocess)",
-                       "fallback_reason": f"circuit breaker: {tripped()}"}
+        runtime = self.runtime_now()
         out = {"label": None, "prob": None, "scores": None, "windows": [], "reversed_windows": [],
                "runtime": runtime}
         for (kind, span), p in zip(kinds, probs):

@@ -6,6 +6,8 @@ track); the chunks of concurrent items share Silero VAD batches.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -44,7 +46,8 @@ class SpeechCutsFilter(Filter):
                                             ("guard_shift_s", pa.float64())]))),
         ("pieces", pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()),
                                        ("duration_s", pa.float64())]))),
-        ("separator_provider", pa.string()),
+        ("separator_runtime", pa.struct([("backend", pa.string()), ("execution_provider", pa.string()),
+                                         ("io_binding", pa.bool_()), ("fallback_reason", pa.string())])),
         ("chunking", pa.struct([("enabled", pa.bool_()), ("chunk_s", pa.float64()), ("overlap_s", pa.float64()),
                                 ("halo_s", pa.float64()), ("align_hop", pa.int32()), ("chunks", pa.int32())])),
     ])
@@ -81,8 +84,13 @@ class SpeechCutsFilter(Filter):
             sidecar = load_sidecar(model, ctx.localize(sep.sidecar_uri, sep.storage_options) if sep.sidecar_uri else None)
             device_id = int(ctx.device.split(":")[1]) if ctx.device.startswith("cuda:") else 0
             self._separator_key = f"separator:{sep.model_uri}"
-            ctx.pool.add(self._separator_key, lambda device: Separator(model, sidecar, sep, device_id, ctx.strict_gpu),
+            trt_cache = os.path.join(ctx.cache_dir, "trt-engines") if ctx.cache_dir else None
+            ctx.pool.add(self._separator_key, lambda device: Separator(model, sidecar, sep, device_id, ctx.strict_gpu,
+                                                                       trt_cache),
                          instances=self.params.vad_instances)
+            with ctx.pool.acquire(self._separator_key) as built:  # built and warmed up now, not on the first item
+                self.runtime = {"backend": "onnx", "execution_provider": built.ort.execution_provider,
+                                "io_binding": False, "fallback_reason": built.ort.fallback_reason}
         self._pool = pool
         self._direct = run_batch  # whole-file chunks differ in length per file: no cross-item batching
         self._batcher = DynamicBatcher(run_batch, self.params.gpu_pipeline.batch_chunks,
@@ -93,7 +101,6 @@ class SpeechCutsFilter(Filter):
             return None
         p = self.params
         g = p.gpu_pipeline
-        provider = None
         if self._separator_key is None:
             audio = decode_audio(media.local_path, p.sample_rate, p.max_seconds)
         else:
@@ -104,7 +111,6 @@ class SpeechCutsFilter(Filter):
                                        1024, rate) if g.enable else chunk_schedule(stereo.shape[1] / rate, 1e9, 0, 0,
                                                                                    1024, rate)
                 audio = resample(sep.separate(stereo, plans).mean(axis=0), rate, p.sample_rate)
-                provider = sep.ort.execution_provider
         chunked = g.enable
         if chunked and g.use_cuda_streams and self._device.startswith("cuda"):
             with self._pool.acquire(self._vad_key) as vad:  # stages on CUDA streams, this item's chunks batched
@@ -118,7 +124,7 @@ class SpeechCutsFilter(Filter):
             "cut_details": [{"time_s": c.time_s, "kind": c.kind, "rank": c.rank, "guard_shift_s": c.guard_shift_s}
                             for c in result.cuts],
             "pieces": [{"start_s": a, "end_s": b, "duration_s": b - a} for a, b in result.pieces()],
-            "separator_provider": provider,
+            "separator_runtime": self.runtime,
             "chunking": {"enabled": chunked, "chunk_s": g.chunk_seconds, "overlap_s": g.overlap_seconds,
                          "halo_s": g.halo_seconds, "align_hop": g.align_hop, "chunks": len(result.plans)},
         }

@@ -113,7 +113,8 @@ def test_speech_cuts_with_a_separator_in_the_job(tmp_path, media_dir):
         validate_config(cfg)
         assert run_rank(cfg, DistContext()).summary["this_run"]["succeeded"] == 2
         out[name] = pq.read_table(str(tmp_path / name / "parts")).to_pylist()[0]["speech_cuts"]
-    assert out["sep"]["separator_provider"] == "CPUExecutionProvider" and out["plain"]["separator_provider"] is None
+    assert out["sep"]["separator_runtime"]["execution_provider"] == "CPUExecutionProvider"
+    assert out["plain"]["separator_runtime"] is None
     # an identity separator (at another rate, resampled back) leaves the speech where it was
     assert len(out["sep"]["speech"]) == len(out["plain"]["speech"])
     for a, b in zip(out["sep"]["speech"], out["plain"]["speech"]):

@@ -173,12 +173,12 @@ def main() -> int:
                 for r in pq.read_table(os.path.join(work, "ours", "parts")).to_pylist()}
         for r in ours.values():  # map columns come back as lists of pairs
             if r["speech_cuts"]:
-                r["speech_cuts"].pop("separator_provider", None)
+                r["speech_cuts"].pop("separator_runtime", None)
         theirs = {}
         for r in pq.read_table(os.path.join(work, "ray")).to_pylist():
             res = json.loads(r["result"])
             if res.get("speech_cuts"):
-                res["speech_cuts"].pop("separator_provider", None)
+                res["speech_cuts"].pop("separator_runtime", None)
             theirs[r["video_id"]] = res
         equal = sum(1 for k in ours if k in theirs and close(json.loads(json.dumps(ours[k], default=float)), theirs[k]))
     finally:

@@ -131,6 +131,9 @@ def test_four_instances_in_the_job(tmp_path, media_dir):
     validate_config(cfg)
     outcome = run_rank(cfg, DistContext())
     assert outcome.summary["this_run"]["succeeded"] == 4
+    assert outcome.summary["models"]["vfx"] == [{"backend": "torch", "execution_provider": "cpu", "io_binding": None,
+                                                 "fallback_reason": None, "ranks": [0]}]
+    assert set(outcome.summary["models"]) == {"vfx", "simcam", "rov", "low_quality"}
     table = pq.read_table(str(tmp_path / "out" / "parts"))
     assert pa.types.is_list(table.schema.field("vfx").type.field("windows").type)
     by_id = {r["video_id"]: r for r in table.to_pylist()}
