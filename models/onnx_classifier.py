@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from models.masking import bucket_for
 from models.onnx_session import OrtParams, graph_input, make_session, shape_profile
 
 
@@ -58,15 +59,9 @@ class OnnxClassifier:
             out = self(torch.zeros(b, *self.shape))
             self.num_labels = out.shape[1]
 
-    def _bucket(self, n: int) -> int:
-        for b in self.buckets:
-            if b >= n:
-                return b
-        return n  # bigger than every bucket: run as is (callers cap batches at the largest bucket)
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        b = self._bucket(n)
+        b = bucket_for(n, self.buckets)  # bigger than every bucket: as is (callers cap batches)
         x = x.to(self.device, torch.float32)
         if b > n:
             x = torch.cat([x, x.new_zeros(b - n, *x.shape[1:])])
@@ -88,3 +83,60 @@ class OnnxClassifier:
         if out is None:
             out = torch.from_numpy(binding.copy_outputs_to_cpu()[0])
         return out[:n]
+
+
+def export_head(head: torch.nn.Module, dim: int, path: str, opset: int = 17) -> str:
+    """Export a pooling head with dynamic batch and token axes; inputs ``tokens [B, N, D]`` and ``valid [B, N]``
+    (bool), output ``logits [B, L]``."""
+    tokens = torch.randn(2, 5, dim)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    torch.onnx.export(head.eval(), (tokens, valid), path, input_names=["tokens", "valid"], output_names=["logits"],
+                      dynamic_axes={"tokens": {0: "batch", 1: "tokens"}, "valid": {0: "batch", 1: "tokens"},
+                                    "logits": {0: "batch"}}, opset_version=opset, dynamo=False)
+    return path
+
+
+class OnnxHead:
+    """A pooling head over variable-length token sequences in ONNX Runtime, padded to (batch, length) buckets.
+
+    Every bucket pair is warmed up at start (and spans the TensorRT profile), so no shape is first seen while
+    items are waiting; the ``valid`` mask keeps the padded tokens out of attention and pooling, so a padded run
+    equals the native-length one.
+    """
+
+    def __init__(self, path: str, dim: int, batch_buckets: tuple[int, ...] = (1, 4, 8),
+                 length_buckets: tuple[int, ...] = (64, 128, 256), provider: str = "cpu", device_id: int = 0,
+                 strict: bool = False, params: OrtParams | None = None, cache_dir: str | None = None):
+        self.batch_buckets, self.length_buckets = tuple(sorted(batch_buckets)), tuple(sorted(length_buckets))
+        shapes = [(b, n, dim) for b in self.batch_buckets for n in self.length_buckets]
+        profile = shape_profile("tokens", shapes)
+        valid_profile = shape_profile("valid", [s[:2] for s in shapes])
+        if profile:
+            profile = {k: f"{v},{valid_profile[k]}" for k, v in profile.items()}
+        self.ort = make_session(path, provider, device_id, strict=strict, params=params, profile=profile,
+                                cache_dir=cache_dir)
+        names = [i.name for i in self.ort.session.get_inputs()]
+        if names != ["tokens", "valid"]:
+            raise ValueError(f"{path}: a head takes inputs ['tokens', 'valid'], the model has {names}")
+        self.dim = dim
+        for b, n, _ in shapes:  # start-up self-check on every bucket shape
+            self._run(np.zeros((b, n, dim), np.float32), np.ones((b, n), bool))
+
+    def _run(self, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        return self.ort.session.run(["logits"], {"tokens": tokens, "valid": valid})[0]
+
+    def __call__(self, sequences: list[torch.Tensor]) -> torch.Tensor:
+        """Logits ``[len(sequences), L]`` of ``[N_i, D]`` token sequences of any lengths."""
+        out = []
+        for start in range(0, len(sequences), self.batch_buckets[-1]):
+            part = sequences[start:start + self.batch_buckets[-1]]
+            b = bucket_for(len(part), self.batch_buckets)
+            n = bucket_for(max(len(s) for s in part), self.length_buckets)
+            tokens = np.zeros((b, n, self.dim), np.float32)
+            valid = np.zeros((b, n), bool)
+            for i, s in enumerate(part):
+                tokens[i, : len(s)] = s.detach().cpu().float().numpy()
+                valid[i, : len(s)] = True
+            valid[len(part):, 0] = True  # padded rows: one valid token, so no row is empty; they are dropped
+            out.append(torch.from_numpy(self._run(tokens, valid)[: len(part)]))
+        return torch.cat(out)

@@ -16,8 +16,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+import math
+
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from models.masking import masked_mean, masked_softmax_scores
 
 
 @dataclass
@@ -43,9 +48,28 @@ class CrossAttentionBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, q: torch.Tensor, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """``nn.MultiheadAttention``'s computation with its own weights, written out so that the mask is a
+        ``masked_fill`` before the softmax and every reshape takes its sizes from the input (exportable with
+        dynamic batch and token axes)."""
+        a = self.attn
+        w_q, w_k, w_v = a.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = a.in_proj_bias.chunk(3)
+        b, lq = q.shape[0], q.shape[1]
+        heads, d, e = a.num_heads, a.head_dim, a.embed_dim  # constants of the layer, not of the input
+
+        def split(t):
+            return t.reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2)
+
+        qh, kh, vh = split(F.linear(q, w_q, b_q)), split(F.linear(kv, w_k, b_k)), split(F.linear(kv, w_v, b_v))
+        weights = masked_softmax_scores(qh @ kh.transpose(-1, -2) / math.sqrt(d), valid)
+        out = (weights @ vh).transpose(1, 2).reshape(b, lq, e)
+        return a.out_proj(out)
+
+    def forward(self, q: torch.Tensor, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``valid``: ``[B, N]`` bool, True for real tokens (None: all are)."""
         kv = self.norm_kv(x)
-        q = q + self.attn(self.norm_q(q), kv, kv, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        q = q + self._attend(self.norm_q(q), kv, valid)
         return q + self.mlp(self.norm_mlp(q))
 
 
@@ -64,14 +88,16 @@ class ClassifierHead(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, len(cfg.labels))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``[B, N, D]`` tokens; ``valid`` (``[B, N]`` bool) marks real tokens when the token axis is
+        padded to a bucket: attention and mean pooling then see the valid tokens only."""
         if self.pooling == "attentive":
             q = self.query.expand(tokens.shape[0], -1, -1)
             for block in self.blocks:
-                q = block(q, tokens)
+                q = block(q, tokens, valid)
             pooled = q[:, 0]
         else:
-            pooled = tokens.mean(dim=1)
+            pooled = tokens.mean(dim=1) if valid is None else masked_mean(tokens, valid)
         return self.fc(self.norm(pooled))
 
 
