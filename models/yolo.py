@@ -54,6 +54,18 @@ class YoloDetector:
         self._precision = ({"quantize": 16 if self.half else None} if "quantize" in DEFAULT_CFG_DICT
                            else {"half": self.half})
 
+    def runtime(self) -> dict:
+        """Where the model runs: ``backend`` (``ultralytics-pt``, ``-onnx``, ``-engine``), the execution provider
+        read from ultralytics' ONNX Runtime session when there is one (after the first ``detect``), else the
+        device."""
+        backend = "ultralytics-" + os.path.splitext(self.model.ckpt_path or self.model.model_name or "")[1].lstrip(".")
+        provider = self.device
+        predictor = getattr(self.model, "predictor", None)
+        session = getattr(getattr(predictor, "model", None), "session", None)
+        if session is not None and hasattr(session, "get_providers"):
+            provider = session.get_providers()[0]
+        return {"backend": backend, "execution_provider": provider, "io_binding": None, "fallback_reason": None}
+
     def detect(self, frames_rgb, classes: list[int] | None = None) -> list[Detections]:
         """Detect on a batch of RGB uint8 frames (``[B, H, W, 3]``, or a list of ``[H, W, 3]`` of any sizes),
         converted to the BGR ultralytics expects."""

@@ -39,6 +39,11 @@ class SetupContext:
     """Node-local directory for derived artefacts (TensorRT engines): ``<storage.cache_dir>``."""
 
 
+RUNTIME = pa.struct([("backend", pa.string()), ("execution_provider", pa.string()), ("io_binding", pa.bool_()),
+                     ("fallback_reason", pa.string())])
+"""Where a model-backed filter ran, in its row (and, aggregated, in the run summary)."""
+
+
 class Filter:
     """Base of every filter.
 

@@ -17,7 +17,7 @@ from models.circuit_breaker import CircuitBreaker, CudaCircuitOpen, tripped
 from models.onnx_session import OrtParams
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, GpuFailure
-from pipeline.filters.base import FilterContext, SetupContext, VideoFilter
+from pipeline.filters.base import RUNTIME, FilterContext, SetupContext, VideoFilter
 from pipeline.media.item import MediaItem
 from pipeline.video.preprocess import clips_to_input
 from pipeline.video.sampling import Uniform, Windows, window_bounds
@@ -70,8 +70,7 @@ class ClipClassifierFilter(VideoFilter):
     output_type = pa.struct([
         ("label", pa.string()), ("prob", pa.float32()), ("scores", pa.map_(pa.string(), pa.float32())),
         ("windows", pa.list_(WINDOW)), ("reversed_windows", pa.list_(WINDOW)),
-        ("runtime", pa.struct([("backend", pa.string()), ("execution_provider", pa.string()),
-                               ("io_binding", pa.bool_()), ("fallback_reason", pa.string())])),
+        ("runtime", RUNTIME),
     ])
 
     def __init__(self, name, params):

@@ -19,7 +19,7 @@ from pipeline.audio.separator import Separator, SeparatorParams, load_sidecar
 from pipeline.audio.vad import SileroVAD
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError
-from pipeline.filters.base import Filter, FilterContext, SetupContext
+from pipeline.filters.base import RUNTIME, Filter, FilterContext, SetupContext
 from pipeline.media.item import MediaItem
 
 SPAN = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())])
@@ -46,8 +46,7 @@ class SpeechCutsFilter(Filter):
                                             ("guard_shift_s", pa.float64())]))),
         ("pieces", pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()),
                                        ("duration_s", pa.float64())]))),
-        ("separator_runtime", pa.struct([("backend", pa.string()), ("execution_provider", pa.string()),
-                                         ("io_binding", pa.bool_()), ("fallback_reason", pa.string())])),
+        ("separator_runtime", RUNTIME),
         ("chunking", pa.struct([("enabled", pa.bool_()), ("chunk_s", pa.float64()), ("overlap_s", pa.float64()),
                                 ("halo_s", pa.float64()), ("align_hop", pa.int32()), ("chunks", pa.int32())])),
     ])

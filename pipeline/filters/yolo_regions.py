@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, FilterError
-from pipeline.filters.base import FilterContext, SetupContext, VideoFilter
+from pipeline.filters.base import RUNTIME, FilterContext, SetupContext, VideoFilter
 from pipeline.filters.signal import BOX, content_box, luma
 from pipeline.media.item import MediaItem
 from pipeline.video.crop import aggregate_regions, safe_crop
@@ -62,7 +62,7 @@ class YoloRegionsParams:
 class YoloRegionsFilter(VideoFilter):
     params_type = YoloRegionsParams
     output_type = pa.struct([("regions", pa.list_(REGION)), ("crop", BOX), ("crop_area_ratio", pa.float32()),
-                             ("frames", pa.int32()), ("crop_uri", pa.string())])
+                             ("frames", pa.int32()), ("crop_uri", pa.string()), ("runtime", RUNTIME)])
 
     def __init__(self, name, params):
         super().__init__(name, params)
@@ -102,6 +102,7 @@ class YoloRegionsFilter(VideoFilter):
                                        group_key=lambda frames: frames[0].shape)
         with ctx.pool.acquire(self._pool_key) as det:
             self.names = det.names
+            self.runtime = det.runtime()
         if p.classes:
             unknown = [c for c in p.classes if c not in self.names.values()]
             if unknown:
@@ -148,6 +149,7 @@ class YoloRegionsFilter(VideoFilter):
             "crop_area_ratio": (crop[2] - crop[0]) * (crop[3] - crop[1]) / float(W * H),
             "frames": len(per_frame),
             "crop_uri": uri,
+            "runtime": self.runtime,
         }
 
     def _write_crop(self, media: MediaItem, crop: tuple[int, int, int, int]) -> str:
