@@ -54,18 +54,24 @@ def candidates(segments: list[tuple[float, float]], frame_times: np.ndarray, vad
     lo, hi = np.percentile(energy_db, 5), np.percentile(energy_db, 95)
     energy = np.clip((energy_db - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
     out = []
+    r = p.candidate_radius_s
+    prob, energy64 = vad_prob.astype(np.float64), energy.astype(np.float64)
     for (s0, e0), (s1, _e1) in zip(segments, segments[1:]):
         gap = max(0.0, s1 - e0)
         kind = "pause" if gap >= p.pause_min_s else "breath"
         w = 1.0 if kind == "pause" else p.breath_weight
         h = gap / (gap + p.duration_scale_s)
-        near = ((np.abs(frame_times - e0) <= p.candidate_radius_s) | (np.abs(frame_times - s1) <= p.candidate_radius_s))
-        near &= (frame_times >= e0 - p.candidate_radius_s) & (frame_times <= s1 + p.candidate_radius_s)
-        mid, reach = (e0 + s1) / 2, gap / 2 + p.candidate_radius_s
-        for i in np.nonzero(near)[0]:
-            score = (1.0 - float(vad_prob[i])) * (1.0 - float(energy[i]))
-            centre = 1.0 - p.centre_weight * abs(float(frame_times[i]) - mid) / reach
-            out.append((float(frame_times[i]), score * w * h * centre, kind))
+        # frames within r of either boundary (frame times are sorted: two slices, not a scan of the file)
+        a0, b0 = np.searchsorted(frame_times, [e0 - r, s1 - r], side="left")
+        a1, b1 = np.searchsorted(frame_times, [e0 + r, s1 + r], side="right")
+        idx = np.union1d(np.arange(a0, a1), np.arange(b0, b1))
+        t = frame_times[idx]
+        keep = ((np.abs(t - e0) <= r) | (np.abs(t - s1) <= r)) & (t >= e0 - r) & (t <= s1 + r)
+        idx, t = idx[keep], t[keep]
+        mid, reach = (e0 + s1) / 2, gap / 2 + r
+        score = (1.0 - prob[idx]) * (1.0 - energy64[idx])
+        centre = 1.0 - p.centre_weight * np.abs(t - mid) / reach
+        out.extend(zip(t.tolist(), (score * w * h * centre).tolist(), [kind] * len(idx)))
     return out
 
 

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.audio.cuts import Cut, CutParams, cut_points, pieces
 from pipeline.audio.features import FeatureCache, chunked_stft, n_frames, stft_magnitude, stitch_frames
-from pipeline.audio.schedule import ChunkPlan, chunk_schedule
+from pipeline.audio.schedule import ChunkPlan, causal_length, chunk_schedule
 from pipeline.audio.vad import frame_samples, merge_segments, speech_segments
 
 
@@ -85,14 +85,26 @@ def _plans(n: int, p: AudioParams, chunked: bool) -> list[ChunkPlan]:
     return chunk_schedule(n / p.sample_rate, g.chunk_seconds, g.overlap_seconds, g.halo_seconds, hop, p.sample_rate)
 
 
-def chunk_tensor(audio: np.ndarray, plans: list[ChunkPlan]) -> torch.Tensor:
-    """``[C, L]`` chunk audio, zeros where a chunk runs past the file."""
-    length = plans[0].length
-    out = torch.zeros(len(plans), length)
+def vad_length(plans: list[ChunkPlan], p: AudioParams, chunked: bool, margin: int = 0) -> int:
+    """Samples of each chunk the VAD reads: the VAD is causal, so chunked runs stop at the furthest valid end
+    (``causal_length``) plus ``margin`` (an STFT window, where the features come from the same chunks)."""
+    g = p.gpu_pipeline
+    if not (chunked and g.enable):
+        return plans[0].length
+    hop = math.lcm(g.align_hop, frame_samples(p.sample_rate), p.stft_hop)
+    need = causal_length(g.chunk_seconds, g.overlap_seconds, g.halo_seconds, hop, p.sample_rate) + margin
+    return min(plans[0].length, -(-need // hop) * hop)
+
+
+def chunk_tensor(audio: np.ndarray, plans: list[ChunkPlan], length: int | None = None) -> torch.Tensor:
+    """``[C, length]`` chunk audio from each chunk's start (default: the plan length), zeros past the file."""
+    length = length or plans[0].length
+    out = torch.empty(len(plans), length)
     src = torch.from_numpy(audio)
     for i, p in enumerate(plans):
         piece = src[p.start:p.start + length]
         out[i, :len(piece)] = piece
+        out[i, len(piece):] = 0.0
     return out
 
 
@@ -154,6 +166,14 @@ def gpu_stages(batches: list[torch.Tensor], vad, n_fft: int, hop: int, device: s
     return results
 
 
+def _batch(tensors: list[torch.Tensor | None], members: list[tuple[int, int]]) -> torch.Tensor:
+    """The chunks of one VAD batch: a view when they are consecutive chunks of one file (no copy), else stacked."""
+    fi, c0 = members[0]
+    if all(f == fi and c == c0 + k for k, (f, c) in enumerate(members)):
+        return tensors[fi][c0:c0 + len(members)]
+    return torch.stack([tensors[f][c] for f, c in members])
+
+
 def run_audio(audios: list[np.ndarray], params: AudioParams, vad_batch: Callable[[torch.Tensor], torch.Tensor],
               chunked: bool = True, device: str = "cpu", vad=None) -> list[AudioResult]:
     """Run the pipeline on several files at once: all their chunks go through the VAD in shared batches.
@@ -175,18 +195,19 @@ def run_audio(audios: list[np.ndarray], params: AudioParams, vad_batch: Callable
     results = []
     # Chunks of equal length from every file share VAD batches (whole-file chunks differ per file).
     groups: dict[int, list[tuple[int, int]]] = {}
-    tensors = [chunk_tensor(a, p) if p else None for a, p in zip(audios, plans)]
+    g = params.gpu_pipeline
+    streams = vad is not None and device.startswith("cuda") and g.use_cuda_streams
+    lengths = [vad_length(p, params, chunked, params.n_fft if streams else 0) if p else 0 for p in plans]
+    tensors = [chunk_tensor(a, p, n) if p else None for a, p, n in zip(audios, plans, lengths)]
     for fi, p in enumerate(plans):
         for ci in range(len(p)):
-            groups.setdefault(p[ci].length, []).append((fi, ci))
+            groups.setdefault(lengths[fi], []).append((fi, ci))
     probs_by_chunk: dict[tuple[int, int], torch.Tensor] = {}
     mags_by_chunk: dict[tuple[int, int], torch.Tensor] = {}
-    g = params.gpu_pipeline
     batches = [members[s:s + g.batch_chunks] for members in groups.values()
                for s in range(0, len(members), g.batch_chunks)]
-    streams = vad is not None and device.startswith("cuda") and g.use_cuda_streams
     if streams:
-        outs = gpu_stages([torch.stack([tensors[fi][ci] for fi, ci in b]) for b in batches], vad, params.n_fft,
+        outs = gpu_stages([_batch(tensors, b) for b in batches], vad, params.n_fft,
                           params.stft_hop, device, g.inflight_chunks_limit, g.prefetch_pinned_buffers)
         for b, (probs, mags) in zip(batches, outs):
             for (fi, ci), prow, mrow in zip(b, probs, mags):
@@ -194,7 +215,7 @@ def run_audio(audios: list[np.ndarray], params: AudioParams, vad_batch: Callable
                 mags_by_chunk[(fi, ci)] = mrow
     else:
         for b in batches:
-            out = vad_batch(torch.stack([tensors[fi][ci] for fi, ci in b]))
+            out = vad_batch(_batch(tensors, b))
             for (fi, ci), row in zip(b, out):
                 probs_by_chunk[(fi, ci)] = row
     for fi, audio in enumerate(audios):
@@ -202,10 +223,10 @@ def run_audio(audios: list[np.ndarray], params: AudioParams, vad_batch: Callable
         if n == 0:
             raise ValueError("empty audio")
         p = plans[fi]
-        chunk_probs = torch.stack([probs_by_chunk[(fi, ci)] for ci in range(len(p))])
+        chunk_probs = [probs_by_chunk[(fi, ci)] for ci in range(len(p))]
         probs = stitch_frames(chunk_probs, p, f, int(math.ceil(n / f)))
         if streams:  # whole-chunk magnitudes from the feature stream, valid frames stitched
-            mags = torch.stack([mags_by_chunk[(fi, ci)] for ci in range(len(p))])
+            mags = [mags_by_chunk[(fi, ci)] for ci in range(len(p))]
             feats = FeatureCache(stitch_frames(mags, p, params.stft_hop, n_frames(n, params.n_fft, params.stft_hop)),
                                  params.stft_hop, sr)
         else:

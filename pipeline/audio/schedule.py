@@ -25,6 +25,23 @@ class ChunkPlan:
     """Results for ``[valid_start, valid_end)`` come from this chunk and no other."""
 
 
+def causal_length(chunk_s: float = 10.0, overlap_s: float = 2.5, halo_s: float = 0.5, align_hop: int = 4096,
+                  sample_rate: int = 16000) -> int:
+    """Samples from a chunk's start to the furthest valid end any chunk of ``chunk_schedule`` has.
+
+    A causal stage (the VAD) needs nothing after a chunk's valid end, so it reads this many samples of every chunk
+    instead of ``ChunkPlan.length``: the trailing half overlap, context only for a non-causal stage, is skipped.
+    """
+    hop = align_hop
+
+    def up(x: float) -> int:
+        return int(math.ceil(x * sample_rate / hop)) * hop
+
+    chunk = max(hop, up(chunk_s))
+    half = int(round(overlap_s * sample_rate / 2 / hop)) * hop
+    return chunk - half + (up(halo_s) if halo_s > 0 else 0)
+
+
 def chunk_schedule(total_s: float, chunk_s: float = 10.0, overlap_s: float = 2.5, halo_s: float = 0.5,
                    align_hop: int = 4096, sample_rate: int = 16000) -> list[ChunkPlan]:
     """Plan the chunks of a file of ``total_s`` seconds.
@@ -55,7 +72,9 @@ def chunk_schedule(total_s: float, chunk_s: float = 10.0, overlap_s: float = 2.5
         raise ValueError(f"overlap_s={overlap_s} must be shorter than chunk_s={chunk_s}")
     halo = up(halo_s) if halo_s > 0 else 0
     step = chunk - overlap
-    count = 1 if n <= chunk else 1 + math.ceil((n - chunk) / step)
+    # The last chunk's valid region ends at the file's end; it is kept within step + half of its core's start, so
+    # that no chunk's valid end lies past ``causal_length`` samples from its start (a causal stage reads no more).
+    count = 1 if n <= step + half else 1 + math.ceil((n - step - half) / step)
     plans = []
     for i in range(count):
         core = i * step

@@ -11,7 +11,7 @@ from pipeline.audio.cuts import Cut, final_check, guard, nms
 from pipeline.audio.decode import decode_audio
 from pipeline.audio.equivalence import measure, write_report
 from pipeline.audio.pipeline import AudioParams, GpuPipelineParams, run_audio
-from pipeline.audio.schedule import chunk_schedule
+from pipeline.audio.schedule import causal_length, chunk_schedule
 from pipeline.audio.vad import SileroVAD, merge_segments
 from pipeline.errors import DecodeError
 from pipeline.media import synthetic
@@ -28,9 +28,11 @@ def test_schedule_tiles_the_file_exactly(total, chunk, overlap_frac, halo, hop):
     for a, b in zip(plans, plans[1:]):
         assert a.valid_end == b.valid_start and a.valid_start < a.valid_end
         assert b.valid_start % hop == 0 and b.start % hop == 0
+    causal = causal_length(chunk, overlap, halo, hop)
     for p in plans:
         assert p.start <= p.valid_start and p.valid_end <= p.start + p.length
         assert p.length == plans[0].length and p.length % hop == 0
+        assert p.valid_end - p.start <= causal <= p.length  # a causal stage reads causal_length samples of each
 
 
 def test_short_gap_merge_and_boundary_union():
