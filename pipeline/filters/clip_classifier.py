@@ -182,7 +182,7 @@ class ClipClassifierFilter(VideoFilter):
             kinds.append(("clip", None))
         if self.params.window_s:
             req = self._windows()
-            bounds = window_bounds(req, video.meta.num_frames, video.meta.fps)
+            bounds = window_bounds(req, video.meta.num_frames, video.meta.fps, video.meta.timestamps)
             for w in range(video.windows(req)):
                 frames = video.view(req, w)
                 span = (float(bounds[w][0]), float(bounds[w][1]))

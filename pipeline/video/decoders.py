@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DecodeError, DecodeTimeout
-from pipeline.video.sampling import FramePlan, FrameRequest, make_plan
+from pipeline.video.sampling import FramePlan, FrameRequest, make_plan, variable_rate
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,28 @@ class VideoMeta:
     fps: float
     width: int
     height: int
+    timestamps: np.ndarray | None = None
+    """Presentation time of each frame in seconds from the first (None where the backend cannot tell)."""
+
+    def truncated(self, n: int) -> VideoMeta:
+        ts = self.timestamps[:n] if self.timestamps is not None else None
+        return VideoMeta(n, self.fps, self.width, self.height, ts)
+
+
+def demux_timestamps(path: str) -> np.ndarray | None:
+    """Frame times of the first video stream from its packets (demuxed, not decoded: milliseconds per file)."""
+    import av
+
+    try:
+        with av.open(path) as c:
+            s = c.streams.video[0]
+            pts = [p.pts for p in c.demux(s) if p.pts is not None and p.size > 0]
+            if not pts:
+                return None
+            t = np.sort(np.asarray(pts, np.float64)) * float(s.time_base)
+            return t - t[0]
+    except Exception:  # noqa: BLE001 - no timestamps: sampling falls back to the average rate
+        return None
 
 
 @dataclass
@@ -66,6 +88,8 @@ class DecodedVideo:
     def times(self, request: FrameRequest, window: int = 0) -> np.ndarray:
         """Seconds of each frame of a request."""
         idx = np.asarray(self.plan.indices)[self.plan.positions[request][window]]
+        if variable_rate(self.meta.timestamps, self.meta.fps):
+            return self.meta.timestamps[idx]
         return idx / self.meta.fps if self.meta.fps > 0 else idx.astype(float)
 
 
@@ -95,7 +119,9 @@ class DecordBackend:
             self._readers[path] = vr
             while len(self._readers) > 16:  # bounded: a meta() whose decode() never came is dropped
                 self._readers.popitem(last=False)
-        return VideoMeta(len(vr), float(vr.get_avg_fps() or 0.0), int(w), int(h))
+        ts = vr.get_frame_timestamp(np.arange(len(vr)))[:, 0].astype(np.float64) if len(vr) else None
+        return VideoMeta(len(vr), float(vr.get_avg_fps() or 0.0), int(w), int(h),
+                         ts - ts[0] if ts is not None else None)
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
                resize: bool) -> torch.Tensor:
@@ -118,7 +144,10 @@ class TorchcodecBackend:
         from torchcodec.decoders import VideoDecoder
 
         m = VideoDecoder(path, seek_mode="exact").metadata
-        return VideoMeta(int(m.num_frames or 0), float(m.average_fps or 0.0), int(m.width), int(m.height))
+        n = int(m.num_frames or 0)
+        ts = demux_timestamps(path)
+        return VideoMeta(n, float(m.average_fps or 0.0), int(m.width), int(m.height),
+                         ts if ts is not None and len(ts) == n else None)
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
                resize: bool) -> torch.Tensor:
@@ -151,7 +180,9 @@ class PyAVBackend:
                 dur = (float(s.duration * s.time_base) if s.duration else
                        (c.duration / av.time_base if c.duration else 0.0))
                 n = int(math.floor(dur * rate))
-            return VideoMeta(n, rate, int(s.codec_context.width), int(s.codec_context.height))
+            width, height = int(s.codec_context.width), int(s.codec_context.height)
+        ts = demux_timestamps(path)
+        return VideoMeta(n, rate, width, height, ts if ts is not None and len(ts) == n else None)
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
                resize: bool) -> torch.Tensor:
@@ -252,7 +283,7 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
                 raise DecodeError(f"no frames ({meta})")
             if meta.width * meta.height > max_pixels:
                 raise DecodeError(f"{meta.width}x{meta.height} is over video.max_pixels={max_pixels}")
-            plan = make_plan(requests, meta.num_frames, meta.fps)
+            plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps)
             if len(plan.indices) > max_frames:
                 raise DecodeError(f"frame plan needs {len(plan.indices)} frames, over video.max_frames={max_frames}")
             size = _decode_size(meta.width, meta.height, max_side)
@@ -261,8 +292,8 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
             try:
                 frames = _decode_with_timeout(backend, path, plan.indices, size, dev, timeout_s, resize)
             except TruncatedVideo as t:  # a broken tail: the clip is its decodable prefix
-                meta = VideoMeta(t.decodable, meta.fps, meta.width, meta.height)
-                plan = make_plan(requests, meta.num_frames, meta.fps)
+                meta = meta.truncated(t.decodable)
+                plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps)
                 frames = _decode_with_timeout(backend, path, plan.indices, size, dev, timeout_s, resize)
             if frames.shape[0] != len(plan.indices):
                 raise DecodeError(f"{backend.name} returned {frames.shape[0]} of {len(plan.indices)} frames")

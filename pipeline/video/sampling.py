@@ -59,9 +59,32 @@ def uniform_indices(start: int, stop: int, n: int) -> list[int]:
     return [min(stop - 1, start + int(math.floor((i + 0.5) * span / n))) for i in range(n)]
 
 
-def window_bounds(req: Windows, num_frames: int, fps: float) -> list[tuple[float, float]]:
+def variable_rate(timestamps: np.ndarray | None, fps: float) -> bool:
+    """Whether frame times depart from ``index / fps`` by more than half a frame anywhere (a variable frame rate:
+    sampling by index would then put windows and uniform frames at the wrong times)."""
+    if timestamps is None or len(timestamps) < 2 or fps <= 0:
+        return False
+    return bool(np.max(np.abs(timestamps - np.arange(len(timestamps)) / fps)) > 0.5 / fps)
+
+
+def clip_duration(num_frames: int, fps: float, timestamps: np.ndarray | None = None) -> float:
+    """Seconds the clip plays: the last frame's time plus one typical frame interval (variable rate), else
+    ``num_frames / fps``."""
+    if variable_rate(timestamps, fps):
+        return float(timestamps[-1] + np.median(np.diff(timestamps)))
+    return num_frames / fps if fps > 0 else 0.0
+
+
+def played_at(timestamps: np.ndarray, times: np.ndarray) -> list[int]:
+    """Index of the frame on screen at each time (the last frame starting at or before it)."""
+    idx = np.searchsorted(timestamps, np.asarray(times) + 1e-9, side="right") - 1
+    return np.clip(idx, 0, len(timestamps) - 1).astype(int).tolist()
+
+
+def window_bounds(req: Windows, num_frames: int, fps: float,
+                  timestamps: np.ndarray | None = None) -> list[tuple[float, float]]:
     """The (start_s, end_s) of each window; a clip shorter than one window gets one window over all of it."""
-    duration = num_frames / fps if fps > 0 else 0.0
+    duration = clip_duration(num_frames, fps, timestamps)
     end = min(duration, req.end_s) if req.end_s is not None else duration
     start = max(0.0, req.start_s)
     if end - start <= req.window_s:
@@ -74,10 +97,31 @@ def window_bounds(req: Windows, num_frames: int, fps: float) -> list[tuple[float
     return out
 
 
-def request_indices(req: FrameRequest, num_frames: int, fps: float) -> list[list[int]]:
-    """Frame indices of a request: one list per window (one list for whole-clip requests)."""
+def _timed_indices(req: FrameRequest, num_frames: int, fps: float, ts: np.ndarray) -> list[list[int]]:
+    """Variable frame rate: requests in seconds pick the frame on screen at evenly spaced times."""
+    duration = clip_duration(num_frames, fps, ts)
+    if isinstance(req, Uniform):
+        return [played_at(ts, (np.arange(req.n) + 0.5) * duration / req.n)]
+    if isinstance(req, AtFps):
+        times = np.arange(0.0, duration, 1.0 / req.fps)[: req.max_count] if req.fps > 0 else np.zeros(1)
+        return [sorted(set(played_at(ts, times)))]
+    out = []
+    for s, e in window_bounds(req, num_frames, fps, ts):
+        out.append(played_at(ts, s + (np.arange(req.n) + 0.5) * (e - s) / req.n))
+    return out
+
+
+def request_indices(req: FrameRequest, num_frames: int, fps: float,
+                    timestamps: np.ndarray | None = None) -> list[list[int]]:
+    """Frame indices of a request: one list per window (one list for whole-clip requests).
+
+    With ``timestamps`` (seconds of each frame) of a variable-rate clip, whole-clip, rate and window requests are
+    placed by time; otherwise by index at the average rate (the same thing for a constant rate).
+    """
     if num_frames <= 0:
         return [[]]
+    if not isinstance(req, EveryK) and variable_rate(timestamps, fps):
+        return _timed_indices(req, num_frames, fps, np.asarray(timestamps[:num_frames], float))
     if isinstance(req, Uniform):
         return [uniform_indices(0, num_frames, req.n)]
     if isinstance(req, EveryK):
@@ -103,18 +147,20 @@ class FramePlan:
     positions: dict[FrameRequest, list[np.ndarray]]
 
 
-def make_plan(requests: list[FrameRequest], num_frames: int, fps: float) -> FramePlan:
+def make_plan(requests: list[FrameRequest], num_frames: int, fps: float,
+              timestamps: np.ndarray | None = None) -> FramePlan:
     """Union the requests' indices so each frame is decoded once.
 
     Args:
         requests: every filter's frame requests for this item.
         num_frames: frames in the clip (as the decoder reports it).
         fps: average frame rate.
+        timestamps: seconds of each frame, where the backend knows them (a variable rate is then sampled by time).
 
     Returns:
         The plan: decode ``indices``; request ``r``'s window ``w`` is ``frames[positions[r][w]]``.
     """
-    per_req = {r: request_indices(r, num_frames, fps) for r in dict.fromkeys(requests)}
+    per_req = {r: request_indices(r, num_frames, fps, timestamps) for r in dict.fromkeys(requests)}
     union = sorted({i for lists in per_req.values() for idx in lists for i in idx})
     where = {idx: pos for pos, idx in enumerate(union)}
     positions = {r: [np.array([where[i] for i in idx], dtype=np.int64) for idx in lists]

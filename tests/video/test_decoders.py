@@ -3,6 +3,7 @@
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -10,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from pipeline.errors import DecodeError, DecodeTimeout
 from pipeline.media import synthetic
 from pipeline.video.decoders import available_backends, decode_video
-from pipeline.video.sampling import AtFps, EveryK, Uniform, Windows, make_plan, request_indices
+from pipeline.video.sampling import AtFps, EveryK, Uniform, Windows, make_plan, request_indices, variable_rate
 
 ALL = ("decord", "torchcodec", "pyav")
 
@@ -85,6 +86,25 @@ def test_variable_frame_rate(clips):
         counts[b.name] = v.meta.num_frames
         assert v.frames.shape[0] == 8 and v.frames.float().std() > 10
     assert set(counts.values()) == {50}, counts  # frame indices are exact whatever the timing
+
+
+def test_variable_frame_rate_windows_follow_the_timestamps(clips):
+    # 25 frames at 25 fps in [0, 1), then 10 fps: one-second windows hold 25 frames, then about 10 (by index at
+    # the average 14.5 fps, the first window would end at frame 14 and the second would start in the first second)
+    win = Windows(1.0, 1.0, 5)
+    for b in available_backends(ALL):
+        v = decode_video(clips["vfr"], [win, Uniform(7)], [b])
+        assert v.meta.timestamps is not None and len(v.meta.timestamps) == 50, b.name
+        idx = [[v.plan.indices[p] for p in pos] for pos in v.plan.positions[win]]
+        assert len(idx) == 3, (b.name, idx)  # 3.44 s of video
+        assert all(i < 25 for i in idx[0]) and max(idx[0]) >= 20, (b.name, idx)
+        assert all(i >= 25 for i in idx[1]), (b.name, idx)
+        for w in range(3):
+            t = v.times(win, w)
+            assert ((t >= w - 1e-6) & (t < w + 1)).all(), (b.name, w, t)
+        # uniform frames are uniform in time: the second half of the clip (10 fps) holds about half of them
+        t = v.times(Uniform(7))
+        assert np.sum(t >= 1.72) == 3 and np.all(np.diff(t) > 0.3), (b.name, t)
 
 
 def test_broken_tail_decodes_its_prefix(clips):
@@ -165,3 +185,26 @@ def test_plan_is_the_union_and_views_map_back(reqs, num_frames, fps):
     for r in reqs:
         own = request_indices(r, num_frames, fps)
         assert [[plan.indices[p] for p in pos] for pos in plan.positions[r]] == own
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(requests, min_size=1, max_size=5),
+       st.lists(st.floats(0.005, 0.5), min_size=2, max_size=400), st.floats(1, 60))
+def test_variable_rate_plan_is_the_union_and_times_hold(reqs, intervals, fps):
+    # Oracle: with any frame timing, views map back to each request's own indices, and a window's frames lie
+    # inside the window in time.
+    from pipeline.video.sampling import clip_duration, window_bounds
+
+    ts = np.concatenate([[0.0], np.cumsum(intervals[:-1])])
+    n = len(ts)
+    plan = make_plan(reqs, n, fps, ts)
+    assert plan.indices == sorted(set(plan.indices)) and all(0 <= i < n for i in plan.indices)
+    for r in reqs:
+        own = request_indices(r, n, fps, ts)
+        assert [[plan.indices[p] for p in pos] for pos in plan.positions[r]] == own
+        if isinstance(r, Windows) and variable_rate(ts, fps):
+            for (a, b), idx in zip(window_bounds(r, n, fps, ts), own):
+                # the frame on screen at a time inside the window: it starts before the window ends, and it is
+                # still on screen (the next frame, or the clip's end, comes later) after the window starts
+                ends = np.append(ts[1:], clip_duration(n, fps, ts))[idx]
+                assert (ts[idx] < b + 1e-9).all() and (ends > a - 1e-9).all()
