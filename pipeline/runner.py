@@ -480,7 +480,7 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
     if workers.interrupted:
         # No collective after a stop: other ranks may be gone already (torchrun tears the group down).
         return RankOutcome(run_id, ctx.rank, snap, True, output_dir=cfg.output.dir)
-    models = {f.name: f.runtime_now() for f in filters if f.runtime_now() is not None}
+    models = {k: v for f in filters for k, v in f.runtimes().items()}
     everyone = ctx.gather({"rank": ctx.rank, "host": ctx.host, "device": device, "interrupted": workers.interrupted,
                            "models": models, **snap})
     outcome = RankOutcome(run_id, ctx.rank, snap, workers.interrupted, output_dir=cfg.output.dir)

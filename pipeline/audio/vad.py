@@ -56,6 +56,81 @@ class SileroVAD:
         return out.cpu() if to_cpu else out
 
 
+def shipped_onnx_path() -> str:
+    """The ONNX Silero VAD inside the silero-vad package (no download)."""
+    import os
+
+    import silero_vad
+
+    return os.path.join(os.path.dirname(silero_vad.__file__), "data", "silero_vad.onnx")
+
+
+class OnnxSileroVAD:
+    """The ONNX Silero VAD that the silero-vad package ships, opened through the session factory (provider chain,
+    fallback reason, ``ort:`` settings), batched like ``SileroVAD``: the state ``[2, B, 128]`` is per batch row.
+
+    The batch is padded to ``batch_buckets`` (zero chunks, dropped from the output; rows are independent), and every
+    bucket runs once at start, so shape-specialised providers build each shape once.
+
+    Args:
+        sample_rate: 16000 or 8000.
+        provider: ``cpu``, ``cuda`` or ``tensorrt`` (falls back along that chain unless ``strict``).
+        device_id: GPU index.
+        strict: a fallback from the requested provider is fatal.
+        params: per-model ORT settings.
+        batch_buckets: batch sizes the model is warmed up on.
+        cache_dir: node-local TensorRT engine cache.
+        path: an ONNX file with the same interface (default: the shipped one).
+    """
+
+    def __init__(self, sample_rate: int = 16000, provider: str = "cpu", device_id: int = 0, strict: bool = False,
+                 params=None, batch_buckets: tuple[int, ...] = (4, 8, 16, 32, 64, 96, 128),
+                 cache_dir: str | None = None,
+                 path: str | None = None):
+        from models.onnx_session import make_session, shape_profile
+
+        self.sample_rate = sample_rate
+        self.frame = frame_samples(sample_rate)
+        self.context = 64 if sample_rate == 16000 else 32
+        self.buckets = tuple(sorted(batch_buckets))
+        path = path or shipped_onnx_path()
+        shapes = [(b, self.context + self.frame) for b in self.buckets]
+        profile = shape_profile("input", shapes)
+        state = shape_profile("state", [(2, b, 128) for b in self.buckets])
+        if profile:
+            profile = {k: f"{v},{state[k]}" for k, v in profile.items()}
+        self.ort = make_session(path, provider, device_id, strict=strict, params=params, profile=profile,
+                                cache_dir=cache_dir)
+        names = {i.name for i in self.ort.session.get_inputs()}
+        if names != {"input", "state", "sr"}:
+            raise ValueError(f"{path}: a Silero VAD takes inputs input, state, sr; the model has {sorted(names)}")
+        self._sr = np.array(sample_rate, np.int64)
+        for b in self.buckets:  # start-up self-check on every bucket shape
+            self.probs(torch.zeros(b, self.frame))
+
+    def probs(self, chunks: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
+        """Speech probability per frame for a batch of chunks ``[B, L]``: ``[B, L/frame]`` (on the CPU)."""
+        from models.masking import bucket_for
+
+        b, length = chunks.shape
+        if length % self.frame:
+            raise ValueError(f"chunk length {length} is not a multiple of {self.frame}")
+        x = chunks.detach().to("cpu", torch.float32).numpy()
+        padded = bucket_for(b, self.buckets)
+        if padded > b:
+            x = np.concatenate([x, np.zeros((padded - b, length), np.float32)])
+        state = np.zeros((2, padded, 128), np.float32)
+        context = np.zeros((padded, self.context), np.float32)
+        out = np.empty((padded, length // self.frame), np.float32)
+        run = self.ort.session.run
+        for i in range(length // self.frame):
+            step = np.concatenate([context, x[:, i * self.frame:(i + 1) * self.frame]], axis=1)
+            prob, state = run(None, {"input": step, "state": state, "sr": self._sr})
+            out[:, i] = prob[:, 0]
+            context = step[:, -self.context:]
+        return torch.from_numpy(out[:b])
+
+
 def whole_file_probs(model: SileroVAD, audio: np.ndarray) -> np.ndarray:
     """Frame probabilities of one file in one pass (the reference the chunked run is compared with)."""
     f = model.frame

@@ -65,6 +65,11 @@ class Filter:
         """``runtime`` as it stands now (a circuit breaker may have moved the model since setup)."""
         return self.runtime
 
+    def runtimes(self) -> dict[str, dict[str, Any]]:
+        """Every model of the filter and where it runs now, for the run summary (``name`` or ``name/model``)."""
+        now = self.runtime_now()
+        return {self.name: now} if now is not None else {}
+
     def setup(self, ctx: SetupContext) -> None:
         """Load models into ``ctx.pool`` (once per process, before any item); nothing by default."""
 

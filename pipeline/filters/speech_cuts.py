@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import os
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import pyarrow as pa
 
+from models.onnx_session import OrtParams, ProviderError
 from pipeline.audio.decode import decode_audio, resample
 from pipeline.audio.pipeline import AudioParams, run_audio
 from pipeline.audio.schedule import chunk_schedule
 from pipeline.audio.separator import Separator, SeparatorParams, load_sidecar
-from pipeline.audio.vad import SileroVAD
+from pipeline.audio.vad import OnnxSileroVAD, SileroVAD
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError
 from pipeline.filters.base import RUNTIME, Filter, FilterContext, SetupContext
@@ -34,6 +36,15 @@ class SpeechCutsParams(AudioParams):
     vad_instances: int = 1
     """VAD instances per rank. One batch at a time is fastest: a VAD step is many tiny ops, and two loops at once
     only contend for the cores; the chunks of all concurrent items share that one batch instead."""
+    vad_backend: Literal["torchscript", "onnx"] = "torchscript"
+    """``onnx``: the ONNX Silero VAD that the package ships, through the session factory (provider chain, ``vad_ort``
+    settings, batch buckets). TorchScript measured faster on CPU (bench_vad.py)."""
+    vad_provider: Literal["tensorrt", "cuda", "cpu"] = "cuda"
+    """ONNX VAD provider on a GPU rank (CPU ranks use ``cpu``)."""
+    vad_ort: OrtParams = field(default_factory=OrtParams)
+    """ONNX Runtime settings of the ONNX VAD."""
+    vad_batch_buckets: tuple[int, ...] = (4, 8, 16, 32, 64, 96, 128)
+    """Batch sizes the ONNX VAD is warmed up on; a batch of chunks is padded to the next one."""
 
 
 class SpeechCutsFilter(Filter):
@@ -47,6 +58,7 @@ class SpeechCutsFilter(Filter):
         ("pieces", pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()),
                                        ("duration_s", pa.float64())]))),
         ("separator_runtime", RUNTIME),
+        ("vad_runtime", RUNTIME),
         ("chunking", pa.struct([("enabled", pa.bool_()), ("chunk_s", pa.float64()), ("overlap_s", pa.float64()),
                                 ("halo_s", pa.float64()), ("align_hop", pa.int32()), ("chunks", pa.int32())])),
     ])
@@ -66,9 +78,28 @@ class SpeechCutsFilter(Filter):
             raise ConfigError(f"filters.{name}.separator.provider must be cpu, cuda or tensorrt")
 
     def setup(self, ctx: SetupContext) -> None:
-        key = self._vad_key = f"silero_vad:{self.params.sample_rate}"
-        ctx.pool.add(key, lambda device: SileroVAD(self.params.sample_rate, device),
-                     instances=self.params.vad_instances)
+        p = self.params
+        key = self._vad_key = f"silero_vad:{p.vad_backend}:{p.sample_rate}"
+        device_id = int(ctx.device.split(":")[1]) if ctx.device.startswith("cuda:") else 0
+        trt_cache = os.path.join(ctx.cache_dir, "trt-engines") if ctx.cache_dir else None
+        if p.vad_backend == "onnx":
+            provider = p.vad_provider if ctx.device.startswith("cuda") else "cpu"
+
+            def build_vad(device):
+                try:
+                    return OnnxSileroVAD(p.sample_rate, provider, device_id, ctx.strict_gpu, p.vad_ort,
+                                         p.vad_batch_buckets, trt_cache)
+                except ProviderError as e:
+                    raise ConfigError(f"filters.{self.name}: strict_gpu: {e}") from e
+
+            ctx.pool.add(key, build_vad, instances=p.vad_instances)
+            with ctx.pool.acquire(key) as built:
+                self._vad_runtime = {"backend": "onnx", "execution_provider": built.ort.execution_provider,
+                                     "io_binding": False, "fallback_reason": built.ort.fallback_reason}
+        else:
+            ctx.pool.add(key, lambda device: SileroVAD(p.sample_rate, device), instances=p.vad_instances)
+            self._vad_runtime = {"backend": "torchscript", "execution_provider": ctx.device, "io_binding": None,
+                                 "fallback_reason": None}
         pool = ctx.pool
         self._device = ctx.device
 
@@ -81,9 +112,7 @@ class SpeechCutsFilter(Filter):
         if sep is not None:
             model = ctx.localize(sep.model_uri, sep.storage_options)
             sidecar = load_sidecar(model, ctx.localize(sep.sidecar_uri, sep.storage_options) if sep.sidecar_uri else None)
-            device_id = int(ctx.device.split(":")[1]) if ctx.device.startswith("cuda:") else 0
             self._separator_key = f"separator:{sep.model_uri}"
-            trt_cache = os.path.join(ctx.cache_dir, "trt-engines") if ctx.cache_dir else None
             ctx.pool.add(self._separator_key, lambda device: Separator(model, sidecar, sep, device_id, ctx.strict_gpu,
                                                                        trt_cache),
                          instances=self.params.vad_instances)
@@ -94,6 +123,12 @@ class SpeechCutsFilter(Filter):
         self._direct = run_batch  # whole-file chunks differ in length per file: no cross-item batching
         self._batcher = DynamicBatcher(run_batch, self.params.gpu_pipeline.batch_chunks,
                                        self.params.max_wait_ms / 1000.0, runners=self.params.vad_instances)
+
+    def runtimes(self) -> dict[str, dict]:
+        out = {f"{self.name}/vad": self._vad_runtime}
+        if self.runtime is not None:
+            out[f"{self.name}/separator"] = self.runtime
+        return out
 
     def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
         if media.info.audio is None:
@@ -111,7 +146,7 @@ class SpeechCutsFilter(Filter):
                                                                                    1024, rate)
                 audio = resample(sep.separate(stereo, plans).mean(axis=0), rate, p.sample_rate)
         chunked = g.enable
-        if chunked and g.use_cuda_streams and self._device.startswith("cuda"):
+        if chunked and g.use_cuda_streams and self._device.startswith("cuda") and p.vad_backend == "torchscript":
             with self._pool.acquire(self._vad_key) as vad:  # stages on CUDA streams, this item's chunks batched
                 result = run_audio([audio], p, vad.probs, chunked, self._device, vad=vad)[0]
         else:
@@ -124,6 +159,7 @@ class SpeechCutsFilter(Filter):
                             for c in result.cuts],
             "pieces": [{"start_s": a, "end_s": b, "duration_s": b - a} for a, b in result.pieces()],
             "separator_runtime": self.runtime,
+            "vad_runtime": self._vad_runtime,
             "chunking": {"enabled": chunked, "chunk_s": g.chunk_seconds, "overlap_s": g.overlap_seconds,
                          "halo_s": g.halo_seconds, "align_hop": g.align_hop, "chunks": len(result.plans)},
         }

@@ -189,3 +189,48 @@ def test_feature_cache_window_and_times():
     assert w.shape == (7, 3) and w[0, 0] == mags[22, 0] and w[-1, 0] == mags[28, 0]
     assert cache.get_window(0.0, 0.1).shape[0] == 4 and cache.get_window(10.0, 0.1).shape[0] == 0
     assert cache.frame_times()[25] == pytest.approx(0.4)
+
+
+def test_onnx_vad_through_the_session_factory_matches_torchscript(long_speech, vad):
+    """The ONNX Silero VAD the package ships, opened by the session factory, batched with buckets: the same
+    probabilities as TorchScript, padded batches equal lone rows, and the pipeline's output unchanged."""
+    from pipeline.audio.vad import OnnxSileroVAD
+
+    onnx = OnnxSileroVAD(16000, "cpu", batch_buckets=(4, 16))
+    assert onnx.ort.providers == ["CPUExecutionProvider"] and onnx.ort.fallback_reason is None
+    chunks = torch.from_numpy(long_speech[: 3 * 16000 * 8].reshape(3, -1).copy())
+    ref = vad.probs(chunks)
+    got = onnx.probs(chunks)  # 3 rows padded to the bucket of 4
+    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-4
+    assert torch.allclose(torch.cat([onnx.probs(c[None]) for c in chunks]), got, atol=1e-6)
+    a = run_audio([long_speech], AudioParams(), vad.probs)[0]
+    b = run_audio([long_speech], AudioParams(), onnx.probs)[0]
+    assert a.speech == b.speech and [c.time_s for c in a.cuts] == [c.time_s for c in b.cuts]
+    with pytest.raises(ValueError, match="multiple of 512"):
+        onnx.probs(torch.zeros(1, 1000))
+
+
+def test_speech_cuts_with_the_onnx_vad_in_the_job(tmp_path, media_dir):
+    import pyarrow.parquet as pq
+
+    from pipeline.config import build_config, validate_config
+    from pipeline.distributed import DistContext
+    from pipeline.runner import run_rank
+    from tests.conftest import base_config, make_corpus, write_manifest
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 2, kinds=("speech.wav",))
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    out, summaries = {}, {}
+    for name, params in (("ts", {}), ("onnx", {"vad_backend": "onnx", "vad_ort": {"graph_optimization_level": "basic"},
+                                               "vad_batch_buckets": [2, 8]})):
+        raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / name), str(tmp_path / "cache"),
+                          filters={"speech_cuts": params})
+        cfg = build_config(raw)
+        validate_config(cfg)
+        summaries[name] = run_rank(cfg, DistContext()).summary
+        out[name] = pq.read_table(str(tmp_path / name / "parts")).to_pylist()[0]["speech_cuts"]
+    assert out["onnx"]["vad_runtime"] == {"backend": "onnx", "execution_provider": "CPUExecutionProvider",
+                                          "io_binding": False, "fallback_reason": None}
+    assert out["ts"]["vad_runtime"]["backend"] == "torchscript"
+    assert summaries["onnx"]["models"]["speech_cuts/vad"][0]["backend"] == "onnx"
+    assert out["onnx"]["speech"] == out["ts"]["speech"] and out["onnx"]["cuts"] == out["ts"]["cuts"]

@@ -88,6 +88,13 @@ def main() -> int:
     ours_vad = timed("ours: batched chunked VAD only", vad_only, seconds)
     full = timed("ours: all stages (VAD, STFT, cuts)", lambda: run_audio([audio], params, vad.probs,
                                                                        device=args.device)[0], seconds)
+    from models.onnx_session import OrtParams
+    from pipeline.audio.vad import OnnxSileroVAD
+
+    onnx_vad = OnnxSileroVAD(16000, "cuda" if args.device.startswith("cuda") else "cpu",
+                             params=OrtParams(intra_op_threads=args.threads))
+    timed(f"ours: all stages, ONNX VAD ({onnx_vad.ort.execution_provider})",
+          lambda: run_audio([audio], params, onnx_vad.probs, device=args.device)[0], seconds)
     if args.device.startswith("cuda"):
         timed("ours: all stages on CUDA streams", lambda: run_audio([audio], params, vad.probs, device=args.device,
                                                                    vad=vad)[0], seconds)
