@@ -35,7 +35,7 @@ class OrtParams:
     trt_fp16: bool = True
     """TensorRT: build FP16 engines."""
     trt_engine_cache_dir: str | None = None
-    """TensorRT: node-local engine and timing cache (default ``<storage.cache_dir>/trt-engines``)."""
+    """TensorRT: node-local engine and timing cache (default ``<storage.cache_dir>/trt-engines/<device>``)."""
     trt_workspace_gb: float = 4.0
     """TensorRT: builder workspace."""
     intra_op_threads: int | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -37,6 +39,13 @@ class SetupContext:
     strict_gpu: bool = False
     cache_dir: str | None = None
     """Node-local directory for derived artefacts (TensorRT engines): ``<storage.cache_dir>``."""
+
+    def engine_cache(self) -> str | None:
+        """Node-local TensorRT engine cache of this rank's device (``<cache_dir>/trt-engines/cuda0``): one writer
+        per directory, since the ranks of a node start at once, and kept across runs and restarts."""
+        if not self.cache_dir:
+            return None
+        return os.path.join(self.cache_dir, "trt-engines", self.device.replace(":", ""))
 
 
 RUNTIME = pa.struct([("backend", pa.string()), ("execution_provider", pa.string()), ("io_binding", pa.bool_()),

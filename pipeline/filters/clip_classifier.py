@@ -114,7 +114,7 @@ class ClipClassifierFilter(VideoFilter):
             if not os.path.exists(onnx_path):
                 raise ConfigError(f"filters.{self.name}: {onnx_path} missing; run jobs/export_onnx.py first")
             provider = p.provider if ctx.device.startswith("cuda") else "cpu"
-            trt_cache = os.path.join(ctx.cache_dir, "trt-engines") if ctx.cache_dir else None
+            trt_cache = ctx.engine_cache()
             self._dtype = torch.float32
 
             def build(device):

@@ -6,8 +6,6 @@ track); the chunks of concurrent items share Silero VAD batches.
 
 from __future__ import annotations
 
-import os
-
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -81,7 +79,7 @@ class SpeechCutsFilter(Filter):
         p = self.params
         key = self._vad_key = f"silero_vad:{p.vad_backend}:{p.sample_rate}"
         device_id = int(ctx.device.split(":")[1]) if ctx.device.startswith("cuda:") else 0
-        trt_cache = os.path.join(ctx.cache_dir, "trt-engines") if ctx.cache_dir else None
+        trt_cache = ctx.engine_cache()
         if p.vad_backend == "onnx":
             provider = p.vad_provider if ctx.device.startswith("cuda") else "cpu"
 

@@ -106,3 +106,10 @@ def test_ort_block_in_the_filter_config(tmp_path):
     with pytest.raises(ConfigError, match="cudnn_conv_algo_search"):
         build_filters((FilterSpec("vfx", "clip_classifier", True,
                                   {"model_uri": str(tmp_path), "ort": {"cudnn_conv_algo_search": "FAST"}}),))
+
+
+def test_engine_cache_is_node_local_and_per_device():
+    from pipeline.filters.base import SetupContext
+
+    assert SetupContext("cuda:1", None, None, cache_dir="/node/cache").engine_cache() == "/node/cache/trt-engines/cuda1"
+    assert SetupContext("cpu", None, None).engine_cache() is None
