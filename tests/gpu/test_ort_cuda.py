@@ -1,0 +1,101 @@
+"""ONNX Runtime on a GPU: CUDA with and without IOBinding against CPU, TensorRT FP16 with its engine cache, and the
+ONNX VAD and bucketed head on CUDA.
+
+Skipped without CUDA, and without an onnxruntime-gpu whose CUDA (or TensorRT) provider loads here; run on a GPU
+machine with ``python -m pytest -m gpu tests/gpu``.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+from models.onnx_session import OrtParams, diagnose_provider  # noqa: E402
+
+
+def _needs(provider: str) -> None:
+    import onnxruntime as ort
+
+    if provider not in ort.get_available_providers():
+        pytest.skip(f"{provider} is not in this onnxruntime build")
+    why = diagnose_provider(provider)
+    if why is not None:
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    import importlib.util
+
+    from tests.conftest import ROOT
+    from tests.video.tiny_models import tiny_videomae
+
+    spec = importlib.util.spec_from_file_location("export_onnx", f"{ROOT}/jobs/export_onnx.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    path = tiny_videomae(str(tmp_path_factory.mktemp("ortgpu") / "m"))
+    export.export_classifier(path)
+    with open(os.path.join(path, "head.json")) as f:
+        import json
+
+        head = json.load(f)
+    return os.path.join(path, "model.onnx"), head["num_frames"], head["image_size"]
+
+
+def test_cuda_with_and_without_io_binding_equals_cpu(classifier):
+    _needs("CUDAExecutionProvider")
+    from models.onnx_classifier import OnnxClassifier
+
+    path, t, s = classifier
+    x = torch.randn(3, t, 3, s, s)
+    ref = OnnxClassifier(path, t, s, "cpu", "cpu", (1, 4), io_binding=False)(x)
+    for binding in (False, True):
+        run = OnnxClassifier(path, t, s, "cuda", "cuda:0", (1, 4), io_binding=binding, strict=True)
+        assert run.ort.execution_provider == "CUDAExecutionProvider" and run.ort.fallback_reason is None
+        got = run(x.cuda())
+        assert got.shape == ref.shape and (got.cpu() - ref).abs().max() < 1e-3
+        if binding:
+            assert got.is_cuda  # bound to a device buffer: no trip through host memory
+
+
+def test_tensorrt_fp16_builds_into_the_engine_cache(classifier, tmp_path):
+    _needs("TensorrtExecutionProvider")
+    from models.onnx_classifier import OnnxClassifier
+
+    path, t, s = classifier
+    cache = tmp_path / "engines"
+    run = OnnxClassifier(path, t, s, "tensorrt", "cuda:0", (1, 2), strict=True,
+                         params=OrtParams(trt_fp16=True, trt_engine_cache_dir=str(cache)))
+    assert run.ort.execution_provider == "TensorrtExecutionProvider"
+    assert any(cache.iterdir())  # the engine built at start-up (every bucket warmed) is cached on the node
+    ref = OnnxClassifier(path, t, s, "cpu", "cpu", (1, 2), io_binding=False)
+    x = torch.randn(2, t, 3, s, s)
+    assert (run(x.cuda()).cpu() - ref(x)).abs().max() < 5e-2  # FP16 engine
+
+
+def test_onnx_vad_on_cuda_equals_torchscript():
+    _needs("CUDAExecutionProvider")
+    from pipeline.audio.vad import OnnxSileroVAD, SileroVAD
+
+    onnx = OnnxSileroVAD(16000, "cuda", strict=True, batch_buckets=(4,))
+    assert onnx.ort.execution_provider == "CUDAExecutionProvider"
+    x = torch.randn(3, 512 * 40) * 0.1
+    assert (onnx.probs(x) - SileroVAD().probs(x)).abs().max() < 1e-3
+
+
+def test_bucketed_head_on_cuda_padded_equals_native(tmp_path):
+    _needs("CUDAExecutionProvider")
+    from models.onnx_classifier import OnnxHead, export_head
+    from models.video_classifier import ClassifierHead, HeadConfig
+
+    torch.manual_seed(0)
+    head = ClassifierHead(64, HeadConfig(labels=["a", "b"], pooling="attentive", num_heads=4)).eval()
+    path = export_head(head, 64, str(tmp_path / "head.onnx"))
+    run = OnnxHead(path, 64, (1, 4), (16, 64), provider="cuda", strict=True)
+    seqs = [torch.randn(n, 64) for n in (3, 16, 40)]
+    with torch.no_grad():
+        ref = torch.cat([head(q[None]) for q in seqs])
+    assert (run(seqs) - ref).abs().max() < 1e-4
