@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.masking import bucket_for
+from models.masking import bucket_for, pad_to_bucket
 from models.onnx_session import OrtParams, graph_input, make_session, shape_profile
 
 
@@ -61,11 +61,10 @@ class OnnxClassifier:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        b = bucket_for(n, self.buckets)  # bigger than every bucket: as is (callers cap batches)
-        x = x.to(self.device, torch.float32)
-        if b > n:
-            x = torch.cat([x, x.new_zeros(b - n, *x.shape[1:])])
+        # zero rows up to the bucket (bigger than every bucket: as is; callers cap batches at the largest)
+        x, _ = pad_to_bucket(x.to(self.device, torch.float32), self.buckets, dim=0)
         x = x.contiguous()
+        b = x.shape[0]
         if not self.io_binding:
             return torch.from_numpy(self.ort.session.run([self.output_name], {self.input_name: x.cpu().numpy()})[0])[:n]
         out = torch.empty(b, self.num_labels or 1, device=self.device) if self.num_labels else None
