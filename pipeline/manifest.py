@@ -24,7 +24,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
-from pipeline.errors import ConfigError, ManifestError
+from pipeline.errors import ConfigError, ManifestError, MediasieveError
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,11 @@ def open_manifest(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> Ma
         ManifestError: unreadable file, missing id/path column, null ids, or duplicate ids when
             ``on_duplicate_ids=error``.
     """
-    os.makedirs(spill_dir, exist_ok=True)
+    try:
+        os.makedirs(spill_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the manifest spill directory {spill_dir}: {e} "
+                          "(storage.cache_dir must be a writable node-local directory)") from e
     _remove_stale_spills(spill_dir)
     spill_path = os.path.join(spill_dir, f"{tag}__{socket.gethostname()}__{os.getpid()}.parquet")
     batches = _listing_batches(cfg) if cfg.listing_glob else _file_batches(cfg)
@@ -266,11 +270,17 @@ def open_manifest(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> Ma
         if writer is None:  # an empty manifest (or an empty listing) still has its columns
             schema = pa.schema([(cfg.id_column, pa.string()), (cfg.path_column, pa.string())])
             writer = pq.ParquetWriter(spill_path, schema)
-    except BaseException:
+    except BaseException as e:
         if writer is not None:
-            writer.close()
+            try:
+                writer.close()
+            except OSError:
+                pass
         if os.path.exists(spill_path):
             os.remove(spill_path)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            # reading errors are ManifestErrors already: an OSError here is the spill's disk (full, gone)
+            raise MediasieveError(f"cannot write the manifest spill {spill_path}: {e}") from e
         raise
     writer.close()
     schema = writer.schema

@@ -168,3 +168,26 @@ def test_empty_manifest_keeps_its_columns(tmp_path):
     path.write_text("video_id,video_path\n")
     out = read_manifest(InputConfig(manifest=str(path)), str(tmp_path / "s"))
     assert out.num_rows == 0 and out.column_names == ["video_id", "video_path"]
+
+
+def test_unwritable_spill_is_a_clear_error_and_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
+    from pipeline.errors import MediasieveError
+
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="spill directory.*writable node-local"):
+        read_manifest(InputConfig(manifest=str(path)), str(tmp_path / "afile" / "spill"))
+
+    import pyarrow.parquet as pq_mod
+
+    real = pq_mod.ParquetWriter.write_batch
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq_mod.ParquetWriter, "write_batch", full)
+    with pytest.raises(MediasieveError, match="manifest spill.*No space left"):
+        read_manifest(InputConfig(manifest=str(path)), str(tmp_path / "s"))
+    assert list((tmp_path / "s").iterdir()) == []
+    monkeypatch.setattr(pq_mod.ParquetWriter, "write_batch", real)
