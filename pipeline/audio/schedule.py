@@ -25,13 +25,9 @@ class ChunkPlan:
     """Results for ``[valid_start, valid_end)`` come from this chunk and no other."""
 
 
-def causal_length(chunk_s: float = 10.0, overlap_s: float = 2.5, halo_s: float = 0.5, align_hop: int = 4096,
-                  sample_rate: int = 16000) -> int:
-    """Samples from a chunk's start to the furthest valid end any chunk of ``chunk_schedule`` has.
-
-    A causal stage (the VAD) needs nothing after a chunk's valid end, so it reads this many samples of every chunk
-    instead of ``ChunkPlan.length``: the trailing half overlap, context only for a non-causal stage, is skipped.
-    """
+def _sizes(chunk_s: float, overlap_s: float, halo_s: float, align_hop: int, sample_rate: int
+           ) -> tuple[int, int, int]:
+    """Core chunk, half overlap and halo in samples, each a multiple of ``align_hop``."""
     hop = align_hop
 
     def up(x: float) -> int:
@@ -39,7 +35,20 @@ def causal_length(chunk_s: float = 10.0, overlap_s: float = 2.5, halo_s: float =
 
     chunk = max(hop, up(chunk_s))
     half = int(round(overlap_s * sample_rate / 2 / hop)) * hop
-    return chunk - half + (up(halo_s) if halo_s > 0 else 0)
+    if 2 * half >= chunk:
+        raise ValueError(f"overlap_s={overlap_s} must be shorter than chunk_s={chunk_s}")
+    return chunk, half, up(halo_s) if halo_s > 0 else 0
+
+
+def causal_length(chunk_s: float = 10.0, overlap_s: float = 2.5, halo_s: float = 0.5, align_hop: int = 4096,
+                  sample_rate: int = 16000) -> int:
+    """Samples from a chunk's start to the furthest valid end any chunk of ``chunk_schedule`` has.
+
+    A causal stage (the VAD) needs nothing after a chunk's valid end, so it reads this many samples of every chunk
+    instead of ``ChunkPlan.length``: the trailing half overlap, context only for a non-causal stage, is skipped.
+    """
+    chunk, half, halo = _sizes(chunk_s, overlap_s, halo_s, align_hop, sample_rate)
+    return chunk - half + halo
 
 
 def chunk_schedule(total_s: float, chunk_s: float = 10.0, overlap_s: float = 2.5, halo_s: float = 0.5,
@@ -60,18 +69,8 @@ def chunk_schedule(total_s: float, chunk_s: float = 10.0, overlap_s: float = 2.5
     n = int(round(total_s * sample_rate))
     if n <= 0:
         return []
-    hop = align_hop
-
-    def up(x: float) -> int:
-        return int(math.ceil(x * sample_rate / hop)) * hop
-
-    chunk = max(hop, up(chunk_s))
-    half = int(round(overlap_s * sample_rate / 2 / hop)) * hop
-    overlap = 2 * half
-    if overlap >= chunk:
-        raise ValueError(f"overlap_s={overlap_s} must be shorter than chunk_s={chunk_s}")
-    halo = up(halo_s) if halo_s > 0 else 0
-    step = chunk - overlap
+    chunk, half, halo = _sizes(chunk_s, overlap_s, halo_s, align_hop, sample_rate)
+    step = chunk - 2 * half
     # The last chunk's valid region ends at the file's end; it is kept within step + half of its core's start, so
     # that no chunk's valid end lies past ``causal_length`` samples from its start (a causal stage reads no more).
     count = 1 if n <= step + half else 1 + math.ceil((n - step - half) / step)
