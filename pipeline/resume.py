@@ -62,19 +62,21 @@ class CommittedState:
     rows: int
 
 
-def read_committed(out_dir: str, storage_options: dict, id_column: str) -> CommittedState:
+def read_committed(out_dir: str, storage_options: dict, id_column: str,
+                   files: list[str] | None = None) -> CommittedState:
     """Scan committed part files for ids with a success row and ids with only failure rows.
 
     Args:
         out_dir: output directory URL.
         storage_options: fsspec options.
         id_column: the id column name.
+        files: the part files when the caller has listed them already (default: list them).
 
     Returns:
         The committed state (empty for a new output directory).
     """
     fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
-    files = part_files(fs, root)
+    files = part_files(fs, root) if files is None else files
     if not files:
         return CommittedState(pa.array([], pa.string()), pa.array([], pa.string()), 0, 0)
     dataset = ds.dataset(files, format="parquet", filesystem=fs)

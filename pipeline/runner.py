@@ -520,23 +520,18 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
     lines = []
     n_succeeded = n_failed = n_with_row = 0
     if files:
-        dataset = ds.dataset(files, format="parquet", filesystem=fs)
-        ok_field = pc.field("result_info", "succeed")
-        table = dataset.to_table(columns={"id": pc.field(id_col), "ok": ok_field})
-        ok_ids = pc.unique(table.filter(table["ok"])["id"])
-        any_ids = pc.unique(table["id"])
-        del table
+        state = read_committed(out.dir, out.storage_options, id_col, files)  # distinct ids: succeeded, failed only
         kept = manifest.kept_ids()  # distinct ids
-        n_succeeded = pc.sum(pc.is_in(kept, value_set=ok_ids)).as_py() or 0
-        n_with_row = pc.sum(pc.is_in(kept, value_set=any_ids)).as_py() or 0
-        del any_ids
-        failed = dataset.to_table(columns={
+        n_succeeded = pc.sum(pc.is_in(kept, value_set=state.succeeded)).as_py() or 0
+        n_with_row = n_succeeded + (pc.sum(pc.is_in(kept, value_set=state.failed_only)).as_py() or 0)
+        ok_field = pc.field("result_info", "succeed")
+        failed = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={
             "id": pc.field(id_col), "path": pc.field(path_col), "error_type": pc.field("result_info", "error_type"),
             "error_message": pc.field("result_info", "error_message"),
             "end_time": pc.field("result_info", "end_time"), "run_id": pc.field("result_info", "run_id"),
         }, filter=pc.invert(ok_field))
-        failed = failed.filter(pc.and_(pc.is_in(failed["id"], value_set=kept),
-                                       pc.invert(pc.is_in(failed["id"], value_set=ok_ids))))
+        failed = failed.filter(pc.and_(pc.is_in(failed["id"], value_set=state.failed_only),
+                                       pc.is_in(failed["id"], value_set=kept)))
         latest: dict[str, dict[str, Any]] = {}
         for rec in failed.sort_by([("end_time", "ascending")]).to_pylist():  # failures only: usually few
             latest[rec["id"]] = rec  # the latest failure row wins
