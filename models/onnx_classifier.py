@@ -37,7 +37,7 @@ class OnnxClassifier:
                  params: OrtParams | None = None, cache_dir: str | None = None):
         device_id = int(device.split(":")[1]) if device.startswith("cuda:") else 0
         input_name, _ = graph_input(path)
-        profile = shape_profile(input_name, [(b, num_frames, 3, image_size, image_size) for b in buckets])
+        profile = shape_profile({input_name: [(b, num_frames, 3, image_size, image_size) for b in buckets]})
         self.ort = make_session(path, provider, device_id, strict=strict, params=params, profile=profile,
                                 cache_dir=cache_dir)
         inputs, outputs = self.ort.session.get_inputs(), self.ort.session.get_outputs()
@@ -108,10 +108,7 @@ class OnnxHead:
                  strict: bool = False, params: OrtParams | None = None, cache_dir: str | None = None):
         self.batch_buckets, self.length_buckets = tuple(sorted(batch_buckets)), tuple(sorted(length_buckets))
         shapes = [(b, n, dim) for b in self.batch_buckets for n in self.length_buckets]
-        profile = shape_profile("tokens", shapes)
-        valid_profile = shape_profile("valid", [s[:2] for s in shapes])
-        if profile:
-            profile = {k: f"{v},{valid_profile[k]}" for k, v in profile.items()}
+        profile = shape_profile({"tokens": shapes, "valid": [s[:2] for s in shapes]})
         self.ort = make_session(path, provider, device_id, strict=strict, params=params, profile=profile,
                                 cache_dir=cache_dir)
         names = [i.name for i in self.ort.session.get_inputs()]

@@ -54,18 +54,22 @@ def graph_input(path: str) -> tuple[str, list[int | None]]:
     return first.name, [d.dim_value if d.HasField("dim_value") else None for d in dims]
 
 
-def shape_profile(name: str, shapes: list[tuple[int, ...]]) -> dict[str, str]:
-    """TensorRT optimisation profile (min, opt, max) covering the bucket shapes of one input.
+def shape_profile(shapes: dict[str, list[tuple[int, ...]]]) -> dict[str, str]:
+    """TensorRT optimisation profile (min, opt, max) covering the bucket shapes of each named input.
 
-    The smallest and largest bucket bound the profile and the largest is the optimum, so one engine serves every
-    bucket and none is rebuilt at run time.
+    Per input, the smallest and largest bucket bound the profile and the largest is the optimum, so one engine
+    serves every bucket and none is rebuilt at run time. Several inputs are joined as TensorRT takes them
+    (``a:1x4,b:2x1x128``).
     """
-    if not shapes:
-        return {}
-    lo = min(shapes, key=lambda s: tuple(s))
-    hi = max(shapes, key=lambda s: tuple(s))
-    fmt = lambda s: f"{name}:" + "x".join(str(int(d)) for d in s)  # noqa: E731
-    return {"trt_profile_min_shapes": fmt(lo), "trt_profile_opt_shapes": fmt(hi), "trt_profile_max_shapes": fmt(hi)}
+    out: dict[str, list[str]] = {}
+    for name, dims in shapes.items():
+        if not dims:
+            continue
+        lo = min(dims, key=lambda s: tuple(s))
+        hi = max(dims, key=lambda s: tuple(s))
+        for key, s in (("trt_profile_min_shapes", lo), ("trt_profile_opt_shapes", hi), ("trt_profile_max_shapes", hi)):
+            out.setdefault(key, []).append(f"{name}:" + "x".join(str(int(d)) for d in s))
+    return {k: ",".join(v) for k, v in out.items()}
 
 
 def provider_options(provider: str, params: OrtParams, device_id: int, profile: dict[str, str] | None = None,

@@ -99,7 +99,7 @@ class Separator:
         name, shape = graph_input(model_path)
         spec = resolve_spec(shape, sidecar, params)
         batch = spec.batch_fixed or params.batch_size
-        profile = shape_profile(name, [(b, 4, spec.dim_f, spec.dim_t) for b in sorted({1, batch})])
+        profile = shape_profile({name: [(b, 4, spec.dim_f, spec.dim_t) for b in sorted({1, batch})]})
         self.ort = make_session(model_path, params.provider, device_id, strict=strict, params=params.ort,
                                 profile=profile, cache_dir=cache_dir)
         inp = self.ort.session.get_inputs()[0]

@@ -95,10 +95,7 @@ class OnnxSileroVAD:
         self.buckets = tuple(sorted(batch_buckets))
         path = path or shipped_onnx_path()
         shapes = [(b, self.context + self.frame) for b in self.buckets]
-        profile = shape_profile("input", shapes)
-        state = shape_profile("state", [(2, b, 128) for b in self.buckets])
-        if profile:
-            profile = {k: f"{v},{state[k]}" for k, v in profile.items()}
+        profile = shape_profile({"input": shapes, "state": [(2, b, 128) for b in self.buckets]})
         self.ort = make_session(path, provider, device_id, strict=strict, params=params, profile=profile,
                                 cache_dir=cache_dir)
         names = {i.name for i in self.ort.session.get_inputs()}

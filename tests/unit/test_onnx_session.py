@@ -31,10 +31,14 @@ def conv_model(tmp_path_factory):
 
 
 def test_profile_spans_the_buckets_and_the_options_carry_the_config():
-    profile = shape_profile("frames", [(4, 16, 3, 224, 224), (1, 16, 3, 224, 224), (8, 16, 3, 224, 224)])
+    profile = shape_profile({"frames": [(4, 16, 3, 224, 224), (1, 16, 3, 224, 224), (8, 16, 3, 224, 224)]})
     assert profile == {"trt_profile_min_shapes": "frames:1x16x3x224x224",
                        "trt_profile_opt_shapes": "frames:8x16x3x224x224",
                        "trt_profile_max_shapes": "frames:8x16x3x224x224"}
+    joint = shape_profile({"tokens": [(1, 64, 8), (8, 256, 8)], "valid": [(8, 256), (1, 64)]})
+    assert joint["trt_profile_min_shapes"] == "tokens:1x64x8,valid:1x64"
+    assert joint["trt_profile_max_shapes"] == "tokens:8x256x8,valid:8x256"
+    assert shape_profile({"frames": []}) == {}
     params = OrtParams(trt_fp16=False, trt_workspace_gb=2.0, cudnn_conv_algo_search="HEURISTIC")
     trt = provider_options("TensorrtExecutionProvider", params, 3, profile, "/node/cache/trt-engines")
     assert trt["device_id"] == "3" and trt["trt_fp16_enable"] == "0"
@@ -69,7 +73,7 @@ def test_fallback_names_the_missing_library_and_strict_refuses(conv_model, tmp_p
     why = diagnose_provider("TensorrtExecutionProvider")
     assert why is None or ".so" in why  # a library that cannot load is named
     s = make_session(conv_model, "tensorrt", params=OrtParams(trt_engine_cache_dir=str(tmp_path / "engines")),
-                     profile=shape_profile("frames", [(1, 3, 16, 16), (4, 3, 16, 16)]))
+                     profile=shape_profile({"frames": [(1, 3, 16, 16), (4, 3, 16, 16)]}))
     assert s.providers == ["CPUExecutionProvider"]
     assert s.fallback_reason.startswith("TensorrtExecutionProvider requested, CPUExecutionProvider in effect")
     if why is not None:
