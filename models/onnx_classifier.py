@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from models.masking import bucket_for, pad_to_bucket
-from models.onnx_session import OrtParams, graph_input, make_session, shape_profile
+from models.onnx_session import OrtParams, device_index, graph_input, make_session, shape_profile
 
 
 class OnnxClassifier:
@@ -35,7 +35,7 @@ class OnnxClassifier:
     def __init__(self, path: str, num_frames: int, image_size: int, provider: str = "cpu", device: str = "cpu",
                  buckets: tuple[int, ...] = (1, 2, 4, 8), io_binding: bool = True, strict: bool = False,
                  params: OrtParams | None = None, cache_dir: str | None = None):
-        device_id = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        device_id = device_index(device)
         input_name, _ = graph_input(path)
         profile = shape_profile({input_name: [(b, num_frames, 3, image_size, image_size) for b in buckets]})
         self.ort = make_session(path, provider, device_id, strict=strict, params=params, profile=profile,
@@ -69,7 +69,7 @@ class OnnxClassifier:
             return torch.from_numpy(self.ort.session.run([self.output_name], {self.input_name: x.cpu().numpy()})[0])[:n]
         out = torch.empty(b, self.num_labels or 1, device=self.device) if self.num_labels else None
         binding = self.ort.session.io_binding()
-        kind, index = ("cuda", int(self.device.split(":")[1])) if self.on_gpu else ("cpu", 0)
+        kind, index = ("cuda", device_index(self.device)) if self.on_gpu else ("cpu", 0)
         if self.on_gpu:
             torch.cuda.current_stream(self.device).synchronize()  # preprocessing kernels done before ORT reads
         binding.bind_input(self.input_name, kind, index, np.float32, list(x.shape), x.data_ptr())

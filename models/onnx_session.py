@@ -42,6 +42,11 @@ class OrtParams:
     """ORT intra-op threads (None: ORT's default)."""
 
 
+def device_index(device: str) -> int:
+    """GPU index of a torch device string (``cuda:3`` -> 3; ``cuda`` and ``cpu`` -> 0), as ORT's ``device_id``."""
+    return int(device.split(":")[1]) if device.startswith("cuda:") else 0
+
+
 def graph_input(path: str) -> tuple[str, list[int | None]]:
     """Name and shape (None for a symbolic dimension) of the model's first input, read from the file without a
     session: TensorRT takes its profile shapes when the session is built."""

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
-
-import math
 
 import torch
 from torch import nn

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from models.masking import pad_to_bucket
 from models.onnx_session import OrtParams
-
 from pipeline.audio.schedule import ChunkPlan
 from pipeline.errors import ConfigError
 
@@ -116,14 +116,12 @@ class Separator:
         spec = torch.stft(segs.reshape(-1, s.segment), s.n_fft, s.hop, window=self.window, center=True,
                           return_complex=True)[:, : s.dim_f]  # [B*2, dim_f, dim_t]
         x = torch.view_as_real(spec).reshape(-1, 2, s.dim_f, s.dim_t, 2).permute(0, 1, 4, 2, 3)
-        x = x.reshape(-1, 4, s.dim_f, s.dim_t).contiguous().numpy()
+        x = x.reshape(-1, 4, s.dim_f, s.dim_t).contiguous()
         outs = []
         for i in range(0, len(x), self.batch_size):
-            part = x[i:i + self.batch_size]
-            n = len(part)
-            if n < self.batch_size:  # one shape for the model (rows are independent: padding changes nothing)
-                part = np.concatenate([part, np.zeros((self.batch_size - n, *part.shape[1:]), part.dtype)])
-            outs.append(self.ort.session.run(None, {self.input_name: part})[0][:n])
+            # a short last batch is padded: one shape for the model (rows are independent, padding changes nothing)
+            part, n = pad_to_bucket(x[i:i + self.batch_size], (self.batch_size,), dim=0)
+            outs.append(self.ort.session.run(None, {self.input_name: part.numpy()})[0][:n])
         y = torch.from_numpy(np.concatenate(outs)).reshape(-1, 2, 2, s.dim_f, s.dim_t).permute(0, 1, 3, 4, 2)
         full = torch.zeros(y.shape[0], 2, s.n_fft // 2 + 1, s.dim_t, dtype=torch.complex64)
         full[:, :, : s.dim_f] = torch.view_as_complex(y.contiguous())

@@ -107,15 +107,13 @@ class OnnxSileroVAD:
 
     def probs(self, chunks: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
         """Speech probability per frame for a batch of chunks ``[B, L]``: ``[B, L/frame]`` (on the CPU)."""
-        from models.masking import bucket_for
+        from models.masking import pad_to_bucket
 
         b, length = chunks.shape
         if length % self.frame:
             raise ValueError(f"chunk length {length} is not a multiple of {self.frame}")
-        x = chunks.detach().to("cpu", torch.float32).numpy()
-        padded = bucket_for(b, self.buckets)
-        if padded > b:
-            x = np.concatenate([x, np.zeros((padded - b, length), np.float32)])
+        x = pad_to_bucket(chunks.detach().to("cpu", torch.float32), self.buckets, dim=0)[0].numpy()
+        padded = x.shape[0]
         state = np.zeros((2, padded, 128), np.float32)
         context = np.zeros((padded, self.context), np.float32)
         out = np.empty((padded, length // self.frame), np.float32)

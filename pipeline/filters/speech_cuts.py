@@ -11,7 +11,7 @@ from typing import Literal
 
 import pyarrow as pa
 
-from models.onnx_session import OrtParams, ProviderError
+from models.onnx_session import OrtParams, ProviderError, device_index
 from pipeline.audio.decode import decode_audio, resample
 from pipeline.audio.pipeline import AudioParams, run_audio
 from pipeline.audio.schedule import chunk_schedule
@@ -78,7 +78,7 @@ class SpeechCutsFilter(Filter):
     def setup(self, ctx: SetupContext) -> None:
         p = self.params
         key = self._vad_key = f"silero_vad:{p.vad_backend}:{p.sample_rate}"
-        device_id = int(ctx.device.split(":")[1]) if ctx.device.startswith("cuda:") else 0
+        device_id = device_index(ctx.device)
         trt_cache = ctx.engine_cache()
         if p.vad_backend == "onnx":
             provider = p.vad_provider if ctx.device.startswith("cuda") else "cpu"
