@@ -124,6 +124,7 @@ def _duplicates(ids: pa.ChunkedArray) -> tuple[np.ndarray, list[str], int]:
     later: list[np.ndarray] = []
     names: list[str] = []
     n_repeated = 0
+    carry = False  # whether the previous slice ended inside a run of equal ids (slices overlap by one id)
     step = BATCH_ROWS
     for start in range(0, len(order) - 1, step):
         idx = order.slice(start, step + 1)
@@ -132,11 +133,12 @@ def _duplicates(ids: pa.ChunkedArray) -> tuple[np.ndarray, list[str], int]:
         if same.any():
             hit = np.flatnonzero(same) + 1
             later.append(idx.to_numpy()[hit])
-            prev_same = np.concatenate([[False], same[:-1]])
+            prev_same = np.concatenate([[carry], same[:-1]])
             starts = np.flatnonzero(same & ~prev_same)  # the first repeat of each run of equal ids
             n_repeated += len(starts)
             if len(names) < 10:
                 names.extend(run.take(pa.array(starts[: 10 - len(names)])).to_pylist())
+        carry = bool(same[-1]) if len(same) else False
     pos = np.sort(np.concatenate(later)) if later else np.empty(0, np.int64)
     return pos, names, n_repeated
 

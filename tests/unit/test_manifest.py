@@ -121,6 +121,11 @@ def test_duplicates_across_batches_are_found_and_the_first_kept(tmp_path, small_
     assert list((tmp_path / "s").iterdir()) == []  # the refused manifest left no spill
     out = read_manifest(InputConfig(manifest=str(path), on_duplicate_ids="drop", limit=38), str(tmp_path / "s"))
     assert out["video_path"].to_pylist() == [f"p{k}" for k in range(38)]
+    # one id repeated across a slice boundary of the sorted ids is still one repeated id
+    import pipeline.manifest as mf
+
+    later, names, n_repeated = mf._duplicates(pa.chunked_array([pa.array(["a"] * 9 + ["b", "c", "b"])]))
+    assert later.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 11] and names == ["a", "b"] and n_repeated == 2
     m = open_manifest(InputConfig(manifest=str(path), on_duplicate_ids="drop"), str(tmp_path / "s"))
     try:
         assert len(m) == 40 and m.kept_ids().to_pylist() == [f"v{i}" for i in range(40)]
