@@ -135,6 +135,11 @@ class OrtSession:
     def execution_provider(self) -> str:
         return self.providers[0]
 
+    def runtime(self, io_binding: bool) -> dict:
+        """The ``runtime`` struct of a row (``pipeline.filters.base.RUNTIME``) for a model on this session."""
+        return {"backend": "onnx", "execution_provider": self.execution_provider, "io_binding": io_binding,
+                "fallback_reason": self.fallback_reason}
+
 
 def make_session(path: str, provider: str = "cpu", device_id: int = 0, strict: bool = False,
                  params: OrtParams | None = None, profile: dict[str, str] | None = None,

@@ -131,8 +131,7 @@ class ClipClassifierFilter(VideoFilter):
 
             ctx.pool.add(self._pool_key, build)
             with ctx.pool.acquire(self._pool_key) as runner:
-                self.runtime = {"backend": "onnx", "execution_provider": runner.ort.execution_provider,
-                                "io_binding": p.io_binding, "fallback_reason": runner.ort.fallback_reason}
+                self.runtime = runner.ort.runtime(p.io_binding)
         else:
             ctx.pool.add(self._pool_key, lambda device: VideoClassifier.load(local, device, fp16), warmup)
             self.runtime = {"backend": "torch", "execution_provider": ctx.device, "io_binding": None,

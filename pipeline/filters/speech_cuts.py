@@ -92,8 +92,7 @@ class SpeechCutsFilter(Filter):
 
             ctx.pool.add(key, build_vad, instances=p.vad_instances)
             with ctx.pool.acquire(key) as built:
-                self._vad_runtime = {"backend": "onnx", "execution_provider": built.ort.execution_provider,
-                                     "io_binding": False, "fallback_reason": built.ort.fallback_reason}
+                self._vad_runtime = built.ort.runtime(io_binding=False)
         else:
             ctx.pool.add(key, lambda device: SileroVAD(p.sample_rate, device), instances=p.vad_instances)
             self._vad_runtime = {"backend": "torchscript", "execution_provider": ctx.device, "io_binding": None,
@@ -115,8 +114,7 @@ class SpeechCutsFilter(Filter):
                                                                        trt_cache),
                          instances=self.params.vad_instances)
             with ctx.pool.acquire(self._separator_key) as built:  # built and warmed up now, not on the first item
-                self.runtime = {"backend": "onnx", "execution_provider": built.ort.execution_provider,
-                                "io_binding": False, "fallback_reason": built.ort.fallback_reason}
+                self.runtime = built.ort.runtime(io_binding=False)
         self._pool = pool
         self._direct = run_batch  # whole-file chunks differ in length per file: no cross-item batching
         self._batcher = DynamicBatcher(run_batch, self.params.gpu_pipeline.batch_chunks,
