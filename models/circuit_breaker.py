@@ -39,6 +39,15 @@ def tripped() -> str | None:
     return _REASON[0] if _TRIPPED.is_set() and _REASON else None
 
 
+def runtime_after_trip(runtime: dict | None) -> dict | None:
+    """A row's ``runtime`` struct as it stands now, for an ONNX model behind a ``CircuitBreaker``: once the breaker
+    has tripped in this process the model runs in the CPU subprocess, and the row says so and why."""
+    if runtime and runtime.get("backend") == "onnx" and tripped():
+        return {**runtime, "execution_provider": "CPUExecutionProvider (subprocess)",
+                "fallback_reason": f"circuit breaker: {tripped()}"}
+    return runtime
+
+
 def _reset_for_tests() -> None:
     _TRIPPED.clear()
     _REASON.clear()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from models.masking import bucket_for, pad_to_bucket
-from models.onnx_session import OrtParams, device_index, graph_input, make_session, shape_profile
+from models.onnx_session import OrtParams, device_index, graph_input, make_session, run_bound, shape_profile
 
 
 class OnnxClassifier:
@@ -67,21 +67,8 @@ class OnnxClassifier:
         b = x.shape[0]
         if not self.io_binding:
             return torch.from_numpy(self.ort.session.run([self.output_name], {self.input_name: x.cpu().numpy()})[0])[:n]
-        out = torch.empty(b, self.num_labels or 1, device=self.device) if self.num_labels else None
-        binding = self.ort.session.io_binding()
-        kind, index = ("cuda", device_index(self.device)) if self.on_gpu else ("cpu", 0)
-        if self.on_gpu:
-            torch.cuda.current_stream(self.device).synchronize()  # preprocessing kernels done before ORT reads
-        binding.bind_input(self.input_name, kind, index, np.float32, list(x.shape), x.data_ptr())
-        if out is not None:
-            binding.bind_output(self.output_name, kind, index, np.float32, list(out.shape), out.data_ptr())
-        else:
-            binding.bind_output(self.output_name, kind, index)
-        self.ort.session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-        if out is None:
-            out = torch.from_numpy(binding.copy_outputs_to_cpu()[0])
-        return out[:n]
+        out = torch.empty(b, self.num_labels, device=self.device) if self.num_labels else None
+        return run_bound(self.ort.session, self.input_name, x, self.output_name, out)[:n]
 
 
 def export_head(head: torch.nn.Module, dim: int, path: str, opset: int = 17) -> str:

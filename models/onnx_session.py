@@ -94,6 +94,34 @@ def provider_options(provider: str, params: OrtParams, device_id: int, profile: 
     return {}
 
 
+def run_bound(session, input_name: str, x, output_name: str, out=None):
+    """One run with IOBinding on torch buffers: the input ``x`` (contiguous float32, on the CPU or a GPU) and the
+    output ``out`` (preallocated with the output's shape, or None to let ORT allocate it) are bound by pointer, so
+    nothing is copied through host memory. Returns the output as a torch tensor on ``x``'s device.
+
+    On a GPU, torch's current stream is synchronised first: ORT runs on its own stream, and the preprocessing
+    kernels that wrote ``x`` must be done before it reads.
+    """
+    import numpy as np
+    import torch
+
+    on_gpu = x.is_cuda
+    kind, index = ("cuda", x.device.index or 0) if on_gpu else ("cpu", 0)
+    if on_gpu:
+        torch.cuda.current_stream(x.device).synchronize()
+    binding = session.io_binding()
+    binding.bind_input(input_name, kind, index, np.float32, list(x.shape), x.data_ptr())
+    if out is not None:
+        binding.bind_output(output_name, kind, index, np.float32, list(out.shape), out.data_ptr())
+    else:
+        binding.bind_output(output_name, kind, index)
+    session.run_with_iobinding(binding)
+    binding.synchronize_outputs()
+    if out is None:
+        out = torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(x.device)
+    return out
+
+
 _LOGGED: set[tuple] = set()
 
 _PROVIDER_LIBS = {"TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so",

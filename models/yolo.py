@@ -10,6 +10,10 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from models.masking import pad_to_bucket
+from models.onnx_session import OrtParams, device_index, graph_input, make_session, run_bound, shape_profile
 
 os.environ.setdefault("YOLO_OFFLINE", "true")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
@@ -76,4 +80,151 @@ class YoloDetector:
         for r in results:  # the predictor runs its own copy of the model, on `device` and in FP16 when asked
             b = r.boxes
             out.append(Detections(b.xyxy.cpu().numpy(), b.cls.cpu().numpy().astype(int), b.conf.cpu().numpy()))
+        return out
+
+
+def letterbox(frames, size: int, device: str = "cpu") -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """RGB uint8 frames (a list of ``[H, W, 3]`` numpy arrays or tensors, any sizes) -> the model input
+    ``[B, 3, size, size]`` float32 in [0, 1] on ``device``, and each frame's ``(H, W)``.
+
+    The geometry is ultralytics' square ``LetterBox`` (scale to fit, centre, pad with 114), so boxes map back with
+    its ``scale_boxes``; the resize is bilinear in torch on the device (cv2's fixed-point INTER_LINEAR differs by
+    at most one level), and frames of one size are resized in one call.
+    """
+    out = torch.full((len(frames), 3, size, size), 114.0 / 255.0, device=device)
+    shapes = [(int(f.shape[0]), int(f.shape[1])) for f in frames]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(shapes):
+        groups.setdefault(s, []).append(i)
+    for (h, w), idx in groups.items():
+        batch = torch.stack([torch.as_tensor(frames[i]) for i in idx]).to(device, non_blocking=True)
+        x = batch.permute(0, 3, 1, 2).float()
+        r = min(size / h, size / w)
+        nw, nh = max(round(w * r), 1), max(round(h * r), 1)
+        if (nw, nh) != (w, h):
+            x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+            x = x.round_().clamp_(0, 255)  # cv2 resizes uint8 to uint8
+        top, left = round((size - nh) / 2 - 0.1), round((size - nw) / 2 - 0.1)
+        out[idx, :, top:top + nh, left:left + nw] = x / 255.0
+    return out, shapes
+
+
+class OnnxYoloModel:
+    """The raw forward of an exported YOLO (``.onnx``) through the session factory: ``[B, 3, S, S]`` -> the
+    model's predictions (``[B, 4 + classes, anchors]``, or ``[B, max_det, 6]`` for an end-to-end export).
+
+    Batches are padded to ``buckets`` (rows are independent), every bucket runs once at start, and with
+    ``io_binding`` the input and a per-bucket output buffer (reused; read it before the next call) are bound by
+    pointer. Picklable arguments only, so the circuit breaker can rebuild it on CPU in a subprocess.
+
+    Args:
+        path: local ONNX file exported by ultralytics (its metadata holds the class names).
+        imgsz: square input size S.
+        provider: ``cpu``, ``cuda`` or ``tensorrt`` (falls back along that chain unless ``strict``).
+        device: the rank's device (``cuda:N`` binds GPU buffers).
+        buckets: batch sizes.
+        io_binding: bind torch buffers instead of passing numpy arrays.
+        strict: a fallback from the requested provider is fatal.
+        params: per-model ORT settings.
+        cache_dir: node-local default for the TensorRT engine cache.
+    """
+
+    def __init__(self, path: str, imgsz: int, provider: str = "cpu", device: str = "cpu",
+                 buckets: tuple[int, ...] = (1, 4, 8, 16), io_binding: bool = True, strict: bool = False,
+                 params: OrtParams | None = None, cache_dir: str | None = None):
+        import ast
+
+        input_name, shape = graph_input(path)
+        if len(shape) != 4 or (shape[1] is not None and shape[1] != 3):
+            raise ValueError(f"{path}: input {input_name} has shape {shape}; a YOLO detector takes [B, 3, H, W]")
+        if any(isinstance(d, int) and d != imgsz for d in shape[2:]):
+            raise ValueError(f"{path}: exported for {shape[2]}x{shape[3]} inputs, imgsz is {imgsz} (export with "
+                             "dynamic=True, or set imgsz to the exported size)")
+        if isinstance(shape[0], int) and set(buckets) != {shape[0]}:
+            raise ValueError(f"{path}: exported with a fixed batch of {shape[0]}; set batch_buckets to "
+                             f"[{shape[0]}] or export with dynamic=True")
+        self.buckets = tuple(sorted(buckets))
+        profile = shape_profile({input_name: [(b, 3, imgsz, imgsz) for b in self.buckets]})
+        self.ort = make_session(path, provider, device_index(device), strict=strict, params=params,
+                                profile=profile, cache_dir=cache_dir)
+        meta = self.ort.session.get_modelmeta().custom_metadata_map
+        if "names" not in meta:
+            raise ValueError(f"{path}: no class names in the ONNX metadata (export it with ultralytics: "
+                             "python jobs/export_onnx.py)")
+        self.names: dict[int, str] = {int(k): str(v) for k, v in ast.literal_eval(meta["names"]).items()}
+        self.end2end = str(meta.get("end2end", "False")) == "True"
+        stride = int(meta.get("stride", 32))
+        if imgsz % stride:
+            raise ValueError(f"{path}: imgsz {imgsz} is not a multiple of the model's stride {stride}")
+        self.input_name = self.ort.session.get_inputs()[0].name
+        self.output_name = self.ort.session.get_outputs()[0].name
+        self.imgsz = imgsz
+        self.on_gpu = self.ort.execution_provider != "CPUExecutionProvider" and device.startswith("cuda")
+        self.device = device if self.on_gpu else "cpu"
+        self.io_binding = io_binding
+        self._out: dict[int, torch.Tensor] = {}
+        for b in self.buckets:  # start-up self-check: every bucket shape runs once, and the output is what we parse
+            y = self(torch.zeros(b, 3, imgsz, imgsz))
+            want = 6 if self.end2end else 4 + len(self.names)
+            if y.dim() != 3 or y.shape[2 if self.end2end else 1] != want:
+                raise ValueError(f"{path}: output {self.output_name} has shape {list(y.shape)}; expected "
+                                 + ("[B, max_det, 6]" if self.end2end else f"[B, {want}, anchors]"))
+            if io_binding:
+                self._out[b] = torch.empty(y.shape, device=self.device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x, _ = pad_to_bucket(x.to(self.device, torch.float32), self.buckets, dim=0)
+        x = x.contiguous()
+        if not self.io_binding:
+            return torch.from_numpy(self.ort.session.run([self.output_name], {self.input_name: x.cpu().numpy()})[0])[:n]
+        return run_bound(self.ort.session, self.input_name, x, self.output_name, self._out.get(x.shape[0]))[:n]
+
+
+class OnnxYoloDetector:
+    """``YoloDetector``'s interface (``names``, ``detect``, ``runtime``) for an exported ``.onnx``, run through the
+    session factory instead of ultralytics' own backend: the provider chain, strict GPU mode, TensorRT profiles
+    from the batch buckets, IOBinding and the CUDA circuit breaker apply, as for every other ONNX model.
+
+    Frames are letterboxed to a fixed square ``imgsz`` (so frames of any size share a batch and one engine shape),
+    and detections come from ultralytics' own NMS and box scaling.
+
+    Args:
+        path, imgsz, provider, device, buckets, io_binding, strict, params, cache_dir: as ``OnnxYoloModel``.
+        conf: confidence threshold.
+        iou: NMS IoU threshold.
+        max_det: detections kept per frame.
+    """
+
+    def __init__(self, path: str, device: str = "cpu", imgsz: int = 960, conf: float = 0.25, iou: float = 0.7,
+                 provider: str = "cpu", buckets: tuple[int, ...] = (1, 4, 8, 16), io_binding: bool = True,
+                 strict: bool = False, params: OrtParams | None = None, cache_dir: str | None = None,
+                 max_det: int = 300):
+        import functools
+
+        from models.circuit_breaker import CircuitBreaker
+
+        self.model = OnnxYoloModel(path, imgsz, provider, device, buckets, io_binding, strict, params, cache_dir)
+        cpu = functools.partial(OnnxYoloModel, path, imgsz, "cpu", "cpu", self.model.buckets, False, params=params)
+        self.forward = CircuitBreaker(self.model, cpu, strict)
+        self.ort = self.model.ort
+        self.names = self.model.names
+        self.imgsz, self.conf, self.iou, self.max_det = imgsz, conf, iou, max_det
+        self.io_binding = io_binding
+
+    def runtime(self) -> dict:
+        return self.ort.runtime(self.io_binding)
+
+    def detect(self, frames_rgb, classes: list[int] | None = None) -> list[Detections]:
+        """Detect on RGB uint8 frames (``[B, H, W, 3]``, or a list of ``[H, W, 3]`` of any sizes; numpy or torch)."""
+        from ultralytics.utils import nms, ops
+
+        x, shapes = letterbox(list(frames_rgb), self.imgsz, self.model.device)
+        preds = self.forward(x)
+        kept = nms.non_max_suppression(preds, self.conf, self.iou, classes, max_det=self.max_det,
+                                       end2end=self.model.end2end)
+        out = []
+        for k, shape in zip(kept, shapes):
+            boxes = ops.scale_boxes((self.imgsz, self.imgsz), k[:, :4].clone(), shape)
+            out.append(Detections(boxes.cpu().numpy(), k[:, 5].cpu().numpy().astype(int), k[:, 4].cpu().numpy()))
         return out

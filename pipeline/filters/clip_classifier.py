@@ -13,7 +13,7 @@ from typing import Literal
 import pyarrow as pa
 import torch
 
-from models.circuit_breaker import CircuitBreaker, CudaCircuitOpen, tripped
+from models.circuit_breaker import CircuitBreaker, CudaCircuitOpen, runtime_after_trip
 from models.onnx_session import OrtParams
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, GpuFailure
@@ -146,10 +146,7 @@ class ClipClassifierFilter(VideoFilter):
                                        runners=pool.instances)
 
     def runtime_now(self) -> dict | None:
-        if self.runtime and self.runtime["backend"] == "onnx" and tripped():
-            return {**self.runtime, "execution_provider": "CPUExecutionProvider (subprocess)",
-                    "fallback_reason": f"circuit breaker: {tripped()}"}
-        return self.runtime
+        return runtime_after_trip(self.runtime)
 
     def _whole(self) -> Uniform:
         return Uniform(self.head["num_frames"])

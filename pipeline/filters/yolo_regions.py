@@ -8,12 +8,15 @@ import os
 import subprocess
 import uuid
 from dataclasses import dataclass, field
+from typing import Literal
 
 import fsspec
 import pyarrow as pa
 
+from models.circuit_breaker import CudaCircuitOpen, runtime_after_trip
+from models.onnx_session import OrtParams
 from pipeline.batching import DynamicBatcher
-from pipeline.errors import ConfigError, FilterError
+from pipeline.errors import ConfigError, FilterError, GpuFailure
 from pipeline.filters.base import RUNTIME, FilterContext, SetupContext, VideoFilter
 from pipeline.filters.signal import BOX, content_box, luma
 from pipeline.media.item import MediaItem
@@ -57,6 +60,21 @@ class YoloRegionsParams:
     """Write the cropped clip under this prefix (any fsspec URL) and record its URI; later filters then see the
     cropped frames."""
     crop_storage_options: dict = field(default_factory=dict)
+    backend: Literal["auto", "ultralytics", "onnx"] = "auto"
+    """``onnx``: run an exported ``.onnx`` through mediasieve's ONNX Runtime session factory (provider chain,
+    strict GPU mode, TensorRT profiles from ``batch_buckets``, IOBinding, the CUDA circuit breaker); frames are
+    letterboxed on the device to a fixed ``imgsz`` square. ``ultralytics``: ultralytics' own backend for any weights
+    (``.pt``, ``.onnx``, ``.engine``). ``auto``: ``onnx`` for an ``.onnx`` model, else ``ultralytics``."""
+    provider: Literal["tensorrt", "cuda", "cpu"] = "cuda"
+    """ONNX Runtime provider on a GPU rank (CPU ranks use ``cpu``); falls back TensorRT -> CUDA -> CPU."""
+    io_binding: bool = True
+    """Bind torch buffers to the ONNX session (no copy through host memory on GPU)."""
+    strict_gpu: bool = False
+    """Any fallback from the requested provider is fatal."""
+    batch_buckets: tuple[int, ...] = (1, 4, 8, 16)
+    """Batch sizes the ONNX model is warmed up on; batches are padded to the next bucket."""
+    ort: OrtParams = field(default_factory=OrtParams)
+    """ONNX Runtime settings: graph optimisation, cuDNN search, TensorRT FP16, engine cache, workspace."""
 
 
 class YoloRegionsFilter(VideoFilter):
@@ -70,6 +88,9 @@ class YoloRegionsFilter(VideoFilter):
             raise ConfigError(f"filters.{name}.model_uri is required")
         if params.step < 1 or params.batch_size < 1:
             raise ConfigError(f"filters.{name}: step and batch_size must be >= 1")
+        self.onnx = params.backend == "onnx" or (params.backend == "auto" and params.model_uri.lower().endswith(".onnx"))
+        if self.onnx and params.batch_size > max(params.batch_buckets, default=0):
+            raise ConfigError(f"filters.{name}: batch_size {params.batch_size} exceeds the largest batch bucket")
         self.names: dict[int, str] = {}
         self.class_ids: list[int] | None = None
 
@@ -80,13 +101,25 @@ class YoloRegionsFilter(VideoFilter):
     def setup(self, ctx: SetupContext) -> None:
         import numpy as np
 
-        from models.yolo import YoloDetector
+        from models.onnx_session import ProviderError
+        from models.yolo import OnnxYoloDetector, YoloDetector
 
         local = ctx.localize(self.params.model_uri, self.params.storage_options)
         p = self.params
+        strict = p.strict_gpu or ctx.strict_gpu
+        provider = p.provider if ctx.device.startswith("cuda") else "cpu"
+        trt_cache = ctx.engine_cache() if self.onnx else None
 
         def build(device):
-            return YoloDetector(local, device, p.imgsz, p.conf, p.iou, p.fp16)
+            if not self.onnx:
+                return YoloDetector(local, device, p.imgsz, p.conf, p.iou, p.fp16)
+            try:
+                return OnnxYoloDetector(local, device, p.imgsz, p.conf, p.iou, provider, p.batch_buckets,
+                                        p.io_binding, strict, p.ort, trt_cache)
+            except ProviderError as e:
+                raise ConfigError(f"filters.{self.name}: strict_gpu: {e}") from e
+            except ValueError as e:  # the model does not fit the configuration (input size, batch, metadata)
+                raise ConfigError(f"filters.{self.name}: {e}") from e
 
         ctx.pool.add(self._pool_key, build, lambda d: d.detect(np.zeros((1, 64, 64, 3), np.uint8)))
         self._pool = ctx.pool
@@ -96,10 +129,11 @@ class YoloRegionsFilter(VideoFilter):
             with pool.acquire(key) as det:
                 return det.detect(frames, self.class_ids)
 
-        # frames of several queued items share one YOLO call when they have the same size (ultralytics pads a
-        # batch of mixed sizes to one square shape, which would change the detections against a lone run)
+        # Frames of several queued items share one YOLO call. Through ultralytics only when they have the same size
+        # (it letterboxes a batch of one size to the smallest stride multiple, so mixing sizes would change the
+        # detections against a lone run); the ONNX path letterboxes every frame to the same square.
         self._batcher = DynamicBatcher(run_batch, p.batch_size, p.max_wait_ms / 1000.0, runners=pool.instances,
-                                       group_key=lambda frames: frames[0].shape)
+                                       group_key=None if self.onnx else (lambda frames: frames[0].shape))
         with ctx.pool.acquire(self._pool_key) as det:
             self.names = det.names
             self.runtime = det.runtime()
@@ -119,10 +153,14 @@ class YoloRegionsFilter(VideoFilter):
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         p = self.params
         frames = video.view(self._request())
-        host = frames.cpu().numpy()
+        host = frames if self.onnx else frames.cpu().numpy()  # the ONNX path letterboxes on the rank's device
         per_frame = []
         for start in range(0, len(host), p.batch_size):
-            for d in self._batcher(list(host[start:start + p.batch_size])):
+            try:
+                dets = self._batcher(list(host[start:start + p.batch_size]))
+            except CudaCircuitOpen as e:
+                raise GpuFailure(str(e)) from e  # a system failure: the rank stops, the item is redone on a rerun
+            for d in dets:
                 per_frame.append([(self.names[int(c)], float(s), tuple(float(v) for v in box))
                                   for box, c, s in zip(d.xyxy, d.cls, d.conf)])
         # detections are in decoded pixels (plus any earlier crop); map them to source pixels
@@ -149,8 +187,11 @@ class YoloRegionsFilter(VideoFilter):
             "crop_area_ratio": (crop[2] - crop[0]) * (crop[3] - crop[1]) / float(W * H),
             "frames": len(per_frame),
             "crop_uri": uri,
-            "runtime": self.runtime,
+            "runtime": self.runtime_now(),
         }
+
+    def runtime_now(self) -> dict | None:
+        return runtime_after_trip(self.runtime)
 
     def _write_crop(self, media: MediaItem, crop: tuple[int, int, int, int]) -> str:
         """Encode the cropped clip (audio copied) locally, then move or upload it whole under ``crop_output``."""

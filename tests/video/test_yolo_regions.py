@@ -135,18 +135,13 @@ def test_frames_of_several_items_share_yolo_batches(tmp_path, yolo_pt):
 
 
 def test_exported_onnx_weights_detect_like_the_pt(tmp_path, yolo_pt, media_dir):
-    """jobs/export_onnx.py exports the YOLO model (offline, no package installs); the filter then loads the .onnx
-    from its model URI and gives the same detections, regions and crop as the .pt, and says where it ran."""
-    import importlib.util
+    """jobs/export_onnx.py exports the YOLO model (offline, no package installs); ultralytics' own backend
+    (``backend: ultralytics``) then loads the .onnx from its model URI and gives the same detections, regions and
+    crop as the .pt, and says where it ran."""
     import shutil
 
-    from tests.conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("export_onnx", f"{ROOT}/jobs/export_onnx.py")
-    export = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export)
     pt = shutil.copy(yolo_pt, tmp_path / "tiny.pt")
-    onnx_path = export.export_yolo(str(pt), 160)["model"]
+    onnx_path = export_yolo_onnx(str(pt), 160)
     assert onnx_path.endswith(".onnx")
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (3, 120, 160, 3), dtype=np.uint8)
@@ -156,8 +151,8 @@ def test_exported_onnx_weights_detect_like_the_pt(tmp_path, yolo_pt, media_dir):
         assert len(x.xyxy) == len(y.xyxy) > 0 and (x.cls == y.cls).all()
         assert np.abs(x.xyxy - y.xyxy).max() < 0.5 and np.abs(x.conf - y.conf).max() < 1e-3
     outs = {}
-    for uri in (str(pt), onnx_path):
-        f = _setup(tmp_path, uri, conf=0.001, step=5, min_persistence=0.0)
+    for uri, backend in ((str(pt), "auto"), (onnx_path, "ultralytics")):
+        f = _setup(tmp_path, uri, conf=0.001, step=5, min_persistence=0.0, backend=backend)
         item = MediaItem("x", f"{media_dir}/motion.mp4", 0, f.frame_requests(), VideoConfig(),
                          available_backends(("pyav",)))
         outs[uri] = f.apply(item, FilterContext("cpu", None))
@@ -166,3 +161,15 @@ def test_exported_onnx_weights_detect_like_the_pt(tmp_path, yolo_pt, media_dir):
                                           "io_binding": None, "fallback_reason": None}
     assert outs[onnx_path]["crop"] == outs[str(pt)]["crop"]
     assert [r["label"] for r in outs[onnx_path]["regions"]] == [r["label"] for r in outs[str(pt)]["regions"]]
+
+
+def export_yolo_onnx(pt: str, imgsz: int, **kwargs) -> str:
+    """The .onnx that jobs/export_onnx.py writes next to ``pt``."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("export_onnx", f"{ROOT}/jobs/export_onnx.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    return export.export_yolo(pt, imgsz, **kwargs)["model"]

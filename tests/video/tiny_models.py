@@ -71,3 +71,33 @@ def tiny_yolo(path: str, seed: int = 0) -> str:
     model.model.names = dict(YOLO_NAMES)
     model.save(path)
     return path
+
+
+def lively_yolo(path: str, seed: int = 0) -> str:
+    """``tiny_yolo`` made to give input-dependent detections: a freshly initialised detector's activations vanish
+    through its depth (every box is the whole frame, every score equal), so its batch-norm statistics are set from
+    random images, and the head's biases spread the scores and favour small boxes. Still random weights: for
+    parity tests, never for findings."""
+    from ultralytics import YOLO
+
+    tiny_yolo(path, seed)
+    model = YOLO(path, task="detect")
+    net = model.model.float()
+    torch.manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average over the calibration batches
+    net.train()
+    with torch.no_grad():
+        for _ in range(8):
+            net(torch.rand(4, 3, 160, 160))
+    net.eval()
+    head = net.model[-1]
+    with torch.no_grad():
+        for branch in head.cv3:  # class scores
+            branch[-1].bias.fill_(-2.0)
+        for branch in head.cv2:  # box distances (16 bins per side): near bins more likely
+            branch[-1].weight.mul_(0.3)
+            branch[-1].bias.copy_((-0.6 * torch.arange(16.0)).repeat(4))
+    model.save(path)
+    return path

@@ -1,0 +1,214 @@
+"""Exported YOLO through mediasieve's ONNX Runtime session factory (``yolo_regions`` with an ``.onnx`` model):
+the same detections as ultralytics on the same file, letterboxing, buckets, IOBinding, configuration errors,
+strict GPU mode and the circuit breaker."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+import models.circuit_breaker as cb
+from models.onnx_session import ProviderError
+from models.yolo import OnnxYoloDetector, OnnxYoloModel, YoloDetector, letterbox
+from pipeline.config import VideoConfig
+from pipeline.errors import ConfigError, GpuFailure
+from pipeline.filters.base import FilterContext
+from pipeline.media.item import MediaItem
+from pipeline.video.decoders import available_backends
+from tests.video.test_circuit_breaker import Faulty
+from tests.video.test_yolo_regions import _setup, export_yolo_onnx
+from tests.video.tiny_models import YOLO_NAMES, lively_yolo
+
+SIZES = [(120, 160), (100, 90), (240, 320)]  # padding only, upscaled, downscaled
+
+
+@pytest.fixture(scope="module")
+def yolo_onnx(tmp_path_factory):
+    d = tmp_path_factory.mktemp("yolo_onnx")
+    return export_yolo_onnx(lively_yolo(str(d / "lively.pt")), 160)
+
+
+@pytest.fixture(autouse=True)
+def fresh_breaker():
+    cb._reset_for_tests()
+    yield
+    cb._reset_for_tests()
+
+
+def frames_of(shape, n=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, *shape, 3), dtype=np.uint8)
+
+
+def reference(path, frames, conf=0.25):
+    """ultralytics' own predictor on the same file, letterboxing to the same square (``rect=False``)."""
+    from ultralytics import YOLO
+
+    model = YOLO(path, task="detect")
+    res = model.predict([np.ascontiguousarray(f[..., ::-1]) for f in frames], imgsz=160, conf=conf, iou=0.7,
+                        rect=False, verbose=False, batch=len(frames))
+    return [(r.boxes.xyxy.numpy(), r.boxes.cls.numpy().astype(int), r.boxes.conf.numpy()) for r in res]
+
+
+def iou(a, b):
+    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).prod(-1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def assert_same(ours, ref):
+    assert sum(len(r[0]) for r in ref) >= 10  # the model does detect here
+    for d, (xyxy, cls, conf) in zip(ours, ref, strict=True):
+        assert len(d.xyxy) == len(xyxy) and np.array_equal(d.cls, cls)
+        assert np.abs(d.xyxy - xyxy).max() < 0.05 and np.abs(d.conf - conf).max() < 1e-4
+
+
+def cv2_letterbox(frames, size, device="cpu"):
+    """ultralytics' own LetterBox (cv2) in the shape of ``models.yolo.letterbox``'s result."""
+    from ultralytics.data.augment import LetterBox
+
+    boxed = [LetterBox((size, size), auto=False)(image=np.asarray(f)) for f in frames]
+    x = torch.from_numpy(np.stack(boxed)).permute(0, 3, 1, 2).float().div(255).to(device)
+    return x, [(int(f.shape[0]), int(f.shape[1])) for f in frames]
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_detections_equal_ultralytics_on_the_same_pixels(yolo_onnx, shape, monkeypatch):
+    """Given the same letterboxed pixels, the same detections: model, NMS, class ids and the mapping of boxes back
+    to frame pixels through padding and scale. (The torch resize differs from cv2's by at most one level, checked
+    below; a random-weight model is chaotic enough that one level moves some of its detections.)"""
+    import models.yolo
+
+    frames = frames_of(shape)
+    det = OnnxYoloDetector(yolo_onnx, imgsz=160)
+    assert det.names == YOLO_NAMES
+    if shape != (120, 160):  # (120, 160) needs no resize: our own letterbox gives the same pixels
+        monkeypatch.setattr(models.yolo, "letterbox", cv2_letterbox)
+    assert_same(det.detect(frames), reference(yolo_onnx, frames))
+
+
+def test_detections_equal_the_pt_model(yolo_onnx):
+    """The exported file against the torch weights it came from (ultralytics eager on the .pt, same letterbox)."""
+    from ultralytics import YOLO
+
+    frames = frames_of((120, 160))
+    pt = yolo_onnx[: -len(".onnx")] + ".pt"
+    res = YOLO(pt, task="detect").predict([np.ascontiguousarray(f[..., ::-1]) for f in frames], imgsz=160,
+                                          conf=0.25, iou=0.7, rect=False, verbose=False, batch=3)
+    ref = [(r.boxes.xyxy.numpy(), r.boxes.cls.numpy().astype(int), r.boxes.conf.numpy()) for r in res]
+    assert_same(OnnxYoloDetector(yolo_onnx, imgsz=160).detect(frames), ref)
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_letterbox_matches_ultralytics(shape):
+    from ultralytics.data.augment import LetterBox
+
+    frames = frames_of(shape, n=2)
+    x, shapes = letterbox(list(frames), 160)
+    assert x.shape == (2, 3, 160, 160) and shapes == [shape, shape]
+    for f, got in zip(frames, x):
+        want = LetterBox((160, 160), auto=False)(image=f)  # HWC, same channel order in and out
+        diff = (got.permute(1, 2, 0) * 255 - torch.from_numpy(want).float()).abs()
+        assert diff.max() <= 1.0 + 1e-4  # bilinear in torch vs cv2's fixed-point INTER_LINEAR: one level at most
+        assert diff.mean() < 0.15  # (on noise, the worst case for rounding, about one pixel in ten)
+        if shape == (120, 160):  # no resize: the padding alone, exactly
+            assert diff.max() < 1e-4
+
+
+def test_mixed_sizes_batched_equal_one_at_a_time_with_and_without_io_binding(yolo_onnx):
+    frames = [f for shape in SIZES for f in frames_of(shape, n=1, seed=len(shape) + shape[0])]
+    bound = OnnxYoloDetector(yolo_onnx, imgsz=160, buckets=(1, 4), io_binding=True)
+    plain = OnnxYoloDetector(yolo_onnx, imgsz=160, buckets=(1, 4), io_binding=False)
+    batched = bound.detect(frames)  # 3 frames of 3 sizes, padded to the bucket of 4
+    assert bound.model._out.keys() == {1, 4}
+    for i, f in enumerate(frames):
+        for one in (bound.detect([f])[0], plain.detect([f])[0]):
+            assert np.allclose(one.xyxy, batched[i].xyxy, atol=1e-3) and np.array_equal(one.cls, batched[i].cls)
+    tensors = bound.detect([torch.from_numpy(f) for f in frames])  # frames already in torch (the device path)
+    assert all(np.array_equal(a.xyxy, b.xyxy) for a, b in zip(tensors, batched))
+
+
+def test_classes_filter_the_detections(yolo_onnx):
+    frames = frames_of((120, 160))
+    det = OnnxYoloDetector(yolo_onnx, imgsz=160, conf=0.25)
+    only = det.detect(frames, classes=[1])
+    assert all(set(d.cls.tolist()) <= {1} for d in only) and sum(len(d.cls) for d in only) > 0
+
+
+def test_the_filter_runs_an_onnx_uri_through_the_session_factory(tmp_path, media_dir, yolo_onnx):
+    f = _setup(tmp_path, yolo_onnx, conf=0.01, step=5, min_persistence=0.0, batch_size=4, batch_buckets=[1, 4])
+    assert f.onnx and f._batcher.group_key is None
+    item = MediaItem("x", f"{media_dir}/motion.mp4", 0, f.frame_requests(), VideoConfig(),
+                     available_backends(("pyav",)))
+    out = f.apply(item, FilterContext("cpu", None))
+    assert out["runtime"] == {"backend": "onnx", "execution_provider": "CPUExecutionProvider", "io_binding": True,
+                              "fallback_reason": None}
+    assert out["frames"] > 1 and out["regions"] and {r["label"] for r in out["regions"]} <= set(YOLO_NAMES.values())
+    c = out["crop"]  # (random boxes may leave no crop at all; it stays inside the frame)
+    assert 0 <= c["x"] and 0 <= c["y"] and c["x"] + c["w"] <= 320 and c["y"] + c["h"] <= 240
+    assert f.runtimes() == {"regions": out["runtime"]}
+
+
+def test_configuration_errors_are_clear(tmp_path, yolo_onnx):
+    with pytest.raises(ConfigError, match="exceeds the largest batch bucket"):
+        _setup(tmp_path, yolo_onnx, batch_size=32, batch_buckets=[1, 8])
+    with pytest.raises(ConfigError, match="not a multiple of the model's stride"):
+        _setup(tmp_path, yolo_onnx, imgsz=150)
+    fixed = export_yolo_onnx(shutil.copy(yolo_onnx[: -len(".onnx")] + ".pt", tmp_path / "fixed.pt"), 160,
+                             dynamic=False)
+    with pytest.raises(ConfigError, match=r"exported for 160x160 inputs, imgsz is 320"):
+        _setup(tmp_path, fixed, imgsz=320)
+    with pytest.raises(ConfigError, match=r"fixed batch of 1"):
+        _setup(tmp_path, fixed, batch_size=4, batch_buckets=[1, 4])
+    assert _setup(tmp_path, fixed, batch_size=1, batch_buckets=[1]).runtime["backend"] == "onnx"
+    bare = tmp_path / "bare.onnx"  # a detector-shaped ONNX file without ultralytics' metadata
+    torch.onnx.export(torch.nn.Conv2d(3, 7, 1), (torch.zeros(1, 3, 160, 160),), str(bare), input_names=["images"],
+                      dynamic_axes={"images": {0: "b"}}, dynamo=False)
+    with pytest.raises(ConfigError, match="no class names in the ONNX metadata"):
+        _setup(tmp_path, str(bare))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without a GPU")
+def test_strict_gpu_refuses_the_fallback(yolo_onnx):
+    with pytest.raises(ProviderError, match="CUDAExecutionProvider requested"):
+        OnnxYoloModel(yolo_onnx, 160, "cuda", "cuda:0", strict=True)
+    loose = OnnxYoloModel(yolo_onnx, 160, "cuda", "cuda:0")
+    assert loose.ort.providers == ["CPUExecutionProvider"] and loose.ort.fallback_reason
+    assert loose.device == "cpu"  # no GPU buffers are bound for a session that runs on CPU
+
+
+def test_cuda_failure_moves_yolo_to_a_cpu_subprocess(tmp_path, yolo_onnx, media_dir):
+    f = _setup(tmp_path, yolo_onnx, conf=0.01, step=5, min_persistence=0.0)
+    item = lambda: MediaItem("x", f"{media_dir}/motion.mp4", 0, f.frame_requests(), VideoConfig(),  # noqa: E731
+                             available_backends(("pyav",)))
+    want = f.apply(item(), FilterContext("cpu", None))
+    with f._pool.acquire(f._pool_key) as det:
+        det.forward.primary = Faulty(det.forward.primary, RuntimeException(
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 700: an illegal memory access"))
+    got = f.apply(item(), FilterContext("cpu", None))
+    assert got["regions"] == want["regions"] and got["crop"] == want["crop"]
+    assert got["runtime"]["execution_provider"] == "CPUExecutionProvider (subprocess)"
+    assert got["runtime"]["fallback_reason"].startswith("circuit breaker: RuntimeException")
+
+
+def test_strict_gpu_makes_a_yolo_cuda_failure_fatal(tmp_path, yolo_onnx):
+    f = _setup(tmp_path, yolo_onnx, strict_gpu=True)
+    with f._pool.acquire(f._pool_key) as det:
+        det.forward.primary = Faulty(det.forward.primary, RuntimeException("CUDNN_STATUS_EXECUTION_FAILED"))
+    frames = frames_of((120, 160), n=1)
+
+    class Video:  # the one method apply_video needs before the failure
+        def view(self, request):
+            return torch.from_numpy(frames)
+
+    with pytest.raises(GpuFailure, match="strict GPU mode"):
+        f.apply_video(Video(), None, FilterContext("cpu", None))
+
+
+def test_ultralytics_backend_stays_available_for_onnx(tmp_path, yolo_onnx):
+    f = _setup(tmp_path, yolo_onnx, backend="ultralytics")
+    assert not f.onnx and f.runtime["backend"] == "ultralytics-onnx"
+    with f._pool.acquire(f._pool_key) as det:
+        assert isinstance(det, YoloDetector)
