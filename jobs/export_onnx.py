@@ -38,7 +38,7 @@ def export_classifier(path: str, opset: int = 17, check_batch: int = 3) -> dict:
             "min_cosine": float(cos), "argmax_equal": bool((ref.argmax(1) == got.argmax(1)).all())}
 
 
-def export_yolo(path: str, imgsz: int, dynamic: bool = True) -> dict:
+def export_yolo(path: str, imgsz, dynamic: bool = True) -> dict:
     """Export YOLO weights with ultralytics' exporter (dynamic batch and size by default), then run the torch model
     and the ONNX file (through mediasieve's session factory, as ``yolo_regions`` runs it) on the same inputs and
     report the differences of the raw predictions (boxes in pixels, class scores)."""
@@ -47,11 +47,12 @@ def export_yolo(path: str, imgsz: int, dynamic: bool = True) -> dict:
     import models.yolo  # noqa: F401 - offline settings first
     from ultralytics import YOLO
 
-    from models.yolo import OnnxYoloModel
+    from models.yolo import OnnxYoloModel, input_hw
 
-    out = str(YOLO(path).export(format="onnx", imgsz=imgsz, dynamic=dynamic, simplify=False))
+    h, w = input_hw(imgsz)
+    out = str(YOLO(path).export(format="onnx", imgsz=[h, w], dynamic=dynamic, simplify=False))
     torch.manual_seed(0)
-    x = torch.rand(2 if dynamic else 1, 3, imgsz, imgsz)
+    x = torch.rand(2 if dynamic else 1, 3, h, w)
     model = YOLO(path).model.float().fuse().eval()  # fused as the exporter and the predictor fuse it
     with torch.inference_mode():
         ref = model(x)
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if spec.type == "clip_classifier":
             report[spec.name] = export_classifier(local, args.opset)
         else:
-            report[spec.name] = export_yolo(local, int(spec.params.get("imgsz", 960)))
+            imgsz = spec.params.get("imgsz", 960)
+            report[spec.name] = export_yolo(local, imgsz if isinstance(imgsz, int) else tuple(imgsz))
     print(json.dumps(report, indent=2))
     # classifier logits within 1e-3; YOLO boxes are in pixels (up to imgsz), so relative to the value
     bad = [k for k, v in report.items() if v.get("argmax_equal") is False

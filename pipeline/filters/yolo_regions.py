@@ -39,7 +39,9 @@ class YoloRegionsParams:
     """Detect on every step-th frame ..."""
     max_frames: int = 64
     """... at most this many frames per item."""
-    imgsz: int = 960
+    imgsz: int | tuple[int, ...] = 960
+    """Inference size: an int (the long side; the ONNX path letterboxes to that square) or ``[h, w]``, a fixed
+    rectangle (``[544, 960]`` for 16:9 video: 0.57x the pixels of the square)."""
     conf: float = 0.25
     iou: float = 0.7
     fp16: bool = True
@@ -63,7 +65,7 @@ class YoloRegionsParams:
     backend: Literal["auto", "ultralytics", "onnx"] = "auto"
     """``onnx``: run an exported ``.onnx`` through mediasieve's ONNX Runtime session factory (provider chain,
     strict GPU mode, TensorRT profiles from ``batch_buckets``, IOBinding, the CUDA circuit breaker); frames are
-    letterboxed on the device to a fixed ``imgsz`` square. ``ultralytics``: ultralytics' own backend for any weights
+    letterboxed on the device to the fixed ``imgsz`` shape. ``ultralytics``: ultralytics' own backend for any weights
     (``.pt``, ``.onnx``, ``.engine``). ``auto``: ``onnx`` for an ``.onnx`` model, else ``ultralytics``."""
     provider: Literal["tensorrt", "cuda", "cpu"] = "cuda"
     """ONNX Runtime provider on a GPU rank (CPU ranks use ``cpu``); falls back TensorRT -> CUDA -> CPU."""
@@ -88,6 +90,8 @@ class YoloRegionsFilter(VideoFilter):
             raise ConfigError(f"filters.{name}.model_uri is required")
         if params.step < 1 or params.batch_size < 1:
             raise ConfigError(f"filters.{name}: step and batch_size must be >= 1")
+        if not isinstance(params.imgsz, int) and len(params.imgsz) != 2:
+            raise ConfigError(f"filters.{name}.imgsz: an integer or [height, width], got {list(params.imgsz)}")
         self.onnx = params.backend == "onnx" or (params.backend == "auto" and params.model_uri.lower().endswith(".onnx"))
         if self.onnx and params.batch_size > max(params.batch_buckets, default=0):
             raise ConfigError(f"filters.{name}: batch_size {params.batch_size} exceeds the largest batch bucket")

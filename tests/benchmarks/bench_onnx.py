@@ -4,7 +4,10 @@ IOBinding, and (with onnxruntime-gpu on a GPU) ORT CUDA with and without IOBindi
 batch and clips/s; and the first-call cost of an unseen batch shape with and without buckets.
 The model has random weights (a ViT-S-like VideoMAE by default): for speed only, never for its outputs.
 
+Then the YOLO detector of ``yolo_regions``: ultralytics on the .pt, ultralytics' own ONNX backend, and ours.
+
 Usage: python tests/benchmarks/bench_onnx.py [--frames 8] [--size 112] [--hidden 384] [--layers 6] [--batch 4]
+       [--yolo-size 640] [--yolo-batch 4]
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--yolo-size", type=int, default=640, help="YOLO input size (0: skip the YOLO rows)")
+    parser.add_argument("--yolo-batch", type=int, default=4)
     args = parser.parse_args()
     import onnxruntime as ort
     from transformers import VideoMAEConfig, VideoMAEModel
@@ -98,7 +103,47 @@ def main() -> int:
     print(f"first call of an unseen batch shape: {unseen * 1000:.1f} ms without buckets, {warmed * 1000:.1f} ms when "
           "it falls in a warmed bucket (on CPU the gap is small; TensorRT builds an engine per unseen shape)")
     head_benchmark(args.hidden, args.repeats)
+    if args.yolo_size:
+        yolo_benchmark(args.yolo_size, args.yolo_batch, args.repeats)
     return 0
+
+
+def yolo_benchmark(imgsz: int, batch: int, repeats: int) -> None:
+    """YOLOv8n-shaped detector (random weights), frames to detections (letterbox, model, NMS): ultralytics on the
+    .pt (torch eager), ultralytics' own ONNX backend, and the ``yolo_regions`` ONNX path through the session factory
+    with and without IOBinding; on a GPU with onnxruntime-gpu also CUDA and TensorRT FP16."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from models.yolo import OnnxYoloDetector, YoloDetector
+    from tests.video.test_yolo_regions import export_yolo_onnx
+    from tests.video.tiny_models import lively_yolo
+
+    pt = lively_yolo(os.path.join(tempfile.mkdtemp(), "yolov8n-random.pt"))
+    onnx_path = export_yolo_onnx(pt, imgsz)
+    frames = list(np.random.default_rng(0).integers(0, 256, (batch, 720, 1280, 3), dtype=np.uint8))
+    gpu = torch.cuda.is_available()
+    device = "cuda:0" if gpu else "cpu"
+    runners = [("ultralytics .pt, torch eager" + (" FP16" if gpu else ""), YoloDetector(pt, device, imgsz, fp16=gpu)),
+               ("ultralytics' ONNX backend", YoloDetector(onnx_path, device, imgsz))]
+    rect = (imgsz * 9 // 16 + 31) // 32 * 32, imgsz  # the fixed 16:9 shape, [384, 640] for 640
+    for shape in (imgsz, rect):
+        for binding in (False, True):
+            name = f"{shape}x{shape}" if shape == imgsz else f"{shape[0]}x{shape[1]}"
+            runners.append((f"ours {name}, ORT CPU, IOBinding {'on' if binding else 'off'}",
+                            OnnxYoloDetector(onnx_path, "cpu", shape, buckets=(batch,), io_binding=binding)))
+    if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+        for provider, binding in (("cuda", False), ("cuda", True), ("tensorrt", True)):
+            det = OnnxYoloDetector(onnx_path, device, rect, provider=provider, buckets=(batch,), io_binding=binding)
+            runners.append((f"ours {rect[0]}x{rect[1]}, ORT {det.ort.execution_provider}, IOBinding "
+                            f"{'on' if binding else 'off'}", det))
+    rows = [(label, timed(lambda d=det: d.detect(frames), repeats)) for label, det in runners]
+    print(f"\nYOLO (yolov8n shape, random weights) on {batch} frames of 1280x720 at imgsz {imgsz}, frames -> detections "
+          f"(ultralytics letterboxes a batch of one size to the smallest stride multiple, {rect[0]}x{rect[1]} here; ours "
+          "to one fixed shape)")
+    print(f"{'runtime':<48}{'ms/batch':>10}{'frames/s':>10}")
+    for label, sec in rows:
+        print(f"{label:<48}{sec * 1000:>10.1f}{batch / sec:>10.1f}")
 
 
 def head_benchmark(dim: int, repeats: int) -> None:

@@ -99,3 +99,24 @@ def test_bucketed_head_on_cuda_padded_equals_native(tmp_path):
     with torch.no_grad():
         ref = torch.cat([head(q[None]) for q in seqs])
     assert (run(seqs) - ref).abs().max() < 1e-4
+
+
+def test_yolo_on_cuda_with_io_binding_equals_cpu(tmp_path):
+    """The yolo_regions ONNX path on CUDA: GPU letterbox and bound buffers, the same detections as on CPU (within
+    the one-level difference of the two resizes, so compared on frames that need none)."""
+    _needs("CUDAExecutionProvider")
+    import numpy as np
+
+    from models.yolo import OnnxYoloDetector
+    from tests.video.test_yolo_regions import export_yolo_onnx
+    from tests.video.tiny_models import lively_yolo
+
+    path = export_yolo_onnx(lively_yolo(str(tmp_path / "y.pt")), 160)
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 96, 160, 3), dtype=np.uint8))
+    ref = OnnxYoloDetector(path, "cpu", (96, 160), io_binding=False).detect(frames)
+    run = OnnxYoloDetector(path, "cuda:0", (96, 160), provider="cuda", strict=True)
+    assert run.ort.execution_provider == "CUDAExecutionProvider" and run.model.on_gpu
+    got = run.detect(frames.cuda())
+    assert sum(len(d.xyxy) for d in ref) > 0
+    for a, b in zip(got, ref):
+        assert len(a.xyxy) == len(b.xyxy) and np.array_equal(a.cls, b.cls) and np.abs(a.xyxy - b.xyxy).max() < 0.5
