@@ -229,3 +229,26 @@ def make_session(path: str, provider: str = "cpu", device_id: int = 0, strict: b
                                                             if p != "CPUExecutionProvider"}}))
         return OrtSession(sess, provider, in_effect, reason)
     raise ProviderError(f"{path}: no execution provider could open the model: {'; '.join(reasons)}")
+
+
+class OnnxForward:
+    """A one-input, one-output ONNX model as a torch call (numpy through ``session.run``). Built from picklable
+    arguments, so the circuit breaker's CPU subprocess can build the same model with ``provider="cpu"``.
+
+    Args: as ``make_session``.
+    """
+
+    def __init__(self, path: str, provider: str = "cpu", device_id: int = 0, strict: bool = False,
+                 params: OrtParams | None = None, profile: dict[str, str] | None = None,
+                 cache_dir: str | None = None):
+        self.ort = make_session(path, provider, device_id, strict=strict, params=params, profile=profile,
+                                cache_dir=cache_dir)
+        self.input_name = self.ort.session.get_inputs()[0].name
+        self.output_name = self.ort.session.get_outputs()[0].name
+
+    def __call__(self, x):
+        import numpy as np
+        import torch
+
+        y = self.ort.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x.cpu().numpy())})[0]
+        return torch.from_numpy(y)

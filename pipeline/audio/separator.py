@@ -92,7 +92,10 @@ class Separator:
 
     def __init__(self, model_path: str, sidecar: dict, params: SeparatorParams, device_id: int = 0,
                  strict: bool = False, cache_dir: str | None = None):
-        from models.onnx_session import graph_input, make_session, shape_profile
+        import functools
+
+        from models.circuit_breaker import CircuitBreaker
+        from models.onnx_session import OnnxForward, graph_input, shape_profile
 
         # The layout is read from the file before the session exists (TensorRT needs the profile at build time),
         # then again from the session, which is the authority.
@@ -100,15 +103,18 @@ class Separator:
         spec = resolve_spec(shape, sidecar, params)
         batch = spec.batch_fixed or params.batch_size
         profile = shape_profile({name: [(b, 4, spec.dim_f, spec.dim_t) for b in sorted({1, batch})]})
-        self.ort = make_session(model_path, params.provider, device_id, strict=strict, params=params.ort,
-                                profile=profile, cache_dir=cache_dir)
+        core = OnnxForward(model_path, params.provider, device_id, strict, params.ort, profile, cache_dir)
+        self.ort = core.ort
+        # a CUDA failure at run time: no more CUDA in this process, the batch is retried in a CPU subprocess
+        self.forward = CircuitBreaker(core, functools.partial(OnnxForward, model_path, "cpu", params=params.ort),
+                                      strict)
         inp = self.ort.session.get_inputs()[0]
         self.input_name = inp.name
         self.spec = resolve_spec(list(inp.shape), sidecar, params)
         self.batch_size = self.spec.batch_fixed or params.batch_size
         self.window = torch.hann_window(self.spec.n_fft)
         s = self.spec
-        self.ort.session.run(None, {self.input_name: np.zeros((self.batch_size, 4, s.dim_f, s.dim_t), np.float32)})
+        core(torch.zeros(self.batch_size, 4, s.dim_f, s.dim_t))  # start-up self-check on the one batch shape
 
     def _run_segments(self, segs: torch.Tensor) -> torch.Tensor:
         """``[B, 2, segment]`` -> the model's source ``[B, 2, segment]``."""
@@ -121,8 +127,8 @@ class Separator:
         for i in range(0, len(x), self.batch_size):
             # a short last batch is padded: one shape for the model (rows are independent, padding changes nothing)
             part, n = pad_to_bucket(x[i:i + self.batch_size], (self.batch_size,), dim=0)
-            outs.append(self.ort.session.run(None, {self.input_name: part.numpy()})[0][:n])
-        y = torch.from_numpy(np.concatenate(outs)).reshape(-1, 2, 2, s.dim_f, s.dim_t).permute(0, 1, 3, 4, 2)
+            outs.append(self.forward(part)[:n])
+        y = torch.cat(outs).reshape(-1, 2, 2, s.dim_f, s.dim_t).permute(0, 1, 3, 4, 2)
         full = torch.zeros(y.shape[0], 2, s.n_fft // 2 + 1, s.dim_t, dtype=torch.complex64)
         full[:, :, : s.dim_f] = torch.view_as_complex(y.contiguous())
         wav = torch.istft(full.reshape(-1, s.n_fft // 2 + 1, s.dim_t), s.n_fft, s.hop, window=self.window,

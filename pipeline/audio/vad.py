@@ -55,6 +55,9 @@ class SileroVAD:
             out[:, i] = self.model(x[:, i * self.frame:(i + 1) * self.frame], self.sample_rate)[:, 0]
         return out.cpu() if to_cpu else out
 
+    def __call__(self, chunks: torch.Tensor) -> torch.Tensor:
+        return self.probs(chunks)
+
 
 def shipped_onnx_path() -> str:
     """The ONNX Silero VAD inside the silero-vad package (no download)."""
@@ -124,6 +127,10 @@ class OnnxSileroVAD:
             out[:, i] = prob[:, 0]
             context = step[:, -self.context:]
         return torch.from_numpy(out[:b])
+
+    def __call__(self, chunks: torch.Tensor) -> torch.Tensor:
+        """``probs``: the model as a tensor -> tensor call (what the circuit breaker's CPU subprocess serves)."""
+        return self.probs(chunks)
 
 
 def whole_file_probs(model: SileroVAD, audio: np.ndarray) -> np.ndarray:

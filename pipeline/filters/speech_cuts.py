@@ -6,11 +6,13 @@ track); the chunks of concurrent items share Silero VAD batches.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pyarrow as pa
 
+from models.circuit_breaker import CircuitBreaker, CudaCircuitOpen, runtime_after_trip
 from models.onnx_session import OrtParams, ProviderError, device_index
 from pipeline.audio.decode import decode_audio, resample
 from pipeline.audio.pipeline import AudioParams, run_audio
@@ -18,7 +20,7 @@ from pipeline.audio.schedule import chunk_schedule
 from pipeline.audio.separator import Separator, SeparatorParams, load_sidecar
 from pipeline.audio.vad import OnnxSileroVAD, SileroVAD
 from pipeline.batching import DynamicBatcher
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, GpuFailure
 from pipeline.filters.base import RUNTIME, Filter, FilterContext, SetupContext
 from pipeline.media.item import MediaItem
 
@@ -85,10 +87,15 @@ class SpeechCutsFilter(Filter):
 
             def build_vad(device):
                 try:
-                    return OnnxSileroVAD(p.sample_rate, provider, device_id, ctx.strict_gpu, p.vad_ort,
-                                         p.vad_batch_buckets, trt_cache)
+                    vad = OnnxSileroVAD(p.sample_rate, provider, device_id, ctx.strict_gpu, p.vad_ort,
+                                        p.vad_batch_buckets, trt_cache)
                 except ProviderError as e:
                     raise ConfigError(f"filters.{self.name}: strict_gpu: {e}") from e
+                cpu = functools.partial(OnnxSileroVAD, p.sample_rate, "cpu", 0, False, p.vad_ort,
+                                        p.vad_batch_buckets)
+                breaker = CircuitBreaker(vad, cpu, ctx.strict_gpu)
+                breaker.ort = vad.ort
+                return breaker
 
             ctx.pool.add(key, build_vad, instances=p.vad_instances)
             with ctx.pool.acquire(key) as built:
@@ -102,7 +109,7 @@ class SpeechCutsFilter(Filter):
 
         def run_batch(x):
             with pool.acquire(key) as vad:
-                return vad.probs(x)
+                return vad(x)
 
         self._separator_key = None
         sep = self.params.separator
@@ -121,12 +128,18 @@ class SpeechCutsFilter(Filter):
                                        self.params.max_wait_ms / 1000.0, runners=self.params.vad_instances)
 
     def runtimes(self) -> dict[str, dict]:
-        out = {f"{self.name}/vad": self._vad_runtime}
+        out = {f"{self.name}/vad": runtime_after_trip(self._vad_runtime)}
         if self.runtime is not None:
-            out[f"{self.name}/separator"] = self.runtime
+            out[f"{self.name}/separator"] = runtime_after_trip(self.runtime)
         return out
 
     def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
+        try:
+            return self._apply(media)
+        except CudaCircuitOpen as e:
+            raise GpuFailure(str(e)) from e  # a system failure: the rank stops, the item is redone on a rerun
+
+    def _apply(self, media: MediaItem) -> dict | None:
         if media.info.audio is None:
             return None
         p = self.params
@@ -154,8 +167,8 @@ class SpeechCutsFilter(Filter):
             "cut_details": [{"time_s": c.time_s, "kind": c.kind, "rank": c.rank, "guard_shift_s": c.guard_shift_s}
                             for c in result.cuts],
             "pieces": [{"start_s": a, "end_s": b, "duration_s": b - a} for a, b in result.pieces()],
-            "separator_runtime": self.runtime,
-            "vad_runtime": self._vad_runtime,
+            "separator_runtime": runtime_after_trip(self.runtime),
+            "vad_runtime": runtime_after_trip(self._vad_runtime),
             "chunking": {"enabled": chunked, "chunk_s": g.chunk_seconds, "overlap_s": g.overlap_seconds,
                          "halo_s": g.halo_seconds, "align_hop": g.align_hop, "chunks": len(result.plans)},
         }
