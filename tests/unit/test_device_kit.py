@@ -1,0 +1,34 @@
+"""The GPU device kit cuts a wheel into parts that fit one transfer each and joins them back byte for byte."""
+
+import hashlib
+import importlib.util
+import os
+
+import pytest
+
+from tests.conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("device_kit", os.path.join(ROOT, "tests", "gpu", "device_kit.py"))
+kit = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kit)
+
+
+def test_split_then_join_gives_the_same_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(kit, "PART", 1000)
+    wheel = tmp_path / "src" / "onnxruntime_gpu-1-cp312-cp312-x.whl"
+    wheel.parent.mkdir()
+    data = os.urandom(4500)
+    wheel.write_bytes(data)
+    folders = kit.split(str(wheel), str(tmp_path))
+    assert [os.path.basename(f) for f in folders] == [".ort1", ".ort2", ".ort3", ".ort4", ".ort5"]
+    assert all(os.path.getsize(os.path.join(f, "part")) <= 1000 for f in folders)
+    os.rename(tmp_path / ".ort5", tmp_path / ".ort10")  # numeric order, not lexical
+    os.rename(tmp_path / ".ort4", tmp_path / ".ort5")
+    joined = kit.join(str(tmp_path))
+    assert os.path.basename(joined) == wheel.name
+    assert hashlib.sha256(open(joined, "rb").read()).digest() == hashlib.sha256(data).digest()
+
+
+def test_join_without_parts_says_what_to_carry(tmp_path):
+    with pytest.raises(SystemExit, match="carry each of them first"):
+        kit.join(str(tmp_path))
