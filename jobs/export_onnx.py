@@ -38,10 +38,12 @@ def export_classifier(path: str, opset: int = 17, check_batch: int = 3) -> dict:
             "min_cosine": float(cos), "argmax_equal": bool((ref.argmax(1) == got.argmax(1)).all())}
 
 
-def export_yolo(path: str, imgsz, dynamic: bool = True) -> dict:
-    """Export YOLO weights with ultralytics' exporter (dynamic batch and size by default), then run the torch model
-    and the ONNX file (through mediasieve's session factory, as ``yolo_regions`` runs it) on the same inputs and
-    report the differences of the raw predictions (boxes in pixels, class scores)."""
+def export_yolo(path: str, imgsz, dynamic: bool = True, nms: bool | None = None) -> dict:
+    """Export YOLO weights with ultralytics' exporter (dynamic batch and size by default; ``nms``: ultralytics'
+    option, None for raw predictions, False for the NMS-free head of end-to-end models such as YOLO26, True to embed
+    NMS), then run the torch model and the ONNX file (through mediasieve's session factory, as ``yolo_regions`` runs
+    it) on the same inputs and report the differences of the raw predictions (boxes in pixels, class scores); for
+    an NMS-free or NMS-embedded export, only the file and its output layout."""
     import torch
 
     import models.yolo  # noqa: F401 - offline settings first
@@ -50,14 +52,17 @@ def export_yolo(path: str, imgsz, dynamic: bool = True) -> dict:
     from models.yolo import OnnxYoloModel, input_hw
 
     h, w = input_hw(imgsz)
-    out = str(YOLO(path).export(format="onnx", imgsz=[h, w], dynamic=dynamic, simplify=False))
+    out = str(YOLO(path).export(format="onnx", imgsz=[h, w], dynamic=dynamic, simplify=False, nms=nms))
     torch.manual_seed(0)
-    x = torch.rand(2 if dynamic else 1, 3, h, w)
+    x = torch.rand(2 if dynamic and not nms else 1, 3, h, w)  # an embedded NMS runs at its export batch, 1
+    runner = OnnxYoloModel(out, (h, w), buckets=(x.shape[0],), io_binding=False)
+    if runner.end2end:  # post-NMS detections: no torch output of the same layout to compare with
+        return {"model": out, "end2end": True}
     model = YOLO(path).model.float().fuse().eval()  # fused as the exporter and the predictor fuse it
     with torch.inference_mode():
         ref = model(x)
     ref = ref[0] if isinstance(ref, (tuple, list)) else ref
-    got = OnnxYoloModel(out, imgsz, buckets=(x.shape[0],), io_binding=False)(x)
+    got = runner(x)
     diff = (ref - got).abs()
     return {"model": out, "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "max_rel_diff": float((diff / (ref.abs() + 1.0)).max())}

@@ -175,7 +175,15 @@ class OnnxYoloModel:
             raise ValueError(f"{path}: no class names in the ONNX metadata (export it with ultralytics: "
                              "python jobs/export_onnx.py)")
         self.names: dict[int, str] = {int(k): str(v) for k, v in ast.literal_eval(meta["names"]).items()}
-        self.end2end = str(meta.get("end2end", "False")) == "True"
+        args = ast.literal_eval(meta.get("args", "{}"))
+        # post-NMS output [B, max_det, 6]: an end-to-end (NMS-free) head, or NMS embedded at export (nms=True)
+        self.end2end = str(meta.get("end2end", "False")) == "True" or args.get("nms") is True
+        export_batch = int(meta.get("batch", 1))
+        if args.get("nms") is True and set(self.buckets) != {export_batch}:
+            # the embedded NMS graph is only right at its export batch (other rows come back empty)
+            raise ValueError(f"{path}: exported with NMS embedded, which runs only at its export batch of "
+                             f"{export_batch}; set batch_buckets to [{export_batch}] and batch_size to at most that, "
+                             "or export without nms")
         stride = int(meta.get("stride", 32))
         if h % stride or w % stride:
             raise ValueError(f"{path}: imgsz {h}x{w} is not a multiple of the model's stride {stride}")
@@ -196,6 +204,12 @@ class OnnxYoloModel:
                 self._out[b] = torch.empty(y.shape, device=self.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        top = self.buckets[-1]
+        if x.shape[0] > top:  # more frames than the largest bucket: in bucket-sized parts (copied out of the buffer)
+            return torch.cat([self._run(x[i:i + top]).clone() for i in range(0, x.shape[0], top)])
+        return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         x, _ = pad_to_bucket(x.to(self.device, torch.float32), self.buckets, dim=0)
         x = x.contiguous()

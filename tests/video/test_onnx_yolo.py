@@ -55,7 +55,8 @@ def assert_same(ours, ref):
     assert sum(len(r[0]) for r in ref) >= 10  # the model does detect here
     for d, (xyxy, cls, conf) in zip(ours, ref, strict=True):
         assert len(d.xyxy) == len(xyxy) and np.array_equal(d.cls, cls)
-        assert np.abs(d.xyxy - xyxy).max() < 0.05 and np.abs(d.conf - conf).max() < 1e-4
+        if len(xyxy):
+            assert np.abs(d.xyxy - xyxy).max() < 0.05 and np.abs(d.conf - conf).max() < 1e-4
 
 
 @pytest.mark.parametrize("imgsz", [160, (96, 160)])
@@ -103,6 +104,21 @@ def test_letterbox_on_the_gpu_is_within_a_level_of_cv2(shape):
     cpu, _ = letterbox(list(frames), (96, 160))
     gpu, _ = letterbox(list(frames), (96, 160), "cuda")
     assert (gpu.cpu() - cpu).abs().max() * 255 <= 1 + 1e-3
+
+
+@pytest.mark.parametrize("arch,nms", [("26/yolo26.yaml", False), ("v8/yolov8.yaml", True)])
+def test_post_nms_exports_nms_free_and_embedded(tmp_path, arch, nms):
+    """Exports whose output is already detections ``[B, max_det, 6]``: YOLO26's NMS-free head (``nms=False``) and
+    NMS embedded in the graph (``nms=True``, right only at its export batch: more frames run in parts of it)."""
+    path = export_yolo_onnx(lively_yolo(str(tmp_path / "m.pt"), arch=arch), 160, nms=nms)
+    frames = frames_of((120, 160), n=5)
+    buckets = (1,) if nms else (1, 4)
+    det = OnnxYoloDetector(path, imgsz=160, conf=0.3, buckets=buckets)
+    assert det.model.end2end
+    assert_same(det.detect(frames), reference(path, frames, conf=0.3))
+    if nms:
+        with pytest.raises(ValueError, match="NMS embedded, which runs only at its export batch of 1"):
+            OnnxYoloModel(path, 160, buckets=(1, 4))
 
 
 def test_mixed_sizes_batched_equal_one_at_a_time_with_and_without_io_binding(yolo_onnx):

@@ -52,8 +52,9 @@ def as_pt_head(path: str) -> str:
 YOLO_NAMES = {0: "watermark", 1: "subtitle", 2: "logo"}
 
 
-def tiny_yolo(path: str, seed: int = 0) -> str:
-    """A yolov8n-shaped detector with three abnormal-region classes and random weights, saved as .pt."""
+def tiny_yolo(path: str, seed: int = 0, arch: str = "v8/yolov8.yaml") -> str:
+    """A yolov8n-shaped detector (or another ``cfg/models`` architecture of ultralytics, e.g. ``26/yolo26.yaml``)
+    with three abnormal-region classes and random weights, saved as .pt."""
     import ultralytics
     import yaml
 
@@ -61,10 +62,10 @@ def tiny_yolo(path: str, seed: int = 0) -> str:
     from ultralytics import YOLO
 
     torch.manual_seed(seed)
-    base = os.path.join(os.path.dirname(ultralytics.__file__), "cfg", "models", "v8", "yolov8.yaml")
+    base = os.path.join(os.path.dirname(ultralytics.__file__), "cfg", "models", *arch.split("/"))
     spec = yaml.safe_load(open(base))
     spec["nc"] = len(YOLO_NAMES)
-    yaml_path = os.path.join(os.path.dirname(path), "tiny-yolov8n.yaml")
+    yaml_path = os.path.join(os.path.dirname(path), f"tiny-{os.path.basename(arch)}")
     with open(yaml_path, "w") as f:
         yaml.safe_dump(spec, f)
     model = YOLO(yaml_path, task="detect")
@@ -73,14 +74,14 @@ def tiny_yolo(path: str, seed: int = 0) -> str:
     return path
 
 
-def lively_yolo(path: str, seed: int = 0) -> str:
+def lively_yolo(path: str, seed: int = 0, arch: str = "v8/yolov8.yaml") -> str:
     """``tiny_yolo`` made to give input-dependent detections: a freshly initialised detector's activations vanish
     through its depth (every box is the whole frame, every score equal), so its batch-norm statistics are set from
     random images, and the head's biases spread the scores and favour small boxes. Still random weights: for
     parity tests, never for findings."""
     from ultralytics import YOLO
 
-    tiny_yolo(path, seed)
+    tiny_yolo(path, seed, arch)
     model = YOLO(path, task="detect")
     net = model.model.float()
     torch.manual_seed(seed)
@@ -93,11 +94,12 @@ def lively_yolo(path: str, seed: int = 0) -> str:
             net(torch.rand(4, 3, 160, 160))
     net.eval()
     head = net.model[-1]
-    with torch.no_grad():
-        for branch in head.cv3:  # class scores
-            branch[-1].bias.fill_(-2.0)
-        for branch in head.cv2:  # box distances (16 bins per side): near bins more likely
-            branch[-1].weight.mul_(0.3)
-            branch[-1].bias.copy_((-0.6 * torch.arange(16.0)).repeat(4))
+    if head.reg_max == 16:  # the YOLOv8 head; YOLO26 regresses each side directly and stays as calibrated
+        with torch.no_grad():
+            for branch in head.cv3:  # class scores
+                branch[-1].bias.fill_(-2.0)
+            for branch in head.cv2:  # box distances (16 bins per side): near bins more likely
+                branch[-1].weight.mul_(0.3)
+                branch[-1].bias.copy_((-0.6 * torch.arange(16.0)).repeat(4))
     model.save(path)
     return path
