@@ -78,8 +78,11 @@ def shape_profile(shapes: dict[str, list[tuple[int, ...]]]) -> dict[str, str]:
 
 
 def provider_options(provider: str, params: OrtParams, device_id: int, profile: dict[str, str] | None = None,
-                     cache_dir: str | None = None) -> dict[str, str]:
-    """The ORT provider options of one execution provider (strings, as ORT takes them)."""
+                     cache_dir: str | None = None, stream: int | None = None) -> dict[str, str]:
+    """The ORT provider options of one execution provider (strings, as ORT takes them); ``stream``: a CUDA stream
+    handle (``torch.cuda.Stream().cuda_stream``, never the default stream's 0) for the GPU providers to run on."""
+    if stream is not None and provider in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
+        return {**provider_options(provider, params, device_id, profile, cache_dir), "user_compute_stream": str(stream)}
     if provider == "TensorrtExecutionProvider":
         opts = {"device_id": str(device_id), "trt_fp16_enable": str(int(params.trt_fp16)),
                 "trt_max_workspace_size": str(int(params.trt_workspace_gb * (1 << 30)))}
@@ -94,20 +97,22 @@ def provider_options(provider: str, params: OrtParams, device_id: int, profile: 
     return {}
 
 
-def run_bound(session, input_name: str, x, output_name: str, out=None):
+def run_bound(session, input_name: str, x, output_name: str, out=None, same_stream: bool = False):
     """One run with IOBinding on torch buffers: the input ``x`` (contiguous float32, on the CPU or a GPU) and the
     output ``out`` (preallocated with the output's shape, or None to let ORT allocate it) are bound by pointer, so
     nothing is copied through host memory. Returns the output as a torch tensor on ``x``'s device.
 
     On a GPU, torch's current stream is synchronised first: ORT runs on its own stream, and the preprocessing
-    kernels that wrote ``x`` must be done before it reads.
+    kernels that wrote ``x`` must be done before it reads. ``same_stream``: the session was made with torch's
+    current stream as its compute stream (``make_session(stream=...)``), so stream order alone puts the
+    preprocessing first and the host does not wait.
     """
     import numpy as np
     import torch
 
     on_gpu = x.is_cuda
     kind, index = ("cuda", x.device.index or 0) if on_gpu else ("cpu", 0)
-    if on_gpu:
+    if on_gpu and not same_stream:
         torch.cuda.current_stream(x.device).synchronize()
     binding = session.io_binding()
     binding.bind_input(input_name, kind, index, np.float32, list(x.shape), x.data_ptr())
@@ -171,7 +176,7 @@ class OrtSession:
 
 def make_session(path: str, provider: str = "cpu", device_id: int = 0, strict: bool = False,
                  params: OrtParams | None = None, profile: dict[str, str] | None = None,
-                 cache_dir: str | None = None) -> OrtSession:
+                 cache_dir: str | None = None, stream: int | None = None) -> OrtSession:
     """Open ``path`` on the first provider of the requested chain that works.
 
     Args:
@@ -182,6 +187,7 @@ def make_session(path: str, provider: str = "cpu", device_id: int = 0, strict: b
         params: graph optimisation, cuDNN algorithm search, TensorRT FP16, engine cache, workspace, threads.
         profile: TensorRT profile shapes (``shape_profile`` of the padding buckets).
         cache_dir: default TensorRT engine cache directory (node-local).
+        stream: a CUDA stream handle for the GPU providers to compute on (``user_compute_stream``).
 
     Returns:
         The session with the providers in effect and the fallback reason, if any.
@@ -201,7 +207,7 @@ def make_session(path: str, provider: str = "cpu", device_id: int = 0, strict: b
     reasons = []
     for i in range(len(chain)):
         wanted = [p for p in chain[i:] if p in available] or ["CPUExecutionProvider"]
-        providers = [(p, provider_options(p, params, device_id, profile, cache_dir)) if p != "CPUExecutionProvider"
+        providers = [(p, provider_options(p, params, device_id, profile, cache_dir, stream)) if p != "CPUExecutionProvider"
                      else p for p in wanted]
         try:
             sess = ort.InferenceSession(path, sess_options=opts, providers=providers)
@@ -232,23 +238,42 @@ def make_session(path: str, provider: str = "cpu", device_id: int = 0, strict: b
 
 
 class OnnxForward:
-    """A one-input, one-output ONNX model as a torch call (numpy through ``session.run``). Built from picklable
-    arguments, so the circuit breaker's CPU subprocess can build the same model with ``provider="cpu"``.
+    """A one-input, one-output ONNX model as a torch call. Built from picklable arguments, so the circuit breaker's
+    CPU subprocess can build the same model with ``provider="cpu"``.
 
-    Args: as ``make_session``.
+    With ``io_binding`` the input and a fresh output (its shape learnt on the first call of each input shape) are
+    bound by pointer on ``device`` (the rank's GPU when the session runs there, else the CPU), and the result stays
+    there; without, arrays go through ``session.run`` and the result is on the CPU. ``stream``: a CUDA stream
+    handle the GPU providers compute on; the caller then launches its preprocessing on that stream too, and the
+    host does not wait before the run.
+
+    Args: as ``make_session``, plus ``device``, ``io_binding`` and ``stream``.
     """
 
     def __init__(self, path: str, provider: str = "cpu", device_id: int = 0, strict: bool = False,
                  params: OrtParams | None = None, profile: dict[str, str] | None = None,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, device: str = "cpu", io_binding: bool = False,
+                 stream: int | None = None):
         self.ort = make_session(path, provider, device_id, strict=strict, params=params, profile=profile,
-                                cache_dir=cache_dir)
+                                cache_dir=cache_dir, stream=stream)
         self.input_name = self.ort.session.get_inputs()[0].name
         self.output_name = self.ort.session.get_outputs()[0].name
+        self.on_gpu = self.ort.execution_provider != "CPUExecutionProvider" and device.startswith("cuda")
+        self.device = device if self.on_gpu else "cpu"
+        self.io_binding = io_binding
+        self.same_stream = self.on_gpu and stream is not None
+        self._out_shapes: dict[tuple, tuple] = {}
 
     def __call__(self, x):
         import numpy as np
         import torch
 
-        y = self.ort.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x.cpu().numpy())})[0]
-        return torch.from_numpy(y)
+        if not self.io_binding:
+            y = self.ort.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x.cpu().numpy())})[0]
+            return torch.from_numpy(y)
+        x = x.to(self.device, torch.float32).contiguous()
+        shape = self._out_shapes.get(tuple(x.shape))
+        out = torch.empty(shape, device=self.device) if shape is not None else None
+        y = run_bound(self.ort.session, self.input_name, x, self.output_name, out, self.same_stream)
+        self._out_shapes[tuple(x.shape)] = tuple(y.shape)
+        return y

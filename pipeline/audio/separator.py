@@ -37,8 +37,12 @@ class SeparatorParams:
     dim_t: int | None = None
     compensation: float | None = None
     sample_rate: int | None = None
-    provider: str = "cpu"
-    """``cpu``, ``cuda`` or ``tensorrt`` (falls back along that chain; see models/onnx_session.py)."""
+    provider: str = "cuda"
+    """On a GPU rank: ``cuda``, ``tensorrt`` or ``cpu`` (falls back along that chain; see models/onnx_session.py).
+    CPU ranks use ``cpu``."""
+    io_binding: bool = True
+    """On a GPU rank the STFT, the model (bound to torch buffers, computing on the separator's own CUDA stream)
+    and the inverse STFT stay on the device; on CPU, the model reads and writes torch's buffers in place."""
     batch_size: int = 4
     """Segments per model call; a short last batch is padded to it, so the model sees one shape."""
     ort: OrtParams = field(default_factory=OrtParams)
@@ -90,12 +94,12 @@ def resolve_spec(input_shape: list, sidecar: dict, params: SeparatorParams) -> S
 class Separator:
     """An MDX-style ONNX separator; ``separate`` returns the model's source (e.g. vocals) for a stereo signal."""
 
-    def __init__(self, model_path: str, sidecar: dict, params: SeparatorParams, device_id: int = 0,
+    def __init__(self, model_path: str, sidecar: dict, params: SeparatorParams, device: str = "cpu",
                  strict: bool = False, cache_dir: str | None = None):
         import functools
 
         from models.circuit_breaker import CircuitBreaker
-        from models.onnx_session import OnnxForward, graph_input, shape_profile
+        from models.onnx_session import OnnxForward, device_index, graph_input, shape_profile
 
         # The layout is read from the file before the session exists (TensorRT needs the profile at build time),
         # then again from the session, which is the authority.
@@ -103,8 +107,17 @@ class Separator:
         spec = resolve_spec(shape, sidecar, params)
         batch = spec.batch_fixed or params.batch_size
         profile = shape_profile({name: [(b, 4, spec.dim_f, spec.dim_t) for b in sorted({1, batch})]})
-        core = OnnxForward(model_path, params.provider, device_id, strict, params.ort, profile, cache_dir)
+        provider = params.provider if device.startswith("cuda") else "cpu"
+        # On a GPU the separator computes on a stream of its own, ORT included (its user compute stream), so its
+        # work is ordered by the stream and neither waits for nor blocks the VAD and feature streams.
+        self.stream = torch.cuda.Stream(device) if provider != "cpu" else None
+        core = OnnxForward(model_path, provider, device_index(device), strict, params.ort, profile, cache_dir,
+                           device, params.io_binding, self.stream.cuda_stream if self.stream is not None else None)
         self.ort = core.ort
+        self.on_gpu = core.on_gpu
+        self.device = core.device
+        if not self.on_gpu:
+            self.stream = None
         # a CUDA failure at run time: no more CUDA in this process, the batch is retried in a CPU subprocess
         self.forward = CircuitBreaker(core, functools.partial(OnnxForward, model_path, "cpu", params=params.ort),
                                       strict)
@@ -114,12 +127,35 @@ class Separator:
         self.batch_size = self.spec.batch_fixed or params.batch_size
         self.window = torch.hann_window(self.spec.n_fft)
         s = self.spec
-        core(torch.zeros(self.batch_size, 4, s.dim_f, s.dim_t))  # start-up self-check on the one batch shape
+        with self._on_stream():  # start-up self-check on the one batch shape
+            core(torch.zeros(self.batch_size, 4, s.dim_f, s.dim_t, device=self.device))
+        self.window_dev = self.window.to(self.device)
+
+    def _on_stream(self):
+        import contextlib
+
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     def _run_segments(self, segs: torch.Tensor) -> torch.Tensor:
-        """``[B, 2, segment]`` -> the model's source ``[B, 2, segment]``."""
+        """``[B, 2, segment]`` -> the model's source ``[B, 2, segment]`` (on the CPU).
+
+        On a GPU everything runs on the separator's stream and the host waits once, for the result; after a CUDA
+        failure (the circuit breaker has tripped) everything runs on the CPU.
+        """
+        from models.circuit_breaker import tripped
+
+        if not self.on_gpu or tripped():
+            return self._segments_on(segs, "cpu", self.window)
+        with torch.cuda.stream(self.stream):
+            wav = self._segments_on(segs.to(self.device, non_blocking=True), self.device, self.window_dev)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        done.synchronize()
+        return wav.cpu()
+
+    def _segments_on(self, segs: torch.Tensor, device: str, window: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        spec = torch.stft(segs.reshape(-1, s.segment), s.n_fft, s.hop, window=self.window, center=True,
+        spec = torch.stft(segs.reshape(-1, s.segment), s.n_fft, s.hop, window=window, center=True,
                           return_complex=True)[:, : s.dim_f]  # [B*2, dim_f, dim_t]
         x = torch.view_as_real(spec).reshape(-1, 2, s.dim_f, s.dim_t, 2).permute(0, 1, 4, 2, 3)
         x = x.reshape(-1, 4, s.dim_f, s.dim_t).contiguous()
@@ -127,11 +163,11 @@ class Separator:
         for i in range(0, len(x), self.batch_size):
             # a short last batch is padded: one shape for the model (rows are independent, padding changes nothing)
             part, n = pad_to_bucket(x[i:i + self.batch_size], (self.batch_size,), dim=0)
-            outs.append(self.forward(part)[:n])
+            outs.append(self.forward(part)[:n].to(device))  # (the CPU subprocess answers on the CPU)
         y = torch.cat(outs).reshape(-1, 2, 2, s.dim_f, s.dim_t).permute(0, 1, 3, 4, 2)
-        full = torch.zeros(y.shape[0], 2, s.n_fft // 2 + 1, s.dim_t, dtype=torch.complex64)
+        full = torch.zeros(y.shape[0], 2, s.n_fft // 2 + 1, s.dim_t, dtype=torch.complex64, device=device)
         full[:, :, : s.dim_f] = torch.view_as_complex(y.contiguous())
-        wav = torch.istft(full.reshape(-1, s.n_fft // 2 + 1, s.dim_t), s.n_fft, s.hop, window=self.window,
+        wav = torch.istft(full.reshape(-1, s.n_fft // 2 + 1, s.dim_t), s.n_fft, s.hop, window=window,
                           center=True, length=s.segment)
         return wav.reshape(-1, 2, s.segment) * s.compensation
 

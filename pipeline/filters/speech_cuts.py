@@ -117,7 +117,7 @@ class SpeechCutsFilter(Filter):
             model = ctx.localize(sep.model_uri, sep.storage_options)
             sidecar = load_sidecar(model, ctx.localize(sep.sidecar_uri, sep.storage_options) if sep.sidecar_uri else None)
             self._separator_key = f"separator:{sep.model_uri}"
-            ctx.pool.add(self._separator_key, lambda device: Separator(model, sidecar, sep, device_id, ctx.strict_gpu,
+            ctx.pool.add(self._separator_key, lambda device: Separator(model, sidecar, sep, device, ctx.strict_gpu,
                                                                        trt_cache),
                          instances=self.params.vad_instances)
             with ctx.pool.acquire(self._separator_key) as built:  # built and warmed up now, not on the first item

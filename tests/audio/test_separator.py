@@ -64,6 +64,18 @@ def test_identity_model_reconstructs_and_chunking_does_not_matter(tmp_path, ster
     assert err < 0.02  # only the dropped Nyquist bin is missing
 
 
+def test_io_binding_on_cpu_buffers_changes_nothing(tmp_path, stereo):
+    path = export(str(tmp_path / "g.onnx"), gain=0.7)
+    bound = Separator(path, SIDE, SeparatorParams(io_binding=True))
+    plain = Separator(path, SIDE, SeparatorParams(io_binding=False))
+    assert bound.forward.primary.io_binding and not plain.forward.primary.io_binding
+    assert bound.ort.execution_provider == "CPUExecutionProvider" and bound.stream is None
+    plans = chunk_schedule(stereo.shape[1] / 16000, 1.0, 0.25, 0.0, 1024, 16000)
+    a, b = bound.separate(stereo, plans), plain.separate(stereo, plans)
+    assert np.abs(a).max() > 0.01 and np.array_equal(a, b)
+    assert bound.forward.primary._out_shapes == {(4, 4, 256, 64): (4, 4, 256, 64)}  # output shape learnt once
+
+
 def test_gain_and_compensation_and_fixed_batch(tmp_path, stereo):
     sep = Separator(export(str(tmp_path / "g.onnx"), gain=0.5, fixed_batch=True), {**SIDE, "compensation": 1.5},
                     SeparatorParams())

@@ -120,3 +120,25 @@ def test_yolo_on_cuda_with_io_binding_equals_cpu(tmp_path):
     assert sum(len(d.xyxy) for d in ref) > 0
     for a, b in zip(got, ref):
         assert len(a.xyxy) == len(b.xyxy) and np.array_equal(a.cls, b.cls) and np.abs(a.xyxy - b.xyxy).max() < 0.5
+
+
+def test_separator_on_its_own_cuda_stream_equals_cpu(tmp_path):
+    """STFT, model (IOBinding, ORT computing on the separator's stream) and inverse STFT on the GPU: the same
+    separation as on the CPU, with torch's default stream left free."""
+    _needs("CUDAExecutionProvider")
+    import numpy as np
+
+    from pipeline.audio.schedule import chunk_schedule
+    from pipeline.audio.separator import Separator, SeparatorParams
+    from tests.audio.test_separator import SIDE, export
+
+    path = export(str(tmp_path / "g.onnx"), gain=0.5)
+    rng = np.random.default_rng(0)
+    stereo = (rng.standard_normal((2, 16000 * 4)) * 0.1).astype(np.float32)
+    plans = chunk_schedule(4.0, 1.0, 0.25, 0.0, 1024, 16000)
+    cpu = Separator(path, SIDE, SeparatorParams()).separate(stereo, plans)
+    sep = Separator(path, SIDE, SeparatorParams(provider="cuda"), "cuda:0", strict=True)
+    assert sep.on_gpu and sep.stream is not None and sep.ort.execution_provider == "CUDAExecutionProvider"
+    opts = sep.ort.session.get_provider_options()["CUDAExecutionProvider"]
+    assert opts.get("user_compute_stream") == str(sep.stream.cuda_stream)
+    assert np.abs(sep.separate(stereo, plans) - cpu).max() < 1e-4

@@ -53,6 +53,10 @@ def test_profile_spans_the_buckets_and_the_options_carry_the_config():
     assert provider_options("CUDAExecutionProvider", params, 1) == {"device_id": "1",
                                                                      "cudnn_conv_algo_search": "HEURISTIC"}
     assert provider_options("CPUExecutionProvider", params, 0) == {}
+    # a compute stream of the caller's (the separator's own CUDA stream) reaches both GPU providers, never the CPU
+    for gpu in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        assert provider_options(gpu, params, 1, stream=94_000_000)["user_compute_stream"] == "94000000"
+    assert provider_options("CPUExecutionProvider", params, 0, stream=94_000_000) == {}
 
 
 def test_graph_input_reads_the_file(conv_model):
