@@ -218,3 +218,31 @@ def test_ultralytics_backend_stays_available_for_onnx(tmp_path, yolo_onnx):
     assert not f.onnx and f.runtime["backend"] == "ultralytics-onnx"
     with f._pool.acquire(f._pool_key) as det:
         assert isinstance(det, YoloDetector)
+
+
+def test_job_runs_the_onnx_model_from_s3_and_the_summary_says_where(tmp_path, media_dir, yolo_onnx, s3, bucket):
+    import pyarrow.parquet as pq
+
+    from pipeline.config import build_config, validate_config
+    from pipeline.distributed import DistContext
+    from pipeline.runner import run_rank
+    from tests.conftest import base_config, make_corpus, write_manifest
+
+    name, fs = bucket
+    fs.put(yolo_onnx, f"{name}/models/regions.onnx")
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 3, kinds=("motion.mp4", "speech.wav"))
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    filters = {"regions": {"type": "yolo_regions", "model_uri": f"s3://{name}/models/regions.onnx",
+                           "storage_options": s3.options(), "imgsz": [128, 160], "conf": 0.05, "step": 5,
+                           "min_persistence": 0.0, "batch_size": 4, "batch_buckets": [1, 4]}}
+    raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"), filters=filters)
+    cfg = build_config(raw)
+    validate_config(cfg)
+    outcome = run_rank(cfg, DistContext())
+    assert outcome.summary["this_run"]["succeeded"] == 3, outcome.summary
+    runtime = {"backend": "onnx", "execution_provider": "CPUExecutionProvider", "io_binding": True,
+               "fallback_reason": None}
+    by_id = {r["video_id"]: r for r in pq.read_table(str(tmp_path / "out" / "parts")).to_pylist()}
+    assert by_id["id-0000"]["regions"]["runtime"] == runtime and by_id["id-0000"]["regions"]["frames"] > 1
+    assert by_id["id-0001"]["regions"] is None  # audio only
+    assert outcome.summary["models"]["regions"] == [{**runtime, "ranks": [0]}]
