@@ -65,7 +65,8 @@ def tiny_yolo(path: str, seed: int = 0, arch: str = "v8/yolov8.yaml") -> str:
     base = os.path.join(os.path.dirname(ultralytics.__file__), "cfg", "models", *arch.split("/"))
     spec = yaml.safe_load(open(base))
     spec["nc"] = len(YOLO_NAMES)
-    yaml_path = os.path.join(os.path.dirname(path), f"tiny-{os.path.basename(arch)}")
+    spec["scale"] = "n"  # the smallest; ultralytics also reads the scale from the file name, so it says n too
+    yaml_path = os.path.join(os.path.dirname(path), f"tiny-{os.path.splitext(os.path.basename(arch))[0]}n.yaml")
     with open(yaml_path, "w") as f:
         yaml.safe_dump(spec, f)
     model = YOLO(yaml_path, task="detect")
@@ -94,7 +95,11 @@ def lively_yolo(path: str, seed: int = 0, arch: str = "v8/yolov8.yaml") -> str:
             net(torch.rand(4, 3, 160, 160))
     net.eval()
     head = net.model[-1]
-    if head.reg_max == 16:  # the YOLOv8 head; YOLO26 regresses each side directly and stays as calibrated
+    if head.reg_max != 16:  # YOLO26: sides regressed directly; only its (one-to-one) class scores lifted
+        with torch.no_grad():
+            for branch in [*head.cv3, *(getattr(head, "one2one_cv3", None) or [])]:
+                branch[-1].bias.fill_(-1.0)
+    else:  # the YOLOv8 head
         with torch.no_grad():
             for branch in head.cv3:  # class scores
                 branch[-1].bias.fill_(-2.0)
