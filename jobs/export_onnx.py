@@ -2,8 +2,9 @@
 """Export the configured torch models to ONNX and check torch against ONNX Runtime on the same inputs.
 
 Video classifiers (``clip_classifier`` filters) are written as ``model.onnx`` inside their model directory (with a
-dynamic batch dimension); YOLO weights (``yolo_regions``) go through ultralytics' own exporter. Prints the largest
-differences. Usage: python jobs/export_onnx.py --config configs/X.yaml [--filters vfx rov] [--opset 17]
+dynamic batch dimension); YOLO weights (``yolo_regions``) go through ultralytics' own exporter, as ``<name>.onnx``
+beside the ``.pt``. A model at a remote URI (S3, any fsspec URL) gets its export uploaded next to it, where every
+node of a job finds it (the report's ``uri``). Prints the largest differences. Usage: python jobs/export_onnx.py --config configs/X.yaml [--filters vfx rov] [--opset 17]
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ def export_yolo(path: str, imgsz, dynamic: bool = True, nms: bool | None = None)
             "max_rel_diff": float((diff / (ref.abs() + 1.0)).max())}
 
 
+def publish(local_file: str, uri: str, storage_options: dict | None) -> str:
+    """Put an exported file at ``uri`` (any fsspec URL) in one piece, so that every node of a job finds it where its
+    config says; returns the URI."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs.put_file(local_file, path)  # one PUT on an object store: the object appears only when complete
+    return uri
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_raw, build_config
     from pipeline.model_pool import localize_model
@@ -85,12 +96,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if spec.type not in ("clip_classifier", "yolo_regions"):
             continue
-        local = localize_model(spec.params["model_uri"], cache, 0, lambda: None, spec.params.get("storage_options"))
+        uri, options = spec.params["model_uri"], spec.params.get("storage_options")
+        local = localize_model(uri, cache, 0, lambda: None, options)
         if spec.type == "clip_classifier":
             report[spec.name] = export_classifier(local, args.opset)
+            target = uri.rstrip("/") + "/model.onnx"  # where `backend: onnx` looks for it
         else:
             imgsz = spec.params.get("imgsz", 960)
             report[spec.name] = export_yolo(local, imgsz if isinstance(imgsz, int) else tuple(imgsz))
+            target = os.path.splitext(uri)[0] + ".onnx"  # set model_uri to it to run it in ONNX Runtime
+        if "://" in uri and not uri.startswith("file://"):  # a remote model: the export goes next to it
+            report[spec.name]["uri"] = publish(report[spec.name]["model"], target, options)
     print(json.dumps(report, indent=2))
     # classifier logits within 1e-3; YOLO boxes are in pixels (up to imgsz), so relative to the value
     bad = [k for k, v in report.items() if v.get("argmax_equal") is False

@@ -141,6 +141,7 @@ def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[
         try:
             os.makedirs(cache_dir, exist_ok=True)
             fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+            fs.invalidate_cache(path)  # fsspec shares one instance per options: its listings may predate the file
             if not fs.exists(path):
                 raise ConfigError(f"model file {uri} does not exist")
             tmp = f"{target}.{uuid.uuid4().hex[:8]}.part"

@@ -111,8 +111,12 @@ class ClipClassifierFilter(VideoFilter):
             from models.onnx_session import ProviderError
 
             onnx_path = os.path.join(local, "model.onnx")
-            if not os.path.exists(onnx_path):
-                raise ConfigError(f"filters.{self.name}: {onnx_path} missing; run jobs/export_onnx.py first")
+            if not os.path.exists(onnx_path):  # a node-local copy made before the export: fetch the file itself
+                onnx_uri = self.params.model_uri.rstrip("/") + "/model.onnx"
+                try:
+                    onnx_path = ctx.localize(onnx_uri, self.params.storage_options)
+                except ConfigError as e:
+                    raise ConfigError(f"filters.{self.name}: {onnx_uri} missing; run jobs/export_onnx.py first") from e
             provider = p.provider if ctx.device.startswith("cuda") else "cpu"
             trt_cache = ctx.engine_cache()
             self._dtype = torch.float32

@@ -18,6 +18,7 @@ from pipeline.filters.base import FilterContext
 from pipeline.media.item import MediaItem
 from pipeline.video.decoders import available_backends
 from tests.video.test_circuit_breaker import Faulty
+from tests.video.test_clip_classifier import clip4s  # noqa: F401 - fixture reused
 from tests.video.test_yolo_regions import _setup, export_yolo_onnx
 from tests.video.tiny_models import YOLO_NAMES, lively_yolo
 
@@ -246,3 +247,49 @@ def test_job_runs_the_onnx_model_from_s3_and_the_summary_says_where(tmp_path, me
     assert by_id["id-0000"]["regions"]["runtime"] == runtime and by_id["id-0000"]["regions"]["frames"] > 1
     assert by_id["id-0001"]["regions"] is None  # audio only
     assert outcome.summary["models"]["regions"] == [{**runtime, "ranks": [0]}]
+
+
+def test_export_publishes_next_to_remote_models_for_every_node(tmp_path, media_dir, clip4s, s3, bucket):  # noqa: F811
+    """jobs/export_onnx.py on models in S3: the exports land next to them, so a node whose cache holds the model
+    from before the export, and a fresh node, both run them in ONNX Runtime."""
+    import yaml
+
+    from tests.conftest import base_config, write_manifest
+    from tests.video.test_clip_classifier import item as clip_item
+    from tests.video.test_clip_classifier import make_filter
+    from tests.video.tiny_models import tiny_videomae
+
+    name, fs = bucket
+    fs.put(tiny_videomae(str(tmp_path / "vfx")), f"{name}/models/vfx", recursive=True)
+    fs.put(lively_yolo(str(tmp_path / "regions.pt")), f"{name}/models/regions.pt")
+    vfx, regions = f"s3://{name}/models/vfx", f"s3://{name}/models/regions.pt"
+    node_b = tmp_path / "b"
+    node_b.mkdir()
+    make_filter(node_b, vfx, s3.options())  # node b caches the model directory before the export
+    raw = base_config(write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "a", "video_path": "a.mp4"}]),
+                      str(tmp_path), str(tmp_path / "out"), str(tmp_path / "export-cache"),
+                      filters={"vfx": {"type": "clip_classifier", "model_uri": vfx, "storage_options": s3.options()},
+                               "regions": {"type": "yolo_regions", "model_uri": regions, "imgsz": 160,
+                                           "storage_options": s3.options()}})
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert export_main(["--config", str(config)]) == 0
+    assert fs.exists(f"{name}/models/vfx/model.onnx") and fs.exists(f"{name}/models/regions.onnx")
+    node_c = tmp_path / "c"
+    node_c.mkdir()
+    for node in (node_b, node_c):
+        f, _ = make_filter(node, vfx, s3.options(), backend="onnx")
+        assert f.apply(clip_item(clip4s, f), FilterContext("cpu", None))["runtime"]["backend"] == "onnx"
+    y = _setup(node_c, f"s3://{name}/models/regions.onnx", s3.options())
+    assert y.onnx and y.runtime["backend"] == "onnx" and y.names == YOLO_NAMES
+
+
+def export_main(argv):
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("export_onnx", f"{ROOT}/jobs/export_onnx.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    return export.main(argv)
