@@ -92,7 +92,8 @@ def input_hw(imgsz) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def letterbox(frames, size, device: str = "cpu") -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def letterbox(frames, size, device: str = "cpu",
+              resize: str | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """RGB uint8 frames (a list of ``[H, W, 3]`` numpy arrays or tensors, any sizes) -> the model input
     ``[B, 3, h, w]`` float32 in [0, 1] on ``device`` (``size``: an int for a square, or ``(h, w)``), and each
     frame's ``(H, W)``.
@@ -100,10 +101,11 @@ def letterbox(frames, size, device: str = "cpu") -> tuple[torch.Tensor, list[tup
     The geometry is ultralytics' ``LetterBox`` with a fixed shape (scale to fit, centre, pad with 114), so boxes
     map back with its ``scale_boxes``. On CPU the resize is cv2's INTER_LINEAR, as in ultralytics (the same pixels,
     and 50x faster than torch's float resize); on a GPU it is bilinear in torch on the device, frames of one size
-    in one call (at most one level from cv2's fixed-point arithmetic).
+    in one call (at most one level from cv2's fixed-point arithmetic). ``resize``: ``cv2`` or ``torch`` instead of
+    that choice.
     """
     th, tw = input_hw(size)
-    on_gpu = torch.device(device).type == "cuda"
+    on_gpu = (resize or ("torch" if torch.device(device).type == "cuda" else "cv2")) == "torch"
     canvas = torch.full((len(frames), 3, th, tw), 114, dtype=torch.uint8, device=device)
     shapes = [(int(f.shape[0]), int(f.shape[1])) for f in frames]
     groups: dict[tuple[int, int], list[int]] = {}
