@@ -4,7 +4,9 @@
 Video classifiers (``clip_classifier`` filters) are written as ``model.onnx`` inside their model directory (with a
 dynamic batch dimension); YOLO weights (``yolo_regions``) go through ultralytics' own exporter, as ``<name>.onnx``
 beside the ``.pt``. A model at a remote URI (S3, any fsspec URL) gets its export uploaded next to it, where every
-node of a job finds it (the report's ``uri``). Prints the largest differences. Usage: python jobs/export_onnx.py --config configs/X.yaml [--filters vfx rov] [--opset 17]
+node of a job finds it (the report's ``uri``). Prints the largest differences.
+
+Usage: python jobs/export_onnx.py --config configs/X.yaml [--filters vfx rov] [--opset 17]
 """
 
 from __future__ import annotations

@@ -207,8 +207,8 @@ def make_session(path: str, provider: str = "cpu", device_id: int = 0, strict: b
     reasons = []
     for i in range(len(chain)):
         wanted = [p for p in chain[i:] if p in available] or ["CPUExecutionProvider"]
-        providers = [(p, provider_options(p, params, device_id, profile, cache_dir, stream)) if p != "CPUExecutionProvider"
-                     else p for p in wanted]
+        providers = [p if p == "CPUExecutionProvider"
+                     else (p, provider_options(p, params, device_id, profile, cache_dir, stream)) for p in wanted]
         try:
             sess = ort.InferenceSession(path, sess_options=opts, providers=providers)
         except Exception as e:  # noqa: BLE001 - a provider that cannot build this model: next in the chain

@@ -92,7 +92,8 @@ class YoloRegionsFilter(VideoFilter):
             raise ConfigError(f"filters.{name}: step and batch_size must be >= 1")
         if not isinstance(params.imgsz, int) and len(params.imgsz) != 2:
             raise ConfigError(f"filters.{name}.imgsz: an integer or [height, width], got {list(params.imgsz)}")
-        self.onnx = params.backend == "onnx" or (params.backend == "auto" and params.model_uri.lower().endswith(".onnx"))
+        self.onnx = params.backend == "onnx" or (params.backend == "auto"
+                                                  and params.model_uri.lower().endswith(".onnx"))
         if self.onnx and params.batch_size > max(params.batch_buckets, default=0):
             raise ConfigError(f"filters.{name}: batch_size {params.batch_size} exceeds the largest batch bucket")
         self.names: dict[int, str] = {}
