@@ -39,10 +39,11 @@ class YoloDetector:
         conf: confidence threshold.
         iou: NMS IoU threshold.
         fp16: half precision (GPU only).
+        max_det: detections kept per frame.
     """
 
     def __init__(self, path: str, device: str = "cpu", imgsz=960, conf: float = 0.25, iou: float = 0.7,
-                 fp16: bool = False):
+                 fp16: bool = False, max_det: int = 300):
         from ultralytics import YOLO
 
         self.model = YOLO(path, task="detect")
@@ -50,6 +51,7 @@ class YoloDetector:
         self.imgsz = imgsz if isinstance(imgsz, int) else list(imgsz)
         self.conf = conf
         self.iou = iou
+        self.max_det = max_det
         self.half = fp16 and device.startswith("cuda")
         self.names: dict[int, str] = dict(self.model.names)
         from ultralytics.cfg import DEFAULT_CFG_DICT
@@ -75,7 +77,8 @@ class YoloDetector:
         converted to the BGR ultralytics expects."""
         bgr = [np.ascontiguousarray(f[..., ::-1]) for f in frames_rgb]
         results = self.model.predict(bgr, imgsz=self.imgsz, conf=self.conf, iou=self.iou, device=self.device,
-                                     classes=classes, verbose=False, batch=len(bgr), **self._precision)
+                                     classes=classes, verbose=False, batch=len(bgr), max_det=self.max_det,
+                                     **self._precision)
         out = []
         for r in results:  # the predictor runs its own copy of the model, on `device` and in FP16 when asked
             b = r.boxes

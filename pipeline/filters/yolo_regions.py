@@ -44,6 +44,8 @@ class YoloRegionsParams:
     rectangle (``[544, 960]`` for 16:9 video: 0.57x the pixels of the square)."""
     conf: float = 0.25
     iou: float = 0.7
+    max_det: int = 300
+    """Detections kept per frame."""
     fp16: bool = True
     """FP16 on GPU."""
     batch_size: int = 16
@@ -88,8 +90,8 @@ class YoloRegionsFilter(VideoFilter):
         super().__init__(name, params)
         if not params.model_uri:
             raise ConfigError(f"filters.{name}.model_uri is required")
-        if params.step < 1 or params.batch_size < 1:
-            raise ConfigError(f"filters.{name}: step and batch_size must be >= 1")
+        if params.step < 1 or params.batch_size < 1 or params.max_det < 1:
+            raise ConfigError(f"filters.{name}: step, batch_size and max_det must be >= 1")
         if not isinstance(params.imgsz, int) and len(params.imgsz) != 2:
             raise ConfigError(f"filters.{name}.imgsz: an integer or [height, width], got {list(params.imgsz)}")
         self.onnx = params.backend == "onnx" or (params.backend == "auto"
@@ -117,10 +119,10 @@ class YoloRegionsFilter(VideoFilter):
 
         def build(device):
             if not self.onnx:
-                return YoloDetector(local, device, p.imgsz, p.conf, p.iou, p.fp16)
+                return YoloDetector(local, device, p.imgsz, p.conf, p.iou, p.fp16, p.max_det)
             try:
                 return OnnxYoloDetector(local, device, p.imgsz, p.conf, p.iou, provider, p.batch_buckets,
-                                        p.io_binding, strict, p.ort, trt_cache)
+                                        p.io_binding, strict, p.ort, trt_cache, p.max_det)
             except ProviderError as e:
                 raise ConfigError(f"filters.{self.name}: strict_gpu: {e}") from e
             except ValueError as e:  # the model does not fit the configuration (input size, batch, metadata)

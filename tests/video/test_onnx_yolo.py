@@ -139,6 +139,16 @@ def test_mixed_sizes_batched_equal_one_at_a_time_with_and_without_io_binding(yol
     assert all(np.array_equal(a.xyxy, b.xyxy) for a, b in zip(tensors, batched))
 
 
+@pytest.mark.parametrize("backend", ["onnx", "ultralytics"])
+def test_max_det_caps_the_detections_per_frame(tmp_path, yolo_onnx, backend):
+    f = _setup(tmp_path, yolo_onnx, backend=backend, conf=0.05, max_det=3)
+    with f._pool.acquire(f._pool_key) as det:
+        got = det.detect(frames_of((120, 160)))
+    assert [len(d.xyxy) for d in got] == [3, 3, 3]
+    with pytest.raises(ConfigError, match="max_det must be >= 1"):
+        _setup(tmp_path, yolo_onnx, max_det=0)
+
+
 def test_classes_filter_the_detections(yolo_onnx):
     frames = frames_of((120, 160))
     det = OnnxYoloDetector(yolo_onnx, imgsz=160, conf=0.25)
