@@ -86,6 +86,21 @@ class YoloDetector:
         return out
 
 
+def check_engine(device: str) -> None:
+    """Refuse a TensorRT ``.engine`` where it cannot run, before ultralytics fails on it deep in a worker: an engine
+    is built for one GPU model and TensorRT version and runs only on a CUDA device with the ``tensorrt`` package
+    (which mediasieve does not install: its wheels are tied to the CUDA stack of the image)."""
+    import importlib.util
+
+    if not device.startswith("cuda"):
+        raise ValueError(f"a TensorRT .engine runs only on a CUDA device, and this rank is {device}; give the "
+                         f"exported .onnx (with provider: tensorrt on GPU ranks) to run on any rank")
+    if importlib.util.find_spec("tensorrt") is None:
+        raise ValueError("a TensorRT .engine needs the tensorrt Python package, which is not installed; install the "
+                         "wheel that matches the image's CUDA and the TensorRT the engine was built with, or give "
+                         "the exported .onnx with provider: tensorrt")
+
+
 def input_hw(imgsz) -> tuple[int, int]:
     """``imgsz`` as the model's input ``(height, width)``: an int is a square, ``[h, w]`` a fixed rectangle (e.g.
     ``[384, 640]`` for a corpus of 16:9 video, 0.6x the pixels of a 640 square)."""

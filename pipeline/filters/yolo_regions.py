@@ -109,10 +109,15 @@ class YoloRegionsFilter(VideoFilter):
         import numpy as np
 
         from models.onnx_session import ProviderError
-        from models.yolo import OnnxYoloDetector, YoloDetector
+        from models.yolo import OnnxYoloDetector, YoloDetector, check_engine
 
-        local = ctx.localize(self.params.model_uri, self.params.storage_options)
         p = self.params
+        if not self.onnx and p.model_uri.lower().endswith(".engine"):
+            try:
+                check_engine(ctx.device)
+            except ValueError as e:
+                raise ConfigError(f"filters.{self.name}: {e}") from e
+        local = ctx.localize(self.params.model_uri, self.params.storage_options)
         strict = p.strict_gpu or ctx.strict_gpu
         provider = p.provider if ctx.device.startswith("cuda") else "cpu"
         trt_cache = ctx.engine_cache() if self.onnx else None

@@ -173,3 +173,17 @@ def export_yolo_onnx(pt: str, imgsz: int, **kwargs) -> str:
     export = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(export)
     return export.export_yolo(pt, imgsz, **kwargs)["model"]
+
+
+def test_a_tensorrt_engine_where_it_cannot_run_is_a_config_error(tmp_path):
+    import importlib.util
+
+    engine = tmp_path / "det.engine"
+    engine.write_bytes(b"\0" * 64)  # never read: the check comes before the model is fetched
+    with pytest.raises(ConfigError, match=r"regions: a TensorRT \.engine runs only on a CUDA device, .* cpu"):
+        _setup(tmp_path, str(engine))
+    assert not (tmp_path / "mc").exists()
+    if importlib.util.find_spec("tensorrt") is None:
+        (f,) = build_filters((FilterSpec("regions", "yolo_regions", True, {"model_uri": str(engine)}),))
+        with pytest.raises(ConfigError, match="needs the tensorrt Python package"):
+            f.setup(SetupContext("cuda:0", ModelPool("cuda:0", instances=1), lambda u, o=None: u))
