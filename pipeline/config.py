@@ -158,7 +158,8 @@ class VideoConfig:
     """Decoder backends in order of preference; the next takes over when one cannot open or decode a file."""
     decode_device: Literal["cpu", "cuda"] = "cpu"
     """``cuda``: NVDEC decode through torchcodec onto the rank's GPU (measure first: CPU is often faster for
-    small resolutions); other backends decode on CPU."""
+    small resolutions). torchcodec is then tried first on GPU ranks, the other backends after it on the CPU, and
+    ``result_info.decode_backend`` reads ``torchcodec-nvdec`` for what NVDEC decoded."""
     max_frames: int = 2048
     """An item whose frame plan needs more frames fails (a hostile file cannot exhaust a worker)."""
     max_pixels: int = 8192 * 4320
@@ -433,6 +434,9 @@ def validate_config(cfg: JobConfig) -> None:
     unknown = [b for b in cfg.video.backends if b not in BACKENDS]
     if unknown or not cfg.video.backends:
         raise ConfigError(f"video.backends: unknown {unknown}; choose from {sorted(BACKENDS)}")
+    if cfg.video.decode_device == "cuda" and "torchcodec" not in cfg.video.backends:
+        raise ConfigError("video.decode_device: cuda decodes with NVDEC through torchcodec, which is not in "
+                          f"video.backends {list(cfg.video.backends)}")
     names = [f.name for f in cfg.filters]
     if len(set(names)) != len(names):
         raise ConfigError(f"filters: duplicate filter names {names}")

@@ -132,9 +132,10 @@ class RankWorkers:
         self.frame_requests = list(dict.fromkeys(r for f in self.filters for r in f.frame_requests()))
         self.backends = []
         if self.frame_requests:
-            from pipeline.video.decoders import available_backends
+            from pipeline.video.decoders import available_backends, backend_order
 
-            self.backends = available_backends(self.cfg.video.backends)
+            nvdec = self.cfg.video.decode_device == "cuda" and self.device.startswith("cuda")
+            self.backends = available_backends(backend_order(self.cfg.video.backends, nvdec))
         self._producers_left = rt.producers
         self._plock = threading.Lock()
 

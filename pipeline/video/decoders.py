@@ -151,15 +151,61 @@ class TorchcodecBackend:
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
                resize: bool) -> torch.Tensor:
+        """On CPU, FFmpeg decodes and resizes. On a GPU, NVDEC decodes at the source size and the frames are resized
+        on the device in slices (so at most a slice of source-size frames is on the GPU at once). When torchcodec
+        cannot decode the stream with NVDEC (codec, profile or bit depth the chip lacks) it decodes on the CPU
+        instead; the frames then come back on the CPU, so that the row does not claim an NVDEC decode."""
         from torchcodec.decoders import VideoDecoder
 
-        transforms = None
-        if resize:
-            from torchcodec.transforms import Resize
+        if not device.startswith("cuda"):
+            transforms = None
+            if resize:
+                from torchcodec.transforms import Resize
 
-            transforms = [Resize(size=(size[1], size[0]))]
-        dec = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", device=device, transforms=transforms)
-        return dec.get_frames_at(indices).data
+                transforms = [Resize(size=(size[1], size[0]))]
+            dec = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", transforms=transforms)
+            return dec.get_frames_at(indices).data
+        dec = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", device=device)
+        parts = []
+        for i in range(0, len(indices), NVDEC_SLICE):
+            frames = dec.get_frames_at(indices[i:i + NVDEC_SLICE]).data
+            parts.append(resize_frames(frames, size) if resize else frames)
+        frames = torch.cat(parts)
+        fallback = getattr(dec, "cpu_fallback", None)
+        if fallback:
+            _log_nvdec_fallback(str(fallback))
+            return frames.cpu()
+        return frames
+
+
+NVDEC_SLICE = 32
+"""Frames decoded by NVDEC per call before they are resized on the device."""
+
+_NVDEC_FALLBACKS: set[str] = set()
+
+
+def _log_nvdec_fallback(status: str) -> None:
+    if status not in _NVDEC_FALLBACKS:  # once per reason per process, not once per item
+        _NVDEC_FALLBACKS.add(status)
+        log.warning("torchcodec decoded on the CPU instead of NVDEC: %s", status)
+
+
+def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` -> uint8 ``[N, h, w, 3]`` for ``size = (w, h)``, on the frames' device: bilinear with
+    antialiasing (a downscale averages like FFmpeg's scaler instead of skipping pixels)."""
+    x = frames.permute(0, 3, 1, 2).float()
+    y = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True,
+                                        align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def backend_order(names: tuple[str, ...], nvdec: bool) -> tuple[str, ...]:
+    """The configured backends in the order they are tried. ``nvdec`` (``video.decode_device: cuda`` on a GPU rank):
+    torchcodec, the backend that decodes with NVDEC, goes first, and the others stay behind it as CPU fallbacks;
+    otherwise decord, the default first, would decode every file on the CPU and NVDEC would never run."""
+    if not nvdec or "torchcodec" not in names:
+        return tuple(names)
+    return ("torchcodec", *[n for n in names if n != "torchcodec"])
 
 
 class PyAVBackend:
@@ -262,7 +308,8 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
         path: local media file.
         requests: the frame requests of every filter that runs on this item.
         backends: instances from ``available_backends``, in order of preference.
-        device: ``cpu``, or ``cuda:N`` for NVDEC decode where the backend supports it (torchcodec).
+        device: ``cpu``, or ``cuda:N`` for NVDEC decode where the backend supports it (torchcodec); the result's
+            ``backend`` is then ``torchcodec-nvdec``, or ``torchcodec`` where torchcodec had to decode on the CPU.
         max_frames: refuse a plan needing more frames (a hostile file cannot exhaust a worker).
         max_pixels: refuse larger frames.
         max_side: decode downscaled so that the long side is at most this (None: source size).
@@ -297,7 +344,8 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
                 frames = _decode_with_timeout(backend, path, plan.indices, size, dev, timeout_s, resize)
             if frames.shape[0] != len(plan.indices):
                 raise DecodeError(f"{backend.name} returned {frames.shape[0]} of {len(plan.indices)} frames")
-            return DecodedVideo(frames, plan, meta, backend.name,
+            label = f"{backend.name}-nvdec" if frames.is_cuda else backend.name  # on the GPU only from NVDEC
+            return DecodedVideo(frames, plan, meta, label,
                                 (meta.width / frames.shape[2], meta.height / frames.shape[1]))
         except DecodeTimeout:
             raise

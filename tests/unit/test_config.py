@@ -121,3 +121,9 @@ def test_cli_strict_gpu_flag_reaches_the_recorded_config(tmp_path, media_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     recorded = json.load(open(tmp_path / "out" / "_config.json"))
     assert recorded["config"]["runtime"]["strict_gpu"] is True
+
+
+def test_nvdec_decode_without_torchcodec_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"NVDEC through torchcodec, which is not in video.backends \['decord'"):
+        load_config(_write(tmp_path, _good(tmp_path)), ["video.decode_device=cuda", "video.backends=[decord, pyav]"])
+    assert load_config(_write(tmp_path, _good(tmp_path)), ["video.decode_device=cuda"]).video.decode_device == "cuda"
