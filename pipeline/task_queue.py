@@ -40,7 +40,8 @@ class BoundedTaskQueue:
                 return True
             except queue.Full:
                 if time.monotonic() - start > self.stall_timeout_s:
-                    raise StallError(f"task queue full for {self.stall_timeout_s:.0f}s: consumers are not taking items")
+                    raise StallError(f"task queue full for {self.stall_timeout_s:.0f}s: consumers are not taking "
+                                     "items") from None
         return False
 
     def get(self, stop: threading.Event, producers_done: Callable[[], bool]) -> Any | None:
@@ -53,7 +54,8 @@ class BoundedTaskQueue:
                 if producers_done() and self._q.empty():
                     return None
                 if time.monotonic() - start > self.stall_timeout_s:
-                    raise StallError(f"task queue empty for {self.stall_timeout_s:.0f}s while producers are running")
+                    raise StallError(f"task queue empty for {self.stall_timeout_s:.0f}s while producers are "
+                                     "running") from None
         return None
 
     def drain(self) -> list[Any]:

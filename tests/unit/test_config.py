@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -31,7 +32,7 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.runtime.consumers == 6 and cfg.runtime.queue_depth == 16 and cfg.model_pool.instances == 6
     assert cfg.input.id_column == "video_id" and cfg.input.path_column == "video_path"
     assert [f.name for f in cfg.enabled_filters] == ["probe"]
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.runtime.producers = 1  # frozen
 
 
