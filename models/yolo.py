@@ -281,7 +281,7 @@ class OnnxYoloDetector:
         kept = nms.non_max_suppression(preds, self.conf, self.iou, classes, max_det=self.max_det,
                                        end2end=self.model.end2end)
         out = []
-        for k, shape in zip(kept, shapes):
+        for k, shape in zip(kept, shapes, strict=True):
             boxes = ops.scale_boxes(self.model.hw, k[:, :4].clone(), shape)
             out.append(Detections(boxes.cpu().numpy(), k[:, 5].cpu().numpy().astype(int), k[:, 4].cpu().numpy()))
         return out

@@ -209,14 +209,14 @@ def run_audio(audios: list[np.ndarray], params: AudioParams, vad_batch: Callable
     if streams:
         outs = gpu_stages([_batch(tensors, b) for b in batches], vad, params.n_fft,
                           params.stft_hop, device, g.inflight_chunks_limit, g.prefetch_pinned_buffers)
-        for b, (probs, mags) in zip(batches, outs):
-            for (fi, ci), prow, mrow in zip(b, probs, mags):
+        for b, (probs, mags) in zip(batches, outs, strict=True):
+            for (fi, ci), prow, mrow in zip(b, probs, mags, strict=True):
                 probs_by_chunk[(fi, ci)] = prow
                 mags_by_chunk[(fi, ci)] = mrow
     else:
         for b in batches:
             out = vad_batch(_batch(tensors, b))
-            for (fi, ci), row in zip(b, out):
+            for (fi, ci), row in zip(b, out, strict=True):
                 probs_by_chunk[(fi, ci)] = row
     for fi, audio in enumerate(audios):
         n = len(audio)

@@ -195,10 +195,10 @@ class ClipClassifierFilter(VideoFilter):
         runtime = self.runtime_now()
         out = {"label": None, "prob": None, "scores": None, "windows": [], "reversed_windows": [],
                "runtime": runtime}
-        for (kind, span), p in zip(kinds, probs):
+        for (kind, span), p in zip(kinds, probs, strict=True):
             k = int(p.argmax())
             if kind == "clip":
-                out.update(label=labels[k], prob=float(p[k]), scores=list(zip(labels, p.tolist())))
+                out.update(label=labels[k], prob=float(p[k]), scores=list(zip(labels, p.tolist(), strict=True)))
             else:
                 key = "windows" if kind == "window" else "reversed_windows"
                 out[key].append({"start_s": span[0], "end_s": span[1], "label": labels[k], "prob": float(p[k])})

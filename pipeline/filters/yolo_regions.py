@@ -174,7 +174,7 @@ class YoloRegionsFilter(VideoFilter):
                 raise GpuFailure(str(e)) from e  # a system failure: the rank stops, the item is redone on a rerun
             for d in dets:
                 per_frame.append([(self.names[int(c)], float(s), tuple(float(v) for v in box))
-                                  for box, c, s in zip(d.xyxy, d.cls, d.conf)])
+                                  for box, c, s in zip(d.xyxy, d.cls, d.conf, strict=True)])
         # detections are in decoded pixels (plus any earlier crop); map them to source pixels
         sx, sy = video.scale
         ox, oy = (video.crop[0], video.crop[1]) if video.crop else (0, 0)
