@@ -133,6 +133,79 @@ class OnnxSileroVAD:
         return self.probs(chunks)
 
 
+def shipped_sequence_path() -> str:
+    """The sequence ONNX Silero VAD (16 kHz) inside the silero-vad package (no download)."""
+    import os
+
+    import silero_vad
+
+    return os.path.join(os.path.dirname(silero_vad.__file__), "data", "silero_vad_16k_sequence.onnx")
+
+
+class SequenceSileroVAD:
+    """The sequence ONNX Silero VAD that the silero-vad package ships (16 kHz), through the session factory.
+
+    It takes a block of frames, each prefixed with the last 64 samples of the frame before, and runs the recurrent
+    state over them inside one ONNX call (its LSTM), where the step model needs one call per 32 ms frame. Its state
+    is a single stream (``[1, 1, 128]``), so the chunks of a batch run one after another, each from a zero state as
+    with the step models, in calls of at most ``max_frames`` frames with the state carried between them. The
+    probabilities equal the TorchScript model's within 1e-4.
+
+    Args:
+        sample_rate: 16000 (the only rate the sequence model takes).
+        provider, device_id, strict, params, cache_dir: as ``OnnxSileroVAD``.
+        max_frames: frames per ONNX call (512: 16 s of audio).
+        path: an ONNX file with the same interface (default: the shipped one).
+    """
+
+    CONTEXT = 64
+
+    def __init__(self, sample_rate: int = 16000, provider: str = "cpu", device_id: int = 0, strict: bool = False,
+                 params=None, max_frames: int = 512, cache_dir: str | None = None, path: str | None = None):
+        from models.onnx_session import make_session, shape_profile
+
+        if sample_rate != 16000:
+            raise ValueError(f"the sequence Silero VAD takes 16000 Hz audio, not {sample_rate}")
+        if max_frames < 1:
+            raise ValueError("max_frames must be >= 1")
+        self.sample_rate = sample_rate
+        self.frame = frame_samples(sample_rate)
+        self.max_frames = max_frames
+        path = path or shipped_sequence_path()
+        width = self.CONTEXT + self.frame
+        profile = shape_profile({"input": [(1, width), (max_frames, width)], "h": [(1, 1, 128)], "c": [(1, 1, 128)]})
+        self.ort = make_session(path, provider, device_id, strict=strict, params=params, profile=profile,
+                                cache_dir=cache_dir)
+        names = {i.name for i in self.ort.session.get_inputs()}
+        if names != {"input", "h", "c"}:
+            raise ValueError(f"{path}: a sequence Silero VAD takes inputs input, h, c; the model has {sorted(names)}")
+        self.probs(torch.zeros(1, self.frame * max_frames))  # start-up self-check at the largest block
+
+    def probs(self, chunks: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
+        """Speech probability per frame for a batch of chunks ``[B, L]``: ``[B, L/frame]`` (on the CPU)."""
+        b, length = chunks.shape
+        if length % self.frame:
+            raise ValueError(f"chunk length {length} is not a multiple of {self.frame}")
+        n = length // self.frame
+        frames = chunks.detach().to("cpu", torch.float32).numpy().reshape(b, n, self.frame)
+        blocks = np.empty((b, n, self.CONTEXT + self.frame), np.float32)
+        blocks[:, :, self.CONTEXT:] = frames
+        blocks[:, 0, :self.CONTEXT] = 0.0  # every chunk starts from silence, as after reset_states()
+        blocks[:, 1:, :self.CONTEXT] = frames[:, :-1, -self.CONTEXT:]
+        out = np.empty((b, n), np.float32)
+        run = self.ort.session.run
+        for row in range(b):
+            h = np.zeros((1, 1, 128), np.float32)
+            c = np.zeros((1, 1, 128), np.float32)
+            for s in range(0, n, self.max_frames):
+                out[row, s:s + self.max_frames], h, c = run(None, {"input": blocks[row, s:s + self.max_frames],
+                                                                   "h": h, "c": c})
+        return torch.from_numpy(out)
+
+    def __call__(self, chunks: torch.Tensor) -> torch.Tensor:
+        return self.probs(chunks)
+
+
 def whole_file_probs(model: SileroVAD, audio: np.ndarray) -> np.ndarray:
     """Frame probabilities of one file in one pass (the reference the chunked run is compared with)."""
     f = model.frame

@@ -18,7 +18,7 @@ from pipeline.audio.decode import decode_audio, resample
 from pipeline.audio.pipeline import AudioParams, run_audio
 from pipeline.audio.schedule import chunk_schedule
 from pipeline.audio.separator import Separator, SeparatorParams, load_sidecar
-from pipeline.audio.vad import OnnxSileroVAD, SileroVAD
+from pipeline.audio.vad import OnnxSileroVAD, SequenceSileroVAD, SileroVAD
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, GpuFailure
 from pipeline.filters.base import RUNTIME, Filter, FilterContext, SetupContext
@@ -36,9 +36,11 @@ class SpeechCutsParams(AudioParams):
     vad_instances: int = 1
     """VAD instances per rank. One batch at a time is fastest: a VAD step is many tiny ops, and two loops at once
     only contend for the cores; the chunks of all concurrent items share that one batch instead."""
-    vad_backend: Literal["torchscript", "onnx"] = "torchscript"
+    vad_backend: Literal["torchscript", "onnx", "onnx_sequence"] = "torchscript"
     """``onnx``: the ONNX Silero VAD that the package ships, through the session factory (provider chain, ``vad_ort``
-    settings, batch buckets). TorchScript measured faster on CPU (bench_vad.py)."""
+    settings, batch buckets), frame by frame like TorchScript. ``onnx_sequence``: the package's sequence ONNX model
+    (16 kHz only), which runs a chunk's frames in one call instead of one call per frame; chunks run one after
+    another. TorchScript, batched across chunks, measured fastest on CPU (bench_vad.py)."""
     vad_provider: Literal["tensorrt", "cuda", "cpu"] = "cuda"
     """ONNX VAD provider on a GPU rank (CPU ranks use ``cpu``)."""
     vad_ort: OrtParams = field(default_factory=OrtParams)
@@ -72,6 +74,9 @@ class SpeechCutsFilter(Filter):
             raise ConfigError(f"filters.{name}.gpu_pipeline.align_hop must be a multiple of 512 and of stft_hop")
         if not 0 <= g.overlap_seconds < g.chunk_seconds:
             raise ConfigError(f"filters.{name}.gpu_pipeline: overlap_seconds must be in [0, chunk_seconds)")
+        if params.vad_backend == "onnx_sequence" and params.sample_rate != 16000:
+            raise ConfigError(f"filters.{name}: vad_backend onnx_sequence takes 16000 Hz audio (sample_rate is "
+                              f"{params.sample_rate}); use torchscript or onnx for 8000")
         if params.separator is not None and not params.separator.model_uri:
             raise ConfigError(f"filters.{name}.separator.model_uri is required when a separator is configured")
         if params.separator is not None and params.separator.provider not in ("cpu", "cuda", "tensorrt"):
@@ -82,17 +87,19 @@ class SpeechCutsFilter(Filter):
         key = self._vad_key = f"silero_vad:{p.vad_backend}:{p.sample_rate}"
         device_id = device_index(ctx.device)
         trt_cache = ctx.engine_cache()
-        if p.vad_backend == "onnx":
+        if p.vad_backend in ("onnx", "onnx_sequence"):
             provider = p.vad_provider if ctx.device.startswith("cuda") else "cpu"
+            if p.vad_backend == "onnx":
+                make = functools.partial(OnnxSileroVAD, batch_buckets=p.vad_batch_buckets)
+            else:
+                make = functools.partial(SequenceSileroVAD)
 
             def build_vad(device):
                 try:
-                    vad = OnnxSileroVAD(p.sample_rate, provider, device_id, ctx.strict_gpu, p.vad_ort,
-                                        p.vad_batch_buckets, trt_cache)
+                    vad = make(p.sample_rate, provider, device_id, ctx.strict_gpu, p.vad_ort, cache_dir=trt_cache)
                 except ProviderError as e:
                     raise ConfigError(f"filters.{self.name}: strict_gpu: {e}") from e
-                cpu = functools.partial(OnnxSileroVAD, p.sample_rate, "cpu", 0, False, p.vad_ort,
-                                        p.vad_batch_buckets)
+                cpu = functools.partial(make, p.sample_rate, "cpu", 0, False, p.vad_ort)
                 breaker = CircuitBreaker(vad, cpu, ctx.strict_gpu)
                 breaker.ort = vad.ort
                 return breaker

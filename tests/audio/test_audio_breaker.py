@@ -71,9 +71,10 @@ def _item(path, f):
     return MediaItem("x", path, 0, f.frame_requests(), VideoConfig(), available_backends(("pyav",)))
 
 
-def test_onnx_vad_and_separator_in_the_filter_move_to_cpu_and_say_so(tmp_path, speech):
+@pytest.mark.parametrize("backend", ["onnx", "onnx_sequence"])
+def test_onnx_vad_and_separator_in_the_filter_move_to_cpu_and_say_so(tmp_path, speech, backend):
     model = export(str(tmp_path / "vocals.onnx"))
-    f = _speech_filter(tmp_path, vad_backend="onnx", separator={"model_uri": model, **SIDE})
+    f = _speech_filter(tmp_path, vad_backend=backend, separator={"model_uri": model, **SIDE})
     want = f.apply(_item(speech, f), FilterContext("cpu", None))
     assert want["vad_runtime"]["execution_provider"] == "CPUExecutionProvider" and want["speech"]
     with f._pool.acquire(f._vad_key) as vad:

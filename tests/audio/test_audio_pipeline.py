@@ -175,7 +175,8 @@ def test_speech_cuts_config_errors():
 
     for params, msg in [({"sample_rate": 22050}, "16000 or 8000"), ({"gpu_pipeline": {"align_hop": 1000}}, "multiple"),
                         ({"gpu_pipeline": {"overlap_seconds": 20}}, "overlap_seconds"),
-                        ({"gpu_pipeline": {"bogus": 1}}, "unknown key")]:
+                        ({"gpu_pipeline": {"bogus": 1}}, "unknown key"),
+                        ({"vad_backend": "onnx_sequence", "sample_rate": 8000}, "onnx_sequence takes 16000 Hz")]:
         with pytest.raises(ConfigError, match=msg):
             validate_filter_specs((FilterSpec("a", "speech_cuts", True, params),))
 
@@ -210,6 +211,38 @@ def test_onnx_vad_through_the_session_factory_matches_torchscript(long_speech, v
         onnx.probs(torch.zeros(1, 1000))
 
 
+def test_sequence_vad_matches_torchscript_and_silero_whole_file(long_speech, vad):
+    """The package's sequence ONNX model through the session factory: per chunk from a zero state, in calls of
+    max_frames frames with the state carried across calls, the same probabilities as the TorchScript step model; the
+    whole file in one row gives silero-vad's own get_speech_timestamps; the pipeline's output unchanged."""
+    from silero_vad import get_speech_timestamps
+
+    from pipeline.audio.vad import SequenceSileroVAD, speech_segments
+
+    seq = SequenceSileroVAD(16000, "cpu", max_frames=100)  # a 250-frame chunk spans three calls
+    assert seq.ort.providers == ["CPUExecutionProvider"] and seq.ort.fallback_reason is None
+    chunks = torch.from_numpy(long_speech[: 3 * 512 * 250].reshape(3, -1).copy())
+    ref = vad.probs(chunks)
+    got = seq.probs(chunks)
+    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-4
+    assert (ref > 0.5).any() and (ref < 0.5).any()  # speech and pauses: the comparison means something
+    n = len(long_speech) // 512 * 512
+    whole = seq.probs(torch.from_numpy(long_speech[:n].copy())[None])[0].numpy()
+    stamps = get_speech_timestamps(torch.from_numpy(long_speech[:n].copy()), vad.model)
+    assert speech_segments(whole, n) == [(s["start"] / 16000, s["end"] / 16000) for s in stamps]
+    a = run_audio([long_speech], AudioParams(), vad.probs)[0]
+    b = run_audio([long_speech], AudioParams(), seq.probs)[0]
+    assert a.speech == b.speech and [c.time_s for c in a.cuts] == [c.time_s for c in b.cuts]
+    with pytest.raises(ValueError, match="multiple of 512"):
+        seq.probs(torch.zeros(1, 1000))
+    with pytest.raises(ValueError, match="takes 16000 Hz"):
+        SequenceSileroVAD(8000)
+    from pipeline.audio.vad import shipped_onnx_path
+
+    with pytest.raises(ValueError, match=r"takes inputs input, h, c; the model has \['input', 'sr', 'state'\]"):
+        SequenceSileroVAD(path=shipped_onnx_path())  # the step model is not a sequence model
+
+
 def test_speech_cuts_with_the_onnx_vad_in_the_job(tmp_path, media_dir):
     import pyarrow.parquet as pq
 
@@ -222,7 +255,8 @@ def test_speech_cuts_with_the_onnx_vad_in_the_job(tmp_path, media_dir):
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
     out, summaries = {}, {}
     for name, params in (("ts", {}), ("onnx", {"vad_backend": "onnx", "vad_ort": {"graph_optimization_level": "basic"},
-                                               "vad_batch_buckets": [2, 8]})):
+                                               "vad_batch_buckets": [2, 8]}),
+                         ("seq", {"vad_backend": "onnx_sequence"})):
         raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / name), str(tmp_path / "cache"),
                           filters={"speech_cuts": params})
         cfg = build_config(raw)
@@ -234,3 +268,5 @@ def test_speech_cuts_with_the_onnx_vad_in_the_job(tmp_path, media_dir):
     assert out["ts"]["vad_runtime"]["backend"] == "torchscript"
     assert summaries["onnx"]["models"]["speech_cuts/vad"][0]["backend"] == "onnx"
     assert out["onnx"]["speech"] == out["ts"]["speech"] and out["onnx"]["cuts"] == out["ts"]["cuts"]
+    assert out["seq"]["vad_runtime"] == out["onnx"]["vad_runtime"]
+    assert out["seq"]["speech"] == out["ts"]["speech"] and out["seq"]["cuts"] == out["ts"]["cuts"]

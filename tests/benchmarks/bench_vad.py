@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Seconds of audio per second, side by side on the same real speech and the same thread count:
 silero-vad's own ``get_speech_timestamps`` (TorchScript, and with its ONNX model), our batched chunked pipeline
-(VAD only, then all stages), and many files at once. Also checks that the outputs agree.
+(VAD only, then all stages, with each VAD backend), silero-vad's sequence ONNX runner on the whole file, and many
+files at once. Also checks that the outputs agree.
 
 Usage: python tests/benchmarks/bench_vad.py [--minutes 10] [--threads 1] [--files 8] [--device cpu|cuda]
 """
@@ -93,8 +94,19 @@ def main() -> int:
 
     onnx_vad = OnnxSileroVAD(16000, "cuda" if args.device.startswith("cuda") else "cpu",
                              params=OrtParams(intra_op_threads=args.threads))
-    timed(f"ours: all stages, ONNX VAD ({onnx_vad.ort.execution_provider})",
+    timed(f"ours: all stages, ONNX VAD ({onnx_vad.ort.execution_provider.replace('ExecutionProvider', '')})",
           lambda: run_audio([audio], params, onnx_vad.probs, device=args.device)[0], seconds)
+    from silero_vad.sequence_vad import get_speech_timestamps_sequence
+
+    from pipeline.audio.vad import SequenceSileroVAD
+
+    seq_ref = load_silero_vad(sequence=True)  # the package's own sequence runner: CPU, one ORT thread
+    torch.set_num_threads(args.threads)
+    timed("silero get_speech_timestamps_sequence", lambda: get_speech_timestamps_sequence(audio, seq_ref), seconds)
+    seq_vad = SequenceSileroVAD(16000, "cuda" if args.device.startswith("cuda") else "cpu",
+                                params=OrtParams(intra_op_threads=args.threads))
+    timed(f"ours: all stages, sequence VAD ({seq_vad.ort.execution_provider.replace('ExecutionProvider', '')})",
+          lambda: run_audio([audio], params, seq_vad.probs, device=args.device)[0], seconds)
     if args.device.startswith("cuda"):
         timed("ours: all stages on CUDA streams", lambda: run_audio([audio], params, vad.probs, device=args.device,
                                                                    vad=vad)[0], seconds)
@@ -115,9 +127,9 @@ def main() -> int:
     onnx_pairs = match(bounds(ref_onnx), ref_b)
     print(f"\nVAD benchmark: {seconds / 60:.1f} min of speech, {args.threads} thread(s), device {args.device}, "
           f"best of {args.repeat}")
-    print(f"{'measure':<48}{'seconds':>9}{'x real time':>13}")
+    print(f"{'measure':<52}{'seconds':>9}{'x real time':>13}")
     for label, dt, speed in rows:
-        print(f"{label:<48}{dt:>9.2f}{speed:>12.0f}x")
+        print(f"{label:<52}{dt:>9.2f}{speed:>12.0f}x")
     ts, on = rows[0][2], rows[1][2]
     print(f"ours all stages vs TorchScript reference: {rows[3][2] / ts:.1f}x; vs ONNX reference: {rows[3][2] / on:.1f}x "
           "(targets 5x and 2x)")
