@@ -86,6 +86,16 @@ def test_onnx_vad_on_cuda_equals_torchscript():
     assert (onnx.probs(x) - SileroVAD().probs(x)).abs().max() < 1e-3
 
 
+def test_sequence_vad_on_cuda_equals_torchscript():
+    _needs("CUDAExecutionProvider")
+    from pipeline.audio.vad import SequenceSileroVAD, SileroVAD
+
+    seq = SequenceSileroVAD(16000, "cuda", strict=True, max_frames=16)
+    assert seq.ort.execution_provider == "CUDAExecutionProvider"
+    x = torch.randn(3, 512 * 40) * 0.1
+    assert (seq.probs(x) - SileroVAD().probs(x)).abs().max() < 1e-3
+
+
 def test_bucketed_head_on_cuda_padded_equals_native(tmp_path):
     _needs("CUDAExecutionProvider")
     from models.onnx_classifier import OnnxHead, export_head
