@@ -237,3 +237,40 @@ def test_device_resize_matches_ffmpegs_scaler(clips):
         ours = resize_frames(src.frames, size)
         assert ours.shape == ffmpeg.frames.shape and ours.dtype == torch.uint8
         assert (ours.float() - ffmpeg.frames.float()).abs().mean() < bound, max_side
+
+
+def test_nvdec_path_slices_resizes_and_owns_up_to_a_cpu_fallback(clips, monkeypatch, caplog):
+    """torchcodec's NVDEC branch with the decoder forced onto the CPU (no GPU here) and reporting what torchcodec
+    reports when NVDEC cannot take a stream: frames decoded in slices and resized like the CPU path, returned on the
+    CPU, labelled ``torchcodec`` rather than ``torchcodec-nvdec``, and the reason logged once per process."""
+    import logging
+
+    import torchcodec.decoders
+
+    import pipeline.video.decoders as dec
+
+    real = torchcodec.decoders.VideoDecoder
+
+    class NoNvdec(real):
+        def __init__(self, path, **kw):
+            device = kw.pop("device", None)  # None: the metadata read, on the CPU
+            assert device is None or (device.startswith("cuda") and "transforms" not in kw)  # resized after decode
+            super().__init__(path, **kw)
+
+        @property
+        def cpu_fallback(self):
+            return "CPU fallback: video not supported by NVDEC"
+
+    monkeypatch.setattr(torchcodec.decoders, "VideoDecoder", NoNvdec)
+    monkeypatch.setattr(dec, "NVDEC_SLICE", 3)  # 8 frames in 3 slices
+    monkeypatch.setattr(dec, "_NVDEC_FALLBACKS", set())
+    (backend,) = available_backends(("torchcodec",))
+    with caplog.at_level(logging.WARNING, logger="pipeline.video.decoders"):
+        got = [decode_video(clips["h264"], [Uniform(8)], [backend], device="cuda:0", max_side=160) for _ in range(2)]
+    monkeypatch.setattr(torchcodec.decoders, "VideoDecoder", real)
+    ref = decode_video(clips["h264"], [Uniform(8)], [backend])
+    for v in got:
+        assert v.backend == "torchcodec" and v.frames.device.type == "cpu" and v.frames.shape == (8, 120, 160, 3)
+        assert torch.equal(v.frames, resize_frames(ref.frames, (160, 120)))
+    assert [r.getMessage() for r in caplog.records].count(
+        "torchcodec decoded on the CPU instead of NVDEC: CPU fallback: video not supported by NVDEC") == 1
