@@ -166,9 +166,11 @@ class TorchcodecBackend:
             dec = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", transforms=transforms)
             return dec.get_frames_at(indices).data
         dec = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", device=device)
+        m = dec.metadata
+        per_call = max(1, min(NVDEC_SLICE, NVDEC_SLICE_BYTES // max(1, int(m.width or 1) * int(m.height or 1) * 3)))
         parts = []
-        for i in range(0, len(indices), NVDEC_SLICE):
-            frames = dec.get_frames_at(indices[i:i + NVDEC_SLICE]).data
+        for i in range(0, len(indices), per_call):
+            frames = dec.get_frames_at(indices[i:i + per_call]).data
             parts.append(resize_frames(frames, size) if resize else frames)
         frames = torch.cat(parts)
         fallback = getattr(dec, "cpu_fallback", None)
@@ -179,7 +181,11 @@ class TorchcodecBackend:
 
 
 NVDEC_SLICE = 32
-"""Frames decoded by NVDEC per call before they are resized on the device."""
+"""Frames decoded by NVDEC per call before they are resized on the device ..."""
+NVDEC_SLICE_BYTES = 512 << 20
+"""... and fewer where that many source-size frames would pass this (8 of 8K, 85 of 1080p)."""
+RESIZE_FLOAT_BYTES = 256 << 20
+"""The float copy a resize makes at once (frames resized in groups under this)."""
 
 _NVDEC_FALLBACKS: set[str] = set()
 
@@ -193,10 +199,15 @@ def _log_nvdec_fallback(status: str) -> None:
 def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """uint8 ``[N, H, W, 3]`` -> uint8 ``[N, h, w, 3]`` for ``size = (w, h)``, on the frames' device: bilinear with
     antialiasing (a downscale averages like FFmpeg's scaler instead of skipping pixels)."""
-    x = frames.permute(0, 3, 1, 2).float()
-    y = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True,
-                                        align_corners=False)
-    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    n, h, w, _ = frames.shape
+    group = max(1, RESIZE_FLOAT_BYTES // max(1, h * w * 3 * 4))  # a float copy of a 4K slice would be gigabytes
+    out = []
+    for i in range(0, n, group):
+        x = frames[i:i + group].permute(0, 3, 1, 2).float()
+        y = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True,
+                                            align_corners=False)
+        out.append(y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+    return torch.cat(out).contiguous() if out else frames.new_empty((0, size[1], size[0], 3))
 
 
 def backend_order(names: tuple[str, ...], nvdec: bool) -> tuple[str, ...]:
