@@ -6,22 +6,31 @@ import torch
 import torch.nn.functional as F
 
 
+FLOAT_BYTES = 256 << 20
+"""Source-size frames are converted to float this many bytes at a time (48 frames of 4K would be 4.8 GB)."""
+
+
 def clips_to_input(frames: torch.Tensor, size: int, mean: list[float], std: list[float], device: str,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 clips ``[B, T, H, W, 3]`` -> normalised ``[B, T, 3, size, size]`` on ``device``.
 
-    The uint8 tensor is moved first (4x fewer bytes than float), then the short side is resized to ``size``
-    (antialiased) and the centre cropped square.
+    The uint8 tensor is moved first (4x fewer bytes than float), then, a group of frames at a time (so the float
+    copy at source size stays under ``FLOAT_BYTES``), the short side is resized to ``size`` (antialiased) and the
+    centre cropped square.
     """
     b, t, h, w, _ = frames.shape
-    x = frames.to(device, non_blocking=True).reshape(b * t, h, w, 3).permute(0, 3, 1, 2).float()
+    src = frames.to(device, non_blocking=True).reshape(b * t, h, w, 3)
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     top, left = (nh - size) // 2, (nw - size) // 2
-    x = x[:, :, top:top + size, left:left + size] / 255.0
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    x = ((x - m) / s).to(dtype)
-    return x.reshape(b, t, 3, size, size)
+    m = torch.tensor(mean, device=src.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=src.device).view(1, 3, 1, 1)
+    out = torch.empty(b * t, 3, size, size, dtype=dtype, device=src.device)
+    group = max(1, FLOAT_BYTES // max(1, h * w * 3 * 4))
+    for i in range(0, b * t, group):
+        x = src[i:i + group].permute(0, 3, 1, 2).float()
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        x = x[:, :, top:top + size, left:left + size] / 255.0
+        out[i:i + group] = ((x - m) / s).to(dtype)
+    return out.reshape(b, t, 3, size, size)
