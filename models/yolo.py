@@ -101,6 +101,10 @@ def check_engine(device: str) -> None:
                          "the exported .onnx with provider: tensorrt")
 
 
+FLOAT_BYTES = 256 << 20
+"""The GPU letterbox converts source-size frames to float this many bytes at a time."""
+
+
 def input_hw(imgsz) -> tuple[int, int]:
     """``imgsz`` as the model's input ``(height, width)``: an int is a square, ``[h, w]`` a fixed rectangle (e.g.
     ``[384, 640]`` for a corpus of 16:9 video, 0.6x the pixels of a 640 square)."""
@@ -134,12 +138,16 @@ def letterbox(frames, size, device: str = "cpu",
         nw, nh = max(round(w * r), 1), max(round(h * r), 1)
         top, left = round((th - nh) / 2 - 0.1), round((tw - nw) / 2 - 0.1)
         if on_gpu:
-            x = torch.stack([torch.as_tensor(frames[i]) for i in idx]).to(device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2)
-            if (nw, nh) != (w, h):
-                x = torch.nn.functional.interpolate(x.float(), size=(nh, nw), mode="bilinear", align_corners=False)
-                x = x.round_().clamp_(0, 255).to(torch.uint8)
-            canvas[idx, :, top:top + nh, left:left + nw] = x
+            group = max(1, FLOAT_BYTES // (h * w * 3 * 4))  # bounds the float copy of source-size frames
+            for g in range(0, len(idx), group):
+                part = idx[g:g + group]
+                x = torch.stack([torch.as_tensor(frames[i]) for i in part]).to(device, non_blocking=True)
+                x = x.permute(0, 3, 1, 2)
+                if (nw, nh) != (w, h):
+                    x = torch.nn.functional.interpolate(x.float(), size=(nh, nw), mode="bilinear",
+                                                        align_corners=False)
+                    x = x.round_().clamp_(0, 255).to(torch.uint8)
+                canvas[part, :, top:top + nh, left:left + nw] = x
             continue
         import cv2
 

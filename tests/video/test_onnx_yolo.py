@@ -111,6 +111,16 @@ def test_the_gpu_letterbox_is_within_a_level_of_cv2(shape, device):
     assert diff.max() <= 1 + 1e-3 and diff.mean() < 0.15
 
 
+def test_the_gpu_letterbox_in_memory_bounded_groups_changes_nothing(monkeypatch):
+    import models.yolo as yolo
+
+    frames = [torch.from_numpy(f) for f in frames_of((120, 160), n=5)] + [torch.from_numpy(frames_of((90, 100))[0])]
+    whole, shapes = letterbox(frames, (96, 160), resize="torch")
+    monkeypatch.setattr(yolo, "FLOAT_BYTES", 120 * 160 * 3 * 4 * 2)  # two source frames at a time
+    grouped, shapes2 = letterbox(frames, (96, 160), resize="torch")
+    assert torch.equal(grouped, whole) and shapes2 == shapes
+
+
 @pytest.mark.parametrize("arch,nms", [("26/yolo26.yaml", False), ("v8/yolov8.yaml", True)])
 def test_post_nms_exports_nms_free_and_embedded(tmp_path, arch, nms):
     """Exports whose output is already detections ``[B, max_det, 6]``: YOLO26's NMS-free head (``nms=False``) and
