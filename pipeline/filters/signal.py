@@ -19,10 +19,25 @@ from pipeline.video.sampling import AtFps, Uniform
 BOX = pa.struct([("x", pa.int32()), ("y", pa.int32()), ("w", pa.int32()), ("h", pa.int32())])
 
 
+LUMA_FLOAT_BYTES = 256 << 20
+"""RGB frames are converted to float this many bytes at a time (64 frames of 4K would be 6 GB at once)."""
+
+
 def luma(frames: torch.Tensor, device: str) -> torch.Tensor:
     """uint8 ``[N, H, W, 3]`` RGB -> float32 ``[N, H, W]`` luma in 0..255 (BT.601 weights) on ``device``."""
-    f = frames.to(device, non_blocking=True).float()
-    return f[..., 0] * 0.299 + f[..., 1] * 0.587 + f[..., 2] * 0.114
+    out = torch.empty(frames.shape[:3], dtype=torch.float32, device=device)
+    group = max(1, LUMA_FLOAT_BYTES // max(1, frames[:1].numel() * 4))
+    for i in range(0, frames.shape[0], group):
+        f = frames[i:i + group].to(device, non_blocking=True).float()
+        out[i:i + group] = f[..., 0] * 0.299 + f[..., 1] * 0.587 + f[..., 2] * 0.114
+    return out
+
+
+def frames_content_box(frames: torch.Tensor, device: str, threshold: float,
+                       min_fraction: float) -> tuple[int, int, int, int]:
+    """``content_box`` of uint8 RGB frames: rows measured on every 4th column and columns on every 4th row, so each
+    axis keeps its full resolution for a quarter of the pixels each."""
+    return content_box(luma(frames[:, :, ::4], device), threshold, min_fraction, luma(frames[:, ::4, :], device))
 
 
 def subsample(frames: torch.Tensor, max_side: int = 256) -> torch.Tensor:
@@ -77,9 +92,7 @@ class BlackBorderFilter(VideoFilter):
 
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         frames = video.view(Uniform(self.params.frames))
-        y = luma(frames[:, :, ::4], ctx.device)  # full row resolution
-        x0, y0, w, h = content_box(y, self.params.threshold, self.params.min_fraction,
-                                   luma(frames[:, ::4, :], ctx.device))  # full column resolution
+        x0, y0, w, h = frames_content_box(frames, ctx.device, self.params.threshold, self.params.min_fraction)
         sx, sy = video.scale
         W, H = video.meta.width, video.meta.height
         crop = {"x": round(x0 * sx), "y": round(y0 * sy), "w": round(w * sx), "h": round(h * sy)}
