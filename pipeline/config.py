@@ -164,6 +164,9 @@ class VideoConfig:
     """An item whose frame plan needs more frames fails (a hostile file cannot exhaust a worker)."""
     max_pixels: int = 8192 * 4320
     """Frames larger than this fail the item."""
+    max_decoded_bytes: int = 8 << 30
+    """An item whose decoded frames (count x width x height x 3, after ``decode_max_side``) would pass this fails
+    before decoding: the two caps above alone allow 2048 frames of 8K, 200 GB."""
     decode_max_side: int | None = None
     """Decode downscaled so the long side is at most this (None: source size); outputs stay in source pixels."""
     decode_timeout_s: float = 120.0

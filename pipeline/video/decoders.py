@@ -312,7 +312,7 @@ def _decode_with_timeout(backend, path: str, indices: list[int], size: tuple[int
 
 def decode_video(path: str, requests: list[FrameRequest], backends: list[object], *, device: str = "cpu",
                  max_frames: int = 2048, max_pixels: int = 8192 * 4320, max_side: int | None = None,
-                 timeout_s: float = 120.0) -> DecodedVideo:
+                 timeout_s: float = 120.0, max_bytes: int = 8 << 30) -> DecodedVideo:
     """Decode the union of ``requests`` once, trying each backend until one succeeds.
 
     Args:
@@ -324,6 +324,7 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
         max_frames: refuse a plan needing more frames (a hostile file cannot exhaust a worker).
         max_pixels: refuse larger frames.
         max_side: decode downscaled so that the long side is at most this (None: source size).
+        max_bytes: refuse a plan whose decoded frames would take more memory than this.
         timeout_s: per-backend decode limit; past it the item fails with DecodeTimeout (the decode thread is left
             to finish in the background, bounded by the caps above).
 
@@ -345,6 +346,11 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
             if len(plan.indices) > max_frames:
                 raise DecodeError(f"frame plan needs {len(plan.indices)} frames, over video.max_frames={max_frames}")
             size = _decode_size(meta.width, meta.height, max_side)
+            need = len(plan.indices) * size[0] * size[1] * 3
+            if need > max_bytes:
+                raise DecodeError(f"{len(plan.indices)} frames of {size[0]}x{size[1]} would take "
+                                  f"{need / 2**30:.1f} GiB, over video.max_decoded_bytes={max_bytes / 2**30:.1f} "
+                                  "GiB (set video.decode_max_side to decode smaller)")
             resize = size != (meta.width, meta.height)
             dev = device if backend.name == "torchcodec" else "cpu"
             try:

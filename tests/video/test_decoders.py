@@ -128,6 +128,10 @@ def test_caps_refuse_hostile_plans(clips):
         decode_video(clips["h264"], [EveryK(1)], b, max_frames=10)
     with pytest.raises(DecodeError, match="max_pixels"):
         decode_video(clips["h264"], [Uniform(2)], b, max_pixels=320 * 239)
+    with pytest.raises(DecodeError, match=r"10 frames of 320x240 would take 0.0 GiB, over video.max_decoded_bytes"):
+        decode_video(clips["h264"], [Uniform(10)], b, max_bytes=10 * 320 * 240 * 3 - 1)
+    small = decode_video(clips["h264"], [Uniform(10)], b, max_bytes=10 * 320 * 240 * 3 - 1, max_side=160)
+    assert small.frames.shape == (10, 120, 160, 3)  # decoding smaller fits under the same cap
 
 
 def test_decode_timeout(clips):
