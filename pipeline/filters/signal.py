@@ -25,12 +25,17 @@ LUMA_FLOAT_BYTES = 256 << 20
 
 def luma(frames: torch.Tensor, device: str) -> torch.Tensor:
     """uint8 ``[N, H, W, 3]`` RGB -> float32 ``[N, H, W]`` luma in 0..255 (BT.601 weights) on ``device``."""
-    out = torch.empty(frames.shape[:3], dtype=torch.float32, device=device)
     group = max(1, LUMA_FLOAT_BYTES // max(1, frames[:1].numel() * 4))
+    if frames.shape[0] <= group:  # the usual case: one pass, no copy into an output buffer
+        return _luma(frames.to(device, non_blocking=True).float())
+    out = torch.empty(frames.shape[:3], dtype=torch.float32, device=device)
     for i in range(0, frames.shape[0], group):
-        f = frames[i:i + group].to(device, non_blocking=True).float()
-        out[i:i + group] = f[..., 0] * 0.299 + f[..., 1] * 0.587 + f[..., 2] * 0.114
+        out[i:i + group] = _luma(frames[i:i + group].to(device, non_blocking=True).float())
     return out
+
+
+def _luma(f: torch.Tensor) -> torch.Tensor:
+    return f[..., 0] * 0.299 + f[..., 1] * 0.587 + f[..., 2] * 0.114
 
 
 def frames_content_box(frames: torch.Tensor, device: str, threshold: float,
