@@ -63,6 +63,10 @@ class ClipClassifierParams:
     """ONNX Runtime settings: graph optimisation, cuDNN search, TensorRT FP16, engine cache, workspace."""
 
 
+STACK_BYTES = 256 << 20
+"""Source-size clips are stacked and converted to model input this many bytes at a time."""
+
+
 class ClipClassifierFilter(VideoFilter):
     """Softmax label and probability per clip, window and reversed window."""
 
@@ -165,10 +169,20 @@ class ClipClassifierFilter(VideoFilter):
         reqs = [self._whole()] if self.params.whole_clip else []
         return reqs + ([self._windows()] if self.params.window_s else [])
 
-    def classify(self, clips: torch.Tensor) -> torch.Tensor:
-        """uint8 clips ``[B, T, H, W, 3]`` -> class probabilities ``[B, L]`` (batched with other items' clips)."""
-        x = clips_to_input(clips, self.head["image_size"], self.head["mean"], self.head["std"], self._device,
-                           self._dtype)
+    def classify(self, clips) -> torch.Tensor:
+        """uint8 clips (``[B, T, H, W, 3]``, or a list of ``[T, H, W, 3]``) -> class probabilities ``[B, L]``
+        (batched with other items' clips).
+
+        Clips become model input a few at a time: overlapping windows and reversed windows are views of the same
+        decoded frames, and stacking them all at source size would copy every frame once per window that holds it.
+        """
+        group = max(1, STACK_BYTES // max(1, clips[0].numel()))
+        parts = []
+        for i in range(0, len(clips), group):
+            some = clips[i:i + group]
+            parts.append(clips_to_input(some if torch.is_tensor(some) else torch.stack(some), self.head["image_size"],
+                                        self.head["mean"], self.head["std"], self._device, self._dtype))
+        x = torch.cat(parts)
         try:
             return self._batcher(x)
         except CudaCircuitOpen as e:
@@ -191,7 +205,7 @@ class ClipClassifierFilter(VideoFilter):
                 if self.params.reversed_windows:
                     clips.append(frames.flip(0))
                     kinds.append(("reversed", span))
-        probs = self.classify(torch.stack(clips))
+        probs = self.classify(clips)
         runtime = self.runtime_now()
         out = {"label": None, "prob": None, "scores": None, "windows": [], "reversed_windows": [],
                "runtime": runtime}

@@ -76,6 +76,16 @@ def test_batched_equals_one_at_a_time(tmp_path, pooling, depth):
     assert not torch.allclose(batched[0], batched[1], atol=1e-3)  # inputs differ, so do outputs
 
 
+def test_clips_become_model_input_in_memory_bounded_groups(tmp_path, monkeypatch):
+    import pipeline.filters.clip_classifier as cc
+
+    f, _ = make_filter(tmp_path, tiny_videomae(str(tmp_path / "m")), batch_size=8)
+    clips = torch.randint(0, 256, (5, 4, 40, 48, 3), dtype=torch.uint8)
+    whole = f.classify(clips)
+    monkeypatch.setattr(cc, "STACK_BYTES", 2 * 4 * 40 * 48 * 3)  # two clips stacked at a time
+    assert torch.allclose(f.classify(list(clips)), whole, atol=1e-6)  # a list of views, as apply_video passes
+
+
 def test_concurrent_items_share_batches(tmp_path):
     f, _ = make_filter(tmp_path, tiny_videomae(str(tmp_path / "m")), batch_size=8, max_wait_ms=50)
     clips = torch.randint(0, 256, (8, 4, 32, 32, 3), dtype=torch.uint8)
