@@ -14,6 +14,7 @@ import torch
 
 from models.masking import pad_to_bucket
 from models.onnx_session import OrtParams, device_index, graph_input, make_session, run_bound, shape_profile
+from pipeline.video.preprocess import per_group
 
 os.environ.setdefault("YOLO_OFFLINE", "true")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
@@ -101,10 +102,6 @@ def check_engine(device: str) -> None:
                          "the exported .onnx with provider: tensorrt")
 
 
-FLOAT_BYTES = 256 << 20
-"""The GPU letterbox converts source-size frames to float this many bytes at a time."""
-
-
 def input_hw(imgsz) -> tuple[int, int]:
     """``imgsz`` as the model's input ``(height, width)``: an int is a square, ``[h, w]`` a fixed rectangle (e.g.
     ``[384, 640]`` for a corpus of 16:9 video, 0.6x the pixels of a 640 square)."""
@@ -138,7 +135,7 @@ def letterbox(frames, size, device: str = "cpu",
         nw, nh = max(round(w * r), 1), max(round(h * r), 1)
         top, left = round((th - nh) / 2 - 0.1), round((tw - nw) / 2 - 0.1)
         if on_gpu:
-            group = max(1, FLOAT_BYTES // (h * w * 3 * 4))  # bounds the float copy of source-size frames
+            group = per_group(h * w * 3 * 4)  # bounds the float copy of source-size frames
             for g in range(0, len(idx), group):
                 part = idx[g:g + group]
                 x = torch.stack([torch.as_tensor(frames[i]) for i in part]).to(device, non_blocking=True)

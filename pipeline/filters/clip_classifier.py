@@ -19,7 +19,7 @@ from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, GpuFailure
 from pipeline.filters.base import RUNTIME, FilterContext, SetupContext, VideoFilter
 from pipeline.media.item import MediaItem
-from pipeline.video.preprocess import clips_to_input
+from pipeline.video.preprocess import clips_to_input, per_group
 from pipeline.video.sampling import Uniform, Windows, window_bounds
 
 WINDOW = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("label", pa.string()), ("prob", pa.float32())])
@@ -61,10 +61,6 @@ class ClipClassifierParams:
     """Batch sizes the ONNX model is warmed up on; batches are padded to the next bucket."""
     ort: OrtParams = field(default_factory=OrtParams)
     """ONNX Runtime settings: graph optimisation, cuDNN search, TensorRT FP16, engine cache, workspace."""
-
-
-STACK_BYTES = 256 << 20
-"""Source-size clips are stacked and converted to model input this many bytes at a time."""
 
 
 class ClipClassifierFilter(VideoFilter):
@@ -176,7 +172,7 @@ class ClipClassifierFilter(VideoFilter):
         Clips become model input a few at a time: overlapping windows and reversed windows are views of the same
         decoded frames, and stacking them all at source size would copy every frame once per window that holds it.
         """
-        group = max(1, STACK_BYTES // max(1, clips[0].numel()))
+        group = per_group(clips[0].numel())
         parts = []
         for i in range(0, len(clips), group):
             some = clips[i:i + group]

@@ -14,18 +14,15 @@ import torch.nn.functional as F
 
 from pipeline.filters.base import FilterContext, VideoFilter
 from pipeline.media.item import MediaItem
+from pipeline.video.preprocess import per_group
 from pipeline.video.sampling import AtFps, Uniform
 
 BOX = pa.struct([("x", pa.int32()), ("y", pa.int32()), ("w", pa.int32()), ("h", pa.int32())])
 
 
-LUMA_FLOAT_BYTES = 256 << 20
-"""RGB frames are converted to float this many bytes at a time (64 frames of 4K would be 6 GB at once)."""
-
-
 def luma(frames: torch.Tensor, device: str) -> torch.Tensor:
     """uint8 ``[N, H, W, 3]`` RGB -> float32 ``[N, H, W]`` luma in 0..255 (BT.601 weights) on ``device``."""
-    group = max(1, LUMA_FLOAT_BYTES // max(1, frames[:1].numel() * 4))
+    group = per_group(frames[:1].numel() * 4)  # float RGB: 64 frames of 4K would be 6 GB at once
     if frames.shape[0] <= group:  # the usual case: one pass, no copy into an output buffer
         return _luma(frames.to(device, non_blocking=True).float())
     out = torch.empty(frames.shape[:3], dtype=torch.float32, device=device)

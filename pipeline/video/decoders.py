@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DecodeError, DecodeTimeout
+from pipeline.video.preprocess import per_group
 from pipeline.video.sampling import FramePlan, FrameRequest, make_plan, variable_rate
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class TorchcodecBackend:
             return dec.get_frames_at(indices).data
         dec = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", device=device)
         m = dec.metadata
-        per_call = max(1, min(NVDEC_SLICE, NVDEC_SLICE_BYTES // max(1, int(m.width or 1) * int(m.height or 1) * 3)))
+        per_call = min(NVDEC_SLICE, per_group(int(m.width or 1) * int(m.height or 1) * 3, NVDEC_SLICE_BYTES))
         parts = []
         for i in range(0, len(indices), per_call):
             frames = dec.get_frames_at(indices[i:i + per_call]).data
@@ -184,8 +185,6 @@ NVDEC_SLICE = 32
 """Frames decoded by NVDEC per call before they are resized on the device ..."""
 NVDEC_SLICE_BYTES = 512 << 20
 """... and fewer where that many source-size frames would pass this (8 of 8K, 85 of 1080p)."""
-RESIZE_FLOAT_BYTES = 256 << 20
-"""The float copy a resize makes at once (frames resized in groups under this)."""
 
 _NVDEC_FALLBACKS: set[str] = set()
 
@@ -200,7 +199,7 @@ def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """uint8 ``[N, H, W, 3]`` -> uint8 ``[N, h, w, 3]`` for ``size = (w, h)``, on the frames' device: bilinear with
     antialiasing (a downscale averages like FFmpeg's scaler instead of skipping pixels)."""
     n, h, w, _ = frames.shape
-    group = max(1, RESIZE_FLOAT_BYTES // max(1, h * w * 3 * 4))  # a float copy of a 4K slice would be gigabytes
+    group = per_group(h * w * 3 * 4)  # a float copy of a 4K slice would be gigabytes
     out = []
     for i in range(0, n, group):
         x = frames[i:i + group].permute(0, 3, 1, 2).float()

@@ -6,8 +6,14 @@ import torch
 import torch.nn.functional as F
 
 
-FLOAT_BYTES = 256 << 20
-"""Source-size frames are converted to float this many bytes at a time (48 frames of 4K would be 4.8 GB)."""
+GROUP_BYTES = 256 << 20
+"""Transient copies of source-size frames (float conversions, uint8 stacks) are made this many bytes at a time:
+48 frames of 4K are 4.8 GB as float."""
+
+
+def per_group(item_bytes: int, budget: int | None = None) -> int:
+    """How many items of ``item_bytes`` one group holds under ``budget`` (default ``GROUP_BYTES``); at least one."""
+    return max(1, (GROUP_BYTES if budget is None else budget) // max(1, item_bytes))
 
 
 def clips_to_input(frames: torch.Tensor, size: int, mean: list[float], std: list[float], device: str,
@@ -15,7 +21,7 @@ def clips_to_input(frames: torch.Tensor, size: int, mean: list[float], std: list
     """uint8 clips ``[B, T, H, W, 3]`` -> normalised ``[B, T, 3, size, size]`` on ``device``.
 
     The uint8 tensor is moved first (4x fewer bytes than float), then, a group of frames at a time (so the float
-    copy at source size stays under ``FLOAT_BYTES``), the short side is resized to ``size`` (antialiased) and the
+    copy at source size stays under ``GROUP_BYTES``), the short side is resized to ``size`` (antialiased) and the
     centre cropped square.
     """
     b, t, h, w, _ = frames.shape
@@ -26,7 +32,7 @@ def clips_to_input(frames: torch.Tensor, size: int, mean: list[float], std: list
     m = torch.tensor(mean, device=src.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=src.device).view(1, 3, 1, 1)
     out = torch.empty(b * t, 3, size, size, dtype=dtype, device=src.device)
-    group = max(1, FLOAT_BYTES // max(1, h * w * 3 * 4))
+    group = per_group(h * w * 3 * 4)
     for i in range(0, b * t, group):
         x = src[i:i + group].permute(0, 3, 1, 2).float()
         if (nh, nw) != (h, w):

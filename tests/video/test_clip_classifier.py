@@ -77,12 +77,12 @@ def test_batched_equals_one_at_a_time(tmp_path, pooling, depth):
 
 
 def test_clips_become_model_input_in_memory_bounded_groups(tmp_path, monkeypatch):
-    import pipeline.filters.clip_classifier as cc
+    import pipeline.video.preprocess as pre
 
     f, _ = make_filter(tmp_path, tiny_videomae(str(tmp_path / "m")), batch_size=8)
     clips = torch.randint(0, 256, (5, 4, 40, 48, 3), dtype=torch.uint8)
     whole = f.classify(clips)
-    monkeypatch.setattr(cc, "STACK_BYTES", 2 * 4 * 40 * 48 * 3)  # two clips stacked at a time
+    monkeypatch.setattr(pre, "GROUP_BYTES", 2 * 4 * 40 * 48 * 3)  # two clips stacked at a time
     assert torch.allclose(f.classify(list(clips)), whole, atol=1e-6)  # a list of views, as apply_video passes
 
 

@@ -252,6 +252,7 @@ def test_nvdec_path_slices_resizes_and_owns_up_to_a_cpu_fallback(clips, monkeypa
     import torchcodec.decoders
 
     import pipeline.video.decoders as dec
+    import pipeline.video.preprocess as pre
 
     real = torchcodec.decoders.VideoDecoder
 
@@ -267,7 +268,7 @@ def test_nvdec_path_slices_resizes_and_owns_up_to_a_cpu_fallback(clips, monkeypa
 
     monkeypatch.setattr(torchcodec.decoders, "VideoDecoder", NoNvdec)
     monkeypatch.setattr(dec, "NVDEC_SLICE", 3)  # 8 frames in 3 slices ...
-    monkeypatch.setattr(dec, "RESIZE_FLOAT_BYTES", 320 * 240 * 3 * 4 * 2)  # ... each resized two frames at a time
+    monkeypatch.setattr(pre, "GROUP_BYTES", 320 * 240 * 3 * 4 * 2)  # ... each resized two frames at a time
     monkeypatch.setattr(dec, "_NVDEC_FALLBACKS", set())
     (backend,) = available_backends(("torchcodec",))
     with caplog.at_level(logging.WARNING, logger="pipeline.video.decoders"):

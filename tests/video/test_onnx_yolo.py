@@ -112,11 +112,11 @@ def test_the_gpu_letterbox_is_within_a_level_of_cv2(shape, device):
 
 
 def test_the_gpu_letterbox_in_memory_bounded_groups_changes_nothing(monkeypatch):
-    import models.yolo as yolo
+    import pipeline.video.preprocess as pre
 
     frames = [torch.from_numpy(f) for f in frames_of((120, 160), n=5)] + [torch.from_numpy(frames_of((90, 100))[0])]
     whole, shapes = letterbox(frames, (96, 160), resize="torch")
-    monkeypatch.setattr(yolo, "FLOAT_BYTES", 120 * 160 * 3 * 4 * 2)  # two source frames at a time
+    monkeypatch.setattr(pre, "GROUP_BYTES", 120 * 160 * 3 * 4 * 2)  # two source frames at a time
     grouped, shapes2 = letterbox(frames, (96, 160), resize="torch")
     assert torch.equal(grouped, whole) and shapes2 == shapes
 

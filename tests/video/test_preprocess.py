@@ -31,6 +31,6 @@ def test_short_side_resize_and_centre_crop():
 def test_groups_bounding_the_float_copy_change_nothing(monkeypatch, dtype):
     frames = torch.randint(0, 256, (3, 5, 72, 128, 3), dtype=torch.uint8)
     whole = pre.clips_to_input(frames, 32, MEAN, STD, "cpu", dtype)
-    monkeypatch.setattr(pre, "FLOAT_BYTES", 72 * 128 * 3 * 4 * 4)  # 15 frames in groups of 4
+    monkeypatch.setattr(pre, "GROUP_BYTES", 72 * 128 * 3 * 4 * 4)  # 15 frames in groups of 4
     grouped = pre.clips_to_input(frames, 32, MEAN, STD, "cpu", dtype)
     assert grouped.dtype == dtype and torch.equal(grouped, whole)

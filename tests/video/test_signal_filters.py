@@ -113,10 +113,11 @@ def test_luma_in_memory_bounded_groups_is_the_same_and_bt601(monkeypatch):
     import torch
 
     import pipeline.filters.signal as sig
+    import pipeline.video.preprocess as pre
 
     frames = torch.randint(0, 256, (7, 30, 40, 3), dtype=torch.uint8)
     whole = sig.luma(frames[:, :, ::4], "cpu")  # a strided view, as the content box takes it
     ref = frames[:, :, ::4].float() @ torch.tensor([0.299, 0.587, 0.114])
     assert whole.shape == (7, 30, 10) and torch.allclose(whole, ref, atol=1e-3)
-    monkeypatch.setattr(sig, "LUMA_FLOAT_BYTES", 30 * 10 * 3 * 4 * 3)  # three frames at a time
+    monkeypatch.setattr(pre, "GROUP_BYTES", 30 * 10 * 3 * 4 * 3)  # three frames at a time
     assert torch.equal(sig.luma(frames[:, :, ::4], "cpu"), whole)
