@@ -92,7 +92,7 @@ class SpeechCutsFilter(Filter):
             if p.vad_backend == "onnx":
                 make = functools.partial(OnnxSileroVAD, batch_buckets=p.vad_batch_buckets)
             else:
-                make = functools.partial(SequenceSileroVAD)
+                make = SequenceSileroVAD
 
             def build_vad(device):
                 try:
