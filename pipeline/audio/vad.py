@@ -59,13 +59,14 @@ class SileroVAD:
         return self.probs(chunks)
 
 
-def shipped_onnx_path() -> str:
-    """The ONNX Silero VAD inside the silero-vad package (no download)."""
+def shipped_onnx_path(name: str = "silero_vad.onnx") -> str:
+    """An ONNX Silero VAD inside the silero-vad package (no download): the step model by default, or
+    ``silero_vad_16k_sequence.onnx``."""
     import os
 
     import silero_vad
 
-    return os.path.join(os.path.dirname(silero_vad.__file__), "data", "silero_vad.onnx")
+    return os.path.join(os.path.dirname(silero_vad.__file__), "data", name)
 
 
 class OnnxSileroVAD:
@@ -133,15 +134,6 @@ class OnnxSileroVAD:
         return self.probs(chunks)
 
 
-def shipped_sequence_path() -> str:
-    """The sequence ONNX Silero VAD (16 kHz) inside the silero-vad package (no download)."""
-    import os
-
-    import silero_vad
-
-    return os.path.join(os.path.dirname(silero_vad.__file__), "data", "silero_vad_16k_sequence.onnx")
-
-
 class SequenceSileroVAD:
     """The sequence ONNX Silero VAD that the silero-vad package ships (16 kHz), through the session factory.
 
@@ -171,7 +163,7 @@ class SequenceSileroVAD:
         self.sample_rate = sample_rate
         self.frame = frame_samples(sample_rate)
         self.max_frames = max_frames
-        path = path or shipped_sequence_path()
+        path = path or shipped_onnx_path("silero_vad_16k_sequence.onnx")
         width = self.CONTEXT + self.frame
         profile = shape_profile({"input": [(1, width), (max_frames, width)], "h": [(1, 1, 128)], "c": [(1, 1, 128)]})
         self.ort = make_session(path, provider, device_id, strict=strict, params=params, profile=profile,
