@@ -20,6 +20,7 @@ class ProbeFilter(Filter):
         ("video", pa.struct([
             ("codec", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
             ("fps", pa.float64()), ("frames", pa.int64()), ("pix_fmt", pa.string()),
+            ("rotation", pa.int32()),
         ])),
         ("audio", pa.struct([("codec", pa.string()), ("sample_rate", pa.int32()), ("channels", pa.int32())])),
     ])

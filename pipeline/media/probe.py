@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.errors import DecodeError
 
 
 @dataclass(frozen=True)
 class VideoStreamInfo:
+    """The first video stream. ``width`` and ``height`` are the display size, after ``rotation`` (the display
+    matrix's counter-clockwise degrees: 0, 90, 180 or 270, set by phone cameras): the size of the frames every
+    filter sees and the pixels a crop box refers to."""
+
     codec: str
     width: int
     height: int
     fps: float | None
     frames: int | None
     pix_fmt: str | None
+    rotation: int = 0
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,11 @@ class MediaInfo:
     audio_streams: int
     video: VideoStreamInfo | None
     audio: AudioStreamInfo | None
+
+
+def quarter_turns(rotation: float | None) -> int:
+    """Counter-clockwise quarter turns (0-3) of a display-matrix rotation in degrees (PyAV says -90 for 270)."""
+    return int(round((rotation or 0.0) / 90.0)) % 4
 
 
 def _open(path: str):
@@ -92,6 +102,11 @@ def probe_media(path: str) -> MediaInfo:
             raise DecodeError(f"first frame does not decode: {type(e).__name__}: {e}") from e
         if frame is None:
             raise DecodeError("stream holds no decodable frame")
+        if video is not None and stream is vstreams[0]:
+            turns = quarter_turns(getattr(frame, "rotation", 0))
+            if turns:
+                w, h = (video.height, video.width) if turns % 2 else (video.width, video.height)
+                video = replace(video, width=w, height=h, rotation=90 * turns)
         return MediaInfo(
             container=container.format.name, duration_s=duration,
             bit_rate=int(container.bit_rate) if container.bit_rate else None,

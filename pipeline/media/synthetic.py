@@ -63,6 +63,26 @@ def letterboxed_clip(path: str, seconds: float = 3.0, inner: str = "320x180", ou
     return path
 
 
+def rotated_copy(src: str, dst: str, degrees: int) -> str:
+    """``src`` stream-copied with a display-matrix rotation, as a phone camera records video held sideways: the
+    coded frames are unchanged and players (and the ffmpeg CLI) turn them upright. ``degrees`` is the rotation
+    PyAV and torchcodec then report. FFmpeg 5 writes it from the legacy ``rotate`` tag, FFmpeg 6 and later from
+    ``-display_rotation`` (whose sign convention differs), so each way is checked by reading the file back."""
+    from pipeline.media.probe import probe_media
+
+    attempts = [["-i", src, "-c", "copy", "-metadata:s:v:0", f"rotate={degrees}", dst],
+                ["-display_rotation", str(degrees), "-i", src, "-c", "copy", dst],
+                ["-display_rotation", str(-degrees), "-i", src, "-c", "copy", dst]]
+    for args in attempts:
+        try:
+            _ffmpeg(args)
+        except RuntimeError:
+            continue
+        if probe_media(dst).video.rotation == degrees % 360:
+            return dst
+    raise RuntimeError(f"this ffmpeg cannot write a {degrees} degree display rotation")
+
+
 def broken_files(directory: str) -> dict[str, str]:
     """Empty, random-bytes, truncated and not-media files, named by what is wrong with them."""
     os.makedirs(directory, exist_ok=True)

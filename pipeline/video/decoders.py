@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DecodeError, DecodeTimeout
+from pipeline.media.probe import quarter_turns
 from pipeline.video.preprocess import per_group
 from pipeline.video.sampling import FramePlan, FrameRequest, make_plan, variable_rate
 
@@ -237,6 +238,8 @@ class PyAVBackend:
                        (c.duration / av.time_base if c.duration else 0.0))
                 n = int(math.floor(dur * rate))
             width, height = int(s.codec_context.width), int(s.codec_context.height)
+            if quarter_turns(_first_frame_rotation(c, s)) % 2:  # the size the frames are shown (and decoded) at
+                width, height = height, width
         ts = demux_timestamps(path)
         return VideoMeta(n, rate, width, height, ts if ts is not None and len(ts) == n else None)
 
@@ -253,7 +256,7 @@ class PyAVBackend:
             try:
                 for i, frame in enumerate(c.decode(stream)):
                     if i in wanted:
-                        got[i] = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+                        got[i] = _upright_rgb(frame, size)
                     if i >= last:
                         break
             except av.error.FFmpegError as e:
@@ -265,6 +268,28 @@ class PyAVBackend:
         if len(got) < len(wanted):
             raise TruncatedVideo(i + 1 if i < last else max(got) + 1)
         return torch.from_numpy(np.stack([got[i] for i in indices]))
+
+
+def _first_frame_rotation(container, stream) -> float:
+    """PyAV exposes the display matrix only on decoded frames; a stream whose first frame does not decode says 0
+    here and fails in ``decode``."""
+    import av
+
+    try:
+        frame = next(iter(container.decode(stream)), None)
+    except (av.error.FFmpegError, ValueError):
+        return 0.0
+    return float(getattr(frame, "rotation", 0) or 0) if frame is not None else 0.0
+
+
+def _upright_rgb(frame, size: tuple[int, int]) -> np.ndarray:
+    """One PyAV frame as RGB ``[h, w, 3]`` at ``size = (w, h)`` in display orientation: the container's rotation
+    (phone video) applied, as decord, torchcodec and the ffmpeg CLI apply it, so the fallback backend hands the
+    filters the same upright frames and crop boxes mean the same pixels."""
+    k = quarter_turns(getattr(frame, "rotation", 0))
+    w, h = (size[1], size[0]) if k % 2 else size
+    rgb = frame.to_ndarray(format="rgb24", width=w, height=h)
+    return np.rot90(rgb, k) if k else rgb
 
 
 class TruncatedVideo(Exception):

@@ -1,6 +1,7 @@
 """Decoder backends and fallback on real files made by ffmpeg."""
 
 import os
+import subprocess
 import time
 
 import numpy as np
@@ -153,6 +154,47 @@ def test_decode_timeout(clips):
 def test_downscaled_decode_reports_scale(clips):
     v = decode_video(clips["h264"], [Uniform(2)], available_backends(ALL), max_side=160)
     assert v.frames.shape[1:3] == (120, 160) and v.scale == (2.0, 2.0)
+
+
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rotated")
+    upright = synthetic.lavfi_clip(str(d / "upright.mp4"), seconds=1.0)  # testsrc2: asymmetric, every turn differs
+    return {deg: synthetic.rotated_copy(upright, str(d / f"rot{deg}.mp4"), deg) for deg in (90, 180, 270)}
+
+
+def _ffmpeg_upright_frames(path: str, width: int, height: int) -> torch.Tensor:
+    """The oracle: the ffmpeg CLI applies the display rotation by default (what players show)."""
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", path, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True, check=True).stdout
+    return torch.from_numpy(np.frombuffer(raw, np.uint8).copy().reshape(-1, height, width, 3))
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+@pytest.mark.parametrize("name", ALL)
+def test_rotated_phone_video_decodes_upright_on_every_backend(rotated, degrees, name):
+    backends = [b for b in available_backends(ALL) if b.name == name]
+    if not backends:
+        pytest.skip(f"{name} is not installed here")
+    w, h = (240, 320) if degrees % 180 else (320, 240)
+    ref = _ffmpeg_upright_frames(rotated[degrees], w, h)
+    v = decode_video(rotated[degrees], [Uniform(6)], backends)
+    assert v.backend == name and v.frames.shape[1:] == (h, w, 3) and (v.meta.width, v.meta.height) == (w, h)
+    assert (v.frames.float() - ref[v.plan.indices].float()).abs().mean() < 1.0  # a wrong turn differs by ~200
+    small = decode_video(rotated[degrees], [Uniform(6)], backends, max_side=160)
+    assert small.frames.shape[1:] == (h // 2, w // 2, 3) and small.scale == (2.0, 2.0)
+    expected = resize_frames(ref[small.plan.indices], (w // 2, h // 2))
+    assert (small.frames.float() - expected.float()).abs().mean() < 8.0  # scalers differ by ~4 grey levels
+
+
+def test_probe_reports_the_display_size_and_rotation(rotated):
+    from pipeline.media.probe import probe_media
+
+    assert probe_media(rotated[90]).video.rotation == 90
+    v = probe_media(rotated[270]).video
+    assert (v.width, v.height, v.rotation) == (240, 320, 270)
+    v = probe_media(rotated[180]).video
+    assert (v.width, v.height, v.rotation) == (320, 240, 180)
 
 
 def test_missing_backend_package_falls_back(monkeypatch):

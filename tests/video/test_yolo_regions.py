@@ -187,3 +187,23 @@ def test_a_tensorrt_engine_where_it_cannot_run_is_a_config_error(tmp_path):
         (f,) = build_filters((FilterSpec("regions", "yolo_regions", True, {"model_uri": str(engine)}),))
         with pytest.raises(ConfigError, match="needs the tensorrt Python package"):
             f.setup(SetupContext("cuda:0", ModelPool("cuda:0", instances=1), lambda u, o=None: u))
+
+
+@pytest.mark.parametrize("backend", ["pyav", "torchcodec"])
+def test_crop_of_a_rotated_phone_clip_is_in_display_pixels(tmp_path, yolo_pt, backend):
+    """A letterboxed clip recorded sideways: players show it turned, with the bars at the sides. The content box,
+    the safe crop and the written clip are all in those display pixels, whichever backend decoded it."""
+    from pipeline.media import synthetic
+
+    src = synthetic.letterboxed_clip(str(tmp_path / "lb.mp4"), seconds=1.0)  # 320x240, bars of 30 top and bottom
+    path = synthetic.rotated_copy(src, str(tmp_path / "phone.mp4"), 90)  # shown as 240x320, bars left and right
+    f = _setup(tmp_path, yolo_pt, conf=0.999, step=5, crop_output=str(tmp_path / "crops"))
+    item = MediaItem("phone", path, 0, f.frame_requests(), VideoConfig(), available_backends((backend,)))
+    out = f.apply(item, FilterContext("cpu", None))
+    c = out["crop"]
+    assert not out["regions"]
+    assert abs(c["x"] - 30) <= 2 and abs(c["w"] - 180) <= 4 and c["y"] == 0 and c["h"] == 320, c
+    info = probe_media(out["crop_uri"]).video
+    assert (info.width, info.height, info.rotation) == (c["w"], c["h"], 0)
+    frames = available_backends(("pyav",))[0].decode(out["crop_uri"], [0], (info.width, info.height), "cpu", False)
+    assert frames[:, :, :3].float().mean() > 40 and frames[:, :, -3:].float().mean() > 40  # no bar left in it
