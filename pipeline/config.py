@@ -171,6 +171,14 @@ class VideoConfig:
     """Decode downscaled so the long side is at most this (None: source size); outputs stay in source pixels."""
     decode_timeout_s: float = 120.0
     """Per-item, per-backend decode limit; past it the item fails with DecodeTimeout."""
+    random_access_containers: tuple[str, ...] = ("mp4", "mov", "matroska", "webm", "flv")
+    """Containers (FFmpeg demuxer names, as ``probe.container`` lists them) in which the random-access backends
+    (decord, torchcodec) return the frame asked for. In others they were measured to return other frames without an
+    error (MPEG-PS and MPEG-TS, AVI with B-frames), so those files are decoded by PyAV from the start, in order."""
+    random_access_codecs: tuple[str, ...] = ("h264", "hevc", "av1", "vp9", "vp8", "mpeg2video", "mjpeg", "prores",
+                                             "dnxhd")
+    """Codecs (``probe.video.codec``) measured frame-exact through decord and torchcodec in the containers above;
+    any other (MPEG-4 part 2 with B-frames: decord misplaces frames) is decoded by PyAV in order."""
 
 
 @dataclass(frozen=True)

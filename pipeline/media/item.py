@@ -65,15 +65,17 @@ class MediaItem:
                 raise self._video_error
             if not self._video_done:
                 from pipeline.config import VideoConfig
-                from pipeline.video.decoders import decode_video
+                from pipeline.video.decoders import decode_video, seeks_frame_exactly
 
                 cfg = self.video_config or VideoConfig()
                 device = self.device if cfg.decode_device == "cuda" else "cpu"
+                random_access = seeks_frame_exactly(self._info.container, self._info.video.codec,
+                                                    cfg.random_access_containers, cfg.random_access_codecs)
                 try:
                     self._video = decode_video(self.local_path, self.frame_requests, self.backends, device=device,
                                                max_frames=cfg.max_frames, max_pixels=cfg.max_pixels,
-                                               max_bytes=cfg.max_decoded_bytes,
-                                               max_side=cfg.decode_max_side, timeout_s=cfg.decode_timeout_s)
+                                               max_bytes=cfg.max_decoded_bytes, max_side=cfg.decode_max_side,
+                                               timeout_s=cfg.decode_timeout_s, random_access=random_access)
                 except Exception as e:  # every filter of this item sees the same decode failure
                     self._video_error = e
                     raise

@@ -45,6 +45,11 @@ def quarter_turns(rotation: float | None) -> int:
     return int(round((rotation or 0.0) / 90.0)) % 4
 
 
+def _codec_name(ctx) -> str:
+    """The codec, not the decoder FFmpeg picked for it: ``av1`` whether libdav1d or libaom decodes it."""
+    return getattr(ctx.codec, "canonical_name", None) or ctx.name
+
+
 def _open(path: str):
     import av
 
@@ -80,7 +85,7 @@ def probe_media(path: str) -> MediaInfo:
             ctx = s.codec_context
             rate = s.average_rate or s.guessed_rate
             video = VideoStreamInfo(
-                codec=ctx.name, width=int(ctx.width), height=int(ctx.height),
+                codec=_codec_name(ctx), width=int(ctx.width), height=int(ctx.height),
                 fps=float(rate) if rate else None, frames=int(s.frames) or None,
                 pix_fmt=ctx.pix_fmt,
             )
@@ -88,8 +93,9 @@ def probe_media(path: str) -> MediaInfo:
                 raise DecodeError(f"video stream has no size ({video.width}x{video.height})")
         if astreams:
             s = astreams[0]
-            audio = AudioStreamInfo(codec=s.codec_context.name, sample_rate=int(s.codec_context.sample_rate or 0),
-                                    channels=int(s.codec_context.channels or 0))
+            ctx = s.codec_context
+            audio = AudioStreamInfo(codec=_codec_name(ctx), sample_rate=int(ctx.sample_rate or 0),
+                                    channels=int(ctx.channels or 0))
         duration = float(container.duration) / av.time_base if container.duration else None
         if duration is None:
             first = vstreams[0] if vstreams else astreams[0]

@@ -6,7 +6,6 @@ A file fails only when every configured backend failed on it; the result says wh
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +52,25 @@ def demux_timestamps(path: str) -> np.ndarray | None:
             return t - t[0]
     except Exception:  # noqa: BLE001 - no timestamps: sampling falls back to the average rate
         return None
+
+
+def demux_packet_count(path: str) -> int:
+    """Frames of the first video stream as its non-empty packets: a raw elementary stream (``.h264``) has neither a
+    frame count nor timestamps. 0 when the file cannot be demuxed."""
+    import av
+
+    try:
+        with av.open(path) as c:
+            return sum(1 for p in c.demux(c.streams.video[0]) if p.size > 0)
+    except Exception:  # noqa: BLE001 - the decode that follows reports what is wrong with the file
+        return 0
+
+
+def seeks_frame_exactly(container: str, codec: str, containers: tuple[str, ...], codecs: tuple[str, ...]) -> bool:
+    """Whether decord and torchcodec return the frames asked for in this file: its container (an FFmpeg demuxer
+    name such as ``mov,mp4,m4a,3gp,3g2,mj2``, any of whose names may be listed) and codec are both in the measured
+    lists (``video.random_access_containers`` and ``video.random_access_codecs``)."""
+    return bool(set(container.split(",")) & set(containers)) and codec in codecs
 
 
 @dataclass
@@ -104,6 +122,7 @@ def _decode_size(width: int, height: int, max_side: int | None) -> tuple[int, in
 
 class DecordBackend:
     name = "decord"
+    random_access = True  # seeks to each index; frame-exact only where ``seeks_frame_exactly`` says so
 
     def __init__(self) -> None:
         import decord  # noqa: F401 - fail at construction when the package is missing
@@ -138,6 +157,7 @@ class DecordBackend:
 
 class TorchcodecBackend:
     name = "torchcodec"
+    random_access = True
 
     def __init__(self) -> None:
         import torchcodec  # noqa: F401
@@ -223,6 +243,7 @@ class PyAVBackend:
     """Sequential decode up to the last wanted frame; tolerates a broken tail by keeping what decoded."""
 
     name = "pyav"
+    random_access = False  # decodes from the start in presentation order: right in every container
 
     def meta(self, path: str) -> VideoMeta:
         import av
@@ -233,14 +254,12 @@ class PyAVBackend:
             s = c.streams.video[0]
             rate = float(s.average_rate or s.guessed_rate or 0.0)
             n = int(s.frames or 0)
-            if n <= 0:
-                dur = (float(s.duration * s.time_base) if s.duration else
-                       (c.duration / av.time_base if c.duration else 0.0))
-                n = int(math.floor(dur * rate))
             width, height = int(s.codec_context.width), int(s.codec_context.height)
             if quarter_turns(_first_frame_rotation(c, s)) % 2:  # the size the frames are shown (and decoded) at
                 width, height = height, width
         ts = demux_timestamps(path)
+        if n <= 0:  # no count in the header (MPEG-TS, FLV, live Matroska, raw streams): count the packets
+            n = len(ts) if ts is not None else demux_packet_count(path)
         return VideoMeta(n, rate, width, height, ts if ts is not None and len(ts) == n else None)
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
@@ -336,7 +355,7 @@ def _decode_with_timeout(backend, path: str, indices: list[int], size: tuple[int
 
 def decode_video(path: str, requests: list[FrameRequest], backends: list[object], *, device: str = "cpu",
                  max_frames: int = 2048, max_pixels: int = 8192 * 4320, max_side: int | None = None,
-                 timeout_s: float = 120.0, max_bytes: int = 8 << 30) -> DecodedVideo:
+                 timeout_s: float = 120.0, max_bytes: int = 8 << 30, random_access: bool = True) -> DecodedVideo:
     """Decode the union of ``requests`` once, trying each backend until one succeeds.
 
     Args:
@@ -351,6 +370,8 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
         max_bytes: refuse a plan whose decoded frames would take more memory than this.
         timeout_s: per-backend decode limit; past it the item fails with DecodeTimeout (the decode thread is left
             to finish in the background, bounded by the caps above).
+        random_access: False where the seeking backends were measured to return wrong frames for this container or
+            codec (``seeks_frame_exactly``): only the backends that decode in order (PyAV) are tried.
 
     Returns:
         The decoded frames and their plan.
@@ -358,6 +379,13 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
     Raises:
         DecodeError: every backend failed (the message lists each backend's error).
     """
+    if not random_access:
+        sequential = [b for b in backends if not getattr(b, "random_access", True)]
+        if not sequential:
+            raise DecodeError(f"the backends {[b.name for b in backends]} seek to wrong frames in this container or "
+                              "codec; add pyav to video.backends (it decodes in order), or list the container and "
+                              "codec in video.random_access_containers / video.random_access_codecs")
+        backends = sequential
     errors = []
     for backend in backends:
         try:
