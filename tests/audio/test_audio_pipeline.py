@@ -119,6 +119,44 @@ def test_eight_khz_and_any_input_rate(tmp_path, vad):
     assert r8.speech[0][0] == pytest.approx(r16.speech[0][0], abs=0.15)
 
 
+def _lag_s(a: np.ndarray, ref: np.ndarray, sr: int = 16000) -> float:
+    """Where ``ref``'s speech sits in ``a``, by cross-correlation of the first two seconds of ``ref``."""
+    seg = ref[: 2 * sr]
+    corr = np.correlate(a, seg, mode="valid")
+    return float(np.argmax(corr)) / sr
+
+
+@pytest.fixture(scope="module")
+def speech_track(tmp_path_factory):
+    return synthetic.speech_wav(str(tmp_path_factory.mktemp("track") / "s.wav"),
+                                "A delayed audio track must still line up with the pictures.")
+
+
+@pytest.mark.parametrize("container,codec", [("mp4", "aac"), ("ts", "aac"), ("mkv", "flac")])
+def test_a_delayed_audio_track_lines_up_with_the_video(tmp_path, speech_track, container, codec):
+    """Audio that starts 0.7 s after the video (``-itsoffset``): speech times are on the file's timeline, where
+    ``ffmpeg -ss`` and the video frames are, not counted from the audio's first sample."""
+    path = str(tmp_path / f"delayed.{container}")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=5", "-itsoffset", "0.7",
+                       "-i", speech_track, "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+                       "-c:a", codec, path])
+    ref = decode_audio(speech_track)
+    assert _lag_s(decode_audio(path), ref) == pytest.approx(0.7, abs=0.01)
+    assert _lag_s(decode_audio(speech_track), ref) == 0.0
+
+
+def test_a_gap_in_the_audio_timestamps_is_filled_with_silence(tmp_path, speech_track):
+    path = str(tmp_path / "gap.mkv")  # timestamps from 1.5 s on are one second later: dropped packets
+    synthetic._ffmpeg(["-i", speech_track, "-af", r"asetpts=PTS+if(gte(T\,1.5)\,1.0/TB\,0)", "-c:a", "flac", path])
+    ref = decode_audio(speech_track)
+    a = decode_audio(path)
+    assert len(a) == pytest.approx(len(ref) + 16000, abs=400)
+    tail = ref[32000:40000]  # 2.0-2.5 s of the original sits at 3.0-3.5 s
+    assert float(np.argmax(np.correlate(a[40000:56000], tail, mode="valid"))) / 16000 == pytest.approx(0.5, abs=0.005)
+    with pytest.raises(DecodeError, match="jumps"):
+        decode_audio(path, max_seconds=2.0)  # the silence counts against the cap, before it is allocated
+
+
 def test_audio_decode_errors(tmp_path, media_dir):
     with pytest.raises(DecodeError, match="no audio stream"):
         decode_audio(f"{media_dir}/still.mp4")
