@@ -38,7 +38,8 @@ class ClipClassifierParams:
     stride_s: float | None = None
     """Window stride (default: the window length)."""
     start_s: float = 0.0
-    """Windows start here ..."""
+    """Windows start here, in seconds from the first video frame (the rows report windows on the file's timeline,
+    which is later where the video starts after the audio) ..."""
     end_s: float | None = None
     """... and end here (None: the clip's end)."""
     reversed_windows: bool = False
@@ -195,7 +196,7 @@ class ClipClassifierFilter(VideoFilter):
             bounds = window_bounds(req, video.meta.num_frames, video.meta.fps, video.meta.timestamps)
             for w in range(video.windows(req)):
                 frames = video.view(req, w)
-                span = (float(bounds[w][0]), float(bounds[w][1]))
+                span = (float(bounds[w][0]) + video.start_s, float(bounds[w][1]) + video.start_s)
                 clips.append(frames)
                 kinds.append(("window", span))
                 if self.params.reversed_windows:

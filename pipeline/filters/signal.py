@@ -151,7 +151,8 @@ class StaticFilter(VideoFilter):
             sel = [(times[i] >= start) & (times[i + 1] <= end + 1e-9) for i in range(len(diffs))]
             vals = diffs[sel] if any(sel) else diffs[:1]
             m = float(vals.mean())
-            windows.append({"start_s": start, "end_s": min(end, float(t_end)), "motion": m, "static": m < thr})
+            windows.append({"start_s": start + video.start_s, "end_s": min(end, float(t_end)) + video.start_s,
+                            "motion": m, "static": m < thr})
             start = end
             if start > t_end:
                 break
@@ -262,4 +263,5 @@ class SceneCutFilter(VideoFilter):
         d = 0.5 * (hist[1:] - hist[:-1]).abs().sum(dim=1)
         cuts = torch.nonzero(d > self.params.threshold).flatten().cpu().tolist()
         # a cut between sampled frames i and i+1 is placed at frame i+1's time
-        return {"count": len(cuts), "times_s": [float(times[i + 1]) for i in cuts], "max_diff": float(d.max())}
+        return {"count": len(cuts), "times_s": [float(times[i + 1]) + video.start_s for i in cuts],
+                "max_diff": float(d.max())}

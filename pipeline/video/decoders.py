@@ -54,6 +54,21 @@ def demux_timestamps(path: str) -> np.ndarray | None:
         return None
 
 
+def timeline_offset(path: str) -> float:
+    """Seconds from the container's start to the first video frame: more than 0 where another stream (the audio of
+    an MPEG-TS capture) starts first. 0 where the file does not say."""
+    import av
+
+    try:
+        with av.open(path) as c:
+            s = c.streams.video[0]
+            if s.start_time is None or c.start_time is None:
+                return 0.0
+            return max(0.0, float(s.start_time * s.time_base) - c.start_time / av.time_base)
+    except Exception:  # noqa: BLE001 - no offset known: the first frame is at 0
+        return 0.0
+
+
 def demux_packet_count(path: str) -> int:
     """Frames of the first video stream as its non-empty packets: a raw elementary stream (``.h264``) has neither a
     frame count nor timestamps. 0 when the file cannot be demuxed."""
@@ -87,6 +102,9 @@ class DecodedVideo:
     backend: str
     scale: tuple[float, float]  # (source width / decoded width, source height / decoded height)
     crop: tuple[int, int, int, int] | None = None  # (x1, y1, x2, y2) in decoded pixels, applied by view()
+    start_s: float = 0.0
+    """Where the first frame sits on the file's timeline (the container's start, where ``ffmpeg -ss`` and the audio
+    count from): ``times`` count from the first frame, and the times a row reports add this."""
 
     def view(self, request: FrameRequest, window: int = 0) -> torch.Tensor:
         """The frames of one request (one window), in request order, cropped when a crop was set."""
@@ -415,7 +433,8 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
                 raise DecodeError(f"{backend.name} returned {frames.shape[0]} of {len(plan.indices)} frames")
             label = f"{backend.name}-nvdec" if frames.is_cuda else backend.name  # on the GPU only from NVDEC
             return DecodedVideo(frames, plan, meta, label,
-                                (meta.width / frames.shape[2], meta.height / frames.shape[1]))
+                                (meta.width / frames.shape[2], meta.height / frames.shape[1]),
+                                start_s=timeline_offset(path))
         except DecodeTimeout:
             raise
         except Exception as e:  # noqa: BLE001 - any backend failure means: try the next backend

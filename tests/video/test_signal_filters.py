@@ -121,3 +121,33 @@ def test_luma_in_memory_bounded_groups_is_the_same_and_bt601(monkeypatch):
     assert whole.shape == (7, 30, 10) and torch.allclose(whole, ref, atol=1e-3)
     monkeypatch.setattr(pre, "GROUP_BYTES", 30 * 10 * 3 * 4 * 3)  # three frames at a time
     assert torch.equal(sig.luma(frames[:, :, ::4], "cpu"), whole)
+
+
+def _cut_on_the_timeline(path):
+    """The oracle: every frame decoded in order with its presentation time minus the container's start (the origin
+    the audio's samples count from, what ffprobe's start_time gives); the cut is the frame that differs most from
+    the one before it."""
+    import av
+    import numpy as np
+
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        frames = [(float(f.pts * s.time_base) - c.start_time / av.time_base, f.to_ndarray(format="gray").astype(float))
+                  for f in c.decode(s)]
+    diffs = [np.abs(b[1] - a[1]).mean() for a, b in zip(frames, frames[1:])]
+    return frames[int(np.argmax(diffs)) + 1][0]
+
+
+@pytest.mark.parametrize("container", ["mp4", "ts"])
+def test_times_are_on_the_files_timeline_when_the_video_starts_late(clips, tmp_path, container):
+    """Pictures that start 0.5 s after the audio: the scene cut 2 s into the pictures is reported on the file's
+    timeline, where the speech times are, not 2 s from the first frame."""
+    path = str(tmp_path / f"late.{container}")
+    synthetic._ffmpeg(["-itsoffset", "0.5", "-i", clips["cut"], "-f", "lavfi", "-i", "sine=duration=5",
+                       "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-c:a", "aac", path])
+    truth = _cut_on_the_timeline(path)
+    assert truth == pytest.approx(2.5, abs=0.06)
+    (t,) = run(path, "scene_cuts", fps=25)["times_s"]
+    assert t == pytest.approx(truth, abs=1e-3)
+    windows = run(path, "static", window_s=1.0)["windows"]
+    assert windows[0]["start_s"] == pytest.approx(truth - 2.0, abs=1e-3)
