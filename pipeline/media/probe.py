@@ -45,6 +45,23 @@ def quarter_turns(rotation: float | None) -> int:
     return int(round((rotation or 0.0) / 90.0)) % 4
 
 
+def video_streams(container) -> list:
+    """The container's video streams, without cover art (an MP3's or M4A's picture is a one-frame "video" stream
+    marked ``attached_pic``): an audio file with a cover is an audio file."""
+    import av
+
+    pic = av.stream.Disposition.attached_pic
+    return [s for s in container.streams.video if not (s.disposition & pic)]
+
+
+def first_video_stream(container):
+    """The stream every video backend decodes (decord and torchcodec skip cover art the same way)."""
+    streams = video_streams(container)
+    if not streams:
+        raise DecodeError("no video stream")
+    return streams[0]
+
+
 def _codec_name(ctx) -> str:
     """The codec, not the decoder FFmpeg picked for it: ``av1`` whether libdav1d or libaom decodes it."""
     return getattr(ctx.codec, "canonical_name", None) or ctx.name
@@ -75,7 +92,7 @@ def probe_media(path: str) -> MediaInfo:
     import av
 
     with _open(path) as container:
-        vstreams = list(container.streams.video)
+        vstreams = video_streams(container)  # cover art is not video
         astreams = list(container.streams.audio)
         if not vstreams and not astreams:
             raise DecodeError(f"no audio or video stream in {container.format.name} container")

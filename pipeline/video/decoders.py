@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DecodeError, DecodeTimeout
-from pipeline.media.probe import quarter_turns
+from pipeline.media.probe import first_video_stream, quarter_turns
 from pipeline.video.preprocess import per_group
 from pipeline.video.sampling import FramePlan, FrameRequest, make_plan, variable_rate
 
@@ -44,7 +44,7 @@ def demux_timestamps(path: str) -> np.ndarray | None:
 
     try:
         with av.open(path) as c:
-            s = c.streams.video[0]
+            s = first_video_stream(c)
             pts = [p.pts for p in c.demux(s) if p.pts is not None and p.size > 0]
             if not pts:
                 return None
@@ -61,7 +61,7 @@ def timeline_offset(path: str) -> float:
 
     try:
         with av.open(path) as c:
-            s = c.streams.video[0]
+            s = first_video_stream(c)
             if s.start_time is None or c.start_time is None:
                 return 0.0
             return max(0.0, float(s.start_time * s.time_base) - c.start_time / av.time_base)
@@ -76,7 +76,7 @@ def demux_packet_count(path: str) -> int:
 
     try:
         with av.open(path) as c:
-            return sum(1 for p in c.demux(c.streams.video[0]) if p.size > 0)
+            return sum(1 for p in c.demux(first_video_stream(c)) if p.size > 0)
     except Exception:  # noqa: BLE001 - the decode that follows reports what is wrong with the file
         return 0
 
@@ -267,9 +267,7 @@ class PyAVBackend:
         import av
 
         with av.open(path) as c:
-            if not c.streams.video:
-                raise DecodeError("no video stream")
-            s = c.streams.video[0]
+            s = first_video_stream(c)
             rate = float(s.average_rate or s.guessed_rate or 0.0)
             n = int(s.frames or 0)
             width, height = int(s.codec_context.width), int(s.codec_context.height)
@@ -288,7 +286,7 @@ class PyAVBackend:
         last = max(indices)
         got: dict[int, np.ndarray] = {}
         with av.open(path) as c:
-            stream = c.streams.video[0]
+            stream = first_video_stream(c)
             stream.thread_type = "AUTO"
             try:
                 for i, frame in enumerate(c.decode(stream)):

@@ -322,3 +322,22 @@ def test_nvdec_path_slices_resizes_and_owns_up_to_a_cpu_fallback(clips, monkeypa
         assert torch.equal(v.frames, resize_frames(ref.frames, (160, 120)))
     assert [r.getMessage() for r in caplog.records].count(
         "torchcodec decoded on the CPU instead of NVDEC: CPU fallback: video not supported by NVDEC") == 1
+
+
+@pytest.mark.parametrize("ext,codec", [("mp3", "libmp3lame"), ("m4a", "aac")])
+def test_an_audio_file_with_cover_art_is_audio(tmp_path, ext, codec):
+    """The cover of an MP3 or M4A is a one-frame video stream marked ``attached_pic``: not video to sieve."""
+    from pipeline.config import VideoConfig
+    from pipeline.media.item import MediaItem
+    from pipeline.media.probe import probe_media
+
+    wav = synthetic.speech_wav(str(tmp_path / "s.wav"), "An audio book chapter with a cover.")
+    cover = synthetic.lavfi_clip(str(tmp_path / "cover.png"), "testsrc=size=300x300:rate=1", 1.0,
+                                 codec=("-frames:v", "1"), pix_fmt="rgb24")
+    path = str(tmp_path / f"book.{ext}")
+    synthetic._ffmpeg(["-i", wav, "-i", cover, "-map", "0:a", "-map", "1:v", "-c:a", codec, "-c:v", "mjpeg",
+                       "-disposition:v", "attached_pic", path])
+    info = probe_media(path)
+    assert info.video is None and info.video_streams == 0 and info.audio is not None
+    item = MediaItem("x", path, 0, [Uniform(4)], VideoConfig(), available_backends(ALL))
+    assert item.video() is None  # the video filters give null, as for any audio file
