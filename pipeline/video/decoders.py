@@ -5,6 +5,8 @@ A file fails only when every configured backend failed on it; the result says wh
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import threading
 from collections import OrderedDict
@@ -280,6 +282,64 @@ class PyAVBackend:
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
                resize: bool) -> torch.Tensor:
+        """Frames by index in presentation order. Where a keyframe lies between two wanted frames the decode seeks
+        to it instead of decoding the frames between, and every frame is identified by its timestamp, so a seek
+        that lands elsewhere (MPEG-TS, open GOPs) is noticed; where timestamps cannot identify frames (AVI) or a
+        seek misses, the whole request is decoded from the start."""
+        try:
+            got = self._decode_seeking(path, sorted(set(indices)), size)
+        except _SeekMiss as e:
+            log.debug("pyav: decoding %s from the start: %s", path, e)
+        else:
+            return torch.from_numpy(np.stack([got[i] for i in indices]))
+        return self._decode_in_order(path, indices, size)
+
+    def _decode_seeking(self, path: str, wanted: list[int], size: tuple[int, int]) -> dict[int, np.ndarray]:
+        import av
+
+        pts, seek_to = _demux_index(path)
+        keyframes = sorted(seek_to)
+        if not keyframes or wanted[-1] >= len(pts):
+            raise _SeekMiss("no keyframe index, or fewer packets than frames")
+        index_of = {p: i for i, p in enumerate(pts)}
+        if len(index_of) != len(pts):
+            raise _SeekMiss("repeated timestamps")
+        got: dict[int, np.ndarray] = {}
+        pos = -1  # index of the last frame decoded
+        frames = None
+        try:
+            with av.open(path) as c:
+                stream = first_video_stream(c)
+                stream.thread_type = "AUTO"
+                step = max(1, int(round(0.5 / float(stream.time_base))))  # half a second in stream ticks
+                by_dts = False  # learnt per file: MPEG-TS lands on a keyframe by its decode time, MP4 by its own
+                for target in wanted:
+                    k = keyframes[bisect.bisect_right(keyframes, target) - 1] if keyframes[0] <= target else 0
+                    if frames is None or k > pos + 1:  # a keyframe past what is decoded: seeking skips frames
+                        key_pts, key_dts = pts[k], seek_to[k]
+                        tries = [key_dts, key_dts - step, key_dts - 4 * step, key_dts - 16 * step]
+                        for n, at in enumerate(tries if by_dts else [key_pts, *tries]):
+                            c.seek(at, stream=stream, backward=True, any_frame=False)
+                            frames = _from_keyframe(c.decode(stream), index_of)
+                            first = next(frames, None)
+                            if first is not None and first[0] <= target:
+                                frames = itertools.chain([first], frames)
+                                break
+                            by_dts = by_dts or (n == 0 and key_dts != key_pts)  # landed late: seek by decode time
+                        else:
+                            raise _SeekMiss("every seek landed after the frame wanted")
+                    for pos, frame in frames:
+                        if pos == target:
+                            got[target] = _upright_rgb(frame, size)
+                        if pos >= target:
+                            break
+                    if target not in got:
+                        raise _SeekMiss(f"frame {target} did not decode in order after a seek")
+        except av.error.FFmpegError as e:
+            raise _SeekMiss(f"{type(e).__name__}: {e}") from None
+        return got
+
+    def _decode_in_order(self, path: str, indices: list[int], size: tuple[int, int]) -> torch.Tensor:
         import av
 
         wanted = set(indices)
@@ -303,6 +363,54 @@ class PyAVBackend:
         if len(got) < len(wanted):
             raise TruncatedVideo(i + 1 if i < last else max(got) + 1)
         return torch.from_numpy(np.stack([got[i] for i in indices]))
+
+
+class _SeekMiss(Exception):
+    """The seeking decode cannot vouch for a frame: decode from the start instead."""
+
+
+def _from_keyframe(frames, index_of: dict[int, int]):
+    """``(index, frame)`` in presentation order from the first keyframe a decode outputs after a seek: frames
+    before it (leading pictures of an open GOP) may lack their references. From there every frame must carry the
+    next index. After a seek in MPEG-PS the keyframe itself can carry a later frame's timestamp, which only its
+    successor shows: the keyframe is handed out once its successor confirms it, and dropped where the successor
+    contradicts it (the frames after it decode from it, so they are sound and carry their own timestamps)."""
+    key = last = None
+    for frame in frames:
+        i = index_of.get(frame.pts)
+        if i is None:
+            raise _SeekMiss(f"a decoded timestamp ({frame.pts}) is not a packet's")
+        if key is None:
+            if frame.key_frame:
+                key, last = (i, frame), i
+            continue
+        if last == key[0] and key[1] is not None:  # the keyframe's successor: confirm or drop the keyframe
+            if i == last + 1:
+                yield key
+            key = (key[0], None)
+        elif i != last + 1:
+            raise _SeekMiss(f"frame {i} came after frame {last}: this seek's timestamps cannot name frames")
+        yield i, frame
+        last = i
+    if key is not None and key[1] is not None:
+        raise _SeekMiss("nothing decoded after the keyframe to confirm its timestamp")
+
+
+def _demux_index(path: str) -> tuple[list[int], dict[int, int]]:
+    """The first video stream's packet timestamps in presentation order, and its keyframes (where a decode may
+    start) as presentation index -> decode timestamp. Empty where packets lack timestamps."""
+    import av
+
+    try:
+        with av.open(path) as c:
+            packets = [(p.pts, p.dts, p.is_keyframe) for p in c.demux(first_video_stream(c)) if p.size > 0]
+    except Exception:  # noqa: BLE001 - no index: the decode runs from the start
+        return [], {}
+    if not packets or any(p is None for p, _, _ in packets):
+        return [], {}
+    pts = sorted(p for p, _, _ in packets)
+    position = {p: i for i, p in enumerate(pts)}
+    return pts, {position[p]: (d if d is not None else p) for p, d, key in packets if key}
 
 
 def _first_frame_rotation(container, stream) -> float:

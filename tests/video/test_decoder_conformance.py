@@ -103,3 +103,97 @@ def test_the_lists_are_the_users_to_extend(files):
 def test_pyav_counts_frames_where_the_header_has_no_count(files):
     for name in ("h264_live.mkv", "h264_bframes.flv", "h264_raw.h264", "h264_bframes.ts"):
         assert PyAVBackend().meta(files[name]).num_frames == 75, name
+
+
+# Short keyframe intervals, open GOPs and B-frames: what broadcast captures and DVDs hold. name -> (encoder
+# arguments, whether PyAV's seeking decode can vouch for its frames there)
+GOP_SRC = ("-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=8")
+GOP_FILES = {
+    "h264_open_gop.ts": (("-c:v", "libx264", "-preset", "medium", "-bf", "3", "-g", "24", "-x264-params",
+                          "open-gop=1", "-pix_fmt", "yuv420p"), True),
+    "mpeg2_open_gop.mpg": (("-c:v", "mpeg2video", "-q:v", "4", "-g", "12", "-bf", "2"), True),  # first frame after
+    "mpeg2.vob": (("-c:v", "mpeg2video", "-q:v", "4", "-g", "15", "-bf", "2", "-f", "vob"), True),  # a seek mislabelled
+    "hevc_open_gop.ts": (("-c:v", "libx265", "-preset", "ultrafast", "-x265-params",
+                          "log-level=error:keyint=20:bframes=4:open-gop=1"), True),
+    "mpeg4_bframes.avi": (("-c:v", "mpeg4", "-q:v", "4", "-bf", "2", "-g", "12"), True),
+    "h264_bframes.avi": (("-c:v", "libx264", "-preset", "medium", "-bf", "3", "-g", "24", "-pix_fmt", "yuv420p"),
+                         False),  # AVI's timestamps are not the frames' presentation times: decoded in order
+}
+
+
+@pytest.fixture(scope="module")
+def gop_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gops")
+    out = {}
+    for name, (args, _) in GOP_FILES.items():
+        out[name] = str(d / name)
+        synthetic._ffmpeg([*GOP_SRC, *args, out[name]])
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(GOP_FILES))
+def test_pyav_seeking_decode_equals_decoding_from_the_start(gop_files, name):
+    """Oracle: every frame decoded in order. 30 random sets of indices, from one frame to dense runs."""
+    import random
+
+    from pipeline.video.decoders import _SeekMiss
+
+    b = PyAVBackend()
+    path = gop_files[name]
+    n = b.meta(path).num_frames
+    every = b._decode_in_order(path, list(range(n)), (320, 240))
+    assert torch.equal(every, ffmpeg_frames(path))
+    rng = random.Random(0)
+    seeked = 0
+    for _ in range(30):
+        idx = sorted(rng.sample(range(n), rng.choice([1, 3, 12, 40])))
+        assert torch.equal(b.decode(path, idx, (320, 240), "cpu", False), every[idx])
+        try:
+            b._decode_seeking(path, idx, (320, 240))
+            seeked += 1
+        except _SeekMiss:
+            pass
+    assert seeked == (30 if GOP_FILES[name][1] else 0)
+
+
+def test_pyav_seeks_past_the_frames_between(gop_files, monkeypatch):
+    """Two frames 150 apart with a keyframe every 12: the decode starts at the keyframe before each, instead of
+    decoding the 150 frames between (an hour-long MPEG-TS would otherwise pass its decode timeout)."""
+    import pipeline.video.decoders as dec
+
+    decoded = []
+    real = dec._from_keyframe
+
+    def counting(frames, index_of):
+        for i, frame in real(frames, index_of):
+            decoded.append(i)
+            yield i, frame
+
+    monkeypatch.setattr(dec, "_from_keyframe", counting)
+    PyAVBackend().decode(gop_files["mpeg2_open_gop.mpg"], [5, 155], (320, 240), "cpu", False)
+    assert len(decoded) <= 2 * 13 and 155 in decoded and not any(30 < i < 140 for i in decoded)
+
+
+class _Frame:
+    def __init__(self, pts, key=False):
+        self.pts, self.key_frame = pts, key
+
+
+def test_from_keyframe_trusts_only_timestamps_that_follow_each_other():
+    from pipeline.video.decoders import _from_keyframe, _SeekMiss
+
+    index_of = {p: p // 10 for p in range(0, 200, 10)}  # frame i has pts 10 i
+
+    def run(frames):
+        return [i for i, _ in _from_keyframe(iter(frames), index_of)]
+
+    # leading pictures before the keyframe are skipped; the keyframe is confirmed by its successor
+    assert run([_Frame(30), _Frame(40), _Frame(50, True), _Frame(60), _Frame(70)]) == [5, 6, 7]
+    # MPEG-PS after a seek: the keyframe (really frame 5) says 8; its successor 6 contradicts it: dropped
+    assert run([_Frame(80, True), _Frame(60), _Frame(70), _Frame(80)]) == [6, 7, 8]
+    with pytest.raises(_SeekMiss, match="came after"):
+        run([_Frame(50, True), _Frame(60), _Frame(80)])  # a frame missing: nothing after it can be named
+    with pytest.raises(_SeekMiss, match="not a packet's"):
+        run([_Frame(55, True)])
+    with pytest.raises(_SeekMiss, match="confirm"):
+        run([_Frame(30), _Frame(50, True)])  # a keyframe nothing follows cannot be confirmed
