@@ -40,6 +40,12 @@ class VideoMeta:
         return VideoMeta(n, self.fps, self.width, self.height, ts)
 
 
+def _shown(packet) -> bool:
+    """A packet that becomes a frame on screen: not the empty flush packet, and not one an MP4 edit list hides (a
+    stream copy cut at 1.3 s keeps the frames from the keyframe before, marked discard, with negative times)."""
+    return packet.size > 0 and not packet.is_discard
+
+
 def demux_timestamps(path: str) -> np.ndarray | None:
     """Frame times of the first video stream from its packets (demuxed, not decoded: milliseconds per file)."""
     import av
@@ -47,7 +53,7 @@ def demux_timestamps(path: str) -> np.ndarray | None:
     try:
         with av.open(path) as c:
             s = first_video_stream(c)
-            pts = [p.pts for p in c.demux(s) if p.pts is not None and p.size > 0]
+            pts = [p.pts for p in c.demux(s) if p.pts is not None and _shown(p)]
             if not pts:
                 return None
             t = np.sort(np.asarray(pts, np.float64)) * float(s.time_base)
@@ -78,7 +84,7 @@ def demux_packet_count(path: str) -> int:
 
     try:
         with av.open(path) as c:
-            return sum(1 for p in c.demux(first_video_stream(c)) if p.size > 0)
+            return sum(1 for p in c.demux(first_video_stream(c)) if _shown(p))
     except Exception:  # noqa: BLE001 - the decode that follows reports what is wrong with the file
         return 0
 
@@ -161,6 +167,11 @@ class DecordBackend:
             while len(self._readers) > 16:  # bounded: a meta() whose decode() never came is dropped
                 self._readers.popitem(last=False)
         ts = vr.get_frame_timestamp(np.arange(len(vr)))[:, 0].astype(np.float64) if len(vr) else None
+        if ts is not None and ts[0] < -1e-6:
+            with self._lock:
+                self._readers.pop(path, None)
+            raise DecodeError(f"decord ignores this file's edit list: it would count {int((ts < -1e-6).sum())} "
+                              "hidden frames (a stream copy cut between keyframes)")
         return VideoMeta(len(vr), float(vr.get_avg_fps() or 0.0), int(w), int(h),
                          ts - ts[0] if ts is not None else None)
 
@@ -276,8 +287,10 @@ class PyAVBackend:
             if quarter_turns(_first_frame_rotation(c, s)) % 2:  # the size the frames are shown (and decoded) at
                 width, height = height, width
         ts = demux_timestamps(path)
-        if n <= 0:  # no count in the header (MPEG-TS, FLV, live Matroska, raw streams): count the packets
-            n = len(ts) if ts is not None else demux_packet_count(path)
+        if ts is not None:  # the frames shown: the header counts what an edit list hides, and TS has no count
+            n = len(ts)
+        elif n <= 0:  # a raw stream: no count and no timestamps
+            n = demux_packet_count(path)
         return VideoMeta(n, rate, width, height, ts if ts is not None and len(ts) == n else None)
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
@@ -299,8 +312,8 @@ class PyAVBackend:
 
         pts, seek_to = _demux_index(path)
         keyframes = sorted(seek_to)
-        if not keyframes or wanted[-1] >= len(pts):
-            raise _SeekMiss("no keyframe index, or fewer packets than frames")
+        if wanted[-1] >= len(pts):
+            raise _SeekMiss("no timestamps, or fewer packets than frames")
         index_of = {p: i for i, p in enumerate(pts)}
         if len(index_of) != len(pts):
             raise _SeekMiss("repeated timestamps")
@@ -314,8 +327,12 @@ class PyAVBackend:
                 step = max(1, int(round(0.5 / float(stream.time_base))))  # half a second in stream ticks
                 by_dts = False  # learnt per file: MPEG-TS lands on a keyframe by its decode time, MP4 by its own
                 for target in wanted:
-                    k = keyframes[bisect.bisect_right(keyframes, target) - 1] if keyframes[0] <= target else 0
-                    if frames is None or k > pos + 1:  # a keyframe past what is decoded: seeking skips frames
+                    # the last keyframe at or before the target (-1: none is shown before it; decode from the start)
+                    k = keyframes[bisect.bisect_right(keyframes, target) - 1] if keyframes and keyframes[0] <= target \
+                        else -1
+                    if frames is None and k <= 0:
+                        frames = _from_start(c.decode(stream), index_of)
+                    elif k > pos + 1:  # a keyframe past what is decoded: seeking skips frames
                         key_pts, key_dts = pts[k], seek_to[k]
                         tries = [key_dts, key_dts - step, key_dts - 4 * step, key_dts - 16 * step]
                         for n, at in enumerate(tries if by_dts else [key_pts, *tries]):
@@ -396,6 +413,16 @@ def _from_keyframe(frames, index_of: dict[int, int]):
         raise _SeekMiss("nothing decoded after the keyframe to confirm its timestamp")
 
 
+def _from_start(frames, index_of: dict[int, int]):
+    """``(index, frame)`` from a decode of the whole stream: sound without a keyframe check (an edit list may hide
+    the first keyframe), and every frame must carry the next index."""
+    for expected, frame in enumerate(frames):
+        i = index_of.get(frame.pts)
+        if i != expected:
+            raise _SeekMiss(f"frame {expected} from the start carries the timestamp of {i}")
+        yield i, frame
+
+
 def _demux_index(path: str) -> tuple[list[int], dict[int, int]]:
     """The first video stream's packet timestamps in presentation order, and its keyframes (where a decode may
     start) as presentation index -> decode timestamp. Empty where packets lack timestamps."""
@@ -403,7 +430,7 @@ def _demux_index(path: str) -> tuple[list[int], dict[int, int]]:
 
     try:
         with av.open(path) as c:
-            packets = [(p.pts, p.dts, p.is_keyframe) for p in c.demux(first_video_stream(c)) if p.size > 0]
+            packets = [(p.pts, p.dts, p.is_keyframe) for p in c.demux(first_video_stream(c)) if _shown(p)]
     except Exception:  # noqa: BLE001 - no index: the decode runs from the start
         return [], {}
     if not packets or any(p is None for p, _, _ in packets):

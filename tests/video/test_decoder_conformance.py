@@ -197,3 +197,36 @@ def test_from_keyframe_trusts_only_timestamps_that_follow_each_other():
         run([_Frame(55, True)])
     with pytest.raises(_SeekMiss, match="confirm"):
         run([_Frame(30), _Frame(50, True)])  # a keyframe nothing follows cannot be confirmed
+
+
+@pytest.fixture(scope="module")
+def edit_listed(files, tmp_path_factory):
+    """A stream copy cut at 1.3 s into an MP4: the frames from the keyframe before stay in the file, hidden by an
+    edit list (what trimming without re-encoding, in ffmpeg or an editing app, writes)."""
+    path = str(tmp_path_factory.mktemp("edit") / "trimmed.mp4")
+    synthetic._ffmpeg(["-ss", "1.3", "-i", files["h264_bframes.mp4"], "-c", "copy", path])
+    return path
+
+
+def test_frames_an_edit_list_hides_are_not_frames(edit_listed):
+    ref = ffmpeg_frames(edit_listed)
+    assert 40 < len(ref) < 75  # the oracle shows fewer frames than the file holds
+    v = decode(edit_listed)
+    assert v.meta.num_frames == len(ref) and v.backend in ("torchcodec", "pyav")  # decord steps aside
+    assert torch.equal(v.frames, ref[v.plan.indices])
+    p = decode(edit_listed, names=("pyav",))
+    assert p.meta.num_frames == len(ref) and torch.equal(p.frames, ref[p.plan.indices])
+    if [b for b in available_backends(ALL) if b.name == "decord"]:
+        with pytest.raises(DecodeError, match="edit list"):
+            decode(edit_listed, names=("decord",))  # it would count the hidden frames and shift every index
+
+
+def test_pyav_seeking_decode_with_a_hidden_first_keyframe(edit_listed):
+    """The first frame shown is not a keyframe (the keyframe is hidden): frames before the first shown keyframe
+    are decoded from the start."""
+    b = PyAVBackend()
+    n = b.meta(edit_listed).num_frames
+    every = b._decode_in_order(edit_listed, list(range(n)), (320, 240))
+    for idx in ([0], [1, 5], [3, n - 1], list(range(0, n, 7))):
+        assert torch.equal(torch.from_numpy(np.stack(list(b._decode_seeking(edit_listed, idx, (320, 240)).values()))),
+                           every[idx])
