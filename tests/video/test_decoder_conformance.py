@@ -44,14 +44,18 @@ FILES = {
 }
 
 
+def encode_all(directory, source: tuple[str, ...], table: dict) -> dict[str, str]:
+    """Every file of ``table`` (name -> (encoder arguments, expectation)) encoded from ``source``."""
+    out = {}
+    for name, (args, _) in table.items():
+        out[name] = str(directory / name)
+        synthetic._ffmpeg([*source, *args, out[name]])
+    return out
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("conformance")
-    out = {}
-    for name, (args, _) in FILES.items():
-        out[name] = str(d / name)
-        synthetic._ffmpeg([*SRC, *args, out[name]])
-    return out
+    return encode_all(tmp_path_factory.mktemp("conformance"), SRC, FILES)
 
 
 def ffmpeg_frames(path: str) -> torch.Tensor:
@@ -123,12 +127,7 @@ GOP_FILES = {
 
 @pytest.fixture(scope="module")
 def gop_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gops")
-    out = {}
-    for name, (args, _) in GOP_FILES.items():
-        out[name] = str(d / name)
-        synthetic._ffmpeg([*GOP_SRC, *args, out[name]])
-    return out
+    return encode_all(tmp_path_factory.mktemp("gops"), GOP_SRC, GOP_FILES)
 
 
 @pytest.mark.parametrize("name", sorted(GOP_FILES))
