@@ -148,7 +148,7 @@ def _decode_size(width: int, height: int, max_side: int | None) -> tuple[int, in
 
 class DecordBackend:
     name = "decord"
-    random_access = True  # seeks to each index; frame-exact only where ``seeks_frame_exactly`` says so
+    random_access = True  # trusts the container's seeking: frame-exact only where ``seeks_frame_exactly`` says so
 
     def __init__(self) -> None:
         import decord  # noqa: F401 - fail at construction when the package is missing
@@ -271,10 +271,11 @@ def backend_order(names: tuple[str, ...], nvdec: bool) -> tuple[str, ...]:
 
 
 class PyAVBackend:
-    """Sequential decode up to the last wanted frame; tolerates a broken tail by keeping what decoded."""
+    """Names every frame it hands out by its timestamp (seeking only where the timestamps vouch for the frame) or by
+    its place in a decode from the start; tolerates a broken tail by keeping what decoded."""
 
     name = "pyav"
-    random_access = False  # decodes from the start in presentation order: right in every container
+    random_access = False  # does not trust a container's seeking: right in every container (see decode)
 
     def meta(self, path: str) -> VideoMeta:
         import av
