@@ -12,6 +12,14 @@ GAP_S = 0.05
 shorter ones are rounding in the container's time base."""
 
 
+DISCONTINUITY_S = 10.0
+"""In MPEG-TS/PS, a timestamp jump this long or longer (either way) is a splice, not missing audio."""
+
+
+def _flat(frames, channels: int) -> list[np.ndarray]:
+    return [f.to_ndarray().reshape(channels, -1) for f in frames]
+
+
 def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None = None,
                  channels: int = 1) -> np.ndarray:
     """The first audio stream of ``path`` as float32 in [-1, 1] at ``sample_rate``: ``[N]`` mono, or ``[2, N]``
@@ -40,34 +48,43 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
             raise DecodeError("no audio stream")
         stream = container.streams.audio[0]
         layout = "mono" if channels == 1 else "stereo"
-        resampler = av.AudioResampler(format="fltp", layout=layout, rate=sample_rate)
+        resampler, source = None, None
         parts: list[np.ndarray] = []
         total = 0
         cap = None if max_seconds is None else int(max_seconds * sample_rate)
         expected = float(container.start_time) / av.time_base if container.start_time is not None else 0.0
+        # MPEG-TS/PS timestamps jump at splices of recordings: a jump past this is a discontinuity, not a gap
+        # (ffmpeg's dts_delta_threshold for formats flagged AVFMT_TS_DISCONT)
+        jump_s = DISCONTINUITY_S if container.format.flags & av.format.Flags.ts_discont.value else None
         first = True
         try:
             for frame in container.decode(stream):
                 t = frame.time  # seconds on the file's timeline; None where the stream has no timestamps
                 if t is not None:
                     gap = t - expected
-                    if gap * sample_rate >= 0.5 and (first or gap > GAP_S):
+                    if gap * sample_rate >= 0.5 and (first or GAP_S < gap and (jump_s is None or gap < jump_s)):
                         silence = int(round(gap * sample_rate))
                         if cap is not None and total + silence > cap:
                             raise DecodeError(f"audio starts or jumps {gap:.1f}s into the file, past the "
                                               f"{max_seconds:.0f}s cap")
                         parts.append(np.zeros((channels, silence), np.float32))
                         total += silence
-                    expected = max(expected, t + frame.samples / float(frame.sample_rate or sample_rate))
+                    step = frame.samples / float(frame.sample_rate or sample_rate)
+                    expected = t + step if jump_s is not None and abs(gap) >= jump_s else max(expected, t + step)
                 first = False
-                for out in resampler.resample(frame):
-                    arr = out.to_ndarray().reshape(channels, -1)
+                # a broadcast recording switches between stereo and 5.1, or 48 and 44.1 kHz, at an ad break
+                fmt = (frame.format.name, frame.layout.name, frame.sample_rate)
+                if fmt != source:
+                    if resampler is not None:
+                        parts.extend(_flat(resampler.resample(None), channels))
+                    resampler, source = av.AudioResampler(format="fltp", layout=layout, rate=sample_rate), fmt
+                for arr in _flat(resampler.resample(frame), channels):
                     parts.append(arr)
                     total += arr.shape[1]
                 if cap is not None and total > cap:
                     raise DecodeError(f"audio longer than the {max_seconds:.0f}s cap")
-            for out in resampler.resample(None):
-                parts.append(out.to_ndarray().reshape(channels, -1))
+            if resampler is not None:
+                parts.extend(_flat(resampler.resample(None), channels))
         except av.error.FFmpegError as e:
             if not parts:
                 raise DecodeError(f"audio does not decode: {type(e).__name__}: {e}") from e

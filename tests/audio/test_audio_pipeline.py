@@ -157,6 +157,43 @@ def test_a_gap_in_the_audio_timestamps_is_filled_with_silence(tmp_path, speech_t
         decode_audio(path, max_seconds=2.0)  # the silence counts against the cap, before it is allocated
 
 
+def _tone_hz(x: np.ndarray, sr: int = 16000) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.argmax(spectrum)) * sr / len(x)
+
+
+def _ts_segment(path: str, hz: int, rate: int, channels: int, offset_s: float = 0.0) -> str:
+    synthetic._ffmpeg(["-f", "lavfi", "-i", f"sine=frequency={hz}:sample_rate={rate}:duration=2",
+                       "-ac", str(channels), "-c:a", "aac", "-output_ts_offset", str(offset_s), "-f", "mpegts", path])
+    return path
+
+
+def test_a_recording_that_switches_audio_format_decodes_whole(tmp_path):
+    """A TV recording switches from 48 kHz stereo to 44.1 kHz 5.1 at an ad break (two TS recordings spliced): one
+    resampler cannot take both (PyAV raised ValueError and the item failed)."""
+    path = str(tmp_path / "switch.ts")
+    with open(path, "wb") as out:
+        for seg in (_ts_segment(str(tmp_path / "a.ts"), 440, 48000, 2),
+                    _ts_segment(str(tmp_path / "b.ts"), 660, 44100, 6)):
+            out.write(open(seg, "rb").read())
+    a = decode_audio(path)
+    assert len(a) == pytest.approx(4 * 16000, abs=1600)
+    assert _tone_hz(a[8000:24000]) == pytest.approx(440, abs=5)
+    assert _tone_hz(a[-24000:-8000]) == pytest.approx(660, abs=5)
+
+
+def test_a_splice_in_mpeg_ts_is_not_an_hour_of_silence(tmp_path):
+    """The second recording's clock is an hour later. In MPEG-TS (timestamps may restart at a splice) such a jump
+    is a discontinuity, as ffmpeg treats it, not missing audio to fill."""
+    path = str(tmp_path / "splice.ts")
+    with open(path, "wb") as out:
+        for seg in (_ts_segment(str(tmp_path / "a.ts"), 440, 48000, 2),
+                    _ts_segment(str(tmp_path / "b.ts"), 660, 48000, 2, offset_s=3600)):
+            out.write(open(seg, "rb").read())
+    a = decode_audio(path, max_seconds=600)
+    assert len(a) == pytest.approx(4 * 16000, abs=1600)
+
+
 def test_audio_decode_errors(tmp_path, media_dir):
     with pytest.raises(DecodeError, match="no audio stream"):
         decode_audio(f"{media_dir}/still.mp4")
