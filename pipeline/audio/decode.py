@@ -5,15 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import DecodeError
+from pipeline.media.probe import DISCONTINUITY_S, timestamps_may_jump
 
 
 GAP_S = 0.05
 """A jump in the audio timestamps longer than this (after the first frame) is a gap to fill with silence;
 shorter ones are rounding in the container's time base."""
-
-
-DISCONTINUITY_S = 10.0
-"""In MPEG-TS/PS, a timestamp jump this long or longer (either way) is a splice, not missing audio."""
 
 
 def _flat(frames, channels: int) -> list[np.ndarray]:
@@ -53,9 +50,7 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         total = 0
         cap = None if max_seconds is None else int(max_seconds * sample_rate)
         expected = float(container.start_time) / av.time_base if container.start_time is not None else 0.0
-        # MPEG-TS/PS timestamps jump at splices of recordings: a jump past this is a discontinuity, not a gap
-        # (ffmpeg's dts_delta_threshold for formats flagged AVFMT_TS_DISCONT)
-        jump_s = DISCONTINUITY_S if container.format.flags & av.format.Flags.ts_discont.value else None
+        jump_s = DISCONTINUITY_S if timestamps_may_jump(container) else None  # a splice, not missing audio
         first = True
         try:
             for frame in container.decode(stream):

@@ -40,6 +40,18 @@ class MediaInfo:
     audio: AudioStreamInfo | None
 
 
+DISCONTINUITY_S = 10.0
+"""In a format whose timestamps may jump (MPEG-TS/PS: recordings spliced together), a jump this long or longer,
+either way, is a splice, not a gap in the media (ffmpeg's ``dts_delta_threshold``)."""
+
+
+def timestamps_may_jump(container) -> bool:
+    """Whether the container's format is flagged AVFMT_TS_DISCONT (MPEG-TS, MPEG-PS)."""
+    import av
+
+    return bool(container.format.flags & av.format.Flags.ts_discont.value)
+
+
 def quarter_turns(rotation: float | None) -> int:
     """Counter-clockwise quarter turns (0-3) of a display-matrix rotation in degrees (PyAV says -90 for 270)."""
     return int(round((rotation or 0.0) / 90.0)) % 4

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DecodeError, DecodeTimeout
-from pipeline.media.probe import first_video_stream, quarter_turns
+from pipeline.media.probe import DISCONTINUITY_S, first_video_stream, quarter_turns, timestamps_may_jump
 from pipeline.video.preprocess import per_group
 from pipeline.video.sampling import FramePlan, FrameRequest, make_plan, variable_rate
 
@@ -47,16 +47,20 @@ def _shown(packet) -> bool:
 
 
 def demux_timestamps(path: str) -> np.ndarray | None:
-    """Frame times of the first video stream from its packets (demuxed, not decoded: milliseconds per file)."""
+    """Frame times of the first video stream from its packets (demuxed, not decoded: milliseconds per file). None
+    where they cannot give times: a splice of MPEG-TS recordings restarts the clock (repeated timestamps) or jumps
+    it by an hour, and sampling by such times would pick one frame eight times."""
     import av
 
     try:
         with av.open(path) as c:
             s = first_video_stream(c)
             pts = [p.pts for p in c.demux(s) if p.pts is not None and _shown(p)]
-            if not pts:
+            if not pts or len(set(pts)) != len(pts):
                 return None
             t = np.sort(np.asarray(pts, np.float64)) * float(s.time_base)
+            if timestamps_may_jump(c) and len(t) > 1 and np.diff(t).max() >= DISCONTINUITY_S:
+                return None
             return t - t[0]
     except Exception:  # noqa: BLE001 - no timestamps: sampling falls back to the average rate
         return None

@@ -229,3 +229,26 @@ def test_pyav_seeking_decode_with_a_hidden_first_keyframe(edit_listed):
     for idx in ([0], [1, 5], [3, n - 1], list(range(0, n, 7))):
         assert torch.equal(torch.from_numpy(np.stack(list(b._decode_seeking(edit_listed, idx, (320, 240)).values()))),
                            every[idx])
+
+
+@pytest.mark.parametrize("offset_s", [0, 3600])
+def test_spliced_mpeg_ts_recordings_are_sampled_by_frame(tmp_path, offset_s):
+    """Two TS recordings back to back: the second one's clock restarts (offset 0) or runs an hour ahead. Times
+    read from such timestamps put all eight uniform samples on one frame; they are sampled by frame instead."""
+    parts = []
+    for i, src in enumerate(("testsrc2", "smptebars")):
+        parts.append(str(tmp_path / f"{i}.ts"))
+        synthetic._ffmpeg(["-f", "lavfi", "-i", f"{src}=size=320x240:rate=25:duration=2", "-c:v", "libx264",
+                           "-preset", "ultrafast", "-g", "12", "-pix_fmt", "yuv420p",
+                           "-output_ts_offset", str(offset_s * i), "-f", "mpegts", parts[-1]])
+    path = str(tmp_path / "spliced.ts")
+    with open(path, "wb") as out:
+        for part in parts:
+            out.write(open(part, "rb").read())
+    ref = ffmpeg_frames(path)
+    item = MediaItem("x", path, 0, [Uniform(8)], VideoConfig(), available_backends(ALL))
+    v = item.video()
+    assert v.meta.num_frames == len(ref) == 100
+    assert len(set(v.plan.indices)) == 8 and min(v.plan.indices) < 50 < max(v.plan.indices)
+    assert torch.equal(v.frames, ref[v.plan.indices])
+    assert np.allclose(v.times(Uniform(8)), np.asarray(v.plan.indices) / 25.0)
