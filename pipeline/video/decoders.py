@@ -5,10 +5,10 @@ A file fails only when every configured backend failed on it; the result says wh
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import logging
 import threading
+from array import array
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -315,12 +315,10 @@ class PyAVBackend:
     def _decode_seeking(self, path: str, wanted: list[int], size: tuple[int, int]) -> dict[int, np.ndarray]:
         import av
 
-        pts, seek_to = _demux_index(path)
-        keyframes = sorted(seek_to)
-        if wanted[-1] >= len(pts):
+        index_of = _FrameIndex.demux(path)
+        if index_of is None or wanted[-1] >= len(index_of.pts):
             raise _SeekMiss("no timestamps, or fewer packets than frames")
-        index_of = {p: i for i, p in enumerate(pts)}
-        if len(index_of) != len(pts):
+        if len(index_of.pts) > 1 and not (np.diff(index_of.pts) > 0).all():
             raise _SeekMiss("repeated timestamps")
         got: dict[int, np.ndarray] = {}
         pos = -1  # index of the last frame decoded
@@ -333,12 +331,11 @@ class PyAVBackend:
                 by_dts = False  # learnt per file: MPEG-TS lands on a keyframe by its decode time, MP4 by its own
                 for target in wanted:
                     # the last keyframe at or before the target (-1: none is shown before it; decode from the start)
-                    k = keyframes[bisect.bisect_right(keyframes, target) - 1] if keyframes and keyframes[0] <= target \
-                        else -1
+                    k, key_dts = index_of.keyframe_at_or_before(target)
                     if frames is None and k <= 0:
                         frames = _from_start(c.decode(stream), index_of)
                     elif k > pos + 1:  # a keyframe past what is decoded: seeking skips frames
-                        key_pts, key_dts = pts[k], seek_to[k]
+                        key_pts = int(index_of.pts[k])
                         tries = [key_dts, key_dts - step, key_dts - 4 * step, key_dts - 16 * step]
                         for n, at in enumerate(tries if by_dts else [key_pts, *tries]):
                             c.seek(at, stream=stream, backward=True, any_frame=False)
@@ -391,7 +388,7 @@ class _SeekMiss(Exception):
     """The seeking decode cannot vouch for a frame: decode from the start instead."""
 
 
-def _from_keyframe(frames, index_of: dict[int, int]):
+def _from_keyframe(frames, index_of):
     """``(index, frame)`` in presentation order from the first keyframe a decode outputs after a seek: frames
     before it (leading pictures of an open GOP) may lack their references. From there every frame must carry the
     next index. After a seek in MPEG-PS the keyframe itself can carry a later frame's timestamp, which only its
@@ -418,7 +415,7 @@ def _from_keyframe(frames, index_of: dict[int, int]):
         raise _SeekMiss("nothing decoded after the keyframe to confirm its timestamp")
 
 
-def _from_start(frames, index_of: dict[int, int]):
+def _from_start(frames, index_of):
     """``(index, frame)`` from a decode of the whole stream: sound without a keyframe check (an edit list may hide
     the first keyframe), and every frame must carry the next index."""
     for expected, frame in enumerate(frames):
@@ -428,21 +425,54 @@ def _from_start(frames, index_of: dict[int, int]):
         yield i, frame
 
 
-def _demux_index(path: str) -> tuple[list[int], dict[int, int]]:
-    """The first video stream's packet timestamps in presentation order, and its keyframes (where a decode may
-    start) as presentation index -> decode timestamp. Empty where packets lack timestamps."""
-    import av
+class _FrameIndex:
+    """The first video stream's frames by presentation timestamp, from a demux: ``pts`` sorted (index i is the
+    i-th frame shown) and the keyframes, where a decode may start, with their decode timestamps. Arrays rather than
+    dicts: ten hours of 60 fps is two million frames."""
 
-    try:
-        with av.open(path) as c:
-            packets = [(p.pts, p.dts, p.is_keyframe) for p in c.demux(first_video_stream(c)) if _shown(p)]
-    except Exception:  # noqa: BLE001 - no index: the decode runs from the start
-        return [], {}
-    if not packets or any(p is None for p, _, _ in packets):
-        return [], {}
-    pts = sorted(p for p, _, _ in packets)
-    position = {p: i for i, p in enumerate(pts)}
-    return pts, {position[p]: (d if d is not None else p) for p, d, key in packets if key}
+    def __init__(self, pts: np.ndarray, dts: np.ndarray, key: np.ndarray):
+        order = np.argsort(pts, kind="stable")
+        self.pts = pts[order]
+        position = np.empty_like(order)
+        position[order] = np.arange(len(order))
+        by_position = np.argsort(position[key], kind="stable")
+        self.key_positions = position[key][by_position]
+        self.key_dts = dts[key][by_position]
+
+    @classmethod
+    def demux(cls, path: str) -> _FrameIndex | None:
+        """None where a packet shown has no timestamp (raw streams) or the file does not demux."""
+        import av
+
+        pts, dts, key = array("q"), array("q"), array("b")
+        try:
+            with av.open(path) as c:
+                for p in c.demux(first_video_stream(c)):
+                    if not _shown(p):
+                        continue
+                    if p.pts is None:
+                        return None
+                    pts.append(p.pts)
+                    dts.append(p.dts if p.dts is not None else p.pts)
+                    key.append(bool(p.is_keyframe))
+        except Exception:  # noqa: BLE001 - no index: the decode runs from the start
+            return None
+        if not pts:
+            return None
+        return cls(np.frombuffer(pts, np.int64), np.frombuffer(dts, np.int64), np.frombuffer(key, np.int8) > 0)
+
+    def get(self, pts: int | None) -> int | None:
+        """The presentation index of the frame with this timestamp (None: no packet has it)."""
+        if pts is None:
+            return None
+        i = int(np.searchsorted(self.pts, pts))
+        return i if i < len(self.pts) and self.pts[i] == pts else None
+
+    def keyframe_at_or_before(self, target: int) -> tuple[int, int]:
+        """The last keyframe shown at or before frame ``target`` and its decode timestamp; (-1, 0) where none is
+        (an edit list hides the first keyframe)."""
+        j = int(np.searchsorted(self.key_positions, target, side="right")) - 1
+        return (int(self.key_positions[j]), int(self.key_dts[j])) if j >= 0 else (-1, 0)
 
 
 def _first_frame_rotation(container, stream) -> float:
