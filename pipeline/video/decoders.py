@@ -55,10 +55,13 @@ def demux_timestamps(path: str) -> np.ndarray | None:
     try:
         with av.open(path) as c:
             s = first_video_stream(c)
-            pts = [p.pts for p in c.demux(s) if p.pts is not None and _shown(p)]
-            if not pts or len(set(pts)) != len(pts):
+            pts = array("q", (p.pts for p in c.demux(s) if p.pts is not None and _shown(p)))
+            if not pts:
                 return None
-            t = np.sort(np.asarray(pts, np.float64)) * float(s.time_base)
+            ticks = np.sort(np.frombuffer(pts, np.int64))
+            if len(ticks) > 1 and not (np.diff(ticks) > 0).all():
+                return None
+            t = ticks.astype(np.float64) * float(s.time_base)
             if timestamps_may_jump(c) and len(t) > 1 and np.diff(t).max() >= DISCONTINUITY_S:
                 return None
             return t - t[0]
