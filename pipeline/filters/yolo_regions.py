@@ -24,6 +24,25 @@ from pipeline.video.crop import aggregate_regions, safe_crop
 from pipeline.video.sampling import EveryK
 from pipeline.writer import is_local_fs
 
+MP4_AUDIO = frozenset({"aac", "mp3", "mp2", "ac3", "eac3", "alac", "opus"})
+"""Audio codecs the cropped MP4 takes as they are (``probe.audio.codec`` names); others (PCM from camera MOV or AVI,
+Vorbis, FLAC) are encoded to AAC."""
+
+
+def _audio_codecs(path: str) -> list[str]:
+    """ffmpeg codec arguments for every audio track of ``path`` in the cropped MP4: copied where MP4 holds the
+    codec, AAC otherwise (``-c:a copy`` of PCM made the whole encode fail)."""
+    import av
+
+    from pipeline.media.probe import codec_name
+
+    with av.open(path) as c:
+        codecs = [codec_name(s.codec_context) for s in c.streams.audio]
+    args = []
+    for i, codec in enumerate(codecs):
+        args += [f"-c:a:{i}", "copy"] if codec in MP4_AUDIO else [f"-c:a:{i}", "aac", f"-b:a:{i}", "192k"]
+    return args
+
 REGION = pa.struct([("label", pa.string()), ("x", pa.int32()), ("y", pa.int32()), ("w", pa.int32()),
                     ("h", pa.int32()), ("persistence", pa.float32()), ("mean_conf", pa.float32())])
 
@@ -212,7 +231,7 @@ class YoloRegionsFilter(VideoFilter):
         x1, y1, x2, y2 = crop
         cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", media.local_path,
                "-vf", f"crop={x2 - x1}:{y2 - y1}:{x1}:{y1}", "-map", "0:v:0", "-map", "0:a?",
-               "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-c:a", "copy", tmp]
+               "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", *_audio_codecs(media.local_path), tmp]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
             if proc.returncode != 0:

@@ -74,7 +74,7 @@ def first_video_stream(container):
     return streams[0]
 
 
-def _codec_name(ctx) -> str:
+def codec_name(ctx) -> str:
     """The codec, not the decoder FFmpeg picked for it: ``av1`` whether libdav1d or libaom decodes it."""
     return getattr(ctx.codec, "canonical_name", None) or ctx.name
 
@@ -114,7 +114,7 @@ def probe_media(path: str) -> MediaInfo:
             ctx = s.codec_context
             rate = s.average_rate or s.guessed_rate
             video = VideoStreamInfo(
-                codec=_codec_name(ctx), width=int(ctx.width), height=int(ctx.height),
+                codec=codec_name(ctx), width=int(ctx.width), height=int(ctx.height),
                 fps=float(rate) if rate else None, frames=int(s.frames) or None,
                 pix_fmt=ctx.pix_fmt,
             )
@@ -123,7 +123,7 @@ def probe_media(path: str) -> MediaInfo:
         if astreams:
             s = astreams[0]
             ctx = s.codec_context
-            audio = AudioStreamInfo(codec=_codec_name(ctx), sample_rate=int(ctx.sample_rate or 0),
+            audio = AudioStreamInfo(codec=codec_name(ctx), sample_rate=int(ctx.sample_rate or 0),
                                     channels=int(ctx.channels or 0))
         duration = float(container.duration) / av.time_base if container.duration else None
         if duration is None:

@@ -207,3 +207,23 @@ def test_crop_of_a_rotated_phone_clip_is_in_display_pixels(tmp_path, yolo_pt, ba
     assert (info.width, info.height, info.rotation) == (c["w"], c["h"], 0)
     frames = available_backends(("pyav",))[0].decode(out["crop_uri"], [0], (info.width, info.height), "cpu", False)
     assert frames[:, :, :3].float().mean() > 40 and frames[:, :, -3:].float().mean() > 40  # no bar left in it
+
+
+def test_crop_of_a_camera_mov_with_pcm_audio(tmp_path, yolo_pt):
+    """Camera MOVs carry PCM audio, which MP4 cannot hold: ``-c:a copy`` failed the whole encode (and the item).
+    PCM tracks become AAC; tracks MP4 holds are copied; every track is kept."""
+    from pipeline.media import synthetic
+
+    path = str(tmp_path / "cam.mov")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=1", "-f", "lavfi", "-i",
+                       "sine=frequency=440:duration=1", "-f", "lavfi", "-i", "sine=frequency=880:duration=1",
+                       "-map", "0", "-map", "1", "-map", "2", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                       "-c:a:0", "pcm_s24le", "-c:a:1", "aac", path])
+    f = _setup(tmp_path, yolo_pt, conf=0.999, step=5, crop_output=str(tmp_path / "crops"))
+    item = MediaItem("cam", path, 0, f.frame_requests(), VideoConfig(), available_backends(("pyav",)))
+    out = f.apply(item, FilterContext("cpu", None))
+    import av
+
+    with av.open(out["crop_uri"]) as c:
+        assert [s.codec_context.name for s in c.streams.audio] == ["aac", "aac"]
+        assert [s.codec_context.sample_rate for s in c.streams.audio] == [44100, 44100]
