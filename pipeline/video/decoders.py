@@ -335,9 +335,9 @@ class PyAVBackend:
                 for target in wanted:
                     # the last keyframe at or before the target (-1: none is shown before it; decode from the start)
                     k, key_dts = index_of.keyframe_at_or_before(target)
-                    if frames is None and k <= 0:
+                    if frames is None and k < SEEK_MIN_SKIP:  # near the start (or no keyframe shown before it)
                         frames = _from_start(c.decode(stream), index_of)
-                    elif k > pos + 1:  # a keyframe past what is decoded: seeking skips frames
+                    elif k - pos - 1 >= SEEK_MIN_SKIP:  # a keyframe well past what is decoded: seeking skips frames
                         key_pts = int(index_of.pts[k])
                         tries = [key_dts, key_dts - step, key_dts - 4 * step, key_dts - 16 * step]
                         for n, at in enumerate(tries if by_dts else [key_pts, *tries]):
@@ -385,6 +385,11 @@ class PyAVBackend:
         if len(got) < len(wanted):
             raise TruncatedVideo(i + 1 if i < last else max(got) + 1)
         return torch.from_numpy(np.stack([got[i] for i in indices]))
+
+
+SEEK_MIN_SKIP = 16
+"""PyAV seeks only where that skips at least this many frames: a seek flushes the decoder and refills its frame
+threads, which costs about as much as decoding a few frames."""
 
 
 class _SeekMiss(Exception):
