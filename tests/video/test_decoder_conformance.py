@@ -2,7 +2,8 @@
 
 The seeking backends (decord, torchcodec) return other frames than asked, without an error, in MPEG-PS, MPEG-TS,
 AVI with B-frames and MPEG-4 part 2 (measured; see ``video.random_access_containers``): those files must reach
-PyAV, which decodes in order. The oracle is ``ffmpeg -fps_mode passthrough`` to raw RGB, every frame in order.
+PyAV, which names every frame by its timestamp or decodes from the start. The oracle is ``ffmpeg -fps_mode
+passthrough`` to raw RGB, every frame in order.
 """
 
 import os
