@@ -47,26 +47,10 @@ def _shown(packet) -> bool:
 
 
 def demux_timestamps(path: str) -> np.ndarray | None:
-    """Frame times of the first video stream from its packets (demuxed, not decoded: milliseconds per file). None
-    where they cannot give times: a splice of MPEG-TS recordings restarts the clock (repeated timestamps) or jumps
-    it by an hour, and sampling by such times would pick one frame eight times."""
-    import av
-
-    try:
-        with av.open(path) as c:
-            s = first_video_stream(c)
-            pts = array("q", (p.pts for p in c.demux(s) if p.pts is not None and _shown(p)))
-            if not pts:
-                return None
-            ticks = np.sort(np.frombuffer(pts, np.int64))
-            if len(ticks) > 1 and not (np.diff(ticks) > 0).all():
-                return None
-            t = ticks.astype(np.float64) * float(s.time_base)
-            if timestamps_may_jump(c) and len(t) > 1 and np.diff(t).max() >= DISCONTINUITY_S:
-                return None
-            return t - t[0]
-    except Exception:  # noqa: BLE001 - no timestamps: sampling falls back to the average rate
-        return None
+    """Frame times of the first video stream from its packets (demuxed, not decoded: milliseconds per file); see
+    ``_FrameIndex.timestamps``."""
+    index = _FrameIndex.demux(path)
+    return index.timestamps() if index is not None else None
 
 
 def timeline_offset(path: str) -> float:
@@ -82,18 +66,6 @@ def timeline_offset(path: str) -> float:
             return max(0.0, float(s.start_time * s.time_base) - c.start_time / av.time_base)
     except Exception:  # noqa: BLE001 - no offset known: the first frame is at 0
         return 0.0
-
-
-def demux_packet_count(path: str) -> int:
-    """Frames of the first video stream as its non-empty packets: a raw elementary stream (``.h264``) has neither a
-    frame count nor timestamps. 0 when the file cannot be demuxed."""
-    import av
-
-    try:
-        with av.open(path) as c:
-            return sum(1 for p in c.demux(first_video_stream(c)) if _shown(p))
-    except Exception:  # noqa: BLE001 - the decode that follows reports what is wrong with the file
-        return 0
 
 
 def seeks_frame_exactly(container: str, codec: str, containers: tuple[str, ...], codecs: tuple[str, ...]) -> bool:
@@ -153,6 +125,27 @@ def _decode_size(width: int, height: int, max_side: int | None) -> tuple[int, in
     return max(2, int(round(width * s / 2)) * 2), max(2, int(round(height * s / 2)) * 2)
 
 
+class _Handoff:
+    """What a backend's ``meta()`` opened or read, kept by path for its ``decode()`` of the same item to take: one
+    open (decord) or one demux (PyAV) per item, not two. Bounded: a ``meta()`` whose ``decode()`` never came is
+    dropped."""
+
+    def __init__(self, limit: int = 16):
+        self._items: OrderedDict[str, object] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def put(self, path: str, value: object) -> None:
+        with self._lock:
+            self._items[path] = value
+            while len(self._items) > self._limit:
+                self._items.popitem(last=False)
+
+    def take(self, path: str) -> object | None:
+        with self._lock:
+            return self._items.pop(path, None)
+
+
 class DecordBackend:
     name = "decord"
     random_access = True  # trusts the container's seeking: frame-exact only where ``seeks_frame_exactly`` says so
@@ -160,25 +153,18 @@ class DecordBackend:
     def __init__(self) -> None:
         import decord  # noqa: F401 - fail at construction when the package is missing
 
-        # readers opened by meta(), reused by decode() at source size: one open per item, not two
-        self._readers: OrderedDict[str, object] = OrderedDict()
-        self._lock = threading.Lock()
+        self._readers = _Handoff()  # opened by meta(), reused by decode() at source size
 
     def meta(self, path: str) -> VideoMeta:
         import decord
 
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         h, w = vr[0].shape[:2] if len(vr) else (0, 0)  # decord exposes the size only through a frame
-        with self._lock:
-            self._readers[path] = vr
-            while len(self._readers) > 16:  # bounded: a meta() whose decode() never came is dropped
-                self._readers.popitem(last=False)
         ts = vr.get_frame_timestamp(np.arange(len(vr)))[:, 0].astype(np.float64) if len(vr) else None
         if ts is not None and ts[0] < -1e-6:
-            with self._lock:
-                self._readers.pop(path, None)
             raise DecodeError(f"decord ignores this file's edit list: it would count {int((ts < -1e-6).sum())} "
                               "hidden frames (a stream copy cut between keyframes)")
+        self._readers.put(path, vr)
         return VideoMeta(len(vr), float(vr.get_avg_fps() or 0.0), int(w), int(h),
                          ts - ts[0] if ts is not None else None)
 
@@ -186,8 +172,7 @@ class DecordBackend:
                resize: bool) -> torch.Tensor:
         import decord
 
-        with self._lock:
-            vr = self._readers.pop(path, None)
+        vr = self._readers.take(path)
         if vr is None or resize:
             vr = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1], num_threads=1)
         return torch.from_numpy(vr.get_batch(indices).asnumpy())
@@ -284,6 +269,9 @@ class PyAVBackend:
     name = "pyav"
     random_access = False  # does not trust a container's seeking: right in every container (see decode)
 
+    def __init__(self) -> None:
+        self._indices = _Handoff()  # the demux meta() read, for decode() to seek by
+
     def meta(self, path: str) -> VideoMeta:
         import av
 
@@ -294,11 +282,12 @@ class PyAVBackend:
             width, height = int(s.codec_context.width), int(s.codec_context.height)
             if quarter_turns(_first_frame_rotation(c, s)) % 2:  # the size the frames are shown (and decoded) at
                 width, height = height, width
-        ts = demux_timestamps(path)
-        if ts is not None:  # the frames shown: the header counts what an edit list hides, and TS has no count
-            n = len(ts)
-        elif n <= 0:  # a raw stream: no count and no timestamps
-            n = demux_packet_count(path)
+        index = _FrameIndex.demux(path)
+        if index is not None:
+            self._indices.put(path, index)
+            # the frames shown: the header counts what an edit list hides, and TS and raw streams have no count
+            n = index.count
+        ts = index.timestamps() if index is not None else None
         return VideoMeta(n, rate, width, height, ts if ts is not None and len(ts) == n else None)
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
@@ -308,20 +297,21 @@ class PyAVBackend:
         that lands elsewhere (MPEG-TS, open GOPs) is noticed; where timestamps cannot identify frames (AVI) or a
         seek misses, the whole request is decoded from the start."""
         try:
-            got = self._decode_seeking(path, sorted(set(indices)), size)
+            got = self._decode_seeking(path, sorted(set(indices)), size, self._indices.take(path))
         except _SeekMiss as e:
             log.debug("pyav: decoding %s from the start: %s", path, e)
         else:
             return torch.from_numpy(np.stack([got[i] for i in indices]))
         return self._decode_in_order(path, indices, size)
 
-    def _decode_seeking(self, path: str, wanted: list[int], size: tuple[int, int]) -> dict[int, np.ndarray]:
+    def _decode_seeking(self, path: str, wanted: list[int], size: tuple[int, int],
+                        index_of: _FrameIndex | None = None) -> dict[int, np.ndarray]:
         import av
 
-        index_of = _FrameIndex.demux(path)
-        if index_of is None or wanted[-1] >= len(index_of.pts):
+        index_of = index_of or _FrameIndex.demux(path)
+        if index_of is None or index_of.pts is None or wanted[-1] >= index_of.count:
             raise _SeekMiss("no timestamps, or fewer packets than frames")
-        if len(index_of.pts) > 1 and not (np.diff(index_of.pts) > 0).all():
+        if index_of.repeats:
             raise _SeekMiss("repeated timestamps")
         got: dict[int, np.ndarray] = {}
         pos = -1  # index of the last frame decoded
@@ -434,13 +424,23 @@ def _from_start(frames, index_of):
 
 
 class _FrameIndex:
-    """The first video stream's frames by presentation timestamp, from a demux: ``pts`` sorted (index i is the
-    i-th frame shown) and the keyframes, where a decode may start, with their decode timestamps. Arrays rather than
-    dicts: ten hours of 60 fps is two million frames."""
+    """The first video stream's shown frames, from one demux (no decode): ``count`` of them; ``pts`` sorted, so that
+    index i is the i-th frame shown (None where a packet has no timestamp: raw streams); and the keyframes, where a
+    decode may start, with their decode timestamps. Arrays rather than dicts: ten hours of 60 fps is two million
+    frames."""
 
-    def __init__(self, pts: np.ndarray, dts: np.ndarray, key: np.ndarray):
+    def __init__(self, count: int, pts: np.ndarray | None, dts: np.ndarray, key: np.ndarray, time_base: float,
+                 may_jump: bool):
+        self.count = count
+        self.time_base = time_base
+        self.may_jump = may_jump
+        self.pts = None
+        self.repeats = False
+        if pts is None:
+            return
         order = np.argsort(pts, kind="stable")
         self.pts = pts[order]
+        self.repeats = len(self.pts) > 1 and not (np.diff(self.pts) > 0).all()
         position = np.empty_like(order)
         position[order] = np.arange(len(order))
         by_position = np.argsort(position[key], kind="stable")
@@ -449,25 +449,40 @@ class _FrameIndex:
 
     @classmethod
     def demux(cls, path: str) -> _FrameIndex | None:
-        """None where a packet shown has no timestamp (raw streams) or the file does not demux."""
+        """None where the file does not demux (the decode that follows says what is wrong with it)."""
         import av
 
         pts, dts, key = array("q"), array("q"), array("b")
+        count, timed = 0, True
         try:
             with av.open(path) as c:
-                for p in c.demux(first_video_stream(c)):
+                s = first_video_stream(c)
+                for p in c.demux(s):
                     if not _shown(p):
                         continue
+                    count += 1
                     if p.pts is None:
-                        return None
-                    pts.append(p.pts)
-                    dts.append(p.dts if p.dts is not None else p.pts)
-                    key.append(bool(p.is_keyframe))
-        except Exception:  # noqa: BLE001 - no index: the decode runs from the start
+                        timed = False
+                    if timed:
+                        pts.append(p.pts)
+                        dts.append(p.dts if p.dts is not None else p.pts)
+                        key.append(bool(p.is_keyframe))
+                time_base, may_jump = float(s.time_base), timestamps_may_jump(c)
+        except Exception:  # noqa: BLE001 - no index: sampling by the average rate, decoding from the start
             return None
-        if not pts:
+        return cls(count, np.frombuffer(pts, np.int64) if timed and count else None, np.frombuffer(dts, np.int64),
+                   np.frombuffer(key, np.int8) > 0, time_base, may_jump)
+
+    def timestamps(self) -> np.ndarray | None:
+        """Seconds of each frame from the first. None where they cannot give times: a splice of MPEG-TS recordings
+        restarts the clock (repeated timestamps) or jumps it by an hour, and sampling by such times would pick one
+        frame eight times."""
+        if self.pts is None or self.repeats:
             return None
-        return cls(np.frombuffer(pts, np.int64), np.frombuffer(dts, np.int64), np.frombuffer(key, np.int8) > 0)
+        t = self.pts.astype(np.float64) * self.time_base
+        if self.may_jump and len(t) > 1 and np.diff(t).max() >= DISCONTINUITY_S:
+            return None
+        return t - t[0]
 
     def get(self, pts: int | None) -> int | None:
         """The presentation index of the frame with this timestamp (None: no packet has it)."""
