@@ -148,6 +148,11 @@ class ResumeConfig:
     """Redo items whose only rows are failures (False: skip them too)."""
     allow_config_change: bool = False
     """Resume even though the input or the filters differ from the recorded config."""
+    on_schema_change: Literal["fail", "conform"] = "fail"
+    """When the committed rows have another schema than this run writes (another mediasieve version or
+    model): ``fail`` stops before any work; ``conform`` writes the new rows in the committed schema (fields it
+    lacks are dropped, fields this run no longer fills are null), so the table stays one table to its readers.
+    A changed type always stops."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError, OutputLockedError
 from pipeline.writer import PARTS_DIR, commit_bytes, is_local_fs
@@ -60,6 +61,8 @@ class CommittedState:
     failed_only: pa.Array
     files: int
     rows: int
+    newest_part: str | None = None
+    """The part file of the latest run (names start with the run's UTC time), whose schema a rerun checks."""
 
 
 def read_committed(out_dir: str, storage_options: dict, id_column: str,
@@ -86,7 +89,93 @@ def read_committed(out_dir: str, storage_options: dict, id_column: str,
     bad_ids = pc.unique(table.filter(pc.invert(table["ok"]))["id"])
     del table
     failed_only = bad_ids.filter(pc.invert(pc.is_in(bad_ids, value_set=ok_ids)))
-    return CommittedState(ok_ids, failed_only, len(files), rows)
+    newest = max(files, key=lambda f: f.rsplit("/", 1)[-1])
+    return CommittedState(ok_ids, failed_only, len(files), rows, newest)
+
+
+@dataclass(frozen=True)
+class SchemaDrift:
+    """How the rows a run would write differ from the committed ones: dotted paths with their types."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+    def describe(self) -> str:
+        parts = [f"{what}: {', '.join(paths)}" for what, paths in
+                 (("added", self.added), ("removed", self.removed), ("changed", self.changed)) if paths]
+        return "; ".join(parts)
+
+
+def _drift_into(path: str, old: pa.DataType, new: pa.DataType, out: dict[str, list[str]]) -> None:
+    if pa.types.is_struct(old) and pa.types.is_struct(new):
+        _drift_fields(f"{path}.", list(old), list(new), out)
+    elif (pa.types.is_list(old) and pa.types.is_list(new)) or (
+            pa.types.is_large_list(old) and pa.types.is_large_list(new)):
+        _drift_into(f"{path}[]", old.value_type, new.value_type, out)
+    elif not old.equals(new):
+        out["changed"].append(f"{path} ({old} -> {new})")
+
+
+def _drift_fields(prefix: str, old: list[pa.Field], new: list[pa.Field], out: dict[str, list[str]]) -> None:
+    old_by, new_by = {f.name: f for f in old}, {f.name: f for f in new}
+    for f in new:
+        if f.name not in old_by:
+            out["added"].append(f"{prefix}{f.name} ({f.type})")
+        else:
+            _drift_into(f"{prefix}{f.name}", old_by[f.name].type, f.type, out)
+    out["removed"] += [f"{prefix}{f.name} ({f.type})" for f in old if f.name not in new_by]
+
+
+def schema_drift(committed: pa.Schema, current: pa.Schema) -> SchemaDrift:
+    """Fields (at any depth of structs and lists) added, removed or retyped from ``committed`` to ``current``.
+
+    Field order and metadata are not drift: rows are matched to the schema by name.
+    """
+    out: dict[str, list[str]] = {"added": [], "removed": [], "changed": []}
+    _drift_fields("", list(committed), list(current), out)
+    return SchemaDrift(tuple(out["added"]), tuple(out["removed"]), tuple(out["changed"]))
+
+
+def writer_schema(out_dir: str, storage_options: dict, newest_part: str | None, current: pa.Schema,
+                  on_change: str) -> pa.Schema:
+    """The schema this run writes its parts in: the committed one, so that the table stays one table.
+
+    A table whose parts disagree is not one table to its readers: pyarrow and DuckDB take the first file's
+    schema and silently drop a field that only later parts have, and Polars refuses the scan. So a rerun with a
+    version of mediasieve (or a model) whose rows differ from the committed ones stops, unless
+    ``on_change="conform"``: new rows are then written in the committed schema (fields it lacks are dropped,
+    fields it has that this version no longer fills are null). A changed type cannot be conformed.
+
+    Args:
+        out_dir: output directory URL.
+        storage_options: fsspec options.
+        newest_part: the latest run's part file (``CommittedState.newest_part``), None for a new output.
+        current: the schema this version writes.
+        on_change: ``fail`` or ``conform``.
+
+    Raises:
+        ConfigError: the schemas differ and they may not, or cannot, be conformed.
+    """
+    if newest_part is None:
+        return current
+    fs, _ = fsspec.core.url_to_fs(out_dir, **storage_options)
+    with fs.open(newest_part, "rb") as f:
+        committed = pq.read_schema(f)
+    drift = schema_drift(committed, current)
+    if not drift:
+        return committed.remove_metadata()
+    where = f"{out_dir} holds rows in another schema than this run writes ({drift.describe()})"
+    if drift.changed:
+        raise ConfigError(f"{where}; a changed type cannot be written into the same table: use a new output.dir")
+    if on_change != "conform":
+        raise ConfigError(f"{where}; use a new output.dir, or resume.on_schema_change=conform to write the new "
+                          "rows in the committed schema (added fields dropped, removed fields null)")
+    log.warning("%s; writing the new rows in the committed schema (resume.on_schema_change=conform)", where)
+    return committed.remove_metadata()
 
 
 def pending_indices(ids: pa.Array | pa.ChunkedArray, state: CommittedState, retry_failed: bool,

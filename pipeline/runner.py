@@ -39,6 +39,7 @@ from pipeline.resume import (
     part_files,
     pending_indices,
     read_committed,
+    writer_schema,
 )
 from pipeline.storage import FetchedItem, TieredFetcher
 from pipeline.task_queue import BoundedTaskQueue
@@ -315,6 +316,25 @@ class RankWorkers:
             raise self._fatal[0]
 
 
+def _agree_on_schema(cfg: JobConfig, ctx: DistContext, schema: pa.Schema, newest_part: str | None) -> pa.Schema:
+    """Rank 0 reads the committed parts' schema once and every rank writes in what it decides."""
+    verdict: tuple[pa.Schema | None, str | None, str | None] = (None, None, None)
+    if ctx.is_main:
+        try:
+            verdict = (writer_schema(cfg.output.dir, cfg.output.storage_options, newest_part, schema,
+                                     cfg.resume.on_schema_change), None, None)
+        except MediasieveError as e:
+            verdict = (None, type(e).__name__, str(e))
+            ctx.broadcast(verdict)
+            raise
+    decided, err_type, err_msg = ctx.broadcast(verdict)
+    if err_type is not None:
+        from pipeline import errors
+
+        raise getattr(errors, err_type, MediasieveError)(err_msg)
+    return decided
+
+
 def _new_run_id() -> str:
     return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
@@ -422,10 +442,12 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
     n_units = math.ceil(len(pending) / cfg.runtime.unit_size)
     log.info("run %s: %d items in manifest, %d committed successes, %d to process in %d units", run_id,
              len(manifest), len(state.succeeded), len(pending), n_units)
+    newest_part = state.newest_part
     del state
 
     filters = build_filters(cfg.filters)
-    schema = result_schema(manifest.schema, [(f.name, f.arrow_type()) for f in filters])
+    schema = _agree_on_schema(cfg, ctx, result_schema(manifest.schema, [(f.name, f.arrow_type()) for f in filters]),
+                              newest_part)
     pool = ModelPool(device, cfg.model_pool.instances, cfg.model_pool.acquire_timeout_s, cfg.runtime.empty_cache_every)
     model_cache = cfg.model_pool.model_cache_dir or os.path.join(cfg.storage.cache_dir, "models")
     setup = SetupContext(device, pool, lambda uri, options=None: localize_model(

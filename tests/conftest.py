@@ -104,3 +104,12 @@ def base_config(manifest: str, corpus: str, out: str, cache: str, **sections) ->
 import logging  # noqa: E402
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+def probe_type_before_rotation():
+    """The probe's output struct as the version before ``probe.video.rotation`` wrote it (schema-change tests)."""
+    from pipeline.filters.probe import ProbeFilter
+
+    current = ProbeFilter.output_type
+    video = pa.struct([f for f in current.field("video").type if f.name != "rotation"])
+    return pa.struct([pa.field("video", video) if f.name == "video" else f for f in current])

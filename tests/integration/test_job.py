@@ -12,7 +12,7 @@ from pipeline.distributed import DistContext
 from pipeline.errors import OutputLockedError
 from pipeline.resume import OutputLease
 from pipeline.runner import run_rank
-from tests.conftest import base_config, make_corpus, write_manifest
+from tests.conftest import base_config, make_corpus, probe_type_before_rotation, write_manifest
 from tests.s3server import FaultProxy
 
 
@@ -197,6 +197,40 @@ def test_resume_refuses_a_different_job(tmp_path, media_dir):
     raw["filters"] = {"noop": {}}
     with pytest.raises(ConfigError, match="different job"):
         _run(raw)
+
+
+def test_resume_across_a_schema_change_stops_or_conforms(tmp_path, media_dir, monkeypatch):
+    """An output begun by the previous version, whose probe had no video rotation, resumed by this one."""
+    import polars as pl
+
+    from pipeline.errors import ConfigError
+    from pipeline.filters.probe import ProbeFilter
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 3)
+    rows.append({"video_id": "late", "video_path": "late.mp4", "batch": 9})  # not there yet: fails, is retried
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    out = tmp_path / "out"
+    raw = base_config(manifest, str(tmp_path / "c"), str(out), str(tmp_path / "cache"))
+    current = ProbeFilter.output_type
+    older = probe_type_before_rotation()
+    monkeypatch.setattr(ProbeFilter, "output_type", older)
+    assert _run(raw).summary["total"]["failed"] == 1
+    monkeypatch.setattr(ProbeFilter, "output_type", current)
+    (tmp_path / "c" / "late.mp4").write_bytes((tmp_path / "c" / "item_0000.mp4").read_bytes())
+    parts_before = sorted(os.listdir(out / "parts"))
+
+    with pytest.raises(ConfigError, match=r"added: probe.video.rotation \(int32\)"):
+        _run(raw)
+    assert sorted(os.listdir(out / "parts")) == parts_before  # stopped before any work
+
+    raw["resume"] = {"on_schema_change": "conform"}
+    outcome = _run(raw)
+    assert outcome.summary["this_run"]["items"] == 1 and outcome.summary["total"]["succeeded"] == 4
+    for part in os.listdir(out / "parts"):
+        assert pq.read_schema(out / "parts" / part).field("probe").type.equals(older)
+    table = pl.scan_parquet(str(out / "parts" / "*.parquet")).collect()  # refused a mixed table before
+    late = table.filter(pl.col("video_id") == "late").filter(pl.col("result_info").struct.field("succeed"))
+    assert late["probe"].struct.field("video").struct.field("width").to_list() == [320]
 
 
 def test_several_filters_fill_their_typed_columns(tmp_path, media_dir):

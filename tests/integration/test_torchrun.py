@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from tests.conftest import ROOT, base_config, make_corpus, write_manifest
+from tests.conftest import ROOT, base_config, make_corpus, probe_type_before_rotation, write_manifest
 
 
 def _torchrun(config: str, *overrides: str, nproc: int = 2) -> list[str]:
@@ -152,3 +152,32 @@ def test_cli_refuses_an_output_in_use(tmp_path, media_dir):
     finally:
         first.kill()
         first.wait()
+
+
+def test_two_ranks_agree_to_stop_or_conform_on_a_schema_change(tmp_path, media_dir, monkeypatch):
+    """Parts written by the previous version (its probe had no video rotation), resumed on two ranks."""
+    from pipeline.config import build_config
+    from pipeline.distributed import DistContext
+    from pipeline.filters.probe import ProbeFilter
+    from pipeline.runner import run_rank
+
+    rows, config = _setup(tmp_path, media_dir, 6)
+    older = probe_type_before_rotation()
+    monkeypatch.setattr(ProbeFilter, "output_type", older)
+    os.rename(tmp_path / "corpus" / "item_0005.wav", tmp_path / "held.wav")  # fails now, retried by the rerun
+    run_rank(build_config(yaml.safe_load(open(config))), DistContext())
+    os.rename(tmp_path / "held.wav", tmp_path / "corpus" / "item_0005.wav")
+    parts = sorted(os.listdir(tmp_path / "out" / "parts"))
+
+    proc = subprocess.run(_torchrun(config), env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # torchrun says 1 when its ranks fail
+    assert "added: probe.video.rotation (int32)" in proc.stderr and "on_schema_change=conform" in proc.stderr
+    assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]  # each rank stopped with a config error
+    assert sorted(os.listdir(tmp_path / "out" / "parts")) == parts and not (tmp_path / "out" / "_lease.json").exists()
+
+    proc = subprocess.run(_torchrun(config, "resume.on_schema_change=conform"), env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(tmp_path / "out" / "summary.json"))["total"]["succeeded"] == 6
+    for part in os.listdir(tmp_path / "out" / "parts"):
+        assert pq.read_schema(tmp_path / "out" / "parts" / part).field("probe").type.equals(older)

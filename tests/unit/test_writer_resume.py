@@ -137,3 +137,61 @@ def test_log_lines_scrub_credential_values(monkeypatch, capfd):
         root.handlers[:], _ = saved[0], root.setLevel(saved[1])
     err = capfd.readouterr().err
     assert "[rank 3]" in err and "***" in err and "topsecretvalue123" not in err
+
+
+def test_schema_drift_names_fields_at_any_depth():
+    from pipeline.resume import schema_drift
+
+    video = pa.struct([("codec", pa.string()), ("width", pa.int32())])
+    windows = pa.list_(pa.struct([("start_s", pa.float64()), ("label", pa.string())]))
+    old = pa.schema([("id", pa.string()), ("probe", pa.struct([("video", video)])), ("windows", windows)])
+    assert not schema_drift(old, old)
+    # order is not drift: rows are matched to the schema by name
+    assert not schema_drift(old, pa.schema([old.field("windows"), old.field("probe"), old.field("id")]))
+    new = pa.schema([
+        ("id", pa.string()),
+        ("probe", pa.struct([("video", pa.struct([("codec", pa.string()), ("width", pa.int64()),
+                                                   ("rotation", pa.int32())]))])),
+        ("windows", pa.list_(pa.struct([("start_s", pa.float64())]))),
+        ("extra", pa.bool_()),
+    ])
+    drift = schema_drift(old, new)
+    assert drift.added == ("probe.video.rotation (int32)", "extra (bool)")
+    assert drift.removed == ("windows[].label (string)",)
+    assert drift.changed == ("probe.video.width (int32 -> int64)",)
+    assert "added: probe.video.rotation (int32), extra (bool)" in drift.describe()
+
+
+def _committed_part(tmp_path, schema):
+    w = ResultWriter(str(tmp_path), {}, schema, "20260101T000000-aaaa", 0, rows_per_file=10)
+    w.add({"id": "a", "probe": {"w": 1}, "result_info": {"succeed": True}})
+    w.close()
+    return read_committed(str(tmp_path), {}, "id").newest_part
+
+
+def test_writer_schema_keeps_the_committed_table_one_table(tmp_path):
+    from pipeline.resume import writer_schema
+
+    old = result_schema(pa.schema([("id", pa.string())]), [("probe", pa.struct([("w", pa.int32())]))])
+    part = _committed_part(tmp_path, old)
+    assert writer_schema(str(tmp_path), {}, None, old, "fail") is old  # a new output writes what it has
+    same = writer_schema(str(tmp_path), {}, part, old, "fail")
+    assert same.equals(old)
+    added = result_schema(pa.schema([("id", pa.string())]),
+                          [("probe", pa.struct([("w", pa.int32()), ("rotation", pa.int32())]))])
+    with pytest.raises(ConfigError, match=r"added: probe.rotation \(int32\).*on_schema_change=conform"):
+        writer_schema(str(tmp_path), {}, part, added, "fail")
+    assert writer_schema(str(tmp_path), {}, part, added, "conform").equals(old)
+    retyped = result_schema(pa.schema([("id", pa.string())]), [("probe", pa.struct([("w", pa.string())]))])
+    for policy in ("fail", "conform"):
+        with pytest.raises(ConfigError, match=r"changed: probe.w \(int32 -> string\).*new output.dir"):
+            writer_schema(str(tmp_path), {}, part, retyped, policy)
+
+
+def test_newest_part_is_the_latest_runs(tmp_path):
+    schema = result_schema(pa.schema([("id", pa.string())]), [])
+    for run_id in ("20260102T000000-bbbb", "20260101T000000-cccc"):
+        w = ResultWriter(str(tmp_path), {}, schema, run_id, 3, rows_per_file=10)
+        w.add({"id": run_id, "result_info": {"succeed": True}})
+        w.close()
+    assert "20260102T000000-bbbb" in read_committed(str(tmp_path), {}, "id").newest_part
