@@ -106,10 +106,12 @@ import logging  # noqa: E402
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
-def probe_type_before_rotation():
-    """The probe's output struct as the version before ``probe.video.rotation`` wrote it (schema-change tests)."""
+def probe_type_of_previous_version():
+    """The probe's output struct as the previous version wrote it, before the video stream's ``rotation``,
+    ``index``, ``sample_aspect_ratio`` and ``interlaced`` and the audio stream's ``index`` (schema-change tests)."""
     from pipeline.filters.probe import ProbeFilter
 
+    new_fields = {"video": {"rotation", "index", "sample_aspect_ratio", "interlaced"}, "audio": {"index"}}
     current = ProbeFilter.output_type
-    video = pa.struct([f for f in current.field("video").type if f.name != "rotation"])
-    return pa.struct([pa.field("video", video) if f.name == "video" else f for f in current])
+    return pa.struct([pa.field(f.name, pa.struct([g for g in f.type if g.name not in new_fields[f.name]]))
+                      if f.name in new_fields else f for f in current])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import DecodeError
-from pipeline.media.probe import DISCONTINUITY_S, timestamps_may_jump
+from pipeline.media.probe import DISCONTINUITY_S, main_audio_stream, timestamps_may_jump
 
 
 GAP_S = 0.05
@@ -19,8 +19,8 @@ def _flat(frames, channels: int) -> list[np.ndarray]:
 
 def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None = None,
                  channels: int = 1) -> np.ndarray:
-    """The first audio stream of ``path`` as float32 in [-1, 1] at ``sample_rate``: ``[N]`` mono, or ``[2, N]``
-    with ``channels=2`` (a mono source is duplicated).
+    """The main audio stream of ``path`` (``main_audio_stream``: the default track) as float32 in [-1, 1] at
+    ``sample_rate``: ``[N]`` mono, or ``[2, N]`` with ``channels=2`` (a mono source is duplicated).
 
     Sample 0 is the start of the file's timeline (the container's start, what ``ffmpeg -ss`` counts from), so
     speech times line up with the video: audio that starts after the video (a delayed track, common in MPEG-TS and
@@ -41,9 +41,7 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
     except (av.error.FFmpegError, OSError, ValueError) as e:
         raise DecodeError(f"cannot open media: {type(e).__name__}: {e}") from e
     with container:
-        if not container.streams.audio:
-            raise DecodeError("no audio stream")
-        stream = container.streams.audio[0]
+        stream = main_audio_stream(container)  # the default track of a film with commentary or dubs
         layout = "mono" if channels == 1 else "stereo"
         resampler, source = None, None
         parts: list[np.ndarray] = []

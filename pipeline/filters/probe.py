@@ -9,7 +9,8 @@ from pipeline.media.item import MediaItem
 
 
 class ProbeFilter(Filter):
-    """Container format, duration, bit rate, and the first video and audio stream's parameters."""
+    """Container format, duration, bit rate, and the parameters of the main video and audio streams (the ones
+    marked default, else the first: what the other filters decode), with their container indices."""
 
     output_type = pa.struct([
         ("container", pa.string()),
@@ -20,9 +21,11 @@ class ProbeFilter(Filter):
         ("video", pa.struct([
             ("codec", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
             ("fps", pa.float64()), ("frames", pa.int64()), ("pix_fmt", pa.string()),
-            ("rotation", pa.int32()),
+            ("rotation", pa.int32()), ("index", pa.int32()), ("sample_aspect_ratio", pa.float64()),
+            ("interlaced", pa.bool_()),
         ])),
-        ("audio", pa.struct([("codec", pa.string()), ("sample_rate", pa.int32()), ("channels", pa.int32())])),
+        ("audio", pa.struct([("codec", pa.string()), ("sample_rate", pa.int32()), ("channels", pa.int32()),
+                             ("index", pa.int32())])),
     ])
 
     def apply(self, media: MediaItem, ctx: FilterContext) -> dict:

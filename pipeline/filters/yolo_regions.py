@@ -230,7 +230,7 @@ class YoloRegionsFilter(VideoFilter):
         tmp = os.path.join(os.path.dirname(media.local_path), f".crop-{uuid.uuid4().hex[:8]}.mp4")
         x1, y1, x2, y2 = crop
         cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", media.local_path,
-               "-vf", f"crop={x2 - x1}:{y2 - y1}:{x1}:{y1}", "-map", "0:v:0", "-map", "0:a?",
+               "-vf", f"crop={x2 - x1}:{y2 - y1}:{x1}:{y1}", "-map", f"0:{media.info.video.index}", "-map", "0:a?",
                "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", *_audio_codecs(media.local_path), tmp]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)

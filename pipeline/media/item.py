@@ -75,7 +75,8 @@ class MediaItem:
                     self._video = decode_video(self.local_path, self.frame_requests, self.backends, device=device,
                                                max_frames=cfg.max_frames, max_pixels=cfg.max_pixels,
                                                max_bytes=cfg.max_decoded_bytes, max_side=cfg.decode_max_side,
-                                               timeout_s=cfg.decode_timeout_s, random_access=random_access)
+                                               timeout_s=cfg.decode_timeout_s, random_access=random_access,
+                                               several_streams=self._info.video_streams > 1)
                 except Exception as e:  # every filter of this item sees the same decode failure
                     self._video_error = e
                     raise

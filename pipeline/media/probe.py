@@ -9,9 +9,11 @@ from pipeline.errors import DecodeError
 
 @dataclass(frozen=True)
 class VideoStreamInfo:
-    """The first video stream. ``width`` and ``height`` are the display size, after ``rotation`` (the display
+    """The main video stream (``main_stream``). ``width`` and ``height`` are after ``rotation`` (the display
     matrix's counter-clockwise degrees: 0, 90, 180 or 270, set by phone cameras): the size of the frames every
-    filter sees and the pixels a crop box refers to."""
+    filter sees and the pixels a crop box refers to. ``sample_aspect_ratio`` is the width of one of those pixels
+    over its height (DVD and HDV video store 4:3 or 16:9 pictures in non-square pixels; 1.0 where the file does
+    not say), and ``interlaced`` says that the first frame holds two fields (combing on motion)."""
 
     codec: str
     width: int
@@ -20,13 +22,19 @@ class VideoStreamInfo:
     frames: int | None
     pix_fmt: str | None
     rotation: int = 0
+    index: int = 0
+    sample_aspect_ratio: float = 1.0
+    interlaced: bool = False
 
 
 @dataclass(frozen=True)
 class AudioStreamInfo:
+    """The main audio stream (``main_stream``), the one the audio filters decode."""
+
     codec: str
     sample_rate: int
     channels: int
+    index: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,12 +74,32 @@ def video_streams(container) -> list:
     return [s for s in container.streams.video if not (s.disposition & pic)]
 
 
-def first_video_stream(container):
-    """The stream every video backend decodes (decord and torchcodec skip cover art the same way)."""
-    streams = video_streams(container)
-    if not streams:
+def main_stream(streams: list):
+    """The stream a player shows: the first one marked ``default``, else the first (None for no streams).
+
+    A film's MKV holds a commentary track before the main one, or a camera file a proxy before the picture; the
+    default flag is how the file says which one it is (the ffmpeg CLI and torchcodec choose by it as well).
+    """
+    import av
+
+    flagged = [s for s in streams if s.disposition & av.stream.Disposition.default]
+    return (flagged or streams or [None])[0]
+
+
+def main_video_stream(container):
+    """The video stream every backend decodes (cover art never counts; see ``main_stream``)."""
+    stream = main_stream(video_streams(container))
+    if stream is None:
         raise DecodeError("no video stream")
-    return streams[0]
+    return stream
+
+
+def main_audio_stream(container):
+    """The audio stream the audio filters decode (see ``main_stream``)."""
+    stream = main_stream(list(container.streams.audio))
+    if stream is None:
+        raise DecodeError("no audio stream")
+    return stream
 
 
 def codec_name(ctx) -> str:
@@ -89,13 +117,13 @@ def _open(path: str):
 
 
 def probe_media(path: str) -> MediaInfo:
-    """Read container and first-stream metadata and decode one frame of the first stream.
+    """Read container and main-stream metadata and decode one frame of the main video (else audio) stream.
 
     Args:
         path: local file path.
 
     Returns:
-        The metadata of the container and of its first video and audio streams.
+        The metadata of the container and of its main video and audio streams (``main_stream``).
 
     Raises:
         DecodeError: the file is empty, not media, has no audio or video stream, or its first frame does not
@@ -109,39 +137,40 @@ def probe_media(path: str) -> MediaInfo:
         if not vstreams and not astreams:
             raise DecodeError(f"no audio or video stream in {container.format.name} container")
         video = audio = None
-        if vstreams:
-            s = vstreams[0]
-            ctx = s.codec_context
-            rate = s.average_rate or s.guessed_rate
+        vmain, amain = main_stream(vstreams), main_stream(astreams)
+        if vmain is not None:
+            ctx = vmain.codec_context
+            rate = vmain.average_rate or vmain.guessed_rate
+            sar = ctx.sample_aspect_ratio
             video = VideoStreamInfo(
                 codec=codec_name(ctx), width=int(ctx.width), height=int(ctx.height),
-                fps=float(rate) if rate else None, frames=int(s.frames) or None,
-                pix_fmt=ctx.pix_fmt,
+                fps=float(rate) if rate else None, frames=int(vmain.frames) or None,
+                pix_fmt=ctx.pix_fmt, index=vmain.index,
+                sample_aspect_ratio=float(sar) if sar else 1.0,  # 0:1 and None both mean: not stated
             )
             if video.width <= 0 or video.height <= 0:
                 raise DecodeError(f"video stream has no size ({video.width}x{video.height})")
-        if astreams:
-            s = astreams[0]
-            ctx = s.codec_context
+        if amain is not None:
+            ctx = amain.codec_context
             audio = AudioStreamInfo(codec=codec_name(ctx), sample_rate=int(ctx.sample_rate or 0),
-                                    channels=int(ctx.channels or 0))
+                                    channels=int(ctx.channels or 0), index=amain.index)
         duration = float(container.duration) / av.time_base if container.duration else None
-        if duration is None:
-            first = vstreams[0] if vstreams else astreams[0]
-            if first.duration and first.time_base:
-                duration = float(first.duration * first.time_base)
+        stream = vmain if vmain is not None else amain
+        if duration is None and stream.duration and stream.time_base:
+            duration = float(stream.duration * stream.time_base)
         try:
-            stream = vstreams[0] if vstreams else astreams[0]
             frame = next(iter(container.decode(stream)), None)
         except (av.error.FFmpegError, ValueError, StopIteration) as e:
             raise DecodeError(f"first frame does not decode: {type(e).__name__}: {e}") from e
         if frame is None:
             raise DecodeError("stream holds no decodable frame")
-        if video is not None and stream is vstreams[0]:
+        if video is not None:
+            video = replace(video, interlaced=bool(getattr(frame, "interlaced_frame", False)))
             turns = quarter_turns(getattr(frame, "rotation", 0))
             if turns:
                 w, h = (video.height, video.width) if turns % 2 else (video.width, video.height)
-                video = replace(video, width=w, height=h, rotation=90 * turns)
+                sar = 1.0 / video.sample_aspect_ratio if turns % 2 else video.sample_aspect_ratio
+                video = replace(video, width=w, height=h, rotation=90 * turns, sample_aspect_ratio=sar)
         return MediaInfo(
             container=container.format.name, duration_s=duration,
             bit_rate=int(container.bit_rate) if container.bit_rate else None,

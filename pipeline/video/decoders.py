@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DecodeError, DecodeTimeout
-from pipeline.media.probe import DISCONTINUITY_S, first_video_stream, quarter_turns, timestamps_may_jump
+from pipeline.media.probe import DISCONTINUITY_S, main_video_stream, quarter_turns, timestamps_may_jump
 from pipeline.video.preprocess import per_group
 from pipeline.video.sampling import FramePlan, FrameRequest, make_plan, variable_rate
 
@@ -47,7 +47,7 @@ def _shown(packet) -> bool:
 
 
 def demux_timestamps(path: str) -> np.ndarray | None:
-    """Frame times of the first video stream from its packets (demuxed, not decoded: milliseconds per file); see
+    """Frame times of the main video stream from its packets (demuxed, not decoded: milliseconds per file); see
     ``_FrameIndex.timestamps``."""
     index = _FrameIndex.demux(path)
     return index.timestamps() if index is not None else None
@@ -60,7 +60,7 @@ def timeline_offset(path: str) -> float:
 
     try:
         with av.open(path) as c:
-            s = first_video_stream(c)
+            s = main_video_stream(c)
             if s.start_time is None or c.start_time is None:
                 return 0.0
             return max(0.0, float(s.start_time * s.time_base) - c.start_time / av.time_base)
@@ -149,6 +149,7 @@ class _Handoff:
 class DecordBackend:
     name = "decord"
     random_access = True  # trusts the container's seeking: frame-exact only where ``seeks_frame_exactly`` says so
+    chooses_stream = False  # decodes the stream its own FFmpeg 4 ranks best, which need not be the main stream
 
     def __init__(self) -> None:
         import decord  # noqa: F401 - fail at construction when the package is missing
@@ -181,16 +182,30 @@ class DecordBackend:
 class TorchcodecBackend:
     name = "torchcodec"
     random_access = True
+    chooses_stream = True  # told the main stream's index (``main_video_stream``), as PyAV and the probe choose it
 
     def __init__(self) -> None:
         import torchcodec  # noqa: F401
 
+        self._streams = _Handoff()  # the stream meta() chose, for decode()
+
+    def _stream(self, path: str) -> int | None:
+        chosen = self._streams.take(path)
+        if chosen is None:
+            index = _FrameIndex.demux(path)
+            chosen = index.stream_index if index is not None else None
+        return chosen
+
     def meta(self, path: str) -> VideoMeta:
         from torchcodec.decoders import VideoDecoder
 
-        m = VideoDecoder(path, seek_mode="exact").metadata
+        index = _FrameIndex.demux(path)
+        chosen = index.stream_index if index is not None else None
+        m = VideoDecoder(path, stream_index=chosen, seek_mode="exact").metadata
+        if chosen is not None:
+            self._streams.put(path, chosen)
         n = int(m.num_frames or 0)
-        ts = demux_timestamps(path)
+        ts = index.timestamps() if index is not None else None
         return VideoMeta(n, float(m.average_fps or 0.0), int(m.width), int(m.height),
                          ts if ts is not None and len(ts) == n else None)
 
@@ -208,9 +223,11 @@ class TorchcodecBackend:
                 from torchcodec.transforms import Resize
 
                 transforms = [Resize(size=(size[1], size[0]))]
-            dec = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", transforms=transforms)
+            dec = VideoDecoder(path, stream_index=self._stream(path), seek_mode="exact", dimension_order="NHWC",
+                               transforms=transforms)
             return dec.get_frames_at(indices).data
-        dec = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", device=device)
+        dec = VideoDecoder(path, stream_index=self._stream(path), seek_mode="exact", dimension_order="NHWC",
+                           device=device)
         m = dec.metadata
         per_call = min(NVDEC_SLICE, per_group(int(m.width or 1) * int(m.height or 1) * 3, NVDEC_SLICE_BYTES))
         parts = []
@@ -268,6 +285,7 @@ class PyAVBackend:
 
     name = "pyav"
     random_access = False  # does not trust a container's seeking: right in every container (see decode)
+    chooses_stream = True  # decodes ``main_video_stream``, the probe's choice
 
     def __init__(self) -> None:
         self._indices = _Handoff()  # the demux meta() read, for decode() to seek by
@@ -276,7 +294,7 @@ class PyAVBackend:
         import av
 
         with av.open(path) as c:
-            s = first_video_stream(c)
+            s = main_video_stream(c)
             rate = float(s.average_rate or s.guessed_rate or 0.0)
             n = int(s.frames or 0)
             width, height = int(s.codec_context.width), int(s.codec_context.height)
@@ -318,7 +336,7 @@ class PyAVBackend:
         frames = None
         try:
             with av.open(path) as c:
-                stream = first_video_stream(c)
+                stream = main_video_stream(c)
                 stream.thread_type = "AUTO"
                 step = max(1, int(round(0.5 / float(stream.time_base))))  # half a second in stream ticks
                 by_dts = False  # learnt per file: MPEG-TS lands on a keyframe by its decode time, MP4 by its own
@@ -358,7 +376,7 @@ class PyAVBackend:
         last = max(indices)
         got: dict[int, np.ndarray] = {}
         with av.open(path) as c:
-            stream = first_video_stream(c)
+            stream = main_video_stream(c)
             stream.thread_type = "AUTO"
             try:
                 for i, frame in enumerate(c.decode(stream)):
@@ -424,14 +442,15 @@ def _from_start(frames, index_of):
 
 
 class _FrameIndex:
-    """The first video stream's shown frames, from one demux (no decode): ``count`` of them; ``pts`` sorted, so that
+    """The main video stream's shown frames, from one demux (no decode): ``count`` of them; ``pts`` sorted, so that
     index i is the i-th frame shown (None where a packet has no timestamp: raw streams); and the keyframes, where a
     decode may start, with their decode timestamps. Arrays rather than dicts: ten hours of 60 fps is two million
     frames."""
 
     def __init__(self, count: int, pts: np.ndarray | None, dts: np.ndarray, key: np.ndarray, time_base: float,
-                 may_jump: bool):
+                 may_jump: bool, stream_index: int = 0):
         self.count = count
+        self.stream_index = stream_index  # the container's index of the stream demuxed (``main_video_stream``)
         self.time_base = time_base
         self.may_jump = may_jump
         self.pts = None
@@ -456,7 +475,7 @@ class _FrameIndex:
         count, timed = 0, True
         try:
             with av.open(path) as c:
-                s = first_video_stream(c)
+                s = main_video_stream(c)
                 for p in c.demux(s):
                     if not _shown(p):
                         continue
@@ -467,11 +486,11 @@ class _FrameIndex:
                         pts.append(p.pts)
                         dts.append(p.dts if p.dts is not None else p.pts)
                         key.append(bool(p.is_keyframe))
-                time_base, may_jump = float(s.time_base), timestamps_may_jump(c)
+                time_base, may_jump, stream_index = float(s.time_base), timestamps_may_jump(c), s.index
         except Exception:  # noqa: BLE001 - no index: sampling by the average rate, decoding from the start
             return None
         return cls(count, np.frombuffer(pts, np.int64) if timed and count else None, np.frombuffer(dts, np.int64),
-                   np.frombuffer(key, np.int8) > 0, time_base, may_jump)
+                   np.frombuffer(key, np.int8) > 0, time_base, may_jump, stream_index)
 
     def timestamps(self) -> np.ndarray | None:
         """Seconds of each frame from the first. None where they cannot give times: a splice of MPEG-TS recordings
@@ -564,7 +583,8 @@ def _decode_with_timeout(backend, path: str, indices: list[int], size: tuple[int
 
 def decode_video(path: str, requests: list[FrameRequest], backends: list[object], *, device: str = "cpu",
                  max_frames: int = 2048, max_pixels: int = 8192 * 4320, max_side: int | None = None,
-                 timeout_s: float = 120.0, max_bytes: int = 8 << 30, random_access: bool = True) -> DecodedVideo:
+                 timeout_s: float = 120.0, max_bytes: int = 8 << 30, random_access: bool = True,
+                 several_streams: bool = False) -> DecodedVideo:
     """Decode the union of ``requests`` once, trying each backend until one succeeds.
 
     Args:
@@ -581,6 +601,9 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
             to finish in the background, bounded by the caps above).
         random_access: False where the seeking backends were measured to return wrong frames for this container or
             codec (``seeks_frame_exactly``): only the backends that decode in order (PyAV) are tried.
+        several_streams: the file holds more than one video stream: only the backends that decode the main one
+            (``main_video_stream``: torchcodec, told its index, and PyAV) are tried; decord decodes the stream its
+            own FFmpeg ranks best, which was another one in a file whose second stream is the default.
 
     Returns:
         The decoded frames and their plan.
@@ -595,6 +618,11 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
                               "codec; add pyav to video.backends (it decodes in order), or list the container and "
                               "codec in video.random_access_containers / video.random_access_codecs")
         backends = sequential
+    if several_streams:
+        backends = [b for b in backends if getattr(b, "chooses_stream", True)]
+        if not backends:
+            raise DecodeError("this file holds several video streams and no configured backend can be told which "
+                              "one to decode; add torchcodec or pyav to video.backends")
     errors = []
     for backend in backends:
         try:

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from tests.conftest import ROOT, base_config, make_corpus, probe_type_before_rotation, write_manifest
+from tests.conftest import ROOT, base_config, make_corpus, probe_type_of_previous_version, write_manifest
 
 
 def _torchrun(config: str, *overrides: str, nproc: int = 2) -> list[str]:
@@ -155,14 +155,14 @@ def test_cli_refuses_an_output_in_use(tmp_path, media_dir):
 
 
 def test_two_ranks_agree_to_stop_or_conform_on_a_schema_change(tmp_path, media_dir, monkeypatch):
-    """Parts written by the previous version (its probe had no video rotation), resumed on two ranks."""
+    """Parts written by the previous version (its probe had fewer stream fields), resumed on two ranks."""
     from pipeline.config import build_config
     from pipeline.distributed import DistContext
     from pipeline.filters.probe import ProbeFilter
     from pipeline.runner import run_rank
 
     rows, config = _setup(tmp_path, media_dir, 6)
-    older = probe_type_before_rotation()
+    older = probe_type_of_previous_version()
     monkeypatch.setattr(ProbeFilter, "output_type", older)
     os.rename(tmp_path / "corpus" / "item_0005.wav", tmp_path / "held.wav")  # fails now, retried by the rerun
     run_rank(build_config(yaml.safe_load(open(config))), DistContext())

@@ -227,3 +227,25 @@ def test_crop_of_a_camera_mov_with_pcm_audio(tmp_path, yolo_pt):
     with av.open(out["crop_uri"]) as c:
         assert [s.codec_context.name for s in c.streams.audio] == ["aac", "aac"]
         assert [s.codec_context.sample_rate for s in c.streams.audio] == [44100, 44100]
+
+
+def test_crop_output_is_of_the_main_video_stream(tmp_path, yolo_pt):
+    """A file whose first video stream is a small proxy and whose default one is the letterboxed picture: the crop
+    box is measured on the default stream, and the written clip must be that stream cropped, not the proxy."""
+    from pipeline.media import synthetic
+
+    lb = synthetic.letterboxed_clip(str(tmp_path / "lb.mp4"), seconds=1.0)  # 320x240, bars of 30 top and bottom
+    path = str(tmp_path / "proxy_first.mp4")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "color=c=red:size=160x120:rate=25:duration=1", "-i", lb,
+                       "-map", "0:v", "-map", "1:v", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                       "-disposition:v:0", "0", "-disposition:v:1", "default", path])
+    f = _setup(tmp_path, yolo_pt, conf=0.999, step=5, crop_output=str(tmp_path / "crops"))
+    item = MediaItem("proxy", path, 0, f.frame_requests(), VideoConfig(), available_backends(("decord", "pyav")))
+    out = f.apply(item, FilterContext("cpu", None))
+    c = out["crop"]
+    assert c["x"] == 0 and c["w"] == 320 and abs(c["y"] - 30) <= 2 and abs(c["h"] - 180) <= 4, c
+    info = probe_media(out["crop_uri"])
+    assert info.video_streams == 1 and (info.video.width, info.video.height) == (c["w"], c["h"])
+    frames = available_backends(("pyav",))[0].decode(out["crop_uri"], [0], (c["w"], c["h"]), "cpu", False)
+    red = frames[..., 0].float().mean() - frames[..., 1:].float().mean()
+    assert red < 60  # the letterboxed picture, not the red proxy

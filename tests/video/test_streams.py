@@ -1,0 +1,93 @@
+"""Files with several streams of a kind: every filter reads the main one (marked default, else the first), the one
+a player shows, and the probe reports which it was; and what a stream says of its pixels (aspect, interlacing)."""
+
+import numpy as np
+import pytest
+
+from pipeline.audio.decode import decode_audio
+from pipeline.config import VideoConfig
+from pipeline.errors import DecodeError
+from pipeline.media import synthetic
+from pipeline.media.item import MediaItem
+from pipeline.media.probe import probe_media
+from pipeline.video.decoders import available_backends, decode_video
+from pipeline.video.sampling import Uniform
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def _two_pictures(path, default: int | None):
+    """A red 320x240 stream, then a blue 160x120 one; ``default`` marks one of them (None: both)."""
+    flags = ["-disposition:v:0", "default", "-disposition:v:1", "default"] if default is None else [
+        f"-disposition:v:{default}", "default", f"-disposition:v:{1 - default}", "0"]
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "color=c=red:size=320x240:rate=25:duration=2",
+                       "-f", "lavfi", "-i", "color=c=blue:size=160x120:rate=25:duration=2",
+                       "-map", "0", "-map", "1", "-c:v", "libx264", "-pix_fmt", "yuv420p", *flags, path])
+    return path
+
+
+def _colour(frames):
+    return tuple(int(round(v)) for v in frames.float().mean(dim=(0, 1, 2)).tolist())
+
+
+def _near(got, want):
+    return all(abs(g - w) <= 12 for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_the_default_video_stream_is_decoded_by_every_backend(tmp_path, ext):
+    path = _two_pictures(str(tmp_path / f"two.{ext}"), default=1)
+    info = probe_media(path)
+    assert (info.video_streams, info.video.index, info.video.width, info.video.height) == (2, 1, 160, 120)
+    request = Uniform(4)
+    for names in (("decord", "torchcodec", "pyav"), ("torchcodec",), ("pyav",)):
+        item = MediaItem("two", path, 0, [request], VideoConfig(), available_backends(names))
+        video = item.video()
+        assert video.backend != "decord" and video.frames.shape[1:3] == (120, 160), (names, video.backend)
+        assert _near(_colour(video.view(request)), BLUE), (names, _colour(video.view(request)))
+    # decord decodes its own FFmpeg's pick, the red stream: it is not asked
+    with pytest.raises(DecodeError, match="several video streams"):
+        decode_video(path, [request], available_backends(("decord",)), several_streams=True)
+    red = decode_video(path, [request], available_backends(("decord",)))  # what it would have given
+    assert _near(_colour(red.frames), RED)
+
+
+def test_with_no_single_default_the_first_stream_is_the_main_one(tmp_path):
+    path = _two_pictures(str(tmp_path / "both.mkv"), default=None)
+    assert probe_media(path).video.index == 0
+    request = Uniform(2)
+    for names in (("torchcodec",), ("pyav",)):
+        video = MediaItem("both", path, 0, [request], VideoConfig(), available_backends(names)).video()
+        assert _near(_colour(video.frames), RED) and video.frames.shape[1:3] == (240, 320), names
+
+
+def test_the_default_audio_track_is_the_one_decoded(tmp_path):
+    """A film's commentary or dub before the main track: the VAD must hear the track marked default."""
+    path = str(tmp_path / "dub.mkv")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "anullsrc=r=48000:cl=stereo", "-f", "lavfi", "-i",
+                       "sine=frequency=440:sample_rate=44100:duration=2", "-t", "2", "-map", "0", "-map", "1",
+                       "-c:a", "aac", "-disposition:a:0", "0", "-disposition:a:1", "default", path])
+    info = probe_media(path)
+    assert (info.audio_streams, info.audio.index, info.audio.sample_rate) == (2, 1, 44100)
+    audio = decode_audio(path)
+    rms = float(np.sqrt(np.mean(np.square(audio[4000:-4000]))))
+    assert rms > 0.05  # lavfi's sine peaks at 1/8 (RMS 0.088); the first track is silent
+
+
+def test_probe_reports_non_square_pixels_and_interlacing(tmp_path):
+    """DVD-style anamorphic video stores a wide picture in narrow pixels; broadcast MPEG-2 is interlaced. Neither
+    changes the frames the filters see (the stored pixels, as decord and FFmpeg hand them out); the row says so."""
+    wide = str(tmp_path / "wide.mp4")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=1", "-vf", "setsar=32/27",
+                       "-c:v", "libx264", "-pix_fmt", "yuv420p", wide])
+    v = probe_media(wide).video
+    assert (v.width, v.height, v.sample_aspect_ratio, v.interlaced) == (320, 240, pytest.approx(32 / 27), False)
+    turned = probe_media(synthetic.rotated_copy(wide, str(tmp_path / "turned.mp4"), 90)).video
+    assert (turned.width, turned.height) == (240, 320)
+    assert turned.sample_aspect_ratio == pytest.approx(27 / 32)  # the pixels turn with the picture
+    tv = str(tmp_path / "tv.mpg")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=50:duration=1", "-vf", "interlace",
+                       "-c:v", "mpeg2video", "-flags", "+ilme+ildct", tv])
+    assert probe_media(tv).video.interlaced
+    plain = probe_media(_two_pictures(str(tmp_path / "plain.mp4"), default=0)).video
+    assert (plain.sample_aspect_ratio, plain.interlaced, plain.index) == (1.0, False, 0)
