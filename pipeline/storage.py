@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import fsspec
+from fsspec.callbacks import Callback
 
 from pipeline.config import StorageConfig, TierConfig
 from pipeline.errors import (
@@ -66,6 +67,11 @@ def classify_fs_error(error: BaseException) -> type[FetchError]:
         return NotFoundError
     if isinstance(error, PermissionError):
         return AccessDeniedError
+    status = getattr(error, "status", None)  # an HTTP status (aiohttp's ClientResponseError, from http(s) URLs)
+    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 425, 429):
+        if status in (404, 410):
+            return NotFoundError
+        return AccessDeniedError if status in (401, 403) else FetchError
     text = str(error)
     if "NoSuchKey" in text or "NoSuchBucket" in text or "404" in text and "Not Found" in text:
         return NotFoundError
@@ -97,6 +103,23 @@ def backoff_delays(retries: int, base_s: float, max_s: float, rng: random.Random
     """
     rng = rng or random
     return [rng.uniform(0.0, min(max_s, base_s * (2**i))) for i in range(retries)]
+
+
+class _ByteCap(Callback):
+    """Stops a download (raising from fsspec's progress callback) once it announces or passes ``cap`` bytes."""
+
+    def __init__(self, cap: int, what: str):
+        super().__init__()
+        self.cap, self.what = cap, what
+
+    def set_size(self, size):
+        if size is not None and size > self.cap:
+            raise FetchError(f"{self.what} is {size} bytes, over storage.max_item_bytes ({self.cap})")
+
+    def relative_update(self, inc=1):
+        self.value += inc
+        if self.value > self.cap:
+            raise FetchError(f"{self.what} sent more than storage.max_item_bytes ({self.cap} bytes)")
 
 
 def _protocol(url: str) -> str:
@@ -300,6 +323,13 @@ class TieredFetcher:
             raise type(worst)(f"no tier served {path!r} ({detail})") from worst
         raise worst
 
+    def _stream_capped(self, fs: fsspec.AbstractFileSystem, rpath: str, tmp: str, tier: str, url: str) -> int:
+        """GET a body of unknown length into ``tmp``, stopping at ``storage.max_item_bytes`` (a huge or endless
+        response cannot fill the node's disk). A body cut short of its Content-Length raises the HTTP stack's
+        payload error, which is transient."""
+        fs.get_file(rpath, tmp, callback=_ByteCap(self.cfg.max_item_bytes, f"{tier}: {url}"))
+        return os.path.getsize(tmp)
+
     def _fetch_from_tier(self, tier: str, url: str, options: dict, should_stop: Callable[[], bool]) -> FetchedItem:
         delays = backoff_delays(self.cfg.retries, self.cfg.backoff_base_s, self.cfg.backoff_max_s)
         attempt = 0
@@ -321,22 +351,29 @@ class TieredFetcher:
 
     def _fetch_once(self, tier: str, url: str, options: dict, attempt: int) -> FetchedItem:
         fs, rpath = self._filesystem(url, options)
-        info = fs.info(rpath)
-        if info.get("type") == "directory":
-            raise NotFoundError(f"{tier}: {url} is a directory")
-        size = int(info.get("size") or 0)
-        if size > self.cfg.max_item_bytes:
-            raise FetchError(f"{tier}: {url} is {size} bytes, over storage.max_item_bytes")
+        size = None
+        if _protocol(url) not in ("http", "https"):
+            # fsspec's HTTP info turns every failure, a 503 too, into FileNotFoundError, and a dynamic endpoint
+            # sends no length: an http(s) body is streamed instead, and its GET's status says what went wrong
+            info = fs.info(rpath)
+            if info.get("type") == "directory":
+                raise NotFoundError(f"{tier}: {url} is a directory")
+            size = int(info.get("size") or 0)
+            if size > self.cfg.max_item_bytes:
+                raise FetchError(f"{tier}: {url} is {size} bytes, over storage.max_item_bytes")
         if self.cache is None:
             if _protocol(url) != "file":
                 raise FetchError("storage.use_cache=false supports local-filesystem tiers only")
             return FetchedItem(rpath, tier, size, url, attempt)
         tmp = self.cache.tmp_path(url)
         try:
-            fs.get_file(rpath, tmp)
-            got = os.path.getsize(tmp)
-            if got != size:
-                raise TransientFetchError(f"{tier}: short read of {url}: got {got} bytes, listed size {size}")
+            if size is None:
+                got = self._stream_capped(fs, rpath, tmp, tier, url)
+            else:
+                fs.get_file(rpath, tmp)
+                got = os.path.getsize(tmp)
+                if got != size:
+                    raise TransientFetchError(f"{tier}: short read of {url}: got {got} bytes, listed size {size}")
             path = self.cache.commit(url, tmp, got)
         except BaseException:
             try:
