@@ -38,8 +38,9 @@ class ClipClassifierParams:
     stride_s: float | None = None
     """Window stride (default: the window length)."""
     start_s: float = 0.0
-    """Windows start here, in seconds from the first video frame (the rows report windows on the file's timeline,
-    which is later where the video starts after the audio) ..."""
+    """Windows start here, in seconds on the file's timeline (from the container's start, where ``ffmpeg -ss``,
+    the audio and the rows' times count from; the first video frame is later where the video starts after the
+    audio) ..."""
     end_s: float | None = None
     """... and end here (None: the clip's end)."""
     reversed_windows: bool = False
@@ -193,7 +194,7 @@ class ClipClassifierFilter(VideoFilter):
             kinds.append(("clip", None))
         if self.params.window_s:
             req = self._windows()
-            bounds = window_bounds(req, video.meta.num_frames, video.meta.fps, video.meta.timestamps)
+            bounds = window_bounds(req, video.meta.num_frames, video.meta.fps, video.meta.timestamps, video.start_s)
             for w in range(video.windows(req)):
                 frames = video.view(req, w)
                 span = (float(bounds[w][0]) + video.start_s, float(bounds[w][1]) + video.start_s)

@@ -624,6 +624,7 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
             raise DecodeError("this file holds several video streams and no configured backend can be told which "
                               "one to decode; add torchcodec or pyav to video.backends")
     errors = []
+    offset = timeline_offset(path)  # where the first frame sits on the file's timeline, which windows are given on
     for backend in backends:
         try:
             meta = backend.meta(path)
@@ -631,7 +632,7 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
                 raise DecodeError(f"no frames ({meta})")
             if meta.width * meta.height > max_pixels:
                 raise DecodeError(f"{meta.width}x{meta.height} is over video.max_pixels={max_pixels}")
-            plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps)
+            plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
             if len(plan.indices) > max_frames:
                 raise DecodeError(f"frame plan needs {len(plan.indices)} frames, over video.max_frames={max_frames}")
             size = _decode_size(meta.width, meta.height, max_side)
@@ -646,14 +647,14 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
                 frames = _decode_with_timeout(backend, path, plan.indices, size, dev, timeout_s, resize)
             except TruncatedVideo as t:  # a broken tail: the clip is its decodable prefix
                 meta = meta.truncated(t.decodable)
-                plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps)
+                plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
                 frames = _decode_with_timeout(backend, path, plan.indices, size, dev, timeout_s, resize)
             if frames.shape[0] != len(plan.indices):
                 raise DecodeError(f"{backend.name} returned {frames.shape[0]} of {len(plan.indices)} frames")
             label = f"{backend.name}-nvdec" if frames.is_cuda else backend.name  # on the GPU only from NVDEC
             return DecodedVideo(frames, plan, meta, label,
                                 (meta.width / frames.shape[2], meta.height / frames.shape[1]),
-                                start_s=timeline_offset(path))
+                                start_s=offset)
         except DecodeTimeout:
             raise
         except Exception as e:  # noqa: BLE001 - any backend failure means: try the next backend

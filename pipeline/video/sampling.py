@@ -38,7 +38,8 @@ class AtFps:
 @dataclass(frozen=True)
 class Windows:
     """Sliding windows of ``window_s`` seconds every ``stride_s`` between ``start_s`` and ``end_s`` (None: clip
-    end), ``n`` frames evenly spaced inside each; at most ``max_windows``."""
+    end), seconds on the file's timeline (where the rows' times count from), ``n`` frames evenly spaced inside
+    each; at most ``max_windows``."""
 
     window_s: float
     stride_s: float
@@ -81,12 +82,14 @@ def played_at(timestamps: np.ndarray, times: np.ndarray) -> list[int]:
     return np.clip(idx, 0, len(timestamps) - 1).astype(int).tolist()
 
 
-def window_bounds(req: Windows, num_frames: int, fps: float,
-                  timestamps: np.ndarray | None = None) -> list[tuple[float, float]]:
-    """The (start_s, end_s) of each window; a clip shorter than one window gets one window over all of it."""
+def window_bounds(req: Windows, num_frames: int, fps: float, timestamps: np.ndarray | None = None,
+                  offset_s: float = 0.0) -> list[tuple[float, float]]:
+    """The (start_s, end_s) of each window in seconds from the first frame, which sits ``offset_s`` into the file's
+    timeline (``req``'s bounds are on that timeline); a clip shorter than one window gets one window over all of
+    it."""
     duration = clip_duration(num_frames, fps, timestamps)
-    end = min(duration, req.end_s) if req.end_s is not None else duration
-    start = max(0.0, req.start_s)
+    end = min(duration, req.end_s - offset_s) if req.end_s is not None else duration
+    start = max(0.0, req.start_s - offset_s)
     if end - start <= req.window_s:
         return [(start, end)] if end > start else [(0.0, duration)]
     out = []
@@ -97,7 +100,8 @@ def window_bounds(req: Windows, num_frames: int, fps: float,
     return out
 
 
-def _timed_indices(req: FrameRequest, num_frames: int, fps: float, ts: np.ndarray) -> list[list[int]]:
+def _timed_indices(req: FrameRequest, num_frames: int, fps: float, ts: np.ndarray,
+                   offset_s: float) -> list[list[int]]:
     """Variable frame rate: requests in seconds pick the frame on screen at evenly spaced times."""
     duration = clip_duration(num_frames, fps, ts)
     if isinstance(req, Uniform):
@@ -106,14 +110,15 @@ def _timed_indices(req: FrameRequest, num_frames: int, fps: float, ts: np.ndarra
         times = np.arange(0.0, duration, 1.0 / req.fps)[: req.max_count] if req.fps > 0 else np.zeros(1)
         return [sorted(set(played_at(ts, times)))]
     out = []
-    for s, e in window_bounds(req, num_frames, fps, ts):
+    for s, e in window_bounds(req, num_frames, fps, ts, offset_s):
         out.append(played_at(ts, s + (np.arange(req.n) + 0.5) * (e - s) / req.n))
     return out
 
 
 def request_indices(req: FrameRequest, num_frames: int, fps: float,
-                    timestamps: np.ndarray | None = None) -> list[list[int]]:
-    """Frame indices of a request: one list per window (one list for whole-clip requests).
+                    timestamps: np.ndarray | None = None, offset_s: float = 0.0) -> list[list[int]]:
+    """Frame indices of a request: one list per window (one list for whole-clip requests). ``offset_s``: where the
+    first frame sits on the file's timeline, which window bounds are given on.
 
     With ``timestamps`` (seconds of each frame) of a variable-rate clip, whole-clip, rate and window requests are
     placed by time; otherwise by index at the average rate (the same thing for a constant rate).
@@ -121,7 +126,7 @@ def request_indices(req: FrameRequest, num_frames: int, fps: float,
     if num_frames <= 0:
         return [[]]
     if not isinstance(req, EveryK) and variable_rate(timestamps, fps):
-        return _timed_indices(req, num_frames, fps, np.asarray(timestamps[:num_frames], float))
+        return _timed_indices(req, num_frames, fps, np.asarray(timestamps[:num_frames], float), offset_s)
     if isinstance(req, Uniform):
         return [uniform_indices(0, num_frames, req.n)]
     if isinstance(req, EveryK):
@@ -131,7 +136,7 @@ def request_indices(req: FrameRequest, num_frames: int, fps: float,
         return [list(range(0, num_frames, step))[: req.max_count]]
     if isinstance(req, Windows):
         out = []
-        for s, e in window_bounds(req, num_frames, fps):
+        for s, e in window_bounds(req, num_frames, fps, offset_s=offset_s):
             a = min(num_frames - 1, int(math.floor(s * fps + 1e-9)))
             b = max(a + 1, min(num_frames, int(round(e * fps))))
             out.append(uniform_indices(a, b, req.n))
@@ -148,7 +153,7 @@ class FramePlan:
 
 
 def make_plan(requests: list[FrameRequest], num_frames: int, fps: float,
-              timestamps: np.ndarray | None = None) -> FramePlan:
+              timestamps: np.ndarray | None = None, offset_s: float = 0.0) -> FramePlan:
     """Union the requests' indices so each frame is decoded once.
 
     Args:
@@ -156,11 +161,12 @@ def make_plan(requests: list[FrameRequest], num_frames: int, fps: float,
         num_frames: frames in the clip (as the decoder reports it).
         fps: average frame rate.
         timestamps: seconds of each frame, where the backend knows them (a variable rate is then sampled by time).
+        offset_s: where the first frame sits on the file's timeline (window bounds are on that timeline).
 
     Returns:
         The plan: decode ``indices``; request ``r``'s window ``w`` is ``frames[positions[r][w]]``.
     """
-    per_req = {r: request_indices(r, num_frames, fps, timestamps) for r in dict.fromkeys(requests)}
+    per_req = {r: request_indices(r, num_frames, fps, timestamps, offset_s) for r in dict.fromkeys(requests)}
     union = sorted({i for lists in per_req.values() for idx in lists for i in idx})
     where = {idx: pos for pos, idx in enumerate(union)}
     positions = {r: [np.array([where[i] for i in idx], dtype=np.int64) for idx in lists]

@@ -188,3 +188,23 @@ def test_onnx_backend_errors(tmp_path):
     with pytest.raises(ConfigError, match="largest batch bucket"):
         build_filters((FilterSpec("vfx", "clip_classifier", True,
                                   {"model_uri": path, "backend": "onnx", "batch_size": 16}),))
+
+
+def test_window_bounds_in_config_are_on_the_files_timeline(tmp_path, clip4s):
+    """Pictures that start 0.5 s after the audio (an MPEG-TS capture): ``start_s``/``end_s`` are seconds on the
+    file's timeline, as the rows' times are, so the windows asked for are the windows reported, and they hold the
+    frames shown then (the first frame is at 0.5 s, so a window from 1.5 s starts at the clip's 25th frame)."""
+    path = str(tmp_path / "late.ts")
+    synthetic._ffmpeg(["-itsoffset", "0.5", "-i", clip4s, "-f", "lavfi", "-i", "sine=duration=5",
+                       "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-c:a", "aac", path])
+    f, _ = make_filter(tmp_path, tiny_videomae(str(tmp_path / "m")), window_s=1.0, start_s=1.5, end_s=3.5,
+                       whole_clip=False)
+    it = item(path, f)
+    out = f.apply(it, FilterContext("cpu", None))
+    assert [(w["start_s"], w["end_s"]) for w in out["windows"]] == pytest.approx([(1.5, 2.5), (2.5, 3.5)], abs=1e-3)
+    video = it.video()
+    offset, fps = video.start_s, video.meta.fps
+    assert offset == pytest.approx(0.5, abs=0.05)  # what the file says (the AAC priming moves its start a little)
+    for w, (start, end) in enumerate(((1.5, 2.5), (2.5, 3.5))):
+        got = [int(video.plan.indices[p]) for p in video.plan.positions[f._windows()][w]]
+        assert (start - offset) * fps - 1 <= got[0] and got[-1] < (end - offset) * fps, (w, got, offset)
