@@ -150,12 +150,15 @@ class Manifest:
         ids: the id column (strings, manifest order, duplicates included).
         keep: a boolean mask over ``ids`` of the rows to process (None when every row is kept).
         schema: the manifest's schema with id and path cast to strings.
+        protocols: the URL schemes of the absolute paths (``s3``, ``gs``, ``https``; plain paths are not counted).
     """
 
-    def __init__(self, ids: pa.ChunkedArray, keep: pa.Array | None, schema: pa.Schema, spill_path: str):
+    def __init__(self, ids: pa.ChunkedArray, keep: pa.Array | None, schema: pa.Schema, spill_path: str,
+                 protocols: frozenset[str] = frozenset()):
         self.ids = ids
         self.keep = keep
         self.schema = schema
+        self.protocols = protocols
         self.spill_path = spill_path
         self._file = pq.ParquetFile(spill_path)
         meta = self._file.metadata
@@ -207,6 +210,13 @@ class Manifest:
             pass
 
 
+def url_schemes(paths: pa.Array) -> set[str]:
+    """The distinct URL schemes (lower case) among ``paths``: one vectorised pass, no Python loop per row."""
+    found = pc.extract_regex(paths, r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://")
+    schemes = pc.unique(pc.utf8_lower(pc.struct_field(found, "scheme"))).drop_null()
+    return set(schemes.to_pylist())
+
+
 def _remove_stale_spills(spill_dir: str) -> None:
     """Remove spills of dead processes on this host (a crashed run leaves its spill behind)."""
     host = socket.gethostname()
@@ -254,6 +264,7 @@ def open_manifest(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> Ma
     batches = _listing_batches(cfg) if cfg.listing_glob else _file_batches(cfg)
     writer: pq.ParquetWriter | None = None
     id_chunks: list[pa.Array] = []
+    protocols: set[str] = set()
     n = 0
     try:
         for raw in batches:
@@ -268,6 +279,7 @@ def open_manifest(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> Ma
                                         f"{batch.schema} vs {writer.schema}: {e}") from e
             writer.write_batch(batch, row_group_size=SPILL_GROUP_ROWS)
             id_chunks.append(batch.column(cfg.id_column))
+            protocols |= url_schemes(batch.column(cfg.path_column))
             n += batch.num_rows
         if writer is None:  # an empty manifest (or an empty listing) still has its columns
             schema = pa.schema([(cfg.id_column, pa.string()), (cfg.path_column, pa.string())])
@@ -306,4 +318,4 @@ def open_manifest(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> Ma
         kept = np.flatnonzero(mask)
         mask[kept[cfg.limit:]] = False
         keep = pa.array(mask)
-    return Manifest(ids, keep, schema, spill_path)
+    return Manifest(ids, keep, schema, spill_path, frozenset(protocols))

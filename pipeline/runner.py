@@ -41,7 +41,7 @@ from pipeline.resume import (
     read_committed,
     writer_schema,
 )
-from pipeline.storage import FetchedItem, TieredFetcher
+from pipeline.storage import FetchedItem, TieredFetcher, check_protocols
 from pipeline.task_queue import BoundedTaskQueue
 from pipeline.writer import ResultWriter, commit_bytes, is_local_fs, result_schema
 
@@ -430,6 +430,7 @@ def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fet
     started = time.time()
     manifest = open_manifest(cfg.input, os.path.join(cfg.storage.cache_dir, SPILL_DIR), f"{run_id}-r{ctx.rank:05d}")
     try:
+        check_protocols(manifest.protocols)
         return _run_with_manifest(cfg, ctx, device, run_id, fetcher, install_signal_handlers, manifest, started)
     finally:
         manifest.close()

@@ -36,6 +36,25 @@ log = logging.getLogger(__name__)
 _EXT_RE = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
 
 
+def check_protocols(protocols: set[str] | frozenset[str]) -> None:
+    """Fail before any work when the manifest names URLs whose fsspec filesystem is not installed (``gs://``
+    without gcsfs), instead of failing every such item one by one. A scheme fsspec does not know is left to the
+    items: each fails with its own error.
+
+    Raises:
+        ConfigError: naming the scheme and the pip package fsspec asks for.
+    """
+    from pipeline.errors import ConfigError
+
+    for proto in sorted(protocols):
+        try:
+            fsspec.get_filesystem_class(proto)
+        except ImportError as e:
+            raise ConfigError(f"the manifest has {proto}:// paths, but their filesystem is not installed: {e}") from e
+        except ValueError:
+            continue
+
+
 def is_absolute(path: str) -> bool:
     """True for a URL with a scheme (``s3://...``) or an absolute local path."""
     return "://" in path or path.startswith("/")

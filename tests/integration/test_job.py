@@ -236,6 +236,20 @@ def test_resume_across_a_schema_change_stops_or_conforms(tmp_path, media_dir, mo
     assert late["probe"].struct.field("video").struct.field("width").to_list() == [320]
 
 
+def test_urls_whose_filesystem_is_not_installed_stop_the_job_before_work(tmp_path, media_dir):
+    """``gs://`` paths without gcsfs would fail every such item one by one, a week into a run; it is one clear
+    error at the start instead, naming the package."""
+    from pipeline.errors import ConfigError
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 2)
+    rows.append({"video_id": "remote", "video_path": "gs://bucket/clip.mp4", "batch": 0})
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="gcsfs"):
+        _run(base_config(manifest, str(tmp_path / "c"), str(out), str(tmp_path / "cache")))
+    assert not (out / "parts").exists() and not (out / "_lease.json").exists()
+
+
 def test_several_filters_fill_their_typed_columns(tmp_path, media_dir):
     rows = make_corpus(str(tmp_path / "c"), media_dir, 3)
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)

@@ -196,3 +196,17 @@ def test_unwritable_spill_is_a_clear_error_and_a_full_disk_leaves_nothing(tmp_pa
         read_manifest(InputConfig(manifest=str(path)), str(tmp_path / "s"))
     assert list((tmp_path / "s").iterdir()) == []
     monkeypatch.setattr(pq_mod.ParquetWriter, "write_batch", real)
+
+
+def test_the_url_schemes_of_the_paths_are_collected_and_checked(tmp_path):
+    from pipeline.storage import check_protocols
+
+    rows = [{"video_id": str(i), "video_path": p} for i, p in enumerate(
+        ["s3://b/a.mp4", "GS://b/c.mp4", "/abs/d.mp4", "rel/e.mp4", "https://h/f.mp4?sig=a://b", "odd:name.mp4"])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    m = open_manifest(InputConfig(manifest=str(tmp_path / "m.parquet")), str(tmp_path / "spill"))
+    m.close()
+    assert m.protocols == {"s3", "gs", "https"}
+    check_protocols({"s3", "https", "file", "nosuch"})  # installed, or unknown to fsspec: the items will say
+    with pytest.raises(ConfigError, match="gs:// paths.*gcsfs"):  # gcsfs is not a dependency
+        check_protocols(m.protocols)
