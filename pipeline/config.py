@@ -90,6 +90,10 @@ class RuntimeConfig:
     """Items per work unit; ranks pull the next unit dynamically."""
     stall_timeout_s: float = 900.0
     """No item finished for this long while work remains: the rank reports a stall and stops."""
+    item_timeout_s: float | None = 600.0
+    """An item still in its filters after this long gets an ``ItemTimeout`` failure row, and a fresh consumer
+    thread takes over from the stuck one (Python cannot kill a thread: it is abandoned, and its late result, if
+    any, is dropped). Below ``stall_timeout_s``; None: no limit (a hanging file then stalls the rank)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: the rank's LOCAL_RANK GPU when CUDA is present, else CPU."""
     empty_cache_every: int = 10
@@ -442,6 +446,10 @@ def validate_config(cfg: JobConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if cfg.storage.retries < 0:
         raise ConfigError("storage.retries must be >= 0")
+    item_limit = cfg.runtime.item_timeout_s
+    if item_limit is not None and not 0 < item_limit < cfg.runtime.stall_timeout_s:
+        raise ConfigError(f"runtime.item_timeout_s={item_limit} must be above 0 and below runtime.stall_timeout_s="
+                          f"{cfg.runtime.stall_timeout_s} (else a hanging item stalls the rank first)")
     for i, tier in enumerate(cfg.storage.tiers):
         if not tier.name or not tier.root:
             raise ConfigError(f"storage.tiers[{i}]: name and root are required")

@@ -73,6 +73,10 @@ class ModelTimeout(ItemError):
     """No model instance became free within the acquire timeout."""
 
 
+class ItemTimeout(ItemError):
+    """The item's filters ran past ``runtime.item_timeout_s``; its worker thread was abandoned and replaced."""
+
+
 class FilterError(ItemError):
     """A filter raised an unexpected exception on this item."""
 
@@ -91,6 +95,7 @@ RETRYABLE: dict[type[BaseException], bool] = {
     BadInputError: False,
     DecodeError: False,
     DecodeTimeout: False,
+    ItemTimeout: True,
     FilterError: False,
 }
 

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import JobConfig, job_identity, to_dict
 from pipeline.distributed import DistContext, GlobalCounter, WorkUnitCounter, init_distributed, resolve_device
-from pipeline.errors import ItemError, MediasieveError, ShutdownError, is_retryable
+from pipeline.errors import ItemError, ItemTimeout, MediasieveError, ShutdownError, is_retryable
 from pipeline.filters import FilterContext, SetupContext, build_filters
 from pipeline.manifest import SPILL_DIR, Manifest, check_input_exists, open_manifest
 from pipeline.media.item import MediaItem
@@ -102,6 +102,17 @@ class _Task:
 
 
 @dataclass
+class _InFlight:
+    """An item in a consumer's filters, as the watchdog sees it."""
+
+    task: _Task
+    media: MediaItem
+    since: float  # time.monotonic() when its filters began
+    thread: int  # the consumer's threading.get_ident()
+    filter: str = ""
+
+
+@dataclass
 class RankWorkers:
     """Producer and consumer threads of one rank, supervised by the calling thread."""
 
@@ -139,6 +150,9 @@ class RankWorkers:
             self.backends = available_backends(backend_order(self.cfg.video.backends, nvdec))
         self._producers_left = rt.producers
         self._plock = threading.Lock()
+        self._inflight: dict[int, _InFlight] = {}  # by id(task); whoever removes an entry writes its row
+        self._ilock = threading.Lock()
+        self._replacements: list[threading.Thread] = []
 
     # ---- rows ---------------------------------------------------------------------------------------
     def _row(self, row: dict[str, Any], start: float, fetch_s: float, fetched: FetchedItem | None,
@@ -216,27 +230,62 @@ class RankWorkers:
             task = self.queue.get(self.stop, self._producers_done)
             if task is None:
                 return
-            self._process(task)
+            if not self._process(task):
+                return  # the watchdog gave this item up and started a consumer in this thread's place
 
-    def _process(self, task: _Task) -> None:
+    def _process(self, task: _Task) -> bool:
+        """Run the filters on one item and write its row. False where the watchdog timed the item out meanwhile:
+        it wrote the row, and this thread's late result is dropped."""
         media = MediaItem(str(task.row[self.id_col]), task.fetched.local_path, task.fetched.bytes,
                           self.frame_requests, self.cfg.video, self.backends, self.device)
+        flight = _InFlight(task, media, time.monotonic(), threading.get_ident())
+        with self._ilock:
+            self._inflight[id(task)] = flight
         results: dict[str, Any] = {}
         timings: dict[str, float] = {}
         error: BaseException | None = None
+        abandoned = False
         try:
             for f in self.filters:
                 if self.stop.is_set() and self.interrupted:
                     raise ShutdownError("rank is shutting down")
+                flight.filter = f.name
                 results[f.name], timings[f.name] = f.run(media, self.filter_ctx)
         except ShutdownError:
-            task.fetched.release()
-            return  # abandoned, not written: the rerun redoes it
+            abandoned = True  # not written: the rerun redoes it
         except ItemError as e:
             error = e
         finally:
             task.fetched.release()
-        self._emit(self._row(task.row, task.start, task.fetch_s, task.fetched, results, timings, error, media))
+            with self._ilock:
+                mine = self._inflight.pop(id(task), None) is not None
+        if mine and not abandoned:
+            self._emit(self._row(task.row, task.start, task.fetch_s, task.fetched, results, timings, error, media))
+        return mine
+
+    def _time_out_stuck_items(self, consumers: list[threading.Thread]) -> None:
+        """Write an ``ItemTimeout`` row for every item past ``runtime.item_timeout_s`` and put a fresh consumer in
+        place of each stuck thread (which is dropped from ``consumers``, so the rank does not wait for it)."""
+        limit = self.cfg.runtime.item_timeout_s
+        if limit is None:
+            return
+        now = time.monotonic()
+        with self._ilock:
+            expired = [k for k, f in self._inflight.items() if now - f.since > limit]
+            flights = [self._inflight.pop(k) for k in expired]
+        for f in flights:
+            error = ItemTimeout(f"filters ran over runtime.item_timeout_s={limit:g}s (in filter {f.filter!r}); "
+                                "the worker thread was abandoned")
+            log.error("item %s: %s", f.task.row[self.id_col], error)
+            self._emit(self._row(f.task.row, f.task.start, f.task.fetch_s, f.task.fetched, {}, {}, error, f.media))
+            stuck = [t for t in consumers if t.ident == f.thread]
+            for t in stuck:
+                consumers.remove(t)
+            fresh = threading.Thread(target=self._guard, args=(self._consume,), daemon=True,
+                                     name=f"consumer-r{len(self._replacements)}")
+            self._replacements.append(fresh)
+            consumers.append(fresh)
+            fresh.start()
 
     # ---- supervision --------------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -291,6 +340,7 @@ class RankWorkers:
                         self.exporter.update(snap)
                 if self._fatal:
                     break
+                self._time_out_stuck_items(consumers)
                 if self.stop.is_set():
                     stop_seen_at = stop_seen_at or time.monotonic()
                     if time.monotonic() - stop_seen_at > rt.shutdown_grace_s:

@@ -16,6 +16,9 @@ from pipeline.media.item import MediaItem
 class NoopParams:
     sleep_s: float = 0.0
     """Seconds to sleep per item (to make a run last long enough to be interrupted in tests)."""
+    hang_ids: tuple[str, ...] = ()
+    """Items that hang for ``hang_s`` (fault injection: a file that sends a decoder into a loop)."""
+    hang_s: float = 0.0
 
 
 class NoopFilter(Filter):
@@ -27,6 +30,8 @@ class NoopFilter(Filter):
     def apply(self, media: MediaItem, ctx: FilterContext) -> dict:
         if self.params.sleep_s:
             time.sleep(self.params.sleep_s)
+        if media.item_id in self.params.hang_ids:
+            time.sleep(self.params.hang_s)
         return {"bytes": media.size_bytes}
 
 

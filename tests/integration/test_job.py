@@ -250,6 +250,41 @@ def test_urls_whose_filesystem_is_not_installed_stop_the_job_before_work(tmp_pat
     assert not (out / "parts").exists() and not (out / "_lease.json").exists()
 
 
+def test_an_item_that_hangs_gets_a_timeout_row_and_the_rank_goes_on(tmp_path, media_dir):
+    """A file that sends a decoder into a loop must not stall the rank (and, on every rerun, the job): past
+    ``runtime.item_timeout_s`` it gets an ``ItemTimeout`` row, a fresh consumer takes the stuck one's place, and the
+    stuck thread's late result, when it comes, is dropped (one row per item)."""
+    import time
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 12)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    hang = {"id-0001": 2.0, "id-0004": 120.0}  # one returns late during the run, one never within it
+    raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"),
+                      runtime={"item_timeout_s": 0.8, "consumers": 2},
+                      filters={"noop": {"sleep_s": 0.3, "hang_ids": ["id-0001"], "hang_s": hang["id-0001"]},
+                               "slow": {"type": "noop", "hang_ids": ["id-0004"], "hang_s": hang["id-0004"]}})
+    started = time.monotonic()
+    outcome = _run(raw)
+    assert time.monotonic() - started < 60  # did not wait for the thread stuck for 120 s
+    got = _rows(str(tmp_path / "out"))
+    assert sorted(r["video_id"] for r in got) == sorted(r["video_id"] for r in rows)  # exactly one row each
+    failed = {r["video_id"]: r["result_info"] for r in got if not r["result_info"]["succeed"]}
+    assert set(failed) == set(hang)
+    assert all(f["error_type"] == "ItemTimeout" and f["retryable"] for f in failed.values())
+    assert "in filter 'noop'" in failed["id-0001"]["error_message"]
+    assert "in filter 'slow'" in failed["id-0004"]["error_message"]
+    assert outcome.summary["total"]["succeeded"] == 10
+
+
+def test_item_timeout_must_be_below_the_stall_timeout(tmp_path):
+    from pipeline.errors import ConfigError
+
+    raw = base_config(str(tmp_path / "m.parquet"), str(tmp_path), str(tmp_path / "out"), str(tmp_path / "cache"),
+                      runtime={"item_timeout_s": 60, "stall_timeout_s": 60})
+    with pytest.raises(ConfigError, match="item_timeout_s=60.* below runtime.stall_timeout_s"):
+        validate_config(build_config(raw))
+
+
 def test_several_filters_fill_their_typed_columns(tmp_path, media_dir):
     rows = make_corpus(str(tmp_path / "c"), media_dir, 3)
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
