@@ -15,8 +15,9 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -366,23 +367,25 @@ class RankWorkers:
             raise self._fatal[0]
 
 
-def _agree_on_schema(cfg: JobConfig, ctx: DistContext, schema: pa.Schema, newest_part: str | None) -> pa.Schema:
-    """Rank 0 reads the committed parts' schema once and every rank writes in what it decides."""
-    verdict: tuple[pa.Schema | None, str | None, str | None] = (None, None, None)
+T = TypeVar("T")
+
+
+def _main_decides(ctx: DistContext, decide: Callable[[], T]) -> T:
+    """Rank 0 runs ``decide``; every rank returns its value, or raises the error it raised (a MediasieveError of
+    the same type and message), so that no rank is left waiting in a collective for one that stopped."""
+    verdict: tuple[T | None, str | None, str | None] = (None, None, None)
     if ctx.is_main:
         try:
-            verdict = (writer_schema(cfg.output.dir, cfg.output.storage_options, newest_part, schema,
-                                     cfg.resume.on_schema_change), None, None)
+            verdict = (decide(), None, None)
         except MediasieveError as e:
-            verdict = (None, type(e).__name__, str(e))
-            ctx.broadcast(verdict)
+            ctx.broadcast((None, type(e).__name__, str(e)))
             raise
-    decided, err_type, err_msg = ctx.broadcast(verdict)
+    value, err_type, err_msg = ctx.broadcast(verdict)
     if err_type is not None:
         from pipeline import errors
 
         raise getattr(errors, err_type, MediasieveError)(err_msg)
-    return decided
+    return value
 
 
 def _new_run_id() -> str:
@@ -448,25 +451,15 @@ def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_sign
     fetcher = TieredFetcher(cfg.storage, cache_share=1.0 / max(1, ctx.local_world_size))  # checks the tiers
 
     # Rank 0 takes the lease; every rank learns the run id or the reason to stop.
-    lease = None
-    verdict: tuple[str, str | None, str | None]
-    if ctx.is_main:
-        run_id = _new_run_id()
-        try:
-            lease = _prepare_output(cfg, run_id)
-            verdict = (run_id, None, None)
-        except MediasieveError as e:
-            verdict = (run_id, type(e).__name__, str(e))
-            ctx.broadcast(verdict)
-            raise
-    else:
-        verdict = ("", None, None)
-    verdict = ctx.broadcast(verdict)
-    run_id, err_type, err_msg = verdict
-    if err_type is not None:
-        from pipeline import errors
+    leases: list[OutputLease] = []
 
-        raise getattr(errors, err_type, MediasieveError)(err_msg)
+    def take_lease() -> str:
+        run_id = _new_run_id()
+        leases.append(_prepare_output(cfg, run_id))
+        return run_id
+
+    run_id = _main_decides(ctx, take_lease)
+    lease = leases[0] if leases else None
 
     try:
         return _run_started(cfg, ctx, device, run_id, fetcher, install_signal_handlers)
@@ -497,8 +490,10 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
     del state
 
     filters = build_filters(cfg.filters)
-    schema = _agree_on_schema(cfg, ctx, result_schema(manifest.schema, [(f.name, f.arrow_type()) for f in filters]),
-                              newest_part)
+    wanted = result_schema(manifest.schema, [(f.name, f.arrow_type()) for f in filters])
+    # Rank 0 reads the committed parts' schema once, and every rank writes in the schema it decides on.
+    schema = _main_decides(ctx, lambda: writer_schema(cfg.output.dir, cfg.output.storage_options, newest_part,
+                                                      wanted, cfg.resume.on_schema_change))
     pool = ModelPool(device, cfg.model_pool.instances, cfg.model_pool.acquire_timeout_s, cfg.runtime.empty_cache_every)
     model_cache = cfg.model_pool.model_cache_dir or os.path.join(cfg.storage.cache_dir, "models")
     setup = SetupContext(device, pool, lambda uri, options=None: localize_model(
