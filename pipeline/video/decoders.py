@@ -46,11 +46,15 @@ def _shown(packet) -> bool:
     return packet.size > 0 and not packet.is_discard
 
 
-def demux_timestamps(path: str) -> np.ndarray | None:
-    """Frame times of the main video stream from its packets (demuxed, not decoded: milliseconds per file); see
-    ``_FrameIndex.timestamps``."""
-    index = _FrameIndex.demux(path)
-    return index.timestamps() if index is not None else None
+def main_video_index(path: str) -> int | None:
+    """The container index of the main video stream (``main_video_stream``); None where the file does not open."""
+    import av
+
+    try:
+        with av.open(path) as c:
+            return main_video_stream(c).index
+    except Exception:  # noqa: BLE001 - the decode that follows says what is wrong with the file
+        return None
 
 
 def timeline_offset(path: str) -> float:
@@ -191,10 +195,7 @@ class TorchcodecBackend:
 
     def _stream(self, path: str) -> int | None:
         chosen = self._streams.take(path)
-        if chosen is None:
-            index = _FrameIndex.demux(path)
-            chosen = index.stream_index if index is not None else None
-        return chosen
+        return chosen if chosen is not None else main_video_index(path)
 
     def meta(self, path: str) -> VideoMeta:
         from torchcodec.decoders import VideoDecoder

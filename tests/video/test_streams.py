@@ -45,6 +45,8 @@ def test_the_default_video_stream_is_decoded_by_every_backend(tmp_path, ext):
         video = item.video()
         assert video.backend != "decord" and video.frames.shape[1:3] == (120, 160), (names, video.backend)
         assert _near(_colour(video.view(request)), BLUE), (names, _colour(video.view(request)))
+    tc = available_backends(("torchcodec",))[0]  # a decode without meta() first finds the main stream itself
+    assert _near(_colour(tc.decode(path, [0, 5], (160, 120), "cpu", False)), BLUE)
     # decord decodes its own FFmpeg's pick, the red stream: it is not asked
     with pytest.raises(DecodeError, match="several video streams"):
         decode_video(path, [request], available_backends(("decord",)), several_streams=True)
