@@ -116,6 +116,18 @@ def _open(path: str):
         raise DecodeError(f"cannot open media: {type(e).__name__}: {e}") from e
 
 
+def _first_frame(container, stream):
+    import av
+
+    try:
+        frame = next(iter(container.decode(stream)), None)
+    except (av.error.FFmpegError, ValueError, StopIteration) as e:
+        raise DecodeError(f"first frame does not decode: {type(e).__name__}: {e}") from e
+    if frame is None:
+        raise DecodeError("stream holds no decodable frame")
+    return frame
+
+
 def probe_media(path: str) -> MediaInfo:
     """Read container and main-stream metadata and decode one frame of the main video (else audio) stream.
 
@@ -126,8 +138,9 @@ def probe_media(path: str) -> MediaInfo:
         The metadata of the container and of its main video and audio streams (``main_stream``).
 
     Raises:
-        DecodeError: the file is empty, not media, has no audio or video stream, or its first frame does not
-            decode.
+        DecodeError: the file is empty, not media, has no audio or video stream, or neither its video's nor its
+            audio's first frame decodes (broken pictures with sound that decodes probe fine; the video filters
+            then fail on the pictures, the audio filters run).
     """
     import av
 
@@ -159,12 +172,15 @@ def probe_media(path: str) -> MediaInfo:
         if duration is None and stream.duration and stream.time_base:
             duration = float(stream.duration * stream.time_base)
         try:
-            frame = next(iter(container.decode(stream)), None)
-        except (av.error.FFmpegError, ValueError, StopIteration) as e:
-            raise DecodeError(f"first frame does not decode: {type(e).__name__}: {e}") from e
-        if frame is None:
-            raise DecodeError("stream holds no decodable frame")
-        if video is not None:
+            frame = _first_frame(container, stream)
+        except DecodeError:
+            if stream is amain or amain is None:
+                raise
+            # the pictures are broken but the sound is not: the audio filters can still use the item (the video
+            # filters fail on it in their own decode)
+            _first_frame(container, amain)
+            frame = None
+        if frame is not None and video is not None:
             video = replace(video, interlaced=bool(getattr(frame, "interlaced_frame", False)))
             turns = quarter_turns(getattr(frame, "rotation", 0))
             if turns:

@@ -106,6 +106,32 @@ def broken_files(directory: str) -> dict[str, str]:
     return out
 
 
+def broken_pictures_copy(src: str, dst: str, seed: int = 0) -> str:
+    """``src`` remuxed with every video packet replaced by random bytes of the same size and timing, the audio
+    untouched: a recording whose pictures are lost and whose sound is not."""
+    import random
+
+    import av
+
+    rng = random.Random(seed)
+    with av.open(src) as inp, av.open(dst, "w") as out:
+        vin, ain = inp.streams.video[0], inp.streams.audio[0]
+        vout, aout = out.add_stream_from_template(vin), out.add_stream_from_template(ain)
+        for packet in inp.demux(vin, ain):
+            if packet.size == 0:
+                continue
+            if packet.stream is vin:
+                noise = av.Packet(rng.randbytes(packet.size))
+                noise.pts, noise.dts, noise.time_base = packet.pts, packet.dts, packet.time_base
+                noise.is_keyframe = packet.is_keyframe
+                noise.stream = vout
+                out.mux(noise)
+            else:
+                packet.stream = aout
+                out.mux(packet)
+    return dst
+
+
 def lavfi_clip(path: str, source: str = "testsrc2=size=320x240:rate=25", seconds: float = 2.0, vf: str | None = None,
                codec: tuple[str, ...] = ("-c:v", "libx264", "-preset", "ultrafast"), pix_fmt: str = "yuv420p",
                extra: tuple[str, ...] = ()) -> str:

@@ -285,6 +285,30 @@ def test_item_timeout_must_be_below_the_stall_timeout(tmp_path):
         validate_config(build_config(raw))
 
 
+def test_broken_pictures_with_good_sound_fail_only_what_needs_the_pictures(tmp_path, media_dir):
+    """A video whose picture packets are garbage but whose sound decodes: a speech-only job cuts its speech (the
+    probe used to fail the whole item on the first picture); a job that also needs the pictures fails it with
+    DecodeError from every video backend."""
+    from pipeline.media import synthetic
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    good = synthetic.still_clip(str(tmp_path / "talk.mkv"), seconds=3.0, speech="The pictures are gone but I am not.")
+    synthetic.broken_pictures_copy(good, str(corpus / "broken.mkv"))
+    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "b", "video_path": "broken.mkv"}])
+    for name, filters in (("speech", {"probe": {}, "speech_cuts": {}}),
+                          ("both", {"probe": {}, "speech_cuts": {}, "black_borders": {}})):
+        out = str(tmp_path / name)
+        _run(base_config(manifest, str(corpus), out, str(tmp_path / "cache"), filters=filters))
+        (row,) = _rows(out)
+        if name == "speech":
+            assert row["result_info"]["succeed"], row["result_info"]
+            assert row["speech_cuts"]["speech_ratio"] > 0.3 and row["probe"]["video"]["codec"] == "h264"
+        else:
+            assert row["result_info"]["error_type"] == "DecodeError"
+            assert "every video backend failed" in row["result_info"]["error_message"]
+
+
 def test_several_filters_fill_their_typed_columns(tmp_path, media_dir):
     rows = make_corpus(str(tmp_path / "c"), media_dir, 3)
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
