@@ -74,6 +74,10 @@ class StorageConfig:
     """Cap on one retry delay."""
     max_item_bytes: int = 50_000_000_000
     """Items larger than this fail with a FetchError instead of filling the disk."""
+    http_read_timeout_s: float = 60.0
+    """http(s) URLs: a server that sends nothing for this long fails the attempt (transient, so it is retried).
+    There is no limit on a whole download, which aiohttp otherwise sets to 5 minutes (a 5 GB file at 10 MB/s
+    never finished)."""
 
 
 @dataclass(frozen=True)

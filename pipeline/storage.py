@@ -295,9 +295,20 @@ class TieredFetcher:
         with self._fs_lock:
             fs = self._fs.get(key)
             if fs is None:
-                fs, _ = fsspec.core.url_to_fs(url, **options)
+                fs, _ = fsspec.core.url_to_fs(url, **self._with_http_timeouts(url, options))
                 self._fs[key] = fs
         return fs, fs._strip_protocol(url)
+
+    def _with_http_timeouts(self, url: str, options: dict) -> dict:
+        """For http(s): no limit on a whole download (aiohttp's default of 5 minutes fails every large file on a
+        slow link) but one on silence (``storage.http_read_timeout_s``), unless the options set their own."""
+        client = dict(options.get("client_kwargs") or {})
+        if _protocol(url) not in ("http", "https") or "timeout" in client:
+            return options
+        import aiohttp
+
+        client["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.cfg.http_read_timeout_s)
+        return {**options, "client_kwargs": client}
 
     def candidates(self, path: str) -> list[tuple[str, str, dict]]:
         """The ``(tier name, url, storage options)`` to try, in order, for a manifest path."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -32,7 +33,8 @@ class _Handler(BaseHTTPRequestHandler):
             return 503
         if path.startswith("/media/"):
             return 200 if os.path.isfile(os.path.join(self.media, path[7:])) else 404
-        return 200 if path in ("/plain.bin", "/chunked.bin", "/flaky.bin", "/endless.bin", "/short.bin") else 404
+        known = ("/plain.bin", "/chunked.bin", "/flaky.bin", "/endless.bin", "/short.bin", "/pause.bin")
+        return 200 if path in known else 404
 
     def do_HEAD(self):
         self._reply(head=True)
@@ -55,6 +57,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             if not head:
                 self.wfile.write(body)
+            return
+        if self.path == "/pause.bin":  # the server goes silent for 2 s half way through
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(BODY[: len(BODY) // 2])
+                self.wfile.flush()
+                time.sleep(2.0)
+                try:
+                    self.wfile.write(BODY[len(BODY) // 2:])
+                except OSError:  # the client gave up
+                    pass
             return
         if self.path == "/short.bin":  # the connection drops half way through the announced body
             self.send_header("Content-Length", str(len(BODY)))
@@ -157,3 +171,17 @@ def test_a_job_over_http_urls(tmp_path, server, media_dir):
     assert got["clip"]["result_info"]["storage_tier"] == "http"
     assert got["talk"]["result_info"]["succeed"] and got["talk"]["probe"]["audio"]["sample_rate"] == 16000
     assert got["dead"]["result_info"]["error_type"] == "NotFoundError"
+
+
+def test_silence_fails_an_attempt_but_a_long_download_does_not(tmp_path, server):
+    """aiohttp's default limit of 5 minutes on a whole request failed every large file on a slow link; the limit
+    is now on silence (``storage.http_read_timeout_s``)."""
+    with pytest.raises(TransientFetchError):
+        _fetcher(tmp_path, http_read_timeout_s=0.5, retries=0).fetch(f"{server}/pause.bin")
+    got = _fetcher(tmp_path, http_read_timeout_s=10).fetch(f"{server}/pause.bin")
+    assert open(got.local_path, "rb").read() == BODY
+    fetcher = _fetcher(tmp_path)
+    timeout = fetcher._filesystem(f"{server}/plain.bin", {})[0].client_kwargs["timeout"]
+    assert timeout.total is None and timeout.sock_read == 60.0
+    own = fetcher._filesystem(f"{server}/plain.bin", {"client_kwargs": {"timeout": None}})[0]
+    assert own.client_kwargs["timeout"] is None  # options that set their own are left alone
