@@ -13,14 +13,23 @@ GAP_S = 0.05
 shorter ones are rounding in the container's time base."""
 
 
-def _flat(frames, channels: int) -> list[np.ndarray]:
+def _flat(frames, channels: int, average_pair: bool = False) -> list[np.ndarray]:
+    """Frames as ``[channels, n]`` arrays; ``average_pair``: stereo frames become their mean, ``[1, n]``."""
+    if average_pair:
+        return [f.to_ndarray().reshape(2, -1).mean(axis=0, keepdims=True) for f in frames]
     return [f.to_ndarray().reshape(channels, -1) for f in frames]
 
 
 def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None = None,
                  channels: int = 1) -> np.ndarray:
-    """The main audio stream of ``path`` (``main_audio_stream``: the default track) as float32 in [-1, 1] at
-    ``sample_rate``: ``[N]`` mono, or ``[2, N]`` with ``channels=2`` (a mono source is duplicated).
+    """The main audio stream of ``path`` (``main_audio_stream``: the default track) as float32 at ``sample_rate``:
+    ``[N]`` mono, or ``[2, N]`` with ``channels=2`` (a mono source is duplicated).
+
+    Mono from stereo is the mean of the two channels, as silero-vad's ``read_audio``, librosa and ``ffmpeg -ac 1``
+    to 16-bit give (FFmpeg's float downmix adds them at 0.707 each, so a dual-mono recording came out 1.41x loud
+    and past 1.0). Surround is downmixed with FFmpeg's standard matrix, unnormalised: a film's dialogue in the
+    centre channel keeps its level (averaging all six channels would make it 1/6; normalising the matrix, 0.29),
+    and loud sound in every channel can pass 1.0 (the VAD's segments did not move at 4.4x gain on real speech).
 
     Sample 0 is the start of the file's timeline (the container's start, what ``ffmpeg -ss`` counts from), so
     speech times line up with the video: audio that starts after the video (a delayed track, common in MPEG-TS and
@@ -43,7 +52,7 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
     with container:
         stream = main_audio_stream(container)  # the default track of a film with commentary or dubs
         layout = "mono" if channels == 1 else "stereo"
-        resampler, source = None, None
+        resampler, source, pair = None, None, False
         parts: list[np.ndarray] = []
         total = 0
         cap = None if max_seconds is None else int(max_seconds * sample_rate)
@@ -69,15 +78,17 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
                 fmt = (frame.format.name, frame.layout.name, frame.sample_rate)
                 if fmt != source:
                     if resampler is not None:
-                        parts.extend(_flat(resampler.resample(None), channels))
-                    resampler, source = av.AudioResampler(format="fltp", layout=layout, rate=sample_rate), fmt
-                for arr in _flat(resampler.resample(frame), channels):
+                        parts.extend(_flat(resampler.resample(None), channels, pair))
+                    pair = channels == 1 and frame.layout.nb_channels == 2
+                    resampler = av.AudioResampler(format="fltp", layout="stereo" if pair else layout, rate=sample_rate)
+                    source = fmt
+                for arr in _flat(resampler.resample(frame), channels, pair):
                     parts.append(arr)
                     total += arr.shape[1]
                 if cap is not None and total > cap:
                     raise DecodeError(f"audio longer than the {max_seconds:.0f}s cap")
             if resampler is not None:
-                parts.extend(_flat(resampler.resample(None), channels))
+                parts.extend(_flat(resampler.resample(None), channels, pair))
         except av.error.FFmpegError as e:
             if not parts:
                 raise DecodeError(f"audio does not decode: {type(e).__name__}: {e}") from e

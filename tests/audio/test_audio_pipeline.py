@@ -145,6 +145,20 @@ def test_a_delayed_audio_track_lines_up_with_the_video(tmp_path, speech_track, c
     assert _lag_s(decode_audio(speech_track), ref) == 0.0
 
 
+def test_surround_keeps_the_dialogue_level(tmp_path, speech_track):
+    """5.1 with the speech in the centre channel: the mono downmix is that channel at its own level, not a sixth of
+    it. Stereo is the mean of its two channels: a dual-mono recording is the recording (FFmpeg's float downmix made
+    it 1.41x, past 1.0), speech on one side only is half of it."""
+    ref = decode_audio(speech_track)
+    for layout, pan, gain in (("5.1", "pan=5.1|c2=c0", 1.0), ("stereo", "pan=stereo|c0=c0|c1=c0", 1.0),
+                              ("left", "pan=stereo|c0=c0", 0.5)):
+        path = str(tmp_path / f"{layout}-{gain}.wav")
+        synthetic._ffmpeg(["-i", speech_track, "-af", pan, "-c:a", "pcm_f32le", path])
+        got = decode_audio(path)
+        n = min(len(got), len(ref))
+        assert np.abs(got[:n] - gain * ref[:n]).max() < 1e-4, (layout, gain)
+
+
 def test_a_gap_in_the_audio_timestamps_is_filled_with_silence(tmp_path, speech_track):
     path = str(tmp_path / "gap.mkv")  # timestamps from 1.5 s on are one second later: dropped packets
     synthetic._ffmpeg(["-i", speech_track, "-af", r"asetpts=PTS+if(gte(T\,1.5)\,1.0/TB\,0)", "-c:a", "flac", path])
