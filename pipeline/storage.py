@@ -353,13 +353,6 @@ class TieredFetcher:
             raise type(worst)(f"no tier served {path!r} ({detail})") from worst
         raise worst
 
-    def _stream_capped(self, fs: fsspec.AbstractFileSystem, rpath: str, tmp: str, tier: str, url: str) -> int:
-        """GET a body of unknown length into ``tmp``, stopping at ``storage.max_item_bytes`` (a huge or endless
-        response cannot fill the node's disk). A body cut short of its Content-Length raises the HTTP stack's
-        payload error, which is transient."""
-        fs.get_file(rpath, tmp, callback=_ByteCap(self.cfg.max_item_bytes, f"{tier}: {url}"))
-        return os.path.getsize(tmp)
-
     def _fetch_from_tier(self, tier: str, url: str, options: dict, should_stop: Callable[[], bool]) -> FetchedItem:
         delays = backoff_delays(self.cfg.retries, self.cfg.backoff_base_s, self.cfg.backoff_max_s)
         attempt = 0
@@ -397,13 +390,12 @@ class TieredFetcher:
             return FetchedItem(rpath, tier, size, url, attempt)
         tmp = self.cache.tmp_path(url)
         try:
-            if size is None:
-                got = self._stream_capped(fs, rpath, tmp, tier, url)
-            else:
-                fs.get_file(rpath, tmp)
-                got = os.path.getsize(tmp)
-                if got != size:
-                    raise TransientFetchError(f"{tier}: short read of {url}: got {got} bytes, listed size {size}")
+            # the cap holds while the bytes stream too, where no size was listed (an endless response cannot fill
+            # the disk); an http(s) body cut short of its Content-Length raises the HTTP stack's payload error
+            fs.get_file(rpath, tmp, callback=_ByteCap(self.cfg.max_item_bytes, f"{tier}: {url}"))
+            got = os.path.getsize(tmp)
+            if size is not None and got != size:
+                raise TransientFetchError(f"{tier}: short read of {url}: got {got} bytes, listed size {size}")
             path = self.cache.commit(url, tmp, got)
         except BaseException:
             try:
