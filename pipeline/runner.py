@@ -153,7 +153,7 @@ class RankWorkers:
         self._plock = threading.Lock()
         self._inflight: dict[int, _InFlight] = {}  # by id(task); whoever removes an entry writes its row
         self._ilock = threading.Lock()
-        self._replacements: list[threading.Thread] = []
+        self._replaced = 0  # consumers started in place of stuck ones (their thread names)
 
     # ---- rows ---------------------------------------------------------------------------------------
     def _row(self, row: dict[str, Any], start: float, fetch_s: float, fetched: FetchedItem | None,
@@ -279,12 +279,10 @@ class RankWorkers:
                                 "the worker thread was abandoned")
             log.error("item %s: %s", f.task.row[self.id_col], error)
             self._emit(self._row(f.task.row, f.task.start, f.task.fetch_s, f.task.fetched, {}, {}, error, f.media))
-            stuck = [t for t in consumers if t.ident == f.thread]
-            for t in stuck:
-                consumers.remove(t)
+            consumers[:] = [t for t in consumers if t.ident != f.thread]
             fresh = threading.Thread(target=self._guard, args=(self._consume,), daemon=True,
-                                     name=f"consumer-r{len(self._replacements)}")
-            self._replacements.append(fresh)
+                                     name=f"consumer-r{self._replaced}")
+            self._replaced += 1
             consumers.append(fresh)
             fresh.start()
 

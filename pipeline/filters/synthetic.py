@@ -19,6 +19,7 @@ class NoopParams:
     hang_ids: tuple[str, ...] = ()
     """Items that hang for ``hang_s`` (fault injection: a file that sends a decoder into a loop)."""
     hang_s: float = 0.0
+    """How long those items hang, in seconds."""
 
 
 class NoopFilter(Filter):

@@ -582,6 +582,14 @@ def _decode_with_timeout(backend, path: str, indices: list[int], size: tuple[int
         raise DecodeTimeout(f"{backend.name}: decode took over {timeout_s:.0f}s") from None
 
 
+def _only(backends: list[object], fit, refusal: str) -> list[object]:
+    """The backends that ``fit`` this file; DecodeError(``refusal``) where none does."""
+    kept = [b for b in backends if fit(b)]
+    if not kept:
+        raise DecodeError(refusal)
+    return kept
+
+
 def decode_video(path: str, requests: list[FrameRequest], backends: list[object], *, device: str = "cpu",
                  max_frames: int = 2048, max_pixels: int = 8192 * 4320, max_side: int | None = None,
                  timeout_s: float = 120.0, max_bytes: int = 8 << 30, random_access: bool = True,
@@ -613,17 +621,14 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
         DecodeError: every backend failed (the message lists each backend's error).
     """
     if not random_access:
-        sequential = [b for b in backends if not getattr(b, "random_access", True)]
-        if not sequential:
-            raise DecodeError(f"the backends {[b.name for b in backends]} seek to wrong frames in this container or "
-                              "codec; add pyav to video.backends (it decodes in order), or list the container and "
-                              "codec in video.random_access_containers / video.random_access_codecs")
-        backends = sequential
+        backends = _only(backends, lambda b: not getattr(b, "random_access", True),
+                         f"the backends {[b.name for b in backends]} seek to wrong frames in this container or codec; "
+                         "add pyav to video.backends (it decodes in order), or list the container and codec in "
+                         "video.random_access_containers / video.random_access_codecs")
     if several_streams:
-        backends = [b for b in backends if getattr(b, "chooses_stream", True)]
-        if not backends:
-            raise DecodeError("this file holds several video streams and no configured backend can be told which "
-                              "one to decode; add torchcodec or pyav to video.backends")
+        backends = _only(backends, lambda b: getattr(b, "chooses_stream", True),
+                         "this file holds several video streams and no configured backend can be told which one to "
+                         "decode; add torchcodec or pyav to video.backends")
     errors = []
     offset = timeline_offset(path)  # where the first frame sits on the file's timeline, which windows are given on
     for backend in backends:
