@@ -57,9 +57,13 @@ class StorageConfig:
     """The node-local cache and the ordered fetch tiers behind it."""
 
     cache_dir: str = "/tmp/mediasieve-cache"
-    """Node-local cache directory (shared by the ranks of a node)."""
+    """Node-local cache directory (shared by the ranks of a node). What earlier runs left there (a crash, a
+    restart) counts towards the limit and is evicted first; a partial download or entry unused for twice
+    ``runtime.stall_timeout_s`` is abandoned and removed (the age protects another job sharing the directory)."""
     cache_max_bytes: int = 180_000_000_000
-    """Byte limit of the cache; finished items are evicted oldest first, never one still in use."""
+    """Byte limit of the cache; finished items are evicted oldest first, never one still in use. Where the disk
+    fills before the limit, the rank evicts everything not in use and tries again once; if it is still full, the
+    rank stops (``CacheFullError``, exit code 1) rather than fail every item left in its share."""
     use_cache: bool = True
     """Copy every fetched item into the cache (False: local-filesystem tiers are read in place)."""
     fetch: bool = True

@@ -32,6 +32,11 @@ class GpuFailure(MediasieveError):
     """CUDA failed in this process and strict GPU mode forbids falling back to CPU."""
 
 
+class CacheFullError(MediasieveError):
+    """The node-local cache's disk is full even after evicting every entry not in use: every item this rank fetched
+    would fail, so the rank stops instead of turning the rest of its share of the manifest into failure rows."""
+
+
 class DependencyError(MediasieveError):
     """An optional package needed by the configured filters is not installed."""
 

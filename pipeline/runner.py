@@ -446,7 +446,10 @@ def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_sign
 
         torch.set_num_threads(cfg.runtime.torch_threads)
     check_input_exists(cfg.input)
-    fetcher = TieredFetcher(cfg.storage, cache_share=1.0 / max(1, ctx.local_world_size))  # checks the tiers
+    # checks the tiers; local rank 0 tends what earlier runs left in the node cache (an entry or a partial download
+    # unused for twice the stall timeout is abandoned: no live rank holds an item that long)
+    fetcher = TieredFetcher(cfg.storage, cache_share=1.0 / max(1, ctx.local_world_size), tend_cache=ctx.local_rank == 0,
+                            orphan_age_s=2 * cfg.runtime.stall_timeout_s)
 
     # Rank 0 takes the lease; every rank learns the run id or the reason to stop.
     leases: list[OutputLease] = []

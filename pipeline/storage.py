@@ -6,6 +6,7 @@ that would climb out of their tier's root are rejected.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -26,6 +27,7 @@ from pipeline.config import StorageConfig, TierConfig
 from pipeline.errors import (
     AccessDeniedError,
     BadInputError,
+    CacheFullError,
     FetchError,
     NotFoundError,
     TransientFetchError,
@@ -34,6 +36,7 @@ from pipeline.errors import (
 log = logging.getLogger(__name__)
 
 _EXT_RE = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
+_ENTRY_RE = re.compile(r"^[0-9a-f]{40}(\.[a-z0-9]{1,10})?$")  # what NodeCache.name_for makes
 
 
 def check_protocols(protocols: set[str] | frozenset[str]) -> None:
@@ -124,6 +127,32 @@ def backoff_delays(retries: int, base_s: float, max_s: float, rng: random.Random
     return [rng.uniform(0.0, min(max_s, base_s * (2**i))) for i in range(retries)]
 
 
+def _disk_full(error: BaseException) -> bool:
+    """Whether ``error`` or an error it came from is ENOSPC or EDQUOT (a full disk or quota)."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+
+
+def _disk_full_message(cfg: StorageConfig, cache: NodeCache, url: str, error: BaseException) -> str:
+    import shutil
+    import socket
+
+    try:
+        usage = shutil.disk_usage(cache.root)
+        free = f"{usage.free} of {usage.total} bytes free"
+    except OSError:
+        free = "free space unknown"
+    return (f"node-local cache storage.cache_dir={cfg.cache_dir} on {socket.gethostname()} is full ({free}; this "
+            f"process holds {cache.bytes_used} bytes in use, storage.cache_max_bytes={cfg.cache_max_bytes}) while "
+            f"fetching {url}: {type(error).__name__}: {error}. Free the disk or lower storage.cache_max_bytes; "
+            "committed rows are kept, rerun to resume")
+
+
 class _ByteCap(Callback):
     """Stops a download (raising from fsspec's progress callback) once it announces or passes ``cap`` bytes."""
 
@@ -151,18 +180,44 @@ class NodeCache:
     Entries are files named ``sha256(source_uri)[:40] + ext``. Each process tracks the entries it knows and
     pins those in use; eviction (oldest access first) never removes a pinned entry. Ranks of one node share
     the directory; each process evicts within its share of the byte limit.
+
+    What earlier runs left behind (a crash, a restart, a finished job) belongs to no process, so one process
+    per node tends it (``tend=True``, local rank 0): at start it adopts the entries on disk into its own
+    accounting, oldest first, so that they count towards the limit and are the first evicted; and it removes
+    partial downloads (``.tmp/*.part``) that nobody has written to for ``orphan_age_s``, at start and then
+    every ``orphan_age_s / 2``. The age, not a process id, decides what is abandoned, because another job may
+    share the directory (pids mean nothing across containers): an adopted entry is removed only once it has
+    not been used for ``orphan_age_s``, and one that another process looks up (which touches it) is left to
+    that process.
+
+    Args:
+        root: the cache directory.
+        max_bytes: this process's share of the byte limit.
+        tend: adopt leftovers and sweep stale partial downloads (one process per node).
+        orphan_age_s: how long an unused entry or a silent partial download must be left before it counts as
+            abandoned.
+        clock: wall-clock source, compared with file modification times.
     """
 
-    def __init__(self, root: str, max_bytes: int):
+    def __init__(self, root: str, max_bytes: int, tend: bool = False, orphan_age_s: float = 1800.0,
+                 clock: Callable[[], float] = time.time):
         self.root = root
         self.max_bytes = max_bytes
         self.tmp_dir = os.path.join(root, ".tmp")
         os.makedirs(self.tmp_dir, exist_ok=True)
+        self.orphan_age_s = orphan_age_s
+        self._tend = tend
+        self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, int] = OrderedDict()  # name -> bytes, oldest access first
         self._pins: dict[str, int] = {}
+        self._adopted: dict[str, float] = {}  # leftover entry -> its mtime when adopted
         self._bytes = 0
+        self._last_sweep = 0.0
         self.evictions = 0
+        self.parts_removed = 0
+        if tend:
+            self._adopt_leftovers()
 
     @staticmethod
     def name_for(uri: str) -> str:
@@ -183,6 +238,7 @@ class NodeCache:
             except FileNotFoundError:
                 self._forget(name)
                 return None
+            self._adopted.pop(name, None)  # in use by this process now
             if name in self._entries:
                 self._entries.move_to_end(name)
             else:
@@ -206,11 +262,12 @@ class NodeCache:
         with self._lock:
             self._evict_locked(size, keep=name)
             os.replace(tmp, path)
-            if name in self._entries:
-                self._bytes -= self._entries.pop(name)
+            self._forget(name)
             self._entries[name] = size
             self._bytes += size
             self._pins[name] = self._pins.get(name, 0) + 1
+        if self._tend and self._clock() - self._last_sweep > self.orphan_age_s / 2:
+            self.sweep_parts()
         return path
 
     def release(self, uri: str) -> None:
@@ -223,21 +280,91 @@ class NodeCache:
             else:
                 self._pins[name] = count
 
+    def make_room(self) -> int:
+        """Evict every entry that may go (the disk is full); return the bytes freed."""
+        with self._lock:
+            before = self._bytes
+            self._evict_locked(0, keep="", budget=0)
+            return before - self._bytes
+
+    def sweep_parts(self) -> int:
+        """Remove partial downloads nobody has written to for ``orphan_age_s``; return how many."""
+        self._last_sweep = now = self._clock()
+        removed = 0
+        try:
+            names = os.listdir(self.tmp_dir)
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            if not name.endswith(".part"):
+                continue
+            path = os.path.join(self.tmp_dir, name)
+            try:
+                if now - os.stat(path).st_mtime >= self.orphan_age_s:
+                    os.remove(path)
+                    removed += 1
+            except FileNotFoundError:
+                pass  # its download finished or failed meanwhile
+        self.parts_removed += removed
+        return removed
+
     @property
     def bytes_used(self) -> int:
         return self._bytes
 
+    def _adopt_leftovers(self) -> None:
+        found = []
+        with os.scandir(self.root) as it:
+            for entry in it:
+                if not _ENTRY_RE.match(entry.name):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if entry.is_file(follow_symlinks=False):
+                    found.append((st.st_mtime, entry.name, st.st_size))
+        found.sort()
+        with self._lock:
+            for mtime, name, size in found:
+                if name not in self._entries:
+                    self._entries[name] = size
+                    self._bytes += size
+                    self._adopted[name] = mtime
+            adopted = self._bytes
+            self._evict_locked(0, keep="")
+        parts = self.sweep_parts()
+        if found or parts:
+            log.info("node cache %s: adopted %d leftover entries (%d bytes), evicted to %d of %d bytes; removed %d "
+                     "stale partial downloads", self.root, len(found), adopted, self._bytes, self.max_bytes, parts)
+
     def _forget(self, name: str) -> None:
+        self._adopted.pop(name, None)
         if name in self._entries:
             self._bytes -= self._entries.pop(name)
 
-    def _evict_locked(self, incoming: int, keep: str) -> None:
+    def _evict_locked(self, incoming: int, keep: str, budget: int | None = None) -> None:
+        budget = self.max_bytes if budget is None else budget
+        now = None
         for name in list(self._entries):
-            if self._bytes + incoming <= self.max_bytes:
+            if self._bytes + incoming <= budget:
                 return
             if name in self._pins or name == keep:
                 continue
+            if name in self._adopted:
+                try:
+                    mtime = os.stat(self.path_of(name)).st_mtime
+                except FileNotFoundError:
+                    self._forget(name)
+                    continue
+                if mtime != self._adopted[name]:
+                    self._forget(name)  # another process looked it up: it counts it, and evicts it, now
+                    continue
+                now = self._clock() if now is None else now
+                if now - mtime < self.orphan_age_s:
+                    continue  # perhaps in use by another job that shares the directory: left until it ages
             size = self._entries.pop(name)
+            self._adopted.pop(name, None)
             self._bytes -= size
             try:
                 os.remove(self.path_of(name))
@@ -271,12 +398,17 @@ class TieredFetcher:
         cfg: the storage section of the config.
         cache_share: fraction of the cache byte limit this process may use (1 / local world size).
         sleep: injectable sleep for retry delays.
+        tend_cache: this process tends the node cache's leftovers (local rank 0; see ``NodeCache``).
+        orphan_age_s: unused time after which a leftover cache entry or partial download counts as abandoned.
     """
 
-    def __init__(self, cfg: StorageConfig, cache_share: float = 1.0, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, cfg: StorageConfig, cache_share: float = 1.0, sleep: Callable[[float], None] = time.sleep,
+                 tend_cache: bool = False, orphan_age_s: float = 1800.0):
         self.cfg = cfg
         self.tiers: list[TierConfig] = list(cfg.tiers)
-        self.cache = NodeCache(cfg.cache_dir, int(cfg.cache_max_bytes * cache_share)) if cfg.use_cache else None
+        self.cache = None
+        if cfg.use_cache:
+            self.cache = NodeCache(cfg.cache_dir, int(cfg.cache_max_bytes * cache_share), tend_cache, orphan_age_s)
         self._sleep = sleep
         self._fs_lock = threading.Lock()
         self._fs: dict[tuple, fsspec.AbstractFileSystem] = {}
@@ -356,11 +488,21 @@ class TieredFetcher:
     def _fetch_from_tier(self, tier: str, url: str, options: dict, should_stop: Callable[[], bool]) -> FetchedItem:
         delays = backoff_delays(self.cfg.retries, self.cfg.backoff_base_s, self.cfg.backoff_max_s)
         attempt = 0
+        made_room = False
         while True:
             attempt += 1
             try:
                 return self._fetch_once(tier, url, options, attempt)
             except Exception as e:  # noqa: BLE001 - every storage error is classified below
+                if self.cache is not None and _disk_full(e):
+                    # the node's disk, not the item: make room once, else stop the rank (see CacheFullError)
+                    freed = 0 if made_room else self.cache.make_room()
+                    made_room = True
+                    if freed:
+                        log.warning("node cache disk full while fetching %s: evicted %d bytes, trying again", url,
+                                    freed)
+                        continue
+                    raise CacheFullError(_disk_full_message(self.cfg, self.cache, url, e)) from e
                 cls = type(e) if isinstance(e, FetchError) else classify_fs_error(e)
                 if cls is not TransientFetchError or attempt > len(delays) or should_stop():
                     if isinstance(e, FetchError):
@@ -393,7 +535,10 @@ class TieredFetcher:
             # the cap holds while the bytes stream too, where no size was listed (an endless response cannot fill
             # the disk); an http(s) body cut short of its Content-Length raises the HTTP stack's payload error
             fs.get_file(rpath, tmp, callback=_ByteCap(self.cfg.max_item_bytes, f"{tier}: {url}"))
-            got = os.path.getsize(tmp)
+            try:
+                got = os.path.getsize(tmp)
+            except FileNotFoundError as e:  # swept as abandoned while the download was silent (a hung mount)
+                raise TransientFetchError(f"{tier}: the partial download of {url} was removed: {e}") from e
             if size is not None and got != size:
                 raise TransientFetchError(f"{tier}: short read of {url}: got {got} bytes, listed size {size}")
             path = self.cache.commit(url, tmp, got)
