@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal
@@ -137,6 +138,9 @@ class YoloRegionsFilter(VideoFilter):
             except ValueError as e:
                 raise ConfigError(f"filters.{self.name}: {e}") from e
         local = ctx.localize(self.params.model_uri, self.params.storage_options)
+        # the crop encodes into the node cache's scratch, where a killed process's partial file is swept; never
+        # next to the media, which without the cache is the source corpus itself (shared, perhaps read-only)
+        self._scratch = os.path.join(ctx.cache_dir, ".tmp") if ctx.cache_dir else tempfile.gettempdir()
         strict = p.strict_gpu or ctx.strict_gpu
         provider = p.provider if ctx.device.startswith("cuda") else "cpu"
         trt_cache = ctx.engine_cache() if self.onnx else None
@@ -227,11 +231,12 @@ class YoloRegionsFilter(VideoFilter):
     def _write_crop(self, media: MediaItem, crop: tuple[int, int, int, int]) -> str:
         """Encode the cropped clip (audio copied) locally, then move or upload it whole under ``crop_output``."""
         name = hashlib.sha256(media.item_id.encode("utf-8", "surrogatepass")).hexdigest()[:32] + ".mp4"
-        tmp = os.path.join(os.path.dirname(media.local_path), f".crop-{uuid.uuid4().hex[:8]}.mp4")
+        os.makedirs(self._scratch, exist_ok=True)
+        tmp = os.path.join(self._scratch, f"crop-{uuid.uuid4().hex[:8]}.mp4.part")
         x1, y1, x2, y2 = crop
         cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", media.local_path,
                "-vf", f"crop={x2 - x1}:{y2 - y1}:{x1}:{y1}", "-map", f"0:{media.info.video.index}", "-map", "0:a?",
-               "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", *_audio_codecs(media.local_path), tmp]
+               "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", *_audio_codecs(media.local_path), "-f", "mp4", tmp]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
             if proc.returncode != 0:

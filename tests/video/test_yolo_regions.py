@@ -1,5 +1,7 @@
 """YOLO regions with a tiny random detector: loading from a URI, batching, classes, crop output in the job."""
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -249,3 +251,34 @@ def test_crop_output_is_of_the_main_video_stream(tmp_path, yolo_pt):
     frames = available_backends(("pyav",))[0].decode(out["crop_uri"], [0], (c["w"], c["h"]), "cpu", False)
     red = frames[..., 0].float().mean() - frames[..., 1:].float().mean()
     assert red < 60  # the letterboxed picture, not the red proxy
+
+
+def test_crop_encodes_in_the_cache_scratch_not_next_to_a_read_only_source(tmp_path, yolo_pt):
+    """Without the cache (``storage.use_cache=false``) the item's local path is the source corpus itself, often a
+    read-only mount: the crop's intermediate file went next to it, so ffmpeg failed and with it the item. It now
+    goes to ``<cache_dir>/.tmp`` (where a killed process's partial file is swept as a ``.part``)."""
+    import shutil
+    import subprocess
+
+    from pipeline.media import synthetic
+
+    src = tmp_path / "corpus"
+    src.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(src)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        synthetic.letterboxed_clip(str(tmp_path / "lb.mp4"), seconds=1.0)
+        shutil.copy(tmp_path / "lb.mp4", src / "lb.mp4")
+        subprocess.run(["mount", "-o", "remount,ro", str(src)], check=True)
+        (f,) = build_filters((FilterSpec("regions", "yolo_regions", True, {
+            "model_uri": yolo_pt, "imgsz": 160, "conf": 0.999, "step": 5, "crop_output": str(tmp_path / "crops")}),))
+        f.setup(SetupContext("cpu", ModelPool("cpu", instances=1),
+                             lambda u, o=None: localize_model(u, str(tmp_path / "mc"), 0, lambda: None, o),
+                             cache_dir=str(tmp_path / "cache")))
+        item = MediaItem("ro", str(src / "lb.mp4"), 0, f.frame_requests(), VideoConfig(), available_backends(("pyav",)))
+        out = f.apply(item, FilterContext("cpu", None))
+        assert probe_media(out["crop_uri"]).video.height == out["crop"]["h"] < 240
+        assert sorted(os.listdir(src)) == ["lb.mp4"] and os.listdir(tmp_path / "cache" / ".tmp") == []
+    finally:
+        subprocess.run(["umount", "-l", str(src)], check=False)
