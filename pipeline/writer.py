@@ -67,9 +67,16 @@ def commit_bytes(fs: fsspec.AbstractFileSystem, final_path: str, data: bytes, tm
     if is_local_fs(fs):
         fs.makedirs(tmp_dir, exist_ok=True)
         tmp = f"{tmp_dir}/{final_path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, final_path)
+        try:
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, final_path)
+        except BaseException:
+            try:  # a full disk would otherwise keep a partial file per retry
+                fs.rm_file(tmp)
+            except OSError:
+                pass
+            raise
     else:
         fs.pipe_file(final_path, data)
 

@@ -1,6 +1,7 @@
-"""A node whose cache disk fills up, on a real filesystem that runs out of space (a 1 MiB tmpfs, so the kernel
+"""Disks that fill up. A node whose cache disk fills up, on a real filesystem that runs out of space (a 1 MiB tmpfs, so the kernel
 raises ENOSPC): the cache makes room where it can, and a rank that cannot fetch anything any more stops loudly
-instead of writing a failure row for every item left in its share."""
+instead of writing a failure row for every item left in its share; and an output disk that cannot hold a part keeps
+the rows and leaves no partial file."""
 
 import os
 import subprocess
@@ -86,3 +87,19 @@ def test_a_rank_whose_cache_disk_is_full_stops_and_the_rerun_finishes(tmp_path, 
     assert ok == sorted(r["video_id"] for r in rows if r["video_id"] != "huge")  # each clip once
     assert [r["result_info"]["error_type"] for r in table if r["video_id"] == "huge"] == ["DecodeError"]
     assert summary["total"]["succeeded"] == 6
+
+
+def test_a_part_that_does_not_fit_the_output_disk_leaves_no_partial_file(small_disk):
+    import pyarrow as pa
+
+    from pipeline.writer import ResultWriter, result_schema
+
+    schema = result_schema(pa.schema([("video_id", pa.string()), ("video_path", pa.string())]), [])
+    w = ResultWriter(small_disk, {}, schema, "run1", 0, rows_per_file=10**6, commit_retries=0)
+    for i in range(3000):  # about 2 MB of Parquet: twice the disk
+        w.add({"video_id": f"id{i}", "video_path": os.urandom(600).hex(),
+               "result_info": {"succeed": True, "rank": 0, "run_id": "run1"}})
+    with pytest.raises(OSError, match="No space left"):
+        w.flush()
+    assert w.buffered == 3000  # the rows are kept for the next commit
+    assert os.listdir(os.path.join(small_disk, "_tmp")) == [] and os.listdir(os.path.join(small_disk, "parts")) == []
