@@ -1,7 +1,7 @@
-"""Disks that fill up. A node whose cache disk fills up, on a real filesystem that runs out of space (a 1 MiB tmpfs, so the kernel
-raises ENOSPC): the cache makes room where it can, and a rank that cannot fetch anything any more stops loudly
-instead of writing a failure row for every item left in its share; and an output disk that cannot hold a part keeps
-the rows and leaves no partial file."""
+"""Disks that fill up, on a real filesystem that runs out of space (a 1 MiB tmpfs, so the kernel raises ENOSPC).
+A node's cache makes room where it can, and a rank that cannot fetch anything any more stops loudly instead of
+writing a failure row for every item left in its share; an output disk that cannot hold a part keeps the rows and
+leaves no partial file."""
 
 import os
 import subprocess
