@@ -249,7 +249,7 @@ def test_stale_partial_downloads_are_swept_at_start_and_while_running(tmp_path):
 
 @pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
 def test_a_full_disk_or_quota_makes_room_once_then_stops_the_rank(tmp_path, monkeypatch, code):
-    # The same paths as tests/integration/test_cache_disk.py (a real full tmpfs), for machines that cannot mount
+    # The same paths as tests/integration/test_full_disks.py (a real full tmpfs), for machines that cannot mount
     # one: the download raises the kernel's error after writing part of the file, as a full disk does.
     import errno
 
