@@ -165,6 +165,11 @@ class ResumeConfig:
     model): ``fail`` stops before any work; ``conform`` writes the new rows in the committed schema (fields it
     lacks are dropped, fields this run no longer fills are null), so the table stays one table to its readers.
     A changed type always stops."""
+    max_item_crashes: int | None = 2
+    """An item in flight when its process died (a segfault or abort in a native decoder, the OOM killer) is a
+    suspect on the rerun: rehearsed in a child process, where a crash gives it a ``CrashError`` row, then run
+    alone; one that was in flight in this many deaths is not tried again (``CrashError``). The ledger is
+    ``<output.dir>/_crashes.json`` (delete an entry to try the item again). None: no journal, no ledger."""
 
 
 @dataclass(frozen=True)
@@ -458,6 +463,9 @@ def validate_config(cfg: JobConfig) -> None:
     if item_limit is not None and not 0 < item_limit < cfg.runtime.stall_timeout_s:
         raise ConfigError(f"runtime.item_timeout_s={item_limit} must be above 0 and below runtime.stall_timeout_s="
                           f"{cfg.runtime.stall_timeout_s} (else a hanging item stalls the rank first)")
+    if cfg.resume.max_item_crashes is not None and cfg.resume.max_item_crashes < 1:
+        raise ConfigError(f"resume.max_item_crashes={cfg.resume.max_item_crashes} must be 1 or more (null turns the "
+                          "crash ledger off)")
     for i, tier in enumerate(cfg.storage.tiers):
         if not tier.name or not tier.root:
             raise ConfigError(f"storage.tiers[{i}]: name and root are required")

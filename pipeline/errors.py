@@ -82,6 +82,11 @@ class ItemTimeout(ItemError):
     """The item's filters ran past ``runtime.item_timeout_s``; its worker thread was abandoned and replaced."""
 
 
+class CrashError(ItemError):
+    """The item kills the process that works on it (a native crash or the OOM killer): seen in a rehearsal child,
+    or in ``resume.max_item_crashes`` deaths of the job's own processes (``pipeline.crashes``)."""
+
+
 class FilterError(ItemError):
     """A filter raised an unexpected exception on this item."""
 
@@ -101,6 +106,7 @@ RETRYABLE: dict[type[BaseException], bool] = {
     DecodeError: False,
     DecodeTimeout: False,
     ItemTimeout: True,
+    CrashError: False,
     FilterError: False,
 }
 

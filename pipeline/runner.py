@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobConfig, job_identity, to_dict
+from pipeline.crashes import InflightJournal, SuspectGate, collect_suspects, job_key, rehearse, update_ledger
 from pipeline.distributed import DistContext, GlobalCounter, WorkUnitCounter, init_distributed, resolve_device
-from pipeline.errors import ItemError, ItemTimeout, MediasieveError, ShutdownError, is_retryable
+from pipeline.errors import CrashError, ItemError, ItemTimeout, MediasieveError, ShutdownError, is_retryable
 from pipeline.filters import FilterContext, SetupContext, build_filters
 from pipeline.manifest import SPILL_DIR, Manifest, check_input_exists, open_manifest
 from pipeline.media.item import MediaItem
@@ -133,6 +134,9 @@ class RankWorkers:
     global_total: int
     metrics: MetricsLog | None = None
     exporter: PrometheusExporter | None = None
+    journal: InflightJournal | None = None
+    suspects: dict[str, int] = field(default_factory=dict)
+    """Items in flight when processes of earlier runs died, with how many deaths (``pipeline.crashes``)."""
     stop: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False
 
@@ -154,6 +158,7 @@ class RankWorkers:
         self._inflight: dict[int, _InFlight] = {}  # by id(task); whoever removes an entry writes its row
         self._ilock = threading.Lock()
         self._replaced = 0  # consumers started in place of stuck ones (their thread names)
+        self._gate = SuspectGate()
 
     # ---- rows ---------------------------------------------------------------------------------------
     def _row(self, row: dict[str, Any], start: float, fetch_s: float, fetched: FetchedItem | None,
@@ -237,8 +242,21 @@ class RankWorkers:
     def _process(self, task: _Task) -> bool:
         """Run the filters on one item and write its row. False where the watchdog timed the item out meanwhile:
         it wrote the row, and this thread's late result is dropped."""
-        media = MediaItem(str(task.row[self.id_col]), task.fetched.local_path, task.fetched.bytes,
+        item_id = str(task.row[self.id_col])
+        media = MediaItem(item_id, task.fetched.local_path, task.fetched.bytes,
                           self.frame_requests, self.cfg.video, self.backends, self.device)
+        suspect = item_id in self.suspects
+        if suspect:
+            refused = self._try_suspect(task, item_id)
+            if refused is not None:
+                task.fetched.release()
+                self._emit(self._row(task.row, task.start, task.fetch_s, task.fetched, {}, {}, refused, media))
+                return True
+        if not self._gate.enter(id(task), suspect, self.stop):
+            task.fetched.release()  # stopping: not written, the rerun redoes it
+            return True
+        if self.journal is not None:
+            self.journal.start(item_id)
         flight = _InFlight(task, media, time.monotonic(), threading.get_ident())
         with self._ilock:
             self._inflight[id(task)] = flight
@@ -260,9 +278,38 @@ class RankWorkers:
             task.fetched.release()
             with self._ilock:
                 mine = self._inflight.pop(id(task), None) is not None
+            if mine:  # else the watchdog has let the item go already
+                self._leave(task, item_id)
         if mine and not abandoned:
             self._emit(self._row(task.row, task.start, task.fetch_s, task.fetched, results, timings, error, media))
         return mine
+
+    def _leave(self, task: _Task, item_id: str) -> None:
+        self._gate.leave(id(task))
+        if self.journal is not None:
+            self.journal.end(item_id)
+
+    def _try_suspect(self, task: _Task, item_id: str) -> ItemError | None:
+        """A suspect's verdict before it may run in this process: an error row, or None to run it (alone)."""
+        crashes = self.suspects[item_id]
+        limit = self.cfg.resume.max_item_crashes
+        if limit is not None and crashes >= limit:
+            return CrashError(f"the job's process died {crashes} times with this item in flight (a native crash, an "
+                              f"abort or the OOM killer); not tried again (resume.max_item_crashes={limit}; see "
+                              "_crashes.json in the output directory)")
+        timeout = self.cfg.runtime.item_timeout_s or self.cfg.runtime.stall_timeout_s / 2
+        seen = rehearse(item_id, task.fetched.local_path, task.fetched.bytes, list(self.cfg.filters),
+                        self.cfg.video, [b.name for b in self.backends], timeout)
+        log.warning("item %s was in flight when a process died (%d time(s)); its rehearsal in a child process %s "
+                    "in %.1fs", item_id, crashes, f"died of {seen.crashed}" if seen.crashed else
+                    "timed out" if seen.timed_out else "finished", seen.seconds)
+        if seen.crashed:
+            return CrashError(f"a child process that decoded this item died of {seen.crashed} (in flight in {crashes} "
+                              f"earlier death(s) of the job's process): {seen.detail}")
+        if seen.timed_out:
+            return ItemTimeout(f"its rehearsal in a child process ran over {timeout:g}s (in flight in {crashes} "
+                               "earlier death(s) of the job's process)")
+        return None
 
     def _time_out_stuck_items(self, consumers: list[threading.Thread]) -> None:
         """Write an ``ItemTimeout`` row for every item past ``runtime.item_timeout_s`` and put a fresh consumer in
@@ -278,6 +325,7 @@ class RankWorkers:
             error = ItemTimeout(f"filters ran over runtime.item_timeout_s={limit:g}s (in filter {f.filter!r}); "
                                 "the worker thread was abandoned")
             log.error("item %s: %s", f.task.row[self.id_col], error)
+            self._leave(f.task, str(f.task.row[self.id_col]))
             self._emit(self._row(f.task.row, f.task.start, f.task.fetch_s, f.task.fetched, {}, {}, error, f.media))
             consumers[:] = [t for t in consumers if t.ident != f.thread]
             fresh = threading.Thread(target=self._guard, args=(self._consume,), daemon=True,
@@ -510,6 +558,7 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
     if len(set(counts)) != 1:
         raise MediasieveError(f"ranks disagree on the pending item count {counts}: was the output changed mid-start?")
 
+    suspects, journal = _crash_ledger(cfg, ctx, run_id)
     out_fs, out_root = fsspec.core.url_to_fs(cfg.output.dir, **cfg.output.storage_options)
     local_out = is_local_fs(out_fs)
     log_dir = os.path.join(out_root, "_logs") if local_out else os.path.join(cfg.storage.cache_dir, "_logs", run_id)
@@ -526,7 +575,7 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
         fetcher=fetcher, filters=filters, filter_ctx=FilterContext(device, pool, ctx.rank), writer=writer,
         stats=RankStats(), run_id=run_id, rank=ctx.rank, host=ctx.host, device=device, pool=pool,
         global_done=GlobalCounter(ctx.store, f"mediasieve/{run_id}/done"), global_total=len(pending),
-        metrics=metrics, exporter=exporter,
+        metrics=metrics, exporter=exporter, journal=journal, suspects=suspects,
     )
     ctx.barrier()
 
@@ -537,6 +586,8 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
     try:
         workers.run()
     finally:
+        if journal is not None:
+            journal.close()  # whatever stopped the run, this process did not die: nothing in flight is a suspect
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         writer.close()  # committed before any completion marker; also on a stop, so finished rows are kept
@@ -558,6 +609,24 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
         outcome.summary = write_summary(cfg, run_id, manifest, len(pending), everyone, started)
     ctx.barrier()
     return outcome
+
+
+def _crash_ledger(cfg: JobConfig, ctx: DistContext, run_id: str) -> tuple[dict[str, int], InflightJournal | None]:
+    """Local rank 0 of each node reads what dead processes of this job left in flight there, rank 0 adds it to the
+    output's crash ledger, every rank gets the ledger, and this process opens its own journal (``pipeline.crashes``).
+    """
+    if cfg.resume.max_item_crashes is None:
+        return {}, None
+    key = job_key(cfg.output.dir)
+    found, read = collect_suspects(cfg.storage.cache_dir, key, ctx.host) if ctx.local_rank == 0 else ({}, [])
+    reports = ctx.gather(found)
+    ledger = _main_decides(ctx, lambda: update_ledger(cfg.output.dir, cfg.output.storage_options, reports, run_id))
+    for path in read:  # the ledger holds what they said
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    return ledger, InflightJournal(cfg.storage.cache_dir, key, ctx.host)
 
 
 def _models_summary(ranks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

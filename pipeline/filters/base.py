@@ -62,6 +62,8 @@ class Filter:
 
     params_type: ClassVar[type] = NoParams
     output_type: ClassVar[pa.DataType] = pa.struct([])
+    weight_free: ClassVar[bool] = False
+    """No model: ``rehearse`` runs the whole filter."""
 
     def __init__(self, name: str, params: Any):
         self.name = name
@@ -101,6 +103,13 @@ class Filter:
         """
         raise NotImplementedError
 
+    def rehearse(self, media: MediaItem, ctx: FilterContext) -> None:
+        """The native part of this filter's work, for an item that was in flight when a process died: run in a
+        bare child process (no setup, no models, CPU), where a crash costs that child only (``pipeline.crashes``).
+        The whole filter where it has no model; nothing by default otherwise."""
+        if self.weight_free:
+            self.apply(media, ctx)
+
     def run(self, media: MediaItem, ctx: FilterContext) -> tuple[dict, float]:
         """Apply with timing and error typing; returns the result and its seconds."""
         start = time.perf_counter()
@@ -120,6 +129,13 @@ class VideoFilter(Filter):
     def apply(self, media: MediaItem, ctx: FilterContext) -> dict | None:
         video = media.video()
         return None if video is None else self.apply_video(video, media, ctx)
+
+    def rehearse(self, media: MediaItem, ctx: FilterContext) -> None:
+        """The decode of every frame the item's filters asked for (and the whole filter where it has no model)."""
+        if self.weight_free:
+            self.apply(media, ctx)
+        else:
+            media.video()
 
     def apply_video(self, video: Any, media: MediaItem, ctx: FilterContext) -> dict:
         """Compute the result from ``video`` (a ``pipeline.video.decoders.DecodedVideo``)."""

@@ -12,6 +12,7 @@ class ProbeFilter(Filter):
     """Container format, duration, bit rate, and the parameters of the main video and audio streams (the ones
     marked default, else the first: what the other filters decode), with their container indices."""
 
+    weight_free = True
     output_type = pa.struct([
         ("container", pa.string()),
         ("duration_s", pa.float64()),

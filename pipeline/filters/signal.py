@@ -85,6 +85,7 @@ class BlackBorderParams:
 class BlackBorderFilter(VideoFilter):
     """Letterbox and pillarbox detection, giving the crop box of the content in source pixels."""
 
+    weight_free = True
     params_type = BlackBorderParams
     output_type = pa.struct([("crop", BOX), ("top", pa.int32()), ("bottom", pa.int32()), ("left", pa.int32()),
                              ("right", pa.int32()), ("letterbox", pa.bool_()), ("pillarbox", pa.bool_())])
@@ -121,6 +122,7 @@ class StaticParams:
 class StaticFilter(VideoFilter):
     """Frame-difference energy over the clip and per window; a still image (with or without sound) is static."""
 
+    weight_free = True
     params_type = StaticParams
     output_type = pa.struct([
         ("motion", pa.float64()), ("static", pa.bool_()), ("static_ratio", pa.float64()),
@@ -173,6 +175,7 @@ class ExposureParams:
 class ExposureFilter(VideoFilter):
     """Too dark / too bright, measured inside the content box so black bars do not count as darkness."""
 
+    weight_free = True
     params_type = ExposureParams
     output_type = pa.struct([("mean_luma", pa.float64()), ("dark_fraction", pa.float64()),
                              ("bright_fraction", pa.float64()), ("label", pa.string())])
@@ -207,6 +210,7 @@ _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 class SharpnessFilter(VideoFilter):
     """Blur measure: variance of the Laplacian of luma, averaged over frames."""
 
+    weight_free = True
     params_type = SharpnessParams
     output_type = pa.struct([("laplacian_var", pa.float64()), ("blurry", pa.bool_())])
 
@@ -238,6 +242,7 @@ class SceneCutParams:
 class SceneCutFilter(VideoFilter):
     """Histogram-difference scene cuts: their count and times."""
 
+    weight_free = True
     params_type = SceneCutParams
     output_type = pa.struct([("count", pa.int32()), ("times_s", pa.list_(pa.float64())), ("max_diff", pa.float64())])
 

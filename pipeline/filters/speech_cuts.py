@@ -146,6 +146,11 @@ class SpeechCutsFilter(Filter):
         except CudaCircuitOpen as e:
             raise GpuFailure(str(e)) from e  # a system failure: the rank stops, the item is redone on a rerun
 
+    def rehearse(self, media: MediaItem, ctx: FilterContext) -> None:
+        """The audio decode (FFmpeg's demuxers, decoders and resampler), as ``apply`` asks for it."""
+        if media.info.audio is not None:
+            decode_audio(media.local_path, self.params.sample_rate, self.params.max_seconds)
+
     def _apply(self, media: MediaItem) -> dict | None:
         if media.info.audio is None:
             return None

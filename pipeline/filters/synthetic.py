@@ -20,11 +20,18 @@ class NoopParams:
     """Items that hang for ``hang_s`` (fault injection: a file that sends a decoder into a loop)."""
     hang_s: float = 0.0
     """How long those items hang, in seconds."""
+    crash_ids: tuple[str, ...] = ()
+    """Items that kill their process with a real segmentation fault (fault injection: a poison file that crashes
+    a native decoder)."""
+    crash_in_rehearsal: bool = True
+    """Whether those items crash the rehearsal child too (``pipeline.crashes``); False: only the job process, as
+    a crash inside a model would."""
 
 
 class NoopFilter(Filter):
     """Does nothing with the media; records the file size the runtime handed over."""
 
+    weight_free = True
     params_type = NoopParams
     output_type = pa.struct([("bytes", pa.int64())])
 
@@ -33,7 +40,20 @@ class NoopFilter(Filter):
             time.sleep(self.params.sleep_s)
         if media.item_id in self.params.hang_ids:
             time.sleep(self.params.hang_s)
+        if media.item_id in self.params.crash_ids:
+            _segfault()
         return {"bytes": media.size_bytes}
+
+    def rehearse(self, media: MediaItem, ctx: FilterContext) -> None:
+        if self.params.crash_in_rehearsal or media.item_id not in self.params.crash_ids:
+            self.apply(media, ctx)
+
+
+def _segfault() -> None:
+    """Read address 0: the kernel sends SIGSEGV, as it does to a decoder that follows a corrupt pointer."""
+    import ctypes
+
+    ctypes.string_at(0)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,7 +173,9 @@ def test_two_ranks_agree_to_stop_or_conform_on_a_schema_change(tmp_path, media_d
     proc = subprocess.run(_torchrun(config), env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]  # torchrun says 1 when its ranks fail
     assert "added: probe.video.rotation (int32)" in proc.stderr and "on_schema_change=conform" in proc.stderr
-    assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]  # each rank stopped with a config error
+    # each rank stops with the config error; under load torchrun may end the slower rank with SIGTERM first
+    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr))
+    assert "2" in codes and codes <= {"2", "-15", "143"}, proc.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "out" / "parts")) == parts and not (tmp_path / "out" / "_lease.json").exists()
 
     proc = subprocess.run(_torchrun(config, "resume.on_schema_change=conform"), env=_env(), capture_output=True,

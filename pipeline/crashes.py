@@ -1,0 +1,328 @@
+"""Items that kill their process: a segfault or an abort in a native decoder, the OOM killer.
+
+Such an item gets no row, so every rerun (and every elastic restart) takes it again and dies again, and one
+poison file among millions stops a week-long job. Three parts keep that to one crash:
+
+- **A journal of items in flight.** Each process appends a line when an item enters its filters and another when
+  it leaves them, to a node-local file (``<storage.cache_dir>/_inflight/``), with no fsync: a process that dies
+  leaves its lines in the kernel's page cache. A clean exit removes the file; only a hard death leaves one.
+- **A ledger in the output directory** (``_crashes.json``): at the start of a run, local rank 0 of each node reads
+  the journals that dead processes of this job left on that node, and rank 0 adds one crash to every item that
+  was in flight in each. Every rank gets the ledger.
+- **Suspects are tried apart.** An item in the ledger is first rehearsed in a child process: the probe, the
+  decode of every frame the filters asked for, the audio decode, and the weight-free filters (each filter's
+  ``rehearse``). A child killed by a signal gives the item a ``CrashError`` row, and the job goes on. An item that
+  passes runs in the job process alone (no other item in the filters), so a second crash names it and nobody
+  else. An item with ``resume.max_item_crashes`` crashes is not tried again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+JOURNAL_DIR = "_inflight"
+LEDGER = "_crashes.json"
+
+
+def job_key(output_dir: str) -> str:
+    """A short name for the job (its output directory) in node-local file names."""
+    return hashlib.sha256(output_dir.rstrip("/").encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _host_part(host: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in host)[:64]
+
+
+class InflightJournal:
+    """This process's record of the items in its filters.
+
+    Args:
+        cache_dir: the node-local cache directory.
+        key: ``job_key`` of the output directory.
+        host: this host's name.
+    """
+
+    def __init__(self, cache_dir: str, key: str, host: str):
+        folder = os.path.join(cache_dir, JOURNAL_DIR)
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, f"{key}__{_host_part(host)}__{os.getpid()}.log")
+        self._lock = threading.Lock()
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _write(self, mark: str, item_id: str) -> None:
+        with self._lock:
+            if self._file.closed:
+                return
+            self._file.write(json.dumps([mark, item_id]) + "\n")
+            self._file.flush()  # into the kernel: it outlives this process (not the node, which is fine)
+
+    def start(self, item_id: str) -> None:
+        """The item enters the filters."""
+        self._write("+", item_id)
+
+    def end(self, item_id: str) -> None:
+        """The item left the filters (done, failed, or abandoned by the watchdog)."""
+        self._write("-", item_id)
+
+    def close(self) -> None:
+        """A clean exit: nothing of this process is a suspect, so the journal goes."""
+        with self._lock:
+            self._file.close()
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def collect_suspects(cache_dir: str, key: str, host: str) -> tuple[dict[str, int], list[str]]:
+    """Read the journals that dead processes of this job left on this host.
+
+    Args:
+        cache_dir: the node-local cache directory.
+        key: ``job_key`` of the output directory.
+        host: this host's name.
+
+    Returns:
+        ``({item id: number of journals it was left in flight in}, [journal paths read])``; remove the paths once
+        the ledger holds what they said.
+    """
+    folder = os.path.join(cache_dir, JOURNAL_DIR)
+    prefix = f"{key}__{_host_part(host)}__"
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".log"))
+    except FileNotFoundError:
+        return {}, []
+    suspects: dict[str, int] = {}
+    read: list[str] = []
+    for name in names:
+        try:
+            pid = int(name[len(prefix):-4])
+        except ValueError:
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        path = os.path.join(folder, name)
+        balance: dict[str, int] = {}
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        mark, item_id = json.loads(line)
+                    except (ValueError, TypeError):
+                        continue  # the line the death cut short
+                    balance[item_id] = balance.get(item_id, 0) + (1 if mark == "+" else -1)
+        except OSError as e:
+            log.warning("cannot read the in-flight journal %s: %s", path, e)
+            continue
+        for item_id, n in balance.items():
+            if n > 0:
+                suspects[item_id] = suspects.get(item_id, 0) + 1
+        read.append(path)
+    return suspects, read
+
+
+def read_ledger(out_dir: str, storage_options: dict) -> dict[str, Any]:
+    """The output directory's crash ledger (empty where there is none)."""
+    from pipeline.errors import MediasieveError
+
+    fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
+    path = f"{root.rstrip('/')}/{LEDGER}"
+    try:
+        ledger = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return {"items": {}}
+    except ValueError as e:
+        raise MediasieveError(f"the crash ledger {path} is not JSON ({e}): fix or delete it") from e
+    if not isinstance(ledger, dict) or not isinstance(ledger.get("items", {}), dict):
+        raise MediasieveError(f"the crash ledger {path} is not a mapping with 'items': fix or delete it")
+    return ledger
+
+
+def update_ledger(out_dir: str, storage_options: dict, reports: list[dict[str, int]], run_id: str) -> dict[str, int]:
+    """Rank 0: add the crashes the nodes found to the ledger, commit it, and return ``{item id: crashes}``.
+
+    Raises:
+        MediasieveError: the ledger cannot be read or written (every rank then stops with the same error).
+    """
+    from pipeline.errors import MediasieveError
+
+    try:
+        return _update_ledger(out_dir, storage_options, reports, run_id)
+    except MediasieveError:
+        raise
+    except Exception as e:  # noqa: BLE001 - typed, so that every rank stops with it
+        raise MediasieveError(f"cannot update the crash ledger in {out_dir}: {type(e).__name__}: {e}") from e
+
+
+def _update_ledger(out_dir: str, storage_options: dict, reports: list[dict[str, int]], run_id: str) -> dict[str, int]:
+    from pipeline.writer import commit_bytes
+
+    ledger = read_ledger(out_dir, storage_options)
+    items = ledger.setdefault("items", {})
+    found = 0
+    for report in reports:
+        for item_id, n in report.items():
+            entry = items.setdefault(item_id, {"crashes": 0, "found_by_runs": []})
+            entry["crashes"] += n
+            entry["found_by_runs"] = (entry.get("found_by_runs", []) + [run_id])[-8:]  # the runs after the deaths
+            found += n
+    if found:
+        fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
+        root = root.rstrip("/")
+        commit_bytes(fs, f"{root}/{LEDGER}", json.dumps(ledger, indent=1).encode(), f"{root}/_tmp")
+        log.warning("%d item(s) were in flight when a process of an earlier run died; they are rehearsed apart "
+                    "this run: %s", len({i for r in reports for i in r}),
+                    ", ".join(sorted({repr(i) for r in reports for i in r})[:10]))
+    return {str(item_id): int(e.get("crashes", 0)) for item_id, e in items.items()
+            if isinstance(e, dict) and int(e.get("crashes", 0)) > 0}
+
+
+class SuspectGate:
+    """Suspects run alone: an ordinary item shares the gate with others, a suspect holds it by itself (and
+    ordinary items wait while one waits, so it is not starved). Holders are keyed, and leaving is idempotent, so
+    the watchdog can release an abandoned item's hold for it."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared: set[int] = set()
+        self._alone: int | None = None
+        self._waiting_alone = 0
+
+    def enter(self, key: int, alone: bool, stop: threading.Event) -> bool:
+        """Wait for the gate; False when ``stop`` was set meanwhile."""
+        with self._cond:
+            if alone:
+                self._waiting_alone += 1
+                try:
+                    while self._alone is not None or self._shared:
+                        if stop.is_set():
+                            return False
+                        self._cond.wait(0.2)
+                    self._alone = key
+                finally:
+                    self._waiting_alone -= 1
+                    self._cond.notify_all()
+            else:
+                while self._alone is not None or self._waiting_alone:
+                    if stop.is_set():
+                        return False
+                    self._cond.wait(0.2)
+                self._shared.add(key)
+            return True
+
+    def leave(self, key: int) -> None:
+        with self._cond:
+            if self._alone == key:
+                self._alone = None
+            self._shared.discard(key)
+            self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class Rehearsal:
+    """What a suspect's rehearsal in a child process showed."""
+
+    crashed: str | None = None
+    """How the child died (``SIGSEGV``, ``SIGABRT``, ``SIGKILL`` for the OOM killer), or None."""
+    timed_out: bool = False
+    seconds: float = 0.0
+    detail: str = ""
+    """The child's last words (stderr tail)."""
+
+
+def rehearse(item_id: str, path: str, size: int, specs: list, video_cfg: Any, backends: list[str],
+             timeout_s: float) -> Rehearsal:
+    """Run the native part of an item's work in a child process and report whether the child died.
+
+    Args:
+        item_id: the manifest id.
+        path: the fetched local file.
+        size: its size in bytes.
+        specs: the job's filter specs (``FilterSpec``); each filter's ``rehearse`` runs, without setup.
+        video_cfg: the video section of the config.
+        backends: decoder backend names, in the order the job uses.
+        timeout_s: the child is killed after this long.
+    """
+    payload = pickle.dumps((item_id, path, size, list(specs), video_cfg, list(backends)))
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.crashes"], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(payload, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        return Rehearsal(timed_out=True, seconds=time.monotonic() - start, detail=_tail(err))
+    seconds = time.monotonic() - start
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        return Rehearsal(crashed=name, seconds=seconds, detail=_tail(err))
+    return Rehearsal(seconds=seconds, detail=_tail(err))
+
+
+def _tail(err: bytes | None) -> str:
+    """The child's last words: faulthandler's report (the fatal error and the Python stack, without its list of
+    extension modules) where it crashed, else the end of stderr."""
+    text = (err or b"").decode("utf-8", "replace").strip()
+    start = text.find("Fatal Python error")
+    if start < 0:
+        return text[-600:]
+    report = text[start:].split("\nExtension modules:", 1)[0]
+    return " | ".join(line.strip() for line in report.splitlines() if line.strip())[:600]
+
+
+def _child(stdin: Callable[[], bytes]) -> int:
+    """The rehearsal child: every filter's ``rehearse`` on the item; item errors are the job's to report."""
+    import faulthandler
+
+    faulthandler.enable()  # a crash prints the Python stack to stderr, which the parent keeps for the row
+    item_id, path, size, specs, video_cfg, backend_names = pickle.loads(stdin())
+    from pipeline.errors import MediasieveError
+    from pipeline.filters import build_filters
+    from pipeline.filters.base import FilterContext
+    from pipeline.media.item import MediaItem
+    from pipeline.video.decoders import available_backends
+
+    filters = build_filters(tuple(specs))
+    requests = list(dict.fromkeys(r for f in filters for r in f.frame_requests()))
+    media = MediaItem(item_id, path, size, requests, video_cfg, available_backends(tuple(backend_names)) if requests
+                      else [], "cpu")
+    ctx = FilterContext("cpu", None)
+    for f in filters:
+        try:
+            f.rehearse(media, ctx)
+        except (MediasieveError, Exception) as e:  # noqa: BLE001 - the job process types and reports these
+            print(f"{f.name}: {type(e).__name__}: {e}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.stdin.buffer.read))
