@@ -60,7 +60,8 @@ class InflightJournal:
     def __init__(self, cache_dir: str, key: str, host: str):
         folder = os.path.join(cache_dir, JOURNAL_DIR)
         os.makedirs(folder, exist_ok=True)
-        self.path = os.path.join(folder, f"{key}__{_host_part(host)}__{os.getpid()}.log")
+        pid = os.getpid()
+        self.path = os.path.join(folder, f"{key}__{_host_part(host)}__{pid}-{_start_ticks(pid)}.log")
         self._lock = threading.Lock()
         self._file = open(self.path, "a", encoding="utf-8")
 
@@ -89,14 +90,25 @@ class InflightJournal:
             pass
 
 
-def _alive(pid: int) -> bool:
+def _start_ticks(pid: int) -> int:
+    """When the process started, in clock ticks since boot (Linux; 0 elsewhere): with the pid it names one
+    process, where a pid alone may be reused, as it is at once in a restarted container's fresh pid namespace."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22, counted after the command name
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _alive(pid: int, start_ticks: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return start_ticks == 0 or _start_ticks(pid) in (0, start_ticks)
 
 
 def collect_suspects(cache_dir: str, key: str, host: str) -> tuple[dict[str, int], list[str]]:
@@ -121,10 +133,11 @@ def collect_suspects(cache_dir: str, key: str, host: str) -> tuple[dict[str, int
     read: list[str] = []
     for name in names:
         try:
-            pid = int(name[len(prefix):-4])
+            pid_part, _, ticks_part = name[len(prefix):-4].partition("-")
+            pid, ticks = int(pid_part), int(ticks_part or 0)
         except ValueError:
             continue
-        if pid == os.getpid() or _alive(pid):
+        if _alive(pid, ticks):
             continue
         path = os.path.join(folder, name)
         balance: dict[str, int] = {}

@@ -64,8 +64,17 @@ def test_only_dead_processes_of_this_job_on_this_host_are_read(tmp_path):
     _left_behind(cache, key, "node-b", line)  # another host sharing the directory
     assert collect_suspects(cache, key, "node-a") == ({}, [])
     mine = [_left_behind(cache, key, "node-a", line) for _ in range(2)]  # two deaths with x in flight
+    # a restarted container's fresh pid namespace hands the dead process's pid to a live one at once: the start
+    # time in the name tells them apart
+    mine.append(_left_behind(cache, key, "node-a", line, pid=f"{os.getpid()}-1"))
     suspects, read = collect_suspects(cache, key, "node-a")
-    assert suspects == {"x": 2} and sorted(read) == sorted(mine)
+    assert suspects == {"x": 3} and sorted(read) == sorted(mine)
+    for path in read:
+        os.remove(path)
+    j = InflightJournal(cache, key, "node-a")  # a live journal (this process, named with its start time)
+    j.start("y")
+    assert collect_suspects(cache, key, "node-a") == ({}, [])
+    j.close()
 
 
 def test_a_clean_close_leaves_no_journal(tmp_path):
