@@ -23,13 +23,14 @@ import json
 import logging
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
 
@@ -268,57 +269,164 @@ class Rehearsal:
     """The child's last words (stderr tail)."""
 
 
-def rehearse(item_id: str, path: str, size: int, specs: list, video_cfg: Any, backends: list[str],
-             timeout_s: float) -> Rehearsal:
-    """Run the native part of an item's work in a child process and report whether the child died.
+class Rehearser:
+    """Rehearses suspects in a child process of this job process, one after another.
+
+    The child starts on the first suspect (a run without suspects never starts one), builds the filters once and
+    serves every later suspect; after a death or a timeout the next suspect gets a fresh child. A fresh interpreter
+    per suspect cost 2.2-2.6 s, nearly all of it importing torch and the FFmpeg bindings.
 
     Args:
-        item_id: the manifest id.
-        path: the fetched local file.
-        size: its size in bytes.
         specs: the job's filter specs (``FilterSpec``); each filter's ``rehearse`` runs, without setup.
         video_cfg: the video section of the config.
         backends: decoder backend names, in the order the job uses.
-        timeout_s: the child is killed after this long.
     """
-    payload = pickle.dumps((item_id, path, size, list(specs), video_cfg, list(backends)))
-    start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.crashes"], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def __init__(self, specs: list, video_cfg: Any, backends: list[str]):
+        self._setup = pickle.dumps((list(specs), video_cfg, list(backends)))
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._err = None
+        self._closed = False
+        self.started = 0
+
+    def rehearse(self, item_id: str, path: str, size: int, timeout_s: float) -> Rehearsal:
+        """Run the native part of an item's work in the child and report whether the child died.
+
+        Args:
+            item_id: the manifest id.
+            path: the fetched local file.
+            size: its size in bytes.
+            timeout_s: the child is killed after this long on this item.
+        """
+        with self._lock:
+            if self._closed:
+                from pipeline.errors import ShutdownError
+
+                raise ShutdownError("the rank is shutting down")
+            start = time.monotonic()
+            proc = self._child()
+            mark = self._err.tell()
+            try:
+                _send(proc.stdin, pickle.dumps((item_id, path, size)))
+                answer = _receive(proc.stdout, timeout_s)
+            except (BrokenPipeError, EOFError, OSError):
+                answer = None
+            seconds = time.monotonic() - start
+            if answer is not None:
+                return Rehearsal(seconds=seconds, detail=answer.decode("utf-8", "replace")[-600:])
+            timed_out = proc.poll() is None and seconds >= timeout_s
+            if timed_out:
+                proc.kill()
+            code = proc.wait()
+            self._proc = None
+            if self._closed:
+                from pipeline.errors import ShutdownError
+
+                raise ShutdownError("the rank is shutting down; the rehearsal was cut off")
+            detail = self._last_words(mark)
+            if timed_out:
+                return Rehearsal(timed_out=True, seconds=seconds, detail=detail)
+            try:
+                name = signal.Signals(-code).name if code < 0 else f"exit code {code}"
+            except ValueError:
+                name = f"signal {-code}"
+            return Rehearsal(crashed=name, seconds=seconds, detail=detail)
+
+    def close(self) -> None:
+        """Kill the child, without waiting for a rehearsal in progress (which then raises ``ShutdownError``)."""
+        self._closed = True
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+    def _child(self) -> subprocess.Popen:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        if self._err is None:
+            import tempfile
+
+            self._err = tempfile.TemporaryFile()  # the children's stderr (a crash's last words); gone on exit
+        self._proc = subprocess.Popen([sys.executable, "-m", "pipeline.crashes"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._err)
+        self.started += 1
+        _send(self._proc.stdin, self._setup)
+        return self._proc
+
+    def _last_words(self, mark: int) -> str:
+        self._err.seek(mark)
+        text = self._err.read()
+        self._err.seek(0, os.SEEK_END)
+        return _tail(text)
+
+
+def rehearse(item_id: str, path: str, size: int, specs: list, video_cfg: Any, backends: list[str],
+             timeout_s: float) -> Rehearsal:
+    """One rehearsal in a child of its own (see ``Rehearser``)."""
+    rehearser = Rehearser(specs, video_cfg, backends)
     try:
-        _, err = proc.communicate(payload, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        return Rehearsal(timed_out=True, seconds=time.monotonic() - start, detail=_tail(err))
-    seconds = time.monotonic() - start
-    if proc.returncode < 0:
-        try:
-            name = signal.Signals(-proc.returncode).name
-        except ValueError:
-            name = f"signal {-proc.returncode}"
-        return Rehearsal(crashed=name, seconds=seconds, detail=_tail(err))
-    return Rehearsal(seconds=seconds, detail=_tail(err))
+        return rehearser.rehearse(item_id, path, size, timeout_s)
+    finally:
+        rehearser.close()
+
+
+def _send(stream, payload: bytes) -> None:
+    stream.write(len(payload).to_bytes(8, "little") + payload)
+    stream.flush()
+
+
+def _receive(stream, timeout_s: float | None) -> bytes | None:
+    """One message, or None at end of stream; raises ``TimeoutError`` (an OSError) after ``timeout_s``."""
+    import select
+
+    def exactly(n: int) -> bytes | None:
+        out = b""
+        while len(out) < n:
+            if timeout_s is not None and not select.select([stream], [], [], timeout_s)[0]:
+                raise TimeoutError("no answer")
+            chunk = os.read(stream.fileno(), n - len(out))
+            if not chunk:
+                return None
+            out += chunk
+        return out
+
+    head = exactly(8)
+    if head is None:
+        return None
+    return exactly(int.from_bytes(head, "little"))
 
 
 def _tail(err: bytes | None) -> str:
-    """The child's last words: faulthandler's report (the fatal error and the Python stack, without its list of
-    extension modules) where it crashed, else the end of stderr."""
+    """The child's last words: from faulthandler's report where it crashed, the fatal error and the crashing
+    thread's Python stack, innermost call first (``crashes.py:321 in _serve``); else the end of stderr."""
     text = (err or b"").decode("utf-8", "replace").strip()
     start = text.find("Fatal Python error")
     if start < 0:
         return text[-600:]
     report = text[start:].split("\nExtension modules:", 1)[0]
-    return " | ".join(line.strip() for line in report.splitlines() if line.strip())[:600]
+    fatal = report.splitlines()[0].strip()
+    current = report.find("Current thread")
+    stack = report[current:].split("\n\n", 1)[0].splitlines()[1:] if current >= 0 else []
+    calls = []
+    for line in stack:
+        m = re.match(r'\s*File "(.*)", line (\d+) in (.*)', line)
+        if m:
+            calls.append(f"{os.path.basename(m.group(1))}:{m.group(2)} in {m.group(3)}")
+    return (fatal + ("; at " + " < ".join(calls) if calls else ""))[:600]
 
 
-def _child(stdin: Callable[[], bytes]) -> int:
-    """The rehearsal child: every filter's ``rehearse`` on the item; item errors are the job's to report."""
+def _serve(stdin, stdout) -> int:
+    """The rehearsal child: builds the filters once, then runs every filter's ``rehearse`` on each item it is sent
+    and answers with the item errors it saw (the job process types and reports those itself)."""
     import faulthandler
 
     faulthandler.enable()  # a crash prints the Python stack to stderr, which the parent keeps for the row
-    item_id, path, size, specs, video_cfg, backend_names = pickle.loads(stdin())
-    from pipeline.errors import MediasieveError
+    os.dup2(2, 1)  # whatever a library prints goes to stderr; the answers keep the original stdout to themselves
+    sys.stdout = sys.stderr
+    setup = _receive(stdin, None)
+    if setup is None:
+        return 0
+    specs, video_cfg, backend_names = pickle.loads(setup)
     from pipeline.filters import build_filters
     from pipeline.filters.base import FilterContext
     from pipeline.media.item import MediaItem
@@ -326,16 +434,22 @@ def _child(stdin: Callable[[], bytes]) -> int:
 
     filters = build_filters(tuple(specs))
     requests = list(dict.fromkeys(r for f in filters for r in f.frame_requests()))
-    media = MediaItem(item_id, path, size, requests, video_cfg, available_backends(tuple(backend_names)) if requests
-                      else [], "cpu")
+    backends = available_backends(tuple(backend_names)) if requests else []
     ctx = FilterContext("cpu", None)
-    for f in filters:
-        try:
-            f.rehearse(media, ctx)
-        except (MediasieveError, Exception) as e:  # noqa: BLE001 - the job process types and reports these
-            print(f"{f.name}: {type(e).__name__}: {e}", file=sys.stderr)
-    return 0
+    while True:
+        message = _receive(stdin, None)
+        if message is None:
+            return 0
+        item_id, path, size = pickle.loads(message)
+        media = MediaItem(item_id, path, size, requests, video_cfg, backends, "cpu")
+        errors = []
+        for f in filters:
+            try:
+                f.rehearse(media, ctx)
+            except Exception as e:  # noqa: BLE001 - an item error is not a crash: the job process reports it
+                errors.append(f"{f.name}: {type(e).__name__}: {e}")
+        _send(stdout, "\n".join(errors).encode("utf-8", "replace"))
 
 
 if __name__ == "__main__":
-    sys.exit(_child(sys.stdin.buffer.read))
+    sys.exit(_serve(sys.stdin.buffer, os.fdopen(os.dup(1), "wb")))

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobConfig, job_identity, to_dict
-from pipeline.crashes import InflightJournal, SuspectGate, collect_suspects, job_key, rehearse, update_ledger
+from pipeline.crashes import InflightJournal, Rehearser, SuspectGate, collect_suspects, job_key, update_ledger
 from pipeline.distributed import DistContext, GlobalCounter, WorkUnitCounter, init_distributed, resolve_device
 from pipeline.errors import CrashError, ItemError, ItemTimeout, MediasieveError, ShutdownError, is_retryable
 from pipeline.filters import FilterContext, SetupContext, build_filters
@@ -159,6 +159,7 @@ class RankWorkers:
         self._ilock = threading.Lock()
         self._replaced = 0  # consumers started in place of stuck ones (their thread names)
         self._gate = SuspectGate()
+        self._rehearser = Rehearser(list(self.cfg.filters), self.cfg.video, [b.name for b in self.backends])
 
     # ---- rows ---------------------------------------------------------------------------------------
     def _row(self, row: dict[str, Any], start: float, fetch_s: float, fetched: FetchedItem | None,
@@ -247,7 +248,11 @@ class RankWorkers:
                           self.frame_requests, self.cfg.video, self.backends, self.device)
         suspect = item_id in self.suspects
         if suspect:
-            refused = self._try_suspect(task, item_id)
+            try:
+                refused = self._try_suspect(task, item_id)
+            except ShutdownError:
+                task.fetched.release()  # not written: the rerun redoes it
+                return True
             if refused is not None:
                 task.fetched.release()
                 self._emit(self._row(task.row, task.start, task.fetch_s, task.fetched, {}, {}, refused, media))
@@ -298,8 +303,7 @@ class RankWorkers:
                               f"abort or the OOM killer); not tried again (resume.max_item_crashes={limit}; see "
                               "_crashes.json in the output directory)")
         timeout = self.cfg.runtime.item_timeout_s or self.cfg.runtime.stall_timeout_s / 2
-        seen = rehearse(item_id, task.fetched.local_path, task.fetched.bytes, list(self.cfg.filters),
-                        self.cfg.video, [b.name for b in self.backends], timeout)
+        seen = self._rehearser.rehearse(item_id, task.fetched.local_path, task.fetched.bytes, timeout)
         log.warning("item %s was in flight when a process died (%d time(s)); its rehearsal in a child process %s "
                     "in %.1fs", item_id, crashes, f"died of {seen.crashed}" if seen.crashed else
                     "timed out" if seen.timed_out else "finished", seen.seconds)
@@ -401,6 +405,7 @@ class RankWorkers:
                     break
         finally:
             self.stop.set()
+            self._rehearser.close()
             for t in producers + consumers:
                 t.join(timeout=1.0)
             for task in self.queue.drain():

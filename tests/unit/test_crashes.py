@@ -177,3 +177,24 @@ def test_max_item_crashes_must_be_positive(tmp_path):
                       resume={"max_item_crashes": 0})
     with pytest.raises(ConfigError, match="max_item_crashes"):
         validate_config(build_config(raw))
+
+
+def test_one_child_serves_suspect_after_suspect_and_a_fresh_one_follows_a_death(media_dir):
+    from pipeline.crashes import Rehearser
+    from pipeline.errors import ShutdownError
+
+    r = Rehearser(_specs(crash_ids=["bad"]), VideoConfig(), ["pyav"])
+    clip = f"{media_dir}/motion.mp4"
+    first = r.rehearse("a", clip, 1, 60)
+    second = r.rehearse("b", clip, 1, 60)
+    assert first.crashed is None and second.crashed is None and r.started == 1
+    broken = r.rehearse("c", f"{media_dir}/broken/empty.mp4", 1, 60)
+    assert broken.crashed is None and "DecodeError" in broken.detail and r.started == 1  # an error is no death
+    dead = r.rehearse("bad", clip, 1, 60)
+    assert dead.crashed == "SIGSEGV" and "_segfault" in dead.detail
+    after = r.rehearse("d", clip, 1, 60)
+    assert after.crashed is None and r.started == 2
+    print(f"\nrehearsal: first {first.seconds:.2f}s (a child starts), next {second.seconds:.2f}s")
+    r.close()
+    with pytest.raises(ShutdownError):
+        r.rehearse("e", clip, 1, 60)
