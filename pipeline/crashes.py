@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 JOURNAL_DIR = "_inflight"
 LEDGER = "_crashes.json"
+CRASH_SIGNALS = frozenset(int(s) for s in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
+                                           signal.SIGSYS, signal.SIGTRAP, signal.SIGKILL))
+"""Deaths that a process brings on itself (SIGKILL: the OOM killer); a stop from outside is SIGTERM or SIGINT."""
 
 
 def job_key(output_dir: str) -> str:
@@ -63,7 +66,7 @@ class InflightJournal:
         os.makedirs(folder, exist_ok=True)
         pid = os.getpid()
         self.path = os.path.join(folder, f"{key}__{_host_part(host)}__{pid}-{_start_ticks(pid)}.log")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: the SIGTERM handler writes from the main thread, which may hold it
         self._file = open(self.path, "a", encoding="utf-8")
 
     def _write(self, mark: str, item_id: str) -> None:
@@ -80,6 +83,11 @@ class InflightJournal:
     def end(self, item_id: str) -> None:
         """The item left the filters (done, failed, or abandoned by the watchdog)."""
         self._write("-", item_id)
+
+    def stopping(self) -> None:
+        """The process was told to stop (SIGTERM, SIGINT): a death from here on is the stop's escalation (Slurm's
+        and torchrun's SIGKILL after their grace), not something an item did."""
+        self._write("!", "")
 
     def close(self) -> None:
         """A clean exit: nothing of this process is a suspect, so the journal goes."""
@@ -149,6 +157,9 @@ def collect_suspects(cache_dir: str, key: str, host: str) -> tuple[dict[str, int
                         mark, item_id = json.loads(line)
                     except (ValueError, TypeError):
                         continue  # the line the death cut short
+                    if mark == "!":
+                        balance = {}  # told to stop: what it had in flight then is not suspect
+                        break
                     balance[item_id] = balance.get(item_id, 0) + (1 if mark == "+" else -1)
         except OSError as e:
             log.warning("cannot read the in-flight journal %s: %s", path, e)
@@ -327,11 +338,13 @@ class Rehearser:
             detail = self._last_words(mark)
             if timed_out:
                 return Rehearsal(timed_out=True, seconds=seconds, detail=detail)
-            try:
-                name = signal.Signals(-code).name if code < 0 else f"exit code {code}"
-            except ValueError:
-                name = f"signal {-code}"
-            return Rehearsal(crashed=name, seconds=seconds, detail=detail)
+            if -code in CRASH_SIGNALS:
+                return Rehearsal(crashed=signal.Signals(-code).name, seconds=seconds, detail=detail)
+            # another end (SIGTERM sent to the whole process group, a child that could not start) says nothing
+            # about the item: the rehearsal is inconclusive, and the item runs in the job process, alone
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            log.warning("the rehearsal child ended with %s, which is not a crash; %s", how, detail[-300:])
+            return Rehearsal(seconds=seconds, detail=f"inconclusive: the rehearsal child ended with {how}")
 
     def close(self) -> None:
         """Kill the child, without waiting for a rehearsal in progress (which then raises ``ShutdownError``)."""
@@ -423,6 +436,10 @@ def _serve(stdin, stdout) -> int:
     faulthandler.enable()  # a crash prints the Python stack to stderr, which the parent keeps for the row
     os.dup2(2, 1)  # whatever a library prints goes to stderr; the answers keep the original stdout to themselves
     sys.stdout = sys.stderr
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        # a scheduler's stop reaches the whole process group; the child ends when its parent closes the pipe (or
+        # kills it), so that a stop of the job is never mistaken for the item's crash
+        signal.signal(stop, signal.SIG_IGN)
     setup = _receive(stdin, None)
     if setup is None:
         return 0

@@ -341,6 +341,8 @@ class RankWorkers:
     # ---- supervision --------------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
         log.warning("stopping: %s; in-flight items finish, queued items are left for the rerun", reason)
+        if self.journal is not None:
+            self.journal.stopping()
         self.interrupted = True
         self.stop.set()
 

@@ -198,3 +198,43 @@ def test_one_child_serves_suspect_after_suspect_and_a_fresh_one_follows_a_death(
     r.close()
     with pytest.raises(ShutdownError):
         r.rehearse("e", clip, 1, 60)
+
+
+def test_a_death_after_a_stop_was_asked_for_names_no_suspect(tmp_path):
+    # Slurm and torchrun send SIGTERM, then SIGKILL after their grace: what was still in flight then did nothing
+    cache, key = str(tmp_path), job_key("/out")
+    j = InflightJournal(cache, key, "h")
+    j.start("slow")
+    j.stopping()
+    text = open(j.path).read()
+    j.close()
+    _left_behind(cache, key, "h", text)
+    assert collect_suspects(cache, key, "h")[0] == {}
+
+
+def test_a_rehearsal_child_ignores_the_stop_its_process_group_gets(media_dir):
+    # torchrun and Slurm signal the whole process group: a child that died of that SIGTERM gave an innocent item a
+    # CrashError row (seen in the kill soak); now the child lives on, and ends when its parent lets it go
+    import signal
+
+    from pipeline.crashes import Rehearser
+
+    r = Rehearser(_specs(), VideoConfig(), ["pyav"])
+    assert r.rehearse("a", f"{media_dir}/motion.mp4", 1, 60).crashed is None
+    r._proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert r._proc.poll() is None
+    seen = r.rehearse("b", f"{media_dir}/motion.mp4", 1, 60)
+    assert seen.crashed is None and r.started == 1
+    r._proc.send_signal(signal.SIGKILL)  # whatever else ends it is not the item's doing unless it is a crash signal
+    r._proc.wait()
+    r.close()
+
+
+def test_a_child_that_cannot_start_accuses_no_item(media_dir, monkeypatch):
+    from pipeline.crashes import Rehearser
+
+    r = Rehearser(_specs(), VideoConfig(), ["pyav"])
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the child exits 1 at once
+    seen = r.rehearse("a", f"{media_dir}/motion.mp4", 1, 60)
+    assert seen.crashed is None and not seen.timed_out and "inconclusive" in seen.detail
