@@ -34,6 +34,8 @@ from typing import Any
 
 import fsspec
 
+from pipeline.proc import is_alive, parse_process_tag, process_tag
+
 log = logging.getLogger(__name__)
 
 JOURNAL_DIR = "_inflight"
@@ -64,8 +66,7 @@ class InflightJournal:
     def __init__(self, cache_dir: str, key: str, host: str):
         folder = os.path.join(cache_dir, JOURNAL_DIR)
         os.makedirs(folder, exist_ok=True)
-        pid = os.getpid()
-        self.path = os.path.join(folder, f"{key}__{_host_part(host)}__{pid}-{_start_ticks(pid)}.log")
+        self.path = os.path.join(folder, f"{key}__{_host_part(host)}__{process_tag()}.log")
         self._lock = threading.RLock()  # re-entrant: the SIGTERM handler writes from the main thread, which may hold it
         self._file = open(self.path, "a", encoding="utf-8")
 
@@ -99,27 +100,6 @@ class InflightJournal:
             pass
 
 
-def _start_ticks(pid: int) -> int:
-    """When the process started, in clock ticks since boot (Linux; 0 elsewhere): with the pid it names one
-    process, where a pid alone may be reused, as it is at once in a restarted container's fresh pid namespace."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22, counted after the command name
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _alive(pid: int, start_ticks: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return start_ticks == 0 or _start_ticks(pid) in (0, start_ticks)
-
-
 def collect_suspects(cache_dir: str, key: str, host: str) -> tuple[dict[str, int], list[str]]:
     """Read the journals that dead processes of this job left on this host.
 
@@ -142,11 +122,10 @@ def collect_suspects(cache_dir: str, key: str, host: str) -> tuple[dict[str, int
     read: list[str] = []
     for name in names:
         try:
-            pid_part, _, ticks_part = name[len(prefix):-4].partition("-")
-            pid, ticks = int(pid_part), int(ticks_part or 0)
+            pid, ticks = parse_process_tag(name[len(prefix):-4])
         except ValueError:
             continue
-        if _alive(pid, ticks):
+        if is_alive(pid, ticks):
             continue
         path = os.path.join(folder, name)
         balance: dict[str, int] = {}

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError, ManifestError, MediasieveError
+from pipeline.proc import is_alive, parse_process_tag, process_tag
 
 log = logging.getLogger(__name__)
 
@@ -229,14 +230,14 @@ def _remove_stale_spills(spill_dir: str) -> None:
         if len(parts) != 3 or parts[1] != host:
             continue
         try:
-            os.kill(int(parts[2]), 0)
-        except ProcessLookupError:
+            pid, ticks = parse_process_tag(parts[2])
+        except ValueError:
+            continue
+        if not is_alive(pid, ticks):
             try:
                 os.remove(os.path.join(spill_dir, name))
             except FileNotFoundError:
                 pass
-        except (ValueError, PermissionError):
-            pass
 
 
 def open_manifest(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> Manifest:
@@ -260,7 +261,7 @@ def open_manifest(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> Ma
         raise ConfigError(f"cannot create the manifest spill directory {spill_dir}: {e} "
                           "(storage.cache_dir must be a writable node-local directory)") from e
     _remove_stale_spills(spill_dir)
-    spill_path = os.path.join(spill_dir, f"{tag}__{socket.gethostname()}__{os.getpid()}.parquet")
+    spill_path = os.path.join(spill_dir, f"{tag}__{socket.gethostname()}__{process_tag()}.parquet")
     batches = _listing_batches(cfg) if cfg.listing_glob else _file_batches(cfg)
     writer: pq.ParquetWriter | None = None
     id_chunks: list[pa.Array] = []

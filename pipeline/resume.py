@@ -17,6 +17,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError, OutputLockedError
+from pipeline.proc import is_alive, start_ticks
 from pipeline.writer import PARTS_DIR, commit_bytes, is_local_fs
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,8 @@ class OutputLease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> dict:
-        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                "pid_start": start_ticks(os.getpid()), "heartbeat": time.time()}
 
     def _write(self) -> None:
         commit_bytes(self.fs, self.path, json.dumps(self._record()).encode(), f"{self.root}/_tmp")
@@ -230,11 +232,11 @@ class OutputLease:
             return None
         if rec.get("host") == socket.gethostname():
             try:
-                os.kill(int(rec.get("pid", -1)), 0)
-            except (ProcessLookupError, ValueError):
+                holder_alive = is_alive(int(rec.get("pid", -1)), int(rec.get("pid_start") or 0))
+            except (TypeError, ValueError):
+                holder_alive = False
+            if not holder_alive:  # a pid alone may name a live process of a restarted container: the start tells
                 return None
-            except PermissionError:
-                pass
         if time.time() - float(rec.get("heartbeat", 0)) > self.timeout_s:
             return None
         return rec

@@ -160,12 +160,18 @@ def test_spills_of_dead_processes_are_removed(tmp_path):
     stale = spill / f"old__{host}__{int(dead.stdout)}.parquet"
     live = spill / f"other__{host}__{os.getppid()}.parquet"
     foreign = spill / f"other__not-{host}__1.parquet"
-    for p in (stale, live, foreign):
+    from pipeline.proc import process_tag
+
+    named_live = spill / f"mine__{host}__{process_tag()}.parquet"
+    ppid, ticks = process_tag(os.getppid()).split("-")
+    reused = spill / f"gone__{host}__{ppid}-{int(ticks) + 1}.parquet"  # a live pid, not the process that wrote it
+    for p in (stale, live, foreign, named_live, reused):
         p.write_bytes(b"x")
     path = tmp_path / "m.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     read_manifest(InputConfig(manifest=str(path)), str(spill))
     assert not stale.exists() and live.exists() and foreign.exists()
+    assert named_live.exists() and not reused.exists()
 
 
 def test_empty_manifest_keeps_its_columns(tmp_path):

@@ -103,6 +103,17 @@ def test_lease_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
     rec["pid"] = 2**22 + 12345
     (tmp_path / "_lease.json").write_text(json.dumps(rec))
     OutputLease(str(tmp_path), {}, "run-c", timeout_s=60).acquire()
+    # a restarted container (same host name, fresh pid namespace) whose new processes took the dead holder's pid:
+    # the pid is alive, but its start time is not the holder's, so the lease is free at once (it waited for the
+    # heartbeat to age before: a crash-looping container refused to start with exit code 3 meanwhile)
+    rec = json.loads((tmp_path / "_lease.json").read_text())
+    assert rec["pid"] == os.getpid() and rec["pid_start"] > 0
+    live = OutputLease(str(tmp_path), {}, "run-c2", timeout_s=60)
+    with pytest.raises(OutputLockedError):  # the same pid and start: the holder is alive
+        live.acquire()
+    rec["pid_start"] += 1
+    (tmp_path / "_lease.json").write_text(json.dumps(rec))
+    OutputLease(str(tmp_path), {}, "run-c3", timeout_s=60).acquire()
     # another host's lease with an old heartbeat has expired
     rec = {"run_id": "run-d", "host": "elsewhere", "pid": 1, "heartbeat": 0}
     (tmp_path / "_lease.json").write_text(json.dumps(rec))

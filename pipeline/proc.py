@@ -1,0 +1,44 @@
+"""Whether a process named in a file (a lease, a journal, a manifest spill) is still the one that wrote it."""
+
+from __future__ import annotations
+
+import os
+
+
+def start_ticks(pid: int) -> int:
+    """When process ``pid`` started, in clock ticks since boot (Linux; 0 where unknown).
+
+    With the pid it names one process, where a pid alone may be reused: at once, in a restarted container's fresh
+    pid namespace, where the dead process's pid often goes to a live process of the new container.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22, counted after the command name
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def is_alive(pid: int, ticks: int = 0) -> bool:
+    """Whether ``pid`` runs on this host and, where ``ticks`` is known, is the process that started then."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    except (OverflowError, ValueError):
+        return False
+    return ticks == 0 or start_ticks(pid) in (0, ticks)
+
+
+def process_tag(pid: int | None = None) -> str:
+    """``<pid>-<start ticks>`` of this process (or ``pid``), for file names; ``parse_process_tag`` reads it back."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}-{start_ticks(pid)}"
+
+
+def parse_process_tag(text: str) -> tuple[int, int]:
+    """``(pid, ticks)`` from ``process_tag``'s text, or from a bare pid (ticks 0); raises ValueError otherwise."""
+    pid, _, ticks = text.partition("-")
+    return int(pid), int(ticks or 0)
