@@ -339,8 +339,11 @@ class Rehearser:
             import tempfile
 
             self._err = tempfile.TemporaryFile()  # the children's stderr (a crash's last words); gone on exit
+        # the child imports this very package, also where it runs from a checkout that is not installed
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         self._proc = subprocess.Popen([sys.executable, "-m", "pipeline.crashes"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._err)
+                                      stdout=subprocess.PIPE, stderr=self._err, env=env)
         self.started += 1
         _send(self._proc.stdin, self._setup)
         return self._proc
