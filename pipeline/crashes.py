@@ -345,7 +345,10 @@ class Rehearser:
         self._proc = subprocess.Popen([sys.executable, "-m", "pipeline.crashes"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._err, env=env)
         self.started += 1
-        _send(self._proc.stdin, self._setup)
+        try:
+            _send(self._proc.stdin, self._setup)
+        except OSError:
+            pass  # it ended already: the request that follows finds it gone, and says how it ended
         return self._proc
 
     def _last_words(self, mark: int) -> str:

@@ -236,5 +236,6 @@ def test_a_child_that_cannot_start_accuses_no_item(media_dir, monkeypatch):
 
     r = Rehearser(_specs(), VideoConfig(), ["pyav"])
     monkeypatch.setattr(sys, "executable", "/bin/false")  # the child exits 1 at once
+    r._setup = b"x" * (1 << 20)  # more than a pipe holds: writing it fails for certain (it did only now and then)
     seen = r.rehearse("a", f"{media_dir}/motion.mp4", 1, 60)
     assert seen.crashed is None and not seen.timed_out and "inconclusive" in seen.detail
