@@ -303,7 +303,13 @@ class RankWorkers:
                               f"abort or the OOM killer); not tried again (resume.max_item_crashes={limit}; see "
                               "_crashes.json in the output directory)")
         timeout = self.cfg.runtime.item_timeout_s or self.cfg.runtime.stall_timeout_s / 2
-        seen = self._rehearser.rehearse(item_id, task.fetched.local_path, task.fetched.bytes, timeout)
+        try:
+            seen = self._rehearser.rehearse(item_id, task.fetched.local_path, task.fetched.bytes, timeout)
+        except ShutdownError:
+            raise
+        except Exception:  # noqa: BLE001 - the safeguard must not stop the rank: the suspect still runs alone
+            log.exception("item %s: its rehearsal could not run; it runs alone in this process", item_id)
+            return None
         log.warning("item %s was in flight when a process died (%d time(s)); its rehearsal in a child process %s "
                     "in %.1fs", item_id, crashes, f"died of {seen.crashed}" if seen.crashed else
                     "timed out" if seen.timed_out else "finished", seen.seconds)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from tests.conftest import ROOT, base_config, make_corpus, write_manifest
@@ -89,3 +90,56 @@ def test_without_the_ledger_every_attempt_dies_on_the_same_item(tmp_path, media_
     assert proc.returncode != 0
     latest = _latest_rows(str(tmp_path / "out"))
     assert POISON not in latest and not (tmp_path / "out" / "_crashes.json").exists()
+
+
+def _suspect_job(tmp_path, media_dir, crashes: int, **noop):
+    """An in-process job over 4 clips whose output's ledger already names id-0001 (as a death of an earlier run
+    would have left it)."""
+    from pipeline.config import build_config, validate_config
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 4)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_crashes.json").write_text(json.dumps({"items": {"id-0001": {"crashes": crashes}}}))
+    raw = base_config(manifest, str(tmp_path / "c"), str(out), str(tmp_path / "cache"),
+                      filters={"probe": {}, "noop": noop})
+    cfg = build_config(raw)
+    validate_config(cfg)
+    return cfg
+
+
+def test_in_process_a_suspect_whose_rehearsal_dies_gets_its_row_and_the_job_goes_on(tmp_path, media_dir):
+    from pipeline.distributed import DistContext
+    from pipeline.runner import run_rank
+
+    summary = run_rank(_suspect_job(tmp_path, media_dir, 1, crash_ids=["id-0001"]), DistContext()).summary
+    latest = _latest_rows(str(tmp_path / "out"))
+    assert latest["id-0001"]["error_type"] == "CrashError" and "SIGSEGV" in latest["id-0001"]["error_message"]
+    assert summary["total"]["succeeded"] == 3
+
+
+def test_a_rehearsal_that_cannot_run_does_not_stop_the_rank(tmp_path, media_dir, monkeypatch, caplog):
+    from pipeline.crashes import Rehearser
+    from pipeline.distributed import DistContext
+    from pipeline.runner import run_rank
+
+    def broken(self, *a, **k):
+        raise OSError("no fork for you")
+
+    monkeypatch.setattr(Rehearser, "rehearse", broken)
+    summary = run_rank(_suspect_job(tmp_path, media_dir, 1), DistContext()).summary
+    assert summary["total"]["succeeded"] == 4  # the suspect ran alone in the job's process, and passed
+    assert "its rehearsal could not run" in caplog.text
+
+
+def test_an_item_at_the_crash_limit_is_not_tried(tmp_path, media_dir, monkeypatch):
+    from pipeline.crashes import Rehearser
+    from pipeline.distributed import DistContext
+    from pipeline.runner import run_rank
+
+    monkeypatch.setattr(Rehearser, "rehearse", lambda *a, **k: pytest.fail("a refused item is not rehearsed"))
+    run_rank(_suspect_job(tmp_path, media_dir, 2), DistContext())
+    latest = _latest_rows(str(tmp_path / "out"))
+    assert latest["id-0001"]["error_type"] == "CrashError" and "died 2 times" in latest["id-0001"]["error_message"]
+    assert latest["id-0001"]["retryable"] is False
