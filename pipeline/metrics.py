@@ -139,6 +139,10 @@ class PrometheusExporter:
         self.pool_wait = Gauge("mediasieve_model_pool_wait_seconds", "Total model-pool wait", labels,
                                registry=self.registry)
         self.bytes = Gauge("mediasieve_bytes_fetched", "Bytes fetched from tiers", labels, registry=self.registry)
+        self.cache = Gauge("mediasieve_cache_bytes", "Bytes this rank holds in the node cache", labels,
+                           registry=self.registry)
+        self.suspects = Gauge("mediasieve_crash_suspects", "Items in flight in an earlier death: rehearsed, refused",
+                              labels + ["outcome"], registry=self.registry)
         self.server, self.thread = start_http_server(port, registry=self.registry)
 
     def update(self, snap: dict[str, Any]) -> None:
@@ -150,6 +154,9 @@ class PrometheusExporter:
         self.queue.labels(self.rank).set(snap.get("queue_depth", 0))
         self.pool_wait.labels(self.rank).set(snap.get("pool_wait_s", 0.0))
         self.bytes.labels(self.rank).set(snap["bytes_fetched"])
+        self.cache.labels(self.rank).set(snap.get("cache_bytes", 0))
+        self.suspects.labels(self.rank, "rehearsed").set(snap.get("suspects_rehearsed", 0))
+        self.suspects.labels(self.rank, "refused").set(snap.get("suspects_refused", 0))
 
     def close(self) -> None:
         self.server.shutdown()

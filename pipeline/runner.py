@@ -159,6 +159,8 @@ class RankWorkers:
         self._ilock = threading.Lock()
         self._replaced = 0  # consumers started in place of stuck ones (their thread names)
         self._gate = SuspectGate()
+        self._rehearsed = 0  # suspects rehearsed in the child process
+        self._refused = 0  # suspects given a CrashError row
         self._rehearser = Rehearser(list(self.cfg.filters), self.cfg.video, [b.name for b in self.backends])
 
     # ---- rows ---------------------------------------------------------------------------------------
@@ -253,6 +255,8 @@ class RankWorkers:
             except ShutdownError:
                 task.fetched.release()  # not written: the rerun redoes it
                 return True
+            if isinstance(refused, CrashError):
+                self._refused += 1
             if refused is not None:
                 task.fetched.release()
                 self._emit(self._row(task.row, task.start, task.fetch_s, task.fetched, {}, {}, refused, media))
@@ -303,6 +307,7 @@ class RankWorkers:
                               f"abort or the OOM killer); not tried again (resume.max_item_crashes={limit}; see "
                               "_crashes.json in the output directory)")
         timeout = self.cfg.runtime.item_timeout_s or self.cfg.runtime.stall_timeout_s / 2
+        self._rehearsed += 1
         try:
             seen = self._rehearser.rehearse(item_id, task.fetched.local_path, task.fetched.bytes, timeout)
         except ShutdownError:
@@ -354,9 +359,12 @@ class RankWorkers:
 
     def _snapshot(self) -> dict[str, Any]:
         snap = self.stats.snapshot()
+        cache = self.fetcher.cache
         snap.update(queue_depth=self.queue.qsize(), pool_wait_s=round(self.pool.wait_seconds, 3),
                     units_taken=self.source.units_taken, rows_committed=self.writer.rows_committed,
-                    fetch_retries=self.fetcher.retries_done)
+                    fetch_retries=self.fetcher.retries_done, cache_bytes=cache.bytes_used if cache else 0,
+                    cache_evictions=cache.evictions if cache else 0, suspects_rehearsed=self._rehearsed,
+                    suspects_refused=self._refused)
         return snap
 
     def run(self) -> None:

@@ -40,6 +40,7 @@ def test_prometheus_endpoint_serves_rank_metrics(tmp_path, media_dir):
     t.join(120)
     assert done > 0  # scraped while the rank was running, with items already counted
     assert "mediasieve_queue_depth" in seen and "mediasieve_tier_hits" in seen
+    assert "mediasieve_cache_bytes" in seen and "mediasieve_crash_suspects" in seen
     assert result["outcome"].summary["this_run"]["succeeded"] == 12
 
 

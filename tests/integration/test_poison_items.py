@@ -117,6 +117,9 @@ def test_in_process_a_suspect_whose_rehearsal_dies_gets_its_row_and_the_job_goes
     latest = _latest_rows(str(tmp_path / "out"))
     assert latest["id-0001"]["error_type"] == "CrashError" and "SIGSEGV" in latest["id-0001"]["error_message"]
     assert summary["total"]["succeeded"] == 3
+    (log,) = (tmp_path / "out" / "_logs").iterdir()  # the rank's metrics say what the safeguard did
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["suspects_rehearsed"] == 1 and last["suspects_refused"] == 1 and last["cache_bytes"] > 0
 
 
 def test_a_rehearsal_that_cannot_run_does_not_stop_the_rank(tmp_path, media_dir, monkeypatch, caplog):
