@@ -429,13 +429,13 @@ def _serve(stdin, stdout) -> int:
     if setup is None:
         return 0
     specs, video_cfg, backend_names = pickle.loads(setup)
-    from pipeline.filters import build_filters
+    from pipeline.filters import build_filters, frame_requests_of
     from pipeline.filters.base import FilterContext
     from pipeline.media.item import MediaItem
     from pipeline.video.decoders import available_backends
 
     filters = build_filters(tuple(specs))
-    requests = list(dict.fromkeys(r for f in filters for r in f.frame_requests()))
+    requests = frame_requests_of(filters)
     backends = available_backends(tuple(backend_names)) if requests else []
     ctx = FilterContext("cpu", None)
     while True:

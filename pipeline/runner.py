@@ -27,7 +27,7 @@ from pipeline.config import JobConfig, job_identity, to_dict
 from pipeline.crashes import InflightJournal, Rehearser, SuspectGate, collect_suspects, job_key, update_ledger
 from pipeline.distributed import DistContext, GlobalCounter, WorkUnitCounter, init_distributed, resolve_device
 from pipeline.errors import CrashError, ItemError, ItemTimeout, MediasieveError, ShutdownError, is_retryable
-from pipeline.filters import FilterContext, SetupContext, build_filters
+from pipeline.filters import FilterContext, SetupContext, build_filters, frame_requests_of
 from pipeline.manifest import SPILL_DIR, Manifest, check_input_exists, open_manifest
 from pipeline.media.item import MediaItem
 from pipeline.metrics import MetricsLog, PrometheusExporter, RankStats
@@ -146,7 +146,7 @@ class RankWorkers:
         self.id_col = self.cfg.input.id_column
         self.path_col = self.cfg.input.path_column
         self._fatal: list[BaseException] = []
-        self.frame_requests = list(dict.fromkeys(r for f in self.filters for r in f.frame_requests()))
+        self.frame_requests = frame_requests_of(self.filters)
         self.backends = []
         if self.frame_requests:
             from pipeline.video.decoders import available_backends, backend_order

@@ -33,7 +33,8 @@ FILTERS: dict[str, type[Filter]] = {
     "crash_once": CrashOnceFilter,
 }
 
-__all__ = ["FILTERS", "Filter", "FilterContext", "SetupContext", "build_filters", "validate_filter_specs"]
+__all__ = ["FILTERS", "Filter", "FilterContext", "SetupContext", "build_filters", "frame_requests_of",
+           "validate_filter_specs"]
 
 
 def _params(spec: FilterSpec):
@@ -58,3 +59,8 @@ def build_filters(specs: tuple[FilterSpec, ...]) -> list[Filter]:
             cls, params = _params(spec)
             out.append(cls(spec.name, params))
     return out
+
+
+def frame_requests_of(filters: list[Filter]) -> list:
+    """The union of the filters' frame requests, in order, each once: what an item decodes for all of them."""
+    return list(dict.fromkeys(r for f in filters for r in f.frame_requests()))

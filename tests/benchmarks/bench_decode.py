@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from pipeline.config import build_config, load_config, validate_config  # noqa: E402
-from pipeline.filters import build_filters  # noqa: E402
+from pipeline.filters import build_filters, frame_requests_of  # noqa: E402
 from pipeline.media import synthetic  # noqa: E402
 from pipeline.video.decoders import available_backends, decode_video  # noqa: E402
 from pipeline.video.sampling import make_plan  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> int:
                                       args.seconds, extra=("-g", "50")) for i in range(args.clips)]
         cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"))
         filters = build_filters(cfg.filters)
-        requests = list(dict.fromkeys(r for f in filters for r in f.frame_requests()))
+        requests = frame_requests_of(filters)
         backends = {b.name: b for b in available_backends(("decord", "torchcodec", "pyav"))}
         plans = {}
         for c in clips:

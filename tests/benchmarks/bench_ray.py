@@ -42,7 +42,7 @@ class SieveActor:
     def __init__(self, root, names):
         sys.path.insert(0, root)  # the actor runs in a Ray worker process
         from pipeline.config import FilterSpec, VideoConfig
-        from pipeline.filters import build_filters
+        from pipeline.filters import build_filters, frame_requests_of
         from pipeline.filters.base import FilterContext, SetupContext
         from pipeline.model_pool import ModelPool
         from pipeline.video.decoders import available_backends
@@ -50,7 +50,7 @@ class SieveActor:
         self.pool = ModelPool("cpu", instances=1)
         for f in self.filters:
             f.setup(SetupContext("cpu", self.pool, lambda u, o=None: u))
-        self.reqs = list(dict.fromkeys(r for f in self.filters for r in f.frame_requests()))
+        self.reqs = frame_requests_of(self.filters)
         self.backends = available_backends(("decord", "torchcodec", "pyav"))
         self.ctx = FilterContext("cpu", self.pool)
         self.video_cfg = VideoConfig()

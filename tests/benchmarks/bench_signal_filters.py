@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from pipeline.config import FilterSpec, VideoConfig  # noqa: E402
-from pipeline.filters import build_filters  # noqa: E402
+from pipeline.filters import build_filters, frame_requests_of  # noqa: E402
 from pipeline.filters.base import FilterContext  # noqa: E402
 from pipeline.media.item import MediaItem  # noqa: E402
 from pipeline.video.decoders import available_backends  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> int:
         clips = [synthetic.lavfi_clip(os.path.join(d, f"{i}.mp4"), "testsrc2=size=1280x720:rate=25", 5.0)
                  for i in range(3)]
     filters = build_filters(tuple(FilterSpec(n, n) for n in NAMES))
-    reqs = list(dict.fromkeys(r for f in filters for r in f.frame_requests()))
+    reqs = frame_requests_of(filters)
     items = []
     for c in clips:
         item = MediaItem("x", c, 0, reqs, VideoConfig(), available_backends(("decord", "torchcodec", "pyav")))

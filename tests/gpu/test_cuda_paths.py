@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 from pipeline.config import FilterSpec, VideoConfig  # noqa: E402
-from pipeline.filters import build_filters  # noqa: E402
+from pipeline.filters import build_filters, frame_requests_of  # noqa: E402
 from pipeline.filters.base import FilterContext, SetupContext  # noqa: E402
 from pipeline.media.item import MediaItem  # noqa: E402
 from pipeline.model_pool import ModelPool, localize_model  # noqa: E402
@@ -36,7 +36,7 @@ def clips(tmp_path_factory):
 
 
 def _item(path, filters):
-    reqs = list(dict.fromkeys(r for f in filters for r in f.frame_requests()))
+    reqs = frame_requests_of(filters)
     return MediaItem("x", path, 0, reqs, VideoConfig(), available_backends(("decord", "torchcodec", "pyav")))
 
 

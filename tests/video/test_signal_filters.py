@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.config import FilterSpec
-from pipeline.filters import build_filters
+from pipeline.filters import build_filters, frame_requests_of
 from pipeline.filters.base import FilterContext
 from pipeline.media import synthetic
 from pipeline.media.item import MediaItem
@@ -101,7 +101,7 @@ def test_filters_share_one_decode(clips):
 
     specs = tuple(FilterSpec(n, n) for n in ("black_borders", "static", "exposure", "sharpness", "scene_cuts"))
     filters = build_filters(specs)
-    reqs = list(dict.fromkeys(r for f in filters for r in f.frame_requests()))
+    reqs = frame_requests_of(filters)
     item = MediaItem("x", clips["plain"], 0, reqs, VideoConfig(), available_backends(("pyav",)))
     for f in filters:
         f.apply(item, FilterContext("cpu", None))
