@@ -34,6 +34,7 @@ from typing import Any
 
 import fsspec
 
+from pipeline.errors import MediasieveError, ShutdownError
 from pipeline.proc import is_alive, parse_process_tag, process_tag
 
 log = logging.getLogger(__name__)
@@ -152,8 +153,6 @@ def collect_suspects(cache_dir: str, key: str, host: str) -> tuple[dict[str, int
 
 def read_ledger(out_dir: str, storage_options: dict) -> dict[str, Any]:
     """The output directory's crash ledger (empty where there is none)."""
-    from pipeline.errors import MediasieveError
-
     fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
     path = f"{root.rstrip('/')}/{LEDGER}"
     try:
@@ -173,8 +172,6 @@ def update_ledger(out_dir: str, storage_options: dict, reports: list[dict[str, i
     Raises:
         MediasieveError: the ledger cannot be read or written (every rank then stops with the same error).
     """
-    from pipeline.errors import MediasieveError
-
     try:
         return _update_ledger(out_dir, storage_options, reports, run_id)
     except MediasieveError:
@@ -199,9 +196,9 @@ def _update_ledger(out_dir: str, storage_options: dict, reports: list[dict[str, 
         fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
         root = root.rstrip("/")
         commit_bytes(fs, f"{root}/{LEDGER}", json.dumps(ledger, indent=1).encode(), f"{root}/_tmp")
+        named = sorted({repr(i) for r in reports for i in r})
         log.warning("%d item(s) were in flight when a process of an earlier run died; they are rehearsed apart "
-                    "this run: %s", len({i for r in reports for i in r}),
-                    ", ".join(sorted({repr(i) for r in reports for i in r})[:10]))
+                    "this run: %s", len(named), ", ".join(named[:10]))
     return {str(item_id): int(e.get("crashes", 0)) for item_id, e in items.items()
             if isinstance(e, dict) and int(e.get("crashes", 0)) > 0}
 
@@ -291,8 +288,6 @@ class Rehearser:
         """
         with self._lock:
             if self._closed:
-                from pipeline.errors import ShutdownError
-
                 raise ShutdownError("the rank is shutting down")
             start = time.monotonic()
             proc = self._child()
@@ -300,7 +295,7 @@ class Rehearser:
             try:
                 _send(proc.stdin, pickle.dumps((item_id, path, size)))
                 answer = _receive(proc.stdout, timeout_s)
-            except (BrokenPipeError, EOFError, OSError):
+            except OSError:  # a broken pipe, or no answer within timeout_s (TimeoutError)
                 answer = None
             seconds = time.monotonic() - start
             if answer is not None:
@@ -311,8 +306,6 @@ class Rehearser:
             code = proc.wait()
             self._proc = None
             if self._closed:
-                from pipeline.errors import ShutdownError
-
                 raise ShutdownError("the rank is shutting down; the rehearsal was cut off")
             detail = self._last_words(mark)
             if timed_out:

@@ -36,6 +36,8 @@ from pipeline.errors import (
 log = logging.getLogger(__name__)
 
 _EXT_RE = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
+SCRATCH_DIR = ".tmp"
+"""Under the node cache: downloads in progress and other work files (``*.part``), swept once nobody writes them."""
 _ENTRY_RE = re.compile(r"^[0-9a-f]{40}(\.[a-z0-9]{1,10})?$")  # what NodeCache.name_for makes
 
 
@@ -203,7 +205,7 @@ class NodeCache:
                  clock: Callable[[], float] = time.time):
         self.root = root
         self.max_bytes = max_bytes
-        self.tmp_dir = os.path.join(root, ".tmp")
+        self.tmp_dir = os.path.join(root, SCRATCH_DIR)
         os.makedirs(self.tmp_dir, exist_ok=True)
         self.orphan_age_s = orphan_age_s
         self._tend = tend

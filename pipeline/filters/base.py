@@ -46,6 +46,17 @@ class SetupContext:
             return None
         return os.path.join(self.cache_dir, "trt-engines", self.device.replace(":", ""))
 
+    def scratch_dir(self) -> str:
+        """Where a filter writes work files, named ``*.part``: the node cache's scratch, where a killed process's
+        leftovers are swept (the system temporary directory without a cache directory)."""
+        if not self.cache_dir:
+            import tempfile
+
+            return tempfile.gettempdir()
+        from pipeline.storage import SCRATCH_DIR
+
+        return os.path.join(self.cache_dir, SCRATCH_DIR)
+
 
 RUNTIME = pa.struct([("backend", pa.string()), ("execution_provider", pa.string()), ("io_binding", pa.bool_()),
                      ("fallback_reason", pa.string())])

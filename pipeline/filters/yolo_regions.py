@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal
@@ -140,7 +139,7 @@ class YoloRegionsFilter(VideoFilter):
         local = ctx.localize(self.params.model_uri, self.params.storage_options)
         # the crop encodes into the node cache's scratch, where a killed process's partial file is swept; never
         # next to the media, which without the cache is the source corpus itself (shared, perhaps read-only)
-        self._scratch = os.path.join(ctx.cache_dir, ".tmp") if ctx.cache_dir else tempfile.gettempdir()
+        self._scratch = ctx.scratch_dir()
         strict = p.strict_gpu or ctx.strict_gpu
         provider = p.provider if ctx.device.startswith("cuda") else "cpu"
         trt_cache = ctx.engine_cache() if self.onnx else None
