@@ -1,9 +1,10 @@
 """A circuit breaker for GPU inference: after a CUDA failure, no more CUDA in this process.
 
-An ONNX Runtime CUDA error at run time (CUDNN_STATUS_*, an illegal memory access, invalid PTX, out of memory)
-leaves the CUDA context unusable. The breaker trips process-wide, moves the work to a fresh subprocess that runs
-the same model on CPU, and retries the failing batch there once; in strict mode it raises ``CudaCircuitOpen``, a
-system failure that stops the rank.
+An ONNX Runtime CUDA error at run time (CUDNN_STATUS_*, an illegal memory access, invalid PTX) leaves the CUDA
+context unusable. Running out of memory does not: it passes through unchanged, and the caller's batcher runs
+smaller batches (``pipeline.batching``) instead of moving the process to the CPU for the rest of the job. The
+breaker trips process-wide, moves the work to a fresh subprocess that runs the same model on CPU, and retries the
+failing batch there once; in strict mode it raises ``CudaCircuitOpen``, a system failure that stops the rank.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import torch
 log = logging.getLogger(__name__)
 
 CUDA_FAILURES = ("CUDNN_STATUS_", "CUBLAS_STATUS_", "illegal memory access", "invalid PTX", "PTX JIT",
-                 "out of memory", "CUDA failure", "cudaError", "CUDA error", "no kernel image")
+                 "CUDA failure", "cudaError", "CUDA error", "no kernel image")
+
+# What the allocators say when they cannot allocate: torch's CUDA caching allocator (torch.cuda.OutOfMemoryError,
+# "CUDA out of memory"), the CUDA runtime through ONNX Runtime ("CUDA failure 2: out of memory"), ONNX Runtime's
+# BFC arena on either device ("Failed to allocate memory for requested buffer of size N"), cuDNN and cuBLAS work
+# spaces (*_STATUS_ALLOC_FAILED), torch's host allocator ("DefaultCPUAllocator: can't allocate memory"). None of
+# them leaves the CUDA context broken, unlike an illegal memory access, so the process goes on using the GPU.
+_OOM_TEXT = ("out of memory", "failed to allocate memory", "_alloc_failed", "can't allocate memory",
+             "cannot allocate memory")
 
 _TRIPPED = threading.Event()
 _REASON: list[str] = []
@@ -29,7 +38,30 @@ class CudaCircuitOpen(RuntimeError):
     """CUDA failed in this process and strict GPU mode forbids the CPU fallback."""
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is an allocation failure on the device or the host.
+
+    Args:
+        error: an exception raised by a model call or a tensor operation.
+
+    Returns:
+        True for the allocation failures in ``_OOM_TEXT`` and for ``MemoryError``.
+    """
+    for _ in range(8):  # the chain of causes, bounded
+        if error is None:
+            return False
+        if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+            return True
+        if any(p in str(error).lower() for p in _OOM_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def is_cuda_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a CUDA failure that breaks the process's CUDA context (not running out of memory)."""
+    if is_out_of_memory(error):
+        return False
     text = f"{type(error).__name__}: {error}"
     return any(p.lower() in text.lower() for p in CUDA_FAILURES)
 

@@ -87,6 +87,11 @@ class CrashError(ItemError):
     or in ``resume.max_item_crashes`` deaths of the job's own processes (``pipeline.crashes``)."""
 
 
+class OutOfMemory(ItemError):
+    """The item's work did not fit in the device's (or the host's) free memory, even alone in its model batch
+    (``pipeline.batching``): other models or tenants held the memory, or the item itself is too large."""
+
+
 class FilterError(ItemError):
     """A filter raised an unexpected exception on this item."""
 
@@ -107,6 +112,7 @@ RETRYABLE: dict[type[BaseException], bool] = {
     DecodeTimeout: False,
     ItemTimeout: True,
     CrashError: False,
+    OutOfMemory: True,
     FilterError: False,
 }
 

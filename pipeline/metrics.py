@@ -143,6 +143,10 @@ class PrometheusExporter:
                            registry=self.registry)
         self.suspects = Gauge("mediasieve_crash_suspects", "Items in flight in an earlier death: rehearsed, refused",
                               labels + ["outcome"], registry=self.registry)
+        self.batch_limit = Gauge("mediasieve_batch_limit", "Rows per model batch now (below the configured batch size "
+                                 "after running out of memory)", labels + ["model"], registry=self.registry)
+        self.oom_splits = Gauge("mediasieve_oom_splits", "Model batches split after running out of memory",
+                                labels + ["model"], registry=self.registry)
         self.server, self.thread = start_http_server(port, registry=self.registry)
 
     def update(self, snap: dict[str, Any]) -> None:
@@ -157,6 +161,9 @@ class PrometheusExporter:
         self.cache.labels(self.rank).set(snap.get("cache_bytes", 0))
         self.suspects.labels(self.rank, "rehearsed").set(snap.get("suspects_rehearsed", 0))
         self.suspects.labels(self.rank, "refused").set(snap.get("suspects_refused", 0))
+        for model, b in snap.get("batches", {}).items():
+            self.batch_limit.labels(self.rank, model).set(b["batch_limit"])
+            self.oom_splits.labels(self.rank, model).set(b["oom_splits"])
 
     def close(self) -> None:
         self.server.shutdown()

@@ -27,7 +27,7 @@ from pipeline.config import JobConfig, job_identity, to_dict
 from pipeline.crashes import InflightJournal, Rehearser, SuspectGate, collect_suspects, job_key, update_ledger
 from pipeline.distributed import DistContext, GlobalCounter, WorkUnitCounter, init_distributed, resolve_device
 from pipeline.errors import CrashError, ItemError, ItemTimeout, MediasieveError, ShutdownError, is_retryable
-from pipeline.filters import FilterContext, SetupContext, build_filters, frame_requests_of
+from pipeline.filters import FilterContext, SetupContext, batch_stats, build_filters, frame_requests_of
 from pipeline.manifest import SPILL_DIR, Manifest, check_input_exists, open_manifest
 from pipeline.media.item import MediaItem
 from pipeline.metrics import MetricsLog, PrometheusExporter, RankStats
@@ -364,7 +364,7 @@ class RankWorkers:
                     units_taken=self.source.units_taken, rows_committed=self.writer.rows_committed,
                     fetch_retries=self.fetcher.retries_done, cache_bytes=cache.bytes_used if cache else 0,
                     cache_evictions=cache.evictions if cache else 0, suspects_rehearsed=self._rehearsed,
-                    suspects_refused=self._refused)
+                    suspects_refused=self._refused, batches=batch_stats(self.filters))
         return snap
 
     def run(self) -> None:

@@ -33,7 +33,7 @@ FILTERS: dict[str, type[Filter]] = {
     "crash_once": CrashOnceFilter,
 }
 
-__all__ = ["FILTERS", "Filter", "FilterContext", "SetupContext", "build_filters", "frame_requests_of",
+__all__ = ["FILTERS", "Filter", "FilterContext", "SetupContext", "batch_stats", "build_filters", "frame_requests_of",
            "validate_filter_specs"]
 
 
@@ -64,3 +64,11 @@ def build_filters(specs: tuple[FilterSpec, ...]) -> list[Filter]:
 def frame_requests_of(filters: list[Filter]) -> list:
     """The union of the filters' frame requests, in order, each once: what an item decodes for all of them."""
     return list(dict.fromkeys(r for f in filters for r in f.frame_requests()))
+
+
+def batch_stats(filters: list[Filter]) -> dict[str, dict[str, int]]:
+    """Per model batcher: the configured batch size, the limit in force (lower after running out of memory), the
+    out-of-memory splits and the rows that did not fit alone; for the metrics log and the Prometheus endpoint."""
+    return {name: {"max_batch": b.max_batch, "batch_limit": b.batch_limit, "oom_splits": b.oom_splits,
+                   "oom_rows_failed": b.oom_rows_failed}
+            for f in filters for name, b in f.batchers().items()}

@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from pipeline.errors import FilterError, MediasieveError
+from pipeline.batching import is_out_of_memory, release_memory
+from pipeline.errors import FilterError, MediasieveError, OutOfMemory
 from pipeline.media.item import MediaItem
 
 
@@ -91,6 +92,11 @@ class Filter:
         now = self.runtime_now()
         return {self.name: now} if now is not None else {}
 
+    def batchers(self) -> dict[str, Any]:
+        """The filter's ``DynamicBatcher`` per model (``name`` or ``name/model``), for the metrics: a batch limit
+        below ``max_batch`` says the model ran out of memory at the configured batch size."""
+        return {}
+
     def setup(self, ctx: SetupContext) -> None:
         """Load models into ``ctx.pool`` (once per process, before any item); nothing by default."""
 
@@ -129,6 +135,9 @@ class Filter:
         except MediasieveError:
             raise  # typed: an item failure becomes its row, a system failure stops the rank
         except Exception as e:  # noqa: BLE001 - any bug in a filter fails this item, not the job
+            if is_out_of_memory(e):  # not the filter's bug: retryable, and the memory is given back first
+                release_memory()
+                raise OutOfMemory(f"{self.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
             raise FilterError(f"{self.name}: {type(e).__name__}: {e}") from e
         return result, time.perf_counter() - start
 

@@ -151,6 +151,9 @@ class ClipClassifierFilter(VideoFilter):
         self._batcher = DynamicBatcher(run_batch, self.params.batch_size, self.params.max_wait_ms / 1000.0,
                                        runners=pool.instances)
 
+    def batchers(self) -> dict:
+        return {self.name: self._batcher} if self._batcher is not None else {}
+
     def runtime_now(self) -> dict | None:
         return runtime_after_trip(self.runtime)
 

@@ -67,6 +67,7 @@ class SpeechCutsFilter(Filter):
 
     def __init__(self, name, params):
         super().__init__(name, params)
+        self._batcher: DynamicBatcher | None = None
         if params.sample_rate not in (8000, 16000):
             raise ConfigError(f"filters.{name}.sample_rate must be 16000 or 8000 (Silero VAD)")
         g = params.gpu_pipeline
@@ -133,6 +134,9 @@ class SpeechCutsFilter(Filter):
         self._direct = run_batch  # whole-file chunks differ in length per file: no cross-item batching
         self._batcher = DynamicBatcher(run_batch, self.params.gpu_pipeline.batch_chunks,
                                        self.params.max_wait_ms / 1000.0, runners=self.params.vad_instances)
+
+    def batchers(self) -> dict:
+        return {f"{self.name}/vad": self._batcher} if self._batcher is not None else {}
 
     def runtimes(self) -> dict[str, dict]:
         out = {f"{self.name}/vad": runtime_after_trip(self._vad_runtime)}

@@ -107,6 +107,7 @@ class YoloRegionsFilter(VideoFilter):
 
     def __init__(self, name, params):
         super().__init__(name, params)
+        self._batcher: DynamicBatcher | None = None
         if not params.model_uri:
             raise ConfigError(f"filters.{name}.model_uri is required")
         if params.step < 1 or params.batch_size < 1 or params.max_det < 1:
@@ -223,6 +224,9 @@ class YoloRegionsFilter(VideoFilter):
             "crop_uri": uri,
             "runtime": self.runtime_now(),
         }
+
+    def batchers(self) -> dict:
+        return {self.name: self._batcher} if self._batcher is not None else {}
 
     def runtime_now(self) -> dict | None:
         return runtime_after_trip(self.runtime)

@@ -99,6 +99,6 @@ def test_torchscript_vad_rows_do_not_claim_the_subprocess(tmp_path, speech):
 def test_onnx_vad_strict_gpu_failure_stops_the_rank(tmp_path, speech):
     f = _speech_filter(tmp_path, strict=True, vad_backend="onnx")
     with f._pool.acquire(f._vad_key) as vad:
-        vad.primary = Faulty(vad.primary, RuntimeException("CUDA error: out of memory"))
+        vad.primary = Faulty(vad.primary, RuntimeException("CUDA error: an illegal memory access was encountered"))
     with pytest.raises(GpuFailure, match="strict GPU mode"):
         f.apply(_item(speech, f), FilterContext("cpu", None))

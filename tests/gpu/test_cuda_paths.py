@@ -177,3 +177,46 @@ def test_audio_stages_on_cuda_streams_equal_the_plain_gpu_path(clips):
             assert np.abs(a.probs - b.probs).max() < 1e-4
             assert np.abs(a.features.mag - b.features.mag).mean() < 1e-4
             assert [round(c.time_s, 4) for c in a.cuts] == [round(c.time_s, 4) for c in b.cuts]
+
+
+def test_a_real_cuda_out_of_memory_splits_the_batch():
+    """torch's caching allocator refusing for real (the process held to 8 GiB of the GPU): the batch is split, every
+    row comes back, and the CUDA context goes on working; a row that cannot fit alone fails only its request."""
+    import threading
+
+    from pipeline.batching import DynamicBatcher
+    from pipeline.errors import OutOfMemory
+
+    def model(x):  # 1 GiB of activations per row of cost
+        scratch = torch.empty(int(x[:, 0].sum()) << 30, dtype=torch.uint8, device="cuda")
+        del scratch
+        return x[:, 1] * 2
+
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((8 << 30) / total)
+    try:
+        batcher = DynamicBatcher(model, max_batch=16, max_wait_s=0.5)
+        requests = [torch.tensor([[1.0, 10 * i + j] for j in range(4)], device="cuda") for i in range(3)]
+        requests.append(torch.tensor([[100.0, 7.0]], device="cuda"))  # 100 GiB: never fits
+        out = [None] * len(requests)
+
+        def call(i):
+            try:
+                out[i] = batcher(requests[i])
+            except Exception as e:  # noqa: BLE001 - inspected below
+                out[i] = e
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for i in range(3):
+            assert torch.equal(out[i], requests[i][:, 1] * 2), out[i]
+        assert isinstance(out[3], OutOfMemory) and isinstance(out[3].__cause__, torch.cuda.OutOfMemoryError)
+        assert batcher.oom_splits >= 1 and batcher.batch_limit < 16
+        assert float(torch.ones(4, device="cuda").sum()) == 4.0  # the context still works
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()

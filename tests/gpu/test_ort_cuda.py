@@ -152,3 +152,24 @@ def test_separator_on_its_own_cuda_stream_equals_cpu(tmp_path):
     opts = sep.ort.session.get_provider_options()["CUDAExecutionProvider"]
     assert opts.get("user_compute_stream") == str(sep.stream.cuda_stream)
     assert np.abs(sep.separate(stereo, plans) - cpu).max() < 1e-4
+
+
+def test_a_real_cuda_arena_out_of_memory_splits_the_batch_and_keeps_the_gpu():
+    """ONNX Runtime's CUDA arena refusing for real (held to 1 GiB): the breaker lets it through, the batcher splits,
+    and the process stays on CUDA."""
+    _needs("CUDAExecutionProvider")
+    import onnxruntime as ort
+
+    import models.circuit_breaker as cb
+    from pipeline.batching import DynamicBatcher
+    from tests.unit.test_oom_batching import big_expand_model
+
+    session = ort.InferenceSession(big_expand_model(1 << 26),  # 256 MiB a row
+                                   providers=[("CUDAExecutionProvider", {"gpu_mem_limit": 1 << 30})])
+    cb._reset_for_tests()
+    breaker = cb.CircuitBreaker(lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), cpu_factory=None)
+    batcher = DynamicBatcher(breaker, max_batch=16, max_wait_s=0.0)
+    x = torch.stack([torch.ones(16), torch.arange(16.0)], dim=1)
+    assert torch.equal(batcher(x), torch.arange(16.0) * 2)
+    assert batcher.oom_splits >= 1 and batcher.batch_limit < 16
+    assert cb.tripped() is None and session.get_providers()[0] == "CUDAExecutionProvider"

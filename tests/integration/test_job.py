@@ -299,11 +299,15 @@ def test_broken_pictures_with_good_sound_fail_only_what_needs_the_pictures(tmp_p
     for name, filters in (("speech", {"probe": {}, "speech_cuts": {}}),
                           ("both", {"probe": {}, "speech_cuts": {}, "black_borders": {}})):
         out = str(tmp_path / name)
-        _run(base_config(manifest, str(corpus), out, str(tmp_path / "cache"), filters=filters))
+        outcome = _run(base_config(manifest, str(corpus), out, str(tmp_path / "cache"), filters=filters))
         (row,) = _rows(out)
         if name == "speech":
             assert row["result_info"]["succeed"], row["result_info"]
             assert row["speech_cuts"]["speech_ratio"] > 0.3 and row["probe"]["video"]["codec"] == "h264"
+            metrics = open(os.path.join(out, "_logs", f"metrics-{outcome.run_id}-r00000.jsonl")).read().splitlines()
+            # the VAD's batcher in the metrics: at its configured size, as nothing ran out of memory
+            assert json.loads(metrics[-1])["batches"] == {"speech_cuts/vad": {
+                "max_batch": 128, "batch_limit": 128, "oom_splits": 0, "oom_rows_failed": 0}}
         else:
             assert row["result_info"]["error_type"] == "DecodeError"
             assert "every video backend failed" in row["result_info"]["error_message"]

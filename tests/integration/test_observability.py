@@ -20,7 +20,7 @@ def test_prometheus_endpoint_serves_rank_metrics(tmp_path, media_dir):
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
     port = free_port()
     raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"),
-                      runtime={"prometheus_port": port}, filters={"noop": {"sleep_s": 0.3}})
+                      runtime={"prometheus_port": port}, filters={"noop": {"sleep_s": 0.3}, "speech_cuts": {}})
     cfg = build_config(raw)
     validate_config(cfg)
     result = {}
@@ -41,6 +41,8 @@ def test_prometheus_endpoint_serves_rank_metrics(tmp_path, media_dir):
     assert done > 0  # scraped while the rank was running, with items already counted
     assert "mediasieve_queue_depth" in seen and "mediasieve_tier_hits" in seen
     assert "mediasieve_cache_bytes" in seen and "mediasieve_crash_suspects" in seen
+    assert 'mediasieve_batch_limit{model="speech_cuts/vad",rank="0"} 128.0' in seen  # no OOM: the configured size
+    assert 'mediasieve_oom_splits{model="speech_cuts/vad",rank="0"} 0.0' in seen
     assert result["outcome"].summary["this_run"]["succeeded"] == 12
 
 

@@ -43,11 +43,23 @@ class Faulty:
         return self.runner(x)
 
 
+class RoomFor:
+    """Wraps a runner as a GPU with room for ``rows`` rows at a time: a bigger batch fails with ``error``."""
+
+    def __init__(self, runner, rows, error):
+        self.runner, self.rows, self.error = runner, rows, error
+
+    def __call__(self, x):
+        if len(x) > self.rows:
+            raise self.error
+        return self.runner(x)
+
+
 @pytest.mark.parametrize("error", [
     RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 700: an illegal memory access was "
                      "encountered"),
     Fail("[ONNXRuntimeError] : 1 : FAIL : CUDNN_STATUS_EXECUTION_FAILED"),
-    RuntimeException("CUDA error: out of memory"),
+    RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 719: unspecified launch failure"),
 ])
 def test_cuda_failure_moves_work_to_a_cpu_subprocess(tmp_path, clip4s, error):  # noqa: F811
     from pipeline.filters.base import FilterContext
@@ -66,6 +78,25 @@ def test_cuda_failure_moves_work_to_a_cpu_subprocess(tmp_path, clip4s, error):  
     with pool.acquire(f._pool_key) as breaker:  # no more CUDA in this process: the primary is not called again
         breaker.primary = Faulty(breaker.primary, AssertionError("primary used after the breaker opened"), times=99)
     assert f.apply(item(clip4s, f), FilterContext("cpu", None))["label"] == want["label"]
+
+
+def test_out_of_memory_does_not_trip_but_runs_smaller_batches(tmp_path, clip4s):  # noqa: F811
+    from pipeline.filters.base import FilterContext
+
+    path = _exported(tmp_path)
+    f, pool = make_filter(tmp_path, path, backend="onnx", window_s=1.0)
+    want = f.apply(item(clip4s, f), FilterContext("cpu", None))
+    oom = RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running "
+                           "MatMul node. Status Message: bfc_arena.cc:376 onnxruntime::BFCArena::AllocateRawInternal "
+                           "Failed to allocate memory for requested buffer of size 2147483648")
+    for _ in range(2):  # a GPU with room for two clips at a time
+        with pool.acquire(f._pool_key) as breaker:
+            breaker.primary = RoomFor(breaker.primary, 2, oom)
+    got = f.apply(item(clip4s, f), FilterContext("cpu", None))
+    assert cb.tripped() is None and got["runtime"]["fallback_reason"] is None  # still where it was
+    assert got["label"] == want["label"] and got["prob"] == pytest.approx(want["prob"], abs=1e-5)
+    assert [w["label"] for w in got["windows"]] == [w["label"] for w in want["windows"]]
+    assert f._batcher.oom_splits >= 1 and f._batcher.batch_limit < f.params.batch_size
 
 
 def test_other_errors_do_not_trip(tmp_path):
