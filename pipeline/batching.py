@@ -158,7 +158,8 @@ class DynamicBatcher:
         reason, or where one row alone did not fit (then ``OutOfMemory``)."""
         limit = self.batch_limit
         if hi - lo > limit:  # one item's rows beyond the limit, or the limit lowered meanwhile (by a concurrent batch)
-            return [seg for start in range(lo, hi, limit) for seg in self._run_rows(rows, start, min(start + limit, hi))]
+            return [seg for start in range(lo, hi, limit)
+                    for seg in self._run_rows(rows, start, min(start + limit, hi))]
         try:
             out = self.run_batch(rows[lo:hi])
         except Exception as e:  # noqa: BLE001 - out-of-memory is split below; any other error goes to its rows

@@ -148,6 +148,9 @@ class OutputConfig:
     """... or every T seconds, whichever comes first."""
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     """Parquet compression codec."""
+    compact_mb: float | None = None
+    """At the end of a complete run, rank 0 merges the small part files into parts of about this many MB before
+    the summary and ``_SUCCESS`` (``pipeline.compaction``; ``jobs/compact.py`` does the same on demand). None: no."""
     lease_timeout_s: float = 120.0
     """A run's lease on the output directory is live while its heartbeat is younger than this."""
 
@@ -466,6 +469,8 @@ def validate_config(cfg: JobConfig) -> None:
     if cfg.resume.max_item_crashes is not None and cfg.resume.max_item_crashes < 1:
         raise ConfigError(f"resume.max_item_crashes={cfg.resume.max_item_crashes} must be 1 or more (null turns the "
                           "crash ledger off)")
+    if cfg.output.compact_mb is not None and not cfg.output.compact_mb > 0:
+        raise ConfigError(f"output.compact_mb={cfg.output.compact_mb} must be above 0 (null: no compaction)")
     for i, tier in enumerate(cfg.storage.tiers):
         if not tier.name or not tier.root:
             raise ConfigError(f"storage.tiers[{i}]: name and root are required")

@@ -23,6 +23,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.compaction import compact, finish_pending
 from pipeline.config import JobConfig, job_identity, to_dict
 from pipeline.crashes import InflightJournal, Rehearser, SuspectGate, collect_suspects, job_key, update_ledger
 from pipeline.distributed import DistContext, GlobalCounter, WorkUnitCounter, init_distributed, resolve_device
@@ -43,7 +44,7 @@ from pipeline.resume import (
     read_committed,
     writer_schema,
 )
-from pipeline.storage import FetchedItem, TieredFetcher, check_protocols
+from pipeline.storage import SCRATCH_DIR, FetchedItem, TieredFetcher, check_protocols
 from pipeline.task_queue import BoundedTaskQueue
 from pipeline.writer import ResultWriter, commit_bytes, is_local_fs, result_schema
 
@@ -468,6 +469,7 @@ def _prepare_output(cfg: JobConfig, run_id: str) -> OutputLease:
         marker = f"{root.rstrip('/')}/{SUCCESS_MARKER}"
         if fs.exists(marker):  # this run is not complete until it says so itself
             fs.rm_file(marker)
+        finish_pending(fs, root.rstrip("/"))  # a compaction killed part-way: before any rank reads the parts
         check_or_record_config(cfg.output.dir, cfg.output.storage_options, to_dict(cfg), job_identity(cfg),
                                cfg.resume.allow_config_change)
     except BaseException:
@@ -674,6 +676,13 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
     root = root.rstrip("/")
     import pyarrow.dataset as ds
 
+    if out.compact_mb:
+        scratch = os.path.join(cfg.storage.cache_dir, SCRATCH_DIR)
+        os.makedirs(scratch, exist_ok=True)
+        report = compact(out.dir, out.storage_options, int(out.compact_mb * (1 << 20)), scratch_dir=scratch,
+                         compression=out.compression)
+        log.info("compacted %d part files into %d (%d part files now)", report.merged, report.written,
+                 report.files_after)
     files = part_files(fs, root)
     # Vectorised and column-lean: a million-row output must not become a million Python objects on rank 0.
     by_type: dict[str, int] = {}

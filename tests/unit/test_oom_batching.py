@@ -145,9 +145,10 @@ def test_other_errors_are_not_split():
 def test_lists_of_frames_are_split_too():
     def frames(batch: list) -> list:
         if len(batch) > 2:
-            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node. "
-                               "Status Message: bfc_arena.cc:360 void* onnxruntime::BFCArena::AllocateRawInternal(size_t, "
-                               "bool, onnxruntime::Stream*) Failed to allocate memory for requested buffer of size 4294967296")
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv "
+                               "node. Status Message: bfc_arena.cc:360 void* onnxruntime::BFCArena::AllocateRawInternal"
+                               "(size_t, bool, onnxruntime::Stream*) Failed to allocate memory for requested buffer of "
+                               "size 4294967296")
         return [f.sum() for f in batch]
 
     batcher = DynamicBatcher(frames, max_batch=6, max_wait_s=0.0)

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Merge a job's small part files into large ones: ``python jobs/compact.py --config configs/X.yaml [key=value ...]``.
+
+Run it between runs, or after the last: it takes the output lease, so it refuses while a run is live (exit code 3)
+and a run refuses while it compacts. A compaction killed part-way is finished (forward or back) by the next
+compaction or the next run; no row is lost either way. Exit codes: 0 done, 2 bad config, 3 output in use, 1 other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.errors import ConfigError, OutputLockedError  # noqa: E402
+from pipeline.metrics import setup_logging  # noqa: E402
+
+log = logging.getLogger("mediasieve")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="the job's YAML config (its output.dir is compacted)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as given to the job")
+    parser.add_argument("--target-mb", type=float, default=512.0,
+                        help="about how large a merged part becomes; parts of half this or more are left alone")
+    parser.add_argument("--row-group-rows", type=int, default=65536, help="rows per Parquet row group")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be merged, write nothing")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    setup_logging(0, getattr(logging, args.log_level.upper(), logging.INFO))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.target_mb <= 0 or args.row_group_rows < 1:
+            raise ConfigError("--target-mb and --row-group-rows must be positive")
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        return 2
+
+    from pipeline.compaction import compact
+    from pipeline.resume import OutputLease
+    from pipeline.storage import SCRATCH_DIR
+
+    out = cfg.output
+    lease = OutputLease(out.dir, out.storage_options, f"compact-{uuid.uuid4().hex[:8]}", out.lease_timeout_s)
+    try:
+        lease.acquire()
+    except OutputLockedError as e:
+        log.error("%s", e)
+        return 3
+    try:
+        scratch = os.path.join(cfg.storage.cache_dir, SCRATCH_DIR)
+        os.makedirs(scratch, exist_ok=True)
+        report = compact(out.dir, out.storage_options, int(args.target_mb * (1 << 20)), args.row_group_rows, scratch,
+                         args.dry_run, out.compression)
+    except Exception as e:  # noqa: BLE001 - loud; nothing is lost (see pipeline.compaction)
+        log.exception("compaction failed: %s: %s; every row is still in the output", type(e).__name__, e)
+        return 1
+    finally:
+        lease.release()
+    verb = "would merge" if args.dry_run else "merged"
+    print(f"{out.dir}: {verb} {report.merged} parts into {report.written} "
+          f"({report.files_before} part files before, {report.files_after} after"
+          + (f", {report.rows} rows, {report.bytes_written / 1e6:.1f} MB written" if not args.dry_run else "")
+          + (f"; finished {report.pending_finished} interrupted compaction(s) first" if report.pending_finished else "")
+          + ")", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
