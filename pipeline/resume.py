@@ -94,6 +94,34 @@ def read_committed(out_dir: str, storage_options: dict, id_column: str,
     return CommittedState(ok_ids, failed_only, len(files), rows, newest)
 
 
+def latest_failures(fs, files: list[str], state: CommittedState, kept: pa.Array | pa.ChunkedArray, id_column: str,
+                    path_column: str) -> dict[str, dict]:
+    """The latest failure row of every kept item that has only failure rows, by id: what ``failures.jsonl`` lists.
+
+    Args:
+        fs: the output's filesystem.
+        files: the committed part files.
+        state: their committed state (``read_committed``).
+        kept: the manifest's kept ids.
+        id_column: the id column name.
+        path_column: the path column name.
+
+    Returns:
+        ``{id: {"id", "path", "error_type", "error_message", "end_time", "run_id"}}``.
+    """
+    failed = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={
+        "id": pc.field(id_column), "path": pc.field(path_column), "error_type": pc.field("result_info", "error_type"),
+        "error_message": pc.field("result_info", "error_message"),
+        "end_time": pc.field("result_info", "end_time"), "run_id": pc.field("result_info", "run_id"),
+    }, filter=pc.invert(pc.field("result_info", "succeed")))
+    failed = failed.filter(pc.and_(pc.is_in(failed["id"], value_set=state.failed_only),
+                                   pc.is_in(failed["id"], value_set=kept)))
+    latest: dict[str, dict] = {}
+    for rec in failed.sort_by([("end_time", "ascending")]).to_pylist():  # failures only: usually few
+        latest[rec["id"]] = rec  # the latest failure row wins
+    return latest
+
+
 @dataclass(frozen=True)
 class SchemaDrift:
     """How the rows a run would write differ from the committed ones: dotted paths with their types."""

@@ -39,6 +39,7 @@ from pipeline.resume import (
     SUMMARY,
     OutputLease,
     check_or_record_config,
+    latest_failures,
     part_files,
     pending_indices,
     read_committed,
@@ -674,8 +675,6 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
     id_col, path_col = cfg.input.id_column, cfg.input.path_column
     fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
     root = root.rstrip("/")
-    import pyarrow.dataset as ds
-
     if out.compact_mb:
         scratch = os.path.join(cfg.storage.cache_dir, SCRATCH_DIR)
         os.makedirs(scratch, exist_ok=True)
@@ -693,17 +692,7 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
         kept = manifest.kept_ids()  # distinct ids
         n_succeeded = pc.sum(pc.is_in(kept, value_set=state.succeeded)).as_py() or 0
         n_with_row = n_succeeded + (pc.sum(pc.is_in(kept, value_set=state.failed_only)).as_py() or 0)
-        ok_field = pc.field("result_info", "succeed")
-        failed = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={
-            "id": pc.field(id_col), "path": pc.field(path_col), "error_type": pc.field("result_info", "error_type"),
-            "error_message": pc.field("result_info", "error_message"),
-            "end_time": pc.field("result_info", "end_time"), "run_id": pc.field("result_info", "run_id"),
-        }, filter=pc.invert(ok_field))
-        failed = failed.filter(pc.and_(pc.is_in(failed["id"], value_set=state.failed_only),
-                                       pc.is_in(failed["id"], value_set=kept)))
-        latest: dict[str, dict[str, Any]] = {}
-        for rec in failed.sort_by([("end_time", "ascending")]).to_pylist():  # failures only: usually few
-            latest[rec["id"]] = rec  # the latest failure row wins
+        latest = latest_failures(fs, files, state, kept, id_col, path_col)
         n_failed = len(latest)
         for rec in latest.values():
             by_type[rec["error_type"]] = by_type.get(rec["error_type"], 0) + 1

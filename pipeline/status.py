@@ -1,0 +1,131 @@
+"""Where a job stands, read from its output and manifest without running it: for an operator during a week-long
+job (is a run live, how far along, what failed, what the next run would take) and after a crash.
+
+Nothing here writes to the output, takes the lease or starts a process group; a live run goes on untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import fsspec
+import pyarrow.compute as pc
+
+from pipeline.compaction import PLAN_DIR
+from pipeline.config import JobConfig
+from pipeline.crashes import read_ledger
+from pipeline.manifest import SPILL_DIR, open_manifest
+from pipeline.resume import (
+    LEASE,
+    SUCCESS_MARKER,
+    SUMMARY,
+    OutputLease,
+    latest_failures,
+    part_files,
+    pending_indices,
+    read_committed,
+)
+
+
+def _read_json(fs, path: str) -> dict | None:
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {"unreadable": True}
+
+
+def job_status(cfg: JobConfig) -> dict[str, Any]:
+    """The job's state from its committed output, its manifest, its lease and its crash ledger.
+
+    Args:
+        cfg: the job's validated config (the same one, with the same overrides, that the runs use).
+
+    Returns:
+        A JSON-ready mapping: ``run`` (live or not, the last complete run), ``items`` (manifest, succeeded, failed
+        by type, without a row), ``next_run`` (items the next run would process), ``output`` (part files, rows,
+        interrupted compactions) and ``crashes`` (ledger entries, refused items).
+    """
+    out = cfg.output
+    fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
+    root = root.rstrip("/")
+    fs.invalidate_cache()
+
+    lease = OutputLease(out.dir, out.storage_options, "status", out.lease_timeout_s)
+    live = lease.holder()
+    left = None if live is not None else _read_json(fs, f"{root}/{LEASE}")
+    run: dict[str, Any] = {"live": live is not None}
+    if live is not None:
+        run.update(run_id=live.get("run_id"), host=live.get("host"), pid=live.get("pid"),
+                   heartbeat_age_s=round(time.time() - float(live.get("heartbeat", 0)), 1))
+    elif left is not None:
+        run["stale_lease_of"] = left.get("run_id")  # a crashed run's: the next run takes it over
+    summary = _read_json(fs, f"{root}/{SUMMARY}") or {}
+    complete = _read_json(fs, f"{root}/{SUCCESS_MARKER}")
+    run["last_summary"] = {"run_id": summary.get("run_id"), "finished_at": summary.get("finished_at")} \
+        if summary.get("run_id") else None
+    run["complete"] = complete is not None and not run["live"]
+
+    files = part_files(fs, root)
+    state = read_committed(out.dir, out.storage_options, cfg.input.id_column, files)
+    spill = os.path.join(cfg.storage.cache_dir, SPILL_DIR)
+    manifest = open_manifest(cfg.input, spill, f"status-{os.getpid()}")
+    try:
+        kept = manifest.kept_ids()
+        succeeded = pc.sum(pc.is_in(kept, value_set=state.succeeded)).as_py() or 0
+        latest = latest_failures(fs, files, state, kept, cfg.input.id_column, cfg.input.path_column) if files else {}
+        pending = len(pending_indices(manifest.ids, state, cfg.resume.retry_failed, manifest.keep))
+        total = len(manifest)
+    finally:
+        manifest.close()
+    by_type: dict[str, int] = {}
+    for rec in latest.values():
+        by_type[rec["error_type"]] = by_type.get(rec["error_type"], 0) + 1
+    try:
+        plans = [p for p in fs.ls(f"{root}/{PLAN_DIR}", detail=False) if p.endswith(".json")]
+    except FileNotFoundError:
+        plans = []
+    ledger = read_ledger(out.dir, out.storage_options).get("items", {})
+    limit = cfg.resume.max_item_crashes
+    return {
+        "output_dir": out.dir,
+        "run": run,
+        "items": {"manifest": total, "succeeded": succeeded, "failed": len(latest), "failures_by_type": by_type,
+                  "without_row": total - succeeded - len(latest),
+                  "done_fraction": round(succeeded / total, 6) if total else None},
+        "next_run": {"would_process": pending, "retry_failed": cfg.resume.retry_failed},
+        "output": {"part_files": len(files), "rows": state.rows, "interrupted_compactions": len(plans)},
+        "crashes": {"items": len(ledger),
+                    "refused": sum(1 for e in ledger.values() if limit is not None and e.get("crashes", 0) >= limit)},
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A short human-readable account of ``job_status``."""
+    run, items, nxt, output, crashes = (status[k] for k in ("run", "items", "next_run", "output", "crashes"))
+    if run["live"]:
+        state = (f"LIVE: run {run['run_id']} on {run['host']} (pid {run['pid']}), heartbeat "
+                 f"{run['heartbeat_age_s']:.0f}s ago")
+    elif run["complete"]:
+        state = f"complete (run {run['last_summary']['run_id']}, finished {run['last_summary']['finished_at']})"
+    else:
+        state = "not running, not complete" + (f" (run {run['stale_lease_of']} died: its lease is stale)"
+                                                if run.get("stale_lease_of") else "")
+    share = f" ({100 * items['done_fraction']:.1f}%)" if items["done_fraction"] is not None else ""
+    lines = [
+        f"mediasieve job at {status['output_dir']}",
+        f"  run      : {state}",
+        f"  items    : {items['manifest']} in the manifest; {items['succeeded']} succeeded{share}, {items['failed']} "
+        f"failed {json.dumps(items['failures_by_type'])}, {items['without_row']} without a row",
+        f"  next run : would process {nxt['would_process']} items"
+        + (" (failed ones retried)" if nxt["retry_failed"] else " (failed ones skipped)"),
+        f"  output   : {output['part_files']} part files, {output['rows']} rows"
+        + (f"; {output['interrupted_compactions']} interrupted compaction(s), finished by the next run or compaction"
+           if output["interrupted_compactions"] else ""),
+        f"  crashes  : {crashes['items']} item(s) in the crash ledger, {crashes['refused']} refused",
+    ]
+    return "\n".join(lines)
