@@ -57,7 +57,9 @@ class DynamicBatcher:
         group_key: only requests with equal keys share a batch (e.g. the frame size, where a model pads a mixed
             batch differently than it pads each input alone).
         regrow_after: after an out-of-memory split, batches stay at the size that fitted; every ``regrow_after``
-            batches in a row without one, the limit doubles again, up to ``max_batch``.
+            batches in a row without one, the limit doubles again, up to ``max_batch``. A regrown size that runs out
+            of memory again doubles the wait before the next try (up to 64 times), so memory that stays short costs
+            ever fewer failed batches.
     """
 
     def __init__(self, run_batch: Callable[[torch.Tensor], torch.Tensor], max_batch: int, max_wait_s: float = 0.01,
@@ -72,6 +74,8 @@ class DynamicBatcher:
         self.regrow_after = regrow_after
         self.batch_limit = max_batch  # lowered after an out-of-memory split, regrown after clean batches
         self._clean_batches = 0
+        self._regrow_wait = regrow_after  # batches to wait before the next regrowth; backs off
+        self._regrown = False  # the limit grew since the last out-of-memory error
         self.batches_run = 0
         self.rows_run = 0
         self.oom_splits = 0
@@ -171,9 +175,10 @@ class DynamicBatcher:
             self.rows_run += len(out)
             with self._lock:
                 self._clean_batches += 1
-                if self.batch_limit < self.max_batch and self._clean_batches >= self.regrow_after:
+                if self.batch_limit < self.max_batch and self._clean_batches >= self._regrow_wait:
                     self.batch_limit = min(self.max_batch, self.batch_limit * 2)
                     self._clean_batches = 0
+                    self._regrown = True
             return [(lo, hi, out)]
         release_memory()  # outside the except block: its traceback held the failed call's tensors until now
         if hi - lo == 1:
@@ -185,6 +190,9 @@ class DynamicBatcher:
         mid = (lo + hi) // 2
         with self._lock:
             self.oom_splits += 1
+            if self._regrown:  # the size it grew back to did not fit either: wait longer before the next try
+                self._regrow_wait = min(self._regrow_wait * 2, self.regrow_after * 64)
+                self._regrown = False
             if mid - lo < self.batch_limit:
                 log.warning("out of memory on a batch of %d rows; batches of at most %d from now on: %s",
                             hi - lo, mid - lo, _first_line(failure))

@@ -98,6 +98,20 @@ def test_the_limit_grows_back_after_clean_batches():
     assert model.calls == [8]
 
 
+def test_a_regrown_size_that_fails_again_waits_longer_before_the_next_try():
+    model = MemoryBudget(fits=4)  # the memory stays short: 8 rows never fit
+    batcher = DynamicBatcher(model, max_batch=8, max_wait_s=0.0, regrow_after=2)
+    failed_at = []
+    for call in range(40):
+        before = len(model.calls)
+        batcher(torch.ones(8, 2))
+        if 8 in model.calls[before:]:
+            failed_at.append(call)
+    gaps = [b - a for a, b in zip(failed_at, failed_at[1:])]
+    assert len(failed_at) >= 3 and gaps == sorted(gaps) and gaps[-1] > gaps[0]  # 8 is tried ever more rarely
+    assert batcher.batch_limit == 4
+
+
 def test_a_row_that_does_not_fit_alone_fails_only_its_item():
     model = MemoryBudget(fits=3)
     batcher = DynamicBatcher(model, max_batch=8, max_wait_s=0.2)
