@@ -6,6 +6,7 @@ Nothing here writes to the output, takes the lease or starts a process group; a 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import time
@@ -13,6 +14,7 @@ from typing import Any
 
 import fsspec
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from pipeline.compaction import PLAN_DIR
 from pipeline.config import JobConfig
@@ -37,6 +39,23 @@ def _read_json(fs, path: str) -> dict | None:
         return None
     except ValueError:
         return {"unreadable": True}
+
+
+def _progress(fs, files: list[str], run_id: str, left: int) -> dict[str, Any]:
+    """The live run's pace from its committed rows (its id starts with its UTC start time) and, at that pace, the
+    seconds until the items not yet committed are."""
+    try:
+        started = dt.datetime.strptime(run_id[:15], "%Y%m%dT%H%M%S").replace(tzinfo=dt.timezone.utc).timestamp()
+    except ValueError:
+        return {}
+    done = 0
+    if files:
+        done = ds.dataset(files, format="parquet", filesystem=fs).count_rows(
+            filter=pc.field("result_info", "run_id") == run_id)
+    elapsed = max(1.0, time.time() - started)
+    rate = done / elapsed
+    return {"rows_committed": done, "items_per_s": round(rate, 3),
+            "eta_s": round(left / rate) if rate > 0 else None}
 
 
 def job_status(cfg: JobConfig) -> dict[str, Any]:
@@ -82,6 +101,8 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
         total = len(manifest)
     finally:
         manifest.close()
+    if live is not None:
+        run.update(_progress(fs, files, str(live.get("run_id")), pending))
     by_type: dict[str, int] = {}
     for rec in latest.values():
         by_type[rec["error_type"]] = by_type.get(rec["error_type"], 0) + 1
@@ -110,6 +131,9 @@ def format_status(status: dict[str, Any]) -> str:
     if run["live"]:
         state = (f"LIVE: run {run['run_id']} on {run['host']} (pid {run['pid']}), heartbeat "
                  f"{run['heartbeat_age_s']:.0f}s ago")
+        if "rows_committed" in run:
+            eta = f", about {run['eta_s'] / 3600:.1f} h left at that pace" if run["eta_s"] is not None else ""
+            state += f"; {run['rows_committed']} rows committed by it, {run['items_per_s']:.2f} items/s{eta}"
     elif run["complete"]:
         state = f"complete (run {run['last_summary']['run_id']}, finished {run['last_summary']['finished_at']})"
     else:

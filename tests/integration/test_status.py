@@ -65,21 +65,23 @@ def test_status_after_a_complete_run_agrees_with_its_summary_and_writes_nothing(
 
 
 def test_status_of_a_live_run_names_it(tmp_path, media_dir):
-    raw = _corpus_job(tmp_path, media_dir, filters={"noop": {"sleep_s": 0.5}},
-                      runtime={"consumers": 1, "producers": 1, "progress": False})
+    raw = _corpus_job(tmp_path, media_dir, filters={"noop": {"sleep_s": 1.0}},
+                      runtime={"consumers": 1, "producers": 1, "progress": False}, output={"rows_per_file": 2})
     result = {}
     thread = threading.Thread(target=lambda: result.update(outcome=run_rank(_cfg(raw), DistContext())))
     thread.start()
     try:
         deadline = time.time() + 60
-        while not os.path.exists(tmp_path / "out" / "_lease.json") and time.time() < deadline:
-            time.sleep(0.05)
+        parts = tmp_path / "out" / "parts"
+        while not (parts.is_dir() and any(parts.iterdir())) and time.time() < deadline:
+            time.sleep(0.05)  # the first part committed: 2 rows, about 2 s in; the run takes about 8 s
         status = job_status(_cfg(raw))
     finally:
         thread.join(120)
     run = status["run"]
     assert run["live"] is True and run["host"] == socket.gethostname() and run["pid"] == os.getpid()
     assert run["run_id"] == result["outcome"].run_id and run["heartbeat_age_s"] < 30
+    assert 2 <= run["rows_committed"] < 8 and 0 < run["items_per_s"] < 2 and run["eta_s"] > 0
     assert status["run"]["complete"] is False and status["items"]["succeeded"] < 8
     assert "LIVE: run " in format_status(status)
     assert result["outcome"].summary["this_run"]["items"] == 8  # the run went on untouched
