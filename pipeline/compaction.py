@@ -6,11 +6,11 @@ resume scan itself) pays per file: listing, opening, reading a footer. ``compact
 into parts of about ``target_bytes``.
 
 Crash safety, on a filesystem and on an object store alike, comes from a plan committed before anything moves
-(``<output>/_compaction/<token>.json``: each target and its sources), targets that appear whole or not at all, and
-sources deleted only once every target exists. ``finish_pending`` (run by the next compaction and by every job
-start, under the lease) therefore knows from the plan alone what to do with what a crash left: every target there
--> delete the sources that remain (roll forward); any target missing -> no source was deleted yet, so delete the
-targets that exist (roll back). A row is never missing; between a target's commit and its sources' deletion a
+(``<output>/_compaction/<token>-<seq>.json``: a target and its sources, one plan per target, so a crash costs at most
+the target in progress), targets that appear whole or not at all, and sources deleted only once the target exists. ``finish_pending`` (run by the next compaction and by every job
+start, under the lease) therefore knows from the plan alone what to do with what a crash left: the target there
+-> delete the sources that remain (roll forward); the target missing -> no source was deleted yet, and the plan
+goes (roll back). A row is never missing; between a target's commit and its sources' deletion a
 reader sees its rows twice, so read a compacting output only after ``compact`` returns.
 """
 
@@ -29,6 +29,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import MediasieveError
 from pipeline.writer import PARTS_DIR, commit_bytes, is_local_fs
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,9 @@ def _plans(fs, root: str) -> list[str]:
 
 
 def finish_pending(fs: fsspec.AbstractFileSystem, root: str) -> int:
-    """Roll each plan an interrupted compaction left forward (every target committed: delete the sources left) or
-    back (a target missing: delete the targets; no source was deleted yet). Call it holding the output lease,
-    before reading the committed parts.
+    """Roll each plan an interrupted compaction left forward (its target committed: delete the sources left) or
+    back (no target: no source was deleted yet, only the plan goes). Call it holding the output lease, before
+    reading the committed parts.
 
     Args:
         fs: the output's filesystem.
@@ -77,24 +78,30 @@ def finish_pending(fs: fsspec.AbstractFileSystem, root: str) -> int:
 
     Returns:
         The number of plans finished.
+
+    Raises:
+        MediasieveError: a plan that cannot be read (nothing is touched; the message says what to check).
     """
     done = 0
     parts = _parts_dir(root)
     fs.invalidate_cache()  # a listing cached by this process (s3fs keeps them) would hide what another one wrote
     for plan_path in _plans(fs, root):
-        plan = json.loads(fs.cat_file(plan_path))
-        targets = [f"{parts}/{g['target']}" for g in plan["groups"]]
-        sources = [f"{parts}/{s}" for g in plan["groups"] for s in g["sources"]]
-        present = [t for t in targets if fs.exists(t)]
-        if len(present) == len(targets):
+        try:
+            plan = json.loads(fs.cat_file(plan_path))
+            target, sources = f"{parts}/{plan['target']}", [f"{parts}/{s}" for s in plan["sources"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise MediasieveError(
+                f"the compaction plan {plan_path} cannot be read ({type(e).__name__}: {e}); no part was touched. "
+                "Where the target it names is in parts/, its rows are also in the sources it names: delete one or "
+                "the other, then the plan") from e
+        if fs.exists(target):
             left = [s for s in sources if fs.exists(s)]
-            log.warning("compaction %s was interrupted after its targets were committed: deleting the %d source "
-                        "parts left", plan["token"], len(left))
+            log.warning("compaction %s was interrupted after its target was committed: deleting the %d source "
+                        "parts left", plan.get("token"), len(left))
             _remove(fs, left)
         else:
-            log.warning("compaction %s was interrupted before all its targets were committed: deleting the %d "
-                        "written, keeping every source", plan["token"], len(present))
-            _remove(fs, present)
+            log.warning("compaction %s was interrupted before its target was committed: every source is kept",
+                        plan.get("token"))
         fs.rm_file(plan_path)
         done += 1
     return done
@@ -105,8 +112,9 @@ def _remove(fs, paths: list[str]) -> None:
         fs.rm(paths)
 
 
-def _group(files: list[tuple[str, int, pa.Schema]], target_bytes: int) -> list[list[tuple[str, int, pa.Schema]]]:
-    """Consecutive small parts of one schema, about ``target_bytes`` per group; groups of one part are left out."""
+def _group(files: list[tuple[str, int, int]], target_bytes: int) -> list[list[tuple[str, int, int]]]:
+    """Consecutive small parts (path, size, schema index) of one schema, about ``target_bytes`` per group; groups of
+    one part are left out."""
     groups: list[list] = []
     current: list = []
     size = 0
@@ -125,7 +133,7 @@ def compact(out_dir: str, storage_options: dict, target_bytes: int = 512 << 20, 
             scratch_dir: str | None = None, dry_run: bool = False, compression: str = "zstd") -> CompactionReport:
     """Merge the output's small part files into parts of about ``target_bytes``. The caller holds the lease.
 
-    Parts of ``target_bytes / 2`` or more are left as they are, so compacting again only merges what came since.
+    Parts of ``target_bytes / 2`` or more are left as they are, so compacting again touches only what is still small.
     Runs of consecutive parts (in name order: by run, then rank) with one schema are merged; parts of another
     schema are never mixed in. Row order within a target is the sources' order.
 
@@ -152,30 +160,34 @@ def compact(out_dir: str, storage_options: dict, target_bytes: int = 512 << 20, 
         listed = {}
     ours = sorted((p, int(info["size"])) for p, info in listed.items() if _PART.match(p.rsplit("/", 1)[-1]))
     small = [(p, size) for p, size in ours if size < target_bytes // 2]
-    schemas = _in_parallel(_read_schema, fs, [p for p, _ in small])
-    small = [(p, size, schema) for (p, size), schema in zip(small, schemas)]
-    groups = _group(small, target_bytes)
+    distinct: list[pa.Schema] = []  # a schema per part would hold gigabytes for a week's parts: an index each
+    indexed = []
+    for (path, size), schema in zip(small, _in_parallel(_read_schema, fs, [p for p, _ in small])):
+        index = next((i for i, known in enumerate(distinct) if known.equals(schema)), None)
+        if index is None:
+            distinct.append(schema)
+            index = len(distinct) - 1
+        indexed.append((path, size, index))
+    groups = _group(indexed, target_bytes)
     token = uuid.uuid4().hex[:8]
-    plan = {"token": token, "groups": []}
-    for i, group in enumerate(groups):
-        run = _PART.match(group[-1][0].rsplit("/", 1)[-1]).group(1)  # the newest source's run: see module notes
-        plan["groups"].append({"target": f"part-{run}-c{token}-{i:06d}.parquet",
-                               "sources": [p.rsplit("/", 1)[-1] for p, _, _ in group]})
     merged = sum(len(g) for g in groups)
     report = CompactionReport(len(listed), len(listed) - merged + len(groups), 0, merged, len(groups), 0, pending)
     if dry_run or not groups:
         return report
-    plan_path = f"{root}/{PLAN_DIR}/{token}.json"
     if is_local_fs(fs):
         fs.makedirs(f"{root}/{PLAN_DIR}", exist_ok=True)
-    commit_bytes(fs, plan_path, json.dumps(plan, indent=1).encode(), f"{root}/_tmp")
-    for group, spec in zip(groups, plan["groups"]):
-        rows, size = _write_merged(fs, [p for p, _, _ in group], group[0][2], f"{parts}/{spec['target']}",
+    for i, group in enumerate(groups):
+        run = _PART.match(group[-1][0].rsplit("/", 1)[-1]).group(1)  # the newest source's run: see module notes
+        target = f"part-{run}-c{token}-{i:06d}.parquet"
+        plan = {"token": f"{token}-{i:06d}", "target": target, "sources": [p.rsplit("/", 1)[-1] for p, _, _ in group]}
+        plan_path = f"{root}/{PLAN_DIR}/{token}-{i:06d}.json"
+        commit_bytes(fs, plan_path, json.dumps(plan, indent=1).encode(), f"{root}/_tmp")
+        rows, size = _write_merged(fs, [p for p, _, _ in group], distinct[group[0][2]], f"{parts}/{target}",
                                    f"{root}/_tmp", row_group_rows, scratch_dir, compression)
+        _remove(fs, [p for p, _, _ in group])  # the target is committed: its sources may go
+        fs.rm_file(plan_path)
         report.rows += rows
         report.bytes_written += size
-    _remove(fs, [p for g in groups for p, _, _ in g])  # every target is committed: the sources may go
-    fs.rm_file(plan_path)
     log.info("compacted %d parts (%d rows) into %d; %d parts now", merged, report.rows, len(groups),
              report.files_after)
     return report

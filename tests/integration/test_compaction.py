@@ -140,11 +140,32 @@ def test_an_interrupted_compaction_is_rolled_back_when_a_target_is_missing(tmp_p
     monkeypatch.setattr(compaction, "_write_merged", dies_on_the_second_target)
     with pytest.raises(KeyboardInterrupt):
         compact(out, {}, target_bytes=_target_bytes(fs, root, 5))
-    assert os.path.exists(written[0])  # one target committed beside all its sources: its rows are there twice
-    assert len(_all_rows(fs, root)) > len(before_rows)
-    assert finish_pending(fs, root) == 1  # what the next compaction or run does first
-    assert _parts(fs, root) == before_parts and _all_rows(fs, root) == before_rows
+    assert os.path.exists(written[0])  # the first target is done: its plan gone, its sources deleted
+    plans = os.listdir(os.path.join(root, "_compaction"))
+    assert len(plans) == 1  # the second target's plan, its target never written
+    first_sources = json.loads(open(os.path.join(root, "_compaction", plans[0])).read())
+    assert _all_rows(fs, root) == before_rows
+    assert finish_pending(fs, root) == 1  # what the next compaction or run does first: nothing to undo but the plan
+    merged_away = len(before_parts) - len(_parts(fs, root)) + 1
+    assert 2 <= merged_away <= 5 and _all_rows(fs, root) == before_rows
+    assert all(os.path.exists(f"{root}/parts/{s}") for s in first_sources["sources"])
     assert finish_pending(fs, root) == 0
+
+
+def test_an_unreadable_plan_stops_the_run_before_any_work_and_touches_nothing(tmp_path):
+    from pipeline.errors import MediasieveError
+
+    out = str(tmp_path / "out")
+    raw = _job(tmp_path, out)
+    _run(raw)
+    os.makedirs(os.path.join(out, "_compaction"))
+    with open(os.path.join(out, "_compaction", "0badc0de-000000.json"), "w") as f:
+        f.write('{"token": "0badc0de-000000", "target": "part-x')  # edited by hand, cut short
+    before = sorted(os.listdir(os.path.join(out, "parts")))
+    with pytest.raises(MediasieveError, match="compaction plan .*0badc0de-000000.json cannot be read"):
+        _run(raw)
+    assert sorted(os.listdir(os.path.join(out, "parts"))) == before
+    assert not os.path.exists(os.path.join(out, "_lease.json"))  # released: the next run is not locked out
 
 
 def test_an_interrupted_compaction_is_rolled_forward_by_the_next_run(tmp_path, monkeypatch):
