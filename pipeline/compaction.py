@@ -6,12 +6,13 @@ resume scan itself) pays per file: listing, opening, reading a footer. ``compact
 into parts of about ``target_bytes``.
 
 Crash safety, on a filesystem and on an object store alike, comes from a plan committed before anything moves
-(``<output>/_compaction/<token>-<seq>.json``: a target and its sources, one plan per target, so a crash costs at most
-the target in progress), targets that appear whole or not at all, and sources deleted only once the target exists. ``finish_pending`` (run by the next compaction and by every job
-start, under the lease) therefore knows from the plan alone what to do with what a crash left: the target there
--> delete the sources that remain (roll forward); the target missing -> no source was deleted yet, and the plan
-goes (roll back). A row is never missing; between a target's commit and its sources' deletion a
-reader sees its rows twice, so read a compacting output only after ``compact`` returns.
+(``<output>/_compaction/<token>-<seq>.json``: a target and its sources, one plan per target, so a crash costs at
+most the target in progress), targets that appear whole or not at all, and sources deleted only once their target
+exists. ``finish_pending`` (run by the next compaction and by every job start, under the lease) therefore knows from
+the plan alone what to do with what a crash left: the target there -> delete the sources that remain (roll
+forward); the target missing -> no source was deleted yet, and only the plan goes (roll back). A row is never
+missing; between a target's commit and its sources' deletion a reader sees its rows twice, so read a compacting
+output only after ``compact`` returns.
 """
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ def test_status_after_a_crash_reports_the_stale_lease_the_ledger_and_an_interrup
                                                  "pid": int(dead.stdout), "pid_start": 1, "heartbeat": time.time()}))
     (out / "_crashes.json").write_text(json.dumps({"items": {"id-0001": {"crashes": 2}, "id-0002": {"crashes": 1}}}))
     (out / "_compaction").mkdir()
-    (out / "_compaction" / "0123abcd.json").write_text(json.dumps({"token": "0123abcd-000000", "target": "part-x.parquet", "sources": []}))
+    plan = {"token": "0123abcd-000000", "target": "part-x.parquet", "sources": []}
+    (out / "_compaction" / "0123abcd-000000.json").write_text(json.dumps(plan))
     status = job_status(_cfg(raw))
     assert status["run"] == {"live": False, "stale_lease_of": "20261202T000000-deadbeef", "last_summary": None,
                              "complete": False}
