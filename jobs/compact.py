@@ -8,7 +8,6 @@ compaction or the next run; no row is lost either way. Exit codes: 0 done, 2 bad
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -16,7 +15,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import job_arguments, load_config  # noqa: E402
 from pipeline.errors import ConfigError, OutputLockedError  # noqa: E402
 from pipeline.metrics import setup_logging  # noqa: E402
 
@@ -24,16 +23,13 @@ log = logging.getLogger("mediasieve")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="the job's YAML config (its output.dir is compacted)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as given to the job")
+    parser = job_arguments(__doc__)
     parser.add_argument("--target-mb", type=float, default=512.0,
                         help="about how large a merged part becomes; parts of half this or more are left alone")
     parser.add_argument("--row-group-rows", type=int, default=65536, help="rows per Parquet row group")
     parser.add_argument("--dry-run", action="store_true", help="print what would be merged, write nothing")
-    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    setup_logging(0, getattr(logging, args.log_level.upper(), logging.INFO))
+    setup_logging(0, args.log_level)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.target_mb <= 0 or args.row_group_rows < 1:

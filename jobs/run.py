@@ -7,7 +7,6 @@ Plain ``python jobs/run.py ...`` is the same job with one process. Exit codes: 0
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import job_arguments, load_config  # noqa: E402
 from pipeline.errors import ConfigError, ManifestError, MediasieveError, OutputLockedError  # noqa: E402
 from pipeline.metrics import setup_logging  # noqa: E402
 
@@ -38,15 +37,12 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML job config (default: built-in defaults)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    parser.add_argument("--log-level", default="INFO")
+    parser = job_arguments(__doc__)
     parser.add_argument("--strict-gpu", action="store_true",
                         help="any fallback from a requested GPU provider, or a CUDA failure, is fatal")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
-    setup_logging(rank, getattr(logging, args.log_level.upper(), logging.INFO))
+    setup_logging(rank, args.log_level)
     try:
         cfg = load_config(args.config, args.overrides + (["runtime.strict_gpu=true"] if args.strict_gpu else []))
     except ConfigError as e:

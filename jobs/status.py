@@ -8,7 +8,6 @@ the next run would process, the part files and the crash ledger. Exit codes: 0, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import job_arguments, load_config  # noqa: E402
 from pipeline.errors import ConfigError, ManifestError  # noqa: E402
 from pipeline.metrics import setup_logging  # noqa: E402
 
@@ -24,13 +23,10 @@ log = logging.getLogger("mediasieve")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="the job's YAML config")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as given to the job")
+    parser = job_arguments(__doc__, log_level="WARNING")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
-    parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    setup_logging(0, getattr(logging, args.log_level.upper(), logging.WARNING))
+    setup_logging(0, args.log_level)
     from pipeline.status import format_status, job_status
 
     try:

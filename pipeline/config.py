@@ -6,6 +6,7 @@ unknown keys, wrong types and bad values into one ``ConfigError`` before any wor
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import types
@@ -514,3 +515,18 @@ def job_identity(cfg: JobConfig) -> dict:
     inp.pop("storage_options", None)
     inp.pop("limit", None)
     return {"input": inp, "filters": {k: v for k, v in d["filters"].items() if v.get("enabled", True)}}
+
+
+def job_arguments(description: str | None, log_level: str = "INFO") -> argparse.ArgumentParser:
+    """The command line the job and its tools share: ``--config``, ``section.key=value`` overrides (the same for a
+    tool as for the job whose output it reads) and ``--log-level``; each tool adds its own options.
+
+    Args:
+        description: the tool's help text (its module docstring).
+        log_level: the default of ``--log-level``.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="the job's YAML config (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as given to the job")
+    parser.add_argument("--log-level", default=log_level)
+    return parser

@@ -42,8 +42,11 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def setup_logging(rank: int, level: int = logging.INFO) -> None:
-    """Log through ``logging`` with the rank in every line, credentials scrubbed."""
+def setup_logging(rank: int, level: int | str = logging.INFO) -> None:
+    """Log through ``logging`` with the rank in every line, credentials scrubbed (``level``: a number or a name such
+    as ``"debug"``; an unknown name means INFO)."""
+    if isinstance(level, str):
+        level = getattr(logging, level.upper(), logging.INFO)
     root = logging.getLogger()
     handler = logging.StreamHandler()
     handler.addFilter(RankLogFilter(rank))

@@ -30,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PART = 56 << 20
 ORT = "onnxruntime-gpu==1.31.1"
 SMALL = ["av==18.1.0", "decord==0.6.0", "silero-vad==6.2.3", "ultralytics==8.4.190", "ultralytics-thop",
-         "ultralytics-platform"]
+         "ultralytics-platform",
+         "onnx==1.23.2", "protobuf", "ml_dtypes"]  # the ONNX exports and the out-of-memory model of tests/gpu
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux2010_x86_64", "manylinux1_x86_64"]
 

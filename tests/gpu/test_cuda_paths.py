@@ -182,10 +182,9 @@ def test_audio_stages_on_cuda_streams_equal_the_plain_gpu_path(clips):
 def test_a_real_cuda_out_of_memory_splits_the_batch():
     """torch's caching allocator refusing for real (the process held to 8 GiB of the GPU): the batch is split, every
     row comes back, and the CUDA context goes on working; a row that cannot fit alone fails only its request."""
-    import threading
-
     from pipeline.batching import DynamicBatcher
     from pipeline.errors import OutOfMemory
+    from tests.unit.test_oom_batching import _concurrently
 
     def model(x):  # 1 GiB of activations per row of cost
         scratch = torch.empty(int(x[:, 0].sum()) << 30, dtype=torch.uint8, device="cuda")
@@ -199,19 +198,7 @@ def test_a_real_cuda_out_of_memory_splits_the_batch():
         batcher = DynamicBatcher(model, max_batch=16, max_wait_s=0.5)
         requests = [torch.tensor([[1.0, 10 * i + j] for j in range(4)], device="cuda") for i in range(3)]
         requests.append(torch.tensor([[100.0, 7.0]], device="cuda"))  # 100 GiB: never fits
-        out = [None] * len(requests)
-
-        def call(i):
-            try:
-                out[i] = batcher(requests[i])
-            except Exception as e:  # noqa: BLE001 - inspected below
-                out[i] = e
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        out = _concurrently(batcher, requests)
         for i in range(3):
             assert torch.equal(out[i], requests[i][:, 1] * 2), out[i]
         assert isinstance(out[3], OutOfMemory) and isinstance(out[3].__cause__, torch.cuda.OutOfMemoryError)
