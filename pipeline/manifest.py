@@ -7,6 +7,7 @@ taken. Peak memory then grows with the ids alone, not with the paths and passthr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import posixpath
@@ -98,6 +99,54 @@ def _listing_batches(cfg: InputConfig) -> Iterator[pa.RecordBatch]:
     ids = [posixpath.relpath(p, base) if base else p for p in files]
     paths = [proto + p if proto else p for p in files]
     yield pa.record_batch({cfg.id_column: pa.array(ids, pa.string()), cfg.path_column: pa.array(paths, pa.string())})
+
+
+LISTING_DIR = "_listing"
+
+
+def snapshot_listing(cfg: InputConfig, out_dir: str, storage_options: dict, run_id: str) -> InputConfig:
+    """Rank 0: list ``cfg.listing_glob`` once for the whole run into ``<output>/_listing/<run_id>.parquet`` and
+    return an input config that reads that file. Every rank listing a prefix of millions of objects itself would
+    multiply the LIST requests, and the start of every attempt, by the world size. Earlier runs' snapshots go.
+
+    Args:
+        cfg: the input section, in listing mode.
+        out_dir: the output directory URL (every rank of every node reads it).
+        storage_options: its fsspec options.
+        run_id: this run's id.
+
+    Returns:
+        ``cfg`` with ``manifest`` the snapshot and no ``listing_glob``.
+
+    Raises:
+        ConfigError: a glob the filesystem refuses.
+        ManifestError: the listing or the snapshot failed (typed, so that every rank stops with it).
+    """
+    from pipeline.writer import commit_bytes, is_local_fs
+
+    fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
+    folder = f"{root.rstrip('/')}/{LISTING_DIR}"
+    path = f"{folder}/{run_id}.parquet"
+    try:
+        table = pa.Table.from_batches(list(_listing_batches(cfg)))
+        if is_local_fs(fs):
+            fs.makedirs(folder, exist_ok=True)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        commit_bytes(fs, path, sink.getvalue().to_pybytes(), f"{root.rstrip('/')}/_tmp")
+    except MediasieveError:
+        raise
+    except Exception as e:  # noqa: BLE001 - typed, so that every rank stops with it instead of waiting for rank 0
+        raise ManifestError(f"cannot list {cfg.listing_glob} into {path}: {type(e).__name__}: {e}") from e
+    try:
+        old = [p for p in fs.ls(folder, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != f"{run_id}.parquet"]
+        if old:
+            fs.rm(old)
+    except OSError as e:  # an old snapshot left is only disk space
+        log.warning("could not remove earlier listing snapshots in %s: %s", folder, e)
+    log.info("listed %d objects under %s once for every rank: %s", table.num_rows, cfg.listing_glob, path)
+    url = out_dir.rstrip("/") + f"/{LISTING_DIR}/{run_id}.parquet"
+    return dataclasses.replace(cfg, manifest=url, format="parquet", listing_glob=None, storage_options=storage_options)
 
 
 def _normalise(batch: pa.RecordBatch, cfg: InputConfig, offset: int) -> pa.RecordBatch:

@@ -29,7 +29,7 @@ from pipeline.crashes import InflightJournal, Rehearser, SuspectGate, collect_su
 from pipeline.distributed import DistContext, GlobalCounter, WorkUnitCounter, init_distributed, resolve_device
 from pipeline.errors import CrashError, ItemError, ItemTimeout, MediasieveError, ShutdownError, is_retryable
 from pipeline.filters import FilterContext, SetupContext, batch_stats, build_filters, frame_requests_of
-from pipeline.manifest import SPILL_DIR, Manifest, check_input_exists, open_manifest
+from pipeline.manifest import SPILL_DIR, Manifest, check_input_exists, open_manifest, snapshot_listing
 from pipeline.media.item import MediaItem
 from pipeline.metrics import MetricsLog, PrometheusExporter, RankStats
 from pipeline.model_pool import ModelPool, localize_model
@@ -544,7 +544,11 @@ def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_sign
 def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fetcher: TieredFetcher,
                  install_signal_handlers: bool) -> RankOutcome:
     started = time.time()
-    manifest = open_manifest(cfg.input, os.path.join(cfg.storage.cache_dir, SPILL_DIR), f"{run_id}-r{ctx.rank:05d}")
+    source = cfg.input
+    if source.listing_glob:  # listed once, by rank 0, for every rank
+        source = _main_decides(ctx, lambda: snapshot_listing(cfg.input, cfg.output.dir, cfg.output.storage_options,
+                                                             run_id))
+    manifest = open_manifest(source, os.path.join(cfg.storage.cache_dir, SPILL_DIR), f"{run_id}-r{ctx.rank:05d}")
     try:
         check_protocols(manifest.protocols)
         return _run_with_manifest(cfg, ctx, device, run_id, fetcher, install_signal_handlers, manifest, started)

@@ -62,6 +62,7 @@ class FaultProxy:
         self.failed = 0
         self.stalled = 0
         self.requests = 0
+        self.seen: list[tuple[str, str]] = []  # (method, path and query) of every request
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -73,7 +74,7 @@ class FaultProxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                fault = proxy._draw(self.command)
+                fault = proxy._draw(self.command, self.path)
                 if proxy.latency_s:
                     time.sleep(proxy.latency_s)
                 if fault == "fail":
@@ -118,9 +119,10 @@ class FaultProxy:
         self.thread.start()
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
-    def _draw(self, method: str) -> str | None:
+    def _draw(self, method: str, path: str = "") -> str | None:
         with self.lock:
             self.requests += 1
+            self.seen.append((method, path))
             if self.only_get and method not in ("GET", "HEAD"):
                 return None
             x = self.rng.random()

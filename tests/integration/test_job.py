@@ -343,3 +343,26 @@ def test_default_filter_set_writes_typed_columns(tmp_path, media_dir):
     assert by_id["id-0002"]["black_borders"] is None  # audio only
     info = by_id["id-0000"]["result_info"]
     assert info["decode_backend"] in ("decord", "torchcodec", "pyav") and info["frames_decoded"] > 0
+
+
+def test_a_listing_job_lists_again_each_run_and_keeps_the_latest_snapshot(tmp_path, media_dir):
+    import shutil
+
+    from pipeline.errors import ManifestError
+
+    corpus = tmp_path / "corpus"
+    make_corpus(str(corpus), media_dir, 3)
+    out = str(tmp_path / "out")
+    raw = base_config("unused", str(corpus), out, str(tmp_path / "cache"),
+                      input={"manifest": None, "listing_glob": f"{corpus}/*.mp4"})
+    first = _run(raw)
+    assert first.summary["this_run"]["succeeded"] == 3
+    assert os.listdir(os.path.join(out, "_listing")) == [f"{first.run_id}.parquet"]
+    shutil.copy(os.path.join(media_dir, "motion.mp4"), corpus / "late.mp4")  # uploaded after the first run
+    second = _run(raw)
+    assert second.summary["this_run"]["items"] == 1 and second.summary["total"]["succeeded"] == 4
+    assert os.listdir(os.path.join(out, "_listing")) == [f"{second.run_id}.parquet"]  # the earlier one is gone
+    shutil.rmtree(os.path.join(out, "_listing"))
+    open(os.path.join(out, "_listing"), "w").close()  # the snapshot cannot be written: a typed stop, no hang
+    with pytest.raises(ManifestError, match=r"cannot list .*\*\.mp4 into"):
+        _run(raw)

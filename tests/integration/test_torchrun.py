@@ -184,3 +184,39 @@ def test_two_ranks_agree_to_stop_or_conform_on_a_schema_change(tmp_path, media_d
     assert json.load(open(tmp_path / "out" / "summary.json"))["total"]["succeeded"] == 6
     for part in os.listdir(tmp_path / "out" / "parts"):
         assert pq.read_schema(tmp_path / "out" / "parts" / part).field("probe").type.equals(older)
+
+
+def test_a_listing_is_made_once_by_rank_0_for_every_rank(tmp_path, media_dir, s3, bucket):
+    """``input.listing_glob`` over an object store under 2 ranks: one listing (counted at a proxy in front of the S3
+    server), snapshotted into the output, which every rank reads; every listed object gets exactly one row."""
+    import s3fs
+
+    from tests.s3server import FaultProxy
+
+    name, fs = bucket
+    rows = make_corpus(str(tmp_path / "all"), media_dir, 12)
+    for r in rows:
+        fs.put(str(tmp_path / "all" / r["video_path"]), f"{name}/v/{r['video_path']}")
+    proxy = FaultProxy(s3.port)
+    try:
+        opts = s3.options(endpoint=proxy.endpoint)
+        lists = [p for m, p in proxy.seen if m == "GET" and "list-type=2" in p]
+        s3fs.S3FileSystem(**opts, skip_instance_cache=True).glob(f"{name}/v/**/*.mp4")  # one listing, as a rank does
+        one_listing = len([p for m, p in proxy.seen if m == "GET" and "list-type=2" in p]) - len(lists)
+        raw = base_config("unused", "unused", str(tmp_path / "out"), str(tmp_path / "cache"),
+                          input={"manifest": None, "listing_glob": f"s3://{name}/v/**/*.mp4", "storage_options": opts},
+                          storage={"cache_dir": str(tmp_path / "cache"), "tiers": []})
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        before = len(proxy.seen)
+        proc = subprocess.run(_torchrun(str(config)), env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        job_lists = [p for m, p in proxy.seen[before:] if m == "GET" and "list-type=2" in p and "prefix=v" in p]
+    finally:
+        proxy.stop()
+    assert 1 <= one_listing and len(job_lists) == one_listing  # rank 1 did not list: it read rank 0's snapshot
+    table = _table(tmp_path)
+    assert sorted(table["video_id"].to_pylist()) == sorted(r["video_path"] for r in rows)  # ids relative to v/
+    assert set(pc.struct_field(table["result_info"], "rank").to_pylist()) == {0, 1}
+    (snapshot,) = os.listdir(tmp_path / "out" / "_listing")
+    assert pq.read_table(str(tmp_path / "out" / "_listing" / snapshot)).num_rows == 12
