@@ -220,3 +220,20 @@ def test_a_listing_is_made_once_by_rank_0_for_every_rank(tmp_path, media_dir, s3
     assert set(pc.struct_field(table["result_info"], "rank").to_pylist()) == {0, 1}
     (snapshot,) = os.listdir(tmp_path / "out" / "_listing")
     assert pq.read_table(str(tmp_path / "out" / "_listing" / snapshot)).num_rows == 12
+
+
+def test_two_ranks_compact_their_output_at_the_end(tmp_path, media_dir):
+    """``output.compact_mb`` under 2 ranks: rank 0 merges both ranks' parts after every rank committed, the other
+    waits at the barrier, and the summary and ``_SUCCESS`` come after; a rerun resumes from the merged parts."""
+    rows, config = _setup(tmp_path, media_dir, 12, output={"dir": str(tmp_path / "out"), "rows_per_file": 1,
+                                                            "compact_mb": 1, "lease_timeout_s": 30})
+    proc = subprocess.run(_torchrun(config), env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = os.listdir(tmp_path / "out" / "parts")
+    assert len(parts) == 1 and "-c" in parts[0]  # twelve one-row parts of two ranks, merged into one
+    table = _table(tmp_path)
+    assert sorted(table["video_id"].to_pylist()) == sorted(r["video_id"] for r in rows)
+    assert set(pc.struct_field(table["result_info"], "rank").to_pylist()) == {0, 1}
+    assert json.load(open(tmp_path / "out" / "summary.json"))["total"]["succeeded"] == 12
+    again = subprocess.run(_torchrun(config), env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "12 already done" in again.stdout, again.stderr[-3000:]
