@@ -3,7 +3,8 @@
 
 Run it between runs, or after the last: it takes the output lease, so it refuses while a run is live (exit code 3)
 and a run refuses while it compacts. A compaction killed part-way is finished (forward or back) by the next
-compaction or the next run; no row is lost either way. Exit codes: 0 done, 2 bad config, 3 output in use, 1 other.
+compaction or the next run; no row is lost either way. Exit codes: 0 done, 2 bad config or no output there, 3 output in
+use, 1 other.
 """
 
 from __future__ import annotations
@@ -38,11 +39,17 @@ def main(argv: list[str] | None = None) -> int:
         log.error("config error: %s", e)
         return 2
 
+    import fsspec
+
     from pipeline.compaction import compact
     from pipeline.resume import OutputLease
     from pipeline.storage import SCRATCH_DIR
 
     out = cfg.output
+    fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
+    if not fs.exists(root):  # taking the lease would create it: a mistyped output.dir is said, not made
+        log.error("no output at %s: nothing to compact", out.dir)
+        return 2
     lease = OutputLease(out.dir, out.storage_options, f"compact-{uuid.uuid4().hex[:8]}", out.lease_timeout_s)
     try:
         lease.acquire()

@@ -211,6 +211,8 @@ def test_the_command_line_refuses_a_live_run_and_bad_arguments(tmp_path):
         lease.release()
     assert busy.returncode == 3 and "in use by live run 20260101T000000-live0000" in busy.stderr
     assert _cli("--config", str(config), "--target-mb", "0").returncode == 2
+    missing = _cli("--config", str(config), f"output.dir={tmp_path / 'typo'}")
+    assert missing.returncode == 2 and "no output at" in missing.stderr and not (tmp_path / "typo").exists()
     parts_before = len(os.listdir(os.path.join(out, "parts")))
     dry = _cli("--config", str(config), "--target-mb", "0.05", "--dry-run")  # parts of about 7 kB: 7 a target
     assert dry.returncode == 0 and re.search(r"would merge 1\d parts into 2 ", dry.stdout), dry.stdout + dry.stderr
