@@ -284,3 +284,39 @@ def test_compaction_killed_at_random_moments_loses_and_doubles_nothing(tmp_path)
         finish_pending(fs, root)
         assert _all_rows(fs, root) == rows
     assert "plan left" in outcomes  # at least one kill landed inside the compaction, not before or after it
+
+
+def test_a_merged_part_that_fails_its_checks_or_its_commit_is_never_committed(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    fs, root = fsspec.filesystem("file"), out
+    _run(_job(tmp_path, out))
+    before_parts, before_rows = _parts(fs, root), _all_rows(fs, root)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    class Short:  # a writer that lost rows (the check compares the merged file with its sources)
+        def __init__(self, meta):
+            self.num_rows = meta.num_rows - 1
+
+    real_meta = compaction.pq.read_metadata
+    monkeypatch.setattr(compaction.pq, "read_metadata", lambda path: Short(real_meta(path)))
+    with pytest.raises(RuntimeError, match="nothing was committed"):
+        compact(out, {}, target_bytes=_target_bytes(fs, root, 5), scratch_dir=str(scratch))
+    monkeypatch.setattr(compaction.pq, "read_metadata", real_meta)
+    assert _parts(fs, root) == before_parts and finish_pending(fs, root) == 1  # rolled back: only the plan goes
+
+    real_mv = type(fs).mv
+
+    def full_disk(self, source, target, *args, **kwargs):
+        if "/parts/" in target:
+            raise OSError(28, "No space left on device")
+        return real_mv(self, source, target, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "mv", full_disk)  # the rename into parts/ fails (the plan's commit does not)
+    with pytest.raises(OSError, match="No space left"):
+        compact(out, {}, target_bytes=_target_bytes(fs, root, 5), scratch_dir=str(scratch))
+    monkeypatch.undo()
+    assert not [n for n in os.listdir(os.path.join(root, "_tmp")) if n.endswith(".tmp")]  # no partial file left
+    assert not os.listdir(scratch)  # nor a scratch file
+    assert finish_pending(fs, root) == 1
+    assert _parts(fs, root) == before_parts and _all_rows(fs, root) == before_rows
