@@ -36,7 +36,7 @@ from pipeline.writer import PARTS_DIR, commit_bytes, is_local_fs
 log = logging.getLogger(__name__)
 
 PLAN_DIR = "_compaction"
-_PART = re.compile(r"^part-(\d{8}T\d{6}-[0-9a-f]{8})-[rc][0-9a-f]+-\d{6}\.parquet$")
+_PART = re.compile(r"^part-(\d{8}T\d{6}-[0-9a-f]{8})-[rc][0-9a-f]+-\d{6,}\.parquet$")
 """A part the job wrote (``part-<run>-r<rank>-<seq>``) or a compaction did (``part-<run>-c<token>-<seq>``)."""
 
 

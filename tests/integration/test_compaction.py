@@ -320,3 +320,11 @@ def test_a_merged_part_that_fails_its_checks_or_its_commit_is_never_committed(tm
     assert not os.listdir(scratch)  # nor a scratch file
     assert finish_pending(fs, root) == 1
     assert _parts(fs, root) == before_parts and _all_rows(fs, root) == before_rows
+
+
+def test_which_files_count_as_parts_to_merge():
+    run = "20261202T153652-423bb05a"
+    assert compaction._PART.match(f"part-{run}-r00001-1000000.parquet")  # a rank's millionth part still counts
+    assert compaction._PART.match(f"part-{run}-c0badc0d-000001.parquet")  # a merged part may merge again
+    assert not compaction._PART.match("part-by-hand.parquet")  # files the job did not write are left alone
+    assert not compaction._PART.match(f"part-{run}-r00001-000001.parquet.tmp")
