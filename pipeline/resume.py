@@ -230,14 +230,25 @@ class OutputLease:
 
     A second run refuses while the lease is fresh; a lease whose holder is gone (same host, dead pid) or whose
     heartbeat is older than ``timeout_s`` is taken over.
+
+    Neither a filesystem rename nor an object-store PUT can say "only if absent" here, so two runs started at the
+    same moment would both find the lease free and both write it. Each therefore reads the lease back after
+    ``settle_s`` (longer than any writer takes between its check and its write): the last write stands, and every
+    other run refuses. The heartbeat reads the lease before it writes it too: a run that finds another's record
+    there (its own heartbeat was late, say a paused process, and another run took over) stops writing it and sets
+    ``lost``, which the job turns into a stop.
     """
 
-    def __init__(self, out_dir: str, storage_options: dict, run_id: str, timeout_s: float = 120.0):
+    def __init__(self, out_dir: str, storage_options: dict, run_id: str, timeout_s: float = 120.0,
+                 settle_s: float | None = None):
         self.fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
         self.root = root.rstrip("/")
         self.path = f"{self.root}/{LEASE}"
         self.run_id = run_id
         self.timeout_s = timeout_s
+        self.settle_s = settle_s if settle_s is not None else (0.2 if is_local_fs(self.fs) else 1.0)
+        self.lost: dict | None = None
+        """The record of the run that took this lease over while it was held (set by the heartbeat)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -248,13 +259,20 @@ class OutputLease:
     def _write(self) -> None:
         commit_bytes(self.fs, self.path, json.dumps(self._record()).encode(), f"{self.root}/_tmp")
 
-    def holder(self) -> dict | None:
-        """The current lease record when it is live, else None."""
+    def _read(self) -> dict | None:
+        """The lease record as it stands (None where there is none, or it cannot be read)."""
         try:
             rec = json.loads(self.fs.cat_file(self.path))
         except FileNotFoundError:
             return None
         except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def holder(self) -> dict | None:
+        """The current lease record when it is live, else None."""
+        rec = self._read()
+        if rec is None:
             return None
         if rec.get("run_id") == self.run_id:
             return None
@@ -283,12 +301,25 @@ class OutputLease:
                 f"A crashed run's lease expires after {self.timeout_s:.0f}s."
             )
         self._write()
+        time.sleep(self.settle_s)  # a run that found the lease free at the same moment has written it by now
+        rec = self._read()
+        if rec is None or rec.get("run_id") != self.run_id:
+            rec = rec or {}
+            raise OutputLockedError(
+                f"output directory was taken at the same moment by run {rec.get('run_id')} (host {rec.get('host')}, "
+                f"pid {rec.get('pid')}); wait for it to finish, or stop it")
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(max(1.0, self.timeout_s / 4)):
             try:
+                rec = self._read()
+                if rec is not None and rec.get("run_id") != self.run_id:
+                    self.lost = rec  # never overwrite another run's lease: it holds the output now
+                    log.error("run %s (host %s) took over the output lease: this run's heartbeat was late (a paused "
+                              "process?); this run stops", rec.get("run_id"), rec.get("host"))
+                    return
                 self._write()
             except Exception as e:  # noqa: BLE001 - a missed heartbeat is logged; the next one may succeed
                 log.warning("lease heartbeat failed: %s: %s", type(e).__name__, e)

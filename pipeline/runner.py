@@ -27,7 +27,15 @@ from pipeline.compaction import compact, finish_pending
 from pipeline.config import JobConfig, job_identity, to_dict
 from pipeline.crashes import InflightJournal, Rehearser, SuspectGate, collect_suspects, job_key, update_ledger
 from pipeline.distributed import DistContext, GlobalCounter, WorkUnitCounter, init_distributed, resolve_device
-from pipeline.errors import CrashError, ItemError, ItemTimeout, MediasieveError, ShutdownError, is_retryable
+from pipeline.errors import (
+    CrashError,
+    ItemError,
+    ItemTimeout,
+    MediasieveError,
+    OutputLockedError,
+    ShutdownError,
+    is_retryable,
+)
 from pipeline.filters import FilterContext, SetupContext, batch_stats, build_filters, frame_requests_of
 from pipeline.manifest import SPILL_DIR, Manifest, check_input_exists, open_manifest, snapshot_listing
 from pipeline.media.item import MediaItem
@@ -139,8 +147,11 @@ class RankWorkers:
     journal: InflightJournal | None = None
     suspects: dict[str, int] = field(default_factory=dict)
     """Items in flight when processes of earlier runs died, with how many deaths (``pipeline.crashes``)."""
+    lease: OutputLease | None = None
+    """The output lease, on the rank that holds it: another run taking it over stops this one."""
     stop: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False
+    lease_lost: bool = False
 
     def __post_init__(self) -> None:
         rt = self.cfg.runtime
@@ -407,6 +418,14 @@ class RankWorkers:
                         self.metrics.maybe_write(snap)
                     if self.exporter is not None:
                         self.exporter.update(snap)
+                if self.lease is not None and self.lease.lost is not None:
+                    rec = self.lease.lost
+                    self.lease_lost = True
+                    self.writer.discard()  # at once: consumers still finishing items must not commit them
+                    self._fatal.append(OutputLockedError(
+                        f"run {rec.get('run_id')} (host {rec.get('host')}) took over the output directory while this "
+                        "run held it (its heartbeat was late: a paused or frozen process?); this run stops, and the "
+                        "rows it had not committed are dropped, since that run does those items"))
                 if self._fatal:
                     break
                 self._time_out_stuck_items(consumers)
@@ -535,14 +554,14 @@ def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_sign
     lease = leases[0] if leases else None
 
     try:
-        return _run_started(cfg, ctx, device, run_id, fetcher, install_signal_handlers)
+        return _run_started(cfg, ctx, device, run_id, fetcher, install_signal_handlers, lease)
     finally:
         if lease is not None:
             lease.release()
 
 
 def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fetcher: TieredFetcher,
-                 install_signal_handlers: bool) -> RankOutcome:
+                 install_signal_handlers: bool, lease: OutputLease | None = None) -> RankOutcome:
     started = time.time()
     source = cfg.input
     if source.listing_glob:  # listed once, by rank 0, for every rank
@@ -551,13 +570,15 @@ def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fet
     manifest = open_manifest(source, os.path.join(cfg.storage.cache_dir, SPILL_DIR), f"{run_id}-r{ctx.rank:05d}")
     try:
         check_protocols(manifest.protocols)
-        return _run_with_manifest(cfg, ctx, device, run_id, fetcher, install_signal_handlers, manifest, started)
+        return _run_with_manifest(cfg, ctx, device, run_id, fetcher, install_signal_handlers, manifest, started,
+                                  lease)
     finally:
         manifest.close()
 
 
 def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fetcher: TieredFetcher,
-                       install_signal_handlers: bool, manifest: Manifest, started: float) -> RankOutcome:
+                       install_signal_handlers: bool, manifest: Manifest, started: float,
+                       lease: OutputLease | None = None) -> RankOutcome:
     state = read_committed(cfg.output.dir, cfg.output.storage_options, cfg.input.id_column)
     pending = pending_indices(manifest.ids, state, cfg.resume.retry_failed, manifest.keep)
     n_units = math.ceil(len(pending) / cfg.runtime.unit_size)
@@ -603,7 +624,7 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
         fetcher=fetcher, filters=filters, filter_ctx=FilterContext(device, pool, ctx.rank), writer=writer,
         stats=RankStats(), run_id=run_id, rank=ctx.rank, host=ctx.host, device=device, pool=pool,
         global_done=GlobalCounter(ctx.store, f"mediasieve/{run_id}/done"), global_total=len(pending),
-        metrics=metrics, exporter=exporter, journal=journal, suspects=suspects,
+        metrics=metrics, exporter=exporter, journal=journal, suspects=suspects, lease=lease,
     )
     ctx.barrier()
 

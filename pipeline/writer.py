@@ -115,6 +115,7 @@ class ResultWriter:
         self._commit_lock = threading.Lock()
         self._seq = 0
         self._oldest: float | None = None
+        self._discarding = False
         self.rows_committed = 0
         self.files_committed = 0
         self.fs.makedirs(f"{self.root}/{PARTS_DIR}", exist_ok=True)
@@ -124,6 +125,8 @@ class ResultWriter:
     def add(self, row: dict[str, Any]) -> None:
         """Buffer one row; commits a part when the buffer is full."""
         with self._lock:
+            if self._discarding:
+                return
             self._rows.append(row)
             if self._oldest is None:
                 self._oldest = time.monotonic()
@@ -148,7 +151,7 @@ class ResultWriter:
         with self._commit_lock:
             while True:
                 with self._lock:
-                    rows = self._rows[: self.rows_per_file]
+                    rows = [] if self._discarding else self._rows[: self.rows_per_file]
                 if not rows or (full_parts_only and len(rows) < self.rows_per_file):
                     return
                 self._commit(rows)
@@ -178,6 +181,18 @@ class ResultWriter:
         self.rows_committed += len(rows)
         self.files_committed += 1
         log.debug("committed %s (%d rows)", name, len(rows))
+
+    def discard(self) -> int:
+        """Drop the rows not yet committed, and every row added from now on (the output is no longer this run's);
+        returns how many were buffered."""
+        with self._lock:
+            self._discarding = True
+            n = len(self._rows)
+            self._rows.clear()
+            self._oldest = None
+        if n:
+            log.warning("dropped %d rows not yet committed", n)
+        return n
 
     def close(self) -> None:
         """Commit what is left."""

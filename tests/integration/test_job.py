@@ -188,6 +188,42 @@ def test_second_run_on_a_live_output_refuses(tmp_path, media_dir):
         live.release()
 
 
+def test_a_run_whose_lease_is_taken_over_stops_and_commits_nothing_more(tmp_path, media_dir):
+    """A run paused past its lease timeout (SIGSTOP, a frozen VM) finds on waking that another run took the output
+    over: it must stop, and commit none of what it still holds, since the other run does those items."""
+    import threading
+    import time
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 16)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    out = tmp_path / "out"
+    raw = base_config(manifest, str(tmp_path / "c"), str(out), str(tmp_path / "cache"),
+                      filters={"noop": {"sleep_s": 0.4}}, runtime={"consumers": 2, "producers": 1, "progress": False},
+                      output={"dir": str(out), "rows_per_file": 2, "lease_timeout_s": 4})  # a heartbeat a second
+    result = {}
+
+    def run():
+        try:
+            result["outcome"] = _run(raw)
+        except OutputLockedError as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 60
+    while not ((out / "parts").is_dir() and any((out / "parts").iterdir())) and time.time() < deadline:
+        time.sleep(0.05)
+    other = {"run_id": "20261202T000000-0th3r000", "host": "elsewhere", "pid": 1, "pid_start": 1,
+             "heartbeat": time.time()}
+    (out / "_lease.json").write_text(json.dumps(other))
+    taken_at = time.time()
+    thread.join(60)
+    assert "took over the output directory" in str(result.get("error")), result
+    late = [p.name for p in (out / "parts").iterdir() if p.stat().st_mtime > taken_at + 1.5]  # a heartbeat + a loop
+    assert late == [] and len(_rows(str(out))) < 16
+    assert json.loads((out / "_lease.json").read_text())["run_id"] == other["run_id"]  # left to its owner
+
+
 def test_resume_refuses_a_different_job(tmp_path, media_dir):
     from pipeline.errors import ConfigError
 

@@ -1,6 +1,7 @@
 import json
 import os
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -120,6 +121,56 @@ def test_lease_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
     OutputLease(str(tmp_path), {}, "run-e", timeout_s=60).acquire()
 
 
+def _race(out: str, options: dict, runs: int = 3) -> list[str]:
+    """Start ``runs`` leases on one output at the same instant (the check-then-write window of each is open at
+    once); returns the run ids that acquired."""
+    barrier = threading.Barrier(runs)
+    won, leases = [], [OutputLease(out, options, f"run-{i}", timeout_s=60) for i in range(runs)]
+
+    def start(lease):
+        barrier.wait()
+        try:
+            lease.acquire()
+            won.append(lease.run_id)
+        except OutputLockedError:
+            pass
+
+    threads = [threading.Thread(target=start, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for lease in leases:
+        lease._stop.set()
+    return won
+
+
+def test_runs_started_at_the_same_moment_get_one_lease(tmp_path, s3, bucket):
+    name, _ = bucket
+    for trial in range(4):  # without the read-back every racer won (measured: 5 of 5 trials, 2 processes)
+        won = _race(str(tmp_path / f"out{trial}"), {})
+        assert len(won) == 1, won
+        assert json.loads((tmp_path / f"out{trial}" / "_lease.json").read_text())["run_id"] == won[0]
+    assert len(_race(f"s3://{name}/out", s3.options())) == 1  # an object store: PUTs race the same way
+
+
+def test_a_lease_taken_over_while_held_is_never_overwritten_and_says_so(tmp_path):
+    lease = OutputLease(str(tmp_path), {}, "run-slow", timeout_s=4)  # a heartbeat every second
+    lease.acquire()
+    try:
+        other = {"run_id": "run-new", "host": "elsewhere", "pid": 1, "pid_start": 1, "heartbeat": time.time()}
+        (tmp_path / "_lease.json").write_text(json.dumps(other))  # it found this run's heartbeat stale
+        deadline = time.time() + 10
+        while lease.lost is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert lease.lost is not None and lease.lost["run_id"] == "run-new"
+        time.sleep(1.5)
+        assert json.loads((tmp_path / "_lease.json").read_text())["run_id"] == "run-new"  # not written over
+    finally:
+        lease.release()
+    assert (tmp_path / "_lease.json").exists()  # nor removed by this run's release
+
+
 def test_config_record_refuses_other_job_and_redacts_secrets(tmp_path):
     ident = {"input": {"manifest": "m1"}, "filters": {"probe": {}}}
     resolved = {"storage": {"tiers": [{"storage_options": {"secret": "s3cr3t", "key_id": "AK", "anon": False}}]}}
@@ -206,3 +257,14 @@ def test_newest_part_is_the_latest_runs(tmp_path):
         w.add({"id": run_id, "result_info": {"succeed": True}})
         w.close()
     assert "20260102T000000-bbbb" in read_committed(str(tmp_path), {}, "id").newest_part
+
+
+def test_a_discarding_writer_commits_nothing_more(tmp_path):
+    w = ResultWriter(str(tmp_path / "out"), {}, SCHEMA, "run", 0, rows_per_file=2, flush_interval_s=3600)
+    for i in range(3):
+        w.add(_row(i))  # one part of two committed, one row buffered
+    assert w.discard() == 1
+    for i in range(3, 7):
+        w.add(_row(i))  # rows finished after the discard: dropped, no part is cut
+    w.close()
+    assert w.rows_committed == 2 and len(os.listdir(tmp_path / "out" / "parts")) == 1
