@@ -174,3 +174,27 @@ class GlobalCounter:
             self._local += n
             return self._local
         return int(self.store.add(self.key, n))
+
+
+class StopFlag:
+    """A reason to stop that one rank raises and every rank sees: a key in torchrun's store (a local value with one
+    process). Polled, not waited on: a rank checks it every couple of seconds in its supervision loop."""
+
+    def __init__(self, store: Any = None, key: str = "mediasieve/stop"):
+        self.store = store
+        self.key = key
+        self._local: str | None = None
+
+    def raise_flag(self, reason: str) -> None:
+        if self.store is None:
+            self._local = reason
+        else:
+            self.store.set(self.key, reason)
+
+    def reason(self) -> str | None:
+        """The reason, once some rank raised the flag; else None."""
+        if self.store is None:
+            return self._local
+        if not self.store.check([self.key]):
+            return None
+        return self.store.get(self.key).decode()

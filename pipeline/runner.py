@@ -26,7 +26,14 @@ import pyarrow.compute as pc
 from pipeline.compaction import compact, finish_pending
 from pipeline.config import JobConfig, job_identity, to_dict
 from pipeline.crashes import InflightJournal, Rehearser, SuspectGate, collect_suspects, job_key, update_ledger
-from pipeline.distributed import DistContext, GlobalCounter, WorkUnitCounter, init_distributed, resolve_device
+from pipeline.distributed import (
+    DistContext,
+    GlobalCounter,
+    StopFlag,
+    WorkUnitCounter,
+    init_distributed,
+    resolve_device,
+)
 from pipeline.errors import (
     CrashError,
     ItemError,
@@ -149,6 +156,8 @@ class RankWorkers:
     """Items in flight when processes of earlier runs died, with how many deaths (``pipeline.crashes``)."""
     lease: OutputLease | None = None
     """The output lease, on the rank that holds it: another run taking it over stops this one."""
+    takeover: StopFlag = field(default_factory=StopFlag)
+    """Raised by the lease's rank when another run took the output over; every rank polls it and stops."""
     stop: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False
     lease_lost: bool = False
@@ -396,6 +405,7 @@ class RankWorkers:
             bar = tqdm(total=self.global_total if self.rank == 0 else None, unit="item", mininterval=2.0,
                        desc="all ranks" if self.rank == 0 else f"rank {self.rank}", position=0, leave=True)
         stop_seen_at: float | None = None
+        last_flag_check = 0.0
         shown = 0
         last_progress_add = 0.0
         try:
@@ -418,14 +428,20 @@ class RankWorkers:
                         self.metrics.maybe_write(snap)
                     if self.exporter is not None:
                         self.exporter.update(snap)
-                if self.lease is not None and self.lease.lost is not None:
+                reason = None
+                if self.lease is not None and self.lease.lost is not None:  # this rank holds the lease: at once
                     rec = self.lease.lost
+                    reason = (f"run {rec.get('run_id')} (host {rec.get('host')}) took over the output directory while "
+                              "this run held it (its heartbeat was late: a paused or frozen process?); this run "
+                              "stops, and the rows it had not committed are dropped, since that run does those items")
+                    self.takeover.raise_flag(reason)
+                elif time.monotonic() - last_flag_check >= 2.0:  # the others: one store round trip every 2 s
+                    last_flag_check = time.monotonic()
+                    reason = self.takeover.reason()
+                if reason is not None:
                     self.lease_lost = True
                     self.writer.discard()  # at once: consumers still finishing items must not commit them
-                    self._fatal.append(OutputLockedError(
-                        f"run {rec.get('run_id')} (host {rec.get('host')}) took over the output directory while this "
-                        "run held it (its heartbeat was late: a paused or frozen process?); this run stops, and the "
-                        "rows it had not committed are dropped, since that run does those items"))
+                    self._fatal.append(OutputLockedError(reason))
                 if self._fatal:
                     break
                 self._time_out_stuck_items(consumers)
@@ -625,6 +641,7 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
         stats=RankStats(), run_id=run_id, rank=ctx.rank, host=ctx.host, device=device, pool=pool,
         global_done=GlobalCounter(ctx.store, f"mediasieve/{run_id}/done"), global_total=len(pending),
         metrics=metrics, exporter=exporter, journal=journal, suspects=suspects, lease=lease,
+        takeover=StopFlag(ctx.store, f"mediasieve/{run_id}/takeover"),
     )
     ctx.barrier()
 

@@ -237,3 +237,28 @@ def test_two_ranks_compact_their_output_at_the_end(tmp_path, media_dir):
     assert json.load(open(tmp_path / "out" / "summary.json"))["total"]["succeeded"] == 12
     again = subprocess.run(_torchrun(config), env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "12 already done" in again.stdout, again.stderr[-3000:]
+
+
+def test_every_rank_stops_when_another_run_takes_the_output_over(tmp_path, media_dir):
+    """Rank 0 holds the lease; when another run takes it over, rank 0 raises a flag in torchrun's store and both
+    ranks stop, committing nothing more."""
+    rows, config = _setup(tmp_path, media_dir, 40, filters={"noop": {"sleep_s": 0.3}},
+                          runtime={"consumers": 1, "producers": 1, "progress": False},
+                          output={"dir": str(tmp_path / "out"), "rows_per_file": 2, "lease_timeout_s": 4})
+    proc = subprocess.Popen(_torchrun(config), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / "out" / "parts"
+    deadline = time.time() + 120
+    while not (parts.is_dir() and len(list(parts.iterdir())) >= 2) and time.time() < deadline:
+        time.sleep(0.05)
+    other = {"run_id": "20261202T000000-0th3r000", "host": "elsewhere", "pid": 1, "pid_start": 1,
+             "heartbeat": time.time()}
+    (tmp_path / "out" / "_lease.json").write_text(json.dumps(other))
+    taken_at = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert len(re.findall(r"\[rank [01]\].*took over the output directory", err)) >= 2, err[-3000:]
+    ranks = {int(m) for m in re.findall(r"\[rank ([01])\].*took over the output directory", err)}
+    assert ranks == {0, 1}  # both ranks stopped for it, not only the one holding the lease
+    late = [p.name for p in parts.iterdir() if p.stat().st_mtime > taken_at + 3.5]  # heartbeat + poll + loop
+    assert late == [] and len(_table(tmp_path)) < 40
+    assert json.loads((tmp_path / "out" / "_lease.json").read_text())["run_id"] == other["run_id"]
