@@ -122,6 +122,42 @@ def latest_failures(fs, files: list[str], state: CommittedState, kept: pa.Array 
     return latest
 
 
+RESUME_DIR = "_resume"
+
+
+def share_pending(out_dir: str, storage_options: dict, run_id: str, pending: pa.Array) -> str:
+    """Rank 0: write the positions this run must process to ``<output>/_resume/<run_id>.parquet`` for the other
+    ranks, so that the committed parts are read once per run instead of once per rank (a week's parts are hundreds of
+    thousands of objects: 64 ranks reading each at every restart would be tens of millions of GETs). Earlier runs'
+    files go. Positions are sorted, so they delta-encode to a few bits each.
+
+    Returns:
+        The file's URL.
+    """
+    fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
+    folder = f"{root.rstrip('/')}/{RESUME_DIR}"
+    if is_local_fs(fs):
+        fs.makedirs(folder, exist_ok=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"pending": pa.array(pending, pa.int64())}), sink, compression="zstd",
+                   use_dictionary=False, column_encoding={"pending": "DELTA_BINARY_PACKED"})
+    commit_bytes(fs, f"{folder}/{run_id}.parquet", sink.getvalue().to_pybytes(), f"{root.rstrip('/')}/_tmp")
+    try:
+        old = [p for p in fs.ls(folder, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != f"{run_id}.parquet"]
+        if old:
+            fs.rm(old)
+    except OSError as e:  # an old file left is only disk space
+        log.warning("could not remove earlier resume files in %s: %s", folder, e)
+    return out_dir.rstrip("/") + f"/{RESUME_DIR}/{run_id}.parquet"
+
+
+def read_pending(url: str, storage_options: dict) -> pa.Array:
+    """The positions rank 0 shared (``share_pending``)."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)["pending"].combine_chunks()
+
+
 @dataclass(frozen=True)
 class SchemaDrift:
     """How the rows a run would write differ from the committed ones: dotted paths with their types."""

@@ -58,6 +58,8 @@ from pipeline.resume import (
     part_files,
     pending_indices,
     read_committed,
+    read_pending,
+    share_pending,
     writer_schema,
 )
 from pipeline.storage import SCRATCH_DIR, FetchedItem, TieredFetcher, check_protocols
@@ -595,13 +597,26 @@ def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fet
 def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fetcher: TieredFetcher,
                        install_signal_handlers: bool, manifest: Manifest, started: float,
                        lease: OutputLease | None = None) -> RankOutcome:
-    state = read_committed(cfg.output.dir, cfg.output.storage_options, cfg.input.id_column)
-    pending = pending_indices(manifest.ids, state, cfg.resume.retry_failed, manifest.keep)
+    out = cfg.output
+    mine: dict[str, pa.Array] = {}
+
+    def resume_set() -> tuple[str | None, str | None, int]:
+        """Rank 0 reads the committed parts once for every rank and shares the positions to process."""
+        try:
+            state = read_committed(out.dir, out.storage_options, cfg.input.id_column)
+            mine["pending"] = pending_indices(manifest.ids, state, cfg.resume.retry_failed, manifest.keep)
+            url = share_pending(out.dir, out.storage_options, run_id, mine["pending"]) if ctx.world_size > 1 else None
+            return url, state.newest_part, len(state.succeeded)
+        except MediasieveError:
+            raise
+        except Exception as e:  # noqa: BLE001 - typed, so that every rank stops with it instead of waiting
+            raise MediasieveError(f"cannot read the committed output in {out.dir}: {type(e).__name__}: {e}") from e
+
+    shared, newest_part, n_succeeded = _main_decides(ctx, resume_set)
+    pending = mine["pending"] if "pending" in mine else read_pending(shared, out.storage_options)
     n_units = math.ceil(len(pending) / cfg.runtime.unit_size)
     log.info("run %s: %d items in manifest, %d committed successes, %d to process in %d units", run_id,
-             len(manifest), len(state.succeeded), len(pending), n_units)
-    newest_part = state.newest_part
-    del state
+             len(manifest), n_succeeded, len(pending), n_units)
 
     filters = build_filters(cfg.filters)
     wanted = result_schema(manifest.schema, [(f.name, f.arrow_type()) for f in filters])

@@ -262,3 +262,48 @@ def test_every_rank_stops_when_another_run_takes_the_output_over(tmp_path, media
     late = [p.name for p in parts.iterdir() if p.stat().st_mtime > taken_at + 3.5]  # heartbeat + poll + loop
     assert late == [] and len(_table(tmp_path)) < 40
     assert json.loads((tmp_path / "out" / "_lease.json").read_text())["run_id"] == other["run_id"]
+
+
+def test_only_rank_0_reads_the_committed_parts_at_a_restart(tmp_path, media_dir, s3, bucket):
+    """A rerun under 2 ranks with its output in an object store (behind a proxy that counts requests): the committed
+    parts are read at the start by rank 0 alone (plus once for the summary at the end), and rank 1 reads the
+    positions rank 0 shared; both ranks still share the pending work."""
+    from pipeline.resume import read_committed
+    from tests.s3server import FaultProxy
+
+    name, fs = bucket
+    proxy = FaultProxy(s3.port)
+    try:
+        opts = s3.options(endpoint=proxy.endpoint)
+        out = f"s3://{name}/out"
+        rows, config = _setup(tmp_path, media_dir, 16, output={"dir": out, "storage_options": opts,
+                                                                "rows_per_file": 2, "lease_timeout_s": 30})
+        raw = yaml.safe_load(open(config))
+        raw["input"]["limit"] = 8  # the first run does half the corpus
+        first = tmp_path / "first.yaml"
+        first.write_text(yaml.safe_dump(raw))
+        proc = subprocess.run(_torchrun(str(first)), env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+        def start_reads(since: int) -> int:
+            """GETs of committed parts before the run commits its first part: the resume scan(s) at the start."""
+            seen = proxy.seen[since:]
+            first_put = next((i for i, (m, p) in enumerate(seen) if m == "PUT" and "/out/parts/part-" in p), len(seen))
+            return sum(1 for m, p in seen[:first_put] if m == "GET" and "/out/parts/part-" in p)
+
+        before = len(proxy.seen)
+        read_committed(out, opts, "video_id")
+        one_scan = start_reads(before)
+        before = len(proxy.seen)
+        proc = subprocess.run(_torchrun(config), env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rerun_reads = start_reads(before)
+    finally:
+        proxy.stop()
+    assert one_scan >= 4  # the first run's parts, read once
+    # rank 0's scan and its read of the newest part's schema; rank 1 read the positions rank 0 shared
+    assert rerun_reads == one_scan + 1, (rerun_reads, one_scan)
+    assert "8 already done" in proc.stdout
+    table = pq.read_table(f"{name}/out/parts", filesystem=fs)
+    assert sorted(table["video_id"].to_pylist()) == sorted(r["video_id"] for r in rows)
+    assert fs.ls(f"{name}/out/_resume")  # what rank 0 shared
