@@ -122,28 +122,17 @@ def snapshot_listing(cfg: InputConfig, out_dir: str, storage_options: dict, run_
         ConfigError: a glob the filesystem refuses.
         ManifestError: the listing or the snapshot failed (typed, so that every rank stops with it).
     """
-    from pipeline.writer import commit_bytes, is_local_fs
+    from pipeline.writer import commit_latest_table
 
     fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
-    folder = f"{root.rstrip('/')}/{LISTING_DIR}"
-    path = f"{folder}/{run_id}.parquet"
+    path = f"{root.rstrip('/')}/{LISTING_DIR}/{run_id}.parquet"
     try:
         table = pa.Table.from_batches(list(_listing_batches(cfg)))
-        if is_local_fs(fs):
-            fs.makedirs(folder, exist_ok=True)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        commit_bytes(fs, path, sink.getvalue().to_pybytes(), f"{root.rstrip('/')}/_tmp")
+        commit_latest_table(fs, root, LISTING_DIR, run_id, table)
     except MediasieveError:
         raise
     except Exception as e:  # noqa: BLE001 - typed, so that every rank stops with it instead of waiting for rank 0
         raise ManifestError(f"cannot list {cfg.listing_glob} into {path}: {type(e).__name__}: {e}") from e
-    try:
-        old = [p for p in fs.ls(folder, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != f"{run_id}.parquet"]
-        if old:
-            fs.rm(old)
-    except OSError as e:  # an old snapshot left is only disk space
-        log.warning("could not remove earlier listing snapshots in %s: %s", folder, e)
     log.info("listed %d objects under %s once for every rank: %s", table.num_rows, cfg.listing_glob, path)
     url = out_dir.rstrip("/") + f"/{LISTING_DIR}/{run_id}.parquet"
     return dataclasses.replace(cfg, manifest=url, format="parquet", listing_glob=None, storage_options=storage_options)

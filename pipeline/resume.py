@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError, OutputLockedError
 from pipeline.proc import is_alive, start_ticks
-from pipeline.writer import PARTS_DIR, commit_bytes, is_local_fs
+from pipeline.writer import PARTS_DIR, commit_bytes, commit_latest_table, is_local_fs
 
 log = logging.getLogger(__name__)
 
@@ -135,19 +135,8 @@ def share_pending(out_dir: str, storage_options: dict, run_id: str, pending: pa.
         The file's URL.
     """
     fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
-    folder = f"{root.rstrip('/')}/{RESUME_DIR}"
-    if is_local_fs(fs):
-        fs.makedirs(folder, exist_ok=True)
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table({"pending": pa.array(pending, pa.int64())}), sink, compression="zstd",
-                   use_dictionary=False, column_encoding={"pending": "DELTA_BINARY_PACKED"})
-    commit_bytes(fs, f"{folder}/{run_id}.parquet", sink.getvalue().to_pybytes(), f"{root.rstrip('/')}/_tmp")
-    try:
-        old = [p for p in fs.ls(folder, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != f"{run_id}.parquet"]
-        if old:
-            fs.rm(old)
-    except OSError as e:  # an old file left is only disk space
-        log.warning("could not remove earlier resume files in %s: %s", folder, e)
+    commit_latest_table(fs, root, RESUME_DIR, run_id, pa.table({"pending": pa.array(pending, pa.int64())}),
+                        use_dictionary=False, column_encoding={"pending": "DELTA_BINARY_PACKED"})
     return out_dir.rstrip("/") + f"/{RESUME_DIR}/{run_id}.parquet"
 
 

@@ -81,6 +81,26 @@ def commit_bytes(fs: fsspec.AbstractFileSystem, final_path: str, data: bytes, tm
         fs.pipe_file(final_path, data)
 
 
+def commit_latest_table(fs: fsspec.AbstractFileSystem, root: str, folder: str, run_id: str, table: pa.Table,
+                        **parquet_options: Any) -> str:
+    """Commit ``table`` as ``<root>/<folder>/<run_id>.parquet`` (whole or not at all) and remove the files earlier
+    runs left in that folder (one per run: only the latest is read). Returns the path written."""
+    directory = f"{root.rstrip('/')}/{folder}"
+    if is_local_fs(fs):
+        fs.makedirs(directory, exist_ok=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **{"compression": "zstd", **parquet_options})
+    path = f"{directory}/{run_id}.parquet"
+    commit_bytes(fs, path, sink.getvalue().to_pybytes(), f"{root.rstrip('/')}/{TMP_DIR}")
+    try:
+        old = [p for p in fs.ls(directory, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != f"{run_id}.parquet"]
+        if old:
+            fs.rm(old)
+    except OSError as e:  # an earlier run's file left behind is only disk space
+        log.warning("could not remove earlier files in %s: %s", directory, e)
+    return path
+
+
 class ResultWriter:
     """Buffers rows and commits them as ``parts/part-<run>-r<rank>-<seq>.parquet``.
 
