@@ -402,3 +402,17 @@ def test_a_listing_job_lists_again_each_run_and_keeps_the_latest_snapshot(tmp_pa
     open(os.path.join(out, "_listing"), "w").close()  # the snapshot cannot be written: a typed stop, no hang
     with pytest.raises(ManifestError, match=r"cannot list .*\*\.mp4 into"):
         _run(raw)
+
+
+def test_an_unreadable_committed_part_stops_the_run_before_any_work(tmp_path, media_dir):
+    from pipeline.errors import MediasieveError
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 2)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"))
+    _run(raw)
+    bad = tmp_path / "out" / "parts" / "part-20261202T000000-0badbad0-r00000-000000.parquet"
+    bad.write_bytes(b"not parquet at all")  # dropped there by hand, or a disk that lost it
+    with pytest.raises(MediasieveError, match="cannot read the committed output"):
+        _run(raw)
+    assert not (tmp_path / "out" / "_lease.json").exists()  # released: fix the file and rerun
