@@ -183,8 +183,8 @@ class DynamicBatcher:
         release_memory()  # outside the except block: its traceback held the failed call's tensors until now
         if hi - lo == 1:
             self.oom_rows_failed += 1
-            log.warning("out of memory on a batch of one row: %s", _first_line(failure))
-            error = OutOfMemory(f"out of memory on one row of this item alone in a batch: {_first_line(failure)}")
+            log.warning("out of memory on a batch of one row: %s", first_line(failure))
+            error = OutOfMemory(f"out of memory on one row of this item alone in a batch: {first_line(failure)}")
             error.__cause__ = failure
             return [(lo, hi, error)]
         mid = (lo + hi) // 2
@@ -195,7 +195,7 @@ class DynamicBatcher:
                 self._regrown = False
             if mid - lo < self.batch_limit:
                 log.warning("out of memory on a batch of %d rows; batches of at most %d from now on: %s",
-                            hi - lo, mid - lo, _first_line(failure))
+                            hi - lo, mid - lo, first_line(failure))
                 self.batch_limit = mid - lo
             self._clean_batches = 0
         return self._run_rows(rows, lo, mid) + self._run_rows(rows, mid, hi)
@@ -213,6 +213,7 @@ def _without_frames(error: BaseException) -> BaseException:
     return error
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """``Type: message`` cut to its first line and 300 characters (never empty: ``MemoryError()`` has no message)."""
     text = f"{type(error).__name__}: {error}"
     return text.splitlines()[0][:300]

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from pipeline.batching import is_out_of_memory, release_memory
+from pipeline.batching import first_line, is_out_of_memory, release_memory
 from pipeline.errors import FilterError, MediasieveError, OutOfMemory
 from pipeline.media.item import MediaItem
 
@@ -137,7 +137,7 @@ class Filter:
         except Exception as e:  # noqa: BLE001 - any bug in a filter fails this item, not the job
             if is_out_of_memory(e):  # not the filter's bug: retryable, and the memory is given back first
                 release_memory()
-                raise OutOfMemory(f"{self.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+                raise OutOfMemory(f"{self.name}: {first_line(e)}") from e
             raise FilterError(f"{self.name}: {type(e).__name__}: {e}") from e
         return result, time.perf_counter() - start
 

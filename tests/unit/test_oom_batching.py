@@ -314,6 +314,12 @@ def test_a_filter_that_runs_out_of_memory_outside_a_batch_fails_its_item_retryab
     with pytest.raises(OutOfMemory, match="big: RuntimeError: .*can't allocate memory") as e:
         WholeClipOnDevice("big", None).run(None, FilterContext("cpu", None))
     assert is_retryable(e.value) and "\n" not in str(e.value)
+    class HostRefused(Filter):  # MemoryError() carries no message at all
+        def apply(self, media, ctx):
+            raise MemoryError()
+
+    with pytest.raises(OutOfMemory, match="^host: MemoryError: $"):
+        HostRefused("host", None).run(None, FilterContext("cpu", None))
     with pytest.raises(FilterError) as e:  # a bug stays a bug: not retried
         Buggy("buggy", None).run(None, FilterContext("cpu", None))
     assert not is_retryable(e.value)
