@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import MediasieveError
-from pipeline.writer import PARTS_DIR, commit_bytes, is_local_fs
+from pipeline.writer import PARTS_DIR, commit_bytes, commit_file, is_local_fs
 
 log = logging.getLogger(__name__)
 
@@ -238,18 +238,7 @@ def _write_merged(fs, sources: list[str], schema: pa.Schema, final: str, tmp_dir
         if got != want:
             raise RuntimeError(f"merged part holds {got} rows, its sources {want}; nothing was committed")
         size = os.path.getsize(local)
-        if is_local_fs(fs):  # a temporary name beside the output, renamed into place
-            fs.makedirs(tmp_dir, exist_ok=True)
-            tmp = f"{tmp_dir}/{final.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
-            try:
-                fs.put_file(local, tmp)
-                fs.mv(tmp, final)
-            except BaseException:
-                if fs.exists(tmp):
-                    fs.rm_file(tmp)
-                raise
-        else:  # one PUT, or a multipart upload: the object exists only once the upload completes
-            fs.put_file(local, final)
+        commit_file(fs, final, local, tmp_dir)
         return want, size
     finally:
         os.remove(local)

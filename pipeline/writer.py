@@ -65,20 +65,34 @@ def commit_bytes(fs: fsspec.AbstractFileSystem, final_path: str, data: bytes, tm
     final key (never a streaming upload, which commits a partial object when the writer fails mid-way).
     """
     if is_local_fs(fs):
-        fs.makedirs(tmp_dir, exist_ok=True)
-        tmp = f"{tmp_dir}/{final_path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with fs.open(tmp, "wb") as f:
-                f.write(data)
-            fs.mv(tmp, final_path)
-        except BaseException:
-            try:  # a full disk would otherwise keep a partial file per retry
-                fs.rm_file(tmp)
-            except OSError:
-                pass
-            raise
+        _rename_into_place(fs, final_path, tmp_dir, lambda tmp: fs.pipe_file(tmp, data))
     else:
         fs.pipe_file(final_path, data)
+
+
+def commit_file(fs: fsspec.AbstractFileSystem, final_path: str, local_path: str, tmp_dir: str) -> None:
+    """``commit_bytes`` for a local file too large to hold in memory: on a filesystem a temporary copy renamed into
+    place; on an object store one upload (a multipart one creates the object only when it completes)."""
+    if is_local_fs(fs):
+        _rename_into_place(fs, final_path, tmp_dir, lambda tmp: fs.put_file(local_path, tmp))
+    else:
+        fs.put_file(local_path, final_path)
+
+
+def _rename_into_place(fs: fsspec.AbstractFileSystem, final_path: str, tmp_dir: str, write) -> None:
+    """``write(tmp)`` a temporary file in ``tmp_dir``, then rename it to ``final_path``; on any failure the temporary
+    file goes (a full disk would otherwise keep a partial file per retry)."""
+    fs.makedirs(tmp_dir, exist_ok=True)
+    tmp = f"{tmp_dir}/{final_path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        write(tmp)
+        fs.mv(tmp, final_path)
+    except BaseException:
+        try:
+            fs.rm_file(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def commit_latest_table(fs: fsspec.AbstractFileSystem, root: str, folder: str, run_id: str, table: pa.Table,
