@@ -61,7 +61,8 @@ def _parts_dir(root: str) -> str:
     return f"{root.rstrip('/')}/{PARTS_DIR}"
 
 
-def _plans(fs, root: str) -> list[str]:
+def pending_plans(fs, root: str) -> list[str]:
+    """The plans an interrupted compaction left (``finish_pending`` finishes them)."""
     try:
         return sorted(p for p in fs.find(f"{root.rstrip('/')}/{PLAN_DIR}") if p.endswith(".json"))
     except FileNotFoundError:
@@ -86,7 +87,7 @@ def finish_pending(fs: fsspec.AbstractFileSystem, root: str) -> int:
     done = 0
     parts = _parts_dir(root)
     fs.invalidate_cache()  # a listing cached by this process (s3fs keeps them) would hide what another one wrote
-    for plan_path in _plans(fs, root):
+    for plan_path in pending_plans(fs, root):
         try:
             plan = json.loads(fs.cat_file(plan_path))
             target, sources = f"{parts}/{plan['target']}", [f"{parts}/{s}" for s in plan["sources"]]

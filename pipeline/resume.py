@@ -284,7 +284,7 @@ class OutputLease:
     def _write(self) -> None:
         commit_bytes(self.fs, self.path, json.dumps(self._record()).encode(), f"{self.root}/_tmp")
 
-    def _read(self) -> dict | None:
+    def read(self) -> dict | None:
         """The lease record as it stands (None where there is none, or it cannot be read)."""
         try:
             rec = json.loads(self.fs.cat_file(self.path))
@@ -296,7 +296,7 @@ class OutputLease:
 
     def holder(self) -> dict | None:
         """The current lease record when it is live, else None."""
-        rec = self._read()
+        rec = self.read()
         if rec is None:
             return None
         if rec.get("run_id") == self.run_id:
@@ -327,7 +327,7 @@ class OutputLease:
             )
         self._write()
         time.sleep(self.settle_s)  # a run that found the lease free at the same moment has written it by now
-        rec = self._read()
+        rec = self.read()
         if rec is None or rec.get("run_id") != self.run_id:
             rec = rec or {}
             raise OutputLockedError(
@@ -339,7 +339,7 @@ class OutputLease:
     def _beat(self) -> None:
         while not self._stop.wait(max(1.0, self.timeout_s / 4)):
             try:
-                rec = self._read()
+                rec = self.read()
                 if rec is not None and rec.get("run_id") != self.run_id:
                     self.lost = rec  # never overwrite another run's lease: it holds the output now
                     log.error("run %s (host %s) took over the output lease: this run's heartbeat was late (a paused "

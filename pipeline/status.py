@@ -16,12 +16,11 @@ import fsspec
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from pipeline.compaction import PLAN_DIR
+from pipeline.compaction import pending_plans
 from pipeline.config import JobConfig
 from pipeline.crashes import read_ledger
 from pipeline.manifest import SPILL_DIR, open_manifest
 from pipeline.resume import (
-    LEASE,
     SUCCESS_MARKER,
     SUMMARY,
     OutputLease,
@@ -76,7 +75,7 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
 
     lease = OutputLease(out.dir, out.storage_options, "status", out.lease_timeout_s)
     live = lease.holder()
-    left = None if live is not None else _read_json(fs, f"{root}/{LEASE}")
+    left = None if live is not None else lease.read()
     run: dict[str, Any] = {"live": live is not None}
     if live is not None:
         run.update(run_id=live.get("run_id"), host=live.get("host"), pid=live.get("pid"),
@@ -106,10 +105,7 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
     by_type: dict[str, int] = {}
     for rec in latest.values():
         by_type[rec["error_type"]] = by_type.get(rec["error_type"], 0) + 1
-    try:
-        plans = [p for p in fs.ls(f"{root}/{PLAN_DIR}", detail=False) if p.endswith(".json")]
-    except FileNotFoundError:
-        plans = []
+    plans = pending_plans(fs, root)
     ledger = read_ledger(out.dir, out.storage_options).get("items", {})
     limit = cfg.resume.max_item_crashes
     return {
