@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from models.circuit_breaker import is_out_of_memory
-from pipeline.errors import OutOfMemory
+from pipeline.errors import OutOfMemory, error_chain
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +204,8 @@ class DynamicBatcher:
 def _without_frames(error: BaseException) -> BaseException:
     """``error`` and its causes without their tracebacks, whose frames hold the tensors of the call that failed (the
     memory a retry needs); the message and the chain of causes stay."""
-    seen = error
-    for _ in range(8):
-        if seen is None:
-            break
-        seen.__traceback__ = None
-        seen = seen.__cause__ or seen.__context__
+    for e in error_chain(error):
+        e.__traceback__ = None
     return error
 
 

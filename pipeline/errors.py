@@ -6,6 +6,8 @@ Item failures become rows whose ``error_type`` is the class name of one of these
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class MediasieveError(Exception):
     """Base of every error this project raises on purpose."""
@@ -130,3 +132,13 @@ def is_retryable(error: BaseException) -> bool:
         if cls in RETRYABLE:
             return RETRYABLE[cls]
     return False
+
+
+def error_chain(error: BaseException | None, limit: int = 8) -> Iterator[BaseException]:
+    """``error`` and the errors it was raised from or during (``__cause__``, else ``__context__``), at most
+    ``limit`` of them: what a check of "was this, deep down, a full disk / an out-of-memory" walks."""
+    for _ in range(limit):
+        if error is None:
+            return
+        yield error
+        error = error.__cause__ or error.__context__

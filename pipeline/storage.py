@@ -31,6 +31,7 @@ from pipeline.errors import (
     FetchError,
     NotFoundError,
     TransientFetchError,
+    error_chain,
 )
 
 log = logging.getLogger(__name__)
@@ -131,13 +132,7 @@ def backoff_delays(retries: int, base_s: float, max_s: float, rng: random.Random
 
 def _disk_full(error: BaseException) -> bool:
     """Whether ``error`` or an error it came from is ENOSPC or EDQUOT (a full disk or quota)."""
-    seen = 0
-    while error is not None and seen < 8:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        error = error.__cause__ or error.__context__
-        seen += 1
-    return False
+    return any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in error_chain(error))
 
 
 def _disk_full_message(cfg: StorageConfig, cache: NodeCache, url: str, error: BaseException) -> str:
