@@ -83,6 +83,12 @@ class StorageConfig:
     """http(s) URLs: a server that sends nothing for this long fails the attempt (transient, so it is retried).
     There is no limit on a whole download, which aiohttp otherwise sets to 5 minutes (a 5 GB file at 10 MB/s
     never finished)."""
+    fetch_silence_s: float | None = 300.0
+    """A fetch during which no byte arrives and no new attempt starts for this long is abandoned: its item gets a
+    ``FetchTimeout`` row (retryable) and the producer goes on (a hung mount or an endpoint that never answers
+    otherwise holds the producer, and then the rank, for good, and on every rerun again). When as many fetches
+    in a row as there are producers go silent with none served between them, the storage is down for this node
+    and the rank stops (``StorageHungError``, exit code 1). Below ``runtime.stall_timeout_s``; None: no limit."""
 
 
 @dataclass(frozen=True)
@@ -463,6 +469,10 @@ def validate_config(cfg: JobConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if cfg.storage.retries < 0:
         raise ConfigError("storage.retries must be >= 0")
+    silence = cfg.storage.fetch_silence_s
+    if silence is not None and not 0 < silence < cfg.runtime.stall_timeout_s:
+        raise ConfigError(f"storage.fetch_silence_s={silence:g} must be above 0 and below runtime.stall_timeout_s="
+                          f"{cfg.runtime.stall_timeout_s:g} (else a hung fetch stalls the rank first)")
     item_limit = cfg.runtime.item_timeout_s
     if item_limit is not None and not 0 < item_limit < cfg.runtime.stall_timeout_s:
         raise ConfigError(f"runtime.item_timeout_s={item_limit} must be above 0 and below runtime.stall_timeout_s="

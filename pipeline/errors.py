@@ -39,6 +39,12 @@ class CacheFullError(MediasieveError):
     would fail, so the rank stops instead of turning the rest of its share of the manifest into failure rows."""
 
 
+class StorageHungError(MediasieveError):
+    """Fetch after fetch went silent (``storage.fetch_silence_s``) with none served in between: the storage (a
+    hung mount, an endpoint that accepts and never answers) is down for this node, and every item left in the
+    rank's share would get a ``FetchTimeout`` row, so the rank stops instead."""
+
+
 class DependencyError(MediasieveError):
     """An optional package needed by the configured filters is not installed."""
 
@@ -66,6 +72,11 @@ class AccessDeniedError(FetchError):
 
 class TransientFetchError(FetchError):
     """A timeout, 5xx or throttling answer that survived every retry."""
+
+
+class FetchTimeout(TransientFetchError):
+    """The fetch went silent for ``storage.fetch_silence_s`` (no byte, no new attempt): it was abandoned on its
+    thread (Python cannot kill it) so that the rank goes on; a rerun tries the item again."""
 
 
 class DecodeError(ItemError):

@@ -36,11 +36,13 @@ from pipeline.distributed import (
 )
 from pipeline.errors import (
     CrashError,
+    FetchTimeout,
     ItemError,
     ItemTimeout,
     MediasieveError,
     OutputLockedError,
     ShutdownError,
+    StorageHungError,
     is_retryable,
 )
 from pipeline.filters import FilterContext, SetupContext, batch_stats, build_filters, frame_requests_of
@@ -240,12 +242,11 @@ class RankWorkers:
                 start = time.time()
                 t0 = time.perf_counter()
                 try:
-                    if self.cfg.storage.fetch:
-                        fetched = self.fetcher.fetch(row[self.path_col] or "", self.stop.is_set)
-                    else:
-                        fetched = FetchedItem("", "none", 0, row[self.path_col] or "", 0)
+                    fetched = self._fetch(row[self.path_col] or "")
                 except ItemError as e:
                     self._emit(self._row(row, start, time.perf_counter() - t0, None, {}, {}, e, None))
+                    if isinstance(e, FetchTimeout):
+                        self._check_storage_alive(e)
                     continue
                 task = _Task(row, fetched, start, time.perf_counter() - t0)
                 if not self.queue.put(task, self.stop):
@@ -254,6 +255,27 @@ class RankWorkers:
         finally:
             with self._plock:
                 self._producers_left -= 1
+
+    def _fetch(self, path: str) -> FetchedItem:
+        storage = self.cfg.storage
+        if not storage.fetch:
+            return FetchedItem("", "none", 0, path, 0)
+        if storage.fetch_silence_s is None:
+            return self.fetcher.fetch(path, self.stop.is_set)
+        return self.fetcher.fetch_watched(path, self.stop.is_set, storage.fetch_silence_s)
+
+    def _check_storage_alive(self, last: FetchTimeout) -> None:
+        """Stop the rank once as many fetches in a row as there are producers (at least 2) went silent with none
+        served between them: the storage is down for this node, and the rest of the share would all time out."""
+        silent = self.fetcher.silent_in_a_row
+        if silent < max(2, self.cfg.runtime.producers) or self.stop.is_set():
+            return
+        self._fatal.append(StorageHungError(
+            f"{silent} fetches in a row went silent for storage.fetch_silence_s={self.cfg.storage.fetch_silence_s:g}s "
+            f"with none served between them ({self.fetcher.hung_fetches} still hung); the last: {last}. The storage "
+            "is down for this node (a hung mount, an endpoint that does not answer): the rank stops, committed rows "
+            "are kept, and a rerun tries these items again"))
+        self.stop.set()
 
     def _producers_done(self) -> bool:
         return self._producers_left == 0
@@ -386,7 +408,8 @@ class RankWorkers:
         cache = self.fetcher.cache
         snap.update(queue_depth=self.queue.qsize(), pool_wait_s=round(self.pool.wait_seconds, 3),
                     units_taken=self.source.units_taken, rows_committed=self.writer.rows_committed,
-                    fetch_retries=self.fetcher.retries_done, cache_bytes=cache.bytes_used if cache else 0,
+                    fetch_retries=self.fetcher.retries_done, fetches_hung=self.fetcher.hung_fetches,
+                    cache_bytes=cache.bytes_used if cache else 0,
                     cache_evictions=cache.evictions if cache else 0, suspects_rehearsed=self._rehearsed,
                     suspects_refused=self._refused, batches=batch_stats(self.filters))
         return snap

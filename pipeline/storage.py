@@ -29,6 +29,7 @@ from pipeline.errors import (
     BadInputError,
     CacheFullError,
     FetchError,
+    FetchTimeout,
     NotFoundError,
     TransientFetchError,
     error_chain,
@@ -388,6 +389,41 @@ class FetchedItem:
             self._release = None
 
 
+class FetchProgress:
+    """What a fetch in flight did last, for a watchdog on another thread: the attempt it is on (tier, URL) and the
+    partial download's size. The size is read from the file in the node cache, so a byte counts whatever the
+    filesystem (s3fs, http, a local copy, which reports no progress of its own)."""
+
+    def __init__(self) -> None:
+        self.tier: str | None = None
+        self.url: str | None = None
+        self.tmp: str | None = None
+        self.abandoned = False
+        self._mark = time.monotonic()
+        self._size = -1
+
+    def attempt(self, tier: str, url: str) -> None:
+        """A new attempt starts (on the fetch's thread): it counts as progress."""
+        self.tier, self.url, self.tmp = tier, url, None
+        self._mark, self._size = time.monotonic(), -1
+
+    @property
+    def size(self) -> int:
+        """The partial download's size when last looked at (-1: none yet)."""
+        return self._size
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the last attempt began or the download last grew (on the watchdog's thread)."""
+        tmp = self.tmp
+        try:
+            size = os.path.getsize(tmp) if tmp else -1
+        except OSError:
+            size = -1
+        if size != self._size:
+            self._size, self._mark = size, now
+        return now - self._mark
+
+
 class TieredFetcher:
     """Fetch an item through ordered tiers with retries, landing it in the node cache.
 
@@ -410,6 +446,10 @@ class TieredFetcher:
         self._fs_lock = threading.Lock()
         self._fs: dict[tuple, fsspec.AbstractFileSystem] = {}
         self.retries_done = 0
+        self.silent_in_a_row = 0
+        """Fetches abandoned as silent since the last one a tier served (``fetch_watched``)."""
+        self.hung_fetches = 0
+        """Abandoned fetches whose threads have not returned yet."""
         self._counter_lock = threading.Lock()
         for tier in self.tiers:  # bad tier options are a config error before any work, not an item failure
             try:
@@ -450,12 +490,81 @@ class TieredFetcher:
             raise BadInputError(f"relative path {path!r} but no storage tiers are configured")
         return [(t.name, t.root.rstrip("/") + "/" + rel, t.storage_options) for t in self.tiers]
 
-    def fetch(self, path: str, should_stop: Callable[[], bool] = lambda: False) -> FetchedItem:
+    def _cached(self, candidates: list[tuple[str, str, dict]]) -> FetchedItem | None:
+        """The node cache's copy of any of the candidate URLs (pinned), before any tier is asked."""
+        for _tier, url, _options in candidates if self.cache is not None else ():
+            hit = self.cache.lookup(url)
+            if hit is not None:
+                return FetchedItem(hit[0], "cache", hit[1], url, 0, lambda u=url: self.cache.release(u))
+        return None
+
+    def fetch_watched(self, path: str, should_stop: Callable[[], bool], silence_s: float,
+                      poll_s: float = 0.5) -> FetchedItem:
+        """``fetch`` on a thread of its own, given up once it goes silent for ``silence_s``: no byte and no new
+        attempt (a hung mount, an endpoint that holds the connection and sends nothing). Python cannot kill the
+        thread: it is left behind, told to stop at its next retry, and what it fetches late is released.
+
+        Raises:
+            FetchTimeout: the fetch went silent (counted in ``silent_in_a_row`` until a tier serves one again).
+            BadInputError, FetchError: as ``fetch``.
+        """
+        hit = self._cached(self.candidates(path))  # no thread for what the node has already
+        if hit is not None:
+            return hit
+        progress = FetchProgress()
+        box: dict[str, object] = {}
+        done = threading.Event()
+        lock = threading.Lock()
+
+        def work() -> None:
+            try:
+                box["item"] = self.fetch(path, lambda: should_stop() or progress.abandoned, progress)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting producer, or dropped if it left
+                box["error"] = e
+            with lock:
+                done.set()
+                late = progress.abandoned
+            if late:
+                with self._counter_lock:
+                    self.hung_fetches -= 1
+                if "item" in box:
+                    box["item"].release()
+                log.warning("an abandoned fetch of %r returned after all (%s)", path,
+                            "fetched" if "item" in box else type(box.get("error")).__name__)
+
+        threading.Thread(target=work, daemon=True, name=f"{threading.current_thread().name}-fetch").start()
+        while not done.wait(poll_s):
+            silent = progress.silent_for(time.monotonic())
+            if silent < silence_s:
+                continue
+            with lock:
+                if done.is_set():
+                    break
+                progress.abandoned = True
+            with self._counter_lock:
+                self.silent_in_a_row += 1
+                self.hung_fetches += 1
+            where = f"{progress.tier}: {progress.url}" if progress.url else repr(path)
+            got = f"after {progress.size} bytes" if progress.size > 0 else "before any byte"
+            raise FetchTimeout(f"{where}: no byte and no new attempt for {silent:.1f}s ({got}; "
+                               f"storage.fetch_silence_s={silence_s:g}): the storage looks hung; the fetch was "
+                               "abandoned")
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        item: FetchedItem = box["item"]  # type: ignore[assignment]
+        if item.tier != "cache":
+            with self._counter_lock:
+                self.silent_in_a_row = 0
+        return item
+
+    def fetch(self, path: str, should_stop: Callable[[], bool] = lambda: False,
+              progress: FetchProgress | None = None) -> FetchedItem:
         """Fetch ``path`` through the cache and the tiers.
 
         Args:
             path: the manifest path (absolute URL or tier-relative).
             should_stop: polled between retries so shutdown is not held up by backoff.
+            progress: told of each attempt and of the partial download, for ``fetch_watched``.
 
         Returns:
             The local file with its serving tier.
@@ -465,14 +574,13 @@ class TieredFetcher:
             FetchError: the most informative failure over all tiers (transient beats denied beats not found).
         """
         candidates = self.candidates(path)
+        hit = self._cached(candidates)
+        if hit is not None:
+            return hit
         errors: list[FetchError] = []
         for tier, url, options in candidates:
-            if self.cache is not None:
-                hit = self.cache.lookup(url)
-                if hit is not None:
-                    return FetchedItem(hit[0], "cache", hit[1], url, 0, lambda u=url: self.cache.release(u))
             try:
-                return self._fetch_from_tier(tier, url, options, should_stop)
+                return self._fetch_from_tier(tier, url, options, should_stop, progress or FetchProgress())
             except FetchError as e:
                 errors.append(e)
         rank = {TransientFetchError: 3, AccessDeniedError: 2, FetchError: 1, NotFoundError: 0}
@@ -482,14 +590,16 @@ class TieredFetcher:
             raise type(worst)(f"no tier served {path!r} ({detail})") from worst
         raise worst
 
-    def _fetch_from_tier(self, tier: str, url: str, options: dict, should_stop: Callable[[], bool]) -> FetchedItem:
+    def _fetch_from_tier(self, tier: str, url: str, options: dict, should_stop: Callable[[], bool],
+                         progress: FetchProgress) -> FetchedItem:
         delays = backoff_delays(self.cfg.retries, self.cfg.backoff_base_s, self.cfg.backoff_max_s)
         attempt = 0
         made_room = False
         while True:
             attempt += 1
+            progress.attempt(tier, url)
             try:
-                return self._fetch_once(tier, url, options, attempt)
+                return self._fetch_once(tier, url, options, attempt, progress)
             except Exception as e:  # noqa: BLE001 - every storage error is classified below
                 if self.cache is not None and _disk_full(e):
                     # the node's disk, not the item: make room once, else stop the rank (see CacheFullError)
@@ -511,7 +621,7 @@ class TieredFetcher:
                 log.debug("transient error on %s (attempt %d), retrying in %.2fs: %s", url, attempt, delay, e)
                 self._sleep(delay)
 
-    def _fetch_once(self, tier: str, url: str, options: dict, attempt: int) -> FetchedItem:
+    def _fetch_once(self, tier: str, url: str, options: dict, attempt: int, progress: FetchProgress) -> FetchedItem:
         fs, rpath = self._filesystem(url, options)
         size = None
         if _protocol(url) not in ("http", "https"):
@@ -528,6 +638,7 @@ class TieredFetcher:
                 raise FetchError("storage.use_cache=false supports local-filesystem tiers only")
             return FetchedItem(rpath, tier, size, url, attempt)
         tmp = self.cache.tmp_path(url)
+        progress.tmp = tmp
         try:
             # the cap holds while the bytes stream too, where no size was listed (an endless response cannot fill
             # the disk); an http(s) body cut short of its Content-Length raises the HTTP stack's payload error

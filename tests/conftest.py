@@ -88,7 +88,8 @@ def base_config(manifest: str, corpus: str, out: str, cache: str, **sections) ->
     """A raw job config over a local tier; keyword sections are merged in."""
     raw = {
         "input": {"manifest": manifest},
-        "storage": {"cache_dir": cache, "tiers": [{"name": "shared", "root": corpus}], "backoff_base_s": 0.05},
+        "storage": {"cache_dir": cache, "tiers": [{"name": "shared", "root": corpus}], "backoff_base_s": 0.05,
+                    "fetch_silence_s": 30},
         "runtime": {"producers": 2, "consumers": 2, "queue_depth": 4, "unit_size": 2, "progress": False,
                     "stall_timeout_s": 60, "item_timeout_s": 45},
         "output": {"dir": out, "rows_per_file": 5, "flush_interval_s": 5, "lease_timeout_s": 30},

@@ -44,19 +44,28 @@ class MotoS3:
 
 class FaultProxy:
     """Forwards HTTP to ``upstream_port``, answering 500 for ``fail_ratio`` of requests and stalling
-    ``stall_s`` before ``stall_ratio`` of them; ``latency_s`` is added to every request.
+    ``stall_s`` before ``stall_ratio`` of them; ``latency_s`` is added to every request. A request whose path holds
+    a key of ``hang`` gets no answer until the proxy stops (a hung endpoint: the connection open, nothing sent), or,
+    where the key's value is a byte count, a GET gets its headers and that many bytes of the body first. A GET whose path
+    holds one of ``trickle_paths`` gets its body in 64 KiB pieces ``trickle_s`` apart (a slow but live link).
 
     Faults are drawn from a seeded generator, and counted, so a test can check that they happened.
     """
 
     def __init__(self, upstream_port: int, fail_ratio: float = 0.0, stall_ratio: float = 0.0, stall_s: float = 0.0,
-                 latency_s: float = 0.0, seed: int = 0, only_get: bool = False):
+                 latency_s: float = 0.0, seed: int = 0, only_get: bool = False, hang: dict[str, int | None] | None = None,
+                 trickle_paths: tuple[str, ...] = (), trickle_s: float = 0.0):
         self.upstream_port = upstream_port
         self.fail_ratio = fail_ratio
         self.stall_ratio = stall_ratio
         self.stall_s = stall_s
         self.latency_s = latency_s
         self.only_get = only_get
+        self.hang = dict(hang or {})
+        self.trickle_paths = tuple(trickle_paths)
+        self.trickle_s = trickle_s
+        self.hung = 0
+        self._stopped = threading.Event()
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.failed = 0
@@ -75,6 +84,12 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = proxy._draw(self.command, self.path)
+                hang_after = next((n for k, n in proxy.hang.items() if k in self.path), None)
+                if fault == "hang" and hang_after is None:
+                    proxy._stopped.wait()
+                    return
+                if fault == "hang" and self.command != "GET":
+                    fault = None  # the HEAD passes; its GET hangs part way
                 if proxy.latency_s:
                     time.sleep(proxy.latency_s)
                 if fault == "fail":
@@ -103,7 +118,18 @@ class FaultProxy:
                     length = resp.getheader("Content-Length") if self.command == "HEAD" else None
                     self.send_header("Content-Length", length or str(len(data)))
                     self.end_headers()
-                    if self.command != "HEAD":
+                    if self.command == "HEAD":
+                        pass
+                    elif fault == "hang":
+                        self.wfile.write(data[:hang_after])
+                        self.wfile.flush()
+                        proxy._stopped.wait()
+                    elif any(p in self.path for p in proxy.trickle_paths):
+                        for at in range(0, len(data), 1 << 16):
+                            self.wfile.write(data[at:at + (1 << 16)])
+                            self.wfile.flush()
+                            time.sleep(proxy.trickle_s)
+                    else:
                         self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout) while we stalled
@@ -123,6 +149,9 @@ class FaultProxy:
         with self.lock:
             self.requests += 1
             self.seen.append((method, path))
+            if any(h in path for h in self.hang):
+                self.hung += 1
+                return "hang"
             if self.only_get and method not in ("GET", "HEAD"):
                 return None
             x = self.rng.random()
@@ -135,6 +164,7 @@ class FaultProxy:
             return None
 
     def stop(self) -> None:
+        self._stopped.set()
         self.server.shutdown()
         self.server.server_close()
 

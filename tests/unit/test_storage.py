@@ -279,3 +279,39 @@ def test_a_full_disk_or_quota_makes_room_once_then_stops_the_rank(tmp_path, monk
     with pytest.raises(CacheFullError, match="is full"):
         f.fetch("f2.bin")
     assert not any(p.name.endswith(".part") for p in (tmp_path / "cache" / ".tmp").iterdir())
+
+
+def test_an_abandoned_fetch_that_returns_late_is_released_and_counted(tmp_path):
+    """``fetch_watched`` gives a silent fetch up (``FetchTimeout``); when its thread returns after all, what it fetched
+    is unpinned, so the cache can evict it. A served fetch ends a run of silent ones; a cache hit does not."""
+    from pipeline.errors import FetchTimeout
+
+    (tmp_path / "t").mkdir()
+    for name in ("slow.bin", "ok.bin"):
+        (tmp_path / "t" / name).write_bytes(b"x" * 100)
+    f = _local_fetcher(tmp_path, [TierConfig("t", str(tmp_path / "t"))])
+    real, gate = f._fetch_once, threading.Event()
+
+    def held(tier, url, options, attempt, progress):  # a read that blocks (a hung mount) until the gate opens
+        if url.endswith("slow.bin"):
+            gate.wait(30)
+        return real(tier, url, options, attempt, progress)
+
+    f._fetch_once = held
+    with pytest.raises(FetchTimeout, match=r"t: .*slow\.bin: no byte and no new attempt .*before any byte") as e:
+        f.fetch_watched("slow.bin", lambda: False, silence_s=0.3, poll_s=0.05)
+    assert is_retryable(e.value)
+    assert f.silent_in_a_row == 1 and f.hung_fetches == 1
+    gate.set()  # the hung read returns: the late fetch lands in the cache and is released at once
+    for _ in range(100):
+        if f.hung_fetches == 0:
+            break
+        threading.Event().wait(0.05)
+    assert f.hung_fetches == 0
+    hit = f.fetch_watched("slow.bin", lambda: False, silence_s=0.3)
+    assert hit.tier == "cache"  # the late fetch landed in the cache
+    assert f.silent_in_a_row == 1  # a cache hit says nothing of the storage
+    hit.release()
+    assert f.cache.make_room() == 100  # and nothing pins it: the late fetch's own pin was dropped
+    assert f.fetch_watched("ok.bin", lambda: False, silence_s=0.3).tier == "t"
+    assert f.silent_in_a_row == 0
