@@ -89,6 +89,10 @@ class StorageConfig:
     otherwise holds the producer, and then the rank, for good, and on every rerun again). When as many fetches
     in a row as there are producers go silent with none served between them, the storage is down for this node
     and the rank stops (``StorageHungError``, exit code 1). Below ``runtime.stall_timeout_s``; None: no limit."""
+    hung_tier_skip_s: float = 600.0
+    """A tier on which a fetch went silent (``fetch_silence_s``) while later tiers remain is skipped for this long:
+    its items are fetched from the tiers after it at once, instead of each waiting out the silence. Then it is tried
+    again; still silent, it is skipped twice as long (up to 16 times this), until it serves a fetch."""
 
 
 @dataclass(frozen=True)
@@ -469,6 +473,8 @@ def validate_config(cfg: JobConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if cfg.storage.retries < 0:
         raise ConfigError("storage.retries must be >= 0")
+    if cfg.storage.hung_tier_skip_s <= 0:
+        raise ConfigError(f"storage.hung_tier_skip_s={cfg.storage.hung_tier_skip_s:g} must be above 0")
     silence = cfg.storage.fetch_silence_s
     if silence is not None and not 0 < silence < cfg.runtime.stall_timeout_s:
         raise ConfigError(f"storage.fetch_silence_s={silence:g} must be above 0 and below runtime.stall_timeout_s="

@@ -150,6 +150,11 @@ class PrometheusExporter:
                                  "after running out of memory)", labels + ["model"], registry=self.registry)
         self.oom_splits = Gauge("mediasieve_oom_splits", "Model batches split after running out of memory",
                                 labels + ["model"], registry=self.registry)
+        self.fetches_hung = Gauge("mediasieve_fetches_hung", "Fetches given up as silent whose threads are still stuck",
+                                  labels, registry=self.registry)
+        self.tier_skipped = Gauge("mediasieve_tier_skipped", "1 while a storage tier is skipped (a fetch from it "
+                                  "went silent)", labels + ["tier"], registry=self.registry)
+        self._tiers_seen_skipped: set[str] = set()
         self.server, self.thread = start_http_server(port, registry=self.registry)
 
     def update(self, snap: dict[str, Any]) -> None:
@@ -167,6 +172,11 @@ class PrometheusExporter:
         for model, b in snap.get("batches", {}).items():
             self.batch_limit.labels(self.rank, model).set(b["batch_limit"])
             self.oom_splits.labels(self.rank, model).set(b["oom_splits"])
+        self.fetches_hung.labels(self.rank).set(snap.get("fetches_hung", 0))
+        skipped = set(snap.get("tiers_skipped", ()))
+        self._tiers_seen_skipped |= skipped
+        for tier in self._tiers_seen_skipped:
+            self.tier_skipped.labels(self.rank, tier).set(1 if tier in skipped else 0)
 
     def close(self) -> None:
         self.server.shutdown()

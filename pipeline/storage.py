@@ -450,6 +450,7 @@ class TieredFetcher:
         """Fetches abandoned as silent since the last one a tier served (``fetch_watched``)."""
         self.hung_fetches = 0
         """Abandoned fetches whose threads have not returned yet."""
+        self._skips: dict[str, tuple[float, float]] = {}  # tier -> (skipped until, monotonic; length of the skip)
         self._counter_lock = threading.Lock()
         for tier in self.tiers:  # bad tier options are a config error before any work, not an item failure
             try:
@@ -504,13 +505,44 @@ class TieredFetcher:
         attempt (a hung mount, an endpoint that holds the connection and sends nothing). Python cannot kill the
         thread: it is left behind, told to stop at its next retry, and what it fetches late is released.
 
+        A tier that goes silent while later tiers remain is skipped (``storage.hung_tier_skip_s``) and the item is
+        fetched from the tiers after it: a hung shared filesystem costs one wait per producer, not the job.
+
         Raises:
-            FetchTimeout: the fetch went silent (counted in ``silent_in_a_row`` until a tier serves one again).
+            FetchTimeout: the fetch went silent on its last tier (counted in ``silent_in_a_row`` until a tier
+                serves one again).
             BadInputError, FetchError: as ``fetch``.
         """
-        hit = self._cached(self.candidates(path))  # no thread for what the node has already
+        candidates = self.candidates(path)
+        hit = self._cached(candidates)  # no thread for what the node has already
         if hit is not None:
             return hit
+        candidates = self._not_skipped(candidates)
+        while True:
+            item, progress, silent = self._watch(path, candidates, should_stop, silence_s, poll_s)
+            if item is not None:
+                if item.tier != "cache":
+                    with self._counter_lock:
+                        self.silent_in_a_row = 0
+                return item
+            names = [c[0] for c in candidates]
+            later = candidates[names.index(progress.tier) + 1:] if progress.tier in names else []
+            if later:
+                self._skip(progress.tier, f"a fetch of {progress.url} went silent for {silent:.0f}s")
+                candidates = later
+                continue
+            with self._counter_lock:
+                self.silent_in_a_row += 1
+            where = f"{progress.tier}: {progress.url}" if progress.url else repr(path)
+            got = f"after {progress.size} bytes" if progress.size > 0 else "before any byte"
+            raise FetchTimeout(f"{where}: no byte and no new attempt for {silent:.1f}s ({got}; "
+                               f"storage.fetch_silence_s={silence_s:g}): the storage looks hung; the fetch was "
+                               "abandoned")
+
+    def _watch(self, path: str, candidates: list[tuple[str, str, dict]], should_stop: Callable[[], bool],
+               silence_s: float, poll_s: float) -> tuple[FetchedItem | None, FetchProgress, float]:
+        """Run ``fetch`` over ``candidates`` on a new thread: its item, or None with the progress of a fetch that
+        went silent for the returned seconds (abandoned: counted in ``hung_fetches`` until its thread returns)."""
         progress = FetchProgress()
         box: dict[str, object] = {}
         done = threading.Event()
@@ -518,7 +550,7 @@ class TieredFetcher:
 
         def work() -> None:
             try:
-                box["item"] = self.fetch(path, lambda: should_stop() or progress.abandoned, progress)
+                box["item"] = self.fetch(path, lambda: should_stop() or progress.abandoned, progress, candidates)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting producer, or dropped if it left
                 box["error"] = e
             with lock:
@@ -542,29 +574,55 @@ class TieredFetcher:
                     break
                 progress.abandoned = True
             with self._counter_lock:
-                self.silent_in_a_row += 1
                 self.hung_fetches += 1
-            where = f"{progress.tier}: {progress.url}" if progress.url else repr(path)
-            got = f"after {progress.size} bytes" if progress.size > 0 else "before any byte"
-            raise FetchTimeout(f"{where}: no byte and no new attempt for {silent:.1f}s ({got}; "
-                               f"storage.fetch_silence_s={silence_s:g}): the storage looks hung; the fetch was "
-                               "abandoned")
+            return None, progress, silent
         if "error" in box:
             raise box["error"]  # type: ignore[misc]
-        item: FetchedItem = box["item"]  # type: ignore[assignment]
-        if item.tier != "cache":
-            with self._counter_lock:
-                self.silent_in_a_row = 0
-        return item
+        return box["item"], progress, 0.0  # type: ignore[return-value]
+
+    @property
+    def skipped_tiers(self) -> dict[str, float]:
+        """The tiers skipped now (a fetch from them went silent), with the seconds until each is tried again."""
+        now = time.monotonic()
+        with self._counter_lock:
+            return {t: round(until - now, 1) for t, (until, _) in sorted(self._skips.items()) if until > now}
+
+    def _not_skipped(self, candidates: list[tuple[str, str, dict]]) -> list[tuple[str, str, dict]]:
+        """``candidates`` less the skipped tiers; all of them where every one is skipped (the item is tried)."""
+        now = time.monotonic()
+        with self._counter_lock:
+            live = [c for c in candidates if self._skips.get(c[0], (0.0, 0.0))[0] <= now]
+        return live or candidates
+
+    def _skip(self, tier: str, why: str) -> None:
+        """Skip ``tier`` for ``hung_tier_skip_s``, twice as long each time it is still silent when tried again (up
+        to 16 times), until it serves a fetch."""
+        now = time.monotonic()
+        with self._counter_lock:
+            until, length = self._skips.get(tier, (0.0, 0.0))
+            if until > now:
+                return  # already skipped: other fetches that were on it when it went silent
+            length = min(2 * length, 16 * self.cfg.hung_tier_skip_s) if length else self.cfg.hung_tier_skip_s
+            self._skips[tier] = (now + length, length)
+        log.warning("storage tier %r skipped for %.0fs: %s; its items are fetched from the tiers after it, and it is "
+                    "tried again after that", tier, length, why)
+
+    def _served(self, tier: str) -> None:
+        with self._counter_lock:
+            skipped = self._skips.pop(tier, None)
+        if skipped is not None:
+            log.warning("storage tier %r serves again: no longer skipped", tier)
 
     def fetch(self, path: str, should_stop: Callable[[], bool] = lambda: False,
-              progress: FetchProgress | None = None) -> FetchedItem:
+              progress: FetchProgress | None = None,
+              candidates: list[tuple[str, str, dict]] | None = None) -> FetchedItem:
         """Fetch ``path`` through the cache and the tiers.
 
         Args:
             path: the manifest path (absolute URL or tier-relative).
             should_stop: polled between retries so shutdown is not held up by backoff.
             progress: told of each attempt and of the partial download, for ``fetch_watched``.
+            candidates: the tiers to try (default: ``candidates(path)`` less the skipped ones).
 
         Returns:
             The local file with its serving tier.
@@ -573,16 +631,21 @@ class TieredFetcher:
             BadInputError: unusable path.
             FetchError: the most informative failure over all tiers (transient beats denied beats not found).
         """
-        candidates = self.candidates(path)
-        hit = self._cached(candidates)
-        if hit is not None:
-            return hit
+        if candidates is None:
+            candidates = self.candidates(path)
+            hit = self._cached(candidates)
+            if hit is not None:
+                return hit
+            candidates = self._not_skipped(candidates)
         errors: list[FetchError] = []
         for tier, url, options in candidates:
             try:
-                return self._fetch_from_tier(tier, url, options, should_stop, progress or FetchProgress())
+                item = self._fetch_from_tier(tier, url, options, should_stop, progress or FetchProgress())
             except FetchError as e:
                 errors.append(e)
+                continue
+            self._served(tier)
+            return item
         rank = {TransientFetchError: 3, AccessDeniedError: 2, FetchError: 1, NotFoundError: 0}
         worst = max(errors, key=lambda e: rank.get(type(e), 1))
         if len(errors) > 1:

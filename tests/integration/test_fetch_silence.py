@@ -2,6 +2,7 @@
 behind a proxy that holds chosen requests open: the item gets a ``FetchTimeout`` row and the rank goes on, a slow but
 live download is left alone, and storage that hangs on every fetch stops the rank instead of failing its share."""
 
+import json
 import os
 import re
 import time
@@ -107,6 +108,32 @@ def test_storage_that_hangs_on_every_fetch_stops_the_rank(tmp_path, media_dir, s
     assert {v["error_type"] for v in got.values()} == {"FetchTimeout"} and len(got) == 2
 
 
+def test_a_hung_tier_is_skipped_and_its_items_come_from_the_next_one(tmp_path, media_dir, s3, bucket):
+    """The usual layout: a shared filesystem first, the object store behind it. The first tier hangs on everything;
+    each producer waits out the silence once, then every item comes from the second tier at once."""
+    name, fs = bucket
+    rows, manifest = _upload(tmp_path, media_dir, fs, name, 12)
+    proxy = FaultProxy(s3.port, hang={"/videos/": None})
+    hung = s3.options(endpoint=proxy.endpoint, read_timeout=3600, retries={"max_attempts": 1})
+    storage = {"cache_dir": str(tmp_path / "cache"), "fetch_silence_s": SILENCE_S, "tiers": [
+        {"name": "shared", "root": f"s3://{name}/videos", "storage_options": hung},
+        {"name": "s3", "root": f"s3://{name}/videos", "storage_options": s3.options()}]}
+    raw = base_config(manifest, "unused", str(tmp_path / "out"), str(tmp_path / "cache"), storage=storage,
+                      runtime={"metrics_interval_s": 0.2})
+    started = time.monotonic()
+    try:
+        outcome = _run(raw)
+    finally:
+        took = time.monotonic() - started
+        proxy.stop()
+    assert outcome.summary["this_run"]["succeeded"] == 12 and outcome.summary["this_run"]["tier_hits"] == {"s3": 12}
+    assert proxy.hung <= 2, proxy.hung  # the hung tier was asked once per producer, not once per item
+    assert took < 20, took  # not 12 silences
+    with open(os.path.join(tmp_path, "out", "_logs", f"metrics-{outcome.run_id}-r00000.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert any(list(line["tiers_skipped"]) == ["shared"] and line["fetches_hung"] >= 1 for line in lines)
+
+
 def test_fetch_silence_must_be_below_the_stall_timeout(tmp_path):
     raw = base_config(str(tmp_path / "m.parquet"), str(tmp_path), str(tmp_path / "out"), str(tmp_path / "cache"),
                       storage={"fetch_silence_s": 60})
@@ -114,4 +141,7 @@ def test_fetch_silence_must_be_below_the_stall_timeout(tmp_path):
         validate_config(build_config(raw))
     raw["storage"]["fetch_silence_s"] = 0
     with pytest.raises(ConfigError, match="fetch_silence_s=0 must be above 0"):
+        validate_config(build_config(raw))
+    raw["storage"].update(fetch_silence_s=30, hung_tier_skip_s=0)
+    with pytest.raises(ConfigError, match="hung_tier_skip_s=0 must be above 0"):
         validate_config(build_config(raw))

@@ -43,7 +43,29 @@ def test_prometheus_endpoint_serves_rank_metrics(tmp_path, media_dir):
     assert "mediasieve_cache_bytes" in seen and "mediasieve_crash_suspects" in seen
     assert 'mediasieve_batch_limit{model="speech_cuts/vad",rank="0"} 128.0' in seen  # no OOM: the configured size
     assert 'mediasieve_oom_splits{model="speech_cuts/vad",rank="0"} 0.0' in seen
+    assert 'mediasieve_fetches_hung{rank="0"} 0.0' in seen
     assert result["outcome"].summary["this_run"]["succeeded"] == 12
+
+
+def test_a_skipped_tier_shows_on_prometheus_while_it_is_skipped():
+    from pipeline.metrics import PrometheusExporter
+
+    port = free_port()
+    exporter = PrometheusExporter(port, rank=3)
+    snap = {"done": 5, "failures_by_type": {}, "tier_hits": {"s3": 5}, "bytes_fetched": 10, "fetches_hung": 2}
+
+    def scrape():
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+
+    try:
+        exporter.update({**snap, "tiers_skipped": {"shared": 580.0}})
+        seen = scrape()
+        assert 'mediasieve_tier_skipped{rank="3",tier="shared"} 1.0' in seen
+        assert 'mediasieve_fetches_hung{rank="3"} 2.0' in seen
+        exporter.update({**snap, "tiers_skipped": {}})
+        assert 'mediasieve_tier_skipped{rank="3",tier="shared"} 0.0' in scrape()
+    finally:
+        exporter.close()
 
 
 def test_secrets_never_leave_the_environment(tmp_path, media_dir, s3, bucket, monkeypatch):

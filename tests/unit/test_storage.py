@@ -315,3 +315,43 @@ def test_an_abandoned_fetch_that_returns_late_is_released_and_counted(tmp_path):
     assert f.cache.make_room() == 100  # and nothing pins it: the late fetch's own pin was dropped
     assert f.fetch_watched("ok.bin", lambda: False, silence_s=0.3).tier == "t"
     assert f.silent_in_a_row == 0
+
+
+def test_a_silent_tier_is_skipped_then_tried_again_twice_as_late(tmp_path):
+    """A tier that goes silent while a later one remains: the item comes from the later tier, the next items skip
+    the silent tier at once, it is tried again when its skip ends (still silent: skipped twice as long), and once it
+    serves a fetch it is no longer skipped."""
+    for tier in ("a", "b"):
+        (tmp_path / tier).mkdir()
+        for name in ("x", "y", "z", "w"):
+            (tmp_path / tier / f"{name}.bin").write_bytes(b"x" * 10)
+    f = _local_fetcher(tmp_path, [TierConfig("a", str(tmp_path / "a")), TierConfig("b", str(tmp_path / "b"))],
+                       hung_tier_skip_s=0.5)
+    real, gate, asked = f._fetch_once, threading.Event(), []
+
+    def hung_a(tier, url, options, attempt, progress):  # tier a's reads block (a hung mount) until the gate opens
+        asked.append(tier)
+        if tier == "a":
+            gate.wait(30)
+        return real(tier, url, options, attempt, progress)
+
+    f._fetch_once = hung_a
+
+    def watched(name):
+        item = f.fetch_watched(f"{name}.bin", lambda: False, silence_s=0.2, poll_s=0.02)
+        item.release()
+        return item
+
+    assert watched("x").tier == "b" and asked == ["a", "b"]
+    assert list(f.skipped_tiers) == ["a"] and f.silent_in_a_row == 0  # the item was served: not a silent fetch
+    assert watched("y").tier == "b" and asked[2:] == ["b"]  # a is not asked while skipped
+    threading.Event().wait(0.55)
+    assert f.skipped_tiers == {}
+    assert watched("z").tier == "b" and asked[3:] == ["a", "b"]  # tried again, still silent
+    assert f.skipped_tiers["a"] > 0.6  # skipped twice as long (1 s) this time
+    assert f.hung_fetches == 2
+    gate.set()
+    threading.Event().wait(1.05)
+    assert watched("w").tier == "a" and f.skipped_tiers == {}
+    assert f.hung_fetches == 0  # the two stuck threads returned, and their late items were released:
+    assert f.cache.make_room() == 60  # a's x, z, w and b's x, y, z, none pinned
