@@ -164,6 +164,12 @@ class OutputConfig:
     the summary and ``_SUCCESS`` (``pipeline.compaction``; ``jobs/compact.py`` does the same on demand). None: no."""
     lease_timeout_s: float = 120.0
     """A run's lease on the output directory is live while its heartbeat is younger than this."""
+    commit_timeout_s: float | None = 600.0
+    """A write to the output that has not finished after this long (a part's commit with its retries, the lease at
+    the start, the summary) means the output storage is hung (a hung mount): the rank stops with
+    ``OutputHungError`` (exit code 1) and its uncommitted rows are left for the rerun, instead of the process
+    hanging, unseen, until the scheduler's time limit. The lease's release and the metrics upload are held to it
+    too. None: no limit."""
 
 
 @dataclass(frozen=True)
@@ -473,6 +479,8 @@ def validate_config(cfg: JobConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if cfg.storage.retries < 0:
         raise ConfigError("storage.retries must be >= 0")
+    if cfg.output.commit_timeout_s is not None and cfg.output.commit_timeout_s <= 0:
+        raise ConfigError(f"output.commit_timeout_s={cfg.output.commit_timeout_s:g} must be above 0 (None: no limit)")
     if cfg.storage.hung_tier_skip_s <= 0:
         raise ConfigError(f"storage.hung_tier_skip_s={cfg.storage.hung_tier_skip_s:g} must be above 0")
     silence = cfg.storage.fetch_silence_s

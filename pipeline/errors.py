@@ -45,6 +45,11 @@ class StorageHungError(MediasieveError):
     rank's share would get a ``FetchTimeout`` row, so the rank stops instead."""
 
 
+class OutputHungError(MediasieveError):
+    """A write to the output directory (a part's commit, the lease, the summary) did not finish within
+    ``output.commit_timeout_s``: the output storage is hung, so the rank stops rather than hang with it."""
+
+
 class DependencyError(MediasieveError):
     """An optional package needed by the configured filters is not installed."""
 

@@ -16,9 +16,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.errors import ConfigError, OutputLockedError
+from pipeline.errors import ConfigError, OutputHungError, OutputLockedError
 from pipeline.proc import is_alive, start_ticks
-from pipeline.writer import PARTS_DIR, commit_bytes, commit_latest_table, is_local_fs
+from pipeline.writer import PARTS_DIR, bounded, commit_bytes, commit_latest_table, is_local_fs
 
 log = logging.getLogger(__name__)
 
@@ -265,13 +265,15 @@ class OutputLease:
     """
 
     def __init__(self, out_dir: str, storage_options: dict, run_id: str, timeout_s: float = 120.0,
-                 settle_s: float | None = None):
+                 settle_s: float | None = None, io_timeout_s: float | None = None):
         self.fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
         self.root = root.rstrip("/")
         self.path = f"{self.root}/{LEASE}"
         self.run_id = run_id
         self.timeout_s = timeout_s
         self.settle_s = settle_s if settle_s is not None else (0.2 if is_local_fs(self.fs) else 1.0)
+        self.io_timeout_s = io_timeout_s
+        """Taking and releasing the lease give up after this long (``output.commit_timeout_s``; None: no limit)."""
         self.lost: dict | None = None
         """The record of the run that took this lease over while it was held (set by the heartbeat)."""
         self._stop = threading.Event()
@@ -313,7 +315,13 @@ class OutputLease:
         return rec
 
     def acquire(self) -> None:
-        """Take the lease and start the heartbeat, or raise OutputLockedError naming the live run."""
+        """Take the lease and start the heartbeat, or raise OutputLockedError naming the live run (OutputHungError
+        where the output does not answer within ``io_timeout_s``)."""
+        bounded(self._check_free, self.io_timeout_s, f"taking the lease {self.path}")
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _check_free(self) -> None:
         self.fs.makedirs(self.root, exist_ok=True)
         if is_local_fs(self.fs):
             self.fs.makedirs(f"{self.root}/_tmp", exist_ok=True)
@@ -333,8 +341,6 @@ class OutputLease:
             raise OutputLockedError(
                 f"output directory was taken at the same moment by run {rec.get('run_id')} (host {rec.get('host')}, "
                 f"pid {rec.get('pid')}); wait for it to finish, or stop it")
-        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
-        self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(max(1.0, self.timeout_s / 4)):
@@ -350,10 +356,17 @@ class OutputLease:
                 log.warning("lease heartbeat failed: %s: %s", type(e).__name__, e)
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lease."""
+        """Stop the heartbeat and remove the lease (given up after ``io_timeout_s``: a hung output must not hold
+        the process; the next run takes the lease over once its heartbeat is older than ``timeout_s``)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        try:
+            bounded(self._remove_mine, self.io_timeout_s, f"releasing the lease {self.path}")
+        except OutputHungError as e:
+            log.error("%s; the next run takes the lease over once it is %.0fs old", e, self.timeout_s)
+
+    def _remove_mine(self) -> None:
         try:
             rec = json.loads(self.fs.cat_file(self.path))
             if rec.get("run_id") == self.run_id:

@@ -40,6 +40,7 @@ from pipeline.errors import (
     ItemError,
     ItemTimeout,
     MediasieveError,
+    OutputHungError,
     OutputLockedError,
     ShutdownError,
     StorageHungError,
@@ -66,7 +67,7 @@ from pipeline.resume import (
 )
 from pipeline.storage import SCRATCH_DIR, FetchedItem, TieredFetcher, check_protocols
 from pipeline.task_queue import BoundedTaskQueue
-from pipeline.writer import ResultWriter, commit_bytes, is_local_fs, result_schema
+from pipeline.writer import ResultWriter, bounded, commit_bytes, is_local_fs, result_schema
 
 log = logging.getLogger(__name__)
 
@@ -524,9 +525,11 @@ def _new_run_id() -> str:
 
 def _prepare_output(cfg: JobConfig, run_id: str) -> OutputLease:
     """Rank 0: take the output lease and check/record the resolved config."""
-    lease = OutputLease(cfg.output.dir, cfg.output.storage_options, run_id, cfg.output.lease_timeout_s)
+    lease = OutputLease(cfg.output.dir, cfg.output.storage_options, run_id, cfg.output.lease_timeout_s,
+                        io_timeout_s=cfg.output.commit_timeout_s)
     lease.acquire()
-    try:
+
+    def prepare() -> None:
         fs, root = fsspec.core.url_to_fs(cfg.output.dir, **cfg.output.storage_options)
         marker = f"{root.rstrip('/')}/{SUCCESS_MARKER}"
         if fs.exists(marker):  # this run is not complete until it says so itself
@@ -534,6 +537,9 @@ def _prepare_output(cfg: JobConfig, run_id: str) -> OutputLease:
         finish_pending(fs, root.rstrip("/"))  # a compaction killed part-way: before any rank reads the parts
         check_or_record_config(cfg.output.dir, cfg.output.storage_options, to_dict(cfg), job_identity(cfg),
                                cfg.resume.allow_config_change)
+
+    try:
+        bounded(prepare, cfg.output.commit_timeout_s, f"preparing the output directory {cfg.output.dir}")
     except BaseException:
         lease.release()
         raise
@@ -655,7 +661,8 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
     for f in filters:
         f.setup(setup)
     writer = ResultWriter(cfg.output.dir, cfg.output.storage_options, schema, run_id, ctx.rank,
-                          cfg.output.rows_per_file, cfg.output.flush_interval_s, cfg.output.compression)
+                          cfg.output.rows_per_file, cfg.output.flush_interval_s, cfg.output.compression,
+                          commit_timeout_s=cfg.output.commit_timeout_s)
 
     # No rank writes a part before every rank has read the committed state: they all agree on `pending`.
     counts = ctx.gather(len(pending))
@@ -695,12 +702,19 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
             journal.close()  # whatever stopped the run, this process did not die: nothing in flight is a suspect
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        writer.close()  # committed before any completion marker; also on a stop, so finished rows are kept
-        metrics.close()
-        if exporter is not None:
-            exporter.close()
-        if not local_out:
-            out_fs.put(metrics.path, f"{out_root.rstrip('/')}/_logs/{os.path.basename(metrics.path)}")
+        try:
+            writer.close()  # committed before any completion marker; also on a stop, so finished rows are kept
+        finally:
+            metrics.close()
+            if exporter is not None:
+                exporter.close()
+            if not local_out:
+                try:
+                    bounded(lambda: out_fs.put(metrics.path, f"{out_root.rstrip('/')}/_logs/"
+                                               f"{os.path.basename(metrics.path)}"),
+                            cfg.output.commit_timeout_s, "the upload of the metrics log")
+                except OutputHungError as e:  # the error that stops the rank, if any, is the writer's
+                    log.error("%s; the metrics log stays at %s", e, metrics.path)
 
     snap = workers._snapshot()
     if workers.interrupted:
@@ -817,7 +831,11 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
                                         "units_taken", "peak_rss_mb")} for r in ranks],
     }
     tmp = f"{root}/_tmp"
-    commit_bytes(fs, f"{root}/{FAILURES}", ("\n".join(lines) + ("\n" if lines else "")).encode(), tmp)
-    commit_bytes(fs, f"{root}/{SUMMARY}", json.dumps(summary, indent=2).encode(), tmp)
-    commit_bytes(fs, f"{root}/{SUCCESS_MARKER}", json.dumps({"run_id": run_id}).encode(), tmp)
+
+    def commit() -> None:  # the reads above take as long as the output is large; these writes are small
+        commit_bytes(fs, f"{root}/{FAILURES}", ("\n".join(lines) + ("\n" if lines else "")).encode(), tmp)
+        commit_bytes(fs, f"{root}/{SUMMARY}", json.dumps(summary, indent=2).encode(), tmp)
+        commit_bytes(fs, f"{root}/{SUCCESS_MARKER}", json.dumps({"run_id": run_id}).encode(), tmp)
+
+    bounded(commit, out.commit_timeout_s, "writing the summary and the completion marker")
     return summary

@@ -7,13 +7,17 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import OutputHungError
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PARTS_DIR = "parts"
 TMP_DIR = "_tmp"
@@ -56,6 +60,31 @@ def result_schema(manifest_schema: pa.Schema, filter_columns: list[tuple[str, pa
 
 def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def bounded(fn: Callable[[], T], timeout_s: float | None, what: str) -> T:
+    """``fn()`` on a thread of its own, given up after ``timeout_s`` (None: waited for) with ``OutputHungError``:
+    a write to a hung mount blocks in the kernel, and no timeout of the filesystem's own ends it. The thread is left
+    behind (Python cannot kill it)."""
+    if timeout_s is None:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=work, daemon=True, name=f"{threading.current_thread().name}-output")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise OutputHungError(f"{what} did not finish in output.commit_timeout_s={timeout_s:g}s: the output storage "
+                              "looks hung (a hung mount, an endpoint that does not answer)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def commit_bytes(fs: fsspec.AbstractFileSystem, final_path: str, data: bytes, tmp_dir: str) -> None:
@@ -130,11 +159,13 @@ class ResultWriter:
         rows_per_file: rows per part.
         flush_interval_s: maximum age of buffered rows.
         compression: Parquet codec.
+        commit_timeout_s: a part's commit, with its retries, that has not finished after this long raises
+            ``OutputHungError``, now and at every later flush (None: no limit).
     """
 
     def __init__(self, out_dir: str, storage_options: dict, schema: pa.Schema, run_id: str, rank: int,
                  rows_per_file: int = 2000, flush_interval_s: float = 120.0, compression: str = "zstd",
-                 commit_retries: int = 5):
+                 commit_retries: int = 5, commit_timeout_s: float | None = None):
         self.fs, self.root = fsspec.core.url_to_fs(out_dir, **storage_options)
         self.root = self.root.rstrip("/")
         self.schema = schema
@@ -144,6 +175,8 @@ class ResultWriter:
         self.flush_interval_s = flush_interval_s
         self.compression = None if compression == "none" else compression
         self.commit_retries = commit_retries
+        self.commit_timeout_s = commit_timeout_s
+        self._hung: OutputHungError | None = None
         self._rows: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
@@ -200,17 +233,27 @@ class ResultWriter:
         data = buf.getvalue()
         name = f"part-{self.run_id}-r{self.rank:05d}-{self._seq:06d}.parquet"
         final = f"{self.root}/{PARTS_DIR}/{name}"
-        delay = 0.5
-        for attempt in range(self.commit_retries + 1):
-            try:
-                commit_bytes(self.fs, final, data, f"{self.root}/{TMP_DIR}")
-                break
-            except Exception as e:  # noqa: BLE001 - retried, then raised loudly with the rows still buffered
-                if attempt == self.commit_retries:
-                    raise
-                log.warning("commit of %s failed (%s: %s), retrying in %.1fs", name, type(e).__name__, e, delay)
-                time.sleep(delay)
-                delay *= 2
+
+        def commit() -> None:
+            delay = 0.5
+            for attempt in range(self.commit_retries + 1):
+                try:
+                    commit_bytes(self.fs, final, data, f"{self.root}/{TMP_DIR}")
+                    return
+                except Exception as e:  # noqa: BLE001 - retried, then raised loudly with the rows still buffered
+                    if attempt == self.commit_retries:
+                        raise
+                    log.warning("commit of %s failed (%s: %s), retrying in %.1fs", name, type(e).__name__, e, delay)
+                    time.sleep(delay)
+                    delay *= 2
+
+        if self._hung is not None:
+            raise self._hung
+        try:
+            bounded(commit, self.commit_timeout_s, f"the commit of {final}")
+        except OutputHungError as e:
+            self._hung = e  # every later flush fails at once: the rows stay buffered, for the rerun to redo
+            raise
         self._seq += 1
         self.rows_committed += len(rows)
         self.files_committed += 1

@@ -268,3 +268,50 @@ def test_a_discarding_writer_commits_nothing_more(tmp_path):
         w.add(_row(i))  # rows finished after the discard: dropped, no part is cut
     w.close()
     assert w.rows_committed == 2 and len(os.listdir(tmp_path / "out" / "parts")) == 1
+
+
+def test_bounded_returns_raises_or_gives_up():
+    import threading
+
+    from pipeline.errors import OutputHungError
+    from pipeline.writer import bounded
+
+    assert bounded(lambda: 7, 1.0, "x") == 7 and bounded(lambda: 8, None, "x") == 8
+    with pytest.raises(KeyError):
+        bounded(lambda: {}["missing"], 1.0, "x")  # the call's own error, on the caller's thread
+    gate = threading.Event()
+    with pytest.raises(OutputHungError, match="the commit of p did not finish in output.commit_timeout_s=0.2s"):
+        bounded(lambda: gate.wait(30), 0.2, "the commit of p")
+    gate.set()
+
+
+def test_a_hung_commit_stops_the_writer_and_keeps_its_rows_uncommitted(tmp_path, monkeypatch):
+    """A commit that does not finish in ``commit_timeout_s`` raises ``OutputHungError``; every later flush (and the
+    close) raises it at once instead of blocking again, and the rows stay out of the output for the rerun."""
+    import pipeline.writer as writer_mod
+    from pipeline.errors import OutputHungError
+
+    real, gate, calls = writer_mod.commit_bytes, threading.Event(), []
+
+    def hangs_after_the_first(fs, final, data, tmp):
+        calls.append(final)
+        if len(calls) > 1:
+            gate.wait(30)  # a hung mount
+        real(fs, final, data, tmp)
+
+    monkeypatch.setattr(writer_mod, "commit_bytes", hangs_after_the_first)
+    w = ResultWriter(str(tmp_path / "out"), {}, SCHEMA, "run", 0, rows_per_file=2, flush_interval_s=3600,
+                     commit_timeout_s=0.3)
+    w.add(_row(0))
+    w.add(_row(1))  # the first part commits
+    w.add(_row(2))
+    with pytest.raises(OutputHungError, match=r"the commit of .*part-run-r00000-000001.parquet did not finish"):
+        w.add(_row(3))
+    started = time.monotonic()
+    with pytest.raises(OutputHungError):
+        w.close()
+    assert time.monotonic() - started < 0.2 and len(calls) == 2  # not tried again: no second thread on the mount
+    assert w.rows_committed == 2 and w.buffered == 2
+    gate.set()
+    assert pq.read_table(str(tmp_path / "out" / "parts" / os.path.basename(calls[0])))["video_id"].to_pylist() \
+        == [_row(0)["video_id"], _row(1)["video_id"]]

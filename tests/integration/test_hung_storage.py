@@ -1,6 +1,7 @@
-"""A fetch that goes silent (a hung mount, an endpoint that accepts and never answers) against the real S3 server
-behind a proxy that holds chosen requests open: the item gets a ``FetchTimeout`` row and the rank goes on, a slow but
-live download is left alone, and storage that hangs on every fetch stops the rank instead of failing its share."""
+"""Storage that hangs (a hung mount, an endpoint that accepts and never answers), against the real S3 server behind a
+proxy that holds chosen requests open. Input: a silent fetch gets a ``FetchTimeout`` row and the rank goes on, a slow
+but live download is left alone, a hung tier is skipped, and storage that hangs on every fetch stops the rank instead
+of failing its share. Output: a hung output stops the rank (``OutputHungError``) instead of hanging the process."""
 
 import json
 import os
@@ -12,12 +13,12 @@ import pytest
 
 from pipeline.config import build_config, validate_config
 from pipeline.distributed import DistContext
-from pipeline.errors import ConfigError, StorageHungError
+from pipeline.errors import ConfigError, OutputHungError, StorageHungError
 from pipeline.runner import run_rank
 from tests.conftest import base_config, make_corpus, write_manifest
 from tests.s3server import FaultProxy
 
-SILENCE_S = 1.5
+SILENCE_S = 3.0  # well above any pause of a live fetch on a loaded 2-core machine
 
 
 def _run(raw):
@@ -74,19 +75,19 @@ def test_a_silent_fetch_gets_a_timeout_row_and_a_rerun_fetches_it(tmp_path, medi
 
 
 def test_a_slow_but_live_download_is_not_abandoned(tmp_path, s3, bucket):
-    """Silence is measured between bytes, not over the whole download: 10 pieces 0.5 s apart take 5 s, over the
-    silence limit, and still succeed."""
+    """Silence is measured between bytes, not over the whole download: 10 pieces 0.8 s apart take 8 s, over twice
+    the silence limit, and still succeed."""
     name, fs = bucket
     fs.pipe(f"{name}/videos/big.bin", os.urandom(10 << 16))
     manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "big", "video_path": "big.bin"}])
-    proxy = FaultProxy(s3.port, trickle_paths=("big.bin",), trickle_s=0.5)
+    proxy = FaultProxy(s3.port, trickle_paths=("big.bin",), trickle_s=0.8)
     try:
         outcome = _run(_config(tmp_path, s3, name, manifest, proxy.endpoint, filters={"noop": {}}))
     finally:
         proxy.stop()
     info = _rows(str(tmp_path / "out"))["big"]
     assert info["succeed"], info
-    assert info["bytes"] == 10 << 16 and info["fetch_s"] > 3 * SILENCE_S
+    assert info["bytes"] == 10 << 16 and info["fetch_s"] > 2 * SILENCE_S
     assert outcome.stats["fetches_hung"] == 0
 
 
@@ -145,3 +146,90 @@ def test_fetch_silence_must_be_below_the_stall_timeout(tmp_path):
     raw["storage"].update(fetch_silence_s=30, hung_tier_skip_s=0)
     with pytest.raises(ConfigError, match="hung_tier_skip_s=0 must be above 0"):
         validate_config(build_config(raw))
+
+
+def _output_config(tmp_path, s3, name, manifest, endpoint, **sections):
+    opts = s3.options(endpoint=endpoint, read_timeout=3600, retries={"max_attempts": 1})
+    out = f"s3://{name}/out"
+    return base_config(manifest, str(tmp_path / "all"), out, str(tmp_path / "cache"),
+                       output={"dir": out, "storage_options": opts, "rows_per_file": 2, "lease_timeout_s": 4,
+                               "commit_timeout_s": 5}, **sections)
+
+
+def test_an_output_that_hangs_mid_run_stops_the_rank_and_the_rerun_redoes_the_rest(tmp_path, media_dir, s3, bucket):
+    """Before, a hung output held the consumers in their commits and the supervising loop in its flush: the process
+    hung, unseen (no stall check runs while the loop is blocked), until the scheduler's time limit."""
+    import threading
+
+    name, fs = bucket
+    rows = make_corpus(str(tmp_path / "all"), media_dir, 12)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    proxy = FaultProxy(s3.port)
+
+    def hang_after_first_part():  # the output goes down once the run has committed a part
+        while not fs.exists(f"{name}/out/parts") or not fs.ls(f"{name}/out/parts", refresh=True):
+            time.sleep(0.05)
+        proxy.hang["/out/"] = None
+
+    watcher = threading.Thread(target=hang_after_first_part, daemon=True)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(OutputHungError, match=r"the commit of .*/out/parts/part-.* did not finish in "
+                                                  r"output.commit_timeout_s=5s"):
+            _run(_output_config(tmp_path, s3, name, manifest, proxy.endpoint,
+                                filters={"noop": {"sleep_s": 0.3}}))
+        took = time.monotonic() - started
+        fs.invalidate_cache()
+        committed = pq.read_table(f"{name}/out/parts", filesystem=fs)["video_id"].to_pylist()
+    finally:
+        proxy.stop()
+    assert took < 40, took  # the commit, the lease's release and the metrics upload each gave up after 5 s
+    assert 0 < len(committed) < 12 and len(set(committed)) == len(committed)
+    time.sleep(4.5)  # the lease (not released: the output was hung) goes stale, as it would for a dead process
+    again = _run(_output_config(tmp_path, s3, name, manifest, s3.endpoint, filters={"noop": {"sleep_s": 0.3}}))
+    assert again.summary["this_run"]["items"] == 12 - len(committed)
+    fs.invalidate_cache()
+    ids = pq.read_table(f"{name}/out/parts", filesystem=fs)["video_id"].to_pylist()
+    assert sorted(ids) == sorted(r["video_id"] for r in rows)  # one row each: nothing lost, nothing twice
+
+
+def test_an_output_that_hangs_at_the_start_stops_the_job_before_any_work(tmp_path, media_dir, s3, bucket):
+    name, fs = bucket
+    rows = make_corpus(str(tmp_path / "all"), media_dir, 4)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    proxy = FaultProxy(s3.port, hang={"/out/": None})
+    started = time.monotonic()
+    try:
+        with pytest.raises(OutputHungError, match=r"taking the lease .*/out/_lease.json did not finish"):
+            _run(_output_config(tmp_path, s3, name, manifest, proxy.endpoint))
+    finally:
+        took = time.monotonic() - started
+        proxy.stop()
+    assert took < 20, took
+    assert not fs.exists(f"{name}/out/parts")
+
+
+def test_an_output_that_hangs_at_the_summary_leaves_no_marker_and_the_rerun_writes_it(tmp_path, media_dir, s3, bucket):
+    """Every part is committed, then the summary's write hangs: the rank stops with ``OutputHungError`` and no
+    ``_SUCCESS``; the rerun has nothing to redo and writes the summary and the marker."""
+    name, fs = bucket
+    rows = make_corpus(str(tmp_path / "all"), media_dir, 4)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    proxy = FaultProxy(s3.port, hang={"failures.jsonl": None})  # the summary's first write
+    started = time.monotonic()
+    try:
+        with pytest.raises(OutputHungError, match="writing the summary and the completion marker did not finish"):
+            _run(_output_config(tmp_path, s3, name, manifest, proxy.endpoint))
+    finally:
+        took = time.monotonic() - started
+        proxy.stop()
+    assert took < 30, took
+    fs.invalidate_cache()
+    assert not fs.exists(f"{name}/out/_SUCCESS") and not fs.exists(f"{name}/out/summary.json")
+    assert len(pq.read_table(f"{name}/out/parts", filesystem=fs)) == 4
+    time.sleep(4.5)  # the lease was released (its path does not hang), but wait out a stale one all the same
+    again = _run(_output_config(tmp_path, s3, name, manifest, s3.endpoint))
+    assert again.summary["this_run"]["items"] == 0 and again.summary["total"]["succeeded"] == 4
+    fs.invalidate_cache()
+    assert fs.exists(f"{name}/out/_SUCCESS")
