@@ -1,13 +1,15 @@
 """Read the input manifest (Parquet, JSONL, CSV at any fsspec URL) or list a storage prefix.
 
-A rank keeps only the id column in memory. The manifest is streamed once, batch by batch, into a node-local
-Parquet spill with small row groups; the rows of a work unit are read back from the spill when the unit is
-taken. Peak memory then grows with the ids alone, not with the paths and passthrough columns of every row.
+The manifest is streamed once per node, batch by batch, into a node-local Parquet spill with small row groups; the
+rows of a work unit are read back from the spill when the unit is taken. Its ids (and the mask of rows to process)
+are written beside it as an uncompressed Arrow IPC file that every rank of the node memory-maps: the node holds one
+copy of them, in the page cache, however many ranks it runs, and only the ranks that read them page them in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import posixpath
@@ -183,23 +185,33 @@ def _duplicates(ids: pa.ChunkedArray) -> tuple[np.ndarray, list[str], int]:
 
 
 class Manifest:
-    """The manifest of one run: ids in memory, every row in a node-local spill read back per work unit.
+    """The manifest of one run, attached to a spill that ``build_spill`` made: the ids memory-mapped, every row read
+    back from the spill per work unit.
 
     Attributes:
-        ids: the id column (strings, manifest order, duplicates included).
+        ids: the id column (strings, manifest order, duplicates included), memory-mapped from the ids file.
         keep: a boolean mask over ``ids`` of the rows to process (None when every row is kept).
         schema: the manifest's schema with id and path cast to strings.
         protocols: the URL schemes of the absolute paths (``s3``, ``gs``, ``https``; plain paths are not counted).
+        spill_path: the spill's path (the ids file is ``ids_path(spill_path)``).
     """
 
-    def __init__(self, ids: pa.ChunkedArray, keep: pa.Array | None, schema: pa.Schema, spill_path: str,
-                 protocols: frozenset[str] = frozenset()):
-        self.ids = ids
-        self.keep = keep
-        self.schema = schema
-        self.protocols = protocols
+    def __init__(self, spill_path: str, owner: bool = True):
+        """Attach to ``spill_path``; ``owner``: ``close`` removes the spill and its ids file (the rank that built
+        them; the node's other ranks only close their handles, which stay valid after the owner's removal)."""
         self.spill_path = spill_path
+        self.owner = owner
         self._file = pq.ParquetFile(spill_path)
+        try:
+            with pa.memory_map(ids_path(spill_path), "r") as source:
+                table = pa.ipc.open_file(source).read_all()  # zero-copy: the arrays point into the mapping
+        except BaseException:
+            self._file.close()
+            raise
+        self.ids = table.column("id")
+        self.keep = table.column("keep").combine_chunks() if "keep" in table.column_names else None
+        self.protocols = frozenset(json.loads((table.schema.metadata or {}).get(b"protocols", b"[]")))
+        self.schema = self._file.schema_arrow
         meta = self._file.metadata
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -240,13 +252,37 @@ class Manifest:
         return table if self.keep is None else table.filter(self.keep)
 
     def close(self) -> None:
-        """Close and remove the spill."""
+        """Close the spill; the owner also removes it and its ids file."""
         self._cache.clear()
         self._file.close()
+        self.ids = self.keep = None  # the mapping is unmapped once nothing points into it
+        if self.owner:
+            remove_spill(self.spill_path)
+
+
+def ids_path(spill_path: str) -> str:
+    """The ids file beside a spill: ``<tag>-ids__<host>__<process>.arrow`` (the stale-spill sweep reads the same
+    host and process fields)."""
+    folder, name = os.path.split(spill_path)
+    tag, rest = name.split("__", 1)
+    return os.path.join(folder, f"{tag}-ids__{rest.rsplit('.', 1)[0]}.arrow")
+
+
+def remove_spill(spill_path: str) -> None:
+    """Remove a spill and its ids file (either may be missing)."""
+    for path in (spill_path, ids_path(spill_path)):
         try:
-            os.remove(self.spill_path)
+            os.remove(path)
         except FileNotFoundError:
             pass
+
+
+def _write_ids(path: str, ids: pa.ChunkedArray, keep: pa.Array | None, protocols: set[str]) -> None:
+    """The ids (and the keep mask) as an uncompressed Arrow IPC file, for ``pa.memory_map``."""
+    columns = {"id": ids} if keep is None else {"id": ids, "keep": pa.chunked_array([keep])}  # chunked apart: no copy
+    table = pa.table(columns).replace_schema_metadata({"protocols": json.dumps(sorted(protocols))})
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
 
 
 def url_schemes(paths: pa.Array) -> set[str]:
@@ -279,19 +315,42 @@ def _remove_stale_spills(spill_dir: str) -> None:
 
 
 def open_manifest(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> Manifest:
-    """Stream the manifest into a node-local spill and keep its ids.
+    """Stream the manifest into a node-local spill and attach to it (one process: ``status``, tests; the job builds
+    one spill per node with ``build_spill`` and every rank of the node attaches with ``Manifest(path, owner)``).
 
     Args:
         cfg: the input section of the config.
         spill_dir: a node-local directory for the spill (``<storage.cache_dir>/_manifest`` in the job).
-        tag: a name for the spill file (the job uses the run id and rank).
+        tag: a name for the spill file.
 
     Returns:
         The manifest; close it to remove the spill.
 
     Raises:
+        as ``build_spill``.
+    """
+    spill_path = build_spill(cfg, spill_dir, tag)
+    try:
+        return Manifest(spill_path, owner=True)
+    except BaseException:
+        remove_spill(spill_path)
+        raise
+
+
+def build_spill(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> str:
+    """Stream the manifest into a node-local spill, with its ids and the mask of rows to process in an ids file
+    beside it, and return the spill's path (``Manifest`` attaches to it).
+
+    Args:
+        cfg: the input section of the config.
+        spill_dir: a node-local directory for the spill.
+        tag: a name for the spill file (the job uses the run id and node).
+
+    Raises:
+        ConfigError: the spill directory cannot be made.
         ManifestError: unreadable file, missing id/path column, null ids, or duplicate ids when
             ``on_duplicate_ids=error``.
+        MediasieveError: the spill cannot be written (a full disk); nothing is left behind.
     """
     try:
         os.makedirs(spill_dir, exist_ok=True)
@@ -323,20 +382,18 @@ def open_manifest(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> Ma
         if writer is None:  # an empty manifest (or an empty listing) still has its columns
             schema = pa.schema([(cfg.id_column, pa.string()), (cfg.path_column, pa.string())])
             writer = pq.ParquetWriter(spill_path, schema)
+        writer.close()
     except BaseException as e:
         if writer is not None:
             try:
                 writer.close()
             except OSError:
                 pass
-        if os.path.exists(spill_path):
-            os.remove(spill_path)
+        remove_spill(spill_path)
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
             # reading errors are ManifestErrors already: an OSError here is the spill's disk (full, gone)
             raise MediasieveError(f"cannot write the manifest spill {spill_path}: {e}") from e
         raise
-    writer.close()
-    schema = writer.schema
     ids = pa.chunked_array(id_chunks, pa.string())
     keep = None
     later, names, n_repeated = _duplicates(ids)
@@ -357,4 +414,12 @@ def open_manifest(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> Ma
         kept = np.flatnonzero(mask)
         mask[kept[cfg.limit:]] = False
         keep = pa.array(mask)
-    return Manifest(ids, keep, schema, spill_path, frozenset(protocols))
+    try:
+        _write_ids(ids_path(spill_path), ids, keep, protocols)
+    except BaseException as e:
+        remove_spill(spill_path)
+        if isinstance(e, OSError):
+            raise MediasieveError(f"cannot write the manifest spill {ids_path(spill_path)}: {e}") from e
+        raise
+    log.info("manifest spill built: %d rows in %s", len(ids), spill_path)
+    return spill_path

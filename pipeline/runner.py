@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.compaction import compact, finish_pending
-from pipeline.config import JobConfig, job_identity, to_dict
+from pipeline.config import InputConfig, JobConfig, job_identity, to_dict
 from pipeline.crashes import InflightJournal, Rehearser, SuspectGate, collect_suspects, job_key, update_ledger
 from pipeline.distributed import (
     DistContext,
@@ -47,7 +47,14 @@ from pipeline.errors import (
     is_retryable,
 )
 from pipeline.filters import FilterContext, SetupContext, batch_stats, build_filters, frame_requests_of
-from pipeline.manifest import SPILL_DIR, Manifest, check_input_exists, open_manifest, snapshot_listing
+from pipeline.manifest import (
+    SPILL_DIR,
+    Manifest,
+    build_spill,
+    check_input_exists,
+    remove_spill,
+    snapshot_listing,
+)
 from pipeline.media.item import MediaItem
 from pipeline.metrics import MetricsLog, PrometheusExporter, RankStats
 from pipeline.model_pool import ModelPool, localize_model
@@ -513,10 +520,67 @@ def _main_decides(ctx: DistContext, decide: Callable[[], T]) -> T:
             raise
     value, err_type, err_msg = ctx.broadcast(verdict)
     if err_type is not None:
-        from pipeline import errors
-
-        raise getattr(errors, err_type, MediasieveError)(err_msg)
+        _raise_shared(err_type, err_msg)
     return value
+
+
+def _raise_shared(err_type: str, err_msg: str) -> None:
+    """Raise another rank's error here: the MediasieveError of the same type and message."""
+    from pipeline import errors
+
+    raise getattr(errors, err_type, MediasieveError)(err_msg)
+
+
+def _node_manifest(ctx: DistContext, source: InputConfig, spill_dir: str, run_id: str) -> Manifest:
+    """Each node's local rank 0 streams the manifest into the node's spill; every rank of the node attaches to it,
+    its ids memory-mapped (one copy per node, not one per rank, and one read of the manifest per node). A failure
+    on any rank, in either step, stops every rank with its error instead of leaving them in a collective."""
+
+    def shared_failure(e: Exception, what: str) -> tuple[str, str]:
+        if isinstance(e, MediasieveError):
+            return type(e).__name__, str(e)
+        return "MediasieveError", f"{what}: {type(e).__name__}: {e}"
+
+    def stop_on_failure(reports: list[tuple[str, str] | None], mine: BaseException | None) -> None:
+        if mine is not None:
+            raise mine
+        failed = next((r for r in reports if r is not None), None)
+        if failed is not None:
+            _raise_shared(*failed)
+
+    built: str | None = None
+    error: Exception | None = None
+    if ctx.local_rank == 0:
+        try:
+            built = build_spill(source, spill_dir, f"{run_id}-n{ctx.node_rank:05d}")
+        except Exception as e:  # noqa: BLE001 - shared below, then raised
+            error = e
+    reports = ctx.gather((ctx.host, ctx.node_rank, ctx.local_rank, built,
+                          None if error is None else shared_failure(error, "cannot build the manifest spill")))
+    stop_on_failure([r[4] for r in reports], error)
+    path = next((r[3] for r in reports if r[:3] == (ctx.host, ctx.node_rank, 0)), None)
+    manifest: Manifest | None = None
+    try:
+        if path is None:
+            raise MediasieveError(f"no rank with local rank 0 on node {ctx.node_rank} ({ctx.host}) built the "
+                                  "manifest spill")
+        manifest = Manifest(path, owner=ctx.local_rank == 0)
+    except MediasieveError as e:
+        error = e
+    except Exception as e:  # noqa: BLE001 - shared below, then raised
+        error = MediasieveError(f"cannot open the manifest spill {path} (storage.cache_dir must be one directory "
+                                f"for the ranks of a node): {type(e).__name__}: {e}")
+        error.__cause__ = e
+    reports = ctx.gather(None if error is None else (type(error).__name__, str(error)))
+    try:
+        stop_on_failure(reports, error)
+    except BaseException:
+        if manifest is not None:
+            manifest.close()
+        elif ctx.local_rank == 0 and built is not None:
+            remove_spill(built)
+        raise
+    return manifest
 
 
 def _new_run_id() -> str:
@@ -615,7 +679,7 @@ def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fet
     if source.listing_glob:  # listed once, by rank 0, for every rank
         source = _main_decides(ctx, lambda: snapshot_listing(cfg.input, cfg.output.dir, cfg.output.storage_options,
                                                              run_id))
-    manifest = open_manifest(source, os.path.join(cfg.storage.cache_dir, SPILL_DIR), f"{run_id}-r{ctx.rank:05d}")
+    manifest = _node_manifest(ctx, source, os.path.join(cfg.storage.cache_dir, SPILL_DIR), run_id)
     try:
         check_protocols(manifest.protocols)
         return _run_with_manifest(cfg, ctx, device, run_id, fetcher, install_signal_handlers, manifest, started,

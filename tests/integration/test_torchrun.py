@@ -307,3 +307,60 @@ def test_only_rank_0_reads_the_committed_parts_at_a_restart(tmp_path, media_dir,
     table = pq.read_table(f"{name}/out/parts", filesystem=fs)
     assert sorted(table["video_id"].to_pylist()) == sorted(r["video_id"] for r in rows)
     assert fs.ls(f"{name}/out/_resume")  # what rank 0 shared
+
+
+def test_the_manifest_is_read_once_per_node_and_its_spill_shared(tmp_path, media_dir, s3, bucket):
+    """Under 2 ranks on one node, local rank 0 streams the manifest (on the S3 server, its GETs counted at a proxy)
+    into the node's spill and rank 1 attaches to it: the job reads the manifest as often as one read does, not once
+    per rank; every item gets exactly one row, and no spill is left behind."""
+    from pipeline.config import InputConfig
+    from pipeline.manifest import open_manifest
+    from tests.s3server import FaultProxy
+
+    name, fs = bucket
+    rows = make_corpus(str(tmp_path / "corpus"), media_dir, 12)
+    write_manifest(str(tmp_path / "m.parquet"), rows)
+    fs.put(str(tmp_path / "m.parquet"), f"{name}/lists/m.parquet")
+    proxy = FaultProxy(s3.port)
+    try:
+        opts = s3.options(endpoint=proxy.endpoint)
+
+        def manifest_gets(since):
+            return len([p for m, p in proxy.seen[since:] if m == "GET" and "/lists/m.parquet" in p])
+
+        before = len(proxy.seen)
+        open_manifest(InputConfig(manifest=f"s3://{name}/lists/m.parquet", storage_options=opts),
+                      str(tmp_path / "one")).close()
+        one_read = manifest_gets(before)
+        raw = base_config(f"s3://{name}/lists/m.parquet", str(tmp_path / "corpus"), str(tmp_path / "out"),
+                          str(tmp_path / "cache"))
+        raw["input"]["storage_options"] = opts
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        before = len(proxy.seen)
+        proc = subprocess.run(_torchrun(str(config)), env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        job_reads = manifest_gets(before)
+    finally:
+        proxy.stop()
+    assert one_read >= 1 and job_reads == one_read, (job_reads, one_read)  # per rank, it would be twice
+    table = _table(tmp_path)
+    assert sorted(table["video_id"].to_pylist()) == sorted(r["video_id"] for r in rows)
+    assert set(pc.struct_field(table["result_info"], "rank").to_pylist()) == {0, 1}
+    assert os.listdir(tmp_path / "cache" / "_manifest") == []
+
+
+def test_a_bad_manifest_stops_every_rank_with_its_error(tmp_path, media_dir):
+    """Local rank 0 reads the manifest for the node; its error reaches rank 1 (exit code 2 from both, no rank left
+    waiting in a collective)."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"video_id": "a", "video_path": "a.mp4"}\n{"video_id": null, "video_path": "b.mp4"}\n')
+    raw = base_config(str(path), str(tmp_path), str(tmp_path / "out"), str(tmp_path / "cache"))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(_torchrun(str(config)), env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    ranks = {int(m) for m in re.findall(r"\[rank ([01])\] ERROR .*ManifestError: manifest has 1 row\(s\) with a null",
+                                        proc.stderr)}
+    assert ranks == {0, 1}, proc.stderr[-3000:]
+    assert os.listdir(tmp_path / "cache" / "_manifest") == []

@@ -216,3 +216,119 @@ def test_the_url_schemes_of_the_paths_are_collected_and_checked(tmp_path):
     check_protocols({"s3", "https", "file", "nosuch"})  # installed, or unknown to fsspec: the items will say
     with pytest.raises(ConfigError, match="gs:// paths.*gcsfs"):  # gcsfs is not a dependency
         check_protocols(m.protocols)
+
+
+def test_the_ranks_of_a_node_share_one_spill_with_the_ids_memory_mapped(tmp_path):
+    """The builder's spill is attached by the node's other ranks: the same ids, mask, schema and rows; the ids are
+    not copied into memory; only the owner removes the files, and a rank still attached reads on after that."""
+    from pipeline.manifest import Manifest, build_spill, ids_path
+
+    n = 200_000
+    ids = [f"clip-{i:09d}-{'x' * 40}" for i in range(n)] + ["clip-000000003-" + "x" * 40]  # one repeat, dropped
+    paths = [f"s3://b/{i}.mp4" for i in range(n + 1)]
+    pq.write_table(pa.table({"video_id": ids, "video_path": paths}), tmp_path / "m.parquet")
+    spill = build_spill(InputConfig(manifest=str(tmp_path / "m.parquet"), on_duplicate_ids="drop"),
+                        str(tmp_path / "s"), "run-n00000")
+    assert os.path.exists(ids_path(spill)) and ids_path(spill).endswith(".arrow")
+    before = pa.total_allocated_bytes()
+    owner, other = Manifest(spill, owner=True), Manifest(spill, owner=False)
+    try:
+        allocated = pa.total_allocated_bytes() - before
+        # the ids (11 MB of strings) point into the mapping: what was allocated is the two keep bitmaps (n/8 each)
+        assert allocated <= 2 * (n // 8 + 64), allocated
+        assert len(other) == len(owner) == n and other.keep.to_pylist() == owner.keep.to_pylist()
+        assert not other.keep[n].as_py() and other.ids[n].as_py() == ids[n]
+        assert other.protocols == owner.protocols == {"s3"} and other.schema == owner.schema
+        assert other.rows([5, n - 1]) == [{"video_id": ids[5], "video_path": paths[5]},
+                                          {"video_id": ids[n - 1], "video_path": paths[n - 1]}]
+        other_ids = other.ids
+        owner.close()
+        assert not os.path.exists(spill) and not os.path.exists(ids_path(spill))
+        assert other.rows([7]) == [{"video_id": ids[7], "video_path": paths[7]}]  # open handles outlive the removal
+        assert other_ids[n - 2].as_py() == ids[n - 2]
+    finally:
+        other.close()
+        owner.close()
+
+
+def test_an_ids_file_that_cannot_be_written_leaves_no_spill(tmp_path, monkeypatch):
+    import pipeline.manifest as mf
+    from pipeline.errors import MediasieveError
+
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mf, "_write_ids", full)
+    with pytest.raises(MediasieveError, match=r"manifest spill .*-ids__.*\.arrow: .*No space left"):
+        mf.build_spill(InputConfig(manifest=str(path)), str(tmp_path / "s"), "t")
+    assert list((tmp_path / "s").iterdir()) == []
+
+
+def test_an_ids_file_of_a_dead_process_is_removed_too(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    spill = tmp_path / "s"
+    spill.mkdir()
+    stale = spill / f"old__{socket.gethostname()}__{int(dead.stdout)}.parquet"
+    from pipeline.manifest import ids_path
+
+    for p in (stale, ids_path(str(stale))):
+        open(p, "wb").close()
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    read_manifest(InputConfig(manifest=str(path)), str(spill))
+    assert list(spill.iterdir()) == []
+
+
+class _Peers:
+    """A rank of a two-rank node whose peer's side of each all-gather is given by the test (rank = local rank)."""
+
+    def __new__(cls, local_rank, rounds):
+        from pipeline.distributed import DistContext
+
+        class Ctx(DistContext):
+            def gather(self, obj):
+                peer = rounds.pop(0)
+                return [obj, peer] if self.local_rank == 0 else [peer, obj]
+
+        return Ctx(rank=local_rank, world_size=2, local_rank=local_rank, local_world_size=2, host="node-a")
+
+
+def test_a_node_manifest_failure_on_any_rank_stops_every_rank(tmp_path):
+    from pipeline.errors import MediasieveError
+    from pipeline.manifest import build_spill, ids_path
+    from pipeline.runner import _node_manifest
+
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    cfg = InputConfig(manifest=str(path))
+    spills = tmp_path / "s"
+
+    # local rank 1 cannot open what rank 0 built (a storage.cache_dir that is not one directory per node)
+    rounds = [("node-a", 0, 0, str(spills / "r-n00000__node-a__1-1.parquet"), None), None]
+    with pytest.raises(MediasieveError, match="cannot open the manifest spill .*storage.cache_dir must be one"):
+        _node_manifest(_Peers(1, rounds), cfg, str(spills), "r")
+
+    # local rank 0 built and attached, its peer could not attach: rank 0 stops with the peer's error, spill removed
+    rounds = [("node-a", 0, 1, None, None), ("MediasieveError", "cannot open the manifest spill X")]
+    with pytest.raises(MediasieveError, match="cannot open the manifest spill X"):
+        _node_manifest(_Peers(0, rounds), cfg, str(spills), "r")
+    assert list(spills.iterdir()) == []
+
+    # rank 0 could not read the manifest: rank 1 stops with the same error type, without opening anything
+    rounds = [("node-a", 0, 0, None, ("ManifestError", "manifest has 1 row(s) with a null video_id"))]
+    with pytest.raises(ManifestError, match="null video_id"):
+        _node_manifest(_Peers(1, rounds), cfg, str(spills), "r")
+
+    # and the good case: rank 1 attaches to rank 0's spill and does not own it
+    built = build_spill(cfg, str(spills), "r-n00000")
+    m = _node_manifest(_Peers(1, [("node-a", 0, 0, built, None), None]), cfg, str(spills), "r")
+    assert not m.owner and m.ids.to_pylist() == ["a", "b"]
+    m.close()
+    assert os.path.exists(built) and os.path.exists(ids_path(built))
