@@ -896,10 +896,15 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
     }
     tmp = f"{root}/_tmp"
 
-    def commit() -> None:  # the reads above take as long as the output is large; these writes are small
-        commit_bytes(fs, f"{root}/{FAILURES}", ("\n".join(lines) + ("\n" if lines else "")).encode(), tmp)
-        commit_bytes(fs, f"{root}/{SUMMARY}", json.dumps(summary, indent=2).encode(), tmp)
-        commit_bytes(fs, f"{root}/{SUCCESS_MARKER}", json.dumps({"run_id": run_id}).encode(), tmp)
+    abandoned = threading.Event()
 
-    bounded(commit, out.commit_timeout_s, "writing the summary and the completion marker")
+    def commit() -> None:  # the reads above take as long as the output is large; these writes are small
+        for name, data in ((FAILURES, ("\n".join(lines) + ("\n" if lines else "")).encode()),
+                           (SUMMARY, json.dumps(summary, indent=2).encode()),
+                           (SUCCESS_MARKER, json.dumps({"run_id": run_id}).encode())):  # the marker last
+            if abandoned.is_set():
+                return  # given up as hung: no marker may land late
+            commit_bytes(fs, f"{root}/{name}", data, tmp, lambda: not abandoned.is_set())
+
+    bounded(commit, out.commit_timeout_s, "writing the summary and the completion marker", abandoned)
     return summary

@@ -62,10 +62,12 @@ def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def bounded(fn: Callable[[], T], timeout_s: float | None, what: str) -> T:
+def bounded(fn: Callable[[], T], timeout_s: float | None, what: str,
+            abandoned: threading.Event | None = None) -> T:
     """``fn()`` on a thread of its own, given up after ``timeout_s`` (None: waited for) with ``OutputHungError``:
     a write to a hung mount blocks in the kernel, and no timeout of the filesystem's own ends it. The thread is left
-    behind (Python cannot kill it)."""
+    behind (Python cannot kill it); ``abandoned`` is set when it is, for ``fn`` to check before each step it takes
+    once the mount answers again (``commit_bytes``'s ``proceed``: a part given up must not land late)."""
     if timeout_s is None:
         return fn()
     box: dict[str, Any] = {}
@@ -80,6 +82,8 @@ def bounded(fn: Callable[[], T], timeout_s: float | None, what: str) -> T:
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
+        if abandoned is not None:
+            abandoned.set()
         raise OutputHungError(f"{what} did not finish in output.commit_timeout_s={timeout_s:g}s: the output storage "
                               "looks hung (a hung mount, an endpoint that does not answer)")
     if "error" in box:
@@ -87,14 +91,17 @@ def bounded(fn: Callable[[], T], timeout_s: float | None, what: str) -> T:
     return box["value"]
 
 
-def commit_bytes(fs: fsspec.AbstractFileSystem, final_path: str, data: bytes, tmp_dir: str) -> None:
+def commit_bytes(fs: fsspec.AbstractFileSystem, final_path: str, data: bytes, tmp_dir: str,
+                 proceed: Callable[[], bool] | None = None) -> None:
     """Write ``data`` so that ``final_path`` appears whole or not at all.
 
-    On a filesystem: a temporary file in ``tmp_dir`` renamed into place. On an object store: one PUT of the
-    final key (never a streaming upload, which commits a partial object when the writer fails mid-way).
+    On a filesystem: a temporary file in ``tmp_dir`` renamed into place, unless ``proceed()`` says no once the
+    temporary file is written (a commit given up as hung: the file is removed, OutputHungError raised). On an object
+    store: one PUT of the final key (never a streaming upload, which commits a partial object when the writer fails
+    mid-way).
     """
     if is_local_fs(fs):
-        _rename_into_place(fs, final_path, tmp_dir, lambda tmp: fs.pipe_file(tmp, data))
+        _rename_into_place(fs, final_path, tmp_dir, lambda tmp: fs.pipe_file(tmp, data), proceed)
     else:
         fs.pipe_file(final_path, data)
 
@@ -108,13 +115,16 @@ def commit_file(fs: fsspec.AbstractFileSystem, final_path: str, local_path: str,
         fs.put_file(local_path, final_path)
 
 
-def _rename_into_place(fs: fsspec.AbstractFileSystem, final_path: str, tmp_dir: str, write) -> None:
-    """``write(tmp)`` a temporary file in ``tmp_dir``, then rename it to ``final_path``; on any failure the temporary
-    file goes (a full disk would otherwise keep a partial file per retry)."""
+def _rename_into_place(fs: fsspec.AbstractFileSystem, final_path: str, tmp_dir: str, write,
+                       proceed: Callable[[], bool] | None = None) -> None:
+    """``write(tmp)`` a temporary file in ``tmp_dir``, then rename it to ``final_path`` (if ``proceed()``); on any
+    failure the temporary file goes (a full disk would otherwise keep a partial file per retry)."""
     fs.makedirs(tmp_dir, exist_ok=True)
     tmp = f"{tmp_dir}/{final_path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         write(tmp)
+        if proceed is not None and not proceed():
+            raise OutputHungError(f"the commit of {final_path} was given up as hung: not renamed into place")
         fs.mv(tmp, final_path)
     except BaseException:
         try:
@@ -234,12 +244,18 @@ class ResultWriter:
         name = f"part-{self.run_id}-r{self.rank:05d}-{self._seq:06d}.parquet"
         final = f"{self.root}/{PARTS_DIR}/{name}"
 
+        abandoned = threading.Event()
+
         def commit() -> None:
             delay = 0.5
             for attempt in range(self.commit_retries + 1):
+                if abandoned.is_set():
+                    return  # given up as hung: the rows stay uncommitted, so the part must not land late
                 try:
-                    commit_bytes(self.fs, final, data, f"{self.root}/{TMP_DIR}")
+                    commit_bytes(self.fs, final, data, f"{self.root}/{TMP_DIR}", lambda: not abandoned.is_set())
                     return
+                except OutputHungError:
+                    return  # given up meanwhile: the temporary file was removed, not renamed into place
                 except Exception as e:  # noqa: BLE001 - retried, then raised loudly with the rows still buffered
                     if attempt == self.commit_retries:
                         raise
@@ -250,7 +266,7 @@ class ResultWriter:
         if self._hung is not None:
             raise self._hung
         try:
-            bounded(commit, self.commit_timeout_s, f"the commit of {final}")
+            bounded(commit, self.commit_timeout_s, f"the commit of {final}", abandoned)
         except OutputHungError as e:
             self._hung = e  # every later flush fails at once: the rows stay buffered, for the rerun to redo
             raise

@@ -6,6 +6,7 @@ of failing its share. Output: a hung output stops the rank (``OutputHungError``)
 import json
 import os
 import re
+import threading
 import time
 
 import pyarrow.parquet as pq
@@ -233,3 +234,36 @@ def test_an_output_that_hangs_at_the_summary_leaves_no_marker_and_the_rerun_writ
     assert again.summary["this_run"]["items"] == 0 and again.summary["total"]["succeeded"] == 4
     fs.invalidate_cache()
     assert fs.exists(f"{name}/out/_SUCCESS")
+
+
+def test_a_summary_given_up_as_hung_does_not_land_late_on_a_filesystem(tmp_path, media_dir, monkeypatch):
+    """Output on a filesystem (a hung NFS or Lustre mount): the summary's first write blocks, the rank stops with
+    ``OutputHungError``; when the write returns after all, nothing of the summary is renamed into place and no
+    ``_SUCCESS`` is written late (a marker would tell readers the output is complete). The rerun writes them."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    rows = make_corpus(str(tmp_path / "all"), media_dir, 4)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    out = tmp_path / "out"
+    raw = base_config(manifest, str(tmp_path / "all"), str(out), str(tmp_path / "cache"),
+                      output={"dir": str(out), "commit_timeout_s": 1})
+    real, gate = LocalFileSystem.pipe_file, threading.Event()
+
+    def hangs_on_the_summary(self, path, *args, **kwargs):
+        if "failures.jsonl" in path:
+            gate.wait(30)
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", hangs_on_the_summary)
+    before = set(threading.enumerate())  # earlier tests' abandoned threads may still be out
+    with pytest.raises(OutputHungError, match="writing the summary and the completion marker did not finish"):
+        _run(raw)
+    gate.set()  # the mount answers again
+    for t in set(threading.enumerate()) - before:
+        if t.name.endswith("-output"):  # the summary's write, left behind by ``bounded``
+            t.join(10)
+    assert sorted(os.listdir(out)) == ["_config.json", "_logs", "_tmp", "parts"]  # no summary, no marker
+    assert os.listdir(out / "_tmp") == []
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", real)
+    again = _run(raw)
+    assert again.summary["this_run"]["items"] == 0 and (out / "_SUCCESS").exists()

@@ -285,23 +285,34 @@ def test_bounded_returns_raises_or_gives_up():
     gate.set()
 
 
-def test_a_hung_commit_stops_the_writer_and_keeps_its_rows_uncommitted(tmp_path, monkeypatch):
+def _join_new_threads(before, timeout_s=10.0):
+    """Wait for the threads that ``bounded`` started since ``before`` (named ``*-output``) to return."""
+    for t in set(threading.enumerate()) - before:
+        if not t.name.endswith("-output"):
+            continue
+        t.join(timeout_s)
+        assert not t.is_alive(), t.name
+
+
+def test_a_hung_commit_stops_the_writer_and_its_part_never_lands_late(tmp_path, monkeypatch):
     """A commit that does not finish in ``commit_timeout_s`` raises ``OutputHungError``; every later flush (and the
-    close) raises it at once instead of blocking again, and the rows stay out of the output for the rerun."""
-    import pipeline.writer as writer_mod
+    close) raises it at once instead of blocking again; and when the hung write returns after all, its part is not
+    renamed into place: the rows were counted as uncommitted, so the rerun redoes them, and a late part would give
+    them a second row."""
     from pipeline.errors import OutputHungError
 
-    real, gate, calls = writer_mod.commit_bytes, threading.Event(), []
-
-    def hangs_after_the_first(fs, final, data, tmp):
-        calls.append(final)
-        if len(calls) > 1:
-            gate.wait(30)  # a hung mount
-        real(fs, final, data, tmp)
-
-    monkeypatch.setattr(writer_mod, "commit_bytes", hangs_after_the_first)
     w = ResultWriter(str(tmp_path / "out"), {}, SCHEMA, "run", 0, rows_per_file=2, flush_interval_s=3600,
                      commit_timeout_s=0.3)
+    real, gate, calls = w.fs.pipe_file, threading.Event(), []
+
+    def hangs_after_the_first(path, *args, **kwargs):  # the second part's write blocks (a hung mount)
+        calls.append(path)
+        if len(calls) > 1:
+            gate.wait(30)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(w.fs, "pipe_file", hangs_after_the_first)
+    before = set(threading.enumerate())  # earlier tests' abandoned threads may still be out
     w.add(_row(0))
     w.add(_row(1))  # the first part commits
     w.add(_row(2))
@@ -312,6 +323,7 @@ def test_a_hung_commit_stops_the_writer_and_keeps_its_rows_uncommitted(tmp_path,
         w.close()
     assert time.monotonic() - started < 0.2 and len(calls) == 2  # not tried again: no second thread on the mount
     assert w.rows_committed == 2 and w.buffered == 2
-    gate.set()
-    assert pq.read_table(str(tmp_path / "out" / "parts" / os.path.basename(calls[0])))["video_id"].to_pylist() \
-        == [_row(0)["video_id"], _row(1)["video_id"]]
+    gate.set()  # the mount answers again: the abandoned write finishes
+    _join_new_threads(before)
+    assert sorted(os.listdir(tmp_path / "out" / "parts")) == ["part-run-r00000-000000.parquet"]
+    assert os.listdir(tmp_path / "out" / "_tmp") == []  # its temporary file was removed, not renamed
