@@ -4,6 +4,7 @@ HTTP server on loopback: status codes typed as the object store's are, and bodie
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -99,9 +100,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(BODY)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return  # a client that dropped its connection (a retry, the item cap): not the server's error to print
+        super().handle_error(request, client_address)
+
+
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd = _QuietServer(("127.0.0.1", 0), _Handler)
     httpd.protocol_version = "HTTP/1.1"
     _Handler.protocol_version = "HTTP/1.1"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
