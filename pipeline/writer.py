@@ -237,6 +237,8 @@ class ResultWriter:
                     self._oldest = time.monotonic() if self._rows else None
 
     def _commit(self, rows: list[dict[str, Any]]) -> None:
+        if self._hung is not None:
+            raise self._hung  # the output hung at an earlier commit: no part is built, no thread is started
         table = pa.Table.from_pylist(rows, schema=self.schema)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression=self.compression)
@@ -263,8 +265,6 @@ class ResultWriter:
                     time.sleep(delay)
                     delay *= 2
 
-        if self._hung is not None:
-            raise self._hung
         try:
             bounded(commit, self.commit_timeout_s, f"the commit of {final}", abandoned)
         except OutputHungError as e:
