@@ -160,8 +160,6 @@ def _output_config(tmp_path, s3, name, manifest, endpoint, **sections):
 def test_an_output_that_hangs_mid_run_stops_the_rank_and_the_rerun_redoes_the_rest(tmp_path, media_dir, s3, bucket):
     """Before, a hung output held the consumers in their commits and the supervising loop in its flush: the process
     hung, unseen (no stall check runs while the loop is blocked), until the scheduler's time limit."""
-    import threading
-
     name, fs = bucket
     rows = make_corpus(str(tmp_path / "all"), media_dir, 12)
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)

@@ -271,8 +271,6 @@ def test_a_discarding_writer_commits_nothing_more(tmp_path):
 
 
 def test_bounded_returns_raises_or_gives_up():
-    import threading
-
     from pipeline.errors import OutputHungError
     from pipeline.writer import bounded
 
