@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Merge a job's small part files into large ones: ``python jobs/compact.py --config configs/X.yaml [key=value ...]``.
 
-Run it between runs, or after the last: it takes the output lease, so it refuses while a run is live (exit code 3)
-and a run refuses while it compacts. A compaction killed part-way is finished (forward or back) by the next
-compaction or the next run; no row is lost either way. Exit codes: 0 done, 2 bad config or no output there, 3 output in
-use, 1 other.
+It first removes second success rows of an item (a part that landed after its run gave it up as hung, while a rerun
+redid its items), keeping the latest. Run it between runs, or after the last: it takes the output lease, so it refuses
+while a run is live (exit code 3) and a run refuses while it compacts. A compaction killed part-way is finished
+(forward or back) by the next compaction or the next run; no row is lost either way. Exit codes: 0 done, 2 bad config or
+no output there, 3 output in use, 1 other.
 """
 
 from __future__ import annotations
@@ -60,13 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         scratch = os.path.join(cfg.storage.cache_dir, SCRATCH_DIR)
         os.makedirs(scratch, exist_ok=True)
         report = compact(out.dir, out.storage_options, int(args.target_mb * (1 << 20)), args.row_group_rows, scratch,
-                         args.dry_run, out.compression)
+                         args.dry_run, out.compression, cfg.input.id_column)
     except Exception as e:  # noqa: BLE001 - loud; nothing is lost (see pipeline.compaction)
         log.exception("compaction failed: %s: %s; every row is still in the output", type(e).__name__, e)
         return 1
     finally:
         lease.release()
     verb = "would merge" if args.dry_run else "merged"
+    if report.duplicates_removed:
+        print(f"{out.dir}: {'found' if args.dry_run else 'removed'} {report.duplicates_removed} second success row(s) "
+              "of items (one success row per item is kept: the latest)", flush=True)
     print(f"{out.dir}: {verb} {report.merged} parts into {report.written} "
           f"({report.files_before} part files before, {report.files_after} after"
           + (f", {report.rows} rows, {report.bytes_written / 1e6:.1f} MB written" if not args.dry_run else "")

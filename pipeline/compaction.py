@@ -23,14 +23,19 @@ import os
 import re
 import tempfile
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import MediasieveError
+from pipeline.resume import part_files
 from pipeline.writer import PARTS_DIR, commit_bytes, commit_file, is_local_fs
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,8 @@ class CompactionReport:
     bytes_written: int
     pending_finished: int = 0
     """Plans of an interrupted compaction rolled forward or back first."""
+    duplicates_removed: int = 0
+    """Second success rows of items removed first (``remove_duplicate_successes``); with ``dry_run``, found."""
 
 
 def _parts_dir(root: str) -> str:
@@ -132,7 +139,8 @@ def _group(files: list[tuple[str, int, int]], target_bytes: int) -> list[list[tu
 
 
 def compact(out_dir: str, storage_options: dict, target_bytes: int = 512 << 20, row_group_rows: int = 65536,
-            scratch_dir: str | None = None, dry_run: bool = False, compression: str = "zstd") -> CompactionReport:
+            scratch_dir: str | None = None, dry_run: bool = False, compression: str = "zstd",
+            id_column: str | None = None) -> CompactionReport:
     """Merge the output's small part files into parts of about ``target_bytes``. The caller holds the lease.
 
     Parts of ``target_bytes / 2`` or more are left as they are, so compacting again touches only what is still small.
@@ -147,6 +155,8 @@ def compact(out_dir: str, storage_options: dict, target_bytes: int = 512 << 20, 
         scratch_dir: a local directory for the merged file before its upload (default: the system's).
         dry_run: plan and report, write nothing.
         compression: the merged parts' Parquet codec (the job's ``output.compression``).
+        id_column: the id column name: where given, second success rows of an item are removed first
+            (``remove_duplicate_successes``).
 
     Returns:
         What was merged.
@@ -155,6 +165,10 @@ def compact(out_dir: str, storage_options: dict, target_bytes: int = 512 << 20, 
     root = root.rstrip("/")
     fs.invalidate_cache()
     pending = 0 if dry_run else finish_pending(fs, root)
+    duplicates = 0
+    if id_column is not None:
+        duplicates = remove_duplicate_successes(out_dir, storage_options, id_column, None, row_group_rows, scratch_dir,
+                                                compression, dry_run)
     parts = _parts_dir(root)
     try:
         listed = fs.find(parts, detail=True)
@@ -173,26 +187,161 @@ def compact(out_dir: str, storage_options: dict, target_bytes: int = 512 << 20, 
     groups = _group(indexed, target_bytes)
     token = uuid.uuid4().hex[:8]
     merged = sum(len(g) for g in groups)
-    report = CompactionReport(len(listed), len(listed) - merged + len(groups), 0, merged, len(groups), 0, pending)
+    report = CompactionReport(len(listed), len(listed) - merged + len(groups), 0, merged, len(groups), 0, pending,
+                              duplicates)
     if dry_run or not groups:
         return report
-    if is_local_fs(fs):
-        fs.makedirs(f"{root}/{PLAN_DIR}", exist_ok=True)
     for i, group in enumerate(groups):
-        run = _PART.match(group[-1][0].rsplit("/", 1)[-1]).group(1)  # the newest source's run: see module notes
-        target = f"part-{run}-c{token}-{i:06d}.parquet"
-        plan = {"token": f"{token}-{i:06d}", "target": target, "sources": [p.rsplit("/", 1)[-1] for p, _, _ in group]}
-        plan_path = f"{root}/{PLAN_DIR}/{token}-{i:06d}.json"
-        commit_bytes(fs, plan_path, json.dumps(plan, indent=1).encode(), f"{root}/_tmp")
-        rows, size = _write_merged(fs, [p for p, _, _ in group], distinct[group[0][2]], f"{parts}/{target}",
-                                   f"{root}/_tmp", row_group_rows, scratch_dir, compression)
-        _remove(fs, [p for p, _, _ in group])  # the target is committed: its sources may go
-        fs.rm_file(plan_path)
+        sources = [p for p, _, _ in group]
+        rows, size = _replace_planned(
+            fs, root, f"{token}-{i:06d}", _target_name(sources[-1], token, i), sources,  # the newest source's run
+            lambda final, sources=sources, schema=distinct[group[0][2]]: _write_merged(
+                fs, sources, schema, final, f"{root}/_tmp", row_group_rows, scratch_dir, compression))
         report.rows += rows
         report.bytes_written += size
     log.info("compacted %d parts (%d rows) into %d; %d parts now", merged, report.rows, len(groups),
              report.files_after)
     return report
+
+
+def _target_name(source: str, token: str, seq: int) -> str:
+    """``part-<run>-c<token>-<seq>.parquet``, with ``source``'s run: a rerun checks the schema of the newest part by
+    name, so a target sorts where its newest source did."""
+    m = _PART.match(source.rsplit("/", 1)[-1])
+    return f"part-{m.group(1) if m else '00000000T000000-00000000'}-c{token}-{seq:06d}.parquet"
+
+
+def _replace_planned(fs, root: str, plan_token: str, target: str, sources: list[str], write) -> tuple[int, int]:
+    """Replace ``sources`` (part paths) by the part ``target`` (a name in ``parts/``) that ``write(final_path)``
+    commits whole, returning its rows and bytes: the plan first, then the target, then the sources' deletion and the
+    plan's (``finish_pending`` finishes what a crash interrupts)."""
+    if is_local_fs(fs):
+        fs.makedirs(f"{root}/{PLAN_DIR}", exist_ok=True)
+    plan = {"token": plan_token, "target": target, "sources": [p.rsplit("/", 1)[-1] for p in sources]}
+    plan_path = f"{root}/{PLAN_DIR}/{plan_token}.json"
+    commit_bytes(fs, plan_path, json.dumps(plan, indent=1).encode(), f"{root}/_tmp")
+    rows, size = write(f"{_parts_dir(root)}/{target}")
+    _remove(fs, sources)  # the target is committed: its sources may go
+    fs.rm_file(plan_path)
+    return rows, size
+
+
+def remove_duplicate_successes(out_dir: str, storage_options: dict, id_column: str, files: list[str] | None = None,
+                               row_group_rows: int = 65536, scratch_dir: str | None = None,
+                               compression: str = "zstd", dry_run: bool = False) -> int:
+    """Keep one success row per item: the latest (by ``end_time``, then part name, then position). The caller holds
+    the lease.
+
+    A second success row comes from a part that landed after its run gave it up as hung (an object store's PUT in
+    flight cannot be withdrawn) while a rerun redid its items, or from a part copied in by hand. The late part's rows
+    are the older ones, and its run counted them as uncommitted, so they go: the late part is deleted whole, and the
+    rerun's parts, which readers saw first, stay as they are. Any other part holding a success row to drop is
+    rewritten without it under a plan, as compaction does (``finish_pending`` finishes what a crash interrupts).
+    Failure rows are never touched.
+
+    Args:
+        out_dir: the output directory URL.
+        storage_options: its fsspec options.
+        id_column: the id column name.
+        files: the committed part files when the caller has listed them (default: list them).
+        row_group_rows: rows per Parquet row group in a rewritten part.
+        scratch_dir: a local directory for a rewritten part before its upload (default: the system's).
+        compression: the rewritten parts' Parquet codec.
+        dry_run: count them, change nothing.
+
+    Returns:
+        The success rows removed (with ``dry_run``: found).
+    """
+    fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
+    root = root.rstrip("/")
+    if files is None:
+        files = part_files(fs, root)
+    if not files:
+        return 0
+    ok = pc.field("result_info", "succeed")
+    ok_ids = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={"id": pc.field(id_column)},
+                                                                           filter=ok)["id"]
+    counts = pc.value_counts(ok_ids)
+    more = pc.greater(counts.field("counts"), 1)
+    repeated = counts.field("values").filter(more)
+    surplus = (pc.sum(counts.field("counts").filter(more)).as_py() or 0) - len(repeated)
+    del ok_ids, counts
+    if dry_run or not surplus:
+        return surplus
+
+    def where(fs, path: str) -> pa.Table:  # the repeated ids' success rows in one part, in the part's order
+        return ds.dataset(path, format="parquet", filesystem=fs).to_table(
+            columns={"id": pc.field(id_column), "end_time": pc.field("result_info", "end_time")},
+            filter=ok & pc.field(id_column).isin(repeated), use_threads=False)
+
+    found = [(path, table) for path, table in zip(files, _in_parallel(where, fs, files)) if table.num_rows]
+    keeper: dict = {}  # id -> (its rank, the part, which of the id's success rows in that part)
+    for path, table in found:
+        seen: Counter = Counter()
+        for rid, end in zip(table["id"].to_pylist(), table["end_time"].to_pylist()):
+            key = (end.timestamp() if end is not None else float("-inf"), path.rsplit("/", 1)[-1], seen[rid])
+            if rid not in keeper or key > keeper[rid][0]:
+                keeper[rid] = (key, path, seen[rid])
+            seen[rid] += 1
+    token = uuid.uuid4().hex[:8]
+    removed = 0
+    for i, (path, table) in enumerate(found):
+        keep_here = {rid: which for rid, (_, p, which) in keeper.items() if p == path}
+        if table.num_rows == len(keep_here):  # the kept row of each of its items, and no other: nothing to drop
+            continue
+        if not keep_here:
+            with fs.open(path, "rb") as f:
+                whole = pq.read_metadata(f).num_rows
+            if whole == table.num_rows:  # every row in it is a second success row of its item
+                log.warning("removing %s: its %d rows are all second success rows of their items", path, whole)
+                _remove(fs, [path])
+                removed += whole
+                continue
+        dropped = _rewrite_without(fs, root, path, keep_here, repeated, id_column, (token, i), row_group_rows,
+                                   scratch_dir, compression)
+        log.warning("rewrote %s without %d second success row(s) of its items", path, dropped)
+        removed += dropped
+    return removed
+
+
+def _rewrite_without(fs, root: str, path: str, keep: dict, repeated: pa.Array, id_column: str,
+                     plan: tuple[str, int], row_group_rows: int, scratch_dir: str | None, compression: str) -> int:
+    """Rewrite the part ``path`` under a plan, a row group at a time, without the success rows of ``repeated`` ids
+    but the one ``keep`` names for an id (``{id: which of its success rows in this part}``). Returns the rows
+    dropped."""
+    token, seq = plan
+    counts = {"read": 0, "kept": 0}
+
+    def write(final: str) -> tuple[int, int]:
+        seen: Counter = Counter()
+        fd, local = tempfile.mkstemp(suffix=".parquet", dir=scratch_dir)
+        os.close(fd)
+        try:
+            with fs.open(path, "rb") as f:
+                source = pq.ParquetFile(f)
+                with pq.ParquetWriter(local, source.schema_arrow, compression=compression) as writer:
+                    for group in range(source.num_row_groups):
+                        table = source.read_row_group(group)
+                        succeeded = pc.fill_null(pc.struct_field(table["result_info"], "succeed"), False)
+                        candidates = np.flatnonzero(pc.and_(succeeded, pc.is_in(
+                            table[id_column], value_set=repeated)).to_numpy(zero_copy_only=False))
+                        mask = np.ones(table.num_rows, dtype=bool)
+                        for row, rid in zip(candidates, table[id_column].take(candidates).to_pylist()):
+                            mask[row] = keep.get(rid) == seen[rid]
+                            seen[rid] += 1
+                        counts["read"] += table.num_rows
+                        counts["kept"] += int(mask.sum())
+                        writer.write_table(table.filter(mask), row_group_size=row_group_rows)
+            if pq.read_metadata(local).num_rows != counts["kept"]:
+                raise RuntimeError(f"the rewrite of {path} lost rows; nothing was committed")
+            size = os.path.getsize(local)
+            commit_file(fs, final, local, f"{root}/_tmp")
+        finally:
+            os.remove(local)
+        return counts["kept"], size
+
+    _replace_planned(fs, root, f"{token}-d{seq:06d}", _target_name(path, token, seq), [path], write)
+    return counts["read"] - counts["kept"]
 
 
 def _read_schema(fs, path: str) -> pa.Schema:

@@ -64,6 +64,9 @@ class CommittedState:
     rows: int
     newest_part: str | None = None
     """The part file of the latest run (names start with the run's UTC time), whose schema a rerun checks."""
+    duplicate_successes: int = 0
+    """Success rows beyond the first of their item (a part that landed after its run gave it up, then redone):
+    ``remove_duplicate_successes`` removes them."""
 
 
 def read_committed(out_dir: str, storage_options: dict, id_column: str,
@@ -86,12 +89,15 @@ def read_committed(out_dir: str, storage_options: dict, id_column: str,
     dataset = ds.dataset(files, format="parquet", filesystem=fs)
     table = dataset.to_table(columns={"id": pc.field(id_column), "ok": pc.field("result_info", "succeed")})
     rows = table.num_rows
-    ok_ids = pc.unique(table.filter(table["ok"])["id"])
+    ok_rows = table.filter(table["ok"])["id"]
+    ok_ids = pc.unique(ok_rows)
+    n_ok_rows = len(ok_rows)
+    del ok_rows
     bad_ids = pc.unique(table.filter(pc.invert(table["ok"]))["id"])
     del table
     failed_only = bad_ids.filter(pc.invert(pc.is_in(bad_ids, value_set=ok_ids)))
     newest = max(files, key=lambda f: f.rsplit("/", 1)[-1])
-    return CommittedState(ok_ids, failed_only, len(files), rows, newest)
+    return CommittedState(ok_ids, failed_only, len(files), rows, newest, n_ok_rows - len(ok_ids))
 
 
 def latest_failures(fs, files: list[str], state: CommittedState, kept: pa.Array | pa.ChunkedArray, id_column: str,

@@ -23,7 +23,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.compaction import compact, finish_pending
+from pipeline.compaction import compact, finish_pending, remove_duplicate_successes
 from pipeline.config import InputConfig, JobConfig, job_identity, to_dict
 from pipeline.crashes import InflightJournal, Rehearser, SuspectGate, collect_suspects, job_key, update_ledger
 from pipeline.distributed import (
@@ -698,6 +698,10 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
         """Rank 0 reads the committed parts once for every rank and shares the positions to process."""
         try:
             state = read_committed(out.dir, out.storage_options, cfg.input.id_column)
+            if state.duplicate_successes:
+                log.warning("the output holds %d second success row(s) of items (a part that landed after its run "
+                            "gave it up as hung?): this run removes them at its end, before its completion marker, "
+                            "keeping the latest", state.duplicate_successes)
             mine["pending"] = pending_indices(manifest.ids, state, cfg.resume.retry_failed, manifest.keep)
             url = share_pending(out.dir, out.storage_options, run_id, mine["pending"]) if ctx.world_size > 1 else None
             return url, state.newest_part, len(state.succeeded)
@@ -846,8 +850,18 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
     by_type: dict[str, int] = {}
     lines = []
     n_succeeded = n_failed = n_with_row = 0
+    duplicates_removed = 0
     if files:
         state = read_committed(out.dir, out.storage_options, id_col, files)  # distinct ids: succeeded, failed only
+        if state.duplicate_successes:  # one success row per item before the marker says the output is complete
+            scratch = os.path.join(cfg.storage.cache_dir, SCRATCH_DIR)
+            os.makedirs(scratch, exist_ok=True)
+            duplicates_removed = remove_duplicate_successes(out.dir, out.storage_options, id_col, files,
+                                                            scratch_dir=scratch, compression=out.compression)
+            log.warning("removed %d second success row(s) of items, keeping the latest", duplicates_removed)
+            fs.invalidate_cache()
+            files = part_files(fs, root)
+            state = read_committed(out.dir, out.storage_options, id_col, files)
         kept = manifest.kept_ids()  # distinct ids
         n_succeeded = pc.sum(pc.is_in(kept, value_set=state.succeeded)).as_py() or 0
         n_with_row = n_succeeded + (pc.sum(pc.is_in(kept, value_set=state.failed_only)).as_py() or 0)
@@ -889,6 +903,7 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
             "failed": n_failed,
             "failures_by_type": by_type,
             "without_row": len(manifest) - n_with_row,
+            "duplicate_success_rows_removed": duplicates_removed,
         },
         "models": _models_summary(ranks),
         "per_rank": [{k: r[k] for k in ("rank", "host", "device", "done", "succeeded", "failed", "items_per_s",

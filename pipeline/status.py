@@ -66,7 +66,7 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
     Returns:
         A JSON-ready mapping: ``run`` (live or not, the last complete run), ``items`` (manifest, succeeded, failed
         by type, without a row), ``next_run`` (items the next run would process), ``output`` (part files, rows,
-        interrupted compactions) and ``crashes`` (ledger entries, refused items).
+        interrupted compactions, second success rows of items) and ``crashes`` (ledger entries, refused items).
     """
     out = cfg.output
     fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
@@ -115,7 +115,8 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
                   "without_row": total - succeeded - len(latest),
                   "done_fraction": round(succeeded / total, 6) if total else None},
         "next_run": {"would_process": pending, "retry_failed": cfg.resume.retry_failed},
-        "output": {"part_files": len(files), "rows": state.rows, "interrupted_compactions": len(plans)},
+        "output": {"part_files": len(files), "rows": state.rows, "interrupted_compactions": len(plans),
+                   "duplicate_success_rows": state.duplicate_successes},
         "crashes": {"items": len(ledger),
                     "refused": sum(1 for e in ledger.values() if limit is not None and e.get("crashes", 0) >= limit)},
     }
@@ -145,7 +146,9 @@ def format_status(status: dict[str, Any]) -> str:
         + (" (failed ones retried)" if nxt["retry_failed"] else " (failed ones skipped)"),
         f"  output   : {output['part_files']} part files, {output['rows']} rows"
         + (f"; {output['interrupted_compactions']} interrupted compaction(s), finished by the next run or compaction"
-           if output["interrupted_compactions"] else ""),
+           if output["interrupted_compactions"] else "")
+        + (f"; {output['duplicate_success_rows']} second success row(s) of items, removed by the next complete run "
+           "or jobs/compact.py" if output.get("duplicate_success_rows") else ""),
         f"  crashes  : {crashes['items']} item(s) in the crash ledger, {crashes['refused']} refused",
     ]
     return "\n".join(lines)

@@ -47,14 +47,17 @@ class FaultProxy:
     ``stall_s`` before ``stall_ratio`` of them; ``latency_s`` is added to every request. A request whose path holds
     a key of ``hang`` gets no answer until the proxy stops (a hung endpoint: the connection open, nothing sent), or,
     where the key's value is a byte count, a GET gets its headers and that many bytes of the body first. A GET whose path
-    holds one of ``trickle_paths`` gets its body in 64 KiB pieces ``trickle_s`` apart (a slow but live link).
+    holds one of ``trickle_paths`` gets its body in 64 KiB pieces ``trickle_s`` apart (a slow but live link). A PUT
+    whose path holds a key of ``hold`` is read whole, then waits until that key's event is set before it goes upstream
+    (a request in flight that the client gave up on and that still lands, late).
 
     Faults are drawn from a seeded generator, and counted, so a test can check that they happened.
     """
 
     def __init__(self, upstream_port: int, fail_ratio: float = 0.0, stall_ratio: float = 0.0, stall_s: float = 0.0,
                  latency_s: float = 0.0, seed: int = 0, only_get: bool = False, hang: dict[str, int | None] | None = None,
-                 trickle_paths: tuple[str, ...] = (), trickle_s: float = 0.0):
+                 trickle_paths: tuple[str, ...] = (), trickle_s: float = 0.0,
+                 hold: dict[str, threading.Event] | None = None):
         self.upstream_port = upstream_port
         self.fail_ratio = fail_ratio
         self.stall_ratio = stall_ratio
@@ -64,6 +67,9 @@ class FaultProxy:
         self.hang = dict(hang or {})
         self.trickle_paths = tuple(trickle_paths)
         self.trickle_s = trickle_s
+        self.hold = dict(hold or {})
+        self.held: list[str] = []  # paths of the PUTs held
+        self.landed_late: list[str] = []  # and of those that went upstream once released
         self.hung = 0
         self._stopped = threading.Event()
         self.rng = random.Random(seed)
@@ -84,6 +90,11 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = proxy._draw(self.command, self.path)
+                gate = next((e for k, e in proxy.hold.items() if k in self.path), None)
+                if gate is not None and self.command == "PUT":
+                    with proxy.lock:
+                        proxy.held.append(self.path)
+                    gate.wait()
                 hang_after = next((n for k, n in proxy.hang.items() if k in self.path), None)
                 if fault == "hang" and hang_after is None:
                     proxy._stopped.wait()
@@ -109,6 +120,9 @@ class FaultProxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                if gate is not None and self.command == "PUT":
+                    with proxy.lock:
+                        proxy.landed_late.append(self.path)
                 try:
                     self.send_response(resp.status, resp.reason)
                     for k, v in resp.getheaders():

@@ -265,3 +265,56 @@ def test_a_summary_given_up_as_hung_does_not_land_late_on_a_filesystem(tmp_path,
     monkeypatch.setattr(LocalFileSystem, "pipe_file", real)
     again = _run(raw)
     assert again.summary["this_run"]["items"] == 0 and (out / "_SUCCESS").exists()
+
+
+def test_a_part_that_lands_after_its_run_gave_it_up_is_removed_by_the_next_complete_run(tmp_path, media_dir, s3,
+                                                                                      bucket):
+    """An object store's PUT in flight cannot be withdrawn: a part given up as hung can still land, after a rerun
+    redid its items, and give them a second success row. Reproduced: the proxy holds the part PUTs of the first run
+    until the rerun is done, then lets them land. The next complete run (and the status before it) finds the second
+    rows, and removes them before its completion marker: the late parts go, the rerun's stay."""
+    from pipeline.status import job_status
+
+    name, fs = bucket
+    rows = make_corpus(str(tmp_path / "all"), media_dir, 8)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    landing = threading.Event()
+    proxy = FaultProxy(s3.port)
+
+    def hold_parts_after_the_first():
+        while not fs.exists(f"{name}/out/parts") or not fs.ls(f"{name}/out/parts", refresh=True):
+            time.sleep(0.05)
+        proxy.hold["/out/parts/"] = landing
+
+    threading.Thread(target=hold_parts_after_the_first, daemon=True).start()
+    slow = {"noop": {"sleep_s": 0.3}}
+    try:
+        with pytest.raises(OutputHungError, match=r"the commit of .*/out/parts/part-.* did not finish"):
+            _run(_output_config(tmp_path, s3, name, manifest, proxy.endpoint, filters=slow))
+        assert proxy.held
+        again = _run(_output_config(tmp_path, s3, name, manifest, s3.endpoint, filters=slow))  # the lease was released
+        assert again.summary["total"]["succeeded"] == 8
+        fs.invalidate_cache()
+        parts = sorted(fs.ls(f"{name}/out/parts", refresh=True))
+        landing.set()  # the endpoint answers the held PUTs after all
+        deadline = time.monotonic() + 30
+        while len(proxy.landed_late) < len(proxy.held) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(proxy.landed_late) == len(proxy.held)
+    finally:
+        proxy.stop()
+    fs.invalidate_cache()
+    ids = pq.read_table(f"{name}/out/parts", filesystem=fs)["video_id"].to_pylist()
+    second = len(ids) - len(set(ids))
+    assert second > 0  # the hole: items with two success rows
+    cfg = build_config(_output_config(tmp_path, s3, name, manifest, s3.endpoint, filters=slow))
+    validate_config(cfg)
+    assert job_status(cfg)["output"]["duplicate_success_rows"] == second
+    third = _run(_output_config(tmp_path, s3, name, manifest, s3.endpoint, filters=slow))
+    assert third.summary["this_run"]["items"] == 0
+    assert third.summary["total"]["duplicate_success_rows_removed"] == second
+    fs.invalidate_cache()
+    ids = pq.read_table(f"{name}/out/parts", filesystem=fs)["video_id"].to_pylist()
+    assert sorted(ids) == sorted(r["video_id"] for r in rows)  # one row each again
+    assert sorted(fs.ls(f"{name}/out/parts")) == parts  # the late parts went whole; the others are as they were
+    assert fs.exists(f"{name}/out/_SUCCESS")
