@@ -89,6 +89,10 @@ class StorageConfig:
     otherwise holds the producer, and then the rank, for good, and on every rerun again). When as many fetches
     in a row as there are producers go silent with none served between them, the storage is down for this node
     and the rank stops (``StorageHungError``, exit code 1). Below ``runtime.stall_timeout_s``; None: no limit."""
+    fetch_min_bytes_per_s: float = 1024.0
+    """A fetch that gets fewer bytes than this per second, on average over the last ``fetch_silence_s``, is given up
+    as a silent one is (a link that trickles a byte now and then is never silent; curl's ``--speed-limit``). Far below
+    any working link: a slow but steady download is never cut, however long it takes. 0: silence only."""
     hung_tier_skip_s: float = 600.0
     """A tier on which a fetch went silent (``fetch_silence_s``) while later tiers remain is skipped for this long:
     its items are fetched from the tiers after it at once, instead of each waiting out the silence. Then it is tried
@@ -483,6 +487,8 @@ def validate_config(cfg: JobConfig) -> None:
         raise ConfigError(f"output.commit_timeout_s={cfg.output.commit_timeout_s:g} must be above 0 (None: no limit)")
     if cfg.storage.hung_tier_skip_s <= 0:
         raise ConfigError(f"storage.hung_tier_skip_s={cfg.storage.hung_tier_skip_s:g} must be above 0")
+    if cfg.storage.fetch_min_bytes_per_s < 0:
+        raise ConfigError(f"storage.fetch_min_bytes_per_s={cfg.storage.fetch_min_bytes_per_s:g} must be 0 or more")
     silence = cfg.storage.fetch_silence_s
     if silence is not None and not 0 < silence < cfg.runtime.stall_timeout_s:
         raise ConfigError(f"storage.fetch_silence_s={silence:g} must be above 0 and below runtime.stall_timeout_s="

@@ -80,7 +80,8 @@ class TransientFetchError(FetchError):
 
 
 class FetchTimeout(TransientFetchError):
-    """The fetch went silent for ``storage.fetch_silence_s`` (no byte, no new attempt): it was abandoned on its
+    """The fetch went silent for ``storage.fetch_silence_s`` (no byte, no new attempt), or got less than
+    ``storage.fetch_min_bytes_per_s`` on average over that time: it was abandoned on its
     thread (Python cannot kill it) so that the rank goes on; a rerun tries the item again."""
 
 

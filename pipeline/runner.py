@@ -270,7 +270,8 @@ class RankWorkers:
             return FetchedItem("", "none", 0, path, 0)
         if storage.fetch_silence_s is None:
             return self.fetcher.fetch(path, self.stop.is_set)
-        return self.fetcher.fetch_watched(path, self.stop.is_set, storage.fetch_silence_s)
+        return self.fetcher.fetch_watched(path, self.stop.is_set, storage.fetch_silence_s,
+                                          min_bytes_per_s=storage.fetch_min_bytes_per_s)
 
     def _check_storage_alive(self, last: FetchTimeout) -> None:
         """Stop the rank once as many fetches in a row as there are producers (at least 2) went silent with none
@@ -279,7 +280,8 @@ class RankWorkers:
         if silent < max(2, self.cfg.runtime.producers) or self.stop.is_set():
             return
         self._fatal.append(StorageHungError(
-            f"{silent} fetches in a row went silent for storage.fetch_silence_s={self.cfg.storage.fetch_silence_s:g}s "
+            f"{silent} fetches in a row went silent (or trickled) for storage.fetch_silence_s="
+            f"{self.cfg.storage.fetch_silence_s:g}s "
             f"with none served between them ({self.fetcher.hung_fetches} still hung); the last: {last}. The storage "
             "is down for this node (a hung mount, an endpoint that does not answer): the rank stops, committed rows "
             "are kept, and a rerun tries these items again"))

@@ -16,7 +16,7 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -401,11 +401,15 @@ class FetchProgress:
         self.abandoned = False
         self._mark = time.monotonic()
         self._size = -1
+        self._attempts = 0
+        self._samples: deque = deque()  # (time, size) of this attempt: the watchdog's own
+        self._sampled_attempt = 0
 
     def attempt(self, tier: str, url: str) -> None:
         """A new attempt starts (on the fetch's thread): it counts as progress."""
         self.tier, self.url, self.tmp = tier, url, None
         self._mark, self._size = time.monotonic(), -1
+        self._attempts += 1
 
     @property
     def size(self) -> int:
@@ -422,6 +426,31 @@ class FetchProgress:
         if size != self._size:
             self._size, self._mark = size, now
         return now - self._mark
+
+    def stalled(self, now: float, window_s: float, min_bytes_per_s: float) -> str | None:
+        """Why the fetch counts as hung now, or None (on the watchdog's thread, every poll): silent for
+        ``window_s`` (no byte, no new attempt), or, once its attempt is ``window_s`` old, fewer than
+        ``min_bytes_per_s`` on average over the last ``window_s`` (a link that trickles)."""
+        silent = self.silent_for(now)
+        if silent >= window_s:
+            return f"no byte and no new attempt for {silent:.1f}s"
+        if not min_bytes_per_s or self.tmp is None:  # nothing to measure a rate on
+            return None
+        if self._sampled_attempt != self._attempts:  # a new attempt: its own window
+            self._sampled_attempt = self._attempts
+            self._samples.clear()
+        samples = self._samples
+        samples.append((now, max(self._size, 0)))
+        while len(samples) > 1 and samples[1][0] <= now - window_s:
+            samples.popleft()
+        span = now - samples[0][0]
+        if span < window_s:  # the attempt is younger than the window
+            return None
+        got = samples[-1][1] - samples[0][1]
+        if got >= min_bytes_per_s * span:
+            return None
+        return (f"{got} bytes in the last {span:.0f}s ({got / span:.0f} B/s, below storage.fetch_min_bytes_per_s="
+                f"{min_bytes_per_s:g})")
 
 
 class TieredFetcher:
@@ -500,10 +529,11 @@ class TieredFetcher:
         return None
 
     def fetch_watched(self, path: str, should_stop: Callable[[], bool], silence_s: float,
-                      poll_s: float = 0.5) -> FetchedItem:
+                      poll_s: float = 0.5, min_bytes_per_s: float = 0.0) -> FetchedItem:
         """``fetch`` on a thread of its own, given up once it goes silent for ``silence_s``: no byte and no new
-        attempt (a hung mount, an endpoint that holds the connection and sends nothing). Python cannot kill the
-        thread: it is left behind, told to stop at its next retry, and what it fetches late is released.
+        attempt (a hung mount, an endpoint that holds the connection and sends nothing), or once it gets fewer than
+        ``min_bytes_per_s`` on average over ``silence_s`` (a link that trickles a byte now and then). Python cannot
+        kill the thread: it is left behind, told to stop at its next retry, and what it fetches late is released.
 
         A tier that goes silent while later tiers remain is skipped (``storage.hung_tier_skip_s``) and the item is
         fetched from the tiers after it: a hung shared filesystem costs one wait per producer, not the job.
@@ -519,7 +549,7 @@ class TieredFetcher:
             return hit
         candidates = self._not_skipped(candidates)
         while True:
-            item, progress, silent = self._watch(path, candidates, should_stop, silence_s, poll_s)
+            item, progress, why = self._watch(path, candidates, should_stop, silence_s, poll_s, min_bytes_per_s)
             if item is not None:
                 if item.tier != "cache":
                     with self._counter_lock:
@@ -528,21 +558,22 @@ class TieredFetcher:
             names = [c[0] for c in candidates]
             later = candidates[names.index(progress.tier) + 1:] if progress.tier in names else []
             if later:
-                self._skip(progress.tier, f"a fetch of {progress.url} went silent for {silent:.0f}s")
+                self._skip(progress.tier, f"a fetch of {progress.url} got {why}")
                 candidates = later
                 continue
             with self._counter_lock:
                 self.silent_in_a_row += 1
             where = f"{progress.tier}: {progress.url}" if progress.url else repr(path)
             got = f"after {progress.size} bytes" if progress.size > 0 else "before any byte"
-            raise FetchTimeout(f"{where}: no byte and no new attempt for {silent:.1f}s ({got}; "
-                               f"storage.fetch_silence_s={silence_s:g}): the storage looks hung; the fetch was "
-                               "abandoned")
+            raise FetchTimeout(f"{where}: {why} ({got}; storage.fetch_silence_s={silence_s:g}): the storage looks "
+                               "hung; the fetch was abandoned")
 
     def _watch(self, path: str, candidates: list[tuple[str, str, dict]], should_stop: Callable[[], bool],
-               silence_s: float, poll_s: float) -> tuple[FetchedItem | None, FetchProgress, float]:
+               silence_s: float, poll_s: float, min_bytes_per_s: float) -> tuple[FetchedItem | None, FetchProgress,
+                                                                                 str]:
         """Run ``fetch`` over ``candidates`` on a new thread: its item, or None with the progress of a fetch that
-        went silent for the returned seconds (abandoned: counted in ``hung_fetches`` until its thread returns)."""
+        stalled and why (``FetchProgress.stalled``; abandoned: counted in ``hung_fetches`` until its thread
+        returns)."""
         progress = FetchProgress()
         box: dict[str, object] = {}
         done = threading.Event()
@@ -566,8 +597,8 @@ class TieredFetcher:
 
         threading.Thread(target=work, daemon=True, name=f"{threading.current_thread().name}-fetch").start()
         while not done.wait(poll_s):
-            silent = progress.silent_for(time.monotonic())
-            if silent < silence_s:
+            why = progress.stalled(time.monotonic(), silence_s, min_bytes_per_s)
+            if why is None:
                 continue
             with lock:
                 if done.is_set():
@@ -575,10 +606,10 @@ class TieredFetcher:
                 progress.abandoned = True
             with self._counter_lock:
                 self.hung_fetches += 1
-            return None, progress, silent
+            return None, progress, why
         if "error" in box:
             raise box["error"]  # type: ignore[misc]
-        return box["item"], progress, 0.0  # type: ignore[return-value]
+        return box["item"], progress, ""  # type: ignore[return-value]
 
     @property
     def skipped_tiers(self) -> dict[str, float]:

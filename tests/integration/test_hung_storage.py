@@ -92,6 +92,29 @@ def test_a_slow_but_live_download_is_not_abandoned(tmp_path, s3, bucket):
     assert outcome.stats["fetches_hung"] == 0
 
 
+def test_a_download_that_trickles_below_the_minimum_rate_is_abandoned(tmp_path, s3, bucket):
+    """The same link as above is never silent, but at 64 KiB a second it is below a 256 KiB/s minimum: given up
+    once the window of ``fetch_silence_s`` is full, not at the end of the download."""
+    name, fs = bucket
+    fs.pipe(f"{name}/videos/big.bin", os.urandom(10 << 16))
+    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "big", "video_path": "big.bin"}])
+    proxy = FaultProxy(s3.port, trickle_paths=("big.bin",), trickle_s=1.0)
+    raw = _config(tmp_path, s3, name, manifest, proxy.endpoint, filters={"noop": {}})
+    raw["storage"]["fetch_min_bytes_per_s"] = 256 << 10
+    started = time.monotonic()
+    try:
+        outcome = _run(raw)
+    finally:
+        took = time.monotonic() - started
+        proxy.stop()
+    info = _rows(str(tmp_path / "out"))["big"]
+    assert not info["succeed"] and info["error_type"] == "FetchTimeout" and info["retryable"], info
+    assert re.search(r"\d+ bytes in the last [34]s \(\d+ B/s, below storage.fetch_min_bytes_per_s=262144\)",
+                     info["error_message"]), info["error_message"]
+    assert took < 8, took  # before the 10 s download would have ended
+    assert outcome.stats["fetches_hung"] <= 1  # the abandoned thread, until its download ends
+
+
 def test_storage_that_hangs_on_every_fetch_stops_the_rank(tmp_path, media_dir, s3, bucket):
     name, fs = bucket
     _rows_in, manifest = _upload(tmp_path, media_dir, fs, name, 12)

@@ -2,13 +2,14 @@ import os
 import posixpath
 import random
 import threading
+import time
 
 import pytest
 from hypothesis import given, strategies as st
 
 from pipeline.config import StorageConfig, TierConfig
 from pipeline.errors import BadInputError, NotFoundError, TransientFetchError, is_retryable
-from pipeline.storage import NodeCache, TieredFetcher, backoff_delays, classify_fs_error, safe_relative
+from pipeline.storage import FetchProgress, NodeCache, TieredFetcher, backoff_delays, classify_fs_error, safe_relative
 
 
 @given(st.lists(st.sampled_from(["..", ".", "a", "b", "", "c.mp4", "/"]), min_size=1, max_size=8))
@@ -355,3 +356,30 @@ def test_a_silent_tier_is_skipped_then_tried_again_twice_as_late(tmp_path):
     assert watched("w").tier == "a" and f.skipped_tiers == {}
     assert f.hung_fetches == 0  # the two stuck threads returned, and their late items were released:
     assert f.cache.make_room() == 60  # a's x, z, w and b's x, y, z, none pinned
+
+
+def test_fetch_progress_gives_up_on_silence_and_on_a_trickle_once_its_window_is_full(tmp_path):
+    """``stalled`` at chosen times over a real partial download: silence, a rate below the minimum over a full window,
+    a new attempt's fresh window, and no rate without a file to measure."""
+    tmp = tmp_path / "item.part"
+    p = FetchProgress()
+    p.attempt("s3", "s3://b/x.mp4")
+    t0 = time.monotonic()
+    assert p.stalled(t0, 5.0, 100.0) is None  # no partial file yet: nothing to measure a rate on
+    p.tmp = str(tmp)
+    for second in range(5):  # 10 bytes a second: never silent, far below 100 B/s
+        tmp.write_bytes(b"x" * 10 * (second + 1))
+        assert p.stalled(t0 + second, 5.0, 100.0) is None  # the window is not full yet
+    tmp.write_bytes(b"x" * 60)
+    why = p.stalled(t0 + 5, 5.0, 100.0)
+    assert why == "50 bytes in the last 5s (10 B/s, below storage.fetch_min_bytes_per_s=100)"
+    assert p.stalled(t0 + 5, 5.0, 5.0) is None  # above a lower minimum
+    assert p.stalled(t0 + 5, 5.0, 0.0) is None  # 0: silence only
+
+    p.attempt("s3", "s3://b/x.mp4")  # a retry: its own window, and a fresh silence mark
+    p.tmp = str(tmp)
+    t1 = time.monotonic()
+    for second in range(7):  # 1000 bytes a second: fine
+        tmp.write_bytes(b"x" * 1000 * (second + 1))
+        assert p.stalled(t1 + second, 5.0, 100.0) is None
+    assert p.stalled(t1 + 12.5, 5.0, 100.0) == "no byte and no new attempt for 6.5s"  # the file stopped growing
