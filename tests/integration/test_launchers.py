@@ -1,11 +1,15 @@
-"""The launchers: the Slurm script runs the job through its own srun/torchrun line; the k8s manifest is sound."""
+"""The launchers: the Slurm script runs the job through its own srun/torchrun line, stops it cleanly at the time limit
+and requeues it; the k8s manifest is sound."""
 
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from tests.conftest import ROOT, base_config, make_corpus, write_manifest
@@ -16,31 +20,89 @@ def _shim(path, body):
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def test_slurm_script_runs_the_job_and_resumes(tmp_path, media_dir):
-    rows = make_corpus(str(tmp_path / "c"), media_dir, 8)
-    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(
-        base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"))))
+def _slurm_env(tmp_path, srun_body: str, **extra) -> dict:
+    """Stand-ins for Slurm's commands: ``scontrol`` answers the node list and records a requeue."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    # stand-ins for the two Slurm commands the script calls, on a one-node "allocation"
-    _shim(bin_dir / "scontrol", 'echo 127.0.0.1')
-    _shim(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done; SLURM_NODEID=0 exec "$@"')
+    bin_dir.mkdir(exist_ok=True)
+    _shim(bin_dir / "scontrol", f'if [ "$1" = requeue ]; then echo "$@" >> {tmp_path}/requeued; else echo 127.0.0.1; fi')
+    _shim(bin_dir / "srun", srun_body)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node1", SLURM_NNODES="1",
-               SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=ROOT, GPUS_PER_NODE="2", CONFIG=str(tmp_path / "job.yaml"),
-               MASTER_PORT=str(__import__("tests.s3server", fromlist=["free_port"]).free_port()),
-               PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+               SLURM_JOB_ID="4343", SLURM_SUBMIT_DIR=ROOT, GPUS_PER_NODE="2", PYTHON=sys.executable,
+               MASTER_PORT=str(__import__("tests.s3server", fromlist=["free_port"]).free_port()), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_RESTART_COUNT"):
         env.pop(k, None)
-    for attempt in range(2):
-        proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch")], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(pq.read_table(str(tmp_path / "out" / "parts"))["video_id"].to_pylist()) == \
-        sorted(r["video_id"] for r in rows)  # the second submission resumed: nothing twice
-    assert "8 already done" in proc.stdout
-    assert os.path.isdir(os.path.join(ROOT, "logs", "4242"))  # per-rank logs
-    subprocess.run(["rm", "-rf", os.path.join(ROOT, "logs", "4242")])
+    return {**env, **extra}
+
+
+def _sbatch(env) -> subprocess.Popen:
+    return subprocess.Popen(["bash", os.path.join(ROOT, "launch", "slurm.sbatch")], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_slurm_script_stops_the_job_cleanly_at_the_time_limit_and_requeues_it(tmp_path, media_dir):
+    """Slurm's USR1 before the time limit (``--signal=B:USR1@600``): the script stops the real job (SIGTERM through
+    srun and torchrun: finished rows committed, the lease released) and requeues it; the requeued job resumes."""
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 16)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    out = tmp_path / "out"
+    raw = base_config(manifest, str(tmp_path / "c"), str(out), str(tmp_path / "cache"),
+                      filters={"noop": {"sleep_s": 0.5}}, output={"dir": str(out), "rows_per_file": 2})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    env = _slurm_env(tmp_path, 'while [[ "$1" == --* ]]; do shift; done; SLURM_NODEID=0 exec "$@"',
+                     CONFIG=str(tmp_path / "job.yaml"))
+    proc = _sbatch(env)
+    try:
+        _wait_for(lambda: (out / "parts").is_dir() and len(os.listdir(out / "parts")) >= 2)
+        proc.send_signal(signal.SIGUSR1)  # what Slurm sends the batch shell ten minutes before the limit
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, err[-3000:]
+    assert "the time limit is near: stopping the job cleanly" in err
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4343"]
+    committed = pq.read_table(str(out / "parts"))["video_id"].to_pylist()
+    assert 4 <= len(committed) < 16 and len(set(committed)) == len(committed)
+    assert not (out / "_lease.json").exists() and not (out / "_SUCCESS").exists()  # a clean stop, not a kill
+
+    env["SLURM_RESTART_COUNT"] = "1"  # the requeued job: the same script again
+    again = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch")], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(pq.read_table(str(out / "parts"))["video_id"].to_pylist()) == sorted(r["video_id"] for r in rows)
+    assert (out / "_SUCCESS").exists() and len((tmp_path / "requeued").read_text().splitlines()) == 1
+    assert f"{len(committed)} already done" in again.stdout  # resumed: what the first allocation committed
+    assert os.path.isdir(os.path.join(ROOT, "logs", "4343", "node0"))  # per-rank logs
+    subprocess.run(["rm", "-rf", os.path.join(ROOT, "logs", "4343")])
+
+
+@pytest.mark.parametrize("srun_exit, extra, requeued, said", [
+    (143, {"SLURM_RESTART_COUNT": "2", "MAX_REQUEUES": "2"}, False, "not requeued: MAX_REQUEUES=2 reached"),
+    (143, {"REQUEUE": "0"}, False, "REQUEUE=0: submit the same command again to resume"),
+    (0, {}, False, ""),  # the job finished as the signal came: nothing to requeue
+    (143, {"SLURM_RESTART_COUNT": "4"}, True, "requeue 5 of at most 50"),
+])
+def test_slurm_script_requeue_decisions(tmp_path, srun_exit, extra, requeued, said):
+    """A stand-in srun that waits until its SIGTERM, then exits with ``srun_exit``."""
+    env = _slurm_env(tmp_path, f'trap "kill %1; exit {srun_exit}" TERM; touch {tmp_path}/started; sleep 60 & wait',
+                     CONFIG="configs/default.yaml", **extra)
+    proc = _sbatch(env)
+    try:
+        _wait_for(lambda: (tmp_path / "started").exists(), 30)
+        proc.send_signal(signal.SIGUSR1)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == srun_exit, err
+    assert (tmp_path / "requeued").exists() == requeued
+    assert said in err
+    subprocess.run(["rm", "-rf", os.path.join(ROOT, "logs", "4343")])
 
 
 def test_k8s_manifest_is_a_pytorchjob_with_secrets_from_the_environment():
@@ -51,8 +113,12 @@ def test_k8s_manifest_is_a_pytorchjob_with_secrets_from_the_environment():
     container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert container["command"][:2] == ["torchrun", "jobs/run.py"]
     assert container["envFrom"][0]["secretRef"]["name"]
+    shutdown = int({e["name"]: e["value"] for e in container["env"]}["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > shutdown  # the kubelet waits for torchrun's own wait
     config = yaml.safe_load(kinds["ConfigMap"]["data"]["job.yaml"])
     from pipeline.config import build_config
 
     cfg = build_config(config)  # the embedded config is a valid job config
+    assert shutdown > cfg.runtime.shutdown_grace_s + 60  # the workers' clean stop, and a commit
     assert cfg.storage.cache_dir == "/cache" and "secret" not in kinds["ConfigMap"]["data"]["job.yaml"].lower()
