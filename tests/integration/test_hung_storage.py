@@ -47,17 +47,23 @@ def _rows(out):
     return {r["video_id"]: r["result_info"] for r in pq.read_table(os.path.join(out, "parts")).to_pylist()}
 
 
+def _run_through(proxy: FaultProxy, raw: dict):
+    """Run ``raw`` with its storage behind ``proxy``; the outcome and the seconds it took (the proxy stopped)."""
+    started = time.monotonic()
+    try:
+        outcome = _run(raw)
+    finally:
+        took = time.monotonic() - started
+        proxy.stop()
+    return outcome, took
+
+
 def test_a_silent_fetch_gets_a_timeout_row_and_a_rerun_fetches_it(tmp_path, media_dir, s3, bucket):
     name, fs = bucket
     rows, manifest = _upload(tmp_path, media_dir, fs, name, 8)
     # item 2: nothing answered at all; item 5: the headers and 64 KiB of the body, then nothing
     proxy = FaultProxy(s3.port, hang={"item_0002": None, "item_0005": 1 << 16})
-    started = time.monotonic()
-    try:
-        outcome = _run(_config(tmp_path, s3, name, manifest, proxy.endpoint))
-    finally:
-        took = time.monotonic() - started
-        proxy.stop()
+    outcome, took = _run_through(proxy, _config(tmp_path, s3, name, manifest, proxy.endpoint))
     assert took < 30, took  # the rank did not wait for the hung requests (before: StallError after stall_timeout_s)
     got = _rows(str(tmp_path / "out"))
     assert sorted(got) == sorted(r["video_id"] for r in rows)  # one row each
@@ -75,39 +81,32 @@ def test_a_silent_fetch_gets_a_timeout_row_and_a_rerun_fetches_it(tmp_path, medi
     assert all(v["succeed"] for v in _rows(str(tmp_path / "out")).values())
 
 
-def test_a_slow_but_live_download_is_not_abandoned(tmp_path, s3, bucket):
-    """Silence is measured between bytes, not over the whole download: 10 pieces 0.8 s apart take 8 s, over twice
-    the silence limit, and still succeed."""
+def _trickled(tmp_path, s3, bucket, trickle_s: float, **storage):
+    """One 640 KiB item through a link that sends it in 64 KiB pieces ``trickle_s`` apart: its row's result_info,
+    the outcome and the seconds it took."""
     name, fs = bucket
     fs.pipe(f"{name}/videos/big.bin", os.urandom(10 << 16))
     manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "big", "video_path": "big.bin"}])
-    proxy = FaultProxy(s3.port, trickle_paths=("big.bin",), trickle_s=0.8)
-    try:
-        outcome = _run(_config(tmp_path, s3, name, manifest, proxy.endpoint, filters={"noop": {}}))
-    finally:
-        proxy.stop()
-    info = _rows(str(tmp_path / "out"))["big"]
+    proxy = FaultProxy(s3.port, trickle_paths=("big.bin",), trickle_s=trickle_s)
+    raw = _config(tmp_path, s3, name, manifest, proxy.endpoint, filters={"noop": {}})
+    raw["storage"].update(storage)
+    outcome, took = _run_through(proxy, raw)
+    return _rows(str(tmp_path / "out"))["big"], outcome, took
+
+
+def test_a_slow_but_live_download_is_not_abandoned(tmp_path, s3, bucket):
+    """Silence is measured between bytes, not over the whole download: 10 pieces 0.8 s apart take 8 s, over twice
+    the silence limit, and still succeed (80 KiB/s: far above the default minimum rate)."""
+    info, outcome, _ = _trickled(tmp_path, s3, bucket, 0.8)
     assert info["succeed"], info
     assert info["bytes"] == 10 << 16 and info["fetch_s"] > 2 * SILENCE_S
     assert outcome.stats["fetches_hung"] == 0
 
 
 def test_a_download_that_trickles_below_the_minimum_rate_is_abandoned(tmp_path, s3, bucket):
-    """The same link as above is never silent, but at 64 KiB a second it is below a 256 KiB/s minimum: given up
-    once the window of ``fetch_silence_s`` is full, not at the end of the download."""
-    name, fs = bucket
-    fs.pipe(f"{name}/videos/big.bin", os.urandom(10 << 16))
-    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "big", "video_path": "big.bin"}])
-    proxy = FaultProxy(s3.port, trickle_paths=("big.bin",), trickle_s=1.0)
-    raw = _config(tmp_path, s3, name, manifest, proxy.endpoint, filters={"noop": {}})
-    raw["storage"]["fetch_min_bytes_per_s"] = 256 << 10
-    started = time.monotonic()
-    try:
-        outcome = _run(raw)
-    finally:
-        took = time.monotonic() - started
-        proxy.stop()
-    info = _rows(str(tmp_path / "out"))["big"]
+    """The same link is never silent, but at 64 KiB a second it is below a 256 KiB/s minimum: given up once the
+    window of ``fetch_silence_s`` is full, not at the end of the download."""
+    info, outcome, took = _trickled(tmp_path, s3, bucket, 1.0, fetch_min_bytes_per_s=256 << 10)
     assert not info["succeed"] and info["error_type"] == "FetchTimeout" and info["retryable"], info
     assert re.search(r"\d+ bytes in the last [34]s \(\d+ B/s, below storage.fetch_min_bytes_per_s=262144\)",
                      info["error_message"]), info["error_message"]
@@ -145,12 +144,7 @@ def test_a_hung_tier_is_skipped_and_its_items_come_from_the_next_one(tmp_path, m
         {"name": "s3", "root": f"s3://{name}/videos", "storage_options": s3.options()}]}
     raw = base_config(manifest, "unused", str(tmp_path / "out"), str(tmp_path / "cache"), storage=storage,
                       runtime={"metrics_interval_s": 0.2})
-    started = time.monotonic()
-    try:
-        outcome = _run(raw)
-    finally:
-        took = time.monotonic() - started
-        proxy.stop()
+    outcome, took = _run_through(proxy, raw)
     assert outcome.summary["this_run"]["succeeded"] == 12 and outcome.summary["this_run"]["tier_hits"] == {"s3": 12}
     assert proxy.hung <= 2, proxy.hung  # the hung tier was asked once per producer, not once per item
     assert took < 20, took  # not 12 silences
