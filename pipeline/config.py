@@ -180,8 +180,11 @@ class OutputConfig:
 class ResumeConfig:
     """What a rerun on the same output directory does."""
 
-    retry_failed: bool = True
-    """Redo items whose only rows are failures (False: skip them too)."""
+    retry_failed: bool | Literal["retryable"] = True
+    """Redo items whose only rows are failures. False: skip them too. ``retryable``: redo only those whose latest
+    failure row says ``retryable`` (a fetch timeout, an out-of-memory, a transient storage error), and skip those
+    that failed for good (corrupt or missing media, a crash ledger refusal): on a corpus with 1% corrupt files, a
+    week's elastic restarts and reruns would otherwise fetch and decode them again each time."""
     allow_config_change: bool = False
     """Resume even though the input or the filters differ from the recorded config."""
     on_schema_change: Literal["fail", "conform"] = "fail"

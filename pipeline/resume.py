@@ -128,6 +128,29 @@ def latest_failures(fs, files: list[str], state: CommittedState, kept: pa.Array 
     return latest
 
 
+def failed_for_good(fs, files: list[str], state: CommittedState, id_column: str) -> pa.Array:
+    """The ids with only failure rows whose latest failure row is not retryable (``resume.retry_failed=retryable``
+    skips them). Reads the failure rows only; a row group without one is skipped by its statistics.
+
+    Args:
+        fs: the output's filesystem.
+        files: the committed part files.
+        state: their committed state (``read_committed``).
+        id_column: the id column name.
+    """
+    if not files or not len(state.failed_only):
+        return pa.array([], pa.string())
+    failed = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={
+        "id": pc.field(id_column), "retryable": pc.field("result_info", "retryable"),
+        "end_time": pc.field("result_info", "end_time"),
+    }, filter=pc.invert(pc.field("result_info", "succeed")))
+    failed = failed.filter(pc.is_in(failed["id"], value_set=state.failed_only))
+    latest = failed.sort_by([("end_time", "ascending")]).group_by("id", use_threads=False).aggregate(
+        [("retryable", "last")])
+    permanent = pc.invert(pc.fill_null(latest["retryable_last"], True))  # unknown: retried
+    return latest["id"].filter(permanent).combine_chunks()
+
+
 RESUME_DIR = "_resume"
 
 
@@ -238,19 +261,21 @@ def writer_schema(out_dir: str, storage_options: dict, newest_part: str | None, 
     return committed.remove_metadata()
 
 
-def pending_indices(ids: pa.Array | pa.ChunkedArray, state: CommittedState, retry_failed: bool,
-                    keep: pa.Array | None = None) -> pa.Array:
+def pending_indices(ids: pa.Array | pa.ChunkedArray, state: CommittedState, retry_failed: bool | str,
+                    keep: pa.Array | None = None, for_good: pa.Array | None = None) -> pa.Array:
     """Positions (ascending, in manifest order) of the items this run must process.
 
     Args:
         ids: the manifest's id column.
         state: the committed state.
-        retry_failed: whether ids with only failure rows run again.
+        retry_failed: whether ids with only failure rows run again (``retryable``: all but ``for_good``).
         keep: a mask over ``ids`` of the rows the manifest keeps (duplicates dropped, limit applied).
+        for_good: with ``retry_failed=retryable``, the ids that failed for good (``failed_for_good``).
     """
     mask = pc.invert(pc.is_in(ids, value_set=state.succeeded))
-    if not retry_failed and len(state.failed_only):
-        mask = pc.and_(mask, pc.invert(pc.is_in(ids, value_set=state.failed_only)))
+    skip = state.failed_only if retry_failed is False else for_good if retry_failed == "retryable" else None
+    if skip is not None and len(skip):
+        mask = pc.and_(mask, pc.invert(pc.is_in(ids, value_set=skip)))
     if keep is not None:
         mask = pc.and_(mask, keep)
     return pc.indices_nonzero(mask)

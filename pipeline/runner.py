@@ -64,6 +64,7 @@ from pipeline.resume import (
     SUMMARY,
     OutputLease,
     check_or_record_config,
+    failed_for_good,
     latest_failures,
     part_files,
     pending_indices,
@@ -699,12 +700,20 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
     def resume_set() -> tuple[str | None, str | None, int]:
         """Rank 0 reads the committed parts once for every rank and shares the positions to process."""
         try:
-            state = read_committed(out.dir, out.storage_options, cfg.input.id_column)
+            fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
+            files = part_files(fs, root)
+            state = read_committed(out.dir, out.storage_options, cfg.input.id_column, files)
+            for_good = None
+            if cfg.resume.retry_failed == "retryable":
+                for_good = failed_for_good(fs, files, state, cfg.input.id_column)
+                log.info("%d of the %d items with only failure rows failed for good (their latest failure is not "
+                         "retryable) and are not retried (resume.retry_failed=retryable)", len(for_good),
+                         len(state.failed_only))
             if state.duplicate_successes:
                 log.warning("the output holds %d second success row(s) of items (a part that landed after its run "
                             "gave it up as hung?): this run removes them at its end, before its completion marker, "
                             "keeping the latest", state.duplicate_successes)
-            mine["pending"] = pending_indices(manifest.ids, state, cfg.resume.retry_failed, manifest.keep)
+            mine["pending"] = pending_indices(manifest.ids, state, cfg.resume.retry_failed, manifest.keep, for_good)
             url = share_pending(out.dir, out.storage_options, run_id, mine["pending"]) if ctx.world_size > 1 else None
             return url, state.newest_part, len(state.succeeded)
         except MediasieveError:

@@ -24,6 +24,7 @@ from pipeline.resume import (
     SUCCESS_MARKER,
     SUMMARY,
     OutputLease,
+    failed_for_good,
     latest_failures,
     part_files,
     pending_indices,
@@ -96,7 +97,9 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
         kept = manifest.kept_ids()
         succeeded = pc.sum(pc.is_in(kept, value_set=state.succeeded)).as_py() or 0
         latest = latest_failures(fs, files, state, kept, cfg.input.id_column, cfg.input.path_column) if files else {}
-        pending = len(pending_indices(manifest.ids, state, cfg.resume.retry_failed, manifest.keep))
+        for_good = failed_for_good(fs, files, state, cfg.input.id_column) \
+            if cfg.resume.retry_failed == "retryable" else None
+        pending = len(pending_indices(manifest.ids, state, cfg.resume.retry_failed, manifest.keep, for_good))
         total = len(manifest)
     finally:
         manifest.close()
@@ -143,7 +146,8 @@ def format_status(status: dict[str, Any]) -> str:
         f"  items    : {items['manifest']} in the manifest; {items['succeeded']} succeeded{share}, {items['failed']} "
         f"failed {json.dumps(items['failures_by_type'])}, {items['without_row']} without a row",
         f"  next run : would process {nxt['would_process']} items"
-        + (" (failed ones retried)" if nxt["retry_failed"] else " (failed ones skipped)"),
+        + {True: " (failed ones retried)", False: " (failed ones skipped)",
+           "retryable": " (failed ones retried where their failure is retryable)"}[nxt["retry_failed"]],
         f"  output   : {output['part_files']} part files, {output['rows']} rows"
         + (f"; {output['interrupted_compactions']} interrupted compaction(s), finished by the next run or compaction"
            if output["interrupted_compactions"] else "")

@@ -59,8 +59,14 @@ def _run_through(proxy: FaultProxy, raw: dict):
 
 
 def test_a_silent_fetch_gets_a_timeout_row_and_a_rerun_fetches_it(tmp_path, media_dir, s3, bucket):
+    """The rerun, with ``resume.retry_failed=retryable``, fetches the timed-out items again and leaves the missing
+    file (a failure for good) alone."""
     name, fs = bucket
-    rows, manifest = _upload(tmp_path, media_dir, fs, name, 8)
+    rows = make_corpus(str(tmp_path / "all"), media_dir, 8)
+    for r in rows:
+        fs.put(str(tmp_path / "all" / r["video_path"]), f"{name}/videos/{r['video_path']}")
+    rows.append({"video_id": "gone", "video_path": "gone.mp4", "batch": 0})
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
     # item 2: nothing answered at all; item 5: the headers and 64 KiB of the body, then nothing
     proxy = FaultProxy(s3.port, hang={"item_0002": None, "item_0005": 1 << 16})
     outcome, took = _run_through(proxy, _config(tmp_path, s3, name, manifest, proxy.endpoint))
@@ -68,17 +74,19 @@ def test_a_silent_fetch_gets_a_timeout_row_and_a_rerun_fetches_it(tmp_path, medi
     got = _rows(str(tmp_path / "out"))
     assert sorted(got) == sorted(r["video_id"] for r in rows)  # one row each
     failed = {k: v for k, v in got.items() if not v["succeed"]}
-    assert set(failed) == {"id-0002", "id-0005"}
+    assert set(failed) == {"id-0002", "id-0005", "gone"}
+    assert failed.pop("gone")["error_type"] == "NotFoundError"
     assert all(v["error_type"] == "FetchTimeout" and v["retryable"] for v in failed.values())
     assert "before any byte" in failed["id-0002"]["error_message"]
     got_bytes = int(re.search(r"after (\d+) bytes", failed["id-0005"]["error_message"]).group(1))
     assert 0 < got_bytes <= 1 << 16  # what the client read of the 64 KiB sent
     assert "item_0005.mp4" in failed["id-0005"]["error_message"]
-    assert outcome.summary["this_run"]["succeeded"] == 6
+    assert outcome.summary["this_run"]["succeeded"] == 8 - 2
 
-    again = _run(_config(tmp_path, s3, name, manifest, s3.endpoint))  # the storage answers again
+    again = _run(_config(tmp_path, s3, name, manifest, s3.endpoint, resume={"retry_failed": "retryable"}))
     assert again.summary["this_run"]["items"] == 2 and again.summary["this_run"]["succeeded"] == 2
-    assert all(v["succeed"] for v in _rows(str(tmp_path / "out")).values())
+    got = _rows(str(tmp_path / "out"))
+    assert [k for k, v in got.items() if not v["succeed"]] == ["gone"]  # not tried again: one row still
 
 
 def _trickled(tmp_path, s3, bucket, trickle_s: float, **storage):

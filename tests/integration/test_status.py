@@ -60,6 +60,10 @@ def test_status_after_a_complete_run_agrees_with_its_summary_and_writes_nothing(
     assert status["crashes"] == {"items": 0, "refused": 0}
     raw["resume"] = {"retry_failed": False}
     assert job_status(_cfg(raw))["next_run"]["would_process"] == 0
+    raw["resume"] = {"retry_failed": "retryable"}  # a decode error and a missing file are failures for good
+    for_good = job_status(_cfg(raw))
+    assert for_good["next_run"] == {"would_process": 0, "retry_failed": "retryable"}
+    assert "(failed ones retried where their failure is retryable)" in format_status(for_good)
     text = format_status(status)
     assert "complete (run " in text and "5 succeeded (62.5%), 3 failed" in text
 

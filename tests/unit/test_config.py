@@ -50,6 +50,7 @@ def test_defaults_and_overrides(tmp_path):
     ("filters.probe.enabled=false", "no filter is enabled"),
     ("input.listing_glob=/x/*.mp4", "exactly one"),
     ("storage.fetch_min_bytes_per_s=-1", "fetch_min_bytes_per_s=-1 must be 0 or more"),
+    ("resume.retry_failed=maybe", r"resume.retry_failed: 'maybe' fits none of"),
     ("noequals", "section.key=value"),
 ])
 def test_bad_values_are_one_clear_error(tmp_path, override, message):

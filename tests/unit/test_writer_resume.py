@@ -8,7 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ConfigError, OutputLockedError
-from pipeline.resume import OutputLease, check_or_record_config, pending_indices, read_committed, redact
+from pipeline.resume import (
+    OutputLease,
+    check_or_record_config,
+    failed_for_good,
+    pending_indices,
+    read_committed,
+    redact,
+)
 from pipeline.writer import ResultWriter, result_schema
 
 SCHEMA = result_schema(pa.schema([("video_id", pa.string()), ("video_path", pa.string())]),
@@ -37,6 +44,40 @@ def test_parts_by_rows_and_resume_state(tmp_path):
     ids = pa.array([f"id{i}" for i in range(12)])
     assert pending_indices(ids, state, retry_failed=True).to_pylist() == [0, 5, 10, 11]
     assert pending_indices(ids, state, retry_failed=False).to_pylist() == [10, 11]
+
+
+def test_retry_failed_retryable_skips_items_whose_latest_failure_is_for_good(tmp_path):
+    """Two runs' rows: the latest failure row of an item decides (by end time, whichever part holds it)."""
+    import datetime as dt
+
+    import fsspec
+
+    def failure(i, error_type, retryable, hour):
+        return {"video_id": f"id{i}", "video_path": f"p{i}", "noop": None, "result_info": {
+            "succeed": False, "error_type": error_type, "retryable": retryable, "rank": 0, "run_id": "r",
+            "end_time": dt.datetime(2026, 12, 1, hour, tzinfo=dt.timezone.utc)}}
+
+    first = [failure(0, "DecodeError", False, 1), failure(1, "FetchTimeout", True, 1),
+             failure(2, "FetchTimeout", True, 1), failure(3, "DecodeError", False, 1),
+             failure(4, "DecodeError", False, 1), {**_row(5), "result_info": {**_row(5)["result_info"]}}]
+    later = [failure(2, "DecodeError", False, 2),  # retryable, then for good: for good
+             failure(3, "FetchTimeout", True, 2),  # for good, then retryable: retried
+             _row(4)]  # failed, then succeeded: done
+    for n, rows in enumerate((first, later)):
+        w = ResultWriter(str(tmp_path), {}, SCHEMA, f"run{n}", 0, rows_per_file=100, flush_interval_s=999)
+        for r in rows:
+            w.add(r)
+        w.close()
+    state = read_committed(str(tmp_path), {}, "video_id")
+    fs = fsspec.filesystem("file")
+    files = sorted(str(p) for p in (tmp_path / "parts").iterdir())
+    assert sorted(failed_for_good(fs, files, state, "video_id").to_pylist()) == ["id0", "id2"]
+    ids = pa.array([f"id{i}" for i in range(7)])
+    for_good = failed_for_good(fs, files, state, "video_id")
+    assert pending_indices(ids, state, "retryable", for_good=for_good).to_pylist() == [1, 3, 6]
+    assert pending_indices(ids, state, True).to_pylist() == [0, 1, 2, 3, 6]
+    assert pending_indices(ids, state, False).to_pylist() == [6]
+    assert failed_for_good(fs, [], state, "video_id").to_pylist() == []
 
 
 def test_concurrent_writers_cut_full_parts(tmp_path):
