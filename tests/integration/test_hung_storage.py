@@ -313,9 +313,10 @@ def test_a_part_that_lands_after_its_run_gave_it_up_is_removed_by_the_next_compl
 
     threading.Thread(target=hold_parts_after_the_first, daemon=True).start()
     slow = {"noop": {"sleep_s": 0.3}}
+    one_at_a_time = {"consumers": 1, "producers": 1}  # 0.3 s an item: the hold is set while parts are still to come
     try:
         with pytest.raises(OutputHungError, match=r"the commit of .*/out/parts/part-.* did not finish"):
-            _run(_output_config(tmp_path, s3, name, manifest, proxy.endpoint, filters=slow))
+            _run(_output_config(tmp_path, s3, name, manifest, proxy.endpoint, filters=slow, runtime=one_at_a_time))
         assert proxy.held
         again = _run(_output_config(tmp_path, s3, name, manifest, s3.endpoint, filters=slow))  # the lease was released
         assert again.summary["total"]["succeeded"] == 8

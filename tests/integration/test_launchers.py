@@ -53,7 +53,8 @@ def test_slurm_script_stops_the_job_cleanly_at_the_time_limit_and_requeues_it(tm
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
     out = tmp_path / "out"
     raw = base_config(manifest, str(tmp_path / "c"), str(out), str(tmp_path / "cache"),
-                      filters={"noop": {"sleep_s": 0.5}}, output={"dir": str(out), "rows_per_file": 2})
+                      filters={"noop": {"sleep_s": 0.5}}, output={"dir": str(out), "rows_per_file": 2},
+                      runtime={"consumers": 1, "producers": 1})  # 4 items/s on 2 ranks: the signal comes mid-job
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
     env = _slurm_env(tmp_path, 'while [[ "$1" == --* ]]; do shift; done; SLURM_NODEID=0 exec "$@"',
                      CONFIG=str(tmp_path / "job.yaml"))
