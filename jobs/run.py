@@ -24,10 +24,12 @@ log = logging.getLogger("mediasieve")
 def format_summary(summary: dict) -> str:
     """A short human-readable account of the run summary."""
     run, total = summary["this_run"], summary["total"]
+    skipped = "already done" if run.get("retry_failed", True) is True else \
+        "skipped (already done, or failed and not retried)"
     lines = [
         f"mediasieve run {summary['run_id']} on {summary['world_size']} rank(s)",
         f"  this run : {run['items']} items ({run['succeeded']} ok, {run['failed']} failed) in {run['wall_s']:.1f}s"
-        f" = {run['items_per_s'] or 0:.2f} items/s; {run['skipped_already_done']} already done",
+        f" = {run['items_per_s'] or 0:.2f} items/s; {run['skipped_already_done']} {skipped}",
         f"  tiers    : {json.dumps(run['tier_hits'])}",
         f"  overall  : {summary['manifest_items']} items, {total['succeeded']} succeeded, {total['failed']} failed"
         f" {json.dumps(total['failures_by_type'])}",

@@ -901,6 +901,7 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
         "this_run": {
             "items": done,
             "skipped_already_done": len(manifest) - pending,
+            "retry_failed": cfg.resume.retry_failed,
             "succeeded": sum(r["succeeded"] for r in ranks),
             "failed": sum(r["failed"] for r in ranks),
             "failures_by_type": this_by_type,

@@ -87,6 +87,20 @@ def test_a_silent_fetch_gets_a_timeout_row_and_a_rerun_fetches_it(tmp_path, medi
     assert again.summary["this_run"]["items"] == 2 and again.summary["this_run"]["succeeded"] == 2
     got = _rows(str(tmp_path / "out"))
     assert [k for k, v in got.items() if not v["succeed"]] == ["gone"]  # not tried again: one row still
+    assert again.summary["this_run"]["retry_failed"] == "retryable"
+    assert "; 7 skipped (already done, or failed and not retried)" in _format_summary(again.summary)
+
+
+def _format_summary(summary: dict) -> str:
+    """What ``jobs/run.py`` prints at the end of a run."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("run_cli", os.path.join(ROOT, "jobs", "run.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli.format_summary(summary)
 
 
 def _trickled(tmp_path, s3, bucket, trickle_s: float, **storage):
