@@ -28,7 +28,8 @@ def _slurm_env(tmp_path, srun_body: str, **extra) -> dict:
     _shim(bin_dir / "srun", srun_body)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node1", SLURM_NNODES="1",
                SLURM_JOB_ID="4343", SLURM_SUBMIT_DIR=ROOT, GPUS_PER_NODE="2", PYTHON=sys.executable,
-               MASTER_PORT=str(__import__("tests.s3server", fromlist=["free_port"]).free_port()), OMP_NUM_THREADS="1")
+               MASTER_PORT=str(__import__("tests.s3server", fromlist=["free_port"]).free_port()), OMP_NUM_THREADS="1",
+               REQUEUE_AFTER_S="0")  # the signal comes seconds after the start here
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_RESTART_COUNT"):
         env.pop(k, None)
     return {**env, **extra}
@@ -103,6 +104,24 @@ def test_slurm_script_requeue_decisions(tmp_path, srun_exit, extra, requeued, sa
     assert proc.returncode == srun_exit, err
     assert (tmp_path / "requeued").exists() == requeued
     assert said in err
+    subprocess.run(["rm", "-rf", os.path.join(ROOT, "logs", "4343")])
+
+
+def test_slurm_script_ignores_a_usr1_at_the_start_of_a_job_shorter_than_the_warning(tmp_path):
+    """A time limit under ten minutes has Slurm send USR1 at once: the job runs on to its end, nothing is requeued
+    (else every allocation would stop at its start and be requeued, MAX_REQUEUES times)."""
+    env = _slurm_env(tmp_path, f'touch {tmp_path}/started; sleep 2; exit 0', CONFIG="configs/default.yaml",
+                     REQUEUE_AFTER_S="600")
+    proc = _sbatch(env)
+    try:
+        _wait_for(lambda: (tmp_path / "started").exists(), 30)
+        proc.send_signal(signal.SIGUSR1)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "the time limit is shorter than the warning; the job runs until the limit" in err
+    assert not (tmp_path / "requeued").exists()
     subprocess.run(["rm", "-rf", os.path.join(ROOT, "logs", "4343")])
 
 
