@@ -84,6 +84,21 @@ def test_slurm_script_stops_the_job_cleanly_at_the_time_limit_and_requeues_it(tm
     subprocess.run(["rm", "-rf", os.path.join(ROOT, "logs", "4343")])
 
 
+def _usr1_once_started(tmp_path, srun_body: str, **extra) -> tuple[int, str]:
+    """Run the script over a stand-in srun (which touches ``started``), send it USR1 once srun started: its exit
+    code and stderr."""
+    env = _slurm_env(tmp_path, f"touch {tmp_path}/started; {srun_body}", CONFIG="configs/default.yaml", **extra)
+    proc = _sbatch(env)
+    try:
+        _wait_for(lambda: (tmp_path / "started").exists(), 30)
+        proc.send_signal(signal.SIGUSR1)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        subprocess.run(["rm", "-rf", os.path.join(ROOT, "logs", "4343")])
+    return proc.returncode, err
+
+
 @pytest.mark.parametrize("srun_exit, extra, requeued, said", [
     (143, {"SLURM_RESTART_COUNT": "2", "MAX_REQUEUES": "2"}, False, "not requeued: MAX_REQUEUES=2 reached"),
     (143, {"REQUEUE": "0"}, False, "REQUEUE=0: submit the same command again to resume"),
@@ -92,37 +107,19 @@ def test_slurm_script_stops_the_job_cleanly_at_the_time_limit_and_requeues_it(tm
 ])
 def test_slurm_script_requeue_decisions(tmp_path, srun_exit, extra, requeued, said):
     """A stand-in srun that waits until its SIGTERM, then exits with ``srun_exit``."""
-    env = _slurm_env(tmp_path, f'trap "kill %1; exit {srun_exit}" TERM; touch {tmp_path}/started; sleep 60 & wait',
-                     CONFIG="configs/default.yaml", **extra)
-    proc = _sbatch(env)
-    try:
-        _wait_for(lambda: (tmp_path / "started").exists(), 30)
-        proc.send_signal(signal.SIGUSR1)
-        _out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == srun_exit, err
+    rc, err = _usr1_once_started(tmp_path, f'trap "kill %1; exit {srun_exit}" TERM; sleep 60 & wait', **extra)
+    assert rc == srun_exit, err
     assert (tmp_path / "requeued").exists() == requeued
     assert said in err
-    subprocess.run(["rm", "-rf", os.path.join(ROOT, "logs", "4343")])
 
 
 def test_slurm_script_ignores_a_usr1_at_the_start_of_a_job_shorter_than_the_warning(tmp_path):
     """A time limit under ten minutes has Slurm send USR1 at once: the job runs on to its end, nothing is requeued
     (else every allocation would stop at its start and be requeued, MAX_REQUEUES times)."""
-    env = _slurm_env(tmp_path, f'touch {tmp_path}/started; sleep 2; exit 0', CONFIG="configs/default.yaml",
-                     REQUEUE_AFTER_S="600")
-    proc = _sbatch(env)
-    try:
-        _wait_for(lambda: (tmp_path / "started").exists(), 30)
-        proc.send_signal(signal.SIGUSR1)
-        _out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+    rc, err = _usr1_once_started(tmp_path, "sleep 2; exit 0", REQUEUE_AFTER_S="600")
+    assert rc == 0, err
     assert "the time limit is shorter than the warning; the job runs until the limit" in err
     assert not (tmp_path / "requeued").exists()
-    subprocess.run(["rm", "-rf", os.path.join(ROOT, "logs", "4343")])
 
 
 def test_k8s_manifest_is_a_pytorchjob_with_secrets_from_the_environment():
