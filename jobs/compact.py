@@ -59,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     try:
         scratch = os.path.join(cfg.storage.cache_dir, SCRATCH_DIR)
-        os.makedirs(scratch, exist_ok=True)
         report = compact(out.dir, out.storage_options, int(args.target_mb * (1 << 20)), args.row_group_rows, scratch,
                          args.dry_run, out.compression, cfg.input.id_column)
     except Exception as e:  # noqa: BLE001 - loud; nothing is lost (see pipeline.compaction)

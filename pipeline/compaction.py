@@ -26,6 +26,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import fsspec
 import numpy as np
@@ -283,10 +284,13 @@ def remove_duplicate_successes(out_dir: str, storage_options: dict, id_column: s
             if rid not in keeper or key > keeper[rid][0]:
                 keeper[rid] = (key, path, seen[rid])
             seen[rid] += 1
+    kept_in: dict[str, dict] = {}  # part -> {id: which of its success rows there} for the rows that stay
+    for rid, (_, path, which) in keeper.items():
+        kept_in.setdefault(path, {})[rid] = which
     token = uuid.uuid4().hex[:8]
     removed = 0
     for i, (path, table) in enumerate(found):
-        keep_here = {rid: which for rid, (_, p, which) in keeper.items() if p == path}
+        keep_here = kept_in.get(path, {})
         if table.num_rows == len(keep_here):  # the kept row of each of its items, and no other: nothing to drop
             continue
         if not keep_here:
@@ -312,35 +316,28 @@ def _rewrite_without(fs, root: str, path: str, keep: dict, repeated: pa.Array, i
     token, seq = plan
     counts = {"read": 0, "kept": 0}
 
-    def write(final: str) -> tuple[int, int]:
+    def write(local: str) -> int:
         seen: Counter = Counter()
-        fd, local = tempfile.mkstemp(suffix=".parquet", dir=scratch_dir)
-        os.close(fd)
-        try:
-            with fs.open(path, "rb") as f:
-                source = pq.ParquetFile(f)
-                with pq.ParquetWriter(local, source.schema_arrow, compression=compression) as writer:
-                    for group in range(source.num_row_groups):
-                        table = source.read_row_group(group)
-                        succeeded = pc.fill_null(pc.struct_field(table["result_info"], "succeed"), False)
-                        candidates = np.flatnonzero(pc.and_(succeeded, pc.is_in(
-                            table[id_column], value_set=repeated)).to_numpy(zero_copy_only=False))
-                        mask = np.ones(table.num_rows, dtype=bool)
-                        for row, rid in zip(candidates, table[id_column].take(candidates).to_pylist()):
-                            mask[row] = keep.get(rid) == seen[rid]
-                            seen[rid] += 1
-                        counts["read"] += table.num_rows
-                        counts["kept"] += int(mask.sum())
-                        writer.write_table(table.filter(mask), row_group_size=row_group_rows)
-            if pq.read_metadata(local).num_rows != counts["kept"]:
-                raise RuntimeError(f"the rewrite of {path} lost rows; nothing was committed")
-            size = os.path.getsize(local)
-            commit_file(fs, final, local, f"{root}/_tmp")
-        finally:
-            os.remove(local)
-        return counts["kept"], size
+        with fs.open(path, "rb") as f:
+            source = pq.ParquetFile(f)
+            with pq.ParquetWriter(local, source.schema_arrow, compression=compression) as writer:
+                for group in range(source.num_row_groups):
+                    table = source.read_row_group(group)
+                    succeeded = pc.fill_null(pc.struct_field(table["result_info"], "succeed"), False)
+                    candidates = np.flatnonzero(pc.and_(succeeded, pc.is_in(
+                        table[id_column], value_set=repeated)).to_numpy(zero_copy_only=False))
+                    mask = np.ones(table.num_rows, dtype=bool)
+                    for row, rid in zip(candidates, table[id_column].take(candidates).to_pylist()):
+                        mask[row] = keep.get(rid) == seen[rid]
+                        seen[rid] += 1
+                    counts["read"] += table.num_rows
+                    counts["kept"] += int(mask.sum())
+                    writer.write_table(table.filter(mask), row_group_size=row_group_rows)
+        return counts["kept"]
 
-    _replace_planned(fs, root, f"{token}-d{seq:06d}", _target_name(path, token, seq), [path], write)
+    _replace_planned(fs, root, f"{token}-d{seq:06d}", _target_name(path, token, seq), [path],
+                     lambda final: _commit_through_scratch(fs, final, f"{root}/_tmp", scratch_dir, write,
+                                                           f"rewrite of {path} as"))
     return counts["read"] - counts["kept"]
 
 
@@ -368,9 +365,8 @@ def _write_merged(fs, sources: list[str], schema: pa.Schema, final: str, tmp_dir
                   scratch_dir: str | None, compression: str) -> tuple[int, int]:
     """Stream ``sources`` into one Parquet file in local scratch, check its row count, and commit it as ``final``
     whole or not at all. Returns its rows and bytes."""
-    fd, local = tempfile.mkstemp(suffix=".parquet", dir=scratch_dir)
-    os.close(fd)
-    try:
+
+    def write(local: str) -> int:
         want = 0
         with pq.ParquetWriter(local, schema, compression=compression) as writer:
             buffered: list[pa.Table] = []
@@ -384,9 +380,25 @@ def _write_merged(fs, sources: list[str], schema: pa.Schema, final: str, tmp_dir
                     buffered, held = [], 0
             if buffered:
                 writer.write_table(pa.concat_tables(buffered), row_group_size=row_group_rows)
+        return want
+
+    return _commit_through_scratch(fs, final, tmp_dir, scratch_dir, write, "merged part")
+
+
+def _commit_through_scratch(fs, final: str, tmp_dir: str, scratch_dir: str | None, write: Callable[[str], int],
+                            what: str) -> tuple[int, int]:
+    """``write(local)`` a Parquet file in local scratch (made if missing), returning the rows it wrote; check that the
+    file holds them, and commit it as ``final`` whole or not at all. Returns its rows and bytes."""
+    if scratch_dir is not None:
+        os.makedirs(scratch_dir, exist_ok=True)
+    fd, local = tempfile.mkstemp(suffix=".parquet", dir=scratch_dir)
+    os.close(fd)
+    try:
+        want = write(local)
         got = pq.read_metadata(local).num_rows
         if got != want:
-            raise RuntimeError(f"merged part holds {got} rows, its sources {want}; nothing was committed")
+            raise RuntimeError(f"the {what} {final} holds {got} rows, {want} were written to it; nothing was "
+                               "committed")
         size = os.path.getsize(local)
         commit_file(fs, final, local, tmp_dir)
         return want, size

@@ -849,9 +849,8 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
     id_col, path_col = cfg.input.id_column, cfg.input.path_column
     fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
     root = root.rstrip("/")
+    scratch = os.path.join(cfg.storage.cache_dir, SCRATCH_DIR)  # local staging of merged and rewritten parts
     if out.compact_mb:
-        scratch = os.path.join(cfg.storage.cache_dir, SCRATCH_DIR)
-        os.makedirs(scratch, exist_ok=True)
         report = compact(out.dir, out.storage_options, int(out.compact_mb * (1 << 20)), scratch_dir=scratch,
                          compression=out.compression)
         log.info("compacted %d part files into %d (%d part files now)", report.merged, report.written,
@@ -865,8 +864,6 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
     if files:
         state = read_committed(out.dir, out.storage_options, id_col, files)  # distinct ids: succeeded, failed only
         if state.duplicate_successes:  # one success row per item before the marker says the output is complete
-            scratch = os.path.join(cfg.storage.cache_dir, SCRATCH_DIR)
-            os.makedirs(scratch, exist_ok=True)
             duplicates_removed = remove_duplicate_successes(out.dir, out.storage_options, id_col, files,
                                                             scratch_dir=scratch, compression=out.compression)
             log.warning("removed %d second success row(s) of items, keeping the latest", duplicates_removed)
