@@ -100,6 +100,23 @@ def read_committed(out_dir: str, storage_options: dict, id_column: str,
     return CommittedState(ok_ids, failed_only, len(files), rows, newest, n_ok_rows - len(ok_ids))
 
 
+def _latest_failure_rows(fs, files: list[str], failed_only: pa.Array, columns: dict[str, pc.Expression]) -> pa.Table:
+    """The latest failure row (by ``end_time``; a tie goes to the row read last) of each id in ``failed_only``, as
+    ``id``, ``end_time`` and ``columns``. Only failure rows are read: a row group without one is skipped by its
+    statistics."""
+    id_column = columns.pop("id")
+    failed = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={
+        "id": id_column, "end_time": pc.field("result_info", "end_time"), **columns,
+    }, filter=pc.invert(pc.field("result_info", "succeed")))
+    failed = failed.filter(pc.is_in(failed["id"], value_set=failed_only))
+    if not failed.num_rows:
+        return failed
+    failed = failed.sort_by([("id", "ascending"), ("end_time", "ascending")])  # stable: ties keep the read order
+    ids = failed["id"].combine_chunks()
+    last = pc.not_equal(ids.slice(0, len(ids) - 1), ids.slice(1))  # the row before another id's
+    return failed.filter(pa.concat_arrays([last, pa.array([True])]))
+
+
 def latest_failures(fs, files: list[str], state: CommittedState, kept: pa.Array | pa.ChunkedArray, id_column: str,
                     path_column: str) -> dict[str, dict]:
     """The latest failure row of every kept item that has only failure rows, by id: what ``failures.jsonl`` lists.
@@ -115,22 +132,17 @@ def latest_failures(fs, files: list[str], state: CommittedState, kept: pa.Array 
     Returns:
         ``{id: {"id", "path", "error_type", "error_message", "end_time", "run_id"}}``.
     """
-    failed = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={
+    latest = _latest_failure_rows(fs, files, state.failed_only, {
         "id": pc.field(id_column), "path": pc.field(path_column), "error_type": pc.field("result_info", "error_type"),
-        "error_message": pc.field("result_info", "error_message"),
-        "end_time": pc.field("result_info", "end_time"), "run_id": pc.field("result_info", "run_id"),
-    }, filter=pc.invert(pc.field("result_info", "succeed")))
-    failed = failed.filter(pc.and_(pc.is_in(failed["id"], value_set=state.failed_only),
-                                   pc.is_in(failed["id"], value_set=kept)))
-    latest: dict[str, dict] = {}
-    for rec in failed.sort_by([("end_time", "ascending")]).to_pylist():  # failures only: usually few
-        latest[rec["id"]] = rec  # the latest failure row wins
-    return latest
+        "error_message": pc.field("result_info", "error_message"), "run_id": pc.field("result_info", "run_id"),
+    })
+    latest = latest.filter(pc.is_in(latest["id"], value_set=kept))
+    return {rec["id"]: rec for rec in latest.to_pylist()}  # failures only: usually few
 
 
 def failed_for_good(fs, files: list[str], state: CommittedState, id_column: str) -> pa.Array:
     """The ids with only failure rows whose latest failure row is not retryable (``resume.retry_failed=retryable``
-    skips them). Reads the failure rows only; a row group without one is skipped by its statistics.
+    skips them).
 
     Args:
         fs: the output's filesystem.
@@ -140,14 +152,9 @@ def failed_for_good(fs, files: list[str], state: CommittedState, id_column: str)
     """
     if not files or not len(state.failed_only):
         return pa.array([], pa.string())
-    failed = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={
-        "id": pc.field(id_column), "retryable": pc.field("result_info", "retryable"),
-        "end_time": pc.field("result_info", "end_time"),
-    }, filter=pc.invert(pc.field("result_info", "succeed")))
-    failed = failed.filter(pc.is_in(failed["id"], value_set=state.failed_only))
-    latest = failed.sort_by([("end_time", "ascending")]).group_by("id", use_threads=False).aggregate(
-        [("retryable", "last")])
-    permanent = pc.invert(pc.fill_null(latest["retryable_last"], True))  # unknown: retried
+    latest = _latest_failure_rows(fs, files, state.failed_only, {
+        "id": pc.field(id_column), "retryable": pc.field("result_info", "retryable")})
+    permanent = pc.invert(pc.fill_null(latest["retryable"], True))  # unknown: retried
     return latest["id"].filter(permanent).combine_chunks()
 
 
