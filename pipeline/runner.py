@@ -79,6 +79,9 @@ from pipeline.writer import ResultWriter, bounded, commit_bytes, is_local_fs, re
 
 log = logging.getLogger(__name__)
 
+TAKEOVER_POLL_S = 2.0
+"""How often a rank that does not hold the lease looks at the takeover flag in torchrun's store."""
+
 
 @dataclass
 class RankOutcome:
@@ -472,13 +475,11 @@ class RankWorkers:
                               "this run held it (its heartbeat was late: a paused or frozen process?); this run "
                               "stops, and the rows it had not committed are dropped, since that run does those items")
                     self.takeover.raise_flag(reason)
-                elif time.monotonic() - last_flag_check >= 2.0:  # the others: one store round trip every 2 s
+                elif time.monotonic() - last_flag_check >= TAKEOVER_POLL_S:  # the others: one store round trip
                     last_flag_check = time.monotonic()
                     reason = self.takeover.reason()
                 if reason is not None:
-                    self.lease_lost = True
-                    self.writer.discard()  # at once: consumers still finishing items must not commit them
-                    self._fatal.append(OutputLockedError(reason))
+                    self._taken_over(reason)
                 if self._fatal:
                     break
                 self._time_out_stuck_items(consumers)
@@ -502,10 +503,26 @@ class RankWorkers:
                 task.fetched.release()
             if bar is not None:
                 bar.close()
+        if not self.lease_lost:
+            # Stopped between two looks at the flag: torchrun ends the other ranks with SIGTERM once the rank that
+            # raised it has exited, and the rows finished since must not be committed (the writer closes after this).
+            try:
+                reason = self.takeover.reason()
+            except Exception as e:  # noqa: BLE001 - the store went with torchrun: nothing more to learn from it
+                log.warning("cannot read the takeover flag before the last commit: %s: %s", type(e).__name__, e)
+                reason = None
+            if reason is not None:
+                self._taken_over(reason)
         if self.metrics is not None:
             self.metrics.maybe_write(self._snapshot(), force=True)
         if self._fatal:
             raise self._fatal[0]
+
+    def _taken_over(self, reason: str) -> None:
+        """Another run took the output over: drop what is not committed, now and from now on, and stop with it."""
+        self.lease_lost = True
+        self.writer.discard()  # at once: consumers still finishing items must not commit them
+        self._fatal.append(OutputLockedError(reason))
 
 
 T = TypeVar("T")

@@ -188,6 +188,31 @@ def test_second_run_on_a_live_output_refuses(tmp_path, media_dir):
         live.release()
 
 
+def test_a_takeover_raised_after_the_last_look_at_the_flag_still_stops_the_last_commit(tmp_path, media_dir,
+                                                                                        monkeypatch):
+    """A rank that does not hold the lease looks at the takeover flag every few seconds. When the rank holding it
+    raises the flag and exits, torchrun ends the others with SIGTERM, maybe before their next look, and their clean
+    stop commits what they finished. The flag is read once more before that commit (seen under torchrun: the other
+    rank stopped with 143 and a 'committed rows are kept')."""
+    from pipeline import runner
+    from pipeline.distributed import StopFlag
+
+    class RaisedElsewhere(StopFlag):  # the lease holder's flag, already raised
+        def reason(self):
+            return "run 20261202T000000-0th3r000 (host elsewhere) took over the output directory"
+
+    monkeypatch.setattr(runner, "StopFlag", RaisedElsewhere)
+    monkeypatch.setattr(runner, "TAKEOVER_POLL_S", float("inf"))  # the loop never looks: only the last look sees it
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 4)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    out = tmp_path / "out"
+    raw = base_config(manifest, str(tmp_path / "c"), str(out), str(tmp_path / "cache"), filters={"noop": {}},
+                      output={"dir": str(out), "rows_per_file": 100})  # nothing committed before the end
+    with pytest.raises(OutputLockedError, match="took over the output directory"):
+        _run(raw)
+    assert not (out / "parts").exists() or not any((out / "parts").iterdir())
+
+
 def test_a_run_whose_lease_is_taken_over_stops_and_commits_nothing_more(tmp_path, media_dir):
     """A run paused past its lease timeout (SIGSTOP, a frozen VM) finds on waking that another run took the output
     over: it must stop, and commit none of what it still holds, since the other run does those items."""
