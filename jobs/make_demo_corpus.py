@@ -37,8 +37,8 @@ def make_corpus(out: str) -> str:
         add(f"motion_{i}", f"video/motion_{i}.mp4", "motion")
     synthetic.still_clip(os.path.join(corpus, "video/still.mp4"), seconds=4.0, speech=SPEECH)
     add("still_speech", "video/still.mp4", "still image with speech")
-    synthetic.letterboxed_clip(os.path.join(corpus, "video/letterbox.mp4"), seconds=3.0)
-    add("letterbox", "video/letterbox.mp4", "black bars")
+    synthetic.letterboxed_clip(os.path.join(corpus, "video/letterbox.mp4"), seconds=3.0, subtitle="Subtitles on the bar")
+    add("letterbox", "video/letterbox.mp4", "black bars, a subtitle on the bottom bar")
     synthetic.speech_wav(os.path.join(corpus, "audio/speech.wav"), SPEECH)
     add("speech", "audio/speech.wav", "speech")
     for name, path in synthetic.broken_files(os.path.join(corpus, "broken")).items():

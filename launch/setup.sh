@@ -6,8 +6,9 @@ SUDO=""
 if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null; then SUDO="sudo"; fi
 if command -v apt-get >/dev/null; then
   $SUDO apt-get update -qq
-  # system FFmpeg (torchcodec, the ffmpeg CLI), espeak-ng (real speech in generated media)
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg espeak-ng >/dev/null
+  # system FFmpeg (torchcodec, the ffmpeg CLI), espeak-ng (real speech in generated media), a font for the
+  # burnt-in text of generated clips (ffmpeg's drawtext)
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg espeak-ng fonts-dejavu-core fontconfig >/dev/null
 fi
 PY=${PYTHON:-python3}
 $PY -m pip install -q --upgrade pip

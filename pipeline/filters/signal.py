@@ -6,6 +6,7 @@ label. Pixel outputs are in source pixels even when decoding downscaled.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -35,11 +36,21 @@ def _luma(f: torch.Tensor) -> torch.Tensor:
     return f[..., 0] * 0.299 + f[..., 1] * 0.587 + f[..., 2] * 0.114
 
 
-def frames_content_box(frames: torch.Tensor, device: str, threshold: float,
-                       min_fraction: float) -> tuple[int, int, int, int]:
+@dataclass(frozen=True)
+class Borders:
+    """Where the content of sampled frames lies: ``box`` ``(x, y, w, h)``, and the ``overlays`` ``(x, y, w, h)``
+    found in its bars (burnt-in subtitles or a logo on a bar, left outside the box)."""
+
+    box: tuple[int, int, int, int]
+    overlays: tuple[tuple[int, int, int, int], ...] = ()
+
+
+def frames_content_box(frames: torch.Tensor, device: str, threshold: float, min_fraction: float,
+                       max_overlay_fill: float = 0.5, max_bar_fraction: float = 0.25) -> Borders:
     """``content_box`` of uint8 RGB frames: rows measured on every 4th column and columns on every 4th row, so each
     axis keeps its full resolution for a quarter of the pixels each."""
-    return content_box(luma(frames[:, :, ::4], device), threshold, min_fraction, luma(frames[:, ::4, :], device))
+    return content_box(luma(frames[:, :, ::4], device), threshold, min_fraction, luma(frames[:, ::4, :], device),
+                       max_overlay_fill, max_bar_fraction)
 
 
 def subsample(frames: torch.Tensor, max_side: int = 256) -> torch.Tensor:
@@ -49,25 +60,97 @@ def subsample(frames: torch.Tensor, max_side: int = 256) -> torch.Tensor:
     return frames[:, ::step, ::step]
 
 
-def content_box(y: torch.Tensor, threshold: float, min_fraction: float,
-                y_cols: torch.Tensor | None = None) -> tuple[int, int, int, int]:
-    """The box ``(x, y, w, h)`` outside which every sampled frame is black.
+def _runs(lit: list[bool], min_gap: int) -> list[list[int]]:
+    """``[start, end)`` of the lit stretches of ``lit``, those fewer than ``min_gap`` apart joined."""
+    runs: list[list[int]] = []
+    for i, on in enumerate(lit):
+        if not on:
+            continue
+        if runs and i - runs[-1][1] < min_gap:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
 
-    A row (column) is black when, in every frame, fewer than ``min_fraction`` of its pixels exceed ``threshold``
-    luma; the fraction (not the max) keeps compression noise at a bar's edge from counting as content. Rows are
-    measured on ``y``; columns on ``y_cols`` when given (a view subsampled along the other axis keeps each axis at
-    full resolution for a quarter of the work).
+
+def _extent(fill: torch.Tensor, min_fraction: float, max_overlay_fill: float,
+            max_bar_fraction: float) -> tuple[int, int, list[tuple[int, int]]]:
+    """The content's ``[start, end)`` along one axis from ``fill`` (``[frames, positions]``: the fraction of lit
+    pixels of each row or column in each frame), and the overlays set apart in its bars.
+
+    An overlay is a stretch of lit positions at an edge that is sparse in every frame (at most ``max_overlay_fill``
+    of its line lit: text or a logo, not a picture), apart from the rest by positions dark in every frame, and
+    lies, with that dark gap, in the outer ``max_bar_fraction`` of the side: subtitles burnt into a letterbox bar.
+    Where no line is dense anywhere (a title card, credits on black) there is no picture to set text apart from.
     """
-    rows = (y > threshold).float().mean(dim=2).amax(dim=0)  # [H]
-    cols = ((y if y_cols is None else y_cols) > threshold).float().mean(dim=1).amax(dim=0)  # [W]
-    r = torch.nonzero(rows >= min_fraction).flatten()
-    c = torch.nonzero(cols >= min_fraction).flatten()
-    h, w = rows.shape[0], cols.shape[0]
-    if len(r) == 0 or len(c) == 0:  # an all-black clip: no content to crop to
-        return 0, 0, w, h
-    top, bottom = int(r[0]), int(r[-1]) + 1
-    left, right = int(c[0]), int(c[-1]) + 1
-    return left, top, right - left, bottom - top
+    n = fill.shape[1]
+    peak = fill.amax(dim=0).cpu()
+    runs = _runs((peak >= min_fraction).tolist(), max(2, round(0.005 * n)))
+    if not runs:  # an all-black clip: no content to crop to
+        return 0, n, []
+    if float(peak.max()) <= max_overlay_fill:  # no picture, only sparse content (a title card): nothing beside it
+        return runs[0][0], runs[-1][1], []
+    limit = max_bar_fraction * n
+    first: list[tuple[int, int]] = []  # overlays at the start (top, left)
+    while len(runs) >= 2 and runs[1][0] <= limit and float(peak[runs[0][0]:runs[0][1]].max()) <= max_overlay_fill:
+        first.append(tuple(runs.pop(0)))
+    last: list[tuple[int, int]] = []  # at the end (bottom, right)
+    while (len(runs) >= 2 and n - runs[-2][1] <= limit
+           and float(peak[runs[-1][0]:runs[-1][1]].max()) <= max_overlay_fill):
+        last.append(tuple(runs.pop()))
+    # one overlay per bar (the letters of a logo are runs apart), grown over the faint edges of its text
+    overlays = []
+    if first:
+        overlays.append(_grow(peak, first[0][0], first[-1][1], 0, runs[0][0] - 1))
+    if last:
+        overlays.append(_grow(peak, last[-1][0], last[0][1], runs[-1][1] + 1, n))
+    return runs[0][0], runs[-1][1], overlays
+
+
+def _grow(peak: torch.Tensor, a: int, b: int, lo: int, hi: int) -> tuple[int, int]:
+    """``[a, b)`` widened over the neighbouring positions with any lit pixel, within ``[lo, hi)``."""
+    while a > lo and peak[a - 1] > 0:
+        a -= 1
+    while b < hi and peak[b] > 0:
+        b += 1
+    return a, b
+
+
+def _span(lit: torch.Tensor, scale: float) -> tuple[int, int]:
+    """``[start, end)`` in full pixels of the lit entries of ``lit``, measured on every ``scale``-th pixel."""
+    at = torch.nonzero(lit).flatten()
+    if len(at) == 0:
+        return 0, 0
+    return int(at[0]) * scale, (int(at[-1]) + 1) * scale
+
+
+def content_box(y: torch.Tensor, threshold: float, min_fraction: float, y_cols: torch.Tensor | None = None,
+                max_overlay_fill: float = 0.5, max_bar_fraction: float = 0.25) -> Borders:
+    """The box outside which every sampled frame is black but for overlays on the bars.
+
+    A row (column) is lit when, in some frame, at least ``min_fraction`` of its pixels exceed ``threshold`` luma; the
+    fraction (not the max) keeps compression noise at a bar's edge from counting as content. The box spans the lit
+    rows and columns, less the overlays at its edges (``_extent``): text in a bar would otherwise widen the crop
+    over the bar and the text. Rows are measured on ``y``; columns on ``y_cols`` when given (a view subsampled
+    along the other axis keeps each axis at full resolution for a quarter of the work), over the box's rows only.
+    """
+    y_cols = y if y_cols is None else y_cols
+    h, w = y.shape[1], y_cols.shape[2]
+    lit = y > threshold
+    top, bottom, row_overlays = _extent(lit.float().mean(dim=2), min_fraction, max_overlay_fill, max_bar_fraction)
+    step = h / y_cols.shape[1]  # the row subsampling of y_cols
+    lit_cols = y_cols[:, int(top / step):max(int(top / step) + 1, math.ceil(bottom / step))] > threshold
+    left, right, col_overlays = _extent(lit_cols.float().mean(dim=1), min_fraction, max_overlay_fill,
+                                        max_bar_fraction)
+    col_step = w / y.shape[2]  # the column subsampling of y
+    overlays = []
+    for r0, r1 in row_overlays:
+        x0, x1 = _span(lit[:, r0:r1].any(dim=0).any(dim=0), col_step)
+        overlays.append((round(x0), r0, round(x1 - x0), r1 - r0))
+    for c0, c1 in col_overlays:
+        y0, y1 = _span(lit_cols[:, :, c0:c1].any(dim=0).any(dim=1), step)
+        overlays.append((c0, round(y0 + int(top / step) * step), c1 - c0, round(y1 - y0)))
+    return Borders((left, top, right - left, bottom - top), tuple(overlays))
 
 
 @dataclass(frozen=True)
@@ -80,6 +163,12 @@ class BlackBorderParams:
     """A row or column with at least this fraction of non-black pixels in some frame is content."""
     min_bar_fraction: float = 0.01
     """Bars thinner than this fraction of the frame side are not reported as letterbox/pillarbox."""
+    max_overlay_fill: float = 0.5
+    """Lit rows (columns) at a frame's edge, apart from the picture by rows dark in every frame, with at most this
+    fraction of their pixels lit in any frame, are an overlay on the bar (burnt-in subtitles, a logo), not picture:
+    the crop leaves them out (0 keeps them in it)."""
+    max_bar_fraction: float = 0.25
+    """An overlay and the dark rows between it and the picture lie within this fraction of the side."""
 
 
 class BlackBorderFilter(VideoFilter):
@@ -88,23 +177,29 @@ class BlackBorderFilter(VideoFilter):
     weight_free = True
     params_type = BlackBorderParams
     output_type = pa.struct([("crop", BOX), ("top", pa.int32()), ("bottom", pa.int32()), ("left", pa.int32()),
-                             ("right", pa.int32()), ("letterbox", pa.bool_()), ("pillarbox", pa.bool_())])
+                             ("right", pa.int32()), ("letterbox", pa.bool_()), ("pillarbox", pa.bool_()),
+                             ("bar_overlays", pa.list_(BOX))])
 
     def frame_requests(self) -> list:
         return [Uniform(self.params.frames)]
 
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         frames = video.view(Uniform(self.params.frames))
-        x0, y0, w, h = frames_content_box(frames, ctx.device, self.params.threshold, self.params.min_fraction)
+        p = self.params
+        found = frames_content_box(frames, ctx.device, p.threshold, p.min_fraction, p.max_overlay_fill,
+                                   p.max_bar_fraction)
+        x0, y0, w, h = found.box
         sx, sy = video.scale
         W, H = video.meta.width, video.meta.height
         crop = {"x": round(x0 * sx), "y": round(y0 * sy), "w": round(w * sx), "h": round(h * sy)}
         crop["w"], crop["h"] = min(crop["w"], W - crop["x"]), min(crop["h"], H - crop["y"])
         top, left = crop["y"], crop["x"]
         bottom, right = H - crop["y"] - crop["h"], W - crop["x"] - crop["w"]
-        p = self.params.min_bar_fraction
+        overlays = [{"x": round(x * sx), "y": round(y * sy), "w": round(ow * sx), "h": round(oh * sy)}
+                    for x, y, ow, oh in found.overlays]
         return {"crop": crop, "top": top, "bottom": bottom, "left": left, "right": right,
-                "letterbox": min(top, bottom) > p * H, "pillarbox": min(left, right) > p * W}
+                "letterbox": min(top, bottom) > p.min_bar_fraction * H,
+                "pillarbox": min(left, right) > p.min_bar_fraction * W, "bar_overlays": overlays}
 
 
 @dataclass(frozen=True)
@@ -185,7 +280,7 @@ class ExposureFilter(VideoFilter):
 
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         y = luma(subsample(video.view(Uniform(self.params.frames)), 512), ctx.device)
-        x0, y0, w, h = content_box(y, 24.0, 0.02)
+        x0, y0, w, h = content_box(y, 24.0, 0.02).box
         if w * h < 0.05 * y.shape[1] * y.shape[2]:  # (nearly) all black: measure the whole frame
             x0, y0, w, h = 0, 0, y.shape[2], y.shape[1]
         inner = y[:, y0:y0 + h, x0:x0 + w] / 255.0

@@ -207,7 +207,7 @@ class YoloRegionsFilter(VideoFilter):
         W, H = video.meta.width, video.meta.height
         content = None
         if p.use_black_borders:
-            x, y, w, h = frames_content_box(frames, ctx.device, 24.0, 0.02)
+            x, y, w, h = frames_content_box(frames, ctx.device, 24.0, 0.02).box
             content = ((x + ox) * sx, (y + oy) * sy, (x + ox + w) * sx, (y + oy + h) * sy)
         crop = safe_crop(W, H, [r.box for r in regions], content, p.aspect_min, p.aspect_max)
         uri = None

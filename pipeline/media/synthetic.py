@@ -54,13 +54,44 @@ def still_clip(path: str, seconds: float = 3.0, size: str = "320x240", fps: int 
     return path
 
 
-def letterboxed_clip(path: str, seconds: float = 3.0, inner: str = "320x180", outer: str = "320x240", fps: int = 25) -> str:
-    """A moving pattern padded with black bars top and bottom (letterbox) to ``outer``."""
+def letterboxed_clip(path: str, seconds: float = 3.0, inner: str = "320x180", outer: str = "320x240", fps: int = 25,
+                     subtitle: str | None = None) -> str:
+    """A moving pattern padded with black bars top and bottom (letterbox) to ``outer``; with ``subtitle``, that text
+    burnt into the middle of the bottom bar for the middle third of the clip."""
     w, h = (int(v) for v in outer.split("x"))
+    vf = f"pad={w}:{h}:(ow-iw)/2:(oh-ih)/2:black"
+    if subtitle:
+        bar = (h - int(inner.split("x")[1])) // 2
+        size = max(8, bar * 2 // 5)
+        vf += "," + text_overlay(subtitle, "(w-tw)/2", f"{h - bar + (bar - size) // 2}", size, seconds / 3,
+                                 2 * seconds / 3)
     _ffmpeg(["-f", "lavfi", "-i", f"testsrc2=size={inner}:rate={fps}:duration={seconds}",
-             "-vf", f"pad={w}:{h}:(ow-iw)/2:(oh-ih)/2:black", "-c:v", "libx264", "-preset", "ultrafast",
-             "-pix_fmt", "yuv420p", path])
+             "-vf", vf, "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", path])
     return path
+
+
+def font_file() -> str:
+    """A TrueType font for ffmpeg's drawtext (fontconfig's match for sans, else DejaVu Sans)."""
+    fc = shutil.which("fc-match")
+    if fc:
+        found = subprocess.run([fc, "-f", "%{file}", "sans"], capture_output=True, text=True).stdout.strip()
+        if found and os.path.exists(found):
+            return found
+    fallback = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    if os.path.exists(fallback):
+        return fallback
+    raise RuntimeError("no font for ffmpeg's drawtext (apt-get install -y fonts-dejavu-core fontconfig)")
+
+
+def text_overlay(text: str, x: str, y: str, size: int, start_s: float = 0.0, end_s: float | None = None) -> str:
+    """A drawtext filter: white ``text`` of ``size`` pixels at ``x``, ``y`` (ffmpeg expressions, ``tw``/``th``
+    the text's size), shown from ``start_s`` to ``end_s`` (None: to the end), as burnt-in subtitles or a logo."""
+    if any(c in text for c in "'\\:%,;[]="):
+        raise ValueError(f"text {text!r}: letters, digits, spaces and .!? only (the rest needs filtergraph escapes)")
+    shown = ""
+    if start_s > 0 or end_s is not None:
+        shown = f":enable='between(t,{start_s},{1e9 if end_s is None else end_s})'"
+    return f"drawtext=fontfile={font_file()}:text='{text}':fontcolor=white:fontsize={size}:x={x}:y={y}{shown}"
 
 
 def rotated_copy(src: str, dst: str, degrees: int) -> str:

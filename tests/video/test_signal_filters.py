@@ -1,5 +1,7 @@
 """Signal filters on generated clips whose truth is known by construction."""
 
+import os
+
 import pytest
 
 from pipeline.config import FilterSpec
@@ -59,6 +61,117 @@ def test_black_borders_in_source_pixels_when_decoding_downscaled(clips):
     small = run(clips["hd_letterbox"], "black_borders", max_side=320)
     assert abs(full["crop"]["y"] - 88) <= 2 and abs(full["crop"]["h"] - 544) <= 4
     assert abs(small["crop"]["y"] - 88) <= 6 and abs(small["crop"]["h"] - 544) <= 10
+
+
+SUBTITLE = "I never said she stole my money"
+
+
+@pytest.fixture(scope="module")
+def overlaid(tmp_path_factory):
+    """Clips with text on their bars, as film and television hold it, and a picture with a dark band near its edge.
+    The truth is known by construction: the picture is the padded area, the text lies in the bar."""
+    d = tmp_path_factory.mktemp("overlays")
+
+    def clip(name, source_size, vf):
+        return synthetic.lavfi_clip(str(d / f"{name}.mp4"), SRC.format(size=source_size), 2.0, vf)
+
+    text = synthetic.text_overlay
+    return {
+        # 2.35:1 in 720p: 88-pixel bars; a subtitle line in the bottom bar for half the clip
+        "subtitled": clip("subtitled", "1280x544", "pad=1280:720:0:88:black," + text(SUBTITLE, "(w-tw)/2", "658", 36,
+                                                                                    0.5, 1.5)),
+        # a 4:3 picture pillarboxed in 16:9 with a channel logo on the left bar all the time
+        "logo": clip("logo", "480x360", "pad=640:360:80:0:black," + text("TV5", "20", "24", 22)),
+        # a picture whose lowest 40 rows lie below a band dark in every frame: picture, not an overlay
+        "banded": clip("banded", "640x272", "drawbox=x=0:y=202:w=640:h=30:color=black:t=fill,pad=640:360:0:44:black"),
+        # the same subtitle on the picture itself: no bar holds it
+        "on_picture": clip("on_picture", "640x272", text(SUBTITLE, "(w-tw)/2", "230", 18) + ",pad=640:360:0:44:black"),
+    }
+
+
+def test_burnt_in_text_refuses_what_it_cannot_escape_and_names_a_missing_font(monkeypatch):
+    with pytest.raises(ValueError, match="filtergraph escapes"):
+        synthetic.text_overlay("it's 10:30", "0", "0", 12)
+    monkeypatch.setattr(synthetic.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(synthetic.os.path, "exists", lambda path: False)
+    with pytest.raises(RuntimeError, match="fonts-dejavu-core"):
+        synthetic.text_overlay("no font here", "0", "0", 12)
+
+
+def _inside(box, x0, y0, x1, y1):
+    return box["x"] >= x0 and box["y"] >= y0 and box["x"] + box["w"] <= x1 and box["y"] + box["h"] <= y1
+
+
+def test_subtitles_on_a_letterbox_bar_stay_outside_the_crop(overlaid):
+    got = run(overlaid["subtitled"], "black_borders")
+    assert got["crop"]["x"] == 0 and got["crop"]["w"] == 1280
+    assert abs(got["crop"]["y"] - 88) <= 2 and abs(got["crop"]["h"] - 544) <= 4 and abs(got["bottom"] - 88) <= 2
+    (sub,) = got["bar_overlays"]
+    assert _inside(sub, 0, 632, 1280, 720) and sub["h"] >= 24  # the text line: 36-pixel type, in the bar
+    assert 280 < sub["x"] < 400 and 500 < sub["w"] < 700  # centred, as drawn
+    # decoded downscaled: the same in source pixels, to the scale's precision
+    small = run(overlaid["subtitled"], "black_borders", max_side=320)
+    assert abs(small["crop"]["y"] - 88) <= 6 and abs(small["crop"]["h"] - 544) <= 10
+    assert len(small["bar_overlays"]) == 1 and _inside(small["bar_overlays"][0], 0, 620, 1280, 720)
+    # what the crop was before overlays were told apart (and is with max_overlay_fill=0): over the bar to the text
+    kept = run(overlaid["subtitled"], "black_borders", max_overlay_fill=0)
+    assert kept["bar_overlays"] == [] and kept["crop"]["y"] + kept["crop"]["h"] > 680
+
+
+def test_a_logo_on_a_pillarbox_bar_stays_outside_the_crop(overlaid):
+    got = run(overlaid["logo"], "black_borders")
+    assert got["pillarbox"] and not got["letterbox"]
+    assert abs(got["crop"]["x"] - 80) <= 2 and abs(got["crop"]["w"] - 480) <= 4 and got["crop"]["h"] == 360
+    (logo,) = got["bar_overlays"]
+    assert _inside(logo, 0, 0, 80, 360) and logo["x"] >= 16 and logo["w"] >= 30 and 20 <= logo["y"] <= 30
+
+
+def test_a_picture_strip_below_a_dark_band_is_picture(overlaid):
+    """Lit rows apart from the rest by dark rows are only an overlay when sparse: a full strip of picture stays."""
+    got = run(overlaid["banded"], "black_borders")
+    assert got["bar_overlays"] == [] and abs(got["crop"]["y"] - 44) <= 2 and abs(got["crop"]["h"] - 272) <= 3
+
+
+def test_subtitles_on_the_picture_are_left_to_the_detector(overlaid):
+    got = run(overlaid["on_picture"], "black_borders")
+    assert got["bar_overlays"] == [] and abs(got["crop"]["y"] - 44) <= 2 and abs(got["crop"]["h"] - 272) <= 3
+
+
+def test_exposure_is_measured_without_the_bars_and_their_text(overlaid, clips):
+    """The exposure filter measures inside the same content box: bars with subtitles do not darken it."""
+    sub = run(overlaid["subtitled"], "exposure")["mean_luma"]
+    plain = synthetic.lavfi_clip(str(os.path.dirname(overlaid["subtitled"]) + "/plain_hd.mp4"),
+                                 SRC.format(size="1280x544"), 2.0)
+    assert sub == pytest.approx(run(plain, "exposure")["mean_luma"], abs=0.02)
+
+
+@pytest.mark.parametrize("case", ["both_ends", "too_far_in", "dense", "gap_too_small", "alone", "black"])
+def test_overlay_rule_on_measured_fills(case):
+    """``_extent`` on fills made by hand: what is set apart as an overlay and what stays content."""
+    import torch
+
+    from pipeline.filters.signal import _extent
+
+    fill = torch.zeros(3, 200)
+    fill[:, 40:160] = 0.9  # the picture, rows 40..160
+    fill[1, 10:20] = 0.2  # text on the top bar in one frame
+    fill[2, 175:185] = 0.3  # text on the bottom bar in another, in two lines
+    fill[0, 189:195] = 0.1
+    if case == "too_far_in":
+        fill[:, 40:60] = 0  # the picture starts at 60: with the gap, more than a quarter of the side
+    if case == "dense":
+        fill[2, 175:185] = 0.8  # picture, and the second line apart from it is the overlay
+    if case == "gap_too_small":
+        fill[:, 160:174] = 0.9  # the picture reaches row 174: one dark row before the text, under the joining gap
+    if case == "alone":
+        fill[:, 40:160] = 0  # nothing but text (a title card): no picture to set it apart from
+    if case == "black":
+        fill.zero_()
+    start, end, overlays = _extent(fill, 0.02, 0.5, 0.25)
+    expected = {"both_ends": (40, 160, [(10, 20), (175, 195)]), "too_far_in": (10, 160, [(175, 195)]),
+                "dense": (40, 185, [(10, 20), (189, 195)]), "gap_too_small": (40, 185, [(10, 20), (189, 195)]),
+                "alone": (10, 195, []), "black": (0, 200, [])}[case]
+    assert (start, end, sorted(overlays)) == expected
 
 
 def test_static_still_and_frozen_tail(clips):

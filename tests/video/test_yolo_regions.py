@@ -233,10 +233,12 @@ def test_crop_of_a_camera_mov_with_pcm_audio(tmp_path, yolo_pt):
 
 def test_crop_output_is_of_the_main_video_stream(tmp_path, yolo_pt):
     """A file whose first video stream is a small proxy and whose default one is the letterboxed picture: the crop
-    box is measured on the default stream, and the written clip must be that stream cropped, not the proxy."""
+    box is measured on the default stream, and the written clip must be that stream cropped, not the proxy. A
+    subtitle on the bottom bar stays outside the safe crop, as outside the black-border box."""
     from pipeline.media import synthetic
 
-    lb = synthetic.letterboxed_clip(str(tmp_path / "lb.mp4"), seconds=1.0)  # 320x240, bars of 30 top and bottom
+    lb = synthetic.letterboxed_clip(str(tmp_path / "lb.mp4"), seconds=1.0,  # 320x240, bars of 30 top and bottom
+                                    subtitle="Subtitles on the bar")
     path = str(tmp_path / "proxy_first.mp4")
     synthetic._ffmpeg(["-f", "lavfi", "-i", "color=c=red:size=160x120:rate=25:duration=1", "-i", lb,
                        "-map", "0:v", "-map", "1:v", "-c:v", "libx264", "-pix_fmt", "yuv420p",
