@@ -331,15 +331,58 @@ class SceneCutParams:
     bins: int = 16
     """Histogram bins per RGB channel."""
     threshold: float = 0.45
-    """Half the L1 distance (0-1) between consecutive frames' colour histograms above which a cut is declared."""
+    """Half the L1 distance (0-1) between consecutive frames' colour histograms above which the picture changes."""
+    black_luma: float = 20.0
+    """A frame whose mean luma (0-255) is at most this is the black of a fade. A mean, not a count of black pixels
+    (ffmpeg blackdetect's): at 4 samples a second the fully black frames of a quick fade are seldom among them, and
+    the darkest sampled ones still show the picture faintly; a logo over the black does not lift it either."""
+
+
+TRANSITION = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("kind", pa.string())])
+
+
+def transitions(diff: list[float], black: list[bool], threshold: float) -> list[tuple[int, int, int, str]]:
+    """Scene transitions from the changes between consecutive sampled frames.
+
+    A step between frames i and i+1 is part of a transition when the picture changes (``diff[i] > threshold``) or
+    either frame is black. Consecutive such steps are one transition: a dissolve or a fade changes the picture over
+    several samples, and each step counted apart gave a 1-second fade through black 8 cuts. A transition is a
+    ``cut`` (one step), ``gradual`` (several, a dissolve or a wipe) or ``fade`` (through black frames); a fade from
+    black at the clip's start or to black at its end has no scene on one side and is no transition.
+
+    Returns:
+        ``(first frame, last frame, the frame where the new scene is taken to start, kind)`` of each transition: the
+        first frame after a cut, the middle of a gradual change, the middle of the black frames of a fade.
+    """
+    n = len(black)
+    out = []
+    i = 0
+    while i < n - 1:
+        if not (diff[i] > threshold or black[i] or black[i + 1]):
+            i += 1
+            continue
+        j = i
+        while j + 1 < n - 1 and (diff[j + 1] > threshold or black[j + 1] or black[j + 2]):
+            j += 1
+        first, last = i, j + 1  # the frames the steps i..j join
+        dark = [k for k in range(first, last + 1) if black[k]]
+        if dark and (first == 0 or last == n - 1):
+            pass  # from black at the start, to black at the end
+        elif dark:
+            out.append((first, last, dark[len(dark) // 2], "fade"))
+        else:
+            out.append((first, last, i + 1 + (j - i) // 2, "cut" if i == j else "gradual"))
+        i = j + 1
+    return out
 
 
 class SceneCutFilter(VideoFilter):
-    """Histogram-difference scene cuts: their count and times."""
+    """Scene transitions from colour-histogram differences and black frames: their count, times and spans."""
 
     weight_free = True
     params_type = SceneCutParams
-    output_type = pa.struct([("count", pa.int32()), ("times_s", pa.list_(pa.float64())), ("max_diff", pa.float64())])
+    output_type = pa.struct([("count", pa.int32()), ("times_s", pa.list_(pa.float64())), ("max_diff", pa.float64()),
+                             ("transitions", pa.list_(TRANSITION))])
 
     def _request(self) -> AtFps:
         return AtFps(self.params.fps, self.params.max_frames)
@@ -349,11 +392,12 @@ class SceneCutFilter(VideoFilter):
 
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         req = self._request()
+        p = self.params
         frames = subsample(video.view(req), 192).to(ctx.device)
         times = video.times(req)
         if frames.shape[0] < 2:
-            return {"count": 0, "times_s": [], "max_diff": 0.0}
-        b = self.params.bins
+            return {"count": 0, "times_s": [], "max_diff": 0.0, "transitions": []}
+        b = p.bins
         q = (frames.long() * b) // 256  # [N, H, W, 3] bin per channel
         n, npx = q.shape[0], q.shape[1] * q.shape[2]
         offsets = torch.arange(3, device=q.device) * b
@@ -361,7 +405,8 @@ class SceneCutFilter(VideoFilter):
         hist = torch.zeros(n, 3 * b, device=q.device).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
         hist = hist / (3 * npx)
         d = 0.5 * (hist[1:] - hist[:-1]).abs().sum(dim=1)
-        cuts = torch.nonzero(d > self.params.threshold).flatten().cpu().tolist()
-        # a cut between sampled frames i and i+1 is placed at frame i+1's time
-        return {"count": len(cuts), "times_s": [float(times[i + 1]) + video.start_s for i in cuts],
-                "max_diff": float(d.max())}
+        black = _luma(frames.float()).mean(dim=(1, 2)) <= p.black_luma
+        found = transitions(d.cpu().tolist(), black.cpu().tolist(), p.threshold)
+        at = [float(t) + video.start_s for t in times]
+        return {"count": len(found), "times_s": [at[k] for _, _, k, _ in found], "max_diff": float(d.max()),
+                "transitions": [{"start_s": at[a], "end_s": at[b], "kind": kind} for a, b, _, kind in found]}

@@ -204,6 +204,64 @@ def test_scene_cuts(clips):
     assert run(clips["plain"], "scene_cuts")["count"] == 0
 
 
+@pytest.fixture(scope="module")
+def transition_clips(tmp_path_factory):
+    """Two 3-second scenes (a moving pattern, then colour bars) joined by a gradual transition, and one scene that
+    fades in from black and out to black."""
+    d = tmp_path_factory.mktemp("transitions")
+    a, b = "testsrc2=size=320x240:rate=25:duration=3", "smptebars=size=320x240:rate=25:duration=3"
+    joins = {"fade": "[0:v]fade=t=out:st=2:d=1[a];[1:v]fade=t=in:st=0:d=1[b];[a][b]concat=n=2:v=1[v]",  # black at 3 s
+             "dissolve": "[0:v][1:v]xfade=transition=fade:duration=1:offset=2[v]",  # 2 to 3 s
+             "ends": "[0:v]fade=t=in:st=0:d=1,fade=t=out:st=2:d=1[v]"}
+    out = {}
+    for name, graph in joins.items():
+        out[name] = str(d / f"{name}.mp4")
+        synthetic._ffmpeg(["-f", "lavfi", "-i", a, "-f", "lavfi", "-i", b, "-filter_complex", graph, "-map", "[v]",
+                           "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", out[name]])
+    return out
+
+
+def test_a_gradual_transition_is_one_scene_change(transition_clips, clips):
+    """Each sampled step of a fade or a dissolve differs as much as a cut does: a 1-second fade through black gave 8
+    cuts and a 1-second dissolve 5. Now each is one transition, placed in it, with its span and kind."""
+    fade = run(transition_clips["fade"], "scene_cuts")
+    assert fade["count"] == 1 and fade["times_s"][0] == pytest.approx(3.0, abs=0.26)
+    (t,) = fade["transitions"]
+    assert t["kind"] == "fade" and 1.7 <= t["start_s"] <= 2.25 and 3.75 <= t["end_s"] <= 4.3
+    dissolve = run(transition_clips["dissolve"], "scene_cuts")
+    assert dissolve["count"] == 1 and 2.0 <= dissolve["times_s"][0] <= 3.0
+    (t,) = dissolve["transitions"]
+    assert t["kind"] == "gradual" and 1.7 <= t["start_s"] <= 2.25 and 2.75 <= t["end_s"] <= 3.3
+    # a fade in from black and out to black has one scene: no transition
+    assert run(transition_clips["ends"], "scene_cuts")["count"] == 0
+    (t,) = run(clips["cut"], "scene_cuts")["transitions"]  # a hard cut: one step
+    assert t["kind"] == "cut" and t["end_s"] - t["start_s"] == pytest.approx(0.25, abs=0.05)
+
+
+@pytest.mark.parametrize("case", ["cut", "two_cuts", "dissolve", "fade", "fade_at_ends", "cut_from_black"])
+def test_transitions_from_measured_steps(case):
+    from pipeline.filters.signal import transitions
+
+    n = 12
+    diff, black = [0.0] * (n - 1), [False] * n
+    if case in ("cut", "two_cuts"):
+        diff[3] = 0.9
+    if case == "two_cuts":
+        diff[5] = 0.9  # a stable step between: two scenes changes
+    if case == "dissolve":
+        diff[4:8] = [0.5] * 4
+    if case == "fade":
+        diff[3:5], black[5:7], diff[7:9] = [0.5, 0.5], [True, True], [0.5, 0.5]
+    if case == "fade_at_ends":
+        black[0:2], diff[2], diff[9], black[10:12] = [True, True], 0.6, 0.6, [True, True]
+    if case == "cut_from_black":
+        black[0:3], diff[2] = [True] * 3, 0.9  # opens on black, then a hard cut to the picture: from black
+    expected = {"cut": [(3, 4, 4, "cut")], "two_cuts": [(3, 4, 4, "cut"), (5, 6, 6, "cut")],
+                "dissolve": [(4, 8, 6, "gradual")], "fade": [(3, 9, 6, "fade")], "fade_at_ends": [],
+                "cut_from_black": []}[case]
+    assert transitions(diff, black, 0.45) == expected
+
+
 def test_video_filters_on_audio_only_items_are_null(clips):
     for name in ("black_borders", "static", "exposure", "sharpness", "scene_cuts"):
         assert run(clips["speech"], name) is None
