@@ -108,11 +108,13 @@ logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 def probe_type_of_previous_version():
-    """The probe's output struct as the previous version wrote it, before the video stream's ``rotation``,
-    ``index``, ``sample_aspect_ratio`` and ``interlaced`` and the audio stream's ``index`` (schema-change tests)."""
+    """The probe's output struct as a previous version wrote it, before the video stream's ``rotation``, ``index``,
+    ``sample_aspect_ratio``, ``interlaced`` and colour description and the audio stream's ``index`` (schema-change
+    tests)."""
     from pipeline.filters.probe import ProbeFilter
 
-    new_fields = {"video": {"rotation", "index", "sample_aspect_ratio", "interlaced"}, "audio": {"index"}}
+    new_fields = {"video": {"rotation", "index", "sample_aspect_ratio", "interlaced", "color_range", "color_primaries",
+                            "color_transfer", "color_space", "hdr"}, "audio": {"index"}}
     current = ProbeFilter.output_type
     return pa.struct([pa.field(f.name, pa.struct([g for g in f.type if g.name not in new_fields[f.name]]))
                       if f.name in new_fields else f for f in current])

@@ -13,7 +13,12 @@ class VideoStreamInfo:
     matrix's counter-clockwise degrees: 0, 90, 180 or 270, set by phone cameras): the size of the frames every
     filter sees and the pixels a crop box refers to. ``sample_aspect_ratio`` is the width of one of those pixels
     over its height (DVD and HDV video store 4:3 or 16:9 pictures in non-square pixels; 1.0 where the file does
-    not say), and ``interlaced`` says that the first frame holds two fields (combing on motion)."""
+    not say), and ``interlaced`` says that the first frame holds two fields (combing on motion).
+
+    The colour description, as ffprobe names it (None where the file does not say): ``color_range`` (``tv``:
+    limited, ``pc``: full), ``color_primaries``, ``color_transfer`` and ``color_space`` (the YUV matrix). ``hdr`` is
+    a PQ (``smpte2084``) or HLG (``arib-std-b67``) transfer: its pictures reach the filters as coded, without tone
+    mapping, so they look flat and grey, and the scores of the signal filters and models mean less on them."""
 
     codec: str
     width: int
@@ -25,6 +30,47 @@ class VideoStreamInfo:
     index: int = 0
     sample_aspect_ratio: float = 1.0
     interlaced: bool = False
+    color_range: str | None = None
+    color_primaries: str | None = None
+    color_transfer: str | None = None
+    color_space: str | None = None
+    hdr: bool = False
+
+
+# ITU-T H.273 code points, by the names FFmpeg gives them (libavutil's av_color_*_name, what ffprobe prints);
+# 2 (and 0 for range, primaries and transfer) is "unspecified"
+COLOR_RANGES = {1: "tv", 2: "pc"}
+COLOR_PRIMARIES = {1: "bt709", 4: "bt470m", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m", 8: "film", 9: "bt2020",
+                   10: "smpte428", 11: "smpte431", 12: "smpte432", 22: "ebu3213"}
+COLOR_TRANSFERS = {1: "bt709", 4: "bt470m", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m", 8: "linear", 9: "log100",
+                   10: "log316", 11: "iec61966-2-4", 12: "bt1361e", 13: "iec61966-2-1", 14: "bt2020-10",
+                   15: "bt2020-12", 16: "smpte2084", 17: "smpte428", 18: "arib-std-b67"}
+COLOR_SPACES = {0: "gbr", 1: "bt709", 4: "fcc", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m", 8: "ycgco",
+                9: "bt2020nc", 10: "bt2020c", 11: "smpte2085", 12: "chroma-derived-nc", 13: "chroma-derived-c",
+                14: "ictcp"}
+HDR_TRANSFERS = frozenset({"smpte2084", "arib-std-b67"})
+
+
+def _color(names: dict[int, str], *sources) -> str | None:
+    """The first stated value among ``sources`` (the codec context's, then the first frame's), by name."""
+    for value in sources:
+        name = names.get(int(value)) if value is not None else None
+        if name is not None:
+            return name
+    return None
+
+
+def color_description(ctx, frame) -> dict:
+    """The colour fields of ``VideoStreamInfo`` from the codec context and, where it does not state one, the first
+    decoded frame (None: not decoded). Values FFmpeg has no name for (reserved code points) are None."""
+    def get(attr):
+        return [getattr(o, attr, None) for o in (ctx, frame) if o is not None]
+
+    transfer = _color(COLOR_TRANSFERS, *get("color_trc"))
+    return {"color_range": _color(COLOR_RANGES, *get("color_range")),
+            "color_primaries": _color(COLOR_PRIMARIES, *get("color_primaries")),
+            "color_transfer": transfer, "color_space": _color(COLOR_SPACES, *get("colorspace")),
+            "hdr": transfer in HDR_TRANSFERS}
 
 
 @dataclass(frozen=True)
@@ -180,6 +226,8 @@ def probe_media(path: str) -> MediaInfo:
             # filters fail on it in their own decode)
             _first_frame(container, amain)
             frame = None
+        if video is not None:
+            video = replace(video, **color_description(vmain.codec_context, frame))
         if frame is not None and video is not None:
             video = replace(video, interlaced=bool(getattr(frame, "interlaced_frame", False)))
             turns = quarter_turns(getattr(frame, "rotation", 0))

@@ -282,7 +282,9 @@ def test_resume_across_a_schema_change_stops_or_conforms(tmp_path, media_dir, mo
     parts_before = sorted(os.listdir(out / "parts"))
 
     added = ("added: probe.video.rotation (int32), probe.video.index (int32), probe.video.sample_aspect_ratio "
-             "(double), probe.video.interlaced (bool), probe.audio.index (int32))")
+             "(double), probe.video.interlaced (bool), probe.video.color_range (string), probe.video.color_primaries "
+             "(string), probe.video.color_transfer (string), probe.video.color_space (string), probe.video.hdr (bool), "
+             "probe.audio.index (int32))")
     with pytest.raises(ConfigError, match=re.escape(added)):
         _run(raw)
     assert sorted(os.listdir(out / "parts")) == parts_before  # stopped before any work

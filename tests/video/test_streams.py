@@ -93,3 +93,39 @@ def test_probe_reports_non_square_pixels_and_interlacing(tmp_path):
     assert probe_media(tv).video.interlaced
     plain = probe_media(_two_pictures(str(tmp_path / "plain.mp4"), default=0)).video
     assert (plain.sample_aspect_ratio, plain.interlaced, plain.index) == (1.0, False, 0)
+
+
+COLOURS = {  # name: ffmpeg output options
+    "hdr10": ["-pix_fmt", "yuv420p10le", "-color_primaries", "bt2020", "-color_trc", "smpte2084",
+              "-colorspace", "bt2020nc"],
+    "hlg": ["-pix_fmt", "yuv420p10le", "-color_primaries", "bt2020", "-color_trc", "arib-std-b67",
+            "-colorspace", "bt2020nc", "-color_range", "tv"],
+    "hd": ["-pix_fmt", "yuv420p", "-color_primaries", "bt709", "-color_trc", "bt709", "-colorspace", "bt709"],
+    "full_range": ["-pix_fmt", "yuvj420p", "-color_range", "pc", "-color_trc", "iec61966-2-1"],
+    "untagged": ["-pix_fmt", "yuv420p"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(COLOURS))
+def test_probe_reports_the_colour_description_as_ffprobe_does(tmp_path, name):
+    """HDR video (PQ, HLG) reaches the filters as coded, without tone mapping: the row says so, and names range,
+    primaries, transfer and matrix as ffprobe does (the oracle here), None where the file does not say."""
+    import json
+    import subprocess
+
+    path = str(tmp_path / f"{name}.mp4")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=0.4", "-c:v", "libx264",
+                       "-preset", "ultrafast", *COLOURS[name], path])
+    ffprobe = json.loads(subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-of", "json", "-show_entries",
+         "stream=color_range,color_primaries,color_transfer,color_space", path],
+        capture_output=True, text=True, check=True).stdout)["streams"][0]
+    v = probe_media(path).video
+    for field in ("color_range", "color_primaries", "color_transfer", "color_space"):
+        said = ffprobe.get(field)
+        assert getattr(v, field) == (None if said in (None, "unknown", "reserved") else said), field
+    assert v.hdr == (name in ("hdr10", "hlg"))
+    if name == "hdr10":
+        assert (v.color_transfer, v.color_primaries, v.pix_fmt) == ("smpte2084", "bt2020", "yuv420p10le")
+    if name == "untagged":
+        assert (v.color_primaries, v.color_transfer, v.color_space) == (None, None, None)
