@@ -153,6 +153,16 @@ def content_box(y: torch.Tensor, threshold: float, min_fraction: float, y_cols: 
     return Borders((left, top, right - left, bottom - top), tuple(overlays))
 
 
+def picture_box(y: torch.Tensor) -> tuple[int, int, int, int]:
+    """The content box of luma frames ``[N, H, W]`` at the black-border filter's defaults: where the other signal
+    filters measure, so that bars (and text on them) count neither as darkness, nor as stillness, nor as sharpness.
+    The whole frame where (nearly) all of it is black."""
+    x0, y0, w, h = content_box(y, 24.0, 0.02).box
+    if w * h < 0.05 * y.shape[1] * y.shape[2]:
+        return 0, 0, y.shape[2], y.shape[1]
+    return x0, y0, w, h
+
+
 @dataclass(frozen=True)
 class BlackBorderParams:
     frames: int = 16
@@ -215,7 +225,8 @@ class StaticParams:
 
 
 class StaticFilter(VideoFilter):
-    """Frame-difference energy over the clip and per window; a still image (with or without sound) is static."""
+    """Frame-difference energy inside the content box over the clip and per window; a still image (with or without
+    sound) is static."""
 
     weight_free = True
     params_type = StaticParams
@@ -234,6 +245,8 @@ class StaticFilter(VideoFilter):
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         req = self._request()
         y = luma(subsample(video.view(req), 256), ctx.device)
+        x0, y0, w, h = picture_box(y)  # a subtitle coming and going on a bar is no motion of the picture
+        y = y[:, y0:y0 + h, x0:x0 + w]
         times = video.times(req)
         small = F.interpolate(y[:, None], size=(64, 64), mode="area")[:, 0] / 255.0  # noise-robust, size-free
         if small.shape[0] < 2:
@@ -280,9 +293,7 @@ class ExposureFilter(VideoFilter):
 
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         y = luma(subsample(video.view(Uniform(self.params.frames)), 512), ctx.device)
-        x0, y0, w, h = content_box(y, 24.0, 0.02).box
-        if w * h < 0.05 * y.shape[1] * y.shape[2]:  # (nearly) all black: measure the whole frame
-            x0, y0, w, h = 0, 0, y.shape[2], y.shape[1]
+        x0, y0, w, h = picture_box(y)
         inner = y[:, y0:y0 + h, x0:x0 + w] / 255.0
         mean = float(inner.mean())
         label = "dark" if mean < self.params.dark_threshold else "bright" if mean > self.params.bright_threshold else "ok"
@@ -303,7 +314,7 @@ _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
 
 class SharpnessFilter(VideoFilter):
-    """Blur measure: variance of the Laplacian of luma, averaged over frames."""
+    """Blur measure: variance of the Laplacian of luma inside the content box, averaged over frames."""
 
     weight_free = True
     params_type = SharpnessParams
@@ -313,7 +324,13 @@ class SharpnessFilter(VideoFilter):
         return [Uniform(self.params.frames)]
 
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
-        y = luma(video.view(Uniform(self.params.frames)), ctx.device)[:, None]
+        y = luma(video.view(Uniform(self.params.frames)), ctx.device)
+        step = max(1, max(y.shape[1], y.shape[2]) // 512)
+        x0, y0, w, h = (v * step for v in picture_box(y[:, ::step, ::step]))
+        # inside the bars and off their edge: a picture's edge against a black bar is the sharpest line in the frame
+        # (a blurred letterboxed clip measured 226 with its bars, 3.9 without), and so is text on a bar
+        inset = max(4, 2 * step) if (w, h) != (y.shape[2], y.shape[1]) else 0
+        y = y[:, y0 + inset:y0 + h - inset, x0 + inset:x0 + w - inset][:, None]
         h, w = y.shape[-2:]
         s = self.params.analysis_short_side / min(h, w)
         if abs(s - 1.0) > 1e-3:

@@ -76,7 +76,14 @@ def overlaid(tmp_path_factory):
         return synthetic.lavfi_clip(str(d / f"{name}.mp4"), SRC.format(size=source_size), 2.0, vf)
 
     text = synthetic.text_overlay
+    still = synthetic.still_clip(str(d / "still_source.mp4"), seconds=2.0, size="640x272")
+    subtitled_still = str(d / "subtitled_still.mp4")  # a still picture, letterboxed, with subtitles coming and going
+    synthetic._ffmpeg(["-i", still, "-vf", "pad=640:360:0:44:black," + text("First line", "(w-tw)/2", "330", 18, 0.4,
+                                                                              0.9) + "," + text("A second line",
+                                                                              "(w-tw)/2", "330", 18, 1.2, 1.7),
+                       "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", subtitled_still])
     return {
+        "subtitled_still": subtitled_still,
         # 2.35:1 in 720p: 88-pixel bars; a subtitle line in the bottom bar for half the clip
         "subtitled": clip("subtitled", "1280x544", "pad=1280:720:0:88:black," + text(SUBTITLE, "(w-tw)/2", "658", 36,
                                                                                     0.5, 1.5)),
@@ -84,6 +91,9 @@ def overlaid(tmp_path_factory):
         "logo": clip("logo", "480x360", "pad=640:360:80:0:black," + text("TV5", "20", "24", 22)),
         # a picture whose lowest 40 rows lie below a band dark in every frame: picture, not an overlay
         "banded": clip("banded", "640x272", "drawbox=x=0:y=202:w=640:h=30:color=black:t=fill,pad=640:360:0:44:black"),
+        # a blurred picture, letterboxed, with the subtitle on its bar
+        "blurred": clip("blurred", "640x272", "gblur=sigma=6,pad=640:360:0:44:black," + text(SUBTITLE, "(w-tw)/2",
+                                                                                             "330", 18, 0.5, 1.5)),
         # the same subtitle on the picture itself: no bar holds it
         "on_picture": clip("on_picture", "640x272", text(SUBTITLE, "(w-tw)/2", "230", 18) + ",pad=640:360:0:44:black"),
     }
@@ -143,6 +153,19 @@ def test_exposure_is_measured_without_the_bars_and_their_text(overlaid, clips):
     plain = synthetic.lavfi_clip(str(os.path.dirname(overlaid["subtitled"]) + "/plain_hd.mp4"),
                                  SRC.format(size="1280x544"), 2.0)
     assert sub == pytest.approx(run(plain, "exposure")["mean_luma"], abs=0.02)
+
+
+def test_bars_and_their_text_are_neither_sharpness_nor_motion(overlaid, clips):
+    """Sharpness and stillness are measured inside the content box, off its edge: a picture's edge against a black
+    bar, and text on the bar, are the sharpest lines in the frame (a blurred letterboxed clip with a subtitle on its
+    bar measured sharper than a sharp clip), and a subtitle coming and going is no motion of a still picture."""
+    blurred = run(overlaid["blurred"], "sharpness")
+    assert blurred["blurry"] and blurred["laplacian_var"] < 3 * run(clips["blur"], "sharpness")["laplacian_var"] + 5
+    assert not run(overlaid["subtitled"], "sharpness")["blurry"]  # a sharp letterboxed picture stays sharp
+    still = run(overlaid["subtitled_still"], "static")
+    assert still["static"] and still["static_ratio"] == 1.0
+    assert still["motion"] < 0.1 * 0.004  # a tenth of the threshold (0.00088 with the bars' subtitles counted)
+    assert not run(overlaid["subtitled"], "static")["static"]  # the moving picture inside the same bars moves
 
 
 @pytest.mark.parametrize("case", ["both_ends", "too_far_in", "dense", "gap_too_small", "alone", "black"])
