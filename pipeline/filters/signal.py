@@ -153,6 +153,109 @@ def content_box(y: torch.Tensor, threshold: float, min_fraction: float, y_cols: 
     return Borders((left, top, right - left, bottom - top), tuple(overlays))
 
 
+def _fill_panels(y: torch.Tensor, min_panel: float, max_detail: float,
+                 min_edge_rows: float) -> tuple[int, int] | None:
+    """The picture's ``[start, end)`` across the columns of luma frames ``y`` (``[N, rows, W]``, the columns at full
+    resolution, the rows may be strided) when smooth panels fill both sides of it (a blurred, enlarged copy of the
+    picture: a phone's upright video on a landscape frame), else None.
+
+    Each panel ends at an edge: the outermost column, at least ``min_panel`` of the width in, where the mean step
+    to the next column is at least the picture's mean step (between the two edges) and 3 times the panel's, and the
+    panel's detail (its mean step) is at most ``max_detail`` of the picture's. The panels are within 3% of the
+    width of each other (the picture is centred). Smooth sides are also a portrait against a defocused background,
+    so each edge must be one straight, still line: in at least ``min_edge_rows`` of the rows of every frame
+    together, the largest step from the panel to the edge is a visible one (8 levels) on the edge's column. Smooth
+    panels with straight edges are also flat bars (``_is_blurred_copy`` tells them apart).
+    """
+    w = y.shape[2]
+    if w < 64:
+        return None
+    gx = (y[:, :, 1:] - y[:, :, :-1]).abs()  # [N, rows, W-1]: the step from column x to x+1
+    detail = gx.mean(dim=(0, 1)).double().cpu()
+    m = len(detail)
+    csum = torch.cat([torch.zeros(1, dtype=torch.float64), detail.cumsum(0)])
+
+    def mean(a: int, b: int) -> float:
+        return float(csum[b] - csum[a]) / max(1, b - a)
+
+    def edge_from(positions) -> int | None:
+        for x in positions:  # outermost first
+            panel = mean(0, x - 1) if x < m / 2 else mean(x + 2, m)
+            inner = mean(x + 2, m - x - 2) if x < m / 2 else mean(m - x + 1, x - 1)
+            if detail[x] >= max(inner, 3 * panel) and panel <= max_detail * inner:
+                near = range(max(0, x - 2), min(m, x + 3))
+                return max(near, key=lambda c: float(detail[c]))  # the step's peak where it spreads
+        return None
+
+    lo, hi = max(2, int(min_panel * w) - 1), int(0.45 * w)
+    left = edge_from(range(lo, hi))
+    right = edge_from(range(m - lo - 1, m - hi - 1, -1))
+    if left is None or right is None:
+        return None
+    for edge, side in ((left, -1), (right, 1)):  # side: where the panel lies
+        a, b = (max(0, edge - 6), edge + 2) if side < 0 else (edge - 1, min(m, edge + 7))
+        peak, at = gx[:, :, a:b].max(dim=2)  # each row's largest step from the panel to the edge
+        on_edge = (peak >= 8.0) & ((at + a - edge).abs() <= 1)
+        if float(on_edge.float().mean()) < min_edge_rows:
+            return None
+    start, end = left + 1, right + 1
+    if abs(start - (w - end)) > 0.03 * w:
+        return None
+    return start, end
+
+
+def _is_blurred_copy(y: torch.Tensor, start: int, end: int, min_corr: float) -> bool:
+    """Whether the side panels of luma frames ``y`` ``[N, H, W]`` outside columns ``[start, end)`` show the picture
+    between them enlarged to the frame's width (centred) and blurred: what the editing apps put behind an upright
+    video. Compared at a coarse scale, where the blur does not matter, by the correlation of the panels' luma with
+    the prediction (mean removed per frame): flat bars, or any other surround, do not correlate."""
+    _, h, w = y.shape
+    picture = y[:, None, :, start:end]
+    scale = w / (end - start)
+    tall = F.interpolate(picture, size=(max(1, round(h * scale)), w), mode="area")[:, 0]  # enlarged to the width
+    top = (tall.shape[1] - h) // 2
+    predicted = tall[:, top:top + h]
+    panels = torch.cat([y[:, :, :start], y[:, :, end:]], dim=2)
+    guess = torch.cat([predicted[:, :, :start], predicted[:, :, end:]], dim=2)
+    cell = max(2, h // 16)
+    a = F.avg_pool2d(panels[:, None], cell, ceil_mode=True).flatten(1)
+    b = F.avg_pool2d(guess[:, None], cell, ceil_mode=True).flatten(1)
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    denom = float(a.square().sum().sqrt() * b.square().sum().sqrt())
+    return denom > 1e-6 and float((a * b).sum()) / denom >= min_corr
+
+
+def blur_fill_box(y_rows: torch.Tensor, y_cols: torch.Tensor,
+                  box: tuple[int, int, int, int]) -> tuple[tuple[int, int, int, int], bool]:
+    """``box`` narrowed to the picture when a blurred, enlarged copy of it fills its sides (an upright phone video
+    on a landscape frame) or its top and bottom (a landscape video on an upright frame), and whether one did.
+
+    ``y_rows`` and ``y_cols`` are the frames' luma with every 4th column and every 4th row (``frames_content_box``'s
+    views): the panels' edges are found at full resolution across them (``_fill_panels``) and the copy checked at
+    a coarse scale (``_is_blurred_copy``)."""
+    x0, y0, w, h = box
+    rs = y_rows.shape[1] / y_cols.shape[1]  # the row step of y_cols
+    cs = y_cols.shape[2] / y_rows.shape[2]  # the column step of y_rows
+    across = y_cols[:, int(y0 / rs):math.ceil((y0 + h) / rs), x0:x0 + w]  # [N, h/4, w]
+    down = y_rows[:, y0:y0 + h, int(x0 / cs):math.ceil((x0 + w) / cs)]  # [N, h, w/4]
+    found = False
+    k = max(1, round(max(w, h) / 1024))  # the coarse copy about 256 pixels long
+    cols = _fill_panels(across, 0.05, 0.5, 0.5)
+    if cols is not None:
+        small = across[:, ::k, ::round(rs) * k]  # cells of about 4k x 4k pixels
+        scale = small.shape[2] / w
+        if _is_blurred_copy(small, round(cols[0] * scale), round(cols[1] * scale), 0.7):
+            x0, w, found = x0 + cols[0], cols[1] - cols[0], True
+            down = down[:, :, int(cols[0] / cs):math.ceil(cols[1] / cs)]
+    rows = _fill_panels(down.transpose(1, 2), 0.05, 0.5, 0.5)
+    if rows is not None:
+        small = down[:, ::round(cs) * k, ::k].transpose(1, 2)  # [N, w/(4k), h/(4k)]
+        scale = small.shape[2] / h
+        if _is_blurred_copy(small, round(rows[0] * scale), round(rows[1] * scale), 0.7):
+            y0, h, found = y0 + rows[0], rows[1] - rows[0], True
+    return (x0, y0, w, h), found
+
+
 def picture_box(y: torch.Tensor) -> tuple[int, int, int, int]:
     """The content box of luma frames ``[N, H, W]`` at the black-border filter's defaults: where the other signal
     filters measure, so that bars (and text on them) count neither as darkness, nor as stillness, nor as sharpness.
@@ -179,16 +282,20 @@ class BlackBorderParams:
     the crop leaves them out (0 keeps them in it)."""
     max_bar_fraction: float = 0.25
     """An overlay and the dark rows between it and the picture lie within this fraction of the side."""
+    blur_fill: bool = True
+    """Crop off a blurred, enlarged copy of the picture that fills its sides (an upright phone video on a landscape
+    frame) or its top and bottom (``blur_fill_box``), as bars are."""
 
 
 class BlackBorderFilter(VideoFilter):
-    """Letterbox and pillarbox detection, giving the crop box of the content in source pixels."""
+    """Letterbox and pillarbox detection (black bars, or a blurred copy of the picture filling them), giving the
+    crop box of the content in source pixels."""
 
     weight_free = True
     params_type = BlackBorderParams
     output_type = pa.struct([("crop", BOX), ("top", pa.int32()), ("bottom", pa.int32()), ("left", pa.int32()),
                              ("right", pa.int32()), ("letterbox", pa.bool_()), ("pillarbox", pa.bool_()),
-                             ("bar_overlays", pa.list_(BOX))])
+                             ("bar_overlays", pa.list_(BOX)), ("blur_fill", pa.bool_())])
 
     def frame_requests(self) -> list:
         return [Uniform(self.params.frames)]
@@ -196,9 +303,12 @@ class BlackBorderFilter(VideoFilter):
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         frames = video.view(Uniform(self.params.frames))
         p = self.params
-        found = frames_content_box(frames, ctx.device, p.threshold, p.min_fraction, p.max_overlay_fill,
-                                   p.max_bar_fraction)
+        y_rows, y_cols = luma(frames[:, :, ::4], ctx.device), luma(frames[:, ::4, :], ctx.device)
+        found = content_box(y_rows, p.threshold, p.min_fraction, y_cols, p.max_overlay_fill, p.max_bar_fraction)
         x0, y0, w, h = found.box
+        filled = False
+        if p.blur_fill:
+            (x0, y0, w, h), filled = blur_fill_box(y_rows, y_cols, found.box)
         sx, sy = video.scale
         W, H = video.meta.width, video.meta.height
         crop = {"x": round(x0 * sx), "y": round(y0 * sy), "w": round(w * sx), "h": round(h * sy)}
@@ -209,7 +319,7 @@ class BlackBorderFilter(VideoFilter):
                     for x, y, ow, oh in found.overlays]
         return {"crop": crop, "top": top, "bottom": bottom, "left": left, "right": right,
                 "letterbox": min(top, bottom) > p.min_bar_fraction * H,
-                "pillarbox": min(left, right) > p.min_bar_fraction * W, "bar_overlays": overlays}
+                "pillarbox": min(left, right) > p.min_bar_fraction * W, "bar_overlays": overlays, "blur_fill": filled}
 
 
 @dataclass(frozen=True)
@@ -327,6 +437,7 @@ class SharpnessFilter(VideoFilter):
         y = luma(video.view(Uniform(self.params.frames)), ctx.device)
         step = max(1, max(y.shape[1], y.shape[2]) // 512)
         x0, y0, w, h = (v * step for v in picture_box(y[:, ::step, ::step]))
+        (x0, y0, w, h), _ = blur_fill_box(y[:, :, ::4], y[:, ::4, :], (x0, y0, w, h))  # a blurred fill is no blur
         # inside the bars and off their edge: a picture's edge against a black bar is the sharpest line in the frame
         # (a blurred letterboxed clip measured 226 with its bars, 3.9 without), and so is text on a bar
         inset = max(4, 2 * step) if (w, h) != (y.shape[2], y.shape[1]) else 0

@@ -70,6 +70,24 @@ def letterboxed_clip(path: str, seconds: float = 3.0, inner: str = "320x180", ou
     return path
 
 
+def blur_filled_clip(path: str, inner: str = "360x640", outer: str = "1136x640", seconds: float = 2.0,
+                     tilt: float = 0.0) -> str:
+    """A textured moving picture (testsrc2 with film grain) of size ``inner`` centred on ``outer`` over a blurred copy
+    of itself enlarged to fill ``outer``, as editing apps put an upright phone video on a landscape frame (or a
+    landscape one on an upright frame); with ``tilt`` (radians), the picture turned on the blurred copy."""
+    (w, h), (ow, oh) = ((int(v) for v in inner.split("x")), (int(v) for v in outer.split("x")))
+    fill = f"scale={ow}:-2" if ow / w >= oh / h else f"scale=-2:{oh}"
+    fg = "[b]"
+    graph = f"[0]noise=alls=25:allf=t,split[a][b];[a]{fill},boxblur=20,crop={ow}:{oh}[bg];"
+    if tilt:
+        graph += f"[b]format=rgba,rotate={tilt}:c=none:ow=rotw({tilt}):oh=roth({tilt})[t];"
+        fg = "[t]"
+    graph += f"[bg]{fg}overlay=(W-w)/2:(H-h)/2"
+    _ffmpeg(["-f", "lavfi", "-i", f"testsrc2=size={inner}:rate=25:duration={seconds}", "-filter_complex", graph,
+             "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", path])
+    return path
+
+
 def font_file() -> str:
     """A TrueType font for ffmpeg's drawtext (fontconfig's match for sans, else DejaVu Sans)."""
     fc = shutil.which("fc-match")

@@ -168,6 +168,43 @@ def test_bars_and_their_text_are_neither_sharpness_nor_motion(overlaid, clips):
     assert not run(overlaid["subtitled"], "static")["static"]  # the moving picture inside the same bars moves
 
 
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    d = tmp_path_factory.mktemp("blur_fill")
+    return {"upright": synthetic.blur_filled_clip(str(d / "upright.mp4")),
+            "landscape": synthetic.blur_filled_clip(str(d / "landscape.mp4"), inner="640x360", outer="640x1136"),
+            "tilted": synthetic.blur_filled_clip(str(d / "tilted.mp4"), tilt=0.25),
+            # the upright picture on black bars instead
+            "padded": synthetic.lavfi_clip(str(d / "padded.mp4"), SRC.format(size="360x640"), 2.0,
+                                           "noise=alls=25:allf=t,pad=1136:640:388:0:black"),
+            # flat colour bars with straight, still edges at both sides, and no copy of the picture in them
+            "bars": synthetic.lavfi_clip(str(d / "bars.mp4"), SRC.format(size="1280x720"), 2.0)}
+
+
+def test_a_blurred_copy_filling_the_sides_is_cropped_off(filled):
+    """An upright phone video centred on a landscape frame over a blurred, enlarged copy of itself (and a landscape
+    one on an upright frame): the crop is the picture, as with black bars."""
+    up = run(filled["upright"], "black_borders")
+    assert up["blur_fill"] and up["pillarbox"] and not up["letterbox"]
+    assert abs(up["crop"]["x"] - 388) <= 2 and abs(up["crop"]["w"] - 360) <= 3 and up["crop"]["h"] == 640
+    down = run(filled["landscape"], "black_borders")
+    assert down["blur_fill"] and down["letterbox"] and not down["pillarbox"]
+    assert abs(down["crop"]["y"] - 388) <= 2 and abs(down["crop"]["h"] - 360) <= 3 and down["crop"]["w"] == 640
+    off = run(filled["upright"], "black_borders", blur_fill=False)
+    assert not off["blur_fill"] and off["crop"] == {"x": 0, "y": 0, "w": 1136, "h": 640}
+    # sharpness is the picture's, as on black bars, not lowered by the blurred fill (0.46 of it before)
+    ratio = run(filled["upright"], "sharpness")["laplacian_var"] / run(filled["padded"], "sharpness")["laplacian_var"]
+    assert 0.8 < ratio < 1.25
+
+
+@pytest.mark.parametrize("name", ["tilted", "bars"])
+def test_smooth_sides_alone_are_not_a_blur_fill(filled, name):
+    """The picture turned on the blurred copy has no straight, still edge (a portrait against a defocused background
+    has none either); flat bars at both sides of a pattern have straight edges but hold no copy of the picture."""
+    got = run(filled[name], "black_borders")
+    assert not got["blur_fill"] and got["crop"]["x"] == 0 and got["crop"]["w"] in (1136, 1280)
+
+
 @pytest.mark.parametrize("case", ["both_ends", "too_far_in", "dense", "gap_too_small", "alone", "black"])
 def test_overlay_rule_on_measured_fills(case):
     """``_extent`` on fills made by hand: what is set apart as an overlay and what stays content."""
