@@ -43,14 +43,22 @@ class Borders:
 
     box: tuple[int, int, int, int]
     overlays: tuple[tuple[int, int, int, int], ...] = ()
+    blur_fill: bool = False
+    """The box is narrowed to a picture whose blurred copy fills its sides (``blur_fill_box``)."""
 
 
 def frames_content_box(frames: torch.Tensor, device: str, threshold: float, min_fraction: float,
-                       max_overlay_fill: float = 0.5, max_bar_fraction: float = 0.25) -> Borders:
+                       max_overlay_fill: float = 0.5, max_bar_fraction: float = 0.25,
+                       blur_fill: bool = False) -> Borders:
     """``content_box`` of uint8 RGB frames: rows measured on every 4th column and columns on every 4th row, so each
-    axis keeps its full resolution for a quarter of the pixels each."""
-    return content_box(luma(frames[:, :, ::4], device), threshold, min_fraction, luma(frames[:, ::4, :], device),
-                       max_overlay_fill, max_bar_fraction)
+    axis keeps its full resolution for a quarter of the pixels each; with ``blur_fill``, narrowed by
+    ``blur_fill_box``."""
+    y_rows, y_cols = luma(frames[:, :, ::4], device), luma(frames[:, ::4, :], device)
+    found = content_box(y_rows, threshold, min_fraction, y_cols, max_overlay_fill, max_bar_fraction)
+    if not blur_fill:
+        return found
+    box, filled = blur_fill_box(y_rows, y_cols, found.box)
+    return Borders(box, found.overlays, filled)
 
 
 def subsample(frames: torch.Tensor, max_side: int = 256) -> torch.Tensor:
@@ -303,12 +311,9 @@ class BlackBorderFilter(VideoFilter):
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         frames = video.view(Uniform(self.params.frames))
         p = self.params
-        y_rows, y_cols = luma(frames[:, :, ::4], ctx.device), luma(frames[:, ::4, :], ctx.device)
-        found = content_box(y_rows, p.threshold, p.min_fraction, y_cols, p.max_overlay_fill, p.max_bar_fraction)
+        found = frames_content_box(frames, ctx.device, p.threshold, p.min_fraction, p.max_overlay_fill,
+                                   p.max_bar_fraction, p.blur_fill)
         x0, y0, w, h = found.box
-        filled = False
-        if p.blur_fill:
-            (x0, y0, w, h), filled = blur_fill_box(y_rows, y_cols, found.box)
         sx, sy = video.scale
         W, H = video.meta.width, video.meta.height
         crop = {"x": round(x0 * sx), "y": round(y0 * sy), "w": round(w * sx), "h": round(h * sy)}
@@ -319,7 +324,8 @@ class BlackBorderFilter(VideoFilter):
                     for x, y, ow, oh in found.overlays]
         return {"crop": crop, "top": top, "bottom": bottom, "left": left, "right": right,
                 "letterbox": min(top, bottom) > p.min_bar_fraction * H,
-                "pillarbox": min(left, right) > p.min_bar_fraction * W, "bar_overlays": overlays, "blur_fill": filled}
+                "pillarbox": min(left, right) > p.min_bar_fraction * W, "bar_overlays": overlays,
+                "blur_fill": found.blur_fill}
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,8 @@ class YoloRegionsParams:
     min_persistence: float = 0.2
     """A region must appear in at least this fraction of the sampled frames."""
     use_black_borders: bool = True
-    """Keep the crop inside the non-black content box."""
+    """Keep the crop inside the content box: off black bars, text on them, and a blurred copy of the picture
+    filling them (``frames_content_box`` with ``blur_fill``)."""
     aspect_min: float = 0.0
     """Allowed crop aspect ratio (width / height) ..."""
     aspect_max: float = 100.0
@@ -207,7 +208,7 @@ class YoloRegionsFilter(VideoFilter):
         W, H = video.meta.width, video.meta.height
         content = None
         if p.use_black_borders:
-            x, y, w, h = frames_content_box(frames, ctx.device, 24.0, 0.02).box
+            x, y, w, h = frames_content_box(frames, ctx.device, 24.0, 0.02, blur_fill=True).box
             content = ((x + ox) * sx, (y + oy) * sy, (x + ox + w) * sx, (y + oy + h) * sy)
         crop = safe_crop(W, H, [r.box for r in regions], content, p.aspect_min, p.aspect_max)
         uri = None

@@ -255,6 +255,17 @@ def test_crop_output_is_of_the_main_video_stream(tmp_path, yolo_pt):
     assert red < 60  # the letterboxed picture, not the red proxy
 
 
+def test_the_safe_crop_stays_off_a_blurred_fill(tmp_path, yolo_pt):
+    """An upright phone video on a landscape frame over a blurred copy of itself: the safe crop is the picture."""
+    from pipeline.media import synthetic
+
+    path = synthetic.blur_filled_clip(str(tmp_path / "upright.mp4"), seconds=1.0)  # picture 388..748 of 1136
+    f = _setup(tmp_path, yolo_pt, conf=0.999, step=5)  # random weights at this confidence: no region
+    item = MediaItem("up", path, 0, f.frame_requests(), VideoConfig(), available_backends(("pyav",)))
+    c = f.apply(item, FilterContext("cpu", None))["crop"]
+    assert abs(c["x"] - 388) <= 2 and abs(c["w"] - 360) <= 3 and c["h"] == 640, c
+
+
 def test_crop_encodes_in_the_cache_scratch_not_next_to_a_read_only_source(tmp_path, yolo_pt):
     """Without the cache (``storage.use_cache=false``) the item's local path is the source corpus itself, often a
     read-only mount: the crop's intermediate file went next to it, so ffmpeg failed and with it the item. It now
