@@ -29,10 +29,9 @@ def clips(tmp_path_factory):
     if given:
         return {os.path.splitext(n)[0]: os.path.join(given, n) for n in os.listdir(given)}
     from pipeline.media import synthetic
+    from tests.gpu.device_kit import gpu_clips
 
-    d = tmp_path_factory.mktemp("gpu")
-    return {"letterbox": synthetic.letterboxed_clip(str(d / "letterbox.mp4")),
-            "cut": synthetic.two_scene_clip(str(d / "cut.mp4"))}
+    return gpu_clips(synthetic, str(tmp_path_factory.mktemp("gpu")))
 
 
 def _item(path, filters):
@@ -42,16 +41,29 @@ def _item(path, filters):
 
 def test_signal_filters_on_cuda_match_cpu(clips):
     filters = build_filters(tuple(FilterSpec(n, n) for n in SIGNAL))
-    for clip in (clips["letterbox"], clips["cut"]):
+    for clip in (clips["letterbox"], clips["cut"], clips["blurfill"]):  # bars with text, a cut, a blurred fill
         item = _item(clip, filters)
         for f in filters:
             cpu = f.apply(item, FilterContext("cpu", None))
             gpu = f.apply(item, FilterContext("cuda:0", None))
             for key, value in cpu.items():
-                if isinstance(value, float):
-                    assert gpu[key] == pytest.approx(value, rel=1e-3, abs=1e-4), (f.name, key)
-                elif not isinstance(value, list):
-                    assert gpu[key] == value, (f.name, key)
+                _same(gpu[key], value, (f.name, key))
+
+
+def _same(gpu, cpu, where):
+    """Equal, floats within FP tolerance, lists and dicts (windows, overlays, transitions) element by element."""
+    if isinstance(cpu, float):
+        assert gpu == pytest.approx(cpu, rel=1e-3, abs=1e-4), where
+    elif isinstance(cpu, list):
+        assert isinstance(gpu, list) and len(gpu) == len(cpu), where
+        for i, (g, c) in enumerate(zip(gpu, cpu, strict=True)):
+            _same(g, c, (*where, i))
+    elif isinstance(cpu, dict):
+        assert isinstance(gpu, dict) and gpu.keys() == cpu.keys(), where
+        for k in cpu:
+            _same(gpu[k], cpu[k], (*where, k))
+    else:
+        assert gpu == cpu, where
 
 
 def test_classifier_fp16_on_cuda_agrees_with_fp32_cpu(tmp_path, clips):
