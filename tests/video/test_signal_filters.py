@@ -244,6 +244,21 @@ def test_static_still_and_frozen_tail(clips):
     assert frozen["static_ratio"] == pytest.approx(2 / 3)
 
 
+def test_a_grainy_still_is_static_and_grainy_motion_is_not(tmp_path):
+    """Film grain or sensor noise on a still picture: every sampled frame differs from the last, enough to pass the
+    threshold (0.0054 for 0.004 with this grain), but only as noise, which halves when the averaging area grows
+    fourfold; what is left of a picture that moves does not."""
+    vf = "noise=alls=30:allf=t+u"
+    src = "testsrc=size=640x360:rate=1:duration=1"
+    still = synthetic.lavfi_clip(str(tmp_path / "still.mp4"), src, 1.0, "fps=25,loop=-1:1:0," + vf,
+                                 extra=("-t", "3"))
+    grain = run(still, "static")
+    assert grain["motion"] > 0.004 and grain["structured_motion"] < 0.001 and grain["static"]
+    assert grain["static_ratio"] == 1.0
+    moving = run(synthetic.lavfi_clip(str(tmp_path / "moving.mp4"), SRC.format(size="640x360"), 3.0, vf), "static")
+    assert not moving["static"] and moving["structured_motion"] > 0.005 and moving["static_ratio"] == 0.0
+
+
 def test_exposure(clips):
     assert run(clips["dark"], "exposure")["label"] == "dark"
     assert run(clips["bright"], "exposure")["label"] == "bright"
