@@ -467,6 +467,7 @@ class SharpnessFilter(VideoFilter):
         # inside the bars and off their edge: a picture's edge against a black bar is the sharpest line in the frame
         # (a blurred letterboxed clip measured 226 with its bars, 3.9 without), and so is text on a bar
         inset = max(4, 2 * step) if (w, h) != (y.shape[2], y.shape[1]) else 0
+        inset = max(0, min(inset, (min(w, h) - 3) // 2))  # a sliver of a box keeps 3 pixels for the Laplacian
         y = y[:, y0 + inset:y0 + h - inset, x0 + inset:x0 + w - inset][:, None]
         h, w = y.shape[-2:]
         s = self.params.analysis_short_side / min(h, w)

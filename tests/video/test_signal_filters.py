@@ -397,3 +397,20 @@ def test_times_are_on_the_files_timeline_when_the_video_starts_late(clips, tmp_p
     assert t == pytest.approx(truth, abs=1e-3)
     windows = run(path, "static", window_s=1.0)["windows"]
     assert windows[0]["start_s"] == pytest.approx(truth - 2.0, abs=1e-3)
+
+
+def test_sharpness_of_a_sliver_of_content_keeps_pixels_to_measure():
+    """A content box thinner than the inset off its edge (4 lit rows of a 64x64 frame, 6% of it) is measured whole,
+    where the inset left nothing (the item failed with ZeroDivisionError)."""
+    import types
+
+    import torch
+
+    from pipeline.filters.signal import SharpnessFilter, SharpnessParams
+
+    frames = torch.zeros(8, 64, 64, 3, dtype=torch.uint8)
+    texture = torch.randint(30, 255, (8, 4, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    frames[:, 30:34] = texture
+    video = types.SimpleNamespace(view=lambda request: frames)
+    got = SharpnessFilter("sharpness", SharpnessParams()).apply_video(video, None, FilterContext("cpu", None))
+    assert got["laplacian_var"] > 60 and not got["blurry"]  # random texture: sharp
