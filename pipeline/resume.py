@@ -100,13 +100,13 @@ def read_committed(out_dir: str, storage_options: dict, id_column: str,
     return CommittedState(ok_ids, failed_only, len(files), rows, newest, n_ok_rows - len(ok_ids))
 
 
-def _latest_failure_rows(fs, files: list[str], failed_only: pa.Array, columns: dict[str, pc.Expression]) -> pa.Table:
+def _latest_failure_rows(fs, files: list[str], failed_only: pa.Array, id_column: str,
+                         columns: dict[str, pc.Expression]) -> pa.Table:
     """The latest failure row (by ``end_time``; a tie goes to the row read last) of each id in ``failed_only``, as
     ``id``, ``end_time`` and ``columns``. Only failure rows are read: a row group without one is skipped by its
     statistics."""
-    id_column = columns.pop("id")
     failed = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={
-        "id": id_column, "end_time": pc.field("result_info", "end_time"), **columns,
+        "id": pc.field(id_column), "end_time": pc.field("result_info", "end_time"), **columns,
     }, filter=pc.invert(pc.field("result_info", "succeed")))
     failed = failed.filter(pc.is_in(failed["id"], value_set=failed_only))
     if not failed.num_rows:
@@ -132,8 +132,8 @@ def latest_failures(fs, files: list[str], state: CommittedState, kept: pa.Array 
     Returns:
         ``{id: {"id", "path", "error_type", "error_message", "end_time", "run_id"}}``.
     """
-    latest = _latest_failure_rows(fs, files, state.failed_only, {
-        "id": pc.field(id_column), "path": pc.field(path_column), "error_type": pc.field("result_info", "error_type"),
+    latest = _latest_failure_rows(fs, files, state.failed_only, id_column, {
+        "path": pc.field(path_column), "error_type": pc.field("result_info", "error_type"),
         "error_message": pc.field("result_info", "error_message"), "run_id": pc.field("result_info", "run_id"),
     })
     latest = latest.filter(pc.is_in(latest["id"], value_set=kept))
@@ -152,8 +152,8 @@ def failed_for_good(fs, files: list[str], state: CommittedState, id_column: str)
     """
     if not files or not len(state.failed_only):
         return pa.array([], pa.string())
-    latest = _latest_failure_rows(fs, files, state.failed_only, {
-        "id": pc.field(id_column), "retryable": pc.field("result_info", "retryable")})
+    latest = _latest_failure_rows(fs, files, state.failed_only, id_column,
+                                  {"retryable": pc.field("result_info", "retryable")})
     permanent = pc.invert(pc.fill_null(latest["retryable"], True))  # unknown: retried
     return latest["id"].filter(permanent).combine_chunks()
 

@@ -69,7 +69,8 @@ def subsample(frames: torch.Tensor, max_side: int = 256) -> torch.Tensor:
 
 
 def _runs(lit: list[bool], min_gap: int) -> list[list[int]]:
-    """``[start, end)`` of the lit stretches of ``lit``, those fewer than ``min_gap`` apart joined."""
+    """``[start, end)`` of the lit stretches of ``lit``, those fewer than ``min_gap`` apart joined (1: only
+    adjacent ones)."""
     runs: list[list[int]] = []
     for i, on in enumerate(lit):
         if not on:
@@ -233,6 +234,18 @@ def _is_blurred_copy(y: torch.Tensor, start: int, end: int, min_corr: float) -> 
     return denom > 1e-6 and float((a * b).sum()) / denom >= min_corr
 
 
+def _filled_span(across: torch.Tensor, step: int, k: int) -> tuple[int, int] | None:
+    """The picture's ``[start, end)`` along the last axis of ``across`` (``[N, lines every step-th, length]``) when
+    a blurred copy of it fills both ends (``_fill_panels``, then ``_is_blurred_copy`` on cells of about 4k x 4k
+    pixels), else None."""
+    span = _fill_panels(across, 0.05, 0.5, 0.5)
+    if span is None:
+        return None
+    small = across[:, ::k, ::step * k]
+    scale = small.shape[2] / across.shape[2]
+    return span if _is_blurred_copy(small, round(span[0] * scale), round(span[1] * scale), 0.7) else None
+
+
 def blur_fill_box(y_rows: torch.Tensor, y_cols: torch.Tensor,
                   box: tuple[int, int, int, int]) -> tuple[tuple[int, int, int, int], bool]:
     """``box`` narrowed to the picture when a blurred, enlarged copy of it fills its sides (an upright phone video
@@ -244,23 +257,17 @@ def blur_fill_box(y_rows: torch.Tensor, y_cols: torch.Tensor,
     x0, y0, w, h = box
     rs = y_rows.shape[1] / y_cols.shape[1]  # the row step of y_cols
     cs = y_cols.shape[2] / y_rows.shape[2]  # the column step of y_rows
+    k = max(1, round(max(w, h) / 1024))  # the coarse copy about 256 pixels long
+    found = False
     across = y_cols[:, int(y0 / rs):math.ceil((y0 + h) / rs), x0:x0 + w]  # [N, h/4, w]
     down = y_rows[:, y0:y0 + h, int(x0 / cs):math.ceil((x0 + w) / cs)]  # [N, h, w/4]
-    found = False
-    k = max(1, round(max(w, h) / 1024))  # the coarse copy about 256 pixels long
-    cols = _fill_panels(across, 0.05, 0.5, 0.5)
+    cols = _filled_span(across, round(rs), k)
     if cols is not None:
-        small = across[:, ::k, ::round(rs) * k]  # cells of about 4k x 4k pixels
-        scale = small.shape[2] / w
-        if _is_blurred_copy(small, round(cols[0] * scale), round(cols[1] * scale), 0.7):
-            x0, w, found = x0 + cols[0], cols[1] - cols[0], True
-            down = down[:, :, int(cols[0] / cs):math.ceil(cols[1] / cs)]
-    rows = _fill_panels(down.transpose(1, 2), 0.05, 0.5, 0.5)
+        x0, w, found = x0 + cols[0], cols[1] - cols[0], True
+        down = down[:, :, int(cols[0] / cs):math.ceil(cols[1] / cs)]  # inside the side panels
+    rows = _filled_span(down.transpose(1, 2), round(cs), k)
     if rows is not None:
-        small = down[:, ::round(cs) * k, ::k].transpose(1, 2)  # [N, w/(4k), h/(4k)]
-        scale = small.shape[2] / h
-        if _is_blurred_copy(small, round(rows[0] * scale), round(rows[1] * scale), 0.7):
-            y0, h, found = y0 + rows[0], rows[1] - rows[0], True
+        y0, h, found = y0 + rows[0], rows[1] - rows[0], True
     return (x0, y0, w, h), found
 
 
@@ -268,7 +275,7 @@ def picture_box(y: torch.Tensor) -> tuple[int, int, int, int]:
     """The content box of luma frames ``[N, H, W]`` at the black-border filter's defaults: where the other signal
     filters measure, so that bars (and text on them) count neither as darkness, nor as stillness, nor as sharpness.
     The whole frame where (nearly) all of it is black."""
-    x0, y0, w, h = content_box(y, 24.0, 0.02).box
+    x0, y0, w, h = content_box(y, BlackBorderParams.threshold, BlackBorderParams.min_fraction).box
     if w * h < 0.05 * y.shape[1] * y.shape[2]:
         return 0, 0, y.shape[2], y.shape[1]
     return x0, y0, w, h
@@ -510,24 +517,16 @@ def transitions(diff: list[float], black: list[bool], threshold: float) -> list[
         first frame after a cut, the middle of a gradual change, the middle of the black frames of a fade.
     """
     n = len(black)
+    changing = [diff[i] > threshold or black[i] or black[i + 1] for i in range(n - 1)]
     out = []
-    i = 0
-    while i < n - 1:
-        if not (diff[i] > threshold or black[i] or black[i + 1]):
-            i += 1
-            continue
-        j = i
-        while j + 1 < n - 1 and (diff[j + 1] > threshold or black[j + 1] or black[j + 2]):
-            j += 1
-        first, last = i, j + 1  # the frames the steps i..j join
-        dark = [k for k in range(first, last + 1) if black[k]]
-        if dark and (first == 0 or last == n - 1):
-            pass  # from black at the start, to black at the end
-        elif dark:
-            out.append((first, last, dark[len(dark) // 2], "fade"))
+    for i, end in _runs(changing, 1):  # consecutive changing steps i..end-1, joining frames i..end
+        dark = [k for k in range(i, end + 1) if black[k]]
+        if dark and (i == 0 or end == n - 1):
+            continue  # from black at the start, to black at the end
+        if dark:
+            out.append((i, end, dark[len(dark) // 2], "fade"))
         else:
-            out.append((first, last, i + 1 + (j - i) // 2, "cut" if i == j else "gradual"))
-        i = j + 1
+            out.append((i, end, i + 1 + (end - 1 - i) // 2, "cut" if end - i == 1 else "gradual"))
     return out
 
 

@@ -18,7 +18,7 @@ from models.onnx_session import OrtParams
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, FilterError, GpuFailure
 from pipeline.filters.base import RUNTIME, FilterContext, SetupContext, VideoFilter
-from pipeline.filters.signal import BOX, frames_content_box
+from pipeline.filters.signal import BOX, BlackBorderParams, frames_content_box
 from pipeline.media.item import MediaItem
 from pipeline.video.crop import aggregate_regions, safe_crop
 from pipeline.video.sampling import EveryK
@@ -208,7 +208,8 @@ class YoloRegionsFilter(VideoFilter):
         W, H = video.meta.width, video.meta.height
         content = None
         if p.use_black_borders:
-            x, y, w, h = frames_content_box(frames, ctx.device, 24.0, 0.02, blur_fill=True).box
+            x, y, w, h = frames_content_box(frames, ctx.device, BlackBorderParams.threshold,
+                                            BlackBorderParams.min_fraction, blur_fill=True).box
             content = ((x + ox) * sx, (y + oy) * sy, (x + ox + w) * sx, (y + oy + h) * sy)
         crop = safe_crop(W, H, [r.box for r in regions], content, p.aspect_min, p.aspect_max)
         uri = None

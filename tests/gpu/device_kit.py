@@ -85,11 +85,13 @@ def make_media(dest: str) -> None:
     synthetic.motion_clip(os.path.join(dest, "motion720.mp4"), seconds=4.0, size="1280x720")
     synthetic.still_clip(os.path.join(dest, "still.mp4"), seconds=2.0)
     synthetic.long_speech_wav(os.path.join(dest, "long.wav"), repeats=2)
-    gpu_clips(synthetic, dest)
+    gpu_clips(dest)
 
 
-def gpu_clips(synthetic, dest: str) -> dict[str, str]:
+def gpu_clips(dest: str) -> dict[str, str]:
     """The clips ``tests/gpu/test_cuda_paths.py`` runs the signal filters and the decoders on, made in ``dest``."""
+    from pipeline.media import synthetic
+
     return {"letterbox": synthetic.letterboxed_clip(os.path.join(dest, "letterbox.mp4"),
                                                     subtitle="Subtitles on the bar"),
             "cut": synthetic.two_scene_clip(os.path.join(dest, "cut.mp4")),

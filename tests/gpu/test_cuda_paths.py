@@ -28,10 +28,9 @@ def clips(tmp_path_factory):
     given = os.environ.get("MEDIASIEVE_GPU_MEDIA")
     if given:
         return {os.path.splitext(n)[0]: os.path.join(given, n) for n in os.listdir(given)}
-    from pipeline.media import synthetic
     from tests.gpu.device_kit import gpu_clips
 
-    return gpu_clips(synthetic, str(tmp_path_factory.mktemp("gpu")))
+    return gpu_clips(str(tmp_path_factory.mktemp("gpu")))
 
 
 def _item(path, filters):
