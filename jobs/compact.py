@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(0, args.log_level)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, work=False)
         if args.target_mb <= 0 or args.row_group_rows < 1:
             raise ConfigError("--target-mb and --row-group-rows must be positive")
     except ConfigError as e:

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.status import format_status, job_status
 
     try:
-        status = job_status(load_config(args.config, args.overrides))
+        status = job_status(load_config(args.config, args.overrides, work=False))
     except (ConfigError, ManifestError) as e:
         log.error("%s: %s", type(e).__name__, e)
         return 2

@@ -447,12 +447,13 @@ def build_config(raw: dict, overrides: list[str] = ()) -> JobConfig:
     return from_dict(JobConfig, raw)
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> JobConfig:
+def load_config(path: str | None, overrides: list[str] = (), work: bool = True) -> JobConfig:
     """Load, override and validate a job config: the single entry used by ``jobs/run.py``.
 
     Args:
         path: YAML file, or None for the built-in defaults.
         overrides: ``section.key=value`` strings.
+        work: also check what the work needs (decoders, filters); see ``validate_config``.
 
     Returns:
         A validated ``JobConfig``.
@@ -461,12 +462,17 @@ def load_config(path: str | None, overrides: list[str] = ()) -> JobConfig:
         ConfigError: with one clear message, before any work.
     """
     cfg = build_config(load_raw(path), overrides)
-    validate_config(cfg)
+    validate_config(cfg, work)
     return cfg
 
 
-def validate_config(cfg: JobConfig) -> None:
-    """Check values and cross-field rules that types alone cannot express."""
+def validate_config(cfg: JobConfig, work: bool = True) -> None:
+    """Check values and cross-field rules that types alone cannot express.
+
+    ``work=False`` leaves out the decoder and filter checks, which import torch and the filters' modules (2 s, and
+    as long again to unload): the commands that only read or rewrite the output (``jobs/status.py``,
+    ``jobs/compact.py``) start in a fraction of a second, and report on an output whose job's filters changed since.
+    """
     if bool(cfg.input.manifest) == bool(cfg.input.listing_glob):
         raise ConfigError("input: set exactly one of input.manifest and input.listing_glob")
     if not cfg.output.dir:
@@ -508,6 +514,12 @@ def validate_config(cfg: JobConfig) -> None:
     for i, tier in enumerate(cfg.storage.tiers):
         if not tier.name or not tier.root:
             raise ConfigError(f"storage.tiers[{i}]: name and root are required")
+    if work:
+        _validate_work(cfg)
+
+
+def _validate_work(cfg: JobConfig) -> None:
+    """The decoders and the filters: their names, and each filter's params and cross-field rules."""
     from pipeline.video.decoders import BACKENDS
 
     unknown = [b for b in cfg.video.backends if b not in BACKENDS]

@@ -125,3 +125,27 @@ def test_the_command_line_prints_json_and_names_a_bad_manifest(tmp_path, media_d
     os.remove(tmp_path / "m.parquet")
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "m.parquet" in proc.stderr
+
+
+def test_status_and_compact_read_the_output_without_loading_the_work(tmp_path, media_dir):
+    """They check the output's part of the config, not the decoders and filters (whose modules import torch: 2 s to
+    load, as long to unload): they start at once, and still answer when the job's filter settings have since
+    changed to something the job itself would refuse."""
+    raw = _corpus_job(tmp_path, media_dir)
+    run_rank(_cfg(raw), DistContext())
+    raw["filters"]["noop"] = {"sleep_s": 0.1, "no_such_param": 1}  # the job refuses this config now
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    probe = ("import runpy, sys; sys.argv = sys.argv[1:]\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n")
+    for script, args in (("status.py", ["--json"]), ("compact.py", ["--dry-run"])):
+        proc = subprocess.run([sys.executable, "-c", probe, os.path.join(ROOT, "jobs", script), "--config",
+                               str(config), *args], capture_output=True, text=True, timeout=120)
+        assert proc.stdout.strip().splitlines()[-1] == "exit 0 False", (script, proc.stdout, proc.stderr)
+    assert '"succeeded": 5' in subprocess.run(
+        [sys.executable, os.path.join(ROOT, "jobs", "status.py"), "--config", str(config), "--json"],
+        capture_output=True, text=True, timeout=120).stdout
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "run.py"), "--config", str(config)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "no_such_param" in run.stderr
