@@ -7,6 +7,7 @@ label. Pixel outputs are in source pixels even when decoding downscaled.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -493,7 +494,16 @@ class SceneCutParams:
     bins: int = 16
     """Histogram bins per RGB channel."""
     threshold: float = 0.45
-    """Half the L1 distance (0-1) between consecutive frames' colour histograms above which the picture changes."""
+    """Half the L1 distance (0-1) between two frames' colour histograms above which they are of two scenes."""
+    gradual_threshold: float = 0.1
+    """A step changing more than this may be part of a gradual transition (a dissolve's steps measured 0.13-0.6;
+    motion in one scene mostly under 0.1; see ``transitions``)."""
+    gradual_change: float = 0.25
+    """The least distance between the frames at the two ends of a gradual transition. A dissolve's blended frames
+    hold colours of neither scene, so its steps exceed the distance between its ends: dissolves between distinct
+    scenes measured 0.33-0.47 end to end, with steps up to 0.65; motion in one scene, and a flash, under 0.05."""
+    max_gradual_s: float = 5.0
+    """The longest gradual transition: longer stretches of change are motion in one scene."""
     black_luma: float = 20.0
     """A frame whose mean luma (0-255) is at most this is the black of a fade. A mean, not a count of black pixels
     (ffmpeg blackdetect's): at 4 samples a second the fully black frames of a quick fade are seldom among them, and
@@ -503,30 +513,78 @@ class SceneCutParams:
 TRANSITION = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("kind", pa.string())])
 
 
-def transitions(diff: list[float], black: list[bool], threshold: float) -> list[tuple[int, int, int, str]]:
+def soft_histograms(frames: torch.Tensor, bins: int) -> torch.Tensor:
+    """``[N, 3 * bins]`` colour histograms of ``[N, H, W, 3]`` uint8 frames, each summing to 1, each value shared
+    between its two nearest bin centres by distance. With hard bins a flat colour whose brightness drifts moves all
+    its pixels to the next bin at once. Sharing is linear in the counts, so it is a ``[256, bins]`` matrix applied
+    to each channel's 256-level histogram: the cost of a hard histogram."""
+    n = frames.shape[0]
+    levels = frames.reshape(n, -1, 3).long() + torch.arange(3, device=frames.device) * 256
+    counts = torch.zeros(n, 3 * 256, device=frames.device)
+    counts.scatter_add_(1, levels.reshape(n, -1), torch.ones(levels.numel() // n, device=frames.device).expand(n, -1))
+    x = (torch.arange(256, device=frames.device, dtype=torch.float32) + 0.5) * (bins / 256.0) - 0.5  # bin units
+    low = x.floor().clamp(0, bins - 1)
+    upper = (x - low).clamp(0, 1)
+    share = torch.zeros(256, bins, device=frames.device)
+    share[torch.arange(256), low.long()] += 1 - upper
+    share[torch.arange(256), (low + 1).clamp(max=bins - 1).long()] += upper
+    hist = (counts.reshape(n, 3, 256) @ share).reshape(n, 3 * bins)
+    return hist / hist.sum(dim=1, keepdim=True)
+
+
+def transitions(diff: list[float], black: list[bool], times: list[float], across: Callable[[int, int], float],
+                p: SceneCutParams) -> list[tuple[int, int, int, str]]:
     """Scene transitions from the changes between consecutive sampled frames.
 
-    A step between frames i and i+1 is part of a transition when the picture changes (``diff[i] > threshold``) or
-    either frame is black. Consecutive such steps are one transition: a dissolve or a fade changes the picture over
-    several samples, and each step counted apart gave a 1-second fade through black 8 cuts. A transition is a
-    ``cut`` (one step), ``gradual`` (several, a dissolve or a wipe) or ``fade`` (through black frames); a fade from
-    black at the clip's start or to black at its end has no scene on one side and is no transition.
+    Consecutive steps where the picture changes more than ``p.gradual_threshold`` (or a frame is black) are one
+    stretch of change. A dissolve changes the picture over several samples, each step about as much as a cut (a
+    1-second fade through black gave 8 cuts), or, when it is slow, less than a cut: steps of 0.3-0.5 around the cut
+    threshold split a 2-second dissolve into 4 cuts. A stretch is one transition when the frames at its two ends
+    differ by more than ``p.gradual_change`` (``across``, the same histogram distance) and it lasts at most
+    ``p.max_gradual_s``:
+
+    - ``cut`` where one step holds the change (a cut amid motion; the others change less than half as much), if that
+      step is above ``p.threshold`` (else a jolt);
+    - ``gradual`` otherwise (a dissolve, a wipe), the new scene taken to start at the frame as far from both ends;
+    - ``fade`` when black frames are in it, at the middle of those; a fade from black at the clip's start or to black
+      at its end has no scene on one side and is no transition.
+
+    A short stretch whose ends differ less went back where it began (a flash, a flicker) or moved within one scene:
+    no transition. A longer one is motion, not one change of scene: in it each run of steps above ``p.threshold`` is
+    a transition, as if alone.
+
+    Args:
+        diff: the histogram distance of each step (frame i to i+1).
+        black: whether each frame is black.
+        times: each frame's time in seconds.
+        across: the histogram distance between two frames, by index.
+        p: the thresholds.
 
     Returns:
-        ``(first frame, last frame, the frame where the new scene is taken to start, kind)`` of each transition: the
-        first frame after a cut, the middle of a gradual change, the middle of the black frames of a fade.
+        ``(first frame, last frame, the frame where the new scene is taken to start, kind)`` of each transition.
     """
     n = len(black)
-    changing = [diff[i] > threshold or black[i] or black[i + 1] for i in range(n - 1)]
+    changing = [diff[i] > p.gradual_threshold or black[i] or black[i + 1] for i in range(n - 1)]
     out = []
-    for i, end in _runs(changing, 1):  # consecutive changing steps i..end-1, joining frames i..end
+    for i, end in _runs(changing, 1):  # changing steps i..end-1, joining frames i..end
         dark = [k for k in range(i, end + 1) if black[k]]
-        if dark and (i == 0 or end == n - 1):
-            continue  # from black at the start, to black at the end
         if dark:
-            out.append((i, end, dark[len(dark) // 2], "fade"))
+            if 0 < i and end < n - 1:  # not from black at the start, nor to black at the end
+                out.append((i, end, dark[len(dark) // 2], "fade"))
+            continue
+        if times[end] - times[i] > p.max_gradual_s:  # motion: what changes as a cut does in it, each apart
+            for a, b in _runs([diff[k] > p.threshold for k in range(i, end)], 1):
+                out.append((i + a, i + b, i + a + 1 + (b - 1 - a) // 2, "cut" if b - a == 1 else "gradual"))
+            continue
+        if across(i, end) <= p.gradual_change:
+            continue  # back where it began, or not far from it
+        top = max(range(i, end), key=lambda k: diff[k])
+        if all(diff[k] < diff[top] / 2 for k in range(i, end) if k != top):  # one step holds the change
+            if diff[top] > p.threshold:
+                out.append((top, top + 1, top + 1, "cut"))
         else:
-            out.append((i, end, i + 1 + (end - 1 - i) // 2, "cut" if end - i == 1 else "gradual"))
+            middle = min(range(i + 1, end), key=lambda k: abs(across(i, k) - across(k, end)))
+            out.append((i, end, middle, "gradual"))
     return out
 
 
@@ -552,15 +610,12 @@ class SceneCutFilter(VideoFilter):
         if frames.shape[0] < 2:
             return {"count": 0, "times_s": [], "max_diff": 0.0, "transitions": []}
         b = p.bins
-        q = (frames.long() * b) // 256  # [N, H, W, 3] bin per channel
-        n, npx = q.shape[0], q.shape[1] * q.shape[2]
-        offsets = torch.arange(3, device=q.device) * b
-        flat = (q + offsets).reshape(n, -1)
-        hist = torch.zeros(n, 3 * b, device=q.device).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
-        hist = hist / (3 * npx)
+        hist = soft_histograms(frames, b)
         d = 0.5 * (hist[1:] - hist[:-1]).abs().sum(dim=1)
         black = _luma(frames.float()).mean(dim=(1, 2)) <= p.black_luma
-        found = transitions(d.cpu().tolist(), black.cpu().tolist(), p.threshold)
         at = [float(t) + video.start_s for t in times]
+        hist = hist.cpu()
+        found = transitions(d.cpu().tolist(), black.cpu().tolist(), at,
+                            lambda i, j: float(0.5 * (hist[i] - hist[j]).abs().sum()), p)
         return {"count": len(found), "times_s": [at[k] for _, _, k, _ in found], "max_diff": float(d.max()),
                 "transitions": [{"start_s": at[a], "end_s": at[b], "kind": kind} for a, b, _, kind in found]}

@@ -284,12 +284,15 @@ def transition_clips(tmp_path_factory):
     """Two 3-second scenes (a moving pattern, then colour bars) joined by a gradual transition, and one scene that
     fades in from black and out to black."""
     d = tmp_path_factory.mktemp("transitions")
-    a, b = "testsrc2=size=320x240:rate=25:duration=3", "smptebars=size=320x240:rate=25:duration=3"
     joins = {"fade": "[0:v]fade=t=out:st=2:d=1[a];[1:v]fade=t=in:st=0:d=1[b];[a][b]concat=n=2:v=1[v]",  # black at 3 s
              "dissolve": "[0:v][1:v]xfade=transition=fade:duration=1:offset=2[v]",  # 2 to 3 s
-             "ends": "[0:v]fade=t=in:st=0:d=1,fade=t=out:st=2:d=1[v]"}
+             "ends": "[0:v]fade=t=in:st=0:d=1,fade=t=out:st=2:d=1[v]",
+             "slow_dissolve": "[0:v][1:v]xfade=transition=fade:duration=2.5:offset=2[v]",  # 2 to 4.5 s
+             "brightening": "[0:v]eq=brightness='t/25-0.1':eval=frame[v]"}  # one scene, 50 levels brighter in 5 s
     out = {}
     for name, graph in joins.items():
+        seconds = 5 if name in ("slow_dissolve", "brightening") else 3
+        a, b = (f"{src}=size=320x240:rate=25:duration={seconds}" for src in ("testsrc2", "smptebars"))
         out[name] = str(d / f"{name}.mp4")
         synthetic._ffmpeg(["-f", "lavfi", "-i", a, "-f", "lavfi", "-i", b, "-filter_complex", graph, "-map", "[v]",
                            "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", out[name]])
@@ -313,28 +316,83 @@ def test_a_gradual_transition_is_one_scene_change(transition_clips, clips):
     assert t["kind"] == "cut" and t["end_s"] - t["start_s"] == pytest.approx(0.25, abs=0.05)
 
 
-@pytest.mark.parametrize("case", ["cut", "two_cuts", "dissolve", "fade", "fade_at_ends", "cut_from_black"])
-def test_transitions_from_measured_steps(case):
-    from pipeline.filters.signal import transitions
+def test_soft_histograms_share_each_level_between_two_bins():
+    import torch
 
-    n = 12
-    diff, black = [0.0] * (n - 1), [False] * n
-    if case in ("cut", "two_cuts"):
-        diff[3] = 0.9
-    if case == "two_cuts":
-        diff[5] = 0.9  # a stable step between: two scenes changes
-    if case == "dissolve":
-        diff[4:8] = [0.5] * 4
+    from pipeline.filters.signal import soft_histograms
+
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (3, 24, 32, 3), dtype=torch.uint8)
+    hist = soft_histograms(frames, 16)
+    assert hist.shape == (3, 48) and torch.allclose(hist.sum(dim=1), torch.ones(3))
+    # the definition, pixel by pixel: level v sits at (v + 0.5) * 16 / 256 - 0.5 bins, shared by its two neighbours
+    x = (frames.reshape(3, -1, 3).double() + 0.5) / 16 - 0.5
+    want = torch.zeros(3, 3, 16, dtype=torch.float64)
+    for lo in range(16):
+        w = (1 - (x - lo).abs()).clamp(min=0)  # the triangle around bin centre lo
+        if lo == 0:
+            w = torch.where(x < 0, 1.0, w)
+        if lo == 15:
+            w = torch.where(x > 15, 1.0, w)
+        want[:, :, lo] = w.sum(dim=1)
+    assert torch.allclose(hist, (want / want.sum(dim=(1, 2), keepdim=True)).reshape(3, 48).float(), atol=1e-6)
+    flat = torch.stack([torch.full((8, 8, 3), v, dtype=torch.uint8) for v in (15, 16)])  # across a hard bin edge
+    step = soft_histograms(flat, 16)
+    assert 0.5 * float((step[0] - step[1]).abs().sum()) == pytest.approx(1 / 16, abs=1e-5)  # hard bins: 1.0
+
+
+def test_a_slow_dissolve_is_one_scene_change_and_a_slow_brightening_none(transition_clips):
+    """A 2.5-second dissolve's steps straddle the cut threshold (about 0.3-0.5 at 4 samples a second): it gave 3 cuts
+    (a 2-second one 4). Now the stretch of steps above the gradual threshold whose ends are of two scenes is one
+    transition. A picture brightening by 50 levels over 5 s is one scene: with hard histogram bins each of its flat
+    colours jumps a bin at once, and the new rule made that 1 transition; shared between bins, its steps stay
+    small."""
+    slow = run(transition_clips["slow_dissolve"], "scene_cuts")
+    assert slow["count"] == 1, slow["transitions"]
+    (t,) = slow["transitions"]
+    assert t["kind"] == "gradual" and 1.7 <= t["start_s"] <= 2.3 and 4.2 <= t["end_s"] <= 4.8
+    assert t["start_s"] < slow["times_s"][0] < t["end_s"]
+    bright = run(transition_clips["brightening"], "scene_cuts")
+    assert bright["count"] == 0, bright["transitions"]
+
+
+def _steps(*moves: tuple[int, float], n: int = 12) -> list[float]:
+    """Frames as points on a line (a stand-in for their histograms): ``moves`` are (step, distance) pairs."""
+    pos = [0.0]
+    for k in range(n - 1):
+        pos.append(pos[-1] + dict(moves).get(k, 0.0))
+    return pos
+
+
+@pytest.mark.parametrize("case", ["cut", "two_cuts", "dissolve", "fade", "fade_at_ends", "cut_from_black",
+                                  "slow_dissolve", "flash", "jolt", "cut_amid_motion", "long_motion"])
+def test_transitions_from_measured_steps(case):
+    from pipeline.filters.signal import SceneCutParams, transitions
+
+    n = 40 if case == "long_motion" else 12
+    moves = {"cut": [(3, 0.9)], "two_cuts": [(3, 0.9), (5, -0.9)], "dissolve": [(k, 0.5) for k in range(4, 8)],
+             "fade": [(3, 0.5), (4, 0.5), (7, 0.5), (8, 0.5)], "fade_at_ends": [(2, 0.6), (9, 0.6)],
+             "cut_from_black": [(2, 0.9)],
+             "slow_dissolve": [(k, 0.15) for k in range(2, 10)],  # every step under the cut threshold: 2 s
+             "flash": [(4, 0.6), (5, -0.6)],  # out and back: no scene change
+             "jolt": [(4, 0.3)],  # one step, less than a cut
+             "cut_amid_motion": [(k, 0.7 if k == 5 else 0.15) for k in range(2, 9)],
+             "long_motion": [(k, 0.7 if k == 20 else 0.15) for k in range(n - 1)]}[case]  # 10 s of motion
+    pos = _steps(*moves, n=n)
+    diff = [abs(b - a) for a, b in zip(pos, pos[1:])]
+    black = [False] * n
     if case == "fade":
-        diff[3:5], black[5:7], diff[7:9] = [0.5, 0.5], [True, True], [0.5, 0.5]
+        black[5:7] = [True, True]
     if case == "fade_at_ends":
-        black[0:2], diff[2], diff[9], black[10:12] = [True, True], 0.6, 0.6, [True, True]
+        black[0:2], black[10:12] = [True, True], [True, True]
     if case == "cut_from_black":
-        black[0:3], diff[2] = [True] * 3, 0.9  # opens on black, then a hard cut to the picture: from black
+        black[0:3] = [True] * 3  # opens on black, then a hard cut to the picture: from black
     expected = {"cut": [(3, 4, 4, "cut")], "two_cuts": [(3, 4, 4, "cut"), (5, 6, 6, "cut")],
                 "dissolve": [(4, 8, 6, "gradual")], "fade": [(3, 9, 6, "fade")], "fade_at_ends": [],
-                "cut_from_black": []}[case]
-    assert transitions(diff, black, 0.45) == expected
+                "cut_from_black": [], "slow_dissolve": [(2, 10, 6, "gradual")], "flash": [], "jolt": [],
+                "cut_amid_motion": [(5, 6, 6, "cut")], "long_motion": [(20, 21, 21, "cut")]}[case]
+    times = [0.25 * k for k in range(n)]
+    assert transitions(diff, black, times, lambda i, j: min(1.0, abs(pos[j] - pos[i])), SceneCutParams()) == expected
 
 
 def test_video_filters_on_audio_only_items_are_null(clips):
