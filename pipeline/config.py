@@ -174,6 +174,13 @@ class OutputConfig:
     ``OutputHungError`` (exit code 1) and its uncommitted rows are left for the rerun, instead of the process
     hanging, unseen, until the scheduler's time limit. The lease's release and the metrics upload are held to it
     too. None: no limit."""
+    finish_timeout_s: float | None = 3600.0
+    """The end of a run on rank 0 (reading the committed parts for the summary, removing second success rows,
+    compacting when asked, writing the summary and the marker) that has not finished after this long means the
+    output storage is hung: the rank stops with ``OutputHungError`` (exit code 1), every row stays committed, and the
+    rerun finishes the output. Its reads take as long as the output is large (a rank of this machine reads the id
+    and status columns of a million rows from a local object store in seconds): raise it for outputs of billions of
+    rows, or for compaction of terabytes. None: no limit."""
 
 
 @dataclass(frozen=True)
@@ -492,8 +499,10 @@ def validate_config(cfg: JobConfig, work: bool = True) -> None:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if cfg.storage.retries < 0:
         raise ConfigError("storage.retries must be >= 0")
-    if cfg.output.commit_timeout_s is not None and cfg.output.commit_timeout_s <= 0:
-        raise ConfigError(f"output.commit_timeout_s={cfg.output.commit_timeout_s:g} must be above 0 (None: no limit)")
+    for key in ("commit_timeout_s", "finish_timeout_s"):
+        limit = getattr(cfg.output, key)
+        if limit is not None and limit <= 0:
+            raise ConfigError(f"output.{key}={limit:g} must be above 0 (None: no limit)")
     if cfg.storage.hung_tier_skip_s <= 0:
         raise ConfigError(f"storage.hung_tier_skip_s={cfg.storage.hung_tier_skip_s:g} must be above 0")
     if cfg.storage.fetch_min_bytes_per_s < 0:

@@ -821,7 +821,11 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
                            "models": models, **snap})
     outcome = RankOutcome(run_id, ctx.rank, snap, workers.interrupted, output_dir=cfg.output.dir)
     if ctx.is_main and not any(r["interrupted"] for r in everyone):
-        outcome.summary = write_summary(cfg, run_id, manifest, len(pending), everyone, started)
+        abandoned = threading.Event()  # given up as hung: the summary and the marker must not land late
+        outcome.summary = bounded(
+            lambda: write_summary(cfg, run_id, manifest, len(pending), everyone, started, abandoned),
+            cfg.output.finish_timeout_s, "finishing the output (the summary's reads, duplicate removal, compaction, "
+            "the summary and the marker)", abandoned, "output.finish_timeout_s")
     ctx.barrier()
     return outcome
 
@@ -860,8 +864,9 @@ def _models_summary(ranks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
 
 
 def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int, ranks: list[dict[str, Any]],
-                  started: float) -> dict[str, Any]:
-    """Rank 0, after every rank committed: failure log, run summary, then the completion marker (last)."""
+                  started: float, abandoned: threading.Event | None = None) -> dict[str, Any]:
+    """Rank 0, after every rank committed: failure log, run summary, then the completion marker (last). Nothing is
+    written once ``abandoned`` is set (the caller gave the whole of it up as hung)."""
     out = cfg.output
     id_col, path_col = cfg.input.id_column, cfg.input.path_column
     fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
@@ -936,8 +941,7 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
                                         "units_taken", "peak_rss_mb")} for r in ranks],
     }
     tmp = f"{root}/_tmp"
-
-    abandoned = threading.Event()
+    abandoned = abandoned if abandoned is not None else threading.Event()
 
     def commit() -> None:  # the reads above take as long as the output is large; these writes are small
         for name, data in ((FAILURES, ("\n".join(lines) + ("\n" if lines else "")).encode()),

@@ -63,11 +63,12 @@ def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def bounded(fn: Callable[[], T], timeout_s: float | None, what: str,
-            abandoned: threading.Event | None = None) -> T:
+            abandoned: threading.Event | None = None, setting: str = "output.commit_timeout_s") -> T:
     """``fn()`` on a thread of its own, given up after ``timeout_s`` (None: waited for) with ``OutputHungError``:
     a write to a hung mount blocks in the kernel, and no timeout of the filesystem's own ends it. The thread is left
     behind (Python cannot kill it); ``abandoned`` is set when it is, for ``fn`` to check before each step it takes
-    once the mount answers again (``commit_bytes``'s ``proceed``: a part given up must not land late)."""
+    once the mount answers again (``commit_bytes``'s ``proceed``: a part given up must not land late). ``setting``
+    names the limit in the error."""
     if timeout_s is None:
         return fn()
     box: dict[str, Any] = {}
@@ -84,7 +85,7 @@ def bounded(fn: Callable[[], T], timeout_s: float | None, what: str,
     if thread.is_alive():
         if abandoned is not None:
             abandoned.set()
-        raise OutputHungError(f"{what} did not finish in output.commit_timeout_s={timeout_s:g}s: the output storage "
+        raise OutputHungError(f"{what} did not finish in {setting}={timeout_s:g}s: the output storage "
                               "looks hung (a hung mount, an endpoint that does not answer)")
     if "error" in box:
         raise box["error"]

@@ -138,6 +138,8 @@ class FaultProxy:
                         self.wfile.write(data[:hang_after])
                         self.wfile.flush()
                         proxy._stopped.wait()
+                        self.close_connection = True  # the body cut short: the client's read fails, and ends
+                        self.connection.shutdown(socket.SHUT_RDWR)
                     elif any(p in self.path for p in proxy.trickle_paths):
                         for at in range(0, len(data), 1 << 16):
                             self.wfile.write(data[at:at + (1 << 16)])

@@ -273,6 +273,48 @@ def test_an_output_that_hangs_at_the_summary_leaves_no_marker_and_the_rerun_writ
     assert fs.exists(f"{name}/out/_SUCCESS")
 
 
+def test_reads_that_hang_at_the_end_stop_the_rank_and_the_rerun_finishes_the_output(tmp_path, media_dir, s3, bucket):
+    """Every part is committed, then the end of the run reads them for the summary and the reads hang (headers, then
+    nothing): before, rank 0 waited there until the scheduler's time limit (only the writes were bounded). Now the
+    end of the run as a whole is held to ``output.finish_timeout_s``, and no summary or marker lands late."""
+    name, fs = bucket
+    rows = make_corpus(str(tmp_path / "all"), media_dir, 4)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    proxy = FaultProxy(s3.port, hang={"/out/parts/part-": 0})  # GETs of committed parts; their PUTs pass
+    raw = _output_config(tmp_path, s3, name, manifest, proxy.endpoint)
+    raw["output"]["finish_timeout_s"] = 4
+    before = set(threading.enumerate())
+    started = time.monotonic()
+    try:
+        with pytest.raises(OutputHungError, match=r"finishing the output \(the summary's reads.* did not finish in "
+                                                  r"output.finish_timeout_s=4s"):
+            _run(raw)
+        took = time.monotonic() - started
+        assert proxy.hung >= 1  # a read of a part did hang
+    finally:
+        proxy.stop()  # the hung reads fail now; the abandoned thread ends (not inside pyarrow at the exit)
+        for thread in set(threading.enumerate()) - before:
+            if thread.name.endswith("-output"):
+                thread.join(30)
+                assert not thread.is_alive()
+    assert took < 30, took
+    fs.invalidate_cache()
+    assert not fs.exists(f"{name}/out/_SUCCESS") and not fs.exists(f"{name}/out/summary.json")
+    assert len(pq.read_table(f"{name}/out/parts", filesystem=fs)) == 4
+    time.sleep(4.5)  # the lease was released (its path does not hang), but wait out a stale one all the same
+    again = _run(_output_config(tmp_path, s3, name, manifest, s3.endpoint))
+    assert again.summary["this_run"]["items"] == 0 and again.summary["total"]["succeeded"] == 4
+    fs.invalidate_cache()
+    assert fs.exists(f"{name}/out/_SUCCESS")
+
+
+def test_a_bad_finish_timeout_is_a_config_error(tmp_path):
+    raw = base_config("m.parquet", "c", str(tmp_path / "out"), str(tmp_path / "cache"),
+                      output={"dir": str(tmp_path / "out"), "finish_timeout_s": 0})
+    with pytest.raises(ConfigError, match=r"output.finish_timeout_s=0 must be above 0"):
+        validate_config(build_config(raw))
+
+
 def test_a_summary_given_up_as_hung_does_not_land_late_on_a_filesystem(tmp_path, media_dir, monkeypatch):
     """Output on a filesystem (a hung NFS or Lustre mount): the summary's first write blocks, the rank stops with
     ``OutputHungError``; when the write returns after all, nothing of the summary is renamed into place and no
