@@ -178,9 +178,8 @@ class OutputConfig:
     """The end of a run on rank 0 (reading the committed parts for the summary, removing second success rows,
     compacting when asked, writing the summary and the marker) that has not finished after this long means the
     output storage is hung: the rank stops with ``OutputHungError`` (exit code 1), every row stays committed, and the
-    rerun finishes the output. Its reads take as long as the output is large (a rank of this machine reads the id
-    and status columns of a million rows from a local object store in seconds): raise it for outputs of billions of
-    rows, or for compaction of terabytes. None: no limit."""
+    rerun finishes the output. Its reads (the id and status columns of every part) take as long as the output is
+    large: raise it for outputs of billions of rows, or for compaction of terabytes. None: no limit."""
 
 
 @dataclass(frozen=True)
