@@ -248,6 +248,20 @@ def test_an_output_that_hangs_at_the_start_stops_the_job_before_any_work(tmp_pat
     assert not fs.exists(f"{name}/out/parts")
 
 
+def _no_summary_then_the_rerun_writes_it(tmp_path, s3, bucket, manifest) -> None:
+    """After a run over 4 items whose end was given up as hung: every part is there, no summary and no marker; the
+    rerun (on the server itself) has no item to do and writes them."""
+    name, fs = bucket
+    fs.invalidate_cache()
+    assert not fs.exists(f"{name}/out/_SUCCESS") and not fs.exists(f"{name}/out/summary.json")
+    assert len(pq.read_table(f"{name}/out/parts", filesystem=fs)) == 4
+    time.sleep(4.5)  # the lease was released (its path does not hang), but wait out a stale one all the same
+    again = _run(_output_config(tmp_path, s3, name, manifest, s3.endpoint))
+    assert again.summary["this_run"]["items"] == 0 and again.summary["total"]["succeeded"] == 4
+    fs.invalidate_cache()
+    assert fs.exists(f"{name}/out/_SUCCESS")
+
+
 def test_an_output_that_hangs_at_the_summary_leaves_no_marker_and_the_rerun_writes_it(tmp_path, media_dir, s3, bucket):
     """Every part is committed, then the summary's write hangs: the rank stops with ``OutputHungError`` and no
     ``_SUCCESS``; the rerun has nothing to redo and writes the summary and the marker."""
@@ -263,14 +277,7 @@ def test_an_output_that_hangs_at_the_summary_leaves_no_marker_and_the_rerun_writ
         took = time.monotonic() - started
         proxy.stop()
     assert took < 30, took
-    fs.invalidate_cache()
-    assert not fs.exists(f"{name}/out/_SUCCESS") and not fs.exists(f"{name}/out/summary.json")
-    assert len(pq.read_table(f"{name}/out/parts", filesystem=fs)) == 4
-    time.sleep(4.5)  # the lease was released (its path does not hang), but wait out a stale one all the same
-    again = _run(_output_config(tmp_path, s3, name, manifest, s3.endpoint))
-    assert again.summary["this_run"]["items"] == 0 and again.summary["total"]["succeeded"] == 4
-    fs.invalidate_cache()
-    assert fs.exists(f"{name}/out/_SUCCESS")
+    _no_summary_then_the_rerun_writes_it(tmp_path, s3, bucket, manifest)
 
 
 def test_reads_that_hang_at_the_end_stop_the_rank_and_the_rerun_finishes_the_output(tmp_path, media_dir, s3, bucket):
@@ -298,14 +305,7 @@ def test_reads_that_hang_at_the_end_stop_the_rank_and_the_rerun_finishes_the_out
                 thread.join(30)
                 assert not thread.is_alive()
     assert took < 30, took
-    fs.invalidate_cache()
-    assert not fs.exists(f"{name}/out/_SUCCESS") and not fs.exists(f"{name}/out/summary.json")
-    assert len(pq.read_table(f"{name}/out/parts", filesystem=fs)) == 4
-    time.sleep(4.5)  # the lease was released (its path does not hang), but wait out a stale one all the same
-    again = _run(_output_config(tmp_path, s3, name, manifest, s3.endpoint))
-    assert again.summary["this_run"]["items"] == 0 and again.summary["total"]["succeeded"] == 4
-    fs.invalidate_cache()
-    assert fs.exists(f"{name}/out/_SUCCESS")
+    _no_summary_then_the_rerun_writes_it(tmp_path, s3, bucket, manifest)
 
 
 def test_a_bad_finish_timeout_is_a_config_error(tmp_path):
