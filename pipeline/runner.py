@@ -864,7 +864,7 @@ def _models_summary(ranks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
 
 
 def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int, ranks: list[dict[str, Any]],
-                  started: float, abandoned: threading.Event | None = None) -> dict[str, Any]:
+                  started: float, abandoned: threading.Event) -> dict[str, Any]:
     """Rank 0, after every rank committed: failure log, run summary, then the completion marker (last). Nothing is
     written once ``abandoned`` is set (the caller gave the whole of it up as hung)."""
     out = cfg.output
@@ -941,7 +941,6 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
                                         "units_taken", "peak_rss_mb")} for r in ranks],
     }
     tmp = f"{root}/_tmp"
-    abandoned = abandoned if abandoned is not None else threading.Event()
 
     def commit() -> None:  # the reads above take as long as the output is large; these writes are small
         for name, data in ((FAILURES, ("\n".join(lines) + ("\n" if lines else "")).encode()),

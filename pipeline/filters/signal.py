@@ -532,6 +532,11 @@ def soft_histograms(frames: torch.Tensor, bins: int) -> torch.Tensor:
     return hist / hist.sum(dim=1, keepdim=True)
 
 
+def _hist_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Half the L1 distance (0-1) between histograms along the last axis: the steps and ``across`` alike."""
+    return 0.5 * (a - b).abs().sum(dim=-1)
+
+
 def transitions(diff: list[float], black: list[bool], times: list[float], across: Callable[[int, int], float],
                 p: SceneCutParams) -> list[tuple[int, int, int, str]]:
     """Scene transitions from the changes between consecutive sampled frames.
@@ -611,11 +616,11 @@ class SceneCutFilter(VideoFilter):
             return {"count": 0, "times_s": [], "max_diff": 0.0, "transitions": []}
         b = p.bins
         hist = soft_histograms(frames, b)
-        d = 0.5 * (hist[1:] - hist[:-1]).abs().sum(dim=1)
+        d = _hist_distance(hist[1:], hist[:-1])
         black = _luma(frames.float()).mean(dim=(1, 2)) <= p.black_luma
         at = [float(t) + video.start_s for t in times]
         hist = hist.cpu()
         found = transitions(d.cpu().tolist(), black.cpu().tolist(), at,
-                            lambda i, j: float(0.5 * (hist[i] - hist[j]).abs().sum()), p)
+                            lambda i, j: float(_hist_distance(hist[i], hist[j])), p)
         return {"count": len(found), "times_s": [at[k] for _, _, k, _ in found], "max_diff": float(d.max()),
                 "transitions": [{"start_s": at[a], "end_s": at[b], "kind": kind} for a, b, _, kind in found]}
