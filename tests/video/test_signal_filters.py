@@ -427,6 +427,32 @@ def test_luma_in_memory_bounded_groups_is_the_same_and_bt601(monkeypatch):
     assert torch.equal(sig.luma(frames[:, :, ::4], "cpu"), whole)
 
 
+def test_views_and_luma_are_read_from_the_decoded_frames_strided_and_cropped():
+    """``view(step=)`` and ``luma(step=)`` equal the request's full frames gathered, then cropped, strided and
+    converted (what the filters did before reading in place), with and without a crop; ``size`` is the view's."""
+    import torch
+
+    from pipeline.video.sampling import AtFps, Uniform
+
+    frames = torch.randint(0, 256, (20, 30, 41, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    reqs = [Uniform(6), AtFps(4.0, 240)]
+    video = _decoded(frames, reqs)
+    bt601 = torch.tensor([0.299, 0.587, 0.114])
+    for crop in (None, (5, 3, 30, 25)):  # x1, y1, x2, y2 in source pixels (scale 1)
+        if crop is not None:
+            video.set_crop_source(crop)
+        x1, y1, x2, y2 = crop or (0, 0, 41, 30)
+        for req in reqs:
+            full = frames[video.plan.indices][torch.from_numpy(video.plan.positions[req][0])][:, y1:y2, x1:x2]
+            assert torch.equal(video.view(req), full)
+            assert video.size() == tuple(full.shape[1:3])
+            assert torch.equal(video.view(req, step=3), full[:, ::3, ::3])
+            for step in ((1, 1), (1, 4), (4, 1), (3, 3)):
+                want = full[:, ::step[0], ::step[1]].float() @ bt601
+                got = video.luma(req, "cpu", step=step)
+                assert got.shape == want.shape and torch.allclose(got, want, atol=1e-3), (crop, req, step)
+
+
 def _cut_on_the_timeline(path):
     """The oracle: every frame decoded in order with its presentation time minus the container's start (the origin
     the audio's samples count from, what ffprobe's start_time gives); the cut is the frame that differs most from
@@ -457,11 +483,19 @@ def test_times_are_on_the_files_timeline_when_the_video_starts_late(clips, tmp_p
     assert windows[0]["start_s"] == pytest.approx(truth - 2.0, abs=1e-3)
 
 
+def _decoded(frames, requests, fps=25.0):
+    """``frames`` (uint8 ``[N, H, W, 3]``, every frame of a clip at ``fps``) as the decoder hands them to filters."""
+    from pipeline.video.decoders import DecodedVideo, VideoMeta
+    from pipeline.video.sampling import make_plan
+
+    n, h, w = frames.shape[:3]
+    plan = make_plan(list(requests), n, fps)
+    return DecodedVideo(frames[plan.indices], plan, VideoMeta(n, fps, w, h), "test", (1.0, 1.0))
+
+
 def test_sharpness_of_a_sliver_of_content_keeps_pixels_to_measure():
     """A content box thinner than the inset off its edge (4 lit rows of a 64x64 frame, 6% of it) is measured whole,
     where the inset left nothing (the item failed with ZeroDivisionError)."""
-    import types
-
     import torch
 
     from pipeline.filters.signal import SharpnessFilter, SharpnessParams
@@ -469,6 +503,6 @@ def test_sharpness_of_a_sliver_of_content_keeps_pixels_to_measure():
     frames = torch.zeros(8, 64, 64, 3, dtype=torch.uint8)
     texture = torch.randint(30, 255, (8, 4, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     frames[:, 30:34] = texture
-    video = types.SimpleNamespace(view=lambda request: frames)
-    got = SharpnessFilter("sharpness", SharpnessParams()).apply_video(video, None, FilterContext("cpu", None))
+    f = SharpnessFilter("sharpness", SharpnessParams())
+    got = f.apply_video(_decoded(frames, f.frame_requests()), None, FilterContext("cpu", None))
     assert got["laplacian_var"] > 60 and not got["blurry"]  # random texture: sharp
