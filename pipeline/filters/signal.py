@@ -53,11 +53,11 @@ def borders(y_rows: torch.Tensor, y_cols: torch.Tensor, threshold: float, min_fr
     return Borders(box, found.overlays, filled)
 
 
-def subsample_step(video, max_side: int) -> int:
-    """The row and column step that brings a decoded video's (cropped) frames to a long side near ``max_side`` (no
-    filtering): enough for statistics that do not need pixel accuracy, and much cheaper than converting full
-    frames."""
-    return max(1, max(video.size()) // max_side)
+def subsample_step(video, request, max_side: int | None = None) -> int:
+    """The row and column step that brings a request's (cropped) frames to a long side near ``max_side`` (default:
+    the request's ``max_side``), with no filtering: enough for statistics that do not need pixel accuracy, and much
+    cheaper than converting full frames. 1 for frames decoded at that size (``video.reduced_pass_bytes``)."""
+    return max(1, max(video.size(request)) // (max_side or request.max_side))
 
 
 def _runs(lit: list[bool], min_gap: int) -> list[list[int]]:
@@ -364,14 +364,14 @@ class StaticFilter(VideoFilter):
     ])
 
     def _request(self) -> AtFps:
-        return AtFps(self.params.fps, self.params.max_frames)
+        return AtFps(self.params.fps, self.params.max_frames, max_side=256)
 
     def frame_requests(self) -> list:
         return [self._request()]
 
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         req = self._request()
-        step = subsample_step(video, 256)
+        step = subsample_step(video, req)
         y = video.luma(req, ctx.device, step=(step, step))
         x0, y0, w, h = picture_box(y)  # a subtitle coming and going on a bar is no motion of the picture
         y = y[:, y0:y0 + h, x0:x0 + w]
@@ -428,8 +428,9 @@ class ExposureFilter(VideoFilter):
         return [Uniform(self.params.frames)]
 
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
-        step = subsample_step(video, 512)
-        y = video.luma(Uniform(self.params.frames), ctx.device, step=(step, step))
+        req = Uniform(self.params.frames)
+        step = subsample_step(video, req, 512)
+        y = video.luma(req, ctx.device, step=(step, step))
         x0, y0, w, h = picture_box(y)
         inner = y[:, y0:y0 + h, x0:x0 + w] / 255.0
         mean = float(inner.mean())
@@ -600,7 +601,7 @@ class SceneCutFilter(VideoFilter):
                              ("transitions", pa.list_(TRANSITION))])
 
     def _request(self) -> AtFps:
-        return AtFps(self.params.fps, self.params.max_frames)
+        return AtFps(self.params.fps, self.params.max_frames, max_side=192)
 
     def frame_requests(self) -> list:
         return [self._request()]
@@ -608,7 +609,7 @@ class SceneCutFilter(VideoFilter):
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         req = self._request()
         p = self.params
-        frames = video.view(req, step=subsample_step(video, 192)).to(ctx.device)
+        frames = video.view(req, step=subsample_step(video, req)).to(ctx.device)
         times = video.times(req)
         if frames.shape[0] < 2:
             return {"count": 0, "times_s": [], "max_diff": 0.0, "transitions": []}

@@ -76,11 +76,12 @@ class MediaItem:
                                                max_frames=cfg.max_frames, max_pixels=cfg.max_pixels,
                                                max_bytes=cfg.max_decoded_bytes, max_side=cfg.decode_max_side,
                                                timeout_s=cfg.decode_timeout_s, random_access=random_access,
+                                               reduced_pass_bytes=cfg.reduced_pass_bytes,
                                                several_streams=self._info.video_streams > 1)
                 except Exception as e:  # every filter of this item sees the same decode failure
                     self._video_error = e
                     raise
                 self._video_done = True
                 self.decode_backend = self._video.backend
-                self.frames_decoded = len(self._video.plan.indices)
+                self.frames_decoded = self._video.frames_decoded
             return self._video

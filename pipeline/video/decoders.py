@@ -96,30 +96,44 @@ class DecodedVideo:
     start_s: float = 0.0
     """Where the first frame sits on the file's timeline (the container's start, where ``ffmpeg -ss`` and the audio
     count from): ``times`` count from the first frame, and the times a row reports add this."""
+    reduced: DecodedVideo | None = None
+    """The requests with a ``max_side``, decoded in a second pass at that size where one pass would have taken over
+    ``video.reduced_pass_bytes`` (``decode_video``); every method routes a request to the video that holds it."""
+
+    def _of(self, request: FrameRequest) -> DecodedVideo:
+        return self if self.reduced is None or request not in self.reduced.plan.positions else self.reduced
+
+    @property
+    def frames_decoded(self) -> int:
+        return len(self.plan.indices) + (self.reduced.frames_decoded if self.reduced is not None else 0)
 
     def view(self, request: FrameRequest, window: int = 0, step: int = 1) -> torch.Tensor:
         """The frames of one request (one window), in request order, cropped when a crop was set; with ``step``,
         every ``step``-th row and column of them, gathered without a copy of the full frames."""
-        pos = self.plan.positions[request][window]
-        return self._source(step, step)[torch.from_numpy(pos).to(self.frames.device)]
+        v = self._of(request)
+        pos = v.plan.positions[request][window]
+        return v._source(step, step)[torch.from_numpy(pos).to(v.frames.device)]
 
     def luma(self, request: FrameRequest, device: str, window: int = 0, step: tuple[int, int] = (1, 1)) -> torch.Tensor:
         """BT.601 luma (float32 ``[N, H, W]``, 0..255) of a request's frames on ``device``: every ``step[0]``-th row
         and ``step[1]``-th column of the (cropped) frames, read from the decoded frames in place, a frame at a time
         (``view`` and then luma copied each request's full frames first: 3x the time of this on 720p)."""
-        src = self._source(*step)
-        pos = self.plan.positions[request][window]
+        v = self._of(request)
+        src = v._source(*step)
+        pos = v.plan.positions[request][window]
         out = torch.empty((len(pos),) + tuple(src.shape[1:3]), dtype=torch.float32, device=device)
         for k, p in enumerate(pos.tolist()):
             luma_into(out[k], src[p].to(device, non_blocking=True))
         return out
 
-    def size(self) -> tuple[int, int]:
-        """``(height, width)`` of the frames that ``view`` gives (after the crop, before a ``step``)."""
-        if self.crop is None:
-            return int(self.frames.shape[1]), int(self.frames.shape[2])
-        x1, y1, x2, y2 = self.crop
-        return len(range(self.frames.shape[1])[y1:y2]), len(range(self.frames.shape[2])[x1:x2])
+    def size(self, request: FrameRequest | None = None) -> tuple[int, int]:
+        """``(height, width)`` of the frames that ``view`` gives for ``request`` (after the crop, before a
+        ``step``); without one, of the frames decoded at the decode size."""
+        v = self if request is None else self._of(request)
+        if v.crop is None:
+            return int(v.frames.shape[1]), int(v.frames.shape[2])
+        x1, y1, x2, y2 = v.crop
+        return len(range(v.frames.shape[1])[y1:y2]), len(range(v.frames.shape[2])[x1:x2])
 
     def _source(self, row_step: int, col_step: int) -> torch.Tensor:
         """All decoded frames, cropped and strided: a view, no copy."""
@@ -130,16 +144,19 @@ class DecodedVideo:
         """Crop every later view to ``box`` given in source pixels (filters after a safe crop see the crop)."""
         sx, sy = self.scale
         self.crop = (int(box[0] / sx), int(box[1] / sy), int(round(box[2] / sx)), int(round(box[3] / sy)))
+        if self.reduced is not None:
+            self.reduced.set_crop_source(box)
 
     def windows(self, request: FrameRequest) -> int:
-        return len(self.plan.positions[request])
+        return len(self._of(request).plan.positions[request])
 
     def times(self, request: FrameRequest, window: int = 0) -> np.ndarray:
         """Seconds of each frame of a request."""
-        idx = np.asarray(self.plan.indices)[self.plan.positions[request][window]]
-        if variable_rate(self.meta.timestamps, self.meta.fps):
-            return self.meta.timestamps[idx]
-        return idx / self.meta.fps if self.meta.fps > 0 else idx.astype(float)
+        v = self._of(request)
+        idx = np.asarray(v.plan.indices)[v.plan.positions[request][window]]
+        if variable_rate(v.meta.timestamps, v.meta.fps):
+            return v.meta.timestamps[idx]
+        return idx / v.meta.fps if v.meta.fps > 0 else idx.astype(float)
 
 
 def _decode_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
@@ -602,6 +619,44 @@ def _decode_with_timeout(backend, path: str, indices: list[int], size: tuple[int
         raise DecodeTimeout(f"{backend.name}: decode took over {timeout_s:.0f}s") from None
 
 
+def _passes(requests: list[FrameRequest], meta: VideoMeta, offset: float, max_side: int | None,
+            reduced_pass_bytes: int | None) -> list[tuple[list[FrameRequest], FramePlan, tuple[int, int]]]:
+    """How the requests are decoded: ``(requests, plan, size)`` per pass. One pass at the decode size, unless it
+    would decode more than ``reduced_pass_bytes`` and some requests need fewer pixels (a ``max_side`` under the
+    decode size: the frame-difference and histogram filters sample 4 frames a second at a long side of 256 or
+    less). Those then get a pass of their own at the largest such side, and the others one at the decode size
+    (``VideoConfig.reduced_pass_bytes`` has the figures). The second pass decodes again the frames near those of
+    the first (a seek lands on a keyframe), which is why short clips keep one pass."""
+    size = _decode_size(meta.width, meta.height, max_side)
+    plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
+    small = [r for r in requests if r.max_side is not None and r.max_side < max(size)]
+    full = [r for r in requests if r not in small]
+    if (reduced_pass_bytes is None or not small
+            or len(plan.indices) * size[0] * size[1] * 3 <= reduced_pass_bytes):
+        return [(list(requests), plan, size)]
+    side = _decode_size(meta.width, meta.height, max(r.max_side for r in small))
+    passes = [(full, make_plan(full, meta.num_frames, meta.fps, meta.timestamps, offset), size)] if full else []
+    return passes + [(small, make_plan(small, meta.num_frames, meta.fps, meta.timestamps, offset), side)]
+
+
+def _decode_pass(backend, path: str, requests: list[FrameRequest], plan: FramePlan, meta: VideoMeta,
+                 size: tuple[int, int], device: str, timeout_s: float, offset: float) -> DecodedVideo:
+    resize = size != (meta.width, meta.height)
+    if plan.indices and plan.indices[-1] >= meta.num_frames:  # the first pass found the tail broken
+        plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
+    try:
+        frames = _decode_with_timeout(backend, path, plan.indices, size, device, timeout_s, resize)
+    except TruncatedVideo as t:  # a broken tail: the clip is its decodable prefix
+        meta = meta.truncated(t.decodable)
+        plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
+        frames = _decode_with_timeout(backend, path, plan.indices, size, device, timeout_s, resize)
+    if frames.shape[0] != len(plan.indices):
+        raise DecodeError(f"{backend.name} returned {frames.shape[0]} of {len(plan.indices)} frames")
+    label = f"{backend.name}-nvdec" if frames.is_cuda else backend.name  # on the GPU only from NVDEC
+    return DecodedVideo(frames, plan, meta, label, (meta.width / frames.shape[2], meta.height / frames.shape[1]),
+                        start_s=offset)
+
+
 def _only(backends: list[object], fit, refusal: str) -> list[object]:
     """The backends that ``fit`` this file; DecodeError(``refusal``) where none does."""
     kept = [b for b in backends if fit(b)]
@@ -613,7 +668,7 @@ def _only(backends: list[object], fit, refusal: str) -> list[object]:
 def decode_video(path: str, requests: list[FrameRequest], backends: list[object], *, device: str = "cpu",
                  max_frames: int = 2048, max_pixels: int = 8192 * 4320, max_side: int | None = None,
                  timeout_s: float = 120.0, max_bytes: int = 8 << 30, random_access: bool = True,
-                 several_streams: bool = False) -> DecodedVideo:
+                 several_streams: bool = False, reduced_pass_bytes: int | None = None) -> DecodedVideo:
     """Decode the union of ``requests`` once, trying each backend until one succeeds.
 
     Args:
@@ -633,6 +688,8 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
         several_streams: the file holds more than one video stream: only the backends that decode the main one
             (``main_video_stream``: torchcodec, told its index, and PyAV) are tried; decord decodes the stream its
             own FFmpeg ranks best, which was another one in a file whose second stream is the default.
+        reduced_pass_bytes: where one pass over every request would decode more than this, the requests with a
+            ``max_side`` smaller than the decode size are decoded in a second pass at that size (``_passes``).
 
     Returns:
         The decoded frames and their plan.
@@ -658,29 +715,24 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
                 raise DecodeError(f"no frames ({meta})")
             if meta.width * meta.height > max_pixels:
                 raise DecodeError(f"{meta.width}x{meta.height} is over video.max_pixels={max_pixels}")
-            plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
-            if len(plan.indices) > max_frames:
-                raise DecodeError(f"frame plan needs {len(plan.indices)} frames, over video.max_frames={max_frames}")
-            size = _decode_size(meta.width, meta.height, max_side)
-            need = len(plan.indices) * size[0] * size[1] * 3
+            passes = _passes(requests, meta, offset, max_side, reduced_pass_bytes)
+            frames_needed = sum(len(plan.indices) for _, plan, _ in passes)
+            if frames_needed > max_frames:
+                raise DecodeError(f"frame plan needs {frames_needed} frames, over video.max_frames={max_frames}")
+            need = sum(len(plan.indices) * size[0] * size[1] * 3 for _, plan, size in passes)
             if need > max_bytes:
-                raise DecodeError(f"{len(plan.indices)} frames of {size[0]}x{size[1]} would take "
-                                  f"{need / 2**30:.1f} GiB, over video.max_decoded_bytes={max_bytes / 2**30:.1f} "
-                                  "GiB (set video.decode_max_side to decode smaller)")
-            resize = size != (meta.width, meta.height)
+                sizes = " and ".join(f"{len(plan.indices)} frames of {size[0]}x{size[1]}" for _, plan, size in passes)
+                raise DecodeError(f"{sizes} would take {need / 2**30:.1f} GiB, over video.max_decoded_bytes="
+                                  f"{max_bytes / 2**30:.1f} GiB (set video.decode_max_side to decode smaller)")
             dev = device if backend.name == "torchcodec" else "cpu"
-            try:
-                frames = _decode_with_timeout(backend, path, plan.indices, size, dev, timeout_s, resize)
-            except TruncatedVideo as t:  # a broken tail: the clip is its decodable prefix
-                meta = meta.truncated(t.decodable)
-                plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
-                frames = _decode_with_timeout(backend, path, plan.indices, size, dev, timeout_s, resize)
-            if frames.shape[0] != len(plan.indices):
-                raise DecodeError(f"{backend.name} returned {frames.shape[0]} of {len(plan.indices)} frames")
-            label = f"{backend.name}-nvdec" if frames.is_cuda else backend.name  # on the GPU only from NVDEC
-            return DecodedVideo(frames, plan, meta, label,
-                                (meta.width / frames.shape[2], meta.height / frames.shape[1]),
-                                start_s=offset)
+            videos = []
+            for reqs, plan, size in passes:  # the reduced pass second: it takes a broken tail the first one found
+                video = _decode_pass(backend, path, reqs, plan, meta, size, dev, timeout_s, offset)
+                meta = video.meta
+                videos.append(video)
+            if len(videos) == 2:
+                videos[0].reduced = videos[1]
+            return videos[0]
         except DecodeTimeout:
             raise
         except Exception as e:  # noqa: BLE001 - any backend failure means: try the next backend

@@ -17,6 +17,10 @@ class Uniform:
     """``n`` frames evenly spaced over the whole clip (repeats when the clip has fewer frames)."""
 
     n: int
+    max_side: int | None = None
+    """The long side (pixels) these frames need at most, None: the decoded size. Where one pass over every request
+    would pass ``video.reduced_pass_bytes``, requests with a ``max_side`` are decoded in a second pass at that size
+    (``decode_video``)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,10 @@ class EveryK:
 
     k: int
     max_count: int = 512
+    max_side: int | None = None
+    """The long side (pixels) these frames need at most, None: the decoded size. Where one pass over every request
+    would pass ``video.reduced_pass_bytes``, requests with a ``max_side`` are decoded in a second pass at that size
+    (``decode_video``)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,10 @@ class AtFps:
 
     fps: float
     max_count: int = 512
+    max_side: int | None = None
+    """The long side (pixels) these frames need at most, None: the decoded size. Where one pass over every request
+    would pass ``video.reduced_pass_bytes``, requests with a ``max_side`` are decoded in a second pass at that size
+    (``decode_video``)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,10 @@ class Windows:
     start_s: float = 0.0
     end_s: float | None = None
     max_windows: int = 64
+    max_side: int | None = None
+    """The long side (pixels) these frames need at most, None: the decoded size. Where one pass over every request
+    would pass ``video.reduced_pass_bytes``, requests with a ``max_side`` are decoded in a second pass at that size
+    (``decode_video``)."""
 
 
 FrameRequest = Uniform | EveryK | AtFps | Windows

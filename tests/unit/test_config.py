@@ -51,6 +51,7 @@ def test_defaults_and_overrides(tmp_path):
     ("input.listing_glob=/x/*.mp4", "exactly one"),
     ("storage.fetch_min_bytes_per_s=-1", "fetch_min_bytes_per_s=-1 must be 0 or more"),
     ("resume.retry_failed=maybe", r"resume.retry_failed: 'maybe' fits none of"),
+    ("video.reduced_pass_bytes=0", r"video.reduced_pass_bytes=0 must be 1 or more"),
     ("noequals", "section.key=value"),
 ])
 def test_bad_values_are_one_clear_error(tmp_path, override, message):

@@ -413,6 +413,52 @@ def test_filters_share_one_decode(clips):
     assert item.frames_decoded == len(video.plan.indices) == len(set(video.plan.indices)) <= 16 + 8 + 8 + 16
 
 
+def _all_five(path, **video):
+    """The five signal filters on one item decoded with ``VideoConfig(**video)``: (results by name, the item)."""
+    from pipeline.config import VideoConfig
+
+    filters = build_filters(tuple(FilterSpec(n, n) for n in SIGNAL_FILTERS))
+    item = MediaItem("x", path, 0, frame_requests_of(filters), VideoConfig(**video),
+                     available_backends(("decord", "torchcodec", "pyav")))
+    return {f.name: f.apply(item, FilterContext("cpu", None)) for f in filters}, item
+
+
+SIGNAL_FILTERS = ("black_borders", "static", "exposure", "sharpness", "scene_cuts")
+
+
+@pytest.mark.parametrize("name", ["cut", "freeze", "still", "hd_letterbox"])
+def test_a_reduced_second_pass_finds_the_same(clips, name):
+    """Over ``video.reduced_pass_bytes``, the static and scene-cut filters' frames come from a second pass at a long
+    side of 256: far fewer bytes, the same findings (the other filters' frames are the same frames)."""
+    one, item1 = _all_five(clips[name], reduced_pass_bytes=None)
+    two, item2 = _all_five(clips[name], reduced_pass_bytes=1)
+    v1, v2 = item1.video(), item2.video()
+    assert v1.reduced is None and v2.reduced is not None
+    assert max(v2.reduced.frames.shape[1:3]) == 256 and v2.frames.shape == (len(v2.plan.indices),) + v1.frames.shape[1:]
+    assert item2.frames_decoded == len(v2.plan.indices) + len(v2.reduced.plan.indices)
+    assert v2.frames.numel() + v2.reduced.frames.numel() < v1.frames.numel()  # far less on long clips
+    assert {type(r).__name__ for r in v2.plan.positions} == {"Uniform"}
+    assert {type(r).__name__ for r in v2.reduced.plan.positions} == {"AtFps"}
+    for f in ("black_borders", "exposure", "sharpness"):
+        assert two[f] == one[f], f
+    assert (two["scene_cuts"]["count"], two["scene_cuts"]["times_s"]) == (one["scene_cuts"]["count"],
+                                                                          one["scene_cuts"]["times_s"])
+    assert [w["static"] for w in two["static"]["windows"]] == [w["static"] for w in one["static"]["windows"]]
+    assert two["static"]["static"] == one["static"]["static"]
+    assert two["static"]["motion"] == pytest.approx(one["static"]["motion"], rel=0.25, abs=5e-4)
+
+
+def test_the_decode_cap_counts_both_passes(clips):
+    """An item over ``video.max_decoded_bytes`` even in two passes fails before decoding, naming both."""
+    from pipeline.errors import DecodeError
+
+    with pytest.raises(DecodeError, match=r"frames of 1280x720 and \d+ frames of 256x144 would take .* over "
+                                          r"video.max_decoded_bytes"):
+        _all_five(clips["hd_letterbox"], reduced_pass_bytes=1, max_decoded_bytes=1 << 20)
+    results, item = _all_five(clips["hd_letterbox"], reduced_pass_bytes=1, max_decoded_bytes=120 << 20)
+    assert item.video().reduced is not None and results["black_borders"]["letterbox"]  # 184 MB in one pass
+
+
 def test_luma_in_memory_bounded_groups_is_the_same_and_bt601(monkeypatch):
     import torch
 
