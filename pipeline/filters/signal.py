@@ -53,6 +53,13 @@ def borders(y_rows: torch.Tensor, y_cols: torch.Tensor, threshold: float, min_fr
     return Borders(box, found.overlays, filled)
 
 
+def sample_rate(times) -> float:
+    """Frames per second of evenly spaced sample ``times`` (a rate request's, lowered for a long clip); 0 for one."""
+    if len(times) < 2 or times[-1] <= times[0]:
+        return 0.0
+    return float((len(times) - 1) / (times[-1] - times[0]))
+
+
 def subsample_step(video, request, max_side: int | None = None) -> int:
     """The row and column step that brings a request's (cropped) frames to a long side near ``max_side`` (default:
     the request's ``max_side``), with no filtering: enough for statistics that do not need pixel accuracy, and much
@@ -332,7 +339,8 @@ class StaticParams:
     fps: float = 4.0
     """Frames per second sampled for frame differences."""
     max_frames: int = 240
-    """At most this many frames."""
+    """At most this many frames: a clip longer than ``max_frames / fps`` (60 s) is sampled at the lower rate that
+    covers all of it (``sample_fps`` in the row)."""
     threshold: float = 0.004
     """Mean absolute luma difference (0-1) between sampled frames below which a span is static."""
     window_s: float = 2.0
@@ -360,7 +368,7 @@ class StaticFilter(VideoFilter):
         ("motion", pa.float64()), ("static", pa.bool_()), ("static_ratio", pa.float64()),
         ("windows", pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()),
                                         ("motion", pa.float64()), ("static", pa.bool_())]))),
-        ("structured_motion", pa.float64()),
+        ("structured_motion", pa.float64()), ("sample_fps", pa.float64()),
     ])
 
     def _request(self) -> AtFps:
@@ -378,7 +386,8 @@ class StaticFilter(VideoFilter):
         times = video.times(req)
         small = F.interpolate(y[:, None], size=(64, 64), mode="area")[:, 0] / 255.0  # noise-robust, size-free
         if small.shape[0] < 2:
-            return {"motion": 0.0, "static": True, "static_ratio": 1.0, "windows": [], "structured_motion": 0.0}
+            return {"motion": 0.0, "static": True, "static_ratio": 1.0, "windows": [], "structured_motion": 0.0,
+                    "sample_fps": 0.0}
         coarse = F.interpolate(y[:, None], size=(32, 32), mode="area")[:, 0] / 255.0  # four times the cell area
         diffs = (small[1:] - small[:-1]).abs().mean(dim=(1, 2)).cpu().numpy()
         diffs32 = (coarse[1:] - coarse[:-1]).abs().mean(dim=(1, 2)).cpu().numpy()
@@ -393,6 +402,8 @@ class StaticFilter(VideoFilter):
         while start <= t_end - 1e-9 or not windows:
             end = start + p.window_s
             sel = [(times[i] >= start) & (times[i + 1] <= end + 1e-9) for i in range(len(diffs))]
+            if not any(sel):  # samples further apart than a window (a long clip): the differences across it
+                sel = [(times[i] < end - 1e-9) & (times[i + 1] > start + 1e-9) for i in range(len(diffs))]
             if not any(sel):
                 sel = [i == 0 for i in range(len(diffs))]
             m, m32 = float(diffs[sel].mean()), float(diffs32[sel].mean())
@@ -404,7 +415,7 @@ class StaticFilter(VideoFilter):
         motion, motion32 = float(diffs.mean()), float(diffs32.mean())
         return {"motion": motion, "static": still(motion, motion32),
                 "static_ratio": sum(w["static"] for w in windows) / len(windows), "windows": windows,
-                "structured_motion": _structured(motion, motion32)}
+                "structured_motion": _structured(motion, motion32), "sample_fps": sample_rate(times)}
 
 
 @dataclass(frozen=True)
@@ -489,7 +500,10 @@ class SharpnessFilter(VideoFilter):
 class SceneCutParams:
     fps: float = 4.0
     """Frames per second compared."""
-    max_frames: int = 480
+    max_frames: int = 1200
+    """At most this many frames: a clip longer than ``max_frames / fps`` (5 minutes) is sampled at the lower rate
+    that covers all of it (``sample_fps`` in the row; before, with 480, a clip's cuts after 2 minutes went unseen).
+    Cuts closer than one sample apart then count once, and a dissolve shorter than one reads as a cut."""
     bins: int = 16
     """Histogram bins per RGB channel."""
     threshold: float = 0.45
@@ -598,7 +612,7 @@ class SceneCutFilter(VideoFilter):
     weight_free = True
     params_type = SceneCutParams
     output_type = pa.struct([("count", pa.int32()), ("times_s", pa.list_(pa.float64())), ("max_diff", pa.float64()),
-                             ("transitions", pa.list_(TRANSITION))])
+                             ("transitions", pa.list_(TRANSITION)), ("sample_fps", pa.float64())])
 
     def _request(self) -> AtFps:
         return AtFps(self.params.fps, self.params.max_frames, max_side=192)
@@ -612,7 +626,7 @@ class SceneCutFilter(VideoFilter):
         frames = video.view(req, step=subsample_step(video, req)).to(ctx.device)
         times = video.times(req)
         if frames.shape[0] < 2:
-            return {"count": 0, "times_s": [], "max_diff": 0.0, "transitions": []}
+            return {"count": 0, "times_s": [], "max_diff": 0.0, "transitions": [], "sample_fps": 0.0}
         b = p.bins
         hist = soft_histograms(frames, b)
         d = _hist_distance(hist[1:], hist[:-1])
@@ -622,4 +636,5 @@ class SceneCutFilter(VideoFilter):
         found = transitions(d.cpu().tolist(), black.cpu().tolist(), at,
                             lambda i, j: float(_hist_distance(hist[i], hist[j])), p)
         return {"count": len(found), "times_s": [at[k] for _, _, k, _ in found], "max_diff": float(d.max()),
-                "transitions": [{"start_s": at[a], "end_s": at[b], "kind": kind} for a, b, _, kind in found]}
+                "transitions": [{"start_s": at[a], "end_s": at[b], "kind": kind} for a, b, _, kind in found],
+                "sample_fps": sample_rate(times)}

@@ -37,7 +37,9 @@ class EveryK:
 
 @dataclass(frozen=True)
 class AtFps:
-    """Frames at about ``fps`` per second (for scene cuts), at most ``max_count``."""
+    """Frames at about ``fps`` per second from the start (frame differences, scene cuts), at most ``max_count``:
+    a clip longer than ``max_count / fps`` seconds is sampled at the lower rate that spreads ``max_count`` frames
+    over all of it (before, its tail went unseen: a still intro of a minute made a clip static)."""
 
     fps: float
     max_count: int = 512
@@ -123,7 +125,9 @@ def _timed_indices(req: FrameRequest, num_frames: int, fps: float, ts: np.ndarra
     if isinstance(req, Uniform):
         return [played_at(ts, (np.arange(req.n) + 0.5) * duration / req.n)]
     if isinstance(req, AtFps):
-        times = np.arange(0.0, duration, 1.0 / req.fps)[: req.max_count] if req.fps > 0 else np.zeros(1)
+        times = np.zeros(1)
+        if req.fps > 0:  # a long clip: a lower rate over all of it
+            times = np.arange(0.0, duration, max(1.0 / req.fps, duration / max(1, req.max_count)))[: req.max_count]
         return [sorted(set(played_at(ts, times)))]
     out = []
     for s, e in window_bounds(req, num_frames, fps, ts, offset_s):
@@ -149,6 +153,7 @@ def request_indices(req: FrameRequest, num_frames: int, fps: float,
         return [list(range(0, num_frames, max(1, req.k)))[: req.max_count]]
     if isinstance(req, AtFps):
         step = max(1, int(round(fps / req.fps))) if fps > 0 and req.fps > 0 else 1
+        step = max(step, math.ceil(num_frames / max(1, req.max_count)))  # a long clip: a lower rate over all of it
         return [list(range(0, num_frames, step))[: req.max_count]]
     if isinstance(req, Windows):
         out = []

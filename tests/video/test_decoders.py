@@ -256,6 +256,22 @@ def test_variable_rate_plan_is_the_union_and_times_hold(reqs, intervals, fps):
                 assert (ts[idx] < b + 1e-9).all() and (ends > a - 1e-9).all()
 
 
+@pytest.mark.parametrize("timed", [False, True])
+def test_a_rate_request_over_its_cap_spreads_over_the_clip(timed):
+    """``AtFps`` past ``max_count`` lowers its rate, evenly, to cover the whole clip; under it, it keeps its rate."""
+    fps, n = 25.0, 1000  # 40 s
+    ts = np.arange(n) / fps
+    if timed:  # a variable rate: the second half at 12.5 frames a second, so frames are placed by time
+        ts = np.concatenate([ts[:500], ts[499] + np.arange(1, 501) / 12.5])
+    (idx,) = request_indices(AtFps(4.0, 40), n, fps, ts if timed else None)
+    times = ts[idx]
+    duration = ts[-1] + (1 / 12.5 if timed else 1 / fps)
+    assert len(idx) == 40 and times[0] == 0 and times[-1] >= duration * 39 / 40 - 0.1
+    assert np.ptp(np.diff(times)) <= 0.1  # evenly spaced (to a frame)
+    (short,) = request_indices(AtFps(4.0, 400), n, fps, ts if timed else None)
+    assert np.diff(ts[short]).max() <= 0.25 + 0.08 and len(short) >= 4 * 39
+
+
 def test_nvdec_puts_torchcodec_first_and_keeps_the_rest_as_fallbacks():
     assert backend_order(ALL, nvdec=True) == ("torchcodec", "decord", "pyav")
     assert backend_order(("pyav", "torchcodec"), nvdec=True) == ("torchcodec", "pyav")

@@ -279,6 +279,18 @@ def test_scene_cuts(clips):
     assert run(clips["plain"], "scene_cuts")["count"] == 0
 
 
+def test_a_clip_longer_than_the_frame_cap_is_sampled_over_all_of_it(clips):
+    """Over ``max_frames / fps`` seconds the rate drops so the frames cover the whole clip (they covered its start:
+    8 frames at 4 a second saw the freeze clip's first 2 s of motion and called it moving, and no cut after 1.5 s)."""
+    frozen = run(clips["freeze"], "static", max_frames=8, window_s=2.0)  # 2 s of motion, then 4 s held
+    assert [w["static"] for w in frozen["windows"]] == [False, True, True]
+    assert frozen["sample_fps"] == pytest.approx(8 / 6, rel=0.1) and frozen["windows"][-1]["end_s"] > 5
+    cut = run(clips["cut"], "scene_cuts", max_frames=6)  # two 2 s scenes
+    assert cut["count"] == 1 and cut["times_s"][0] == pytest.approx(2.0, abs=0.7)
+    assert cut["sample_fps"] == pytest.approx(25 / 17, rel=0.01)
+    assert run(clips["cut"], "scene_cuts")["sample_fps"] == pytest.approx(25 / 6, rel=0.01)  # 4 a second
+
+
 @pytest.fixture(scope="module")
 def transition_clips(tmp_path_factory):
     """Two 3-second scenes (a moving pattern, then colour bars) joined by a gradual transition, and one scene that
