@@ -215,8 +215,11 @@ class VideoConfig:
     """``cuda``: NVDEC decode through torchcodec onto the rank's GPU (measure first: CPU is often faster for
     small resolutions). torchcodec is then tried first on GPU ranks, the other backends after it on the CPU, and
     ``result_info.decode_backend`` reads ``torchcodec-nvdec`` for what NVDEC decoded."""
-    max_frames: int = 2048
-    """An item whose frame plan needs more frames fails (a hostile file cannot exhaust a worker)."""
+    max_frames: int = 8192
+    """An item whose frame plan needs more frames fails (a hostile file cannot exhaust a worker; the memory they take
+    is bounded by ``max_decoded_bytes``). 2048 before: the users' four classifiers (48 frames, 64 windows each,
+    spread over a long clip) need about 6,200 frames of a long clip, at a long side of about 455 in the reduced
+    pass (``reduced_pass_bytes``), 2.2 GB."""
     max_pixels: int = 8192 * 4320
     """Frames larger than this fail the item."""
     max_decoded_bytes: int = 8 << 30

@@ -43,6 +43,9 @@ class ClipClassifierParams:
     audio) ..."""
     end_s: float | None = None
     """... and end here (None: the clip's end)."""
+    max_windows: int = 64
+    """At most this many windows: where more would fit, the stride grows so that they cover the whole span (a long
+    clip is classified in windows spread over all of it; before, the windows stopped after this many strides)."""
     reversed_windows: bool = False
     """Also classify each window with its frames in reverse order."""
     batch_size: int = 8
@@ -158,11 +161,12 @@ class ClipClassifierFilter(VideoFilter):
         return runtime_after_trip(self.runtime)
 
     def _whole(self) -> Uniform:
-        return Uniform(self.head["num_frames"])
+        return Uniform(self.head["num_frames"], short_side=self.head["image_size"])
 
-    def _windows(self) -> Windows:
+    def _windows(self) -> Windows:  # the model resizes the short side to its image_size: no more pixels are needed
         p = self.params
-        return Windows(p.window_s, p.stride_s or p.window_s, self.head["num_frames"], p.start_s, p.end_s)
+        return Windows(p.window_s, p.stride_s or p.window_s, self.head["num_frames"], p.start_s, p.end_s,
+                       p.max_windows, short_side=self.head["image_size"])
 
     def frame_requests(self) -> list:
         if self.head is None:

@@ -629,14 +629,28 @@ def _passes(requests: list[FrameRequest], meta: VideoMeta, offset: float, max_si
     the first (a seek lands on a keyframe), which is why short clips keep one pass."""
     size = _decode_size(meta.width, meta.height, max_side)
     plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
-    small = [r for r in requests if r.max_side is not None and r.max_side < max(size)]
+    need = {r: _size_needed(r, size) for r in requests}
+    small = [r for r in requests if need[r] is not None and max(need[r]) < max(size)]
     full = [r for r in requests if r not in small]
     if (reduced_pass_bytes is None or not small
             or len(plan.indices) * size[0] * size[1] * 3 <= reduced_pass_bytes):
         return [(list(requests), plan, size)]
-    side = _decode_size(meta.width, meta.height, max(r.max_side for r in small))
+    side = max((need[r] for r in small), key=max)
     passes = [(full, make_plan(full, meta.num_frames, meta.fps, meta.timestamps, offset), size)] if full else []
     return passes + [(small, make_plan(small, meta.num_frames, meta.fps, meta.timestamps, offset), side)]
+
+
+def _size_needed(request: FrameRequest, size: tuple[int, int]) -> tuple[int, int] | None:
+    """The ``(w, h)`` a request's frames need, from frames of ``size``; None: that size. For a ``short_side``, what a
+    model's resize of the short side makes of ``size`` (``clips_to_input``: the same geometry, so its centre crop is
+    the same pixels)."""
+    if request.max_side is not None:
+        return _decode_size(*size, request.max_side)
+    if request.short_side is not None:
+        w, h = size
+        scale = request.short_side / min(w, h)
+        return max(request.short_side, round(w * scale)), max(request.short_side, round(h * scale))
+    return None
 
 
 def _decode_pass(backend, path: str, requests: list[FrameRequest], plan: FramePlan, meta: VideoMeta,
@@ -666,7 +680,7 @@ def _only(backends: list[object], fit, refusal: str) -> list[object]:
 
 
 def decode_video(path: str, requests: list[FrameRequest], backends: list[object], *, device: str = "cpu",
-                 max_frames: int = 2048, max_pixels: int = 8192 * 4320, max_side: int | None = None,
+                 max_frames: int = 8192, max_pixels: int = 8192 * 4320, max_side: int | None = None,
                  timeout_s: float = 120.0, max_bytes: int = 8 << 30, random_access: bool = True,
                  several_streams: bool = False, reduced_pass_bytes: int | None = None) -> DecodedVideo:
     """Decode the union of ``requests`` once, trying each backend until one succeeds.

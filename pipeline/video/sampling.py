@@ -19,20 +19,21 @@ class Uniform:
     n: int
     max_side: int | None = None
     """The long side (pixels) these frames need at most, None: the decoded size. Where one pass over every request
-    would pass ``video.reduced_pass_bytes``, requests with a ``max_side`` are decoded in a second pass at that size
-    (``decode_video``)."""
+    would pass ``video.reduced_pass_bytes``, requests with a ``max_side`` or ``short_side`` are decoded in a second
+    pass at that size (``decode_video``)."""
+    short_side: int | None = None
+    """The short side these frames need at most (a model that resizes its input's short side), as ``max_side``."""
 
 
 @dataclass(frozen=True)
 class EveryK:
-    """Every ``k``-th frame from the start, at most ``max_count``."""
+    """Every ``k``-th frame from the start, at most ``max_count``: a longer clip is sampled every k-th frame for the
+    larger k that covers all of it (before, its tail went unseen)."""
 
     k: int
     max_count: int = 512
     max_side: int | None = None
-    """The long side (pixels) these frames need at most, None: the decoded size. Where one pass over every request
-    would pass ``video.reduced_pass_bytes``, requests with a ``max_side`` are decoded in a second pass at that size
-    (``decode_video``)."""
+    short_side: int | None = None
 
 
 @dataclass(frozen=True)
@@ -44,16 +45,15 @@ class AtFps:
     fps: float
     max_count: int = 512
     max_side: int | None = None
-    """The long side (pixels) these frames need at most, None: the decoded size. Where one pass over every request
-    would pass ``video.reduced_pass_bytes``, requests with a ``max_side`` are decoded in a second pass at that size
-    (``decode_video``)."""
+    short_side: int | None = None
 
 
 @dataclass(frozen=True)
 class Windows:
     """Sliding windows of ``window_s`` seconds every ``stride_s`` between ``start_s`` and ``end_s`` (None: clip
     end), seconds on the file's timeline (where the rows' times count from), ``n`` frames evenly spaced inside
-    each; at most ``max_windows``."""
+    each; at most ``max_windows``: where more would fit, the stride grows so that ``max_windows`` windows cover the
+    whole span (the first at its start, the last at its end; before, the windows stopped early)."""
 
     window_s: float
     stride_s: float
@@ -62,9 +62,7 @@ class Windows:
     end_s: float | None = None
     max_windows: int = 64
     max_side: int | None = None
-    """The long side (pixels) these frames need at most, None: the decoded size. Where one pass over every request
-    would pass ``video.reduced_pass_bytes``, requests with a ``max_side`` are decoded in a second pass at that size
-    (``decode_video``)."""
+    short_side: int | None = None
 
 
 FrameRequest = Uniform | EveryK | AtFps | Windows
@@ -110,11 +108,14 @@ def window_bounds(req: Windows, num_frames: int, fps: float, timestamps: np.ndar
     start = max(0.0, req.start_s - offset_s)
     if end - start <= req.window_s:
         return [(start, end)] if end > start else [(0.0, duration)]
+    stride = req.stride_s
+    if math.floor((end - start - req.window_s) / stride + 1e-9) + 1 > req.max_windows > 1:
+        stride = (end - start - req.window_s) / (req.max_windows - 1)  # a long clip: windows spread over all of it
     out = []
     t = start
     while t + req.window_s <= end + 1e-9 and len(out) < req.max_windows:
         out.append((t, t + req.window_s))
-        t += req.stride_s
+        t = start + len(out) * stride
     return out
 
 
@@ -150,7 +151,8 @@ def request_indices(req: FrameRequest, num_frames: int, fps: float,
     if isinstance(req, Uniform):
         return [uniform_indices(0, num_frames, req.n)]
     if isinstance(req, EveryK):
-        return [list(range(0, num_frames, max(1, req.k)))[: req.max_count]]
+        k = max(1, req.k, math.ceil(num_frames / max(1, req.max_count)))  # a long clip: every k-th over all of it
+        return [list(range(0, num_frames, k))[: req.max_count]]
     if isinstance(req, AtFps):
         step = max(1, int(round(fps / req.fps))) if fps > 0 and req.fps > 0 else 1
         step = max(step, math.ceil(num_frames / max(1, req.max_count)))  # a long clip: a lower rate over all of it

@@ -65,6 +65,31 @@ def test_windows_and_reversed_windows_are_the_right_frames(tmp_path, clip4s):
         assert out["reversed_windows"][w]["prob"] == pytest.approx(float(rev.max()), abs=1e-5)
 
 
+def test_long_clips_are_windowed_over_all_of_it_from_a_reduced_pass(tmp_path, clip4s):
+    """Past ``max_windows`` the windows spread over the whole clip. Over ``video.reduced_pass_bytes`` their frames
+    come from a pass at the size the model resizes them to (``image_size`` on the short side, the same geometry), so
+    the model's input is the source scaled by the decoder instead of by torch: within a few levels of it."""
+    from pipeline.video.preprocess import clips_to_input
+
+    f, _ = make_filter(tmp_path, tiny_videomae(str(tmp_path / "m")), window_s=1.0, stride_s=0.5, max_windows=3,
+                       whole_clip=True)
+    full = item(clip4s, f)
+    one = f.apply(full, FilterContext("cpu", None))
+    assert [(w["start_s"], w["end_s"]) for w in one["windows"]] == [(0.0, 1.0), (1.5, 2.5), (3.0, 4.0)]
+    it = MediaItem("x", clip4s, 0, f.frame_requests(), VideoConfig(reduced_pass_bytes=1),
+                   available_backends(("pyav",)))
+    two = f.apply(it, FilterContext("cpu", None))
+    video, req = it.video(), f._windows()
+    # every request of this item is the model's: one pass, at the tiny model's 32 pixels (the source is 320x240)
+    assert video.reduced is None and tuple(video.frames.shape[1:3]) == (32, 43) and full.video().frames.shape[1] == 240
+    assert [(w["start_s"], w["end_s"]) for w in two["windows"]] == [(w["start_s"], w["end_s"]) for w in one["windows"]]
+    for w in range(3):
+        a, b = (clips_to_input(v.view(req, w)[None], 32, [0.0] * 3, [1.0] * 3, "cpu") for v in (full.video(), video))
+        assert float((a - b).abs().mean()) * 255 < 3.0  # levels; measured 2.4 (PyAV), 1.0 (decord), 0.3 (torchcodec)
+        assert two["windows"][w]["prob"] == pytest.approx(float(f.classify(video.view(req, w)[None])[0].max()),
+                                                          abs=1e-5)
+
+
 @pytest.mark.parametrize("pooling,depth", [("linear", 1), ("attentive", 1), ("attentive", 3)])
 def test_batched_equals_one_at_a_time(tmp_path, pooling, depth):
     path = tiny_videomae(str(tmp_path / "m"), pooling=pooling, depth=depth)

@@ -272,6 +272,22 @@ def test_a_rate_request_over_its_cap_spreads_over_the_clip(timed):
     assert np.diff(ts[short]).max() <= 0.25 + 0.08 and len(short) >= 4 * 39
 
 
+def test_windows_and_every_kth_over_their_cap_spread_over_the_clip():
+    """``Windows`` past ``max_windows`` get the stride that puts the last at the end; ``EveryK`` past ``max_count``
+    the k that reaches the end. Under the caps both are as asked."""
+    from pipeline.video.sampling import window_bounds
+
+    assert window_bounds(Windows(4.0, 2.0, 8, max_windows=5), 1000, 25.0) == [
+        (0.0, 4.0), (9.0, 13.0), (18.0, 22.0), (27.0, 31.0), (36.0, 40.0)]
+    assert len(window_bounds(Windows(4.0, 2.0, 8, max_windows=64), 1000, 25.0)) == 19  # 0..36 every 2 s
+    assert window_bounds(Windows(4.0, 2.0, 8, start_s=10.0, end_s=30.0, max_windows=3), 1000, 25.0) == [
+        (10.0, 14.0), (18.0, 22.0), (26.0, 30.0)]
+    (idx,) = request_indices(EveryK(10, 8), 1000, 25.0)
+    assert idx == list(range(0, 1000, 125))
+    (idx,) = request_indices(EveryK(10, 512), 1000, 25.0)
+    assert idx == list(range(0, 1000, 10))
+
+
 def test_nvdec_puts_torchcodec_first_and_keeps_the_rest_as_fallbacks():
     assert backend_order(ALL, nvdec=True) == ("torchcodec", "decord", "pyav")
     assert backend_order(("pyav", "torchcodec"), nvdec=True) == ("torchcodec", "pyav")
