@@ -97,8 +97,9 @@ class DecodedVideo:
     """Where the first frame sits on the file's timeline (the container's start, where ``ffmpeg -ss`` and the audio
     count from): ``times`` count from the first frame, and the times a row reports add this."""
     reduced: DecodedVideo | None = None
-    """The requests with a ``max_side``, decoded in a second pass at that size where one pass would have taken over
-    ``video.reduced_pass_bytes`` (``decode_video``); every method routes a request to the video that holds it."""
+    """The requests with a ``max_side`` or ``short_side``, decoded in a second pass at the size they need where one
+    pass would have taken over ``video.reduced_pass_bytes`` (``_passes``); every method routes a request to the
+    video that holds it."""
 
     def _of(self, request: FrameRequest) -> DecodedVideo:
         return self if self.reduced is None or request not in self.reduced.plan.positions else self.reduced
@@ -622,10 +623,10 @@ def _decode_with_timeout(backend, path: str, indices: list[int], size: tuple[int
 def _passes(requests: list[FrameRequest], meta: VideoMeta, offset: float, max_side: int | None,
             reduced_pass_bytes: int | None) -> list[tuple[list[FrameRequest], FramePlan, tuple[int, int]]]:
     """How the requests are decoded: ``(requests, plan, size)`` per pass. One pass at the decode size, unless it
-    would decode more than ``reduced_pass_bytes`` and some requests need fewer pixels (a ``max_side`` under the
-    decode size: the frame-difference and histogram filters sample 4 frames a second at a long side of 256 or
-    less). Those then get a pass of their own at the largest such side, and the others one at the decode size
-    (``VideoConfig.reduced_pass_bytes`` has the figures). The second pass decodes again the frames near those of
+    would decode more than ``reduced_pass_bytes`` and some requests need fewer pixels (``_size_needed``: the
+    frame-difference and histogram filters sample 4 frames a second at a long side of 256 or less, a classifier
+    resizes to its model's short side). Those then get a pass of their own at the largest size one of them needs,
+    and the others one at the decode size (``VideoConfig.reduced_pass_bytes`` has the figures). The second pass decodes again the frames near those of
     the first (a seek lands on a keyframe), which is why short clips keep one pass."""
     size = _decode_size(meta.width, meta.height, max_side)
     plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
