@@ -63,14 +63,20 @@ def measure(code: str, clips: list[str], repeats: int) -> dict:
 
 
 def same(a, b, rel: float = 1e-4) -> bool:
-    """Results equal, numbers within ``rel`` (float32 sums in another order differ in the last digits)."""
+    """Results equal, numbers within ``rel`` (float32 sums in another order differ in the last digits), on the
+    fields both sides have (``added`` lists the fields only the newer side has)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k], rel) for k in a)
+        return all(same(a[k], b[k], rel) for k in a.keys() & b.keys())
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(same(x, y, rel) for x, y in zip(a, b))
     if isinstance(a, float) or isinstance(b, float):
         return math.isclose(a, b, rel_tol=rel, abs_tol=1e-6)
     return a == b
+
+
+def added(old: list, new: list) -> set[str]:
+    """Top-level fields of a filter's results that only ``new`` has."""
+    return {k for o, n in zip(old, new) if isinstance(o, dict) and isinstance(n, dict) for k in n.keys() - o.keys()}
 
 
 def _in_process(code: str, clips: list[str], repeats: int) -> dict:
@@ -144,6 +150,8 @@ def main() -> int:
         if args.baseline and f != "total":
             old, new = sides[args.baseline]["results"], now["results"]
             row += "   " + ("yes" if all(same(old[f"{d} {f}"], new[f"{d} {f}"]) for d in now["devices"]) else "NO")
+            extra = added(old[f"cpu {f}"], new[f"cpu {f}"])
+            row += f" (new fields: {', '.join(sorted(extra))})" if extra else ""
         print(row)
     if args.baseline:
         for d in now["devices"]:
