@@ -224,15 +224,15 @@ class VideoConfig:
     """Frames larger than this fail the item."""
     max_decoded_bytes: int = 8 << 30
     """An item whose decoded frames (count x width x height x 3, after ``decode_max_side``) would pass this fails
-    before decoding: the two caps above alone allow 2048 frames of 8K, 200 GB."""
+    before decoding: the two caps above alone allow 8192 frames of 8K, 870 GB."""
     reduced_pass_bytes: int | None = 320 << 20
     """An item whose frames for every filter would take more than this in one pass decodes the frames that need
     fewer pixels (the static and scene-cut filters' 4 a second, at a long side of 256 or less; a clip classifier's,
-    at its model's short side) in a second pass at that size. Measured on this 2-core CPU with the default filters: a 2-minute 1080p clip took 52 s and a peak RSS
-    of 7.5 GB in one pass (2.8 GB of frames; a 4K clip of over 80 s passed ``max_decoded_bytes``), 13 s and 2.0 GB
-    in two (0.2 GB of frames); 30 s of 1080p 9.0 s against 5.6 s, 10 s 3.2 against 2.1. Below about 300 MB one pass
-    is faster (720p 20 s: 1.3 s against 1.8): the second pass decodes again what lies near the first's frames.
-    None: always one pass."""
+    at its model's short side) in a second pass at that size. Measured on this 2-core CPU with the default
+    filters: a 2-minute 1080p clip took 47-54 s and a peak RSS of 7.5-8.4 GB in one pass (2.8 GB of frames; a 4K
+    clip of over 80 s passed ``max_decoded_bytes``), 13-17 s and 2.0 GB in two (0.2 GB of frames); 30 s of 1080p
+    9.0 s against 5.6 s, 10 s 3.2 against 2.1. Below about 300 MB one pass is faster (720p 20 s: 1.3 s against
+    1.8): the second pass decodes again what lies near the first's frames. None: always one pass."""
     decode_max_side: int | None = None
     """Decode downscaled so the long side is at most this (None: source size); outputs stay in source pixels."""
     decode_timeout_s: float = 120.0
