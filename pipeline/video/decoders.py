@@ -626,8 +626,9 @@ def _passes(requests: list[FrameRequest], meta: VideoMeta, offset: float, max_si
     would decode more than ``reduced_pass_bytes`` and some requests need fewer pixels (``_size_needed``: the
     frame-difference and histogram filters sample 4 frames a second at a long side of 256 or less, a classifier
     resizes to its model's short side). Those then get a pass of their own at the largest size one of them needs,
-    and the others one at the decode size (``VideoConfig.reduced_pass_bytes`` has the figures). The second pass decodes again the frames near those of
-    the first (a seek lands on a keyframe), which is why short clips keep one pass."""
+    and the others one at the decode size (``VideoConfig.reduced_pass_bytes`` has the figures). The second pass
+    decodes again the frames near those of the first (a seek lands on a keyframe), which is why short clips keep
+    one pass."""
     size = _decode_size(meta.width, meta.height, max_side)
     plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
     need = {r: _size_needed(r, size) for r in requests}
