@@ -114,6 +114,17 @@ def test_broken_tail_decodes_its_prefix(clips):
     assert v.frames.shape[0] == 8 and v.frames.float().std() > 10  # real pictures, not grey
 
 
+def test_broken_tail_in_two_passes_keeps_both_inside_the_prefix(clips):
+    """The reduced pass after a full pass that found the tail broken: both plans inside the decodable prefix."""
+    reqs = [Uniform(8), AtFps(4.0, 240, max_side=64)]
+    v = decode_video(clips["broken_tail"], reqs, available_backends(ALL), reduced_pass_bytes=1)
+    assert v.reduced is not None and max(v.reduced.frames.shape[1:3]) == 64
+    for part in (v, v.reduced):
+        assert 0 < part.meta.num_frames < 100 and max(part.plan.indices) < part.meta.num_frames
+        assert part.frames.float().std() > 10  # real pictures, not grey
+    assert v.times(reqs[1])[-1] < v.meta.num_frames / v.meta.fps and v.frames_decoded == 8 + len(v.reduced.plan.indices)
+
+
 def test_every_backend_failing_is_one_decode_error(tmp_path):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(os.urandom(4096))
