@@ -127,10 +127,10 @@ class DecodedVideo:
             luma_into(out[k], src[p].to(device, non_blocking=True))
         return out
 
-    def size(self, request: FrameRequest | None = None) -> tuple[int, int]:
+    def size(self, request: FrameRequest) -> tuple[int, int]:
         """``(height, width)`` of the frames that ``view`` gives for ``request`` (after the crop, before a
-        ``step``); without one, of the frames decoded at the decode size."""
-        v = self if request is None else self._of(request)
+        ``step``)."""
+        v = self._of(request)
         if v.crop is None:
             return int(v.frames.shape[1]), int(v.frames.shape[2])
         x1, y1, x2, y2 = v.crop

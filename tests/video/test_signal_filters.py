@@ -407,35 +407,27 @@ def test_transitions_from_measured_steps(case):
     assert transitions(diff, black, times, lambda i, j: min(1.0, abs(pos[j] - pos[i])), SceneCutParams()) == expected
 
 
-def test_video_filters_on_audio_only_items_are_null(clips):
-    for name in ("black_borders", "static", "exposure", "sharpness", "scene_cuts"):
-        assert run(clips["speech"], name) is None
+SIGNAL_FILTERS = ("black_borders", "static", "exposure", "sharpness", "scene_cuts")
 
 
-def test_filters_share_one_decode(clips):
-    from pipeline.config import VideoConfig
-
-    specs = tuple(FilterSpec(n, n) for n in ("black_borders", "static", "exposure", "sharpness", "scene_cuts"))
-    filters = build_filters(specs)
-    reqs = frame_requests_of(filters)
-    item = MediaItem("x", clips["plain"], 0, reqs, VideoConfig(), available_backends(("pyav",)))
-    for f in filters:
-        f.apply(item, FilterContext("cpu", None))
-    video = item.video()
-    assert item.frames_decoded == len(video.plan.indices) == len(set(video.plan.indices)) <= 16 + 8 + 8 + 16
-
-
-def _all_five(path, **video):
+def _all_five(path, backends=("decord", "torchcodec", "pyav"), **video):
     """The five signal filters on one item decoded with ``VideoConfig(**video)``: (results by name, the item)."""
     from pipeline.config import VideoConfig
 
     filters = build_filters(tuple(FilterSpec(n, n) for n in SIGNAL_FILTERS))
-    item = MediaItem("x", path, 0, frame_requests_of(filters), VideoConfig(**video),
-                     available_backends(("decord", "torchcodec", "pyav")))
+    item = MediaItem("x", path, 0, frame_requests_of(filters), VideoConfig(**video), available_backends(backends))
     return {f.name: f.apply(item, FilterContext("cpu", None)) for f in filters}, item
 
 
-SIGNAL_FILTERS = ("black_borders", "static", "exposure", "sharpness", "scene_cuts")
+def test_video_filters_on_audio_only_items_are_null(clips):
+    for name in SIGNAL_FILTERS:
+        assert run(clips["speech"], name) is None
+
+
+def test_filters_share_one_decode(clips):
+    _, item = _all_five(clips["plain"], backends=("pyav",))
+    video = item.video()
+    assert item.frames_decoded == len(video.plan.indices) == len(set(video.plan.indices)) <= 16 + 8 + 8 + 16
 
 
 @pytest.mark.parametrize("name", ["cut", "freeze", "still", "hd_letterbox"])
@@ -503,7 +495,7 @@ def test_views_and_luma_are_read_from_the_decoded_frames_strided_and_cropped():
         for req in reqs:
             full = frames[video.plan.indices][torch.from_numpy(video.plan.positions[req][0])][:, y1:y2, x1:x2]
             assert torch.equal(video.view(req), full)
-            assert video.size() == tuple(full.shape[1:3])
+            assert video.size(req) == tuple(full.shape[1:3])
             assert torch.equal(video.view(req, step=3), full[:, ::3, ::3])
             for step in ((1, 1), (1, 4), (4, 1), (3, 3)):
                 want = full[:, ::step[0], ::step[1]].float() @ bt601
