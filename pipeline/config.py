@@ -236,7 +236,10 @@ class VideoConfig:
     decode_max_side: int | None = None
     """Decode downscaled so the long side is at most this (None: source size); outputs stay in source pixels."""
     decode_timeout_s: float = 120.0
-    """Per-item, per-backend decode limit; past it the item fails with DecodeTimeout."""
+    """Per-item, per-backend limit on reading the file's frame index and decoding; past it the item fails with
+    DecodeTimeout and its decode stops at the next frame (PyAV) or slice of 32 frames (decord, torchcodec) instead
+    of running on for nobody. A decode stuck inside one native call cannot be stopped: it keeps its own thread
+    (not one that later decodes wait for) and shows as ``decodes_past_deadline`` in the metrics."""
     random_access_containers: tuple[str, ...] = ("mp4", "mov", "matroska", "webm", "flv")
     """Containers (FFmpeg demuxer names, as ``probe.container`` lists them) in which the random-access backends
     (decord, torchcodec) return the frame asked for. In others they were measured to return other frames without an

@@ -152,6 +152,8 @@ class PrometheusExporter:
                                 labels + ["model"], registry=self.registry)
         self.fetches_hung = Gauge("mediasieve_fetches_hung", "Fetches given up as silent whose threads are still stuck",
                                   labels, registry=self.registry)
+        self.decodes_stuck = Gauge("mediasieve_decodes_past_deadline", "Decodes given up at video.decode_timeout_s "
+                                   "whose threads are still in a native call", labels, registry=self.registry)
         self.tier_skipped = Gauge("mediasieve_tier_skipped", "1 while a storage tier is skipped (a fetch from it "
                                   "went silent)", labels + ["tier"], registry=self.registry)
         self._tiers_seen_skipped: set[str] = set()
@@ -173,6 +175,7 @@ class PrometheusExporter:
             self.batch_limit.labels(self.rank, model).set(b["batch_limit"])
             self.oom_splits.labels(self.rank, model).set(b["oom_splits"])
         self.fetches_hung.labels(self.rank).set(snap.get("fetches_hung", 0))
+        self.decodes_stuck.labels(self.rank).set(snap.get("decodes_past_deadline", 0))
         skipped = set(snap.get("tiers_skipped", ()))
         self._tiers_seen_skipped |= skipped
         for tier in self._tiers_seen_skipped:

@@ -75,6 +75,7 @@ from pipeline.resume import (
 )
 from pipeline.storage import SCRATCH_DIR, FetchedItem, TieredFetcher, check_protocols
 from pipeline.task_queue import BoundedTaskQueue
+from pipeline.video.decoders import decodes_past_deadline
 from pipeline.writer import ResultWriter, bounded, commit_bytes, is_local_fs, result_schema
 
 log = logging.getLogger(__name__)
@@ -423,7 +424,7 @@ class RankWorkers:
         snap.update(queue_depth=self.queue.qsize(), pool_wait_s=round(self.pool.wait_seconds, 3),
                     units_taken=self.source.units_taken, rows_committed=self.writer.rows_committed,
                     fetch_retries=self.fetcher.retries_done, fetches_hung=self.fetcher.hung_fetches,
-                    tiers_skipped=self.fetcher.skipped_tiers,
+                    decodes_past_deadline=decodes_past_deadline(), tiers_skipped=self.fetcher.skipped_tiers,
                     cache_bytes=cache.bytes_used if cache else 0,
                     cache_evictions=cache.evictions if cache else 0, suspects_rehearsed=self._rehearsed,
                     suspects_refused=self._refused, batches=batch_stats(self.filters))

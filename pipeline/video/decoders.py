@@ -10,8 +10,6 @@ import logging
 import threading
 from array import array
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Callable
 
@@ -198,7 +196,7 @@ class DecordBackend:
 
         self._readers = _Handoff()  # opened by meta(), reused by decode() at source size
 
-    def meta(self, path: str) -> VideoMeta:
+    def meta(self, path: str, stop: threading.Event | None = None) -> VideoMeta:
         import decord
 
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
@@ -211,14 +209,14 @@ class DecordBackend:
         return VideoMeta(len(vr), float(vr.get_avg_fps() or 0.0), int(w), int(h),
                          ts - ts[0] if ts is not None else None)
 
-    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
-               resize: bool) -> torch.Tensor:
+    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
+               stop: threading.Event | None = None) -> torch.Tensor:
         import decord
 
         vr = self._readers.take(path)
         if vr is None or resize:
             vr = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1], num_threads=1)
-        return torch.from_numpy(vr.get_batch(indices).asnumpy())
+        return _in_slices(lambda part: torch.from_numpy(vr.get_batch(part).asnumpy()), indices, stop)
 
 
 class TorchcodecBackend:
@@ -235,10 +233,10 @@ class TorchcodecBackend:
         chosen = self._streams.take(path)
         return chosen if chosen is not None else main_video_index(path)
 
-    def meta(self, path: str) -> VideoMeta:
+    def meta(self, path: str, stop: threading.Event | None = None) -> VideoMeta:
         from torchcodec.decoders import VideoDecoder
 
-        index = _FrameIndex.demux(path)
+        index = _FrameIndex.demux(path, stop)
         chosen = index.stream_index if index is not None else None
         m = VideoDecoder(path, stream_index=chosen, seek_mode="exact").metadata
         if chosen is not None:
@@ -248,8 +246,8 @@ class TorchcodecBackend:
         return VideoMeta(n, float(m.average_fps or 0.0), int(m.width), int(m.height),
                          ts if ts is not None and len(ts) == n else None)
 
-    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
-               resize: bool) -> torch.Tensor:
+    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
+               stop: threading.Event | None = None) -> torch.Tensor:
         """On CPU, FFmpeg decodes and resizes. On a GPU, NVDEC decodes at the source size and the frames are resized
         on the device in slices (so at most a slice of source-size frames is on the GPU at once). When torchcodec
         cannot decode the stream with NVDEC (codec, profile or bit depth the chip lacks) it decodes on the CPU
@@ -264,13 +262,14 @@ class TorchcodecBackend:
                 transforms = [Resize(size=(size[1], size[0]))]
             dec = VideoDecoder(path, stream_index=self._stream(path), seek_mode="exact", dimension_order="NHWC",
                                transforms=transforms)
-            return dec.get_frames_at(indices).data
+            return _in_slices(lambda part: dec.get_frames_at(part).data, indices, stop)
         dec = VideoDecoder(path, stream_index=self._stream(path), seek_mode="exact", dimension_order="NHWC",
                            device=device)
         m = dec.metadata
         per_call = min(NVDEC_SLICE, per_group(int(m.width or 1) * int(m.height or 1) * 3, NVDEC_SLICE_BYTES))
         parts = []
         for i in range(0, len(indices), per_call):
+            _check(stop)
             frames = dec.get_frames_at(indices[i:i + per_call]).data
             parts.append(resize_frames(frames, size) if resize else frames)
         frames = torch.cat(parts)
@@ -329,7 +328,7 @@ class PyAVBackend:
     def __init__(self) -> None:
         self._indices = _Handoff()  # the demux meta() read, for decode() to seek by
 
-    def meta(self, path: str) -> VideoMeta:
+    def meta(self, path: str, stop: threading.Event | None = None) -> VideoMeta:
         import av
 
         with av.open(path) as c:
@@ -339,7 +338,7 @@ class PyAVBackend:
             width, height = int(s.codec_context.width), int(s.codec_context.height)
             if quarter_turns(_first_frame_rotation(c, s)) % 2:  # the size the frames are shown (and decoded) at
                 width, height = height, width
-        index = _FrameIndex.demux(path)
+        index = _FrameIndex.demux(path, stop)
         if index is not None:
             self._indices.put(path, index)
             # the frames shown: the header counts what an edit list hides, and TS and raw streams have no count
@@ -347,25 +346,26 @@ class PyAVBackend:
         ts = index.timestamps() if index is not None else None
         return VideoMeta(n, rate, width, height, ts if ts is not None and len(ts) == n else None)
 
-    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str,
-               resize: bool) -> torch.Tensor:
+    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
+               stop: threading.Event | None = None) -> torch.Tensor:
         """Frames by index in presentation order. Where a keyframe lies between two wanted frames the decode seeks
         to it instead of decoding the frames between, and every frame is identified by its timestamp, so a seek
         that lands elsewhere (MPEG-TS, open GOPs) is noticed; where timestamps cannot identify frames (AVI) or a
         seek misses, the whole request is decoded from the start."""
         try:
-            got = self._decode_seeking(path, sorted(set(indices)), size, self._indices.take(path))
+            got = self._decode_seeking(path, sorted(set(indices)), size, self._indices.take(path), stop)
         except _SeekMiss as e:
             log.debug("pyav: decoding %s from the start: %s", path, e)
         else:
             return torch.from_numpy(np.stack([got[i] for i in indices]))
-        return self._decode_in_order(path, indices, size)
+        return self._decode_in_order(path, indices, size, stop)
 
     def _decode_seeking(self, path: str, wanted: list[int], size: tuple[int, int],
-                        index_of: _FrameIndex | None = None) -> dict[int, np.ndarray]:
+                        index_of: _FrameIndex | None = None,
+                        stop: threading.Event | None = None) -> dict[int, np.ndarray]:
         import av
 
-        index_of = index_of or _FrameIndex.demux(path)
+        index_of = index_of or _FrameIndex.demux(path, stop)
         if index_of is None or index_of.pts is None or wanted[-1] >= index_of.count:
             raise _SeekMiss("no timestamps, or fewer packets than frames")
         if index_of.repeats:
@@ -398,6 +398,7 @@ class PyAVBackend:
                         else:
                             raise _SeekMiss("every seek landed after the frame wanted")
                     for pos, frame in frames:
+                        _check(stop)
                         if pos == target:
                             got[target] = _upright_rgb(frame, size)
                         if pos >= target:
@@ -408,7 +409,8 @@ class PyAVBackend:
             raise _SeekMiss(f"{type(e).__name__}: {e}") from None
         return got
 
-    def _decode_in_order(self, path: str, indices: list[int], size: tuple[int, int]) -> torch.Tensor:
+    def _decode_in_order(self, path: str, indices: list[int], size: tuple[int, int],
+                         stop: threading.Event | None = None) -> torch.Tensor:
         import av
 
         wanted = set(indices)
@@ -419,6 +421,7 @@ class PyAVBackend:
             stream.thread_type = "AUTO"
             try:
                 for i, frame in enumerate(c.decode(stream)):
+                    _check(stop)
                     if i in wanted:
                         got[i] = _upright_rgb(frame, size)
                     if i >= last:
@@ -506,7 +509,7 @@ class _FrameIndex:
         self.key_dts = dts[key][by_position]
 
     @classmethod
-    def demux(cls, path: str) -> _FrameIndex | None:
+    def demux(cls, path: str, stop: threading.Event | None = None) -> _FrameIndex | None:
         """None where the file does not demux (the decode that follows says what is wrong with it)."""
         import av
 
@@ -519,6 +522,8 @@ class _FrameIndex:
                     if not _shown(p):
                         continue
                     count += 1
+                    if count % 1024 == 0:
+                        _check(stop)
                     if p.pts is None:
                         timed = False
                     if timed:
@@ -526,6 +531,8 @@ class _FrameIndex:
                         dts.append(p.dts if p.dts is not None else p.pts)
                         key.append(bool(p.is_keyframe))
                 time_base, may_jump, stream_index = float(s.time_base), timestamps_may_jump(c), s.index
+        except DecodeCancelled:
+            raise
         except Exception:  # noqa: BLE001 - no index: sampling by the average rate, decoding from the start
             return None
         return cls(count, np.frombuffer(pts, np.int64) if timed and count else None, np.frombuffer(dts, np.int64),
@@ -608,16 +615,85 @@ def available_backends(names: tuple[str, ...]) -> list[object]:
     return out
 
 
-_DECODE_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="decode")
+class DecodeCancelled(Exception):
+    """Raised inside a decode that ``decode_video`` gave up at its deadline: the decode thread unwinds at its next
+    frame (PyAV) or slice of frames (decord, torchcodec) and frees what it decoded, instead of decoding on for
+    nobody."""
 
 
-def _decode_with_timeout(backend, path: str, indices: list[int], size: tuple[int, int], device: str,
-                         timeout_s: float, resize: bool) -> torch.Tensor:
-    future = _DECODE_POOL.submit(backend.decode, path, indices, size, device, resize)
-    try:
-        return future.result(timeout=timeout_s)
-    except FutureTimeout:
-        raise DecodeTimeout(f"{backend.name}: decode took over {timeout_s:.0f}s") from None
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise DecodeCancelled()
+
+
+DECODE_SLICE = 32
+"""Frames per call of a seeking backend (decord ``get_batch``, torchcodec ``get_frames_at``) on the CPU: between
+calls a given-up decode stops. A call is one native step that cannot be interrupted (32 frames of 1080p: about a
+third of a second here)."""
+
+
+def _in_slices(get: Callable[[list[int]], torch.Tensor], indices: list[int],
+               stop: threading.Event | None) -> torch.Tensor:
+    """``get(indices)`` (frames ``[n, h, w, 3]``), ``DECODE_SLICE`` indices at a time, checking ``stop`` before each
+    call; the slices are copied into one tensor as they come (the frames are not held twice)."""
+    _check(stop)
+    if len(indices) <= DECODE_SLICE:
+        return get(indices)
+    out = None
+    for i in range(0, len(indices), DECODE_SLICE):
+        if i:
+            _check(stop)
+        part = get(indices[i:i + DECODE_SLICE])
+        if out is None:
+            out = torch.empty((len(indices), *part.shape[1:]), dtype=part.dtype, device=part.device)
+        out[i:i + part.shape[0]] = part
+        if part.shape[0] != len(indices[i:i + DECODE_SLICE]):
+            return out[:i + part.shape[0]]  # fewer than asked: the caller's count check names it
+    return out
+
+
+_GIVEN_UP: set[threading.Thread] = set()
+_GIVEN_UP_LOCK = threading.Lock()
+
+
+def decodes_past_deadline() -> int:
+    """Decode threads given up at ``video.decode_timeout_s`` that are still running: a decode stuck inside one
+    native call (an FFmpeg loop that does not return) cannot be stopped from Python and keeps its thread, and a CPU
+    core if it spins. The others end at their next frame or slice. Reported as ``decodes_past_deadline`` in the
+    metrics log."""
+    with _GIVEN_UP_LOCK:
+        _GIVEN_UP.difference_update([t for t in _GIVEN_UP if not t.is_alive()])
+        return len(_GIVEN_UP)
+
+
+def _with_deadline(attempt: Callable[[threading.Event], DecodedVideo], name: str, timeout_s: float) -> DecodedVideo:
+    """``attempt(stop)`` on a thread of its own, waited for at most ``timeout_s``; past it ``stop`` is set (the
+    attempt unwinds with ``DecodeCancelled`` at its next check) and the item gets ``DecodeTimeout``. A thread per
+    attempt rather than a pool: a decode stuck in native code holds only its own thread, where a pool's stuck
+    workers would leave every later decode of the process waiting for one until its own deadline."""
+    stop, done = threading.Event(), threading.Event()
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["video"] = attempt(stop)
+        except DecodeCancelled:
+            log.debug("%s: a decode given up at its deadline stopped", name)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread, which raises it
+            box["error"] = e
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run, name=f"decode-{name}", daemon=True)
+    thread.start()
+    if not done.wait(timeout_s):
+        stop.set()
+        with _GIVEN_UP_LOCK:
+            _GIVEN_UP.add(thread)
+        raise DecodeTimeout(f"{name}: decode took over {timeout_s:g}s (given up; it stops at its next frame)")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["video"]  # type: ignore[return-value]
 
 
 def _passes(requests: list[FrameRequest], meta: VideoMeta, offset: float, max_side: int | None,
@@ -656,16 +732,16 @@ def _size_needed(request: FrameRequest, size: tuple[int, int]) -> tuple[int, int
 
 
 def _decode_pass(backend, path: str, requests: list[FrameRequest], plan: FramePlan, meta: VideoMeta,
-                 size: tuple[int, int], device: str, timeout_s: float, offset: float) -> DecodedVideo:
+                 size: tuple[int, int], device: str, offset: float, stop: threading.Event) -> DecodedVideo:
     resize = size != (meta.width, meta.height)
     if plan.indices and plan.indices[-1] >= meta.num_frames:  # the first pass found the tail broken
         plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
     try:
-        frames = _decode_with_timeout(backend, path, plan.indices, size, device, timeout_s, resize)
+        frames = backend.decode(path, plan.indices, size, device, resize, stop=stop)
     except TruncatedVideo as t:  # a broken tail: the clip is its decodable prefix
         meta = meta.truncated(t.decodable)
         plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
-        frames = _decode_with_timeout(backend, path, plan.indices, size, device, timeout_s, resize)
+        frames = backend.decode(path, plan.indices, size, device, resize, stop=stop)
     if frames.shape[0] != len(plan.indices):
         raise DecodeError(f"{backend.name} returned {frames.shape[0]} of {len(plan.indices)} frames")
     label = f"{backend.name}-nvdec" if frames.is_cuda else backend.name  # on the GPU only from NVDEC
@@ -697,8 +773,8 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
         max_pixels: refuse larger frames.
         max_side: decode downscaled so that the long side is at most this (None: source size).
         max_bytes: refuse a plan whose decoded frames would take more memory than this.
-        timeout_s: per-backend decode limit; past it the item fails with DecodeTimeout (the decode thread is left
-            to finish in the background, bounded by the caps above).
+        timeout_s: per-backend limit on reading the file's frame index and decoding; past it the item fails with
+            DecodeTimeout and the decode stops at its next frame or slice (``_with_deadline``).
         random_access: False where the seeking backends were measured to return wrong frames for this container or
             codec (``seeks_frame_exactly``): only the backends that decode in order (PyAV) are tried.
         several_streams: the file holds more than one video stream: only the backends that decode the main one
@@ -724,31 +800,35 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
                          "decode; add torchcodec or pyav to video.backends")
     errors = []
     offset = timeline_offset(path)  # where the first frame sits on the file's timeline, which windows are given on
+
+    def attempt(backend, stop: threading.Event) -> DecodedVideo:
+        meta = backend.meta(path, stop=stop)
+        if meta.num_frames <= 0 or meta.width <= 0 or meta.height <= 0:
+            raise DecodeError(f"no frames ({meta})")
+        if meta.width * meta.height > max_pixels:
+            raise DecodeError(f"{meta.width}x{meta.height} is over video.max_pixels={max_pixels}")
+        passes = _passes(requests, meta, offset, max_side, reduced_pass_bytes)
+        frames_needed = sum(len(plan.indices) for _, plan, _ in passes)
+        if frames_needed > max_frames:
+            raise DecodeError(f"frame plan needs {frames_needed} frames, over video.max_frames={max_frames}")
+        need = sum(len(plan.indices) * size[0] * size[1] * 3 for _, plan, size in passes)
+        if need > max_bytes:
+            sizes = " and ".join(f"{len(plan.indices)} frames of {size[0]}x{size[1]}" for _, plan, size in passes)
+            raise DecodeError(f"{sizes} would take {need / 2**30:.1f} GiB, over video.max_decoded_bytes="
+                              f"{max_bytes / 2**30:.1f} GiB (set video.decode_max_side to decode smaller)")
+        dev = device if backend.name == "torchcodec" else "cpu"
+        videos = []
+        for reqs, plan, size in passes:  # the reduced pass second: it takes a broken tail the first one found
+            video = _decode_pass(backend, path, reqs, plan, meta, size, dev, offset, stop)
+            meta = video.meta
+            videos.append(video)
+        if len(videos) == 2:
+            videos[0].reduced = videos[1]
+        return videos[0]
+
     for backend in backends:
         try:
-            meta = backend.meta(path)
-            if meta.num_frames <= 0 or meta.width <= 0 or meta.height <= 0:
-                raise DecodeError(f"no frames ({meta})")
-            if meta.width * meta.height > max_pixels:
-                raise DecodeError(f"{meta.width}x{meta.height} is over video.max_pixels={max_pixels}")
-            passes = _passes(requests, meta, offset, max_side, reduced_pass_bytes)
-            frames_needed = sum(len(plan.indices) for _, plan, _ in passes)
-            if frames_needed > max_frames:
-                raise DecodeError(f"frame plan needs {frames_needed} frames, over video.max_frames={max_frames}")
-            need = sum(len(plan.indices) * size[0] * size[1] * 3 for _, plan, size in passes)
-            if need > max_bytes:
-                sizes = " and ".join(f"{len(plan.indices)} frames of {size[0]}x{size[1]}" for _, plan, size in passes)
-                raise DecodeError(f"{sizes} would take {need / 2**30:.1f} GiB, over video.max_decoded_bytes="
-                                  f"{max_bytes / 2**30:.1f} GiB (set video.decode_max_side to decode smaller)")
-            dev = device if backend.name == "torchcodec" else "cpu"
-            videos = []
-            for reqs, plan, size in passes:  # the reduced pass second: it takes a broken tail the first one found
-                video = _decode_pass(backend, path, reqs, plan, meta, size, dev, timeout_s, offset)
-                meta = video.meta
-                videos.append(video)
-            if len(videos) == 2:
-                videos[0].reduced = videos[1]
-            return videos[0]
+            return _with_deadline(lambda stop, b=backend: attempt(b, stop), backend.name, timeout_s)
         except DecodeTimeout:
             raise
         except Exception as e:  # noqa: BLE001 - any backend failure means: try the next backend

@@ -44,6 +44,7 @@ def test_prometheus_endpoint_serves_rank_metrics(tmp_path, media_dir):
     assert 'mediasieve_batch_limit{model="speech_cuts/vad",rank="0"} 128.0' in seen  # no OOM: the configured size
     assert 'mediasieve_oom_splits{model="speech_cuts/vad",rank="0"} 0.0' in seen
     assert 'mediasieve_fetches_hung{rank="0"} 0.0' in seen
+    assert 'mediasieve_decodes_past_deadline{rank="0"} 0.0' in seen
     assert result["outcome"].summary["this_run"]["succeeded"] == 12
 
 
@@ -52,7 +53,8 @@ def test_a_skipped_tier_shows_on_prometheus_while_it_is_skipped():
 
     port = free_port()
     exporter = PrometheusExporter(port, rank=3)
-    snap = {"done": 5, "failures_by_type": {}, "tier_hits": {"s3": 5}, "bytes_fetched": 10, "fetches_hung": 2}
+    snap = {"done": 5, "failures_by_type": {}, "tier_hits": {"s3": 5}, "bytes_fetched": 10, "fetches_hung": 2,
+            "decodes_past_deadline": 1}
 
     def scrape():
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
@@ -62,6 +64,7 @@ def test_a_skipped_tier_shows_on_prometheus_while_it_is_skipped():
         seen = scrape()
         assert 'mediasieve_tier_skipped{rank="3",tier="shared"} 1.0' in seen
         assert 'mediasieve_fetches_hung{rank="3"} 2.0' in seen
+        assert 'mediasieve_decodes_past_deadline{rank="3"} 1.0' in seen
         exporter.update({**snap, "tiers_skipped": {}})
         assert 'mediasieve_tier_skipped{rank="3",tier="shared"} 0.0' in scrape()
     finally:

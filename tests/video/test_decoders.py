@@ -1,7 +1,9 @@
 """Decoder backends and fallback on real files made by ffmpeg."""
 
+import logging
 import os
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -11,7 +13,8 @@ from hypothesis import given, settings, strategies as st
 
 from pipeline.errors import DecodeError, DecodeTimeout
 from pipeline.media import synthetic
-from pipeline.video.decoders import available_backends, backend_order, decode_video, resize_frames
+from pipeline.video.decoders import (DecodeCancelled, available_backends, backend_order, decode_video,
+                                     decodes_past_deadline, resize_frames)
 from pipeline.video.sampling import AtFps, EveryK, Uniform, Windows, make_plan, request_indices, variable_rate
 
 ALL = ("decord", "torchcodec", "pyav")
@@ -150,16 +153,94 @@ def test_decode_timeout(clips):
     class SlowBackend:  # the backend interface, with a decode that hangs
         name = "slow"
 
-        def meta(self, path):
+        def meta(self, path, stop=None):
             return available_backends(("pyav",))[0].meta(path)
 
-        def decode(self, *args):
+        def decode(self, *args, stop=None):
             time.sleep(3)
 
     start = time.time()
     with pytest.raises(DecodeTimeout):
         decode_video(clips["h264"], [Uniform(2)], [SlowBackend()], timeout_s=0.5)
     assert time.time() - start < 2
+
+
+class _StopAfter(threading.Event):
+    """A stop event that reads set from its ``n``-th look on: where a backend looks, and how soon it stops."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.looks, self.n = 0, n
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks >= self.n
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_backends_stop_mid_decode(clips, name):
+    # Oracle: without a stop the decode returns all 50 frames; with one that turns set at the backend's second
+    # look, it raises DecodeCancelled, so it looked between frames (PyAV) or slices of 32 (decord, torchcodec)
+    # rather than decoding on for a caller that gave up.
+    b = available_backends((name,))[0]
+    n = b.meta(clips["h264"]).num_frames
+    assert n == 50
+    whole = b.decode(clips["h264"], list(range(n)), (320, 240), "cpu", False, stop=threading.Event())
+    assert whole.shape[0] == n
+    stop = _StopAfter(2)
+    with pytest.raises(DecodeCancelled):
+        b.decode(clips["h264"], list(range(n)), (320, 240), "cpu", False, stop=stop)
+    assert stop.looks == 2
+    b.meta(clips["h264"])  # decord hands its reader from meta to decode
+    with pytest.raises(DecodeCancelled):  # set before it starts: not a frame decoded, whatever the backend
+        b.decode(clips["h264"], [0, 1], (320, 240), "cpu", False, stop=_StopAfter(1))
+
+
+@pytest.fixture(scope="module")
+def slow_clip(tmp_path_factory):
+    # 75 frames of 720p: decoded whole, far longer than the 20 ms deadline below on any machine
+    return synthetic.lavfi_clip(str(tmp_path_factory.mktemp("slow") / "slow.mp4"),
+                                source="testsrc2=size=1280x720:rate=25", seconds=3.0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_timed_out_decode_stops(slow_clip, name, caplog):
+    # Before, a timed-out decode ran on to its end on a pool thread (measured: a 60 s 720p clip decoded on for
+    # seconds after the item had failed, a core busy): now it unwinds at its next frame or slice.
+    caplog.set_level(logging.DEBUG, logger="pipeline.video.decoders")
+    with pytest.raises(DecodeTimeout, match="given up"):
+        decode_video(slow_clip, [EveryK(1)], available_backends((name,)), timeout_s=0.02)
+    deadline = time.monotonic() + 10
+    while decodes_past_deadline() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert decodes_past_deadline() == 0
+    assert "a decode given up at its deadline stopped" in caplog.text
+
+
+def test_stuck_decodes_do_not_starve_others(clips):
+    # Before, decodes ran on a pool of 16 threads: 16 decodes stuck in native code (which no stop reaches) held
+    # them all, and every later decode of the process waited for a free one until its own deadline and failed.
+    release = threading.Event()
+
+    class Stuck:
+        name = "stuck"
+
+        def meta(self, path, stop=None):
+            release.wait()  # ignores ``stop``, as a native call that never returns would
+
+    for _ in range(20):
+        with pytest.raises(DecodeTimeout):
+            decode_video(clips["h264"], [Uniform(2)], [Stuck()], timeout_s=0.01)
+    try:
+        assert decodes_past_deadline() == 20
+        v = decode_video(clips["h264"], [Uniform(2)], available_backends(("pyav",)), timeout_s=5)
+        assert v.frames.shape[0] == 2
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while decodes_past_deadline() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert decodes_past_deadline() == 0
 
 
 def test_downscaled_decode_reports_scale(clips):
