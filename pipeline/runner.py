@@ -338,6 +338,9 @@ class RankWorkers:
             for f in self.filters:
                 if self.stop.is_set() and self.interrupted:
                     raise ShutdownError("rank is shutting down")
+                if media.given_up.is_set():  # its row is written; the filters left would run for nobody
+                    log.debug("item %s: given up by the watchdog; its filters from %r on are skipped", item_id, f.name)
+                    break
                 flight.filter = f.name
                 results[f.name], timings[f.name] = f.run(media, self.filter_ctx)
         except ShutdownError:
@@ -398,6 +401,7 @@ class RankWorkers:
             expired = [k for k, f in self._inflight.items() if now - f.since > limit]
             flights = [self._inflight.pop(k) for k in expired]
         for f in flights:
+            f.media.given_up.set()  # its decodes stop at their next frame, and no further filter runs on it
             error = ItemTimeout(f"filters ran over runtime.item_timeout_s={limit:g}s (in filter {f.filter!r}); "
                                 "the worker thread was abandoned")
             log.error("item %s: %s", f.task.row[self.id_col], error)

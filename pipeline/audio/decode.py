@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
-from pipeline.errors import DecodeError
+from pipeline.errors import DecodeError, ItemTimeout
 from pipeline.media.probe import DISCONTINUITY_S, main_audio_stream, timestamps_may_jump
 
 
@@ -21,7 +23,7 @@ def _flat(frames, channels: int, average_pair: bool = False) -> list[np.ndarray]
 
 
 def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None = None,
-                 channels: int = 1) -> np.ndarray:
+                 channels: int = 1, given_up: threading.Event | None = None) -> np.ndarray:
     """The main audio stream of ``path`` (``main_audio_stream``: the default track) as float32 at ``sample_rate``:
     ``[N]`` mono, or ``[2, N]`` with ``channels=2`` (a mono source is duplicated).
 
@@ -39,9 +41,12 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         path: local file (any container PyAV opens: WAV, FLAC, MP3, MP4, MKV, ...), any rate and channel count.
         sample_rate: output rate (16000; 8000 where the VAD supports it).
         max_seconds: refuse longer audio (a cap a hostile file cannot exceed).
+        given_up: set by the rank's watchdog when it lets the item go (``MediaItem.given_up``): the decode stops at
+            its next frame.
 
     Raises:
         DecodeError: no audio stream, undecodable, or over the cap.
+        ItemTimeout: ``given_up`` was set.
     """
     import av
 
@@ -61,6 +66,8 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         first = True
         try:
             for frame in container.decode(stream):
+                if given_up is not None and given_up.is_set():
+                    raise ItemTimeout("the item was given up (runtime.item_timeout_s) while its audio decoded")
                 t = frame.time  # seconds on the file's timeline; None where the stream has no timestamps
                 if t is not None:
                     gap = t - expected

@@ -161,11 +161,11 @@ class SpeechCutsFilter(Filter):
         p = self.params
         g = p.gpu_pipeline
         if self._separator_key is None:
-            audio = decode_audio(media.local_path, p.sample_rate, p.max_seconds)
+            audio = decode_audio(media.local_path, p.sample_rate, p.max_seconds, given_up=media.given_up)
         else:
             with self._pool.acquire(self._separator_key) as sep:
                 rate = sep.spec.sample_rate
-                stereo = decode_audio(media.local_path, rate, p.max_seconds, channels=2)
+                stereo = decode_audio(media.local_path, rate, p.max_seconds, channels=2, given_up=media.given_up)
                 plans = chunk_schedule(stereo.shape[1] / rate, g.chunk_seconds, g.overlap_seconds, g.halo_seconds,
                                        1024, rate) if g.enable else chunk_schedule(stereo.shape[1] / rate, 1e9, 0, 0,
                                                                                    1024, rate)

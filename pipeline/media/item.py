@@ -42,6 +42,9 @@ class MediaItem:
         self._video_error: Exception | None = None
         self.decode_backend: str | None = None
         self.frames_decoded: int | None = None
+        self.given_up = threading.Event()
+        """Set when the rank's watchdog gives the item up (``runtime.item_timeout_s``): its decodes stop at their
+        next frame, and no further filter runs on it."""
 
     @property
     def info(self) -> MediaInfo:
@@ -77,7 +80,7 @@ class MediaItem:
                                                max_bytes=cfg.max_decoded_bytes, max_side=cfg.decode_max_side,
                                                timeout_s=cfg.decode_timeout_s, random_access=random_access,
                                                reduced_pass_bytes=cfg.reduced_pass_bytes,
-                                               several_streams=self._info.video_streams > 1)
+                                               several_streams=self._info.video_streams > 1, given_up=self.given_up)
                 except Exception as e:  # every filter of this item sees the same decode failure
                     self._video_error = e
                     raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.errors import DecodeError, DecodeTimeout
+from pipeline.errors import DecodeError, DecodeTimeout, ItemTimeout
 from pipeline.media.probe import DISCONTINUITY_S, main_video_stream, quarter_turns, timestamps_may_jump
 from pipeline.video.preprocess import luma_into, per_group
 from pipeline.video.sampling import FramePlan, FrameRequest, make_plan, variable_rate
@@ -657,20 +658,22 @@ _GIVEN_UP_LOCK = threading.Lock()
 
 
 def decodes_past_deadline() -> int:
-    """Decode threads given up at ``video.decode_timeout_s`` that are still running: a decode stuck inside one
-    native call (an FFmpeg loop that does not return) cannot be stopped from Python and keeps its thread, and a CPU
-    core if it spins. The others end at their next frame or slice. Reported as ``decodes_past_deadline`` in the
-    metrics log."""
+    """Decode threads given up (at ``video.decode_timeout_s``, or with their item) that are still running: a decode
+    stuck inside one native call (an FFmpeg loop that does not return) cannot be stopped from Python and keeps its
+    thread, and a CPU core if it spins. The others end at their next frame or slice. Reported as
+    ``decodes_past_deadline`` in the metrics log."""
     with _GIVEN_UP_LOCK:
         _GIVEN_UP.difference_update([t for t in _GIVEN_UP if not t.is_alive()])
         return len(_GIVEN_UP)
 
 
-def _with_deadline(attempt: Callable[[threading.Event], DecodedVideo], name: str, timeout_s: float) -> DecodedVideo:
+def _with_deadline(attempt: Callable[[threading.Event], DecodedVideo], name: str, timeout_s: float,
+                   given_up: threading.Event | None = None) -> DecodedVideo:
     """``attempt(stop)`` on a thread of its own, waited for at most ``timeout_s``; past it ``stop`` is set (the
-    attempt unwinds with ``DecodeCancelled`` at its next check) and the item gets ``DecodeTimeout``. A thread per
-    attempt rather than a pool: a decode stuck in native code holds only its own thread, where a pool's stuck
-    workers would leave every later decode of the process waiting for one until its own deadline."""
+    attempt unwinds with ``DecodeCancelled`` at its next check) and the item gets ``DecodeTimeout``. The same when
+    ``given_up`` is set (the rank's watchdog let the item go): then ``ItemTimeout``, for a row nobody writes. A
+    thread per attempt rather than a pool: a decode stuck in native code holds only its own thread, where a pool's
+    stuck workers would leave every later decode of the process waiting for one until its own deadline."""
     stop, done = threading.Event(), threading.Event()
     box: dict[str, object] = {}
 
@@ -686,14 +689,23 @@ def _with_deadline(attempt: Callable[[threading.Event], DecodedVideo], name: str
 
     thread = threading.Thread(target=run, name=f"decode-{name}", daemon=True)
     thread.start()
-    if not done.wait(timeout_s):
-        stop.set()
-        with _GIVEN_UP_LOCK:
-            _GIVEN_UP.add(thread)
-        raise DecodeTimeout(f"{name}: decode took over {timeout_s:g}s (given up; it stops at its next frame)")
+    end = time.monotonic() + timeout_s
+    while not done.wait(min(GIVEN_UP_POLL_S, max(0.0, end - time.monotonic()))):
+        watchdog = given_up is not None and given_up.is_set()
+        if watchdog or time.monotonic() >= end:
+            stop.set()
+            with _GIVEN_UP_LOCK:
+                _GIVEN_UP.add(thread)
+            if watchdog:
+                raise ItemTimeout(f"{name}: the item was given up (runtime.item_timeout_s) while it decoded")
+            raise DecodeTimeout(f"{name}: decode took over {timeout_s:g}s (given up; it stops at its next frame)")
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["video"]  # type: ignore[return-value]
+
+
+GIVEN_UP_POLL_S = 0.25
+"""How often a waiting decode looks whether its item was given up."""
 
 
 def _passes(requests: list[FrameRequest], meta: VideoMeta, offset: float, max_side: int | None,
@@ -760,7 +772,8 @@ def _only(backends: list[object], fit, refusal: str) -> list[object]:
 def decode_video(path: str, requests: list[FrameRequest], backends: list[object], *, device: str = "cpu",
                  max_frames: int = 8192, max_pixels: int = 8192 * 4320, max_side: int | None = None,
                  timeout_s: float = 120.0, max_bytes: int = 8 << 30, random_access: bool = True,
-                 several_streams: bool = False, reduced_pass_bytes: int | None = None) -> DecodedVideo:
+                 several_streams: bool = False, reduced_pass_bytes: int | None = None,
+                 given_up: threading.Event | None = None) -> DecodedVideo:
     """Decode the union of ``requests`` once, trying each backend until one succeeds.
 
     Args:
@@ -782,6 +795,8 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
             own FFmpeg ranks best, which was another one in a file whose second stream is the default.
         reduced_pass_bytes: where one pass over every request would decode more than this, the requests with a
             ``max_side`` smaller than the decode size are decoded in a second pass at that size (``_passes``).
+        given_up: set by the rank's watchdog when it lets the item go (``MediaItem.given_up``): the decode stops
+            and ``ItemTimeout`` is raised.
 
     Returns:
         The decoded frames and their plan.
@@ -828,8 +843,8 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
 
     for backend in backends:
         try:
-            return _with_deadline(lambda stop, b=backend: attempt(b, stop), backend.name, timeout_s)
-        except DecodeTimeout:
+            return _with_deadline(lambda stop, b=backend: attempt(b, stop), backend.name, timeout_s, given_up)
+        except (DecodeTimeout, ItemTimeout):
             raise
         except Exception as e:  # noqa: BLE001 - any backend failure means: try the next backend
             errors.append(f"{backend.name}: {type(e).__name__}: {str(e)[:300]}")

@@ -106,6 +106,21 @@ def test_results_do_not_depend_on_batching(long_speech, vad):
     assert both[0].duration_s == pytest.approx(30.0)
 
 
+def test_an_audio_decode_stops_when_its_item_is_given_up(tmp_path):
+    # The oracle: the same file decodes without the event set, and raises at its first frame with it set, so the
+    # decode of a stuck item's audio does not go on for a row nobody writes.
+    import threading
+
+    from pipeline.errors import ItemTimeout
+
+    path = synthetic.speech_wav(str(tmp_path / "s.wav"), "Given up.")
+    given_up = threading.Event()
+    assert len(decode_audio(path, given_up=given_up)) > 0
+    given_up.set()
+    with pytest.raises(ItemTimeout, match="given up"):
+        decode_audio(path, given_up=given_up)
+
+
 def test_eight_khz_and_any_input_rate(tmp_path, vad):
     path = synthetic.speech_wav(str(tmp_path / "s44.wav"), "Testing another sample rate, with two channels.",
                                 rate_hz=44100)

@@ -313,11 +313,15 @@ def test_urls_whose_filesystem_is_not_installed_stop_the_job_before_work(tmp_pat
     assert not (out / "parts").exists() and not (out / "_lease.json").exists()
 
 
-def test_an_item_that_hangs_gets_a_timeout_row_and_the_rank_goes_on(tmp_path, media_dir):
+def test_an_item_that_hangs_gets_a_timeout_row_and_the_rank_goes_on(tmp_path, media_dir, caplog):
     """A file that sends a decoder into a loop must not stall the rank (and, on every rerun, the job): past
     ``runtime.item_timeout_s`` it gets an ``ItemTimeout`` row, a fresh consumer takes the stuck one's place, and the
-    stuck thread's late result, when it comes, is dropped (one row per item)."""
+    stuck thread's late result, when it comes, is dropped (one row per item); the filters after the one it hung in
+    do not run for it (before, they did, for nobody)."""
+    import logging
     import time
+
+    caplog.set_level(logging.DEBUG, logger="pipeline.runner")
 
     rows = make_corpus(str(tmp_path / "c"), media_dir, 12)
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
@@ -337,6 +341,10 @@ def test_an_item_that_hangs_gets_a_timeout_row_and_the_rank_goes_on(tmp_path, me
     assert "in filter 'noop'" in failed["id-0001"]["error_message"]
     assert "in filter 'slow'" in failed["id-0004"]["error_message"]
     assert outcome.summary["total"]["succeeded"] == 10
+    skipped = "item id-0001: given up by the watchdog; its filters from 'slow' on are skipped"
+    while skipped not in caplog.text and time.monotonic() - started < hang["id-0001"] + 30:
+        time.sleep(0.1)  # the stuck thread comes back from 'noop' 2 s in, maybe after the run ended
+    assert skipped in caplog.text
 
 
 def test_item_timeout_must_be_below_the_stall_timeout(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from pipeline.errors import DecodeError, DecodeTimeout
+from pipeline.errors import DecodeError, DecodeTimeout, ItemTimeout
 from pipeline.media import synthetic
 from pipeline.video.decoders import (DecodeCancelled, available_backends, backend_order, decode_video,
                                      decodes_past_deadline, resize_frames)
@@ -215,6 +215,20 @@ def test_timed_out_decode_stops(slow_clip, name, caplog):
         time.sleep(0.02)
     assert decodes_past_deadline() == 0
     assert "a decode given up at its deadline stopped" in caplog.text
+
+
+def test_a_decode_stops_when_its_item_is_given_up(slow_clip):
+    # The rank's watchdog gives an item up (runtime.item_timeout_s) on its own clock: the decode stops then, well
+    # before its own deadline, instead of going on for a row nobody writes.
+    given_up = threading.Event()
+    threading.Timer(0.05, given_up.set).start()
+    start = time.monotonic()
+    with pytest.raises(ItemTimeout, match="given up"):
+        decode_video(slow_clip, [EveryK(1)], available_backends(("pyav",)), timeout_s=60, given_up=given_up)
+    assert time.monotonic() - start < 5
+    while decodes_past_deadline() and time.monotonic() - start < 10:
+        time.sleep(0.02)
+    assert decodes_past_deadline() == 0
 
 
 def test_stuck_decodes_do_not_starve_others(clips):
