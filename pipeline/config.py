@@ -235,6 +235,11 @@ class VideoConfig:
     1.8): the second pass decodes again what lies near the first's frames. None: always one pass."""
     decode_max_side: int | None = None
     """Decode downscaled so the long side is at most this (None: source size); outputs stay in source pixels."""
+    square_pixels: bool = True
+    """Decode anamorphic video (a sample aspect ratio other than 1: DVD, HDV, some broadcast) with square pixels,
+    shrinking the stretched side, so the filters and models see shapes as a player shows them (a circle round, not
+    squeezed by a quarter); crop boxes and regions stay in stored pixels, as ``ffmpeg -vf crop`` takes them.
+    False: the stored pixels."""
     decode_timeout_s: float = 120.0
     """Per-item, per-backend limit on reading the file's frame index and decoding; past it the item fails with
     DecodeTimeout and its decode stops at the next frame (PyAV) or slice of 32 frames (decord, torchcodec) instead

@@ -77,7 +77,8 @@ class YoloRegionsParams:
     """Keep the crop inside the content box: off black bars, text on them, and a blurred copy of the picture
     filling them (``frames_content_box`` with ``blur_fill``)."""
     aspect_min: float = 0.0
-    """Allowed crop aspect ratio (width / height) ..."""
+    """Allowed crop aspect ratio (width / height) of the picture as shown (anamorphic pixels counted at their
+    sample aspect ratio; the box itself is in stored pixels) ..."""
     aspect_max: float = 100.0
     """... range."""
     crop_output: str | None = None
@@ -211,7 +212,8 @@ class YoloRegionsFilter(VideoFilter):
             x, y, w, h = frames_content_box(frames, ctx.device, BlackBorderParams.threshold,
                                             BlackBorderParams.min_fraction, blur_fill=True).box
             content = ((x + ox) * sx, (y + oy) * sy, (x + ox + w) * sx, (y + oy + h) * sy)
-        crop = safe_crop(W, H, [r.box for r in regions], content, p.aspect_min, p.aspect_max)
+        sar = media.info.video.sample_aspect_ratio or 1.0  # the allowed aspect is the picture's, as shown
+        crop = safe_crop(W, H, [r.box for r in regions], content, p.aspect_min / sar, p.aspect_max / sar)
         uri = None
         if p.crop_output and crop[2] > crop[0] and crop[3] > crop[1]:
             uri = self._write_crop(media, crop)

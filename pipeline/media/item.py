@@ -80,7 +80,9 @@ class MediaItem:
                                                max_bytes=cfg.max_decoded_bytes, max_side=cfg.decode_max_side,
                                                timeout_s=cfg.decode_timeout_s, random_access=random_access,
                                                reduced_pass_bytes=cfg.reduced_pass_bytes,
-                                               several_streams=self._info.video_streams > 1, given_up=self.given_up)
+                                               several_streams=self._info.video_streams > 1, given_up=self.given_up,
+                                               pixel_aspect=(self._info.video.sample_aspect_ratio
+                                                             if cfg.square_pixels else 1.0))
                 except Exception as e:  # every filter of this item sees the same decode failure
                     self._video_error = e
                     raise

@@ -159,11 +159,25 @@ class DecodedVideo:
         return idx / v.meta.fps if v.meta.fps > 0 else idx.astype(float)
 
 
-def _decode_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
-    if not max_side or max(width, height) <= max_side:
+def _decode_size(width: int, height: int, max_side: int | None, pixel_aspect: float = 1.0) -> tuple[int, int]:
+    """The ``(w, h)`` frames are decoded at: square pixels (``square_pixels``), then at most ``max_side`` long."""
+    w, h = square_pixels(width, height, pixel_aspect)
+    if max_side and max(w, h) > max_side:
+        s = max_side / max(w, h)
+        w, h = w * s, h * s
+    if (w, h) == (width, height):
         return width, height
-    s = max_side / max(width, height)
-    return max(2, int(round(width * s / 2)) * 2), max(2, int(round(height * s / 2)) * 2)
+    return max(2, int(round(w / 2)) * 2), max(2, int(round(h / 2)) * 2)
+
+
+def square_pixels(width: int, height: int, pixel_aspect: float) -> tuple[float, float]:
+    """The stored size of a picture whose pixels are ``pixel_aspect`` wide for 1 high (its sample aspect ratio), as
+    square pixels: the stretched side shrinks (HDV's 1440x1080 at 4:3 to 1440x810, NTSC DVD's 720x480 at 32:27 to
+    720x405, at 8:9 to 640x480), so the frames show the picture's shapes as a player does and take no more memory.
+    Ratios within 1% of 1 and outside 1:4 to 4:1 (none is real) keep the stored size."""
+    if abs(pixel_aspect - 1.0) < 0.01 or not 0.25 <= pixel_aspect <= 4.0:
+        return width, height
+    return (width, height / pixel_aspect) if pixel_aspect > 1 else (width * pixel_aspect, height)
 
 
 class _Handoff:
@@ -709,7 +723,8 @@ GIVEN_UP_POLL_S = 0.25
 
 
 def _passes(requests: list[FrameRequest], meta: VideoMeta, offset: float, max_side: int | None,
-            reduced_pass_bytes: int | None) -> list[tuple[list[FrameRequest], FramePlan, tuple[int, int]]]:
+            reduced_pass_bytes: int | None,
+            pixel_aspect: float = 1.0) -> list[tuple[list[FrameRequest], FramePlan, tuple[int, int]]]:
     """How the requests are decoded: ``(requests, plan, size)`` per pass. One pass at the decode size, unless it
     would decode more than ``reduced_pass_bytes`` and some requests need fewer pixels (``_size_needed``: the
     frame-difference and histogram filters sample 4 frames a second at a long side of 256 or less, a classifier
@@ -717,7 +732,7 @@ def _passes(requests: list[FrameRequest], meta: VideoMeta, offset: float, max_si
     and the others one at the decode size (``VideoConfig.reduced_pass_bytes`` has the figures). The second pass
     decodes again the frames near those of the first (a seek lands on a keyframe), which is why short clips keep
     one pass."""
-    size = _decode_size(meta.width, meta.height, max_side)
+    size = _decode_size(meta.width, meta.height, max_side, pixel_aspect)
     plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
     need = {r: _size_needed(r, size) for r in requests}
     small = [r for r in requests if need[r] is not None and max(need[r]) < max(size)]
@@ -773,7 +788,7 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
                  max_frames: int = 8192, max_pixels: int = 8192 * 4320, max_side: int | None = None,
                  timeout_s: float = 120.0, max_bytes: int = 8 << 30, random_access: bool = True,
                  several_streams: bool = False, reduced_pass_bytes: int | None = None,
-                 given_up: threading.Event | None = None) -> DecodedVideo:
+                 given_up: threading.Event | None = None, pixel_aspect: float = 1.0) -> DecodedVideo:
     """Decode the union of ``requests`` once, trying each backend until one succeeds.
 
     Args:
@@ -797,6 +812,8 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
             ``max_side`` smaller than the decode size are decoded in a second pass at that size (``_passes``).
         given_up: set by the rank's watchdog when it lets the item go (``MediaItem.given_up``): the decode stops
             and ``ItemTimeout`` is raised.
+        pixel_aspect: the stream's sample aspect ratio (``probe``'s ``sample_aspect_ratio``): anamorphic frames are
+            decoded with square pixels (``square_pixels``); ``scale`` maps results back to stored pixels.
 
     Returns:
         The decoded frames and their plan.
@@ -822,7 +839,7 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
             raise DecodeError(f"no frames ({meta})")
         if meta.width * meta.height > max_pixels:
             raise DecodeError(f"{meta.width}x{meta.height} is over video.max_pixels={max_pixels}")
-        passes = _passes(requests, meta, offset, max_side, reduced_pass_bytes)
+        passes = _passes(requests, meta, offset, max_side, reduced_pass_bytes, pixel_aspect)
         frames_needed = sum(len(plan.indices) for _, plan, _ in passes)
         if frames_needed > max_frames:
             raise DecodeError(f"frame plan needs {frames_needed} frames, over video.max_frames={max_frames}")

@@ -556,3 +556,37 @@ def test_sharpness_of_a_sliver_of_content_keeps_pixels_to_measure():
     f = SharpnessFilter("sharpness", SharpnessParams())
     got = f.apply_video(_decoded(frames, f.frame_requests()), None, FilterContext("cpu", None))
     assert got["laplacian_var"] > 60 and not got["blurry"]  # random texture: sharp
+
+
+@pytest.fixture(scope="module")
+def anamorphic(tmp_path_factory):
+    """A white 80x80 square on grey, letterboxed by 30-pixel bars in a 320x240 picture, stored as DVD and HDV store
+    a wide picture: squeezed to 240x240 pixels that are 4:3 wide (a sample aspect ratio of 4:3)."""
+    return synthetic.lavfi_clip(str(tmp_path_factory.mktemp("anamorphic") / "sq.mp4"), "color=gray:size=320x180:rate=25",
+                                1.0, "drawbox=x=120:y=50:w=80:h=80:color=white:t=fill,pad=320:240:0:30:black,"
+                                     "scale=240:240,setsar=4/3")
+
+
+def _square_size(frame):
+    """(width, height) of the white square in an RGB frame."""
+    ys, xs = (frame.float().mean(-1) > 220).nonzero(as_tuple=True)
+    return int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+
+
+@pytest.mark.parametrize("backend", ["decord", "torchcodec", "pyav"])
+def test_anamorphic_video_is_decoded_with_square_pixels(anamorphic, backend):
+    """The filters and models see the square square, as a player shows it (before: 60x80 pixels, a quarter
+    squeezed); the bars' crop box stays in stored pixels, where ``ffmpeg -vf crop`` takes it."""
+    square, item = _all_five(anamorphic, backends=(backend,))
+    stored, item_stored = _all_five(anamorphic, backends=(backend,), square_pixels=False)
+    frames = item.video().frames
+    assert frames.shape[1:3] == (180, 240) and item.video().scale == pytest.approx((1.0, 4 / 3))
+    w, h = _square_size(frames[0])
+    assert (w, h) == (pytest.approx(60, abs=2), pytest.approx(60, abs=2))
+    assert item_stored.video().frames.shape[1:3] == (240, 240)
+    assert _square_size(item_stored.video().frames[0]) == (pytest.approx(60, abs=2), pytest.approx(80, abs=2))
+    crop = square["black_borders"]["crop"]
+    assert crop == stored["black_borders"]["crop"] or all(
+        abs(crop[k] - stored["black_borders"]["crop"][k]) <= 2 for k in "xywh")
+    assert (crop["x"], crop["w"]) == (0, 240) and abs(crop["y"] - 30) <= 2 and abs(crop["h"] - 180) <= 2
+    assert square["black_borders"]["letterbox"] and not square["black_borders"]["pillarbox"]

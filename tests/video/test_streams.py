@@ -77,8 +77,9 @@ def test_the_default_audio_track_is_the_one_decoded(tmp_path):
 
 
 def test_probe_reports_non_square_pixels_and_interlacing(tmp_path):
-    """DVD-style anamorphic video stores a wide picture in narrow pixels; broadcast MPEG-2 is interlaced. Neither
-    changes the frames the filters see (the stored pixels, as decord and FFmpeg hand them out); the row says so."""
+    """DVD-style anamorphic video stores a wide picture in narrow pixels; broadcast MPEG-2 is interlaced. The row
+    says so (the frames the filters see have square pixels: ``test_anamorphic_video_is_decoded_with_square_pixels``;
+    interlaced frames are not deinterlaced)."""
     wide = str(tmp_path / "wide.mp4")
     synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=1", "-vf", "setsar=32/27",
                        "-c:v", "libx264", "-pix_fmt", "yuv420p", wide])

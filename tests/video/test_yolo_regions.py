@@ -295,3 +295,21 @@ def test_crop_encodes_in_the_cache_scratch_not_next_to_a_read_only_source(tmp_pa
         assert sorted(os.listdir(src)) == ["lb.mp4"] and os.listdir(tmp_path / "cache" / ".tmp") == []
     finally:
         subprocess.run(["umount", "-l", str(src)], check=False)
+
+
+def test_the_allowed_crop_aspect_is_the_picture_as_shown(tmp_path, yolo_pt):
+    """On anamorphic video (240x240 stored pixels 4:3 wide: a 320x240 picture, letterboxed to 320x180 by 30-pixel
+    bars) a 16:9 crop is 16:9 as shown, 4:3 in stored pixels: the content box whole. Before, the aspect was taken in
+    stored pixels and the crop cut the picture to 240x134."""
+    from pipeline.media import synthetic
+
+    clip = synthetic.lavfi_clip(str(tmp_path / "sq.mp4"), "testsrc2=size=320x180:rate=25", 1.0,
+                                "pad=320:240:0:30:black,scale=240:240,setsar=4/3")
+    f = _setup(tmp_path, yolo_pt, conf=1.0, step=5, aspect_min=1.7, aspect_max=1.8)  # conf 1: no detection
+    for square in (True, False):  # the crop is a property of the picture, not of how it was decoded
+        item = MediaItem("x", clip, 0, f.frame_requests(), VideoConfig(square_pixels=square),
+                         available_backends(("pyav",)))
+        out = f.apply(item, FilterContext("cpu", None))
+        c = out["crop"]
+        assert out["regions"] == [] and c["w"] * 4 / 3 / c["h"] == pytest.approx(16 / 9, rel=0.02)
+        assert c["x"] == 0 and c["w"] == 240 and abs(c["y"] - 30) <= 2 and abs(c["h"] - 180) <= 2
