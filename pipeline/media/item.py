@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
+from pipeline.errors import DecodeError
 from pipeline.media.probe import MediaInfo, probe_media
 
 if TYPE_CHECKING:
@@ -71,6 +72,10 @@ class MediaItem:
                 from pipeline.video.decoders import decode_video, seeks_frame_exactly
 
                 cfg = self.video_config or VideoConfig()
+                v = self._info.video
+                if v.width * v.height > cfg.max_pixels:  # before any backend opens it (decord decodes a frame)
+                    self._video_error = DecodeError(f"{v.width}x{v.height} is over video.max_pixels={cfg.max_pixels}")
+                    raise self._video_error
                 device = self.device if cfg.decode_device == "cuda" else "cpu"
                 random_access = seeks_frame_exactly(self._info.container, self._info.video.codec,
                                                     cfg.random_access_containers, cfg.random_access_codecs)

@@ -149,6 +149,36 @@ def test_caps_refuse_hostile_plans(clips):
     assert small.frames.shape == (10, 120, 160, 3)  # decoding smaller fits under the same cap
 
 
+def test_an_item_over_max_pixels_fails_before_any_backend_opens_it(clips):
+    """The probe's size decides: before, every backend opened the file in turn (decord decoding a full frame of it,
+    768 MB for a 16K x 16K picture) to find the same."""
+    from pipeline.config import VideoConfig
+    from pipeline.media.item import MediaItem
+
+    opened = []
+
+    class Watched:
+        name = "watched"
+
+        def __init__(self):
+            self.real = available_backends(("pyav",))[0]
+
+        def meta(self, path, stop=None):
+            opened.append(path)
+            return self.real.meta(path, stop=stop)
+
+        def decode(self, *args, stop=None):
+            return self.real.decode(*args, stop=stop)
+
+    item = MediaItem("x", clips["h264"], 0, [Uniform(2)], VideoConfig(max_pixels=320 * 239), [Watched()])
+    for _ in range(2):  # every filter of the item sees the one error
+        with pytest.raises(DecodeError, match=r"320x240 is over video.max_pixels=76480"):
+            item.video()
+    assert opened == []
+    assert MediaItem("x", clips["h264"], 0, [Uniform(2)], VideoConfig(), [Watched()]).video().frames.shape[0] == 2
+    assert opened == [clips["h264"]]
+
+
 def test_decode_timeout(clips):
     class SlowBackend:  # the backend interface, with a decode that hangs
         name = "slow"
