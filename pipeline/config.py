@@ -240,6 +240,10 @@ class VideoConfig:
     shrinking the stretched side, so the filters and models see shapes as a player shows them (a circle round, not
     squeezed by a quarter); crop boxes and regions stay in stored pixels, as ``ffmpeg -vf crop`` takes them.
     False: the stored pixels."""
+    tone_map: bool = True
+    """HDR video (``probe.video.hdr``: a PQ or HLG transfer) is tone-mapped to SDR BT.709 after decoding, before any
+    filter or model sees it (``pipeline.video.tonemap``): its pixels as coded are flat and grey, and its exposure,
+    sharpness and model inputs meant something else than for SDR video. False: the pixels as coded."""
     decode_timeout_s: float = 120.0
     """Per-item, per-backend limit on reading the file's frame index and decoding; past it the item fails with
     DecodeTimeout and its decode stops at the next frame (PyAV) or slice of 32 frames (decord, torchcodec) instead

@@ -91,6 +91,12 @@ class MediaItem:
                 except Exception as e:  # every filter of this item sees the same decode failure
                     self._video_error = e
                     raise
+                if cfg.tone_map and v.hdr:  # PQ or HLG pixels as coded are flat and grey: the filters see SDR
+                    from pipeline.video.tonemap import tone_map_
+
+                    for decoded in (self._video, self._video.reduced):
+                        if decoded is not None:
+                            tone_map_(decoded.frames, v.color_transfer)
                 self._video_done = True
                 self.decode_backend = self._video.backend
                 self.frames_decoded = self._video.frames_decoded

@@ -17,8 +17,8 @@ class VideoStreamInfo:
 
     The colour description, as ffprobe names it (None where the file does not say): ``color_range`` (``tv``:
     limited, ``pc``: full), ``color_primaries``, ``color_transfer`` and ``color_space`` (the YUV matrix). ``hdr`` is
-    a PQ (``smpte2084``) or HLG (``arib-std-b67``) transfer: its pictures reach the filters as coded, without tone
-    mapping, so they look flat and grey, and the scores of the signal filters and models mean less on them."""
+    a PQ (``smpte2084``) or HLG (``arib-std-b67``) transfer: its pictures are tone-mapped to SDR before the filters
+    see them (``video.tone_map``, ``pipeline.video.tonemap``); as coded they look flat and grey."""
 
     codec: str
     width: int
