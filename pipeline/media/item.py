@@ -77,8 +77,8 @@ class MediaItem:
                     self._video_error = DecodeError(f"{v.width}x{v.height} is over video.max_pixels={cfg.max_pixels}")
                     raise self._video_error
                 device = self.device if cfg.decode_device == "cuda" else "cpu"
-                random_access = seeks_frame_exactly(self._info.container, self._info.video.codec,
-                                                    cfg.random_access_containers, cfg.random_access_codecs)
+                random_access = seeks_frame_exactly(self._info.container, v.codec, cfg.random_access_containers,
+                                                    cfg.random_access_codecs)
                 try:
                     self._video = decode_video(self.local_path, self.frame_requests, self.backends, device=device,
                                                max_frames=cfg.max_frames, max_pixels=cfg.max_pixels,
@@ -86,17 +86,16 @@ class MediaItem:
                                                timeout_s=cfg.decode_timeout_s, random_access=random_access,
                                                reduced_pass_bytes=cfg.reduced_pass_bytes,
                                                several_streams=self._info.video_streams > 1, given_up=self.given_up,
-                                               pixel_aspect=(self._info.video.sample_aspect_ratio
-                                                             if cfg.square_pixels else 1.0))
+                                               pixel_aspect=v.sample_aspect_ratio if cfg.square_pixels else 1.0)
+                    if cfg.tone_map and v.hdr:  # PQ or HLG pixels as coded are flat and grey: the filters see SDR
+                        from pipeline.video.tonemap import tone_map_
+
+                        for decoded in (self._video, self._video.reduced):
+                            if decoded is not None:
+                                tone_map_(decoded.frames, v.color_transfer)
                 except Exception as e:  # every filter of this item sees the same decode failure
                     self._video_error = e
                     raise
-                if cfg.tone_map and v.hdr:  # PQ or HLG pixels as coded are flat and grey: the filters see SDR
-                    from pipeline.video.tonemap import tone_map_
-
-                    for decoded in (self._video, self._video.reduced):
-                        if decoded is not None:
-                            tone_map_(decoded.frames, v.color_transfer)
                 self._video_done = True
                 self.decode_backend = self._video.backend
                 self.frames_decoded = self._video.frames_decoded
