@@ -218,3 +218,13 @@ def test_a_real_cuda_out_of_memory_splits_the_batch():
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("transfer", ["smpte2084", "arib-std-b67"])
+def test_tone_mapping_on_cuda_equals_cpu(transfer):
+    # NVDEC frames stay on the GPU, so the look-up table is built and read there: the same bytes as on the CPU
+    from pipeline.video.tonemap import tone_map_
+
+    frames = torch.randint(0, 256, (4, 270, 480, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    on_gpu = tone_map_(frames.cuda(), transfer).cpu()
+    assert torch.equal(on_gpu, tone_map_(frames.clone(), transfer))
