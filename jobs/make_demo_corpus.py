@@ -39,6 +39,14 @@ def make_corpus(out: str) -> str:
     add("still_speech", "video/still.mp4", "still image with speech")
     synthetic.letterboxed_clip(os.path.join(corpus, "video/letterbox.mp4"), seconds=3.0, subtitle="Subtitles on the bar")
     add("letterbox", "video/letterbox.mp4", "black bars, a subtitle on the bottom bar")
+    synthetic.lavfi_clip(os.path.join(corpus, "video/anamorphic.mp4"), "testsrc2=size=720x405:rate=25", 3.0,
+                         "scale=720:480,setsar=32/27")  # a 16:9 picture in NTSC DVD's 720x480 pixels
+    add("anamorphic", "video/anamorphic.mp4", "16:9 in non-square pixels, as DVD stores it")
+    if synthetic.has_zscale():
+        synthetic.hdr_copy(os.path.join(corpus, "video/motion_0.mp4"), os.path.join(corpus, "video/hdr_pq.mp4"))
+        add("hdr_pq", "video/hdr_pq.mp4", "HDR10 (PQ, BT.2020) made from motion_0")
+    else:
+        print("this ffmpeg has no zscale (libzimg): the demo has no HDR clip")
     synthetic.speech_wav(os.path.join(corpus, "audio/speech.wav"), SPEECH)
     add("speech", "audio/speech.wav", "speech")
     for name, path in synthetic.broken_files(os.path.join(corpus, "broken")).items():

@@ -218,3 +218,18 @@ def long_speech_wav(path: str, repeats: int = 2, rate_hz: int = 16000, words_per
     """Real speech of several paragraphs (espeak-ng), ``repeats`` times over, with natural sentence pauses."""
     text = " ".join(PARAGRAPHS * repeats)
     return speech_wav(path, text, rate_hz, words_per_min)
+
+
+def has_zscale() -> bool:
+    """Whether the ffmpeg CLI has the ``zscale`` filter (libzimg), which ``hdr_copy`` needs."""
+    out = subprocess.run([_need("ffmpeg"), "-hide_banner", "-filters"], capture_output=True, text=True).stdout
+    return " zscale " in out
+
+
+def hdr_copy(src: str, dst: str, transfer: str = "smpte2084") -> str:
+    """``src`` (SDR BT.709) as 10-bit BT.2020 HDR video in ``transfer`` (``smpte2084``: PQ, ``arib-std-b67``: HLG),
+    by FFmpeg's display-referred mapping with SDR white at 203 nits (ITU-R BT.2408), tagged as HDR cameras tag it."""
+    _ffmpeg(["-i", src, "-vf", f"zscale=tin=709:min=709:pin=709:rin=tv:t={transfer}:m=2020_ncl:p=2020:r=tv:npl=203,"
+             "format=yuv420p10le", "-c:v", "libx264", "-preset", "ultrafast", "-crf", "12", "-profile:v", "high10",
+             "-color_primaries", "bt2020", "-color_trc", transfer, "-colorspace", "bt2020nc", dst])
+    return dst

@@ -1,8 +1,6 @@
 """HDR (PQ and HLG) frames tone-mapped to SDR before the filters see them, on clips made from an SDR source by
 FFmpeg's own display-referred mapping (zscale, SDR white at 203 nits): the SDR source is the oracle."""
 
-import subprocess
-
 import numpy as np
 import pytest
 import torch
@@ -18,21 +16,7 @@ from pipeline.video.tonemap import tone_map_
 TRANSFERS = ("smpte2084", "arib-std-b67")
 
 
-def _has_zscale() -> bool:
-    out = subprocess.run(["ffmpeg", "-hide_banner", "-filters"], capture_output=True, text=True).stdout
-    return " zscale " in out
-
-
-pytestmark = pytest.mark.skipif(not _has_zscale(), reason="this ffmpeg has no zscale (libzimg) to make HDR clips")
-
-
-def _hdr_copy(src: str, dst: str, transfer: str) -> str:
-    """``src`` (SDR BT.709) as 10-bit BT.2020 HDR in ``transfer``, SDR white at 203 nits (ITU-R BT.2408)."""
-    synthetic._ffmpeg(["-i", src, "-vf", f"zscale=tin=709:min=709:pin=709:rin=tv:t={transfer}:m=2020_ncl:p=2020:"
-                       "r=tv:npl=203,format=yuv420p10le", "-c:v", "libx264", "-preset", "ultrafast", "-crf", "12",
-                       "-profile:v", "high10", "-color_primaries", "bt2020", "-color_trc", transfer,
-                       "-colorspace", "bt2020nc", dst])
-    return dst
+pytestmark = pytest.mark.skipif(not synthetic.has_zscale(), reason="this ffmpeg has no zscale (libzimg) for HDR clips")
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +30,8 @@ def clips(tmp_path_factory):
            "ramp": synthetic.lavfi_clip(str(d / "ramp.mp4"), "nullsrc=size=256x32:rate=25", 0.2,
                                         "geq=lum='16+X*219/255':cb=128:cr=128", extra=tagged)}
     for t in TRANSFERS:
-        out[t] = _hdr_copy(out["sdr"], str(d / f"{t}.mp4"), t)
-        out[f"ramp-{t}"] = _hdr_copy(out["ramp"], str(d / f"ramp-{t}.mp4"), t)
+        out[t] = synthetic.hdr_copy(out["sdr"], str(d / f"{t}.mp4"), t)
+        out[f"ramp-{t}"] = synthetic.hdr_copy(out["ramp"], str(d / f"ramp-{t}.mp4"), t)
     return out
 
 
