@@ -85,8 +85,8 @@ _TABLES_LOCK = threading.Lock()
 
 def _table(transfer: str, device: torch.device) -> torch.Tensor:
     """``_map`` of every 8-bit RGB triple, made once per transfer and device in a process: ``[2**24]`` int32 whose
-    bytes are the SDR R, G, B and a pad (64 MiB; about a second to make here). A look-up per pixel costs 17 ms per
-    1080p frame on this CPU, the arithmetic 196 ms."""
+    bytes are the SDR R, G, B and a pad (64 MiB; about a second to make here). A look-up per pixel costs 17-20 ms per
+    1080p frame on this CPU, the arithmetic 200-400 ms (``bench_tonemap.py``)."""
     key = (transfer, str(device))
     with _TABLES_LOCK:
         if key not in _TABLES:
