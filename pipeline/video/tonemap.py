@@ -116,6 +116,6 @@ def tone_map_(frames: torch.Tensor, transfer: str) -> torch.Tensor:
     flat = looked_up.view(torch.int32).view(-1)
     for frame in frames:
         c = frame.to(torch.int32)
-        torch.index_select(table, 0, ((c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]).view(-1), out=flat)
+        torch.index_select(table, 0, ((c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]).reshape(-1), out=flat)
         frame.copy_(looked_up[..., :3])
     return frames

@@ -99,3 +99,6 @@ def test_the_look_up_table_is_the_arithmetic(transfer):
 
     frames = torch.randint(0, 256, (3, 40, 50, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     assert torch.equal(tone_map_(frames.clone(), transfer), _map(frames, transfer))
+    planar = frames.permute(0, 3, 1, 2).contiguous()  # a decoder's NHWC view of planar frames: mapped in place too
+    tone_map_(planar.permute(0, 2, 3, 1), transfer)
+    assert torch.equal(planar.permute(0, 2, 3, 1), _map(frames, transfer))
