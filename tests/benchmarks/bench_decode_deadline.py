@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -102,27 +101,17 @@ def main() -> int:
         os._exit(0)  # the hung threads of the last measure must not hold the process
     sys.path.insert(0, ROOT)
     from pipeline.media import synthetic
+    from tests.benchmarks.baseline import run_side, worktree
 
     work = tempfile.mkdtemp(prefix="bench-deadline-")
     clip = synthetic.lavfi_clip(os.path.join(work, "long.mp4"), "testsrc2=size=1280x720:rate=25", args.seconds)
     short = synthetic.lavfi_clip(os.path.join(work, "short.mp4"), seconds=1.0)
+    side_args = ["--clips", clip, short, "--timeout", str(args.timeout)]
     sides = {}
-    trees = [(args.baseline, None)] if args.baseline else []
-    for name, tree in trees + [("this checkout", ROOT)]:
-        if tree is None:
-            tree = tempfile.mkdtemp(prefix="bench-baseline-")
-            subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", tree, name], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            result = os.path.join(work, "side.json")
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--code", tree, "--clips", clip, short,
-                            "--timeout", str(args.timeout), "--json", result], check=True, cwd=tree,
-                           stderr=subprocess.DEVNULL)
-            with open(result) as f:
-                sides[name] = json.load(f)
-        finally:
-            if tree != ROOT:
-                subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree], check=False)
+    if args.baseline:
+        with worktree(args.baseline) as tree:
+            sides[args.baseline] = run_side(__file__, tree, side_args, quiet=True)
+    sides["this checkout"] = run_side(__file__, ROOT, side_args, quiet=True)
     print(f"a {args.seconds:g} s 1280x720 clip, every frame asked for, given up at {args.timeout:g} s")
     print(f"{'backend':<12}" + "".join(f"{n + ': ran on / CPU':>34}" for n in sides))
     for b in BACKENDS:

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,14 +78,6 @@ def added(old: list, new: list) -> set[str]:
     return {k for o, n in zip(old, new) if isinstance(o, dict) and isinstance(n, dict) for k in n.keys() - o.keys()}
 
 
-def _in_process(code: str, clips: list[str], repeats: int) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--code", code, "--media-files", *clips,
-                        "--repeats", str(repeats), "--json", out.name], check=True)
-        with open(out.name) as f:
-            return json.load(f)
-
-
 def _clips(directory: str | None) -> list[str]:
     if directory:
         return [os.path.join(directory, n) for n in sorted(os.listdir(directory))]
@@ -119,16 +110,15 @@ def main() -> int:
         now = measure(ROOT, clips, args.repeats)
         sides = {"this checkout": now}
     else:
-        tree = tempfile.mkdtemp(prefix="bench-baseline-")
-        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", tree, args.baseline], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            runs = {args.baseline: [], "this checkout": []}
+        sys.path.insert(0, ROOT)
+        from tests.benchmarks.baseline import run_side, worktree
+
+        side_args = ["--media-files", *clips, "--repeats", str(args.repeats)]
+        runs = {args.baseline: [], "this checkout": []}
+        with worktree(args.baseline) as tree:
             for _ in range(args.rounds):
-                runs[args.baseline].append(_in_process(tree, clips, args.repeats))
-                runs["this checkout"].append(_in_process(ROOT, clips, args.repeats))
-        finally:
-            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree], check=False)
+                runs[args.baseline].append(run_side(__file__, tree, side_args))
+                runs["this checkout"].append(run_side(__file__, ROOT, side_args))
         sides = {}
         for name, rs in runs.items():
             side = dict(rs[0])
