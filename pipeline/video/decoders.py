@@ -282,12 +282,12 @@ class TorchcodecBackend:
                            device=device)
         m = dec.metadata
         per_call = min(NVDEC_SLICE, per_group(int(m.width or 1) * int(m.height or 1) * 3, NVDEC_SLICE_BYTES))
-        parts = []
-        for i in range(0, len(indices), per_call):
-            _check(stop)
-            frames = dec.get_frames_at(indices[i:i + per_call]).data
-            parts.append(resize_frames(frames, size) if resize else frames)
-        frames = torch.cat(parts)
+
+        def decoded(part: list[int]) -> torch.Tensor:
+            got = dec.get_frames_at(part).data
+            return resize_frames(got, size) if resize else got
+
+        frames = _in_slices(decoded, indices, stop, per_call)
         fallback = getattr(dec, "cpu_fallback", None)
         if fallback:
             _log_nvdec_fallback(str(fallback))
@@ -647,22 +647,22 @@ calls a given-up decode stops. A call is one native step that cannot be interrup
 third of a second here)."""
 
 
-def _in_slices(get: Callable[[list[int]], torch.Tensor], indices: list[int],
-               stop: threading.Event | None) -> torch.Tensor:
-    """``get(indices)`` (frames ``[n, h, w, 3]``), ``DECODE_SLICE`` indices at a time, checking ``stop`` before each
+def _in_slices(get: Callable[[list[int]], torch.Tensor], indices: list[int], stop: threading.Event | None,
+               per_call: int = DECODE_SLICE) -> torch.Tensor:
+    """``get(indices)`` (frames ``[n, h, w, 3]``), ``per_call`` indices at a time, checking ``stop`` before each
     call; the slices are copied into one tensor as they come (the frames are not held twice)."""
     _check(stop)
-    if len(indices) <= DECODE_SLICE:
+    if len(indices) <= per_call:
         return get(indices)
     out = None
-    for i in range(0, len(indices), DECODE_SLICE):
+    for i in range(0, len(indices), per_call):
         if i:
             _check(stop)
-        part = get(indices[i:i + DECODE_SLICE])
+        part = get(indices[i:i + per_call])
         if out is None:
             out = torch.empty((len(indices), *part.shape[1:]), dtype=part.dtype, device=part.device)
         out[i:i + part.shape[0]] = part
-        if part.shape[0] != len(indices[i:i + DECODE_SLICE]):
+        if part.shape[0] != len(indices[i:i + per_call]):
             return out[:i + part.shape[0]]  # fewer than asked: the caller's count check names it
     return out
 
