@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from pipeline.errors import DecodeError
 from pipeline.media.probe import MediaInfo, probe_media
 
 if TYPE_CHECKING:
@@ -69,17 +68,15 @@ class MediaItem:
                 raise self._video_error
             if not self._video_done:
                 from pipeline.config import VideoConfig
-                from pipeline.video.decoders import decode_video, seeks_frame_exactly
+                from pipeline.video.decoders import check_pixels, decode_video, seeks_frame_exactly
 
                 cfg = self.video_config or VideoConfig()
                 v = self._info.video
-                if v.width * v.height > cfg.max_pixels:  # before any backend opens it (decord decodes a frame)
-                    self._video_error = DecodeError(f"{v.width}x{v.height} is over video.max_pixels={cfg.max_pixels}")
-                    raise self._video_error
                 device = self.device if cfg.decode_device == "cuda" else "cpu"
                 random_access = seeks_frame_exactly(self._info.container, v.codec, cfg.random_access_containers,
                                                     cfg.random_access_codecs)
                 try:
+                    check_pixels(v.width, v.height, cfg.max_pixels)  # before a backend opens it: decord decodes one
                     self._video = decode_video(self.local_path, self.frame_requests, self.backends, device=device,
                                                max_frames=cfg.max_frames, max_pixels=cfg.max_pixels,
                                                max_bytes=cfg.max_decoded_bytes, max_side=cfg.decode_max_side,

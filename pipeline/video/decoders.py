@@ -776,6 +776,12 @@ def _decode_pass(backend, path: str, requests: list[FrameRequest], plan: FramePl
                         start_s=offset)
 
 
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """``DecodeError`` where a ``width`` x ``height`` picture is over ``video.max_pixels``."""
+    if width * height > max_pixels:
+        raise DecodeError(f"{width}x{height} is over video.max_pixels={max_pixels}")
+
+
 def _only(backends: list[object], fit, refusal: str) -> list[object]:
     """The backends that ``fit`` this file; DecodeError(``refusal``) where none does."""
     kept = [b for b in backends if fit(b)]
@@ -837,8 +843,7 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
         meta = backend.meta(path, stop=stop)
         if meta.num_frames <= 0 or meta.width <= 0 or meta.height <= 0:
             raise DecodeError(f"no frames ({meta})")
-        if meta.width * meta.height > max_pixels:
-            raise DecodeError(f"{meta.width}x{meta.height} is over video.max_pixels={max_pixels}")
+        check_pixels(meta.width, meta.height, max_pixels)
         passes = _passes(requests, meta, offset, max_side, reduced_pass_bytes, pixel_aspect)
         frames_needed = sum(len(plan.indices) for _, plan, _ in passes)
         if frames_needed > max_frames:

@@ -17,14 +17,14 @@ import threading
 
 import torch
 
+from pipeline.media.probe import HDR_TRANSFERS
+
 REFERENCE_WHITE_NITS = 203.0
 """HDR reference white (ITU-R BT.2408), shown as SDR white."""
 KNEE = 0.75
 """Linear SDR level (of white) up to which light is kept as it is; above it, highlights roll off towards white."""
 HLG_DISPLAY_NITS = 1000.0
 """The nominal peak of the display an HLG signal is shown on (its OOTF's gamma is 1.2 there)."""
-TRANSFERS = ("smpte2084", "arib-std-b67")
-"""The transfers (as ffprobe names them) that this maps: PQ and HLG."""
 
 _BT2020_TO_BT709 = torch.tensor([[1.6605, -0.5876, -0.0728],
                                  [-0.1246, 1.1329, -0.0083],
@@ -101,14 +101,14 @@ def _table(transfer: str, device: torch.device) -> torch.Tensor:
 
 
 def tone_map_(frames: torch.Tensor, transfer: str) -> torch.Tensor:
-    """Map uint8 RGB ``[N, H, W, 3]`` frames coded in an HDR ``transfer`` (``TRANSFERS``) to SDR BT.709, in place on
+    """Map uint8 RGB ``[N, H, W, 3]`` frames coded in an HDR ``transfer`` (``HDR_TRANSFERS``) to SDR BT.709, in place on
     their device, a frame at a time (``_map`` of each pixel, looked up). Returns ``frames``.
 
     Raises:
         ValueError: a transfer other than PQ or HLG.
     """
-    if transfer not in TRANSFERS:
-        raise ValueError(f"no tone mapping from the transfer {transfer!r} (only {', '.join(TRANSFERS)})")
+    if transfer not in HDR_TRANSFERS:
+        raise ValueError(f"no tone mapping from the transfer {transfer!r} (only {', '.join(sorted(HDR_TRANSFERS))})")
     if frames.shape[0] == 0:
         return frames
     table = _table(transfer, frames.device)
