@@ -38,6 +38,6 @@ class ProbeFilter(Filter):
             "bit_rate": info.bit_rate,
             "video_streams": info.video_streams,
             "audio_streams": info.audio_streams,
-            "video": None if info.video is None else vars(info.video),
+            "video": None if info.video is None else {k: v for k, v in vars(info.video).items() if k != "field_order"},
             "audio": None if info.audio is None else vars(info.audio),
         }

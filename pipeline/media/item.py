@@ -73,6 +73,11 @@ class MediaItem:
                 cfg = self.video_config or VideoConfig()
                 v = self._info.video
                 device = self.device if cfg.decode_device == "cuda" else "cpu"
+                first_field = None
+                if cfg.deinterlace and v.interlaced:
+                    from pipeline.video.deinterlace import first_field as shown_first
+
+                    first_field = shown_first(v.field_order, v.rotation, v.height)
                 random_access = seeks_frame_exactly(self._info.container, v.codec, cfg.random_access_containers,
                                                     cfg.random_access_codecs)
                 try:
@@ -83,7 +88,8 @@ class MediaItem:
                                                timeout_s=cfg.decode_timeout_s, random_access=random_access,
                                                reduced_pass_bytes=cfg.reduced_pass_bytes,
                                                several_streams=self._info.video_streams > 1, given_up=self.given_up,
-                                               pixel_aspect=v.sample_aspect_ratio if cfg.square_pixels else 1.0)
+                                               pixel_aspect=v.sample_aspect_ratio if cfg.square_pixels else 1.0,
+                                               first_field=first_field)
                     if cfg.tone_map and v.hdr:  # PQ or HLG pixels as coded are flat and grey: the filters see SDR
                         from pipeline.video.tonemap import tone_map_
 

@@ -13,7 +13,9 @@ class VideoStreamInfo:
     matrix's counter-clockwise degrees: 0, 90, 180 or 270, set by phone cameras): the size of the frames every
     filter sees and the pixels a crop box refers to. ``sample_aspect_ratio`` is the width of one of those pixels
     over its height (DVD and HDV video store 4:3 or 16:9 pictures in non-square pixels; 1.0 where the file does
-    not say), and ``interlaced`` says that the first frame holds two fields (combing on motion).
+    not say), and ``interlaced`` says that the first frame holds two fields (combing on motion); ``field_order``
+    (ffprobe's ``tt``, ``bb``, ``tb``, ``bt``, ``progressive``; None: not stated) says which is shown first (not a
+    column of the probe filter's row: the decoders use it, ``pipeline.video.deinterlace``).
 
     The colour description, as ffprobe names it (None where the file does not say): ``color_range`` (``tv``:
     limited, ``pc``: full), ``color_primaries``, ``color_transfer`` and ``color_space`` (the YUV matrix). ``hdr`` is
@@ -35,6 +37,7 @@ class VideoStreamInfo:
     color_transfer: str | None = None
     color_space: str | None = None
     hdr: bool = False
+    field_order: str | None = None
 
 
 # ITU-T H.273 code points, by the names FFmpeg gives them (libavutil's av_color_*_name, what ffprobe prints);
@@ -49,6 +52,7 @@ COLOR_SPACES = {0: "gbr", 1: "bt709", 4: "fcc", 5: "bt470bg", 6: "smpte170m", 7:
                 9: "bt2020nc", 10: "bt2020c", 11: "smpte2085", 12: "chroma-derived-nc", 13: "chroma-derived-c",
                 14: "ictcp"}
 HDR_TRANSFERS = frozenset({"smpte2084", "arib-std-b67"})
+FIELD_ORDERS = {1: "progressive", 2: "tt", 3: "bb", 4: "tb", 5: "bt"}  # AVFieldOrder, by ffprobe's names
 
 
 def _color(names: dict[int, str], *sources) -> str | None:
@@ -206,6 +210,7 @@ def probe_media(path: str) -> MediaInfo:
                 fps=float(rate) if rate else None, frames=int(vmain.frames) or None,
                 pix_fmt=ctx.pix_fmt, index=vmain.index,
                 sample_aspect_ratio=float(sar) if sar else 1.0,  # 0:1 and None both mean: not stated
+                field_order=FIELD_ORDERS.get(int(getattr(ctx, "field_order", 0) or 0)),
             )
             if video.width <= 0 or video.height <= 0:
                 raise DecodeError(f"video stream has no size ({video.width}x{video.height})")

@@ -233,3 +233,22 @@ def hdr_copy(src: str, dst: str, transfer: str = "smpte2084") -> str:
              "format=yuv420p10le", "-c:v", "libx264", "-preset", "ultrafast", "-crf", "12", "-profile:v", "high10",
              "-color_primaries", "bt2020", "-color_trc", transfer, "-colorspace", "bt2020nc", dst])
     return dst
+
+
+def moving_box_clip(path: str, size: str = "320x240", fps: int = 50, seconds: float = 1.0,
+                    interlace: str | None = None, codec: tuple[str, ...] = ("-c:v", "libx264", "-crf", "10")) -> str:
+    """A still test card with a moving pattern (testsrc2) crossing it at 12 pixels a frame, over the middle third
+    of its height. ``interlace`` (``tff`` or ``bff``): the same at ``fps`` woven into interlaced frames at half the
+    rate (each frame's first field from frame ``2i`` of the progressive clip, its second from ``2i + 1``), coded as
+    interlaced (``-flags +ilme+ildct``, the field order in the stream), as broadcast and camcorders store it."""
+    w, h = (int(v) for v in size.split("x"))
+    graph = (f"testsrc=size={size}:rate=1:duration=1,loop=-1:1:0,fps={fps},trim=duration={seconds}[bg];"
+             f"testsrc2=size={h // 3}x{h // 3}:rate={fps}:duration={seconds}[fg];"
+             f"[bg][fg]overlay=x='mod(t*{12 * fps}\\,{w - h // 3})':y={h // 3},format=yuv420p")
+    args = ["-filter_complex", graph + (f",interlace=scan={interlace}:lowpass=0" if interlace else "")]
+    if interlace:
+        args += ["-flags", "+ilme+ildct", "-top", "1" if interlace == "tff" else "0"]
+        if "libx264" in codec:
+            args += ["-x264-params", f"{interlace}=1"]
+    _ffmpeg(args + list(codec) + ["-pix_fmt", "yuv420p", path])
+    return path

@@ -5,6 +5,7 @@ A file fails only when every configured backend failed on it; the result says wh
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -23,6 +24,10 @@ from pipeline.video.preprocess import luma_into, per_group
 from pipeline.video.sampling import FramePlan, FrameRequest, make_plan, variable_rate
 
 log = logging.getLogger(__name__)
+
+Prepare = Callable[[torch.Tensor], torch.Tensor]
+"""What a backend applies to each slice of frames it decoded (uint8 ``[n, h, w, 3]`` in, the frames handed out
+back): the deinterlacer, which must see the lines before any vertical scaling mixes the two fields."""
 
 
 @dataclass
@@ -225,13 +230,14 @@ class DecordBackend:
                          ts - ts[0] if ts is not None else None)
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
-               stop: threading.Event | None = None) -> torch.Tensor:
+               stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
         import decord
 
         vr = self._readers.take(path)
         if vr is None or resize:
             vr = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1], num_threads=1)
-        return _in_slices(lambda part: torch.from_numpy(vr.get_batch(part).asnumpy()), indices, stop)
+        return _in_slices(lambda part: torch.from_numpy(vr.get_batch(part).asnumpy()), indices, stop,
+                          prepare=prepare)
 
 
 class TorchcodecBackend:
@@ -262,7 +268,7 @@ class TorchcodecBackend:
                          ts if ts is not None and len(ts) == n else None)
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
-               stop: threading.Event | None = None) -> torch.Tensor:
+               stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
         """On CPU, FFmpeg decodes and resizes. On a GPU, NVDEC decodes at the source size and the frames are resized
         on the device in slices (so at most a slice of source-size frames is on the GPU at once). When torchcodec
         cannot decode the stream with NVDEC (codec, profile or bit depth the chip lacks) it decodes on the CPU
@@ -277,7 +283,7 @@ class TorchcodecBackend:
                 transforms = [Resize(size=(size[1], size[0]))]
             dec = VideoDecoder(path, stream_index=self._stream(path), seek_mode="exact", dimension_order="NHWC",
                                transforms=transforms)
-            return _in_slices(lambda part: dec.get_frames_at(part).data, indices, stop)
+            return _in_slices(lambda part: dec.get_frames_at(part).data, indices, stop, prepare=prepare)
         dec = VideoDecoder(path, stream_index=self._stream(path), seek_mode="exact", dimension_order="NHWC",
                            device=device)
         m = dec.metadata
@@ -285,6 +291,8 @@ class TorchcodecBackend:
 
         def decoded(part: list[int]) -> torch.Tensor:
             got = dec.get_frames_at(part).data
+            if prepare is not None:  # on the device too, at the source size NVDEC decodes at
+                return prepare(got)
             return resize_frames(got, size) if resize else got
 
         frames = _in_slices(decoded, indices, stop, per_call)
@@ -362,22 +370,22 @@ class PyAVBackend:
         return VideoMeta(n, rate, width, height, ts if ts is not None and len(ts) == n else None)
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
-               stop: threading.Event | None = None) -> torch.Tensor:
+               stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
         """Frames by index in presentation order. Where a keyframe lies between two wanted frames the decode seeks
         to it instead of decoding the frames between, and every frame is identified by its timestamp, so a seek
         that lands elsewhere (MPEG-TS, open GOPs) is noticed; where timestamps cannot identify frames (AVI) or a
         seek misses, the whole request is decoded from the start."""
         try:
-            got = self._decode_seeking(path, sorted(set(indices)), size, self._indices.take(path), stop)
+            got = self._decode_seeking(path, sorted(set(indices)), size, self._indices.take(path), stop, prepare)
         except _SeekMiss as e:
             log.debug("pyav: decoding %s from the start: %s", path, e)
         else:
             return torch.from_numpy(np.stack([got[i] for i in indices]))
-        return self._decode_in_order(path, indices, size, stop)
+        return self._decode_in_order(path, indices, size, stop, prepare)
 
     def _decode_seeking(self, path: str, wanted: list[int], size: tuple[int, int],
-                        index_of: _FrameIndex | None = None,
-                        stop: threading.Event | None = None) -> dict[int, np.ndarray]:
+                        index_of: _FrameIndex | None = None, stop: threading.Event | None = None,
+                        prepare: Prepare | None = None) -> dict[int, np.ndarray]:
         import av
 
         index_of = index_of or _FrameIndex.demux(path, stop)
@@ -415,7 +423,7 @@ class PyAVBackend:
                     for pos, frame in frames:
                         _check(stop)
                         if pos == target:
-                            got[target] = _upright_rgb(frame, size)
+                            got[target] = _upright_rgb(frame, size, prepare)
                         if pos >= target:
                             break
                     if target not in got:
@@ -425,7 +433,7 @@ class PyAVBackend:
         return got
 
     def _decode_in_order(self, path: str, indices: list[int], size: tuple[int, int],
-                         stop: threading.Event | None = None) -> torch.Tensor:
+                         stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
         import av
 
         wanted = set(indices)
@@ -438,7 +446,7 @@ class PyAVBackend:
                 for i, frame in enumerate(c.decode(stream)):
                     _check(stop)
                     if i in wanted:
-                        got[i] = _upright_rgb(frame, size)
+                        got[i] = _upright_rgb(frame, size, prepare)
                     if i >= last:
                         break
             except av.error.FFmpegError as e:
@@ -590,14 +598,16 @@ def _first_frame_rotation(container, stream) -> float:
     return float(getattr(frame, "rotation", 0) or 0) if frame is not None else 0.0
 
 
-def _upright_rgb(frame, size: tuple[int, int]) -> np.ndarray:
+def _upright_rgb(frame, size: tuple[int, int], prepare: Prepare | None = None) -> np.ndarray:
     """One PyAV frame as RGB ``[h, w, 3]`` at ``size = (w, h)`` in display orientation: the container's rotation
     (phone video) applied, as decord, torchcodec and the ffmpeg CLI apply it, so the fallback backend hands the
-    filters the same upright frames and crop boxes mean the same pixels."""
+    filters the same upright frames and crop boxes mean the same pixels. ``prepare`` then, as on a slice of the
+    other backends' frames."""
     k = quarter_turns(getattr(frame, "rotation", 0))
     w, h = (size[1], size[0]) if k % 2 else size
     rgb = frame.to_ndarray(format="rgb24", width=w, height=h)
-    return np.rot90(rgb, k) if k else rgb
+    rgb = np.rot90(rgb, k) if k else rgb
+    return rgb if prepare is None else prepare(torch.from_numpy(np.ascontiguousarray(rgb))[None])[0].numpy()
 
 
 class TruncatedVideo(Exception):
@@ -648,17 +658,22 @@ third of a second here)."""
 
 
 def _in_slices(get: Callable[[list[int]], torch.Tensor], indices: list[int], stop: threading.Event | None,
-               per_call: int = DECODE_SLICE) -> torch.Tensor:
+               per_call: int = DECODE_SLICE, prepare: Prepare | None = None) -> torch.Tensor:
     """``get(indices)`` (frames ``[n, h, w, 3]``), ``per_call`` indices at a time, checking ``stop`` before each
-    call; the slices are copied into one tensor as they come (the frames are not held twice)."""
+    call, and ``prepare`` applied to each slice; the slices are copied into one tensor as they come (the frames
+    are not held twice)."""
+    def sliced(part: list[int]) -> torch.Tensor:
+        got = get(part)
+        return got if prepare is None else prepare(got)
+
     _check(stop)
     if len(indices) <= per_call:
-        return get(indices)
+        return sliced(indices)
     out = None
     for i in range(0, len(indices), per_call):
         if i:
             _check(stop)
-        part = get(indices[i:i + per_call])
+        part = sliced(indices[i:i + per_call])
         if out is None:
             out = torch.empty((len(indices), *part.shape[1:]), dtype=part.dtype, device=part.device)
         out[i:i + part.shape[0]] = part
@@ -759,16 +774,23 @@ def _size_needed(request: FrameRequest, size: tuple[int, int]) -> tuple[int, int
 
 
 def _decode_pass(backend, path: str, requests: list[FrameRequest], plan: FramePlan, meta: VideoMeta,
-                 size: tuple[int, int], device: str, offset: float, stop: threading.Event) -> DecodedVideo:
+                 size: tuple[int, int], device: str, offset: float, stop: threading.Event,
+                 first_field: int | None = None) -> DecodedVideo:
+    extra = {}
+    if first_field is not None:  # scaled along the lines only, deinterlaced, then scaled to the size
+        from pipeline.video.deinterlace import deinterlace
+
+        extra["prepare"] = functools.partial(deinterlace, first=first_field, size=size)
+        size = (size[0], meta.height)
     resize = size != (meta.width, meta.height)
     if plan.indices and plan.indices[-1] >= meta.num_frames:  # the first pass found the tail broken
         plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
     try:
-        frames = backend.decode(path, plan.indices, size, device, resize, stop=stop)
+        frames = backend.decode(path, plan.indices, size, device, resize, stop=stop, **extra)
     except TruncatedVideo as t:  # a broken tail: the clip is its decodable prefix
         meta = meta.truncated(t.decodable)
         plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
-        frames = backend.decode(path, plan.indices, size, device, resize, stop=stop)
+        frames = backend.decode(path, plan.indices, size, device, resize, stop=stop, **extra)
     if frames.shape[0] != len(plan.indices):
         raise DecodeError(f"{backend.name} returned {frames.shape[0]} of {len(plan.indices)} frames")
     label = f"{backend.name}-nvdec" if frames.is_cuda else backend.name  # on the GPU only from NVDEC
@@ -794,7 +816,8 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
                  max_frames: int = 8192, max_pixels: int = 8192 * 4320, max_side: int | None = None,
                  timeout_s: float = 120.0, max_bytes: int = 8 << 30, random_access: bool = True,
                  several_streams: bool = False, reduced_pass_bytes: int | None = None,
-                 given_up: threading.Event | None = None, pixel_aspect: float = 1.0) -> DecodedVideo:
+                 given_up: threading.Event | None = None, pixel_aspect: float = 1.0,
+                 first_field: int | None = None) -> DecodedVideo:
     """Decode the union of ``requests`` once, trying each backend until one succeeds.
 
     Args:
@@ -820,6 +843,10 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
             and ``ItemTimeout`` is raised.
         pixel_aspect: the stream's sample aspect ratio (``probe``'s ``sample_aspect_ratio``): anamorphic frames are
             decoded with square pixels (``square_pixels``); ``scale`` maps results back to stored pixels.
+        first_field: interlaced video: the row parity of the field shown first (``deinterlace.first_field``). Each
+            frame is decoded at the stored height (scaled along its lines only, which keeps the fields apart),
+            deinterlaced (``deinterlace.deinterlace``) and then scaled to the decode size, a slice at a time.
+            None: progressive.
 
     Returns:
         The decoded frames and their plan.
@@ -856,7 +883,7 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
         dev = device if backend.name == "torchcodec" else "cpu"
         videos = []
         for reqs, plan, size in passes:  # the reduced pass second: it takes a broken tail the first one found
-            video = _decode_pass(backend, path, reqs, plan, meta, size, dev, offset, stop)
+            video = _decode_pass(backend, path, reqs, plan, meta, size, dev, offset, stop, first_field)
             meta = video.meta
             videos.append(video)
         if len(videos) == 2:

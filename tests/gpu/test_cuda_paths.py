@@ -228,3 +228,14 @@ def test_tone_mapping_on_cuda_equals_cpu(transfer):
     frames = torch.randint(0, 256, (4, 270, 480, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     on_gpu = tone_map_(frames.cuda(), transfer).cpu()
     assert torch.equal(on_gpu, tone_map_(frames.clone(), transfer))
+
+
+def test_deinterlacing_on_cuda_equals_cpu():
+    # NVDEC frames are deinterlaced on the GPU (at the source size, then resized there): integer work, the same bytes
+    from pipeline.video.deinterlace import deinterlace
+
+    g = torch.Generator().manual_seed(4)
+    frames = torch.randint(0, 256, (4, 288, 360, 3), dtype=torch.uint8, generator=g)
+    frames[:, 1::2, 100:200] = 250  # combing over a band, beside noise
+    for first in (0, 1):
+        assert torch.equal(deinterlace(frames.cuda(), first, (360, 288)).cpu(), deinterlace(frames, first, (360, 288)))

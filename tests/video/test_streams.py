@@ -78,8 +78,8 @@ def test_the_default_audio_track_is_the_one_decoded(tmp_path):
 
 def test_probe_reports_non_square_pixels_and_interlacing(tmp_path):
     """DVD-style anamorphic video stores a wide picture in narrow pixels; broadcast MPEG-2 is interlaced. The row
-    says so (the frames the filters see have square pixels: ``test_anamorphic_video_is_decoded_with_square_pixels``;
-    interlaced frames are not deinterlaced)."""
+    says so (the frames the filters see have square pixels: ``test_anamorphic_video_is_decoded_with_square_pixels``,
+    and are deinterlaced: ``test_deinterlace``)."""
     wide = str(tmp_path / "wide.mp4")
     synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=1", "-vf", "setsar=32/27",
                        "-c:v", "libx264", "-pix_fmt", "yuv420p", wide])
@@ -92,6 +92,7 @@ def test_probe_reports_non_square_pixels_and_interlacing(tmp_path):
     synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=50:duration=1", "-vf", "interlace",
                        "-c:v", "mpeg2video", "-flags", "+ilme+ildct", tv])
     assert probe_media(tv).video.interlaced
+    assert probe_media(tv).video.field_order in ("tt", "bb")  # which field is shown first, as the stream says
     plain = probe_media(_two_pictures(str(tmp_path / "plain.mp4"), default=0)).video
     assert (plain.sample_aspect_ratio, plain.interlaced, plain.index) == (1.0, False, 0)
 
