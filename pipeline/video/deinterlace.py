@@ -78,7 +78,7 @@ def deinterlace(frames: torch.Tensor, first: int, size: tuple[int, int]) -> torc
 def _luma(frames: torch.Tensor) -> torch.Tensor:
     """uint8 RGB ``[..., 3]`` -> int16 luma ``[...]`` (integer BT.601-like weights, 2:5:1)."""
     r, g, b = (frames[..., c].to(torch.int16) for c in range(3))
-    return (2 * r + 5 * g + b) // 8
+    return (2 * r + 5 * g + b) >> 3  # a shift: floor division of int16 is three times slower here
 
 
 def _neighbours(x: torch.Tensor, second: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,5 +123,5 @@ def _fill_combed_(frames: torch.Tensor, first: int) -> None:
         spread[..., shift:] |= combed[..., :-shift]
         spread[..., :-shift] |= combed[..., shift:]
     above, below = _neighbours(frames, second)
-    mean = ((above.to(torch.int16) + below.to(torch.int16) + 1) // 2).to(torch.uint8)
-    frames[:, second::2] = torch.where(spread[..., None], mean, frames[:, second::2])
+    lines = frames[:, second::2]  # a view: written in place, at the combed pixels only (a few in a hundred)
+    lines[spread] = ((above[spread].to(torch.int16) + below[spread].to(torch.int16) + 1) >> 1).to(torch.uint8)
