@@ -192,7 +192,9 @@ class ResumeConfig:
     that failed for good (corrupt or missing media, a crash ledger refusal): on a corpus with 1% corrupt files, a
     week's elastic restarts and reruns would otherwise fetch and decode them again each time."""
     allow_config_change: bool = False
-    """Resume even though the input or the filters differ from the recorded config."""
+    """Resume even though the input, the filters or the settings that change the pictures (``video``'s
+    ``decode_max_side``, ``square_pixels``, ``tone_map``, ``deinterlace``) differ from the recorded config: the
+    rows of the two configs then sit in one table."""
     on_schema_change: Literal["fail", "conform"] = "fail"
     """When the committed rows have another schema than this run writes (another mediasieve version or
     model): ``fail`` stops before any work; ``conform`` writes the new rows in the committed schema (fields it
@@ -592,13 +594,21 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+PICTURE_KEYS = ("decode_max_side", "square_pixels", "tone_map", "deinterlace")
+"""The ``video`` settings that change the pictures every video filter and model sees (their size, shape, tone and
+fields), so every video result: part of the job's identity. The others (backends, caps, timeouts, decode device)
+change how an item is decoded or whether it fails, not what its row says."""
+
+
 def job_identity(cfg: JobConfig) -> dict:
-    """The parts of a config that must match for a rerun to resume the same job."""
+    """The parts of a config that must match for a rerun to resume the same job: the input, the enabled filters
+    with their parameters, and the ``video`` settings that change the pictures (``PICTURE_KEYS``)."""
     d = to_dict(cfg)
     inp = dict(d["input"])
     inp.pop("storage_options", None)
     inp.pop("limit", None)
-    return {"input": inp, "filters": {k: v for k, v in d["filters"].items() if v.get("enabled", True)}}
+    return {"input": inp, "filters": {k: v for k, v in d["filters"].items() if v.get("enabled", True)},
+            "video": {k: d["video"][k] for k in PICTURE_KEYS}}
 
 
 def job_arguments(description: str | None, log_level: str = "INFO") -> argparse.ArgumentParser:

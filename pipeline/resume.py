@@ -413,12 +413,37 @@ class OutputLease:
             pass
 
 
+def _leaves(d: dict, prefix: str = "") -> dict[str, object]:
+    """A nested mapping as ``{"a.b.c": value}``; an empty mapping is a leaf of its own."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def identity_changes(recorded: dict, current: dict) -> tuple[list[str], list[str]]:
+    """The settings (dotted) in which ``current`` differs from the ``recorded`` job identity, and the ``video``
+    settings the recorded one lacks (an older version's record: not a difference, but worth a warning)."""
+    old, new = _leaves(recorded), _leaves(current)
+    unrecorded = sorted(k for k in new.keys() - old.keys() if k.startswith("video."))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if k not in unrecorded and (k not in old or k not in new or old[k] != new[k]))
+    return changed, unrecorded
+
+
 def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, identity: dict,
                            allow_change: bool) -> None:
     """Record the resolved config next to the output; on a rerun, refuse a different job.
 
+    A ``video`` setting that the recorded identity lacks (written by a version before that setting was part of
+    it, or before it existed) is not held against the rerun: it is logged, and recorded from now on.
+
     Raises:
-        ConfigError: the recorded input or filters differ and ``resume.allow_config_change`` is false.
+        ConfigError: the recorded identity differs (the message names the settings) and
+            ``resume.allow_config_change`` is false.
     """
     fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
     path = f"{root.rstrip('/')}/{CONFIG}"
@@ -426,10 +451,19 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
         recorded = json.loads(fs.cat_file(path))
     except FileNotFoundError:
         recorded = None
-    if recorded is not None and recorded.get("identity") != identity and not allow_change:
-        raise ConfigError(
-            f"{out_dir} holds output of a different job (input or filters differ from {CONFIG}); "
-            "use a new output.dir, or resume.allow_config_change=true to continue anyway"
-        )
+    if recorded is not None:
+        changed, unrecorded = identity_changes(recorded.get("identity") or {}, identity)
+        if unrecorded:
+            log.warning("%s was begun by a version that did not record %s; rows written before may have been "
+                        "computed otherwise", out_dir, ", ".join(unrecorded))
+        if changed and not allow_change:
+            raise ConfigError(
+                f"{out_dir} holds output of a different job ({', '.join(changed[:8])} differ"
+                f"{' and more' if len(changed) > 8 else ''} from {CONFIG}); use a new output.dir, or "
+                "resume.allow_config_change=true to continue anyway"
+            )
+        if changed:
+            log.warning("resuming %s with a changed config (%s): resume.allow_config_change", out_dir,
+                        ", ".join(changed[:8]))
     body = json.dumps({"identity": identity, "config": redact(resolved)}, indent=2, default=str).encode()
     commit_bytes(fs, path, body, f"{root.rstrip('/')}/_tmp")

@@ -256,6 +256,8 @@ def test_resume_refuses_a_different_job(tmp_path, media_dir):
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
     raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"))
     _run(raw)
+    with pytest.raises(ConfigError, match=r"different job \(video\.tone_map differ"):  # other pictures: other rows
+        _run({**raw, "video": {**raw.get("video", {}), "tone_map": False}})
     raw["filters"] = {"noop": {}}
     with pytest.raises(ConfigError, match="different job"):
         _run(raw)

@@ -225,6 +225,30 @@ def test_config_record_refuses_other_job_and_redacts_secrets(tmp_path):
     assert redact({"a": [{"password": "x"}]}) == {"a": [{"password": "***"}]}
 
 
+def test_config_record_names_what_differs_and_takes_an_older_record(tmp_path, caplog):
+    """The settings that change the pictures are part of the job; a record written before they were (no ``video``
+    in it, or fewer keys) is resumed with a warning and completed, and from then on they hold."""
+    import logging
+
+    from pipeline.resume import identity_changes
+
+    video = {"decode_max_side": None, "square_pixels": True, "tone_map": True, "deinterlace": True}
+    ident = {"input": {"manifest": "m1"}, "filters": {"probe": {"type": "probe"}}, "video": video}
+    older = {"input": {"manifest": "m1"}, "filters": {"probe": {"type": "probe"}}}
+    check_or_record_config(str(tmp_path), {}, {}, older, False)
+    with caplog.at_level(logging.WARNING, logger="pipeline.resume"):
+        check_or_record_config(str(tmp_path), {}, {}, ident, False)
+    assert "did not record video.decode_max_side, video.deinterlace, video.square_pixels, video.tone_map" in caplog.text
+    assert json.loads((tmp_path / "_config.json").read_text())["identity"]["video"] == video  # recorded now
+    with pytest.raises(ConfigError, match=r"\(video\.deinterlace, video\.tone_map differ"):
+        check_or_record_config(str(tmp_path), {}, {}, {**ident, "video": {**video, "tone_map": False,
+                                                                           "deinterlace": False}}, False)
+    # a key the record lacks outside video (a filter added, an input setting) is another job, not an older record
+    assert identity_changes(ident, {**ident, "filters": {**ident["filters"], "noop": {}}}) == (["filters.noop"], [])
+    assert identity_changes(ident, {**ident, "input": {"manifest": "m1", "limit": None}}) == (["input.limit"], [])
+    assert identity_changes({**ident, "filters": {}}, ident) == (["filters", "filters.probe.type"], [])
+
+
 def test_log_lines_scrub_credential_values(monkeypatch, capfd):
     import logging
 
