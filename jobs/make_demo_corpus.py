@@ -42,6 +42,9 @@ def make_corpus(out: str) -> str:
     synthetic.lavfi_clip(os.path.join(corpus, "video/anamorphic.mp4"), "testsrc2=size=720x405:rate=25", 3.0,
                          "scale=720:480,setsar=32/27")  # a 16:9 picture in NTSC DVD's 720x480 pixels
     add("anamorphic", "video/anamorphic.mp4", "16:9 in non-square pixels, as DVD stores it")
+    synthetic.moving_box_clip(os.path.join(corpus, "video/interlaced.ts"), "720x576", seconds=2.0, interlace="tff",
+                              codec=("-c:v", "mpeg2video", "-q:v", "2"))
+    add("interlaced", "video/interlaced.ts", "576i broadcast MPEG-2 in a transport stream, top field first")
     if synthetic.has_zscale():
         synthetic.hdr_copy(os.path.join(corpus, "video/motion_0.mp4"), os.path.join(corpus, "video/hdr_pq.mp4"))
         add("hdr_pq", "video/hdr_pq.mp4", "HDR10 (PQ, BT.2020) made from motion_0")

@@ -458,8 +458,9 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
                         "computed otherwise", out_dir, ", ".join(unrecorded))
         if changed and not allow_change:
             raise ConfigError(
-                f"{out_dir} holds output of a different job ({', '.join(changed[:8])} differ"
-                f"{' and more' if len(changed) > 8 else ''} from {CONFIG}); use a new output.dir, or "
+                f"{out_dir} holds output of a different job ({', '.join(changed[:8])}"
+                f"{' and more' if len(changed) > 8 else ''} {'differs' if len(changed) == 1 else 'differ'} from "
+                f"{CONFIG}); use a new output.dir, or "
                 "resume.allow_config_change=true to continue anyway"
             )
         if changed:
