@@ -236,13 +236,19 @@ class YoloRegionsFilter(VideoFilter):
         return runtime_after_trip(self.runtime)
 
     def _write_crop(self, media: MediaItem, crop: tuple[int, int, int, int]) -> str:
-        """Encode the cropped clip (audio copied) locally, then move or upload it whole under ``crop_output``."""
+        """Encode the cropped clip (audio copied) locally, then move or upload it whole under ``crop_output``.
+        Interlaced video is deinterlaced first (FFmpeg's bwdif, a frame per frame), as the filters saw it
+        (``video.deinterlace``): a crop of the woven frames coded as progressive H.264 would carry the combing
+        unmarked, and a crop at an odd line would swap the fields."""
         name = hashlib.sha256(media.item_id.encode("utf-8", "surrogatepass")).hexdigest()[:32] + ".mp4"
         os.makedirs(self._scratch, exist_ok=True)
         tmp = os.path.join(self._scratch, f"crop-{uuid.uuid4().hex[:8]}.mp4.part")
         x1, y1, x2, y2 = crop
+        vf = f"crop={x2 - x1}:{y2 - y1}:{x1}:{y1}"
+        if media.info.video.interlaced and (media.video_config is None or media.video_config.deinterlace):
+            vf = f"bwdif=mode=send_frame:parity=auto:deint=interlaced,{vf}"
         cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", media.local_path,
-               "-vf", f"crop={x2 - x1}:{y2 - y1}:{x1}:{y1}", "-map", f"0:{media.info.video.index}", "-map", "0:a?",
+               "-vf", vf, "-map", f"0:{media.info.video.index}", "-map", "0:a?",
                "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", *_audio_codecs(media.local_path), "-f", "mp4", tmp]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
