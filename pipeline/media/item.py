@@ -77,7 +77,7 @@ class MediaItem:
                 if cfg.deinterlace and v.interlaced:
                     from pipeline.video.deinterlace import first_field as shown_first
 
-                    first_field = shown_first(v.field_order, v.rotation, v.height)
+                    first_field = shown_first(v.field_order, v.rotation, v.height, v.codec)
                 random_access = seeks_frame_exactly(self._info.container, v.codec, cfg.random_access_containers,
                                                     cfg.random_access_codecs)
                 try:

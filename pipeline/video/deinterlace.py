@@ -36,22 +36,29 @@ COMB_SPREAD = 5
 
 FIRST_FIELD_BOTTOM = frozenset({"bb", "tb"})
 """FFmpeg field orders (ffprobe's names) whose bottom field is shown first."""
+FIELD_ORDERS = frozenset({"tt", "bb", "tb", "bt"})
 
 
-def first_field(field_order: str | None, rotation: int, height: int) -> int | None:
+def first_field(field_order: str | None, rotation: int, height: int, codec: str | None = None) -> int | None:
     """The row parity (0: even rows, the top field) of the field shown first, in the upright frames the decoders
     hand out, or None where the frames are not deinterlaced: a stream turned a quarter (its fields are columns;
     interlaced video is not shot on phones).
 
     Args:
-        field_order: the stream's field order as ffprobe names it (``tt``, ``bb``, ``tb``, ``bt``; None or anything
-            else: top field first, the common case of HD broadcast).
+        field_order: the stream's field order as ffprobe names it (``tt``, ``bb``, ``tb``, ``bt``). Where the
+            stream does not state one: bottom first for standard-definition DV (``dvvideo`` at 480 or 576 lines,
+            which codes it per frame; FFmpeg's demuxers leave the stream's order unknown), top first otherwise (HD
+            broadcast).
         rotation: the display rotation in degrees (0, 90, 180, 270).
         height: the stored height (a half turn maps row ``y`` to ``height - 1 - y``).
+        codec: the stream's codec (FFmpeg's name).
     """
     if rotation % 180:
         return None
-    parity = 1 if field_order in FIRST_FIELD_BOTTOM else 0
+    if field_order in FIELD_ORDERS:
+        parity = 1 if field_order in FIRST_FIELD_BOTTOM else 0
+    else:
+        parity = 1 if codec == "dvvideo" and height in (480, 576) else 0
     return (height - 1 - parity) % 2 if rotation == 180 else parity
 
 

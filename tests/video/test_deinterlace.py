@@ -47,6 +47,19 @@ def test_the_field_shown_first_in_upright_frames(order, rotation, height, parity
     assert first_field(order, rotation, height) == parity
 
 
+def test_standard_definition_dv_is_bottom_field_first_where_the_stream_does_not_say(tmp_path):
+    # FFmpeg's DV demuxers leave the stream's field order unknown; its decoder marks every SD frame bottom first
+    # (ffprobe -show_frames: top_field_first=0), as the DV standard codes it
+    from pipeline.media.probe import probe_media
+
+    path = synthetic.lavfi_clip(str(tmp_path / "dv.avi"), "testsrc2=size=720x576:rate=25", 0.2,
+                                codec=("-c:v", "dvvideo"))
+    v = probe_media(path).video
+    assert (v.codec, v.interlaced, v.field_order) == ("dvvideo", True, None)
+    assert first_field(v.field_order, v.rotation, v.height, v.codec) == 1
+    assert first_field(None, 0, 1080, "dvvideo") == 0 and first_field("tt", 0, 576, "dvvideo") == 0
+
+
 def _woven(first: int):
     """Two progressive pictures 1/50 s apart, a still background with detail (a diagonal pattern, light noise and
     one-line horizontal rules, which must not read as combing) and a bright box that moves 12 pixels, woven with
