@@ -42,6 +42,10 @@ FILES = {
     "mpeg4_bframes.avi": (MPEG4_BF, "pyav"),
     "mpeg4_bframes.mp4": (MPEG4_BF, "pyav"),
     "h264_raw.h264": (H264_BF + ("-f", "h264"), "pyav"),  # an elementary stream: no count, no timestamps
+    # broadcast and legacy formats that archives hold: MPEG-2 in MXF (IMX, XDCAM), Windows Media in ASF, MJPEG AVI
+    "mpeg2.mxf": (MPEG2, "pyav"),
+    "wmv2.wmv": (("-c:v", "wmv2", "-q:v", "4"), "pyav"),
+    "mjpeg.avi": (("-c:v", "mjpeg", "-q:v", "3"), "pyav"),
 }
 
 
