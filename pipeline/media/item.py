@@ -73,16 +73,16 @@ class MediaItem:
                 cfg = self.video_config or VideoConfig()
                 v = self._info.video
                 device = self.device if cfg.decode_device == "cuda" else "cpu"
-                first_field = None
+                first_field, backends = None, self.backends
                 if cfg.deinterlace and v.interlaced:
-                    from pipeline.video.deinterlace import first_field as shown_first
+                    from pipeline.video.deinterlace import interlaced_decode
 
-                    first_field = shown_first(v.field_order, v.rotation, v.height, v.codec)
+                    first_field, backends = interlaced_decode(v, backends, device)
                 random_access = seeks_frame_exactly(self._info.container, v.codec, cfg.random_access_containers,
                                                     cfg.random_access_codecs)
                 try:
                     check_pixels(v.width, v.height, cfg.max_pixels)  # before a backend opens it: decord decodes one
-                    self._video = decode_video(self.local_path, self.frame_requests, self.backends, device=device,
+                    self._video = decode_video(self.local_path, self.frame_requests, backends, device=device,
                                                max_frames=cfg.max_frames, max_pixels=cfg.max_pixels,
                                                max_bytes=cfg.max_decoded_bytes, max_side=cfg.decode_max_side,
                                                timeout_s=cfg.decode_timeout_s, random_access=random_access,

@@ -101,6 +101,22 @@ def test_the_edge_lines_are_filled_from_their_one_neighbour(first, height):
     assert torch.equal(out, torch.full_like(frames, 100))
 
 
+def test_interlaced_video_goes_to_pyav_first_on_the_cpu(clips):
+    backends = available_backends(ALL)
+    item = MediaItem("x", clips["tff"], 0, [EveryK(5)], VideoConfig(), backends)
+    item.video()
+    assert item.decode_backend == "pyav"
+    progressive = MediaItem("x", clips["progressive"], 0, [EveryK(5)], VideoConfig(), backends)
+    progressive.video()
+    assert progressive.decode_backend == backends[0].name  # the configured order, as before
+    off = MediaItem("x", clips["tff"], 0, [EveryK(5)], VideoConfig(deinterlace=False), backends)
+    off.video()
+    assert off.decode_backend == backends[0].name
+    from pipeline.video.deinterlace import interlaced_decode
+
+    assert interlaced_decode(item.info.video, backends, "cuda:0") == (0, backends)  # NVDEC ranks keep torchcodec first
+
+
 @pytest.mark.parametrize("backend", [b.name for b in available_backends(ALL)])
 def test_an_interlaced_clip_decodes_to_the_moment_of_its_first_field(clips, backend):
     truth = _frames(clips["progressive"])[0::2]
