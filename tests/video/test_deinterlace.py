@@ -101,6 +101,19 @@ def test_the_edge_lines_are_filled_from_their_one_neighbour(first, height):
     assert torch.equal(out, torch.full_like(frames, 100))
 
 
+@pytest.mark.parametrize("backend", [b.name for b in available_backends(ALL)])
+def test_the_decoders_scale_along_the_lines_only(tmp_path, backend):
+    """What the deinterlacer rests on: asked for a narrower frame at the stored height, each backend's scaler keeps
+    every line apart (one-line grey stripes stay black and white), so the fields reach it unmixed."""
+    path = synthetic.lavfi_clip(str(tmp_path / "stripes.mp4"), "nullsrc=size=320x240:rate=25", 0.2,
+                                "geq=lum='if(mod(Y\\,2)\\,235\\,16)':cb=128:cr=128",
+                                codec=("-c:v", "libx264", "-crf", "0"))
+    (b,) = available_backends((backend,))
+    b.meta(path)
+    rows = b.decode(path, [0], (160, 240), "cpu", True)[0, :, 20:140, 1].float().mean(1)
+    assert rows[0::2].max() < 8 and rows[1::2].min() > 245
+
+
 def test_interlaced_video_goes_to_pyav_first_on_the_cpu(clips):
     backends = available_backends(ALL)
     item = MediaItem("x", clips["tff"], 0, [EveryK(5)], VideoConfig(), backends)
