@@ -55,6 +55,17 @@ HDR_TRANSFERS = frozenset({"smpte2084", "arib-std-b67"})
 FIELD_ORDERS = {1: "progressive", 2: "tt", 3: "bb", 4: "tb", 5: "bt"}  # AVFieldOrder, by ffprobe's names
 
 
+def _field_order(ctx) -> str | None:
+    """The codec context's field order by ffprobe's name (None: not stated, or a PyAV without the attribute)."""
+    value = getattr(ctx, "field_order", None)
+    if isinstance(value, str):  # not the int enum this PyAV gives: a name already
+        return value if value in FIELD_ORDERS.values() else None
+    try:
+        return FIELD_ORDERS.get(int(value or 0))
+    except (TypeError, ValueError):
+        return None
+
+
 def _color(names: dict[int, str], *sources) -> str | None:
     """The first stated value among ``sources`` (the codec context's, then the first frame's), by name."""
     for value in sources:
@@ -210,7 +221,7 @@ def probe_media(path: str) -> MediaInfo:
                 fps=float(rate) if rate else None, frames=int(vmain.frames) or None,
                 pix_fmt=ctx.pix_fmt, index=vmain.index,
                 sample_aspect_ratio=float(sar) if sar else 1.0,  # 0:1 and None both mean: not stated
-                field_order=FIELD_ORDERS.get(int(getattr(ctx, "field_order", 0) or 0)),
+                field_order=_field_order(ctx),
             )
             if video.width <= 0 or video.height <= 0:
                 raise DecodeError(f"video stream has no size ({video.width}x{video.height})")
