@@ -21,6 +21,7 @@ from pipeline.filters.base import RUNTIME, FilterContext, SetupContext, VideoFil
 from pipeline.filters.signal import BOX, BlackBorderParams, frames_content_box
 from pipeline.media.item import MediaItem
 from pipeline.video.crop import aggregate_regions, safe_crop
+from pipeline.video.deinterlace import is_interlaced
 from pipeline.video.sampling import EveryK
 from pipeline.writer import is_local_fs
 
@@ -245,7 +246,7 @@ class YoloRegionsFilter(VideoFilter):
         tmp = os.path.join(self._scratch, f"crop-{uuid.uuid4().hex[:8]}.mp4.part")
         x1, y1, x2, y2 = crop
         vf = f"crop={x2 - x1}:{y2 - y1}:{x1}:{y1}"
-        if media.info.video.interlaced and (media.video_config is None or media.video_config.deinterlace):
+        if is_interlaced(media.info.video) and (media.video_config is None or media.video_config.deinterlace):
             vf = f"bwdif=mode=send_frame:parity=auto:deint=interlaced,{vf}"
         cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", media.local_path,
                "-vf", vf, "-map", f"0:{media.info.video.index}", "-map", "0:a?",

@@ -74,9 +74,9 @@ class MediaItem:
                 v = self._info.video
                 device = self.device if cfg.decode_device == "cuda" else "cpu"
                 first_field, backends = None, self.backends
-                if cfg.deinterlace and v.interlaced:
-                    from pipeline.video.deinterlace import interlaced_decode
+                from pipeline.video.deinterlace import interlaced_decode, is_interlaced
 
+                if cfg.deinterlace and is_interlaced(v):
                     first_field, backends = interlaced_decode(v, backends, device)
                 random_access = seeks_frame_exactly(self._info.container, v.codec, cfg.random_access_containers,
                                                     cfg.random_access_codecs)

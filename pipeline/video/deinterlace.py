@@ -64,6 +64,14 @@ def first_field(field_order: str | None, rotation: int, height: int, codec: str 
     return (height - 1 - parity) % 2 if rotation == 180 else parity
 
 
+def is_interlaced(stream) -> bool:
+    """Whether a stream (the probe's ``VideoStreamInfo``) is deinterlaced: its first frame holds two fields, or the
+    stream states a field order (a progressive intro before interlaced programme flags the first frame
+    progressive). The deinterlacer leaves frames without combing as they are, so a stream that says so wrongly
+    costs decode time, not pictures."""
+    return bool(stream.interlaced or stream.field_order in FIELD_ORDERS)
+
+
 def interlaced_decode(stream, backends: list, device: str) -> tuple[int | None, list]:
     """How an interlaced stream is decoded: the row parity of its first field (``first_field``) and the backends in
     the order to try. On the CPU, PyAV goes first: decord and torchcodec convert interlaced 4:2:0 colour across the

@@ -47,6 +47,18 @@ def test_the_field_shown_first_in_upright_frames(order, rotation, height, parity
     assert first_field(order, rotation, height) == parity
 
 
+def test_a_stream_that_states_a_field_order_is_deinterlaced_whatever_its_first_frame():
+    from dataclasses import replace
+
+    from pipeline.media.probe import VideoStreamInfo
+    from pipeline.video.deinterlace import is_interlaced
+
+    plain = VideoStreamInfo("h264", 1920, 1080, 25.0, 100, "yuv420p")
+    assert not is_interlaced(plain) and not is_interlaced(replace(plain, field_order="progressive"))
+    assert is_interlaced(replace(plain, interlaced=True))
+    assert is_interlaced(replace(plain, field_order="tt"))  # a progressive intro before an interlaced programme
+
+
 def test_standard_definition_dv_is_bottom_field_first_where_the_stream_does_not_say(tmp_path):
     # FFmpeg's DV demuxers leave the stream's field order unknown; its decoder marks every SD frame bottom first
     # (ffprobe -show_frames: top_field_first=0), as the DV standard codes it
