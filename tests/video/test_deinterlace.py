@@ -72,6 +72,22 @@ def test_standard_definition_dv_is_bottom_field_first_where_the_stream_does_not_
     assert first_field(None, 0, 1080, "dvvideo") == 0 and first_field("tt", 0, 576, "dvvideo") == 0
 
 
+def test_widescreen_pal_dv_is_deinterlaced_then_given_square_pixels(tmp_path):
+    """PAL DV 16:9, the camcorder and archive staple: interlaced bottom field first with no order in the stream, and
+    anamorphic (720x576 at 64:45). Its frames are deinterlaced at the stored 576 lines and then shrunk to 720x404
+    (square pixels), not shrunk first (which would blend the fields)."""
+    from pipeline.video.decoders import resize_frames
+
+    progressive = synthetic.moving_box_clip(str(tmp_path / "p50.mp4"), "720x576")
+    dv = synthetic.moving_box_clip(str(tmp_path / "dv.avi"), "720x576", interlace="bff",
+                                   codec=("-c:v", "dvvideo", "-aspect", "16:9"))
+    truth = resize_frames(_frames(progressive)[0::2].contiguous(), (720, 404))
+    raw, made = _frames(dv, deinterlace=False), _frames(dv)
+    assert made.shape == raw.shape == truth.shape
+    # measured: 0.46 against 2.6 as stored
+    assert _luma_error(made, truth) < 0.3 * _luma_error(raw, truth)
+
+
 def _woven(first: int):
     """Two progressive pictures 1/50 s apart, a still background with detail (a diagonal pattern, light noise and
     one-line horizontal rules, which must not read as combing) and a bright box that moves 12 pixels, woven with
