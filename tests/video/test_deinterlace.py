@@ -164,7 +164,7 @@ def test_an_interlaced_clip_decodes_to_the_moment_of_its_first_field(clips, back
     raw = _frames(clips["tff"], (backend,), deinterlace=False)
     made = _frames(clips["tff"], (backend,))
     assert made.shape == raw.shape == truth.shape  # same size, frame count and rate as stored
-    # measured on these clips: PyAV 0.6 (as stored 1.5), decord and torchcodec 1.1 (1.6): their colour conversion of
+    # measured on these clips: PyAV 1.1 (as stored 3.0), decord and torchcodec 1.6 (2.9): their colour conversion of
     # interlaced 4:2:0 differs from PyAV's by 2-4 levels on moving edges, in both fields
     assert _luma_error(made, truth) < 0.75 * _luma_error(raw, truth)
     assert _luma_error(raw, truth) > 1.0
@@ -173,7 +173,7 @@ def test_an_interlaced_clip_decodes_to_the_moment_of_its_first_field(clips, back
 def test_bottom_field_first_broadcast_in_a_transport_stream(clips):
     truth = _frames(clips["progressive"])[0::2]
     raw, made = _frames(clips["bff"], deinterlace=False), _frames(clips["bff"])
-    assert _luma_error(made, truth) < 0.5 * _luma_error(raw, truth)
+    assert _luma_error(made, truth) < 0.5 * _luma_error(raw, truth)  # measured: 1.3 against 3.1 (the wrong field 4.9)
     wrong = _frames(clips["tff"], deinterlace=False)  # the other order's first field is a fiftieth of a second late
     late = torch.stack([deinterlace(f[None], 1, (f.shape[1], f.shape[0]))[0] for f in wrong])
     assert _luma_error(made, truth) < 0.5 * _luma_error(late, truth)
