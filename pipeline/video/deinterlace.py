@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.media.probe import FIELD_ORDERS
 from pipeline.video.preprocess import per_group
 
 COMB_THRESHOLD = 10
@@ -36,9 +37,10 @@ COMB_SPREAD = 5
 """Width in pixels over which a combed pixel's decision spreads along its line, so that the fringe of a moving edge
 (a pixel just under the threshold) does not keep a tooth."""
 
+INTERLACED_ORDERS = frozenset(FIELD_ORDERS.values()) - {"progressive"}
+"""The field orders the probe names (``probe.FIELD_ORDERS``) that say a stream is interlaced."""
 FIRST_FIELD_BOTTOM = frozenset({"bb", "tb"})
-"""FFmpeg field orders (ffprobe's names) whose bottom field is shown first."""
-FIELD_ORDERS = frozenset({"tt", "bb", "tb", "bt"})
+"""Those whose bottom field is shown first."""
 
 
 def first_field(field_order: str | None, rotation: int, height: int, codec: str | None = None) -> int | None:
@@ -57,7 +59,7 @@ def first_field(field_order: str | None, rotation: int, height: int, codec: str 
     """
     if rotation % 180:
         return None
-    if field_order in FIELD_ORDERS:
+    if field_order in INTERLACED_ORDERS:
         parity = 1 if field_order in FIRST_FIELD_BOTTOM else 0
     else:
         parity = 1 if codec == "dvvideo" and height in (480, 576) else 0
@@ -69,7 +71,7 @@ def is_interlaced(stream) -> bool:
     stream states a field order (a progressive intro before interlaced programme flags the first frame
     progressive). The deinterlacer leaves frames without combing as they are, so a stream that says so wrongly
     costs decode time, not pictures."""
-    return bool(stream.interlaced or stream.field_order in FIELD_ORDERS)
+    return bool(stream.interlaced or stream.field_order in INTERLACED_ORDERS)
 
 
 def interlaced_decode(stream, backends: list, device: str) -> tuple[int | None, list]:
