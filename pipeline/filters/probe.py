@@ -38,6 +38,12 @@ class ProbeFilter(Filter):
             "bit_rate": info.bit_rate,
             "video_streams": info.video_streams,
             "audio_streams": info.audio_streams,
-            "video": None if info.video is None else {k: v for k, v in vars(info.video).items() if k != "field_order"},
-            "audio": None if info.audio is None else vars(info.audio),
+            "video": _columns(info.video, self.output_type.field("video").type),
+            "audio": _columns(info.audio, self.output_type.field("audio").type),
         }
+
+
+def _columns(stream, struct: pa.StructType) -> dict | None:
+    """A stream's fields that its column holds: what the probe keeps for the decoders alone (``field_order``) is
+    not part of the row."""
+    return None if stream is None else {f.name: getattr(stream, f.name) for f in struct}

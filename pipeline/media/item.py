@@ -69,13 +69,12 @@ class MediaItem:
             if not self._video_done:
                 from pipeline.config import VideoConfig
                 from pipeline.video.decoders import check_pixels, decode_video, seeks_frame_exactly
+                from pipeline.video.deinterlace import interlaced_decode, is_interlaced
 
                 cfg = self.video_config or VideoConfig()
                 v = self._info.video
                 device = self.device if cfg.decode_device == "cuda" else "cpu"
                 first_field, backends = None, self.backends
-                from pipeline.video.deinterlace import interlaced_decode, is_interlaced
-
                 if cfg.deinterlace and is_interlaced(v):
                     first_field, backends = interlaced_decode(v, backends, device)
                 random_access = seeks_frame_exactly(self._info.container, v.codec, cfg.random_access_containers,
