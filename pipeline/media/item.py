@@ -67,34 +67,8 @@ class MediaItem:
             if self._video_error is not None:
                 raise self._video_error
             if not self._video_done:
-                from pipeline.config import VideoConfig
-                from pipeline.video.decoders import check_pixels, decode_video, seeks_frame_exactly
-                from pipeline.video.deinterlace import interlaced_decode, is_interlaced
-
-                cfg = self.video_config or VideoConfig()
-                v = self._info.video
-                device = self.device if cfg.decode_device == "cuda" else "cpu"
-                first_field, backends = None, self.backends
-                if cfg.deinterlace and is_interlaced(v):
-                    first_field, backends = interlaced_decode(v, backends, device)
-                random_access = seeks_frame_exactly(self._info.container, v.codec, cfg.random_access_containers,
-                                                    cfg.random_access_codecs)
                 try:
-                    check_pixels(v.width, v.height, cfg.max_pixels)  # before a backend opens it: decord decodes one
-                    self._video = decode_video(self.local_path, self.frame_requests, backends, device=device,
-                                               max_frames=cfg.max_frames, max_pixels=cfg.max_pixels,
-                                               max_bytes=cfg.max_decoded_bytes, max_side=cfg.decode_max_side,
-                                               timeout_s=cfg.decode_timeout_s, random_access=random_access,
-                                               reduced_pass_bytes=cfg.reduced_pass_bytes,
-                                               several_streams=self._info.video_streams > 1, given_up=self.given_up,
-                                               pixel_aspect=v.sample_aspect_ratio if cfg.square_pixels else 1.0,
-                                               first_field=first_field)
-                    if cfg.tone_map and v.hdr:  # PQ or HLG pixels as coded are flat and grey: the filters see SDR
-                        from pipeline.video.tonemap import tone_map_
-
-                        for decoded in (self._video, self._video.reduced):
-                            if decoded is not None:
-                                tone_map_(decoded.frames, v.color_transfer)
+                    self._video = self._decode(self.frame_requests, self.backends)
                 except Exception as e:  # every filter of this item sees the same decode failure
                     self._video_error = e
                     raise
@@ -102,3 +76,57 @@ class MediaItem:
                 self.decode_backend = self._video.backend
                 self.frames_decoded = self._video.frames_decoded
             return self._video
+
+    def more_frames(self, request: FrameRequest) -> DecodedVideo:
+        """A second, targeted decode of the item (``Frames``: the frames a filter's first look singled out), by the
+        backend that decoded ``video()``, with the same settings (deinterlacing, tone mapping, square pixels, the
+        deadline and caps) and the same crop; decoded at the request's ``max_side``. Counted in
+        ``frames_decoded``.
+
+        Raises:
+            DecodeError: that backend failed on these frames (the file changed or went away, a broken stretch).
+            DecodeTimeout: past ``video.decode_timeout_s``.
+            ItemTimeout: the rank's watchdog gave the item up.
+        """
+        first = self.video()
+        if first is None:
+            raise ValueError(f"{self.item_id} has no video stream")
+        name = first.backend.removesuffix("-nvdec")
+        more = self._decode([request], [b for b in self.backends if b.name == name], at_request_size=True)
+        if first.crop_source is not None:
+            more.set_crop_source(first.crop_source)
+        with self._lock:
+            self.frames_decoded = (self.frames_decoded or 0) + more.frames_decoded
+        return more
+
+    def _decode(self, requests: list[FrameRequest], backends: list[object],
+                at_request_size: bool = False) -> DecodedVideo:
+        """``requests`` decoded by the first of ``backends`` that can (``decode_video``) with the item's settings,
+        and tone mapped where the item is HDR. ``at_request_size``: a request with a ``max_side`` is decoded at that
+        size however few its frames (``video.reduced_pass_bytes`` 0)."""
+        from pipeline.config import VideoConfig
+        from pipeline.video.decoders import check_pixels, decode_video, seeks_frame_exactly
+        from pipeline.video.deinterlace import interlaced_decode, is_interlaced
+
+        cfg = self.video_config or VideoConfig()
+        v = self._info.video
+        device = self.device if cfg.decode_device == "cuda" else "cpu"
+        first_field = None
+        if cfg.deinterlace and is_interlaced(v):
+            first_field, backends = interlaced_decode(v, backends, device)
+        random_access = seeks_frame_exactly(self._info.container, v.codec, cfg.random_access_containers,
+                                            cfg.random_access_codecs)
+        check_pixels(v.width, v.height, cfg.max_pixels)  # before a backend opens it: decord decodes one
+        video = decode_video(self.local_path, requests, backends, device=device, max_frames=cfg.max_frames,
+                             max_pixels=cfg.max_pixels, max_bytes=cfg.max_decoded_bytes, max_side=cfg.decode_max_side,
+                             timeout_s=cfg.decode_timeout_s, random_access=random_access,
+                             reduced_pass_bytes=0 if at_request_size else cfg.reduced_pass_bytes,
+                             several_streams=self._info.video_streams > 1, given_up=self.given_up,
+                             pixel_aspect=v.sample_aspect_ratio if cfg.square_pixels else 1.0, first_field=first_field)
+        if cfg.tone_map and v.hdr:  # PQ or HLG pixels as coded are flat and grey: the filters see SDR
+            from pipeline.video.tonemap import tone_map_
+
+            for decoded in (video, video.reduced):
+                if decoded is not None:
+                    tone_map_(decoded.frames, v.color_transfer)
+        return video

@@ -194,10 +194,18 @@ def lavfi_clip(path: str, source: str = "testsrc2=size=320x240:rate=25", seconds
 
 def two_scene_clip(path: str, seconds_each: float = 2.0, size: str = "320x240", fps: int = 25) -> str:
     """A moving pattern followed by SMPTE bars: exactly one hard cut, at ``seconds_each``."""
-    _ffmpeg(["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={fps}:duration={seconds_each}",
-             "-f", "lavfi", "-i", f"smptebars=size={size}:rate={fps}:duration={seconds_each}",
-             "-filter_complex", "[0:v][1:v]concat=n=2:v=1:a=0[v]", "-map", "[v]",
-             "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", path])
+    return shots_clip(path, (("testsrc2", seconds_each), ("smptebars", seconds_each)), size, fps)
+
+
+def shots_clip(path: str, shots: tuple[tuple[str, float], ...], size: str = "320x240", fps: int = 25) -> str:
+    """Shots of lavfi sources (``(source, seconds)``), joined by hard cuts: each at the sum of the seconds before
+    it (frame ``fps`` times that)."""
+    args, joined = [], ""
+    for k, (source, seconds) in enumerate(shots):
+        args += ["-f", "lavfi", "-i", f"{source}=size={size}:rate={fps}:duration={seconds}"]
+        joined += f"[{k}:v]"
+    _ffmpeg(args + ["-filter_complex", f"{joined}concat=n={len(shots)}:v=1:a=0[v]", "-map", "[v]",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", path])
     return path
 
 

@@ -104,6 +104,8 @@ class DecodedVideo:
     """The requests with a ``max_side`` or ``short_side``, decoded in a second pass at the size they need where one
     pass would have taken over ``video.reduced_pass_bytes`` (``_passes``); every method routes a request to the
     video that holds it."""
+    crop_source: tuple[int, int, int, int] | None = None
+    """The crop last set, in source pixels (``set_crop_source``): a later decode of the item is cropped alike."""
 
     def _of(self, request: FrameRequest) -> DecodedVideo:
         return self if self.reduced is None or request not in self.reduced.plan.positions else self.reduced
@@ -146,7 +148,9 @@ class DecodedVideo:
         return self.frames[:, y1:y2:row_step, x1:x2:col_step]
 
     def set_crop_source(self, box: tuple[int, int, int, int]) -> None:
-        """Crop every later view to ``box`` given in source pixels (filters after a safe crop see the crop)."""
+        """Crop every later view to ``box`` (x1, y1, x2, y2) given in source pixels (filters after a safe crop see
+        the crop)."""
+        self.crop_source = box
         sx, sy = self.scale
         self.crop = (int(box[0] / sx), int(box[1] / sy), int(round(box[2] / sx)), int(round(box[3] / sy)))
         if self.reduced is not None:
@@ -155,10 +159,15 @@ class DecodedVideo:
     def windows(self, request: FrameRequest) -> int:
         return len(self._of(request).plan.positions[request])
 
+    def indices(self, request: FrameRequest, window: int = 0) -> np.ndarray:
+        """The stream's index of each frame of a request."""
+        v = self._of(request)
+        return np.asarray(v.plan.indices, dtype=np.int64)[v.plan.positions[request][window]]
+
     def times(self, request: FrameRequest, window: int = 0) -> np.ndarray:
         """Seconds of each frame of a request."""
         v = self._of(request)
-        idx = np.asarray(v.plan.indices)[v.plan.positions[request][window]]
+        idx = v.indices(request, window)
         if variable_rate(v.meta.timestamps, v.meta.fps):
             return v.meta.timestamps[idx]
         return idx / v.meta.fps if v.meta.fps > 0 else idx.astype(float)

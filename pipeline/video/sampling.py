@@ -65,7 +65,18 @@ class Windows:
     short_side: int | None = None
 
 
-FrameRequest = Uniform | EveryK | AtFps | Windows
+@dataclass(frozen=True)
+class Frames:
+    """The frames at ``indices`` (those past the clip's end are dropped): a filter's second, targeted decode of
+    frames its first look singled out (``MediaItem.more_frames``: the frames between two samples a scene cut fell
+    between)."""
+
+    indices: tuple[int, ...]
+    max_side: int | None = None
+    short_side: int | None = None
+
+
+FrameRequest = Uniform | EveryK | AtFps | Windows | Frames
 
 
 def uniform_indices(start: int, stop: int, n: int) -> list[int]:
@@ -146,6 +157,8 @@ def request_indices(req: FrameRequest, num_frames: int, fps: float,
     """
     if num_frames <= 0:
         return [[]]
+    if isinstance(req, Frames):
+        return [[i for i in req.indices if 0 <= i < num_frames]]
     if not isinstance(req, EveryK) and variable_rate(timestamps, fps):
         return _timed_indices(req, num_frames, fps, np.asarray(timestamps[:num_frames], float), offset_s)
     if isinstance(req, Uniform):

@@ -275,8 +275,136 @@ def test_sharpness(clips):
 
 def test_scene_cuts(clips):
     cut = run(clips["cut"], "scene_cuts")
-    assert cut["count"] == 1 and cut["times_s"][0] == pytest.approx(2.0, abs=0.26)
+    assert cut["count"] == 1 and cut["times_s"][0] == pytest.approx(2.0, abs=1e-6)  # frame 50 of 25 fps
     assert run(clips["plain"], "scene_cuts")["count"] == 0
+
+
+@pytest.fixture(scope="module")
+def short_shot(tmp_path_factory):
+    """Three shots: 2 s of a moving pattern, 3 frames of colour bars, 2 s of SMPTE bars: cuts at frames 50 and 53."""
+    path = str(tmp_path_factory.mktemp("shots") / "short_shot.mp4")
+    return synthetic.shots_clip(path, (("testsrc2", 2.0), ("rgbtestsrc", 0.12), ("smptebars", 2.0)))
+
+
+@pytest.fixture(scope="module")
+def short_shot_vfr(short_shot, tmp_path_factory):
+    """The same frames at a variable rate: 25 a second for the first second, then 10."""
+    path = str(tmp_path_factory.mktemp("shots") / "short_shot_vfr.mp4")
+    synthetic._ffmpeg(["-i", short_shot, "-vf", "setpts='if(lt(N,25),N/25,1+(N-25)/10)/TB'", "-fps_mode", "vfr",
+                       "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", path])
+    return path
+
+
+def _backend(name: str) -> tuple[str]:
+    from pipeline.video.decoders import BACKENDS
+
+    try:
+        BACKENDS[name]()
+    except ImportError:
+        pytest.skip(f"{name} is not installed here")
+    return (name,)
+
+
+@pytest.mark.parametrize("rate", ["constant", "variable"])
+@pytest.mark.parametrize("backend", ["decord", "torchcodec", "pyav"])
+def test_cuts_are_placed_at_the_frame_where_the_picture_changes(short_shot, short_shot_vfr, backend, rate):
+    """At 4 samples a second a cut was reported at the first sample after it, up to 6 frames late (2.16 s for a cut
+    at 2.0), and a shot shorter than a sample interval hid one of its two cuts. The frames between the two samples
+    are decoded again, by the backend that decoded the item, and compared step by step; the times are the frames'
+    own (at a variable rate, their timestamps, read here by PyAV decoding every frame)."""
+    import av
+
+    from pipeline.config import VideoConfig
+
+    path = short_shot if rate == "constant" else short_shot_vfr
+    with av.open(path) as c:
+        at = [float(frame.time) for frame in c.decode(video=0)]
+    (f,) = build_filters((FilterSpec("scene_cuts", "scene_cuts", True, {}),))
+    item = MediaItem("x", path, 0, f.frame_requests(), VideoConfig(), available_backends(_backend(backend)))
+    got = f.apply(item, FilterContext("cpu", None))
+    assert got["count"] == 2 and got["times_s"] == pytest.approx([at[50], at[53]], abs=1e-6)
+    assert [(t["frame"], t["frame_exact"], t["kind"]) for t in got["transitions"]] == [(50, True, "cut"),
+                                                                                       (53, True, "cut")]
+    assert [t["start_s"] for t in got["transitions"]] == pytest.approx([at[49], at[52]], abs=1e-6)  # frame before
+    if rate == "constant":
+        assert at[50] == pytest.approx(2.0) and item.frames_decoded == 18 + 7  # the samples, then frames 48 to 54
+        coarse = run(path, "scene_cuts", frame_accurate=False)
+        assert coarse["count"] == 1 and coarse["times_s"] == pytest.approx([2.16], abs=1e-6)
+        assert [(t["frame"], t["frame_exact"]) for t in coarse["transitions"]] == [(54, False)]
+
+
+def test_a_cut_between_shots_of_similar_colours_is_confirmed_by_its_frames(tmp_path):
+    """A moving pattern cut to PAL colour bars steps 0.39 between samples, under the cut threshold (0.45), which
+    motion between samples 0.25 s apart can pass: sampled alone the cut was not found. Between consecutive frames
+    it is one step standing out of steps near 0, which is what confirms it; motion and dissolves are none."""
+    path = synthetic.shots_clip(str(tmp_path / "similar.mp4"), (("testsrc2", 2.0), ("pal75bars", 2.0)))
+    got = run(path, "scene_cuts")
+    assert got["count"] == 1 and got["times_s"] == pytest.approx([2.0], abs=1e-6)
+    assert [(t["frame"], t["frame_exact"]) for t in got["transitions"]] == [(50, True)]
+    assert run(path, "scene_cuts", frame_accurate=False)["count"] == 0
+
+
+def test_a_shot_holding_one_sample_is_two_cuts_not_a_gradual_transition(tmp_path):
+    """5 frames of colour bars between two scenes, one of the samples (every 6th frame) among them: two large steps
+    side by side read as a gradual transition. Its frames show the two cuts."""
+    path = synthetic.shots_clip(str(tmp_path / "five.mp4"), (("testsrc2", 2.0), ("rgbtestsrc", 0.2),
+                                                             ("smptebars", 2.0)))
+    coarse = run(path, "scene_cuts", frame_accurate=False)
+    assert [t["kind"] for t in coarse["transitions"]] == ["gradual"]
+    got = run(path, "scene_cuts")
+    assert [(t["kind"], t["frame"], t["frame_exact"]) for t in got["transitions"]] == [("cut", 50, True),
+                                                                                       ("cut", 55, True)]
+
+
+def test_cuts_keep_the_samples_times_when_the_frames_between_cannot_be_decoded(short_shot, tmp_path, caplog):
+    """The file went away after the first decode (a node cache evicted): the row keeps the cut found, at the sample
+    after it, with ``frame_exact`` false, and a warning says why. Over ``max_refine_frames`` the same, silently."""
+    import shutil
+
+    from pipeline.config import VideoConfig
+
+    path = str(tmp_path / "copy.mp4")
+    shutil.copy(short_shot, path)
+    (f,) = build_filters((FilterSpec("scene_cuts", "scene_cuts", True, {}),))
+    item = MediaItem("gone", path, 0, f.frame_requests(), VideoConfig(), available_backends(("decord", "pyav")))
+    item.video()
+    os.remove(path)
+    got = f.apply(item, FilterContext("cpu", None))
+    assert got["times_s"] == pytest.approx([2.16], abs=1e-6)
+    assert [(t["frame"], t["frame_exact"]) for t in got["transitions"]] == [(54, False)]
+    assert "gone: 1 transition(s) not placed at their frames" in caplog.text and "every video backend failed" in caplog.text
+    capped = run(short_shot, "scene_cuts", max_refine_frames=6)  # the cut's frames 48 to 54 are 7
+    assert [(t["frame"], t["frame_exact"]) for t in capped["transitions"]] == [(54, False)]
+
+
+def test_cut_steps_of_measured_frames():
+    """Frames as points on a line: a cut is a step over ``gradual_change`` standing out of its neighbours."""
+    from pipeline.filters.signal import SceneCutParams, cut_steps
+
+    def steps(*pos: float) -> list[int]:
+        return cut_steps([abs(b - a) for a, b in zip(pos, pos[1:])], SceneCutParams())
+
+    assert steps(0, 0, 0, 0.9, 0.9) == [2]
+    assert steps(0, 0, 0.43, 0.43, 0.43, 0.85, 0.85) == [1, 4]  # a shot of 3 frames
+    assert steps(0, 0.05, 0.12, 0.5, 0.55, 0.6) == [2]  # a cut amid motion
+    assert steps(0, 0.1, 0.24, 0.36, 0.46, 0.46) == []  # a quick dissolve
+    assert steps(0, 0.6, 0.0, 0.1) == []  # a one-frame flash
+    assert steps(0, 0.08, 0.16, 0.24, 0.32, 0.4, 0.48) == []  # motion
+
+
+def test_a_second_decode_of_the_item_is_cropped_alike(clips):
+    """``more_frames`` decodes with the backend that decoded the item and crops as a safe crop set on it."""
+    from pipeline.config import VideoConfig
+    from pipeline.video.sampling import Frames, Uniform
+
+    item = MediaItem("x", clips["plain"], 0, [Uniform(4)], VideoConfig(), available_backends(("pyav", "decord")))
+    first = item.video()
+    first.set_crop_source((40, 20, 280, 200))
+    more = item.more_frames(Frames((3, 4, 5, 999), max_side=160))
+    assert more.backend == first.backend == "pyav" and more.indices(Frames((3, 4, 5, 999), max_side=160)).tolist() \
+        == [3, 4, 5]  # past the end: dropped
+    assert more.view(Frames((3, 4, 5, 999), max_side=160)).shape == (3, 90, 120, 3)  # 240x180 at half size
+    assert item.frames_decoded == 4 + 3
 
 
 def test_a_clip_longer_than_the_frame_cap_is_sampled_over_all_of_it(clips):
@@ -324,8 +452,9 @@ def test_a_gradual_transition_is_one_scene_change(transition_clips, clips):
     assert t["kind"] == "gradual" and 1.7 <= t["start_s"] <= 2.25 and 2.75 <= t["end_s"] <= 3.3
     # a fade in from black and out to black has one scene: no transition
     assert run(transition_clips["ends"], "scene_cuts")["count"] == 0
-    (t,) = run(clips["cut"], "scene_cuts")["transitions"]  # a hard cut: one step
-    assert t["kind"] == "cut" and t["end_s"] - t["start_s"] == pytest.approx(0.25, abs=0.05)
+    (t,) = run(clips["cut"], "scene_cuts")["transitions"]  # a hard cut: placed at its two frames
+    assert t["kind"] == "cut" and t["end_s"] - t["start_s"] == pytest.approx(0.04, abs=1e-6) and t["frame_exact"]
+    assert not any(t["frame_exact"] for t in fade["transitions"] + dissolve["transitions"])  # spans, of samples
 
 
 def test_soft_histograms_share_each_level_between_two_bins():
@@ -439,7 +568,8 @@ def test_a_reduced_second_pass_finds_the_same(clips, name):
     v1, v2 = item1.video(), item2.video()
     assert v1.reduced is None and v2.reduced is not None
     assert max(v2.reduced.frames.shape[1:3]) == 256 and v2.frames.shape == (len(v2.plan.indices),) + v1.frames.shape[1:]
-    assert item2.frames_decoded == len(v2.plan.indices) + len(v2.reduced.plan.indices)
+    placing = 7 if name == "cut" else 0  # the cut's frames 48 to 54, decoded again to place it
+    assert item2.frames_decoded == len(v2.plan.indices) + len(v2.reduced.plan.indices) + placing
     assert v2.frames.numel() + v2.reduced.frames.numel() < v1.frames.numel()  # far less on long clips
     assert {type(r).__name__ for r in v2.plan.positions} == {"Uniform"}
     assert {type(r).__name__ for r in v2.reduced.plan.positions} == {"AtFps"}
