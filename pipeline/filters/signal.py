@@ -525,7 +525,7 @@ class SceneCutParams:
     """Each cut placed at the frame where the picture changes, not at the first sample after it (up to ``1 / fps``
     late: 6 frames of 25 fps, more past 5 minutes): the frames between the two samples it fell between are decoded
     (``MediaItem.more_frames``, at the samples' size) and compared step by step (``place_cuts``)."""
-    max_refine_frames: int = 4800
+    max_placing_frames: int = 4800
     """At most this many frames decoded to place cuts (6 to 15 a cut at 4 samples a second): the cuts past it keep
     the sample's time (``frame_exact`` false)."""
     black_luma: float = 20.0
@@ -649,11 +649,11 @@ def cut_steps(d: list[float], p: SceneCutParams) -> list[int]:
             and all(d[j] < x / 2 for j in (k - 1, k + 1) if 0 <= j < len(d))]
 
 
-REFINE_GROUP_FRAMES = 512
+PLACING_GROUP_FRAMES = 512
 """Frames decoded at a time to place cuts (at a long side of 192, 512 frames take 32 MB)."""
 
 PLACED_FIRST = {"cut": 0, "candidate": 1, "gradual": 2}
-"""Which transitions get the frames of ``max_refine_frames`` first: the cuts found, then the candidates, then the
+"""Which transitions get the frames of ``max_placing_frames`` first: the cuts found, then the candidates, then the
 gradual transitions (a shot shorter than two samples reads as one)."""
 
 
@@ -669,10 +669,10 @@ def place_cuts(found: list[Transition], media: MediaItem, request: AtFps, p: Sce
     - a ``gradual`` transition is the cuts there where any stands out (a shot shorter than two samples between two
       others), else stays as it is.
 
-    At most ``p.max_refine_frames`` frames (``PLACED_FIRST``), ``REFINE_GROUP_FRAMES`` a decode. Where a decode
+    At most ``p.max_placing_frames`` frames (``PLACED_FIRST``), ``PLACING_GROUP_FRAMES`` a decode. Where a decode
     fails (``DecodeError``, a timeout included) the transitions not placed stay as found (cuts at the samples'
     times, ``frame_exact`` false; candidates dropped) and a warning is logged: the row loses nothing it had."""
-    spans, budget = {}, p.max_refine_frames
+    spans, budget = {}, p.max_placing_frames
     for k in sorted(range(len(found)), key=lambda k: PLACED_FIRST.get(found[k].kind, 3)):
         t = found[k]
         n = t.span[1] - t.span[0] + 1
@@ -680,7 +680,7 @@ def place_cuts(found: list[Transition], media: MediaItem, request: AtFps, p: Sce
             spans[k], budget = range(t.span[0], t.span[1] + 1), budget - n
     groups, size = [[]], 0
     for k in sorted(spans):
-        if size and size + len(spans[k]) > REFINE_GROUP_FRAMES:
+        if size and size + len(spans[k]) > PLACING_GROUP_FRAMES:
             groups.append([])
             size = 0
         groups[-1].append(k)

@@ -358,7 +358,7 @@ def test_a_shot_holding_one_sample_is_two_cuts_not_a_gradual_transition(tmp_path
 
 def test_cuts_keep_the_samples_times_when_the_frames_between_cannot_be_decoded(short_shot, tmp_path, caplog):
     """The file went away after the first decode (a node cache evicted): the row keeps the cut found, at the sample
-    after it, with ``frame_exact`` false, and a warning says why. Over ``max_refine_frames`` the same, silently."""
+    after it, with ``frame_exact`` false, and a warning says why. Over ``max_placing_frames`` the same, silently."""
     import shutil
 
     from pipeline.config import VideoConfig
@@ -373,7 +373,7 @@ def test_cuts_keep_the_samples_times_when_the_frames_between_cannot_be_decoded(s
     assert got["times_s"] == pytest.approx([2.16], abs=1e-6)
     assert [(t["frame"], t["frame_exact"]) for t in got["transitions"]] == [(54, False)]
     assert "gone: 1 transition(s) not placed at their frames" in caplog.text and "every video backend failed" in caplog.text
-    capped = run(short_shot, "scene_cuts", max_refine_frames=6)  # the cut's frames 48 to 54 are 7
+    capped = run(short_shot, "scene_cuts", max_placing_frames=6)  # the cut's frames 48 to 54 are 7
     assert [(t["frame"], t["frame_exact"]) for t in capped["transitions"]] == [(54, False)]
 
 
