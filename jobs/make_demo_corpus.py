@@ -45,6 +45,9 @@ def make_corpus(out: str) -> str:
     synthetic.moving_box_clip(os.path.join(corpus, "video/interlaced.ts"), "720x576", seconds=2.0, interlace="tff",
                               codec=("-c:v", "mpeg2video", "-q:v", "2"))
     add("interlaced", "video/interlaced.ts", "576i broadcast MPEG-2 in a transport stream, top field first")
+    synthetic.shots_clip(os.path.join(corpus, "video/shots.mp4"), (("testsrc2", 1.52), ("pal75bars", 1.0),
+                                                                   ("rgbtestsrc", 0.12), ("yuvtestsrc", 1.5)))
+    add("shots", "video/shots.mp4", "four shots: hard cuts at frames 38, 63 and 66 (a 3-frame shot)")
     if synthetic.has_zscale():
         synthetic.hdr_copy(os.path.join(corpus, "video/motion_0.mp4"), os.path.join(corpus, "video/hdr_pq.mp4"))
         add("hdr_pq", "video/hdr_pq.mp4", "HDR10 (PQ, BT.2020) made from motion_0")
