@@ -525,6 +525,12 @@ class SceneCutParams:
     """Each cut placed at the frame where the picture changes, not at the first sample after it (up to ``1 / fps``
     late: 6 frames of 25 fps, more past 5 minutes): the frames between the two samples it fell between are decoded
     (``MediaItem.more_frames``, at the samples' size) and compared step by step (``place_cuts``)."""
+    structure_change: float = 0.1
+    """The least mean luma difference (0-1, of 32x32 thumbnails) of a cut that keeps the colours: two shots of one
+    scene (a reverse angle; here a mirrored or a zoomed-in copy of a test pattern) have histograms 0.01-0.12 apart
+    but thumbnails 0.29-0.41; motion moved them 0.03-0.06 between samples and 0.01-0.06 between frames. A step
+    between samples over this and over twice the steps either side is a candidate (with ``frame_accurate``: a cut
+    only where its frames show one)."""
     max_placing_frames: int = 4800
     """At most this many frames decoded to place cuts (6 to 15 a cut at 4 samples a second): the cuts past it keep
     the sample's time (``frame_exact`` false)."""
@@ -639,14 +645,44 @@ class Transition:
                 "frame_exact": self.frame_exact}
 
 
-def cut_steps(d: list[float], p: SceneCutParams) -> list[int]:
-    """The steps (``k``: frame k to k+1) where consecutive frames change scene, from the histogram distance of each
-    step: each step over ``p.gradual_change`` (the least distance between two scenes) whose neighbours change less
-    than half as much. Between consecutive frames a cut stands out: 3 frames of colour bars between two scenes
-    stepped 0.43 and 0.42, the frames around them 0.00; a dissolve, a wipe or motion spreads its change over many
-    small steps, and a one-frame flash makes two large steps side by side."""
-    return [k for k, x in enumerate(d) if x > p.gradual_change
-            and all(d[j] < x / 2 for j in (k - 1, k + 1) if 0 <= j < len(d))]
+def _stands_out(d: list[float], floor: float, k: int) -> bool:
+    """Whether step ``k`` of ``d`` is over ``floor`` and its neighbours change less than half as much."""
+    return d[k] > floor and all(d[j] < d[k] / 2 for j in (k - 1, k + 1) if 0 <= j < len(d))
+
+
+def cut_steps(hist_steps: list[float], thumb_steps: list[float], p: SceneCutParams) -> list[int]:
+    """The steps (``k``: frame k to k+1) where consecutive frames change scene, from each step's histogram distance
+    and thumbnail difference (``thumbnails``): a step standing out of its neighbours (they change less than half as
+    much) by a histogram distance over ``p.gradual_change`` (the least distance between two scenes) or a thumbnail
+    difference over ``p.structure_change`` (a cut that keeps the colours). Between consecutive frames a cut stands
+    out: 3 frames of colour bars between two scenes stepped 0.43 and 0.42, the frames around them 0.00; a dissolve,
+    a wipe or motion spreads its change over many small steps, and a one-frame flash makes two large steps side by
+    side."""
+    return [k for k in range(len(hist_steps))
+            if _stands_out(hist_steps, p.gradual_change, k) or _stands_out(thumb_steps, p.structure_change, k)]
+
+
+def thumbnails(y: torch.Tensor) -> torch.Tensor:
+    """``[N, 32, 32]`` thumbnails (0-1, area averages) of luma ``[N, H, W]`` (0-255): where a picture's structure
+    lies, whatever its colours."""
+    return F.interpolate(y[:, None], size=(32, 32), mode="area")[:, 0] / 255.0
+
+
+def _thumb_steps(thumbs: torch.Tensor) -> list[float]:
+    return (thumbs[1:] - thumbs[:-1]).abs().mean(dim=(1, 2)).tolist()
+
+
+def structure_candidates(thumb_steps: list[float], found: list[tuple[int, int, int, str]],
+                         p: SceneCutParams) -> list[tuple[int, int, int, str]]:
+    """``candidate`` transitions where the thumbnails change between two samples by over ``p.structure_change`` and
+    over twice the steps either side that are no transition (motion changes them steadily; a cut at once), outside
+    the ``found`` ones. A step next to a found one is judged by its other side: a shot of 3 frames holding one
+    sample, then a mirrored copy of it, stepped 0.27 and 0.33 (the first a cut found by its colours)."""
+    taken = {k for a, b, _, _ in found for k in range(a, b)}
+    return [(k, k + 1, k + 1, "candidate") for k in range(len(thumb_steps)) if k not in taken
+            and thumb_steps[k] > p.structure_change
+            and all(thumb_steps[j] * 2 < thumb_steps[k] for j in (k - 1, k + 1)
+                    if 0 <= j < len(thumb_steps) and j not in taken)]
 
 
 PLACING_GROUP_FRAMES = 512
@@ -696,14 +732,15 @@ def place_cuts(found: list[Transition], media: MediaItem, request: AtFps, p: Sce
             break
         row = {int(i): r for r, i in enumerate(more.indices(wanted))}
         times = more.times(wanted) + more.start_s
-        hist = soft_histograms(more.view(wanted).to(device), p.bins).cpu()
+        frames = more.view(wanted).to(device)
+        hist, thumbs = soft_histograms(frames, p.bins).cpu(), thumbnails(luma(frames, device)).cpu()
         for k in group:
             got = [i for i in spans[k] if i in row]  # a tail found broken drops frames
             if len(got) < 2:
                 continue
             rows = [row[i] for i in got]
             d = _hist_distance(hist[rows[1:]], hist[rows[:-1]]).tolist()
-            steps = cut_steps(d, p)
+            steps = cut_steps(d, _thumb_steps(thumbs[rows]), p)
             if not steps and found[k].kind == "cut":  # the samples differ by a cut: spread over a few frames
                 steps = [max(range(len(d)), key=d.__getitem__)]
             if steps or found[k].kind == "candidate":
@@ -736,15 +773,17 @@ class SceneCutFilter(VideoFilter):
             return {"count": 0, "times_s": [], "max_diff": 0.0, "transitions": [], "sample_fps": 0.0}
         hist = soft_histograms(frames, p.bins)
         d = _hist_distance(hist[1:], hist[:-1])
-        black = luma(frames, ctx.device).mean(dim=(1, 2)) <= p.black_luma
+        y = luma(frames, ctx.device)
+        black = y.mean(dim=(1, 2)) <= p.black_luma
         at = [float(t) + video.start_s for t in times]
         hist = hist.cpu()
         idx = video.indices(req).tolist()
+        spans = transitions(d.cpu().tolist(), black.cpu().tolist(), at,
+                            lambda i, j: float(_hist_distance(hist[i], hist[j])), p, candidates=p.frame_accurate)
+        if p.frame_accurate:
+            spans = sorted(spans + structure_candidates(_thumb_steps(thumbnails(y)), spans, p))
         found = [Transition(at[a], at[b], kind, idx[k], at[k], kind == "cut" and idx[b] - idx[a] == 1,
-                            (idx[a], idx[b]))
-                 for a, b, k, kind in transitions(d.cpu().tolist(), black.cpu().tolist(), at,
-                                                  lambda i, j: float(_hist_distance(hist[i], hist[j])), p,
-                                                  candidates=p.frame_accurate)]
+                            (idx[a], idx[b])) for a, b, k, kind in spans]
         if p.frame_accurate:
             found = place_cuts(found, media, req, p, ctx.device)
         return {"count": len(found), "times_s": [t.at_s for t in found], "max_diff": float(d.max()),

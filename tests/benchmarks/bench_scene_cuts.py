@@ -5,7 +5,8 @@ decoded again and compared step by step), per backend, against two peers that co
 ``scdet`` filter and PySceneDetect's ``ContentDetector`` (where installed: ``pip install scenedetect``).
 
 The clips are built with known cut frames: shots of irregular length (0.12 s to 4 s; a few of 3 to 5 frames) from
-lavfi sources with the hue turned per shot, 720p H.264, once with the encoder's keyframes at the cuts (x264's
+lavfi sources with the hue turned per shot, every 4th the shot before it mirrored (a cut that keeps the colours),
+720p H.264, once with the encoder's keyframes at the cuts (x264's
 default) and once with a keyframe every 250 frames only (a second decode then seeks further). Per run: seconds for
 the item (its decode included), frames decoded, cuts found, those at the true frame, and the mean and largest
 distance in frames from the true cut of each cut found within half a second of one; and the item's seconds with
@@ -48,9 +49,16 @@ def shots(seconds: float, fps: int, seed: int = 0) -> list[int]:
     return [n for n in out if n > 0]
 
 
+def shot(k: int, fps: int) -> str:
+    """The lavfi chain of shot ``k``: a source with its hue turned; every 4th shot is the one before it mirrored
+    (the same colours: another view of the same scene)."""
+    if k % 4 == 3:
+        return shot(k - 1, fps) + ",hflip"
+    return f"{SOURCES[k % len(SOURCES)]}=size=1280x720:rate={fps},hue=h={(k * 67) % 360}"
+
+
 def make_clip(path: str, lengths: list[int], fps: int, cut_keyframes: bool) -> None:
-    graph = ";".join(f"{SOURCES[k % len(SOURCES)]}=size=1280x720:rate={fps},hue=h={(k * 67) % 360},"
-                     f"trim=end_frame={n},setpts=PTS-STARTPTS[v{k}]" for k, n in enumerate(lengths))
+    graph = ";".join(f"{shot(k, fps)},trim=end_frame={n},setpts=PTS-STARTPTS[v{k}]" for k, n in enumerate(lengths))
     graph += ";" + "".join(f"[v{k}]" for k in range(len(lengths))) + f"concat=n={len(lengths)}:v=1:a=0[v]"
     keys = [] if cut_keyframes else ["-g", "250", "-sc_threshold", "0"]
     subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-filter_complex", graph, "-map", "[v]",
@@ -101,7 +109,7 @@ def main() -> int:
     lengths = shots(args.seconds, args.fps)
     truth = [sum(lengths[:k]) for k in range(1, len(lengths))]
     print(f"{len(truth)} cuts in {args.seconds:g} s at {args.fps} fps, {sum(n <= 5 for n in lengths)} shots of 3-5 "
-          f"frames; 1280x720 H.264\n")
+          f"frames, {len(lengths) // 4} cuts to a mirrored copy; 1280x720 H.264\n")
     print(f"{'keyframes':<11}{'run':<28}{'seconds':>8}{'frames':>8}{'found':>6}{'exact':>7}{'mean':>8}{'max':>6}")
     backends = [b.name for b in available_backends(("decord", "torchcodec", "pyav"))]
     with tempfile.TemporaryDirectory() as d:

@@ -344,6 +344,24 @@ def test_a_cut_between_shots_of_similar_colours_is_confirmed_by_its_frames(tmp_p
     assert run(path, "scene_cuts", frame_accurate=False)["count"] == 0
 
 
+@pytest.mark.parametrize("second", ["hflip,vflip", "crop=160:120:100:60,scale=320:240"])
+def test_a_cut_that_keeps_the_colours_is_found_by_the_pictures_structure(tmp_path, second):
+    """A cut to another view of the same scene (here the moving pattern mirrored, or zoomed in) keeps its colours:
+    the histograms moved 0.01 (0.12 zoomed), and no cut was found. Its 32x32 luma thumbnails change by 0.41 (0.29)
+    at once, against 0.03 a sample of motion: a candidate, and the frames confirm it. Motion alone is none."""
+    path = str(tmp_path / "same_colours.mp4")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=2", "-f", "lavfi", "-i",
+                       "testsrc2=size=320x240:rate=25:duration=2", "-filter_complex",
+                       f"[1:v]{second}[b];[0:v][b]concat=n=2:v=1[v]", "-map", "[v]", "-c:v", "libx264", "-preset",
+                       "ultrafast", "-pix_fmt", "yuv420p", path])
+    got = run(path, "scene_cuts")
+    assert [(t["kind"], t["frame"], t["frame_exact"]) for t in got["transitions"]] == [("cut", 50, True)]
+    assert run(path, "scene_cuts", frame_accurate=False)["count"] == 0
+    for moving in (synthetic.motion_clip(str(tmp_path / "motion.mp4"), seconds=3.0, audio=False),
+                   synthetic.moving_box_clip(str(tmp_path / "box.mp4"), fps=25, seconds=3.0)):
+        assert run(moving, "scene_cuts")["count"] == 0
+
+
 def test_a_shot_holding_one_sample_is_two_cuts_not_a_gradual_transition(tmp_path):
     """5 frames of colour bars between two scenes, one of the samples (every 6th frame) among them: two large steps
     side by side read as a gradual transition. Its frames show the two cuts."""
@@ -378,11 +396,18 @@ def test_cuts_keep_the_samples_times_when_the_frames_between_cannot_be_decoded(s
 
 
 def test_cut_steps_of_measured_frames():
-    """Frames as points on a line: a cut is a step over ``gradual_change`` standing out of its neighbours."""
+    """Frames as points on a line: a cut is a step over ``gradual_change`` standing out of its neighbours, in the
+    histograms or (over ``structure_change``) in the thumbnails."""
     from pipeline.filters.signal import SceneCutParams, cut_steps
 
-    def steps(*pos: float) -> list[int]:
-        return cut_steps([abs(b - a) for a, b in zip(pos, pos[1:])], SceneCutParams())
+    def steps(*pos: float, thumbs: tuple[float, ...] = ()) -> list[int]:
+        d = [abs(b - a) for a, b in zip(pos, pos[1:])]
+        return cut_steps(d, [abs(b - a) for a, b in zip(thumbs, thumbs[1:])] or [0.0] * len(d), SceneCutParams())
+
+    # the colours kept, the picture changed (a reverse angle): 0.4 in the thumbnails, 0.01 in the histograms
+    assert steps(0, 0, 0, 0.01, 0.01, thumbs=(0, 0.02, 0.04, 0.44, 0.46)) == [2]
+    assert steps(0, 0, 0, 0.01, 0.01, thumbs=(0, 0.05, 0.1, 0.15, 0.2)) == []  # a pan: steady change
+    assert steps(0, 0, 0, 0.01, 0.01, thumbs=(0, 0.02, 0.3, 0.02, 0.04)) == []  # a frame's flash
 
     assert steps(0, 0, 0, 0.9, 0.9) == [2]
     assert steps(0, 0, 0.43, 0.43, 0.43, 0.85, 0.85) == [1, 4]  # a shot of 3 frames
