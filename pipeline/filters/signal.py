@@ -532,8 +532,9 @@ class SceneCutParams:
     between samples over this and over twice the steps either side is a candidate (with ``frame_accurate``: a cut
     only where its frames show one)."""
     max_placing_frames: int = 4800
-    """At most this many frames decoded to place cuts (6 to 15 a cut at 4 samples a second): the cuts past it keep
-    the sample's time (``frame_exact`` false)."""
+    """At most this many frames decoded to place cuts (7 to 16 a cut at 4 samples a second; more past 5 minutes,
+    where the samples are further apart), the cuts first: past it a cut keeps the sample's time (``frame_exact``
+    false), a gradual transition its span, and a candidate is dropped."""
     black_luma: float = 20.0
     """A frame whose mean luma (0-255) is at most this is the black of a fade. A mean, not a count of black pixels
     (ffmpeg blackdetect's): at 4 samples a second the fully black frames of a quick fade are seldom among them, and
@@ -587,8 +588,8 @@ def transitions(diff: list[float], black: list[bool], times: list[float], across
 
     With ``candidates``, a jolt whose step is over ``p.gradual_change`` is a ``candidate``: a cut if the frames
     between its samples show one (``place_cuts``). A short stretch whose ends differ less went back where it began
-    (a flash, a flicker) or moved within one scene: no transition. A longer one is motion, not one change of scene: in it each run of steps above ``p.threshold`` is
-    a transition, as if alone.
+    (a flash, a flicker) or moved within one scene: no transition. A longer one is motion, not one change of scene:
+    in it each run of steps above ``p.threshold`` is a transition, as if alone.
 
     Args:
         diff: the histogram distance of each step (frame i to i+1).
@@ -751,7 +752,8 @@ def place_cuts(found: list[Transition], media: MediaItem, request: AtFps, p: Sce
 
 
 class SceneCutFilter(VideoFilter):
-    """Scene transitions from colour-histogram differences and black frames: their count, times and spans."""
+    """Scene transitions from colour-histogram differences, luma thumbnails and black frames, cuts placed at their
+    frames: their count, times, frames and spans."""
 
     weight_free = True
     params_type = SceneCutParams

@@ -430,6 +430,9 @@ def test_a_second_decode_of_the_item_is_cropped_alike(clips):
         == [3, 4, 5]  # past the end: dropped
     assert more.view(Frames((3, 4, 5, 999), max_side=160)).shape == (3, 90, 120, 3)  # 240x180 at half size
     assert item.frames_decoded == 4 + 3
+    sound = MediaItem("s", clips["speech"], 0, [Uniform(4)], VideoConfig(), available_backends(("pyav",)))
+    with pytest.raises(ValueError, match="s has no video stream"):
+        sound.more_frames(Frames((0,)))
 
 
 def test_a_clip_longer_than_the_frame_cap_is_sampled_over_all_of_it(clips):
