@@ -532,9 +532,11 @@ class SceneCutParams:
     between samples over this and over twice the steps either side is a candidate (with ``frame_accurate``: a cut
     only where its frames show one)."""
     max_placing_frames: int = 4800
-    """At most this many frames decoded to place cuts (7 to 16 a cut at 4 samples a second; more past 5 minutes,
-    where the samples are further apart), the cuts first: past it a cut keeps the sample's time (``frame_exact``
-    false), a gradual transition its span, and a candidate is dropped."""
+    """At most this many frames decoded to place cuts in 5 minutes of video (``placing_budget``: a clip of 5
+    minutes or less gets this many, a longer one as many per 5 minutes), the cuts first. A cut takes 7 to 16 at 4
+    samples a second; past 5 minutes the samples spread (``max_frames``), a 1-hour film's cuts about 75 each. Past
+    it a cut keeps the sample's time (``frame_exact`` false), a gradual transition its span, and a candidate is
+    dropped. Whatever the budget, the spans do not overlap: placing decodes the clip about once more at most."""
     black_luma: float = 20.0
     """A frame whose mean luma (0-255) is at most this is the black of a fade. A mean, not a count of black pixels
     (ffmpeg blackdetect's): at 4 samples a second the fully black frames of a quick fade are seldom among them, and
@@ -689,13 +691,18 @@ def structure_candidates(thumb_steps: list[float], found: list[tuple[int, int, i
 PLACING_GROUP_FRAMES = 512
 """Frames decoded at a time to place cuts (at a long side of 192, 512 frames take 32 MB)."""
 
+def placing_budget(p: SceneCutParams, duration_s: float) -> int:
+    """Frames that may be decoded to place the cuts of a clip of ``duration_s`` (``max_placing_frames``)."""
+    return int(p.max_placing_frames * max(1.0, duration_s / 300.0))
+
+
 PLACED_FIRST = {"cut": 0, "candidate": 1, "gradual": 2}
 """Which transitions get the frames of ``max_placing_frames`` first: the cuts found, then the candidates, then the
 gradual transitions (a shot shorter than two samples reads as one)."""
 
 
-def place_cuts(found: list[Transition], media: MediaItem, request: AtFps, p: SceneCutParams,
-               device: str) -> list[Transition]:
+def place_cuts(found: list[Transition], media: MediaItem, request: AtFps, p: SceneCutParams, device: str,
+               duration_s: float) -> list[Transition]:
     """``found`` with the cuts placed at their frames: the frames from the sample before each transition to the
     sample after it are decoded (``media.more_frames``) and compared step by step (``cut_steps``).
 
@@ -706,10 +713,11 @@ def place_cuts(found: list[Transition], media: MediaItem, request: AtFps, p: Sce
     - a ``gradual`` transition is the cuts there where any stands out (a shot shorter than two samples between two
       others), else stays as it is.
 
-    At most ``p.max_placing_frames`` frames (``PLACED_FIRST``), ``PLACING_GROUP_FRAMES`` a decode. Where a decode
+    At most ``placing_budget`` frames for the clip's ``duration_s`` (``PLACED_FIRST``), ``PLACING_GROUP_FRAMES`` a
+    decode. Where a decode
     fails (``DecodeError``, a timeout included) the transitions not placed stay as found (cuts at the samples'
     times, ``frame_exact`` false; candidates dropped) and a warning is logged: the row loses nothing it had."""
-    spans, budget = {}, p.max_placing_frames
+    spans, budget = {}, placing_budget(p, duration_s)
     for k in sorted(range(len(found)), key=lambda k: PLACED_FIRST.get(found[k].kind, 3)):
         t = found[k]
         n = t.span[1] - t.span[0] + 1
@@ -787,7 +795,7 @@ class SceneCutFilter(VideoFilter):
         found = [Transition(at[a], at[b], kind, idx[k], at[k], kind == "cut" and idx[b] - idx[a] == 1,
                             (idx[a], idx[b])) for a, b, k, kind in spans]
         if p.frame_accurate:
-            found = place_cuts(found, media, req, p, ctx.device)
+            found = place_cuts(found, media, req, p, ctx.device, float(times[-1]))
         return {"count": len(found), "times_s": [t.at_s for t in found], "max_diff": float(d.max()),
                 "transitions": [t.row() for t in found],
                 "sample_fps": sample_rate(times)}

@@ -395,6 +395,15 @@ def test_cuts_keep_the_samples_times_when_the_frames_between_cannot_be_decoded(s
     assert [(t["frame"], t["frame_exact"]) for t in capped["transitions"]] == [(54, False)]
 
 
+def test_the_placing_budget_grows_with_a_clip_past_five_minutes():
+    """Past 5 minutes the samples spread and each cut's frames grow (a 1-hour film's about 75): a fixed budget
+    placed 64 of its cuts. It is ``max_placing_frames`` per 5 minutes now, and no less for a shorter clip."""
+    from pipeline.filters.signal import SceneCutParams, placing_budget
+
+    p = SceneCutParams()
+    assert [placing_budget(p, s) for s in (10.0, 300.0, 600.0, 3600.0)] == [4800, 4800, 9600, 57600]
+
+
 def test_cut_steps_of_measured_frames():
     """Frames as points on a line: a cut is a step over ``gradual_change`` standing out of its neighbours, in the
     histograms or (over ``structure_change``) in the thumbnails."""
