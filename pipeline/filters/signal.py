@@ -553,9 +553,7 @@ def soft_histograms(frames: torch.Tensor, bins: int) -> torch.Tensor:
     its pixels to the next bin at once. Sharing is linear in the counts, so it is a ``[256, bins]`` matrix applied
     to each channel's 256-level histogram: the cost of a hard histogram."""
     n = frames.shape[0]
-    levels = frames.reshape(n, -1, 3).long() + torch.arange(3, device=frames.device) * 256
-    counts = torch.zeros(n, 3 * 256, device=frames.device)
-    counts.scatter_add_(1, levels.reshape(n, -1), torch.ones(levels.numel() // n, device=frames.device).expand(n, -1))
+    counts = level_counts(frames, per_frame=frames.device.type == "cpu")
     x = (torch.arange(256, device=frames.device, dtype=torch.float32) + 0.5) * (bins / 256.0) - 0.5  # bin units
     low = x.floor().clamp(0, bins - 1)
     upper = (x - low).clamp(0, 1)
@@ -564,6 +562,25 @@ def soft_histograms(frames: torch.Tensor, bins: int) -> torch.Tensor:
     share[torch.arange(256), (low + 1).clamp(max=bins - 1).long()] += upper
     hist = (counts.reshape(n, 3, 256) @ share).reshape(n, 3 * bins)
     return hist / hist.sum(dim=1, keepdim=True)
+
+
+def level_counts(frames: torch.Tensor, per_frame: bool) -> torch.Tensor:
+    """``[N, 3 * 256]`` float counts of each channel's levels in ``[N, H, W, 3]`` uint8 frames. ``per_frame``: a
+    ``bincount`` of the uint8 levels per frame and channel, 4.6x the speed of the batched scatter on this CPU (512
+    frames of 192x108: 51 ms against 236; the scatter widens every level to int64 first); the batched scatter on a
+    GPU, where a loop of small kernels would cost more than it saves."""
+    n = frames.shape[0]
+    flat = frames.reshape(n, -1, 3)
+    if per_frame:
+        out = torch.empty(n, 3, 256, device=frames.device)
+        for i in range(n):
+            for c in range(3):
+                out[i, c] = torch.bincount(flat[i, :, c], minlength=256)
+        return out.reshape(n, 3 * 256)
+    levels = flat.long() + torch.arange(3, device=frames.device) * 256
+    counts = torch.zeros(n, 3 * 256, device=frames.device)
+    counts.scatter_add_(1, levels.reshape(n, -1), torch.ones(levels.numel() // n, device=frames.device).expand(n, -1))
+    return counts
 
 
 def _hist_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

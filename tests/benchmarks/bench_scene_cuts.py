@@ -12,7 +12,7 @@ the item (its decode included), frames decoded, cuts found, those at the true fr
 distance in frames from the true cut of each cut found within half a second of one; and the item's seconds with
 the five default signal filters, placing off and on.
 
-Usage: python tests/benchmarks/bench_scene_cuts.py [--seconds 60] [--fps 25]
+Usage: python tests/benchmarks/bench_scene_cuts.py [--seconds 60] [--fps 25] [--size 1280x720]
 """
 
 from __future__ import annotations
@@ -49,16 +49,17 @@ def shots(seconds: float, fps: int, seed: int = 0) -> list[int]:
     return [n for n in out if n > 0]
 
 
-def shot(k: int, fps: int) -> str:
+def shot(k: int, fps: int, size: str) -> str:
     """The lavfi chain of shot ``k``: a source with its hue turned; every 4th shot is the one before it mirrored
     (the same colours: another view of the same scene)."""
     if k % 4 == 3:
-        return shot(k - 1, fps) + ",hflip"
-    return f"{SOURCES[k % len(SOURCES)]}=size=1280x720:rate={fps},hue=h={(k * 67) % 360}"
+        return shot(k - 1, fps, size) + ",hflip"
+    return f"{SOURCES[k % len(SOURCES)]}=size={size}:rate={fps},hue=h={(k * 67) % 360}"
 
 
-def make_clip(path: str, lengths: list[int], fps: int, cut_keyframes: bool) -> None:
-    graph = ";".join(f"{shot(k, fps)},trim=end_frame={n},setpts=PTS-STARTPTS[v{k}]" for k, n in enumerate(lengths))
+def make_clip(path: str, lengths: list[int], fps: int, cut_keyframes: bool, size: str = "1280x720") -> None:
+    graph = ";".join(f"{shot(k, fps, size)},trim=end_frame={n},setpts=PTS-STARTPTS[v{k}]"
+                     for k, n in enumerate(lengths))
     graph += ";" + "".join(f"[v{k}]" for k in range(len(lengths))) + f"concat=n={len(lengths)}:v=1:a=0[v]"
     keys = [] if cut_keyframes else ["-g", "250", "-sc_threshold", "0"]
     subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-filter_complex", graph, "-map", "[v]",
@@ -105,17 +106,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--fps", type=int, default=25)
+    parser.add_argument("--size", default="1280x720", help="WxH (a long clip: 640x360 keeps the encode short)")
     args = parser.parse_args()
     lengths = shots(args.seconds, args.fps)
     truth = [sum(lengths[:k]) for k in range(1, len(lengths))]
     print(f"{len(truth)} cuts in {args.seconds:g} s at {args.fps} fps, {sum(n <= 5 for n in lengths)} shots of 3-5 "
-          f"frames, {len(lengths) // 4} cuts to a mirrored copy; 1280x720 H.264\n")
+          f"frames, {len(lengths) // 4} cuts to a mirrored copy; {args.size} H.264\n")
     print(f"{'keyframes':<11}{'run':<28}{'seconds':>8}{'frames':>8}{'found':>6}{'exact':>7}{'mean':>8}{'max':>6}")
     backends = [b.name for b in available_backends(("decord", "torchcodec", "pyav"))]
     with tempfile.TemporaryDirectory() as d:
         for cut_keys in (True, False):
             path = os.path.join(d, f"shots-{cut_keys}.mp4")
-            make_clip(path, lengths, args.fps, cut_keys)
+            make_clip(path, lengths, args.fps, cut_keys, args.size)
             label = "at cuts" if cut_keys else "every 250"
             for backend in backends:
                 for on in (False, True):

@@ -514,6 +514,10 @@ def test_soft_histograms_share_each_level_between_two_bins():
             w = torch.where(x > 15, 1.0, w)
         want[:, :, lo] = w.sum(dim=1)
     assert torch.allclose(hist, (want / want.sum(dim=(1, 2), keepdim=True)).reshape(3, 48).float(), atol=1e-6)
+    from pipeline.filters.signal import level_counts
+
+    strided = frames[:, ::2, 1::3]  # a filter's strided view of its frames, counted in place
+    assert torch.equal(level_counts(strided, per_frame=True), level_counts(strided, per_frame=False))  # CPU, GPU
     flat = torch.stack([torch.full((8, 8, 3), v, dtype=torch.uint8) for v in (15, 16)])  # across a hard bin edge
     step = soft_histograms(flat, 16)
     assert 0.5 * float((step[0] - step[1]).abs().sum()) == pytest.approx(1 / 16, abs=1e-5)  # hard bins: 1.0
