@@ -507,7 +507,8 @@ class SceneCutParams:
     max_frames: int = 1200
     """At most this many frames: a clip longer than ``max_frames / fps`` (5 minutes) is sampled at the lower rate
     that covers all of it (``sample_fps`` in the row; before, with 480, a clip's cuts after 2 minutes went unseen).
-    Cuts closer than one sample apart then count once, and a dissolve shorter than one reads as a cut."""
+    Placed (``frame_accurate``), cuts closer than one sample apart are told apart where the samples around them
+    differ; without, they count once, and a dissolve shorter than one sample interval reads as a cut either way."""
     bins: int = 16
     """Histogram bins per RGB channel."""
     threshold: float = 0.45
