@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -62,6 +62,17 @@ def sample_rate(times) -> float:
     if len(times) < 2 or times[-1] <= times[0]:
         return 0.0
     return float((len(times) - 1) / (times[-1] - times[0]))
+
+
+def thumbnails(y: torch.Tensor, side: int = 32) -> torch.Tensor:
+    """``[N, side, side]`` thumbnails (0-1, area averages) of luma ``[N, H, W]`` (0-255): where a picture's
+    structure lies, whatever its size and colours (the static filter's motion, the scene cuts' changes of view)."""
+    return F.interpolate(y[:, None], size=(side, side), mode="area")[:, 0] / 255.0
+
+
+def thumbnail_steps(thumbs: torch.Tensor) -> torch.Tensor:
+    """The mean absolute difference between each pair of consecutive ``thumbnails``: ``[N - 1]``."""
+    return (thumbs[1:] - thumbs[:-1]).abs().mean(dim=(1, 2))
 
 
 def subsample_step(video, request, max_side: int | None = None) -> int:
@@ -388,13 +399,12 @@ class StaticFilter(VideoFilter):
         x0, y0, w, h = picture_box(y)  # a subtitle coming and going on a bar is no motion of the picture
         y = y[:, y0:y0 + h, x0:x0 + w]
         times = video.times(req)
-        small = F.interpolate(y[:, None], size=(64, 64), mode="area")[:, 0] / 255.0  # noise-robust, size-free
+        small = thumbnails(y, 64)  # noise-robust, size-free
         if small.shape[0] < 2:
             return {"motion": 0.0, "static": True, "static_ratio": 1.0, "windows": [], "structured_motion": 0.0,
                     "sample_fps": 0.0}
-        coarse = F.interpolate(y[:, None], size=(32, 32), mode="area")[:, 0] / 255.0  # four times the cell area
-        diffs = (small[1:] - small[:-1]).abs().mean(dim=(1, 2)).cpu().numpy()
-        diffs32 = (coarse[1:] - coarse[:-1]).abs().mean(dim=(1, 2)).cpu().numpy()
+        diffs = thumbnail_steps(small).cpu().numpy()
+        diffs32 = thumbnail_steps(thumbnails(y, 32)).cpu().numpy()  # four times the cell area
         p = self.params
 
         def still(m64: float, m32: float) -> bool:
@@ -666,9 +676,10 @@ class Transition:
                 "frame_exact": self.frame_exact}
 
 
-def _stands_out(d: list[float], floor: float, k: int) -> bool:
-    """Whether step ``k`` of ``d`` is over ``floor`` and its neighbours change less than half as much."""
-    return d[k] > floor and all(d[j] < d[k] / 2 for j in (k - 1, k + 1) if 0 <= j < len(d))
+def _stands_out(d: list[float], floor: float, k: int, ignored: Container[int] = ()) -> bool:
+    """Whether step ``k`` of ``d`` is over ``floor`` and its neighbours (but the ``ignored`` ones) change less than
+    half as much."""
+    return d[k] > floor and all(d[j] < d[k] / 2 for j in (k - 1, k + 1) if 0 <= j < len(d) and j not in ignored)
 
 
 def cut_steps(hist_steps: list[float], thumb_steps: list[float], p: SceneCutParams) -> list[int]:
@@ -683,16 +694,6 @@ def cut_steps(hist_steps: list[float], thumb_steps: list[float], p: SceneCutPara
             if _stands_out(hist_steps, p.gradual_change, k) or _stands_out(thumb_steps, p.structure_change, k)]
 
 
-def thumbnails(y: torch.Tensor) -> torch.Tensor:
-    """``[N, 32, 32]`` thumbnails (0-1, area averages) of luma ``[N, H, W]`` (0-255): where a picture's structure
-    lies, whatever its colours."""
-    return F.interpolate(y[:, None], size=(32, 32), mode="area")[:, 0] / 255.0
-
-
-def _thumb_steps(thumbs: torch.Tensor) -> list[float]:
-    return (thumbs[1:] - thumbs[:-1]).abs().mean(dim=(1, 2)).tolist()
-
-
 def structure_candidates(thumb_steps: list[float], found: list[tuple[int, int, int, str]],
                          p: SceneCutParams) -> list[tuple[int, int, int, str]]:
     """``candidate`` transitions where the thumbnails change between two samples by over ``p.structure_change`` and
@@ -700,10 +701,8 @@ def structure_candidates(thumb_steps: list[float], found: list[tuple[int, int, i
     the ``found`` ones. A step next to a found one is judged by its other side: a shot of 3 frames holding one
     sample, then a mirrored copy of it, stepped 0.27 and 0.33 (the first a cut found by its colours)."""
     taken = {k for a, b, _, _ in found for k in range(a, b)}
-    return [(k, k + 1, k + 1, "candidate") for k in range(len(thumb_steps)) if k not in taken
-            and thumb_steps[k] > p.structure_change
-            and all(thumb_steps[j] * 2 < thumb_steps[k] for j in (k - 1, k + 1)
-                    if 0 <= j < len(thumb_steps) and j not in taken)]
+    return [(k, k + 1, k + 1, "candidate") for k in range(len(thumb_steps))
+            if k not in taken and _stands_out(thumb_steps, p.structure_change, k, taken)]
 
 
 PLACING_GROUP_FRAMES = 512
@@ -767,7 +766,7 @@ def place_cuts(found: list[Transition], media: MediaItem, request: AtFps, p: Sce
                 continue
             rows = [row[i] for i in got]
             d = _hist_distance(hist[rows[1:]], hist[rows[:-1]]).tolist()
-            steps = cut_steps(d, _thumb_steps(thumbs[rows]), p)
+            steps = cut_steps(d, thumbnail_steps(thumbs[rows]).tolist(), p)
             if not steps and found[k].kind == "cut":  # the samples differ by a cut: spread over a few frames
                 steps = [max(range(len(d)), key=d.__getitem__)]
             if steps or found[k].kind == "candidate":
@@ -809,7 +808,7 @@ class SceneCutFilter(VideoFilter):
         spans = transitions(d.cpu().tolist(), black.cpu().tolist(), at,
                             lambda i, j: float(_hist_distance(hist[i], hist[j])), p, candidates=p.frame_accurate)
         if p.frame_accurate:
-            spans = sorted(spans + structure_candidates(_thumb_steps(thumbnails(y)), spans, p))
+            spans = sorted(spans + structure_candidates(thumbnail_steps(thumbnails(y)).tolist(), spans, p))
         found = [Transition(at[a], at[b], kind, idx[k], at[k], kind == "cut" and idx[b] - idx[a] == 1,
                             (idx[a], idx[b])) for a, b, k, kind in spans]
         if p.frame_accurate:
