@@ -19,7 +19,7 @@ from pipeline.errors import DecodeError
 from pipeline.filters.base import FilterContext, VideoFilter
 from pipeline.media.item import MediaItem
 from pipeline.video.preprocess import luma
-from pipeline.video.sampling import AtFps, Frames, Uniform
+from pipeline.video.sampling import AtFps, Frames, Uniform, request_indices
 
 log = logging.getLogger(__name__)
 
@@ -515,10 +515,12 @@ class SceneCutParams:
     fps: float = 4.0
     """Frames per second compared."""
     max_frames: int = 1200
-    """At most this many frames: a clip longer than ``max_frames / fps`` (5 minutes) is sampled at the lower rate
-    that covers all of it (``sample_fps`` in the row; before, with 480, a clip's cuts after 2 minutes went unseen).
-    Placed (``frame_accurate``), cuts closer than one sample apart are told apart where the samples around them
-    differ; without, they count once, and a dissolve shorter than one sample interval reads as a cut either way."""
+    """At most this many frames decoded with the item's other frames. A clip longer than ``max_frames / fps`` (5
+    minutes) is sampled at ``fps`` all through by this filter (``stream_long_clips``), or else at the lower rate that
+    spreads ``max_frames`` over all of it (``sample_fps`` in the row; before, with 480, a clip's cuts after 2 minutes
+    went unseen). Placed (``frame_accurate``), cuts closer than one sample apart are told apart where the samples
+    around them differ; without, they count once, and a dissolve shorter than one sample interval reads as a cut
+    either way."""
     bins: int = 16
     """Histogram bins per RGB channel."""
     threshold: float = 0.45
@@ -532,9 +534,14 @@ class SceneCutParams:
     scenes measured 0.33-0.47 end to end, with steps up to 0.65; motion in one scene, and a flash, under 0.05."""
     max_gradual_s: float = 5.0
     """The longest gradual transition: longer stretches of change are motion in one scene."""
+    stream_long_clips: bool = True
+    """A clip longer than ``max_frames / fps`` is sampled at ``fps`` all through, by this filter, ``STREAM_GROUP``
+    samples a decode, keeping their histograms and thumbnails and not their frames (``stream_samples``). False: the
+    ``max_frames`` samples spread over all of it, decoded with the item's other frames: 3 s apart in a 1-hour film,
+    where they found 288 of 1908 cuts, 1187 placed (the placing budget ran out: each span 75 frames)."""
     frame_accurate: bool = True
     """Each cut placed at the frame where the picture changes, not at the first sample after it (up to ``1 / fps``
-    late: 6 frames of 25 fps, more past 5 minutes): the frames between the two samples it fell between are decoded
+    late: 6 frames of 25 fps): the frames between the two samples it fell between are decoded
     (``MediaItem.more_frames``, at the samples' size) and compared step by step (``place_cuts``)."""
     structure_change: float = 0.1
     """The least mean luma difference (0-1, of 32x32 thumbnails) of a cut that keeps the colours: two shots of one
@@ -545,7 +552,7 @@ class SceneCutParams:
     max_placing_frames: int = 4800
     """At most this many frames decoded to place cuts in 5 minutes of video (``placing_budget``: a clip of 5
     minutes or less gets this many, a longer one as many per 5 minutes), the cuts first. A cut takes 7 to 16 at 4
-    samples a second; past 5 minutes the samples spread (``max_frames``), a 1-hour film's cuts about 75 each. Past
+    samples a second; with ``stream_long_clips`` off a 1-hour film's samples spread, and its cuts take 75 each. Past
     it a cut keeps the sample's time (``frame_exact`` false), a gradual transition its span, and a candidate is
     dropped. Whatever the budget, the spans do not overlap: placing decodes the clip about once more at most."""
     black_luma: float = 20.0
@@ -776,6 +783,75 @@ def place_cuts(found: list[Transition], media: MediaItem, request: AtFps, p: Sce
             for t in placed.get(k, [old])]
 
 
+@dataclass
+class Samples:
+    """What the scene cuts keep of their sampled frames: per frame its stream index, its time on the file's
+    timeline, its soft colour histogram (on the CPU) and whether it is black; per step between two, the difference of
+    their 32x32 luma thumbnails."""
+
+    indices: list[int]
+    at: list[float]
+    hist: torch.Tensor
+    black: list[bool]
+    thumb_steps: list[float]
+
+    @classmethod
+    def of(cls, frames: torch.Tensor, indices, at, p: SceneCutParams, device: str,
+           before: torch.Tensor | None = None) -> tuple[Samples, torch.Tensor]:
+        """The samples of ``frames`` (``[N, H, W, 3]`` uint8, at stream ``indices`` and times ``at``), and the
+        thumbnail of the last; ``before``: the thumbnail of the sample before the first (a group of a stream), whose
+        step to the first is then the first of ``thumb_steps``."""
+        y = luma(frames, device)
+        thumbs = thumbnails(y)
+        if before is not None:
+            thumbs = torch.cat([before.to(thumbs.device), thumbs])
+        return cls([int(i) for i in indices], [float(t) for t in at], soft_histograms(frames, p.bins).cpu(),
+                   (y.mean(dim=(1, 2)) <= p.black_luma).cpu().tolist(),
+                   thumbnail_steps(thumbs).cpu().tolist()), thumbs[-1:]
+
+    def extend(self, more: Samples) -> None:
+        self.indices += more.indices
+        self.at += more.at
+        self.hist = torch.cat([self.hist, more.hist])
+        self.black += more.black
+        self.thumb_steps += more.thumb_steps
+
+
+STREAM_GROUP = 512
+"""Samples decoded at a time where a long clip is sampled all through (``stream_long_clips``): 32 MB at 192x108."""
+
+
+def stream_samples(video, media: MediaItem, request: AtFps, p: SceneCutParams, device: str) -> Samples:
+    """A clip longer than ``p.max_frames`` samples at ``p.fps`` sampled at that rate all through: decoded a group of
+    ``STREAM_GROUP`` at a time (``media.more_frames``, at the request's size), each group's histograms, black frames
+    and thumbnail steps kept and its frames let go. A tail found broken ends the samples where it breaks.
+
+    Raises:
+        DecodeError: a group's decode failed (its frames and seconds named; a timeout is a ``DecodeTimeout``).
+    """
+    meta = video.meta
+    wanted = request_indices(AtFps(p.fps, max(1, meta.num_frames)), meta.num_frames, meta.fps, meta.timestamps)[0]
+    out, last = None, None
+    for g in range(0, len(wanted), STREAM_GROUP):
+        group = Frames(tuple(wanted[g:g + STREAM_GROUP]), max_side=request.max_side)
+        try:
+            more = media.more_frames(group)
+        except DecodeError as e:
+            raise type(e)(f"scene_cuts: decoding frames {group.indices[0]}-{group.indices[-1]} of the clip's "
+                          f"{meta.num_frames} (sampled all through: stream_long_clips) failed: {e}") from e
+        got = more.indices(group)
+        if len(got):
+            part, last = Samples.of(more.view(group).to(device), got, more.times(group) + more.start_s, p, device,
+                                    last)
+            if out is None:
+                out = part
+            else:
+                out.extend(part)
+        if len(got) < len(group.indices):
+            break  # the tail is broken: the clip ends there
+    return out or Samples([], [], torch.zeros(0, 3 * p.bins), [], [])
+
+
 class SceneCutFilter(VideoFilter):
     """Scene transitions from colour-histogram differences, luma thumbnails and black frames, cuts placed at their
     frames: their count, times, frames and spans."""
@@ -786,7 +862,7 @@ class SceneCutFilter(VideoFilter):
                              ("transitions", pa.list_(TRANSITION)), ("sample_fps", pa.float64())])
 
     def _request(self) -> AtFps:
-        return AtFps(self.params.fps, self.params.max_frames, max_side=192)
+        return AtFps(self.params.fps, self.params.max_frames, max_side=192, spread=not self.params.stream_long_clips)
 
     def frame_requests(self) -> list:
         return [self._request()]
@@ -794,25 +870,25 @@ class SceneCutFilter(VideoFilter):
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         req = self._request()
         p = self.params
-        frames = video.view(req, step=subsample_step(video, req)).to(ctx.device)
-        times = video.times(req)
-        if frames.shape[0] < 2:
+        n = len(video.indices(req))
+        if video.meta.num_frames > 1 and not n:  # a long clip: sampled all through here
+            s = stream_samples(video, media, req, p, ctx.device)
+        elif n < 2:
+            s = None
+        else:
+            frames = video.view(req, step=subsample_step(video, req)).to(ctx.device)
+            s, _ = Samples.of(frames, video.indices(req), video.times(req) + video.start_s, p, ctx.device)
+        if s is None or len(s.indices) < 2:
             return {"count": 0, "times_s": [], "max_diff": 0.0, "transitions": [], "sample_fps": 0.0}
-        hist = soft_histograms(frames, p.bins)
-        d = _hist_distance(hist[1:], hist[:-1])
-        y = luma(frames, ctx.device)
-        black = y.mean(dim=(1, 2)) <= p.black_luma
-        at = [float(t) + video.start_s for t in times]
-        hist = hist.cpu()
-        idx = video.indices(req).tolist()
-        spans = transitions(d.cpu().tolist(), black.cpu().tolist(), at,
-                            lambda i, j: float(_hist_distance(hist[i], hist[j])), p, candidates=p.frame_accurate)
+        d = _hist_distance(s.hist[1:], s.hist[:-1])
+        at, idx, hist = s.at, s.indices, s.hist
+        spans = transitions(d.tolist(), s.black, at, lambda i, j: float(_hist_distance(hist[i], hist[j])), p,
+                            candidates=p.frame_accurate)
         if p.frame_accurate:
-            spans = sorted(spans + structure_candidates(thumbnail_steps(thumbnails(y)).tolist(), spans, p))
+            spans = sorted(spans + structure_candidates(s.thumb_steps, spans, p))
         found = [Transition(at[a], at[b], kind, idx[k], at[k], kind == "cut" and idx[b] - idx[a] == 1,
                             (idx[a], idx[b])) for a, b, k, kind in spans]
         if p.frame_accurate:
-            found = place_cuts(found, media, req, p, ctx.device, float(times[-1]))
+            found = place_cuts(found, media, req, p, ctx.device, at[-1] - video.start_s)
         return {"count": len(found), "times_s": [t.at_s for t in found], "max_diff": float(d.max()),
-                "transitions": [t.row() for t in found],
-                "sample_fps": sample_rate(times)}
+                "transitions": [t.row() for t in found], "sample_fps": sample_rate(at)}

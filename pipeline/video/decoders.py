@@ -785,6 +785,10 @@ def _size_needed(request: FrameRequest, size: tuple[int, int]) -> tuple[int, int
 def _decode_pass(backend, path: str, requests: list[FrameRequest], plan: FramePlan, meta: VideoMeta,
                  size: tuple[int, int], device: str, offset: float, stop: threading.Event,
                  first_field: int | None = None) -> DecodedVideo:
+    if not plan.indices:  # every request streams itself (``AtFps.spread``) or asks for none: nothing to decode
+        frames = torch.empty((0, size[1], size[0], 3), dtype=torch.uint8)
+        return DecodedVideo(frames, plan, meta, backend.name, (meta.width / size[0], meta.height / size[1]),
+                            start_s=offset)
     extra = {}
     if first_field is not None:  # scaled along the lines only, deinterlaced, then scaled to the size
         from pipeline.video.deinterlace import deinterlace

@@ -46,6 +46,10 @@ class AtFps:
     max_count: int = 512
     max_side: int | None = None
     short_side: int | None = None
+    spread: bool = True
+    """False: a clip longer than ``max_count`` frames at ``fps`` gets none from the item's decode; its filter
+    decodes the rate all through itself, a group at a time (``MediaItem.more_frames``), keeping what it computes
+    of each group and not the frames (``scene_cuts``: spread 3 s apart over an hour, samples miss most cuts)."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,8 @@ def _timed_indices(req: FrameRequest, num_frames: int, fps: float, ts: np.ndarra
     if isinstance(req, AtFps):
         times = np.zeros(1)
         if req.fps > 0:  # a long clip: a lower rate over all of it
+            if not req.spread and math.ceil(duration * req.fps - 1e-9) > req.max_count:
+                return [[]]
             times = np.arange(0.0, duration, max(1.0 / req.fps, duration / max(1, req.max_count)))[: req.max_count]
         return [sorted(set(played_at(ts, times)))]
     out = []
@@ -168,6 +174,8 @@ def request_indices(req: FrameRequest, num_frames: int, fps: float,
         return [list(range(0, num_frames, k))[: req.max_count]]
     if isinstance(req, AtFps):
         step = max(1, int(round(fps / req.fps))) if fps > 0 and req.fps > 0 else 1
+        if not req.spread and math.ceil(num_frames / step) > req.max_count:
+            return [[]]
         step = max(step, math.ceil(num_frames / max(1, req.max_count)))  # a long clip: a lower rate over all of it
         return [list(range(0, num_frames, step))[: req.max_count]]
     if isinstance(req, Windows):

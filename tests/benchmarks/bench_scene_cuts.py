@@ -10,9 +10,12 @@ lavfi sources with the hue turned per shot, every 4th the shot before it mirrore
 default) and once with a keyframe every 250 frames only (a second decode then seeks further). Per run: seconds for
 the item (its decode included), frames decoded, cuts found, those at the true frame, and the mean and largest
 distance in frames from the true cut of each cut found within half a second of one; and the item's seconds with
-the five default signal filters, placing off and on.
+the five default signal filters, placing off and on. A clip over 5 minutes (``max_frames`` samples) is sampled at 4 a
+second all through by the filter (``stream_long_clips``); its rows marked ``spread`` are the ``max_frames`` samples
+spread over it instead (the behaviour before).
 
 Usage: python tests/benchmarks/bench_scene_cuts.py [--seconds 60] [--fps 25] [--size 1280x720]
+       [--backends decord,torchcodec,pyav]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path.insert(0, ROOT)
 from pipeline.config import FilterSpec, VideoConfig  # noqa: E402
 from pipeline.filters import build_filters, frame_requests_of  # noqa: E402
 from pipeline.filters.base import FilterContext  # noqa: E402
+from pipeline.filters.signal import SceneCutParams  # noqa: E402
 from pipeline.media.item import MediaItem  # noqa: E402
 from pipeline.video.decoders import available_backends  # noqa: E402
 
@@ -62,8 +66,11 @@ def make_clip(path: str, lengths: list[int], fps: int, cut_keyframes: bool, size
                      for k, n in enumerate(lengths))
     graph += ";" + "".join(f"[v{k}]" for k in range(len(lengths))) + f"concat=n={len(lengths)}:v=1:a=0[v]"
     keys = [] if cut_keyframes else ["-g", "250", "-sc_threshold", "0"]
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-filter_complex", graph, "-map", "[v]",
-                    "-c:v", "libx264", "-preset", "veryfast", *keys, "-pix_fmt", "yuv420p", path], check=True)
+    script = path + ".graph"  # a file: an hour's graph is longer than a command line may be
+    with open(script, "w") as f:
+        f.write(graph)
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-filter_complex_script", script, "-map",
+                    "[v]", "-c:v", "libx264", "-preset", "veryfast", *keys, "-pix_fmt", "yuv420p", path], check=True)
 
 
 def score(found: list[int], truth: list[int], fps: int) -> str:
@@ -74,10 +81,12 @@ def score(found: list[int], truth: list[int], fps: int) -> str:
     return f"{len(found):>6}{sum(o == 0 for o in off):>7}{mean:>8.2f}{max(near, default=0):>6}"
 
 
-def ours(path: str, backend: str, frame_accurate: bool, others: tuple[str, ...] = ()) -> tuple[float, int, list[int]]:
+def ours(path: str, backend: str, frame_accurate: bool, others: tuple[str, ...] = (),
+         stream: bool = True) -> tuple[float, int, list[int]]:
     """The item's seconds and frames decoded with the scene-cut filter (and ``others``), and its cut frames."""
+    params = {"frame_accurate": frame_accurate, "stream_long_clips": stream}
     filters = build_filters(tuple(FilterSpec(n, n) for n in others)
-                            + (FilterSpec("scene_cuts", "scene_cuts", True, {"frame_accurate": frame_accurate}),))
+                            + (FilterSpec("scene_cuts", "scene_cuts", True, params),))
     t = time.perf_counter()
     item = MediaItem("x", path, 0, frame_requests_of(filters), VideoConfig(backends=(backend,)),
                      available_backends((backend,)))
@@ -107,33 +116,36 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--fps", type=int, default=25)
     parser.add_argument("--size", default="1280x720", help="WxH (a long clip: 640x360 keeps the encode short)")
+    parser.add_argument("--backends", default="decord,torchcodec,pyav", help="ours with each of these, in order")
     args = parser.parse_args()
     lengths = shots(args.seconds, args.fps)
     truth = [sum(lengths[:k]) for k in range(1, len(lengths))]
     print(f"{len(truth)} cuts in {args.seconds:g} s at {args.fps} fps, {sum(n <= 5 for n in lengths)} shots of 3-5 "
           f"frames, {len(lengths) // 4} cuts to a mirrored copy; {args.size} H.264\n")
-    print(f"{'keyframes':<11}{'run':<28}{'seconds':>8}{'frames':>8}{'found':>6}{'exact':>7}{'mean':>8}{'max':>6}")
-    backends = [b.name for b in available_backends(("decord", "torchcodec", "pyav"))]
+    print(f"{'keyframes':<11}{'run':<34}{'seconds':>8}{'frames':>8}{'found':>6}{'exact':>7}{'mean':>8}{'max':>6}")
+    backends = [b.name for b in available_backends(tuple(args.backends.split(",")))]
+    long_clip = args.seconds * 4 > SceneCutParams().max_frames  # sampled all through, or spread (before)
+    runs = [(False, True), (True, True)] + ([(False, False), (True, False)] if long_clip else [])
     with tempfile.TemporaryDirectory() as d:
         for cut_keys in (True, False):
             path = os.path.join(d, f"shots-{cut_keys}.mp4")
             make_clip(path, lengths, args.fps, cut_keys, args.size)
             label = "at cuts" if cut_keys else "every 250"
             for backend in backends:
-                for on in (False, True):
-                    secs, frames, found = ours(path, backend, on)
-                    run = f"ours {backend}, {'placed' if on else 'samples'}"
-                    print(f"{label:<11}{run:<28}{secs:>8.2f}{frames:>8}{score(found, truth, args.fps)}")
-            for on in (False, True):
-                secs, frames, found = ours(path, backends[0], on, SIGNAL)
-                run = f"five filters {backends[0]}, {'placed' if on else 'samples'}"
-                print(f"{label:<11}{run:<28}{secs:>8.2f}{frames:>8}{score(found, truth, args.fps)}")
+                for on, stream in runs:
+                    secs, frames, found = ours(path, backend, on, stream=stream)
+                    run = f"ours {backend}, {'placed' if on else 'samples'}{'' if stream else ', spread'}"
+                    print(f"{label:<11}{run:<34}{secs:>8.2f}{frames:>8}{score(found, truth, args.fps)}")
+            for on, stream in runs:
+                secs, frames, found = ours(path, backends[0], on, SIGNAL, stream)
+                run = f"five filters {backends[0]}, {'placed' if on else 'samples'}{'' if stream else ', spread'}"
+                print(f"{label:<11}{run:<34}{secs:>8.2f}{frames:>8}{score(found, truth, args.fps)}")
             secs, found = scdet(path, args.fps)
-            print(f"{label:<11}{'ffmpeg scdet':<28}{secs:>8.2f}{sum(lengths):>8}"
+            print(f"{label:<11}{'ffmpeg scdet':<34}{secs:>8.2f}{sum(lengths):>8}"
                   f"{score(found, truth, args.fps)}")
             peer = pyscenedetect(path)
             if peer is not None:
-                print(f"{label:<11}{'PySceneDetect content':<28}{peer[0]:>8.2f}{sum(lengths):>8}"
+                print(f"{label:<11}{'PySceneDetect content':<34}{peer[0]:>8.2f}{sum(lengths):>8}"
                       f"{score(peer[1], truth, args.fps)}")
     return 0
 

@@ -406,6 +406,9 @@ def test_a_rate_request_over_its_cap_spreads_over_the_clip(timed):
     assert np.ptp(np.diff(times)) <= 0.1  # evenly spaced (to a frame)
     (short,) = request_indices(AtFps(4.0, 400), n, fps, ts if timed else None)
     assert np.diff(ts[short]).max() <= 0.25 + 0.08 and len(short) >= 4 * 39
+    # not spread: past the cap, none (its filter samples the rate itself); within it, as asked
+    assert request_indices(AtFps(4.0, 40, spread=False), n, fps, ts if timed else None) == [[]]
+    assert request_indices(AtFps(4.0, 400, spread=False), n, fps, ts if timed else None) == [short]
 
 
 def test_windows_and_every_kth_over_their_cap_spread_over_the_clip():

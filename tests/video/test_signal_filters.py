@@ -451,7 +451,7 @@ def test_a_clip_longer_than_the_frame_cap_is_sampled_over_all_of_it(clips):
     frozen = run(clips["freeze"], "static", max_frames=8, window_s=2.0)  # 2 s of motion, then 4 s held
     assert [w["static"] for w in frozen["windows"]] == [False, True, True]
     assert frozen["sample_fps"] == pytest.approx(8 / 6, rel=0.1) and frozen["windows"][-1]["end_s"] > 5
-    cut = run(clips["cut"], "scene_cuts", max_frames=6)  # two 2 s scenes
+    cut = run(clips["cut"], "scene_cuts", max_frames=6, stream_long_clips=False)  # two 2 s scenes
     assert cut["count"] == 1 and cut["times_s"][0] == pytest.approx(2.0, abs=0.7)
     assert cut["sample_fps"] == pytest.approx(25 / 17, rel=0.01)
     assert run(clips["cut"], "scene_cuts")["sample_fps"] == pytest.approx(25 / 6, rel=0.01)  # 4 a second
@@ -761,3 +761,71 @@ def test_anamorphic_video_is_decoded_with_square_pixels(anamorphic, backend):
     assert all(abs(crop[k] - stored["black_borders"]["crop"][k]) <= 2 for k in "xywh")
     assert (crop["x"], crop["w"]) == (0, 240) and abs(crop["y"] - 30) <= 2 and abs(crop["h"] - 180) <= 2
     assert square["black_borders"]["letterbox"] and not square["black_borders"]["pillarbox"]
+
+
+@pytest.fixture(scope="module")
+def long_shots(tmp_path_factory):
+    """Six shots at 160x120 (the samples' size: the item's decode and the filter's own give the same pixels), cuts
+    at frames 38, 53, 56, 86 and 111; and a copy whose tail is cut off."""
+    d = tmp_path_factory.mktemp("long")
+    path = synthetic.shots_clip(str(d / "shots.mp4"), (("testsrc2", 1.52), ("smptebars", 0.6), ("testsrc", 0.12),
+                                                       ("rgbtestsrc", 1.2), ("pal100bars", 1.0),
+                                                       ("yuvtestsrc", 1.56)), size="160x120")
+    full = synthetic.lavfi_clip(str(d / "fs.mp4"), "testsrc2=size=160x120:rate=25", 4.0,
+                                extra=("-movflags", "+faststart"))
+    data = open(full, "rb").read()
+    tail = str(d / "broken_tail.mp4")
+    open(tail, "wb").write(data[: len(data) // 3])
+    return {"shots": path, "broken_tail": tail}
+
+
+def scene_cuts_item(path, **params):
+    from pipeline.config import VideoConfig
+
+    (f,) = build_filters((FilterSpec("scene_cuts", "scene_cuts", True, params),))
+    item = MediaItem("x", path, 0, f.frame_requests(), VideoConfig(), available_backends(("decord", "torchcodec",
+                                                                                             "pyav")))
+    return f, item
+
+
+def test_a_long_clip_is_sampled_all_through_by_the_scene_cut_filter(long_shots, monkeypatch):
+    """Past ``max_frames`` samples the filter decodes the rate all through itself, a group at a time, keeping
+    features, not frames: the same transitions as a clip within the cap, where the samples spread over it (one
+    every 2 s here, as a 1-hour film's are 3 s apart) miss cuts. Groups of 4 samples: the thumbnail steps
+    across a group's edge count as within one."""
+    import pipeline.filters.signal as signal
+
+    f, item = scene_cuts_item(long_shots["shots"])  # 6 s: 25 samples, within the cap
+    whole = f.apply(item, FilterContext("cpu", None))
+    assert [t["frame"] for t in whole["transitions"]] == [38, 53, 56, 86, 111]
+    assert len(item.video().plan.indices) == 25
+    monkeypatch.setattr(signal, "STREAM_GROUP", 4)
+    f, streaming = scene_cuts_item(long_shots["shots"], max_frames=3)  # a 0.75-s cap: a long clip
+    streamed = f.apply(streaming, FilterContext("cpu", None))
+    assert streaming.video().plan.indices == []  # the item's decode held none of its frames
+    assert streamed == whole and streaming.frames_decoded == item.frames_decoded  # the samples, then the cuts'
+    spread = run(long_shots["shots"], "scene_cuts", max_frames=3, stream_long_clips=False)
+    assert spread["sample_fps"] == 0.5 and spread["transitions"] == []  # 3 samples: one shot each
+
+
+def test_a_long_clip_with_a_broken_tail_is_sampled_up_to_where_it_breaks(long_shots):
+    """The same samples as the item's own decode gives a clip whose tail is cut off: its decodable prefix."""
+    f, item = scene_cuts_item(long_shots["broken_tail"], max_frames=2)
+    streamed = f.apply(item, FilterContext("cpu", None))
+    whole = run(long_shots["broken_tail"], "scene_cuts")
+    assert streamed == whole and streamed["sample_fps"] == pytest.approx(25 / 6, rel=0.01)
+    assert 4 < item.frames_decoded < 17  # 4 s had 17 samples
+
+
+def test_a_long_clip_whose_group_fails_to_decode_is_a_decode_error(long_shots, tmp_path):
+    """A file gone (or broken) after the item's decode: the group's frames named, the error typed."""
+    from pipeline.errors import DecodeError
+
+    path = str(tmp_path / "shots.mp4")
+    open(path, "wb").write(open(long_shots["shots"], "rb").read())
+    f, item = scene_cuts_item(path, max_frames=6)
+    item.video()
+    os.remove(path)
+    with pytest.raises(DecodeError, match=r"scene_cuts: decoding frames 0-144 of the clip's 150 \(sampled all "
+                                          r"through: stream_long_clips\) failed: .*every video backend failed"):
+        f.apply(item, FilterContext("cpu", None))
