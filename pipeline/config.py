@@ -211,8 +211,9 @@ class ResumeConfig:
 class VideoConfig:
     """How video is decoded for the filters (once per item)."""
 
-    backends: tuple[str, ...] = ("decord", "torchcodec", "pyav")
-    """Decoder backends in order of preference; the next takes over when one cannot open or decode a file."""
+    backends: tuple[str, ...] = ("decord", "torchcodec", "pyav", "pillow")
+    """Decoder backends in order of preference; the next takes over when one cannot open or decode a file
+    (``pillow``: animated WebP, which FFmpeg does not decode)."""
     decode_device: Literal["cpu", "cuda"] = "cpu"
     """``cuda``: NVDEC decode through torchcodec onto the rank's GPU (measure first: CPU is often faster for
     small resolutions). torchcodec is then tried first on GPU ranks, the other backends after it on the CPU, and

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from pipeline.errors import DecodeError
 
@@ -168,6 +171,60 @@ def codec_name(ctx) -> str:
     return getattr(ctx.codec, "canonical_name", None) or ctx.name
 
 
+@dataclass(frozen=True)
+class Animation:
+    """An animated image as Pillow reads it: its size, and each frame's time in seconds from the first."""
+
+    width: int
+    height: int
+    times: np.ndarray
+    duration_s: float
+
+
+SHORTEST_FRAME_MS = 20
+"""A frame of an animated image shown for less than this (0 or 10 ms in many GIFs and WebPs) is shown for
+``DEFAULT_FRAME_MS``, as browsers do."""
+DEFAULT_FRAME_MS = 100
+
+
+def read_animation(path: str, check: Callable[[], None] | None = None) -> Animation:
+    """An animated image's size and frame times (Pillow: an animated WebP, which FFmpeg up to 8.1 reads as a 0x0
+    stream that does not decode). ``check`` is called before each frame (a decode's deadline).
+
+    Raises:
+        DecodeError: Pillow is missing or cannot read the file.
+    """
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise DecodeError("an animated WebP needs Pillow (pip install pillow): FFmpeg decodes still WebP only") from e
+    try:
+        with Image.open(path) as im:
+            shown = []
+            for i in range(getattr(im, "n_frames", 1)):
+                if check is not None:
+                    check()
+                im.seek(i)
+                im.load()  # a WebP frame's duration is read as it decodes
+                ms = float(im.info.get("duration") or 0)
+                shown.append(ms if ms >= SHORTEST_FRAME_MS else DEFAULT_FRAME_MS)
+            width, height = im.size
+    except (OSError, EOFError, ValueError, SyntaxError) as e:  # PIL raises these for unreadable or broken images
+        raise DecodeError(f"animated image does not read: {type(e).__name__}: {e}") from e
+    ms = np.asarray(shown)
+    return Animation(width, height, np.concatenate([[0.0], np.cumsum(ms[:-1])]) / 1000.0, float(ms.sum()) / 1000.0)
+
+
+def _animated_webp(path: str, container: str, video_streams: int) -> MediaInfo:
+    """The probe of an animated WebP, from Pillow (``read_animation``)."""
+    a = read_animation(path)
+    fps = len(a.times) / a.duration_s if a.duration_s > 0 else None
+    video = VideoStreamInfo(codec="webp", width=a.width, height=a.height, fps=fps, frames=len(a.times),
+                            pix_fmt=None)
+    return MediaInfo(container=container, duration_s=a.duration_s, bit_rate=None, video_streams=video_streams,
+                     audio_streams=0, video=video, audio=None)
+
+
 def _open(path: str):
     import av
 
@@ -224,6 +281,8 @@ def probe_media(path: str) -> MediaInfo:
                 field_order=_field_order(ctx),
             )
             if video.width <= 0 or video.height <= 0:
+                if video.codec == "webp":  # an animation: FFmpeg decodes still WebP only
+                    return _animated_webp(path, container.format.name, len(vstreams))
                 raise DecodeError(f"video stream has no size ({video.width}x{video.height})")
         if amain is not None:
             ctx = amain.codec_context

@@ -260,3 +260,13 @@ def moving_box_clip(path: str, size: str = "320x240", fps: int = 50, seconds: fl
             args += ["-x264-params", f"{interlace}=1"]
     _ffmpeg(args + list(codec) + ["-pix_fmt", "yuv420p", path])
     return path
+
+
+def animated_webp(path: str, frames: list, durations_ms: list[int]) -> str:
+    """A lossless animated WebP (Pillow) of ``frames`` (uint8 ``[h, w, 3]`` arrays), each shown for its duration:
+    what FFmpeg reads as a 0x0 stream."""
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=list(durations_ms), lossless=True, loop=0)
+    return path

@@ -627,10 +627,52 @@ class TruncatedVideo(Exception):
         self.decodable = decodable
 
 
+class PillowBackend:
+    """Animated images that FFmpeg does not decode (an animated WebP: FFmpeg up to 8.1 reads a 0x0 stream), through
+    Pillow, frame by frame in order; each frame's time from the durations the file gives
+    (``probe.read_animation``). Last in the default order: FFmpeg decodes GIF and APNG itself."""
+
+    name = "pillow"
+    random_access = False  # decodes in order
+    chooses_stream = False  # an image has one picture stream
+
+    def __init__(self) -> None:
+        from PIL import Image  # noqa: F401 - ImportError here: the backend is unavailable
+
+    def meta(self, path: str, stop: threading.Event | None = None) -> VideoMeta:
+        from pipeline.media.probe import read_animation
+
+        a = read_animation(path, lambda: _check(stop))
+        fps = len(a.times) / a.duration_s if a.duration_s > 0 else 0.0
+        return VideoMeta(len(a.times), fps, a.width, a.height, a.times)
+
+    def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
+               stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
+        from PIL import Image
+
+        got: dict[int, torch.Tensor] = {}
+        with Image.open(path) as im:
+            for i in sorted(set(indices)):
+                _check(stop)
+                try:
+                    im.seek(i)
+                    rgb = im.convert("RGB")
+                except (OSError, EOFError, ValueError) as e:
+                    if not got:
+                        raise DecodeError(f"frame {i} does not decode: {type(e).__name__}: {e}") from e
+                    raise TruncatedVideo(i) from e
+                if rgb.size != size:
+                    rgb = rgb.resize(size, Image.Resampling.BILINEAR)
+                frame = torch.from_numpy(np.asarray(rgb).copy())[None]
+                got[i] = (frame if prepare is None else prepare(frame))[0]
+        return torch.stack([got[i] for i in indices])
+
+
 BACKENDS: dict[str, Callable[[], object]] = {
     "decord": DecordBackend,
     "torchcodec": TorchcodecBackend,
     "pyav": PyAVBackend,
+    "pillow": PillowBackend,
 }
 
 

@@ -122,7 +122,7 @@ def main() -> int:
     truth = [sum(lengths[:k]) for k in range(1, len(lengths))]
     print(f"{len(truth)} cuts in {args.seconds:g} s at {args.fps} fps, {sum(n <= 5 for n in lengths)} shots of 3-5 "
           f"frames, {len(lengths) // 4} cuts to a mirrored copy; {args.size} H.264\n")
-    print(f"{'keyframes':<11}{'run':<34}{'seconds':>8}{'frames':>8}{'found':>6}{'exact':>7}{'mean':>8}{'max':>6}")
+    print(f"{'keyframes':<11}{'run':<38}{'seconds':>8}{'frames':>8}{'found':>6}{'exact':>7}{'mean':>8}{'max':>6}")
     backends = [b.name for b in available_backends(tuple(args.backends.split(",")))]
     long_clip = args.seconds * 4 > SceneCutParams().max_frames  # sampled all through, or spread (before)
     runs = [(False, True), (True, True)] + ([(False, False), (True, False)] if long_clip else [])
@@ -135,17 +135,17 @@ def main() -> int:
                 for on, stream in runs:
                     secs, frames, found = ours(path, backend, on, stream=stream)
                     run = f"ours {backend}, {'placed' if on else 'samples'}{'' if stream else ', spread'}"
-                    print(f"{label:<11}{run:<34}{secs:>8.2f}{frames:>8}{score(found, truth, args.fps)}")
+                    print(f"{label:<11}{run:<38}{secs:>8.2f}{frames:>8}{score(found, truth, args.fps)}")
             for on, stream in runs:
                 secs, frames, found = ours(path, backends[0], on, SIGNAL, stream)
                 run = f"five filters {backends[0]}, {'placed' if on else 'samples'}{'' if stream else ', spread'}"
-                print(f"{label:<11}{run:<34}{secs:>8.2f}{frames:>8}{score(found, truth, args.fps)}")
+                print(f"{label:<11}{run:<38}{secs:>8.2f}{frames:>8}{score(found, truth, args.fps)}")
             secs, found = scdet(path, args.fps)
-            print(f"{label:<11}{'ffmpeg scdet':<34}{secs:>8.2f}{sum(lengths):>8}"
+            print(f"{label:<11}{'ffmpeg scdet':<38}{secs:>8.2f}{sum(lengths):>8}"
                   f"{score(found, truth, args.fps)}")
             peer = pyscenedetect(path)
             if peer is not None:
-                print(f"{label:<11}{'PySceneDetect content':<34}{peer[0]:>8.2f}{sum(lengths):>8}"
+                print(f"{label:<11}{'PySceneDetect content':<38}{peer[0]:>8.2f}{sum(lengths):>8}"
                       f"{score(peer[1], truth, args.fps)}")
     return 0
 

@@ -49,6 +49,15 @@ def test_signal_filters_on_cuda_match_cpu(clips):
                 _same(gpu[key], value, (f.name, key))
 
 
+def test_a_long_clip_streamed_on_cuda_matches_cpu(clips):
+    """Scene cuts sampling a clip over ``max_frames`` all through, a group at a time, on the device."""
+    (f,) = build_filters((FilterSpec("scene_cuts", "scene_cuts", True, {"max_frames": 4}),))
+    item = _item(clips["cut"], [f])
+    cpu = f.apply(item, FilterContext("cpu", None))
+    assert item.video().plan.indices == [] and cpu["count"] == 1 and cpu["sample_fps"] > 3
+    _same(f.apply(item, FilterContext("cuda:0", None)), cpu, ("scene_cuts",))
+
+
 def _same(gpu, cpu, where):
     """Equal, floats within FP tolerance, lists and dicts (windows, overlays, transitions) element by element."""
     if isinstance(cpu, float):

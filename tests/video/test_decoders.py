@@ -512,3 +512,65 @@ def test_an_audio_file_with_cover_art_is_audio(tmp_path, ext, codec):
     assert info.video is None and info.video_streams == 0 and info.audio is not None
     item = MediaItem("x", path, 0, [Uniform(4)], VideoConfig(), available_backends(ALL))
     assert item.video() is None  # the video filters give null, as for any audio file
+
+
+@pytest.fixture(scope="module")
+def webp(tmp_path_factory):
+    """An animated WebP of two scenes (a bar moving over red, then over green) of 10 frames each, the first shown
+    40 ms a frame and the second 100 ms; and its first half."""
+    d = tmp_path_factory.mktemp("webp")
+    frames = []
+    for k in range(20):
+        f = np.zeros((60, 80, 3), np.uint8)
+        f[..., 0 if k < 10 else 1] = 200
+        f[10:30, 4 * k:4 * k + 10] = 255
+        frames.append(f)
+    path = synthetic.animated_webp(str(d / "anim.webp"), frames, [40] * 10 + [100] * 10)
+    half = str(d / "half.webp")
+    data = open(path, "rb").read()
+    open(half, "wb").write(data[: len(data) // 2])
+    return {"path": path, "half": half, "frames": frames}
+
+
+def test_an_animated_webp_decodes_through_pillow(webp):
+    """FFmpeg (PyAV's 8.1 too) reads an animated WebP as a 0x0 stream whose frames do not decode: the probe and the
+    frames come from Pillow, each frame exact (lossless) and timed by the file's durations (a variable rate)."""
+    from pipeline.config import VideoConfig
+    from pipeline.media.item import MediaItem
+    from pipeline.media.probe import probe_media
+
+    info = probe_media(webp["path"])
+    assert (info.video.codec, info.video.width, info.video.height, info.video.frames) == ("webp", 80, 60, 20)
+    assert info.duration_s == pytest.approx(1.4) and info.audio is None
+    rate = AtFps(5.0, 64)
+    item = MediaItem("w", webp["path"], 0, [rate], VideoConfig(), available_backends(VideoConfig().backends))
+    v = item.video()
+    assert v.backend == "pillow" and v.meta.num_frames == 20
+    assert v.indices(rate).tolist() == [0, 5, 10, 12, 14, 16, 18]  # 0.2 s apart: 5 frames, then 2
+    for i, frame in zip(v.indices(rate).tolist(), v.view(rate)):
+        assert np.array_equal(frame.numpy(), webp["frames"][i])
+    with pytest.raises(DecodeError, match="every video backend failed"):
+        decode_video(webp["path"], [rate], available_backends(ALL), random_access=False)
+
+
+def test_a_cut_in_an_animated_webp_is_placed_at_its_frame(webp):
+    from pipeline.config import FilterSpec, VideoConfig
+    from pipeline.filters import build_filters
+    from pipeline.filters.base import FilterContext
+    from pipeline.media.item import MediaItem
+
+    (f,) = build_filters((FilterSpec("scene_cuts", "scene_cuts", True, {}),))
+    item = MediaItem("w", webp["path"], 0, f.frame_requests(), VideoConfig(),
+                     available_backends(VideoConfig().backends))
+    out = f.apply(item, FilterContext("cpu", None))
+    assert [(t["frame"], t["frame_exact"]) for t in out["transitions"]] == [(10, True)]
+    assert out["times_s"] == [pytest.approx(0.4)]
+
+
+def test_a_broken_animated_webp_is_a_decode_error(webp):
+    from pipeline.media.probe import probe_media
+
+    with pytest.raises(DecodeError, match="animated image does not read"):
+        probe_media(webp["half"])
+    with pytest.raises(DecodeError, match="pillow: DecodeError: animated image does not read"):
+        decode_video(webp["half"], [Uniform(4)], available_backends(ALL + ("pillow",)), random_access=False)
