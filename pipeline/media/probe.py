@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -173,7 +172,7 @@ def codec_name(ctx) -> str:
 
 @dataclass(frozen=True)
 class Animation:
-    """An animated image as Pillow reads it: its size, and each frame's time in seconds from the first."""
+    """An animated image: its size, and each frame's time in seconds from the first."""
 
     width: int
     height: int
@@ -187,37 +186,47 @@ SHORTEST_FRAME_MS = 20
 DEFAULT_FRAME_MS = 100
 
 
-def read_animation(path: str, check: Callable[[], None] | None = None) -> Animation:
-    """An animated image's size and frame times (Pillow: an animated WebP, which FFmpeg up to 8.1 reads as a 0x0
-    stream that does not decode). ``check`` is called before each frame (a decode's deadline).
+def read_webp_animation(path: str) -> Animation:
+    """An animated WebP's canvas size and frame times, from its RIFF chunks (``VP8X``: the canvas; one ``ANMF`` per
+    frame, with its duration), no pixel decoded: FFmpeg up to 8.1 reads such a file as a 0x0 stream that does not
+    decode (its frames are decoded by Pillow, the ``pillow`` video backend). A frame shown for less than
+    ``SHORTEST_FRAME_MS`` counts ``DEFAULT_FRAME_MS``.
 
     Raises:
-        DecodeError: Pillow is missing or cannot read the file.
+        DecodeError: not a WebP, cut short (the RIFF header counts more bytes than the file has), or no animation.
     """
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise DecodeError("an animated WebP needs Pillow (pip install pillow): FFmpeg decodes still WebP only") from e
-    try:
-        with Image.open(path) as im:
-            shown = []
-            for i in range(getattr(im, "n_frames", 1)):
-                if check is not None:
-                    check()
-                im.seek(i)
-                im.load()  # a WebP frame's duration is read as it decodes
-                ms = float(im.info.get("duration") or 0)
+    import os
+
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != b"WEBP":
+            raise DecodeError("not a WebP file (no RIFF WEBP header)")
+        end = 8 + int.from_bytes(head[4:8], "little")
+        size = os.fstat(f.fileno()).st_size
+        if end > size:
+            raise DecodeError(f"WebP cut short: {size} of its {end} bytes")
+        width = height = None
+        shown = []
+        pos = 12
+        while pos + 8 <= end:
+            f.seek(pos)
+            fourcc, n = f.read(4), int.from_bytes(f.read(4), "little")
+            if fourcc == b"VP8X" and n >= 10:
+                canvas = f.read(10)
+                width, height = 1 + int.from_bytes(canvas[4:7], "little"), 1 + int.from_bytes(canvas[7:10], "little")
+            elif fourcc == b"ANMF" and n >= 16:
+                ms = int.from_bytes(f.read(16)[12:15], "little")
                 shown.append(ms if ms >= SHORTEST_FRAME_MS else DEFAULT_FRAME_MS)
-            width, height = im.size
-    except (OSError, EOFError, ValueError, SyntaxError) as e:  # PIL raises these for unreadable or broken images
-        raise DecodeError(f"animated image does not read: {type(e).__name__}: {e}") from e
-    ms = np.asarray(shown)
+            pos += 8 + n + (n & 1)  # chunks are padded to an even size
+    if width is None or not shown:
+        raise DecodeError("WebP without an animation (no VP8X canvas or ANMF frame)")
+    ms = np.asarray(shown, dtype=np.float64)
     return Animation(width, height, np.concatenate([[0.0], np.cumsum(ms[:-1])]) / 1000.0, float(ms.sum()) / 1000.0)
 
 
 def _animated_webp(path: str, container: str, video_streams: int) -> MediaInfo:
-    """The probe of an animated WebP, from Pillow (``read_animation``)."""
-    a = read_animation(path)
+    """The probe of an animated WebP, from its chunks (``read_webp_animation``)."""
+    a = read_webp_animation(path)
     fps = len(a.times) / a.duration_s if a.duration_s > 0 else None
     video = VideoStreamInfo(codec="webp", width=a.width, height=a.height, fps=fps, frames=len(a.times),
                             pix_fmt=None)

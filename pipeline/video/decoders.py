@@ -630,7 +630,7 @@ class TruncatedVideo(Exception):
 class PillowBackend:
     """Animated images that FFmpeg does not decode (an animated WebP: FFmpeg up to 8.1 reads a 0x0 stream), through
     Pillow, frame by frame in order; each frame's time from the durations the file gives
-    (``probe.read_animation``). Last in the default order: FFmpeg decodes GIF and APNG itself."""
+    (``probe.read_webp_animation``). Last in the default order: FFmpeg decodes GIF and APNG itself."""
 
     name = "pillow"
     random_access = False  # decodes in order
@@ -640,9 +640,9 @@ class PillowBackend:
         from PIL import Image  # noqa: F401 - ImportError here: the backend is unavailable
 
     def meta(self, path: str, stop: threading.Event | None = None) -> VideoMeta:
-        from pipeline.media.probe import read_animation
+        from pipeline.media.probe import read_webp_animation
 
-        a = read_animation(path, lambda: _check(stop))
+        a = read_webp_animation(path)
         fps = len(a.times) / a.duration_s if a.duration_s > 0 else 0.0
         return VideoMeta(len(a.times), fps, a.width, a.height, a.times)
 

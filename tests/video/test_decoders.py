@@ -567,10 +567,15 @@ def test_a_cut_in_an_animated_webp_is_placed_at_its_frame(webp):
     assert out["times_s"] == [pytest.approx(0.4)]
 
 
-def test_a_broken_animated_webp_is_a_decode_error(webp):
+def test_a_broken_animated_webp_is_a_decode_error(webp, tmp_path):
     from pipeline.media.probe import probe_media
 
-    with pytest.raises(DecodeError, match="animated image does not read"):
+    size = os.path.getsize(webp["half"])
+    with pytest.raises(DecodeError, match=f"WebP cut short: {size} of its {2 * size} bytes"):
         probe_media(webp["half"])
-    with pytest.raises(DecodeError, match="pillow: DecodeError: animated image does not read"):
+    with pytest.raises(DecodeError, match="pillow: DecodeError: WebP cut short"):
         decode_video(webp["half"], [Uniform(4)], available_backends(ALL + ("pillow",)), random_access=False)
+    other = tmp_path / "notes.mp4"
+    other.write_text("not media\n" * 10)
+    with pytest.raises(DecodeError, match="pillow: DecodeError: not a WebP file"):  # what it says of other files
+        decode_video(str(other), [Uniform(4)], available_backends(("pillow",)))
