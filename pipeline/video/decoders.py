@@ -651,16 +651,20 @@ class PillowBackend:
         from PIL import Image
 
         got: dict[int, torch.Tensor] = {}
+        done = -1
         with Image.open(path) as im:
             for i in sorted(set(indices)):
-                _check(stop)
                 try:
-                    im.seek(i)
+                    for j in range(done + 1, i + 1):  # each frame builds on the one before: decoded in order,
+                        _check(stop)  # a given-up decode stopping at the next
+                        im.seek(j)
+                        im.load()
+                        done = j
                     rgb = im.convert("RGB")
                 except (OSError, EOFError, ValueError) as e:
-                    if not got:
-                        raise DecodeError(f"frame {i} does not decode: {type(e).__name__}: {e}") from e
-                    raise TruncatedVideo(i) from e
+                    if done < 0:
+                        raise DecodeError(f"frame 0 does not decode: {type(e).__name__}: {e}") from e
+                    raise TruncatedVideo(done + 1) from e  # a broken tail: the frames before it are the clip
                 if rgb.size != size:
                     rgb = rgb.resize(size, Image.Resampling.BILINEAR)
                 frame = torch.from_numpy(np.asarray(rgb).copy())[None]

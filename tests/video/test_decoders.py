@@ -579,3 +579,31 @@ def test_a_broken_animated_webp_is_a_decode_error(webp, tmp_path):
     other.write_text("not media\n" * 10)
     with pytest.raises(DecodeError, match="pillow: DecodeError: not a WebP file"):  # what it says of other files
         decode_video(str(other), [Uniform(4)], available_backends(("pillow",)))
+
+
+def corrupt_webp_frame(src: str, dst: str, k: int) -> str:
+    """``src`` with the bitstream of its ``k``-th frame overwritten (the chunk sizes kept)."""
+    data = bytearray(open(src, "rb").read())
+    pos, frames = 12, []
+    while pos + 8 <= len(data):
+        n = int.from_bytes(data[pos + 4:pos + 8], "little")
+        if data[pos:pos + 4] == b"ANMF":
+            frames.append((pos, n))
+        pos += 8 + n + (n & 1)
+    at, n = frames[k]
+    data[at + 8 + 16 + 8 + 5:at + 8 + n] = b"\xab" * (n - 16 - 8 - 5)  # past the frame, VP8L chunk and VP8L headers
+    open(dst, "wb").write(bytes(data))
+    return dst
+
+
+def test_an_animated_webp_broken_part_way_decodes_up_to_where_it_breaks(webp, tmp_path):
+    """Frame 12 broken: the clip is its first 12 frames, as a broken tail of a video; frame 0 broken: nothing."""
+    backends = available_backends(("pillow",))
+    broken = corrupt_webp_frame(webp["path"], str(tmp_path / "12.webp"), 12)
+    v = decode_video(broken, [Uniform(4)], backends)
+    assert v.meta.num_frames == 12 and v.plan.indices == [1, 5, 8, 10]  # by time: 0.07, 0.20, 0.34, 0.47 s
+    for i, frame in zip(v.plan.indices, v.frames):
+        assert np.array_equal(frame.numpy(), webp["frames"][i])
+    with pytest.raises(DecodeError, match="pillow: DecodeError: frame 0 does not decode"):
+        decode_video(corrupt_webp_frame(webp["path"], str(tmp_path / "0.webp"), 0), [Uniform(4)], backends)
+
