@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
@@ -48,6 +49,14 @@ def make_corpus(out: str) -> str:
     synthetic.shots_clip(os.path.join(corpus, "video/shots.mp4"), (("testsrc2", 1.52), ("pal75bars", 1.0),
                                                                    ("rgbtestsrc", 0.12), ("yuvtestsrc", 1.5)))
     add("shots", "video/shots.mp4", "four shots: hard cuts at frames 38, 63 and 66 (a 3-frame shot)")
+    frames = []
+    for k in range(24):  # a bar moving over red, then over blue: a cut at frame 12
+        f = np.zeros((120, 160, 3), np.uint8)
+        f[..., 0 if k < 12 else 2] = 180
+        f[40:80, 6 * k:6 * k + 16] = 255
+        frames.append(f)
+    synthetic.animated_webp(os.path.join(corpus, "video/sticker.webp"), frames, [80] * 24)
+    add("sticker", "video/sticker.webp", "animated WebP (FFmpeg does not decode it: Pillow does), a cut at frame 12")
     if synthetic.has_zscale():
         synthetic.hdr_copy(os.path.join(corpus, "video/motion_0.mp4"), os.path.join(corpus, "video/hdr_pq.mp4"))
         add("hdr_pq", "video/hdr_pq.mp4", "HDR10 (PQ, BT.2020) made from motion_0")

@@ -537,8 +537,9 @@ class SceneCutParams:
     stream_long_clips: bool = True
     """A clip longer than ``max_frames / fps`` is sampled at ``fps`` all through, by this filter, ``STREAM_GROUP``
     samples a decode, keeping their histograms and thumbnails and not their frames (``stream_samples``). False: the
-    ``max_frames`` samples spread over all of it, decoded with the item's other frames: 3 s apart in a 1-hour film,
-    where they found 288 of 1908 cuts, 1187 placed (the placing budget ran out: each span 75 frames)."""
+    ``max_frames`` samples spread over all of it, decoded with the item's other frames: 3 s apart in an hour of
+    320x180 with 1908 cuts, they found 288 and placing brought 1187 to their frames in 90 s (its budget spent on spans
+    of 75 frames); sampled all through, all 1908 were placed, in 65 s (``bench_scene_cuts.py``)."""
     frame_accurate: bool = True
     """Each cut placed at the frame where the picture changes, not at the first sample after it (up to ``1 / fps``
     late: 6 frames of 25 fps): the frames between the two samples it fell between are decoded
