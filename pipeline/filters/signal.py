@@ -828,7 +828,7 @@ def stream_samples(video, media: MediaItem, request: AtFps, p: SceneCutParams, d
     and thumbnail steps kept and its frames let go. A tail found broken ends the samples where it breaks.
 
     Raises:
-        DecodeError: a group's decode failed (its frames and seconds named; a timeout is a ``DecodeTimeout``).
+        DecodeError: a group's decode failed (its frames named; a timeout is a ``DecodeTimeout``).
     """
     meta = video.meta
     wanted = request_indices(AtFps(p.fps, max(1, meta.num_frames)), meta.num_frames, meta.fps, meta.timestamps)[0]

@@ -80,8 +80,9 @@ class MediaItem:
     def more_frames(self, request: FrameRequest) -> DecodedVideo:
         """A second, targeted decode of the item (``Frames``: the frames a filter's first look singled out), by the
         backend that decoded ``video()``, with the same settings (deinterlacing, tone mapping, square pixels, the
-        deadline and caps) and the same crop; decoded at the request's ``max_side``. Counted in
-        ``frames_decoded``.
+        deadline and caps) and the same crop; decoded at the request's ``max_side``. Where ``video()`` decoded no
+        frame (every request streams itself, ``AtFps.spread``), no backend has vouched for the pictures yet: each
+        is tried in order, as for the first decode. Counted in ``frames_decoded``.
 
         Raises:
             DecodeError: that backend failed on these frames (the file changed or went away, a broken stretch).
@@ -92,7 +93,8 @@ class MediaItem:
         if first is None:
             raise ValueError(f"{self.item_id} has no video stream")
         name = first.backend.removesuffix("-nvdec")
-        more = self._decode([request], [b for b in self.backends if b.name == name], at_request_size=True)
+        backends = [b for b in self.backends if b.name == name or not first.plan.indices]
+        more = self._decode([request], backends, at_request_size=True)
         if first.crop_source is not None:
             more.set_crop_source(first.crop_source)
         with self._lock:

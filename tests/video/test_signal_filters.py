@@ -829,3 +829,24 @@ def test_a_long_clip_whose_group_fails_to_decode_is_a_decode_error(long_shots, t
     with pytest.raises(DecodeError, match=r"scene_cuts: decoding frames 0-144 of the clip's 150 \(sampled all "
                                           r"through: stream_long_clips\) failed: .*every video backend failed"):
         f.apply(item, FilterContext("cpu", None))
+
+
+def test_a_long_clip_sampled_all_through_falls_back_like_a_first_decode(long_shots):
+    """Where the item's decode held no frame (scene cuts alone on a long clip), the backend that read the clip's
+    index has not decoded a picture: one that then fails to is followed by the next, as in a first decode."""
+    from pipeline.config import VideoConfig
+    from pipeline.video.decoders import TorchcodecBackend
+
+    class Refusing(TorchcodecBackend):  # reads the index, refuses every picture
+        def decode(self, *args, **kwargs):
+            raise RuntimeError("refused")
+
+    (f,) = build_filters((FilterSpec("scene_cuts", "scene_cuts", True, {"max_frames": 3}),))
+    pyav = available_backends(("pyav",))
+    item = MediaItem("x", long_shots["shots"], 0, f.frame_requests(), VideoConfig(), [Refusing(), *pyav])
+    out = f.apply(item, FilterContext("cpu", None))
+    assert item.video().backend == "torchcodec" and item.video().plan.indices == []
+    alone = MediaItem("x", long_shots["shots"], 0, f.frame_requests(), VideoConfig(), pyav)
+    assert out == f.apply(alone, FilterContext("cpu", None))
+    assert [t["frame"] for t in out["transitions"]] == [38, 53, 56, 86, 111]
+
