@@ -776,7 +776,12 @@ def long_shots(tmp_path_factory):
     data = open(full, "rb").read()
     tail = str(d / "broken_tail.mp4")
     open(tail, "wb").write(data[: len(data) // 3])
-    return {"shots": path, "broken_tail": tail}
+    vfr = str(d / "vfr.mp4")  # 3 s of a pattern at 25 fps, then bars at 10 fps: the cut at frame 75, 4.5 s
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=3", "-f", "lavfi", "-i",
+                       "smptebars=size=160x120:rate=25:duration=3", "-filter_complex",
+                       "[0:v][1:v]concat=n=2:v=1[c];[c]setpts='if(lt(N,50),N/25,2+(N-50)/10)/TB'[v]", "-map", "[v]",
+                       "-fps_mode", "vfr", "-c:v", "libx264", "-preset", "ultrafast", vfr])
+    return {"shots": path, "broken_tail": tail, "vfr": vfr}
 
 
 def scene_cuts_item(path, **params):
@@ -806,6 +811,14 @@ def test_a_long_clip_is_sampled_all_through_by_the_scene_cut_filter(long_shots, 
     assert streamed == whole and streaming.frames_decoded == item.frames_decoded  # the samples, then the cuts'
     spread = run(long_shots["shots"], "scene_cuts", max_frames=3, stream_long_clips=False)
     assert spread["sample_fps"] == 0.5 and spread["transitions"] == []  # 3 samples: one shot each
+
+
+def test_a_long_clip_at_a_variable_rate_is_sampled_by_time_as_within_the_cap(long_shots):
+    f, item = scene_cuts_item(long_shots["vfr"], max_frames=5)
+    streamed = f.apply(item, FilterContext("cpu", None))
+    assert item.video().plan.indices == [] and streamed == run(long_shots["vfr"], "scene_cuts")
+    assert [(t["frame"], t["frame_exact"]) for t in streamed["transitions"]] == [(75, True)]
+    assert streamed["times_s"] == [pytest.approx(4.5, abs=0.03)] and streamed["sample_fps"] == pytest.approx(4, rel=0.01)
 
 
 def test_a_long_clip_with_a_broken_tail_is_sampled_up_to_where_it_breaks(long_shots):
