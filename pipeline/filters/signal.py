@@ -832,7 +832,7 @@ def stream_samples(video, media: MediaItem, request: AtFps, p: SceneCutParams, d
     """
     meta = video.meta
     wanted = request_indices(AtFps(p.fps, max(1, meta.num_frames)), meta.num_frames, meta.fps, meta.timestamps)[0]
-    out, last = None, None
+    out, last = Samples([], [], torch.zeros(0, 3 * p.bins), [], []), None
     for g in range(0, len(wanted), STREAM_GROUP):
         group = Frames(tuple(wanted[g:g + STREAM_GROUP]), max_side=request.max_side)
         try:
@@ -844,13 +844,10 @@ def stream_samples(video, media: MediaItem, request: AtFps, p: SceneCutParams, d
         if len(got):
             part, last = Samples.of(more.view(group).to(device), got, more.times(group) + more.start_s, p, device,
                                     last)
-            if out is None:
-                out = part
-            else:
-                out.extend(part)
+            out.extend(part)
         if len(got) < len(group.indices):
             break  # the tail is broken: the clip ends there
-    return out or Samples([], [], torch.zeros(0, 3 * p.bins), [], [])
+    return out
 
 
 class SceneCutFilter(VideoFilter):
@@ -871,14 +868,14 @@ class SceneCutFilter(VideoFilter):
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         req = self._request()
         p = self.params
-        n = len(video.indices(req))
-        if video.meta.num_frames > 1 and not n:  # a long clip: sampled all through here
+        indices = video.indices(req)
+        if video.meta.num_frames > 1 and not len(indices):  # a long clip: sampled all through here
             s = stream_samples(video, media, req, p, ctx.device)
-        elif n < 2:
+        elif len(indices) < 2:
             s = None
         else:
             frames = video.view(req, step=subsample_step(video, req)).to(ctx.device)
-            s, _ = Samples.of(frames, video.indices(req), video.times(req) + video.start_s, p, ctx.device)
+            s, _ = Samples.of(frames, indices, video.times(req) + video.start_s, p, ctx.device)
         if s is None or len(s.indices) < 2:
             return {"count": 0, "times_s": [], "max_diff": 0.0, "transitions": [], "sample_fps": 0.0}
         d = _hist_distance(s.hist[1:], s.hist[:-1])

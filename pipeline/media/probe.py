@@ -179,6 +179,11 @@ class Animation:
     times: np.ndarray
     duration_s: float
 
+    @property
+    def fps(self) -> float:
+        """Frames per second on average; 0 where the frames take no time."""
+        return len(self.times) / self.duration_s if self.duration_s > 0 else 0.0
+
 
 SHORTEST_FRAME_MS = 20
 """A frame of an animated image shown for less than this (0 or 10 ms in many GIFs and WebPs) is shown for
@@ -227,8 +232,7 @@ def read_webp_animation(path: str) -> Animation:
 def _animated_webp(path: str, container: str, video_streams: int) -> MediaInfo:
     """The probe of an animated WebP, from its chunks (``read_webp_animation``)."""
     a = read_webp_animation(path)
-    fps = len(a.times) / a.duration_s if a.duration_s > 0 else None
-    video = VideoStreamInfo(codec="webp", width=a.width, height=a.height, fps=fps, frames=len(a.times),
+    video = VideoStreamInfo(codec="webp", width=a.width, height=a.height, fps=a.fps or None, frames=len(a.times),
                             pix_fmt=None)
     return MediaInfo(container=container, duration_s=a.duration_s, bit_rate=None, video_streams=video_streams,
                      audio_streams=0, video=video, audio=None)

@@ -643,8 +643,7 @@ class PillowBackend:
         from pipeline.media.probe import read_webp_animation
 
         a = read_webp_animation(path)
-        fps = len(a.times) / a.duration_s if a.duration_s > 0 else 0.0
-        return VideoMeta(len(a.times), fps, a.width, a.height, a.times)
+        return VideoMeta(len(a.times), a.fps, a.width, a.height, a.times)
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
                stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:

@@ -36,12 +36,18 @@ def clips(tmp_path_factory):
     }
 
 
-def run(path, name, max_side=None, **params):
+def filter_item(path, name, max_side=None, **params):
+    """The filter ``name`` with ``params``, and an item of ``path`` that decodes what it asks for."""
     from pipeline.config import VideoConfig
 
     (f,) = build_filters((FilterSpec(name, name, True, params),))
     item = MediaItem("x", path, 0, f.frame_requests(), VideoConfig(decode_max_side=max_side),
                      available_backends(("decord", "torchcodec", "pyav")))
+    return f, item
+
+
+def run(path, name, max_side=None, **params):
+    f, item = filter_item(path, name, max_side, **params)
     return f.apply(item, FilterContext("cpu", None))
 
 
@@ -784,15 +790,6 @@ def long_shots(tmp_path_factory):
     return {"shots": path, "broken_tail": tail, "vfr": vfr}
 
 
-def scene_cuts_item(path, **params):
-    from pipeline.config import VideoConfig
-
-    (f,) = build_filters((FilterSpec("scene_cuts", "scene_cuts", True, params),))
-    item = MediaItem("x", path, 0, f.frame_requests(), VideoConfig(), available_backends(("decord", "torchcodec",
-                                                                                             "pyav")))
-    return f, item
-
-
 def test_a_long_clip_is_sampled_all_through_by_the_scene_cut_filter(long_shots, monkeypatch):
     """Past ``max_frames`` samples the filter decodes the rate all through itself, a group at a time, keeping
     features, not frames: the same transitions as a clip within the cap, where the samples spread over it (one
@@ -800,12 +797,12 @@ def test_a_long_clip_is_sampled_all_through_by_the_scene_cut_filter(long_shots, 
     across a group's edge count as within one."""
     import pipeline.filters.signal as signal
 
-    f, item = scene_cuts_item(long_shots["shots"])  # 6 s: 25 samples, within the cap
+    f, item = filter_item(long_shots["shots"], "scene_cuts")  # 6 s: 25 samples, within the cap
     whole = f.apply(item, FilterContext("cpu", None))
     assert [t["frame"] for t in whole["transitions"]] == [38, 53, 56, 86, 111]
     assert len(item.video().plan.indices) == 25
     monkeypatch.setattr(signal, "STREAM_GROUP", 4)
-    f, streaming = scene_cuts_item(long_shots["shots"], max_frames=3)  # a 0.75-s cap: a long clip
+    f, streaming = filter_item(long_shots["shots"], "scene_cuts", max_frames=3)  # a 0.75-s cap: a long clip
     streamed = f.apply(streaming, FilterContext("cpu", None))
     assert streaming.video().plan.indices == []  # the item's decode held none of its frames
     assert streamed == whole and streaming.frames_decoded == item.frames_decoded  # the samples, then the cuts'
@@ -814,7 +811,7 @@ def test_a_long_clip_is_sampled_all_through_by_the_scene_cut_filter(long_shots, 
 
 
 def test_a_long_clip_at_a_variable_rate_is_sampled_by_time_as_within_the_cap(long_shots):
-    f, item = scene_cuts_item(long_shots["vfr"], max_frames=5)
+    f, item = filter_item(long_shots["vfr"], "scene_cuts", max_frames=5)
     streamed = f.apply(item, FilterContext("cpu", None))
     assert item.video().plan.indices == [] and streamed == run(long_shots["vfr"], "scene_cuts")
     assert [(t["frame"], t["frame_exact"]) for t in streamed["transitions"]] == [(75, True)]
@@ -823,7 +820,7 @@ def test_a_long_clip_at_a_variable_rate_is_sampled_by_time_as_within_the_cap(lon
 
 def test_a_long_clip_with_a_broken_tail_is_sampled_up_to_where_it_breaks(long_shots):
     """The same samples as the item's own decode gives a clip whose tail is cut off: its decodable prefix."""
-    f, item = scene_cuts_item(long_shots["broken_tail"], max_frames=2)
+    f, item = filter_item(long_shots["broken_tail"], "scene_cuts", max_frames=2)
     streamed = f.apply(item, FilterContext("cpu", None))
     whole = run(long_shots["broken_tail"], "scene_cuts")
     assert streamed == whole and streamed["sample_fps"] == pytest.approx(25 / 6, rel=0.01)
@@ -836,7 +833,7 @@ def test_a_long_clip_whose_group_fails_to_decode_is_a_decode_error(long_shots, t
 
     path = str(tmp_path / "shots.mp4")
     open(path, "wb").write(open(long_shots["shots"], "rb").read())
-    f, item = scene_cuts_item(path, max_frames=6)
+    f, item = filter_item(path, "scene_cuts", max_frames=6)
     item.video()
     os.remove(path)
     with pytest.raises(DecodeError, match=r"scene_cuts: decoding frames 0-144 of the clip's 150 \(sampled all "
