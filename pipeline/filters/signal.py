@@ -10,7 +10,9 @@ import logging
 import math
 from collections.abc import Callable, Container
 from dataclasses import dataclass
+from typing import ClassVar
 
+import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,8 @@ from pipeline.errors import DecodeError
 from pipeline.filters.base import FilterContext, VideoFilter
 from pipeline.media.item import MediaItem
 from pipeline.video.preprocess import luma
-from pipeline.video.sampling import AtFps, Frames, Uniform, request_indices
+from pipeline.video.sampling import AtFps, Frames, Uniform
+from pipeline.video.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -353,9 +356,11 @@ class BlackBorderFilter(VideoFilter):
 class StaticParams:
     fps: float = 4.0
     """Frames per second sampled for frame differences."""
-    max_frames: int = 240
-    """At most this many frames: a clip longer than ``max_frames / fps`` (60 s) is sampled at the lower rate that
-    covers all of it (``sample_fps`` in the row)."""
+    max_frames: int = 1200
+    """At most this many frames decoded with the item's other frames (the scene cuts' samples at the defaults: one
+    decode serves both). A clip longer than ``max_frames / fps`` (5 minutes) is sampled at ``fps`` all through
+    (``stream_long_clips``), or else at the lower rate that spreads ``max_frames`` over all of it (``sample_fps`` in
+    the row)."""
     threshold: float = 0.004
     """Mean absolute luma difference (0-1) between sampled frames below which a span is static."""
     window_s: float = 2.0
@@ -366,11 +371,97 @@ class StaticParams:
     part that is not noise is ``2 * m32 - m64`` from the differences on 32x32 and 64x64 cells. A grainy still
     measured 0.0044 (over ``threshold``) and 0.0004 without its noise; moving clips measure 0.009 or more without
     theirs. A quarter of ``threshold``: low motion with detail (a talking head) loses up to half to this measure."""
+    stream_long_clips: bool = True
+    """A clip longer than ``max_frames / fps`` is sampled at ``fps`` all through, a group at a time, keeping each
+    step's motion and not the frames, in one pass with the scene cuts' samples at the same rate
+    (``pipeline.video.stream``). False: ``max_frames`` samples spread over all of it; an hour's are then 3 s apart,
+    and each 2-s window's motion is a difference across seconds."""
 
 
 def _structured(m64: float, m32: float) -> float:
     """The frame differences without their noise part (``StaticParams.max_structured``)."""
     return max(0.0, 2.0 * m32 - m64)
+
+
+def motion_steps(y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The motion of each step between consecutive luma frames ``[N, H, W]`` inside their content box
+    (``picture_box``: a subtitle coming and going on a bar is no motion of the picture): the mean absolute
+    difference of their 64x64 thumbnails (noise-robust, size-free), and of their 32x32 ones (four times the cell
+    area: ``StaticParams.max_structured``)."""
+    x0, y0, w, h = picture_box(y)
+    y = y[:, y0:y0 + h, x0:x0 + w]
+    return thumbnail_steps(thumbnails(y, 64)).cpu().numpy(), thumbnail_steps(thumbnails(y, 32)).cpu().numpy()
+
+
+class _StaticReading:
+    """The static filter's reading of a stream: each step's motion (``motion_steps``), each group's content box
+    found over the group and the sample before it, so that every step is measured within one box."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.last: torch.Tensor | None = None
+        self.d64: list[np.ndarray] = []
+        self.d32: list[np.ndarray] = []
+        self.at: list[float] = []
+
+    def feed(self, frames: torch.Tensor, indices: list[int], at: list[float]) -> None:
+        y = luma(frames, self.device)
+        if self.last is not None:
+            y = torch.cat([self.last, y])
+        if len(y) > 1:
+            d64, d32 = motion_steps(y)
+            self.d64.append(d64)
+            self.d32.append(d32)
+        self.last = y[-1:]
+        self.at += at
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The motion of each step (64x64 and 32x32 thumbnails) and each sample's time on the file's timeline."""
+        d64, d32 = (np.concatenate(d) if d else np.zeros(0, np.float32) for d in (self.d64, self.d32))
+        return d64, d32, np.asarray(self.at, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class StaticReader:
+    """The static filter's reader of a stream (no parameters: every static filter at one rate reads the same)."""
+
+    what: ClassVar[str] = "the static filter"
+
+    def open(self, device: str) -> _StaticReading:
+        return _StaticReading(device)
+
+
+def static_row(diffs: np.ndarray, diffs32: np.ndarray, times: np.ndarray, start_s: float, p: StaticParams) -> dict:
+    """The static filter's row from each step's motion (``motion_steps``) and each sample's ``times`` from the
+    first frame, which sits ``start_s`` into the file's timeline."""
+    if len(times) < 2:
+        return {"motion": 0.0, "static": True, "static_ratio": 1.0, "windows": [], "structured_motion": 0.0,
+                "sample_fps": 0.0}
+
+    def still(m64: float, m32: float) -> bool:
+        return m64 < p.threshold or _structured(m64, m32) < p.max_structured
+
+    windows = []
+    t0, t1 = times[:-1], times[1:]
+    t_end = times[-1]
+    start = 0.0
+    while start <= t_end - 1e-9 or not windows:
+        end = start + p.window_s
+        sel = (t0 >= start) & (t1 <= end + 1e-9)
+        if not sel.any():  # samples further apart than a window (a long clip): the differences across it
+            sel = (t0 < end - 1e-9) & (t1 > start + 1e-9)
+        if not sel.any():
+            sel = np.arange(len(diffs)) == 0
+        m, m32 = float(diffs[sel].mean()), float(diffs32[sel].mean())
+        windows.append({"start_s": start + start_s, "end_s": min(end, float(t_end)) + start_s,
+                        "motion": m, "static": still(m, m32)})
+        start = end
+        if start > t_end:
+            break
+    motion, motion32 = float(diffs.mean()), float(diffs32.mean())
+    return {"motion": motion, "static": still(motion, motion32),
+            "static_ratio": sum(w["static"] for w in windows) / len(windows), "windows": windows,
+            "structured_motion": _structured(motion, motion32), "sample_fps": sample_rate(times)}
 
 
 class StaticFilter(VideoFilter):
@@ -387,49 +478,22 @@ class StaticFilter(VideoFilter):
     ])
 
     def _request(self) -> AtFps:
-        return AtFps(self.params.fps, self.params.max_frames, max_side=256)
+        return AtFps(self.params.fps, self.params.max_frames, max_side=256, spread=not self.params.stream_long_clips)
+
+    def _stream(self) -> Stream:
+        return Stream(self.params.fps, 256, StaticReader())
 
     def frame_requests(self) -> list:
-        return [self._request()]
+        return [self._request()] + ([self._stream()] if self.params.stream_long_clips else [])
 
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         req = self._request()
+        if video.meta.num_frames > 1 and not len(video.indices(req)):  # a long clip: read all through
+            diffs, diffs32, at = media.streamed(self._stream(), ctx.device)
+            return static_row(diffs, diffs32, at - video.start_s, video.start_s, self.params)
         step = subsample_step(video, req)
-        y = video.luma(req, ctx.device, step=(step, step))
-        x0, y0, w, h = picture_box(y)  # a subtitle coming and going on a bar is no motion of the picture
-        y = y[:, y0:y0 + h, x0:x0 + w]
-        times = video.times(req)
-        small = thumbnails(y, 64)  # noise-robust, size-free
-        if small.shape[0] < 2:
-            return {"motion": 0.0, "static": True, "static_ratio": 1.0, "windows": [], "structured_motion": 0.0,
-                    "sample_fps": 0.0}
-        diffs = thumbnail_steps(small).cpu().numpy()
-        diffs32 = thumbnail_steps(thumbnails(y, 32)).cpu().numpy()  # four times the cell area
-        p = self.params
-
-        def still(m64: float, m32: float) -> bool:
-            return m64 < p.threshold or _structured(m64, m32) < p.max_structured
-
-        windows = []
-        t_end = times[-1]
-        start = 0.0
-        while start <= t_end - 1e-9 or not windows:
-            end = start + p.window_s
-            sel = [(times[i] >= start) & (times[i + 1] <= end + 1e-9) for i in range(len(diffs))]
-            if not any(sel):  # samples further apart than a window (a long clip): the differences across it
-                sel = [(times[i] < end - 1e-9) & (times[i + 1] > start + 1e-9) for i in range(len(diffs))]
-            if not any(sel):
-                sel = [i == 0 for i in range(len(diffs))]
-            m, m32 = float(diffs[sel].mean()), float(diffs32[sel].mean())
-            windows.append({"start_s": start + video.start_s, "end_s": min(end, float(t_end)) + video.start_s,
-                            "motion": m, "static": still(m, m32)})
-            start = end
-            if start > t_end:
-                break
-        motion, motion32 = float(diffs.mean()), float(diffs32.mean())
-        return {"motion": motion, "static": still(motion, motion32),
-                "static_ratio": sum(w["static"] for w in windows) / len(windows), "windows": windows,
-                "structured_motion": _structured(motion, motion32), "sample_fps": sample_rate(times)}
+        diffs, diffs32 = motion_steps(video.luma(req, ctx.device, step=(step, step)))
+        return static_row(diffs, diffs32, video.times(req), video.start_s, self.params)
 
 
 @dataclass(frozen=True)
@@ -535,8 +599,9 @@ class SceneCutParams:
     max_gradual_s: float = 5.0
     """The longest gradual transition: longer stretches of change are motion in one scene."""
     stream_long_clips: bool = True
-    """A clip longer than ``max_frames / fps`` is sampled at ``fps`` all through, by this filter, ``STREAM_GROUP``
-    samples a decode, keeping their histograms and thumbnails and not their frames (``stream_samples``). False: the
+    """A clip longer than ``max_frames / fps`` is sampled at ``fps`` all through, a group at a time, keeping the
+    samples' histograms and thumbnails and not their frames, in one pass with the static filter's samples at the same
+    rate (``pipeline.video.stream``). False: the
     ``max_frames`` samples spread over all of it, decoded with the item's other frames: 3 s apart in an hour of
     320x180 with 1908 cuts, they found 288 and placing brought 1187 to their frames in 90 s (its budget spent on spans
     of 75 frames); sampled all through, all 1908 were placed, in 65 s (``bench_scene_cuts.py``)."""
@@ -818,36 +883,32 @@ class Samples:
         self.thumb_steps += more.thumb_steps
 
 
-STREAM_GROUP = 512
-"""Samples decoded at a time where a long clip is sampled all through (``stream_long_clips``): 32 MB at 192x108."""
+class _SceneCutReading:
+    """The scene cuts' reading of a stream: its ``Samples``, the thumbnail step across each group's edge measured
+    from the last thumbnail of the group before."""
+
+    def __init__(self, p: SceneCutParams, device: str):
+        self.p, self.device = p, device
+        self.samples = Samples([], [], torch.zeros(0, 3 * p.bins), [], [])
+        self.last: torch.Tensor | None = None
+
+    def feed(self, frames: torch.Tensor, indices: list[int], at: list[float]) -> None:
+        part, self.last = Samples.of(frames, indices, at, self.p, self.device, self.last)
+        self.samples.extend(part)
+
+    def result(self) -> Samples:
+        return self.samples
 
 
-def stream_samples(video, media: MediaItem, request: AtFps, p: SceneCutParams, device: str) -> Samples:
-    """A clip longer than ``p.max_frames`` samples at ``p.fps`` sampled at that rate all through: decoded a group of
-    ``STREAM_GROUP`` at a time (``media.more_frames``, at the request's size), each group's histograms, black frames
-    and thumbnail steps kept and its frames let go. A tail found broken ends the samples where it breaks.
+@dataclass(frozen=True)
+class SceneCutReader:
+    """The scene cuts' reader of a stream."""
 
-    Raises:
-        DecodeError: a group's decode failed (its frames named; a timeout is a ``DecodeTimeout``).
-    """
-    meta = video.meta
-    wanted = request_indices(AtFps(p.fps, max(1, meta.num_frames)), meta.num_frames, meta.fps, meta.timestamps)[0]
-    out, last = Samples([], [], torch.zeros(0, 3 * p.bins), [], []), None
-    for g in range(0, len(wanted), STREAM_GROUP):
-        group = Frames(tuple(wanted[g:g + STREAM_GROUP]), max_side=request.max_side)
-        try:
-            more = media.more_frames(group)
-        except DecodeError as e:
-            raise type(e)(f"scene_cuts: decoding frames {group.indices[0]}-{group.indices[-1]} of the clip's "
-                          f"{meta.num_frames} (sampled all through: stream_long_clips) failed: {e}") from e
-        got = more.indices(group)
-        if len(got):
-            part, last = Samples.of(more.view(group).to(device), got, more.times(group) + more.start_s, p, device,
-                                    last)
-            out.extend(part)
-        if len(got) < len(group.indices):
-            break  # the tail is broken: the clip ends there
-    return out
+    what: ClassVar[str] = "the scene cuts"
+    params: SceneCutParams
+
+    def open(self, device: str) -> _SceneCutReading:
+        return _SceneCutReading(self.params, device)
 
 
 class SceneCutFilter(VideoFilter):
@@ -862,15 +923,18 @@ class SceneCutFilter(VideoFilter):
     def _request(self) -> AtFps:
         return AtFps(self.params.fps, self.params.max_frames, max_side=192, spread=not self.params.stream_long_clips)
 
+    def _stream(self) -> Stream:
+        return Stream(self.params.fps, 192, SceneCutReader(self.params))
+
     def frame_requests(self) -> list:
-        return [self._request()]
+        return [self._request()] + ([self._stream()] if self.params.stream_long_clips else [])
 
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         req = self._request()
         p = self.params
         indices = video.indices(req)
-        if video.meta.num_frames > 1 and not len(indices):  # a long clip: sampled all through here
-            s = stream_samples(video, media, req, p, ctx.device)
+        if video.meta.num_frames > 1 and not len(indices):  # a long clip: read all through
+            s = media.streamed(self._stream(), ctx.device)
         elif len(indices) < 2:
             s = None
         else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.media.probe import MediaInfo, probe_media
 
@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from pipeline.config import VideoConfig
     from pipeline.video.decoders import DecodedVideo
     from pipeline.video.sampling import FrameRequest
+    from pipeline.video.stream import Stream
 
 
 class MediaItem:
@@ -20,7 +21,8 @@ class MediaItem:
         item_id: the manifest id.
         local_path: the file in the node cache (or in place on a local tier).
         size_bytes: file size.
-        frame_requests: the union of the frame requests of every filter that runs on this item.
+        frame_requests: the union of the frame requests of every filter that runs on this item (its ``Stream``
+            requests are read by ``streamed``, not decoded with the others).
         video_config: decoding settings.
         backends: decoder backend instances, in order.
         device: the rank's device (for NVDEC decode).
@@ -40,6 +42,8 @@ class MediaItem:
         self._video: DecodedVideo | None = None
         self._video_done = False
         self._video_error: Exception | None = None
+        self._stream_lock = threading.Lock()
+        self._streamed: dict[object, object] = {}
         self.decode_backend: str | None = None
         self.frames_decoded: int | None = None
         self.given_up = threading.Event()
@@ -67,8 +71,11 @@ class MediaItem:
             if self._video_error is not None:
                 raise self._video_error
             if not self._video_done:
+                from pipeline.video.stream import Stream
+
                 try:
-                    self._video = self._decode(self.frame_requests, self.backends)
+                    self._video = self._decode([r for r in self.frame_requests if not isinstance(r, Stream)],
+                                               self.backends)
                 except Exception as e:  # every filter of this item sees the same decode failure
                     self._video_error = e
                     raise
@@ -81,7 +88,7 @@ class MediaItem:
         """A second, targeted decode of the item (``Frames``: the frames a filter's first look singled out), by the
         backend that decoded ``video()``, with the same settings (deinterlacing, tone mapping, square pixels, the
         deadline and caps) and the same crop; decoded at the request's ``max_side``. Where ``video()`` decoded no
-        frame (every request streams itself, ``AtFps.spread``), no backend has vouched for the pictures yet: each
+        frame (every request is read all through, ``Stream``), no backend has vouched for the pictures yet: each
         is tried in order, as for the first decode. Counted in ``frames_decoded``.
 
         Raises:
@@ -100,6 +107,30 @@ class MediaItem:
         with self._lock:
             self.frames_decoded = (self.frames_decoded or 0) + more.frames_decoded
         return more
+
+    def streamed(self, request: Stream, device: str) -> Any:
+        """What ``request``'s reader keeps of the clip's samples at its rate all through, read in one pass with every
+        other ``Stream`` of the item at that rate (``read_streams``), on ``device``; the pass runs once (per device),
+        and a failure of it is every one of its readers' failure.
+
+        Raises:
+            DecodeError: a group of the samples failed to decode (see ``read_streams``).
+        """
+        from pipeline.video.stream import Stream, read_streams
+
+        with self._stream_lock:
+            if (request, device) not in self._streamed:
+                same = [r for r in dict.fromkeys([*self.frame_requests, request])
+                        if isinstance(r, Stream) and r.fps == request.fps]
+                try:
+                    read = read_streams(self, same, device)
+                except Exception as e:
+                    read = dict.fromkeys(same, e)
+                self._streamed.update(((r, device), out) for r, out in read.items())
+            out = self._streamed[request, device]
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     def _decode(self, requests: list[FrameRequest], backends: list[object],
                 at_request_size: bool = False) -> DecodedVideo:

@@ -47,9 +47,9 @@ class AtFps:
     max_side: int | None = None
     short_side: int | None = None
     spread: bool = True
-    """False: a clip longer than ``max_count`` frames at ``fps`` gets none from the item's decode; its filter
-    decodes the rate all through itself, a group at a time (``MediaItem.more_frames``), keeping what it computes
-    of each group and not the frames (``scene_cuts``: spread 3 s apart over an hour, samples miss most cuts)."""
+    """False: a clip longer than ``max_count`` frames at ``fps`` gets none from the item's decode; its filter reads
+    the rate all through, a group at a time, keeping what it computes of each group and not the frames
+    (``pipeline.video.stream``; ``scene_cuts``: spread 3 s apart over an hour, samples miss most cuts)."""
 
 
 @dataclass(frozen=True)

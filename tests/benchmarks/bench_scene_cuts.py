@@ -11,8 +11,12 @@ default) and once with a keyframe every 250 frames only (a second decode then se
 the item (its decode included), frames decoded, cuts found, those at the true frame, and the mean and largest
 distance in frames from the true cut of each cut found within half a second of one; and the item's seconds with
 the five default signal filters, placing off and on. A clip over 5 minutes (``max_frames`` samples) is sampled at 4 a
-second all through by the filter (``stream_long_clips``); its rows marked ``spread`` are the ``max_frames`` samples
-spread over it instead (the behaviour before).
+second all through (``stream_long_clips``), by the scene cuts and the static filter in one pass; its rows marked
+``spread`` are the ``max_frames`` samples spread over it instead (the behaviour before; the static filter's 240).
+
+Where the static filter runs (alone, and with the others), its 2-s windows are scored against the clip's truth:
+``still windows`` counts those wholly inside one shot of a still pattern that read static, of all such windows;
+``wrong`` those with over half a second of a moving shot (testsrc, testsrc2) that read static.
 
 Usage: python tests/benchmarks/bench_scene_cuts.py [--seconds 60] [--fps 25] [--size 1280x720]
        [--backends decord,torchcodec,pyav]
@@ -81,17 +85,48 @@ def score(found: list[int], truth: list[int], fps: int) -> str:
     return f"{len(found):>6}{sum(o == 0 for o in off):>7}{mean:>8.2f}{max(near, default=0):>6}"
 
 
-def ours(path: str, backend: str, frame_accurate: bool, others: tuple[str, ...] = (),
-         stream: bool = True) -> tuple[float, int, list[int]]:
-    """The item's seconds and frames decoded with the scene-cut filter (and ``others``), and its cut frames."""
-    params = {"frame_accurate": frame_accurate, "stream_long_clips": stream}
-    filters = build_filters(tuple(FilterSpec(n, n) for n in others)
-                            + (FilterSpec("scene_cuts", "scene_cuts", True, params),))
+def still_shot(k: int) -> bool:
+    """Whether shot ``k`` holds a still picture (the bars and the plain test patterns; testsrc and testsrc2 move)."""
+    return still_shot(k - 1) if k % 4 == 3 else SOURCES[k % len(SOURCES)] not in ("testsrc2", "testsrc")
+
+
+def static_score(windows: list[dict], lengths: list[int], fps: int) -> str:
+    """The static filter's windows against the clip's truth: of the windows wholly inside one still shot, how many
+    read static; and how many of those with over half a second of a moving shot in them read static (wrong). The
+    others (a cut between two still shots, a moving edge under half a second) are not scored."""
+    bounds = [sum(lengths[:k]) / fps for k in range(len(lengths) + 1)]
+    still, found, wrong = 0, 0, 0
+    for w in windows:
+        a, b = w["start_s"], w["end_s"]
+        inside = [k for k in range(len(lengths)) if bounds[k] <= a + 1e-6 and b <= bounds[k + 1] + 1e-6]
+        moving = sum(max(0.0, min(b, bounds[k + 1]) - max(a, bounds[k])) for k in range(len(lengths))
+                     if not still_shot(k))
+        if inside and still_shot(inside[0]):
+            still += 1
+            found += w["static"]
+        elif moving > 0.5:
+            wrong += w["static"]
+    return f"{f'{found}/{still}':>15}{wrong:>6}"
+
+
+def ours(path: str, backend: str, frame_accurate: bool | None, others: tuple[str, ...] = (),
+         stream: bool = True) -> tuple[float, int, list[int] | None, list[dict] | None]:
+    """The item's seconds and frames decoded with the scene-cut filter (None: without it) and ``others``, its cut
+    frames and the static filter's windows (where they ran). ``stream`` false: the behaviour before, samples
+    spread over a long clip (the static filter's 240, its default then)."""
+    spread = {"stream_long_clips": stream} | ({} if stream else {"max_frames": 240})
+    specs = tuple(FilterSpec(n, n, True, spread if n == "static" else {}) for n in others)
+    if frame_accurate is not None:
+        specs += (FilterSpec("scene_cuts", "scene_cuts", True,
+                             {"frame_accurate": frame_accurate, "stream_long_clips": stream}),)
+    filters = build_filters(specs)
     t = time.perf_counter()
     item = MediaItem("x", path, 0, frame_requests_of(filters), VideoConfig(backends=(backend,)),
                      available_backends((backend,)))
-    got = [f.apply(item, FilterContext("cpu", None)) for f in filters][-1]
-    return time.perf_counter() - t, item.frames_decoded, [c["frame"] for c in got["transitions"]]
+    rows = {f.name: f.apply(item, FilterContext("cpu", None)) for f in filters}
+    cuts = [c["frame"] for c in rows["scene_cuts"]["transitions"]] if "scene_cuts" in rows else None
+    windows = rows["static"]["windows"] if "static" in rows else None
+    return time.perf_counter() - t, item.frames_decoded, cuts, windows
 
 
 def scdet(path: str, fps: int) -> tuple[float, list[int]]:
@@ -122,10 +157,18 @@ def main() -> int:
     truth = [sum(lengths[:k]) for k in range(1, len(lengths))]
     print(f"{len(truth)} cuts in {args.seconds:g} s at {args.fps} fps, {sum(n <= 5 for n in lengths)} shots of 3-5 "
           f"frames, {len(lengths) // 4} cuts to a mirrored copy; {args.size} H.264\n")
-    print(f"{'keyframes':<11}{'run':<38}{'seconds':>8}{'frames':>8}{'found':>6}{'exact':>7}{'mean':>8}{'max':>6}")
+    print(f"{'keyframes':<11}{'run':<38}{'seconds':>8}{'frames':>8}{'found':>6}{'exact':>7}{'mean':>8}{'max':>6}"
+          f"{'still windows':>15}{'wrong':>6}")
     backends = [b.name for b in available_backends(tuple(args.backends.split(",")))]
     long_clip = args.seconds * 4 > SceneCutParams().max_frames  # sampled all through, or spread (before)
     runs = [(False, True), (True, True)] + ([(False, False), (True, False)] if long_clip else [])
+    none = f"{'':>27}"
+
+    def line(label: str, run: str, secs: float, frames: int, cuts: list[int] | None, windows: list[dict] | None):
+        found = score(cuts, truth, args.fps) if cuts is not None else none
+        still = static_score(windows, lengths, args.fps) if windows is not None else ""
+        print(f"{label:<11}{run:<38}{secs:>8.2f}{frames:>8}{found}{still}")
+
     with tempfile.TemporaryDirectory() as d:
         for cut_keys in (True, False):
             path = os.path.join(d, f"shots-{cut_keys}.mp4")
@@ -133,13 +176,14 @@ def main() -> int:
             label = "at cuts" if cut_keys else "every 250"
             for backend in backends:
                 for on, stream in runs:
-                    secs, frames, found = ours(path, backend, on, stream=stream)
                     run = f"ours {backend}, {'placed' if on else 'samples'}{'' if stream else ', spread'}"
-                    print(f"{label:<11}{run:<38}{secs:>8.2f}{frames:>8}{score(found, truth, args.fps)}")
+                    line(label, run, *ours(path, backend, on, stream=stream))
+            for stream in (True, False) if long_clip else (True,):
+                line(label, f"static alone {backends[0]}{'' if stream else ', spread'}",
+                     *ours(path, backends[0], None, ("static",), stream))
             for on, stream in runs:
-                secs, frames, found = ours(path, backends[0], on, SIGNAL, stream)
                 run = f"five filters {backends[0]}, {'placed' if on else 'samples'}{'' if stream else ', spread'}"
-                print(f"{label:<11}{run:<38}{secs:>8.2f}{frames:>8}{score(found, truth, args.fps)}")
+                line(label, run, *ours(path, backends[0], on, SIGNAL, stream))
             secs, found = scdet(path, args.fps)
             print(f"{label:<11}{'ffmpeg scdet':<38}{secs:>8.2f}{sum(lengths):>8}"
                   f"{score(found, truth, args.fps)}")

@@ -50,12 +50,17 @@ def test_signal_filters_on_cuda_match_cpu(clips):
 
 
 def test_a_long_clip_streamed_on_cuda_matches_cpu(clips):
-    """Scene cuts sampling a clip over ``max_frames`` all through, a group at a time, on the device."""
-    (f,) = build_filters((FilterSpec("scene_cuts", "scene_cuts", True, {"max_frames": 4}),))
-    item = _item(clips["cut"], [f])
-    cpu = f.apply(item, FilterContext("cpu", None))
-    assert item.video().plan.indices == [] and cpu["count"] == 1 and cpu["sample_fps"] > 3
-    _same(f.apply(item, FilterContext("cuda:0", None)), cpu, ("scene_cuts",))
+    """Scene cuts and the static filter reading a clip over ``max_frames`` all through, in one pass, a group at a
+    time, on the device (the item keeps each device's pass apart)."""
+    filters = build_filters((FilterSpec("scene_cuts", "scene_cuts", True, {"max_frames": 4}),
+                             FilterSpec("static", "static", True, {"max_frames": 4})))
+    item = _item(clips["cut"], filters)
+    cpu = [f.apply(item, FilterContext("cpu", None)) for f in filters]
+    assert item.video().plan.indices == [] and cpu[0]["count"] == 1 and cpu[1]["sample_fps"] > 3
+    decoded = item.frames_decoded
+    for f, row in zip(filters, cpu, strict=True):
+        _same(f.apply(item, FilterContext("cuda:0", None)), row, (f.name,))
+    assert item.frames_decoded > decoded  # read again, on the device
 
 
 def _same(gpu, cpu, where):

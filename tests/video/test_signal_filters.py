@@ -454,7 +454,7 @@ def test_a_second_decode_of_the_item_is_cropped_alike(clips):
 def test_a_clip_longer_than_the_frame_cap_is_sampled_over_all_of_it(clips):
     """Over ``max_frames / fps`` seconds the rate drops so the frames cover the whole clip (they covered its start:
     8 frames at 4 a second saw the freeze clip's first 2 s of motion and called it moving, and no cut after 1.5 s)."""
-    frozen = run(clips["freeze"], "static", max_frames=8, window_s=2.0)  # 2 s of motion, then 4 s held
+    frozen = run(clips["freeze"], "static", max_frames=8, window_s=2.0, stream_long_clips=False)  # 2 s moving, 4 held
     assert [w["static"] for w in frozen["windows"]] == [False, True, True]
     assert frozen["sample_fps"] == pytest.approx(8 / 6, rel=0.1) and frozen["windows"][-1]["end_s"] > 5
     cut = run(clips["cut"], "scene_cuts", max_frames=6, stream_long_clips=False)  # two 2 s scenes
@@ -787,7 +787,11 @@ def long_shots(tmp_path_factory):
                        "smptebars=size=160x120:rate=25:duration=3", "-filter_complex",
                        "[0:v][1:v]concat=n=2:v=1[c];[c]setpts='if(lt(N,50),N/25,2+(N-50)/10)/TB'[v]", "-map", "[v]",
                        "-fps_mode", "vfr", "-c:v", "libx264", "-preset", "ultrafast", vfr])
-    return {"shots": path, "broken_tail": tail, "vfr": vfr}
+    frozen = str(d / "frozen.mp4")  # frames 100-174 (4.0-7.0 s) hold frame 100, letterboxed
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=160x90:rate=25:duration=12", "-filter_complex",
+                       "[0:v]split[a][b];[a][b]freezeframes=first=100:last=174:replace=100,pad=160:120:0:15:black[v]",
+                       "-map", "[v]", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", frozen])
+    return {"shots": path, "broken_tail": tail, "vfr": vfr, "frozen": frozen}
 
 
 def test_a_long_clip_is_sampled_all_through_by_the_scene_cut_filter(long_shots, monkeypatch):
@@ -795,19 +799,60 @@ def test_a_long_clip_is_sampled_all_through_by_the_scene_cut_filter(long_shots, 
     features, not frames: the same transitions as a clip within the cap, where the samples spread over it (one
     every 2 s here, as a 1-hour film's are 3 s apart) miss cuts. Groups of 4 samples: the thumbnail steps
     across a group's edge count as within one."""
-    import pipeline.filters.signal as signal
+    import pipeline.video.stream as stream
 
     f, item = filter_item(long_shots["shots"], "scene_cuts")  # 6 s: 25 samples, within the cap
     whole = f.apply(item, FilterContext("cpu", None))
     assert [t["frame"] for t in whole["transitions"]] == [38, 53, 56, 86, 111]
     assert len(item.video().plan.indices) == 25
-    monkeypatch.setattr(signal, "STREAM_GROUP", 4)
+    monkeypatch.setattr(stream, "STREAM_GROUP", 4)
     f, streaming = filter_item(long_shots["shots"], "scene_cuts", max_frames=3)  # a 0.75-s cap: a long clip
     streamed = f.apply(streaming, FilterContext("cpu", None))
     assert streaming.video().plan.indices == []  # the item's decode held none of its frames
     assert streamed == whole and streaming.frames_decoded == item.frames_decoded  # the samples, then the cuts'
     spread = run(long_shots["shots"], "scene_cuts", max_frames=3, stream_long_clips=False)
     assert spread["sample_fps"] == 0.5 and spread["transitions"] == []  # 3 samples: one shot each
+
+
+def test_a_freeze_in_a_long_clip_is_found_by_the_static_filter_reading_it_all_through(long_shots, monkeypatch):
+    """A 3-s freeze (4.0-7.0 s) in 12 s of motion, letterboxed: past ``max_frames`` the static filter reads the
+    samples at 4 a second all through, groups of 8 (each group's content box found with the sample before it),
+    and its row is the row of the clip within the cap: the window 4-6 s static. Spread instead, the 5 samples are
+    2.4 s apart and no two of them lie in the freeze: every window reads moving."""
+    import pipeline.video.stream as stream
+
+    whole = run(long_shots["frozen"], "static")
+    assert [w["static"] for w in whole["windows"]] == [False, False, True, False, False, False]
+    monkeypatch.setattr(stream, "STREAM_GROUP", 8)
+    f, item = filter_item(long_shots["frozen"], "static", max_frames=5)
+    streamed = f.apply(item, FilterContext("cpu", None))
+    assert item.video().plan.indices == [] and item.frames_decoded == 50  # every 6th of 300 frames, once
+    assert streamed["windows"] == pytest.approx(whole["windows"], abs=1e-6)
+    assert {k: streamed[k] for k in ("static", "static_ratio", "sample_fps")} == \
+        {k: whole[k] for k in ("static", "static_ratio", "sample_fps")}
+    spread = run(long_shots["frozen"], "static", max_frames=5, stream_long_clips=False)
+    assert not any(w["static"] for w in spread["windows"]) and spread["sample_fps"] == pytest.approx(25 / 60)
+
+
+def test_the_scene_cuts_and_the_static_filter_read_a_long_clip_in_one_pass(long_shots):
+    """Both filters at one rate: the samples decoded once for the two (plus the frames that place the cuts), each
+    row the row it has alone; at two rates, a pass each."""
+    from pipeline.config import VideoConfig
+
+    def rows(**static):
+        filters = build_filters((FilterSpec("scene_cuts", "scene_cuts", True, {"max_frames": 3}),
+                                 FilterSpec("static", "static", True, {"max_frames": 3, **static})))
+        item = MediaItem("x", long_shots["shots"], 0, frame_requests_of(filters), VideoConfig(),
+                         available_backends(("decord", "torchcodec", "pyav")))
+        return [f.apply(item, FilterContext("cpu", None)) for f in filters], item.frames_decoded
+
+    (cuts, still), decoded = rows()
+    f, alone = filter_item(long_shots["shots"], "scene_cuts", max_frames=3)
+    assert cuts == f.apply(alone, FilterContext("cpu", None)) and decoded == alone.frames_decoded
+    assert still == run(long_shots["shots"], "static", max_frames=3) and still["sample_fps"] == pytest.approx(25 / 6)
+    assert [t["frame"] for t in cuts["transitions"]] == [38, 53, 56, 86, 111]
+    _, decoded_apart = rows(fps=5.0)  # 30 samples more: a pass of their own
+    assert decoded_apart == decoded + 30
 
 
 def test_a_long_clip_at_a_variable_rate_is_sampled_by_time_as_within_the_cap(long_shots):
@@ -828,17 +873,26 @@ def test_a_long_clip_with_a_broken_tail_is_sampled_up_to_where_it_breaks(long_sh
 
 
 def test_a_long_clip_whose_group_fails_to_decode_is_a_decode_error(long_shots, tmp_path):
-    """A file gone (or broken) after the item's decode: the group's frames named, the error typed."""
+    """A file gone (or broken) after the item's decode: the group's frames named, the error typed; the static
+    filter, reading the same pass, gets the same error without a second try."""
+    from pipeline.config import VideoConfig
     from pipeline.errors import DecodeError
 
     path = str(tmp_path / "shots.mp4")
     open(path, "wb").write(open(long_shots["shots"], "rb").read())
-    f, item = filter_item(path, "scene_cuts", max_frames=6)
+    filters = build_filters((FilterSpec("scene_cuts", "scene_cuts", True, {"max_frames": 6}),
+                             FilterSpec("static", "static", True, {"max_frames": 6})))
+    item = MediaItem("x", path, 0, frame_requests_of(filters), VideoConfig(),
+                     available_backends(("decord", "torchcodec", "pyav")))
     item.video()
     os.remove(path)
-    with pytest.raises(DecodeError, match=r"scene_cuts: decoding frames 0-144 of the clip's 150 \(sampled all "
-                                          r"through: stream_long_clips\) failed: .*every video backend failed"):
-        f.apply(item, FilterContext("cpu", None))
+    with pytest.raises(DecodeError, match=r"decoding frames 0-144 of the clip's 150, sampled at 4 a second all through "
+                                          r"for the scene cuts and the static filter \(stream_long_clips\), failed: "
+                                          r".*every video backend failed") as first:
+        filters[0].apply(item, FilterContext("cpu", None))
+    with pytest.raises(DecodeError) as second:
+        filters[1].apply(item, FilterContext("cpu", None))
+    assert second.value is first.value and item.frames_decoded == 0
 
 
 def test_a_long_clip_sampled_all_through_falls_back_like_a_first_decode(long_shots):

@@ -1,0 +1,102 @@
+"""A sampling rate read all through a long clip in one decode pass that every filter reading that rate shares.
+
+A clip over a rate request's cap (``AtFps.spread`` false) gets none of those frames from the item's decode: held
+at once, an hour at 4 a second would take 14,400 frames. Its filters declare a ``Stream`` instead; the item
+(``MediaItem.streamed``) decodes the rate a group at a time and hands each group to every ``Stream`` at that rate
+before letting its frames go, so that the scene cuts and the static filter decode a film once, not once each.
+
+Oracle for the tests: what a reader keeps of a streamed clip equals what it computes from the same samples held at
+once (a clip within the cap), whatever the group size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from pipeline.errors import DecodeError
+from pipeline.video.sampling import AtFps, Frames, request_indices
+
+if TYPE_CHECKING:
+    from pipeline.media.item import MediaItem
+
+STREAM_GROUP = 512
+"""Samples decoded at a time: at a long side of 256, 512 frames take 57 MB."""
+
+
+class Reading(Protocol):
+    """What one reader keeps of a stream as its groups go by."""
+
+    def feed(self, frames: torch.Tensor, indices: list[int], at: list[float]) -> None:
+        """One group: ``[N, H, W, 3]`` uint8 frames on the rank's device, their stream indices and their times on
+        the file's timeline; each group follows the one before without a gap."""
+
+    def result(self) -> Any:
+        """What the reader kept, once the last group has gone by."""
+
+
+class StreamReader(Protocol):
+    """A filter's reader of a stream: hashable (its parameters), it opens one ``Reading`` per pass."""
+
+    what: ClassVar[str]
+    """What reads, for an error's message (``the scene cuts``)."""
+
+    def open(self, device: str) -> Reading: ...
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The samples at ``fps`` all through a clip too long for its rate request's cap, each group given to
+    ``reader`` at a long side of at most ``max_side``. The item's decode gives it no frames; every ``Stream`` of an
+    item at one ``fps`` is read in one pass, decoded at the largest ``max_side`` among them (a reader wanting
+    fewer pixels strides them, ``subsample``)."""
+
+    fps: float
+    max_side: int
+    reader: StreamReader
+
+
+def subsample(frames: torch.Tensor, max_side: int) -> torch.Tensor:
+    """Every k-th row and column of ``frames`` ``[N, H, W, C]``, k bringing the long side near ``max_side`` (as a
+    filter strides frames decoded larger than it needs)."""
+    step = max(1, max(frames.shape[1:3]) // max_side)
+    return frames[:, ::step, ::step]
+
+
+def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[Stream, Any]:
+    """Every one of ``streams`` (one ``fps``) read in one pass over the item's clip: the samples decoded
+    ``STREAM_GROUP`` at a time (``media.more_frames``), each group given to every reader and then let go. A tail
+    found broken ends the samples where it breaks.
+
+    Returns:
+        Each stream's ``Reading.result()``.
+
+    Raises:
+        DecodeError: a group's decode failed (its frames named; a timeout stays a ``DecodeTimeout``).
+    """
+    fps = streams[0].fps
+    meta = media.video().meta
+    wanted = request_indices(AtFps(fps, max(1, meta.num_frames)), meta.num_frames, meta.fps, meta.timestamps)[0]
+    side = max(s.max_side for s in streams)
+    readings = {s: s.reader.open(device) for s in streams}
+    for g in range(0, len(wanted), STREAM_GROUP):
+        group = Frames(tuple(wanted[g:g + STREAM_GROUP]), max_side=side)
+        try:
+            more = media.more_frames(group)
+        except DecodeError as e:
+            readers = " and ".join(dict.fromkeys(s.reader.what for s in streams))
+            raise type(e)(f"decoding frames {group.indices[0]}-{group.indices[-1]} of the clip's {meta.num_frames}, "
+                          f"sampled at {fps:g} a second all through for {readers} (stream_long_clips), failed: "
+                          f"{e}") from e
+        got = more.indices(group)
+        if len(got):
+            frames = more.view(group).to(device)
+            at = (more.times(group) + more.start_s).tolist()
+            for s, reading in readings.items():
+                reading.feed(subsample(frames, s.max_side), np.asarray(got).tolist(), at)
+        if len(got) < len(group.indices):
+            break  # the tail is broken: the clip ends there
+    return {s: reading.result() for s, reading in readings.items()}
