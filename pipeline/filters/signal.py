@@ -404,8 +404,7 @@ class _StaticReading:
         self.d32: list[np.ndarray] = []
         self.at: list[float] = []
 
-    def feed(self, frames: torch.Tensor, indices: list[int], at: list[float]) -> None:
-        y = luma(frames, self.device)
+    def feed(self, frames: torch.Tensor, y: torch.Tensor, indices: list[int], at: list[float]) -> None:
         if self.last is not None:
             y = torch.cat([self.last, y])
         if len(y) > 1:
@@ -863,11 +862,11 @@ class Samples:
 
     @classmethod
     def of(cls, frames: torch.Tensor, indices, at, p: SceneCutParams, device: str,
-           before: torch.Tensor | None = None) -> tuple[Samples, torch.Tensor]:
+           before: torch.Tensor | None = None, y: torch.Tensor | None = None) -> tuple[Samples, torch.Tensor]:
         """The samples of ``frames`` (``[N, H, W, 3]`` uint8, at stream ``indices`` and times ``at``), and the
         thumbnail of the last; ``before``: the thumbnail of the sample before the first (a group of a stream), whose
-        step to the first is then the first of ``thumb_steps``."""
-        y = luma(frames, device)
+        step to the first is then the first of ``thumb_steps``; ``y``: the frames' luma, where it is at hand."""
+        y = luma(frames, device) if y is None else y
         thumbs = thumbnails(y)
         if before is not None:
             thumbs = torch.cat([before.to(thumbs.device), thumbs])
@@ -892,8 +891,8 @@ class _SceneCutReading:
         self.samples = Samples([], [], torch.zeros(0, 3 * p.bins), [], [])
         self.last: torch.Tensor | None = None
 
-    def feed(self, frames: torch.Tensor, indices: list[int], at: list[float]) -> None:
-        part, self.last = Samples.of(frames, indices, at, self.p, self.device, self.last)
+    def feed(self, frames: torch.Tensor, y: torch.Tensor, indices: list[int], at: list[float]) -> None:
+        part, self.last = Samples.of(frames, indices, at, self.p, self.device, self.last, y)
         self.samples.extend(part)
 
     def result(self) -> Samples:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DecodeError
+from pipeline.video.preprocess import luma
 from pipeline.video.sampling import AtFps, Frames, request_indices
 
 if TYPE_CHECKING:
@@ -30,8 +31,9 @@ STREAM_GROUP = 512
 class Reading(Protocol):
     """What one reader keeps of a stream as its groups go by."""
 
-    def feed(self, frames: torch.Tensor, indices: list[int], at: list[float]) -> None:
-        """One group: ``[N, H, W, 3]`` uint8 frames on the rank's device, their stream indices and their times on
+    def feed(self, frames: torch.Tensor, y: torch.Tensor, indices: list[int], at: list[float]) -> None:
+        """One group: ``[N, H, W, 3]`` uint8 frames on the rank's device, their luma (``[N, H, W]`` float32,
+        ``pipeline.video.preprocess.luma``: computed once for every reader), their stream indices and their times on
         the file's timeline; each group follows the one before without a gap."""
 
     def result(self) -> Any:
@@ -52,23 +54,23 @@ class Stream:
     """The samples at ``fps`` all through a clip too long for its rate request's cap, each group given to
     ``reader`` at a long side of at most ``max_side``. The item's decode gives it no frames; every ``Stream`` of an
     item at one ``fps`` is read in one pass, decoded at the largest ``max_side`` among them (a reader wanting
-    fewer pixels strides them, ``subsample``)."""
+    fewer pixels gets them strided, ``subsample_step``)."""
 
     fps: float
     max_side: int
     reader: StreamReader
 
 
-def subsample(frames: torch.Tensor, max_side: int) -> torch.Tensor:
-    """Every k-th row and column of ``frames`` ``[N, H, W, C]``, k bringing the long side near ``max_side`` (as a
+def subsample_step(frames: torch.Tensor, max_side: int) -> int:
+    """The row and column stride that brings ``frames`` ``[N, H, W, C]`` to a long side near ``max_side`` (as a
     filter strides frames decoded larger than it needs)."""
-    step = max(1, max(frames.shape[1:3]) // max_side)
-    return frames[:, ::step, ::step]
+    return max(1, max(frames.shape[1:3]) // max_side)
 
 
 def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[Stream, Any]:
     """Every one of ``streams`` (one ``fps``) read in one pass over the item's clip: the samples decoded
-    ``STREAM_GROUP`` at a time (``media.more_frames``), each group given to every reader and then let go. A tail
+    ``STREAM_GROUP`` at a time (``media.more_frames``), each group given to every reader (with its luma, computed
+    once for readers at one stride) and then let go. A tail
     found broken ends the samples where it breaks.
 
     Returns:
@@ -94,9 +96,15 @@ def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[S
         got = more.indices(group)
         if len(got):
             frames = more.view(group).to(device)
-            at = (more.times(group) + more.start_s).tolist()
+            at, indices = (more.times(group) + more.start_s).tolist(), np.asarray(got).tolist()
+            lumas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by stride: each reader's frames and luma
             for s, reading in readings.items():
-                reading.feed(subsample(frames, s.max_side), np.asarray(got).tolist(), at)
+                step = subsample_step(frames, s.max_side)
+                if step not in lumas:
+                    strided = frames[:, ::step, ::step]
+                    lumas[step] = strided, luma(strided, device)
+                reading.feed(*lumas[step], indices, at)
+            del frames, lumas
         if len(got) < len(group.indices):
             break  # the tail is broken: the clip ends there
     return {s: reading.result() for s, reading in readings.items()}

@@ -19,7 +19,7 @@ Where the static filter runs (alone, and with the others), its 2-s windows are s
 ``wrong`` those with over half a second of a moving shot (testsrc, testsrc2) that read static.
 
 Usage: python tests/benchmarks/bench_scene_cuts.py [--seconds 60] [--fps 25] [--size 1280x720]
-       [--backends decord,torchcodec,pyav]
+       [--backends decord,torchcodec,pyav] [--keyframes both|cuts|250]
 """
 
 from __future__ import annotations
@@ -152,6 +152,8 @@ def main() -> int:
     parser.add_argument("--fps", type=int, default=25)
     parser.add_argument("--size", default="1280x720", help="WxH (a long clip: 640x360 keeps the encode short)")
     parser.add_argument("--backends", default="decord,torchcodec,pyav", help="ours with each of these, in order")
+    parser.add_argument("--keyframes", choices=("both", "cuts", "250"), default="both",
+                        help="the clip with keyframes at its cuts, every 250 frames, or both")
     args = parser.parse_args()
     lengths = shots(args.seconds, args.fps)
     truth = [sum(lengths[:k]) for k in range(1, len(lengths))]
@@ -170,7 +172,7 @@ def main() -> int:
         print(f"{label:<11}{run:<38}{secs:>8.2f}{frames:>8}{found}{still}")
 
     with tempfile.TemporaryDirectory() as d:
-        for cut_keys in (True, False):
+        for cut_keys in {"both": (True, False), "cuts": (True,), "250": (False,)}[args.keyframes]:
             path = os.path.join(d, f"shots-{cut_keys}.mp4")
             make_clip(path, lengths, args.fps, cut_keys, args.size)
             label = "at cuts" if cut_keys else "every 250"
