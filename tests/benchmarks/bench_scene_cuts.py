@@ -98,7 +98,8 @@ def static_score(windows: list[dict], lengths: list[int], fps: int) -> str:
     still, found, wrong = 0, 0, 0
     for w in windows:
         a, b = w["start_s"], w["end_s"]
-        inside = [k for k in range(len(lengths)) if bounds[k] <= a + 1e-6 and b <= bounds[k + 1] + 1e-6]
+        # a window holds the samples at both its ends: one ending where a shot ends holds the next shot's first frame
+        inside = [k for k in range(len(lengths)) if bounds[k] <= a + 1e-6 and b <= bounds[k + 1] - 1 / fps + 1e-6]
         moving = sum(max(0.0, min(b, bounds[k + 1]) - max(a, bounds[k])) for k in range(len(lengths))
                      if not still_shot(k))
         if inside and still_shot(inside[0]):
