@@ -112,11 +112,19 @@ class RuntimeConfig:
     unit_size: int = 16
     """Items per work unit; ranks pull the next unit dynamically."""
     stall_timeout_s: float = 900.0
-    """No item finished for this long while work remains: the rank reports a stall and stops."""
+    """No item finished for this long while work remains: the rank reports a stall and stops (a full task queue
+    counts from the limit of the last item in the consumers' hands: ``item_timeout_per_hour_s``)."""
     item_timeout_s: float | None = 600.0
     """An item still in its filters after this long gets an ``ItemTimeout`` failure row, and a fresh consumer
     thread takes over from the stuck one (Python cannot kill a thread: it is abandoned, and its late result, if
-    any, is dropped). Below ``stall_timeout_s``; None: no limit (a hanging file then stalls the rank)."""
+    any, is dropped). Below ``stall_timeout_s``; None: no limit (a hanging file then stalls the rank). Longer media
+    get more: ``item_timeout_per_hour_s``."""
+    item_timeout_per_hour_s: float = 1200.0
+    """Added to ``item_timeout_s`` per hour of the item's media (its probed duration, once a filter has probed it):
+    a 2-hour film gets 600 + 2400 s. The signal filters read a long clip at 4 frames a second all through, about a
+    whole decode of it: an hour of 1080p on one CPU decoder thread takes minutes, past a limit set for clips. While
+    an item is within its limit, a full task queue is no stall (``stall_timeout_s`` counts from its deadline). 0:
+    one limit for every item."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: the rank's LOCAL_RANK GPU when CUDA is present, else CPU."""
     empty_cache_every: int = 10
@@ -545,6 +553,8 @@ def validate_config(cfg: JobConfig, work: bool = True) -> None:
     if item_limit is not None and not 0 < item_limit < cfg.runtime.stall_timeout_s:
         raise ConfigError(f"runtime.item_timeout_s={item_limit} must be above 0 and below runtime.stall_timeout_s="
                           f"{cfg.runtime.stall_timeout_s} (else a hanging item stalls the rank first)")
+    if not cfg.runtime.item_timeout_per_hour_s >= 0:
+        raise ConfigError(f"runtime.item_timeout_per_hour_s={cfg.runtime.item_timeout_per_hour_s:g} must be 0 or more")
     if cfg.resume.max_item_crashes is not None and cfg.resume.max_item_crashes < 1:
         raise ConfigError(f"resume.max_item_crashes={cfg.resume.max_item_crashes} must be 1 or more (null turns the "
                           "crash ledger off)")

@@ -181,7 +181,7 @@ class RankWorkers:
 
     def __post_init__(self) -> None:
         rt = self.cfg.runtime
-        self.queue = BoundedTaskQueue(rt.queue_depth, rt.stall_timeout_s)
+        self.queue = BoundedTaskQueue(rt.queue_depth, rt.stall_timeout_s, self._busy_until)
         self.id_col = self.cfg.input.id_column
         self.path_col = self.cfg.input.path_column
         self._fatal: list[BaseException] = []
@@ -390,20 +390,38 @@ class RankWorkers:
                                "earlier death(s) of the job's process)")
         return None
 
+    def _item_limit(self, flight: _InFlight) -> float | None:
+        """Seconds the item may spend in its filters: ``runtime.item_timeout_s``, plus ``item_timeout_per_hour_s``
+        per hour of its media once probed; None: no limit."""
+        rt = self.cfg.runtime
+        if rt.item_timeout_s is None:
+            return None
+        return rt.item_timeout_s + rt.item_timeout_per_hour_s * (flight.media.duration_s or 0.0) / 3600.0
+
+    def _busy_until(self) -> float:
+        """The ``time.monotonic()`` deadline of the latest item in the consumers' hands (0: none, or no limit)."""
+        with self._ilock:
+            flights = list(self._inflight.values())
+        deadlines = [f.since + limit for f in flights if (limit := self._item_limit(f)) is not None]
+        return max(deadlines, default=0.0)
+
     def _time_out_stuck_items(self, consumers: list[threading.Thread]) -> None:
-        """Write an ``ItemTimeout`` row for every item past ``runtime.item_timeout_s`` and put a fresh consumer in
+        """Write an ``ItemTimeout`` row for every item past its limit (``_item_limit``) and put a fresh consumer in
         place of each stuck thread (which is dropped from ``consumers``, so the rank does not wait for it)."""
-        limit = self.cfg.runtime.item_timeout_s
-        if limit is None:
+        if self.cfg.runtime.item_timeout_s is None:
             return
         now = time.monotonic()
         with self._ilock:
-            expired = [k for k, f in self._inflight.items() if now - f.since > limit]
-            flights = [self._inflight.pop(k) for k in expired]
-        for f in flights:
+            expired = {k: limit for k, f in self._inflight.items() if now - f.since > (limit := self._item_limit(f))}
+            flights = [(self._inflight.pop(k), limit) for k, limit in expired.items()]
+        rt = self.cfg.runtime
+        for f, limit in flights:
             f.media.given_up.set()  # its decodes stop at their next frame, and no further filter runs on it
-            error = ItemTimeout(f"filters ran over runtime.item_timeout_s={limit:g}s (in filter {f.filter!r}); "
-                                "the worker thread was abandoned")
+            per_hour, media_s = rt.item_timeout_per_hour_s, f.media.duration_s
+            longer = (f" + item_timeout_per_hour_s={per_hour:g}s per hour of its {media_s:g}s of media = {limit:g}s"
+                      if media_s and per_hour else "")
+            error = ItemTimeout(f"filters ran over runtime.item_timeout_s={rt.item_timeout_s:g}s{longer} (in filter "
+                                f"{f.filter!r}); the worker thread was abandoned")
             log.error("item %s: %s", f.task.row[self.id_col], error)
             self._leave(f.task, str(f.task.row[self.id_col]))
             self._emit(self._row(f.task.row, f.task.start, f.task.fetch_s, f.task.fetched, {}, {}, error, f.media))

@@ -21,12 +21,16 @@ class BoundedTaskQueue:
     Args:
         depth: maximum items waiting.
         stall_timeout_s: longest wait of a ``put`` (consumers dead or hung) or ``get`` (producers dead or hung).
+        busy_until: the ``time.monotonic()`` deadline of the latest item in the consumers' hands (0: none); a full
+            queue is no stall before it (a consumer within its item's limit is working, however long the item),
+            and a ``put`` waits up to ``stall_timeout_s`` past it.
     """
 
-    def __init__(self, depth: int, stall_timeout_s: float):
+    def __init__(self, depth: int, stall_timeout_s: float, busy_until: Callable[[], float] = lambda: 0.0):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self.depth = depth
         self.stall_timeout_s = stall_timeout_s
+        self.busy_until = busy_until
 
     def qsize(self) -> int:
         return self._q.qsize()
@@ -39,9 +43,10 @@ class BoundedTaskQueue:
                 self._q.put(item, timeout=_POLL_S)
                 return True
             except queue.Full:
-                if time.monotonic() - start > self.stall_timeout_s:
-                    raise StallError(f"task queue full for {self.stall_timeout_s:.0f}s: consumers are not taking "
-                                     "items") from None
+                now = time.monotonic()
+                if now - max(start, self.busy_until()) > self.stall_timeout_s:
+                    raise StallError(f"task queue full for {now - start:.0f}s: consumers are not taking items (none "
+                                     f"for {self.stall_timeout_s:g}s past the last item's limit)") from None
         return False
 
     def get(self, stop: threading.Event, producers_done: Callable[[], bool]) -> Any | None:

@@ -59,6 +59,13 @@ class MediaItem:
                 self.decode_backend = self.decode_backend or "pyav"
             return self._info
 
+    @property
+    def duration_s(self) -> float | None:
+        """The media's probed duration, None until a filter has probed it (read without the lock, never probing:
+        the watchdog reads it while a filter may hold the lock)."""
+        info = self._info
+        return info.duration_s if info is not None else None
+
     def video(self) -> DecodedVideo | None:
         """Every declared frame request, decoded once (None when the item has no video stream).
 

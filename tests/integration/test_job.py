@@ -349,6 +349,33 @@ def test_an_item_that_hangs_gets_a_timeout_row_and_the_rank_goes_on(tmp_path, me
     assert skipped in caplog.text
 
 
+def test_an_item_gets_more_time_for_longer_media(tmp_path, media_dir):
+    """``item_timeout_per_hour_s``: an item's limit grows with its probed duration (a film is not a hung clip).
+    Here 2 s per second of media: the 1-s clips get 0.8 + 2 s, so a 1.5-s filter finishes (0.8 s alone would
+    time it out) and a hang is still given up, its message saying the limit."""
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 4)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"),
+                      runtime={"item_timeout_s": 0.8, "item_timeout_per_hour_s": 7200, "consumers": 2},
+                      filters={"probe": {}, "noop": {"hang_ids": ["id-0001", "id-0002"], "hang_s": 1.5},
+                               "slow": {"type": "noop", "hang_ids": ["id-0002"], "hang_s": 60}})
+    outcome = _run(raw)
+    got = {r["video_id"]: r["result_info"] for r in _rows(str(tmp_path / "out"))}
+    assert sorted(got) == sorted(r["video_id"] for r in rows)
+    assert [k for k, info in got.items() if not info["succeed"]] == ["id-0002"]
+    assert got["id-0001"]["cost_s"] > 1.5
+    error = got["id-0002"]["error_message"]
+    assert got["id-0002"]["error_type"] == "ItemTimeout" and "in filter 'slow'" in error
+    assert re.search(r"item_timeout_s=0.8s \+ item_timeout_per_hour_s=7200s per hour of its 1(\.\d+)?s of media = "
+                     r"2.8\d*s", error), error
+    assert outcome.summary["total"]["succeeded"] == 3
+    raw["runtime"]["item_timeout_per_hour_s"] = -1
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="item_timeout_per_hour_s=-1 must be 0 or more"):
+        validate_config(build_config(raw))
+
+
 def test_item_timeout_must_be_below_the_stall_timeout(tmp_path):
     from pipeline.errors import ConfigError
 

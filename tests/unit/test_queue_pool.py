@@ -41,6 +41,26 @@ def test_queue_waits_have_limits_and_honour_stop():
     assert q.put("c", stop) is False and q.get(stop, lambda: False) is None
 
 
+def test_a_full_queue_is_no_stall_while_the_consumers_items_are_within_their_limits():
+    """A consumer on a 2-hour film is working, not hung: the put waits past ``stall_timeout_s`` up to the last
+    item's deadline, then ``stall_timeout_s`` more."""
+    import time
+
+    deadline = time.monotonic() + 1.0
+    q = BoundedTaskQueue(depth=1, stall_timeout_s=0.3, busy_until=lambda: deadline)
+    stop = threading.Event()
+    q.put("a", stop)
+    start = time.monotonic()
+    with pytest.raises(StallError, match=r"consumers are not taking items \(none for 0.3s past the last item's limit"):
+        q.put("b", stop)
+    assert time.monotonic() - start >= 1.3 - 0.05
+    taken = threading.Timer(0.5, q.get, (stop, lambda: False))  # a consumer takes one: the put goes through
+    taken.start()
+    deadline = time.monotonic() + 1.0
+    assert q.put("c", stop) is True and q.drain() == ["c"]
+    taken.join()
+
+
 def test_pool_instances_are_exclusive_and_timeout_fails_cleanly():
     built = []
     pool = ModelPool("cpu", instances=2, acquire_timeout_s=0.3)
