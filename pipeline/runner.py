@@ -511,8 +511,8 @@ class RankWorkers:
                     if time.monotonic() - stop_seen_at > rt.shutdown_grace_s:
                         log.warning("shutdown grace of %.0fs over; abandoning items still in filters", rt.shutdown_grace_s)
                         break
-                elif time.monotonic() - self.stats.last_progress > rt.stall_timeout_s:
-                    from pipeline.errors import StallError
+                elif time.monotonic() - max(self.stats.last_progress, self._busy_until()) > rt.stall_timeout_s:
+                    from pipeline.errors import StallError  # (items within their limits are working: a long film)
 
                     self._fatal.append(StallError(f"no item finished in {rt.stall_timeout_s:.0f}s; threads alive: "
                                                   f"{[t.name for t in producers + consumers if t.is_alive()]}"))

@@ -376,6 +376,20 @@ def test_an_item_gets_more_time_for_longer_media(tmp_path, media_dir):
         validate_config(build_config(raw))
 
 
+def test_items_within_their_longer_limits_are_no_stall(tmp_path, media_dir):
+    """Every consumer on an item that takes longer than ``stall_timeout_s`` but is within its limit (a film): the
+    rank waits for them (before, it stopped with a ``StallError``: no item finished, the queue full)."""
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 4)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"),
+                      storage={"fetch_silence_s": 2},
+                      runtime={"item_timeout_s": 0.8, "item_timeout_per_hour_s": 14400, "stall_timeout_s": 3,
+                               "consumers": 2, "queue_depth": 1},
+                      filters={"probe": {}, "noop": {"sleep_s": 3.5}})  # limit 0.8 + 4 s a 1-s clip
+    outcome = _run(raw)
+    assert outcome.summary["total"]["succeeded"] == 4
+
+
 def test_item_timeout_must_be_below_the_stall_timeout(tmp_path):
     from pipeline.errors import ConfigError
 
