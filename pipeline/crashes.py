@@ -254,6 +254,8 @@ class Rehearsal:
     seconds: float = 0.0
     detail: str = ""
     """The child's last words (stderr tail)."""
+    limit_s: float = 0.0
+    """How long the child was given (the timeout, plus the allowance for the media's probed duration)."""
 
 
 class Rehearser:
@@ -277,14 +279,17 @@ class Rehearser:
         self._closed = False
         self.started = 0
 
-    def rehearse(self, item_id: str, path: str, size: int, timeout_s: float) -> Rehearsal:
+    def rehearse(self, item_id: str, path: str, size: int, timeout_s: float,
+                 per_hour_s: float = 0.0) -> Rehearsal:
         """Run the native part of an item's work in the child and report whether the child died.
 
         Args:
             item_id: the manifest id.
             path: the fetched local file.
             size: its size in bytes.
-            timeout_s: the child is killed after this long on this item.
+            timeout_s: the child is killed after this long on this item...
+            per_hour_s: ...plus this per hour of its media, which the child probes first and reports
+                (``runtime.item_timeout_per_hour_s``: a film rehearsed is not timed out at a clip's limit).
         """
         with self._lock:
             if self._closed:
@@ -292,15 +297,19 @@ class Rehearser:
             start = time.monotonic()
             proc = self._child()
             mark = self._err.tell()
+            limit, answer = timeout_s, None
             try:
                 _send(proc.stdin, pickle.dumps((item_id, path, size)))
-                answer = _receive(proc.stdout, timeout_s)
-            except OSError:  # a broken pipe, or no answer within timeout_s (TimeoutError)
+                probed = _receive(proc.stdout, timeout_s)  # the media's duration (None: not probed)
+                if probed is not None:
+                    limit += per_hour_s * (pickle.loads(probed) or 0.0) / 3600.0
+                    answer = _receive(proc.stdout, max(0.0, start + limit - time.monotonic()))
+            except OSError:  # a broken pipe, or no answer within the limit (TimeoutError)
                 answer = None
             seconds = time.monotonic() - start
             if answer is not None:
-                return Rehearsal(seconds=seconds, detail=answer.decode("utf-8", "replace")[-600:])
-            timed_out = proc.poll() is None and seconds >= timeout_s
+                return Rehearsal(seconds=seconds, detail=answer.decode("utf-8", "replace")[-600:], limit_s=limit)
+            timed_out = proc.poll() is None and seconds >= limit
             if timed_out:
                 proc.kill()
             code = proc.wait()
@@ -309,7 +318,7 @@ class Rehearser:
                 raise ShutdownError("the rank is shutting down; the rehearsal was cut off")
             detail = self._last_words(mark)
             if timed_out:
-                return Rehearsal(timed_out=True, seconds=seconds, detail=detail)
+                return Rehearsal(timed_out=True, seconds=seconds, detail=detail, limit_s=limit)
             if -code in CRASH_SIGNALS:
                 return Rehearsal(crashed=signal.Signals(-code).name, seconds=seconds, detail=detail)
             # another end (SIGTERM sent to the whole process group, a child that could not start) says nothing
@@ -352,11 +361,11 @@ class Rehearser:
 
 
 def rehearse(item_id: str, path: str, size: int, specs: list, video_cfg: Any, backends: list[str],
-             timeout_s: float) -> Rehearsal:
+             timeout_s: float, per_hour_s: float = 0.0) -> Rehearsal:
     """One rehearsal in a child of its own (see ``Rehearser``)."""
     rehearser = Rehearser(specs, video_cfg, backends)
     try:
-        return rehearser.rehearse(item_id, path, size, timeout_s)
+        return rehearser.rehearse(item_id, path, size, timeout_s, per_hour_s)
     finally:
         rehearser.close()
 
@@ -437,6 +446,11 @@ def _serve(stdin, stdout) -> int:
             return 0
         item_id, path, size = pickle.loads(message)
         media = MediaItem(item_id, path, size, requests, video_cfg, backends, "cpu")
+        try:  # the duration first: a film's rehearsal gets more time (``Rehearser.rehearse``)
+            duration = media.info.duration_s
+        except Exception:  # noqa: BLE001 - a file that does not probe: its filters report the error below
+            duration = None
+        _send(stdout, pickle.dumps(duration))
         errors = []
         for f in filters:
             try:

@@ -373,7 +373,8 @@ class RankWorkers:
         timeout = self.cfg.runtime.item_timeout_s or self.cfg.runtime.stall_timeout_s / 2
         self._rehearsed += 1
         try:
-            seen = self._rehearser.rehearse(item_id, task.fetched.local_path, task.fetched.bytes, timeout)
+            seen = self._rehearser.rehearse(item_id, task.fetched.local_path, task.fetched.bytes, timeout,
+                                            self.cfg.runtime.item_timeout_per_hour_s)
         except ShutdownError:
             raise
         except Exception:  # noqa: BLE001 - the safeguard must not stop the rank: the suspect still runs alone
@@ -386,7 +387,7 @@ class RankWorkers:
             return CrashError(f"a child process that decoded this item died of {seen.crashed} (in flight in {crashes} "
                               f"earlier death(s) of the job's process): {seen.detail}")
         if seen.timed_out:
-            return ItemTimeout(f"its rehearsal in a child process ran over {timeout:g}s (in flight in {crashes} "
+            return ItemTimeout(f"its rehearsal in a child process ran over {seen.limit_s:g}s (in flight in {crashes} "
                                "earlier death(s) of the job's process)")
         return None
 

@@ -166,6 +166,24 @@ def test_rehearsal_of_a_hanging_item_is_cut_off(media_dir):
     assert seen.timed_out and seen.crashed is None and seen.seconds < 30
 
 
+def test_a_rehearsal_gets_more_time_for_longer_media(media_dir):
+    """The child reports the probed duration first; the limit grows by ``per_hour_s`` per hour of it, as the job's
+    item limit does (a film in flight at a crash is not timed out at a clip's limit in its rehearsal)."""
+    from pipeline.crashes import Rehearser
+
+    r = Rehearser(_specs(hang_ids=["x"], hang_s=2.5), VideoConfig(), ["pyav"])
+    clip = f"{media_dir}/motion.mp4"
+    try:
+        assert r.rehearse("warm", clip, 1, 60).crashed is None  # the child started: its imports take no limit below
+        longer = r.rehearse("x", clip, 1, 1.0, per_hour_s=14400)  # 1 s + 4 s per second of media
+        assert not longer.timed_out and longer.crashed is None and longer.seconds > 2.5
+        assert longer.limit_s == pytest.approx(5.0, abs=0.1)
+        same = r.rehearse("x", clip, 1, 1.0)
+        assert same.timed_out and same.limit_s == 1.0 and same.seconds < 2.5
+    finally:
+        r.close()
+
+
 def test_rehearsal_of_a_broken_file_is_the_job_processes_to_report(media_dir):
     # an ordinary decode error is not a crash: the item then runs in the job, which writes its DecodeError row
     seen = rehearse("x", f"{media_dir}/broken/random.mp4", 1, _specs(), VideoConfig(), ["pyav"], 60)
