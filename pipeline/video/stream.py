@@ -25,7 +25,14 @@ if TYPE_CHECKING:
     from pipeline.media.item import MediaItem
 
 STREAM_GROUP = 512
-"""Samples decoded at a time: at a long side of 256, 512 frames take 57 MB."""
+"""Samples decoded at a time (at most): at a long side of 256, 512 frames take 57 MB."""
+
+
+def group_size(width: int, height: int) -> int:
+    """Samples decoded at a time from a source of ``width`` x ``height``: ``STREAM_GROUP`` up to 1080p, fewer above
+    (each decode has ``video.decode_timeout_s``, and at 4 samples a second of 25 fps a group of 512 walks 3,072
+    source frames: seconds at 1080p on one CPU thread, near the 120-s default at 4K)."""
+    return max(16, min(STREAM_GROUP, STREAM_GROUP * 1920 * 1080 // max(1, width * height)))
 
 
 class Reading(Protocol):
@@ -69,7 +76,7 @@ def subsample_step(frames: torch.Tensor, max_side: int) -> int:
 
 def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[Stream, Any]:
     """Every one of ``streams`` (one ``fps``) read in one pass over the item's clip: the samples decoded
-    ``STREAM_GROUP`` at a time (``media.more_frames``), each group given to every reader (with its luma, computed
+    ``group_size`` at a time (``media.more_frames``), each group given to every reader (with its luma, computed
     once for readers at one stride) and then let go. A tail
     found broken ends the samples where it breaks.
 
@@ -84,8 +91,9 @@ def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[S
     wanted = request_indices(AtFps(fps, max(1, meta.num_frames)), meta.num_frames, meta.fps, meta.timestamps)[0]
     side = max(s.max_side for s in streams)
     readings = {s: s.reader.open(device) for s in streams}
-    for g in range(0, len(wanted), STREAM_GROUP):
-        group = Frames(tuple(wanted[g:g + STREAM_GROUP]), max_side=side)
+    size = group_size(meta.width, meta.height)
+    for g in range(0, len(wanted), size):
+        group = Frames(tuple(wanted[g:g + size]), max_side=side)
         try:
             more = media.more_frames(group)
         except DecodeError as e:

@@ -834,6 +834,14 @@ def test_a_freeze_in_a_long_clip_is_found_by_the_static_filter_reading_it_all_th
     assert not any(w["static"] for w in spread["windows"]) and spread["sample_fps"] == pytest.approx(25 / 60)
 
 
+def test_a_stream_decodes_fewer_samples_at_a_time_from_larger_sources():
+    """Each group is one decode under ``video.decode_timeout_s``: 512 samples walk 3,072 frames of 25 fps."""
+    from pipeline.video.stream import group_size
+
+    assert [group_size(w, h) for w, h in ((320, 180), (1920, 1080), (3840, 2160), (7680, 4320), (0, 0))] == \
+        [512, 512, 128, 32, 512]
+
+
 def test_the_scene_cuts_and_the_static_filter_read_a_long_clip_in_one_pass(long_shots):
     """Both filters at one rate: the samples decoded once for the two (plus the frames that place the cuts), each
     row the row it has alone; at two rates, a pass each."""
