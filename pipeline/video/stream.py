@@ -61,14 +61,14 @@ class Stream:
     """The samples at ``fps`` all through a clip too long for its rate request's cap, each group given to
     ``reader`` at a long side of at most ``max_side``. The item's decode gives it no frames; every ``Stream`` of an
     item at one ``fps`` is read in one pass, decoded at the largest ``max_side`` among them (a reader wanting
-    fewer pixels gets them strided, ``subsample_step``)."""
+    fewer pixels gets them strided, ``stride_for``)."""
 
     fps: float
     max_side: int
     reader: StreamReader
 
 
-def subsample_step(frames: torch.Tensor, max_side: int) -> int:
+def stride_for(frames: torch.Tensor, max_side: int) -> int:
     """The row and column stride that brings ``frames`` ``[N, H, W, C]`` to a long side near ``max_side`` (as a
     filter strides frames decoded larger than it needs)."""
     return max(1, max(frames.shape[1:3]) // max_side)
@@ -77,8 +77,7 @@ def subsample_step(frames: torch.Tensor, max_side: int) -> int:
 def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[Stream, Any]:
     """Every one of ``streams`` (one ``fps``) read in one pass over the item's clip: the samples decoded
     ``group_size`` at a time (``media.more_frames``), each group given to every reader (with its luma, computed
-    once for readers at one stride) and then let go. A tail
-    found broken ends the samples where it breaks.
+    once for readers at one stride) and then let go. A tail found broken ends the samples where it breaks.
 
     Returns:
         Each stream's ``Reading.result()``.
@@ -107,7 +106,7 @@ def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[S
             at, indices = (more.times(group) + more.start_s).tolist(), np.asarray(got).tolist()
             lumas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by stride: each reader's frames and luma
             for s, reading in readings.items():
-                step = subsample_step(frames, s.max_side)
+                step = stride_for(frames, s.max_side)
                 if step not in lumas:
                     strided = frames[:, ::step, ::step]
                     lumas[step] = strided, luma(strided, device)
