@@ -22,7 +22,7 @@ from pipeline.filters.base import FilterContext, VideoFilter
 from pipeline.media.item import MediaItem
 from pipeline.video.preprocess import luma
 from pipeline.video.sampling import AtFps, Frames, Uniform
-from pipeline.video.stream import Stream
+from pipeline.video.stream import Stream, read_all_through
 
 log = logging.getLogger(__name__)
 
@@ -397,8 +397,7 @@ class _StaticReading:
     """The static filter's reading of a stream: each step's motion (``motion_steps``), each group's content box
     found over the group and the sample before it, so that every step is measured within one box."""
 
-    def __init__(self, device: str):
-        self.device = device
+    def __init__(self):
         self.last: torch.Tensor | None = None
         self.d64: list[np.ndarray] = []
         self.d32: list[np.ndarray] = []
@@ -427,7 +426,7 @@ class StaticReader:
     what: ClassVar[str] = "the static filter"
 
     def open(self, device: str) -> _StaticReading:
-        return _StaticReading(device)
+        return _StaticReading()  # the luma it reads is on the device already
 
 
 def static_row(diffs: np.ndarray, diffs32: np.ndarray, times: np.ndarray, start_s: float, p: StaticParams) -> dict:
@@ -487,7 +486,7 @@ class StaticFilter(VideoFilter):
 
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         req = self._request()
-        if video.meta.num_frames > 1 and not len(video.indices(req)):  # a long clip: read all through
+        if read_all_through(video, req):
             diffs, diffs32, at = media.streamed(self._stream(), ctx.device)
             return static_row(diffs, diffs32, at - video.start_s, video.start_s, self.params)
         step = subsample_step(video, req)
@@ -600,10 +599,10 @@ class SceneCutParams:
     stream_long_clips: bool = True
     """A clip longer than ``max_frames / fps`` is sampled at ``fps`` all through, a group at a time, keeping the
     samples' histograms and thumbnails and not their frames, in one pass with the static filter's samples at the same
-    rate (``pipeline.video.stream``). False: the
-    ``max_frames`` samples spread over all of it, decoded with the item's other frames: 3 s apart in an hour of
-    320x180 with 1908 cuts, they found 288 and placing brought 1187 to their frames in 90 s (its budget spent on spans
-    of 75 frames); sampled all through, all 1908 were placed, in 65 s (``bench_scene_cuts.py``)."""
+    rate (``pipeline.video.stream``). False: the ``max_frames`` samples spread over all of it, decoded with the
+    item's other frames: 3 s apart in an hour of 320x180 with 1908 cuts, they found 288 and placing brought 1187 to
+    their frames in 90 s (its budget spent on spans of 75 frames); sampled all through, all 1908 were placed, in
+    65 s (``bench_scene_cuts.py``)."""
     frame_accurate: bool = True
     """Each cut placed at the frame where the picture changes, not at the first sample after it (up to ``1 / fps``
     late: 6 frames of 25 fps): the frames between the two samples it fell between are decoded
@@ -932,7 +931,7 @@ class SceneCutFilter(VideoFilter):
         req = self._request()
         p = self.params
         indices = video.indices(req)
-        if video.meta.num_frames > 1 and not len(indices):  # a long clip: read all through
+        if read_all_through(video, req):
             s = media.streamed(self._stream(), ctx.device)
         elif len(indices) < 2:
             s = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import numpy as np
 import torch
 
 from pipeline.errors import DecodeError
@@ -74,6 +73,13 @@ def stride_for(frames: torch.Tensor, max_side: int) -> int:
     return max(1, max(frames.shape[1:3]) // max_side)
 
 
+def read_all_through(video, request: AtFps) -> bool:
+    """Whether the item's decode gave ``request`` (a rate request that does not spread) no frames of a clip of
+    several: the clip is over the request's cap, and its filter reads it through its ``Stream`` instead
+    (``MediaItem.streamed``)."""
+    return video.meta.num_frames > 1 and not len(video.indices(request))
+
+
 def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[Stream, Any]:
     """Every one of ``streams`` (one ``fps``) read in one pass over the item's clip: the samples decoded
     ``group_size`` at a time (``media.more_frames``), each group given to every reader (with its luma, computed
@@ -103,7 +109,7 @@ def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[S
         got = more.indices(group)
         if len(got):
             frames = more.view(group).to(device)
-            at, indices = (more.times(group) + more.start_s).tolist(), np.asarray(got).tolist()
+            at, indices = (more.times(group) + more.start_s).tolist(), got.tolist()
             lumas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by stride: each reader's frames and luma
             for s, reading in readings.items():
                 step = stride_for(frames, s.max_side)
