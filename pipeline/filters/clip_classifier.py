@@ -19,8 +19,9 @@ from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, GpuFailure
 from pipeline.filters.base import RUNTIME, FilterContext, SetupContext, VideoFilter
 from pipeline.media.item import MediaItem
-from pipeline.video.preprocess import clips_to_input, per_group
+from pipeline.video.preprocess import ClipViews, clips_to_input, per_group
 from pipeline.video.sampling import Uniform, Windows, window_bounds
+from pipeline.video.stream import WindowStream, read_all_through
 
 WINDOW = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("label", pa.string()), ("prob", pa.float32())])
 
@@ -44,8 +45,17 @@ class ClipClassifierParams:
     end_s: float | None = None
     """... and end here (None: the clip's end)."""
     max_windows: int = 64
-    """At most this many windows: where more would fit, the stride grows so that they cover the whole span (a long
-    clip is classified in windows spread over all of it; before, the windows stopped after this many strides)."""
+    """At most this many windows are decoded with the item's other frames. Where more would fit, a clip is read
+    all through (``stream_windows``), or else the stride grows so that this many cover the whole span."""
+    stream_windows: bool = True
+    """A clip with more than ``max_windows`` windows at ``stride_s`` (over about 2 minutes at a 2-s stride) has its
+    windows read all through at ``stride_s``, a group of consecutive windows decoded at a time and classified before
+    the next (``pipeline.video.stream.WindowStream``; every classifier with the same windows and input size reads
+    the same pass); up to ``max_stream_windows``, past which the stride grows. False: ``max_windows`` spread over
+    the clip (before: a 2-hour film got 64 windows, 2 minutes apart)."""
+    max_stream_windows: int = 7200
+    """At most this many windows read all through (an hour at a 0.5-s stride, 4 hours at 2 s): a file cannot make
+    the filter classify without end."""
     reversed_windows: bool = False
     """Also classify each window with its frames in reverse order."""
     batch_size: int = 8
@@ -84,6 +94,8 @@ class ClipClassifierFilter(VideoFilter):
             raise ConfigError(f"filters.{name}.model_uri is required")
         if not params.whole_clip and params.window_s is None:
             raise ConfigError(f"filters.{name}: enable whole_clip or set window_s")
+        if params.max_windows < 1 or params.max_stream_windows < 1:
+            raise ConfigError(f"filters.{name}: max_windows and max_stream_windows must be at least 1")
         if params.backend == "onnx" and params.batch_size > max(params.batch_buckets, default=0):
             raise ConfigError(f"filters.{name}: batch_size {params.batch_size} exceeds the largest batch bucket")
         self.head: dict | None = None
@@ -166,59 +178,132 @@ class ClipClassifierFilter(VideoFilter):
     def _windows(self) -> Windows:  # the model resizes the short side to its image_size: no more pixels are needed
         p = self.params
         return Windows(p.window_s, p.stride_s or p.window_s, self.head["num_frames"], p.start_s, p.end_s,
-                       p.max_windows, short_side=self.head["image_size"])
+                       p.max_windows, short_side=self.head["image_size"], spread=not p.stream_windows)
+
+    def _window_stream(self) -> WindowStream:
+        p = self.params
+        request = Windows(p.window_s, p.stride_s or p.window_s, self.head["num_frames"], p.start_s, p.end_s,
+                          p.max_stream_windows, short_side=self.head["image_size"])
+        return WindowStream(request, _WindowClassifier(self))
 
     def frame_requests(self) -> list:
         if self.head is None:
             return []
-        reqs = [self._whole()] if self.params.whole_clip else []
-        return reqs + ([self._windows()] if self.params.window_s else [])
+        p = self.params
+        reqs = [self._whole()] if p.whole_clip else []
+        if p.window_s:
+            reqs += [self._windows()] + ([self._window_stream()] if p.stream_windows else [])
+        return reqs
 
     def classify(self, clips) -> torch.Tensor:
-        """uint8 clips (``[B, T, H, W, 3]``, or a list of ``[T, H, W, 3]``) -> class probabilities ``[B, L]``
-        (batched with other items' clips).
+        """uint8 clips (``[B, T, H, W, 3]``, a list of ``[T, H, W, 3]`` or a ``ClipViews``) -> class probabilities
+        ``[B, L]`` (batched with other items' clips)."""
+        return self.classify_both(clips, reverse=False)[0]
 
-        Clips become model input a few at a time: overlapping windows and reversed windows are views of the same
-        decoded frames, and stacking them all at source size would copy every frame once per window that holds it.
+    def classify_both(self, clips, reverse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class probabilities of ``clips`` (as ``classify``) and, with ``reverse``, of each clip with its frames in
+        reverse order: ``([B, L], [B, L] or None)``.
+
+        The clips become model input ``batch_size`` at a time (half as many with ``reverse``), each such part sent
+        to the batcher before the next is made: 128 windows of 48 frames at 256 pixels are 4.8 GB of FP32 input,
+        which (with a copy to concatenate it) took an item's classifier to 13.8 GiB of process memory. A reversed
+        clip is its forward input flipped in time (the frames are resized and normalised one by one, so the same
+        values), not a second conversion of a flipped copy. Within a part, clips are stacked ``per_group`` at a time
+        (overlapping windows are views of the same decoded frames).
         """
+        p = self.params
+        part = max(1, p.batch_size // 2 if reverse else p.batch_size)
+        fwd, rev = [], []
+        for i in range(0, len(clips), part):
+            x = self._model_input(clips[i:i + part])
+            n = x.shape[0]
+            if reverse:
+                x = torch.cat([x, x.flip(1)])
+            try:
+                probs = self._batcher(x)
+            except CudaCircuitOpen as e:
+                raise GpuFailure(str(e)) from e  # a system failure: the rank stops, the item is redone on a rerun
+            del x
+            fwd.append(probs[:n])
+            rev.append(probs[n:])
+        if not fwd:
+            empty = torch.empty(0, len(self.head["labels"]))
+            return empty, (empty if reverse else None)
+        return torch.cat(fwd), (torch.cat(rev) if reverse else None)
+
+    def _model_input(self, clips) -> torch.Tensor:
         group = per_group(clips[0].numel())
         parts = []
         for i in range(0, len(clips), group):
             some = clips[i:i + group]
-            parts.append(clips_to_input(some if torch.is_tensor(some) else torch.stack(some), self.head["image_size"],
-                                        self.head["mean"], self.head["std"], self._device, self._dtype))
-        x = torch.cat(parts)
-        try:
-            return self._batcher(x)
-        except CudaCircuitOpen as e:
-            raise GpuFailure(str(e)) from e  # a system failure: the rank stops, the item is redone on a rerun
+            parts.append(clips_to_input(some if torch.is_tensor(some) else torch.stack(list(some)),
+                                        self.head["image_size"], self.head["mean"], self.head["std"], self._device,
+                                        self._dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def apply_video(self, video, media: MediaItem, ctx: FilterContext) -> dict:
         labels = self.head["labels"]
-        clips, kinds = [], []
+        out = {"label": None, "prob": None, "scores": None, "windows": [], "reversed_windows": []}
         if self.params.whole_clip:
-            clips.append(video.view(self._whole()))
-            kinds.append(("clip", None))
+            p = self.classify([video.view(self._whole())])[0]
+            k = int(p.argmax())
+            out.update(label=labels[k], prob=float(p[k]), scores=list(zip(labels, p.tolist(), strict=True)))
         if self.params.window_s:
             req = self._windows()
-            bounds = window_bounds(req, video.meta.num_frames, video.meta.fps, video.meta.timestamps, video.start_s)
-            for w in range(video.windows(req)):
-                frames = video.view(req, w)
-                span = (float(bounds[w][0]) + video.start_s, float(bounds[w][1]) + video.start_s)
-                clips.append(frames)
-                kinds.append(("window", span))
-                if self.params.reversed_windows:
-                    clips.append(frames.flip(0))
-                    kinds.append(("reversed", span))
-        probs = self.classify(clips)
-        runtime = self.runtime_now()
-        out = {"label": None, "prob": None, "scores": None, "windows": [], "reversed_windows": [],
-               "runtime": runtime}
-        for (kind, span), p in zip(kinds, probs, strict=True):
-            k = int(p.argmax())
-            if kind == "clip":
-                out.update(label=labels[k], prob=float(p[k]), scores=list(zip(labels, p.tolist(), strict=True)))
+            if read_all_through(video, req):  # more windows than the item's decode takes: read all through
+                spans, fwd, rev = media.streamed(self._window_stream(), ctx.device)
             else:
-                key = "windows" if kind == "window" else "reversed_windows"
-                out[key].append({"start_s": span[0], "end_s": span[1], "label": labels[k], "prob": float(p[k])})
+                bounds = window_bounds(req, video.meta.num_frames, video.meta.fps, video.meta.timestamps,
+                                       video.start_s)
+                spans = [(float(s) + video.start_s, float(e) + video.start_s) for s, e in bounds]
+                fwd, rev = self.classify_both(ClipViews(lambda w: video.view(req, w), video.windows(req)),
+                                              self.params.reversed_windows)
+            out["windows"] = self.window_rows(spans, fwd)
+            out["reversed_windows"] = self.window_rows(spans, rev) if rev is not None else []
+        out["runtime"] = self.runtime_now()  # after the model calls: a trip of the circuit breaker shows
         return out
+
+    def window_rows(self, spans: list[tuple[float, float]], probs: torch.Tensor) -> list[dict]:
+        labels = self.head["labels"]
+        rows = []
+        for (start, end), p in zip(spans, probs, strict=True):
+            k = int(p.argmax())
+            rows.append({"start_s": start, "end_s": end, "label": labels[k], "prob": float(p[k])})
+        return rows
+
+
+@dataclass(frozen=True)
+class _WindowClassifier:
+    """A classifier's reader of its windows read all through (``WindowStream``): each group of windows classified
+    (and reversed) as it comes, the probabilities kept."""
+
+    filter: ClipClassifierFilter
+
+    @property
+    def what(self) -> str:
+        return f"the {self.filter.name} classifier"
+
+    def open(self, device: str) -> _WindowsReading:
+        return _WindowsReading(self.filter)
+
+
+class _WindowsReading:
+    def __init__(self, f: ClipClassifierFilter):
+        self.f = f
+        self.spans: list[tuple[float, float]] = []
+        self.fwd: list[torch.Tensor] = []
+        self.rev: list[torch.Tensor] = []
+
+    def feed(self, clips: ClipViews, spans: list[tuple[float, float]]) -> None:
+        fwd, rev = self.f.classify_both(clips, self.f.params.reversed_windows)
+        self.spans += spans
+        self.fwd.append(fwd)
+        if rev is not None:
+            self.rev.append(rev)
+
+    def result(self) -> tuple[list[tuple[float, float]], torch.Tensor, torch.Tensor | None]:
+        empty = torch.empty(0, len(self.f.head["labels"]))
+        fwd = torch.cat(self.fwd) if self.fwd else empty
+        if not self.f.params.reversed_windows:
+            return self.spans, fwd, None
+        return self.spans, fwd, torch.cat(self.rev) if self.rev else empty

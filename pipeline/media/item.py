@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from pipeline.config import VideoConfig
     from pipeline.video.decoders import DecodedVideo
     from pipeline.video.sampling import FrameRequest
-    from pipeline.video.stream import Stream
+    from pipeline.video.stream import Stream, WindowStream
 
 
 class MediaItem:
@@ -22,7 +22,7 @@ class MediaItem:
         local_path: the file in the node cache (or in place on a local tier).
         size_bytes: file size.
         frame_requests: the union of the frame requests of every filter that runs on this item (its ``Stream``
-            requests are read by ``streamed``, not decoded with the others).
+            and ``WindowStream`` requests are read by ``streamed``, not decoded with the others).
         video_config: decoding settings.
         backends: decoder backend instances, in order.
         device: the rank's device (for NVDEC decode).
@@ -78,10 +78,11 @@ class MediaItem:
             if self._video_error is not None:
                 raise self._video_error
             if not self._video_done:
-                from pipeline.video.stream import Stream
+                from pipeline.video.stream import Stream, WindowStream
 
                 try:
-                    self._video = self._decode([r for r in self.frame_requests if not isinstance(r, Stream)],
+                    self._video = self._decode([r for r in self.frame_requests
+                                                if not isinstance(r, (Stream, WindowStream))],
                                                self.backends)
                 except Exception as e:  # every filter of this item sees the same decode failure
                     self._video_error = e
@@ -115,22 +116,22 @@ class MediaItem:
             self.frames_decoded = (self.frames_decoded or 0) + more.frames_decoded
         return more
 
-    def streamed(self, request: Stream, device: str) -> Any:
-        """What ``request``'s reader keeps of the clip's samples at its rate all through, read in one pass with every
-        other ``Stream`` of the item at that rate (``read_streams``), on ``device``; the pass runs once (per device),
-        and a failure of it is every one of its readers' failure.
+    def streamed(self, request: Stream | WindowStream, device: str) -> Any:
+        """What ``request``'s reader keeps of the clip read all through (a ``Stream``: the samples at its rate; a
+        ``WindowStream``: its windows), read in one pass with every other stream of the item of the same kind and
+        ``pass_key`` (``read_streams``, ``read_windows``), on ``device``; the pass runs once (per device), and a
+        failure of it is every one of its readers' failure.
 
         Raises:
-            DecodeError: a group of the samples failed to decode (see ``read_streams``).
+            DecodeError: a group of the frames failed to decode (see ``read_streams``, ``read_windows``).
         """
-        from pipeline.video.stream import Stream, read_streams
-
         with self._stream_lock:
             if (request, device) not in self._streamed:
+                kind = type(request)
                 same = [r for r in dict.fromkeys([*self.frame_requests, request])
-                        if isinstance(r, Stream) and r.fps == request.fps]
+                        if type(r) is kind and r.pass_key == request.pass_key]
                 try:
-                    read = read_streams(self, same, device)
+                    read = kind.read_pass(self, same, device)
                 except Exception as e:
                     read = dict.fromkeys(same, e)
                 self._streamed.update(((r, device), out) for r, out in read.items())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +16,26 @@ GROUP_BYTES = 256 << 20
 def per_group(item_bytes: int, budget: int | None = None) -> int:
     """How many items of ``item_bytes`` one group holds under ``budget`` (default ``GROUP_BYTES``); at least one."""
     return max(1, (GROUP_BYTES if budget is None else budget) // max(1, item_bytes))
+
+
+class ClipViews(Sequence):
+    """``n`` clips made when asked for, ``get(i)`` the ``i``-th (``[T, H, W, 3]`` uint8: a window's frames, gathered
+    out of the decoded frames, which copies them), so that a filter with many windows holds a few of them at a
+    time: 64 windows of 48 frames at 455x256 are 1.1 GB copied at once."""
+
+    def __init__(self, get: Callable[[int], torch.Tensor], n: int):
+        self._get = get
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._get(j) for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._get(i % self._n)
 
 
 def luma(frames: torch.Tensor, device: str) -> torch.Tensor:

@@ -67,6 +67,9 @@ class Windows:
     max_windows: int = 64
     max_side: int | None = None
     short_side: int | None = None
+    spread: bool = True
+    """False: a span holding more than ``max_windows`` windows at ``stride_s`` gets none from the item's decode; its
+    filter reads the windows all through, a group at a time (``pipeline.video.stream.WindowStream``)."""
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,11 @@ def window_bounds(req: Windows, num_frames: int, fps: float, timestamps: np.ndar
     if end - start <= req.window_s:
         return [(start, end)] if end > start else [(0.0, duration)]
     stride = req.stride_s
-    if math.floor((end - start - req.window_s) / stride + 1e-9) + 1 > req.max_windows > 1:
-        stride = (end - start - req.window_s) / (req.max_windows - 1)  # a long clip: windows spread over all of it
+    if math.floor((end - start - req.window_s) / stride + 1e-9) + 1 > req.max_windows:
+        if not req.spread:
+            return []  # read all through instead (``Windows.spread``)
+        if req.max_windows > 1:
+            stride = (end - start - req.window_s) / (req.max_windows - 1)  # a long clip: windows spread over all of it
     out = []
     t = start
     while t + req.window_s <= end + 1e-9 and len(out) < req.max_windows:

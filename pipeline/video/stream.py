@@ -1,9 +1,11 @@
-"""A sampling rate read all through a long clip in one decode pass that every filter reading that rate shares.
+"""Frames read all through a long clip in one decode pass that every filter reading them shares.
 
 A clip over a rate request's cap (``AtFps.spread`` false) gets none of those frames from the item's decode: held
 at once, an hour at 4 a second would take 14,400 frames. Its filters declare a ``Stream`` instead; the item
 (``MediaItem.streamed``) decodes the rate a group at a time and hands each group to every ``Stream`` at that rate
 before letting its frames go, so that the scene cuts and the static filter decode a film once, not once each.
+Sliding windows past their request's cap (``Windows.spread`` false) are read the same way (``WindowStream``):
+groups of consecutive windows, given to every classifier with the same windows.
 
 Oracle for the tests: what a reader keeps of a streamed clip equals what it computes from the same samples held at
 once (a clip within the cap), whatever the group size.
@@ -11,14 +13,15 @@ once (a clip within the cap), whatever the group size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
 from pipeline.errors import DecodeError
-from pipeline.video.preprocess import luma
-from pipeline.video.sampling import AtFps, Frames, request_indices
+from pipeline.video.preprocess import ClipViews, luma
+from pipeline.video.sampling import AtFps, Frames, Windows, clip_duration, request_indices, window_bounds
 
 if TYPE_CHECKING:
     from pipeline.media.item import MediaItem
@@ -66,6 +69,55 @@ class Stream:
     max_side: int
     reader: StreamReader
 
+    @property
+    def pass_key(self) -> float:
+        """The streams of an item with equal keys are read in one pass."""
+        return self.fps
+
+    @staticmethod
+    def read_pass(media: MediaItem, streams: list[Stream], device: str) -> dict[Stream, Any]:
+        return read_streams(media, streams, device)
+
+
+class WindowReading(Protocol):
+    """What one reader keeps of the windows as their groups go by."""
+
+    def feed(self, clips: ClipViews, spans: list[tuple[float, float]]) -> None:
+        """Consecutive windows: each one's frames (``[n, H, W, 3]`` uint8, made when asked for) and its
+        ``(start_s, end_s)`` on the file's timeline."""
+
+    def result(self) -> Any:
+        """What the reader kept, once the last window has gone by."""
+
+
+class WindowReader(Protocol):
+    """A filter's reader of a window stream: hashable, it opens one ``WindowReading`` per pass."""
+
+    what: str
+    """What reads, for an error's message (``the vfx classifier``)."""
+
+    def open(self, device: str) -> WindowReading: ...
+
+
+@dataclass(frozen=True)
+class WindowStream:
+    """Sliding windows all through a clip with more of them than its filter's ``Windows`` request takes from the
+    item's decode: ``request`` is the windows read here (``spread``, its ``max_windows`` the cap of the stream), a
+    group of consecutive windows decoded at a time (``read_windows``) and given to ``reader``. Every
+    ``WindowStream`` of an item with an equal ``request`` is read in the same pass (four classifiers with one
+    input size decode a film's windows once)."""
+
+    request: Windows
+    reader: WindowReader
+
+    @property
+    def pass_key(self) -> Windows:
+        return self.request
+
+    @staticmethod
+    def read_pass(media: MediaItem, streams: list[WindowStream], device: str) -> dict[WindowStream, Any]:
+        return read_windows(media, streams, device)
+
 
 def stride_for(frames: torch.Tensor, max_side: int) -> int:
     """The row and column stride that brings ``frames`` ``[N, H, W, C]`` to a long side near ``max_side`` (as a
@@ -73,11 +125,11 @@ def stride_for(frames: torch.Tensor, max_side: int) -> int:
     return max(1, max(frames.shape[1:3]) // max_side)
 
 
-def read_all_through(video, request: AtFps) -> bool:
-    """Whether the item's decode gave ``request`` (a rate request that does not spread) no frames of a clip of
-    several: the clip is over the request's cap, and its filter reads it through its ``Stream`` instead
-    (``MediaItem.streamed``)."""
-    return video.meta.num_frames > 1 and not len(video.indices(request))
+def read_all_through(video, request: AtFps | Windows) -> bool:
+    """Whether the item's decode gave ``request`` (a rate or windows request that does not spread) no frames of a
+    clip of several: the clip is over the request's cap, and its filter reads it through its ``Stream`` or
+    ``WindowStream`` instead (``MediaItem.streamed``)."""
+    return video.meta.num_frames > 1 and (not video.windows(request) or not len(video.indices(request)))
 
 
 def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[Stream, Any]:
@@ -119,5 +171,63 @@ def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[S
                 reading.feed(*lumas[step], indices, at)
             del frames, lumas
         if len(got) < len(group.indices):
+            break  # the tail is broken: the clip ends there
+    return {s: reading.result() for s, reading in readings.items()}
+
+
+def window_groups(windows: list[list[int]], size: int) -> list[tuple[int, int]]:
+    """``[a, b)`` ranges of consecutive ``windows`` (each a list of frame indices) whose frames together are at most
+    ``size`` (a window with more alone makes a group of its own)."""
+    out, a = [], 0
+    while a < len(windows):
+        union, b = set(windows[a]), a + 1
+        while b < len(windows) and len(union.union(windows[b])) <= size:
+            union.update(windows[b])
+            b += 1
+        out.append((a, b))
+        a = b
+    return out
+
+
+def read_windows(media: MediaItem, streams: list[WindowStream], device: str) -> dict[WindowStream, Any]:
+    """Every one of ``streams`` (one ``request``) read in one pass over the item's clip: the windows in groups whose
+    frames number at most ``group_size`` (``window_groups``), each group's frames decoded at the request's size
+    (``media.more_frames``, a decode under ``video.decode_timeout_s``), its windows given to every reader, and the
+    frames let go. A tail found broken ends the windows at the last one whose frames all decoded.
+
+    Returns:
+        Each stream's ``WindowReading.result()``.
+
+    Raises:
+        DecodeError: a group's decode failed (its frames and windows named; a timeout stays a ``DecodeTimeout``).
+    """
+    req = streams[0].request
+    video = media.video()
+    meta = video.meta
+    windows = request_indices(req, meta.num_frames, meta.fps, meta.timestamps, video.start_s)
+    bounds = window_bounds(req, meta.num_frames, meta.fps, meta.timestamps, video.start_s)
+    readings = {s: s.reader.open(device) for s in streams}
+    for a, b in window_groups(windows, group_size(meta.width, meta.height)):
+        group = Frames(tuple(sorted({i for w in windows[a:b] for i in w})), max_side=req.max_side,
+                       short_side=req.short_side)
+        try:
+            more = media.more_frames(group)
+        except DecodeError as e:
+            readers = " and ".join(dict.fromkeys(s.reader.what for s in streams))
+            raise type(e)(f"decoding frames {group.indices[0]}-{group.indices[-1]} of the clip's {meta.num_frames} "
+                          f"for windows {a + 1}-{b} of {len(windows)} ({req.window_s:g} s every {req.stride_s:g} s), "
+                          f"read all through for {readers} (stream_windows), failed: {e}") from e
+        where = {int(i): p for p, i in enumerate(more.indices(group))}
+        end = math.inf  # a broken tail: the clip (and its windows, as the item's decode gives them) ends there
+        if more.meta.num_frames < meta.num_frames:
+            end = clip_duration(more.meta.num_frames, more.meta.fps, more.meta.timestamps) + 1e-6
+        whole = [w for w in range(a, b) if bounds[w][1] <= end and all(i in where for i in windows[w])]
+        if whole:
+            frames = more.view(group)
+            clips = ClipViews(lambda j: frames[torch.tensor([where[i] for i in windows[whole[j]]])], len(whole))
+            spans = [(bounds[w][0] + video.start_s, bounds[w][1] + video.start_s) for w in whole]
+            for reading in readings.values():
+                reading.feed(clips, spans)
+        if len(whole) < b - a:
             break  # the tail is broken: the clip ends there
     return {s: reading.result() for s, reading in readings.items()}

@@ -15,6 +15,7 @@ from pipeline.media import synthetic
 from pipeline.media.item import MediaItem
 from pipeline.model_pool import ModelPool, localize_model
 from pipeline.video.decoders import available_backends
+from pipeline.video.sampling import request_indices
 from tests.video.tiny_models import LABELS, as_pt_head, tiny_videomae, tiny_vjepa2
 
 
@@ -65,14 +66,14 @@ def test_windows_and_reversed_windows_are_the_right_frames(tmp_path, clip4s):
         assert out["reversed_windows"][w]["prob"] == pytest.approx(float(rev.max()), abs=1e-5)
 
 
-def test_long_clips_are_windowed_over_all_of_it_from_a_reduced_pass(tmp_path, clip4s):
-    """Past ``max_windows`` the windows spread over the whole clip. Over ``video.reduced_pass_bytes`` their frames
+def test_spread_windows_cover_all_of_a_long_clip_from_a_reduced_pass(tmp_path, clip4s):
+    """Past ``max_windows`` (``stream_windows`` off) the windows spread over the whole clip. Over ``video.reduced_pass_bytes`` their frames
     come from a pass at the size the model resizes them to (``image_size`` on the short side, the same geometry), so
     the model's input is the source scaled by the decoder instead of by torch: within a few levels of it."""
     from pipeline.video.preprocess import clips_to_input
 
     f, _ = make_filter(tmp_path, tiny_videomae(str(tmp_path / "m")), window_s=1.0, stride_s=0.5, max_windows=3,
-                       whole_clip=True)
+                       whole_clip=True, stream_windows=False)
     full = item(clip4s, f)
     one = f.apply(full, FilterContext("cpu", None))
     assert [(w["start_s"], w["end_s"]) for w in one["windows"]] == [(0.0, 1.0), (1.5, 2.5), (3.0, 4.0)]
@@ -88,6 +89,150 @@ def test_long_clips_are_windowed_over_all_of_it_from_a_reduced_pass(tmp_path, cl
         assert float((a - b).abs().mean()) * 255 < 3.0  # levels; measured 2.4 (PyAV), 1.0 (decord), 0.3 (torchcodec)
         assert two["windows"][w]["prob"] == pytest.approx(float(f.classify(video.view(req, w)[None])[0].max()),
                                                           abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def broken_tail(tmp_path_factory):
+    """4 s at 25 fps whose last 28% of bytes are zeros (the index at the front still lists 100 frames: a broken
+    tail); 74 frames decode (PyAV), which holds the frames of the window 2-3 s (the last one is frame 71) but not
+    all of the window."""
+    d = tmp_path_factory.mktemp("tail")
+    full = synthetic.lavfi_clip(str(d / "full.mp4"), "testsrc2=size=320x240:rate=25", 4.0,
+                                extra=("-movflags", "+faststart"))
+    data = open(full, "rb").read()
+    path = str(d / "broken_tail.mp4")
+    cut = len(data) * 72 // 100
+    open(path, "wb").write(data[:cut] + bytes(len(data) - cut))
+    return path
+
+
+WINDOWS = {"window_s": 1.0, "stride_s": 0.5, "reversed_windows": True, "whole_clip": False}
+"""7 windows of 4 frames in 4 s (at 25 fps: frames 3, 9, 15, 21 from each half second on)."""
+
+
+def rows_within_the_cap(tmp_path, path, model, **params):
+    """The windows' rows from the item's own decode (at the model's input size, as a stream decodes them)."""
+    f, _ = make_filter(tmp_path, model, **WINDOWS, **params)
+    it = MediaItem("x", path, 0, f.frame_requests(), VideoConfig(reduced_pass_bytes=1), available_backends(("pyav",)))
+    out = f.apply(it, FilterContext("cpu", None))
+    assert it.video().windows(f._windows()) == len(out["windows"])  # no stream: the windows within the cap
+    return out
+
+
+def test_windows_past_the_cap_are_read_all_through_as_within_it(tmp_path, clip4s, monkeypatch):
+    """More windows than ``max_windows`` at the stride: the item's decode holds none of their frames, and they are
+    decoded a group at a time (groups of at most 9 frames here: two windows) and classified as they
+    come; the rows (forward and reversed) equal the rows from the windows held at once. Spread (before), 3
+    windows 1.5 s apart."""
+    import pipeline.video.stream as stream
+
+    model = tiny_videomae(str(tmp_path / "m"))
+    within = rows_within_the_cap(tmp_path, clip4s, model)
+    monkeypatch.setattr(stream, "group_size", lambda w, h: 9)
+    f, _ = make_filter(tmp_path, model, max_windows=3, **WINDOWS)
+    it = item(clip4s, f)
+    out = f.apply(it, FilterContext("cpu", None))
+    assert it.video().plan.indices == [] and it.video().windows(f._windows()) == 0
+    assert [(w["start_s"], w["end_s"]) for w in out["windows"]] == [(t / 2, t / 2 + 1) for t in range(7)]
+    for key in ("windows", "reversed_windows"):
+        assert [w["label"] for w in out[key]] == [w["label"] for w in within[key]]
+        assert [w["prob"] for w in out[key]] == pytest.approx([w["prob"] for w in within[key]], abs=1e-6)
+    meta = it.video().meta
+    windows = request_indices(f._window_stream().request, meta.num_frames, meta.fps)
+    distinct = len({i for w in windows for i in w})
+    assert len(windows) == 7 and distinct <= it.frames_decoded < 7 * 4  # a frame two windows of a group share: once
+    assert len({w["prob"] for w in out["windows"]}) > 1  # the windows differ, so do their rows
+    spread, _ = make_filter(tmp_path, model, max_windows=3, stream_windows=False, **WINDOWS)
+    assert [w["start_s"] for w in spread.apply(item(clip4s, spread), FilterContext("cpu", None))["windows"]] == \
+        [0.0, 1.5, 3.0]
+
+
+def test_classifiers_with_the_same_windows_read_them_in_one_pass(tmp_path, clip4s):
+    """Two classifiers (different weights, one input size): the windows' frames decoded once for both, each row
+    the row it gets alone; the whole clip from the item's decode."""
+    from pipeline.filters import frame_requests_of
+
+    specs = [FilterSpec(name, "clip_classifier", True, {"model_uri": tiny_videomae(str(tmp_path / name), seed=i),
+                                                         **WINDOWS, "max_windows": 3, "whole_clip": True})
+             for i, name in enumerate(("vfx", "rov"))]
+    filters = build_filters(tuple(specs))
+    pool = ModelPool("cpu", instances=1)
+    for f in filters:
+        f.setup(SetupContext("cpu", pool, lambda u, o=None: localize_model(u, str(tmp_path / "mc"), 0, lambda: None, o)))
+    both = MediaItem("x", clip4s, 0, frame_requests_of(filters), VideoConfig(), available_backends(("pyav",)))
+    rows = [f.apply(both, FilterContext("cpu", None)) for f in filters]
+    alone = []
+    for f in filters:
+        it = item(clip4s, f)
+        alone.append((f.apply(it, FilterContext("cpu", None)), it.frames_decoded))
+    assert rows == [row for row, _ in alone] and both.frames_decoded == alone[0][1] == alone[1][1]
+    assert len(rows[0]["windows"]) == 7 and rows[0]["windows"] != rows[1]["windows"]
+
+
+def test_windows_read_all_through_end_where_a_broken_tail_breaks(tmp_path, broken_tail):
+    model = tiny_videomae(str(tmp_path / "m"))
+    within = rows_within_the_cap(tmp_path, broken_tail, model)
+    f, _ = make_filter(tmp_path, model, max_windows=2, **WINDOWS)
+    out = f.apply(item(broken_tail, f), FilterContext("cpu", None))
+    assert 2 < len(out["windows"]) < 7 and out["windows"] == within["windows"]
+    assert out["reversed_windows"] == within["reversed_windows"]
+
+
+def test_windows_read_all_through_stop_at_max_stream_windows(tmp_path, clip4s):
+    f, _ = make_filter(tmp_path, tiny_videomae(str(tmp_path / "m")), max_windows=2, max_stream_windows=4, **WINDOWS)
+    out = f.apply(item(clip4s, f), FilterContext("cpu", None))
+    assert [(w["start_s"], w["end_s"]) for w in out["windows"]] == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 4.0)]
+
+
+def test_a_group_of_windows_that_fails_to_decode_is_a_decode_error_for_every_reader(tmp_path, clip4s):
+    """The file gone after the item's first decode: the group's frames and windows named, the error typed; the
+    second classifier reading the same pass gets the same error without a second try."""
+    from pipeline.errors import DecodeError
+    from pipeline.filters import frame_requests_of
+
+    path = str(tmp_path / "four.mp4")
+    open(path, "wb").write(open(clip4s, "rb").read())
+    model = tiny_videomae(str(tmp_path / "m"))
+    filters = build_filters(tuple(FilterSpec(name, "clip_classifier", True, {"model_uri": model, **WINDOWS,
+                                                                              "max_windows": 3})
+                                  for name in ("vfx", "rov")))
+    pool = ModelPool("cpu", instances=1)
+    for f in filters:
+        f.setup(SetupContext("cpu", pool, lambda u, o=None: localize_model(u, str(tmp_path / "mc"), 0, lambda: None, o)))
+    it = MediaItem("x", path, 0, frame_requests_of(filters), VideoConfig(), available_backends(("pyav",)))
+    it.video()
+    import os
+
+    os.remove(path)
+    with pytest.raises(DecodeError, match=r"decoding frames 3-96 of the clip's 100 for windows 1-7 of 7 \(1 s every "
+                                          r"0.5 s\), read all through for the vfx classifier and the rov classifier "
+                                          r"\(stream_windows\), failed: .*every video backend failed") as first:
+        filters[0].apply(it, FilterContext("cpu", None))
+    with pytest.raises(DecodeError) as second:
+        filters[1].apply(it, FilterContext("cpu", None))
+    assert second.value is first.value and it.frames_decoded == 0
+
+
+def test_window_groups_hold_at_most_the_group_size():
+    from pipeline.video.stream import window_groups
+
+    windows = [[0, 1, 2], [2, 3, 4], [4, 5, 6], [10, 11, 12, 13, 14, 15, 16], [17]]
+    assert window_groups(windows, 5) == [(0, 2), (2, 3), (3, 4), (4, 5)]  # a window over the size alone
+    assert window_groups(windows, 100) == [(0, 5)] and window_groups([], 5) == []
+
+
+def test_model_input_is_made_a_batch_at_a_time(tmp_path, clip4s, monkeypatch):
+    """Windows become model input ``batch_size`` clips at a time with their reversed copies (half as many forward
+    clips with ``reversed_windows``), not all at once: 128 clips of 48 frames at 256 pixels were 4.8 GB of input."""
+    import pipeline.filters.clip_classifier as cc
+
+    made, real = [], cc.clips_to_input
+    monkeypatch.setattr(cc, "clips_to_input", lambda frames, *a, **k: made.append(len(frames)) or real(frames, *a, **k))
+    f, _ = make_filter(tmp_path, tiny_videomae(str(tmp_path / "m")), batch_size=4, **WINDOWS)
+    runs = f._batcher.batches_run
+    out = f.apply(item(clip4s, f), FilterContext("cpu", None))
+    assert made == [2, 2, 2, 1] and len(out["reversed_windows"]) == 7
+    assert f._batcher.batches_run - runs == 4  # 4 + 4 + 4 + 2 rows
 
 
 @pytest.mark.parametrize("pooling,depth", [("linear", 1), ("attentive", 1), ("attentive", 3)])
@@ -147,6 +292,9 @@ def test_config_errors(tmp_path):
         build_filters((FilterSpec("vfx", "clip_classifier", True, {}),))
     with pytest.raises(ConfigError, match="does not exist"):
         make_filter(tmp_path, str(tmp_path / "nope"))
+    for key in ("max_windows", "max_stream_windows"):
+        with pytest.raises(ConfigError, match="max_windows and max_stream_windows must be at least 1"):
+            build_filters((FilterSpec("vfx", "clip_classifier", True, {"model_uri": "x", key: 0}),))
 
 
 def test_four_instances_in_the_job(tmp_path, media_dir):
