@@ -96,6 +96,29 @@ def test_classifier_fp16_on_cuda_agrees_with_fp32_cpu(tmp_path, clips):
     assert out["cpu"][1]["label"] == out["cuda:0"][1]["label"]
 
 
+def test_classifier_windows_read_all_through_on_cuda_agree_with_cpu(tmp_path, clips):
+    """Windows past ``max_windows`` read a group at a time and classified in FP16 on the GPU, forward and reversed:
+    the windows of the CPU run, probabilities within FP16 tolerance."""
+    from tests.video.tiny_models import tiny_videomae
+
+    path = tiny_videomae(str(tmp_path / "m"))
+    params = {"model_uri": path, "window_s": 0.5, "stride_s": 0.25, "max_windows": 2, "reversed_windows": True,
+              "whole_clip": False}
+    out = {}
+    for device in ("cpu", "cuda:0"):
+        (f,) = build_filters((FilterSpec("vfx", "clip_classifier", True, params),))
+        pool = ModelPool(device, instances=1)
+        f.setup(SetupContext(device, pool, lambda u, o=None: localize_model(u, str(tmp_path), 0, lambda: None, o)))
+        item = _item(clips["cut"], [f])
+        out[device] = f.apply(item, FilterContext(device, pool))
+        assert item.video().plan.indices == []  # every window read all through
+    assert len(out["cpu"]["windows"]) > 2
+    for key in ("windows", "reversed_windows"):
+        cpu, gpu = out["cpu"][key], out["cuda:0"][key]
+        assert [(w["start_s"], w["end_s"]) for w in gpu] == [(w["start_s"], w["end_s"]) for w in cpu]
+        assert [w["prob"] for w in gpu] == pytest.approx([w["prob"] for w in cpu], abs=2e-2)
+
+
 def test_yolo_fp16_on_cuda(tmp_path, clips):
     from tests.video.tiny_models import tiny_yolo
 
