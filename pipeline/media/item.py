@@ -95,12 +95,14 @@ class MediaItem:
     def more_frames(self, request: FrameRequest) -> DecodedVideo:
         """A second, targeted decode of the item (``Frames``: the frames a filter's first look singled out), by the
         backend that decoded ``video()``, with the same settings (deinterlacing, tone mapping, square pixels, the
-        deadline and caps) and the same crop; decoded at the request's ``max_side``. Where ``video()`` decoded no
-        frame (every request is read all through, ``Stream``), no backend has vouched for the pictures yet: each
-        is tried in order, as for the first decode. Counted in ``frames_decoded``.
+        deadline and caps) and the same crop; decoded at the request's ``max_side``. Where that backend fails on
+        these frames (a corrupt stretch in a film that decord and torchcodec stop at, and PyAV decodes past), the
+        others are tried in order, as in a first decode; where ``video()`` decoded no frame (every request is read
+        all through, ``Stream``), no backend has vouched for the pictures yet, and each is tried in order. Counted in
+        ``frames_decoded``.
 
         Raises:
-            DecodeError: that backend failed on these frames (the file changed or went away, a broken stretch).
+            DecodeError: every backend failed on these frames (the file changed or went away).
             DecodeTimeout: past ``video.decode_timeout_s``.
             ItemTimeout: the rank's watchdog gave the item up.
         """
@@ -108,7 +110,7 @@ class MediaItem:
         if first is None:
             raise ValueError(f"{self.item_id} has no video stream")
         name = first.backend.removesuffix("-nvdec")
-        backends = [b for b in self.backends if b.name == name or not first.plan.indices]
+        backends = sorted(self.backends, key=lambda b: b.name != name) if first.plan.indices else self.backends
         more = self._decode([request], backends, at_request_size=True)
         if first.crop_source is not None:
             more.set_crop_source(first.crop_source)

@@ -384,13 +384,14 @@ class PyAVBackend:
         to it instead of decoding the frames between, and every frame is identified by its timestamp, so a seek
         that lands elsewhere (MPEG-TS, open GOPs) is noticed; where timestamps cannot identify frames (AVI) or a
         seek misses, the whole request is decoded from the start."""
+        index_of = self._indices.take(path) or _FrameIndex.demux(path, stop)
         try:
-            got = self._decode_seeking(path, sorted(set(indices)), size, self._indices.take(path), stop, prepare)
+            got = self._decode_seeking(path, sorted(set(indices)), size, index_of, stop, prepare)
         except _SeekMiss as e:
             log.debug("pyav: decoding %s from the start: %s", path, e)
         else:
             return torch.from_numpy(np.stack([got[i] for i in indices]))
-        return self._decode_in_order(path, indices, size, stop, prepare)
+        return self._decode_in_order(path, indices, size, stop, prepare, index_of)
 
     def _decode_seeking(self, path: str, wanted: list[int], size: tuple[int, int],
                         index_of: _FrameIndex | None = None, stop: threading.Event | None = None,
@@ -442,26 +443,60 @@ class PyAVBackend:
         return got
 
     def _decode_in_order(self, path: str, indices: list[int], size: tuple[int, int],
-                         stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
+                         stop: threading.Event | None = None, prepare: Prepare | None = None,
+                         index_of: _FrameIndex | None = None) -> torch.Tensor:
+        """Frames by their place in a decode from the start, a packet at a time. Packets that do not decode (a
+        corrupt stretch: a bad sector, a damaged download) are passed over: where the timestamps name frames
+        (``index_of``, agreeing with their places so far), the first frame that decodes after them is placed by its
+        timestamp, and the frames lost between are the frame shown before them (as a player holds it), a warning
+        saying how many; where nothing decodes after them, or nothing can place what does, the clip ends there
+        (a broken tail: ``TruncatedVideo``). Before, a corrupt second in the middle of a film ended it there."""
         import av
 
         wanted = set(indices)
         last = max(indices)
         got: dict[int, np.ndarray] = {}
+        agrees = index_of is not None and index_of.pts is not None and not index_of.repeats
+        i, prev, failed = -1, None, None  # the last frame's place, that frame, the error of packets since it
+        bad, lost, concealed = 0, 0, 0
         with av.open(path) as c:
             stream = main_video_stream(c)
             stream.thread_type = "AUTO"
-            try:
-                for i, frame in enumerate(c.decode(stream)):
+            for packet in c.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError as e:
+                    failed, bad = e, bad + 1
+                    continue
+                for frame in frames:
                     _check(stop)
+                    if failed is not None:  # the first frame after packets that did not decode
+                        j = index_of.get(frame.pts) if agrees else None
+                        if j is None or j <= i:
+                            break  # nothing places it: the clip ends at the error (below)
+                        for k in range(i + 1, j):  # the frames lost in between: the frame shown before them
+                            if k in wanted:
+                                got[k] = _upright_rgb(prev if prev is not None else frame, size, prepare)
+                                concealed += 1
+                        lost += j - i - 1
+                        i, failed = j - 1, None
+                    i += 1
+                    if agrees and index_of.get(frame.pts) != i:
+                        agrees = False  # an edit list or a stream the timestamps cannot name: places by count only
                     if i in wanted:
                         got[i] = _upright_rgb(frame, size, prepare)
+                    prev = frame
                     if i >= last:
                         break
-            except av.error.FFmpegError as e:
-                if not got:
-                    raise
-                log.debug("pyav: broken tail after %d frames: %s", len(got), e)
+                if i >= last or (failed is not None and frames):
+                    break
+        if failed is not None and i < last:
+            if not got:
+                raise failed
+            log.debug("pyav: broken tail after %d frames: %s", i + 1, failed)
+        if lost:
+            log.warning("pyav: %d packets of %s did not decode: %d frames lost in the middle of the clip, the %d of "
+                        "them asked for are the frame shown before them", bad, path, lost, concealed)
         if not got:
             raise DecodeError("no frame decoded")
         if len(got) < len(wanted):

@@ -15,7 +15,8 @@ from pipeline.errors import DecodeError, DecodeTimeout, ItemTimeout
 from pipeline.media import synthetic
 from pipeline.video.decoders import (DecodeCancelled, available_backends, backend_order, decode_video,
                                      decodes_past_deadline, resize_frames)
-from pipeline.video.sampling import AtFps, EveryK, Uniform, Windows, make_plan, request_indices, variable_rate
+from pipeline.video.sampling import (AtFps, EveryK, Frames, Uniform, Windows, make_plan, request_indices,
+                                     variable_rate)
 
 ALL = ("decord", "torchcodec", "pyav")
 
@@ -126,6 +127,75 @@ def test_broken_tail_in_two_passes_keeps_both_inside_the_prefix(clips):
         assert 0 < part.meta.num_frames < 100 and max(part.plan.indices) < part.meta.num_frames
         assert part.frames.float().std() > 10  # real pictures, not grey
     assert v.times(reqs[1])[-1] < v.meta.num_frames / v.meta.fps and v.frames_decoded == 8 + len(v.reduced.plan.indices)
+
+
+@pytest.fixture(scope="module")
+def corrupt_middle(tmp_path_factory):
+    """20 s at 25 fps, a keyframe every 25 frames, and the same file with 2% of its bytes zeroed at its middle (a
+    bad sector, a damaged download): the index (at the end) still lists all 500 frames."""
+    d = tmp_path_factory.mktemp("corrupt")
+    clean = synthetic.lavfi_clip(str(d / "clean.mp4"), "testsrc2=size=160x120:rate=25", 20.0,
+                                 codec=("-c:v", "libx264", "-preset", "ultrafast", "-g", "25"))
+    data = bytearray(open(clean, "rb").read())
+    a, n = len(data) // 2, len(data) // 50
+    data[a:a + n] = bytes(n)
+    bad = str(d / "corrupt.mp4")
+    open(bad, "wb").write(data)
+    return clean, bad
+
+
+def test_a_corrupt_stretch_in_the_middle_is_decoded_past(corrupt_middle, caplog):
+    """The packets that do not decode are passed over, the frames after them placed by their timestamps: every
+    frame before the stretch and from the next keyframe after it is the clean file's, the frames lost are held (the
+    frame shown before them), and a warning says how many. Before, the clip ended at the stretch (a broken tail:
+    half the film unseen, and nothing said so)."""
+    clean, bad = corrupt_middle
+    every = Frames(tuple(range(500)))
+    want = decode_video(clean, [every], available_backends(("pyav",))).frames
+    with caplog.at_level(logging.WARNING, logger="pipeline.video.decoders"):
+        got = decode_video(bad, [every], available_backends(ALL))  # decord and torchcodec stop at it
+    assert got.backend == "pyav" and got.meta.num_frames == 500 and got.frames.shape[0] == 500
+    differ = [k for k in range(500) if not torch.equal(got.frames[k], want[k])]
+    first, last = differ[0], differ[-1]
+    assert 200 < first and last < 300 and (last + 1) % 25 == 0  # sound again from the next keyframe
+    held = [k for k in differ if torch.equal(got.frames[k], got.frames[k - 1])]
+    assert held, "the frames lost are the frame before them"
+    (record,) = [r for r in caplog.records if "did not decode" in r.getMessage()]
+    assert f"{len(held)} frames lost in the middle of the clip" in record.getMessage()
+
+
+def test_a_targeted_decode_that_its_backend_fails_falls_back_like_a_first_decode(corrupt_middle):
+    """A scene cut's frames or a stream's group across a corrupt stretch: the backend that decoded the item (decord
+    here, whose frames lay outside the stretch) fails on them, and the next backends are tried, as in a first
+    decode; before, the item failed."""
+    from pipeline.config import VideoConfig
+    from pipeline.media.item import MediaItem
+
+    _, bad = corrupt_middle
+    item = MediaItem("x", bad, 0, [Uniform(2)], VideoConfig(), available_backends(ALL))
+    first = item.video().backend
+    more = item.more_frames(Frames(tuple(range(240, 290))))
+    assert more.frames.shape[0] == 50 and more.backend == "pyav" != first
+
+
+def test_a_film_with_a_corrupt_stretch_is_read_all_through_past_it(corrupt_middle):
+    """The static filter and the scene cuts reading the clip all through (a long clip: over their caps): the group
+    across the stretch is decoded by PyAV, and the windows go on to the end; before, the item failed (the group's
+    backend alone was tried)."""
+    from pipeline.config import FilterSpec, VideoConfig
+    from pipeline.filters import build_filters, frame_requests_of
+    from pipeline.filters.base import FilterContext
+    from pipeline.media.item import MediaItem
+
+    _, bad = corrupt_middle
+    filters = build_filters((FilterSpec("static", "static", True, {"max_frames": 8}),
+                             FilterSpec("scene_cuts", "scene_cuts", True, {"max_frames": 8}),
+                             FilterSpec("sharpness", "sharpness")))
+    item = MediaItem("x", bad, 0, frame_requests_of(filters), VideoConfig(), available_backends(ALL))
+    static, cuts, _ = (f.apply(item, FilterContext("cpu", None)) for f in filters)
+    assert item.video().plan.indices and item.video().backend != "pyav"  # the sharpness frames: outside the stretch
+    assert static["windows"][-1]["end_s"] == pytest.approx(20.0, abs=0.3) and static["sample_fps"] > 3
+    assert cuts["sample_fps"] > 3 and cuts["count"] <= 2  # one clip of a moving pattern (a held stretch at most)
 
 
 def test_every_backend_failing_is_one_decode_error(tmp_path):
@@ -421,6 +491,10 @@ def test_windows_and_every_kth_over_their_cap_spread_over_the_clip():
     assert len(window_bounds(Windows(4.0, 2.0, 8, max_windows=64), 1000, 25.0)) == 19  # 0..36 every 2 s
     assert window_bounds(Windows(4.0, 2.0, 8, start_s=10.0, end_s=30.0, max_windows=3), 1000, 25.0) == [
         (10.0, 14.0), (18.0, 22.0), (26.0, 30.0)]
+    # not spread (a filter that reads them all through instead): none past the cap, as asked within it
+    assert window_bounds(Windows(4.0, 2.0, 8, max_windows=5, spread=False), 1000, 25.0) == []
+    assert request_indices(Windows(4.0, 2.0, 8, max_windows=5, spread=False), 1000, 25.0) == []
+    assert len(window_bounds(Windows(4.0, 2.0, 8, max_windows=19, spread=False), 1000, 25.0)) == 19
     (idx,) = request_indices(EveryK(10, 8), 1000, 25.0)
     assert idx == list(range(0, 1000, 125))
     (idx,) = request_indices(EveryK(10, 512), 1000, 25.0)
