@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -9,6 +10,8 @@ import numpy as np
 from pipeline.errors import DecodeError, ItemTimeout
 from pipeline.media.probe import DISCONTINUITY_S, main_audio_stream, timestamps_may_jump
 
+
+log = logging.getLogger(__name__)
 
 GAP_S = 0.05
 """A jump in the audio timestamps longer than this (after the first frame) is a gap to fill with silence;
@@ -64,8 +67,12 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         expected = float(container.start_time) / av.time_base if container.start_time is not None else 0.0
         jump_s = DISCONTINUITY_S if timestamps_may_jump(container) else None  # a splice, not missing audio
         first = True
+        bad, failed = 0, None  # packets that did not decode (a corrupt stretch), and the last one's error
         try:
-            for frame in container.decode(stream):
+            for frame in _frames(container, stream):
+                if isinstance(frame, av.error.FFmpegError):
+                    bad, failed = bad + 1, frame
+                    continue
                 if given_up is not None and given_up.is_set():
                     raise ItemTimeout("the item was given up (runtime.item_timeout_s) while its audio decoded")
                 t = frame.time  # seconds on the file's timeline; None where the stream has no timestamps
@@ -100,10 +107,42 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
             if not parts:
                 raise DecodeError(f"audio does not decode: {type(e).__name__}: {e}") from e
             # a broken tail: keep what decoded
+    if not parts and failed is not None:
+        raise DecodeError(f"audio does not decode: {type(failed).__name__}: {failed}") from failed
     if not parts:
         raise DecodeError("audio stream holds no samples")
+    if bad:
+        log.warning("%d audio packets of %s did not decode; the time they held is silence where the frames after "
+                    "them say where they belong (a corrupt stretch), else the audio ends there", bad, path)
     audio = np.concatenate(parts, axis=1).astype(np.float32, copy=False)
     return audio[0] if channels == 1 else audio
+
+
+TIMED_CONTAINERS = ("mov", "mp4", "matroska", "webm", "mpegts", "ogg")
+"""Container formats whose packets carry timestamps of their own (``container.format.name`` holds one of these):
+after a corrupt stretch the next frame's time says where it belongs. A raw stream's demuxer counts the frames
+instead (MP3: the audio after 6 s lost in a 5-minute file came 6 s early), so there a corrupt stretch still ends the
+audio."""
+
+
+def _frames(container, stream):
+    """The stream's frames, a packet at a time. In a container of ``TIMED_CONTAINERS``, a packet that does not
+    decode (a corrupt stretch: a bad sector, a damaged download) yields its error and the decode goes on, where
+    ``container.decode`` would end at it: the frames after it carry their timestamps, so ``decode_audio`` fills the
+    time lost with silence (as it fills a gap in the timestamps) and speech after it keeps its place. Before, a
+    corrupt second in the middle of a recording ended it there (as it still does in other containers)."""
+    import av
+
+    timed = any(name in container.format.name.split(",") for name in TIMED_CONTAINERS)
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError as e:
+            if not timed:
+                raise
+            yield e
+            continue
+        yield from frames
 
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:

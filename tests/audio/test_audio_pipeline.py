@@ -186,6 +186,47 @@ def test_a_gap_in_the_audio_timestamps_is_filled_with_silence(tmp_path, speech_t
         decode_audio(path, max_seconds=2.0)  # the silence counts against the cap, before it is allocated
 
 
+def _zero_middle(src: str, dst: str) -> str:
+    """A copy of ``src`` with 2% of its bytes zeroed at its middle (a bad sector, a damaged download)."""
+    data = bytearray(open(src, "rb").read())
+    a, n = len(data) // 2, len(data) // 50
+    data[a:a + n] = bytes(n)
+    open(dst, "wb").write(data)
+    return dst
+
+
+def test_a_corrupt_stretch_in_a_recording_is_silence_and_the_rest_keeps_its_place(tmp_path, long_speech, caplog):
+    """AAC in MP4 (a podcast, a video's sound track) with 2% of its bytes zeroed at its middle: the packets that do
+    not decode are passed over and the time they held is silence; the speech after it is where it was (the clean
+    decode's samples from a second past the stretch on). An MP3, a raw stream whose demuxer counts frames (its audio
+    after the stretch came 6 s early in a 5-minute file), still ends at the stretch. Before, both ended there."""
+    import logging
+    import wave
+
+    wav = str(tmp_path / "speech.wav")
+    with wave.open(wav, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(long_speech, -1, 1) * 32767).astype("<i2").tobytes())
+    clean = {ext: str(tmp_path / f"speech.{ext}") for ext in ("m4a", "mp3")}
+    for ext, path in clean.items():
+        synthetic._ffmpeg(["-i", wav, path])
+    ref = decode_audio(clean["m4a"])
+    with caplog.at_level(logging.WARNING, logger="pipeline.audio.decode"):
+        got = decode_audio(_zero_middle(clean["m4a"], str(tmp_path / "bad.m4a")))
+    assert len(got) == len(ref)
+    zero = np.flatnonzero(got[:-1] == 0)
+    lost = zero[(zero > len(ref) * 0.3) & (zero < len(ref) * 0.7)]  # the stretch: exact zeros where ref speaks
+    assert len(lost) > 0.5 * 16000 and np.abs(ref[lost]).max() > 0.05
+    after = lost[-1] + 16000
+    assert np.abs(got[after:] - ref[after:]).mean() < 1e-3 and _lag_s(got[after:], ref[after:]) == 0.0
+    assert np.array_equal(got[: lost[0] - 16000], ref[: lost[0] - 16000])
+    assert any("audio packets" in r.getMessage() and "did not decode" in r.getMessage() for r in caplog.records)
+    mp3 = decode_audio(clean["mp3"])
+    assert len(decode_audio(_zero_middle(clean["mp3"], str(tmp_path / "bad.mp3")))) < 0.6 * len(mp3)
+
+
 def _tone_hz(x: np.ndarray, sr: int = 16000) -> float:
     spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
     return float(np.argmax(spectrum)) * sr / len(x)
