@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
-from pipeline.errors import DecodeError
+from pipeline.errors import DecodeError, ItemTimeout
 from pipeline.video.preprocess import ClipViews, luma
 from pipeline.video.sampling import AtFps, Frames, Windows, clip_duration, request_indices, window_bounds
 
@@ -132,6 +132,14 @@ def read_all_through(video, request: AtFps | Windows) -> bool:
     return video.meta.num_frames > 1 and (not video.windows(request) or not len(video.indices(request)))
 
 
+def _check_given_up(media: MediaItem) -> None:
+    """``ItemTimeout`` where the rank's watchdog has let the item go: a pass over a film stops at its next group
+    (a group's decode stops at its next frame; the readers' work between decodes, a classifier's windows, would
+    otherwise go on for nobody)."""
+    if media.given_up.is_set():
+        raise ItemTimeout("the item was given up (runtime.item_timeout_s) while it was read all through")
+
+
 def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[Stream, Any]:
     """Every one of ``streams`` (one ``fps``) read in one pass over the item's clip: the samples decoded
     ``group_size`` at a time (``media.more_frames``), each group given to every reader (with its luma, computed
@@ -142,6 +150,7 @@ def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[S
 
     Raises:
         DecodeError: a group's decode failed (its frames named; a timeout stays a ``DecodeTimeout``).
+        ItemTimeout: the rank's watchdog gave the item up.
     """
     fps = streams[0].fps
     meta = media.video().meta
@@ -150,6 +159,7 @@ def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[S
     readings = {s: s.reader.open(device) for s in streams}
     size = group_size(meta.width, meta.height)
     for g in range(0, len(wanted), size):
+        _check_given_up(media)
         group = Frames(tuple(wanted[g:g + size]), max_side=side)
         try:
             more = media.more_frames(group)
@@ -200,6 +210,7 @@ def read_windows(media: MediaItem, streams: list[WindowStream], device: str) -> 
 
     Raises:
         DecodeError: a group's decode failed (its frames and windows named; a timeout stays a ``DecodeTimeout``).
+        ItemTimeout: the rank's watchdog gave the item up.
     """
     req = streams[0].request
     video = media.video()
@@ -208,6 +219,7 @@ def read_windows(media: MediaItem, streams: list[WindowStream], device: str) -> 
     bounds = window_bounds(req, meta.num_frames, meta.fps, meta.timestamps, video.start_s)
     readings = {s: s.reader.open(device) for s in streams}
     for a, b in window_groups(windows, group_size(meta.width, meta.height)):
+        _check_given_up(media)
         group = Frames(tuple(sorted({i for w in windows[a:b] for i in w})), max_side=req.max_side,
                        short_side=req.short_side)
         try:

@@ -213,6 +213,30 @@ def test_a_group_of_windows_that_fails_to_decode_is_a_decode_error_for_every_rea
     assert second.value is first.value and it.frames_decoded == 0
 
 
+def test_windows_read_all_through_stop_when_the_item_is_given_up(tmp_path, clip4s, monkeypatch):
+    """The rank's watchdog lets the item go while its windows are read (here, as the first group is classified):
+    the pass stops before the next group's decode, with ``ItemTimeout``, instead of classifying the film for
+    nobody."""
+    import pipeline.video.stream as stream
+    from pipeline.errors import ItemTimeout
+
+    monkeypatch.setattr(stream, "group_size", lambda w, h: 9)
+    f, _ = make_filter(tmp_path, tiny_videomae(str(tmp_path / "m")), max_windows=3, **WINDOWS)
+    it = item(clip4s, f)
+    batcher = f._batcher
+    calls = []
+
+    def give_up(x):
+        calls.append(len(x))
+        it.given_up.set()
+        return batcher(x)
+
+    monkeypatch.setattr(f, "_batcher", give_up)
+    with pytest.raises(ItemTimeout, match="while it was read all through"):
+        f.apply(it, FilterContext("cpu", None))
+    assert len(calls) == 1 and it.frames_decoded <= 8  # the first group's two windows, and no more
+
+
 def test_window_groups_hold_at_most_the_group_size():
     from pipeline.video.stream import window_groups
 
