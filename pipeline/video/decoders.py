@@ -385,13 +385,21 @@ class PyAVBackend:
         that lands elsewhere (MPEG-TS, open GOPs) is noticed; where timestamps cannot identify frames (AVI) or a
         seek misses, the whole request is decoded from the start."""
         index_of = self._indices.take(path) or _FrameIndex.demux(path, stop)
+        start = 0
         try:
             got = self._decode_seeking(path, sorted(set(indices)), size, index_of, stop, prepare)
         except _SeekMiss as e:
-            log.debug("pyav: decoding %s from the start: %s", path, e)
+            if isinstance(e, _CorruptPacket):  # sound timestamps: in order from the keyframe before the frames
+                start = max(0, index_of.keyframe_at_or_before(min(indices))[0])
+                start = start if start >= SEEK_MIN_SKIP else 0
+            log.debug("pyav: decoding %s in order from frame %d: %s", path, start, e)
         else:
             return torch.from_numpy(np.stack([got[i] for i in indices]))
-        return self._decode_in_order(path, indices, size, stop, prepare, index_of)
+        try:
+            return self._decode_in_order(path, indices, size, stop, prepare, index_of, start)
+        except _SeekMiss as e:  # the seek to ``start`` landed after the frames wanted
+            log.debug("pyav: decoding %s from the start: %s", path, e)
+            return self._decode_in_order(path, indices, size, stop, prepare, index_of)
 
     def _decode_seeking(self, path: str, wanted: list[int], size: tuple[int, int],
                         index_of: _FrameIndex | None = None, stop: threading.Event | None = None,
@@ -439,18 +447,22 @@ class PyAVBackend:
                     if target not in got:
                         raise _SeekMiss(f"frame {target} did not decode in order after a seek")
         except av.error.FFmpegError as e:
-            raise _SeekMiss(f"{type(e).__name__}: {e}") from None
+            raise _CorruptPacket(f"{type(e).__name__}: {e}") from None
         return got
 
     def _decode_in_order(self, path: str, indices: list[int], size: tuple[int, int],
                          stop: threading.Event | None = None, prepare: Prepare | None = None,
-                         index_of: _FrameIndex | None = None) -> torch.Tensor:
+                         index_of: _FrameIndex | None = None, start: int = 0) -> torch.Tensor:
         """Frames by their place in a decode from the start, a packet at a time. Packets that do not decode (a
         corrupt stretch: a bad sector, a damaged download) are passed over: where the timestamps name frames
         (``index_of``, agreeing with their places so far), the first frame that decodes after them is placed by its
         timestamp, and the frames lost between are the frame shown before them (as a player holds it), a warning
         saying how many; where nothing decodes after them, or nothing can place what does, the clip ends there
-        (a broken tail: ``TruncatedVideo``). Before, a corrupt second in the middle of a film ended it there."""
+        (a broken tail: ``TruncatedVideo``). Before, a corrupt second in the middle of a film ended it there.
+
+        ``start``: a keyframe to seek to and decode from (where the seeking decode met a corrupt stretch, whose
+        timestamps it had found sound), its frames placed by their timestamps; ``_SeekMiss`` where the seek lands
+        after the first frame wanted."""
         import av
 
         wanted = set(indices)
@@ -459,9 +471,12 @@ class PyAVBackend:
         agrees = index_of is not None and index_of.pts is not None and not index_of.repeats
         i, prev, failed = -1, None, None  # the last frame's place, that frame, the error of packets since it
         bad, lost, concealed = 0, 0, 0
+        landed = not start  # after a seek: the first keyframe decoded has not yet given its place
         with av.open(path) as c:
             stream = main_video_stream(c)
             stream.thread_type = "AUTO"
+            if start:
+                c.seek(int(index_of.pts[start]), stream=stream, backward=True, any_frame=False)
             for packet in c.demux(stream):
                 try:
                     frames = packet.decode()
@@ -470,6 +485,13 @@ class PyAVBackend:
                     continue
                 for frame in frames:
                     _check(stop)
+                    if not landed:  # the seek's first keyframe: placed by its timestamp (frames before it skipped)
+                        j = index_of.get(frame.pts) if frame.key_frame else None
+                        if j is None:
+                            continue
+                        if j > min(wanted):
+                            raise _SeekMiss(f"the seek to frame {start} landed at frame {j}")
+                        i, landed, failed = j - 1, True, None
                     if failed is not None:  # the first frame after packets that did not decode
                         j = index_of.get(frame.pts) if agrees else None
                         if j is None or j <= i:
@@ -490,6 +512,8 @@ class PyAVBackend:
                         break
                 if i >= last or (failed is not None and frames):
                     break
+        if not landed:
+            raise _SeekMiss(f"nothing decoded after the seek to frame {start}")
         if failed is not None and i < last:
             if not got:
                 raise failed
@@ -511,6 +535,11 @@ threads, which costs about as much as decoding a few frames."""
 
 class _SeekMiss(Exception):
     """The seeking decode cannot vouch for a frame: decode from the start instead."""
+
+
+class _CorruptPacket(_SeekMiss):
+    """The seeking decode met a packet that does not decode (a corrupt stretch): its timestamps are sound, so the
+    decode in order may start at the keyframe before the first frame wanted rather than at the file's start."""
 
 
 def _from_keyframe(frames, index_of):

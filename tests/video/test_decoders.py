@@ -164,6 +164,26 @@ def test_a_corrupt_stretch_in_the_middle_is_decoded_past(corrupt_middle, caplog)
     assert f"{len(held)} frames lost in the middle of the clip" in record.getMessage()
 
 
+def test_a_seeking_decode_that_meets_a_corrupt_stretch_decodes_from_the_keyframe_before(corrupt_middle, monkeypatch):
+    """Frames wanted across the stretch in the middle of a film (a stream's group): the decode in order starts at
+    the keyframe before the first of them (225: one every 25 frames), not at the file's start, and gives the frames
+    a whole decode gives."""
+    from pipeline.video.decoders import PyAVBackend
+
+    _, bad = corrupt_middle
+    starts, real = [], PyAVBackend._decode_in_order
+
+    def recorded(self, path, indices, size, stop=None, prepare=None, index_of=None, start=0):
+        starts.append(start)
+        return real(self, path, indices, size, stop, prepare, index_of, start)
+
+    monkeypatch.setattr(PyAVBackend, "_decode_in_order", recorded)
+    some = decode_video(bad, [Frames(tuple(range(240, 290)))], available_backends(("pyav",)))
+    assert starts == [225]
+    whole = decode_video(bad, [Frames(tuple(range(500)))], available_backends(("pyav",)))
+    assert torch.equal(some.frames, whole.frames[240:290]) and starts == [225, 0]
+
+
 def test_a_targeted_decode_that_its_backend_fails_falls_back_like_a_first_decode(corrupt_middle):
     """A scene cut's frames or a stream's group across a corrupt stretch: the backend that decoded the item (decord
     here, whose frames lay outside the stretch) fails on them, and the next backends are tried, as in a first
