@@ -154,6 +154,8 @@ class PrometheusExporter:
                                   labels, registry=self.registry)
         self.decodes_stuck = Gauge("mediasieve_decodes_past_deadline", "Decodes given up at video.decode_timeout_s "
                                    "whose threads are still in a native call", labels, registry=self.registry)
+        self.corrupt = Gauge("mediasieve_corrupt_media", "Video frames and audio packets lost in corrupt stretches "
+                             "decoded past (held frames, silence)", labels + ["kind"], registry=self.registry)
         self.tier_skipped = Gauge("mediasieve_tier_skipped", "1 while a storage tier is skipped (a fetch from it "
                                   "went silent)", labels + ["tier"], registry=self.registry)
         self._tiers_seen_skipped: set[str] = set()
@@ -176,6 +178,8 @@ class PrometheusExporter:
             self.oom_splits.labels(self.rank, model).set(b["oom_splits"])
         self.fetches_hung.labels(self.rank).set(snap.get("fetches_hung", 0))
         self.decodes_stuck.labels(self.rank).set(snap.get("decodes_past_deadline", 0))
+        for kind, n in snap.get("corrupt_media", {}).items():
+            self.corrupt.labels(self.rank, kind).set(n)
         skipped = set(snap.get("tiers_skipped", ()))
         self._tiers_seen_skipped |= skipped
         for tier in self._tiers_seen_skipped:

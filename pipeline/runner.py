@@ -55,6 +55,7 @@ from pipeline.manifest import (
     remove_spill,
     snapshot_listing,
 )
+from pipeline.media import damage
 from pipeline.media.item import MediaItem
 from pipeline.metrics import MetricsLog, PrometheusExporter, RankStats
 from pipeline.model_pool import ModelPool, localize_model
@@ -447,7 +448,8 @@ class RankWorkers:
         snap.update(queue_depth=self.queue.qsize(), pool_wait_s=round(self.pool.wait_seconds, 3),
                     units_taken=self.source.units_taken, rows_committed=self.writer.rows_committed,
                     fetch_retries=self.fetcher.retries_done, fetches_hung=self.fetcher.hung_fetches,
-                    decodes_past_deadline=decodes_past_deadline(), tiers_skipped=self.fetcher.skipped_tiers,
+                    decodes_past_deadline=decodes_past_deadline(), corrupt_media=damage.counts(),
+                    tiers_skipped=self.fetcher.skipped_tiers,
                     cache_bytes=cache.bytes_used if cache else 0,
                     cache_evictions=cache.evictions if cache else 0, suspects_rehearsed=self._rehearsed,
                     suspects_refused=self._refused, batches=batch_stats(self.filters))

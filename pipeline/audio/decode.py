@@ -112,6 +112,9 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
     if not parts:
         raise DecodeError("audio stream holds no samples")
     if bad:
+        from pipeline.media import damage
+
+        damage.record("audio_packets_lost", bad)
         log.warning("%d audio packets of %s did not decode; the time they held is silence where the frames after "
                     "them say where they belong (a corrupt stretch), else the audio ends there", bad, path)
     audio = np.concatenate(parts, axis=1).astype(np.float32, copy=False)

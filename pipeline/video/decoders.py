@@ -519,6 +519,9 @@ class PyAVBackend:
                 raise failed
             log.debug("pyav: broken tail after %d frames: %s", i + 1, failed)
         if lost:
+            from pipeline.media import damage
+
+            damage.record("video_frames_lost", lost)
             log.warning("pyav: %d packets of %s did not decode: %d frames lost in the middle of the clip, the %d of "
                         "them asked for are the frame shown before them", bad, path, lost, concealed)
         if not got:

@@ -212,7 +212,10 @@ def test_a_corrupt_stretch_in_a_recording_is_silence_and_the_rest_keeps_its_plac
     clean = {ext: str(tmp_path / f"speech.{ext}") for ext in ("m4a", "mp3")}
     for ext, path in clean.items():
         synthetic._ffmpeg(["-i", wav, path])
+    from pipeline.media import damage
+
     ref = decode_audio(clean["m4a"])
+    before = damage.counts()["audio_packets_lost"]
     with caplog.at_level(logging.WARNING, logger="pipeline.audio.decode"):
         got = decode_audio(_zero_middle(clean["m4a"], str(tmp_path / "bad.m4a")))
     assert len(got) == len(ref)
@@ -223,6 +226,7 @@ def test_a_corrupt_stretch_in_a_recording_is_silence_and_the_rest_keeps_its_plac
     assert np.abs(got[after:] - ref[after:]).mean() < 1e-3 and _lag_s(got[after:], ref[after:]) == 0.0
     assert np.array_equal(got[: lost[0] - 16000], ref[: lost[0] - 16000])
     assert any("audio packets" in r.getMessage() and "did not decode" in r.getMessage() for r in caplog.records)
+    assert damage.counts()["audio_packets_lost"] > before  # the metrics' corrupt_media
     mp3 = decode_audio(clean["mp3"])
     assert len(decode_audio(_zero_middle(clean["mp3"], str(tmp_path / "bad.mp3")))) < 0.6 * len(mp3)
 

@@ -149,9 +149,12 @@ def test_a_corrupt_stretch_in_the_middle_is_decoded_past(corrupt_middle, caplog)
     frame before the stretch and from the next keyframe after it is the clean file's, the frames lost are held (the
     frame shown before them), and a warning says how many. Before, the clip ended at the stretch (a broken tail:
     half the film unseen, and nothing said so)."""
+    from pipeline.media import damage
+
     clean, bad = corrupt_middle
     every = Frames(tuple(range(500)))
     want = decode_video(clean, [every], available_backends(("pyav",))).frames
+    before = damage.counts()["video_frames_lost"]
     with caplog.at_level(logging.WARNING, logger="pipeline.video.decoders"):
         got = decode_video(bad, [every], available_backends(ALL))  # decord and torchcodec stop at it
     assert got.backend == "pyav" and got.meta.num_frames == 500 and got.frames.shape[0] == 500
@@ -162,6 +165,7 @@ def test_a_corrupt_stretch_in_the_middle_is_decoded_past(corrupt_middle, caplog)
     assert held, "the frames lost are the frame before them"
     (record,) = [r for r in caplog.records if "did not decode" in r.getMessage()]
     assert f"{len(held)} frames lost in the middle of the clip" in record.getMessage()
+    assert damage.counts()["video_frames_lost"] == before + len(held)  # the metrics' corrupt_media
 
 
 def test_a_seeking_decode_that_meets_a_corrupt_stretch_decodes_from_the_keyframe_before(corrupt_middle, monkeypatch):
