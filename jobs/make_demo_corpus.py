@@ -62,6 +62,12 @@ def make_corpus(out: str) -> str:
         add("hdr_pq", "video/hdr_pq.mp4", "HDR10 (PQ, BT.2020) made from motion_0")
     else:
         print("this ffmpeg has no zscale (libzimg): the demo has no HDR clip")
+    damaged = os.path.join(corpus, "video/.whole.mp4")
+    synthetic.motion_clip(damaged, seconds=12.0)
+    synthetic.zeroed_middle_copy(damaged, os.path.join(corpus, "video/damaged.mp4"))
+    os.remove(damaged)
+    add("damaged", "video/damaged.mp4", "12 s with 2% of its bytes zeroed at the middle: decoded past (a warning, "
+        "corrupt_media in the metrics)")
     synthetic.speech_wav(os.path.join(corpus, "audio/speech.wav"), SPEECH)
     add("speech", "audio/speech.wav", "speech")
     for name, path in synthetic.broken_files(os.path.join(corpus, "broken")).items():

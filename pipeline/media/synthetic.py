@@ -155,6 +155,17 @@ def broken_files(directory: str) -> dict[str, str]:
     return out
 
 
+def zeroed_middle_copy(src: str, dst: str, fraction: float = 0.02) -> str:
+    """A copy of ``src`` with ``fraction`` of its bytes zeroed at its middle (a bad sector, a damaged download):
+    the container's index still lists every packet, and the packets there do not decode."""
+    data = bytearray(open(src, "rb").read())
+    a, n = len(data) // 2, int(len(data) * fraction)
+    data[a:a + n] = bytes(n)
+    with open(dst, "wb") as f:
+        f.write(data)
+    return dst
+
+
 def broken_pictures_copy(src: str, dst: str, seed: int = 0) -> str:
     """``src`` remuxed with every video packet replaced by random bytes of the same size and timing, the audio
     untouched: a recording whose pictures are lost and whose sound is not."""

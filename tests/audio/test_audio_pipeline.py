@@ -186,15 +186,6 @@ def test_a_gap_in_the_audio_timestamps_is_filled_with_silence(tmp_path, speech_t
         decode_audio(path, max_seconds=2.0)  # the silence counts against the cap, before it is allocated
 
 
-def _zero_middle(src: str, dst: str) -> str:
-    """A copy of ``src`` with 2% of its bytes zeroed at its middle (a bad sector, a damaged download)."""
-    data = bytearray(open(src, "rb").read())
-    a, n = len(data) // 2, len(data) // 50
-    data[a:a + n] = bytes(n)
-    open(dst, "wb").write(data)
-    return dst
-
-
 def test_a_corrupt_stretch_in_a_recording_is_silence_and_the_rest_keeps_its_place(tmp_path, long_speech, caplog):
     """AAC in MP4 (a podcast, a video's sound track) with 2% of its bytes zeroed at its middle: the packets that do
     not decode are passed over and the time they held is silence; the speech after it is where it was (the clean
@@ -217,7 +208,7 @@ def test_a_corrupt_stretch_in_a_recording_is_silence_and_the_rest_keeps_its_plac
     ref = decode_audio(clean["m4a"])
     before = damage.counts()["audio_packets_lost"]
     with caplog.at_level(logging.WARNING, logger="pipeline.audio.decode"):
-        got = decode_audio(_zero_middle(clean["m4a"], str(tmp_path / "bad.m4a")))
+        got = decode_audio(synthetic.zeroed_middle_copy(clean["m4a"], str(tmp_path / "bad.m4a")))
     assert len(got) == len(ref)
     zero = np.flatnonzero(got[:-1] == 0)
     lost = zero[(zero > len(ref) * 0.3) & (zero < len(ref) * 0.7)]  # the stretch: exact zeros where ref speaks
@@ -228,7 +219,7 @@ def test_a_corrupt_stretch_in_a_recording_is_silence_and_the_rest_keeps_its_plac
     assert any("audio packets" in r.getMessage() and "did not decode" in r.getMessage() for r in caplog.records)
     assert damage.counts()["audio_packets_lost"] > before  # the metrics' corrupt_media
     mp3 = decode_audio(clean["mp3"])
-    assert len(decode_audio(_zero_middle(clean["mp3"], str(tmp_path / "bad.mp3")))) < 0.6 * len(mp3)
+    assert len(decode_audio(synthetic.zeroed_middle_copy(clean["mp3"], str(tmp_path / "bad.mp3")))) < 0.6 * len(mp3)
 
 
 def _tone_hz(x: np.ndarray, sr: int = 16000) -> float:

@@ -136,12 +136,7 @@ def corrupt_middle(tmp_path_factory):
     d = tmp_path_factory.mktemp("corrupt")
     clean = synthetic.lavfi_clip(str(d / "clean.mp4"), "testsrc2=size=160x120:rate=25", 20.0,
                                  codec=("-c:v", "libx264", "-preset", "ultrafast", "-g", "25"))
-    data = bytearray(open(clean, "rb").read())
-    a, n = len(data) // 2, len(data) // 50
-    data[a:a + n] = bytes(n)
-    bad = str(d / "corrupt.mp4")
-    open(bad, "wb").write(data)
-    return clean, bad
+    return clean, synthetic.zeroed_middle_copy(clean, str(d / "corrupt.mp4"))
 
 
 def test_a_corrupt_stretch_in_the_middle_is_decoded_past(corrupt_middle, caplog):
