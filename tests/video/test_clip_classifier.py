@@ -333,6 +333,7 @@ def test_four_instances_in_the_job(tmp_path, media_dir):
     for i, name in enumerate(["vfx", "simcam", "rov", "low_quality"]):
         filters[name] = {"type": "clip_classifier", "model_uri": tiny_videomae(str(tmp_path / name), seed=i),
                          "window_s": 0.5, "reversed_windows": name == "rov"}
+    filters["vfx"]["max_windows"] = filters["simcam"]["max_windows"] = 1  # their windows read all through
     raw = base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"), filters=filters)
     cfg = build_config(raw)
     validate_config(cfg)
@@ -347,6 +348,8 @@ def test_four_instances_in_the_job(tmp_path, media_dir):
     assert by_id["id-0000"]["rov"]["reversed_windows"] and not by_id["id-0000"]["vfx"]["reversed_windows"]
     assert by_id["id-0002"]["vfx"] is None  # audio only
     assert all(by_id["id-0000"][n]["label"] in LABELS for n in ["vfx", "simcam", "rov", "low_quality"])
+    spans = {n: [(w["start_s"], w["end_s"]) for w in by_id["id-0000"][n]["windows"]] for n in ["vfx", "rov"]}
+    assert len(spans["vfx"]) > 1 and spans["vfx"] == spans["rov"]  # all through, as the clip within the cap
 
 
 def test_onnx_backend_matches_torch_with_buckets_and_io_binding(tmp_path, clip4s):
