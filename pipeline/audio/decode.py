@@ -124,28 +124,49 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
 TIMED_CONTAINERS = ("mov", "mp4", "matroska", "webm", "mpegts", "ogg")
 """Container formats whose packets carry timestamps of their own (``container.format.name`` holds one of these):
 after a corrupt stretch the next frame's time says where it belongs. A raw stream's demuxer counts the frames
-instead (MP3: the audio after 6 s lost in a 5-minute file came 6 s early), so there a corrupt stretch still ends the
-audio."""
+instead (MP3: the audio after 6 s lost in a 5-minute file came 6 s early), so there the time lost is measured in
+bytes, where the stream has a constant bit rate (``_frames``)."""
 
 
 def _frames(container, stream):
-    """The stream's frames, a packet at a time. In a container of ``TIMED_CONTAINERS``, a packet that does not
-    decode (a corrupt stretch: a bad sector, a damaged download) yields its error and the decode goes on, where
-    ``container.decode`` would end at it: the frames after it carry their timestamps, so ``decode_audio`` fills the
-    time lost with silence (as it fills a gap in the timestamps) and speech after it keeps its place. Before, a
-    corrupt second in the middle of a recording ended it there (as it still does in other containers)."""
+    """The stream's frames, a packet at a time; a packet that does not decode (a corrupt stretch: a bad sector, a
+    damaged download) yields its error and the decode goes on, where ``container.decode`` would end at it, and
+    ``decode_audio`` fills the time it held with silence (as it fills a gap in the timestamps), so that speech after
+    it keeps its place. Before, a corrupt second in the middle of a recording ended it there.
+
+    In ``TIMED_CONTAINERS`` the frames after the stretch carry their own times. In a raw stream (MP3) the demuxer
+    times a packet by counting the ones before it, so the frames after would come early by the time lost: there the
+    stretch is passed over only at a constant bit rate (every packet decoded so far of one size, give or take a
+    padding byte), where its bytes say how long it was (an MP3's zeroed stretch arrives as one packet of all its
+    bytes), and the frames after it are moved by that; at a variable rate the audio still ends at the stretch."""
     import av
 
     timed = any(name in container.format.name.split(",") for name in TIMED_CONTAINERS)
+    good_bytes = good_ticks = failed_bytes = offset = 0  # raw streams: what decoded so far, in bytes and ticks
+    smallest, largest, end = None, None, None
     for packet in container.demux(stream):
         try:
             frames = packet.decode()
         except av.error.FFmpegError as e:
             if not timed:
-                raise
+                if not good_ticks or largest - smallest > 1 or packet.pts is None:
+                    raise  # a variable bit rate: how long the stretch was is unknown
+                failed_bytes += packet.size
             yield e
             continue
-        yield from frames
+        if not timed and packet.size and packet.pts is not None and packet.duration:
+            if failed_bytes:  # the first packet after a stretch: where the bytes lost say it belongs
+                offset = end + round(failed_bytes * good_ticks / good_bytes) - packet.pts
+                failed_bytes = 0
+            good_bytes += packet.size
+            good_ticks += packet.duration
+            smallest = packet.size if smallest is None else min(smallest, packet.size)
+            largest = packet.size if largest is None else max(largest, packet.size)
+            end = packet.pts + offset + packet.duration
+        for frame in frames:
+            if offset and frame.pts is not None:
+                frame.pts += offset
+            yield frame
 
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
