@@ -308,6 +308,7 @@ class RankWorkers:
         """Run the filters on one item and write its row. False where the watchdog timed the item out meanwhile:
         it wrote the row, and this thread's late result is dropped."""
         item_id = str(task.row[self.id_col])
+        damage.current_item.set(item_id)  # warnings about the file name the item
         media = MediaItem(item_id, task.fetched.local_path, task.fetched.bytes,
                           self.frame_requests, self.cfg.video, self.backends, self.device)
         suspect = item_id in self.suspects

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 
 from pipeline.errors import DecodeError, ItemTimeout
+from pipeline.media import damage
 from pipeline.media.probe import DISCONTINUITY_S, main_audio_stream, timestamps_may_jump
 
 
@@ -112,11 +113,9 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
     if not parts:
         raise DecodeError("audio stream holds no samples")
     if bad:
-        from pipeline.media import damage
-
         damage.record("audio_packets_lost", bad)
         log.warning("%d audio packets of %s did not decode; the time they held is silence where the frames after "
-                    "them say where they belong (a corrupt stretch), else the audio ends there", bad, path)
+                    "them say where they belong (a corrupt stretch), else the audio ends there", bad, damage.where(path))
     audio = np.concatenate(parts, axis=1).astype(np.float32, copy=False)
     return audio[0] if channels == 1 else audio
 

@@ -8,10 +8,22 @@ the schema that a rerun over an earlier version's output resumes in.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 
 _LOCK = threading.Lock()
 _COUNTS = {"video_frames_lost": 0, "audio_packets_lost": 0}
+
+
+current_item: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_item", default=None)
+"""The manifest id of the item the thread works on (set by the rank's consumer; a decode thread runs in a copy of
+its caller's context), so that a warning about a file names the item, not the node cache's name for it."""
+
+
+def where(path: str) -> str:
+    """``path`` and, where known, the item it holds, for a warning."""
+    item = current_item.get()
+    return f"{path} (item {item})" if item is not None else path
 
 
 def record(kind: str, n: int) -> None:

@@ -5,6 +5,7 @@ A file fails only when every configured backend failed on it; the result says wh
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import itertools
 import logging
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DecodeError, DecodeTimeout, ItemTimeout
+from pipeline.media import damage
 from pipeline.media.probe import DISCONTINUITY_S, main_video_stream, quarter_turns, timestamps_may_jump
 from pipeline.video.preprocess import luma_into, per_group
 from pipeline.video.sampling import FramePlan, FrameRequest, make_plan, variable_rate
@@ -519,11 +521,9 @@ class PyAVBackend:
                 raise failed
             log.debug("pyav: broken tail after %d frames: %s", i + 1, failed)
         if lost:
-            from pipeline.media import damage
-
             damage.record("video_frames_lost", lost)
             log.warning("pyav: %d packets of %s did not decode: %d frames lost in the middle of the clip, the %d of "
-                        "them asked for are the frame shown before them", bad, path, lost, concealed)
+                        "them asked for are the frame shown before them", bad, damage.where(path), lost, concealed)
         if not got:
             raise DecodeError("no frame decoded")
         if len(got) < len(wanted):
@@ -837,7 +837,8 @@ def _with_deadline(attempt: Callable[[threading.Event], DecodedVideo], name: str
         finally:
             done.set()
 
-    thread = threading.Thread(target=run, name=f"decode-{name}", daemon=True)
+    context = contextvars.copy_context()  # the item the caller works on, for the decode's warnings
+    thread = threading.Thread(target=context.run, args=(run,), name=f"decode-{name}", daemon=True)
     thread.start()
     end = time.monotonic() + timeout_s
     while not done.wait(min(GIVEN_UP_POLL_S, max(0.0, end - time.monotonic()))):

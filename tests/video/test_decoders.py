@@ -160,6 +160,7 @@ def test_a_corrupt_stretch_in_the_middle_is_decoded_past(corrupt_middle, caplog)
     assert held, "the frames lost are the frame before them"
     (record,) = [r for r in caplog.records if "did not decode" in r.getMessage()]
     assert f"{len(held)} frames lost in the middle of the clip" in record.getMessage()
+    assert "(item " not in record.getMessage()  # no item: the file alone
     assert damage.counts()["video_frames_lost"] == before + len(held)  # the metrics' corrupt_media
 
 
@@ -181,6 +182,25 @@ def test_a_seeking_decode_that_meets_a_corrupt_stretch_decodes_from_the_keyframe
     assert starts == [225]
     whole = decode_video(bad, [Frames(tuple(range(500)))], available_backends(("pyav",)))
     assert torch.equal(some.frames, whole.frames[240:290]) and starts == [225, 0]
+
+
+def test_a_corrupt_stretchs_warning_names_the_item(corrupt_middle, caplog):
+    """The rank's consumer sets the item it works on (``damage.current_item``); the decode thread runs in a copy of
+    its context, so the warning names the manifest id, not only the node cache's file name."""
+    import contextvars
+
+    from pipeline.media import damage
+
+    _, bad = corrupt_middle
+
+    def as_the_consumer():
+        damage.current_item.set("clip-0042")
+        decode_video(bad, [Frames(tuple(range(240, 290)))], available_backends(("pyav",)))
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.video.decoders"):
+        contextvars.copy_context().run(as_the_consumer)
+    assert any(f"{bad} (item clip-0042)" in r.getMessage() for r in caplog.records)
+    assert damage.current_item.get() is None  # set in the consumer's context only
 
 
 def test_a_targeted_decode_that_its_backend_fails_falls_back_like_a_first_decode(corrupt_middle):
