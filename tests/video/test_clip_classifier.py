@@ -1,5 +1,6 @@
 """The generic clip classifier with tiny random models: loading from a URI, pooling, batching, windows."""
 
+import os
 import threading
 
 import pyarrow as pa
@@ -31,6 +32,15 @@ def make_filter(tmp_path, uri, storage_options=None, **params):
     pool = ModelPool("cpu", instances=2)
     f.setup(SetupContext("cpu", pool, lambda u, o=None: localize_model(u, str(tmp_path / "mcache"), 0, lambda: None, o)))
     return f, pool
+
+
+def make_filters(tmp_path, params: dict[str, dict]) -> list:
+    """Classifier instances by name, set up on one model pool (as a rank sets up its filters)."""
+    filters = build_filters(tuple(FilterSpec(name, "clip_classifier", True, p) for name, p in params.items()))
+    pool = ModelPool("cpu", instances=1)
+    for f in filters:
+        f.setup(SetupContext("cpu", pool, lambda u, o=None: localize_model(u, str(tmp_path / "mc"), 0, lambda: None, o)))
+    return filters
 
 
 def item(path, f):
@@ -152,13 +162,9 @@ def test_classifiers_with_the_same_windows_read_them_in_one_pass(tmp_path, clip4
     the row it gets alone; the whole clip from the item's decode."""
     from pipeline.filters import frame_requests_of
 
-    specs = [FilterSpec(name, "clip_classifier", True, {"model_uri": tiny_videomae(str(tmp_path / name), seed=i),
-                                                         **WINDOWS, "max_windows": 3, "whole_clip": True})
-             for i, name in enumerate(("vfx", "rov"))]
-    filters = build_filters(tuple(specs))
-    pool = ModelPool("cpu", instances=1)
-    for f in filters:
-        f.setup(SetupContext("cpu", pool, lambda u, o=None: localize_model(u, str(tmp_path / "mc"), 0, lambda: None, o)))
+    filters = make_filters(tmp_path, {name: {"model_uri": tiny_videomae(str(tmp_path / name), seed=i), **WINDOWS,
+                                             "max_windows": 3, "whole_clip": True}
+                                      for i, name in enumerate(("vfx", "rov"))})
     both = MediaItem("x", clip4s, 0, frame_requests_of(filters), VideoConfig(), available_backends(("pyav",)))
     rows = [f.apply(both, FilterContext("cpu", None)) for f in filters]
     alone = []
@@ -193,16 +199,9 @@ def test_a_group_of_windows_that_fails_to_decode_is_a_decode_error_for_every_rea
     path = str(tmp_path / "four.mp4")
     open(path, "wb").write(open(clip4s, "rb").read())
     model = tiny_videomae(str(tmp_path / "m"))
-    filters = build_filters(tuple(FilterSpec(name, "clip_classifier", True, {"model_uri": model, **WINDOWS,
-                                                                              "max_windows": 3})
-                                  for name in ("vfx", "rov")))
-    pool = ModelPool("cpu", instances=1)
-    for f in filters:
-        f.setup(SetupContext("cpu", pool, lambda u, o=None: localize_model(u, str(tmp_path / "mc"), 0, lambda: None, o)))
+    filters = make_filters(tmp_path, {name: {"model_uri": model, **WINDOWS, "max_windows": 3} for name in ("vfx", "rov")})
     it = MediaItem("x", path, 0, frame_requests_of(filters), VideoConfig(), available_backends(("pyav",)))
     it.video()
-    import os
-
     os.remove(path)
     with pytest.raises(DecodeError, match=r"decoding frames 3-96 of the clip's 100 for windows 1-7 of 7 \(1 s every "
                                           r"0.5 s\), read all through for the vfx classifier and the rov classifier "
