@@ -88,6 +88,8 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
                         total += silence
                     step = frame.samples / float(frame.sample_rate or sample_rate)
                     expected = t + step if jump_s is not None and abs(gap) >= jump_s else max(expected, t + step)
+                else:  # untimed (FLAC frames decoded out of a corrupt stretch): it plays after the one before
+                    expected += frame.samples / float(frame.sample_rate or sample_rate)
                 first = False
                 # a broadcast recording switches between stereo and 5.1, or 48 and 44.1 kHz, at an ad break
                 fmt = (frame.format.name, frame.layout.name, frame.sample_rate)
