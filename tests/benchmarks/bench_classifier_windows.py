@@ -9,7 +9,8 @@ The model is the users' input shape (48 frames at 256x256, tubelet 2, patch 16: 
 randomly initialised backbone: its rows measure memory and speed, never a finding.
 
 Usage: python tests/benchmarks/bench_classifier_windows.py [--seconds 300] [--size 640x360] [--window 2]
-[--reversed] [--baseline REV]
+[--reversed] [--device cuda:0] [--baseline REV]
+(``--device``: where the model runs, FP16 on a GPU; the frames are decoded on the CPU either way)
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def measure(code: str, clip: str, model: str, window_s: float, reversed_windows: bool, stream: bool | None) -> dict:
-    """One classifier on ``clip`` with ``code`` (a checkout of mediasieve) on the import path; ``stream`` None: the
-    parameter left out (a revision before it)."""
+def measure(code: str, clip: str, model: str, window_s: float, reversed_windows: bool, stream: bool | None,
+            device: str = "cpu") -> dict:
+    """One classifier on ``clip`` with ``code`` (a checkout of mediasieve) on the import path, its model on
+    ``device``; ``stream`` None: the parameter left out (a revision before it)."""
     sys.path.insert(0, code)
     from pipeline.config import FilterSpec, VideoConfig
     from pipeline.filters import build_filters
@@ -42,13 +44,13 @@ def measure(code: str, clip: str, model: str, window_s: float, reversed_windows:
     if stream is not None:
         params["stream_windows"] = stream
     (f,) = build_filters((FilterSpec("vfx", "clip_classifier", True, params),))
-    pool = ModelPool("cpu", instances=1)
+    pool = ModelPool(device, instances=1)
     cache = tempfile.mkdtemp()
-    f.setup(SetupContext("cpu", pool, lambda u, o=None: localize_model(u, cache, 0, lambda: None, o)))
+    f.setup(SetupContext(device, pool, lambda u, o=None: localize_model(u, cache, 0, lambda: None, o)))
     item = MediaItem("x", clip, 0, f.frame_requests(), VideoConfig(), available_backends(("decord", "torchcodec",
                                                                                           "pyav")))
     t = time.perf_counter()
-    out = f.apply(item, FilterContext("cpu", None))
+    out = f.apply(item, FilterContext(device, pool))
     seconds = time.perf_counter() - t
     starts = [w["start_s"] for w in out["windows"]]
     return {"seconds": seconds, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -59,7 +61,7 @@ def measure(code: str, clip: str, model: str, window_s: float, reversed_windows:
 def _side(code: str, args, stream: bool | None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, os.path.abspath(__file__), "--code", code, "--clip", args.clip, "--model", args.model,
-               "--window", str(args.window), "--json", out.name]
+               "--window", str(args.window), "--device", args.device, "--json", out.name]
         cmd += ["--reversed"] if args.reversed else []
         cmd += [] if stream is None else ["--stream", str(int(stream))]
         subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
@@ -86,6 +88,7 @@ def main() -> int:
     parser.add_argument("--size", default="640x360")
     parser.add_argument("--window", type=float, default=2.0, help="window_s (the stride is the window)")
     parser.add_argument("--reversed", action="store_true", help="reversed windows too")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cuda:0: FP16)")
     parser.add_argument("--baseline", help="a git revision to compare with (run from a worktree of it)")
     parser.add_argument("--code", help=argparse.SUPPRESS)
     parser.add_argument("--clip", help=argparse.SUPPRESS)
@@ -96,7 +99,7 @@ def main() -> int:
     if args.json:  # one side of a comparison
         stream = None if args.stream is None else bool(args.stream)
         with open(args.json, "w") as f:
-            json.dump(measure(args.code, args.clip, args.model, args.window, args.reversed, stream), f)
+            json.dump(measure(args.code, args.clip, args.model, args.window, args.reversed, stream, args.device), f)
         return 0
     sys.path.insert(0, ROOT)
     from pipeline.media import synthetic
@@ -113,8 +116,8 @@ def main() -> int:
         with worktree(args.baseline) as tree:
             sides[f"{args.baseline} (before)"] = _side(tree, args, None)
     print(f"\none classifier, 48 frames at 256x256, windows of {args.window:g} s every {args.window:g} s"
-          f"{' and reversed' if args.reversed else ''}, on {args.seconds:g} s of {args.size} at 25 fps (CPU, a "
-          "process per row)")
+          f"{' and reversed' if args.reversed else ''}, on {args.seconds:g} s of {args.size} at 25 fps (model on "
+          f"{args.device}, decode on the CPU, a process per row)")
     print(f"{'side':<34}{'seconds':>9}{'peak GiB':>10}{'windows':>9}{'stride s':>10}{'frames':>8}  backend")
     for name, s in sides.items():
         stride = f"{s['stride']:.2f}" if s["stride"] is not None else "-"
