@@ -200,6 +200,7 @@ class RankWorkers:
         self._replaced = 0  # consumers started in place of stuck ones (their thread names)
         self._gate = SuspectGate()
         self._rehearsed = 0  # suspects rehearsed in the child process
+        self._damage_before = damage.counts()  # this run's corrupt stretches are the counts' growth from here
         self._refused = 0  # suspects given a CrashError row
         self._rehearser = Rehearser(list(self.cfg.filters), self.cfg.video, [b.name for b in self.backends])
 
@@ -449,7 +450,8 @@ class RankWorkers:
         snap.update(queue_depth=self.queue.qsize(), pool_wait_s=round(self.pool.wait_seconds, 3),
                     units_taken=self.source.units_taken, rows_committed=self.writer.rows_committed,
                     fetch_retries=self.fetcher.retries_done, fetches_hung=self.fetcher.hung_fetches,
-                    decodes_past_deadline=decodes_past_deadline(), corrupt_media=damage.counts(),
+                    decodes_past_deadline=decodes_past_deadline(),
+                    corrupt_media={k: n - self._damage_before[k] for k, n in damage.counts().items()},
                     tiers_skipped=self.fetcher.skipped_tiers,
                     cache_bytes=cache.bytes_used if cache else 0,
                     cache_evictions=cache.evictions if cache else 0, suspects_rehearsed=self._rehearsed,
@@ -953,6 +955,7 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
             "failures_by_type": this_by_type,
             "tier_hits": tiers,
             "bytes_fetched": sum(r["bytes_fetched"] for r in ranks),
+            "corrupt_media": {k: sum(r["corrupt_media"][k] for r in ranks) for k in ranks[0]["corrupt_media"]},
             "wall_s": round(wall, 3),
             "items_per_s": round(done / wall, 3) if wall > 0 else None,
         },

@@ -427,6 +427,37 @@ def test_broken_pictures_with_good_sound_fail_only_what_needs_the_pictures(tmp_p
             assert "every video backend failed" in row["result_info"]["error_message"]
 
 
+def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damage(tmp_path):
+    """A 12-s clip whose middle is zeroed: its row covers the whole clip (pictures and speech), and the run's summary
+    (and its printed account) counts the frames held and the audio packets silenced; a rerun with nothing to do
+    counts none (the counts are this run's, though the process is the same)."""
+    import importlib.util
+
+    from pipeline.media import synthetic
+    from tests.conftest import ROOT
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    whole = synthetic.motion_clip(str(tmp_path / "whole.mp4"), seconds=12.0)
+    synthetic.zeroed_middle_copy(whole, str(corpus / "damaged.mp4"))
+    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "d", "video_path": "damaged.mp4"}])
+    raw = base_config(manifest, str(corpus), str(tmp_path / "out"), str(tmp_path / "cache"),
+                      filters={"probe": {}, "static": {}, "speech_cuts": {}})
+    first = _run(raw)
+    (row,) = _rows(str(tmp_path / "out"))
+    assert row["result_info"]["succeed"] and row["result_info"]["decode_backend"] == "pyav"
+    assert row["static"]["windows"][-1]["end_s"] > 11.5 and row["speech_cuts"]["duration_s"] > 11.9
+    damaged = first.summary["this_run"]["corrupt_media"]
+    assert damaged["video_frames_lost"] > 0 and damaged["audio_packets_lost"] > 0
+    spec = importlib.util.spec_from_file_location("run_cli", os.path.join(ROOT, "jobs", "run.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert f"damaged  : {damaged['video_frames_lost']} video frames held" in cli.format_summary(first.summary)
+    again = _run(raw)
+    assert again.summary["this_run"]["corrupt_media"] == {"video_frames_lost": 0, "audio_packets_lost": 0}
+    assert "damaged" not in cli.format_summary(again.summary)
+
+
 def test_several_filters_fill_their_typed_columns(tmp_path, media_dir):
     rows = make_corpus(str(tmp_path / "c"), media_dir, 3)
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
