@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import pyarrow as pa
@@ -180,10 +180,8 @@ class ClipClassifierFilter(VideoFilter):
         return Windows(p.window_s, p.stride_s or p.window_s, self.head["num_frames"], p.start_s, p.end_s,
                        p.max_windows, short_side=self.head["image_size"], spread=not p.stream_windows)
 
-    def _window_stream(self) -> WindowStream:
-        p = self.params
-        request = Windows(p.window_s, p.stride_s or p.window_s, self.head["num_frames"], p.start_s, p.end_s,
-                          p.max_stream_windows, short_side=self.head["image_size"])
+    def _window_stream(self) -> WindowStream:  # the same windows, all through up to their own cap
+        request = replace(self._windows(), max_windows=self.params.max_stream_windows, spread=True)
         return WindowStream(request, _WindowClassifier(self))
 
     def frame_requests(self) -> list:

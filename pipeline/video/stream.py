@@ -132,12 +132,23 @@ def read_all_through(video, request: AtFps | Windows) -> bool:
     return video.meta.num_frames > 1 and (not video.windows(request) or not len(video.indices(request)))
 
 
-def _check_given_up(media: MediaItem) -> None:
-    """``ItemTimeout`` where the rank's watchdog has let the item go: a pass over a film stops at its next group
-    (a group's decode stops at its next frame; the readers' work between decodes, a classifier's windows, would
-    otherwise go on for nobody)."""
+def _readers(streams: list) -> str:
+    """Who reads a pass, for its error message (``the scene cuts and the static filter``)."""
+    return " and ".join(dict.fromkeys(s.reader.what for s in streams))
+
+
+def _decode_group(media: MediaItem, group: Frames, num_frames: int, purpose: str):
+    """One group of a pass decoded (``media.more_frames``). First ``ItemTimeout`` where the rank's watchdog has let
+    the item go: a pass over a film stops at its next group (a group's decode stops at its next frame; the readers'
+    work between decodes, a classifier's windows, would otherwise go on for nobody). A failure is the same error
+    type, naming the group's frames and what the pass is for (``purpose``, after the clip's frame count)."""
     if media.given_up.is_set():
         raise ItemTimeout("the item was given up (runtime.item_timeout_s) while it was read all through")
+    try:
+        return media.more_frames(group)
+    except DecodeError as e:
+        raise type(e)(f"decoding frames {group.indices[0]}-{group.indices[-1]} of the clip's {num_frames}{purpose}, "
+                      f"failed: {e}") from e
 
 
 def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[Stream, Any]:
@@ -158,16 +169,10 @@ def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[S
     side = max(s.max_side for s in streams)
     readings = {s: s.reader.open(device) for s in streams}
     size = group_size(meta.width, meta.height)
+    purpose = f", sampled at {fps:g} a second all through for {_readers(streams)} (stream_long_clips)"
     for g in range(0, len(wanted), size):
-        _check_given_up(media)
         group = Frames(tuple(wanted[g:g + size]), max_side=side)
-        try:
-            more = media.more_frames(group)
-        except DecodeError as e:
-            readers = " and ".join(dict.fromkeys(s.reader.what for s in streams))
-            raise type(e)(f"decoding frames {group.indices[0]}-{group.indices[-1]} of the clip's {meta.num_frames}, "
-                          f"sampled at {fps:g} a second all through for {readers} (stream_long_clips), failed: "
-                          f"{e}") from e
+        more = _decode_group(media, group, meta.num_frames, purpose)
         got = more.indices(group)
         if len(got):
             frames = more.view(group).to(device)
@@ -218,17 +223,13 @@ def read_windows(media: MediaItem, streams: list[WindowStream], device: str) -> 
     windows = request_indices(req, meta.num_frames, meta.fps, meta.timestamps, video.start_s)
     bounds = window_bounds(req, meta.num_frames, meta.fps, meta.timestamps, video.start_s)
     readings = {s: s.reader.open(device) for s in streams}
+    readers = _readers(streams)
     for a, b in window_groups(windows, group_size(meta.width, meta.height)):
-        _check_given_up(media)
         group = Frames(tuple(sorted({i for w in windows[a:b] for i in w})), max_side=req.max_side,
                        short_side=req.short_side)
-        try:
-            more = media.more_frames(group)
-        except DecodeError as e:
-            readers = " and ".join(dict.fromkeys(s.reader.what for s in streams))
-            raise type(e)(f"decoding frames {group.indices[0]}-{group.indices[-1]} of the clip's {meta.num_frames} "
-                          f"for windows {a + 1}-{b} of {len(windows)} ({req.window_s:g} s every {req.stride_s:g} s), "
-                          f"read all through for {readers} (stream_windows), failed: {e}") from e
+        more = _decode_group(media, group, meta.num_frames,
+                             f" for windows {a + 1}-{b} of {len(windows)} ({req.window_s:g} s every "
+                             f"{req.stride_s:g} s), read all through for {readers} (stream_windows)")
         where = {int(i): p for p, i in enumerate(more.indices(group))}
         end = math.inf  # a broken tail: the clip (and its windows, as the item's decode gives them) ends there
         if more.meta.num_frames < meta.num_frames:
