@@ -20,7 +20,6 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,14 +58,13 @@ def measure(code: str, clip: str, model: str, window_s: float, reversed_windows:
 
 
 def _side(code: str, args, stream: bool | None) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, os.path.abspath(__file__), "--code", code, "--clip", args.clip, "--model", args.model,
-               "--window", str(args.window), "--device", args.device, "--json", out.name]
-        cmd += ["--reversed"] if args.reversed else []
-        cmd += [] if stream is None else ["--stream", str(int(stream))]
-        subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
-        with open(out.name) as f:
-            return json.load(f)
+    """One row, measured in a process of its own (``baseline.run_side``: its peak memory is its own)."""
+    from tests.benchmarks.baseline import run_side
+
+    side_args = ["--clip", args.clip, "--model", args.model, "--window", str(args.window), "--device", args.device]
+    side_args += ["--reversed"] if args.reversed else []
+    side_args += [] if stream is None else ["--stream", str(int(stream))]
+    return run_side(__file__, code, side_args, quiet=True)
 
 
 def same_windows(a: dict, b: dict, tol: float = 1e-4) -> bool:
