@@ -5,17 +5,20 @@ inference packages, and no network (the development workplace's ``device`` tool:
 
 Here (with pip and network):
 
-    python tests/gpu/device_kit.py prepare          # wheels for the device's Python, test media, ORT in parts
+    python tests/gpu/device_kit.py prepare          # wheels for the device's Python, test and bench media, ORT
 
-prepare writes ``.whl/`` (small wheels), ``.gpu_media/`` (clips and a long speech recording made with our own
-generators) and ``.ort1/`` ... ``.ortN/`` (the 250 MB onnxruntime-gpu wheel cut into parts of at most 56 MiB),
-all git-ignored, and prints the calls to make: one call per ORT part and one for ``.whl/`` (about 60 MB), back to
-back so that the machine stays held, then the install and the tests with the media. There:
+prepare writes, all git-ignored: ``.whl/`` (av, silero-vad, ultralytics: about 49 MB) and ``.gpu_media/`` (the
+tests' clips and a long speech recording, made with our own generators), which travel in the first call; and
+``.ort1/`` ... ``.ortN/``, one stream cut into parts of at most 56 MiB: a tar of the benchmarks' media
+(``.gpu_bench/``), the decord wheel and the onnxruntime-gpu wheel's contents as tar.xz (203 MB instead of 256: one
+call fewer). It prints the calls to make, back to back so that the machine stays held (it goes back after 30 s
+idle). The first call starts ``tests/gpu/device_bg.sh`` detached: it installs the small wheels and runs the torch
+CUDA tests (``test_cuda_paths.py``) while the parts travel; the last runs ``tests/gpu/device_run.sh``, which joins
+the parts and installs ORT (``python3 tests/gpu/device_kit.py install``), then the ORT tests and the benchmarks.
 
-    python3 tests/gpu/device_kit.py install         # joins the parts, installs every wheel into /tmp/site
-
-and ``export PYTHONPATH=/tmp/site``. Not covered: NVDEC through torchcodec, which needs FFmpeg's shared
-libraries and a torchcodec built for the machine's torch; TensorRT, whose libraries are not on the machine.
+onnx, protobuf and ml_dtypes are not staged: the device image has them (onnx 1.23.1). Not covered: NVDEC through
+torchcodec, which needs FFmpeg's shared libraries and a torchcodec built for the machine's torch (2.11 there);
+TensorRT, whose libraries are not on the machine (the TensorRT test then sees the fallback to CUDA).
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ import glob
 import os
 import subprocess
 import sys
+import tarfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PART = 56 << 20
 ORT = "onnxruntime-gpu==1.31.1"
-SMALL = ["av==18.1.0", "decord==0.6.0", "silero-vad==6.2.3", "ultralytics==8.4.190", "ultralytics-thop",
-         "ultralytics-platform",
-         "onnx==1.23.2", "protobuf", "ml_dtypes"]  # the ONNX exports and the out-of-memory model of tests/gpu
+SMALL = ["av==18.1.0", "silero-vad==6.2.3", "ultralytics==8.4.190", "ultralytics-thop", "ultralytics-platform"]
+LATER = ["decord==0.6.0"]  # in the stream of parts: the first call's 64 MiB hold the rest
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux2010_x86_64", "manylinux1_x86_64"]
 
@@ -44,8 +47,19 @@ def download(spec: str, dest: str, python: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def ort_archive(wheel: str) -> str:
+    """The wheel's files as ``ort.tar.xz`` beside it (xz takes 256 MB to 203; two minutes on two cores, once)."""
+    out = os.path.join(os.path.dirname(wheel), "ort.tar.xz")
+    if not os.path.exists(out):
+        subprocess.run(f"set -e; d=$(mktemp -d); cd $d; unzip -q {wheel}; tar cf - . | xz -9e -T0 > {out}.tmp; "
+                       f"mv {out}.tmp {out}; rm -rf $d", shell=True, check=True)
+    return out
+
+
 def split(path: str, root: str) -> list[str]:
     """Cut ``path`` into ``<root>/.ort<k>/part`` files of at most ``PART`` bytes; returns the folders."""
+    for old in glob.glob(os.path.join(root, ".ort[0-9]*", "part")):
+        os.remove(old)
     folders = []
     with open(path, "rb") as f:
         k = 1
@@ -56,18 +70,15 @@ def split(path: str, root: str) -> list[str]:
                 out.write(chunk)
             folders.append(folder)
             k += 1
-    with open(os.path.join(root, ".ort1", "name"), "w") as f:
-        f.write(os.path.basename(path))
     return folders
 
 
 def join(root: str) -> str:
-    """Reassemble the wheel from the parts (in order) into ``.whl/``; returns its path."""
+    """The stream reassembled from the parts, in order, as ``build/stream.tar``; returns its path."""
     folders = sorted(glob.glob(os.path.join(root, ".ort[0-9]*")), key=lambda p: int(p.rsplit("ort", 1)[1]))
     if not folders:
         raise SystemExit("no .ort<k>/ parts here: carry each of them first")
-    name = open(os.path.join(root, ".ort1", "name")).read().strip()
-    out = os.path.join(root, ".whl", name)
+    out = os.path.join(root, "build", "stream.tar")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "wb") as f:
         for folder in folders:
@@ -88,6 +99,21 @@ def make_media(dest: str) -> None:
     gpu_clips(dest)
 
 
+def bench_media(dest: str) -> None:
+    """What the benchmarks would make with the ffmpeg CLI, which the device lacks: two of bench_signal_filters'
+    720p clips (its blur-filled one is 20 MB) and bench_tonemap's PQ clip."""
+    sys.path.insert(0, ROOT)
+    from pipeline.media import synthetic
+
+    os.makedirs(os.path.join(dest, "signal"), exist_ok=True)
+    synthetic.lavfi_clip(os.path.join(dest, "signal", "plain.mp4"), "testsrc2=size=1280x720:rate=25", 5.0)
+    synthetic.letterboxed_clip(os.path.join(dest, "signal", "letterbox.mp4"), 5.0, "1280x544", "1280x720",
+                               subtitle="a subtitle on the bar")
+    sdr = synthetic.lavfi_clip(os.path.join(dest, "sdr.mp4"), "testsrc2=size=1920x1080:rate=25", 2.0)
+    synthetic.hdr_copy(sdr, os.path.join(dest, "pq.mp4"))
+    os.remove(sdr)
+
+
 def gpu_clips(dest: str) -> dict[str, str]:
     """The clips ``tests/gpu/test_cuda_paths.py`` runs the signal filters and the decoders on, made in ``dest``."""
     from pipeline.media import synthetic
@@ -103,29 +129,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("step", choices=["prepare", "install"])
     parser.add_argument("--python", default="3.12", help="the device's Python version (prepare)")
     parser.add_argument("--target", default="/tmp/site", help="install into this folder (install)")
+    parser.add_argument("--small", action="store_true", help="install: only the first call's wheels (.whl/)")
     args = parser.parse_args(argv)
     whl = os.path.join(ROOT, ".whl")
     if args.step == "prepare":
+        build = os.path.join(ROOT, "build", "gpu")
         os.makedirs(whl, exist_ok=True)
         for spec in SMALL:
             download(spec, whl, args.python)
-        big = os.path.join(ROOT, "build", "ort")
-        download(ORT, big, args.python)
-        folders = split(glob.glob(os.path.join(big, "onnxruntime_gpu-*.whl"))[0], ROOT)
+        for spec in [ORT, *LATER]:
+            download(spec, build, args.python)
         make_media(os.path.join(ROOT, ".gpu_media"))
-        names = [os.path.basename(f) for f in folders]
-        print("device calls, back to back (each within the machine's idle limit of the last):")
-        for name in names + [".whl"]:
+        bench = os.path.join(ROOT, ".gpu_bench")
+        bench_media(bench)
+        stream = os.path.join(build, "stream.tar")
+        with tarfile.open(stream, "w") as tar:
+            tar.add(bench, ".gpu_bench")
+            for w in glob.glob(os.path.join(build, "decord-*.whl")):
+                tar.add(w, os.path.join(".whl2", os.path.basename(w)))
+            tar.add(ort_archive(glob.glob(os.path.join(build, "onnxruntime_gpu-*.whl"))[0]), "ort.tar.xz")
+        names = [os.path.basename(f) for f in split(stream, ROOT)]
+        print("device calls, back to back (each within 30 s of the last's end):")
+        print("  run(carry=['.whl', '.gpu_media'], command='setsid nohup bash tests/gpu/device_bg.sh "
+              ">/dev/null 2>&1 </dev/null & sleep 2; nvidia-smi -L')")
+        for name in names[:-1]:
             print(f"  run(carry=['{name}'], command='ls -la {name}')")
-        print("  run(carry=['.gpu_media'], command='python3 tests/gpu/device_kit.py install && "
-              "PYTHONPATH=/tmp/site MEDIASIEVE_GPU_MEDIA=$PWD/.gpu_media python3 -m pytest -m gpu tests/gpu -ra')")
+        print(f"  run(carry=['{names[-1]}'], command='bash tests/gpu/device_run.sh', timeout_s=600)")
         return 0
-    wheel = join(ROOT)
+    site = args.target
     wheels = sorted(glob.glob(os.path.join(whl, "*.whl")))
+    if not args.small:
+        with tarfile.open(join(ROOT)) as tar:
+            tar.extractall(ROOT, filter="data")
+        with tarfile.open(os.path.join(ROOT, "ort.tar.xz")) as tar:
+            tar.extractall(site, filter="data")
+        wheels = sorted(glob.glob(os.path.join(ROOT, ".whl2", "*.whl")))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--no-cache-dir", "--upgrade", "--target", args.target, *wheels], check=True)
-    print(f"installed {len(wheels)} wheels (with {os.path.basename(wheel)}) into {args.target}; "
-          f"export PYTHONPATH={args.target}")
+                    "--no-cache-dir", "--upgrade", "--target", site, *wheels], check=True)
+    print(f"installed {len(wheels)} wheels{'' if args.small else ' and onnxruntime-gpu'} into {site}; "
+          f"export PYTHONPATH={site}")
     return 0
 
 
