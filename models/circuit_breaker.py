@@ -27,8 +27,10 @@ CUDA_FAILURES = ("CUDNN_STATUS_", "CUBLAS_STATUS_", "illegal memory access", "in
 # BFC arena on either device ("Failed to allocate memory for requested buffer of size N"), cuDNN and cuBLAS work
 # spaces (*_STATUS_ALLOC_FAILED), torch's host allocator ("DefaultCPUAllocator: can't allocate memory"). None of
 # them leaves the CUDA context broken, unlike an illegal memory access, so the process goes on using the GPU.
+# the last: ONNX Runtime's CUDA arena at its gpu_mem_limit ("BFCArena::AllocateRawInternal ... Available memory of
+# 1072693248 is smaller than requested bytes of 4294967296", an onnxruntime Fail seen on an H200)
 _OOM_TEXT = ("out of memory", "failed to allocate memory", "_alloc_failed", "can't allocate memory",
-             "cannot allocate memory")
+             "cannot allocate memory", "is smaller than requested bytes")
 
 _TRIPPED = threading.Event()
 _REASON: list[str] = []

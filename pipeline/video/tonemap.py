@@ -90,14 +90,24 @@ def _table(transfer: str, device: torch.device) -> torch.Tensor:
     key = (transfer, str(device))
     with _TABLES_LOCK:
         if key not in _TABLES:
-            table = torch.zeros((1 << 24, 4), dtype=torch.uint8, device=device)
-            step = 1 << 20
-            for start in range(0, 1 << 24, step):
-                i = torch.arange(start, start + step, dtype=torch.int32, device=device)
-                codes = torch.stack([(i >> 16) & 255, (i >> 8) & 255, i & 255], dim=-1)
-                table[start:start + step, :3] = _map(codes, transfer)
-            _TABLES[key] = table.view(torch.int32).view(-1)
+            _TABLES[key] = _cpu_table(transfer).to(device)
         return _TABLES[key]
+
+
+def _cpu_table(transfer: str) -> torch.Tensor:
+    """The table, made on the CPU: a GPU's pow and exp round a few triples to the next level (seen on an H200:
+    PQ frames one level apart from the CPU's), so another device gets a copy (64 MiB) of these bytes, and NVDEC
+    frames are mapped exactly as CPU-decoded ones. Made under ``_TABLES_LOCK``."""
+    key = (transfer, "cpu")
+    if key not in _TABLES:
+        table = torch.zeros((1 << 24, 4), dtype=torch.uint8)
+        step = 1 << 20
+        for start in range(0, 1 << 24, step):
+            i = torch.arange(start, start + step, dtype=torch.int32)
+            codes = torch.stack([(i >> 16) & 255, (i >> 8) & 255, i & 255], dim=-1)
+            table[start:start + step, :3] = _map(codes, transfer)
+        _TABLES[key] = table.view(torch.int32).view(-1)
+    return _TABLES[key]
 
 
 def tone_map_(frames: torch.Tensor, transfer: str) -> torch.Tensor:

@@ -51,7 +51,9 @@ def test_profile_spans_the_buckets_and_the_options_carry_the_config():
     assert own["trt_engine_cache_path"] == "/local/engines" and own["trt_fp16_enable"] == "1"
     assert "trt_engine_cache_enable" not in provider_options("TensorrtExecutionProvider", OrtParams(), 0)
     assert provider_options("CUDAExecutionProvider", params, 1) == {"device_id": "1",
-                                                                     "cudnn_conv_algo_search": "HEURISTIC"}
+                                                                     "cudnn_conv_algo_search": "HEURISTIC",
+                                                                     "use_tf32": "1"}
+    assert provider_options("CUDAExecutionProvider", OrtParams(tf32=False), 0)["use_tf32"] == "0"
     assert provider_options("CPUExecutionProvider", params, 0) == {}
     # a compute stream of the caller's (the separator's own CUDA stream) reaches both GPU providers, never the CPU
     for gpu in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
@@ -106,8 +108,9 @@ def test_one_log_line_per_model_per_process(conv_model, caplog, tmp_path):
 def test_ort_block_in_the_filter_config(tmp_path):
     (f,) = build_filters((FilterSpec("vfx", "clip_classifier", True, {
         "model_uri": str(tmp_path), "backend": "onnx",
-        "ort": {"graph_optimization_level": "basic", "trt_fp16": False, "trt_workspace_gb": 1.5}}),))
-    assert f.params.ort == OrtParams(graph_optimization_level="basic", trt_fp16=False, trt_workspace_gb=1.5)
+        "ort": {"graph_optimization_level": "basic", "trt_fp16": False, "trt_workspace_gb": 1.5, "tf32": False}}),))
+    assert f.params.ort == OrtParams(graph_optimization_level="basic", trt_fp16=False, trt_workspace_gb=1.5,
+                                     tf32=False)
     with pytest.raises(ConfigError, match="trt_fp32"):
         build_filters((FilterSpec("vfx", "clip_classifier", True,
                                   {"model_uri": str(tmp_path), "ort": {"trt_fp32": True}}),))
