@@ -28,6 +28,7 @@ cp /root/ms_bg.log "$OUT/cuda_paths.log" 2>/dev/null
 echo "== test_cuda_paths (run in the background): $([ -e /root/ms_bg.done ] && echo done || echo NOT DONE)"
 grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|pytest exit|^E " /root/ms_bg.log | head -40
 step ort_tests 200 python3 -m pytest -m gpu tests/gpu/test_ort_cuda.py -ra --tb=short -p no:cacheprovider --durations=5
+[ "${BENCH:-1}" = 0 ] && { echo "== benchmarks skipped (BENCH=0)"; echo "== total $((SECONDS - T0)) s"; exit 0; }
 step bench_onnx 110 python3 tests/benchmarks/bench_onnx.py --repeats 5
 step bench_vad 110 python3 tests/benchmarks/bench_vad.py --device cuda --wav .gpu_media/long.wav --minutes 10 --repeat 3
 step bench_signal 60 python3 tests/benchmarks/bench_signal_filters.py --media .gpu_bench/signal --repeats 3

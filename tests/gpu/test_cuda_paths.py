@@ -4,7 +4,6 @@ Skipped without CUDA (CI never has one); run on a lent GPU machine with ``python
 Media come from MEDIASIEVE_GPU_MEDIA (a folder of clips made elsewhere) when the machine has no ffmpeg CLI.
 """
 
-import os
 import shutil
 
 import pytest
@@ -21,16 +20,6 @@ from pipeline.model_pool import ModelPool, localize_model  # noqa: E402
 from pipeline.video.decoders import available_backends  # noqa: E402
 
 SIGNAL = ("black_borders", "static", "exposure", "sharpness", "scene_cuts")
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    given = os.environ.get("MEDIASIEVE_GPU_MEDIA")
-    if given:
-        return {os.path.splitext(n)[0]: os.path.join(given, n) for n in os.listdir(given)}
-    from tests.gpu.device_kit import gpu_clips
-
-    return gpu_clips(str(tmp_path_factory.mktemp("gpu")))
 
 
 def _item(path, filters):

@@ -176,3 +176,51 @@ def test_a_real_cuda_arena_out_of_memory_splits_the_batch_and_keeps_the_gpu():
     assert torch.equal(batcher(x), torch.arange(16.0) * 2)
     assert batcher.oom_splits >= 1 and batcher.batch_limit < 16
     assert cb.tripped() is None and session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_a_job_asking_for_tensorrt_records_the_provider_in_effect_and_why(tmp_path, classifier, clips):
+    """The ONNX classifier asked for on TensorRT in a job on a GPU rank: where TensorRT's libraries are missing (the
+    lent H200 has no libnvinfer), the rows and the summary say CUDA ran it and name the library; with strict_gpu
+    the rank refuses to start. Where TensorRT loads, they say TensorRT."""
+    _needs("CUDAExecutionProvider")
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.config import build_config, validate_config
+    from pipeline.distributed import DistContext
+    from pipeline.runner import run_rank
+    from tests.conftest import base_config, write_manifest
+
+    model = os.path.dirname(classifier[0])
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for name in ("cut", "motion"):
+        shutil.copy(clips[name], corpus / f"{name}.mp4")
+    manifest = write_manifest(str(tmp_path / "m.parquet"),
+                              [{"video_id": n, "video_path": f"{n}.mp4"} for n in ("cut", "motion")])
+    why = diagnose_provider("TensorrtExecutionProvider")
+    for strict in (False, True):
+        vfx = {"type": "clip_classifier", "model_uri": model, "backend": "onnx", "provider": "tensorrt",
+               "window_s": 1.0, "strict_gpu": strict}
+        raw = base_config(manifest, str(corpus), str(tmp_path / f"out{strict}"), str(tmp_path / "cache"),
+                          runtime={"device": "cuda"}, filters={"probe": {}, "vfx": vfx})
+        cfg = build_config(raw)
+        validate_config(cfg)
+        if strict and why is not None:
+            with pytest.raises(Exception, match="libnvinfer|TensorRT|Tensorrt"):
+                run_rank(cfg, DistContext(), "cuda:0")
+            continue
+        outcome = run_rank(cfg, DistContext(), "cuda:0")
+        assert outcome.summary["this_run"]["succeeded"] == 2
+        (model_row,) = outcome.summary["models"]["vfx"]
+        rows = pq.read_table(str(tmp_path / f"out{strict}" / "parts")).to_pylist()
+        runtimes = [r["vfx"]["runtime"] for r in rows]
+        if why is None:
+            assert model_row["execution_provider"] == "TensorrtExecutionProvider"
+            assert all(rt["execution_provider"] == "TensorrtExecutionProvider" for rt in runtimes)
+        else:
+            assert model_row["execution_provider"] == "CUDAExecutionProvider" and model_row["io_binding"] is True
+            assert "libnvinfer" in model_row["fallback_reason"], model_row
+            assert all(rt == {k: model_row[k] for k in rt} for rt in runtimes)
+
