@@ -577,9 +577,9 @@ def _validate_work(cfg: JobConfig) -> None:
     if cfg.video.reduced_pass_bytes is not None and cfg.video.reduced_pass_bytes < 1:
         raise ConfigError(f"video.reduced_pass_bytes={cfg.video.reduced_pass_bytes} must be 1 or more (null: one "
                           "pass always)")
-    if cfg.video.decode_device == "cuda" and "torchcodec" not in cfg.video.backends:
-        raise ConfigError("video.decode_device: cuda decodes with NVDEC through torchcodec, which is not in "
-                          f"video.backends {list(cfg.video.backends)}")
+    if cfg.video.decode_device == "cuda" and not {"torchcodec", "pyav"} & set(cfg.video.backends):
+        raise ConfigError("video.decode_device: cuda decodes with NVDEC through torchcodec or PyAV, neither of which "
+                          f"is in video.backends {list(cfg.video.backends)}")
     names = [f.name for f in cfg.filters]
     if len(set(names)) != len(names):
         raise ConfigError(f"filters: duplicate filter names {names}")

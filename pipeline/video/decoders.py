@@ -253,6 +253,7 @@ class DecordBackend:
 
 class TorchcodecBackend:
     name = "torchcodec"
+    nvdec = True  # decodes with NVDEC given a cuda device (its CUDA build)
     random_access = True
     chooses_stream = True  # told the main stream's index (``main_video_stream``), as PyAV and the probe choose it
 
@@ -309,7 +310,7 @@ class TorchcodecBackend:
         frames = _in_slices(decoded, indices, stop, per_call)
         fallback = getattr(dec, "cpu_fallback", None)
         if fallback:
-            _log_nvdec_fallback(str(fallback))
+            _log_nvdec_fallback(f"torchcodec: {fallback}")
             return frames.cpu()
         return frames
 
@@ -325,7 +326,7 @@ _NVDEC_FALLBACKS: set[str] = set()
 def _log_nvdec_fallback(status: str) -> None:
     if status not in _NVDEC_FALLBACKS:  # once per reason per process, not once per item
         _NVDEC_FALLBACKS.add(status)
-        log.warning("torchcodec decoded on the CPU instead of NVDEC: %s", status)
+        log.warning("decoded on the CPU instead of NVDEC: %s", status)
 
 
 def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -344,11 +345,13 @@ def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def backend_order(names: tuple[str, ...], nvdec: bool) -> tuple[str, ...]:
     """The configured backends in the order they are tried. ``nvdec`` (``video.decode_device: cuda`` on a GPU rank):
-    torchcodec, the backend that decodes with NVDEC, goes first, and the others stay behind it as CPU fallbacks;
-    otherwise decord, the default first, would decode every file on the CPU and NVDEC would never run."""
-    if not nvdec or "torchcodec" not in names:
+    the backends that decode with NVDEC go first, torchcodec (its frames stay on the GPU; only its CUDA build, from
+    PyTorch's index, has NVDEC) then PyAV (whose PyPI wheels have it), and the others stay behind them as CPU
+    fallbacks; otherwise decord, the default first, would decode every file on the CPU and NVDEC would never run."""
+    if not nvdec:
         return tuple(names)
-    return ("torchcodec", *[n for n in names if n != "torchcodec"])
+    first = [n for n in ("torchcodec", "pyav") if n in names]
+    return (*first, *[n for n in names if n not in first])
 
 
 class PyAVBackend:
@@ -356,6 +359,7 @@ class PyAVBackend:
     its place in a decode from the start; tolerates a broken tail by keeping what decoded."""
 
     name = "pyav"
+    nvdec = True  # decodes with NVDEC given a cuda device (decode)
     random_access = False  # does not trust a container's seeking: right in every container (see decode)
     chooses_stream = True  # decodes ``main_video_stream``, the probe's choice
 
@@ -385,11 +389,29 @@ class PyAVBackend:
         """Frames by index in presentation order. Where a keyframe lies between two wanted frames the decode seeks
         to it instead of decoding the frames between, and every frame is identified by its timestamp, so a seek
         that lands elsewhere (MPEG-TS, open GOPs) is noticed; where timestamps cannot identify frames (AVI) or a
-        seek misses, the whole request is decoded from the start."""
+        seek misses, the whole request is decoded from the start.
+
+        On a GPU (``device`` ``cuda:N``, from ``video.decode_device: cuda``) NVDEC decodes the stream through the
+        FFmpeg that PyAV's wheels carry (built with NVDEC; the CUDA torchcodec is not on PyPI): each frame is
+        downloaded, converted and resized by FFmpeg on the CPU as before, and the frames go to the device. Where
+        NVDEC cannot decode the stream (no CUDA, a codec or profile the chip lacks, any error), it is decoded on the
+        CPU as without a GPU, a warning once per reason saying why: a packet that NVDEC fails on is not taken for a
+        corrupt stretch."""
         index_of = self._indices.take(path) or _FrameIndex.demux(path, stop)
+        if device.startswith("cuda"):
+            try:
+                return self._decode(path, indices, size, stop, prepare, index_of, _nvdec_accel(device)).to(device)
+            except (DecodeCancelled, TruncatedVideo):
+                raise
+            except Exception as e:  # noqa: BLE001 - NVDEC could not: the CPU decode below answers for the file
+                _log_nvdec_fallback(f"pyav: {type(e).__name__}: {e}")
+        return self._decode(path, indices, size, stop, prepare, index_of)
+
+    def _decode(self, path: str, indices: list[int], size: tuple[int, int], stop: threading.Event | None,
+                prepare: Prepare | None, index_of: _FrameIndex | None, hw=None) -> torch.Tensor:
         start = 0
         try:
-            got = self._decode_seeking(path, sorted(set(indices)), size, index_of, stop, prepare)
+            got = self._decode_seeking(path, sorted(set(indices)), size, index_of, stop, prepare, hw)
         except _SeekMiss as e:
             if isinstance(e, _CorruptPacket):  # sound timestamps: in order from the keyframe before the frames
                 start = max(0, index_of.keyframe_at_or_before(min(indices))[0])
@@ -398,14 +420,14 @@ class PyAVBackend:
         else:
             return torch.from_numpy(np.stack([got[i] for i in indices]))
         try:
-            return self._decode_in_order(path, indices, size, stop, prepare, index_of, start)
+            return self._decode_in_order(path, indices, size, stop, prepare, index_of, start, hw)
         except _SeekMiss as e:  # the seek to ``start`` landed after the frames wanted
             log.debug("pyav: decoding %s from the start: %s", path, e)
-            return self._decode_in_order(path, indices, size, stop, prepare, index_of)
+            return self._decode_in_order(path, indices, size, stop, prepare, index_of, hw=hw)
 
     def _decode_seeking(self, path: str, wanted: list[int], size: tuple[int, int],
                         index_of: _FrameIndex | None = None, stop: threading.Event | None = None,
-                        prepare: Prepare | None = None) -> dict[int, np.ndarray]:
+                        prepare: Prepare | None = None, hw=None) -> dict[int, np.ndarray]:
         import av
 
         index_of = index_of or _FrameIndex.demux(path, stop)
@@ -417,9 +439,8 @@ class PyAVBackend:
         pos = -1  # index of the last frame decoded
         frames = None
         try:
-            with av.open(path) as c:
-                stream = main_video_stream(c)
-                stream.thread_type = "AUTO"
+            with _open(path, hw) as c:
+                stream = _decoding_stream(c, hw)
                 step = max(1, int(round(0.5 / float(stream.time_base))))  # half a second in stream ticks
                 by_dts = False  # learnt per file: MPEG-TS lands on a keyframe by its decode time, MP4 by its own
                 for target in wanted:
@@ -449,12 +470,14 @@ class PyAVBackend:
                     if target not in got:
                         raise _SeekMiss(f"frame {target} did not decode in order after a seek")
         except av.error.FFmpegError as e:
+            if hw is not None:
+                raise
             raise _CorruptPacket(f"{type(e).__name__}: {e}") from None
         return got
 
     def _decode_in_order(self, path: str, indices: list[int], size: tuple[int, int],
                          stop: threading.Event | None = None, prepare: Prepare | None = None,
-                         index_of: _FrameIndex | None = None, start: int = 0) -> torch.Tensor:
+                         index_of: _FrameIndex | None = None, start: int = 0, hw=None) -> torch.Tensor:
         """Frames by their place in a decode from the start, a packet at a time. Packets that do not decode (a
         corrupt stretch: a bad sector, a damaged download) are passed over: where the timestamps name frames
         (``index_of``, agreeing with their places so far), the first frame that decodes after them is placed by its
@@ -474,15 +497,16 @@ class PyAVBackend:
         i, prev, failed = -1, None, None  # the last frame's place, that frame, the error of packets since it
         bad, lost, concealed = 0, 0, 0
         landed = not start  # after a seek: the first keyframe decoded has not yet given its place
-        with av.open(path) as c:
-            stream = main_video_stream(c)
-            stream.thread_type = "AUTO"
+        with _open(path, hw) as c:
+            stream = _decoding_stream(c, hw)
             if start:
                 c.seek(int(index_of.pts[start]), stream=stream, backward=True, any_frame=False)
             for packet in c.demux(stream):
                 try:
                     frames = packet.decode()
                 except av.error.FFmpegError as e:
+                    if hw is not None:  # NVDEC failing is not a corrupt stretch: the CPU decode will tell
+                        raise
                     failed, bad = e, bad + 1
                     continue
                 for frame in frames:
@@ -529,6 +553,35 @@ class PyAVBackend:
         if len(got) < len(wanted):
             raise TruncatedVideo(i + 1 if i < last else max(got) + 1)
         return torch.from_numpy(np.stack([got[i] for i in indices]))
+
+
+def _nvdec_accel(device: str):
+    """PyAV's settings for NVDEC on ``device``'s GPU, sharing the CUDA primary context that torch uses (no second
+    context per file), without FFmpeg's silent software fallback (``_decoding_stream`` checks the rest)."""
+    from av.codec.hwaccel import HWAccel
+
+    index = device.split(":")[1] if ":" in device else "0"
+    return HWAccel("cuda", device=index, allow_software_fallback=False, options={"primary_ctx": "1"})
+
+
+def _open(path: str, hw=None):
+    import av
+
+    return av.open(path) if hw is None else av.open(path, hwaccel=hw)
+
+
+def _decoding_stream(container, hw=None):
+    """The main video stream, set to decode with frame threads; with ``hw``, one NVDEC decodes (``NvdecUnavailable``
+    where FFmpeg has no NVDEC decoder for its codec, which PyAV would otherwise decode on the CPU)."""
+    stream = main_video_stream(container)
+    if hw is not None and not stream.codec_context.is_hwaccel:
+        raise NvdecUnavailable(f"no NVDEC decoder for {stream.codec_context.name}")
+    stream.thread_type = "AUTO"
+    return stream
+
+
+class NvdecUnavailable(Exception):
+    """NVDEC cannot decode this stream: the CPU decodes it."""
 
 
 SEEK_MIN_SKIP = 16
@@ -950,8 +1003,9 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
         path: local media file.
         requests: the frame requests of every filter that runs on this item.
         backends: instances from ``available_backends``, in order of preference.
-        device: ``cpu``, or ``cuda:N`` for NVDEC decode where the backend supports it (torchcodec); the result's
-            ``backend`` is then ``torchcodec-nvdec``, or ``torchcodec`` where torchcodec had to decode on the CPU.
+        device: ``cpu``, or ``cuda:N`` for NVDEC decode where the backend supports it (``nvdec``: torchcodec,
+            PyAV); the result's ``backend`` is then ``torchcodec-nvdec`` or ``pyav-nvdec``, and the plain name where
+            the backend had to decode on the CPU.
         max_frames: refuse a plan needing more frames (a hostile file cannot exhaust a worker).
         max_pixels: refuse larger frames.
         max_side: decode downscaled so that the long side is at most this (None: source size).
@@ -1006,7 +1060,7 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
             sizes = " and ".join(f"{len(plan.indices)} frames of {size[0]}x{size[1]}" for _, plan, size in passes)
             raise DecodeError(f"{sizes} would take {need / 2**30:.1f} GiB, over video.max_decoded_bytes="
                               f"{max_bytes / 2**30:.1f} GiB (set video.decode_max_side to decode smaller)")
-        dev = device if backend.name == "torchcodec" else "cpu"
+        dev = device if getattr(backend, "nvdec", False) else "cpu"
         videos = []
         for reqs, plan, size in passes:  # the reduced pass second: it takes a broken tail the first one found
             video = _decode_pass(backend, path, reqs, plan, meta, size, dev, offset, stop, first_field)

@@ -31,7 +31,7 @@ import sys
 import tarfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PART = 56 << 20
+PART = 61 << 20  # with the tree (about 1.5 MB) under a call's 64 MiB
 ORT = "onnxruntime-gpu==1.31.1"
 SMALL = ["av==18.1.0", "silero-vad==6.2.3", "ultralytics==8.4.190", "ultralytics-thop", "ultralytics-platform"]
 LATER = ["decord==0.6.0"]  # in the stream of parts: the first call's 64 MiB hold the rest
@@ -101,7 +101,7 @@ def make_media(dest: str) -> None:
 
 def bench_media(dest: str) -> None:
     """What the benchmarks would make with the ffmpeg CLI, which the device lacks: two of bench_signal_filters'
-    720p clips (its blur-filled one is 20 MB) and bench_tonemap's PQ clip."""
+    720p clips (its blur-filled one is 20 MB), bench_tonemap's PQ clip and bench_nvdec's clips."""
     sys.path.insert(0, ROOT)
     from pipeline.media import synthetic
 
@@ -112,15 +112,21 @@ def bench_media(dest: str) -> None:
     sdr = synthetic.lavfi_clip(os.path.join(dest, "sdr.mp4"), "testsrc2=size=1920x1080:rate=25", 2.0)
     synthetic.hdr_copy(sdr, os.path.join(dest, "pq.mp4"))
     os.remove(sdr)
+    from tests.benchmarks.bench_nvdec import make_clips
+
+    os.makedirs(os.path.join(dest, "nvdec"), exist_ok=True)
+    make_clips(os.path.join(dest, "nvdec"))
 
 
 def gpu_clips(dest: str) -> dict[str, str]:
     """The clips ``tests/gpu/test_cuda_paths.py`` runs the signal filters and the decoders on, made in ``dest``."""
     from pipeline.media import synthetic
 
+    cut = synthetic.two_scene_clip(os.path.join(dest, "cut.mp4"))
     return {"letterbox": synthetic.letterboxed_clip(os.path.join(dest, "letterbox.mp4"),
                                                     subtitle="Subtitles on the bar"),
-            "cut": synthetic.two_scene_clip(os.path.join(dest, "cut.mp4")),
+            "cut": cut,
+            "rotated": synthetic.rotated_copy(cut, os.path.join(dest, "rotated.mp4"), 90),  # a phone held sideways
             "blurfill": synthetic.blur_filled_clip(os.path.join(dest, "blurfill.mp4"), seconds=1.0)}
 
 

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The last device call: join the parts and install onnxruntime-gpu, collect the torch CUDA tests that
 # device_bg.sh ran, then the ORT CUDA tests and the benchmarks, each capped so that the whole ends inside the
-# call's 600 s. Logs go to $OUT (at most 8 files come back).
+# call's 600 s. Logs go to $OUT (at most 8 files come back). STEPS="ort_tests bench_nvdec" runs only those steps.
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 BUDGET=${BUDGET:-540}
@@ -11,6 +11,7 @@ export PYTHONUNBUFFERED=1 MEDIASIEVE_GPU_MEDIA=$PWD/.gpu_media
 step() {  # step NAME CAP command...: run with the smaller of CAP and what is left, log to $OUT/NAME.log
   local name=$1 cap=$2 left=$((BUDGET - (SECONDS - T0)))
   shift 2
+  case " ${STEPS:-all} " in *" all "*|*" $name "*) ;; *) echo "== $name: not in STEPS"; return;; esac
   [ "$left" -lt 15 ] && { echo "== $name: skipped, $left s left"; return; }
   [ "$cap" -gt "$left" ] && cap=$left
   echo "== $name (cap $cap s, at $((SECONDS - T0)) s)"
@@ -28,7 +29,7 @@ cp /root/ms_bg.log "$OUT/cuda_paths.log" 2>/dev/null
 echo "== test_cuda_paths (run in the background): $([ -e /root/ms_bg.done ] && echo done || echo NOT DONE)"
 grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|pytest exit|^E " /root/ms_bg.log | head -40
 step ort_tests 200 python3 -m pytest -m gpu tests/gpu/test_ort_cuda.py -ra --tb=short -p no:cacheprovider --durations=5
-[ "${BENCH:-1}" = 0 ] && { echo "== benchmarks skipped (BENCH=0)"; echo "== total $((SECONDS - T0)) s"; exit 0; }
+step bench_nvdec 150 python3 tests/benchmarks/bench_nvdec.py --media .gpu_bench/nvdec
 step bench_onnx 110 python3 tests/benchmarks/bench_onnx.py --repeats 5
 step bench_vad 110 python3 tests/benchmarks/bench_vad.py --device cuda --wav .gpu_media/long.wav --minutes 10 --repeat 3
 step bench_signal 60 python3 tests/benchmarks/bench_signal_filters.py --media .gpu_bench/signal --repeats 3

@@ -175,6 +175,57 @@ def test_torchcodec_nvdec_decode_matches_cpu(clips):
     assert (small.frames.float().cpu() - small_cpu.frames.float()).abs().mean() < 4.0
 
 
+def test_pyav_nvdec_decode_matches_cpu(clips):
+    """NVDEC through the FFmpeg in PyAV's wheels: the frames of the CPU decode (H.264 decodes bit-exactly; FFmpeg
+    converts and resizes both on the CPU), phone rotation applied, on the GPU and labelled ``pyav-nvdec``."""
+    from pipeline.video.decoders import decode_video
+    from pipeline.video.sampling import Uniform
+
+    backends = available_backends(("pyav",))
+    for name in ("cut", "motion720", "rotated"):
+        for max_side in (None, 160):
+            gpu = decode_video(clips[name], [Uniform(8)], backends, device="cuda:0", max_side=max_side)
+            cpu = decode_video(clips[name], [Uniform(8)], backends, max_side=max_side)
+            assert gpu.backend == "pyav-nvdec" and gpu.frames.is_cuda, (name, gpu.backend)
+            assert gpu.frames.shape == cpu.frames.shape and gpu.plan.indices == cpu.plan.indices
+            diff = (gpu.frames.cpu().float() - cpu.frames.float()).abs()
+            assert diff.mean() < 0.5 and diff.max() <= 8, (name, max_side, float(diff.mean()), float(diff.max()))
+
+
+def test_job_decoding_with_nvdec_on_a_gpu_rank(tmp_path, clips):
+    """``video.decode_device: cuda`` with PyAV: every clip decoded by NVDEC, the rows saying so, and the signal
+    filters' results those of PyAV's CPU decode (the same FFmpeg converts and resizes both)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import build_config, validate_config
+    from pipeline.distributed import DistContext
+    from pipeline.runner import run_rank
+    from tests.conftest import base_config
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    names = ("cut", "letterbox", "rotated")
+    for name in names:
+        shutil.copy(clips[name], corpus / f"{name}.mp4")
+    pq.write_table(pa.Table.from_pylist([{"video_id": n, "video_path": f"{n}.mp4"} for n in names]),
+                   str(tmp_path / "m.parquet"))
+    rows = {}
+    for decode in ("cpu", "cuda"):
+        raw = base_config(str(tmp_path / "m.parquet"), str(corpus), str(tmp_path / decode), str(tmp_path / "cache"),
+                          runtime={"device": "cuda"}, video={"decode_device": decode, "backends": ["pyav"]},
+                          filters={n: {} for n in ("black_borders", "scene_cuts")})
+        cfg = build_config(raw)
+        validate_config(cfg)
+        assert run_rank(cfg, DistContext(), "cuda:0").summary["this_run"]["succeeded"] == len(names)
+        rows[decode] = {r["video_id"]: r for r in pq.read_table(str(tmp_path / decode / "parts")).to_pylist()}
+    for name in names:
+        assert rows["cuda"][name]["result_info"]["decode_backend"] == "pyav-nvdec", rows["cuda"][name]
+        assert rows["cpu"][name]["result_info"]["decode_backend"] == "pyav"
+        for f in ("black_borders", "scene_cuts"):
+            _same(rows["cuda"][name][f], rows["cpu"][name][f], (name, f))
+
+
 def test_silero_vad_and_audio_pipeline_on_cuda(clips):
     import numpy as np
 

@@ -127,7 +127,10 @@ def test_cli_strict_gpu_flag_reaches_the_recorded_config(tmp_path, media_dir):
     assert recorded["config"]["runtime"]["strict_gpu"] is True
 
 
-def test_nvdec_decode_without_torchcodec_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"NVDEC through torchcodec, which is not in video.backends \['decord'"):
-        load_config(_write(tmp_path, _good(tmp_path)), ["video.decode_device=cuda", "video.backends=[decord, pyav]"])
+def test_nvdec_decode_without_an_nvdec_backend_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"NVDEC through torchcodec or PyAV, neither of which is in video.backends "
+                                          r"\['decord', 'pillow'\]"):
+        load_config(_write(tmp_path, _good(tmp_path)), ["video.decode_device=cuda", "video.backends=[decord, pillow]"])
     assert load_config(_write(tmp_path, _good(tmp_path)), ["video.decode_device=cuda"]).video.decode_device == "cuda"
+    assert load_config(_write(tmp_path, _good(tmp_path)),
+                       ["video.decode_device=cuda", "video.backends=[decord, pyav]"]).video.backends == ("decord", "pyav")

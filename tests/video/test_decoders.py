@@ -173,9 +173,9 @@ def test_a_seeking_decode_that_meets_a_corrupt_stretch_decodes_from_the_keyframe
     _, bad = corrupt_middle
     starts, real = [], PyAVBackend._decode_in_order
 
-    def recorded(self, path, indices, size, stop=None, prepare=None, index_of=None, start=0):
+    def recorded(self, path, indices, size, stop=None, prepare=None, index_of=None, start=0, hw=None):
         starts.append(start)
-        return real(self, path, indices, size, stop, prepare, index_of, start)
+        return real(self, path, indices, size, stop, prepare, index_of, start, hw)
 
     monkeypatch.setattr(PyAVBackend, "_decode_in_order", recorded)
     some = decode_video(bad, [Frames(tuple(range(240, 290)))], available_backends(("pyav",)))
@@ -540,10 +540,29 @@ def test_windows_and_every_kth_over_their_cap_spread_over_the_clip():
     assert idx == list(range(0, 1000, 10))
 
 
-def test_nvdec_puts_torchcodec_first_and_keeps_the_rest_as_fallbacks():
-    assert backend_order(ALL, nvdec=True) == ("torchcodec", "decord", "pyav")
+def test_nvdec_puts_torchcodec_and_pyav_first_and_keeps_the_rest_as_fallbacks():
+    assert backend_order(ALL, nvdec=True) == ("torchcodec", "pyav", "decord")
     assert backend_order(("pyav", "torchcodec"), nvdec=True) == ("torchcodec", "pyav")
+    assert backend_order(("decord", "pyav", "pillow"), nvdec=True) == ("pyav", "decord", "pillow")
     assert backend_order(ALL, nvdec=False) == ALL  # CPU decode, or a CPU rank: the configured order
+
+
+def test_pyav_nvdec_where_there_is_no_gpu_decodes_on_the_cpu_and_says_why(clips, monkeypatch, caplog):
+    """PyAV asked for NVDEC on a machine without a GPU (this one: FFmpeg cannot create the CUDA device): the frames
+    are the CPU decode's, on the CPU, labelled ``pyav`` (not ``pyav-nvdec``), and the reason is logged once."""
+    import logging
+
+    import pipeline.video.decoders as dec
+
+    monkeypatch.setattr(dec, "_NVDEC_FALLBACKS", set())
+    (backend,) = available_backends(("pyav",))
+    ref = decode_video(clips["h264"], [Uniform(8)], [backend], max_side=160)
+    with caplog.at_level(logging.WARNING, logger="pipeline.video.decoders"):
+        got = [decode_video(clips["h264"], [Uniform(8)], [backend], device="cuda:0", max_side=160) for _ in range(2)]
+    for v in got:
+        assert v.backend == "pyav" and v.frames.device.type == "cpu" and torch.equal(v.frames, ref.frames)
+    why = [r.getMessage() for r in caplog.records if "instead of NVDEC" in r.getMessage()]
+    assert len(why) == 1 and why[0].startswith("decoded on the CPU instead of NVDEC: pyav: "), why
 
 
 def test_cpu_rank_ignores_nvdec_and_decodes_with_the_configured_order(tmp_path, clips):
@@ -605,7 +624,7 @@ def test_nvdec_path_slices_resizes_and_owns_up_to_a_cpu_fallback(clips, monkeypa
         assert v.backend == "torchcodec" and v.frames.device.type == "cpu" and v.frames.shape == (8, 120, 160, 3)
         assert torch.equal(v.frames, resize_frames(ref.frames, (160, 120)))
     assert [r.getMessage() for r in caplog.records].count(
-        "torchcodec decoded on the CPU instead of NVDEC: CPU fallback: video not supported by NVDEC") == 1
+        "decoded on the CPU instead of NVDEC: torchcodec: CPU fallback: video not supported by NVDEC") == 1
 
 
 @pytest.mark.parametrize("ext,codec", [("mp3", "libmp3lame"), ("m4a", "aac")])
