@@ -223,9 +223,10 @@ class VideoConfig:
     """Decoder backends in order of preference; the next takes over when one cannot open or decode a file
     (``pillow``: animated WebP, which FFmpeg does not decode)."""
     decode_device: Literal["cpu", "cuda"] = "cpu"
-    """``cuda``: NVDEC decode through torchcodec onto the rank's GPU (measure first: CPU is often faster for
-    small resolutions). torchcodec is then tried first on GPU ranks, the other backends after it on the CPU, and
-    ``result_info.decode_backend`` reads ``torchcodec-nvdec`` for what NVDEC decoded."""
+    """``cuda``: NVDEC decode on the rank's GPU through torchcodec's CUDA build or PyAV (measure first: CPU decode
+    was faster on an H200's 16 cores; NVDEC saved CPU time where frames are decoded small). torchcodec and PyAV
+    are then tried first on GPU ranks, the other backends after them on the CPU, and
+    ``result_info.decode_backend`` reads ``torchcodec-nvdec`` or ``pyav-nvdec`` for what NVDEC decoded."""
     max_frames: int = 8192
     """An item whose frame plan needs more frames fails (a hostile file cannot exhaust a worker; the memory they take
     is bounded by ``max_decoded_bytes``). 2048 before: the users' four classifiers (48 frames, 64 windows each,

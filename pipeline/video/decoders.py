@@ -560,8 +560,10 @@ def _nvdec_accel(device: str):
     context per file), without FFmpeg's silent software fallback (``_decoding_stream`` checks the rest)."""
     from av.codec.hwaccel import HWAccel
 
-    index = device.split(":")[1] if ":" in device else "0"
-    return HWAccel("cuda", device=index, allow_software_fallback=False, options={"primary_ctx": "1"})
+    index = int(device.split(":")[1]) if ":" in device else 0
+    torch.cuda.set_device(index)
+    torch.cuda.current_stream().query()  # torch's primary context current in this (decode) thread, for current_ctx
+    return HWAccel("cuda", device=str(index), allow_software_fallback=False, options={"current_ctx": "1"})
 
 
 def _open(path: str, hw=None):
@@ -734,9 +736,20 @@ def _upright_rgb(frame, size: tuple[int, int], prepare: Prepare | None = None) -
     other backends' frames."""
     k = quarter_turns(getattr(frame, "rotation", 0))
     w, h = (size[1], size[0]) if k % 2 else size
+    planar = SEMI_PLANAR.get(frame.format.name)
+    if planar is not None:  # NVDEC's download: repacked (exactly) so that FFmpeg converts it as a CPU decode's
+        frame = frame.reformat(format=planar)
     rgb = frame.to_ndarray(format="rgb24", width=w, height=h)
     rgb = np.rot90(rgb, k) if k else rgb
     return rgb if prepare is None else prepare(torch.from_numpy(np.ascontiguousarray(rgb))[None])[0].numpy()
+
+
+SEMI_PLANAR = {"nv12": "yuv420p", "nv21": "yuv420p", "nv16": "yuv422p", "nv24": "yuv444p", "p010le": "yuv420p10le",
+               "p016le": "yuv420p16le"}
+"""Pixel formats with interleaved chroma (what NVDEC hands over) and their planar twins (what a CPU decoder gives).
+FFmpeg's scaler converts the two to RGB differently (its planar path repeats each chroma sample, the other
+interpolates): 2.2 levels apart on average and up to 189 at sharp colour edges, measured on an H200 against the
+CPU decode of the same H.264. The repacking is exact, and the RGB then equals the CPU decode's."""
 
 
 class TruncatedVideo(Exception):

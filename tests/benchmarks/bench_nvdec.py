@@ -22,6 +22,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from pipeline.errors import DependencyError  # noqa: E402
 from pipeline.video.decoders import available_backends, decode_video  # noqa: E402
 from pipeline.video.sampling import Uniform  # noqa: E402
 
@@ -36,6 +37,14 @@ def make_clips(d: str) -> list[str]:
                                  codec=("-c:v", "libx265", "-preset", "veryfast", "-crf", "32", "-tag:v", "hvc1")),
             synthetic.lavfi_clip(os.path.join(d, "h264_2160p.mp4"), src.format("3840x2160"), 8.0,
                                  codec=("-c:v", "libx264", "-preset", "veryfast", "-crf", "32"))]
+
+
+def installed(name: str) -> list:
+    """The backend, or nothing where it is not installed here."""
+    try:
+        return available_backends((name,))
+    except DependencyError:
+        return []
 
 
 def measure(path: str, backend, device: str, frames: int, max_side: int | None, repeats: int) -> dict:
@@ -65,9 +74,9 @@ def main() -> int:
     gpu = "cuda:0" if torch.cuda.is_available() else None
     pyav = available_backends(("pyav",))[0]
     modes = [("PyAV, CPU", pyav, "cpu")] + ([("PyAV, NVDEC", pyav, gpu)] if gpu else [])
-    modes += [(f"{b.name}, CPU", b, "cpu") for b in available_backends(("decord",))]
+    modes += [(f"{b.name}, CPU", b, "cpu") for b in installed("decord")]
     if gpu:  # a CUDA build of torchcodec (PyTorch's index) decodes with NVDEC; PyPI's does not
-        modes += [(f"{b.name}, NVDEC", b, gpu) for b in available_backends(("torchcodec",))]
+        modes += [(f"{b.name}, NVDEC", b, gpu) for b in installed("torchcodec")]
     print(f"\n{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"GPU {torch.cuda.get_device_name(0) if gpu else 'none'}; best of {args.repeats}")
     print(f"{'clip':<18}{'decoded at':<12}{'mode':<18}{'backend':<16}{'frames':>7}{'wall s':>9}{'CPU s':>8}"

@@ -547,6 +547,30 @@ def test_nvdec_puts_torchcodec_and_pyav_first_and_keeps_the_rest_as_fallbacks():
     assert backend_order(ALL, nvdec=False) == ALL  # CPU decode, or a CPU rank: the configured order
 
 
+@pytest.mark.parametrize("pix_fmt,color_range", [("yuv420p", "tv"), ("yuvj420p", "pc")])
+def test_nvdecs_semi_planar_frames_convert_as_the_cpu_decodes_frames(tmp_path, pix_fmt, color_range):
+    """NVDEC hands over NV12 where a CPU decoder gives yuv420p (the same samples, chroma interleaved). Those frames,
+    made here from a CPU decode's by FFmpeg (an exact repacking), give the CPU decode's RGB bytes at the source
+    size and resized, limited and full range; converted as NV12 they would not (the gap seen on an H200)."""
+    import av
+    import numpy as np
+
+    from pipeline.media import synthetic
+    from pipeline.video.decoders import _upright_rgb
+
+    path = synthetic.lavfi_clip(str(tmp_path / "c.mp4"), "testsrc2=size=320x240:rate=25", 0.2, pix_fmt=pix_fmt,
+                                extra=("-color_range", color_range))
+    with av.open(path) as c:
+        frames = [f for f in c.decode(video=0)][:3]
+    for f in frames:
+        nv12 = f.reformat(format="nv12")
+        assert nv12.format.name == "nv12" and nv12.color_range == f.color_range
+        for size in ((320, 240), (160, 120)):
+            assert np.array_equal(_upright_rgb(nv12, size), _upright_rgb(f, size))
+        direct = nv12.to_ndarray(format="rgb24").astype(int)
+        assert np.abs(direct - f.to_ndarray(format="rgb24")).max() > 50  # what the repacking avoids
+
+
 def test_pyav_nvdec_where_there_is_no_gpu_decodes_on_the_cpu_and_says_why(clips, monkeypatch, caplog):
     """PyAV asked for NVDEC on a machine without a GPU (this one: FFmpeg cannot create the CUDA device): the frames
     are the CPU decode's, on the CPU, labelled ``pyav`` (not ``pyav-nvdec``), and the reason is logged once."""
