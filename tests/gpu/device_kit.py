@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -57,9 +58,10 @@ def ort_archive(wheel: str) -> str:
 
 
 def split(path: str, root: str) -> list[str]:
-    """Cut ``path`` into ``<root>/.ort<k>/part`` files of at most ``PART`` bytes; returns the folders."""
-    for old in glob.glob(os.path.join(root, ".ort[0-9]*", "part")):
-        os.remove(old)
+    """Cut ``path`` into ``<root>/.ort<k>/part`` files of at most ``PART`` bytes (the parts of an earlier stream
+    removed first); returns the folders."""
+    for old in glob.glob(os.path.join(root, ".ort[0-9]*")):  # an earlier, longer stream's parts
+        shutil.rmtree(old)
     folders = []
     with open(path, "rb") as f:
         k = 1
