@@ -95,9 +95,9 @@ def _table(transfer: str, device: torch.device) -> torch.Tensor:
 
 
 def _cpu_table(transfer: str) -> torch.Tensor:
-    """The table, made on the CPU: a GPU's pow and exp round a few triples to the next level (seen on an H200:
-    PQ frames one level apart from the CPU's), so another device gets a copy (64 MiB) of these bytes, and NVDEC
-    frames are mapped exactly as CPU-decoded ones. Made under ``_TABLES_LOCK``."""
+    """The table, made on the CPU: made on a GPU, its float arithmetic (pow, exp) rounded some triples otherwise
+    (seen on an H200: PQ frames not byte-equal to the CPU's), so another device gets a copy (64 MiB) of these
+    bytes, and NVDEC frames are mapped exactly as CPU-decoded ones. Made under ``_TABLES_LOCK``."""
     key = (transfer, "cpu")
     if key not in _TABLES:
         table = torch.zeros((1 << 24, 4), dtype=torch.uint8)
