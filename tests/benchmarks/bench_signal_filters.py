@@ -78,17 +78,24 @@ def added(old: list, new: list) -> set[str]:
     return {k for o, n in zip(old, new) if isinstance(o, dict) and isinstance(n, dict) for k in n.keys() - o.keys()}
 
 
-def _clips(directory: str | None) -> list[str]:
-    if directory:
-        return [os.path.join(directory, n) for n in sorted(os.listdir(directory))]
+def make_clips(d: str, blur_fill: bool = True) -> list[str]:
+    """The benchmark's 5-s 720p clips in ``d`` (the ffmpeg CLI): plain, letterboxed with a subtitle on the bar, and
+    blur-filled (20 MB; ``device_kit`` leaves it out)."""
     sys.path.insert(0, ROOT)
     from pipeline.media import synthetic
 
-    d = tempfile.mkdtemp()
-    return [synthetic.lavfi_clip(os.path.join(d, "plain.mp4"), "testsrc2=size=1280x720:rate=25", 5.0),
-            synthetic.letterboxed_clip(os.path.join(d, "letterbox.mp4"), 5.0, "1280x544", "1280x720",
-                                       subtitle="a subtitle on the bar"),
-            synthetic.blur_filled_clip(os.path.join(d, "blur_fill.mp4"), "404x720", "1280x720", 5.0)]
+    clips = [synthetic.lavfi_clip(os.path.join(d, "plain.mp4"), "testsrc2=size=1280x720:rate=25", 5.0),
+             synthetic.letterboxed_clip(os.path.join(d, "letterbox.mp4"), 5.0, "1280x544", "1280x720",
+                                        subtitle="a subtitle on the bar")]
+    if blur_fill:
+        clips.append(synthetic.blur_filled_clip(os.path.join(d, "blur_fill.mp4"), "404x720", "1280x720", 5.0))
+    return clips
+
+
+def _clips(directory: str | None) -> list[str]:
+    if directory:
+        return [os.path.join(directory, n) for n in sorted(os.listdir(directory))]
+    return make_clips(tempfile.mkdtemp())
 
 
 def main() -> int:

@@ -37,17 +37,21 @@ def per_frame_ms(fn, frames: torch.Tensor, device: str) -> float:
     return (time.perf_counter() - t) / frames.shape[0] * 1000
 
 
+def make_clip(d: str) -> str:
+    """A 2-s 1080p PQ (smpte2084) clip in ``d`` (the ffmpeg CLI), its SDR source removed."""
+    sdr = synthetic.lavfi_clip(os.path.join(d, "sdr.mp4"), "testsrc2=size=1920x1080:rate=25", 2.0)
+    hdr = synthetic.hdr_copy(sdr, os.path.join(d, "pq.mp4"))
+    os.remove(sdr)
+    return hdr
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--clip", help="a PQ (smpte2084) clip to use instead of making one (needs the ffmpeg CLI)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        if args.clip:
-            hdr = args.clip
-        else:
-            sdr = synthetic.lavfi_clip(os.path.join(d, "sdr.mp4"), "testsrc2=size=1920x1080:rate=25", 2.0)
-            hdr = synthetic.hdr_copy(sdr, os.path.join(d, "pq.mp4"))
+        hdr = args.clip or make_clip(d)
         full = decode_video(hdr, [Uniform(args.frames)], available_backends(("pyav",))).frames
         small = decode_video(hdr, [Uniform(args.frames)], available_backends(("pyav",)), max_side=455).frames
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

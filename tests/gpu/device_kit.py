@@ -9,7 +9,7 @@ Here (with pip and network):
 
 prepare writes, all git-ignored: ``.whl/`` (av, silero-vad, ultralytics: about 49 MB) and ``.gpu_media/`` (the
 tests' clips and a long speech recording, made with our own generators), which travel in the first call; and
-``.ort1/`` ... ``.ortN/``, one stream cut into parts of at most 56 MiB: a tar of the benchmarks' media
+``.ort1/`` ... ``.ortN/``, one stream cut into parts of at most 61 MiB (``PART``): a tar of the benchmarks' media
 (``.gpu_bench/``), the decord wheel and the onnxruntime-gpu wheel's contents as tar.xz (203 MB instead of 256: one
 call fewer). It prints the calls to make, back to back so that the machine stays held (it goes back after 30 s
 idle). The first call starts ``tests/gpu/device_bg.sh`` detached: it installs the small wheels and runs the torch
@@ -105,19 +105,13 @@ def bench_media(dest: str) -> None:
     """What the benchmarks would make with the ffmpeg CLI, which the device lacks: two of bench_signal_filters'
     720p clips (its blur-filled one is 20 MB), bench_tonemap's PQ clip and bench_nvdec's clips."""
     sys.path.insert(0, ROOT)
-    from pipeline.media import synthetic
+    from tests.benchmarks import bench_nvdec, bench_signal_filters, bench_tonemap
 
-    os.makedirs(os.path.join(dest, "signal"), exist_ok=True)
-    synthetic.lavfi_clip(os.path.join(dest, "signal", "plain.mp4"), "testsrc2=size=1280x720:rate=25", 5.0)
-    synthetic.letterboxed_clip(os.path.join(dest, "signal", "letterbox.mp4"), 5.0, "1280x544", "1280x720",
-                               subtitle="a subtitle on the bar")
-    sdr = synthetic.lavfi_clip(os.path.join(dest, "sdr.mp4"), "testsrc2=size=1920x1080:rate=25", 2.0)
-    synthetic.hdr_copy(sdr, os.path.join(dest, "pq.mp4"))
-    os.remove(sdr)
-    from tests.benchmarks.bench_nvdec import make_clips
-
-    os.makedirs(os.path.join(dest, "nvdec"), exist_ok=True)
-    make_clips(os.path.join(dest, "nvdec"))
+    for sub in ("signal", "nvdec"):
+        os.makedirs(os.path.join(dest, sub), exist_ok=True)
+    bench_signal_filters.make_clips(os.path.join(dest, "signal"), blur_fill=False)
+    bench_tonemap.make_clip(dest)
+    bench_nvdec.make_clips(os.path.join(dest, "nvdec"))
 
 
 def gpu_clips(dest: str) -> dict[str, str]:

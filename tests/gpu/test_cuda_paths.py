@@ -196,24 +196,23 @@ def test_pyav_nvdec_decode_matches_cpu(clips):
 def test_job_decoding_with_nvdec_on_a_gpu_rank(tmp_path, clips):
     """``video.decode_device: cuda`` with PyAV: every clip decoded by NVDEC, the rows saying so, and the signal
     filters' results those of PyAV's CPU decode (the same FFmpeg converts and resizes both)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.config import build_config, validate_config
     from pipeline.distributed import DistContext
     from pipeline.runner import run_rank
-    from tests.conftest import base_config
+    from tests.conftest import base_config, write_manifest
 
     corpus = tmp_path / "c"
     corpus.mkdir()
     names = ("cut", "letterbox", "rotated")
     for name in names:
         shutil.copy(clips[name], corpus / f"{name}.mp4")
-    pq.write_table(pa.Table.from_pylist([{"video_id": n, "video_path": f"{n}.mp4"} for n in names]),
-                   str(tmp_path / "m.parquet"))
+    manifest = write_manifest(str(tmp_path / "m.parquet"),
+                              [{"video_id": n, "video_path": f"{n}.mp4"} for n in names])
     rows = {}
     for decode in ("cpu", "cuda"):
-        raw = base_config(str(tmp_path / "m.parquet"), str(corpus), str(tmp_path / decode), str(tmp_path / "cache"),
+        raw = base_config(manifest, str(corpus), str(tmp_path / decode), str(tmp_path / "cache"),
                           runtime={"device": "cuda"}, video={"decode_device": decode, "backends": ["pyav"]},
                           filters={n: {} for n in ("black_borders", "scene_cuts")})
         cfg = build_config(raw)
