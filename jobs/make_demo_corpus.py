@@ -67,6 +67,7 @@ def make_corpus(out: str) -> str:
     synthetic.zeroed_middle_copy(damaged, os.path.join(corpus, "video/damaged.mp4"))
     os.remove(damaged)
     add("damaged", "video/damaged.mp4", "12 s with 2% of its bytes zeroed at the middle: decoded past (a warning, "
+        "the row's result_info.video_frames_lost and audio_packets_lost, "
         "corrupt_media in the metrics)")
     synthetic.speech_wav(os.path.join(corpus, "audio/speech.wav"), SPEECH)
     add("speech", "audio/speech.wav", "speech")

@@ -227,6 +227,8 @@ class RankWorkers:
             "fetch_attempts": fetched.attempts if fetched else None,
             "decode_backend": media.decode_backend if media else None,
             "frames_decoded": media.frames_decoded if media else None,
+            "video_frames_lost": media.damage.video_frames_lost if media and media.frames_decoded is not None else None,
+            "audio_packets_lost": media.damage.audio_packets_lost if media else None,
             "rank": self.rank,
             "host": self.host,
             "device": self.device,
@@ -312,6 +314,7 @@ class RankWorkers:
         damage.current_item.set(item_id)  # warnings about the file name the item
         media = MediaItem(item_id, task.fetched.local_path, task.fetched.bytes,
                           self.frame_requests, self.cfg.video, self.backends, self.device)
+        damage.current_damage.set(media.damage)  # its decodes' corrupt stretches, for its row
         suspect = item_id in self.suspects
         if suspect:
             try:

@@ -37,6 +37,8 @@ RESULT_INFO_TYPE = pa.struct([
     ("fetch_attempts", pa.int32()),
     ("decode_backend", pa.string()),
     ("frames_decoded", pa.int64()),
+    ("video_frames_lost", pa.int64()),
+    ("audio_packets_lost", pa.int64()),
     ("rank", pa.int32()),
     ("host", pa.string()),
     ("device", pa.string()),

@@ -114,8 +114,8 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         raise DecodeError(f"audio does not decode: {type(failed).__name__}: {failed}") from failed
     if not parts:
         raise DecodeError("audio stream holds no samples")
+    damage.audio_decoded(bad)
     if bad:
-        damage.record("audio_packets_lost", bad)
         log.warning("%d audio packets of %s did not decode; the time they held is silence where the frames after "
                     "them say where they belong (a corrupt stretch), else the audio ends there", bad, damage.where(path))
     audio = np.concatenate(parts, axis=1).astype(np.float32, copy=False)

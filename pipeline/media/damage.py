@@ -1,15 +1,16 @@
-"""Corrupt stretches decoded past, counted per process for the metrics log and Prometheus (``corrupt_media``).
+"""Corrupt stretches decoded past: counted per process for the metrics log and Prometheus (``corrupt_media``), and
+per item for its row (``result_info.video_frames_lost``, ``result_info.audio_packets_lost``).
 
 A frame lost in a corrupt stretch of a video is the frame shown before it, and a lost audio packet is silence
-(``PyAVBackend._decode_in_order``, ``decode_audio``): the item succeeds, a warning names the file, and these counts
-show an operator how much of a corpus was damaged. The rows do not say it: a field in ``result_info`` would change
-the schema that a rerun over an earlier version's output resumes in.
+(``PyAVBackend._decode_in_order``, ``decode_audio``): the item succeeds, a warning names the file, its row says how
+much was lost, and the process's counts show an operator how much of a corpus was damaged.
 """
 
 from __future__ import annotations
 
 import contextvars
 import threading
+from collections.abc import Iterable
 
 _LOCK = threading.Lock()
 _COUNTS = {"video_frames_lost": 0, "audio_packets_lost": 0}
@@ -20,6 +21,49 @@ current_item: contextvars.ContextVar[str | None] = contextvars.ContextVar("curre
 its caller's context), so that a warning about a file names the item, not the node cache's name for it."""
 
 
+class ItemDamage:
+    """What one item's decodes found lost in corrupt stretches, for its row.
+
+    Video frames are kept by their place in the clip, so a frame that two decodes of the item pass over (the first
+    pass and a second one at a reduced size, a scene cut placed at its frame) counts once. Audio packets are the most
+    that one decode of the item passed over (each decode of the same stream meets the same packets). A decode that
+    does not reach a stretch (frames sampled either side of it) does not see it: the counts are what the item's
+    decodes met, not a scan of the file.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._video: set[int] = set()
+        self._audio: int | None = None
+
+    def add_video(self, frames: Iterable[int]) -> None:
+        """The places of video frames lost (held) in a decode of the item."""
+        with self._lock:
+            self._video.update(frames)
+
+    def add_audio(self, packets: int) -> None:
+        """A finished audio decode of the item, and the packets it passed over (0: none)."""
+        with self._lock:
+            self._audio = max(self._audio or 0, packets)
+
+    @property
+    def video_frames_lost(self) -> int:
+        """Distinct video frames lost in the item's decodes."""
+        with self._lock:
+            return len(self._video)
+
+    @property
+    def audio_packets_lost(self) -> int | None:
+        """Audio packets lost in the item's audio decode; None where no audio decode of it finished."""
+        with self._lock:
+            return self._audio
+
+
+current_damage: contextvars.ContextVar[ItemDamage | None] = contextvars.ContextVar("current_damage", default=None)
+"""The tally of the item the thread works on (``MediaItem.damage``, set by the rank's consumer with
+``current_item``), where the decoders add what they lose; None outside an item (a decode called on its own)."""
+
+
 def where(path: str) -> str:
     """``path`` and, where known, the item it holds, for a warning."""
     item = current_item.get()
@@ -27,9 +71,29 @@ def where(path: str) -> str:
 
 
 def record(kind: str, n: int) -> None:
-    """Count ``n`` more of ``kind`` (``video_frames_lost`` or ``audio_packets_lost``)."""
+    """Count ``n`` more of ``kind`` (``video_frames_lost`` or ``audio_packets_lost``) for this process."""
     with _LOCK:
         _COUNTS[kind] += n
+
+
+def video_lost(frames: list[int]) -> None:
+    """Frames (their places) that a video decode lost in corrupt stretches: counted for the process and, where the
+    thread works on an item, kept in the item's tally."""
+    if frames:
+        record("video_frames_lost", len(frames))
+    tally = current_damage.get()
+    if tally is not None:
+        tally.add_video(frames)
+
+
+def audio_decoded(packets_lost: int) -> None:
+    """An audio decode finished, having passed over ``packets_lost`` packets: counted for the process and, where
+    the thread works on an item, in the item's tally (0 too: its row then says the audio decoded whole)."""
+    if packets_lost:
+        record("audio_packets_lost", packets_lost)
+    tally = current_damage.get()
+    if tally is not None:
+        tally.add_audio(packets_lost)
 
 
 def counts() -> dict[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
+from pipeline.media.damage import ItemDamage
 from pipeline.media.probe import MediaInfo, probe_media
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ class MediaItem:
         self._streamed: dict[object, object] = {}
         self.decode_backend: str | None = None
         self.frames_decoded: int | None = None
+        self.damage = ItemDamage()
+        """What its decodes lost in corrupt stretches (the rank's consumer makes it ``damage.current_damage``)."""
         self.given_up = threading.Event()
         """Set when the rank's watchdog gives the item up (``runtime.item_timeout_s``): its decodes stop at their
         next frame, and no further filter runs on it."""

@@ -495,7 +495,7 @@ class PyAVBackend:
         got: dict[int, np.ndarray] = {}
         agrees = index_of is not None and index_of.pts is not None and not index_of.repeats
         i, prev, failed = -1, None, None  # the last frame's place, that frame, the error of packets since it
-        bad, lost, concealed = 0, 0, 0
+        bad, lost, concealed = 0, [], 0  # packets that did not decode, the places of the frames they held
         landed = not start  # after a seek: the first keyframe decoded has not yet given its place
         with _open(path, hw) as c:
             stream = _decoding_stream(c, hw)
@@ -526,7 +526,7 @@ class PyAVBackend:
                             if k in wanted:
                                 got[k] = _upright_rgb(prev if prev is not None else frame, size, prepare)
                                 concealed += 1
-                        lost += j - i - 1
+                        lost += range(i + 1, j)
                         i, failed = j - 1, None
                     i += 1
                     if agrees and index_of.get(frame.pts) != i:
@@ -545,9 +545,10 @@ class PyAVBackend:
                 raise failed
             log.debug("pyav: broken tail after %d frames: %s", i + 1, failed)
         if lost:
-            damage.record("video_frames_lost", lost)
+            damage.video_lost(lost)
             log.warning("pyav: %d packets of %s did not decode: %d frames lost in the middle of the clip, the %d of "
-                        "them asked for are the frame shown before them", bad, damage.where(path), lost, concealed)
+                        "them asked for are the frame shown before them", bad, damage.where(path), len(lost),
+                        concealed)
         if not got:
             raise DecodeError("no frame decoded")
         if len(got) < len(wanted):

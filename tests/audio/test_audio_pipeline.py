@@ -216,8 +216,13 @@ def test_a_corrupt_stretch_in_a_recording_is_silence_and_the_rest_keeps_its_plac
     synthetic._ffmpeg(["-i", _wav(str(tmp_path / "speech.wav"), long_speech), *encode, clean])
     ref = decode_audio(clean)
     before = damage.counts()["audio_packets_lost"]
-    with caplog.at_level(logging.WARNING, logger="pipeline.audio.decode"):
-        got = decode_audio(synthetic.zeroed_middle_copy(clean, str(tmp_path / f"bad.{ext}")))
+    tally = damage.ItemDamage()
+    token = damage.current_damage.set(tally)  # as the rank's consumer sets it: the item's row counts the packets
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.audio.decode"):
+            got = decode_audio(synthetic.zeroed_middle_copy(clean, str(tmp_path / f"bad.{ext}")))
+    finally:
+        damage.current_damage.reset(token)
     assert len(got) == pytest.approx(len(ref), abs=0.04 * 16000)  # an MP3 frame at most
     zero = np.flatnonzero(got[:-1] == 0)
     lost = zero[(zero > len(ref) * 0.3) & (zero < len(ref) * 0.7)]  # the stretch: exact zeros where ref speaks
@@ -228,6 +233,7 @@ def test_a_corrupt_stretch_in_a_recording_is_silence_and_the_rest_keeps_its_plac
     assert np.array_equal(got[: lost[0] - 16000], ref[: lost[0] - 16000])
     warned = any("audio packets" in r.getMessage() and "did not decode" in r.getMessage() for r in caplog.records)
     assert warned == reported and (damage.counts()["audio_packets_lost"] > before) == reported  # corrupt_media
+    assert tally.audio_packets_lost == damage.counts()["audio_packets_lost"] - before  # 0 for the FLAC: decoded whole
 
 
 def test_a_corrupt_stretch_in_a_variable_bit_rate_mp3_ends_it(tmp_path, long_speech):

@@ -213,11 +213,13 @@ def test_the_command_line_refuses_a_live_run_and_bad_arguments(tmp_path):
     assert _cli("--config", str(config), "--target-mb", "0").returncode == 2
     missing = _cli("--config", str(config), f"output.dir={tmp_path / 'typo'}")
     assert missing.returncode == 2 and "no output at" in missing.stderr and not (tmp_path / "typo").exists()
-    parts_before = len(os.listdir(os.path.join(out, "parts")))
-    dry = _cli("--config", str(config), "--target-mb", "0.05", "--dry-run")  # parts of about 7 kB: 7 a target
+    parts = [os.path.join(out, "parts", p) for p in os.listdir(os.path.join(out, "parts"))]
+    parts_before = len(parts)
+    target = f"{7.5 * max(map(os.path.getsize, parts)) / 2**20:.4f}"  # 7 parts of the largest size to a target
+    dry = _cli("--config", str(config), "--target-mb", target, "--dry-run")
     assert dry.returncode == 0 and re.search(r"would merge 1\d parts into 2 ", dry.stdout), dry.stdout + dry.stderr
     assert len(os.listdir(os.path.join(out, "parts"))) == parts_before  # the dry run wrote nothing
-    done = _cli("--config", str(config), "--target-mb", "0.05")
+    done = _cli("--config", str(config), "--target-mb", target)
     assert done.returncode == 0 and " merged " in done.stdout, done.stderr
     assert len(os.listdir(os.path.join(out, "parts"))) < parts_before
     assert not os.path.exists(os.path.join(out, "_lease.json"))  # released

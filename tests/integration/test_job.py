@@ -428,10 +428,12 @@ def test_broken_pictures_with_good_sound_fail_only_what_needs_the_pictures(tmp_p
 
 
 def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damage(tmp_path):
-    """A 12-s clip whose middle is zeroed: its row covers the whole clip (pictures and speech), and the run's summary
-    (and its printed account) counts the frames held and the audio packets silenced; a rerun with nothing to do
-    counts none (the counts are this run's, though the process is the same)."""
+    """A 12-s clip whose middle is zeroed: its row covers the whole clip (pictures and speech) and says what was lost
+    (``video_frames_lost``, ``audio_packets_lost``; 0 on the clean clip, null where nothing decoded), so a reader can
+    leave damaged clips out; the run's summary (and its printed account) counts the frames held and the audio packets
+    silenced; a rerun with nothing to do counts none (the counts are this run's, though the process is the same)."""
     import importlib.util
+    import shutil
 
     from pipeline.media import synthetic
     from tests.conftest import ROOT
@@ -440,15 +442,26 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     corpus.mkdir()
     whole = synthetic.motion_clip(str(tmp_path / "whole.mp4"), seconds=12.0)
     synthetic.zeroed_middle_copy(whole, str(corpus / "damaged.mp4"))
-    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "d", "video_path": "damaged.mp4"}])
+    shutil.copy(whole, corpus / "whole.mp4")
+    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "d", "video_path": "damaged.mp4"},
+                                                            {"video_id": "w", "video_path": "whole.mp4"},
+                                                            {"video_id": "m", "video_path": "missing.mp4"}])
     raw = base_config(manifest, str(corpus), str(tmp_path / "out"), str(tmp_path / "cache"),
                       filters={"probe": {}, "static": {}, "speech_cuts": {}})
     first = _run(raw)
-    (row,) = _rows(str(tmp_path / "out"))
+    rows = {r["video_id"]: r for r in _rows(str(tmp_path / "out"))}
+    row = rows["d"]
     assert row["result_info"]["succeed"] and row["result_info"]["decode_backend"] == "pyav"
     assert row["static"]["windows"][-1]["end_s"] > 11.5 and row["speech_cuts"]["duration_s"] > 11.9
     damaged = first.summary["this_run"]["corrupt_media"]
     assert damaged["video_frames_lost"] > 0 and damaged["audio_packets_lost"] > 0
+    info = row["result_info"]
+    assert 0 < info["video_frames_lost"] <= damaged["video_frames_lost"]  # the process counts each decode's
+    assert info["audio_packets_lost"] == damaged["audio_packets_lost"]  # one audio decode
+    clean = rows["w"]["result_info"]
+    assert clean["succeed"] and clean["video_frames_lost"] == 0 and clean["audio_packets_lost"] == 0
+    missing = rows["m"]["result_info"]
+    assert not missing["succeed"] and missing["video_frames_lost"] is None and missing["audio_packets_lost"] is None
     spec = importlib.util.spec_from_file_location("run_cli", os.path.join(ROOT, "jobs", "run.py"))
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)

@@ -203,6 +203,34 @@ def test_a_corrupt_stretchs_warning_names_the_item(corrupt_middle, caplog):
     assert damage.current_item.get() is None  # set in the consumer's context only
 
 
+def test_an_items_tally_counts_a_frame_two_decodes_lose_once(corrupt_middle):
+    """The item's row says how many frames its decodes lost (``result_info.video_frames_lost``): two decodes of the
+    same stretch (a first pass and a stream's group over it) lose the same frames, which the item counts once and the
+    process's ``corrupt_media`` twice (it counts decoding work); a decode in another item's context does not touch
+    this item's tally, and a decode outside any item touches none."""
+    import contextvars
+
+    from pipeline.media import damage
+
+    _, bad = corrupt_middle
+    mine, other = damage.ItemDamage(), damage.ItemDamage()
+    before = damage.counts()["video_frames_lost"]
+
+    def as_the_consumer(tally, requests):
+        damage.current_damage.set(tally)
+        for request in requests:
+            decode_video(bad, [request], available_backends(("pyav",)))
+
+    contextvars.copy_context().run(as_the_consumer, mine, [Frames(tuple(range(500))), Frames(tuple(range(240, 290)))])
+    lost = mine.video_frames_lost
+    assert lost > 0 and damage.counts()["video_frames_lost"] == before + 2 * lost
+    assert mine.audio_packets_lost is None  # no audio decoded: null in the row, not 0
+    contextvars.copy_context().run(as_the_consumer, other, [Frames(tuple(range(200)))])  # before the stretch
+    assert other.video_frames_lost == 0 and mine.video_frames_lost == lost
+    decode_video(bad, [Frames(tuple(range(500)))], available_backends(("pyav",)))
+    assert damage.current_damage.get() is None and mine.video_frames_lost == lost
+
+
 def test_a_targeted_decode_that_its_backend_fails_falls_back_like_a_first_decode(corrupt_middle):
     """A scene cut's frames or a stream's group across a corrupt stretch: the backend that decoded the item (decord
     here, whose frames lay outside the stretch) fails on them, and the next backends are tried, as in a first
