@@ -58,6 +58,20 @@ def _progress(fs, files: list[str], run_id: str, left: int) -> dict[str, Any]:
             "eta_s": round(left / rate) if rate > 0 else None}
 
 
+def damaged_items(fs, files: list[str]) -> int | None:
+    """Success rows whose decodes lost video frames or audio packets in corrupt stretches
+    (``result_info.video_frames_lost``, ``audio_packets_lost``); None where the parts predate those fields."""
+    if not files:
+        return 0
+    data = ds.dataset(files, format="parquet", filesystem=fs)
+    info = data.schema.field("result_info").type
+    if info.get_field_index("video_frames_lost") < 0 or info.get_field_index("audio_packets_lost") < 0:
+        return None
+    lost = pc.field("result_info", "succeed") & (
+        (pc.field("result_info", "video_frames_lost") > 0) | (pc.field("result_info", "audio_packets_lost") > 0))
+    return data.count_rows(filter=lost)
+
+
 def job_status(cfg: JobConfig) -> dict[str, Any]:
     """The job's state from its committed output, its manifest, its lease and its crash ledger.
 
@@ -66,8 +80,9 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
 
     Returns:
         A JSON-ready mapping: ``run`` (live or not, the last complete run), ``items`` (manifest, succeeded, failed
-        by type, without a row), ``next_run`` (items the next run would process), ``output`` (part files, rows,
-        interrupted compactions, second success rows of items) and ``crashes`` (ledger entries, refused items).
+        by type, without a row, succeeded past corrupt stretches: ``damaged_items``), ``next_run`` (items the next
+        run would process), ``output`` (part files, rows, interrupted compactions, second success rows of items) and
+        ``crashes`` (ledger entries, refused items).
     """
     out = cfg.output
     fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
@@ -115,7 +130,7 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
         "output_dir": out.dir,
         "run": run,
         "items": {"manifest": total, "succeeded": succeeded, "failed": len(latest), "failures_by_type": by_type,
-                  "without_row": total - succeeded - len(latest),
+                  "without_row": total - succeeded - len(latest), "damaged": damaged_items(fs, files),
                   "done_fraction": round(succeeded / total, 6) if total else None},
         "next_run": {"would_process": pending, "retry_failed": cfg.resume.retry_failed},
         "output": {"part_files": len(files), "rows": state.rows, "interrupted_compactions": len(plans),
@@ -144,7 +159,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"mediasieve job at {status['output_dir']}",
         f"  run      : {state}",
         f"  items    : {items['manifest']} in the manifest; {items['succeeded']} succeeded{share}, {items['failed']} "
-        f"failed {json.dumps(items['failures_by_type'])}, {items['without_row']} without a row",
+        f"failed {json.dumps(items['failures_by_type'])}, {items['without_row']} without a row"
+        + (f"; {items['damaged']} succeeded past corrupt stretches (result_info.video_frames_lost, "
+           "audio_packets_lost)" if items.get("damaged") else ""),
         f"  next run : would process {nxt['would_process']} items"
         + {True: " (failed ones retried)", False: " (failed ones skipped)",
            "retryable": " (failed ones retried where their failure is retryable)"}[nxt["retry_failed"]],

@@ -13,6 +13,7 @@ from pipeline.distributed import DistContext
 from pipeline.errors import OutputLockedError
 from pipeline.resume import OutputLease
 from pipeline.runner import run_rank
+from pipeline.status import format_status, job_status
 from tests.conftest import base_config, make_corpus, probe_type_of_previous_version, write_manifest
 from tests.s3server import FaultProxy
 
@@ -462,6 +463,10 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     assert clean["succeed"] and clean["video_frames_lost"] == 0 and clean["audio_packets_lost"] == 0
     missing = rows["m"]["result_info"]
     assert not missing["succeed"] and missing["video_frames_lost"] is None and missing["audio_packets_lost"] is None
+    cfg = build_config(raw)
+    validate_config(cfg)
+    status = job_status(cfg)
+    assert status["items"]["damaged"] == 1 and "1 succeeded past corrupt stretches" in format_status(status)
     spec = importlib.util.spec_from_file_location("run_cli", os.path.join(ROOT, "jobs", "run.py"))
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)

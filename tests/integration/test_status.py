@@ -52,7 +52,7 @@ def test_status_after_a_complete_run_agrees_with_its_summary_and_writes_nothing(
     assert status["run"]["live"] is False and status["run"]["complete"] is True
     assert status["run"]["last_summary"]["run_id"] == outcome.run_id
     assert status["items"] == {"manifest": 8, "succeeded": total["succeeded"], "failed": total["failed"],
-                               "failures_by_type": total["failures_by_type"], "without_row": 0,
+                               "failures_by_type": total["failures_by_type"], "without_row": 0, "damaged": 0,
                                "done_fraction": round(5 / 8, 6)}
     assert total["failures_by_type"] == {"DecodeError": 2, "NotFoundError": 1}
     assert status["next_run"] == {"would_process": 3, "retry_failed": True}  # the failures, retried
@@ -149,3 +149,25 @@ def test_status_and_compact_read_the_output_without_loading_the_work(tmp_path, m
     run = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "run.py"), "--config", str(config)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "no_such_param" in run.stderr
+
+
+def test_status_of_parts_older_than_the_damage_fields_says_unknown(tmp_path):
+    """Parts written before ``result_info`` had ``video_frames_lost`` and ``audio_packets_lost``: how many items
+    succeeded past corrupt stretches is unknown (None), not 0; with the fields it is counted."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.status import damaged_items
+
+    fs = fsspec.filesystem("file")
+    old = str(tmp_path / "old.parquet")
+    pq.write_table(pa.table({"video_id": ["a"], "result_info": [{"succeed": True, "frames_decoded": 8}]}), old)
+    assert damaged_items(fs, [old]) is None
+    new = str(tmp_path / "new.parquet")
+    infos = [{"succeed": True, "video_frames_lost": 3, "audio_packets_lost": None},
+             {"succeed": True, "video_frames_lost": 0, "audio_packets_lost": 2},
+             {"succeed": True, "video_frames_lost": 0, "audio_packets_lost": 0},
+             {"succeed": False, "video_frames_lost": None, "audio_packets_lost": None}]
+    pq.write_table(pa.table({"video_id": list("abcd"), "result_info": infos}), new)
+    assert damaged_items(fs, [new]) == 2 and damaged_items(fs, []) == 0
