@@ -229,6 +229,8 @@ class RankWorkers:
             "frames_decoded": media.frames_decoded if media else None,
             "video_frames_lost": media.damage.video_frames_lost if media and media.frames_decoded is not None else None,
             "audio_packets_lost": media.damage.audio_packets_lost if media else None,
+            "corrupt_spans": media.damage.spans if media and (
+                media.frames_decoded is not None or media.damage.audio_packets_lost is not None) else None,
             "rank": self.rank,
             "host": self.host,
             "device": self.device,

@@ -39,6 +39,8 @@ RESULT_INFO_TYPE = pa.struct([
     ("frames_decoded", pa.int64()),
     ("video_frames_lost", pa.int64()),
     ("audio_packets_lost", pa.int64()),
+    ("corrupt_spans", pa.list_(pa.struct([("stream", pa.string()), ("start_s", pa.float64()),
+                                          ("end_s", pa.float64())]))),
     ("rank", pa.int32()),
     ("host", pa.string()),
     ("device", pa.string()),

@@ -69,6 +69,7 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         jump_s = DISCONTINUITY_S if timestamps_may_jump(container) else None  # a splice, not missing audio
         first = True
         bad, failed = 0, None  # packets that did not decode (a corrupt stretch), and the last one's error
+        placed, spans = 0, []  # the bad packets whose silence is placed; the seconds that silence spans
         try:
             for frame in _frames(container, stream):
                 if isinstance(frame, av.error.FFmpegError):
@@ -77,6 +78,7 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
                 if given_up is not None and given_up.is_set():
                     raise ItemTimeout("the item was given up (runtime.item_timeout_s) while its audio decoded")
                 t = frame.time  # seconds on the file's timeline; None where the stream has no timestamps
+                before = total
                 if t is not None:
                     gap = t - expected
                     if gap * sample_rate >= 0.5 and (first or GAP_S < gap and (jump_s is None or gap < jump_s)):
@@ -90,6 +92,10 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
                     expected = t + step if jump_s is not None and abs(gap) >= jump_s else max(expected, t + step)
                 else:  # untimed (FLAC frames decoded out of a corrupt stretch): it plays after the one before
                     expected += frame.samples / float(frame.sample_rate or sample_rate)
+                if bad > placed:  # the first frame after a corrupt stretch: the silence before it is the stretch's
+                    if total > before:
+                        spans.append((before / sample_rate, total / sample_rate))
+                    placed = bad
                 first = False
                 # a broadcast recording switches between stereo and 5.1, or 48 and 44.1 kHz, at an ad break
                 fmt = (frame.format.name, frame.layout.name, frame.sample_rate)
@@ -114,7 +120,7 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         raise DecodeError(f"audio does not decode: {type(failed).__name__}: {failed}") from failed
     if not parts:
         raise DecodeError("audio stream holds no samples")
-    damage.audio_decoded(bad)
+    damage.audio_decoded(bad, spans)
     if bad:
         log.warning("%d audio packets of %s did not decode; the time they held is silence where the frames after "
                     "them say where they belong (a corrupt stretch), else the audio ends there", bad, damage.where(path))

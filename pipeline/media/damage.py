@@ -1,5 +1,5 @@
 """Corrupt stretches decoded past: counted per process for the metrics log and Prometheus (``corrupt_media``), and
-per item for its row (``result_info.video_frames_lost``, ``result_info.audio_packets_lost``).
+per item for its row (``result_info.video_frames_lost``, ``audio_packets_lost`` and ``corrupt_spans``).
 
 A frame lost in a corrupt stretch of a video is the frame shown before it, and a lost audio packet is silence
 (``PyAVBackend._decode_in_order``, ``decode_audio``): the item succeeds, a warning names the file, its row says how
@@ -35,16 +35,38 @@ class ItemDamage:
         self._lock = threading.Lock()
         self._video: set[int] = set()
         self._audio: int | None = None
+        self._spans: dict[str, list[tuple[float, float]]] = {"video": [], "audio": []}
 
-    def add_video(self, frames: Iterable[int]) -> None:
-        """The places of video frames lost (held) in a decode of the item."""
+    def add_video(self, frames: Iterable[int], spans: Iterable[tuple[float, float]] = ()) -> None:
+        """The places of video frames lost (held) in a decode of the item, and the stretches' spans in seconds on
+        the file's timeline (the frames held and those decoded from damaged references after them)."""
         with self._lock:
             self._video.update(frames)
+            self._spans["video"] += spans
 
-    def add_audio(self, packets: int) -> None:
-        """A finished audio decode of the item, and the packets it passed over (0: none)."""
+    def add_audio(self, packets: int, spans: Iterable[tuple[float, float]] = ()) -> None:
+        """A finished audio decode of the item, the packets it passed over (0: none) and the spans of silence put
+        in their place, in seconds on the file's timeline."""
         with self._lock:
             self._audio = max(self._audio or 0, packets)
+            self._spans["audio"] += spans
+
+    @property
+    def spans(self) -> list[dict]:
+        """Each stream's spans (``stream``, ``start_s``, ``end_s``), overlapping ones (two decodes of one stretch)
+        merged, video first, each stream's in time order."""
+        with self._lock:
+            spans = {k: sorted(v) for k, v in self._spans.items()}
+        out = []
+        for stream, found in spans.items():
+            merged: list[list[float]] = []
+            for a, b in found:
+                if merged and a <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            out += [{"stream": stream, "start_s": round(a, 6), "end_s": round(b, 6)} for a, b in merged]
+        return out
 
     @property
     def video_frames_lost(self) -> int:
@@ -76,24 +98,25 @@ def record(kind: str, n: int) -> None:
         _COUNTS[kind] += n
 
 
-def video_lost(frames: list[int]) -> None:
-    """Frames (their places) that a video decode lost in corrupt stretches: counted for the process and, where the
-    thread works on an item, kept in the item's tally."""
+def video_lost(frames: list[int], spans: list[tuple[float, float]] = ()) -> None:
+    """Frames (their places) that a video decode lost in corrupt stretches, and the stretches' spans (seconds on the
+    file's timeline): counted for the process and, where the thread works on an item, kept in the item's tally."""
     if frames:
         record("video_frames_lost", len(frames))
     tally = current_damage.get()
     if tally is not None:
-        tally.add_video(frames)
+        tally.add_video(frames, spans)
 
 
-def audio_decoded(packets_lost: int) -> None:
-    """An audio decode finished, having passed over ``packets_lost`` packets: counted for the process and, where
-    the thread works on an item, in the item's tally (0 too: its row then says the audio decoded whole)."""
+def audio_decoded(packets_lost: int, spans: list[tuple[float, float]] = ()) -> None:
+    """An audio decode finished, having passed over ``packets_lost`` packets whose time is silence at ``spans``
+    (seconds on the file's timeline): counted for the process and, where the thread works on an item, in the item's
+    tally (0 too: its row then says the audio decoded whole)."""
     if packets_lost:
         record("audio_packets_lost", packets_lost)
     tally = current_damage.get()
     if tally is not None:
-        tally.add_audio(packets_lost)
+        tally.add_audio(packets_lost, spans)
 
 
 def counts() -> dict[str, int]:

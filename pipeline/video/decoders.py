@@ -496,6 +496,7 @@ class PyAVBackend:
         agrees = index_of is not None and index_of.pts is not None and not index_of.repeats
         i, prev, failed = -1, None, None  # the last frame's place, that frame, the error of packets since it
         bad, lost, concealed = 0, [], 0  # packets that did not decode, the places of the frames they held
+        spans: list[tuple[float, float]] = []  # seconds from the first frame that the stretches spoil
         landed = not start  # after a seek: the first keyframe decoded has not yet given its place
         with _open(path, hw) as c:
             stream = _decoding_stream(c, hw)
@@ -526,7 +527,9 @@ class PyAVBackend:
                             if k in wanted:
                                 got[k] = _upright_rgb(prev if prev is not None else frame, size, prepare)
                                 concealed += 1
-                        lost += range(i + 1, j)
+                        if j > i + 1:
+                            lost += range(i + 1, j)
+                            spans.append(index_of.damaged_span(i + 1, j))
                         i, failed = j - 1, None
                     i += 1
                     if agrees and index_of.get(frame.pts) != i:
@@ -545,7 +548,8 @@ class PyAVBackend:
                 raise failed
             log.debug("pyav: broken tail after %d frames: %s", i + 1, failed)
         if lost:
-            damage.video_lost(lost)
+            offset = timeline_offset(path)  # the rows' times are on the file's timeline
+            damage.video_lost(lost, [(a + offset, b + offset) for a, b in spans])
             log.warning("pyav: %d packets of %s did not decode: %d frames lost in the middle of the clip, the %d of "
                         "them asked for are the frame shown before them", bad, damage.where(path), len(lost),
                         concealed)
@@ -703,6 +707,22 @@ class _FrameIndex:
         if self.may_jump and len(t) > 1 and np.diff(t).max() >= DISCONTINUITY_S:
             return None
         return t - t[0]
+
+    def damaged_span(self, first: int, after: int) -> tuple[float, float]:
+        """Seconds from the first frame spanned by a corrupt stretch: from frame ``first`` (the first lost) to the
+        keyframe at or after frame ``after`` (the first decoded after the stretch), the frames between decoding from
+        damaged references; to the clip's end where no keyframe follows. Where the clock is spliced
+        (``timestamps`` None) frames are timed by their count at the clip's usual frame duration."""
+        t = self.timestamps()
+        if t is None:
+            step = float(np.median(np.diff(self.pts))) * self.time_base if len(self.pts) > 1 else 0.0
+            t = np.arange(len(self.pts), dtype=np.float64) * step
+        k = int(np.searchsorted(self.key_positions, after))
+        if k < len(self.key_positions):
+            end = t[int(self.key_positions[k])]
+        else:
+            end = t[-1] + (t[-1] - t[-2] if len(t) > 1 else 0.0)
+        return float(t[first]), float(end)
 
     def get(self, pts: int | None) -> int | None:
         """The presentation index of the frame with this timestamp (None: no packet has it)."""

@@ -234,6 +234,15 @@ def test_a_corrupt_stretch_in_a_recording_is_silence_and_the_rest_keeps_its_plac
     warned = any("audio packets" in r.getMessage() and "did not decode" in r.getMessage() for r in caplog.records)
     assert warned == reported and (damage.counts()["audio_packets_lost"] > before) == reported  # corrupt_media
     assert tally.audio_packets_lost == damage.counts()["audio_packets_lost"] - before  # 0 for the FLAC: decoded whole
+    if reported:  # the row's span of the silence: where the clean decode spoke and this one is silent
+        (span,) = tally.spans
+        assert span["stream"] == "audio"
+        a, b = round(span["start_s"] * 16000), round(span["end_s"] * 16000)
+        assert b - a > 0.5 * 16000 and not got[a + 1:b - 1].any()  # silence all through
+        spoken = lost[np.abs(ref[lost]) > 0.05]  # silent where the clean decode speaks: inside the span
+        assert a - 0.05 * 16000 <= spoken[0] and spoken[-1] <= b + 0.05 * 16000
+    else:
+        assert tally.spans == []
 
 
 def test_a_corrupt_stretch_in_a_variable_bit_rate_mp3_ends_it(tmp_path, long_speech):

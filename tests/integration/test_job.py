@@ -459,10 +459,15 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     info = row["result_info"]
     assert 0 < info["video_frames_lost"] <= damaged["video_frames_lost"]  # the process counts each decode's
     assert info["audio_packets_lost"] == damaged["audio_packets_lost"]  # one audio decode
+    spans = {s["stream"]: s for s in info["corrupt_spans"]}  # one stretch: a span in each stream, from mid-clip
+    assert set(spans) == {"video", "audio"} and all(3 < s["start_s"] < s["end_s"] <= 12 for s in spans.values())
+    assert spans["audio"]["end_s"] < 9 and abs(spans["video"]["start_s"] - spans["audio"]["start_s"]) < 1
     clean = rows["w"]["result_info"]
     assert clean["succeed"] and clean["video_frames_lost"] == 0 and clean["audio_packets_lost"] == 0
+    assert clean["corrupt_spans"] == []
     missing = rows["m"]["result_info"]
     assert not missing["succeed"] and missing["video_frames_lost"] is None and missing["audio_packets_lost"] is None
+    assert missing["corrupt_spans"] is None
     cfg = build_config(raw)
     validate_config(cfg)
     status = job_status(cfg)

@@ -224,9 +224,18 @@ def test_an_items_tally_counts_a_frame_two_decodes_lose_once(corrupt_middle):
     contextvars.copy_context().run(as_the_consumer, mine, [Frames(tuple(range(500))), Frames(tuple(range(240, 290)))])
     lost = mine.video_frames_lost
     assert lost > 0 and damage.counts()["video_frames_lost"] == before + 2 * lost
+    clean, _ = corrupt_middle  # the span: from the first frame held to the keyframe where the pictures are sound
+    every = Frames(tuple(range(500)))
+    want = decode_video(clean, [every], available_backends(("pyav",))).frames
+    got = decode_video(bad, [every], available_backends(("pyav",))).frames
+    differ = [k for k in range(500) if not torch.equal(got[k], want[k])]
+    held = [k for k in differ if torch.equal(got[k], got[k - 1])]
+    (span,) = mine.spans  # the two decodes' spans of the one stretch, merged
+    assert span["stream"] == "video" and span["start_s"] == pytest.approx(held[0] / 25, abs=1e-6)
+    assert span["end_s"] == pytest.approx((differ[-1] + 1) / 25, abs=1e-6) and (differ[-1] + 1) % 25 == 0
     assert mine.audio_packets_lost is None  # no audio decoded: null in the row, not 0
     contextvars.copy_context().run(as_the_consumer, other, [Frames(tuple(range(200)))])  # before the stretch
-    assert other.video_frames_lost == 0 and mine.video_frames_lost == lost
+    assert other.video_frames_lost == 0 and other.spans == [] and mine.video_frames_lost == lost
     decode_video(bad, [Frames(tuple(range(500)))], available_backends(("pyav",)))
     assert damage.current_damage.get() is None and mine.video_frames_lost == lost
 
