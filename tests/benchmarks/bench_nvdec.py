@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """NVDEC against CPU decode, on the same clips and frames: our decode stage (``decode_video``) with PyAV on the CPU
-and with NVDEC through PyAV's FFmpeg (``video.decode_device: cuda``), beside decord on the CPU, each at the source
-size and downscaled; wall seconds, the process's CPU seconds (every thread), frames per second and frames per
-CPU-second. The CPU is what NVDEC saves: eight ranks share a node's cores.
+and with NVDEC through PyAV's FFmpeg (``video.decode_device: cuda``; in torch's CUDA context as the job does, and
+in one of FFmpeg's own: ``NVDEC own``), beside decord on the CPU, each at the source size and downscaled; wall
+seconds, the process's CPU seconds (every thread), frames per second and frames per CPU-second. The CPU is what
+NVDEC saves: eight ranks share a node's cores.
 
 Needs a GPU for the NVDEC rows (without one they fall back to the CPU decode, and the table says so).
 Usage: python tests/benchmarks/bench_nvdec.py [--media DIR] [--frames 0] [--max-side 256] [--repeats 2]
@@ -47,12 +48,28 @@ def installed(name: str) -> list:
         return []
 
 
-def measure(path: str, backend, device: str, frames: int, max_side: int | None, repeats: int) -> dict:
+def own_context(device: str):
+    """NVDEC in a CUDA context of FFmpeg's own (made per file, blocking sync) instead of torch's primary context
+    (``_nvdec_accel``: ``current_ctx``): the row that tells whether the extra CPU time of NVDEC at full size is
+    spent waiting in torch's context (spin-wait scheduling)."""
+    from av.codec.hwaccel import HWAccel
+
+    index = int(device.split(":")[1]) if ":" in device else 0
+    return HWAccel("cuda", device=str(index), allow_software_fallback=False)
+
+
+def measure(path: str, backend, device: str, frames: int, max_side: int | None, repeats: int,
+            accel=None) -> dict:
+    from unittest import mock
+
+    from pipeline.video import decoders
+
     best = None
     for _ in range(repeats):
         wall, cpu = time.perf_counter(), time.process_time()
-        v = decode_video(path, [Uniform(frames)], [backend], device=device, max_side=max_side, max_frames=1 << 20,
-                         max_bytes=64 << 30)
+        with mock.patch.object(decoders, "_nvdec_accel", accel or decoders._nvdec_accel):
+            v = decode_video(path, [Uniform(frames)], [backend], device=device, max_side=max_side,
+                             max_frames=1 << 20, max_bytes=64 << 30)
         if v.frames.is_cuda:
             torch.cuda.synchronize()
         run = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "n": v.frames.shape[0],
@@ -73,10 +90,12 @@ def main() -> int:
              else make_clips(tempfile.mkdtemp()))
     gpu = "cuda:0" if torch.cuda.is_available() else None
     pyav = available_backends(("pyav",))[0]
-    modes = [("PyAV, CPU", pyav, "cpu")] + ([("PyAV, NVDEC", pyav, gpu)] if gpu else [])
-    modes += [(f"{b.name}, CPU", b, "cpu") for b in installed("decord")]
+    modes = [("PyAV, CPU", pyav, "cpu", None)]
+    if gpu:
+        modes += [("PyAV, NVDEC", pyav, gpu, None), ("PyAV, NVDEC own", pyav, gpu, own_context)]
+    modes += [(f"{b.name}, CPU", b, "cpu", None) for b in installed("decord")]
     if gpu:  # a CUDA build of torchcodec (PyTorch's index) decodes with NVDEC; PyPI's does not
-        modes += [(f"{b.name}, NVDEC", b, gpu) for b in installed("torchcodec")]
+        modes += [(f"{b.name}, NVDEC", b, gpu, None) for b in installed("torchcodec")]
     print(f"\n{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"GPU {torch.cuda.get_device_name(0) if gpu else 'none'}; best of {args.repeats}")
     print(f"{'clip':<18}{'decoded at':<12}{'mode':<18}{'backend':<16}{'frames':>7}{'wall s':>9}{'CPU s':>8}"
@@ -85,9 +104,9 @@ def main() -> int:
         n = pyav.meta(path).num_frames
         frames = args.frames or n
         for max_side in (None, args.max_side):
-            for name, backend, device in modes:
+            for name, backend, device, accel in modes:
                 try:
-                    r = measure(path, backend, device, frames, max_side, args.repeats)
+                    r = measure(path, backend, device, frames, max_side, args.repeats, accel)
                 except Exception as e:  # noqa: BLE001 - a backend that cannot decode this clip: say so, go on
                     print(f"{os.path.basename(path):<18}{'':<12}{name:<18}failed: {type(e).__name__}: {e}"[:160])
                     continue
