@@ -468,6 +468,20 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     missing = rows["m"]["result_info"]
     assert not missing["succeed"] and missing["video_frames_lost"] is None and missing["audio_packets_lost"] is None
     assert missing["corrupt_spans"] is None
+    import duckdb  # the README's two queries: clean clips, and the windows clear of the damage
+
+    parts = f"{tmp_path / 'out'}/parts/*.parquet"
+    clean_ids = duckdb.sql(f"""SELECT video_id FROM read_parquet('{parts}')
+        WHERE result_info.succeed AND len(result_info.corrupt_spans) = 0""").fetchall()
+    assert clean_ids == [("w",)]
+    clear = duckdb.sql(f"""SELECT video_id, w.start_s, w.end_s FROM read_parquet('{parts}'),
+        unnest(static.windows) AS t(w) WHERE result_info.succeed AND len(list_filter(result_info.corrupt_spans,
+        lambda s: s.start_s < w.end_s AND w.start_s < s.end_s)) = 0""").fetchall()
+    assert len([w for w in clear if w[0] == "w"]) == len(rows["w"]["static"]["windows"])
+    kept = [w for w in clear if w[0] == "d"]
+    assert 0 < len(kept) < len(row["static"]["windows"])
+    first, last = min(x["start_s"] for x in spans.values()), max(x["end_s"] for x in spans.values())
+    assert all(e <= first or s >= last for _, s, e in kept)
     cfg = build_config(raw)
     validate_config(cfg)
     status = job_status(cfg)
