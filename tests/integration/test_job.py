@@ -480,8 +480,8 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     assert len([w for w in clear if w[0] == "w"]) == len(rows["w"]["static"]["windows"])
     kept = [w for w in clear if w[0] == "d"]
     assert 0 < len(kept) < len(row["static"]["windows"])
-    first, last = min(x["start_s"] for x in spans.values()), max(x["end_s"] for x in spans.values())
-    assert all(e <= first or s >= last for _, s, e in kept)
+    lo, hi = min(x["start_s"] for x in spans.values()), max(x["end_s"] for x in spans.values())
+    assert all(e <= lo or s >= hi for _, s, e in kept)
     cfg = build_config(raw)
     validate_config(cfg)
     status = job_status(cfg)
