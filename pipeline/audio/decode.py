@@ -70,6 +70,8 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         first = True
         bad, failed = 0, None  # packets that did not decode (a corrupt stretch), and the last one's error
         placed, spans = 0, []  # the bad packets whose silence is placed; the seconds that silence spans
+        claimed = container.duration / av.time_base if container.duration else None  # where the file says it ends
+        broke = False
         try:
             for frame in _frames(container, stream):
                 if isinstance(frame, av.error.FFmpegError):
@@ -115,11 +117,14 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         except av.error.FFmpegError as e:
             if not parts:
                 raise DecodeError(f"audio does not decode: {type(e).__name__}: {e}") from e
-            # a broken tail: keep what decoded
+            broke = True  # a broken tail: keep what decoded
     if not parts and failed is not None:
         raise DecodeError(f"audio does not decode: {type(failed).__name__}: {failed}") from failed
     if not parts:
         raise DecodeError("audio stream holds no samples")
+    length = sum(p.shape[1] for p in parts) / sample_rate
+    if (broke or bad > placed) and claimed is not None and claimed - length > TAIL_S:
+        spans.append((length, claimed))  # the audio ends early: from there to where the file says it ends is lost
     damage.audio_decoded(bad, spans)
     if bad:
         log.warning("%d audio packets of %s did not decode; the time they held is silence where the frames after "
@@ -127,6 +132,10 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
     audio = np.concatenate(parts, axis=1).astype(np.float32, copy=False)
     return audio[0] if channels == 1 else audio
 
+
+TAIL_S = 0.05
+"""Audio that a broken tail (or a corrupt stretch nothing decodes after) ends more than this before the container's
+duration has the rest as a span of ``result_info.corrupt_spans``."""
 
 TIMED_CONTAINERS = ("mov", "mp4", "matroska", "webm", "mpegts", "ogg")
 """Container formats whose packets carry timestamps of their own (``container.format.name`` holds one of these):

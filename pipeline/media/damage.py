@@ -24,24 +24,26 @@ its caller's context), so that a warning about a file names the item, not the no
 class ItemDamage:
     """What one item's decodes found lost in corrupt stretches, for its row.
 
-    Video frames are kept by their place in the clip, so a frame that two decodes of the item pass over (the first
-    pass and a second one at a reduced size, a scene cut placed at its frame) counts once. Audio packets are the most
-    that one decode of the item passed over (each decode of the same stream meets the same packets). A decode that
-    does not reach a stretch (frames sampled either side of it) does not see it: the counts are what the item's
-    decodes met, not a scan of the file.
+    Video frames are kept by their places in the clip (``[a, b)`` ranges), so a frame that two decodes of the item
+    lose (the first pass and a second one at a reduced size, a scene cut placed at its frame) counts once. Audio
+    packets are the most that one decode of the item passed over (each decode of the same stream meets the same
+    packets). A decode that does not reach a stretch (frames sampled either side of it) does not see it: the counts
+    are what the item's decodes met, not a scan of the file.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._video: set[int] = set()
+        self._video: list[tuple[int, int]] = []
         self._audio: int | None = None
         self._spans: dict[str, list[tuple[float, float]]] = {"video": [], "audio": []}
 
-    def add_video(self, frames: Iterable[int], spans: Iterable[tuple[float, float]] = ()) -> None:
-        """The places of video frames lost (held) in a decode of the item, and the stretches' spans in seconds on
-        the file's timeline (the frames held and those decoded from damaged references after them)."""
+    def add_video(self, frames: Iterable[tuple[int, int]], spans: Iterable[tuple[float, float]] = ()) -> None:
+        """Video frames a decode of the item lost (``[a, b)`` ranges of their places: held in a corrupt stretch, or
+        past a broken tail), and their spans in seconds on the file's timeline (a stretch's from its first frame
+        held to the next keyframe, the frames between decoding from damaged references; a broken tail's to the end
+        the container gives)."""
         with self._lock:
-            self._video.update(frames)
+            self._video += frames
             self._spans["video"] += spans
 
     def add_audio(self, packets: int, spans: Iterable[tuple[float, float]] = ()) -> None:
@@ -56,29 +58,32 @@ class ItemDamage:
         """Each stream's spans (``stream``, ``start_s``, ``end_s``), overlapping ones (two decodes of one stretch)
         merged, video first, each stream's in time order."""
         with self._lock:
-            spans = {k: sorted(v) for k, v in self._spans.items()}
-        out = []
-        for stream, found in spans.items():
-            merged: list[list[float]] = []
-            for a, b in found:
-                if merged and a <= merged[-1][1]:
-                    merged[-1][1] = max(merged[-1][1], b)
-                else:
-                    merged.append([a, b])
-            out += [{"stream": stream, "start_s": round(a, 6), "end_s": round(b, 6)} for a, b in merged]
-        return out
+            spans = {k: list(v) for k, v in self._spans.items()}
+        return [{"stream": stream, "start_s": round(a, 6), "end_s": round(b, 6)}
+                for stream, found in spans.items() for a, b in _merged(found)]
 
     @property
     def video_frames_lost(self) -> int:
         """Distinct video frames lost in the item's decodes."""
         with self._lock:
-            return len(self._video)
+            return sum(b - a for a, b in _merged(self._video))
 
     @property
     def audio_packets_lost(self) -> int | None:
         """Audio packets lost in the item's audio decode; None where no audio decode of it finished."""
         with self._lock:
             return self._audio
+
+
+def _merged(ranges):
+    """``ranges`` (``(start, end)`` pairs) sorted, those that overlap or touch joined."""
+    out: list[list] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
 
 
 current_damage: contextvars.ContextVar[ItemDamage | None] = contextvars.ContextVar("current_damage", default=None)
@@ -98,11 +103,12 @@ def record(kind: str, n: int) -> None:
         _COUNTS[kind] += n
 
 
-def video_lost(frames: list[int], spans: list[tuple[float, float]] = ()) -> None:
-    """Frames (their places) that a video decode lost in corrupt stretches, and the stretches' spans (seconds on the
-    file's timeline): counted for the process and, where the thread works on an item, kept in the item's tally."""
-    if frames:
-        record("video_frames_lost", len(frames))
+def video_lost(frames: list[tuple[int, int]], spans: list[tuple[float, float]] = (), held: bool = True) -> None:
+    """Frames (``[a, b)`` ranges of their places) that a video decode lost, and their spans (seconds on the file's
+    timeline): kept in the item's tally where the thread works on an item, and, where they were ``held`` in a
+    corrupt stretch decoded past (not cut off by a broken tail), counted for the process's ``corrupt_media``."""
+    if held:
+        record("video_frames_lost", sum(b - a for a, b in frames))
     tally = current_damage.get()
     if tally is not None:
         tally.add_video(frames, spans)

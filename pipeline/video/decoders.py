@@ -23,7 +23,7 @@ from pipeline.errors import DecodeError, DecodeTimeout, ItemTimeout
 from pipeline.media import damage
 from pipeline.media.probe import DISCONTINUITY_S, main_video_stream, quarter_turns, timestamps_may_jump
 from pipeline.video.preprocess import luma_into, per_group
-from pipeline.video.sampling import FramePlan, FrameRequest, make_plan, variable_rate
+from pipeline.video.sampling import FramePlan, FrameRequest, clip_duration, make_plan, variable_rate
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ class VideoMeta:
     height: int
     timestamps: np.ndarray | None = None
     """Presentation time of each frame in seconds from the first (None where the backend cannot tell)."""
+    lost_tail: int = 0
+    """Frames the container's header lists past the last that demuxes (a file cut short: a broken tail), which
+    ``num_frames`` does not count; 0 where none are missing or the backend cannot tell."""
+    claimed_s: float | None = None
+    """With ``lost_tail``: seconds from the first frame to the end the header gives."""
 
     def truncated(self, n: int) -> VideoMeta:
         ts = self.timestamps[:n] if self.timestamps is not None else None
@@ -372,17 +377,21 @@ class PyAVBackend:
         with av.open(path) as c:
             s = main_video_stream(c)
             rate = float(s.average_rate or s.guessed_rate or 0.0)
-            n = int(s.frames or 0)
+            n = header = int(s.frames or 0)
+            stated_s = float(s.duration * s.time_base) if s.duration else None
             width, height = int(s.codec_context.width), int(s.codec_context.height)
             if quarter_turns(_first_frame_rotation(c, s)) % 2:  # the size the frames are shown (and decoded) at
                 width, height = height, width
         index = _FrameIndex.demux(path, stop)
+        lost, claimed_s = 0, None
         if index is not None:
             self._indices.put(path, index)
             # the frames shown: the header counts what an edit list hides, and TS and raw streams have no count
             n = index.count
+            lost = max(0, header - index.packets)  # the header lists packets the file no longer holds
+            claimed_s = stated_s if lost else None
         ts = index.timestamps() if index is not None else None
-        return VideoMeta(n, rate, width, height, ts if ts is not None and len(ts) == n else None)
+        return VideoMeta(n, rate, width, height, ts if ts is not None and len(ts) == n else None, lost, claimed_s)
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
                stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
@@ -495,7 +504,7 @@ class PyAVBackend:
         got: dict[int, np.ndarray] = {}
         agrees = index_of is not None and index_of.pts is not None and not index_of.repeats
         i, prev, failed = -1, None, None  # the last frame's place, that frame, the error of packets since it
-        bad, lost, concealed = 0, [], 0  # packets that did not decode, the places of the frames they held
+        bad, lost, concealed = 0, [], 0  # packets that did not decode, the [a, b) places of the frames they held
         spans: list[tuple[float, float]] = []  # seconds from the first frame that the stretches spoil
         landed = not start  # after a seek: the first keyframe decoded has not yet given its place
         with _open(path, hw) as c:
@@ -528,7 +537,7 @@ class PyAVBackend:
                                 got[k] = _upright_rgb(prev if prev is not None else frame, size, prepare)
                                 concealed += 1
                         if j > i + 1:
-                            lost += range(i + 1, j)
+                            lost.append((i + 1, j))
                             spans.append(index_of.damaged_span(i + 1, j))
                         i, failed = j - 1, None
                     i += 1
@@ -551,8 +560,8 @@ class PyAVBackend:
             offset = timeline_offset(path)  # the rows' times are on the file's timeline
             damage.video_lost(lost, [(a + offset, b + offset) for a, b in spans])
             log.warning("pyav: %d packets of %s did not decode: %d frames lost in the middle of the clip, the %d of "
-                        "them asked for are the frame shown before them", bad, damage.where(path), len(lost),
-                        concealed)
+                        "them asked for are the frame shown before them", bad, damage.where(path),
+                        sum(b - a for a, b in lost), concealed)
         if not got:
             raise DecodeError("no frame decoded")
         if len(got) < len(wanted):
@@ -651,6 +660,7 @@ class _FrameIndex:
     def __init__(self, count: int, pts: np.ndarray | None, dts: np.ndarray, key: np.ndarray, time_base: float,
                  may_jump: bool, stream_index: int = 0):
         self.count = count
+        self.packets = count  # every packet of the stream that demuxed, shown or hidden by an edit list (``demux``)
         self.stream_index = stream_index  # the container's index of the stream demuxed (``main_video_stream``)
         self.time_base = time_base
         self.may_jump = may_jump
@@ -673,11 +683,12 @@ class _FrameIndex:
         import av
 
         pts, dts, key = array("q"), array("q"), array("b")
-        count, timed = 0, True
+        count, packets, timed = 0, 0, True
         try:
             with av.open(path) as c:
                 s = main_video_stream(c)
                 for p in c.demux(s):
+                    packets += p.size > 0
                     if not _shown(p):
                         continue
                     count += 1
@@ -694,8 +705,10 @@ class _FrameIndex:
             raise
         except Exception:  # noqa: BLE001 - no index: sampling by the average rate, decoding from the start
             return None
-        return cls(count, np.frombuffer(pts, np.int64) if timed and count else None, np.frombuffer(dts, np.int64),
-                   np.frombuffer(key, np.int8) > 0, time_base, may_jump, stream_index)
+        index = cls(count, np.frombuffer(pts, np.int64) if timed and count else None, np.frombuffer(dts, np.int64),
+                    np.frombuffer(key, np.int8) > 0, time_base, may_jump, stream_index)
+        index.packets = packets
+        return index
 
     def timestamps(self) -> np.ndarray | None:
         """Seconds of each frame from the first. None where they cannot give times: a splice of MPEG-TS recordings
@@ -1001,7 +1014,11 @@ def _decode_pass(backend, path: str, requests: list[FrameRequest], plan: FramePl
     try:
         frames = backend.decode(path, plan.indices, size, device, resize, stop=stop, **extra)
     except TruncatedVideo as t:  # a broken tail: the clip is its decodable prefix
-        meta = meta.truncated(t.decodable)
+        whole, meta = meta, meta.truncated(t.decodable)
+        if t.decodable < whole.num_frames:
+            damage.video_lost([(t.decodable, whole.num_frames)],
+                              [(offset + clip_duration(meta.num_frames, meta.fps, meta.timestamps),
+                                offset + clip_duration(whole.num_frames, whole.fps, whole.timestamps))], held=False)
         plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
         frames = backend.decode(path, plan.indices, size, device, resize, stop=stop, **extra)
     if frames.shape[0] != len(plan.indices):
@@ -1084,6 +1101,10 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
         meta = backend.meta(path, stop=stop)
         if meta.num_frames <= 0 or meta.width <= 0 or meta.height <= 0:
             raise DecodeError(f"no frames ({meta})")
+        if meta.lost_tail:  # a file cut short: the frames its header lists past the end are lost
+            end = clip_duration(meta.num_frames, meta.fps, meta.timestamps)
+            damage.video_lost([(meta.num_frames, meta.num_frames + meta.lost_tail)],
+                              [(offset + end, offset + max(end, meta.claimed_s or 0.0))], held=False)
         check_pixels(meta.width, meta.height, max_pixels)
         passes = _passes(requests, meta, offset, max_side, reduced_pass_bytes, pixel_aspect)
         frames_needed = sum(len(plan.indices) for _, plan, _ in passes)

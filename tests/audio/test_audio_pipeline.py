@@ -248,10 +248,21 @@ def test_a_corrupt_stretch_in_a_recording_is_silence_and_the_rest_keeps_its_plac
 def test_a_corrupt_stretch_in_a_variable_bit_rate_mp3_ends_it(tmp_path, long_speech):
     """A raw stream whose packets vary in size: how long the stretch was is unknown (the demuxer counts frames, and
     the audio after it would come early), so the audio ends there, as before."""
+    from pipeline.media import damage
+
     clean = str(tmp_path / "speech.mp3")
     synthetic._ffmpeg(["-i", _wav(str(tmp_path / "speech.wav"), long_speech), "-q:a", "4", clean])
     whole = len(decode_audio(clean))
-    assert len(decode_audio(synthetic.zeroed_middle_copy(clean, str(tmp_path / "bad.mp3")))) < 0.6 * whole
+    tally = damage.ItemDamage()
+    token = damage.current_damage.set(tally)
+    try:
+        got = len(decode_audio(synthetic.zeroed_middle_copy(clean, str(tmp_path / "bad.mp3"))))
+    finally:
+        damage.current_damage.reset(token)
+    assert got < 0.6 * whole
+    (span,) = tally.spans  # the row says what is lost: from where the audio ends to the file's stated duration
+    assert span["stream"] == "audio" and span["start_s"] == pytest.approx(got / 16000, abs=0.05)
+    assert span["end_s"] == pytest.approx(whole / 16000, abs=0.5)
 
 
 def _tone_hz(x: np.ndarray, sr: int = 16000) -> float:

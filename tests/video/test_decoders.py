@@ -118,6 +118,28 @@ def test_broken_tail_decodes_its_prefix(clips):
     assert v.frames.shape[0] == 8 and v.frames.float().std() > 10  # real pictures, not grey
 
 
+def test_a_broken_tails_lost_frames_and_span_are_in_the_items_tally(clips):
+    """The item's row says a broken tail cut the clip short: the frames past the decodable prefix are lost, and
+    their span runs from the prefix's end to the end the container gives (4 s); the process's ``corrupt_media``
+    (frames held in stretches decoded past) does not count them."""
+    import contextvars
+
+    from pipeline.media import damage
+
+    tally = damage.ItemDamage()
+    before = damage.counts()
+
+    def as_the_consumer():
+        damage.current_damage.set(tally)
+        return decode_video(clips["broken_tail"], [Uniform(8)], available_backends(("pyav",)))
+
+    v = contextvars.copy_context().run(as_the_consumer)
+    n = v.meta.num_frames
+    assert 0 < n < 100 and tally.video_frames_lost == 100 - n  # 4 s at 25 fps claimed
+    assert tally.spans == [{"stream": "video", "start_s": pytest.approx(n / 25), "end_s": pytest.approx(4.0)}]
+    assert damage.counts() == before
+
+
 def test_broken_tail_in_two_passes_keeps_both_inside_the_prefix(clips):
     """The reduced pass after a full pass that found the tail broken: both plans inside the decodable prefix."""
     reqs = [Uniform(8), AtFps(4.0, 240, max_side=64)]
