@@ -282,7 +282,8 @@ class TorchcodecBackend:
         n = int(m.num_frames or 0)
         ts = index.timestamps() if index is not None else None
         return VideoMeta(n, float(m.average_fps or 0.0), int(m.width), int(m.height),
-                         ts if ts is not None and len(ts) == n else None)
+                         ts if ts is not None and len(ts) == n else None,
+                         *_lost_tail(int(m.num_frames_from_header or 0), index, m.duration_seconds_from_header))
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
                stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
@@ -383,15 +384,13 @@ class PyAVBackend:
             if quarter_turns(_first_frame_rotation(c, s)) % 2:  # the size the frames are shown (and decoded) at
                 width, height = height, width
         index = _FrameIndex.demux(path, stop)
-        lost, claimed_s = 0, None
         if index is not None:
             self._indices.put(path, index)
             # the frames shown: the header counts what an edit list hides, and TS and raw streams have no count
             n = index.count
-            lost = max(0, header - index.packets)  # the header lists packets the file no longer holds
-            claimed_s = stated_s if lost else None
         ts = index.timestamps() if index is not None else None
-        return VideoMeta(n, rate, width, height, ts if ts is not None and len(ts) == n else None, lost, claimed_s)
+        return VideoMeta(n, rate, width, height, ts if ts is not None and len(ts) == n else None,
+                         *_lost_tail(header, index, stated_s))
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
                stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
@@ -749,6 +748,14 @@ class _FrameIndex:
         (an edit list hides the first keyframe)."""
         j = int(np.searchsorted(self.key_positions, target, side="right")) - 1
         return (int(self.key_positions[j]), int(self.key_dts[j])) if j >= 0 else (-1, 0)
+
+
+def _lost_tail(header: int, index: _FrameIndex | None, stated_s: float | None) -> tuple[int, float | None]:
+    """``VideoMeta.lost_tail`` and ``claimed_s``: the frames the container's header lists (``header``: an MP4's
+    sample count, hidden frames of an edit list included; 0 where it gives none) past the packets that demux (a file
+    cut short), and the duration the header states."""
+    lost = max(0, header - index.packets) if index is not None and header else 0
+    return lost, (float(stated_s) if lost and stated_s else None)
 
 
 def _first_frame_rotation(container, stream) -> float:

@@ -50,6 +50,8 @@ def clips(tmp_path_factory):
     data = open(full, "rb").read()
     out["broken_tail"] = str(d / "broken_tail.mp4")
     open(out["broken_tail"], "wb").write(data[: len(data) // 5])
+    out["edit_list"] = str(d / "edit_list.mp4")  # a stream copy cut between keyframes: the header lists hidden frames
+    synthetic._ffmpeg(["-ss", "1.3", "-i", full, "-c", "copy", out["edit_list"]])
     return out
 
 
@@ -118,10 +120,12 @@ def test_broken_tail_decodes_its_prefix(clips):
     assert v.frames.shape[0] == 8 and v.frames.float().std() > 10  # real pictures, not grey
 
 
-def test_a_broken_tails_lost_frames_and_span_are_in_the_items_tally(clips):
-    """The item's row says a broken tail cut the clip short: the frames past the decodable prefix are lost, and
-    their span runs from the prefix's end to the end the container gives (4 s); the process's ``corrupt_media``
-    (frames held in stretches decoded past) does not count them."""
+@pytest.mark.parametrize("backend", ["pyav", "torchcodec"])
+def test_a_broken_tails_lost_frames_and_span_are_in_the_items_tally(clips, backend):
+    """The item's row says a broken tail cut the clip short: the frames its header lists past the packets that
+    demux are lost (both backends decode the prefix without an error: decord refuses the file), and their span runs
+    from the prefix's end to the end the header gives (4 s); the process's ``corrupt_media`` (frames held in
+    stretches decoded past) does not count them. An edit list's hidden frames are not lost (below)."""
     import contextvars
 
     from pipeline.media import damage
@@ -129,15 +133,18 @@ def test_a_broken_tails_lost_frames_and_span_are_in_the_items_tally(clips):
     tally = damage.ItemDamage()
     before = damage.counts()
 
-    def as_the_consumer():
+    def as_the_consumer(path=clips["broken_tail"]):
         damage.current_damage.set(tally)
-        return decode_video(clips["broken_tail"], [Uniform(8)], available_backends(("pyav",)))
+        return decode_video(path, [Uniform(8)], available_backends((backend,)))
 
     v = contextvars.copy_context().run(as_the_consumer)
     n = v.meta.num_frames
     assert 0 < n < 100 and tally.video_frames_lost == 100 - n  # 4 s at 25 fps claimed
     assert tally.spans == [{"stream": "video", "start_s": pytest.approx(n / 25), "end_s": pytest.approx(4.0)}]
     assert damage.counts() == before
+    tally = damage.ItemDamage()
+    cut = contextvars.copy_context().run(as_the_consumer, clips["edit_list"])
+    assert cut.meta.num_frames < 100 and tally.video_frames_lost == 0 and tally.spans == []
 
 
 def test_broken_tail_in_two_passes_keeps_both_inside_the_prefix(clips):
