@@ -58,18 +58,24 @@ def _progress(fs, files: list[str], run_id: str, left: int) -> dict[str, Any]:
             "eta_s": round(left / rate) if rate > 0 else None}
 
 
+DAMAGE_FIELDS = ("video_frames_lost", "audio_packets_lost", "corrupt_spans")
+
+
 def damaged_items(fs, files: list[str]) -> int | None:
-    """Success rows whose decodes lost video frames or audio packets in corrupt stretches
-    (``result_info.video_frames_lost``, ``audio_packets_lost``); None where the parts predate those fields."""
+    """Success rows whose decodes met damage: frames or packets lost, or a span of a stretch or a broken tail
+    (``result_info``'s ``DAMAGE_FIELDS``); None where the parts predate those fields."""
     if not files:
         return 0
     data = ds.dataset(files, format="parquet", filesystem=fs)
     info = data.schema.field("result_info").type
-    if info.get_field_index("video_frames_lost") < 0 or info.get_field_index("audio_packets_lost") < 0:
+    if any(info.get_field_index(name) < 0 for name in DAMAGE_FIELDS):
         return None
-    lost = pc.field("result_info", "succeed") & (
-        (pc.field("result_info", "video_frames_lost") > 0) | (pc.field("result_info", "audio_packets_lost") > 0))
-    return data.count_rows(filter=lost)
+    t = data.to_table(columns={name: pc.field("result_info", name) for name in DAMAGE_FIELDS},
+                      filter=pc.field("result_info", "succeed"))
+    damaged = pc.or_(pc.or_(pc.greater(pc.fill_null(t["video_frames_lost"], 0), 0),
+                            pc.greater(pc.fill_null(t["audio_packets_lost"], 0), 0)),
+                     pc.greater(pc.fill_null(pc.list_value_length(t["corrupt_spans"]), 0), 0))
+    return pc.sum(damaged.cast("int64")).as_py() or 0
 
 
 def job_status(cfg: JobConfig) -> dict[str, Any]:
@@ -80,7 +86,7 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
 
     Returns:
         A JSON-ready mapping: ``run`` (live or not, the last complete run), ``items`` (manifest, succeeded, failed
-        by type, without a row, succeeded past corrupt stretches: ``damaged_items``), ``next_run`` (items the next
+        by type, without a row, succeeded with damage: ``damaged_items``), ``next_run`` (items the next
         run would process), ``output`` (part files, rows, interrupted compactions, second success rows of items) and
         ``crashes`` (ledger entries, refused items).
     """
@@ -160,8 +166,8 @@ def format_status(status: dict[str, Any]) -> str:
         f"  run      : {state}",
         f"  items    : {items['manifest']} in the manifest; {items['succeeded']} succeeded{share}, {items['failed']} "
         f"failed {json.dumps(items['failures_by_type'])}, {items['without_row']} without a row"
-        + (f"; {items['damaged']} succeeded past corrupt stretches (result_info.video_frames_lost, "
-           "audio_packets_lost)" if items.get("damaged") else ""),
+        + (f"; {items['damaged']} succeeded with damage (corrupt stretches or cut short: result_info.corrupt_spans)"
+           if items.get("damaged") else ""),
         f"  next run : would process {nxt['would_process']} items"
         + {True: " (failed ones retried)", False: " (failed ones skipped)",
            "retryable": " (failed ones retried where their failure is retryable)"}[nxt["retry_failed"]],

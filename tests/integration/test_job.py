@@ -444,9 +444,13 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     whole = synthetic.motion_clip(str(tmp_path / "whole.mp4"), seconds=12.0)
     synthetic.zeroed_middle_copy(whole, str(corpus / "damaged.mp4"))
     shutil.copy(whole, corpus / "whole.mp4")
+    faststart = synthetic.lavfi_clip(str(tmp_path / "fs.mp4"), seconds=4.0, extra=("-movflags", "+faststart"))
+    data = open(faststart, "rb").read()
+    (corpus / "cut_short.mp4").write_bytes(data[: len(data) // 5])  # a download cut short: its header lists 100
     manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "d", "video_path": "damaged.mp4"},
                                                             {"video_id": "w", "video_path": "whole.mp4"},
-                                                            {"video_id": "m", "video_path": "missing.mp4"}])
+                                                            {"video_id": "m", "video_path": "missing.mp4"},
+                                                            {"video_id": "t", "video_path": "cut_short.mp4"}])
     raw = base_config(manifest, str(corpus), str(tmp_path / "out"), str(tmp_path / "cache"),
                       filters={"probe": {}, "static": {}, "speech_cuts": {}})
     first = _run(raw)
@@ -468,12 +472,16 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     missing = rows["m"]["result_info"]
     assert not missing["succeed"] and missing["video_frames_lost"] is None and missing["audio_packets_lost"] is None
     assert missing["corrupt_spans"] is None
+    cut = rows["t"]["result_info"]  # a broken tail: the frames past it lost, their span to the stated end
+    (tail,) = cut["corrupt_spans"]
+    assert cut["succeed"] and 0 < cut["video_frames_lost"] < 100 and tail["stream"] == "video"
+    assert tail["start_s"] == pytest.approx((100 - cut["video_frames_lost"]) / 25) and tail["end_s"] == 4.0
     import duckdb  # the README's two queries: clean clips, and the windows clear of the damage
 
     parts = f"{tmp_path / 'out'}/parts/*.parquet"
     clean_ids = duckdb.sql(f"""SELECT video_id FROM read_parquet('{parts}')
         WHERE result_info.succeed AND len(result_info.corrupt_spans) = 0""").fetchall()
-    assert clean_ids == [("w",)]
+    assert clean_ids == [("w",)]  # not the clip cut short
     clear = duckdb.sql(f"""SELECT video_id, w.start_s, w.end_s FROM read_parquet('{parts}'),
         unnest(static.windows) AS t(w) WHERE result_info.succeed AND len(list_filter(result_info.corrupt_spans,
         lambda s: s.start_s < w.end_s AND w.start_s < s.end_s)) = 0""").fetchall()
@@ -485,7 +493,7 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     cfg = build_config(raw)
     validate_config(cfg)
     status = job_status(cfg)
-    assert status["items"]["damaged"] == 1 and "1 succeeded past corrupt stretches" in format_status(status)
+    assert status["items"]["damaged"] == 2 and "2 succeeded with damage" in format_status(status)
     spec = importlib.util.spec_from_file_location("run_cli", os.path.join(ROOT, "jobs", "run.py"))
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)

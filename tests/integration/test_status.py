@@ -152,8 +152,9 @@ def test_status_and_compact_read_the_output_without_loading_the_work(tmp_path, m
 
 
 def test_status_of_parts_older_than_the_damage_fields_says_unknown(tmp_path):
-    """Parts written before ``result_info`` had ``video_frames_lost`` and ``audio_packets_lost``: how many items
-    succeeded past corrupt stretches is unknown (None), not 0; with the fields it is counted."""
+    """Parts written before ``result_info`` had ``video_frames_lost``, ``audio_packets_lost`` and ``corrupt_spans``:
+    how many items succeeded with damage is unknown (None), not 0; with the fields it is counted (a span alone too:
+    audio cut short by a broken tail)."""
     import fsspec
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -165,9 +166,12 @@ def test_status_of_parts_older_than_the_damage_fields_says_unknown(tmp_path):
     pq.write_table(pa.table({"video_id": ["a"], "result_info": [{"succeed": True, "frames_decoded": 8}]}), old)
     assert damaged_items(fs, [old]) is None
     new = str(tmp_path / "new.parquet")
-    infos = [{"succeed": True, "video_frames_lost": 3, "audio_packets_lost": None},
-             {"succeed": True, "video_frames_lost": 0, "audio_packets_lost": 2},
-             {"succeed": True, "video_frames_lost": 0, "audio_packets_lost": 0},
-             {"succeed": False, "video_frames_lost": None, "audio_packets_lost": None}]
-    pq.write_table(pa.table({"video_id": list("abcd"), "result_info": infos}), new)
-    assert damaged_items(fs, [new]) == 2 and damaged_items(fs, []) == 0
+    span = [{"stream": "audio", "start_s": 1.0, "end_s": 2.0}]
+    infos = [{"succeed": True, "video_frames_lost": 3, "audio_packets_lost": None, "corrupt_spans": []},
+             {"succeed": True, "video_frames_lost": 0, "audio_packets_lost": 2, "corrupt_spans": []},
+             {"succeed": True, "video_frames_lost": 0, "audio_packets_lost": 0, "corrupt_spans": span},
+             {"succeed": True, "video_frames_lost": 0, "audio_packets_lost": 0, "corrupt_spans": []},
+             {"succeed": True, "video_frames_lost": None, "audio_packets_lost": 0, "corrupt_spans": []},
+             {"succeed": False, "video_frames_lost": None, "audio_packets_lost": None, "corrupt_spans": None}]
+    pq.write_table(pa.table({"video_id": list("abcdef"), "result_info": infos}), new)
+    assert damaged_items(fs, [new]) == 3 and damaged_items(fs, []) == 0
