@@ -1,9 +1,11 @@
-"""Corrupt stretches decoded past: counted per process for the metrics log and Prometheus (``corrupt_media``), and
-per item for its row (``result_info.video_frames_lost``, ``audio_packets_lost`` and ``corrupt_spans``).
+"""Damaged media decoded anyway: corrupt stretches decoded past, counted per process for the metrics log and
+Prometheus (``corrupt_media``); and per item, with broken tails (a file cut short), for its row
+(``result_info.video_frames_lost``, ``audio_packets_lost`` and ``corrupt_spans``).
 
 A frame lost in a corrupt stretch of a video is the frame shown before it, and a lost audio packet is silence
-(``PyAVBackend._decode_in_order``, ``decode_audio``): the item succeeds, a warning names the file, its row says how
-much was lost, and the process's counts show an operator how much of a corpus was damaged.
+(``PyAVBackend._decode_in_order``, ``decode_audio``); a file cut short is its decodable prefix (``decode_video``,
+``decode_audio``). The item succeeds, a warning names the file where a stretch was passed over, its row says what
+was lost and where, and the process's counts show an operator how much of a corpus was damaged.
 """
 
 from __future__ import annotations
