@@ -36,8 +36,10 @@ def format_summary(summary: dict) -> str:
         f"  output   : {summary['output_dir']} (summary.json, failures.jsonl, parts/)",
     ]
     damaged = run.get("corrupt_media") or {}
-    if any(damaged.values()):
-        lines.insert(3, f"  damaged  : {damaged.get('video_frames_lost', 0)} video frames held and "
+    if any(damaged.values()) or run.get("damaged_items"):
+        lines.insert(3, f"  damaged  : {run.get('damaged_items', 0)} item(s) succeeded with damage (corrupt stretches "
+                        "or cut short: their rows' result_info.corrupt_spans); "
+                        f"{damaged.get('video_frames_lost', 0)} video frames held and "
                         f"{damaged.get('audio_packets_lost', 0)} audio packets silenced in corrupt stretches decoded "
                         "past (the warnings in the log name the items)")
     return "\n".join(lines)

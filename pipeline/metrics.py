@@ -70,13 +70,16 @@ class RankStats:
         self.failures: Counter[str] = Counter()
         self.tiers: Counter[str] = Counter()
         self.bytes_fetched = 0
+        self.damaged = 0  # items that succeeded with damage (``result_info.corrupt_spans`` and the counts)
         self.last_progress = time.monotonic()
 
-    def record(self, ok: bool, error_type: str | None, tier: str | None, nbytes: int | None) -> None:
+    def record(self, ok: bool, error_type: str | None, tier: str | None, nbytes: int | None,
+               damaged: bool = False) -> None:
         with self._lock:
             self.done += 1
             if ok:
                 self.succeeded += 1
+                self.damaged += damaged
             else:
                 self.failures[error_type or "Unknown"] += 1
             if tier:
@@ -94,6 +97,7 @@ class RankStats:
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "done": self.done,
                 "succeeded": self.succeeded,
+                "damaged_items": self.damaged,
                 "failed": sum(self.failures.values()),
                 "failures_by_type": dict(self.failures),
                 "tier_hits": dict(self.tiers),
@@ -156,6 +160,8 @@ class PrometheusExporter:
                                    "whose threads are still in a native call", labels, registry=self.registry)
         self.corrupt = Gauge("mediasieve_corrupt_media", "Video frames and audio packets lost in corrupt stretches "
                              "decoded past (held frames, silence)", labels + ["kind"], registry=self.registry)
+        self.damaged = Gauge("mediasieve_items_damaged", "Items that succeeded with damage (corrupt stretches or cut "
+                             "short: result_info.corrupt_spans)", labels, registry=self.registry)
         self.tier_skipped = Gauge("mediasieve_tier_skipped", "1 while a storage tier is skipped (a fetch from it "
                                   "went silent)", labels + ["tier"], registry=self.registry)
         self._tiers_seen_skipped: set[str] = set()
@@ -180,6 +186,7 @@ class PrometheusExporter:
         self.decodes_stuck.labels(self.rank).set(snap.get("decodes_past_deadline", 0))
         for kind, n in snap.get("corrupt_media", {}).items():
             self.corrupt.labels(self.rank, kind).set(n)
+        self.damaged.labels(self.rank).set(snap.get("damaged_items", 0))
         skipped = set(snap.get("tiers_skipped", ()))
         self._tiers_seen_skipped |= skipped
         for tier in self._tiers_seen_skipped:

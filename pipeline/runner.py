@@ -241,7 +241,8 @@ class RankWorkers:
     def _emit(self, row: dict[str, Any]) -> None:
         self.writer.add(row)
         info = row["result_info"]
-        self.stats.record(info["succeed"], info["error_type"], info["storage_tier"], info["bytes"])
+        self.stats.record(info["succeed"], info["error_type"], info["storage_tier"], info["bytes"],
+                          damage.row_damaged(info))
 
     # ---- threads ------------------------------------------------------------------------------------
     def _guard(self, fn) -> None:
@@ -961,6 +962,7 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
             "tier_hits": tiers,
             "bytes_fetched": sum(r["bytes_fetched"] for r in ranks),
             "corrupt_media": {k: sum(r["corrupt_media"][k] for r in ranks) for k in ranks[0]["corrupt_media"]},
+            "damaged_items": sum(r["damaged_items"] for r in ranks),
             "wall_s": round(wall, 3),
             "items_per_s": round(done / wall, 3) if wall > 0 else None,
         },

@@ -127,6 +127,12 @@ def audio_decoded(packets_lost: int, spans: list[tuple[float, float]] = ()) -> N
         tally.add_audio(packets_lost, spans)
 
 
+def row_damaged(info: dict) -> bool:
+    """Whether a row's ``result_info`` says its item's decodes met damage (frames or packets lost, or a span)."""
+    return bool((info.get("video_frames_lost") or 0) > 0 or (info.get("audio_packets_lost") or 0) > 0
+                or info.get("corrupt_spans"))
+
+
 def counts() -> dict[str, int]:
     """The counts of this process so far."""
     with _LOCK:

@@ -497,9 +497,13 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     spec = importlib.util.spec_from_file_location("run_cli", os.path.join(ROOT, "jobs", "run.py"))
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert f"damaged  : {damaged['video_frames_lost']} video frames held" in cli.format_summary(first.summary)
+    assert first.summary["this_run"]["damaged_items"] == 2  # the stretch and the file cut short
+    assert (f"damaged  : 2 item(s) succeeded with damage (corrupt stretches or cut short: their rows' "
+            f"result_info.corrupt_spans); {damaged['video_frames_lost']} video frames held"
+            in cli.format_summary(first.summary))
     again = _run(raw)
     assert again.summary["this_run"]["corrupt_media"] == {"video_frames_lost": 0, "audio_packets_lost": 0}
+    assert again.summary["this_run"]["damaged_items"] == 0
     assert "damaged" not in cli.format_summary(again.summary)
 
 

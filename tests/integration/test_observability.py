@@ -46,6 +46,7 @@ def test_prometheus_endpoint_serves_rank_metrics(tmp_path, media_dir):
     assert 'mediasieve_fetches_hung{rank="0"} 0.0' in seen
     assert 'mediasieve_decodes_past_deadline{rank="0"} 0.0' in seen
     assert 'mediasieve_corrupt_media{kind="audio_packets_lost",rank="0"}' in seen  # the process's count so far
+    assert 'mediasieve_items_damaged{rank="0"} 0.0' in seen
     assert result["outcome"].summary["this_run"]["succeeded"] == 12
 
 
@@ -55,7 +56,8 @@ def test_a_skipped_tier_shows_on_prometheus_while_it_is_skipped():
     port = free_port()
     exporter = PrometheusExporter(port, rank=3)
     snap = {"done": 5, "failures_by_type": {}, "tier_hits": {"s3": 5}, "bytes_fetched": 10, "fetches_hung": 2,
-            "decodes_past_deadline": 1, "corrupt_media": {"video_frames_lost": 12, "audio_packets_lost": 0}}
+            "decodes_past_deadline": 1, "corrupt_media": {"video_frames_lost": 12, "audio_packets_lost": 0},
+            "damaged_items": 2}
 
     def scrape():
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
@@ -67,6 +69,7 @@ def test_a_skipped_tier_shows_on_prometheus_while_it_is_skipped():
         assert 'mediasieve_fetches_hung{rank="3"} 2.0' in seen
         assert 'mediasieve_decodes_past_deadline{rank="3"} 1.0' in seen
         assert 'mediasieve_corrupt_media{kind="video_frames_lost",rank="3"} 12.0' in seen
+        assert 'mediasieve_items_damaged{rank="3"} 2.0' in seen
         exporter.update({**snap, "tiers_skipped": {}})
         assert 'mediasieve_tier_skipped{rank="3",tier="shared"} 0.0' in scrape()
     finally:
