@@ -69,6 +69,15 @@ def make_corpus(out: str) -> str:
     add("damaged", "video/damaged.mp4", "12 s with 2% of its bytes zeroed at the middle: decoded past (a warning, "
         "the row's result_info.video_frames_lost and audio_packets_lost, "
         "corrupt_media in the metrics)")
+    whole = synthetic.lavfi_clip(os.path.join(corpus, "video/.whole.mp4"), "testsrc2=size=320x240:rate=25", 4.0,
+                                 extra=("-movflags", "+faststart"))
+    with open(whole, "rb") as f:
+        data = f.read()
+    with open(os.path.join(corpus, "video/cut_short.mp4"), "wb") as f:
+        f.write(data[: len(data) * 2 // 5])  # a download cut short: the index (first) lists all 4 s
+    os.remove(whole)
+    add("cut_short", "video/cut_short.mp4", "4 s cut short after about 1.6 s: its prefix decodes (the row's "
+        "result_info.video_frames_lost and corrupt_spans say what is lost)")
     synthetic.speech_wav(os.path.join(corpus, "audio/speech.wav"), SPEECH)
     add("speech", "audio/speech.wav", "speech")
     for name, path in synthetic.broken_files(os.path.join(corpus, "broken")).items():
