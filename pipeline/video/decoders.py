@@ -283,7 +283,8 @@ class TorchcodecBackend:
         ts = index.timestamps() if index is not None else None
         return VideoMeta(n, float(m.average_fps or 0.0), int(m.width), int(m.height),
                          ts if ts is not None and len(ts) == n else None,
-                         *_lost_tail(int(m.num_frames_from_header or 0), index, m.duration_seconds_from_header))
+                         *_lost_tail(int(m.num_frames_from_header or 0), index, m.duration_seconds_from_header,
+                                     float(m.average_fps or 0.0)))
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
                stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
@@ -390,7 +391,7 @@ class PyAVBackend:
             n = index.count
         ts = index.timestamps() if index is not None else None
         return VideoMeta(n, rate, width, height, ts if ts is not None and len(ts) == n else None,
-                         *_lost_tail(header, index, stated_s))
+                         *_lost_tail(header, index, stated_s, rate))
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
                stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
@@ -660,6 +661,10 @@ class _FrameIndex:
                  may_jump: bool, stream_index: int = 0):
         self.count = count
         self.packets = count  # every packet of the stream that demuxed, shown or hidden by an edit list (``demux``)
+        self.cut_short: tuple[float, float] | None = None
+        """Where every stream ends and where the container says the file ends, in seconds from the first frame,
+        where the second is more than ``CUT_SHORT_S`` later (a Matroska or WebM download cut short: no frame count
+        in its header, but its duration)."""
         self.stream_index = stream_index  # the container's index of the stream demuxed (``main_video_stream``)
         self.time_base = time_base
         self.may_jump = may_jump
@@ -682,7 +687,7 @@ class _FrameIndex:
         import av
 
         pts, dts, key = array("q"), array("q"), array("b")
-        count, packets, timed = 0, 0, True
+        count, packets, timed, end = 0, 0, True, None
         try:
             with av.open(path) as c:
                 s = main_video_stream(c)
@@ -699,7 +704,10 @@ class _FrameIndex:
                         pts.append(p.pts)
                         dts.append(p.dts if p.dts is not None else p.pts)
                         key.append(bool(p.is_keyframe))
+                        end = max(end or p.pts, p.pts + (p.duration or 0))
                 time_base, may_jump, stream_index = float(s.time_base), timestamps_may_jump(c), s.index
+                origin = c.start_time / av.time_base if c.start_time is not None else 0.0
+                stated = c.duration / av.time_base if c.duration else None
         except DecodeCancelled:
             raise
         except Exception:  # noqa: BLE001 - no index: sampling by the average rate, decoding from the start
@@ -707,6 +715,10 @@ class _FrameIndex:
         index = cls(count, np.frombuffer(pts, np.int64) if timed and count else None, np.frombuffer(dts, np.int64),
                     np.frombuffer(key, np.int8) > 0, time_base, may_jump, stream_index)
         index.packets = packets
+        if index.pts is not None and end is not None and stated is not None and not may_jump:
+            first, last = float(index.pts[0]) * time_base - origin, end * time_base - origin
+            if stated - last > CUT_SHORT_S and stated - _streams_end(path, origin, stop) > CUT_SHORT_S:
+                index.cut_short = (last - first, stated - first)
         return index
 
     def timestamps(self) -> np.ndarray | None:
@@ -750,12 +762,41 @@ class _FrameIndex:
         return (int(self.key_positions[j]), int(self.key_dts[j])) if j >= 0 else (-1, 0)
 
 
-def _lost_tail(header: int, index: _FrameIndex | None, stated_s: float | None) -> tuple[int, float | None]:
+CUT_SHORT_S = 1.0
+"""A file whose streams all end more than this before the duration its container states is cut short (where the
+header gives no frame count to check against: Matroska, WebM)."""
+
+
+def _streams_end(path: str, origin: float, stop: threading.Event | None = None) -> float:
+    """Where the last packet of any stream ends, in seconds on the file's timeline (``origin``: the container's
+    start): a demux of every stream, made only where the video ends early."""
+    import av
+
+    end = 0.0
+    with av.open(path) as c:
+        for n, p in enumerate(c.demux()):
+            if n % 4096 == 0:
+                _check(stop)
+            if p.pts is not None and p.size:
+                end = max(end, float((p.pts + (p.duration or 0)) * p.stream.time_base) - origin)
+    return end
+
+
+def _lost_tail(header: int, index: _FrameIndex | None, stated_s: float | None,
+               fps: float) -> tuple[int, float | None]:
     """``VideoMeta.lost_tail`` and ``claimed_s``: the frames the container's header lists (``header``: an MP4's
     sample count, hidden frames of an edit list included; 0 where it gives none) past the packets that demux (a file
-    cut short), and the duration the header states."""
-    lost = max(0, header - index.packets) if index is not None and header else 0
-    return lost, (float(stated_s) if lost and stated_s else None)
+    cut short), and the duration the header states; where the header lists no frames but states a duration that
+    every stream ends well before (``_FrameIndex.cut_short``), the frames that duration would hold at ``fps``."""
+    if index is None:
+        return 0, None
+    lost = max(0, header - index.packets) if header else 0
+    if lost:
+        return lost, (float(stated_s) if stated_s else None)
+    if not header and index.cut_short is not None and fps > 0:
+        last, claimed = index.cut_short
+        return max(1, round((claimed - last) * fps)), claimed
+    return 0, None
 
 
 def _first_frame_rotation(container, stream) -> float:
