@@ -242,8 +242,10 @@ class DecordBackend:
             raise DecodeError(f"decord ignores this file's edit list: it would count {int((ts < -1e-6).sum())} "
                               "hidden frames (a stream copy cut between keyframes)")
         self._readers.put(path, vr)
-        return VideoMeta(len(vr), float(vr.get_avg_fps() or 0.0), int(w), int(h),
-                         ts - ts[0] if ts is not None else None)
+        fps = float(vr.get_avg_fps() or 0.0)
+        ts = ts - ts[0] if ts is not None else None
+        return VideoMeta(len(vr), fps, int(w), int(h), ts,
+                         *_lost_by_duration(path, clip_duration(len(vr), fps, ts), fps, stop))
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
                stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
@@ -715,10 +717,9 @@ class _FrameIndex:
         index = cls(count, np.frombuffer(pts, np.int64) if timed and count else None, np.frombuffer(dts, np.int64),
                     np.frombuffer(key, np.int8) > 0, time_base, may_jump, stream_index)
         index.packets = packets
-        if index.pts is not None and end is not None and stated is not None and not may_jump:
-            first, last = float(index.pts[0]) * time_base - origin, end * time_base - origin
-            if stated - last > CUT_SHORT_S and stated - _streams_end(path, origin, stop) > CUT_SHORT_S:
-                index.cut_short = (last - first, stated - first)
+        if index.pts is not None and end is not None and not may_jump:
+            index.cut_short = _cut_short(path, stated, origin, float(index.pts[0]) * time_base - origin,
+                                         end * time_base - origin, stop)
         return index
 
     def timestamps(self) -> np.ndarray | None:
@@ -767,6 +768,17 @@ CUT_SHORT_S = 1.0
 header gives no frame count to check against: Matroska, WebM)."""
 
 
+def _cut_short(path: str, stated: float | None, origin: float, first: float, last: float,
+               stop: threading.Event | None = None) -> tuple[float, float] | None:
+    """``_FrameIndex.cut_short``: where the pictures end and where the container says the file ends, in seconds from
+    the first frame, where every stream ends more than ``CUT_SHORT_S`` before the ``stated`` duration; None else.
+    ``origin`` is the container's start, ``first`` and ``last`` where the pictures start and end on the file's
+    timeline."""
+    if stated is None or stated - last <= CUT_SHORT_S or stated - _streams_end(path, origin, stop) <= CUT_SHORT_S:
+        return None
+    return last - first, stated - first
+
+
 def _streams_end(path: str, origin: float, stop: threading.Event | None = None) -> float:
     """Where the last packet of any stream ends, in seconds on the file's timeline (``origin``: the container's
     start): a demux of every stream, made only where the video ends early."""
@@ -780,6 +792,31 @@ def _streams_end(path: str, origin: float, stop: threading.Event | None = None) 
             if p.pts is not None and p.size:
                 end = max(end, float((p.pts + (p.duration or 0)) * p.stream.time_base) - origin)
     return end
+
+
+def _lost_by_duration(path: str, played_s: float, fps: float,
+                      stop: threading.Event | None = None) -> tuple[int, float | None]:
+    """``VideoMeta.lost_tail`` and ``claimed_s`` for a backend that counts only the frames it reads (decord, which
+    decodes a Matroska or WebM download cut short as its prefix without a word): the container's stated duration
+    against the ``played_s`` seconds of pictures (``_cut_short``)."""
+    import av
+
+    try:
+        with av.open(path) as c:
+            s = main_video_stream(c)
+            if timestamps_may_jump(c):
+                return 0, None
+            origin = c.start_time / av.time_base if c.start_time is not None else 0.0
+            stated = c.duration / av.time_base if c.duration else None
+            first = float(s.start_time * s.time_base) - origin if s.start_time is not None else 0.0
+    except DecodeCancelled:
+        raise
+    except Exception:  # noqa: BLE001 - nothing to compare with: the decode says what is wrong with the file
+        return 0, None
+    cut = _cut_short(path, stated, origin, first, first + played_s, stop)
+    if cut is None or fps <= 0:
+        return 0, None
+    return max(1, round((cut[1] - cut[0]) * fps)), cut[1]
 
 
 def _lost_tail(header: int, index: _FrameIndex | None, stated_s: float | None,

@@ -147,18 +147,23 @@ def test_a_broken_tails_lost_frames_and_span_are_in_the_items_tally(clips, backe
     assert cut.meta.num_frames < 100 and tally.video_frames_lost == 0 and tally.spans == []
 
 
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
 @pytest.mark.parametrize("ext,codecs", [("mkv", ("-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac")),
                                         ("webm", ("-c:v", "libvpx-vp9", "-deadline", "realtime", "-c:a", "libopus"))])
-def test_a_matroska_file_cut_short_is_told_by_its_stated_duration(tmp_path, ext, codecs):
+def test_a_matroska_file_cut_short_is_told_by_its_stated_duration(tmp_path, ext, codecs, backend):
     """Matroska and WebM list no frame count, but their header states the duration: a download cut at 40% of its
     bytes (every stream ends at about 1.6 of 4 s) is cut short, the frames that duration would hold lost, the span
     from where the pictures end to the stated end; the whole file is not, nor one whose pictures end at 2 s while
-    its sound goes on to 4 s (the container's duration is its longest stream's)."""
+    its sound goes on to 4 s (the container's duration is its longest stream's). decord, the first backend, decodes
+    the prefix without a word (torchcodec refuses the file)."""
     import contextvars
 
     import av
 
     from pipeline.media import damage
+
+    if backend == "decord":
+        pytest.importorskip("decord")
 
     whole = str(tmp_path / f"whole.{ext}")
     synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=4", "-f", "lavfi", "-i",
@@ -177,13 +182,13 @@ def test_a_matroska_file_cut_short_is_told_by_its_stated_duration(tmp_path, ext,
 
         def as_the_consumer():
             damage.current_damage.set(tally)
-            return decode_video(path, [Uniform(8)], available_backends(("pyav",)))
+            return decode_video(path, [Uniform(8)], available_backends((backend,)))
 
         return contextvars.copy_context().run(as_the_consumer), tally
 
     v, tally = tally_of(cut)
     n = v.meta.num_frames
-    assert 20 < n < 60 and tally.video_frames_lost == pytest.approx(100 - n, abs=2)
+    assert v.backend == backend and 20 < n < 60 and tally.video_frames_lost == pytest.approx(100 - n, abs=2)
     (span,) = tally.spans
     assert span["start_s"] == pytest.approx(n / 25, abs=0.05) and span["end_s"] == pytest.approx(stated, abs=1e-3)
     for clean in (whole, short_pictures):
