@@ -9,7 +9,14 @@ import numpy as np
 
 from pipeline.errors import DecodeError, ItemTimeout
 from pipeline.media import damage
-from pipeline.media.probe import DISCONTINUITY_S, main_audio_stream, timestamps_may_jump
+from pipeline.media.probe import (
+    CUT_SHORT_S,
+    DISCONTINUITY_S,
+    main_audio_stream,
+    states_duration,
+    streams_end,
+    timestamps_may_jump,
+)
 
 
 log = logging.getLogger(__name__)
@@ -71,9 +78,12 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         bad, failed = 0, None  # packets that did not decode (a corrupt stretch), and the last one's error
         placed, spans = 0, []  # the bad packets whose silence is placed; the seconds that silence spans
         claimed = container.duration / av.time_base if container.duration else None  # where the file says it ends
+        origin = container.start_time / av.time_base if container.start_time is not None else 0.0
+        header, seen = int(stream.frames or 0), [0]  # the packets the header lists (MP4), and those that demux
+        stated = states_duration(container)
         broke = False
         try:
-            for frame in _frames(container, stream):
+            for frame in _frames(container, stream, seen):
                 if isinstance(frame, av.error.FFmpegError):
                     bad, failed = bad + 1, frame
                     continue
@@ -123,7 +133,8 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
     if not parts:
         raise DecodeError("audio stream holds no samples")
     length = sum(p.shape[1] for p in parts) / sample_rate
-    if (broke or bad > placed) and claimed is not None and claimed - length > TAIL_S:
+    if claimed is not None and claimed - length > TAIL_S and (
+            broke or bad > placed or _cut_short(path, header, seen[0], claimed, length, origin, stated)):
         spans.append((length, claimed))  # the audio ends early: from there to where the file says it ends is lost
     damage.audio_decoded(bad, spans)
     if bad:
@@ -131,6 +142,17 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
                     "them say where they belong (a corrupt stretch), else the audio ends there", bad, damage.where(path))
     audio = np.concatenate(parts, axis=1).astype(np.float32, copy=False)
     return audio[0] if channels == 1 else audio
+
+
+def _cut_short(path: str, header: int, packets: int, claimed: float, length: float, origin: float,
+               stated: bool) -> bool:
+    """Whether a file whose audio decoded without an error was cut short (a download that stopped): its header lists
+    more packets than demuxed (MP4, M4A), or, where it lists none but ``stated`` its duration (Matroska, WebM:
+    ``states_duration``), every stream ends more than ``CUT_SHORT_S`` before it. WAV, Ogg, MP3 and MPEG-TS cut short
+    are not told (their duration is read from what the file holds, or estimated)."""
+    if header:
+        return packets < header
+    return stated and claimed - length > CUT_SHORT_S and claimed - streams_end(path, origin) > CUT_SHORT_S
 
 
 TAIL_S = 0.05
@@ -144,7 +166,7 @@ instead (MP3: the audio after 6 s lost in a 5-minute file came 6 s early), so th
 bytes, where the stream has a constant bit rate (``_frames``)."""
 
 
-def _frames(container, stream):
+def _frames(container, stream, seen: list[int] | None = None):
     """The stream's frames, a packet at a time; a packet that does not decode (a corrupt stretch: a bad sector, a
     damaged download) yields its error and the decode goes on, where ``container.decode`` would end at it, and
     ``decode_audio`` fills the time it held with silence (as it fills a gap in the timestamps), so that speech after
@@ -161,6 +183,8 @@ def _frames(container, stream):
     good_bytes = good_ticks = failed_bytes = offset = 0  # raw streams: what decoded so far, in bytes and ticks
     smallest, largest, end = None, None, None
     for packet in container.demux(stream):
+        if seen is not None and packet.size:
+            seen[0] += 1  # every packet with data, decodable or not
         try:
             frames = packet.decode()
         except av.error.FFmpegError as e:

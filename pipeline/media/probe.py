@@ -116,6 +116,37 @@ DISCONTINUITY_S = 10.0
 either way, is a splice, not a gap in the media (ffmpeg's ``dts_delta_threshold``)."""
 
 
+CUT_SHORT_S = 1.0
+"""A file whose streams all end more than this before the duration its container states is cut short (where the
+header gives no frame count to check against: Matroska, WebM)."""
+
+STATED_DURATION_FORMATS = ("matroska", "webm")
+"""Formats whose header states the duration (written by the muxer at the end), so that a file cut short is told by
+it. Elsewhere FFmpeg may estimate the duration (from the bit rate: an MP3 without a Xing header, raw streams), and
+an estimate past the end would call a whole file cut short."""
+
+
+def states_duration(container) -> bool:
+    """Whether ``container``'s duration is one its header states (``STATED_DURATION_FORMATS``)."""
+    return any(name in container.format.name.split(",") for name in STATED_DURATION_FORMATS)
+
+
+def streams_end(path: str, origin: float, check=None) -> float:
+    """Where the last packet of any stream of ``path`` ends, in seconds on the file's timeline (``origin``: the
+    container's start): a demux of every stream, made only where a stream ends early. ``check``: called every few
+    thousand packets (a decode given up raises there)."""
+    import av
+
+    end = 0.0
+    with av.open(path) as c:
+        for n, p in enumerate(c.demux()):
+            if check is not None and n % 4096 == 0:
+                check()
+            if p.pts is not None and p.size:
+                end = max(end, float((p.pts + (p.duration or 0)) * p.stream.time_base) - origin)
+    return end
+
+
 def timestamps_may_jump(container) -> bool:
     """Whether the container's format is flagged AVFMT_TS_DISCONT (MPEG-TS, MPEG-PS)."""
     import av

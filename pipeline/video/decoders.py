@@ -21,7 +21,15 @@ import torch
 
 from pipeline.errors import DecodeError, DecodeTimeout, ItemTimeout
 from pipeline.media import damage
-from pipeline.media.probe import DISCONTINUITY_S, main_video_stream, quarter_turns, timestamps_may_jump
+from pipeline.media.probe import (
+    CUT_SHORT_S,
+    DISCONTINUITY_S,
+    main_video_stream,
+    quarter_turns,
+    states_duration,
+    streams_end,
+    timestamps_may_jump,
+)
 from pipeline.video.preprocess import luma_into, per_group
 from pipeline.video.sampling import FramePlan, FrameRequest, clip_duration, make_plan, variable_rate
 
@@ -709,7 +717,7 @@ class _FrameIndex:
                         end = max(end or p.pts, p.pts + (p.duration or 0))
                 time_base, may_jump, stream_index = float(s.time_base), timestamps_may_jump(c), s.index
                 origin = c.start_time / av.time_base if c.start_time is not None else 0.0
-                stated = c.duration / av.time_base if c.duration else None
+                stated = c.duration / av.time_base if c.duration and states_duration(c) else None
         except DecodeCancelled:
             raise
         except Exception:  # noqa: BLE001 - no index: sampling by the average rate, decoding from the start
@@ -763,35 +771,16 @@ class _FrameIndex:
         return (int(self.key_positions[j]), int(self.key_dts[j])) if j >= 0 else (-1, 0)
 
 
-CUT_SHORT_S = 1.0
-"""A file whose streams all end more than this before the duration its container states is cut short (where the
-header gives no frame count to check against: Matroska, WebM)."""
-
-
 def _cut_short(path: str, stated: float | None, origin: float, first: float, last: float,
                stop: threading.Event | None = None) -> tuple[float, float] | None:
     """``_FrameIndex.cut_short``: where the pictures end and where the container says the file ends, in seconds from
     the first frame, where every stream ends more than ``CUT_SHORT_S`` before the ``stated`` duration; None else.
     ``origin`` is the container's start, ``first`` and ``last`` where the pictures start and end on the file's
     timeline."""
-    if stated is None or stated - last <= CUT_SHORT_S or stated - _streams_end(path, origin, stop) <= CUT_SHORT_S:
+    if stated is None or stated - last <= CUT_SHORT_S or \
+            stated - streams_end(path, origin, lambda: _check(stop)) <= CUT_SHORT_S:
         return None
     return last - first, stated - first
-
-
-def _streams_end(path: str, origin: float, stop: threading.Event | None = None) -> float:
-    """Where the last packet of any stream ends, in seconds on the file's timeline (``origin``: the container's
-    start): a demux of every stream, made only where the video ends early."""
-    import av
-
-    end = 0.0
-    with av.open(path) as c:
-        for n, p in enumerate(c.demux()):
-            if n % 4096 == 0:
-                _check(stop)
-            if p.pts is not None and p.size:
-                end = max(end, float((p.pts + (p.duration or 0)) * p.stream.time_base) - origin)
-    return end
 
 
 def _lost_by_duration(path: str, played_s: float, fps: float,
@@ -804,7 +793,7 @@ def _lost_by_duration(path: str, played_s: float, fps: float,
     try:
         with av.open(path) as c:
             s = main_video_stream(c)
-            if timestamps_may_jump(c):
+            if not states_duration(c):
                 return 0, None
             origin = c.start_time / av.time_base if c.start_time is not None else 0.0
             stated = c.duration / av.time_base if c.duration else None

@@ -265,6 +265,40 @@ def test_a_corrupt_stretch_in_a_variable_bit_rate_mp3_ends_it(tmp_path, long_spe
     assert span["end_s"] == pytest.approx(whole / 16000, abs=0.5)
 
 
+@pytest.mark.parametrize("ext,encode", [("m4a", ("-c:a", "aac", "-movflags", "+faststart")),
+                                        ("mka", ("-c:a", "aac")), ("webm", ("-c:a", "libopus"))])
+def test_a_recording_cut_short_says_so_in_the_items_tally(tmp_path, ext, encode):
+    """A download of 6 s of sound that stopped at 40% of its bytes decodes as its prefix, without an error in
+    Matroska and WebM: its header lists more packets than demux (M4A), or states a duration that every stream ends
+    well before (Matroska, WebM), so the row's span runs from where the sound ends to the stated end; the whole
+    recording has none."""
+    import av
+
+    from pipeline.media import damage
+
+    whole = str(tmp_path / f"whole.{ext}")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "sine=frequency=440:duration=6", *encode, whole])
+    data = open(whole, "rb").read()
+    cut = str(tmp_path / f"cut.{ext}")
+    open(cut, "wb").write(data[: len(data) * 2 // 5])
+    with av.open(cut) as c:
+        stated = c.duration / av.time_base
+    for path, lost in ((whole, False), (cut, True)):
+        tally = damage.ItemDamage()
+        token = damage.current_damage.set(tally)
+        try:
+            n = len(decode_audio(path)) / 16000
+        finally:
+            damage.current_damage.reset(token)
+        if not lost:
+            assert n == pytest.approx(6.0, abs=0.05) and tally.spans == []
+            continue
+        (span,) = tally.spans
+        assert 1.5 < n < 3.5 and span["stream"] == "audio"
+        assert span["start_s"] == pytest.approx(n, abs=1e-3) and span["end_s"] == pytest.approx(stated, abs=1e-3)
+        assert stated == pytest.approx(6.0, abs=0.05)
+
+
 def _tone_hz(x: np.ndarray, sr: int = 16000) -> float:
     spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
     return float(np.argmax(spectrum)) * sr / len(x)
