@@ -10,11 +10,10 @@ import numpy as np
 from pipeline.errors import DecodeError, ItemTimeout
 from pipeline.media import damage
 from pipeline.media.probe import (
-    CUT_SHORT_S,
     DISCONTINUITY_S,
+    cut_short_by_duration,
     main_audio_stream,
     states_duration,
-    streams_end,
     timestamps_may_jump,
 )
 
@@ -148,11 +147,11 @@ def _cut_short(path: str, header: int, packets: int, claimed: float, length: flo
                stated: bool) -> bool:
     """Whether a file whose audio decoded without an error was cut short (a download that stopped): its header lists
     more packets than demuxed (MP4, M4A), or, where it lists none but ``stated`` its duration (Matroska, WebM:
-    ``states_duration``), every stream ends more than ``CUT_SHORT_S`` before it. WAV, Ogg, MP3 and MPEG-TS cut short
-    are not told (their duration is read from what the file holds, or estimated)."""
+    ``states_duration``), every stream ends well before it (``cut_short_by_duration``). WAV, Ogg, MP3 and MPEG-TS
+    cut short are not told (their duration is read from what the file holds, or estimated)."""
     if header:
         return packets < header
-    return stated and claimed - length > CUT_SHORT_S and claimed - streams_end(path, origin) > CUT_SHORT_S
+    return cut_short_by_duration(path, claimed if stated else None, origin, length)
 
 
 TAIL_S = 0.05

@@ -131,10 +131,18 @@ def states_duration(container) -> bool:
     return any(name in container.format.name.split(",") for name in STATED_DURATION_FORMATS)
 
 
-def streams_end(path: str, origin: float, check=None) -> float:
-    """Where the last packet of any stream of ``path`` ends, in seconds on the file's timeline (``origin``: the
-    container's start): a demux of every stream, made only where a stream ends early. ``check``: called every few
-    thousand packets (a decode given up raises there)."""
+def cut_short_by_duration(path: str, stated: float | None, origin: float, end: float, check=None) -> bool:
+    """Whether ``path``, one of whose streams ends at ``end`` (seconds on the file's timeline, ``origin`` being the
+    container's start), was cut short: the duration its header ``stated`` (``states_duration``; None: none stated)
+    lies more than ``CUT_SHORT_S`` after that end and after every stream's end (a demux of every stream, made only
+    then: a film's sound may go on after its pictures). ``check``: called every few thousand packets of that demux
+    (a decode given up raises there)."""
+    return (stated is not None and stated - end > CUT_SHORT_S
+            and stated - _streams_end(path, origin, check) > CUT_SHORT_S)
+
+
+def _streams_end(path: str, origin: float, check=None) -> float:
+    """Where the last packet of any stream of ``path`` ends, in seconds on the file's timeline."""
     import av
 
     end = 0.0

@@ -22,12 +22,11 @@ import torch
 from pipeline.errors import DecodeError, DecodeTimeout, ItemTimeout
 from pipeline.media import damage
 from pipeline.media.probe import (
-    CUT_SHORT_S,
     DISCONTINUITY_S,
+    cut_short_by_duration,
     main_video_stream,
     quarter_turns,
     states_duration,
-    streams_end,
     timestamps_may_jump,
 )
 from pipeline.video.preprocess import luma_into, per_group
@@ -673,7 +672,7 @@ class _FrameIndex:
         self.packets = count  # every packet of the stream that demuxed, shown or hidden by an edit list (``demux``)
         self.cut_short: tuple[float, float] | None = None
         """Where every stream ends and where the container says the file ends, in seconds from the first frame,
-        where the second is more than ``CUT_SHORT_S`` later (a Matroska or WebM download cut short: no frame count
+        where the second is more than ``probe.CUT_SHORT_S`` later (a Matroska or WebM download cut short: no frame count
         in its header, but its duration)."""
         self.stream_index = stream_index  # the container's index of the stream demuxed (``main_video_stream``)
         self.time_base = time_base
@@ -774,13 +773,20 @@ class _FrameIndex:
 def _cut_short(path: str, stated: float | None, origin: float, first: float, last: float,
                stop: threading.Event | None = None) -> tuple[float, float] | None:
     """``_FrameIndex.cut_short``: where the pictures end and where the container says the file ends, in seconds from
-    the first frame, where every stream ends more than ``CUT_SHORT_S`` before the ``stated`` duration; None else.
-    ``origin`` is the container's start, ``first`` and ``last`` where the pictures start and end on the file's
-    timeline."""
-    if stated is None or stated - last <= CUT_SHORT_S or \
-            stated - streams_end(path, origin, lambda: _check(stop)) <= CUT_SHORT_S:
+    the first frame, where the file was cut short (``cut_short_by_duration``); None else. ``origin`` is the
+    container's start, ``first`` and ``last`` where the pictures start and end on the file's timeline."""
+    if not cut_short_by_duration(path, stated, origin, last, lambda: _check(stop)):
         return None
     return last - first, stated - first
+
+
+def _frames_cut(cut: tuple[float, float] | None, fps: float) -> tuple[int, float | None]:
+    """``VideoMeta.lost_tail`` and ``claimed_s`` from a ``_cut_short``: the frames its missing seconds hold at
+    ``fps`` (the header lists none to count)."""
+    if cut is None or fps <= 0:
+        return 0, None
+    last, claimed = cut
+    return max(1, round((claimed - last) * fps)), claimed
 
 
 def _lost_by_duration(path: str, played_s: float, fps: float,
@@ -802,10 +808,7 @@ def _lost_by_duration(path: str, played_s: float, fps: float,
         raise
     except Exception:  # noqa: BLE001 - nothing to compare with: the decode says what is wrong with the file
         return 0, None
-    cut = _cut_short(path, stated, origin, first, first + played_s, stop)
-    if cut is None or fps <= 0:
-        return 0, None
-    return max(1, round((cut[1] - cut[0]) * fps)), cut[1]
+    return _frames_cut(_cut_short(path, stated, origin, first, first + played_s, stop), fps)
 
 
 def _lost_tail(header: int, index: _FrameIndex | None, stated_s: float | None,
@@ -819,10 +822,7 @@ def _lost_tail(header: int, index: _FrameIndex | None, stated_s: float | None,
     lost = max(0, header - index.packets) if header else 0
     if lost:
         return lost, (float(stated_s) if stated_s else None)
-    if not header and index.cut_short is not None and fps > 0:
-        last, claimed = index.cut_short
-        return max(1, round((claimed - last) * fps)), claimed
-    return 0, None
+    return _frames_cut(index.cut_short, fps) if not header else (0, None)
 
 
 def _first_frame_rotation(container, stream) -> float:
@@ -1090,9 +1090,7 @@ def _decode_pass(backend, path: str, requests: list[FrameRequest], plan: FramePl
     except TruncatedVideo as t:  # a broken tail: the clip is its decodable prefix
         whole, meta = meta, meta.truncated(t.decodable)
         if t.decodable < whole.num_frames:
-            damage.video_lost([(t.decodable, whole.num_frames)],
-                              [(offset + clip_duration(meta.num_frames, meta.fps, meta.timestamps),
-                                offset + clip_duration(whole.num_frames, whole.fps, whole.timestamps))], held=False)
+            _tail_lost(meta, whole.num_frames, clip_duration(whole.num_frames, whole.fps, whole.timestamps), offset)
         plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
         frames = backend.decode(path, plan.indices, size, device, resize, stop=stop, **extra)
     if frames.shape[0] != len(plan.indices):
@@ -1100,6 +1098,14 @@ def _decode_pass(backend, path: str, requests: list[FrameRequest], plan: FramePl
     label = f"{backend.name}-nvdec" if frames.is_cuda else backend.name  # on the GPU only from NVDEC
     return DecodedVideo(frames, plan, meta, label, (meta.width / frames.shape[2], meta.height / frames.shape[1]),
                         start_s=offset)
+
+
+def _tail_lost(prefix: VideoMeta, listed: int, claimed_s: float, offset: float) -> None:
+    """A broken tail, for the item's row: the frames from the end of the decodable ``prefix`` to the ``listed``
+    count are lost, their span from the prefix's end to ``claimed_s`` (seconds from the first frame) on the file's
+    timeline (``offset``: where the first frame sits). Not a stretch decoded past: not in ``corrupt_media``."""
+    end = clip_duration(prefix.num_frames, prefix.fps, prefix.timestamps)
+    damage.video_lost([(prefix.num_frames, listed)], [(offset + end, offset + max(end, claimed_s))], held=False)
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -1176,9 +1182,7 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
         if meta.num_frames <= 0 or meta.width <= 0 or meta.height <= 0:
             raise DecodeError(f"no frames ({meta})")
         if meta.lost_tail:  # a file cut short: the frames its header lists past the end are lost
-            end = clip_duration(meta.num_frames, meta.fps, meta.timestamps)
-            damage.video_lost([(meta.num_frames, meta.num_frames + meta.lost_tail)],
-                              [(offset + end, offset + max(end, meta.claimed_s or 0.0))], held=False)
+            _tail_lost(meta, meta.num_frames + meta.lost_tail, meta.claimed_s or 0.0, offset)
         check_pixels(meta.width, meta.height, max_pixels)
         passes = _passes(requests, meta, offset, max_side, reduced_pass_bytes, pixel_aspect)
         frames_needed = sum(len(plan.indices) for _, plan, _ in passes)
