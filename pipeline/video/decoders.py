@@ -696,7 +696,7 @@ class _FrameIndex:
         import av
 
         pts, dts, key = array("q"), array("q"), array("b")
-        count, packets, timed, end = 0, 0, True, None
+        count, packets, timed, duration = 0, 0, True, 0
         try:
             with av.open(path) as c:
                 s = main_video_stream(c)
@@ -713,7 +713,7 @@ class _FrameIndex:
                         pts.append(p.pts)
                         dts.append(p.dts if p.dts is not None else p.pts)
                         key.append(bool(p.is_keyframe))
-                        end = max(end or p.pts, p.pts + (p.duration or 0))
+                        duration = p.duration  # the last one's: the pictures end after the latest pts by about it
                 time_base, may_jump, stream_index = float(s.time_base), timestamps_may_jump(c), s.index
                 origin = c.start_time / av.time_base if c.start_time is not None else 0.0
                 stated = c.duration / av.time_base if c.duration and states_duration(c) else None
@@ -724,9 +724,10 @@ class _FrameIndex:
         index = cls(count, np.frombuffer(pts, np.int64) if timed and count else None, np.frombuffer(dts, np.int64),
                     np.frombuffer(key, np.int8) > 0, time_base, may_jump, stream_index)
         index.packets = packets
-        if index.pts is not None and end is not None and not may_jump:
+        if index.pts is not None and stated is not None and not may_jump:  # index.pts: sorted
+            end = (float(index.pts[-1]) + (duration or 0)) * time_base
             index.cut_short = _cut_short(path, stated, origin, float(index.pts[0]) * time_base - origin,
-                                         end * time_base - origin, stop)
+                                         end - origin, stop)
         return index
 
     def timestamps(self) -> np.ndarray | None:
