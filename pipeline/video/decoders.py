@@ -790,14 +790,23 @@ def _frames_cut(cut: tuple[float, float] | None, fps: float) -> tuple[int, float
     return max(1, round((claimed - last) * fps)), claimed
 
 
+EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+"""The first four bytes of a Matroska or WebM file (its EBML header)."""
+
+
 def _lost_by_duration(path: str, played_s: float, fps: float,
                       stop: threading.Event | None = None) -> tuple[int, float | None]:
     """``VideoMeta.lost_tail`` and ``claimed_s`` for a backend that counts only the frames it reads (decord, which
     decodes a Matroska or WebM download cut short as its prefix without a word): the container's stated duration
-    against the ``played_s`` seconds of pictures (``_cut_short``)."""
+    against the ``played_s`` seconds of pictures (``_cut_short``). Only an EBML file (Matroska, WebM) is opened: the
+    other containers' durations are not checked (``states_duration``), and opening each costs the primary backend's
+    every item a few milliseconds."""
     import av
 
     try:
+        with open(path, "rb") as f:
+            if f.read(4) != EBML_MAGIC:
+                return 0, None
         with av.open(path) as c:
             s = main_video_stream(c)
             if not states_duration(c):

@@ -59,7 +59,10 @@ def main() -> int:
                                       args.seconds, extra=("-g", "50")) for i in range(args.clips)]
         cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"))
         filters = build_filters(cfg.filters)
-        requests = frame_requests_of(filters)
+        from pipeline.video.stream import Stream, WindowStream
+
+        # the item's decode: a long clip's streams are read by their own passes (MediaItem.streamed), not here
+        requests = [r for r in frame_requests_of(filters) if not isinstance(r, (Stream, WindowStream))]
         backends = {b.name: b for b in available_backends(("decord", "torchcodec", "pyav"))}
         plans = {}
         for c in clips:
