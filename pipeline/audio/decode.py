@@ -13,7 +13,7 @@ from pipeline.media.probe import (
     DISCONTINUITY_S,
     cut_short_by_duration,
     main_audio_stream,
-    states_duration,
+    stated_duration,
     timestamps_may_jump,
 )
 
@@ -79,7 +79,8 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         claimed = container.duration / av.time_base if container.duration else None  # where the file says it ends
         origin = container.start_time / av.time_base if container.start_time is not None else 0.0
         header, seen = int(stream.frames or 0), [0]  # the packets the header lists (MP4), and those that demux
-        stated = states_duration(container)
+        stated = stated_duration(container)  # where the header states the end (FFmpeg gives a WAV what it holds)
+        claimed = max(claimed or 0.0, stated) if stated is not None else claimed
         broke = False
         try:
             for frame in _frames(container, stream, seen):
@@ -144,14 +145,15 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
 
 
 def _cut_short(path: str, header: int, packets: int, claimed: float, length: float, origin: float,
-               stated: bool) -> bool:
+               stated: float | None) -> bool:
     """Whether a file whose audio decoded without an error was cut short (a download that stopped): its header lists
-    more packets than demuxed (MP4, M4A), or, where it lists none but ``stated`` its duration (Matroska, WebM:
-    ``states_duration``), every stream ends well before it (``cut_short_by_duration``). WAV, Ogg, MP3 and MPEG-TS
-    cut short are not told (their duration is read from what the file holds, or estimated)."""
+    more packets than demuxed (MP4, M4A, AIFF), or, where it lists none but ``stated`` where it ends (Matroska, WebM,
+    FLAC, WAV, an MP3 with a Xing header: ``stated_duration``), every stream ends well before that
+    (``cut_short_by_duration``). Ogg, MPEG-TS and an MP3 without a Xing header cut short are not told (their
+    duration is read from what the file holds, or estimated)."""
     if header:
         return packets < header
-    return cut_short_by_duration(path, claimed if stated else None, origin, length)
+    return cut_short_by_duration(path, claimed if stated is not None else None, origin, length)
 
 
 TAIL_S = 0.05

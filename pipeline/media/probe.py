@@ -117,23 +117,128 @@ either way, is a splice, not a gap in the media (ffmpeg's ``dts_delta_threshold`
 
 
 CUT_SHORT_S = 1.0
-"""A file whose streams all end more than this before the duration its container states is cut short (where the
-header gives no frame count to check against: Matroska, WebM)."""
+"""A file whose streams all end more than this before the duration its header states is cut short (where the
+header gives no frame count to check against: Matroska, WebM, FLAC, WAV, an MP3 with a Xing header)."""
 
-STATED_DURATION_FORMATS = ("matroska", "webm")
-"""Formats whose header states the duration (written by the muxer at the end), so that a file cut short is told by
-it. Elsewhere FFmpeg may estimate the duration (from the bit rate: an MP3 without a Xing header, raw streams), and
-an estimate past the end would call a whole file cut short."""
+STATED_DURATION_FORMATS = ("matroska", "webm", "flac")
+"""Formats whose header states the duration FFmpeg gives (Matroska's and WebM's written by the muxer at the end,
+FLAC's sample count in its STREAMINFO; where a FLAC written to a pipe leaves it 0, FFmpeg gives none), so that a
+file cut short is told by it. Elsewhere FFmpeg may estimate the duration (from the bit rate: an MP3 without a Xing
+header, raw streams), and an estimate past the end would call a whole file cut short; or read it from what the file
+holds (WAV, Ogg, MPEG-TS), which a file cut short ends early too."""
 
 
-def states_duration(container) -> bool:
-    """Whether ``container``'s duration is one its header states (``STATED_DURATION_FORMATS``)."""
-    return any(name in container.format.name.split(",") for name in STATED_DURATION_FORMATS)
+def stated_duration(container) -> float | None:
+    """Seconds from the container's start to the end its header states, where it states one: the duration FFmpeg
+    gives a ``STATED_DURATION_FORMATS`` file, or an MP3 whose Xing, Info or VBRI header counts its frames; a WAV's
+    from its chunks (``wav_stated_seconds``: FFmpeg gives a WAV cut short the duration of the bytes it holds), an
+    FLV's from its ``onMetaData`` (``flv_stated_seconds``: where that says 0, FFmpeg reads the end). None elsewhere: the end of what the file holds is all there is to go by."""
+    import av
+
+    names = container.format.name.split(",")
+    if "wav" in names:
+        return wav_stated_seconds(container.name)
+    if "flv" in names:
+        return flv_stated_seconds(container.name)
+    if not container.duration:
+        return None
+    if any(name in names for name in STATED_DURATION_FORMATS) or ("mp3" in names and mp3_counts_frames(container.name)):
+        return container.duration / av.time_base
+    return None
+
+
+WAV_PCM_TAGS = (1, 3, 6, 7, 0xFFFE)
+"""WAV format tags whose data holds a fixed number of bytes a sample frame (its ``fmt `` chunk's block align): PCM,
+float, A-law, mu-law, and the extensible format (PCM or float in practice)."""
+
+
+def wav_stated_seconds(path: str) -> float | None:
+    """The seconds a WAV (or RF64/BW64) file's header says its sound lasts: a PCM file's data chunk size (RF64's from
+    its ``ds64`` chunk) in sample frames of its ``fmt `` chunk's block align, a compressed one's ``fact`` chunk's
+    sample count (the byte rate its ``fmt`` gives is an estimate: an ADPCM file's said 28 s for 20); at its sample
+    rate. None where the header does not say (a file written to a pipe leaves the size 0 or 0xFFFFFFFF; a compressed
+    file without a ``fact`` chunk) or cannot be read."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            riff = f.read(12)
+            if len(riff) < 12 or riff[:4] not in (b"RIFF", b"RF64", b"BW64") or riff[8:12] != b"WAVE":
+                return None
+            size64, tag, rate, align, samples = None, 0, 0, 0, 0
+            for _ in range(64):  # the chunks before the data: fmt, ds64, fact, LIST, bext, JUNK, ...
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                kind, size = head[:4], struct.unpack("<I", head[4:])[0]
+                if kind == b"data":
+                    if riff[:4] != b"RIFF" and size == 0xFFFFFFFF:
+                        size = size64
+                    if not rate:
+                        return None
+                    if tag in WAV_PCM_TAGS:
+                        return size / align / rate if size and size != 0xFFFFFFFF and align else None
+                    return samples / rate if samples else None
+                body = f.read(min(size, 16))
+                if kind == b"fmt " and len(body) >= 14:
+                    tag, _, rate, _, align = struct.unpack("<HHIIH", body[:14])
+                elif kind == b"ds64" and len(body) >= 16:
+                    size64 = struct.unpack("<Q", body[8:16])[0]
+                elif kind == b"fact" and len(body) >= 4:
+                    samples = struct.unpack("<I", body[:4])[0]
+                f.seek(size + (size & 1) - len(body), 1)  # chunks are padded to an even size
+    except OSError:
+        return None
+    return None
+
+
+def flv_stated_seconds(path: str) -> float | None:
+    """The duration an FLV file's ``onMetaData`` states (the muxer writes it at the end; a file written to a pipe or
+    streamed live leaves it 0, and FFmpeg then reads where the last tag ends); None where it states none."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)  # the header, then the script tag
+    except OSError:
+        return None
+    at = head.find(b"\x00\x08duration\x00") if head[:3] == b"FLV" else -1  # the AMF key, then a number (type 0)
+    if at < 0 or len(head) < at + 19:
+        return None
+    seconds = struct.unpack(">d", head[at + 11:at + 19])[0]
+    return seconds if seconds > 0 and seconds == seconds else None
+
+
+def mp3_counts_frames(path: str) -> bool:
+    """Whether an MP3's first frame is a Xing, Info (LAME's, FFmpeg's) or VBRI header that counts the file's frames,
+    the duration FFmpeg then gives (without one it estimates it from the bit rate and the file's size)."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(10)
+            start = 0
+            if head[:3] == b"ID3" and len(head) == 10:  # an ID3v2 tag first: its size in 7-bit bytes
+                size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | head[9] & 0x7F
+                start = 10 + size + (10 if head[5] & 0x10 else 0)
+            f.seek(start)
+            data = f.read(4096)
+    except OSError:
+        return False
+    sync = next((i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] & 0xE0 == 0xE0), None)
+    if sync is None:
+        return False
+    frame = data[sync:sync + 64]
+    for tag in (b"Xing", b"Info"):  # after the side information: 9, 17 or 32 bytes past the frame header
+        at = frame.find(tag, 4, 40)
+        if at >= 0 and len(frame) >= at + 12:
+            return bool(struct.unpack(">I", frame[at + 4:at + 8])[0] & 1)  # the flag of the frame count
+    return frame[36:40] == b"VBRI" and len(frame) >= 54 and struct.unpack(">I", frame[50:54])[0] > 0
 
 
 def cut_short_by_duration(path: str, stated: float | None, origin: float, end: float, check=None) -> bool:
     """Whether ``path``, one of whose streams ends at ``end`` (seconds on the file's timeline, ``origin`` being the
-    container's start), was cut short: the duration its header ``stated`` (``states_duration``; None: none stated)
+    container's start), was cut short: the duration its header ``stated`` (``stated_duration``; None: none stated)
     lies more than ``CUT_SHORT_S`` after that end and after every stream's end (a demux of every stream, made only
     then: a film's sound may go on after its pictures). ``check``: called every few thousand packets of that demux
     (a decode given up raises there)."""

@@ -26,7 +26,7 @@ from pipeline.media.probe import (
     cut_short_by_duration,
     main_video_stream,
     quarter_turns,
-    states_duration,
+    stated_duration,
     timestamps_may_jump,
 )
 from pipeline.video.preprocess import luma_into, per_group
@@ -252,7 +252,7 @@ class DecordBackend:
         fps = float(vr.get_avg_fps() or 0.0)
         ts = ts - ts[0] if ts is not None else None
         return VideoMeta(len(vr), fps, int(w), int(h), ts,
-                         *_lost_by_duration(path, clip_duration(len(vr), fps, ts), fps, stop))
+                         *_lost_on_decord(path, len(vr), fps, ts, stop))
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
                stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
@@ -670,6 +670,10 @@ class _FrameIndex:
                  may_jump: bool, stream_index: int = 0):
         self.count = count
         self.packets = count  # every packet of the stream that demuxed, shown or hidden by an edit list (``demux``)
+        self.chunk_clock = False
+        """The stream's timestamps count its chunks (AVI): the header's frame count lists the empty ones too (a frame
+        dropped at capture, shown as the one before), which FFmpeg's demuxer passes over, and ends where that count
+        at the frame rate does."""
         self.cut_short: tuple[float, float] | None = None
         """Where every stream ends and where the container says the file ends, in seconds from the first frame,
         where the second is more than ``probe.CUT_SHORT_S`` later (a Matroska or WebM download cut short: no frame count
@@ -715,8 +719,9 @@ class _FrameIndex:
                         key.append(bool(p.is_keyframe))
                         duration = p.duration  # the last one's: the pictures end after the latest pts by about it
                 time_base, may_jump, stream_index = float(s.time_base), timestamps_may_jump(c), s.index
+                chunked = c.format.name == "avi"
                 origin = c.start_time / av.time_base if c.start_time is not None else 0.0
-                stated = c.duration / av.time_base if c.duration and states_duration(c) else None
+                stated = stated_duration(c)
         except DecodeCancelled:
             raise
         except Exception:  # noqa: BLE001 - no index: sampling by the average rate, decoding from the start
@@ -724,6 +729,9 @@ class _FrameIndex:
         index = cls(count, np.frombuffer(pts, np.int64) if timed and count else None, np.frombuffer(dts, np.int64),
                     np.frombuffer(key, np.int8) > 0, time_base, may_jump, stream_index)
         index.packets = packets
+        if chunked and index.pts is not None:
+            index.chunk_clock = True
+            index.packets = max(packets, max(dts) - min(dts) + 1)  # the chunks spanned (decode order), empty ones too
         if index.pts is not None and stated is not None and not may_jump:  # index.pts: sorted
             end = (float(index.pts[-1]) + (duration or 0)) * time_base
             index.cut_short = _cut_short(path, stated, origin, float(index.pts[0]) * time_base - origin,
@@ -794,30 +802,37 @@ EBML_MAGIC = b"\x1a\x45\xdf\xa3"
 """The first four bytes of a Matroska or WebM file (its EBML header)."""
 
 
-def _lost_by_duration(path: str, played_s: float, fps: float,
-                      stop: threading.Event | None = None) -> tuple[int, float | None]:
+def _lost_on_decord(path: str, frames: int, fps: float, timestamps: np.ndarray | None,
+                    stop: threading.Event | None = None) -> tuple[int, float | None]:
     """``VideoMeta.lost_tail`` and ``claimed_s`` for a backend that counts only the frames it reads (decord, which
-    decodes a Matroska or WebM download cut short as its prefix without a word): the container's stated duration
-    against the ``played_s`` seconds of pictures (``_cut_short``). Only an EBML file (Matroska, WebM) is opened: the
-    other containers' durations are not checked (``states_duration``), and opening each costs the primary backend's
-    every item a few milliseconds."""
+    decodes a download cut short as its prefix without a word): an AVI's header frame count against the chunks its
+    ``frames`` span (their ``timestamps`` from the first, ``_FrameIndex.chunk_clock``), a Matroska, WebM or FLV
+    file's stated duration against the seconds of pictures (``_cut_short``). Only such files are opened: the other
+    containers' ends are not checked (``stated_duration``), and opening each costs the primary backend's every item
+    a few milliseconds."""
     import av
 
     try:
         with open(path, "rb") as f:
-            if f.read(4) != EBML_MAGIC:
-                return 0, None
+            head = f.read(12)
+        avi = head[:4] == b"RIFF" and head[8:12] == b"AVI "
+        if not avi and head[:4] != EBML_MAGIC and head[:3] != b"FLV":
+            return 0, None
         with av.open(path) as c:
             s = main_video_stream(c)
-            if not states_duration(c):
-                return 0, None
+            if avi:
+                listed = int(s.frames or 0)
+                spanned = round(float(timestamps[-1]) * fps) + 1 if timestamps is not None and len(timestamps) else 0
+                lost = listed - max(frames, spanned)
+                return (lost, listed / fps) if lost > 0 and fps > 0 else (0, None)
+            stated = stated_duration(c)
             origin = c.start_time / av.time_base if c.start_time is not None else 0.0
-            stated = c.duration / av.time_base if c.duration else None
             first = float(s.start_time * s.time_base) - origin if s.start_time is not None else 0.0
     except DecodeCancelled:
         raise
     except Exception:  # noqa: BLE001 - nothing to compare with: the decode says what is wrong with the file
         return 0, None
+    played_s = clip_duration(frames, fps, timestamps)
     return _frames_cut(_cut_short(path, stated, origin, first, first + played_s, stop), fps)
 
 
@@ -830,6 +845,8 @@ def _lost_tail(header: int, index: _FrameIndex | None, stated_s: float | None,
     if index is None:
         return 0, None
     lost = max(0, header - index.packets) if header else 0
+    if lost and index.chunk_clock:  # a chunk a tick: FFmpeg gives an AVI cut short the duration of what it holds
+        return lost, header * index.time_base
     if lost:
         return lost, (float(stated_s) if stated_s else None)
     return _frames_cut(index.cut_short, fps) if not header else (0, None)

@@ -265,24 +265,41 @@ def test_a_corrupt_stretch_in_a_variable_bit_rate_mp3_ends_it(tmp_path, long_spe
     assert span["end_s"] == pytest.approx(whole / 16000, abs=0.5)
 
 
-@pytest.mark.parametrize("ext,encode", [("m4a", ("-c:a", "aac", "-movflags", "+faststart")),
-                                        ("mka", ("-c:a", "aac")), ("webm", ("-c:a", "libopus"))])
-def test_a_recording_cut_short_says_so_in_the_items_tally(tmp_path, ext, encode):
-    """A download of 6 s of sound that stopped at 40% of its bytes decodes as its prefix, without an error in
-    Matroska and WebM: its header lists more packets than demux (M4A), or states a duration that every stream ends
-    well before (Matroska, WebM), so the row's span runs from where the sound ends to the stated end; the whole
-    recording has none."""
+def _cut_at_a_packet(whole: str, cut: str, share: float = 0.4) -> str:
+    """``cut``: the bytes of ``whole`` up to the start of the main audio stream's packet nearest ``share`` of them,
+    a download that stopped between packets (no partial packet whose decode error would say so)."""
     import av
 
+    data = open(whole, "rb").read()
+    with av.open(whole) as c:
+        starts = [p.pos for p in c.demux(c.streams.audio[0]) if p.size and p.pos is not None and p.pos > 0]
+    at = min(starts, key=lambda pos: abs(pos - share * len(data)))
+    open(cut, "wb").write(data[:at])
+    return cut
+
+
+_COVER = ("-f", "lavfi", "-i", "color=c=red:s=64x64:d=0.04", "-map", "0", "-map", "1", "-c:v", "png",
+          "-disposition:v", "attached_pic", "-id3v2_version", "3")
+
+
+@pytest.mark.parametrize("ext,encode", [
+    ("m4a", ("-c:a", "aac", "-movflags", "+faststart")), ("mka", ("-c:a", "aac")), ("webm", ("-c:a", "libopus")),
+    ("flac", ("-c:a", "flac")), ("wav", ("-c:a", "pcm_s16le")), ("wav", ("-c:a", "pcm_f32le", "-rf64", "always")),
+    ("wav", ("-c:a", "adpcm_ms")), ("mp3", ("-c:a", "libmp3lame", "-b:a", "128k")),
+    ("mp3", (*_COVER, "-c:a", "libmp3lame", "-q:a", "4"))],
+    ids=["m4a", "mka", "webm", "flac", "wav", "rf64", "adpcm-wav", "mp3-info", "mp3-xing-cover"])
+def test_a_recording_cut_short_says_so_in_the_items_tally(tmp_path, ext, encode):
+    """A download of 6 s of sound that stopped between packets at 40% of its bytes decodes as its prefix without an
+    error: its header lists more packets than demux (M4A), or states an end that every stream ends well before
+    (Matroska and WebM's duration, FLAC's sample count, a PCM WAV's data size, an ADPCM WAV's ``fact`` count, an
+    MP3's Xing or Info frame count, behind an ID3 tag with a cover picture), so the row's span runs from where the
+    sound ends to the stated end (FFmpeg gives a WAV cut short the duration of what it holds); the whole recording
+    has none."""
     from pipeline.media import damage
 
     whole = str(tmp_path / f"whole.{ext}")
     synthetic._ffmpeg(["-f", "lavfi", "-i", "sine=frequency=440:duration=6", *encode, whole])
-    data = open(whole, "rb").read()
-    cut = str(tmp_path / f"cut.{ext}")
-    open(cut, "wb").write(data[: len(data) * 2 // 5])
-    with av.open(cut) as c:
-        stated = c.duration / av.time_base
+    cut = _cut_at_a_packet(whole, str(tmp_path / f"cut.{ext}"))
     for path, lost in ((whole, False), (cut, True)):
         tally = damage.ItemDamage()
         token = damage.current_damage.set(tally)
@@ -291,12 +308,94 @@ def test_a_recording_cut_short_says_so_in_the_items_tally(tmp_path, ext, encode)
         finally:
             damage.current_damage.reset(token)
         if not lost:
-            assert n == pytest.approx(6.0, abs=0.05) and tally.spans == []
+            assert n == pytest.approx(6.0, abs=0.06) and tally.spans == []
             continue
         (span,) = tally.spans
-        assert 1.5 < n < 3.5 and span["stream"] == "audio"
-        assert span["start_s"] == pytest.approx(n, abs=1e-3) and span["end_s"] == pytest.approx(stated, abs=1e-3)
-        assert stated == pytest.approx(6.0, abs=0.05)
+        assert 1.5 < n < 3.5 and span["stream"] == "audio" and tally.audio_packets_lost == 0
+        assert span["start_s"] == pytest.approx(n, abs=1e-3) and span["end_s"] == pytest.approx(6.0, abs=0.06)
+
+
+def test_the_header_readers_take_only_what_a_header_states(tmp_path):
+    """The readers of a header's stated end say nothing where it states none or cannot be read (the end of what the
+    file holds then stands): a WAV cut inside its header or with no ``fmt `` chunk before its data, a missing file,
+    an FLV whose ``onMetaData`` says 0 or NaN, an MP3 whose Xing header does not flag a frame count; and read it
+    where it does (a Xing or VBRI frame count behind a 1 kB ID3 tag, an RF64 data size from its ``ds64``)."""
+    import struct
+
+    from pipeline.media.probe import flv_stated_seconds, mp3_counts_frames, wav_stated_seconds
+
+    def write(name: str, data: bytes) -> str:
+        (tmp_path / name).write_bytes(data)
+        return str(tmp_path / name)
+
+    fmt = b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 32000, 2, 16)
+    riff = b"RIFF" + struct.pack("<I", 0) + b"WAVE"
+    assert wav_stated_seconds(write("ok.wav", riff + fmt + b"data" + struct.pack("<I", 64000))) == 2.0
+    assert wav_stated_seconds(write("head.wav", (riff + fmt)[:20])) is None
+    assert wav_stated_seconds(write("nofmt.wav", riff + b"data" + struct.pack("<I", 64000))) is None
+    assert wav_stated_seconds(write("piped.wav", riff + fmt + b"data" + b"\xff" * 4)) is None
+    assert wav_stated_seconds(str(tmp_path / "missing.wav")) is None
+    ds64 = b"ds64" + struct.pack("<IQQQI", 28, 0, 96000, 0, 0)
+    rf64 = b"RF64" + b"\xff" * 4 + b"WAVE" + ds64 + fmt + b"data" + b"\xff" * 4
+    assert wav_stated_seconds(write("big.wav", rf64)) == 3.0
+    assert wav_stated_seconds(write("not.wav", b"OggS" + bytes(40))) is None
+
+    def flv(seconds: float) -> bytes:
+        return b"FLV\x01\x05" + bytes(20) + b"\x00\x08duration\x00" + struct.pack(">d", seconds)
+
+    assert flv_stated_seconds(write("a.flv", flv(12.5))) == 12.5
+    assert flv_stated_seconds(write("b.flv", flv(0.0))) is None
+    assert flv_stated_seconds(write("c.flv", flv(float("nan")))) is None
+    assert flv_stated_seconds(write("d.flv", b"RIFF" + flv(12.5)[3:])) is None
+
+    frame = b"\xff\xfb\x90\x64" + bytes(32)  # MPEG-1 layer III, stereo: 32 bytes of side information
+    id3 = b"ID3\x03\x00\x00" + bytes([0, 0, 8, 0]) + bytes(1024)  # a tag of 1024 bytes (7-bit size bytes)
+    assert mp3_counts_frames(write("xing.mp3", id3 + frame + b"Xing" + struct.pack(">II", 1, 230) + bytes(64)))
+    assert not mp3_counts_frames(write("flags.mp3", id3 + frame + b"Xing" + struct.pack(">II", 0, 0) + bytes(64)))
+    vbri = frame + b"VBRI" + struct.pack(">HHHII", 1, 0, 0, 9000, 230) + bytes(64)
+    assert mp3_counts_frames(write("vbri.mp3", vbri))
+    assert not mp3_counts_frames(write("plain.mp3", frame + bytes(200)))
+    assert not mp3_counts_frames(write("empty.mp3", b""))
+
+
+def _silence_then_noise_mp3(path: str) -> str:
+    """A variable bit rate MP3 without a Xing header whose first frames are silent: FFmpeg estimates its duration
+    from their low bit rate, 33.6 s for 20."""
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "anoisesrc=d=20:a=0.5", "-af", "volume='if(lt(t,10),0,1)':eval=frame",
+                       "-c:a", "libmp3lame", "-q:a", "4", "-write_xing", "0", path])
+    return path
+
+
+def test_files_whose_header_states_no_end_are_not_called_cut_short(tmp_path):
+    """Where the header states no end, only what the file holds says where it ends: a WAV or FLAC written to a pipe
+    (data size 0xFFFFFFFF, sample count 0), an Ogg, and an MP3 without a Xing header, whose duration FFmpeg
+    estimates from its first frames' bit rate (far past its end here: a whole file must not be called cut short).
+    Cut short, such files decode as their prefix with nothing in the row (a limit, in the README)."""
+    import subprocess
+
+    import av
+
+    from pipeline.media import damage
+
+    files = [_silence_then_noise_mp3(str(tmp_path / "vbr.mp3"))]
+    with av.open(files[0]) as c:
+        assert c.duration / av.time_base > 30  # the estimate a header-less check would take for the end
+    for ext, codec in (("wav", "pcm_s16le"), ("flac", "flac"), ("ogg", "libvorbis")):
+        files.append(str(tmp_path / f"piped.{ext}"))
+        with open(files[-1], "wb") as out:
+            subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=duration=20", "-c:a", codec,
+                            "-f", ext, "-"], stdout=out, check=True)
+    assert open(files[1], "rb").read(8)[4:] == b"\xff\xff\xff\xff"  # the RIFF size a pipe leaves
+    for whole in files:
+        for path in (whole, _cut_at_a_packet(whole, whole + ".cut")):
+            tally = damage.ItemDamage()
+            token = damage.current_damage.set(tally)
+            try:
+                n = len(decode_audio(path)) / 16000
+            finally:
+                damage.current_damage.reset(token)
+            assert tally.spans == [], path
+            assert n == pytest.approx(20.0, abs=0.06) if path == whole else 4 < n < 12, (path, n)
 
 
 def _tone_hz(x: np.ndarray, sr: int = 16000) -> float:

@@ -149,13 +149,14 @@ def test_a_broken_tails_lost_frames_and_span_are_in_the_items_tally(clips, backe
 
 @pytest.mark.parametrize("backend", ["pyav", "decord"])
 @pytest.mark.parametrize("ext,codecs", [("mkv", ("-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac")),
-                                        ("webm", ("-c:v", "libvpx-vp9", "-deadline", "realtime", "-c:a", "libopus"))])
+                                        ("webm", ("-c:v", "libvpx-vp9", "-deadline", "realtime", "-c:a", "libopus")),
+                                        ("flv", ("-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac"))])
 def test_a_matroska_file_cut_short_is_told_by_its_stated_duration(tmp_path, ext, codecs, backend):
-    """Matroska and WebM list no frame count, but their header states the duration: a download cut at 40% of its
-    bytes (every stream ends at about 1.6 of 4 s) is cut short, the frames that duration would hold lost, the span
-    from where the pictures end to the stated end; the whole file is not, nor one whose pictures end at 2 s while
-    its sound goes on to 4 s (the container's duration is its longest stream's). decord, the first backend, decodes
-    the prefix without a word (torchcodec refuses the file)."""
+    """Matroska, WebM and FLV list no frame count, but their header states the duration (FLV's ``onMetaData``): a
+    download cut at 40% of its bytes (every stream ends at about 1.6 of 4 s) is cut short, the frames that duration
+    would hold lost, the span from where the pictures end to the stated end; the whole file is not, nor one whose
+    pictures end at 2 s while its sound goes on to 4 s (the container's duration is its longest stream's). decord,
+    the first backend, decodes the prefix without a word (torchcodec refuses a Matroska file cut short)."""
     import contextvars
 
     import av
@@ -194,6 +195,44 @@ def test_a_matroska_file_cut_short_is_told_by_its_stated_duration(tmp_path, ext,
     for clean in (whole, short_pictures):
         v, tally = tally_of(clean)
         assert v.meta.num_frames in (50, 100) and tally.video_frames_lost == 0 and tally.spans == []
+
+
+@pytest.mark.parametrize("backend", ["decord", "torchcodec", "pyav"])
+def test_an_avis_dropped_frames_are_not_lost_and_its_cut_is(tmp_path, backend):
+    """An AVI holds an empty chunk for each frame dropped at capture (shown as the one before; FFmpeg's muxer writes
+    one for each gap in the timestamps), which its header's frame count lists and FFmpeg's demuxer passes over: the
+    whole file, 100 chunks of which 3 are empty, loses nothing (it said 3 frames lost before), and a download cut at
+    40% of its bytes loses the chunks past those its frames span, to the end the header's count gives at the frame
+    rate (FFmpeg gives it the duration of what it holds; decord said nothing)."""
+    import contextvars
+
+    from pipeline.media import damage
+
+    if backend == "decord":
+        pytest.importorskip("decord")
+    whole = str(tmp_path / "dropped.avi")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=4", "-vf",
+                       "select='not(between(n,10,12))'", "-fps_mode", "passthrough", "-c:v", "mjpeg", "-q:v", "5",
+                       whole])
+    data = open(whole, "rb").read()
+    cut = str(tmp_path / "cut.avi")
+    open(cut, "wb").write(data[: len(data) * 2 // 5])
+
+    def tally_of(path):
+        tally = damage.ItemDamage()
+
+        def as_the_consumer():
+            damage.current_damage.set(tally)
+            return decode_video(path, [Uniform(8)], available_backends((backend,)))
+
+        return contextvars.copy_context().run(as_the_consumer), tally
+
+    v, tally = tally_of(whole)
+    assert v.backend == backend and v.meta.num_frames == 97 and tally.video_frames_lost == 0 and tally.spans == []
+    v, tally = tally_of(cut)
+    n = v.meta.num_frames
+    assert v.backend == backend and 20 < n < 60 and tally.video_frames_lost == 100 - (n + 3)
+    assert tally.spans == [{"stream": "video", "start_s": pytest.approx((n + 3) / 25), "end_s": pytest.approx(4.0)}]
 
 
 def test_broken_tail_in_two_passes_keeps_both_inside_the_prefix(clips):
