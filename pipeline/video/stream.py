@@ -104,15 +104,16 @@ class WindowStream:
     """Sliding windows all through a clip with more of them than its filter's ``Windows`` request takes from the
     item's decode: ``request`` is the windows read here (``spread``, its ``max_windows`` the cap of the stream), a
     group of consecutive windows decoded at a time (``read_windows``) and given to ``reader``. Every
-    ``WindowStream`` of an item with an equal ``request`` is read in the same pass (four classifiers with one
-    input size decode a film's windows once)."""
+    ``WindowStream`` of an item whose request is decoded at the same size is read in the same pass, whatever its
+    windows (four classifiers with one input size decode a film's windows once, a classifier's windows every 4 s
+    among another's every 2 s too)."""
 
     request: Windows
     reader: WindowReader
 
     @property
-    def pass_key(self) -> Windows:
-        return self.request
+    def pass_key(self) -> tuple[int | None, int | None]:
+        return self.request.short_side, self.request.max_side
 
     @staticmethod
     def read_pass(media: MediaItem, streams: list[WindowStream], device: str) -> dict[WindowStream, Any]:
@@ -205,10 +206,12 @@ def window_groups(windows: list[list[int]], size: int) -> list[tuple[int, int]]:
 
 
 def read_windows(media: MediaItem, streams: list[WindowStream], device: str) -> dict[WindowStream, Any]:
-    """Every one of ``streams`` (one ``request``) read in one pass over the item's clip: the windows in groups whose
-    frames number at most ``group_size`` (``window_groups``), each group's frames decoded at the request's size
-    (``media.more_frames``, a decode under ``video.decode_timeout_s``), its windows given to every reader, and the
-    frames let go. A tail found broken ends the windows at the last one whose frames all decoded.
+    """Every one of ``streams`` (requests decoded at one size, each with its windows) read in one pass over the
+    item's clip: the windows of every request in the order they start, in groups whose frames number at most
+    ``group_size`` (``window_groups``: a frame two windows share, of one request or two, decoded once), each group's
+    frames decoded at the requests' size (``media.more_frames``, a decode under ``video.decode_timeout_s``), each
+    request's windows of the group given to every reader of it, and the frames let go. A tail found broken ends the
+    windows at the last one whose frames all decoded.
 
     Returns:
         Each stream's ``WindowReading.result()``.
@@ -217,30 +220,47 @@ def read_windows(media: MediaItem, streams: list[WindowStream], device: str) -> 
         DecodeError: a group's decode failed (its frames and windows named; a timeout stays a ``DecodeTimeout``).
         ItemTimeout: the rank's watchdog gave the item up.
     """
-    req = streams[0].request
     video = media.video()
     meta = video.meta
-    windows = request_indices(req, meta.num_frames, meta.fps, meta.timestamps, video.start_s)
-    bounds = window_bounds(req, meta.num_frames, meta.fps, meta.timestamps, video.start_s)
+    requests = list(dict.fromkeys(s.request for s in streams))
+    windows = {r: request_indices(r, meta.num_frames, meta.fps, meta.timestamps, video.start_s) for r in requests}
+    bounds = {r: window_bounds(r, meta.num_frames, meta.fps, meta.timestamps, video.start_s) for r in requests}
+    order = sorted(((w[0] if w else 0, k, n) for k, r in enumerate(requests) for n, w in enumerate(windows[r])))
+    merged = [(requests[k], n) for _, k, n in order]  # every request's windows, by their first frame
     readings = {s: s.reader.open(device) for s in streams}
     readers = _readers(streams)
-    for a, b in window_groups(windows, group_size(meta.width, meta.height)):
-        group = Frames(tuple(sorted({i for w in windows[a:b] for i in w})), max_side=req.max_side,
-                       short_side=req.short_side)
-        more = _decode_group(media, group, meta.num_frames,
-                             f" for windows {a + 1}-{b} of {len(windows)} ({req.window_s:g} s every "
-                             f"{req.stride_s:g} s), read all through for {readers} (stream_windows)")
+    side = requests[0]
+    for a, b in window_groups([windows[r][n] for r, n in merged], group_size(meta.width, meta.height)):
+        group = Frames(tuple(sorted({i for r, n in merged[a:b] for i in windows[r][n]})), max_side=side.max_side,
+                       short_side=side.short_side)
+        more = _decode_group(media, group, meta.num_frames, _windows_named(merged[a:b], windows, readers))
         where = {int(i): p for p, i in enumerate(more.indices(group))}
         end = math.inf  # a broken tail: the clip (and its windows, as the item's decode gives them) ends there
         if more.meta.num_frames < meta.num_frames:
             end = clip_duration(more.meta.num_frames, more.meta.fps, more.meta.timestamps) + 1e-6
-        whole = [w for w in range(a, b) if bounds[w][1] <= end and all(i in where for i in windows[w])]
+        whole = [(r, n) for r, n in merged[a:b] if bounds[r][n][1] <= end and all(i in where for i in windows[r][n])]
         if whole:
             frames = more.view(group)
-            clips = ClipViews(lambda j: frames[torch.tensor([where[i] for i in windows[whole[j]]])], len(whole))
-            spans = [(bounds[w][0] + video.start_s, bounds[w][1] + video.start_s) for w in whole]
-            for reading in readings.values():
-                reading.feed(clips, spans)
+            for r in requests:
+                mine = [n for q, n in whole if q == r]
+                if not mine:
+                    continue
+                clips = ClipViews(lambda j, at=[windows[r][n] for n in mine]: frames[torch.tensor(
+                    [where[i] for i in at[j]])], len(mine))
+                spans = [(bounds[r][n][0] + video.start_s, bounds[r][n][1] + video.start_s) for n in mine]
+                for s, reading in readings.items():
+                    if s.request == r:
+                        reading.feed(clips, spans)
         if len(whole) < b - a:
             break  # the tail is broken: the clip ends there
     return {s: reading.result() for s, reading in readings.items()}
+
+
+def _windows_named(group: list[tuple[Windows, int]], windows: dict[Windows, list], readers: str) -> str:
+    """A group of a windows pass, for its decode's error: each request's windows in it and how they are laid."""
+    parts = []
+    for r in dict.fromkeys(r for r, _ in group):
+        mine = [n for q, n in group if q == r]
+        parts.append(f"windows {mine[0] + 1}-{mine[-1] + 1} of {len(windows[r])} ({r.window_s:g} s every "
+                     f"{r.stride_s:g} s)")
+    return f" for {' and '.join(parts)}, read all through for {readers} (stream_windows)"

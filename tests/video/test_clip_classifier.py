@@ -175,6 +175,30 @@ def test_classifiers_with_the_same_windows_read_them_in_one_pass(tmp_path, clip4
     assert len(rows[0]["windows"]) == 7 and rows[0]["windows"] != rows[1]["windows"]
 
 
+def test_classifiers_with_other_windows_at_one_size_read_them_in_one_pass(tmp_path, clip4s):
+    """Three classifiers at one input size whose windows differ (1 s every 0.5 s, every 1 s, and 2 s every 1 s):
+    one pass decodes the frames of all their windows, a frame that two share once (the second's windows are among
+    the first's: nothing more to decode for it), and each row is the row it gets alone, through its own pass."""
+    from pipeline.filters import frame_requests_of
+
+    laid = {"vfx": WINDOWS, "rov": {**WINDOWS, "stride_s": 1.0}, "simcam": {**WINDOWS, "window_s": 2.0, "stride_s": 1.0}}
+    filters = make_filters(tmp_path, {name: {"model_uri": tiny_videomae(str(tmp_path / name), seed=i), **laid[name],
+                                             "max_windows": 2}
+                                      for i, name in enumerate(laid)})
+    together = MediaItem("x", clip4s, 0, frame_requests_of(filters), VideoConfig(), available_backends(("pyav",)))
+    rows = [f.apply(together, FilterContext("cpu", None)) for f in filters]
+    alone = []
+    for f in filters:
+        it = item(clip4s, f)
+        alone.append((f.apply(it, FilterContext("cpu", None)), it.frames_decoded))
+    assert rows == [row for row, _ in alone]
+    assert [len(row["windows"]) for row in rows] == [7, 4, 3]
+    assert alone[1][1] < alone[0][1] < together.frames_decoded < sum(n for _, n in alone)
+    two = MediaItem("y", clip4s, 0, frame_requests_of(filters[:2]), VideoConfig(), available_backends(("pyav",)))
+    assert [f.apply(two, FilterContext("cpu", None)) for f in filters[:2]] == rows[:2]
+    assert two.frames_decoded == alone[0][1]  # every 1 s among every 0.5 s: not a frame more
+
+
 def test_windows_read_all_through_end_where_a_broken_tail_breaks(tmp_path, broken_tail):
     model = tiny_videomae(str(tmp_path / "m"))
     within = rows_within_the_cap(tmp_path, broken_tail, model)
