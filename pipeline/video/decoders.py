@@ -245,6 +245,9 @@ class DecordBackend:
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         h, w = vr[0].shape[:2] if len(vr) else (0, 0)  # decord exposes the size only through a frame
         ts = vr.get_frame_timestamp(np.arange(len(vr)))[:, 0].astype(np.float64) if len(vr) else None
+        if ts is not None and (ts < -1e6).any():  # FFmpeg's "no timestamp" read as seconds
+            raise DecodeError(f"decord gives {int((ts < -1e6).sum())} of this file's {len(ts)} frames no timestamp "
+                              "(an AVI with B-frames, a VOB): it cannot place them")
         if ts is not None and ts[0] < -1e-6:
             raise DecodeError(f"decord ignores this file's edit list: it would count {int((ts < -1e-6).sum())} "
                               "hidden frames (a stream copy cut between keyframes)")

@@ -235,6 +235,21 @@ def test_an_avis_dropped_frames_are_not_lost_and_its_cut_is(tmp_path, backend):
     assert tally.spans == [{"stream": "video", "start_s": pytest.approx((n + 3) / 25), "end_s": pytest.approx(4.0)}]
 
 
+@pytest.mark.parametrize("ext,codecs", [("avi", ("-c:v", "libx264", "-preset", "ultrafast")),
+                                        ("vob", ("-c:v", "mpeg2video", "-c:a", "ac3", "-f", "vob"))])
+def test_frames_decord_gives_no_timestamp_go_to_the_next_backend(tmp_path, ext, codecs):
+    """decord reads FFmpeg's "no timestamp" as a time of -1e17 s for every frame of an AVI with B-frames and for a
+    VOB's first: it cannot place them (it was taken for an edit list); the next backend decodes the file."""
+    pytest.importorskip("decord")
+    path = str(tmp_path / f"clip.{ext}")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=4", "-f", "lavfi", "-i",
+                       "sine=duration=4", *codecs, path])
+    with pytest.raises(DecodeError, match=r"decord gives \d+ of this file's 100 frames no timestamp"):
+        decode_video(path, [Uniform(4)], available_backends(("decord",)))
+    v = decode_video(path, [Uniform(4)], available_backends(("decord", "pyav")))
+    assert v.backend == "pyav" and v.meta.num_frames == 100
+
+
 def test_broken_tail_in_two_passes_keeps_both_inside_the_prefix(clips):
     """The reduced pass after a full pass that found the tail broken: both plans inside the decodable prefix."""
     reqs = [Uniform(8), AtFps(4.0, 240, max_side=64)]
