@@ -132,7 +132,8 @@ def stated_duration(container) -> float | None:
     """Seconds from the container's start to the end its header states, where it states one: the duration FFmpeg
     gives a ``STATED_DURATION_FORMATS`` file, or an MP3 whose Xing, Info or VBRI header counts its frames; a WAV's
     from its chunks (``wav_stated_seconds``: FFmpeg gives a WAV cut short the duration of the bytes it holds), an
-    FLV's from its ``onMetaData`` (``flv_stated_seconds``: where that says 0, FFmpeg reads the end). None elsewhere: the end of what the file holds is all there is to go by."""
+    FLV's from its ``onMetaData`` (``flv_stated_seconds``: where that says 0, FFmpeg reads the end), an ASF's (WMV,
+    WMA) from its file properties (``asf_stated_seconds``). None elsewhere: the end of what the file holds is all there is to go by."""
     import av
 
     names = container.format.name.split(",")
@@ -140,6 +141,8 @@ def stated_duration(container) -> float | None:
         return wav_stated_seconds(container.name)
     if "flv" in names:
         return flv_stated_seconds(container.name)
+    if "asf" in names:
+        return asf_stated_seconds(container.name)
     if not container.duration:
         return None
     if any(name in names for name in STATED_DURATION_FORMATS) or ("mp3" in names and mp3_counts_frames(container.name)):
@@ -207,6 +210,32 @@ def flv_stated_seconds(path: str) -> float | None:
         return None
     seconds = struct.unpack(">d", head[at + 11:at + 19])[0]
     return seconds if seconds > 0 and seconds == seconds else None
+
+
+ASF_HEADER = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
+"""The GUID an ASF file (WMV, WMA) starts with: its header object."""
+
+ASF_FILE_PROPERTIES = bytes.fromhex("a1dcab8c47a9cf118ee400c00c205365")
+"""The GUID of the ASF header's file properties object, which states the play duration."""
+
+
+def asf_stated_seconds(path: str) -> float | None:
+    """The duration an ASF file's (WMV, WMA) file properties object states: its play duration less the preroll
+    (FFmpeg gives a file cut short the duration of what it holds); None where it states none (a broadcast, its
+    flag's bit 0: the durations are not valid) or cannot be read."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)  # the header object: the file properties come early in it
+    except OSError:
+        return None
+    at = head.find(ASF_FILE_PROPERTIES) if head[:16] == ASF_HEADER else -1
+    if at < 0 or len(head) < at + 24 + 68:
+        return None
+    play, _, preroll, flags = struct.unpack("<QQQI", head[at + 24 + 40:at + 24 + 68])
+    seconds = play / 1e7 - preroll / 1e3
+    return seconds if not flags & 1 and seconds > 0 else None
 
 
 def mp3_counts_frames(path: str) -> bool:

@@ -22,6 +22,7 @@ import torch
 from pipeline.errors import DecodeError, DecodeTimeout, ItemTimeout
 from pipeline.media import damage
 from pipeline.media.probe import (
+    ASF_HEADER,
     DISCONTINUITY_S,
     cut_short_by_duration,
     main_video_stream,
@@ -296,7 +297,7 @@ class TorchcodecBackend:
         return VideoMeta(n, float(m.average_fps or 0.0), int(m.width), int(m.height),
                          ts if ts is not None and len(ts) == n else None,
                          *_lost_tail(int(m.num_frames_from_header or 0), index, m.duration_seconds_from_header,
-                                     float(m.average_fps or 0.0)))
+                                     float(m.average_fps_from_header or m.average_fps or 0.0)))
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
                stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
@@ -809,8 +810,8 @@ def _lost_on_decord(path: str, frames: int, fps: float, timestamps: np.ndarray |
                     stop: threading.Event | None = None) -> tuple[int, float | None]:
     """``VideoMeta.lost_tail`` and ``claimed_s`` for a backend that counts only the frames it reads (decord, which
     decodes a download cut short as its prefix without a word): an AVI's header frame count against the chunks its
-    ``frames`` span (their ``timestamps`` from the first, ``_FrameIndex.chunk_clock``), a Matroska, WebM or FLV
-    file's stated duration against the seconds of pictures (``_cut_short``). Only such files are opened: the other
+    ``frames`` span (their ``timestamps`` from the first, ``_FrameIndex.chunk_clock``), a Matroska, WebM, FLV or
+    WMV file's stated duration against the seconds of pictures (``_cut_short``). Only such files are opened: the other
     containers' ends are not checked (``stated_duration``), and opening each costs the primary backend's every item
     a few milliseconds."""
     import av
@@ -819,7 +820,7 @@ def _lost_on_decord(path: str, frames: int, fps: float, timestamps: np.ndarray |
         with open(path, "rb") as f:
             head = f.read(12)
         avi = head[:4] == b"RIFF" and head[8:12] == b"AVI "
-        if not avi and head[:4] != EBML_MAGIC and head[:3] != b"FLV":
+        if not avi and head[:4] != EBML_MAGIC and head[:3] != b"FLV" and head[:12] != ASF_HEADER[:12]:
             return 0, None
         with av.open(path) as c:
             s = main_video_stream(c)
