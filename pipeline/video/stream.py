@@ -5,7 +5,11 @@ at once, an hour at 4 a second would take 14,400 frames. Its filters declare a `
 (``MediaItem.streamed``) decodes the rate a group at a time and hands each group to every ``Stream`` at that rate
 before letting its frames go, so that the scene cuts and the static filter decode a film once, not once each.
 Sliding windows past their request's cap (``Windows.spread`` false) are read the same way (``WindowStream``):
-groups of consecutive windows, given to every classifier with the same windows.
+groups of consecutive windows, given to every classifier whose input is of the same size.
+
+A pass's readers are kept apart (``_Readers``): one whose work fails (its model's error, a bug in it) reads no
+further and gets its error as its result, raised in its own filter; the others read on. A group that fails to
+decode is every reader's failure.
 
 Oracle for the tests: what a reader keeps of a streamed clip equals what it computes from the same samples held at
 once (a clip within the cap), whatever the group size.
@@ -19,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
-from pipeline.errors import DecodeError, ItemTimeout
+from pipeline.errors import DecodeError, ItemError, ItemTimeout, MediasieveError, ShutdownError
 from pipeline.video.preprocess import ClipViews, luma
 from pipeline.video.sampling import AtFps, Frames, Windows, clip_duration, request_indices, window_bounds
 
@@ -133,6 +137,45 @@ def read_all_through(video, request: AtFps | Windows) -> bool:
     return video.meta.num_frames > 1 and (not video.windows(request) or not len(video.indices(request)))
 
 
+def _own_failure(e: Exception) -> bool:
+    """Whether a reader's error is its own (its model's, a bug in it), kept from the pass's other readers: not one
+    that stops the item (the watchdog gave it up, the rank is stopping) or the rank (a GPU that failed)."""
+    return not isinstance(e, MediasieveError) or (isinstance(e, ItemError)
+                                                  and not isinstance(e, (ItemTimeout, ShutdownError)))
+
+
+class _Readers:
+    """The readings of a pass's streams, kept apart: a stream whose reader fails to open, to take a group, or to
+    give its result (``_own_failure``) is read no further, and its error is its result; the others read on."""
+
+    def __init__(self, streams: list, device: str):
+        self.readings: dict = {}
+        self.failed: dict = {}
+        for s in streams:
+            self._guard(s, lambda s=s: self.readings.__setitem__(s, s.reader.open(device)))
+
+    def _guard(self, stream, call) -> None:
+        try:
+            call()
+        except Exception as e:
+            if not _own_failure(e):
+                raise
+            self.failed[stream] = e
+            self.readings.pop(stream, None)
+
+    def feed(self, stream, *args) -> None:
+        """One group to ``stream``'s reading, where it has not failed."""
+        if stream in self.readings:
+            self._guard(stream, lambda: self.readings[stream].feed(*args))
+
+    def results(self) -> dict:
+        """Each stream's ``result()``, or its error."""
+        out: dict = {}
+        for s in list(self.readings):
+            self._guard(s, lambda s=s: out.__setitem__(s, self.readings[s].result()))
+        return {**out, **self.failed}
+
+
 def _readers(streams: list) -> str:
     """Who reads a pass, for its error message (``the scene cuts and the static filter``)."""
     return " and ".join(dict.fromkeys(s.reader.what for s in streams))
@@ -168,10 +211,12 @@ def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[S
     meta = media.video().meta
     wanted = request_indices(AtFps(fps, max(1, meta.num_frames)), meta.num_frames, meta.fps, meta.timestamps)[0]
     side = max(s.max_side for s in streams)
-    readings = {s: s.reader.open(device) for s in streams}
+    readers = _Readers(streams, device)
     size = group_size(meta.width, meta.height)
     purpose = f", sampled at {fps:g} a second all through for {_readers(streams)} (stream_long_clips)"
     for g in range(0, len(wanted), size):
+        if not readers.readings:
+            break  # every reader has failed: nothing to decode for
         group = Frames(tuple(wanted[g:g + size]), max_side=side)
         more = _decode_group(media, group, meta.num_frames, purpose)
         got = more.indices(group)
@@ -179,16 +224,16 @@ def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[S
             frames = more.view(group).to(device)
             at, indices = (more.times(group) + more.start_s).tolist(), got.tolist()
             lumas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by stride: each reader's frames and luma
-            for s, reading in readings.items():
+            for s in list(readers.readings):
                 step = stride_for(frames, s.max_side)
                 if step not in lumas:
                     strided = frames[:, ::step, ::step]
                     lumas[step] = strided, luma(strided, device)
-                reading.feed(*lumas[step], indices, at)
+                readers.feed(s, *lumas[step], indices, at)
             del frames, lumas
         if len(got) < len(group.indices):
             break  # the tail is broken: the clip ends there
-    return {s: reading.result() for s, reading in readings.items()}
+    return readers.results()
 
 
 def window_groups(windows: list[list[int]], size: int) -> list[tuple[int, int]]:
@@ -227,13 +272,15 @@ def read_windows(media: MediaItem, streams: list[WindowStream], device: str) -> 
     bounds = {r: window_bounds(r, meta.num_frames, meta.fps, meta.timestamps, video.start_s) for r in requests}
     order = sorted(((w[0] if w else 0, k, n) for k, r in enumerate(requests) for n, w in enumerate(windows[r])))
     merged = [(requests[k], n) for _, k, n in order]  # every request's windows, by their first frame
-    readings = {s: s.reader.open(device) for s in streams}
-    readers = _readers(streams)
+    readers = _Readers(streams, device)
+    named = _readers(streams)
     side = requests[0]
     for a, b in window_groups([windows[r][n] for r, n in merged], group_size(meta.width, meta.height)):
+        if not readers.readings:
+            break  # every reader has failed: nothing to decode for
         group = Frames(tuple(sorted({i for r, n in merged[a:b] for i in windows[r][n]})), max_side=side.max_side,
                        short_side=side.short_side)
-        more = _decode_group(media, group, meta.num_frames, _windows_named(merged[a:b], windows, readers))
+        more = _decode_group(media, group, meta.num_frames, _windows_named(merged[a:b], windows, named))
         where = {int(i): p for p, i in enumerate(more.indices(group))}
         end = math.inf  # a broken tail: the clip (and its windows, as the item's decode gives them) ends there
         if more.meta.num_frames < meta.num_frames:
@@ -248,12 +295,12 @@ def read_windows(media: MediaItem, streams: list[WindowStream], device: str) -> 
                 clips = ClipViews(lambda j, at=[windows[r][n] for n in mine]: frames[torch.tensor(
                     [where[i] for i in at[j]])], len(mine))
                 spans = [(bounds[r][n][0] + video.start_s, bounds[r][n][1] + video.start_s) for n in mine]
-                for s, reading in readings.items():
+                for s in list(readers.readings):
                     if s.request == r:
-                        reading.feed(clips, spans)
+                        readers.feed(s, clips, spans)
         if len(whole) < b - a:
             break  # the tail is broken: the clip ends there
-    return {s: reading.result() for s, reading in readings.items()}
+    return readers.results()
 
 
 def _windows_named(group: list[tuple[Windows, int]], windows: dict[Windows, list], readers: str) -> str:

@@ -199,6 +199,59 @@ def test_classifiers_with_other_windows_at_one_size_read_them_in_one_pass(tmp_pa
     assert two.frames_decoded == alone[0][1]  # every 1 s among every 0.5 s: not a frame more
 
 
+def test_a_classifier_failing_in_a_shared_pass_fails_only_itself(tmp_path, clip4s, monkeypatch):
+    """Three classifiers read one windows pass; the last one's model fails there (a CUDA fault): the pass goes on
+    for the other two, whose rows are their rows alone, and the failure is raised in the failing classifier's own
+    filter, named for it (before, it was raised in the first filter, which had started the pass, under its name).
+    A failure that stops the rank (a GPU gone) still stops the pass at once, in whichever filter it meets."""
+    import pipeline.video.stream as stream
+    from pipeline.errors import FilterError, GpuFailure
+    from pipeline.filters import frame_requests_of
+
+    monkeypatch.setattr(stream, "group_size", lambda w, h: 9)  # two windows a group: a pass of several groups
+
+    def build():
+        return make_filters(tmp_path, {name: {"model_uri": tiny_videomae(str(tmp_path / name), seed=i), **WINDOWS,
+                                              "max_windows": 2}
+                                       for i, name in enumerate(("vfx", "simcam", "rov"))})
+
+    filters = build()
+    alone = []
+    for f in filters[:2]:
+        alone.append(f.apply(item(clip4s, f), FilterContext("cpu", None)))
+    calls = []
+
+    def fault(x):
+        calls.append(len(x))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(filters[2], "_batcher", fault)
+    together = MediaItem("x", clip4s, 0, frame_requests_of(filters), VideoConfig(), available_backends(("pyav",)))
+    assert [f.run(together, FilterContext("cpu", None))[0] for f in filters[:2]] == alone
+    assert len(calls) == 1  # read no further after its failure
+    with pytest.raises(FilterError, match="^rov: RuntimeError: CUDA error: an illegal memory access"):
+        filters[2].run(together, FilterContext("cpu", None))
+    frames = together.frames_decoded
+    assert frames == item_frames(clip4s, filters[0])  # one pass for the three
+
+    filters = build()
+
+    def gone(x):
+        raise GpuFailure("cuda:0 failed: the circuit breaker tripped")
+
+    monkeypatch.setattr(filters[2], "_batcher", gone)
+    together = MediaItem("y", clip4s, 0, frame_requests_of(filters), VideoConfig(), available_backends(("pyav",)))
+    with pytest.raises(GpuFailure):
+        filters[0].run(together, FilterContext("cpu", None))
+    assert together.frames_decoded < frames  # the pass stopped at the first group
+
+
+def item_frames(path, f) -> int:
+    it = item(path, f)
+    f.apply(it, FilterContext("cpu", None))
+    return it.frames_decoded
+
+
 def test_windows_read_all_through_end_where_a_broken_tail_breaks(tmp_path, broken_tail):
     model = tiny_videomae(str(tmp_path / "m"))
     within = rows_within_the_cap(tmp_path, broken_tail, model)

@@ -903,6 +903,28 @@ def test_a_long_clip_whose_group_fails_to_decode_is_a_decode_error(long_shots, t
     assert second.value is first.value and item.frames_decoded == 0
 
 
+def test_a_reader_failing_in_a_shared_stream_fails_only_its_filter(long_shots, monkeypatch):
+    """The static filter's reader fails on the pass's first group (a bug in it): the scene cuts, which started the
+    pass, read on to their row as alone, and the static filter's error is raised in its own filter, under its name
+    (before, in the scene cuts, under theirs)."""
+    from pipeline.config import VideoConfig
+    from pipeline.errors import FilterError
+    from pipeline.filters import signal
+
+    def broken(self, *args):
+        raise ValueError("a bug in the static reader")
+
+    monkeypatch.setattr(signal._StaticReading, "feed", broken)
+    filters = build_filters((FilterSpec("scene_cuts", "scene_cuts", True, {"max_frames": 6}),
+                             FilterSpec("static", "static", True, {"max_frames": 6})))
+    item = MediaItem("x", long_shots["shots"], 0, frame_requests_of(filters), VideoConfig(),
+                     available_backends(("decord", "torchcodec", "pyav")))
+    assert filters[0].run(item, FilterContext("cpu", None))[0] == run(long_shots["shots"], "scene_cuts",
+                                                                      max_frames=6)
+    with pytest.raises(FilterError, match="^static: ValueError: a bug in the static reader"):
+        filters[1].run(item, FilterContext("cpu", None))
+
+
 def test_a_long_clip_sampled_all_through_falls_back_like_a_first_decode(long_shots):
     """Where the item's decode held no frame (scene cuts alone on a long clip), the backend that read the clip's
     index has not decoded a picture: one that then fails to is followed by the next, as in a first decode."""
