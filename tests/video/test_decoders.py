@@ -511,9 +511,11 @@ def test_backends_stop_mid_decode(clips, name):
 
 @pytest.fixture(scope="module")
 def slow_clip(tmp_path_factory):
-    # 75 frames of 720p: decoded whole, far longer than the 20 ms deadline below on any machine
+    # 250 frames of 720p: decoded whole, far longer than the 20 ms deadline below and the watchdog's poll
+    # (``GIVEN_UP_POLL_S``, 0.25 s) on any machine (75 frames took about that here, and the test given up once
+    # found the decode done)
     return synthetic.lavfi_clip(str(tmp_path_factory.mktemp("slow") / "slow.mp4"),
-                                source="testsrc2=size=1280x720:rate=25", seconds=3.0)
+                                source="testsrc2=size=1280x720:rate=25", seconds=10.0)
 
 
 @pytest.mark.parametrize("name", ALL)
