@@ -282,6 +282,7 @@ class TorchcodecBackend:
         import torchcodec  # noqa: F401
 
         self._streams = _Handoff()  # the stream meta() chose, for decode()
+        self._decoders = _Handoff()  # opened by meta() (a scan of the file in exact mode), reused by a CPU decode()
 
     def _stream(self, path: str) -> int | None:
         chosen = self._streams.take(path)
@@ -292,9 +293,11 @@ class TorchcodecBackend:
 
         index = _FrameIndex.demux(path, stop)
         chosen = index.stream_index if index is not None else None
-        m = VideoDecoder(path, stream_index=chosen, seek_mode="exact").metadata
+        dec = VideoDecoder(path, stream_index=chosen, seek_mode="exact", dimension_order="NHWC")
+        m = dec.metadata
         if chosen is not None:
             self._streams.put(path, chosen)
+            self._decoders.put(path, dec)
         n = int(m.num_frames or 0)
         ts = index.timestamps() if index is not None else None
         return VideoMeta(n, float(m.average_fps or 0.0), int(m.width), int(m.height),
@@ -310,14 +313,17 @@ class TorchcodecBackend:
         instead; the frames then come back on the CPU, so that the row does not claim an NVDEC decode."""
         from torchcodec.decoders import VideoDecoder
 
+        opened = self._decoders.take(path)
         if not device.startswith("cuda"):
             transforms = None
             if resize:
                 from torchcodec.transforms import Resize
 
                 transforms = [Resize(size=(size[1], size[0]))]
-            dec = VideoDecoder(path, stream_index=self._stream(path), seek_mode="exact", dimension_order="NHWC",
-                               transforms=transforms)
+            if opened is None or resize:  # meta()'s decoder decodes at the source size
+                opened = VideoDecoder(path, stream_index=self._stream(path), seek_mode="exact",
+                                      dimension_order="NHWC", transforms=transforms)
+            dec = opened
             return _in_slices(lambda part: dec.get_frames_at(part).data, indices, stop, prepare=prepare)
         dec = VideoDecoder(path, stream_index=self._stream(path), seek_mode="exact", dimension_order="NHWC",
                            device=device)
