@@ -278,6 +278,18 @@ def _cut_at_a_packet(whole: str, cut: str, share: float = 0.4) -> str:
     return cut
 
 
+def _seconds_and_tally(path: str):
+    """The seconds ``path``'s sound decodes to, and its item's tally of damage."""
+    from pipeline.media import damage
+
+    tally = damage.ItemDamage()
+    token = damage.current_damage.set(tally)
+    try:
+        return len(decode_audio(path)) / 16000, tally
+    finally:
+        damage.current_damage.reset(token)
+
+
 _COVER = ("-f", "lavfi", "-i", "color=c=red:s=64x64:d=0.04", "-map", "0", "-map", "1", "-c:v", "png",
           "-disposition:v", "attached_pic", "-id3v2_version", "3")
 
@@ -295,18 +307,12 @@ def test_a_recording_cut_short_says_so_in_the_items_tally(tmp_path, ext, encode)
     MP3's Xing or Info frame count, behind an ID3 tag with a cover picture, a WMA's play duration), so the row's span runs from where the
     sound ends to the stated end (FFmpeg gives a WAV cut short the duration of what it holds); the whole recording
     has none."""
-    from pipeline.media import damage
 
     whole = str(tmp_path / f"whole.{ext}")
     synthetic._ffmpeg(["-f", "lavfi", "-i", "sine=frequency=440:duration=6", *encode, whole])
     cut = _cut_at_a_packet(whole, str(tmp_path / f"cut.{ext}"))
     for path, lost in ((whole, False), (cut, True)):
-        tally = damage.ItemDamage()
-        token = damage.current_damage.set(tally)
-        try:
-            n = len(decode_audio(path)) / 16000
-        finally:
-            damage.current_damage.reset(token)
+        n, tally = _seconds_and_tally(path)
         if not lost:
             assert n == pytest.approx(6.0, abs=0.1) and tally.spans == []  # WMA's last packet: 6.08 s
             continue
@@ -385,7 +391,6 @@ def test_files_whose_header_states_no_end_are_not_called_cut_short(tmp_path):
 
     import av
 
-    from pipeline.media import damage
 
     files = [_silence_then_noise_mp3(str(tmp_path / "vbr.mp3"))]
     with av.open(files[0]) as c:
@@ -398,12 +403,7 @@ def test_files_whose_header_states_no_end_are_not_called_cut_short(tmp_path):
     assert open(files[1], "rb").read(8)[4:] == b"\xff\xff\xff\xff"  # the RIFF size a pipe leaves
     for whole in files:
         for path in (whole, _cut_at_a_packet(whole, whole + ".cut")):
-            tally = damage.ItemDamage()
-            token = damage.current_damage.set(tally)
-            try:
-                n = len(decode_audio(path)) / 16000
-            finally:
-                damage.current_damage.reset(token)
+            n, tally = _seconds_and_tally(path)
             assert tally.spans == [], path
             assert n == pytest.approx(20.0, abs=0.06) if path == whole else 4 < n < 12, (path, n)
 

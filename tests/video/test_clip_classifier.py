@@ -157,20 +157,28 @@ def test_windows_past_the_cap_are_read_all_through_as_within_it(tmp_path, clip4s
         [0.0, 1.5, 3.0]
 
 
+def rows_together_and_alone(path, filters):
+    """Each filter's row from one item that all of them read (the item returned too), and from an item of its own,
+    with the frames that item decoded."""
+    from pipeline.filters import frame_requests_of
+
+    together = MediaItem("x", path, 0, frame_requests_of(filters), VideoConfig(), available_backends(("pyav",)))
+    rows = [f.apply(together, FilterContext("cpu", None)) for f in filters]
+    alone = []
+    for f in filters:
+        it = item(path, f)
+        alone.append((f.apply(it, FilterContext("cpu", None)), it.frames_decoded))
+    return together, rows, alone
+
+
 def test_classifiers_with_the_same_windows_read_them_in_one_pass(tmp_path, clip4s):
     """Two classifiers (different weights, one input size): the windows' frames decoded once for both, each row
     the row it gets alone; the whole clip from the item's decode."""
-    from pipeline.filters import frame_requests_of
 
     filters = make_filters(tmp_path, {name: {"model_uri": tiny_videomae(str(tmp_path / name), seed=i), **WINDOWS,
                                              "max_windows": 3, "whole_clip": True}
                                       for i, name in enumerate(("vfx", "rov"))})
-    both = MediaItem("x", clip4s, 0, frame_requests_of(filters), VideoConfig(), available_backends(("pyav",)))
-    rows = [f.apply(both, FilterContext("cpu", None)) for f in filters]
-    alone = []
-    for f in filters:
-        it = item(clip4s, f)
-        alone.append((f.apply(it, FilterContext("cpu", None)), it.frames_decoded))
+    both, rows, alone = rows_together_and_alone(clip4s, filters)
     assert rows == [row for row, _ in alone] and both.frames_decoded == alone[0][1] == alone[1][1]
     assert len(rows[0]["windows"]) == 7 and rows[0]["windows"] != rows[1]["windows"]
 
@@ -185,12 +193,7 @@ def test_classifiers_with_other_windows_at_one_size_read_them_in_one_pass(tmp_pa
     filters = make_filters(tmp_path, {name: {"model_uri": tiny_videomae(str(tmp_path / name), seed=i), **laid[name],
                                              "max_windows": 2}
                                       for i, name in enumerate(laid)})
-    together = MediaItem("x", clip4s, 0, frame_requests_of(filters), VideoConfig(), available_backends(("pyav",)))
-    rows = [f.apply(together, FilterContext("cpu", None)) for f in filters]
-    alone = []
-    for f in filters:
-        it = item(clip4s, f)
-        alone.append((f.apply(it, FilterContext("cpu", None)), it.frames_decoded))
+    together, rows, alone = rows_together_and_alone(clip4s, filters)
     assert rows == [row for row, _ in alone]
     assert [len(row["windows"]) for row in rows] == [7, 4, 3]
     assert alone[1][1] < alone[0][1] < together.frames_decoded < sum(n for _, n in alone)

@@ -147,6 +147,21 @@ def test_a_broken_tails_lost_frames_and_span_are_in_the_items_tally(clips, backe
     assert cut.meta.num_frames < 100 and tally.video_frames_lost == 0 and tally.spans == []
 
 
+def _tally_of(path: str, backend: str):
+    """``path`` decoded by ``backend`` as a rank's consumer does (its item's tally of damage set), and that tally."""
+    import contextvars
+
+    from pipeline.media import damage
+
+    tally = damage.ItemDamage()
+
+    def as_the_consumer():
+        damage.current_damage.set(tally)
+        return decode_video(path, [Uniform(8)], available_backends((backend,)))
+
+    return contextvars.copy_context().run(as_the_consumer), tally
+
+
 _X264_AAC = ("-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac")
 
 
@@ -162,11 +177,9 @@ def test_a_matroska_file_cut_short_is_told_by_its_stated_duration(tmp_path, ext,
     end; the whole file is not, nor one whose pictures end at 2 s while its sound goes on to 4 s (the container's
     duration is its longest stream's). decord, the first backend, decodes the prefix without a word (torchcodec
     refuses a Matroska file cut short; decord a WMV)."""
-    import contextvars
 
     import av
 
-    from pipeline.media import damage
 
     if backend == "decord":
         pytest.importorskip("decord")
@@ -183,22 +196,13 @@ def test_a_matroska_file_cut_short_is_told_by_its_stated_duration(tmp_path, ext,
     with av.open(whole) as c:  # the duration the header states (FFmpeg gives a WMV cut short none)
         stated = c.duration / av.time_base
 
-    def tally_of(path):
-        tally = damage.ItemDamage()
-
-        def as_the_consumer():
-            damage.current_damage.set(tally)
-            return decode_video(path, [Uniform(8)], available_backends((backend,)))
-
-        return contextvars.copy_context().run(as_the_consumer), tally
-
-    v, tally = tally_of(cut)
+    v, tally = _tally_of(cut, backend)
     n = v.meta.num_frames
     assert v.backend == backend and 20 < n < 60 and tally.video_frames_lost == pytest.approx(100 - n, abs=2)
     (span,) = tally.spans
     assert span["start_s"] == pytest.approx(n / 25, abs=0.05) and span["end_s"] == pytest.approx(stated, abs=0.05)
     for clean in (whole, short_pictures):
-        v, tally = tally_of(clean)
+        v, tally = _tally_of(clean, backend)
         assert v.meta.num_frames in (50, 100) and tally.video_frames_lost == 0 and tally.spans == []
 
 
@@ -209,9 +213,7 @@ def test_an_avis_dropped_frames_are_not_lost_and_its_cut_is(tmp_path, backend):
     whole file, 100 chunks of which 3 are empty, loses nothing (it said 3 frames lost before), and a download cut at
     40% of its bytes loses the chunks past those its frames span, to the end the header's count gives at the frame
     rate (FFmpeg gives it the duration of what it holds; decord said nothing)."""
-    import contextvars
 
-    from pipeline.media import damage
 
     if backend == "decord":
         pytest.importorskip("decord")
@@ -223,18 +225,9 @@ def test_an_avis_dropped_frames_are_not_lost_and_its_cut_is(tmp_path, backend):
     cut = str(tmp_path / "cut.avi")
     open(cut, "wb").write(data[: len(data) * 2 // 5])
 
-    def tally_of(path):
-        tally = damage.ItemDamage()
-
-        def as_the_consumer():
-            damage.current_damage.set(tally)
-            return decode_video(path, [Uniform(8)], available_backends((backend,)))
-
-        return contextvars.copy_context().run(as_the_consumer), tally
-
-    v, tally = tally_of(whole)
+    v, tally = _tally_of(whole, backend)
     assert v.backend == backend and v.meta.num_frames == 97 and tally.video_frames_lost == 0 and tally.spans == []
-    v, tally = tally_of(cut)
+    v, tally = _tally_of(cut, backend)
     n = v.meta.num_frames
     assert v.backend == backend and 20 < n < 60 and tally.video_frames_lost == 100 - (n + 3)
     assert tally.spans == [{"stream": "video", "start_s": pytest.approx((n + 3) / 25), "end_s": pytest.approx(4.0)}]
