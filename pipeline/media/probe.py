@@ -129,11 +129,11 @@ holds (WAV, Ogg, MPEG-TS), which a file cut short ends early too."""
 
 
 def stated_duration(container) -> float | None:
-    """Seconds from the container's start to the end its header states, where it states one: the duration FFmpeg
-    gives a ``STATED_DURATION_FORMATS`` file, or an MP3 whose Xing, Info or VBRI header counts its frames; a WAV's
-    from its chunks (``wav_stated_seconds``: FFmpeg gives a WAV cut short the duration of the bytes it holds), an
-    FLV's from its ``onMetaData`` (``flv_stated_seconds``: where that says 0, FFmpeg reads the end), an ASF's (WMV,
-    WMA) from its file properties (``asf_stated_seconds``). None elsewhere: the end of what the file holds is all there is to go by."""
+    """Seconds from the container's start to the end its header states, where it states one: the duration FFmpeg gives a
+    ``STATED_DURATION_FORMATS`` file, or an MP3 whose Xing, Info or VBRI header counts its frames; a WAV's from its
+    chunks (``wav_stated_seconds``: FFmpeg gives a WAV cut short the duration of the bytes it holds), an FLV's from its
+    ``onMetaData`` (``flv_stated_seconds``: where that says 0, FFmpeg reads the end), an ASF's (WMV, WMA) from its file
+    properties (``asf_stated_seconds``). None elsewhere: the end of what the file holds is all there is to go by."""
     import av
 
     names = container.format.name.split(",")

@@ -302,10 +302,10 @@ _COVER = ("-f", "lavfi", "-i", "color=c=red:s=64x64:d=0.04", "-map", "0", "-map"
     ids=["m4a", "mka", "webm", "flac", "wav", "rf64", "adpcm-wav", "mp3-info", "mp3-xing-cover", "wma"])
 def test_a_recording_cut_short_says_so_in_the_items_tally(tmp_path, ext, encode):
     """A download of 6 s of sound that stopped between packets at 40% of its bytes decodes as its prefix without an
-    error: its header lists more packets than demux (M4A), or states an end that every stream ends well before
-    (Matroska and WebM's duration, FLAC's sample count, a PCM WAV's data size, an ADPCM WAV's ``fact`` count, an
-    MP3's Xing or Info frame count, behind an ID3 tag with a cover picture, a WMA's play duration), so the row's span runs from where the
-    sound ends to the stated end (FFmpeg gives a WAV cut short the duration of what it holds); the whole recording
+    error: its header lists more packets than demux (M4A), or states an end that every stream ends well before (Matroska
+    and WebM's duration, FLAC's sample count, a PCM WAV's data size, an ADPCM WAV's ``fact`` count, an MP3's Xing or
+    Info frame count, behind an ID3 tag with a cover picture, a WMA's play duration), so the row's span runs from where
+    the sound ends to the stated end (FFmpeg gives a WAV cut short the duration of what it holds); the whole recording
     has none."""
 
     whole = str(tmp_path / f"whole.{ext}")
@@ -322,10 +322,11 @@ def test_a_recording_cut_short_says_so_in_the_items_tally(tmp_path, ext, encode)
 
 
 def test_the_header_readers_take_only_what_a_header_states(tmp_path):
-    """The readers of a header's stated end say nothing where it states none or cannot be read (the end of what the
-    file holds then stands): a WAV cut inside its header or with no ``fmt `` chunk before its data, a missing file,
-    an FLV whose ``onMetaData`` says 0 or NaN, a WMV flagged a broadcast or cut inside its header, an MP3 whose Xing header does not flag a frame count; and read it
-    where it does (a Xing or VBRI frame count behind a 1 kB ID3 tag, an RF64 data size from its ``ds64``)."""
+    """The readers of a header's stated end say nothing where it states none or cannot be read (the end of what the file
+    holds then stands): a WAV cut inside its header or with no ``fmt `` chunk before its data, a missing file, an FLV
+    whose ``onMetaData`` says 0 or NaN, a WMV flagged a broadcast or cut inside its header, an MP3 whose Xing header
+    does not flag a frame count; and read it where it does (a Xing or VBRI frame count behind a 1 kB ID3 tag, an RF64
+    data size from its ``ds64``)."""
     import struct
 
     from pipeline.media.probe import (ASF_FILE_PROPERTIES, ASF_HEADER, asf_stated_seconds, flv_stated_seconds,

@@ -189,7 +189,8 @@ def test_classifiers_with_other_windows_at_one_size_read_them_in_one_pass(tmp_pa
     the first's: nothing more to decode for it), and each row is the row it gets alone, through its own pass."""
     from pipeline.filters import frame_requests_of
 
-    laid = {"vfx": WINDOWS, "rov": {**WINDOWS, "stride_s": 1.0}, "simcam": {**WINDOWS, "window_s": 2.0, "stride_s": 1.0}}
+    laid = {"vfx": WINDOWS, "rov": {**WINDOWS, "stride_s": 1.0},
+            "simcam": {**WINDOWS, "window_s": 2.0, "stride_s": 1.0}}
     filters = make_filters(tmp_path, {name: {"model_uri": tiny_videomae(str(tmp_path / name), seed=i), **laid[name],
                                              "max_windows": 2}
                                       for i, name in enumerate(laid)})
