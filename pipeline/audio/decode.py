@@ -147,10 +147,11 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
 def _cut_short(path: str, header: int, packets: int, claimed: float, length: float, origin: float,
                stated: float | None) -> bool:
     """Whether a file whose audio decoded without an error was cut short (a download that stopped): its header lists
-    more packets than demuxed (MP4, M4A, AIFF), or, where it lists none but ``stated`` where it ends (Matroska, WebM,
-    FLAC, WAV, an MP3 with a Xing header: ``stated_duration``), every stream ends well before that
-    (``cut_short_by_duration``). Ogg, MPEG-TS and an MP3 without a Xing header cut short are not told (their
-    duration is read from what the file holds, or estimated)."""
+    more packets than demuxed (MP4, M4A; AIFF lists samples, more than its packets, and its stated duration is past
+    the audio's end), or, where it lists none but ``stated`` where it ends (Matroska, WebM, FLAC, WAV, FLV, WMA, an
+    MP3 with a Xing header: ``stated_duration``), every stream ends well before that (``cut_short_by_duration``).
+    Ogg, MPEG-TS, raw AAC or AC-3 and an MP3 without a Xing header cut short are not told (their duration is read
+    from what the file holds, or estimated)."""
     if header:
         return packets < header
     return cut_short_by_duration(path, claimed if stated is not None else None, origin, length)

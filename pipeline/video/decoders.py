@@ -267,7 +267,7 @@ class DecordBackend:
         if vr is None or resize:
             vr = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1], num_threads=1)
         # through DLPack, decord's buffer is the tensor: ``asnumpy`` copied every frame once more (our stage was
-        # 0.84x raw decord's get_batch in bench_decode.py, 0.97x without the copy)
+        # 0.81x raw decord's get_batch in bench_decode.py, 0.97-0.99x without the copy)
         return _in_slices(lambda part: to_torch(vr.get_batch(part)), indices, stop,
                           prepare=prepare)
 
