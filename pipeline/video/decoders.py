@@ -268,7 +268,7 @@ class DecordBackend:
             vr = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1], num_threads=1)
         # through DLPack, decord's buffer is the tensor: ``asnumpy`` copied every frame once more (our stage was
         # 0.81x raw decord's get_batch in bench_decode.py, 0.97-0.99x without the copy)
-        return _in_slices(lambda part: to_torch(vr.get_batch(part)), indices, stop,
+        return _in_slices(lambda part: to_torch(vr.get_batch(part)), indices, stop, decode_slice(size),
                           prepare=prepare)
 
 
@@ -324,7 +324,8 @@ class TorchcodecBackend:
                 opened = VideoDecoder(path, stream_index=self._stream(path), seek_mode="exact",
                                       dimension_order="NHWC", transforms=transforms)
             dec = opened
-            return _in_slices(lambda part: dec.get_frames_at(part).data, indices, stop, prepare=prepare)
+            return _in_slices(lambda part: dec.get_frames_at(part).data, indices, stop, decode_slice(size),
+                              prepare=prepare)
         dec = VideoDecoder(path, stream_index=self._stream(path), seek_mode="exact", dimension_order="NHWC",
                            device=device)
         m = dec.metadata
@@ -986,14 +987,25 @@ def _check(stop: threading.Event | None) -> None:
         raise DecodeCancelled()
 
 
-DECODE_SLICE = 32
-"""Frames per call of a seeking backend (decord ``get_batch``, torchcodec ``get_frames_at``) on the CPU: between
-calls a given-up decode stops. A call is one native step that cannot be interrupted (32 frames of 1080p: about a
-third of a second here)."""
+DECODE_SLICE_BYTES = 192 << 20
+"""Decoded bytes per call of a seeking backend (decord ``get_batch``, torchcodec ``get_frames_at``) on the CPU:
+between calls a given-up decode stops. A call is one native step that cannot be interrupted, and its time grows
+with its pixels: 32 frames of 1080p (about a third of a second here), 72 of 720p, 8 of 4K. A request under it is
+one call, its frames the tensor the backend returns; over it, the slices are copied into one (about a fifth of the
+decode's time at 720p: 32 frames a call before, so 61 frames of 720p were copied once more)."""
+
+DECODE_SLICE_MAX = 512
+"""Frames per call at most (small frames: 512 of 240p decode in about the time of 32 of 1080p)."""
+
+
+def decode_slice(size: tuple[int, int]) -> int:
+    """Frames per call of a CPU decode at ``size`` (width, height): ``DECODE_SLICE_BYTES`` of them, at most
+    ``DECODE_SLICE_MAX``."""
+    return min(DECODE_SLICE_MAX, per_group(size[0] * size[1] * 3, DECODE_SLICE_BYTES))
 
 
 def _in_slices(get: Callable[[list[int]], torch.Tensor], indices: list[int], stop: threading.Event | None,
-               per_call: int = DECODE_SLICE, prepare: Prepare | None = None) -> torch.Tensor:
+               per_call: int, prepare: Prepare | None = None) -> torch.Tensor:
     """``get(indices)`` (frames ``[n, h, w, 3]``), ``per_call`` indices at a time, checking ``stop`` before each
     call, and ``prepare`` applied to each slice; the slices are copied into one tensor as they come (the frames
     are not held twice)."""

@@ -484,10 +484,13 @@ class _StopAfter(threading.Event):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_backends_stop_mid_decode(clips, name):
+def test_backends_stop_mid_decode(clips, name, monkeypatch):
     # Oracle: without a stop the decode returns all 50 frames; with one that turns set at the backend's second
-    # look, it raises DecodeCancelled, so it looked between frames (PyAV) or slices of 32 (decord, torchcodec)
-    # rather than decoding on for a caller that gave up.
+    # look, it raises DecodeCancelled, so it looked between frames (PyAV) or slices (decord, torchcodec: 16 frames
+    # of 320x240 a slice here) rather than decoding on for a caller that gave up.
+    import pipeline.video.decoders as decoders
+
+    monkeypatch.setattr(decoders, "DECODE_SLICE_BYTES", 16 * 320 * 240 * 3)
     b = available_backends((name,))[0]
     n = b.meta(clips["h264"]).num_frames
     assert n == 50
@@ -500,6 +503,16 @@ def test_backends_stop_mid_decode(clips, name):
     b.meta(clips["h264"])  # decord hands its reader from meta to decode
     with pytest.raises(DecodeCancelled):  # set before it starts: not a frame decoded, whatever the backend
         b.decode(clips["h264"], [0, 1], (320, 240), "cpu", False, stop=_StopAfter(1))
+
+
+def test_a_decode_call_holds_about_as_many_bytes_whatever_the_size():
+    """A CPU decode call (one native step a given-up decode cannot stop inside) holds ``DECODE_SLICE_BYTES`` of
+    frames: as many frames of 1080p as the 32 a call before, more of smaller ones (a request of 61 frames of 720p is
+    one call, not copied again into one tensor), fewer of 4K, and at most ``DECODE_SLICE_MAX``."""
+    from pipeline.video.decoders import DECODE_SLICE_MAX, decode_slice
+
+    assert decode_slice((1920, 1080)) == 32 and decode_slice((1280, 720)) == 72 and decode_slice((3840, 2160)) == 8
+    assert decode_slice((426, 240)) == DECODE_SLICE_MAX == 512 and decode_slice((7680, 4320)) == 2
 
 
 @pytest.fixture(scope="module")
