@@ -690,8 +690,8 @@ class _FrameIndex:
         at the frame rate does."""
         self.cut_short: tuple[float, float] | None = None
         """Where every stream ends and where the container says the file ends, in seconds from the first frame,
-        where the second is more than ``probe.CUT_SHORT_S`` later (a Matroska or WebM download cut short: no frame count
-        in its header, but its duration)."""
+        where the second is more than ``probe.CUT_SHORT_S`` later (a download cut short whose header counts no frames
+        but states where it ends: ``probe.stated_duration``)."""
         self.stream_index = stream_index  # the container's index of the stream demuxed (``main_video_stream``)
         self.time_base = time_base
         self.may_jump = may_jump
@@ -740,12 +740,13 @@ class _FrameIndex:
             raise
         except Exception:  # noqa: BLE001 - no index: sampling by the average rate, decoding from the start
             return None
-        index = cls(count, np.frombuffer(pts, np.int64) if timed and count else None, np.frombuffer(dts, np.int64),
+        decode_ts = np.frombuffer(dts, np.int64)
+        index = cls(count, np.frombuffer(pts, np.int64) if timed and count else None, decode_ts,
                     np.frombuffer(key, np.int8) > 0, time_base, may_jump, stream_index)
         index.packets = packets
         if chunked and index.pts is not None:
-            index.chunk_clock = True
-            index.packets = max(packets, max(dts) - min(dts) + 1)  # the chunks spanned (decode order), empty ones too
+            index.chunk_clock = True  # the chunks spanned (decode order), empty ones too
+            index.packets = max(packets, int(decode_ts.max() - decode_ts.min()) + 1)
         if index.pts is not None and stated is not None and not may_jump:  # index.pts: sorted
             end = (float(index.pts[-1]) + (duration or 0)) * time_base
             index.cut_short = _cut_short(path, stated, origin, float(index.pts[0]) * time_base - origin,
@@ -835,10 +836,8 @@ def _lost_on_decord(path: str, frames: int, fps: float, timestamps: np.ndarray |
         with av.open(path) as c:
             s = main_video_stream(c)
             if avi:
-                listed = int(s.frames or 0)
                 spanned = round(float(timestamps[-1]) * fps) + 1 if timestamps is not None and len(timestamps) else 0
-                lost = listed - max(frames, spanned)
-                return (lost, listed / fps) if lost > 0 and fps > 0 else (0, None)
+                return _chunks_lost(int(s.frames or 0), max(frames, spanned), 1 / fps if fps > 0 else 0.0)
             stated = stated_duration(c)
             origin = c.start_time / av.time_base if c.start_time is not None else 0.0
             first = float(s.start_time * s.time_base) - origin if s.start_time is not None else 0.0
@@ -850,6 +849,14 @@ def _lost_on_decord(path: str, frames: int, fps: float, timestamps: np.ndarray |
     return _frames_cut(_cut_short(path, stated, origin, first, first + played_s, stop), fps)
 
 
+def _chunks_lost(listed: int, spanned: int, tick_s: float) -> tuple[int, float | None]:
+    """``VideoMeta.lost_tail`` and ``claimed_s`` of an AVI (``_FrameIndex.chunk_clock``): the chunks its header lists
+    past the ``spanned`` ones its frames reach, empty ones included, and where the listed ones end at ``tick_s`` a
+    chunk (FFmpeg gives an AVI cut short the duration of what it holds)."""
+    lost = listed - spanned
+    return (lost, listed * tick_s) if lost > 0 and tick_s > 0 else (0, None)
+
+
 def _lost_tail(header: int, index: _FrameIndex | None, stated_s: float | None,
                fps: float) -> tuple[int, float | None]:
     """``VideoMeta.lost_tail`` and ``claimed_s``: the frames the container's header lists (``header``: an MP4's
@@ -858,9 +865,9 @@ def _lost_tail(header: int, index: _FrameIndex | None, stated_s: float | None,
     every stream ends well before (``_FrameIndex.cut_short``), the frames that duration would hold at ``fps``."""
     if index is None:
         return 0, None
+    if index.chunk_clock:
+        return _chunks_lost(header, index.packets, index.time_base)
     lost = max(0, header - index.packets) if header else 0
-    if lost and index.chunk_clock:  # a chunk a tick: FFmpeg gives an AVI cut short the duration of what it holds
-        return lost, header * index.time_base
     if lost:
         return lost, (float(stated_s) if stated_s else None)
     return _frames_cut(index.cut_short, fps) if not header else (0, None)

@@ -288,10 +288,7 @@ def read_windows(media: MediaItem, streams: list[WindowStream], device: str) -> 
         whole = [(r, n) for r, n in merged[a:b] if bounds[r][n][1] <= end and all(i in where for i in windows[r][n])]
         if whole:
             frames = more.view(group)
-            for r in requests:
-                mine = [n for q, n in whole if q == r]
-                if not mine:
-                    continue
+            for r, mine in _by_request(whole).items():
                 clips = ClipViews(lambda j, at=[windows[r][n] for n in mine]: frames[torch.tensor(
                     [where[i] for i in at[j]])], len(mine))
                 spans = [(bounds[r][n][0] + video.start_s, bounds[r][n][1] + video.start_s) for n in mine]
@@ -306,8 +303,15 @@ def read_windows(media: MediaItem, streams: list[WindowStream], device: str) -> 
 def _windows_named(group: list[tuple[Windows, int]], windows: dict[Windows, list], readers: str) -> str:
     """A group of a windows pass, for its decode's error: each request's windows in it and how they are laid."""
     parts = []
-    for r in dict.fromkeys(r for r, _ in group):
-        mine = [n for q, n in group if q == r]
+    for r, mine in _by_request(group).items():
         parts.append(f"windows {mine[0] + 1}-{mine[-1] + 1} of {len(windows[r])} ({r.window_s:g} s every "
                      f"{r.stride_s:g} s)")
     return f" for {' and '.join(parts)}, read all through for {readers} (stream_windows)"
+
+
+def _by_request(windows: list[tuple[Windows, int]]) -> dict[Windows, list[int]]:
+    """``(request, window)`` pairs as each request's windows, in order."""
+    out: dict[Windows, list[int]] = {}
+    for r, n in windows:
+        out.setdefault(r, []).append(n)
+    return out
