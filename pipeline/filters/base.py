@@ -128,8 +128,11 @@ class Filter:
             self.apply(media, ctx)
 
     def run(self, media: MediaItem, ctx: FilterContext) -> tuple[dict, float]:
-        """Apply with timing and error typing; returns the result and its seconds."""
+        """Apply with timing and error typing; returns the result and its seconds: its own, with its readers'
+        seconds in a pass over the clip that another filter read (``MediaItem.claim_seconds``), without the other
+        filters' readers' seconds in a pass it read."""
         start = time.perf_counter()
+        before = media.streams_read()
         try:
             result = self.apply(media, ctx)
         except MediasieveError:
@@ -139,7 +142,7 @@ class Filter:
                 release_memory()
                 raise OutOfMemory(f"{self.name}: {first_line(e)}") from e
             raise FilterError(f"{self.name}: {type(e).__name__}: {e}") from e
-        return result, time.perf_counter() - start
+        return result, time.perf_counter() - start + media.claim_seconds(self.frame_requests(), before)
 
 
 class VideoFilter(Filter):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
     from pipeline.video.sampling import FrameRequest
     from pipeline.video.stream import Stream, WindowStream
 
+
+log = logging.getLogger(__name__)
 
 class MediaItem:
     """A fetched item, decoded lazily and once: every filter that asks for the same data gets the same object.
@@ -44,7 +47,9 @@ class MediaItem:
         self._video_done = False
         self._video_error: Exception | None = None
         self._stream_lock = threading.Lock()
-        self._streamed: dict[object, object] = {}
+        self._streamed: dict[object, tuple] = {}  # (stream, device): (the crop it was read under, its result)
+        self._served: set = set()
+        self._stream_s: dict[object, float] = {}  # each stream's seconds in its reader, till its filter claims them
         self.decode_backend: str | None = None
         self.frames_decoded: int | None = None
         self.damage = ItemDamage()
@@ -123,27 +128,65 @@ class MediaItem:
 
     def streamed(self, request: Stream | WindowStream, device: str) -> Any:
         """What ``request``'s reader keeps of the clip read all through (a ``Stream``: the samples at its rate; a
-        ``WindowStream``: its windows), read in one pass with every other stream of the item of the same kind and
-        ``pass_key`` (``read_streams``, ``read_windows``), on ``device``; the pass runs once (per device), and a
-        failure of it is every one of its readers' failure.
+        ``WindowStream``: its windows), read in one pass with the item's other streams that ``passes`` puts with it
+        (the signal filters' samples and the classifiers' windows: a film decoded once for them), on ``device``,
+        cropped as the item's frames are when the pass runs. The pass runs once (per device); a crop set after it
+        (``yolo_regions``' ``crop_output``) has a later reader read again, cropped, with the readers of its pass
+        not yet served. A failure of the pass is every one of its readers' failure. Each reader's seconds in the
+        pass are kept for its filter (``claim_seconds``).
 
         Raises:
-            DecodeError: a group of the frames failed to decode (see ``read_streams``, ``read_windows``).
+            DecodeError: a group of the frames failed to decode (see ``read_pass``).
         """
+        from pipeline.video.stream import Stream, WindowStream, passes, read_pass
+
+        video = self.video()
+        crop = video.crop_source
         with self._stream_lock:
-            if (request, device) not in self._streamed:
-                kind = type(request)
-                same = [r for r in dict.fromkeys([*self.frame_requests, request])
-                        if type(r) is kind and r.pass_key == request.pass_key]
+            got = self._streamed.get((request, device))
+            if got is None or got[0] != crop:
+                size = (int(video.frames.shape[2]), int(video.frames.shape[1]))
+                streams = [r for r in dict.fromkeys([*self.frame_requests, request])
+                           if isinstance(r, (Stream, WindowStream))]
+                same = [r for r in next(p for p in passes(streams, size) if request in p)
+                        if r == request or ((r, device) not in self._served
+                                            and ((r, device) not in self._streamed
+                                                 or self._streamed[r, device][0] != crop))]
+                if any((r, device) in self._streamed for r in same):  # read again (cropped): say so, it costs a pass
+                    log.info("item %s: a crop set after its pass was read (the clip read all through for %s); read "
+                             "again, cropped", self.item_id, ", ".join(dict.fromkeys(r.reader.what for r in same)))
                 try:
-                    read = kind.read_pass(self, same, device)
+                    read, seconds = read_pass(self, same, device)
                 except Exception as e:
-                    read = dict.fromkeys(same, e)
-                self._streamed.update(((r, device), out) for r, out in read.items())
-            out = self._streamed[request, device]
-        if isinstance(out, Exception):
-            raise out
-        return out
+                    read, seconds = dict.fromkeys(same, e), {}
+                self._streamed.update(((r, device), (crop, out)) for r, out in read.items())
+                for r, t in seconds.items():
+                    self._stream_s[r] = self._stream_s.get(r, 0.0) + t
+                got = self._streamed[request, device]
+            self._served.add((request, device))
+        if isinstance(got[1], Exception):
+            raise got[1]
+        return got[1]
+
+    def claim_seconds(self, mine: list, before: set) -> float:
+        """Seconds to add to a filter's own (``Filter.run``) for the passes read in its run or before it: its
+        streams' (``mine``) seconds in passes that other filters' runs read (``before``: the streams read before
+        its run), less the other filters' streams' seconds in a pass its run read (they claim them). A pass's
+        decoding stays with the filter whose run read it."""
+        with self._stream_lock:
+            add = 0.0
+            for r in list(self._stream_s):
+                if r in mine:
+                    t = self._stream_s.pop(r)
+                    add += t if r in before else 0.0
+                elif r not in before:
+                    add -= self._stream_s[r]
+            return add
+
+    def streams_read(self) -> set:
+        """The streams whose passes have been read (for ``claim_seconds``)."""
+        with self._stream_lock:
+            return set(self._stream_s)
 
     def _decode(self, requests: list[FrameRequest], backends: list[object],
                 at_request_size: bool = False) -> DecodedVideo:

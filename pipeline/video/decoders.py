@@ -31,7 +31,7 @@ from pipeline.media.probe import (
     timestamps_may_jump,
 )
 from pipeline.video.preprocess import luma_into, per_group
-from pipeline.video.sampling import FramePlan, FrameRequest, clip_duration, make_plan, variable_rate
+from pipeline.video.sampling import FramePlan, FrameRequest, clip_duration, frame_times, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,7 @@ class DecodedVideo:
     def times(self, request: FrameRequest, window: int = 0) -> np.ndarray:
         """Seconds of each frame of a request."""
         v = self._of(request)
-        idx = v.indices(request, window)
-        if variable_rate(v.meta.timestamps, v.meta.fps):
-            return v.meta.timestamps[idx]
-        return idx / v.meta.fps if v.meta.fps > 0 else idx.astype(float)
+        return frame_times(v.indices(request, window), v.meta.fps, v.meta.timestamps)
 
 
 def _decode_size(width: int, height: int, max_side: int | None, pixel_aspect: float = 1.0) -> tuple[int, int]:

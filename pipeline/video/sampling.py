@@ -110,6 +110,14 @@ def clip_duration(num_frames: int, fps: float, timestamps: np.ndarray | None = N
     return num_frames / fps if fps > 0 else 0.0
 
 
+def frame_times(indices: np.ndarray, fps: float, timestamps: np.ndarray | None = None) -> np.ndarray:
+    """Seconds of the frames at ``indices`` from the first frame: their timestamps (variable rate), else
+    ``index / fps``."""
+    if variable_rate(timestamps, fps):
+        return timestamps[indices]
+    return indices / fps if fps > 0 else indices.astype(float)
+
+
 def played_at(timestamps: np.ndarray, times: np.ndarray) -> list[int]:
     """Index of the frame on screen at each time (the last frame starting at or before it)."""
     idx = np.searchsorted(timestamps, np.asarray(times) + 1e-9, side="right") - 1

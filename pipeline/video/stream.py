@@ -2,30 +2,43 @@
 
 A clip over a rate request's cap (``AtFps.spread`` false) gets none of those frames from the item's decode: held
 at once, an hour at 4 a second would take 14,400 frames. Its filters declare a ``Stream`` instead; the item
-(``MediaItem.streamed``) decodes the rate a group at a time and hands each group to every ``Stream`` at that rate
-before letting its frames go, so that the scene cuts and the static filter decode a film once, not once each.
-Sliding windows past their request's cap (``Windows.spread`` false) are read the same way (``WindowStream``):
-groups of consecutive windows, given to every classifier whose input is of the same size.
+(``MediaItem.streamed``) decodes the rate a group at a time and hands each group to every ``Stream`` before letting
+its frames go, so that the scene cuts and the static filter decode a film once, not once each. Sliding windows past
+their request's cap (``Windows.spread`` false) are read the same way (``WindowStream``): groups of consecutive
+windows, given to every classifier whose input is of the same size. The samples and the windows are read in the
+same pass (``passes``), so that a film the signal filters and the classifiers all read through is decoded once:
+the samples at 4 a second among the windows' frames, decoded at the classifiers' size.
 
 A pass's readers are kept apart (``_Readers``): one whose work fails (its model's error, a bug in it) reads no
 further and gets its error as its result, raised in its own filter; the others read on. A group that fails to
 decode is every reader's failure.
 
 Oracle for the tests: what a reader keeps of a streamed clip equals what it computes from the same samples held at
-once (a clip within the cap), whatever the group size.
+once (a clip within the cap), whatever the group size and whoever else reads the pass.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 
 from pipeline.errors import DecodeError, ItemError, ItemTimeout, MediasieveError, ShutdownError
 from pipeline.video.preprocess import ClipViews, luma
-from pipeline.video.sampling import AtFps, Frames, Windows, clip_duration, request_indices, window_bounds
+from pipeline.video.sampling import (
+    AtFps,
+    Frames,
+    Windows,
+    clip_duration,
+    frame_times,
+    request_indices,
+    window_bounds,
+)
 
 if TYPE_CHECKING:
     from pipeline.media.item import MediaItem
@@ -66,21 +79,12 @@ class StreamReader(Protocol):
 class Stream:
     """The samples at ``fps`` all through a clip too long for its rate request's cap, each group given to
     ``reader`` at a long side of at most ``max_side``. The item's decode gives it no frames; every ``Stream`` of an
-    item at one ``fps`` is read in one pass, decoded at the largest ``max_side`` among them (a reader wanting
-    fewer pixels gets them strided, ``stride_for``)."""
+    item is read in one pass (``passes``), decoded at the largest ``max_side`` among them, or at the windows' size
+    where the pass reads windows too (a reader wanting fewer pixels gets them strided, ``stride_for``)."""
 
     fps: float
     max_side: int
     reader: StreamReader
-
-    @property
-    def pass_key(self) -> float:
-        """The streams of an item with equal keys are read in one pass."""
-        return self.fps
-
-    @staticmethod
-    def read_pass(media: MediaItem, streams: list[Stream], device: str) -> dict[Stream, Any]:
-        return read_streams(media, streams, device)
 
 
 class WindowReading(Protocol):
@@ -107,10 +111,10 @@ class WindowReader(Protocol):
 class WindowStream:
     """Sliding windows all through a clip with more of them than its filter's ``Windows`` request takes from the
     item's decode: ``request`` is the windows read here (``spread``, its ``max_windows`` the cap of the stream), a
-    group of consecutive windows decoded at a time (``read_windows``) and given to ``reader``. Every
+    group of consecutive windows decoded at a time (``read_pass``) and given to ``reader``. Every
     ``WindowStream`` of an item whose request is decoded at the same size is read in the same pass, whatever its
     windows (four classifiers with one input size decode a film's windows once, a classifier's windows every 4 s
-    among another's every 2 s too)."""
+    among another's every 2 s too), and with it the item's ``Stream`` samples (``passes``)."""
 
     request: Windows
     reader: WindowReader
@@ -118,10 +122,6 @@ class WindowStream:
     @property
     def pass_key(self) -> tuple[int | None, int | None]:
         return self.request.short_side, self.request.max_side
-
-    @staticmethod
-    def read_pass(media: MediaItem, streams: list[WindowStream], device: str) -> dict[WindowStream, Any]:
-        return read_windows(media, streams, device)
 
 
 def stride_for(frames: torch.Tensor, max_side: int) -> int:
@@ -146,15 +146,18 @@ def _own_failure(e: Exception) -> bool:
 
 class _Readers:
     """The readings of a pass's streams, kept apart: a stream whose reader fails to open, to take a group, or to
-    give its result (``_own_failure``) is read no further, and its error is its result; the others read on."""
+    give its result (``_own_failure``) is read no further, and its error is its result; the others read on. Each
+    stream's seconds in its reader are counted (``seconds``), for its filter's ``filter_s``."""
 
     def __init__(self, streams: list, device: str):
         self.readings: dict = {}
         self.failed: dict = {}
+        self.seconds: dict = dict.fromkeys(streams, 0.0)
         for s in streams:
             self._guard(s, lambda s=s: self.readings.__setitem__(s, s.reader.open(device)))
 
     def _guard(self, stream, call) -> None:
+        t = time.perf_counter()
         try:
             call()
         except Exception as e:
@@ -162,6 +165,8 @@ class _Readers:
                 raise
             self.failed[stream] = e
             self.readings.pop(stream, None)
+        finally:
+            self.seconds[stream] += time.perf_counter() - t
 
     def feed(self, stream, *args) -> None:
         """One group to ``stream``'s reading, where it has not failed."""
@@ -177,8 +182,10 @@ class _Readers:
 
 
 def _readers(streams: list) -> str:
-    """Who reads a pass, for its error message (``the scene cuts and the static filter``)."""
-    return " and ".join(dict.fromkeys(s.reader.what for s in streams))
+    """Who reads a pass, for its error message (``the scene cuts and the static filter``; ``the static filter, the
+    vfx classifier and the rov classifier``)."""
+    who = list(dict.fromkeys(s.reader.what for s in streams))
+    return who[0] if len(who) == 1 else f"{', '.join(who[:-1])} and {who[-1]}"
 
 
 def _decode_group(media: MediaItem, group: Frames, num_frames: int, purpose: str):
@@ -195,45 +202,30 @@ def _decode_group(media: MediaItem, group: Frames, num_frames: int, purpose: str
                       f"failed: {e}") from e
 
 
-def read_streams(media: MediaItem, streams: list[Stream], device: str) -> dict[Stream, Any]:
-    """Every one of ``streams`` (one ``fps``) read in one pass over the item's clip: the samples decoded
-    ``group_size`` at a time (``media.more_frames``), each group given to every reader (with its luma, computed
-    once for readers at one stride) and then let go. A tail found broken ends the samples where it breaks.
+def _long_side(size: tuple[int, int], max_side: int | None, short_side: int | None) -> int:
+    """The long side of frames decoded from ``size`` (the item's decode size) for a request with ``max_side`` or
+    ``short_side`` (never larger than ``size``: a request is not decoded larger than the item)."""
+    long, short = max(size), max(1, min(size))
+    if max_side is not None:
+        return min(long, max_side)
+    if short_side is not None:
+        return min(long, max(short_side, round(long * short_side / short)))
+    return long
 
-    Returns:
-        Each stream's ``Reading.result()``.
 
-    Raises:
-        DecodeError: a group's decode failed (its frames named; a timeout stays a ``DecodeTimeout``).
-        ItemTimeout: the rank's watchdog gave the item up.
-    """
-    fps = streams[0].fps
-    meta = media.video().meta
-    wanted = request_indices(AtFps(fps, max(1, meta.num_frames)), meta.num_frames, meta.fps, meta.timestamps)[0]
-    side = max(s.max_side for s in streams)
-    readers = _Readers(streams, device)
-    size = group_size(meta.width, meta.height)
-    purpose = f", sampled at {fps:g} a second all through for {_readers(streams)} (stream_long_clips)"
-    for g in range(0, len(wanted), size):
-        if not readers.readings:
-            break  # every reader has failed: nothing to decode for
-        group = Frames(tuple(wanted[g:g + size]), max_side=side)
-        more = _decode_group(media, group, meta.num_frames, purpose)
-        got = more.indices(group)
-        if len(got):
-            frames = more.view(group).to(device)
-            at, indices = (more.times(group) + more.start_s).tolist(), got.tolist()
-            lumas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by stride: each reader's frames and luma
-            for s in list(readers.readings):
-                step = stride_for(frames, s.max_side)
-                if step not in lumas:
-                    strided = frames[:, ::step, ::step]
-                    lumas[step] = strided, luma(strided, device)
-                readers.feed(s, *lumas[step], indices, at)
-            del frames, lumas
-        if len(got) < len(group.indices):
-            break  # the tail is broken: the clip ends there
-    return readers.results()
+def passes(streams: list, size: tuple[int, int]) -> list[list]:
+    """The passes that an item's ``streams`` are read in, on a clip decoded at ``size`` (``(w, h)``): the
+    ``WindowStream``s of one size together (``pass_key``); every ``Stream`` (every rate) together, and with the
+    windows of the first size whose frames are at least as large as the largest ``max_side`` of the rates, so that
+    a film the signal filters and the classifiers read all through is decoded once for them. Windows too small for
+    the rates (a classifier taking 112 pixels) leave the rates a pass of their own, as before."""
+    rates = [s for s in streams if isinstance(s, Stream)]
+    keys = list(dict.fromkeys(s.pass_key for s in streams if isinstance(s, WindowStream)))
+    need = max((s.max_side for s in rates), default=0)
+    joint = next((k for k in keys if rates and _long_side(size, k[1], k[0]) >= _long_side(size, need, None)), None)
+    out = [(rates if k == joint else []) + [s for s in streams if isinstance(s, WindowStream) and s.pass_key == k]
+           for k in keys]
+    return out + ([rates] if rates and joint is None else [])
 
 
 def window_groups(windows: list[list[int]], size: int) -> list[tuple[int, int]]:
@@ -242,71 +234,124 @@ def window_groups(windows: list[list[int]], size: int) -> list[tuple[int, int]]:
     out, a = [], 0
     while a < len(windows):
         union, b = set(windows[a]), a + 1
-        while b < len(windows) and len(union.union(windows[b])) <= size:
-            union.update(windows[b])
+        while b < len(windows):
+            new = set(windows[b]).difference(union)
+            if len(union) + len(new) > size:
+                break
+            union.update(new)
             b += 1
         out.append((a, b))
         a = b
     return out
 
 
-def read_windows(media: MediaItem, streams: list[WindowStream], device: str) -> dict[WindowStream, Any]:
-    """Every one of ``streams`` (requests decoded at one size, each with its windows) read in one pass over the
-    item's clip: the windows of every request in the order they start, in groups whose frames number at most
-    ``group_size`` (``window_groups``: a frame two windows share, of one request or two, decoded once), each group's
-    frames decoded at the requests' size (``media.more_frames``, a decode under ``video.decode_timeout_s``), each
-    request's windows of the group given to every reader of it, and the frames let go. A tail found broken ends the
+def read_pass(media: MediaItem, streams: list, device: str) -> tuple[dict, dict]:
+    """Every one of ``streams`` (one of ``passes``) read in one pass over the item's clip: the samples of every
+    rate and the windows of every request, in the order their first frames come, in groups of at most
+    ``group_size`` frames (``window_groups``: a frame that two of them share, samples or windows, decoded once);
+    each group decoded (``media.more_frames``, under ``video.decode_timeout_s``) at the windows' size where the
+    pass reads windows, else at the rates' largest ``max_side``; each rate's samples of the group given to its
+    readers (strided to their ``max_side``, with a luma computed once per stride), each request's windows to the
+    readers of that request, and the frames let go. A tail found broken ends the samples where it breaks and the
     windows at the last one whose frames all decoded.
 
     Returns:
-        Each stream's ``WindowReading.result()``.
+        Each stream's result (``Reading.result()`` or ``WindowReading.result()``, or its reader's own error), and
+        each stream's seconds in its reader (the pass's decoding is not in them).
 
     Raises:
-        DecodeError: a group's decode failed (its frames and windows named; a timeout stays a ``DecodeTimeout``).
+        DecodeError: a group's decode failed (its frames and what they are for named; a timeout stays a
+            ``DecodeTimeout``).
         ItemTimeout: the rank's watchdog gave the item up.
     """
     video = media.video()
     meta = video.meta
-    requests = list(dict.fromkeys(s.request for s in streams))
+    rates = list(dict.fromkeys(s.fps for s in streams if isinstance(s, Stream)))
+    requests = list(dict.fromkeys(s.request for s in streams if isinstance(s, WindowStream)))
+    samples = {f: request_indices(AtFps(f, max(1, meta.num_frames)), meta.num_frames, meta.fps, meta.timestamps)[0]
+               for f in rates}
     windows = {r: request_indices(r, meta.num_frames, meta.fps, meta.timestamps, video.start_s) for r in requests}
     bounds = {r: window_bounds(r, meta.num_frames, meta.fps, meta.timestamps, video.start_s) for r in requests}
-    order = sorted(((w[0] if w else 0, k, n) for k, r in enumerate(requests) for n, w in enumerate(windows[r])))
-    merged = [(requests[k], n) for _, k, n in order]  # every request's windows, by their first frame
+    units = sorted([(i, 0, k, n) for k, f in enumerate(rates) for n, i in enumerate(samples[f])]
+                   + [(w[0] if w else 0, 1, k, n) for k, r in enumerate(requests) for n, w in enumerate(windows[r])])
+
+    def frames_of(unit) -> list[int]:  # a sample is one frame, a window its request's frames
+        _, kind, k, n = unit
+        return [samples[rates[k]][n]] if kind == 0 else windows[requests[k]][n]
+
+    if requests:
+        sized = {"max_side": requests[0].max_side, "short_side": requests[0].short_side}
+    else:
+        sized = {"max_side": max(s.max_side for s in streams)}
     readers = _Readers(streams, device)
     named = _readers(streams)
-    side = requests[0]
-    for a, b in window_groups([windows[r][n] for r, n in merged], group_size(meta.width, meta.height)):
+    for a, b in window_groups([frames_of(u) for u in units], group_size(meta.width, meta.height)):
         if not readers.readings:
             break  # every reader has failed: nothing to decode for
-        group = Frames(tuple(sorted({i for r, n in merged[a:b] for i in windows[r][n]})), max_side=side.max_side,
-                       short_side=side.short_side)
-        more = _decode_group(media, group, meta.num_frames, _windows_named(merged[a:b], windows, named))
+        chunk = units[a:b]
+        group = Frames(tuple(sorted({i for u in chunk for i in frames_of(u)})), **sized)
+        more = _decode_group(media, group, meta.num_frames, _purpose(chunk, rates, requests, windows, named))
         where = {int(i): p for p, i in enumerate(more.indices(group))}
+        frames = more.view(group) if where else None
+        complete = True
+        for k, f in enumerate(rates):
+            mine = [samples[f][n] for _, kind, j, n in chunk if kind == 0 and j == k]
+            got = list(itertools.takewhile(where.__contains__, mine))
+            complete = complete and len(got) == len(mine)
+            if got:
+                _feed_rate(readers, [s for s in streams if isinstance(s, Stream) and s.fps == f],
+                           frames[torch.tensor([where[i] for i in got])].to(device), got, more, device)
         end = math.inf  # a broken tail: the clip (and its windows, as the item's decode gives them) ends there
         if more.meta.num_frames < meta.num_frames:
             end = clip_duration(more.meta.num_frames, more.meta.fps, more.meta.timestamps) + 1e-6
-        whole = [(r, n) for r, n in merged[a:b] if bounds[r][n][1] <= end and all(i in where for i in windows[r][n])]
-        if whole:
-            frames = more.view(group)
-            for r, mine in _by_request(whole).items():
-                clips = ClipViews(lambda j, at=[windows[r][n] for n in mine]: frames[torch.tensor(
-                    [where[i] for i in at[j]])], len(mine))
-                spans = [(bounds[r][n][0] + video.start_s, bounds[r][n][1] + video.start_s) for n in mine]
-                for s in list(readers.readings):
-                    if s.request == r:
-                        readers.feed(s, clips, spans)
-        if len(whole) < b - a:
+        laid = [(requests[j], n) for _, kind, j, n in chunk if kind == 1]
+        whole = [(r, n) for r, n in laid if bounds[r][n][1] <= end and all(i in where for i in windows[r][n])]
+        complete = complete and len(whole) == len(laid)
+        for r, mine in _by_request(whole).items():
+            clips = ClipViews(lambda j, at=[windows[r][n] for n in mine], held=frames: held[torch.tensor(
+                [where[i] for i in at[j]])], len(mine))
+            spans = [(bounds[r][n][0] + video.start_s, bounds[r][n][1] + video.start_s) for n in mine]
+            for s in list(readers.readings):
+                if isinstance(s, WindowStream) and s.request == r:
+                    readers.feed(s, clips, spans)
+        more = frames = clips = None  # let the group's frames go before the next decode
+        if not complete:
             break  # the tail is broken: the clip ends there
-    return readers.results()
+    return readers.results(), readers.seconds
 
 
-def _windows_named(group: list[tuple[Windows, int]], windows: dict[Windows, list], readers: str) -> str:
-    """A group of a windows pass, for its decode's error: each request's windows in it and how they are laid."""
+def _feed_rate(readers: _Readers, streams: list[Stream], frames: torch.Tensor, indices: list[int], more,
+               device: str) -> None:
+    """One group's samples of a rate (``frames`` at stream ``indices``, of the decode ``more``) to the readers of
+    it that read on, each strided to its ``max_side``, the luma computed once per stride."""
+    at = (frame_times(np.asarray(indices, dtype=np.int64), more.meta.fps, more.meta.timestamps)
+          + more.start_s).tolist()
+    lumas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by stride: each reader's frames and luma
+    for s in streams:
+        if s not in readers.readings:
+            continue
+        step = stride_for(frames, s.max_side)
+        if step not in lumas:
+            strided = frames[:, ::step, ::step]
+            lumas[step] = strided, luma(strided, device)
+        readers.feed(s, *lumas[step], indices, at)
+
+
+def _purpose(chunk: list[tuple], rates: list[float], requests: list[Windows], windows: dict[Windows, list],
+             readers: str) -> str:
+    """A group of a pass, for its decode's error: the rates it samples, each request's windows in it and how they
+    are laid, and who reads them."""
+    sampled = [f"{rates[k]:g}" for k in sorted({k for _, kind, k, _ in chunk if kind == 0})]
     parts = []
-    for r, mine in _by_request(group).items():
+    for r, mine in _by_request([(requests[k], n) for _, kind, k, n in chunk if kind == 1]).items():
         parts.append(f"windows {mine[0] + 1}-{mine[-1] + 1} of {len(windows[r])} ({r.window_s:g} s every "
                      f"{r.stride_s:g} s)")
-    return f" for {' and '.join(parts)}, read all through for {readers} (stream_windows)"
+    if not parts:
+        return f", sampled at {' and '.join(sampled)} a second all through for {readers} (stream_long_clips)"
+    if not sampled:
+        return f" for {' and '.join(parts)}, read all through for {readers} (stream_windows)"
+    return (f", sampled at {' and '.join(sampled)} a second and for {' and '.join(parts)}, read all through for "
+            f"{readers} (stream_long_clips, stream_windows)")
 
 
 def _by_request(windows: list[tuple[Windows, int]]) -> dict[Windows, list[int]]:

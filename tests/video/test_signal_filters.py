@@ -844,7 +844,7 @@ def test_a_stream_decodes_fewer_samples_at_a_time_from_larger_sources():
 
 def test_the_scene_cuts_and_the_static_filter_read_a_long_clip_in_one_pass(long_shots):
     """Both filters at one rate: the samples decoded once for the two (plus the frames that place the cuts), each
-    row the row it has alone; at two rates, a pass each."""
+    row the row it has alone; at two rates, one pass too, the frames the two rates share decoded once."""
     from pipeline.config import VideoConfig
 
     def rows(**static):
@@ -859,8 +859,9 @@ def test_the_scene_cuts_and_the_static_filter_read_a_long_clip_in_one_pass(long_
     assert cuts == f.apply(alone, FilterContext("cpu", None)) and decoded == alone.frames_decoded
     assert still == run(long_shots["shots"], "static", max_frames=3) and still["sample_fps"] == pytest.approx(25 / 6)
     assert [t["frame"] for t in cuts["transitions"]] == [38, 53, 56, 86, 111]
-    _, decoded_apart = rows(fps=5.0)  # 30 samples more: a pass of their own
-    assert decoded_apart == decoded + 30
+    (cuts5, still5), decoded_both = rows(fps=5.0)  # every 5th frame: 30 samples, 5 of them every 6th's too
+    assert decoded_both == decoded + 25  # before, a pass each: 30 more
+    assert cuts5 == cuts and still5 == run(long_shots["shots"], "static", max_frames=3, fps=5.0)
 
 
 def test_a_long_clip_at_a_variable_rate_is_sampled_by_time_as_within_the_cap(long_shots):
