@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The signal filters and two clip classifiers as ``configs/sieve.yaml`` lays them (``static`` and ``scene_cuts``
 sampling 4 frames a second; ``vfx``, 4-s windows every 2 s, and ``rov``, every 4 s and reversed), all reading a
-clip past their caps all through, side by side in one run with the code at git revision ``--baseline REV`` (a
+clip past their caps (5 minutes for the samples, about 2 for the windows) all through, side by side in one run with the code at git revision ``--baseline REV`` (a
 worktree, each side in a process of its own). Before, the samples were one pass over the film and the windows
 another; now one pass decodes both (``pipeline.video.stream.passes``). Per side: seconds, peak process memory,
 decodes (each walks the film from a keyframe: a pass's groups, the cuts' placing), frames kept, each filter's
@@ -11,7 +11,7 @@ windows).
 The models are random narrow backbones of the given input shape (16 frames at 224 by default): their rows measure
 the passes, never a finding.
 
-Usage: python tests/benchmarks/bench_joint_pass.py --baseline REV [--seconds 300] [--size 1280x720]
+Usage: python tests/benchmarks/bench_joint_pass.py --baseline REV [--seconds 420] [--size 1280x720]
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def agree(now: dict, before: dict) -> dict[str, bool]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=300.0)
+    parser.add_argument("--seconds", type=float, default=420.0)
     parser.add_argument("--size", default="1280x720")
     parser.add_argument("--frames", type=int, default=16, help="the models' frames per window")
     parser.add_argument("--image-size", type=int, default=224, help="the models' input size")
