@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class MediaItem:
     """A fetched item, decoded lazily and once: every filter that asks for the same data gets the same object.
 
