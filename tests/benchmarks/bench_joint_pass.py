@@ -16,8 +16,6 @@ Usage: python tests/benchmarks/bench_joint_pass.py --baseline REV [--seconds 420
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import resource
 import sys
@@ -81,37 +79,20 @@ def agree(now: dict, before: dict) -> dict[str, bool]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=420.0)
-    parser.add_argument("--size", default="1280x720")
-    parser.add_argument("--frames", type=int, default=16, help="the models' frames per window")
-    parser.add_argument("--image-size", type=int, default=224, help="the models' input size")
-    parser.add_argument("--baseline", required=True, help="a git revision to compare with (run from a worktree)")
-    parser.add_argument("--code", help=argparse.SUPPRESS)
-    parser.add_argument("--clip", help=argparse.SUPPRESS)
-    parser.add_argument("--models", help=argparse.SUPPRESS)
-    parser.add_argument("--json", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.json:  # one side of the comparison
-        with open(args.json, "w") as f:
-            json.dump(measure(args.code, args.clip, json.loads(args.models)), f)
-        return 0
     sys.path.insert(0, ROOT)
-    from pipeline.media import synthetic
-    from tests.benchmarks.baseline import run_side, worktree
-    from tests.video.tiny_models import tiny_videomae
+    from tests.benchmarks.baseline import classifier_sides, one_side
 
-    d = tempfile.mkdtemp()
+    args = classifier_sides(__doc__, 420.0, "1280x720")
+    if one_side(args, measure):
+        return 0
+    from pipeline.media import synthetic
+    from tests.benchmarks.baseline import classifier_runs
+
     shot_s = 7.3  # shots of several lengths: cuts that fall between samples and windows alike
     shots = tuple((SHOTS[k % len(SHOTS)], shot_s + (k % 3)) for k in range(int(args.seconds // (shot_s + 1))))
-    clip = synthetic.shots_clip(os.path.join(d, "long.mp4"), shots, size=args.size)
-    models = {name: tiny_videomae(os.path.join(d, name), num_frames=args.frames, image_size=args.image_size, seed=i)
-              for i, name in enumerate(LAID)}
-    side_args = ["--clip", clip, "--models", json.dumps(models), "--baseline", args.baseline]
-    now_name, before_name = "one pass (now)", f"{args.baseline} (two passes)"
-    sides = {now_name: run_side(__file__, ROOT, side_args, quiet=True)}
-    with worktree(args.baseline) as tree:
-        sides[before_name] = run_side(__file__, tree, side_args, quiet=True)
+    clip = synthetic.shots_clip(os.path.join(tempfile.mkdtemp(), "long.mp4"), shots, size=args.size)
+    now, before = classifier_runs(__file__, args, clip, list(LAID))
+    sides = {"one pass (now)": now, f"{args.baseline} (two passes)": before}
     print(f"\nstatic and scene_cuts (4 a second), vfx (4-s windows every 2 s) and rov (every 4 s, reversed), "
           f"{args.frames} frames at {args.image_size}, on {sum(s for _, s in shots):g} s of {args.size} at 25 fps, "
           f"{len(shots)} shots (CPU, a process per row)")
@@ -121,7 +102,7 @@ def main() -> int:
     for name, s in sides.items():
         print(f"{name:<26}{s['seconds']:>9.1f}{s['peak_gib']:>10.2f}{s['decodes']:>9}{s['frames']:>8}"
               + "".join(f"{s['filter_s'][n]:>14.1f}" for n in names) + f"  {s['backend']}")
-    same = agree(sides[now_name]["rows"], sides[before_name]["rows"])
+    same = agree(now["rows"], before["rows"])
     print("rows agree with the baseline's:", ", ".join(f"{n} {'yes' if ok else 'NO'}" for n, ok in same.items()))
     return 0
 

@@ -15,8 +15,6 @@ Usage: python tests/benchmarks/bench_window_passes.py --baseline REV [--seconds 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import resource
 import sys
@@ -57,43 +55,28 @@ def measure(code: str, clip: str, models: dict[str, str]) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=180.0)
-    parser.add_argument("--size", default="640x360")
-    parser.add_argument("--frames", type=int, default=16, help="the models' frames per window")
-    parser.add_argument("--image-size", type=int, default=224, help="the models' input size")
-    parser.add_argument("--baseline", required=True, help="a git revision to compare with (run from a worktree)")
-    parser.add_argument("--code", help=argparse.SUPPRESS)
-    parser.add_argument("--clip", help=argparse.SUPPRESS)
-    parser.add_argument("--models", help=argparse.SUPPRESS)
-    parser.add_argument("--json", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.json:  # one side of the comparison
-        with open(args.json, "w") as f:
-            json.dump(measure(args.code, args.clip, json.loads(args.models)), f)
-        return 0
     sys.path.insert(0, ROOT)
-    from pipeline.media import synthetic
-    from tests.benchmarks.baseline import run_side, worktree
-    from tests.benchmarks.bench_classifier_windows import same_windows
-    from tests.video.tiny_models import tiny_videomae
+    from tests.benchmarks.baseline import classifier_sides, one_side
 
-    d = tempfile.mkdtemp()
-    clip = synthetic.lavfi_clip(os.path.join(d, "long.mp4"), f"testsrc2=size={args.size}:rate=25", args.seconds)
-    models = {name: tiny_videomae(os.path.join(d, name), num_frames=args.frames, image_size=args.image_size, seed=i)
-              for i, name in enumerate(LAID)}
-    side_args = ["--clip", clip, "--models", json.dumps(models), "--baseline", args.baseline]
-    sides = {"one pass (now)": run_side(__file__, ROOT, side_args, quiet=True)}
-    with worktree(args.baseline) as tree:
-        sides[f"{args.baseline} (a pass each)"] = run_side(__file__, tree, side_args, quiet=True)
+    args = classifier_sides(__doc__, 180.0, "640x360")
+    if one_side(args, measure):
+        return 0
+    from pipeline.media import synthetic
+    from tests.benchmarks.baseline import classifier_runs
+    from tests.benchmarks.bench_classifier_windows import same_windows
+
+    clip = synthetic.lavfi_clip(os.path.join(tempfile.mkdtemp(), "long.mp4"), f"testsrc2=size={args.size}:rate=25",
+                                args.seconds)
+    now, before = classifier_runs(__file__, args, clip, list(LAID))
+    sides = {"one pass (now)": now, f"{args.baseline} (a pass each)": before}
     print(f"\nvfx (4-s windows every 2 s) and rov (every 4 s, and reversed), {args.frames} frames at "
           f"{args.image_size}, on {args.seconds:g} s of {args.size} at 25 fps (CPU, a process per row)")
     print(f"{'side':<28}{'seconds':>9}{'peak GiB':>10}{'frames':>8}{'vfx':>6}{'rov':>6}  backend")
     for name, s in sides.items():
         print(f"{name:<28}{s['seconds']:>9.1f}{s['peak_gib']:>10.2f}{s['frames']:>8}{s['windows']['vfx']:>6}"
               f"{s['windows']['rov']:>6}  {s['backend']}")
-    now, before = sides["one pass (now)"]["rows"], sides[f"{args.baseline} (a pass each)"]["rows"]
-    print("rows equal the baseline's:", "yes" if all(same_windows(now[n], before[n]) for n in LAID) else "NO")
+    same = all(same_windows(now["rows"][n], before["rows"][n]) for n in LAID)
+    print("rows equal the baseline's:", "yes" if same else "NO")
     return 0
 
 

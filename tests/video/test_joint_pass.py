@@ -4,7 +4,6 @@ decode pass (``pipeline.video.stream.passes``), not one pass each.
 Oracle: each filter's row from the shared pass equals its row from an item of its own (which reads its own pass),
 and the pass decodes the union of the samples' and the windows' frames once."""
 
-import os
 
 import pytest
 
@@ -17,6 +16,7 @@ from pipeline.video.decoders import available_backends
 from pipeline.video.sampling import AtFps, request_indices
 from tests.benchmarks.bench_classifier_windows import same_windows
 from tests.video.test_clip_classifier import make_filters
+from tests.video.test_signal_filters import item_whose_file_went
 from tests.video.tiny_models import tiny_videomae
 
 CPU = FilterContext("cpu", None)
@@ -190,13 +190,8 @@ def test_a_group_of_the_shared_pass_that_fails_to_decode_names_samples_and_windo
     named; the classifiers, reading the same pass, get the same error without a second try."""
     from pipeline.errors import DecodeError
 
-    path = str(tmp_path / "shots.mp4")
-    open(path, "wb").write(open(films["shots"], "rb").read())
     filters = signal_filters()[1:] + classifiers(tmp_path, 128)
-    item = MediaItem("x", path, 0, frame_requests_of(filters), VideoConfig(),
-                     available_backends(("decord", "torchcodec", "pyav")))
-    item.video()
-    os.remove(path)
+    item = item_whose_file_went(films["shots"], tmp_path, filters)
     with pytest.raises(DecodeError, match=r"decoding frames 0-146 of the clip's 150, sampled at 4 a second and for "
                                           r"windows 1-11 of 11 \(1 s every 0.5 s\) and windows 1-6 of 6 \(1 s every "
                                           r"1 s\), read all through for the static filter, the vfx classifier and "

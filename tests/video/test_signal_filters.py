@@ -881,20 +881,28 @@ def test_a_long_clip_with_a_broken_tail_is_sampled_up_to_where_it_breaks(long_sh
     assert 4 < item.frames_decoded < 17  # 4 s had 17 samples
 
 
+def item_whose_file_went(path: str, tmp_path, filters: list) -> MediaItem:
+    """An item of a copy of ``path`` for ``filters``, decoded once (probed, its index read), then the copy removed:
+    what a file gone or broken after the item's first decode gives a later decode."""
+    from pipeline.config import VideoConfig
+
+    copy = str(tmp_path / os.path.basename(path))
+    open(copy, "wb").write(open(path, "rb").read())
+    item = MediaItem("x", copy, 0, frame_requests_of(filters), VideoConfig(),
+                     available_backends(("decord", "torchcodec", "pyav")))
+    item.video()
+    os.remove(copy)
+    return item
+
+
 def test_a_long_clip_whose_group_fails_to_decode_is_a_decode_error(long_shots, tmp_path):
     """A file gone (or broken) after the item's decode: the group's frames named, the error typed; the static
     filter, reading the same pass, gets the same error without a second try."""
-    from pipeline.config import VideoConfig
     from pipeline.errors import DecodeError
 
-    path = str(tmp_path / "shots.mp4")
-    open(path, "wb").write(open(long_shots["shots"], "rb").read())
     filters = build_filters((FilterSpec("scene_cuts", "scene_cuts", True, {"max_frames": 6}),
                              FilterSpec("static", "static", True, {"max_frames": 6})))
-    item = MediaItem("x", path, 0, frame_requests_of(filters), VideoConfig(),
-                     available_backends(("decord", "torchcodec", "pyav")))
-    item.video()
-    os.remove(path)
+    item = item_whose_file_went(long_shots["shots"], tmp_path, filters)
     with pytest.raises(DecodeError, match=r"decoding frames 0-144 of the clip's 150, sampled at 4 a second all through "
                                           r"for the scene cuts and the static filter \(stream_long_clips\), failed: "
                                           r".*every video backend failed") as first:
