@@ -307,6 +307,7 @@ def test_real_onnx_runtime_arena_failures_are_split():
 
 def test_a_filter_that_runs_out_of_memory_outside_a_batch_fails_its_item_retryably():
     from pipeline.filters.base import Filter, FilterContext
+    from pipeline.media.item import MediaItem
 
     class WholeClipOnDevice(Filter):  # a signal filter's tensors of a whole clip, too large for the free memory
         def apply(self, media, ctx):
@@ -316,15 +317,17 @@ def test_a_filter_that_runs_out_of_memory_outside_a_batch_fails_its_item_retryab
         def apply(self, media, ctx):
             raise RuntimeError("index 7 is out of bounds")
 
+    item = MediaItem("x", "unread.mp4", 0)  # the filters here read nothing of it
     with pytest.raises(OutOfMemory, match="big: RuntimeError: .*can't allocate memory") as e:
-        WholeClipOnDevice("big", None).run(None, FilterContext("cpu", None))
+        WholeClipOnDevice("big", None).run(item, FilterContext("cpu", None))
     assert is_retryable(e.value) and "\n" not in str(e.value)
+
     class HostRefused(Filter):  # MemoryError() carries no message at all
         def apply(self, media, ctx):
             raise MemoryError()
 
     with pytest.raises(OutOfMemory, match="^host: MemoryError: $"):
-        HostRefused("host", None).run(None, FilterContext("cpu", None))
+        HostRefused("host", None).run(item, FilterContext("cpu", None))
     with pytest.raises(FilterError) as e:  # a bug stays a bug: not retried
-        Buggy("buggy", None).run(None, FilterContext("cpu", None))
+        Buggy("buggy", None).run(item, FilterContext("cpu", None))
     assert not is_retryable(e.value)
