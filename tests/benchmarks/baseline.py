@@ -37,11 +37,14 @@ def run_side(script: str, code: str, args: list[str], quiet: bool = False) -> di
             return json.load(f)
 
 
-def classifier_sides(doc: str, seconds: float, size: str) -> argparse.Namespace:
+def classifier_sides(doc: str, seconds: float, size: str, flags: dict[str, str] | None = None) -> argparse.Namespace:
     """The arguments of a benchmark of clip classifiers on a generated clip, side by side with a revision:
-    ``--seconds`` and ``--size`` of the clip, the models' ``--frames`` and ``--image-size``, ``--baseline``; and,
-    hidden, one side's (``--code``, ``--clip``, ``--models``, ``--json``: what ``run_side`` passes)."""
+    ``--seconds`` and ``--size`` of the clip, the models' ``--frames`` and ``--image-size``, ``--baseline``, the
+    benchmark's own ``flags`` (name: help); and, hidden, one side's (``--code``, ``--clip``, ``--models``,
+    ``--json``: what ``run_side`` passes)."""
     parser = argparse.ArgumentParser(description=doc)
+    for flag, text in (flags or {}).items():
+        parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("--seconds", type=float, default=seconds)
     parser.add_argument("--size", default=size)
     parser.add_argument("--frames", type=int, default=16, help="the models' frames per window")

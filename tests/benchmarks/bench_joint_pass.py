@@ -11,7 +11,7 @@ windows).
 The models are random narrow backbones of the given input shape (16 frames at 224 by default): their rows measure
 the passes, never a finding.
 
-Usage: python tests/benchmarks/bench_joint_pass.py --baseline REV [--seconds 420] [--size 1280x720]
+Usage: python tests/benchmarks/bench_joint_pass.py --baseline REV [--seconds 420] [--size 1280x720] [--grain]
 """
 
 from __future__ import annotations
@@ -66,6 +66,21 @@ def measure(code: str, clip: str, models: dict[str, str]) -> dict:
             "filter_s": seconds, "rows": rows}
 
 
+def film_clip(path: str, shots: tuple[tuple[str, float], ...], size: str) -> str:
+    """``shots`` joined by hard cuts, with moving grain over them and x264's veryfast preset: each frame costs its
+    decoder what a film's does (a flat test pattern at the ultrafast preset decodes several times faster)."""
+    import subprocess
+
+    args: list[str] = []
+    for source, seconds in shots:
+        args += ["-f", "lavfi", "-i", f"{source}=size={size}:rate=25:duration={seconds}"]
+    joined = "".join(f"[{k}:v]" for k in range(len(shots)))
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *args, "-filter_complex",
+                    f"{joined}concat=n={len(shots)}:v=1:a=0,noise=alls=12:allf=t+u[v]", "-map", "[v]", "-c:v",
+                    "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", path], check=True)
+    return path
+
+
 def agree(now: dict, before: dict) -> dict[str, bool]:
     """Per filter, whether its row agrees with the baseline's: the classifiers' windows (``same_windows``), the
     frames of the cuts, the static windows' verdicts."""
@@ -82,7 +97,9 @@ def main() -> int:
     sys.path.insert(0, ROOT)
     from tests.benchmarks.baseline import classifier_sides, one_side
 
-    args = classifier_sides(__doc__, 420.0, "1280x720")
+    args = classifier_sides(__doc__, 420.0, "1280x720", {"--grain": "grain over the shots, x264's veryfast preset "
+                                                                     "(B-frames, CABAC): a decode that costs what a "
+                                                                     "film's does, not a flat pattern's"})
     if one_side(args, measure):
         return 0
     from pipeline.media import synthetic
@@ -90,12 +107,16 @@ def main() -> int:
 
     shot_s = 7.3  # shots of several lengths: cuts that fall between samples and windows alike
     shots = tuple((SHOTS[k % len(SHOTS)], shot_s + (k % 3)) for k in range(int(args.seconds // (shot_s + 1))))
-    clip = synthetic.shots_clip(os.path.join(tempfile.mkdtemp(), "long.mp4"), shots, size=args.size)
+    clip = os.path.join(tempfile.mkdtemp(), "long.mp4")
+    if args.grain:
+        film_clip(clip, shots, args.size)
+    else:
+        synthetic.shots_clip(clip, shots, size=args.size)
     now, before = classifier_runs(__file__, args, clip, list(LAID))
     sides = {"one pass (now)": now, f"{args.baseline} (two passes)": before}
     print(f"\nstatic and scene_cuts (4 a second), vfx (4-s windows every 2 s) and rov (every 4 s, reversed), "
           f"{args.frames} frames at {args.image_size}, on {sum(s for _, s in shots):g} s of {args.size} at 25 fps, "
-          f"{len(shots)} shots (CPU, a process per row)")
+          f"{len(shots)} shots{' with grain (veryfast)' if args.grain else ' (ultrafast)'} (CPU, a process per row)")
     names = ["static", "scene_cuts", *LAID]
     print(f"{'side':<26}{'seconds':>9}{'peak GiB':>10}{'decodes':>9}{'frames':>8}"
           + "".join(f"{n + ' s':>14}" for n in names) + "  backend")
