@@ -220,6 +220,16 @@ def shots_clip(path: str, shots: tuple[tuple[str, float], ...], size: str = "320
     return path
 
 
+def rate_drop_clip(path: str, size: str = "160x120") -> str:
+    """A variable frame rate: a moving pattern, then bars, 150 frames; the first 50 at 25 fps (0-2 s), the rest at
+    10 fps (to 12 s), so that the cut to the bars, frame 75, plays at 4.5 s."""
+    _ffmpeg(["-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25:duration=3", "-f", "lavfi", "-i",
+             f"smptebars=size={size}:rate=25:duration=3", "-filter_complex",
+             "[0:v][1:v]concat=n=2:v=1[c];[c]setpts='if(lt(N,50),N/25,2+(N-50)/10)/TB'[v]", "-map", "[v]",
+             "-fps_mode", "vfr", "-c:v", "libx264", "-preset", "ultrafast", path])
+    return path
+
+
 PARAGRAPHS = [
     "Sieving a large corpus starts with knowing what is in it. Every clip is fetched, decoded once, and measured.",
     "Some recordings are long lectures. Others are short interviews, with pauses, breaths, and laughter between the "

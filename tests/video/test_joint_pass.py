@@ -26,8 +26,8 @@ LAID = {"vfx": {"window_s": 1.0, "stride_s": 0.5}, "rov": {"window_s": 1.0, "rev
 
 @pytest.fixture(scope="module")
 def films(tmp_path_factory):
-    """Six shots at 160x120 (cuts at frames 38, 53, 56, 86 and 111), the same at 320x240, and 4 s of a pattern whose
-    tail is cut off."""
+    """Six shots at 160x120 (cuts at frames 38, 53, 56, 86 and 111), the same at 320x240, 4 s of a pattern whose
+    tail is cut off, and 12 s whose frame rate falls from 25 to 10 at 2 s (its cut at frame 75, 4.5 s)."""
     d = tmp_path_factory.mktemp("joint")
     shots = (("testsrc2", 1.52), ("smptebars", 0.6), ("testsrc", 0.12), ("rgbtestsrc", 1.2), ("pal100bars", 1.0),
              ("yuvtestsrc", 1.56))
@@ -38,7 +38,8 @@ def films(tmp_path_factory):
     data = open(full, "rb").read()
     tail = str(d / "broken_tail.mp4")
     open(tail, "wb").write(data[: len(data) * 2 // 3])
-    return {"shots": small, "shots320": large, "broken_tail": tail}
+    vfr = synthetic.rate_drop_clip(str(d / "vfr.mp4"))  # the cut at frame 75, 4.5 s
+    return {"shots": small, "shots320": large, "broken_tail": tail, "vfr": vfr}
 
 
 def signal_filters():
@@ -75,13 +76,13 @@ def decodes(monkeypatch):
     return lambda item: sum(c is item for c in calls)
 
 
-@pytest.mark.parametrize("name", ["shots", "broken_tail"])
+@pytest.mark.parametrize("name", ["shots", "broken_tail", "vfr"])
 def test_signal_filters_and_classifiers_read_a_long_clip_in_one_pass(tmp_path, films, name, monkeypatch, decodes):
     """The scene cuts, the static filter and two classifiers, all past their caps on a 160x120 clip (the
     classifiers' 128 pixels on the short side take it at its size, as the signal filters do): one pass decodes the
     samples and the windows (before, a pass for the samples and one for the windows), a frame they share once;
     each row is the row the filter gets alone, in one group or in groups of 9 frames; a broken tail ends the
-    samples and the windows where it breaks, as alone."""
+    samples and the windows where it breaks, as alone; at a variable rate both are placed by time, as alone."""
     import pipeline.video.stream as stream
 
     signal, models = signal_filters(), classifiers(tmp_path, 128)
@@ -99,6 +100,9 @@ def test_signal_filters_and_classifiers_read_a_long_clip_in_one_pass(tmp_path, f
         assert [t["frame"] for t in rows[0]["transitions"]] == [38, 53, 56, 86, 111]
         assert together.frames_decoded == len(union) + samples.frames_decoded - len(sampled)
         assert len(rows[2]["windows"]) == 11 and len(rows[3]["windows"]) == 6
+    elif name == "vfr":
+        assert [(t["frame"], t["frame_exact"]) for t in rows[0]["transitions"]] == [(75, True)]
+        assert rows[2]["windows"][-1]["end_s"] == pytest.approx(12.0, abs=0.1)  # 50 frames at 25, 100 at 10
     else:
         assert 50 < meta.num_frames < 100 and 2 < len(rows[2]["windows"]) < 7  # 4 s would be 7
     monkeypatch.setattr(stream, "group_size", lambda w, h: 9)

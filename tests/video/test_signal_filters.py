@@ -782,11 +782,7 @@ def long_shots(tmp_path_factory):
     data = open(full, "rb").read()
     tail = str(d / "broken_tail.mp4")
     open(tail, "wb").write(data[: len(data) // 3])
-    vfr = str(d / "vfr.mp4")  # 3 s of a pattern at 25 fps, then bars at 10 fps: the cut at frame 75, 4.5 s
-    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=3", "-f", "lavfi", "-i",
-                       "smptebars=size=160x120:rate=25:duration=3", "-filter_complex",
-                       "[0:v][1:v]concat=n=2:v=1[c];[c]setpts='if(lt(N,50),N/25,2+(N-50)/10)/TB'[v]", "-map", "[v]",
-                       "-fps_mode", "vfr", "-c:v", "libx264", "-preset", "ultrafast", vfr])
+    vfr = synthetic.rate_drop_clip(str(d / "vfr.mp4"))  # the cut at frame 75, 4.5 s
     frozen = str(d / "frozen.mp4")  # frames 100-174 (4.0-7.0 s) hold frame 100, letterboxed
     synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=160x90:rate=25:duration=12", "-filter_complex",
                        "[0:v]split[a][b];[a][b]freezeframes=first=100:last=174:replace=100,pad=160:120:0:15:black[v]",
