@@ -8,9 +8,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import build_config, validate_config
+from pipeline.config import FilterSpec, VideoConfig, build_config, validate_config
 from pipeline.distributed import DistContext
 from pipeline.errors import OutputLockedError
+from pipeline.filters.base import FilterContext
 from pipeline.resume import OutputLease
 from pipeline.runner import run_rank
 from pipeline.status import format_status, job_status
@@ -574,3 +575,47 @@ def test_an_unreadable_committed_part_stops_the_run_before_any_work(tmp_path, me
     with pytest.raises(MediasieveError, match="cannot read the committed output"):
         _run(raw)
     assert not (tmp_path / "out" / "_lease.json").exists()  # released: fix the file and rerun
+
+
+def test_a_clip_the_signal_filters_and_classifiers_read_through_is_one_pass_in_the_job(tmp_path):
+    """A job over a clip past every cap (the samples at 4 a second, two classifiers' windows): its row holds the
+    cuts and both classifiers' windows, it decoded one pass (the frames of its samples and windows, once, and those
+    that place the cuts), and ``filter_s`` has each filter's own seconds: the second classifier's model time is in
+    its own entry, not in the first's nor in the static filter's, which read the pass."""
+    from pipeline.filters import build_filters, frame_requests_of
+    from pipeline.media import synthetic
+    from pipeline.media.item import MediaItem
+    from pipeline.video.decoders import available_backends
+    from tests.video.test_clip_classifier import make_filters
+    from tests.video.tiny_models import tiny_videomae
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    synthetic.shots_clip(str(corpus / "film.mp4"), (("testsrc2", 1.52), ("smptebars", 0.6), ("testsrc", 0.12),
+                                                    ("rgbtestsrc", 1.2), ("pal100bars", 1.0), ("yuvtestsrc", 1.56)),
+                         size="160x120")
+    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "film", "video_path": "film.mp4"}])
+    laid = {"vfx": {"window_s": 1.0, "stride_s": 0.5}, "rov": {"window_s": 1.0, "reversed_windows": True}}
+    classifiers = {name: {"type": "clip_classifier", "whole_clip": False, "max_windows": 2, **spec,
+                          "model_uri": tiny_videomae(str(tmp_path / name), seed=k, image_size=128)}
+                   for k, (name, spec) in enumerate(laid.items())}
+    signal = {"static": {"max_frames": 3}, "scene_cuts": {"max_frames": 3}}
+    raw = base_config(manifest, str(corpus), str(tmp_path / "out"), str(tmp_path / "cache"),
+                      filters={"probe": {}, **signal, **classifiers})
+    assert _run(raw).summary["this_run"]["succeeded"] == 1
+    (row,) = _rows(str(tmp_path / "out"))
+    assert [t["frame"] for t in row["scene_cuts"]["transitions"]] == [38, 53, 56, 86, 111]
+    assert len(row["vfx"]["windows"]) == 11 and len(row["rov"]["reversed_windows"]) == 6
+    apart = []  # the frames of the signal filters' pass and of the classifiers', each read alone
+    for filters in (build_filters(tuple(FilterSpec(n, n, True, p) for n, p in signal.items())),
+                    make_filters(tmp_path, {n: {k: v for k, v in spec.items() if k != "type"}
+                                            for n, spec in classifiers.items()})):
+        item = MediaItem("x", str(corpus / "film.mp4"), 0, frame_requests_of(filters), VideoConfig(),
+                         available_backends(("decord", "torchcodec", "pyav")))
+        for f in filters:
+            f.apply(item, FilterContext("cpu", None))
+        apart.append(item.frames_decoded)
+    assert max(apart) < row["result_info"]["frames_decoded"] < sum(apart)  # the frames two of them share: once
+    seconds = dict(row["result_info"]["filter_s"])
+    assert all(seconds[n] > 0 for n in ("static", "scene_cuts", "vfx"))
+    assert seconds["rov"] > 0.2 * seconds["vfx"]  # its 12 clips (6 reversed) against vfx's 11; before, about 0
