@@ -185,7 +185,7 @@ class DecodedVideo:
         return frame_times(v.indices(request, window), v.meta.fps, v.meta.timestamps)
 
 
-def decode_size(width: int, height: int, max_side: int | None, pixel_aspect: float = 1.0) -> tuple[int, int]:
+def _decode_size(width: int, height: int, max_side: int | None, pixel_aspect: float = 1.0) -> tuple[int, int]:
     """The ``(w, h)`` frames are decoded at: square pixels (``square_pixels``), then at most ``max_side`` long."""
     w, h = square_pixels(width, height, pixel_aspect)
     if max_side and max(w, h) > max_side:
@@ -1099,7 +1099,7 @@ def _passes(requests: list[FrameRequest], meta: VideoMeta, offset: float, max_si
     and the others one at the decode size (``VideoConfig.reduced_pass_bytes`` has the figures). The second pass
     decodes again the frames near those of the first (a seek lands on a keyframe), which is why short clips keep
     one pass."""
-    size = decode_size(meta.width, meta.height, max_side, pixel_aspect)
+    size = _decode_size(meta.width, meta.height, max_side, pixel_aspect)
     plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
     need = {r: _size_needed(r, size) for r in requests}
     small = [r for r in requests if need[r] is not None and max(need[r]) < max(size)]
@@ -1117,7 +1117,7 @@ def _size_needed(request: FrameRequest, size: tuple[int, int]) -> tuple[int, int
     model's resize of the short side makes of ``size`` (``clips_to_input``: the same geometry, so its centre crop is
     the same pixels)."""
     if request.max_side is not None:
-        return decode_size(*size, request.max_side)
+        return _decode_size(*size, request.max_side)
     if request.short_side is not None:
         w, h = size
         scale = request.short_side / min(w, h)

@@ -323,15 +323,7 @@ def read_pass(media: MediaItem, streams: list, device: str) -> tuple[dict, dict]
 def _feed_rate(readers: _Readers, streams: list[Stream], frames: torch.Tensor, indices: list[int], more,
                device: str) -> None:
     """One group's samples of a rate (``frames`` at stream ``indices``, of the decode ``more``) to the readers of
-    it that read on: first brought down to the largest ``max_side`` among those readers where they were decoded
-    larger (among the windows of a joint pass: 398x224 to 256x144, antialiased, ``resize_frames``; what their own
-    pass gave them, and 2.4x fewer pixels for their measures and lumas to hold), then each strided to its
-    ``max_side``, the luma computed once per stride."""
-    from pipeline.video.decoders import decode_size, resize_frames
-
-    side = max((s.max_side for s in streams if s in readers.readings), default=0)
-    if side and max(frames.shape[1:3]) > side:
-        frames = resize_frames(frames, decode_size(frames.shape[2], frames.shape[1], side))
+    it that read on, each strided to its ``max_side``, the luma computed once per stride."""
     at = (frame_times(np.asarray(indices, dtype=np.int64), more.meta.fps, more.meta.timestamps)
           + more.start_s).tolist()
     lumas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by stride: each reader's frames and luma

@@ -116,10 +116,9 @@ def read_frames(path: str, filters: list) -> int:
 
 
 def test_signal_samples_among_larger_windows_find_the_same(tmp_path, films, decodes):
-    """Classifiers taking 224 pixels on the short side of a 320x240 clip: the pass decodes at 299x224, and the
-    signal filters' samples are brought down to 256x192 in torch (where their own pass had the decoder's scaler make
-    them from the source): the same cuts, the same static windows, the motion within 5%; the classifiers' rows are
-    their rows alone."""
+    """Classifiers taking 224 pixels on the short side of a 320x240 clip: the pass decodes at 299x224 and the
+    signal filters read those frames (at the long side of at least 256 they asked for) instead of their own pass's
+    256x192: the same cuts, the same static windows; the classifiers' rows are their rows alone."""
     signal, models = signal_filters(), classifiers(tmp_path, 224)
     rows, together = read(films["shots320"], signal + models)
     cuts, still = (read(films["shots320"], [f])[0][0] for f in signal)
