@@ -1093,7 +1093,7 @@ def _passes(requests: list[FrameRequest], meta: VideoMeta, offset: float, max_si
             reduced_pass_bytes: int | None,
             pixel_aspect: float = 1.0) -> list[tuple[list[FrameRequest], FramePlan, tuple[int, int]]]:
     """How the requests are decoded: ``(requests, plan, size)`` per pass. One pass at the decode size, unless it
-    would decode more than ``reduced_pass_bytes`` and some requests need fewer pixels (``_size_needed``: the
+    would decode more than ``reduced_pass_bytes`` and some requests need fewer pixels (``size_needed``: the
     frame-difference and histogram filters sample 4 frames a second at a long side of 256 or less, a classifier
     resizes to its model's short side). Those then get a pass of their own at the largest size one of them needs,
     and the others one at the decode size (``VideoConfig.reduced_pass_bytes`` has the figures). The second pass
@@ -1101,7 +1101,7 @@ def _passes(requests: list[FrameRequest], meta: VideoMeta, offset: float, max_si
     one pass."""
     size = _decode_size(meta.width, meta.height, max_side, pixel_aspect)
     plan = make_plan(requests, meta.num_frames, meta.fps, meta.timestamps, offset)
-    need = {r: _size_needed(r, size) for r in requests}
+    need = {r: size_needed(r, size) for r in requests}
     small = [r for r in requests if need[r] is not None and max(need[r]) < max(size)]
     full = [r for r in requests if r not in small]
     if (reduced_pass_bytes is None or not small
@@ -1112,7 +1112,7 @@ def _passes(requests: list[FrameRequest], meta: VideoMeta, offset: float, max_si
     return passes + [(small, make_plan(small, meta.num_frames, meta.fps, meta.timestamps, offset), side)]
 
 
-def _size_needed(request: FrameRequest, size: tuple[int, int]) -> tuple[int, int] | None:
+def size_needed(request: FrameRequest, size: tuple[int, int]) -> tuple[int, int] | None:
     """The ``(w, h)`` a request's frames need, from frames of ``size``; None: that size. For a ``short_side``, what a
     model's resize of the short side makes of ``size`` (``clips_to_input``: the same geometry, so its centre crop is
     the same pixels)."""

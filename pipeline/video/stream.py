@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DecodeError, ItemError, ItemTimeout, MediasieveError, ShutdownError
+from pipeline.video.decoders import size_needed
 from pipeline.video.preprocess import ClipViews, luma
 from pipeline.video.sampling import (
     AtFps,
@@ -202,15 +203,11 @@ def _decode_group(media: MediaItem, group: Frames, num_frames: int, purpose: str
                       f"failed: {e}") from e
 
 
-def _long_side(size: tuple[int, int], max_side: int | None, short_side: int | None) -> int:
-    """The long side of frames decoded from ``size`` (the item's decode size) for a request with ``max_side`` or
-    ``short_side`` (never larger than ``size``: a request is not decoded larger than the item)."""
-    long, short = max(size), max(1, min(size))
-    if max_side is not None:
-        return min(long, max_side)
-    if short_side is not None:
-        return min(long, max(short_side, round(long * short_side / short)))
-    return long
+def _long_side(size: tuple[int, int], request) -> int:
+    """The long side of the frames of ``request`` (one with a ``max_side`` or a ``short_side``) decoded from an item
+    decoded at ``size`` (``size_needed``; a request is never decoded larger than the item)."""
+    need = size_needed(request, size)
+    return min(max(size), max(need)) if need else max(size)
 
 
 def passes(streams: list, size: tuple[int, int]) -> list[list]:
@@ -220,11 +217,13 @@ def passes(streams: list, size: tuple[int, int]) -> list[list]:
     a film the signal filters and the classifiers read all through is decoded once for them. Windows too small for
     the rates (a classifier taking 112 pixels) leave the rates a pass of their own, as before."""
     rates = [s for s in streams if isinstance(s, Stream)]
-    keys = list(dict.fromkeys(s.pass_key for s in streams if isinstance(s, WindowStream)))
-    need = max((s.max_side for s in rates), default=0)
-    joint = next((k for k in keys if rates and _long_side(size, k[1], k[0]) >= _long_side(size, need, None)), None)
-    out = [(rates if k == joint else []) + [s for s in streams if isinstance(s, WindowStream) and s.pass_key == k]
-           for k in keys]
+    by_key: dict[tuple, list[WindowStream]] = {}
+    for s in streams:
+        if isinstance(s, WindowStream):
+            by_key.setdefault(s.pass_key, []).append(s)
+    need = _long_side(size, Frames((), max_side=max(s.max_side for s in rates))) if rates else 0
+    joint = next((k for k, w in by_key.items() if rates and _long_side(size, w[0].request) >= need), None)
+    out = [(rates if k == joint else []) + w for k, w in by_key.items()]
     return out + ([rates] if rates and joint is None else [])
 
 
@@ -283,6 +282,7 @@ def read_pass(media: MediaItem, streams: list, device: str) -> tuple[dict, dict]
         sized = {"max_side": requests[0].max_side, "short_side": requests[0].short_side}
     else:
         sized = {"max_side": max(s.max_side for s in streams)}
+    of_rate = {f: [s for s in streams if isinstance(s, Stream) and s.fps == f] for f in rates}
     readers = _Readers(streams, device)
     named = _readers(streams)
     for a, b in window_groups([frames_of(u) for u in units], group_size(meta.width, meta.height)):
@@ -299,8 +299,8 @@ def read_pass(media: MediaItem, streams: list, device: str) -> tuple[dict, dict]
             got = list(itertools.takewhile(where.__contains__, mine))
             complete = complete and len(got) == len(mine)
             if got:
-                _feed_rate(readers, [s for s in streams if isinstance(s, Stream) and s.fps == f],
-                           frames[torch.tensor([where[i] for i in got])].to(device), got, more, device)
+                _feed_rate(readers, of_rate[f], frames[torch.tensor([where[i] for i in got])].to(device), got, more,
+                           device)
         end = math.inf  # a broken tail: the clip (and its windows, as the item's decode gives them) ends there
         if more.meta.num_frames < meta.num_frames:
             end = clip_duration(more.meta.num_frames, more.meta.fps, more.meta.timestamps) + 1e-6
