@@ -66,21 +66,6 @@ def measure(code: str, clip: str, models: dict[str, str]) -> dict:
             "filter_s": seconds, "rows": rows}
 
 
-def film_clip(path: str, shots: tuple[tuple[str, float], ...], size: str) -> str:
-    """``shots`` joined by hard cuts, with moving grain over them and x264's veryfast preset: each frame costs its
-    decoder what a film's does (a flat test pattern at the ultrafast preset decodes several times faster)."""
-    import subprocess
-
-    args: list[str] = []
-    for source, seconds in shots:
-        args += ["-f", "lavfi", "-i", f"{source}=size={size}:rate=25:duration={seconds}"]
-    joined = "".join(f"[{k}:v]" for k in range(len(shots)))
-    subprocess.run(["ffmpeg", "-v", "error", "-y", *args, "-filter_complex",
-                    f"{joined}concat=n={len(shots)}:v=1:a=0,noise=alls=12:allf=t+u[v]", "-map", "[v]", "-c:v",
-                    "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", path], check=True)
-    return path
-
-
 def agree(now: dict, before: dict) -> dict[str, bool]:
     """Per filter, whether its row agrees with the baseline's: the classifiers' windows (``same_windows``), the
     frames of the cuts, the static windows' verdicts."""
@@ -107,11 +92,8 @@ def main() -> int:
 
     shot_s = 7.3  # shots of several lengths: cuts that fall between samples and windows alike
     shots = tuple((SHOTS[k % len(SHOTS)], shot_s + (k % 3)) for k in range(int(args.seconds // (shot_s + 1))))
-    clip = os.path.join(tempfile.mkdtemp(), "long.mp4")
-    if args.grain:
-        film_clip(clip, shots, args.size)
-    else:
-        synthetic.shots_clip(clip, shots, size=args.size)
+    clip = synthetic.shots_clip(os.path.join(tempfile.mkdtemp(), "long.mp4"), shots, size=args.size,
+                                **({"grain": 12, "preset": "veryfast"} if args.grain else {}))
     now, before = classifier_runs(__file__, args, clip, list(LAID))
     sides = {"one pass (now)": now, f"{args.baseline} (two passes)": before}
     print(f"\nstatic and scene_cuts (4 a second), vfx (4-s windows every 2 s) and rov (every 4 s, reversed), "

@@ -591,9 +591,7 @@ def test_a_clip_the_signal_filters_and_classifiers_read_through_is_one_pass_in_t
 
     corpus = tmp_path / "c"
     corpus.mkdir()
-    synthetic.shots_clip(str(corpus / "film.mp4"), (("testsrc2", 1.52), ("smptebars", 0.6), ("testsrc", 0.12),
-                                                    ("rgbtestsrc", 1.2), ("pal100bars", 1.0), ("yuvtestsrc", 1.56)),
-                         size="160x120")
+    synthetic.shots_clip(str(corpus / "film.mp4"), synthetic.SIX_SHOTS, size="160x120")
     manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "film", "video_path": "film.mp4"}])
     laid = {"vfx": {"window_s": 1.0, "stride_s": 0.5}, "rov": {"window_s": 1.0, "reversed_windows": True}}
     classifiers = {name: {"type": "clip_classifier", "whole_clip": False, "max_windows": 2, **spec,

@@ -29,10 +29,8 @@ def films(tmp_path_factory):
     """Six shots at 160x120 (cuts at frames 38, 53, 56, 86 and 111), the same at 320x240, 4 s of a pattern whose
     tail is cut off, and 12 s whose frame rate falls from 25 to 10 at 2 s (its cut at frame 75, 4.5 s)."""
     d = tmp_path_factory.mktemp("joint")
-    shots = (("testsrc2", 1.52), ("smptebars", 0.6), ("testsrc", 0.12), ("rgbtestsrc", 1.2), ("pal100bars", 1.0),
-             ("yuvtestsrc", 1.56))
-    small = synthetic.shots_clip(str(d / "shots.mp4"), shots, size="160x120")
-    large = synthetic.shots_clip(str(d / "shots320.mp4"), shots, size="320x240")
+    small = synthetic.shots_clip(str(d / "shots.mp4"), synthetic.SIX_SHOTS, size="160x120")
+    large = synthetic.shots_clip(str(d / "shots320.mp4"), synthetic.SIX_SHOTS, size="320x240")
     full = synthetic.lavfi_clip(str(d / "fs.mp4"), "testsrc2=size=160x120:rate=25", 4.0,
                                 extra=("-movflags", "+faststart"))
     data = open(full, "rb").read()

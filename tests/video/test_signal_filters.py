@@ -774,9 +774,7 @@ def long_shots(tmp_path_factory):
     """Six shots at 160x120 (the samples' size: the item's decode and the filter's own give the same pixels), cuts
     at frames 38, 53, 56, 86 and 111; and a copy whose tail is cut off."""
     d = tmp_path_factory.mktemp("long")
-    path = synthetic.shots_clip(str(d / "shots.mp4"), (("testsrc2", 1.52), ("smptebars", 0.6), ("testsrc", 0.12),
-                                                       ("rgbtestsrc", 1.2), ("pal100bars", 1.0),
-                                                       ("yuvtestsrc", 1.56)), size="160x120")
+    path = synthetic.shots_clip(str(d / "shots.mp4"), synthetic.SIX_SHOTS, size="160x120")
     full = synthetic.lavfi_clip(str(d / "fs.mp4"), "testsrc2=size=160x120:rate=25", 4.0,
                                 extra=("-movflags", "+faststart"))
     data = open(full, "rb").read()
