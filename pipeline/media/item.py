@@ -143,16 +143,18 @@ class MediaItem:
 
         video = self.video()
         crop = video.crop_source
+
+        def stale(r) -> bool:  # no result of ``r`` yet, or one read under another crop
+            kept = self._streamed.get((r, device))
+            return kept is None or kept[0] != crop
+
         with self._stream_lock:
-            got = self._streamed.get((request, device))
-            if got is None or got[0] != crop:
+            if stale(request):
                 size = (int(video.frames.shape[2]), int(video.frames.shape[1]))
                 streams = [r for r in dict.fromkeys([*self.frame_requests, request])
                            if isinstance(r, (Stream, WindowStream))]
                 same = [r for r in next(p for p in passes(streams, size) if request in p)
-                        if r == request or ((r, device) not in self._served
-                                            and ((r, device) not in self._streamed
-                                                 or self._streamed[r, device][0] != crop))]
+                        if r == request or ((r, device) not in self._served and stale(r))]
                 if any((r, device) in self._streamed for r in same):  # read again (cropped): say so, it costs a pass
                     log.info("item %s: a crop set after its pass was read (the clip read all through for %s); read "
                              "again, cropped", self.item_id, ", ".join(dict.fromkeys(r.reader.what for r in same)))
@@ -163,11 +165,11 @@ class MediaItem:
                 self._streamed.update(((r, device), (crop, out)) for r, out in read.items())
                 for r, t in seconds.items():
                     self._stream_s[r] = self._stream_s.get(r, 0.0) + t
-                got = self._streamed[request, device]
+            out = self._streamed[request, device][1]
             self._served.add((request, device))
-        if isinstance(got[1], Exception):
-            raise got[1]
-        return got[1]
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     def claim_seconds(self, mine: list, before: set) -> float:
         """Seconds to add to a filter's own (``Filter.run``) for the passes read in its run or before it: its
