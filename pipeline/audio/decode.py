@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.errors import DecodeError, ItemTimeout
 from pipeline.media import damage
+from pipeline.media.chunks import ChunkClock
 from pipeline.media.probe import (
     DISCONTINUITY_S,
     cut_short_by_duration,
@@ -78,14 +80,19 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         placed, spans = 0, []  # the bad packets whose silence is placed; the seconds that silence spans
         claimed = container.duration / av.time_base if container.duration else None  # where the file says it ends
         origin = container.start_time / av.time_base if container.start_time is not None else 0.0
-        header, seen = int(stream.frames or 0), [0]  # the packets the header lists (MP4), and those that demux
+        clock = ChunkClock.of(container, stream)  # an AVI's index: each packet's time, and every chunk
+        # the packets the header lists (MP4; an AVI's index: its header counts PCM's samples), and those that demux
+        header, seen = (clock.with_data() if clock is not None else int(stream.frames or 0)), [0]
         stated = stated_duration(container)  # where the header states the end (FFmpeg gives a WAV what it holds)
         claimed = max(claimed or 0.0, stated) if stated is not None else claimed
         broke = False
         try:
-            for frame in _frames(container, stream, seen):
+            for frame in _frames(container, stream, seen, clock):
                 if isinstance(frame, av.error.FFmpegError):
                     bad, failed = bad + 1, frame
+                    continue
+                if isinstance(frame, ChunksLost):  # an AVI's chunks passed over: the next frame's time says where
+                    bad += frame.count
                     continue
                 if given_up is not None and given_up.is_set():
                     raise ItemTimeout("the item was given up (runtime.item_timeout_s) while its audio decoded")
@@ -168,7 +175,15 @@ instead (MP3: the audio after 6 s lost in a 5-minute file came 6 s early), so th
 bytes, where the stream has a constant bit rate (``_frames``)."""
 
 
-def _frames(container, stream, seen: list[int] | None = None):
+@dataclass(frozen=True)
+class ChunksLost:
+    """``count`` chunks of an AVI's audio that the demuxer passed over in a corrupt stretch (``chunks.ChunkClock``):
+    lost packets, whose time the next frame's timestamp (the file's index's) leaves as a gap to fill with silence."""
+
+    count: int
+
+
+def _frames(container, stream, seen: list[int] | None = None, clock: ChunkClock | None = None):
     """The stream's frames, a packet at a time; a packet that does not decode (a corrupt stretch: a bad sector, a
     damaged download) yields its error and the decode goes on, where ``container.decode`` would end at it, and
     ``decode_audio`` fills the time it held with silence (as it fills a gap in the timestamps), so that speech after
@@ -178,13 +193,25 @@ def _frames(container, stream, seen: list[int] | None = None):
     times a packet by counting the ones before it, so the frames after would come early by the time lost: there the
     stretch is passed over only at a constant bit rate (every packet decoded so far of one size, give or take a
     padding byte), where its bytes say how long it was (an MP3's zeroed stretch arrives as one packet of all its
-    bytes), and the frames after it are moved by that; at a variable rate the audio still ends at the stretch."""
+    bytes), and the frames after it are moved by that; at a variable rate the audio still ends at the stretch.
+
+    An AVI's packets are timed by the file's index (``chunks.ChunkClock``), which also says how many chunks the
+    demuxer passed over in a stretch without an error (``ChunksLost``): there the frames after a stretch carry their
+    own times, as in a timed container. Before, the audio after a zeroed stretch came early by the time it held.
+    ``clock``: the stream's (``ChunkClock.of``), for a pass of its own."""
     import av
 
-    timed = any(name in container.format.name.split(",") for name in TIMED_CONTAINERS)
+    clock = clock.fresh() if clock is not None else None
+    named = any(name in container.format.name.split(",") for name in TIMED_CONTAINERS)
     good_bytes = good_ticks = failed_bytes = offset = 0  # raw streams: what decoded so far, in bytes and ticks
     smallest, largest, end = None, None, None
     for packet in container.demux(stream):
+        passed = clock.place(packet) if clock is not None else 0
+        if passed:
+            if seen is not None:
+                seen[0] += passed  # lost in the middle, not a tail cut short: the header lists them
+            yield ChunksLost(passed)
+        timed = named or (clock is not None and not clock.stopped)
         if seen is not None and packet.size:
             seen[0] += 1  # every packet with data, decodable or not
         try:

@@ -27,7 +27,9 @@ class ItemDamage:
     """What one item's decodes found lost in corrupt stretches, for its row.
 
     Video frames are kept by their places in the clip (``[a, b)`` ranges), so a frame that two decodes of the item
-    lose (the first pass and a second one at a reduced size, a scene cut placed at its frame) counts once. Audio
+    lose (the first pass and a second one at a reduced size, a scene cut placed at its frame) counts once; frames
+    that are not places of the clip (an AVI's chunks the demuxer passed over, ``chunks.ChunkClock``) are kept by
+    their own numbering (the index's entries), apart. Audio
     packets are the most that one decode of the item passed over (each decode of the same stream meets the same
     packets). A decode that does not reach a stretch (frames sampled either side of it) does not see it: the counts
     are what the item's decodes met, not a scan of the file.
@@ -35,17 +37,18 @@ class ItemDamage:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._video: list[tuple[int, int]] = []
+        self._video: dict[str, list[tuple[int, int]]] = {}
         self._audio: int | None = None
         self._spans: dict[str, list[tuple[float, float]]] = {"video": [], "audio": []}
 
-    def add_video(self, frames: Iterable[tuple[int, int]], spans: Iterable[tuple[float, float]] = ()) -> None:
+    def add_video(self, frames: Iterable[tuple[int, int]], spans: Iterable[tuple[float, float]] = (),
+                  numbering: str = "places") -> None:
         """Video frames a decode of the item lost (``[a, b)`` ranges of their places: held in a corrupt stretch, or
-        past a broken tail), and their spans in seconds on the file's timeline (a stretch's from its first frame
-        held to the next keyframe, the frames between decoding from damaged references; a broken tail's to the end
-        the container gives)."""
+        past a broken tail; or of another ``numbering``), and their spans in seconds on the file's timeline (a
+        stretch's from its first frame held to the next keyframe, the frames between decoding from damaged
+        references; a broken tail's to the end the container gives)."""
         with self._lock:
-            self._video += frames
+            self._video.setdefault(numbering, []).extend(frames)
             self._spans["video"] += spans
 
     def add_audio(self, packets: int, spans: Iterable[tuple[float, float]] = ()) -> None:
@@ -68,7 +71,7 @@ class ItemDamage:
     def video_frames_lost(self) -> int:
         """Distinct video frames lost in the item's decodes."""
         with self._lock:
-            return sum(b - a for a, b in _merged(self._video))
+            return sum(b - a for found in self._video.values() for a, b in _merged(found))
 
     @property
     def audio_packets_lost(self) -> int | None:
@@ -105,15 +108,17 @@ def record(kind: str, n: int) -> None:
         _COUNTS[kind] += n
 
 
-def video_lost(frames: list[tuple[int, int]], spans: list[tuple[float, float]] = (), held: bool = True) -> None:
-    """Frames (``[a, b)`` ranges of their places) that a video decode lost, and their spans (seconds on the file's
-    timeline): kept in the item's tally where the thread works on an item, and, where they were ``held`` in a
-    corrupt stretch decoded past (not cut off by a broken tail), counted for the process's ``corrupt_media``."""
+def video_lost(frames: list[tuple[int, int]], spans: list[tuple[float, float]] = (), held: bool = True,
+               numbering: str = "places") -> None:
+    """Frames (``[a, b)`` ranges of their places, or of another ``numbering``: ``ItemDamage``) that a video decode
+    lost, and their spans (seconds on the file's timeline): kept in the item's tally where the thread works on an
+    item, and, where they were ``held`` in a corrupt stretch decoded past (not cut off by a broken tail), counted
+    for the process's ``corrupt_media``."""
     if held:
         record("video_frames_lost", sum(b - a for a, b in frames))
     tally = current_damage.get()
     if tally is not None:
-        tally.add_video(frames, spans)
+        tally.add_video(frames, spans, numbering)
 
 
 def audio_decoded(packets_lost: int, spans: list[tuple[float, float]] = ()) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from pipeline.errors import DecodeError, DecodeTimeout, ItemTimeout
 from pipeline.media import damage
+from pipeline.media.chunks import ChunkClock
 from pipeline.media.probe import (
     ASF_HEADER,
     DISCONTINUITY_S,
@@ -53,6 +54,12 @@ class VideoMeta:
     ``num_frames`` does not count; 0 where none are missing or the backend cannot tell."""
     claimed_s: float | None = None
     """With ``lost_tail``: seconds from the first frame to the end the header gives."""
+    lost_chunks: tuple[tuple[int, int], ...] = ()
+    """``[a, b)`` ranges of an AVI's index entries (chunks with data) that the demuxer passed over in a corrupt
+    stretch (``chunks.ChunkClock``): frames lost in the middle of the clip, which ``num_frames`` does not count (the
+    frames after them keep their times)."""
+    chunk_spans: tuple[tuple[float, float], ...] = ()
+    """With ``lost_chunks``: the seconds from the first frame that each run of them spoils, to the next keyframe."""
 
     def truncated(self, n: int) -> VideoMeta:
         ts = self.timestamps[:n] if self.timestamps is not None else None
@@ -411,7 +418,7 @@ class PyAVBackend:
             n = index.count
         ts = index.timestamps() if index is not None else None
         return VideoMeta(n, rate, width, height, ts if ts is not None and len(ts) == n else None,
-                         *_lost_tail(header, index, stated_s, rate))
+                         *_lost_tail(header, index, stated_s, rate), *(index.lost_chunks() if index else ((), ())))
 
     def decode(self, path: str, indices: list[int], size: tuple[int, int], device: str, resize: bool,
                stop: threading.Event | None = None, prepare: Prepare | None = None) -> torch.Tensor:
@@ -476,13 +483,13 @@ class PyAVBackend:
                     # the last keyframe at or before the target (-1: none is shown before it; decode from the start)
                     k, key_dts = index_of.keyframe_at_or_before(target)
                     if frames is None and k < SEEK_MIN_SKIP:  # near the start (or no keyframe shown before it)
-                        frames = _from_start(c.decode(stream), index_of)
+                        frames = _from_start(_decoded(c, stream, index_of), index_of)
                     elif k - pos - 1 >= SEEK_MIN_SKIP:  # a keyframe well past what is decoded: seeking skips frames
                         key_pts = int(index_of.pts[k])
                         tries = [key_dts, key_dts - step, key_dts - 4 * step, key_dts - 16 * step]
                         for n, at in enumerate(tries if by_dts else [key_pts, *tries]):
                             c.seek(at, stream=stream, backward=True, any_frame=False)
-                            frames = _from_keyframe(c.decode(stream), index_of)
+                            frames = _from_keyframe(_decoded(c, stream, index_of), index_of)
                             first = next(frames, None)
                             if first is not None and first[0] <= target:
                                 frames = itertools.chain([first], frames)
@@ -512,7 +519,10 @@ class PyAVBackend:
         (``index_of``, agreeing with their places so far), the first frame that decodes after them is placed by its
         timestamp, and the frames lost between are the frame shown before them (as a player holds it), a warning
         saying how many; where nothing decodes after them, or nothing can place what does, the clip ends there
-        (a broken tail: ``TruncatedVideo``). Before, a corrupt second in the middle of a film ended it there.
+        (a broken tail: ``TruncatedVideo``). Before, a corrupt second in the middle of a film ended it there. Until
+        the next keyframe after a stretch (packets that did not decode, or an AVI's chunks the demuxer passed over),
+        a frame the decoder drops for a lost reference (a B-frame) is held the same way, its place named by the
+        timestamp of the frame after it (placed by count, every frame after it came one place early).
 
         ``start``: a keyframe to seek to and decode from (where the seeking decode met a corrupt stretch, whose
         timestamps it had found sound), its frames placed by their timestamps; ``_SeekMiss`` where the seek lands
@@ -527,17 +537,21 @@ class PyAVBackend:
         bad, lost, concealed = 0, [], 0  # packets that did not decode, the [a, b) places of the frames they held
         spans: list[tuple[float, float]] = []  # seconds from the first frame that the stretches spoil
         landed = not start  # after a seek: the first keyframe decoded has not yet given its place
+        recovering = False  # since a corrupt stretch, until a keyframe: the decoder may drop frames
+        clock = index_of.chunks.fresh() if index_of is not None and index_of.chunks is not None else None
         with _open(path, hw) as c:
             stream = _decoding_stream(c, hw)
             if start:
                 c.seek(int(index_of.pts[start]), stream=stream, backward=True, any_frame=False)
             for packet in c.demux(stream):
+                if clock is not None and clock.place(packet):  # chunks passed over (``_placed``)
+                    recovering = True
                 try:
                     frames = packet.decode()
                 except av.error.FFmpegError as e:
                     if hw is not None:  # NVDEC failing is not a corrupt stretch: the CPU decode will tell
                         raise
-                    failed, bad = e, bad + 1
+                    failed, bad, recovering = e, bad + 1, True
                     continue
                 for frame in frames:
                     _check(stop)
@@ -548,24 +562,26 @@ class PyAVBackend:
                         if j > min(wanted):
                             raise _SeekMiss(f"the seek to frame {start} landed at frame {j}")
                         i, landed, failed = j - 1, True, None
-                    if failed is not None:  # the first frame after packets that did not decode
-                        j = index_of.get(frame.pts) if agrees else None
-                        if j is None or j <= i:
-                            break  # nothing places it: the clip ends at the error (below)
+                    # the first frame after packets that did not decode, or one after frames the decoder dropped
+                    j = index_of.get(frame.pts) if agrees and (failed is not None or recovering) else None
+                    if failed is not None and (j is None or j <= i):
+                        break  # nothing places it: the clip ends at the error (below)
+                    if j is not None and j > i + 1:
                         for k in range(i + 1, j):  # the frames lost in between: the frame shown before them
                             if k in wanted:
                                 got[k] = _upright_rgb(prev if prev is not None else frame, size, prepare)
                                 concealed += 1
-                        if j > i + 1:
-                            lost.append((i + 1, j))
-                            spans.append(index_of.damaged_span(i + 1, j))
-                        i, failed = j - 1, None
+                        lost.append((i + 1, j))
+                        spans.append(index_of.damaged_span(i + 1, j))
+                        i = j - 1
+                    failed = None
                     i += 1
                     if agrees and index_of.get(frame.pts) != i:
                         agrees = False  # an edit list or a stream the timestamps cannot name: places by count only
                     if i in wanted:
                         got[i] = _upright_rgb(frame, size, prepare)
                     prev = frame
+                    recovering = recovering and not frame.key_frame
                     if i >= last:
                         break
                 if i >= last or (failed is not None and frames):
@@ -579,14 +595,30 @@ class PyAVBackend:
         if lost:
             offset = timeline_offset(path)  # the rows' times are on the file's timeline
             damage.video_lost(lost, [(a + offset, b + offset) for a, b in spans])
-            log.warning("pyav: %d packets of %s did not decode: %d frames lost in the middle of the clip, the %d of "
-                        "them asked for are the frame shown before them", bad, damage.where(path),
-                        sum(b - a for a, b in lost), concealed)
+            why = f"{bad} packets of %s did not decode" if bad else "the decoder dropped frames of %s after a stretch"
+            log.warning("pyav: " + why + ": %d frames lost in the middle of the clip, the %d of them asked for are the "
+                        "frame shown before them", damage.where(path), sum(b - a for a, b in lost), concealed)
         if not got:
             raise DecodeError("no frame decoded")
         if len(got) < len(wanted):
             raise TruncatedVideo(i + 1 if i < last else max(got) + 1)
         return torch.from_numpy(np.stack([got[i] for i in indices]))
+
+
+def _placed(container, stream, index_of: _FrameIndex | None):
+    """``container.demux(stream)``, each packet of an AVI timed by the file's index as ``index_of``'s were
+    (``chunks.ChunkClock``: after a corrupt stretch the demuxer's count would time every packet early)."""
+    clock = index_of.chunks.fresh() if index_of is not None and index_of.chunks is not None else None
+    for packet in container.demux(stream):
+        if clock is not None:
+            clock.place(packet)
+        yield packet
+
+
+def _decoded(container, stream, index_of: _FrameIndex | None):
+    """``container.decode(stream)`` over ``_placed`` packets."""
+    for packet in _placed(container, stream, index_of):
+        yield from packet.decode()
 
 
 def _nvdec_accel(device: str):
@@ -690,6 +722,9 @@ class _FrameIndex:
         where the second is more than ``probe.CUT_SHORT_S`` later (a download cut short whose header counts no frames
         but states where it ends: ``probe.stated_duration``)."""
         self.stream_index = stream_index  # the container's index of the stream demuxed (``main_video_stream``)
+        self.chunks: ChunkClock | None = None
+        """An AVI's clock (``chunks.ChunkClock``): the packets of this demux were timed by the file's index, and
+        every decode's are (``_placed``); ``chunks.lost`` the chunks the demuxer passed over."""
         self.time_base = time_base
         self.may_jump = may_jump
         self.pts = None
@@ -715,7 +750,10 @@ class _FrameIndex:
         try:
             with av.open(path) as c:
                 s = main_video_stream(c)
+                clock = ChunkClock.of(c, s)
                 for p in c.demux(s):
+                    if clock is not None:
+                        clock.place(p)
                     packets += p.size > 0
                     if not _shown(p):
                         continue
@@ -741,6 +779,7 @@ class _FrameIndex:
         index = cls(count, np.frombuffer(pts, np.int64) if timed and count else None, decode_ts,
                     np.frombuffer(key, np.int8) > 0, time_base, may_jump, stream_index)
         index.packets = packets
+        index.chunks = clock
         if chunked and index.pts is not None:
             index.chunk_clock = True  # the chunks spanned (decode order), empty ones too
             index.packets = max(packets, int(decode_ts.max() - decode_ts.min()) + 1)
@@ -749,6 +788,24 @@ class _FrameIndex:
             index.cut_short = _cut_short(path, stated, origin, float(index.pts[0]) * time_base - origin,
                                          end - origin, stop)
         return index
+
+    def lost_chunks(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[float, float], ...]]:
+        """``VideoMeta.lost_chunks`` and ``chunk_spans``: the chunks an AVI's demux passed over (``ChunkClock.lost``),
+        and for each run the seconds from the first frame from the time of the chunk before it (which demuxed, but
+        whose data the stretch may have begun in) to the keyframe at or after the first frame shown after it (the
+        frames between decode from lost references); to the clip's end where no keyframe follows."""
+        clock = self.chunks
+        if clock is None or clock.stopped or not clock.lost or self.pts is None or not len(self.pts):
+            return (), ()
+        first, spans = int(self.pts[0]), []
+        end_ticks = int(self.pts[-1]) + 1
+        for a, b in clock.lost:
+            after = int(np.searchsorted(self.pts, clock.tick(b)))  # b: the chunk placed after the run
+            k = int(np.searchsorted(self.key_positions, after))
+            end = int(self.pts[int(self.key_positions[k])]) if k < len(self.key_positions) else end_ticks
+            start = clock.tick(max(a - 1, 0))  # the chunk before: a stretch rarely starts where a chunk does
+            spans.append((max(start - first, 0) * self.time_base, (end - first) * self.time_base))
+        return tuple(clock.lost), tuple(spans)
 
     def timestamps(self) -> np.ndarray | None:
         """Seconds of each frame from the first. None where they cannot give times: a splice of MPEG-TS recordings
@@ -1239,6 +1296,12 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
             raise DecodeError(f"no frames ({meta})")
         if meta.lost_tail:  # a file cut short: the frames its header lists past the end are lost
             _tail_lost(meta, meta.num_frames + meta.lost_tail, meta.claimed_s or 0.0, offset)
+        if meta.lost_chunks:  # an AVI's chunks the demuxer passed over: the frames after them keep their times
+            damage.video_lost(meta.lost_chunks, [(offset + a, offset + b) for a, b in meta.chunk_spans],
+                              numbering="chunks")
+            log.warning("%s: %d frames of %s were lost in the middle of the clip (chunks the demuxer passed over in "
+                        "a corrupt stretch); the frames after them keep their times by the file's index", backend.name,
+                        sum(b - a for a, b in meta.lost_chunks), damage.where(path))
         check_pixels(meta.width, meta.height, max_pixels)
         passes = _passes(requests, meta, offset, max_side, reduced_pass_bytes, pixel_aspect)
         frames_needed = sum(len(plan.indices) for _, plan, _ in passes)

@@ -433,7 +433,9 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     """A 12-s clip whose middle is zeroed: its row covers the whole clip (pictures and speech) and says what was lost
     (``video_frames_lost``, ``audio_packets_lost``; 0 on the clean clip, null where nothing decoded), so a reader can
     leave damaged clips out; the run's summary (and its printed account) counts the frames held and the audio packets
-    silenced; a rerun with nothing to do counts none (the counts are this run's, though the process is the same)."""
+    silenced; a rerun with nothing to do counts none (the counts are this run's, though the process is the same).
+    The same clip as a DivX-style AVI with a zeroed middle: its windows and sound go to its end, its spans are in the
+    middle (none at the end: before, the chunks its demuxer passed over were reported as a broken tail)."""
     import importlib.util
     import shutil
 
@@ -445,13 +447,17 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     whole = synthetic.motion_clip(str(tmp_path / "whole.mp4"), seconds=12.0)
     synthetic.zeroed_middle_copy(whole, str(corpus / "damaged.mp4"))
     shutil.copy(whole, corpus / "whole.mp4")
+    avi = str(tmp_path / "whole.avi")
+    synthetic._ffmpeg(["-i", whole, "-c:v", "mpeg4", "-q:v", "4", "-bf", "2", "-g", "25", "-c:a", "pcm_s16le", avi])
+    synthetic.zeroed_middle_copy(avi, str(corpus / "damaged.avi"))
     faststart = synthetic.lavfi_clip(str(tmp_path / "fs.mp4"), seconds=4.0, extra=("-movflags", "+faststart"))
     data = open(faststart, "rb").read()
     (corpus / "cut_short.mp4").write_bytes(data[: len(data) // 5])  # a download cut short: its header lists 100
     manifest = write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "d", "video_path": "damaged.mp4"},
                                                             {"video_id": "w", "video_path": "whole.mp4"},
                                                             {"video_id": "m", "video_path": "missing.mp4"},
-                                                            {"video_id": "t", "video_path": "cut_short.mp4"}])
+                                                            {"video_id": "t", "video_path": "cut_short.mp4"},
+                                                            {"video_id": "a", "video_path": "damaged.avi"}])
     raw = base_config(manifest, str(corpus), str(tmp_path / "out"), str(tmp_path / "cache"),
                       filters={"probe": {}, "static": {}, "speech_cuts": {}})
     first = _run(raw)
@@ -463,7 +469,8 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     assert damaged["video_frames_lost"] > 0 and damaged["audio_packets_lost"] > 0
     info = row["result_info"]
     assert 0 < info["video_frames_lost"] <= damaged["video_frames_lost"]  # the process counts each decode's
-    assert info["audio_packets_lost"] == damaged["audio_packets_lost"]  # one audio decode
+    assert info["audio_packets_lost"] + rows["a"]["result_info"]["audio_packets_lost"] == damaged[
+        "audio_packets_lost"]  # one audio decode each
     spans = {s["stream"]: s for s in info["corrupt_spans"]}  # one stretch: a span in each stream, from mid-clip
     assert set(spans) == {"video", "audio"} and all(3 < s["start_s"] < s["end_s"] <= 12 for s in spans.values())
     assert spans["audio"]["end_s"] < 9 and abs(spans["video"]["start_s"] - spans["audio"]["start_s"]) < 1
@@ -477,6 +484,12 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     (tail,) = cut["corrupt_spans"]
     assert cut["succeed"] and 0 < cut["video_frames_lost"] < 100 and tail["stream"] == "video"
     assert tail["start_s"] == pytest.approx((100 - cut["video_frames_lost"]) / 25) and tail["end_s"] == 4.0
+    avi_row = rows["a"]
+    assert avi_row["result_info"]["succeed"] and avi_row["result_info"]["video_frames_lost"] > 0
+    assert avi_row["static"]["windows"][-1]["end_s"] > 11.5 and avi_row["speech_cuts"]["duration_s"] > 11.9
+    assert avi_row["result_info"]["audio_packets_lost"] > 0 and {s["stream"] for s in avi_row["result_info"][
+        "corrupt_spans"]} == {"video", "audio"} and all(3 < s["start_s"] < s["end_s"] < 9 for s in avi_row[
+            "result_info"]["corrupt_spans"])  # in the middle, none to the end
     import duckdb  # the README's two queries: clean clips, and the windows clear of the damage
 
     parts = f"{tmp_path / 'out'}/parts/*.parquet"
@@ -494,12 +507,12 @@ def test_a_file_with_a_corrupt_stretch_succeeds_and_the_summary_counts_the_damag
     cfg = build_config(raw)
     validate_config(cfg)
     status = job_status(cfg)
-    assert status["items"]["damaged"] == 2 and "2 succeeded with damage" in format_status(status)
+    assert status["items"]["damaged"] == 3 and "3 succeeded with damage" in format_status(status)
     spec = importlib.util.spec_from_file_location("run_cli", os.path.join(ROOT, "jobs", "run.py"))
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert first.summary["this_run"]["damaged_items"] == 2  # the stretch and the file cut short
-    assert (f"damaged  : 2 item(s) succeeded with damage (corrupt stretches or cut short: their rows' "
+    assert first.summary["this_run"]["damaged_items"] == 3  # the stretches and the file cut short
+    assert (f"damaged  : 3 item(s) succeeded with damage (corrupt stretches or cut short: their rows' "
             f"result_info.corrupt_spans); {damaged['video_frames_lost']} video frames held"
             in cli.format_summary(first.summary))
     again = _run(raw)

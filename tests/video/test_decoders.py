@@ -404,6 +404,90 @@ def test_a_film_with_a_corrupt_stretch_is_read_all_through_past_it(corrupt_middl
     assert cuts["sample_fps"] > 3 and cuts["count"] <= 2  # one clip of a moving pattern (a held stretch at most)
 
 
+@pytest.fixture(scope="module")
+def corrupt_avi(tmp_path_factory):
+    """20 s of MPEG-4 part 2 (DivX's and XviD's codec) with B-frames and PCM sound in AVI, a keyframe every 25
+    frames, and the same file with 2% of its bytes zeroed at its middle: FFmpeg's AVI demuxer passes over the
+    chunks there without an error (it resynchronises at the next chunk header)."""
+    d = tmp_path_factory.mktemp("corrupt_avi")
+    clean = str(d / "clean.avi")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=20", "-f", "lavfi", "-i",
+                       "sine=duration=20", "-c:v", "mpeg4", "-q:v", "4", "-bf", "2", "-g", "25", "-c:a", "pcm_s16le",
+                       clean])
+    return clean, synthetic.zeroed_middle_copy(clean, str(d / "corrupt.avi"))
+
+
+def test_an_avis_chunks_passed_over_in_a_corrupt_stretch_keep_the_frames_after_them_in_place(corrupt_avi, caplog):
+    """The demuxer times an AVI's packets by counting chunks, so after a stretch it passed over every frame came
+    early by the time the stretch held (0.8 s here), and the file's last 0.8 s were reported lost as a broken tail.
+    Timed by the file's index (``ChunkClock``), each frame keeps its time: every frame is the clean file's frame of
+    that time, but for those from the stretch to the next keyframe (decoded from lost references); the frames lost
+    are the chunks the index lists and nothing demuxed, their span in the middle, and none at the end. A B-frame
+    the decoder drops for its lost reference is held (placed by count, every frame after it came a place early).
+    A decode that seeks gives the frames a decode in order gives."""
+    from pipeline.media import damage
+
+    clean, bad = corrupt_avi
+    pyav = available_backends(("pyav",))
+    want = decode_video(clean, [Frames(tuple(range(500)))], pyav)
+    by_time = {round(float(t), 4): k for k, t in enumerate(want.meta.timestamps)}
+    tally, before = damage.ItemDamage(), damage.counts()["video_frames_lost"]
+    token = damage.current_damage.set(tally)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.video.decoders"):
+            n = decode_video(bad, [Uniform(4)], pyav).meta.num_frames
+            got = decode_video(bad, [Frames(tuple(range(n)))], pyav)
+    finally:
+        damage.current_damage.reset(token)
+    chunks = sum(b - a for a, b in got.meta.lost_chunks)
+    assert want.meta.num_frames == 500 and 0 < chunks and n == 500 - chunks and got.meta.lost_tail == 0
+    times = [round(float(t), 4) for t in got.meta.timestamps]
+    assert set(times) <= set(by_time) and times[-1] == round(float(want.meta.timestamps[-1]), 4)
+    differ = [t for k, t in enumerate(times) if not torch.equal(got.frames[k], want.frames[by_time[t]])]
+    assert differ and 7 < differ[0] and differ[-1] < 13 and differ[-1] - differ[0] < 2  # the stretch, to a keyframe
+    assert tally.video_frames_lost >= chunks and damage.counts()["video_frames_lost"] > before
+    (span,) = tally.spans  # one stretch, in the middle: no broken tail
+    assert span["stream"] == "video" and span["start_s"] <= differ[0] and differ[-1] < span["end_s"] < 13
+    assert any(f"{chunks} frames of {bad} were lost in the middle" in r.getMessage() for r in caplog.records)
+    some = tuple(range(n // 2 - 40, n, 29))  # across the stretch and after it: the seeking decode
+    assert torch.equal(decode_video(bad, [Frames(some)], pyav).frames, got.frames[list(some)])
+    whole = decode_video(clean, [Frames(tuple(range(500)))], pyav)  # a clean AVI: the index agrees with the count
+    assert whole.meta.lost_chunks == () and np.allclose(whole.meta.timestamps, np.arange(500) / 25)
+
+
+def test_an_avis_sound_after_a_corrupt_stretch_keeps_its_place_and_a_clean_ones_ends_where_it_ends(corrupt_avi,
+                                                                                                   tmp_path):
+    """The AVI's PCM sound after the stretch is where the clean file's is (the chunks passed over are silence, the
+    row's audio span), and the sound of a clean camera AVI that ends a second before its pictures is not called cut
+    short: its header's length counts samples, which were compared with packets (a span from 3 s to 4 s before)."""
+    from pipeline.audio.decode import decode_audio
+    from pipeline.media import damage
+
+    clean, bad = corrupt_avi
+    ref = decode_audio(clean)
+    tally = damage.ItemDamage()
+    token = damage.current_damage.set(tally)
+    try:
+        got = decode_audio(bad)
+    finally:
+        damage.current_damage.reset(token)
+    assert len(got) == len(ref) and tally.audio_packets_lost > 0
+    (span,) = tally.spans
+    a, b = round(span["start_s"] * 16000), round(span["end_s"] * 16000)
+    assert 8 * 16000 < a < b < 12 * 16000 and not got[a + 1:b - 1].any()
+    assert np.abs(got[b + 1600:] - ref[b + 1600:]).max() < 0.02  # a sample's phase at most: in step
+    camera = str(tmp_path / "camera.avi")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=4", "-f", "lavfi", "-i",
+                       "sine=duration=3", "-c:v", "mjpeg", "-c:a", "pcm_s16le", camera])
+    tally = damage.ItemDamage()
+    token = damage.current_damage.set(tally)
+    try:
+        assert len(decode_audio(camera)) == 3 * 16000
+    finally:
+        damage.current_damage.reset(token)
+    assert tally.audio_packets_lost == 0 and tally.spans == []
+
+
 def test_every_backend_failing_is_one_decode_error(tmp_path):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(os.urandom(4096))
