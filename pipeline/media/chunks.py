@@ -29,14 +29,15 @@ class ChunkClock:
 
     ``place`` is called with every packet the demuxer gives, in order. Index timestamps of audio with a sample size
     (PCM) count bytes where the packets' count samples: the ratio is learnt from the first packet past the start
-    that the index places (until then the two must agree at 0; video's is 1); a ratio that is not a whole number, or
-    timestamps that go back, stop the clock and leave the demuxer's times (``stopped``).
+    that the index places (until then the two must agree at 0; video's is 1); chunks lost before it, or a ratio
+    that is not a whole number, stop the clock and leave the demuxer's times (``stopped``).
     """
 
     def __init__(self, pos: np.ndarray, ts: np.ndarray, size: np.ndarray, scale: int | None = None):
         order = np.argsort(pos, kind="stable")
         self._pos, self._ordinal = pos[order], order  # the entries by their place in the file
         self._ts, self._size = ts, size  # by ordinal: the index's order (its times ascending)
+        self._at = pos.tolist()  # by ordinal, for the usual case: a packet is the chunk after the last one
         self._last = -1  # the ordinal of the last packet placed
         self._scale = self._known = scale  # index units per packet tick (video: 1; audio: learnt)
         self._shift = 0  # ticks added to the last packet placed (and to packets the index does not hold)
@@ -73,6 +74,9 @@ class ChunkClock:
     def _entry(self, pos: int | None) -> int | None:
         if pos is None or pos < 0:
             return None
+        k = self._last + 1
+        if k < len(self._at) and self._at[k] in (pos - CHUNK_HEADER, pos):
+            return k
         for at in (pos - CHUNK_HEADER, pos):
             i = int(np.searchsorted(self._pos, at))
             if i < len(self._pos) and self._pos[i] == at:
@@ -90,6 +94,9 @@ class ChunkClock:
             return 0
         ts = int(self._ts[k])
         if self._scale is None:
+            if k != self._last + 1:  # chunks lost before the ratio is known: the count cannot give it
+                self.stopped = True
+                return 0
             if packet.dts > 0 and ts > 0:
                 if ts % packet.dts:
                     self.stopped = True
@@ -102,7 +109,9 @@ class ChunkClock:
         if ts % scale:
             self.stopped = True
             return 0
-        passed = (np.flatnonzero(self._size[self._last + 1:k] > 0) + self._last + 1).tolist()
+        passed = []
+        if k > self._last + 1:
+            passed = (np.flatnonzero(self._size[self._last + 1:k] > 0) + self._last + 1).tolist()
         for j in passed:
             if self.lost and self.lost[-1][1] == j:
                 self.lost[-1] = (self.lost[-1][0], j + 1)

@@ -54,7 +54,8 @@ def test_audio_learns_the_index_units_from_the_first_packet_past_the_start():
 
 def test_a_clock_that_cannot_tell_the_units_stops_and_leaves_the_demuxers_times():
     """A first packet whose count is not 0 where the index's is (audio: no ratio yet), a ratio that is not a whole
-    number, or an index time the ratio does not divide: the packets keep the demuxer's count, as without an index."""
+    number, an index time the ratio does not divide, or chunks lost before the ratio is known: the packets keep the
+    demuxer's count, as without an index."""
     c = clock([0, 100, 200])
     p = at(0, 7)
     assert c.place(p) == 0 and c.stopped and p.dts == 7
@@ -68,6 +69,10 @@ def test_a_clock_that_cannot_tell_the_units_stops_and_leaves_the_demuxers_times(
     c.place(at(1, 50))  # two index units a tick
     p = at(2, 60)
     assert c.place(p) == 0 and c.stopped and p.dts == 60  # 251 is not a whole number of ticks
+    c = clock([0, 4096, 8192, 12288])
+    c.place(at(0, 0))
+    p = at(3, 1024)  # chunks lost before the ratio is known: 12288 / 1024 would be taken for it
+    assert c.place(p) == 0 and c.stopped and p.dts == 1024
 
 
 def test_a_fresh_clock_starts_over_on_the_same_index():
