@@ -15,6 +15,7 @@ from pipeline.media.probe import (
     DISCONTINUITY_S,
     cut_short_by_duration,
     main_audio_stream,
+    mp3_header,
     stated_duration,
     timestamps_may_jump,
 )
@@ -82,12 +83,20 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         origin = container.start_time / av.time_base if container.start_time is not None else 0.0
         clock = ChunkClock.of(container, stream)  # an AVI's index: each packet's time, and every chunk
         # the packets the header lists (MP4; an AVI's index: its header counts PCM's samples), and those that demux
-        header, seen = (clock.with_data() if clock is not None else int(stream.frames or 0)), [0]
+        header, seen = (clock.with_data() if clock is not None else int(stream.frames or 0)), Demuxed()
         stated = stated_duration(container)  # where the header states the end (FFmpeg gives a WAV what it holds)
         claimed = max(claimed or 0.0, stated) if stated is not None else claimed
+        mp3 = mp3_header(path) if "mp3" in container.format.name.split(",") else None
+        # a variable bit rate MP3 that counts its frames and holds every byte it states: the time one stretch held
+        # is the stated duration less what decoded (``UnplacedStretch``)
+        told = stated is not None and mp3 is not None and bool(mp3.frames) and mp3.whole(path)
+        mark, marked_spans, after_mark = None, 0, False  # where such a stretch began: (parts, samples), spans before
         broke = False
         try:
-            for frame in _frames(container, stream, seen, clock):
+            for frame in _frames(container, stream, seen, clock, told):
+                if isinstance(frame, UnplacedStretch):
+                    mark, marked_spans = (len(parts), total), len(spans)
+                    continue
                 if isinstance(frame, av.error.FFmpegError):
                     bad, failed = bad + 1, frame
                     continue
@@ -116,6 +125,7 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
                         spans.append((before / sample_rate, total / sample_rate))
                     placed = bad
                 first = False
+                after_mark = mark is not None
                 # a broadcast recording switches between stereo and 5.1, or 48 and 44.1 kHz, at an ad break
                 fmt = (frame.format.name, frame.layout.name, frame.sample_rate)
                 if fmt != source:
@@ -135,13 +145,32 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
             if not parts:
                 raise DecodeError(f"audio does not decode: {type(e).__name__}: {e}") from e
             broke = True  # a broken tail: keep what decoded
+        if mark is not None and (broke or not after_mark):  # a second stretch, or none decoded after: it ends there
+            del parts[mark[0]:], spans[marked_spans:]
+        elif mark is not None:  # the one stretch held the frames the header counts and nothing decoded: silence
+            missing = round((mp3.frames - seen.decoded) * stream.codec_context.frame_size * sample_rate
+                            / stream.sample_rate)
+            if missing > 0:
+                parts.insert(mark[0], np.zeros((channels, missing), np.float32))
+                at, shift = mark[1] / sample_rate, missing / sample_rate
+                spans[marked_spans:] = [(a + shift, b + shift) for a, b in spans[marked_spans:]]
+                spans.append((at, at + shift))
+            # the encoder's padding that the decoder trims from the last frame where the frames' count reaches the
+            # stated end, which it no longer did: trimmed here
+            over = sum(p.shape[1] for p in parts) - int(round(claimed * sample_rate))
+            while over > 0 and parts:
+                cut = min(over, parts[-1].shape[1])
+                parts[-1] = parts[-1][:, :parts[-1].shape[1] - cut]
+                over -= cut
+                if not parts[-1].shape[1]:
+                    parts.pop()
     if not parts and failed is not None:
         raise DecodeError(f"audio does not decode: {type(failed).__name__}: {failed}") from failed
     if not parts:
         raise DecodeError("audio stream holds no samples")
     length = sum(p.shape[1] for p in parts) / sample_rate
     if claimed is not None and claimed - length > TAIL_S and (
-            broke or bad > placed or _cut_short(path, header, seen[0], claimed, length, origin, stated)):
+            broke or bad > placed or _cut_short(path, header, seen.packets, claimed, length, origin, stated)):
         spans.append((length, claimed))  # the audio ends early: from there to where the file says it ends is lost
     damage.audio_decoded(bad, spans)
     if bad:
@@ -175,6 +204,11 @@ instead (MP3: the audio after 6 s lost in a 5-minute file came 6 s early), so th
 bytes, where the stream has a constant bit rate (``_frames``)."""
 
 
+class UnplacedStretch:
+    """A corrupt stretch in a variable bit rate MP3 begins here: the frames after it come early by the time it held,
+    which only the end of the decode tells (the stated duration less what decoded: ``decode_audio``)."""
+
+
 @dataclass(frozen=True)
 class ChunksLost:
     """``count`` chunks of an AVI's audio that the demuxer passed over in a corrupt stretch (``chunks.ChunkClock``):
@@ -183,7 +217,17 @@ class ChunksLost:
     count: int
 
 
-def _frames(container, stream, seen: list[int] | None = None, clock: ChunkClock | None = None):
+@dataclass
+class Demuxed:
+    """What ``_frames`` demuxed: the packets with data (decodable or not, and an AVI's chunks passed over), and
+    those that decoded."""
+
+    packets: int = 0
+    decoded: int = 0
+
+
+def _frames(container, stream, seen: Demuxed | None = None, clock: ChunkClock | None = None,
+            told: bool = False):
     """The stream's frames, a packet at a time; a packet that does not decode (a corrupt stretch: a bad sector, a
     damaged download) yields its error and the decode goes on, where ``container.decode`` would end at it, and
     ``decode_audio`` fills the time it held with silence (as it fills a gap in the timestamps), so that speech after
@@ -198,31 +242,44 @@ def _frames(container, stream, seen: list[int] | None = None, clock: ChunkClock 
     An AVI's packets are timed by the file's index (``chunks.ChunkClock``), which also says how many chunks the
     demuxer passed over in a stretch without an error (``ChunksLost``): there the frames after a stretch carry their
     own times, as in a timed container. Before, the audio after a zeroed stretch came early by the time it held.
-    ``clock``: the stream's (``ChunkClock.of``), for a pass of its own."""
+    ``clock``: the stream's (``ChunkClock.of``), for a pass of its own.
+
+    ``told``: a variable bit rate MP3 that states its duration and holds every byte it states (``Mp3Header``): its
+    first stretch is passed over too (``UnplacedStretch`` where it begins, the frames after it uncorrected), the
+    time it held told by the end of the decode; a second one ends the audio, as at a variable rate without such a
+    header (two stretches' shares of the time lost are unknown)."""
     import av
 
     clock = clock.fresh() if clock is not None else None
     named = any(name in container.format.name.split(",") for name in TIMED_CONTAINERS)
     good_bytes = good_ticks = failed_bytes = offset = 0  # raw streams: what decoded so far, in bytes and ticks
     smallest, largest, end = None, None, None
+    stretch = None  # a variable rate's stretch passed over (``told``): None, "in" it, or "past" it
     for packet in container.demux(stream):
         passed = clock.place(packet) if clock is not None else 0
         if passed:
             if seen is not None:
-                seen[0] += passed  # lost in the middle, not a tail cut short: the header lists them
+                seen.packets += passed  # lost in the middle, not a tail cut short: the header lists them
             yield ChunksLost(passed)
         timed = named or (clock is not None and not clock.stopped)
         if seen is not None and packet.size:
-            seen[0] += 1  # every packet with data, decodable or not
+            seen.packets += 1  # every packet with data, decodable or not
         try:
             frames = packet.decode()
         except av.error.FFmpegError as e:
-            if not timed:
-                if not good_ticks or largest - smallest > 1 or packet.pts is None:
+            if not timed and (not good_ticks or largest - smallest > 1 or packet.pts is None):
+                if not told or stretch == "past":
                     raise  # a variable bit rate: how long the stretch was is unknown
+                if stretch is None:
+                    stretch = "in"
+                    yield UnplacedStretch()
+            elif not timed:
                 failed_bytes += packet.size
             yield e
             continue
+        stretch = "past" if stretch == "in" and frames else stretch
+        if seen is not None and packet.size:
+            seen.decoded += 1
         if not timed and packet.size and packet.pts is not None and packet.duration:
             if failed_bytes:  # the first packet after a stretch: where the bytes lost say it belongs
                 offset = end + round(failed_bytes * good_ticks / good_bytes) - packet.pts

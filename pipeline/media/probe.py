@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -238,9 +239,29 @@ def asf_stated_seconds(path: str) -> float | None:
     return seconds if not flags & 1 and seconds > 0 else None
 
 
-def mp3_counts_frames(path: str) -> bool:
-    """Whether an MP3's first frame is a Xing, Info (LAME's, FFmpeg's) or VBRI header that counts the file's frames,
-    the duration FFmpeg then gives (without one it estimates it from the bit rate and the file's size)."""
+@dataclass(frozen=True)
+class Mp3Header:
+    """What an MP3's first frame says of the file when it is a Xing, Info (LAME's, FFmpeg's) or VBRI header."""
+
+    frames: int | None
+    """The file's frames it counts (None: not counted): the duration FFmpeg then gives (without a count it estimates
+    it from the bit rate and the file's size)."""
+    start: int
+    """Where that frame begins in the file (after an ID3v2 tag)."""
+    stream_bytes: int | None
+    """The bytes of the audio from that frame on that it states (None: not stated)."""
+
+    def whole(self, path: str) -> bool:
+        """Whether ``path`` holds every byte the header states (it was not cut short): then the time a corrupt stretch
+        held is the stated duration less what decoded."""
+        try:
+            return self.stream_bytes is not None and os.path.getsize(path) >= self.start + self.stream_bytes
+        except OSError:
+            return False
+
+
+def mp3_header(path: str) -> Mp3Header | None:
+    """The Xing, Info or VBRI header of an MP3 (``Mp3Header``); None where its first frame is none (or unreadable)."""
     import struct
 
     try:
@@ -253,16 +274,29 @@ def mp3_counts_frames(path: str) -> bool:
             f.seek(start)
             data = f.read(4096)
     except OSError:
-        return False
+        return None
     sync = next((i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] & 0xE0 == 0xE0), None)
     if sync is None:
-        return False
+        return None
     frame = data[sync:sync + 64]
     for tag in (b"Xing", b"Info"):  # after the side information: 9, 17 or 32 bytes past the frame header
         at = frame.find(tag, 4, 40)
         if at >= 0 and len(frame) >= at + 12:
-            return bool(struct.unpack(">I", frame[at + 4:at + 8])[0] & 1)  # the flag of the frame count
-    return frame[36:40] == b"VBRI" and len(frame) >= 54 and struct.unpack(">I", frame[50:54])[0] > 0
+            flags = struct.unpack(">I", frame[at + 4:at + 8])[0]
+            frames = struct.unpack(">I", frame[at + 8:at + 12])[0] if flags & 1 else None
+            field = at + 8 + (4 if flags & 1 else 0)  # the byte count follows the frame count, where each is flagged
+            stated = struct.unpack(">I", frame[field:field + 4])[0] if flags & 2 and len(frame) >= field + 4 else None
+            return Mp3Header(frames or None, start + sync, stated or None)
+    if frame[36:40] == b"VBRI" and len(frame) >= 54:  # version, delay, quality, bytes, frames
+        stated, frames = struct.unpack(">II", frame[46:54])
+        return Mp3Header(frames or None, start + sync, stated or None)
+    return None
+
+
+def mp3_counts_frames(path: str) -> bool:
+    """Whether an MP3's first frame is a Xing, Info or VBRI header that counts the file's frames (``Mp3Header``)."""
+    header = mp3_header(path)
+    return header is not None and bool(header.frames)
 
 
 def cut_short_by_duration(path: str, stated: float | None, origin: float, end: float, check=None) -> bool:

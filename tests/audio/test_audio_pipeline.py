@@ -200,14 +200,16 @@ def _wav(path: str, samples: np.ndarray, rate: int = 16000) -> str:
 
 @pytest.mark.parametrize("ext,encode,reported,slack_s", [
     ("m4a", (), True, 0.05), ("mp3", ("-b:a", "32k"), True, 0.05), ("flac", (), False, 0.05),
+    pytest.param("mp3", ("-q:a", "4"), True, 0.05, id="vbr-mp3"),
     pytest.param("avi", ("-c:a", "pcm_s16le"), True, 0.13, id="avi-pcm"),
     pytest.param("avi", ("-c:a", "libmp3lame", "-q:a", "4"), True, 0.05, id="avi-vbr-mp3")])
 def test_a_corrupt_stretch_in_a_recording_is_silence_and_the_rest_keeps_its_place(tmp_path, long_speech, caplog,
                                                                                   ext, encode, reported, slack_s):
-    """AAC in MP4 (a podcast, a video's sound track), an MP3 at a constant bit rate, a FLAC, and PCM and a variable
-    bit rate MP3 in AVI (a camera's or an old download's sound), with 2% of their bytes zeroed at the middle: the
-    packets that do not decode are passed over and the time they held is silence (the MP4's packets carry their
-    times; the MP3's stretch is as long as its bytes say; the AVI's chunks are timed by the file's index, which
+    """AAC in MP4 (a podcast, a video's sound track), an MP3 at a constant and one at a variable bit rate, a FLAC,
+    and PCM and a variable bit rate MP3 in AVI (a camera's or an old download's sound), with 2% of their bytes zeroed
+    at the middle: the packets that do not decode are passed over and the time they held is silence (the MP4's
+    packets carry their times; the constant rate MP3's stretch is as long as its bytes say, the variable rate one's
+    as the frames its Xing header counts and nothing decoded; the AVI's chunks are timed by the file's index, which
     says how many the demuxer passed over); the speech after it is where it was (the clean decode's samples from a
     second past the stretch on). Before, the first two ended at the stretch; the FLAC decoder passes over it
     itself, but the three frames it made of the stretch, untimed, were not counted in the time, and the speech after
@@ -251,24 +253,51 @@ def test_a_corrupt_stretch_in_a_recording_is_silence_and_the_rest_keeps_its_plac
         assert tally.spans == []
 
 
-def test_a_corrupt_stretch_in_a_variable_bit_rate_mp3_ends_it(tmp_path, long_speech):
-    """A raw stream whose packets vary in size: how long the stretch was is unknown (the demuxer counts frames, and
-    the audio after it would come early), so the audio ends there, as before."""
+def _zeroed(src: str, dst: str, *at: float, fraction: float = 0.02) -> str:
+    """A copy of ``src`` with ``fraction`` of its bytes zeroed at each share ``at`` of them."""
+    data = bytearray(open(src, "rb").read())
+    for share in at:
+        a, n = int(len(data) * share), int(len(data) * fraction)
+        data[a:a + n] = bytes(n)
+    open(dst, "wb").write(data)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["no-xing", "cut-short", "two-stretches", "to-the-end"])
+def test_a_corrupt_stretch_in_a_variable_bit_rate_mp3_that_cannot_tell_its_length_ends_it(tmp_path, long_speech,
+                                                                                          case):
+    """A raw stream whose packets vary in size: how long a stretch was is known only from the frames the Xing
+    header counts, and only for one stretch in a file that holds every byte the header states. Without the header,
+    in a file cut short (the frames missing at the end would be taken for the stretch's), or at a second stretch
+    (the two shares are unknown), the audio ends at the (first) stretch, as before, and the row says what is lost:
+    from there to the file's stated (or estimated) end; as where nothing decodes after the stretch."""
     from pipeline.media import damage
 
     clean = str(tmp_path / "speech.mp3")
-    synthetic._ffmpeg(["-i", _wav(str(tmp_path / "speech.wav"), long_speech), "-q:a", "4", clean])
+    xing = () if case != "no-xing" else ("-write_xing", "0")
+    synthetic._ffmpeg(["-i", _wav(str(tmp_path / "speech.wav"), long_speech), "-q:a", "4", *xing, clean])
     whole = len(decode_audio(clean))
+    bad = str(tmp_path / "bad.mp3")
+    if case == "cut-short":
+        _zeroed(clean, bad, 0.5)
+        data = open(bad, "rb").read()
+        open(bad, "wb").write(data[: len(data) * 9 // 10])
+    elif case == "to-the-end":
+        _zeroed(clean, bad, 0.94, fraction=0.06)
+    else:
+        _zeroed(clean, bad, *((0.3, 0.6) if case == "two-stretches" else (0.5,)))
     tally = damage.ItemDamage()
     token = damage.current_damage.set(tally)
     try:
-        got = len(decode_audio(synthetic.zeroed_middle_copy(clean, str(tmp_path / "bad.mp3"))))
+        got = len(decode_audio(bad))
     finally:
         damage.current_damage.reset(token)
-    assert got < 0.6 * whole
-    (span,) = tally.spans  # the row says what is lost: from where the audio ends to the file's stated duration
+    first = {"two-stretches": 0.3, "to-the-end": 0.94}.get(case, 0.5)
+    assert got < (first + 0.05) * whole
+    (span,) = tally.spans  # from where the audio ends to the file's stated end
     assert span["stream"] == "audio" and span["start_s"] == pytest.approx(got / 16000, abs=0.05)
-    assert span["end_s"] == pytest.approx(whole / 16000, abs=0.5)
+    if case != "no-xing":  # without the header FFmpeg estimates the end from the bit rate
+        assert span["end_s"] == pytest.approx(whole / 16000, abs=0.5)
 
 
 def _cut_at_a_packet(whole: str, cut: str, share: float = 0.4) -> str:
