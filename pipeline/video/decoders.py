@@ -533,11 +533,14 @@ class PyAVBackend:
         last = max(indices)
         got: dict[int, np.ndarray] = {}
         agrees = index_of is not None and index_of.pts is not None and not index_of.repeats
+        keyed = agrees and not index_of.may_jump  # a keyframe's timestamp names its place, if not its frames' order
         i, prev, failed = -1, None, None  # the last frame's place, that frame, the error of packets since it
         bad, lost, concealed = 0, [], 0  # packets that did not decode, the [a, b) places of the frames they held
         spans: list[tuple[float, float]] = []  # seconds from the first frame that the stretches spoil
         landed = not start  # after a seek: the first keyframe decoded has not yet given its place
-        recovering = False  # since a corrupt stretch, until a keyframe: the decoder may drop frames
+        # since a corrupt stretch (the decode time of the packet after it), until a keyframe decoded after it: the
+        # decoder may drop frames; frames still come out that were decoded before it (a decoder's delay)
+        recovering: int | None = None
         clock = index_of.chunks.fresh() if index_of is not None and index_of.chunks is not None else None
         with _open(path, hw) as c:
             stream = _decoding_stream(c, hw)
@@ -545,14 +548,17 @@ class PyAVBackend:
                 c.seek(int(index_of.pts[start]), stream=stream, backward=True, any_frame=False)
             for packet in c.demux(stream):
                 if clock is not None and clock.place(packet):  # chunks passed over (``_placed``)
-                    recovering = True
+                    recovering = packet.dts
                 try:
                     frames = packet.decode()
                 except av.error.FFmpegError as e:
                     if hw is not None:  # NVDEC failing is not a corrupt stretch: the CPU decode will tell
                         raise
-                    failed, bad, recovering = e, bad + 1, True
+                    failed, bad = e, bad + 1
+                    if recovering is None:
+                        recovering = packet.dts if packet.dts is not None else -(1 << 62)
                     continue
+                skipping = False  # frames after an error passed over to the next keyframe (``keyed``)
                 for frame in frames:
                     _check(stop)
                     if not landed:  # the seek's first keyframe: placed by its timestamp (frames before it skipped)
@@ -563,8 +569,15 @@ class PyAVBackend:
                             raise _SeekMiss(f"the seek to frame {start} landed at frame {j}")
                         i, landed, failed = j - 1, True, None
                     # the first frame after packets that did not decode, or one after frames the decoder dropped
-                    j = index_of.get(frame.pts) if agrees and (failed is not None or recovering) else None
+                    j = index_of.get(frame.pts) if agrees and (failed is not None or recovering is not None) else None
+                    if j is None and (failed is not None or recovering is not None) and frame.key_frame and keyed:
+                        # frames whose timestamps do not follow their places (H.264 in AVI: the packets' decode
+                        # order): a keyframe shows where it decodes, as nothing before it shows after it
+                        j = index_of.get(frame.pts)
                     if failed is not None and (j is None or j <= i):
+                        if keyed and not agrees:
+                            skipping = True
+                            continue  # passed over to the next keyframe, which places itself (else: the end)
                         break  # nothing places it: the clip ends at the error (below)
                     if j is not None and j > i + 1:
                         for k in range(i + 1, j):  # the frames lost in between: the frame shown before them
@@ -581,10 +594,11 @@ class PyAVBackend:
                     if i in wanted:
                         got[i] = _upright_rgb(frame, size, prepare)
                     prev = frame
-                    recovering = recovering and not frame.key_frame
+                    if recovering is not None and frame.key_frame and (frame.pts or 0) >= recovering:
+                        recovering = None
                     if i >= last:
                         break
-                if i >= last or (failed is not None and frames):
+                if i >= last or (failed is not None and frames and not skipping):
                     break
         if not landed:
             raise _SeekMiss(f"nothing decoded after the seek to frame {start}")

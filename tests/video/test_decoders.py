@@ -455,6 +455,67 @@ def test_an_avis_chunks_passed_over_in_a_corrupt_stretch_keep_the_frames_after_t
     assert whole.meta.lost_chunks == () and np.allclose(whole.meta.timestamps, np.arange(500) / 25)
 
 
+@pytest.fixture(scope="module")
+def h264_avi(tmp_path_factory):
+    """40 s of H.264 with B-frames and PCM sound in AVI (a keyframe every 25 frames), whose frames come out of the
+    decoder with their packets' timestamps in decode order: they cannot name their places."""
+    d = tmp_path_factory.mktemp("h264_avi")
+    path = str(d / "clean.avi")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=40", "-f", "lavfi", "-i",
+                       "sine=duration=40", "-c:v", "libx264", "-bf", "2", "-g", "25", "-c:a", "pcm_s16le", path])
+    return path
+
+
+def _garbled_packets(src: str, dst: str, first: int, count: int) -> str:
+    """A copy of ``src`` with the data of its video packets ``first`` to ``first + count`` random (their chunks'
+    headers whole): packets that demux and do not decode."""
+    import random
+
+    import av
+
+    data = bytearray(open(src, "rb").read())
+    with av.open(src) as c:
+        packets = [(p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size]
+    rng = random.Random(7)
+    for pos, size in packets[first:first + count]:
+        data[pos:pos + size] = rng.randbytes(size)
+    open(dst, "wb").write(data)
+    return dst
+
+
+@pytest.mark.parametrize("damage_kind", ["zeroed", "garbled"])
+def test_h264_in_avi_after_a_corrupt_stretch_is_in_place_again_from_the_next_keyframe(h264_avi, tmp_path,
+                                                                                   damage_kind):
+    """H.264 in AVI is placed by count (its frames' timestamps are the packets' decode order), so after chunks the
+    demuxer passed over, a frame the decoder drops moved every frame after it a place early, and packets that do not
+    decode ended the clip there (a false broken tail: half the clip unseen). The first keyframe after the stretch
+    names its place (nothing shown before it decodes after it): from there every frame is the clean file's of the
+    same time; the frames between are the frame shown before them, counted and spanned."""
+    from pipeline.media import damage
+
+    pyav = available_backends(("pyav",))
+    want = decode_video(h264_avi, [Frames(tuple(range(1000)))], pyav)
+    by_time = {round(float(t), 4): k for k, t in enumerate(want.meta.timestamps)}
+    bad = str(tmp_path / "bad.avi")
+    if damage_kind == "zeroed":
+        synthetic.zeroed_middle_copy(h264_avi, bad)
+    else:
+        _garbled_packets(h264_avi, bad, 505, 6)
+    tally = damage.ItemDamage()
+    token = damage.current_damage.set(tally)
+    try:
+        n = decode_video(bad, [Uniform(8)], pyav).meta.num_frames
+        got = decode_video(bad, [Frames(tuple(range(n)))], pyav)
+    finally:
+        damage.current_damage.reset(token)
+    assert n == 1000 - sum(b - a for a, b in got.meta.lost_chunks) and n > 950 and got.meta.lost_tail == 0
+    times = [round(float(t), 4) for t in got.meta.timestamps]
+    differ = [t for k, t in enumerate(times) if not torch.equal(got.frames[k], want.frames[by_time[t]])]
+    assert differ and 18 < differ[0] and differ[-1] < 23 and differ[-1] - differ[0] < 2  # to the next keyframe
+    assert tally.video_frames_lost > 0 and all(s["end_s"] < 23 for s in tally.spans)  # none at the end
+    assert tally.spans[0]["start_s"] <= differ[0] + 0.12 and differ[-1] < tally.spans[-1]["end_s"]
+
+
 def test_an_avis_sound_after_a_corrupt_stretch_keeps_its_place_and_a_clean_ones_ends_where_it_ends(corrupt_avi,
                                                                                                    tmp_path):
     """The AVI's PCM sound after the stretch is where the clean file's is (the chunks passed over are silence, the
