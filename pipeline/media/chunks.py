@@ -109,18 +109,16 @@ class ChunkClock:
         if ts % scale:
             self.stopped = True
             return 0
-        passed = []
-        if k > self._last + 1:
-            passed = (np.flatnonzero(self._size[self._last + 1:k] > 0) + self._last + 1).tolist()
-        for j in passed:
-            if self.lost and self.lost[-1][1] == j:
-                self.lost[-1] = (self.lost[-1][0], j + 1)
-            else:
-                self.lost.append((j, j + 1))
+        passed = 0
+        if k > self._last + 1:  # runs of the chunks with data between (after a seek: all before it, in one go)
+            held = np.flatnonzero(self._size[self._last + 1:k] > 0) + self._last + 1
+            breaks = np.flatnonzero(np.diff(held) != 1) + 1
+            self.lost += [(int(run[0]), int(run[-1]) + 1) for run in np.split(held, breaks) if len(run)]
+            passed = len(held)
         self._shift = ts // scale - packet.dts
         self._last = k
         self._move(packet, self._shift)
-        return len(passed)
+        return passed
 
     @staticmethod
     def _move(packet, shift: int) -> None:

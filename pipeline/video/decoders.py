@@ -546,9 +546,11 @@ class PyAVBackend:
             stream = _decoding_stream(c, hw)
             if start:
                 c.seek(int(index_of.pts[start]), stream=stream, backward=True, any_frame=False)
+            sought = bool(start)  # the first packet after a seek passes over every chunk before it
             for packet in c.demux(stream):
-                if clock is not None and clock.place(packet):  # chunks passed over (``_placed``)
+                if clock is not None and clock.place(packet) and not sought:  # chunks passed over (``_placed``)
                     recovering = packet.dts
+                sought = sought and not packet.size
                 try:
                     frames = packet.decode()
                 except av.error.FFmpegError as e:
