@@ -14,6 +14,7 @@ from pipeline.media.chunks import ChunkClock
 from pipeline.media.probe import (
     DISCONTINUITY_S,
     cut_short_by_duration,
+    holds_stated_size,
     main_audio_stream,
     mp3_header,
     stated_duration,
@@ -89,7 +90,7 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         mp3 = mp3_header(path) if "mp3" in container.format.name.split(",") else None
         # a variable bit rate MP3 that counts its frames and holds every byte it states: the time one stretch held
         # is the stated duration less what decoded (``UnplacedStretch``)
-        told = stated is not None and mp3 is not None and bool(mp3.frames) and mp3.whole(path)
+        told = stated is not None and mp3 is not None and bool(mp3.frames) and holds_stated_size(path)
         mark, marked_spans, after_mark = None, 0, False  # where such a stretch began: (parts, samples), spans before
         broke = False
         try:
@@ -244,10 +245,10 @@ def _frames(container, stream, seen: Demuxed | None = None, clock: ChunkClock | 
     own times, as in a timed container. Before, the audio after a zeroed stretch came early by the time it held.
     ``clock``: the stream's (``ChunkClock.of``), for a pass of its own.
 
-    ``told``: a variable bit rate MP3 that states its duration and holds every byte it states (``Mp3Header``): its
-    first stretch is passed over too (``UnplacedStretch`` where it begins, the frames after it uncorrected), the
-    time it held told by the end of the decode; a second one ends the audio, as at a variable rate without such a
-    header (two stretches' shares of the time lost are unknown)."""
+    ``told``: a variable bit rate MP3 that states its duration and holds every byte it states
+    (``holds_stated_size``): its first stretch is passed over too (``UnplacedStretch`` where it begins, the frames
+    after it uncorrected), the time it held told by the end of the decode; a second one ends the audio, as at a
+    variable rate without such a header (two stretches' shares of the time lost are unknown)."""
     import av
 
     clock = clock.fresh() if clock is not None else None

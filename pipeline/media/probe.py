@@ -251,14 +251,6 @@ class Mp3Header:
     stream_bytes: int | None
     """The bytes of the audio from that frame on that it states (None: not stated)."""
 
-    def whole(self, path: str) -> bool:
-        """Whether ``path`` holds every byte the header states (it was not cut short): then the time a corrupt stretch
-        held is the stated duration less what decoded."""
-        try:
-            return self.stream_bytes is not None and os.path.getsize(path) >= self.start + self.stream_bytes
-        except OSError:
-            return False
-
 
 def mp3_header(path: str) -> Mp3Header | None:
     """The Xing, Info or VBRI header of an MP3 (``Mp3Header``); None where its first frame is none (or unreadable)."""
@@ -303,10 +295,75 @@ def cut_short_by_duration(path: str, stated: float | None, origin: float, end: f
     """Whether ``path``, one of whose streams ends at ``end`` (seconds on the file's timeline, ``origin`` being the
     container's start), was cut short: the duration its header ``stated`` (``stated_duration``; None: none stated)
     lies more than ``CUT_SHORT_S`` after that end and after every stream's end (a demux of every stream, made only
-    then: a film's sound may go on after its pictures). ``check``: called every few thousand packets of that demux
-    (a decode given up raises there)."""
+    then: a film's sound may go on after its pictures), and the file does not hold every byte its header says it
+    has (``holds_stated_size``: then the stated duration is wrong, not the file). ``check``: called every few
+    thousand packets of that demux (a decode given up raises there)."""
     return (stated is not None and stated - end > CUT_SHORT_S
-            and stated - _streams_end(path, origin, check) > CUT_SHORT_S)
+            and stated - _streams_end(path, origin, check) > CUT_SHORT_S and not holds_stated_size(path))
+
+
+EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+"""The first four bytes of a Matroska or WebM file (its EBML header)."""
+
+MKV_SEGMENT = b"\x18\x53\x80\x67"
+"""The ID of a Matroska file's Segment element, whose size covers the rest of the file."""
+
+
+def _ebml_size(data: bytes, at: int) -> tuple[int | None, int]:
+    """The element size (an EBML variable-length integer) at ``at`` and where its data starts; None where the size
+    is unknown (all ones: a file written live) or cannot be read."""
+    if at >= len(data) or not data[at]:
+        return None, at
+    length = 8 - data[at].bit_length() + 1
+    if at + length > len(data):
+        return None, at
+    value = data[at] & (0xFF >> length)
+    for b in data[at + 1:at + length]:
+        value = value << 8 | b
+    return (None if value == (1 << 7 * length) - 1 else value), at + length
+
+
+def stated_size(path: str) -> int | None:
+    """The bytes a file's header says the file has, where it says: an FLV's ``onMetaData`` ``filesize``, an ASF's
+    (WMV, WMA) file properties' file size, a Matroska or WebM file's Segment (its size, from where its data starts),
+    an MP3's Xing or VBRI byte count (from its frame); None elsewhere, where it is left unknown (a file written
+    live) or cannot be read. The muxers write them as they write the duration, at the end."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    if head[:3] == b"FLV":
+        at = head.find(b"\x00\x08filesize\x00", 0, 4096)  # the AMF key, then a number (type 0)
+        if at < 0 or len(head) < at + 19:
+            return None
+        size = struct.unpack(">d", head[at + 11:at + 19])[0]
+        return int(size) if size > 0 and size == size else None
+    if head[:16] == ASF_HEADER:
+        at = head.find(ASF_FILE_PROPERTIES)
+        if at < 0 or len(head) < at + 24 + 24:
+            return None
+        size = struct.unpack("<Q", head[at + 24 + 16:at + 24 + 24])[0]  # after the object's size and its file ID
+        return size or None
+    if head[:4] == EBML_MAGIC:
+        size, data = _ebml_size(head, 4)
+        if size is None or head[data + size:data + size + 4] != MKV_SEGMENT:
+            return None
+        segment, start = _ebml_size(head, data + size + 4)
+        return start + segment if segment is not None else None
+    mp3 = mp3_header(path)
+    return mp3.start + mp3.stream_bytes if mp3 is not None and mp3.stream_bytes else None
+
+
+def holds_stated_size(path: str) -> bool:
+    """Whether the file holds every byte its header says it has (``stated_size``; False where it says none)."""
+    size = stated_size(path)
+    try:
+        return size is not None and os.path.getsize(path) >= size
+    except OSError:
+        return False
 
 
 def _streams_end(path: str, origin: float, check=None) -> float:

@@ -25,6 +25,7 @@ from pipeline.media.chunks import ChunkClock
 from pipeline.media.probe import (
     ASF_HEADER,
     DISCONTINUITY_S,
+    EBML_MAGIC,
     cut_short_by_duration,
     main_video_stream,
     quarter_turns,
@@ -881,10 +882,6 @@ def _frames_cut(cut: tuple[float, float] | None, fps: float) -> tuple[int, float
         return 0, None
     last, claimed = cut
     return max(1, round((claimed - last) * fps)), claimed
-
-
-EBML_MAGIC = b"\x1a\x45\xdf\xa3"
-"""The first four bytes of a Matroska or WebM file (its EBML header)."""
 
 
 def _lost_on_decord(path: str, frames: int, fps: float, timestamps: np.ndarray | None,

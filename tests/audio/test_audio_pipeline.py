@@ -410,6 +410,40 @@ def test_the_header_readers_take_only_what_a_header_states(tmp_path):
     assert not mp3_counts_frames(write("empty.mp3", b""))
 
 
+def test_the_size_a_header_states_is_read_where_it_is_stated(tmp_path):
+    """The bytes a header says its file has (the end of a file that was not cut short): an FLV's ``filesize``, an
+    ASF's file size, a Matroska Segment's size (from where its data starts), an MP3's Xing byte count (from its
+    frame, behind an ID3 tag); none where the size is unknown (a Matroska file written live), not a number, not
+    flagged, or the file is missing; a file holds its stated size when it has at least those bytes."""
+    import struct
+
+    from pipeline.media.probe import ASF_FILE_PROPERTIES, ASF_HEADER, holds_stated_size, stated_size
+
+    def write(name: str, data: bytes) -> str:
+        (tmp_path / name).write_bytes(data)
+        return str(tmp_path / name)
+
+    def flv(size: float) -> bytes:
+        return b"FLV\x01\x05" + bytes(20) + b"\x00\x08filesize\x00" + struct.pack(">d", size) + bytes(10)
+
+    assert stated_size(write("a.flv", flv(5000.0))) == 5000 and not holds_stated_size(str(tmp_path / "a.flv"))
+    assert stated_size(write("b.flv", flv(float("nan")))) is None and stated_size(write("c.flv", flv(0.0))) is None
+    assert holds_stated_size(write("d.flv", flv(40.0)))  # 43 bytes on disk
+    asf = ASF_HEADER + bytes(14) + ASF_FILE_PROPERTIES + struct.pack("<Q", 104) + bytes(16) + struct.pack("<Q", 999)
+    assert stated_size(write("a.wmv", asf + bytes(64))) == 999
+    ebml = b"\x1a\x45\xdf\xa3" + b"\x84" + bytes(4)  # an EBML header of 4 bytes, then the Segment
+    assert stated_size(write("a.mkv", ebml + b"\x18\x53\x80\x67" + b"\x42\x00" + bytes(600))) == 9 + 6 + 512
+    assert holds_stated_size(str(tmp_path / "a.mkv"))  # 615 bytes on disk, 527 stated
+    assert stated_size(write("live.mkv", ebml + b"\x18\x53\x80\x67" + b"\x01" + b"\xff" * 7 + bytes(64))) is None
+    assert stated_size(write("other.mkv", ebml + b"\x1f\x43\xb6\x75" + b"\x84" + bytes(64))) is None
+    frame = b"\xff\xfb\x90\x64" + bytes(32)
+    id3 = b"ID3\x03\x00\x00" + bytes([0, 0, 8, 0]) + bytes(1024)
+    assert stated_size(write("a.mp3", id3 + frame + b"Xing" + struct.pack(">III", 3, 230, 9000) + bytes(64))) == (
+        1034 + 9000)
+    assert stated_size(write("b.mp3", id3 + frame + b"Xing" + struct.pack(">II", 1, 230) + bytes(64))) is None
+    assert stated_size(str(tmp_path / "missing.flv")) is None and not holds_stated_size(str(tmp_path / "missing"))
+
+
 def _silence_then_noise_mp3(path: str) -> str:
     """A variable bit rate MP3 without a Xing header whose first frames are silent: FFmpeg estimates its duration
     from their low bit rate, 33.6 s for 20."""

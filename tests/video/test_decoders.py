@@ -206,6 +206,68 @@ def test_a_matroska_file_cut_short_is_told_by_its_stated_duration(tmp_path, ext,
         assert v.meta.num_frames in (50, 100) and tally.video_frames_lost == 0 and tally.spans == []
 
 
+def _stated_longer(path: str, dst: str, seconds: float) -> str:
+    """A copy of ``path`` (4 s, as the muxer wrote it) whose header states ``seconds`` instead: an FLV's
+    ``onMetaData`` duration, an ASF's play duration, a Matroska file's Duration (a muxer's or a tool's wrong
+    figure, in a file that holds every byte its header says it has)."""
+    import struct
+
+    from pipeline.media.probe import ASF_FILE_PROPERTIES
+
+    data = bytearray(open(path, "rb").read())
+    if data[:3] == b"FLV":
+        at = data.find(b"\x00\x08duration\x00") + 11
+        data[at:at + 8] = struct.pack(">d", seconds)
+    elif data[:4] == b"\x30\x26\xb2\x75":
+        at = data.find(ASF_FILE_PROPERTIES) + 24 + 40
+        play = struct.unpack("<Q", data[at:at + 8])[0]
+        data[at:at + 8] = struct.pack("<Q", play + int((seconds - 4) * 1e7))
+    else:  # Matroska's Duration (0x4489), a float of 8 or 4 bytes in the segment's time scale (ms)
+        at = data.find(b"\x44\x89")
+        if data[at + 2] == 0x88:
+            data[at + 3:at + 11] = struct.pack(">d", seconds * 1000)
+        else:
+            data[at + 3:at + 7] = struct.pack(">f", seconds * 1000)
+    open(dst, "wb").write(data)
+    return dst
+
+
+@pytest.mark.parametrize("ext,codecs", [("mkv", _X264_AAC), ("flv", _X264_AAC),
+                                        ("webm", ("-c:v", "libvpx-vp9", "-deadline", "realtime", "-c:a", "libopus")),
+                                        ("wmv", ("-c:v", "wmv2", "-c:a", "wmav2"))])
+def test_a_whole_file_whose_header_states_a_longer_duration_is_not_cut_short(tmp_path, ext, codecs):
+    """A file whose header states 8 s for 4 s of pictures and sound, but which holds every byte its header says it
+    has (FLV's ``filesize``, ASF's file size, Matroska's Segment size): the stated duration is wrong, not the file,
+    and neither its pictures nor its sound are called cut short (they were: 100 frames lost and a span to 8 s). The
+    same file cut at 40% of its bytes still is."""
+    from pipeline.audio.decode import decode_audio
+    from pipeline.media import damage
+    from pipeline.media.probe import holds_stated_size
+
+    whole = str(tmp_path / f"whole.{ext}")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=4", "-f", "lavfi", "-i",
+                       "sine=duration=4", *codecs, whole])
+    wrong = _stated_longer(whole, str(tmp_path / f"wrong.{ext}"), 8.0)
+    import av
+
+    with av.open(wrong) as c:
+        assert c.duration / av.time_base == pytest.approx(8.0, abs=0.1)  # FFmpeg reads the wrong figure
+    v, tally = _tally_of(wrong, "pyav")
+    assert v.meta.num_frames == 100 and tally.video_frames_lost == 0 and tally.spans == [] and holds_stated_size(wrong)
+    tally = damage.ItemDamage()
+    token = damage.current_damage.set(tally)
+    try:
+        assert len(decode_audio(wrong)) == pytest.approx(4 * 16000, abs=0.1 * 16000)  # WMA pads a frame
+    finally:
+        damage.current_damage.reset(token)
+    assert tally.spans == []
+    data = open(wrong, "rb").read()
+    cut = str(tmp_path / f"cut.{ext}")
+    open(cut, "wb").write(data[: len(data) * 2 // 5])
+    v, tally = _tally_of(cut, "pyav")
+    assert not holds_stated_size(cut) and tally.video_frames_lost > 0 and tally.spans[-1]["end_s"] > 7
+
+
 @pytest.mark.parametrize("backend", ["decord", "torchcodec", "pyav"])
 def test_an_avis_dropped_frames_are_not_lost_and_its_cut_is(tmp_path, backend):
     """An AVI holds an empty chunk for each frame dropped at capture (shown as the one before; FFmpeg's muxer writes
