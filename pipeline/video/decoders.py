@@ -535,6 +535,9 @@ class PyAVBackend:
         got: dict[int, np.ndarray] = {}
         agrees = index_of is not None and index_of.pts is not None and not index_of.repeats
         keyed = agrees and not index_of.may_jump  # a keyframe's timestamp names its place, if not its frames' order
+        # frames passed over after an error waiting for a keyframe, at most the longest stretch between two of them
+        patience = int(np.diff(index_of.key_positions).max(initial=0)) + 1 if keyed else 0
+        skipped = 0
         i, prev, failed = -1, None, None  # the last frame's place, that frame, the error of packets since it
         bad, lost, concealed = 0, [], 0  # packets that did not decode, the [a, b) places of the frames they held
         spans: list[tuple[float, float]] = []  # seconds from the first frame that the stretches spoil
@@ -578,8 +581,8 @@ class PyAVBackend:
                         # order): a keyframe shows where it decodes, as nothing before it shows after it
                         j = index_of.get(frame.pts)
                     if failed is not None and (j is None or j <= i):
-                        if keyed and not agrees:
-                            skipping = True
+                        if keyed and not agrees and skipped < patience:
+                            skipping, skipped = True, skipped + 1
                             continue  # passed over to the next keyframe, which places itself (else: the end)
                         break  # nothing places it: the clip ends at the error (below)
                     if j is not None and j > i + 1:
@@ -590,7 +593,7 @@ class PyAVBackend:
                         lost.append((i + 1, j))
                         spans.append(index_of.damaged_span(i + 1, j))
                         i = j - 1
-                    failed = None
+                    failed, skipped = None, 0
                     i += 1
                     if agrees and index_of.get(frame.pts) != i:
                         agrees = False  # an edit list or a stream the timestamps cannot name: places by count only

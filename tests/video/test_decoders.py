@@ -578,6 +578,27 @@ def test_h264_in_avi_after_a_corrupt_stretch_is_in_place_again_from_the_next_key
     assert tally.spans[0]["start_s"] <= differ[0] + 0.12 and differ[-1] < tally.spans[-1]["end_s"]
 
 
+def test_h264_in_avi_without_a_keyframe_after_the_stretch_ends_there(tmp_path):
+    """One keyframe, at the start: nothing after packets that do not decode can name its place, and the frames after
+    them are passed over no longer than the longest stretch between two keyframes of the file (a film would else be
+    decoded to its end for nothing): the clip ends at the error, a broken tail, as before."""
+    from pipeline.media import damage
+
+    clean = str(tmp_path / "clean.avi")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=8", "-c:v", "libx264", "-bf",
+                       "2", "-g", "1000", clean])
+    bad = _garbled_packets(clean, str(tmp_path / "bad.avi"), 100, 3)
+    tally = damage.ItemDamage()
+    token = damage.current_damage.set(tally)
+    try:
+        v = decode_video(bad, [Uniform(8)], available_backends(("pyav",)))
+    finally:
+        damage.current_damage.reset(token)
+    assert 90 <= v.meta.num_frames <= 102 and tally.video_frames_lost == 200 - v.meta.num_frames
+    (span,) = tally.spans
+    assert span["start_s"] == pytest.approx(v.meta.num_frames / 25) and span["end_s"] == pytest.approx(8.0)
+
+
 def test_an_avis_sound_after_a_corrupt_stretch_keeps_its_place_and_a_clean_ones_ends_where_it_ends(corrupt_avi,
                                                                                                    tmp_path):
     """The AVI's PCM sound after the stretch is where the clean file's is (the chunks passed over are silence, the
