@@ -481,7 +481,7 @@ def corrupt_avi(tmp_path_factory):
 
 def test_an_avis_chunks_passed_over_in_a_corrupt_stretch_keep_the_frames_after_them_in_place(corrupt_avi, caplog):
     """The demuxer times an AVI's packets by counting chunks, so after a stretch it passed over every frame came
-    early by the time the stretch held (0.8 s here), and the file's last 0.8 s were reported lost as a broken tail.
+    early by the time the stretch held (0.4 s here), and the file's last 0.4 s were reported lost as a broken tail.
     Timed by the file's index (``ChunkClock``), each frame keeps its time: every frame is the clean file's frame of
     that time, but for those from the stretch to the next keyframe (decoded from lost references); the frames lost
     are the chunks the index lists and nothing demuxed, their span in the middle, and none at the end. A B-frame
