@@ -199,18 +199,25 @@ def wav_stated_seconds(path: str) -> float | None:
 def flv_stated_seconds(path: str) -> float | None:
     """The duration an FLV file's ``onMetaData`` states (the muxer writes it at the end; a file written to a pipe or
     streamed live leaves it 0, and FFmpeg then reads where the last tag ends); None where it states none."""
-    import struct
-
     try:
         with open(path, "rb") as f:
             head = f.read(4096)  # the header, then the script tag
     except OSError:
         return None
-    at = head.find(b"\x00\x08duration\x00") if head[:3] == b"FLV" else -1  # the AMF key, then a number (type 0)
-    if at < 0 or len(head) < at + 19:
+    return _flv_number(head, b"duration")
+
+
+def _flv_number(head: bytes, key: bytes) -> float | None:
+    """The number an FLV's ``onMetaData`` gives ``key`` (in ``head``, the file's first bytes: the AMF key, then a
+    number, type 0); None where it gives none, 0 or NaN."""
+    import struct
+
+    at = head.find(b"\x00" + bytes([len(key)]) + key + b"\x00", 0, 4096) if head[:3] == b"FLV" else -1
+    value_at = at + len(key) + 3
+    if at < 0 or len(head) < value_at + 8:
         return None
-    seconds = struct.unpack(">d", head[at + 11:at + 19])[0]
-    return seconds if seconds > 0 and seconds == seconds else None
+    value = struct.unpack(">d", head[value_at:value_at + 8])[0]
+    return value if value > 0 and value == value else None
 
 
 ASF_HEADER = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
@@ -231,12 +238,20 @@ def asf_stated_seconds(path: str) -> float | None:
             head = f.read(1 << 16)  # the header object: the file properties come early in it
     except OSError:
         return None
-    at = head.find(ASF_FILE_PROPERTIES) if head[:16] == ASF_HEADER else -1
-    if at < 0 or len(head) < at + 24 + 68:
+    at = _asf_properties(head, 68)
+    if at is None:
         return None
-    play, _, preroll, flags = struct.unpack("<QQQI", head[at + 24 + 40:at + 24 + 68])
+    play, _, preroll, flags = struct.unpack("<QQQI", head[at + 40:at + 68])
     seconds = play / 1e7 - preroll / 1e3
     return seconds if not flags & 1 and seconds > 0 else None
+
+
+def _asf_properties(head: bytes, need: int) -> int | None:
+    """Where the fields of an ASF file's properties object begin in ``head`` (the file's first bytes: after the
+    object's GUID and size; its file ID, file size, dates, counts, durations, flags), where ``head`` holds ``need``
+    bytes of them; None else."""
+    at = head.find(ASF_FILE_PROPERTIES) if head[:16] == ASF_HEADER else -1
+    return at + 24 if at >= 0 and len(head) >= at + 24 + need else None
 
 
 @dataclass(frozen=True)
@@ -336,17 +351,11 @@ def stated_size(path: str) -> int | None:
     except OSError:
         return None
     if head[:3] == b"FLV":
-        at = head.find(b"\x00\x08filesize\x00", 0, 4096)  # the AMF key, then a number (type 0)
-        if at < 0 or len(head) < at + 19:
-            return None
-        size = struct.unpack(">d", head[at + 11:at + 19])[0]
-        return int(size) if size > 0 and size == size else None
+        size = _flv_number(head, b"filesize")
+        return int(size) if size is not None else None
     if head[:16] == ASF_HEADER:
-        at = head.find(ASF_FILE_PROPERTIES)
-        if at < 0 or len(head) < at + 24 + 24:
-            return None
-        size = struct.unpack("<Q", head[at + 24 + 16:at + 24 + 24])[0]  # after the object's size and its file ID
-        return size or None
+        at = _asf_properties(head, 24)
+        return (struct.unpack("<Q", head[at + 16:at + 24])[0] or None) if at is not None else None  # after its ID
     if head[:4] == EBML_MAGIC:
         size, data = _ebml_size(head, 4)
         if size is None or head[data + size:data + size + 4] != MKV_SEGMENT:
