@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,16 +88,21 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         header, seen = (clock.with_data() if clock is not None else int(stream.frames or 0)), Demuxed()
         stated = stated_duration(container)  # where the header states the end (FFmpeg gives a WAV what it holds)
         claimed = max(claimed or 0.0, stated) if stated is not None else claimed
-        mp3 = mp3_header(path) if "mp3" in container.format.name.split(",") else None
-        # a variable bit rate MP3 that counts its frames and holds every byte it states: the time one stretch held
-        # is the stated duration less what decoded (``UnplacedStretch``)
-        told = stated is not None and mp3 is not None and bool(mp3.frames) and holds_stated_size(path)
+
+        def told() -> int | None:  # asked at a variable bit rate's first stretch only: it reads the file's header
+            """The frames a variable bit rate MP3's Xing or VBRI header counts, where the file states its end and
+            holds every byte its header states: the time one stretch held is the stated duration less what decoded
+            (``UnplacedStretch``). None else."""
+            mp3 = mp3_header(path) if stated is not None and "mp3" in container.format.name.split(",") else None
+            return mp3.frames if mp3 is not None and mp3.frames and holds_stated_size(path) else None
+
         mark, marked_spans, after_mark = None, 0, False  # where such a stretch began: (parts, samples), spans before
+        counted = 0  # the frames its header counts
         broke = False
         try:
             for frame in _frames(container, stream, seen, clock, told):
                 if isinstance(frame, UnplacedStretch):
-                    mark, marked_spans = (len(parts), total), len(spans)
+                    mark, marked_spans, counted = (len(parts), total), len(spans), frame.frames
                     continue
                 if isinstance(frame, av.error.FFmpegError):
                     bad, failed = bad + 1, frame
@@ -149,7 +155,7 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         if mark is not None and (broke or not after_mark):  # a second stretch, or none decoded after: it ends there
             del parts[mark[0]:], spans[marked_spans:]
         elif mark is not None:  # the one stretch held the frames the header counts and nothing decoded: silence
-            missing = round((mp3.frames - seen.decoded) * stream.codec_context.frame_size * sample_rate
+            missing = round((counted - seen.decoded) * stream.codec_context.frame_size * sample_rate
                             / stream.sample_rate)
             if missing > 0:
                 parts.insert(mark[0], np.zeros((channels, missing), np.float32))
@@ -205,9 +211,13 @@ instead (MP3: the audio after 6 s lost in a 5-minute file came 6 s early), so th
 bytes, where the stream has a constant bit rate (``_frames``)."""
 
 
+@dataclass(frozen=True)
 class UnplacedStretch:
     """A corrupt stretch in a variable bit rate MP3 begins here: the frames after it come early by the time it held,
-    which only the end of the decode tells (the stated duration less what decoded: ``decode_audio``)."""
+    which only the end of the decode tells (the ``frames`` its header counts less those that decoded:
+    ``decode_audio``)."""
+
+    frames: int
 
 
 @dataclass(frozen=True)
@@ -228,7 +238,7 @@ class Demuxed:
 
 
 def _frames(container, stream, seen: Demuxed | None = None, clock: ChunkClock | None = None,
-            told: bool = False):
+            told: Callable[[], int | None] | None = None):
     """The stream's frames, a packet at a time; a packet that does not decode (a corrupt stretch: a bad sector, a
     damaged download) yields its error and the decode goes on, where ``container.decode`` would end at it, and
     ``decode_audio`` fills the time it held with silence (as it fills a gap in the timestamps), so that speech after
@@ -245,10 +255,10 @@ def _frames(container, stream, seen: Demuxed | None = None, clock: ChunkClock | 
     own times, as in a timed container. Before, the audio after a zeroed stretch came early by the time it held.
     ``clock``: the stream's (``ChunkClock.of``), for a pass of its own.
 
-    ``told``: a variable bit rate MP3 that states its duration and holds every byte it states
-    (``holds_stated_size``): its first stretch is passed over too (``UnplacedStretch`` where it begins, the frames
-    after it uncorrected), the time it held told by the end of the decode; a second one ends the audio, as at a
-    variable rate without such a header (two stretches' shares of the time lost are unknown)."""
+    ``told``: asked at the first stretch of a variable bit rate, the frames the file's header counts where they tell
+    the time it held (``decode_audio``): the stretch is then passed over too (``UnplacedStretch`` where it begins,
+    the frames after it uncorrected), the time it held told by the end of the decode; a second one ends the audio,
+    as at a variable rate where they do not (two stretches' shares of the time lost are unknown)."""
     import av
 
     clock = clock.fresh() if clock is not None else None
@@ -269,11 +279,14 @@ def _frames(container, stream, seen: Demuxed | None = None, clock: ChunkClock | 
             frames = packet.decode()
         except av.error.FFmpegError as e:
             if not timed and (not good_ticks or largest - smallest > 1 or packet.pts is None):
-                if not told or stretch == "past":
+                if told is None or stretch == "past":
                     raise  # a variable bit rate: how long the stretch was is unknown
                 if stretch is None:
+                    counted = told()
+                    if counted is None:
+                        raise
                     stretch = "in"
-                    yield UnplacedStretch()
+                    yield UnplacedStretch(counted)
             elif not timed:
                 failed_bytes += packet.size
             yield e
