@@ -545,14 +545,13 @@ class PyAVBackend:
         # since a corrupt stretch (the decode time of the packet after it), until a keyframe decoded after it: the
         # decoder may drop frames; frames still come out that were decoded before it (a decoder's delay)
         recovering: int | None = None
-        clock = index_of.chunks.fresh() if index_of is not None and index_of.chunks is not None else None
         with _open(path, hw) as c:
             stream = _decoding_stream(c, hw)
             if start:
                 c.seek(int(index_of.pts[start]), stream=stream, backward=True, any_frame=False)
             sought = bool(start)  # the first packet after a seek passes over every chunk before it
-            for packet in c.demux(stream):
-                if clock is not None and clock.place(packet) and not sought:  # chunks passed over (``_placed``)
+            for packet, passed in _placed(c, stream, index_of):
+                if passed and not sought:  # an AVI's chunks passed over
                     recovering = packet.dts
                 sought = sought and not packet.size
                 try:
@@ -627,17 +626,16 @@ class PyAVBackend:
 
 def _placed(container, stream, index_of: _FrameIndex | None):
     """``container.demux(stream)``, each packet of an AVI timed by the file's index as ``index_of``'s were
-    (``chunks.ChunkClock``: after a corrupt stretch the demuxer's count would time every packet early)."""
+    (``chunks.ChunkClock``: after a corrupt stretch the demuxer's count would time every packet early), with the
+    chunks the demuxer passed over before it (0 elsewhere)."""
     clock = index_of.chunks.fresh() if index_of is not None and index_of.chunks is not None else None
     for packet in container.demux(stream):
-        if clock is not None:
-            clock.place(packet)
-        yield packet
+        yield packet, clock.place(packet) if clock is not None else 0
 
 
 def _decoded(container, stream, index_of: _FrameIndex | None):
     """``container.decode(stream)`` over ``_placed`` packets."""
-    for packet in _placed(container, stream, index_of):
+    for packet, _ in _placed(container, stream, index_of):
         yield from packet.decode()
 
 
