@@ -12,6 +12,7 @@ import numpy as np
 from pipeline.errors import DecodeError, ItemTimeout
 from pipeline.media import damage
 from pipeline.media.chunks import ChunkClock
+from pipeline.media.packets import demux
 from pipeline.media.probe import (
     DISCONTINUITY_S,
     cut_short_by_duration,
@@ -76,13 +77,17 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         parts: list[np.ndarray] = []
         total = 0
         cap = None if max_seconds is None else int(max_seconds * sample_rate)
-        expected = float(container.start_time) / av.time_base if container.start_time is not None else 0.0
+        # a raw FLAC starts at its first sample: FFmpeg takes the first packet's time, a later one where the first
+        # frames' headers are damaged (the audio after them then came early by the frames lost)
+        raw_flac = container.format.name == "flac"
+        start = container.start_time if container.start_time is not None and not raw_flac else 0
+        expected = float(start) / av.time_base
         jump_s = DISCONTINUITY_S if timestamps_may_jump(container) else None  # a splice, not missing audio
         first = True
         bad, failed = 0, None  # packets that did not decode (a corrupt stretch), and the last one's error
         placed, spans = 0, []  # the bad packets whose silence is placed; the seconds that silence spans
         claimed = container.duration / av.time_base if container.duration else None  # where the file says it ends
-        origin = container.start_time / av.time_base if container.start_time is not None else 0.0
+        origin = start / av.time_base
         clock = ChunkClock.of(container, stream)  # an AVI's index: each packet's time, and every chunk
         # the packets the header lists (MP4; an AVI's index: its header counts PCM's samples), and those that demux
         header, seen = (clock.with_data() if clock is not None else int(stream.frames or 0)), Demuxed()
@@ -200,10 +205,13 @@ TAIL_S = 0.05
 """Audio that a broken tail (or a corrupt stretch nothing decodes after) ends more than this before the container's
 duration has the rest as a span of ``result_info.corrupt_spans``."""
 
-TIMED_CONTAINERS = ("mov", "mp4", "matroska", "webm", "mpegts", "ogg")
+TIMED_CONTAINERS = ("mov", "mp4", "matroska", "webm", "mpegts", "ogg", "flac", "flv", "asf", "mpeg")
 """Container formats whose packets carry timestamps of their own (``container.format.name`` holds one of these):
-after a corrupt stretch the next frame's time says where it belongs. A raw stream's demuxer counts the frames
-instead (MP3: the audio after 6 s lost in a 5-minute file came 6 s early), so there the time lost is measured in
+after a corrupt stretch the next frame's time says where it belongs (a raw FLAC's frames number themselves in their
+headers, which FFmpeg's parser reads: even a stretch over its first frames is placed; FLV's tags, ASF's payloads and
+MPEG-PS's PES packets carry their times: an MPEG-PS's MP2 after a stretch was moved by its bytes as well, 0.74 s
+early in a 40-s film, and an FLV whose first AAC packets did not decode lost all its sound). A raw stream's demuxer counts
+the frames instead (MP3: the audio after 6 s lost in a 5-minute file came 6 s early), so there the time lost is measured in
 bytes, where the stream has a constant bit rate (``_frames``)."""
 
 
@@ -262,7 +270,7 @@ def _frames(container, stream, seen: Demuxed | None = None, clock: ChunkClock | 
     good_bytes = good_ticks = failed_bytes = offset = 0  # raw streams: what decoded so far, in bytes and ticks
     smallest, largest, end = None, None, None
     stretch = None  # a variable rate's stretch passed over (``told``): None, "in" it, or "past" it
-    for packet in container.demux(stream):
+    for packet in demux(container, stream):
         passed = clock.place(packet) if clock is not None else 0
         if passed:
             if seen is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -12,6 +14,8 @@ import pyarrow as pa
 from pipeline.batching import first_line, is_out_of_memory, release_memory
 from pipeline.errors import FilterError, MediasieveError, OutOfMemory
 from pipeline.media.item import MediaItem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -141,8 +145,25 @@ class Filter:
             if is_out_of_memory(e):  # not the filter's bug: retryable, and the memory is given back first
                 release_memory()
                 raise OutOfMemory(f"{self.name}: {first_line(e)}") from e
-            raise FilterError(f"{self.name}: {type(e).__name__}: {e}") from e
+            where = raised_at(e)
+            # a bug: the row says where, the log keeps the whole stack for the report
+            log.warning("filter %s raised %s on item %s (a bug in mediasieve or a model; the item fails)",
+                        self.name, type(e).__name__, media.item_id, exc_info=True)
+            raise FilterError(f"{self.name}: {type(e).__name__}: {e}" + (f" (at {where})" if where else "")) from e
         return result, time.perf_counter() - start + media.claim_seconds(self.frame_requests(), before)
+
+
+def raised_at(e: BaseException) -> str | None:
+    """Where ``e`` was raised, as ``pipeline/audio/cuts.py:123 in cut_points``: the innermost frame of mediasieve's
+    own code (a library's frame names where it was called wrongly less often than ours does), else the innermost."""
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return None
+    ours = [f for f in frames if f"{os.sep}pipeline{os.sep}" in f.filename or f"{os.sep}models{os.sep}" in f.filename]
+    f = (ours or frames)[-1]
+    parts = f.filename.split(os.sep)
+    short = os.sep.join(parts[-3:] if len(parts) >= 3 and parts[-3] == "pipeline" else parts[-2:])
+    return f"{short}:{f.lineno} in {f.name}"
 
 
 class VideoFilter(Filter):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pipeline.errors import DecodeError
+from pipeline.media.packets import demux
 
 
 @dataclass(frozen=True)
@@ -381,7 +382,7 @@ def _streams_end(path: str, origin: float, check=None) -> float:
 
     end = 0.0
     with av.open(path) as c:
-        for n, p in enumerate(c.demux()):
+        for n, p in enumerate(demux(c)):
             if check is not None and n % 4096 == 0:
                 check()
             if p.pts is not None and p.size:
@@ -520,16 +521,34 @@ def _open(path: str):
         raise DecodeError(f"cannot open media: {type(e).__name__}: {e}") from e
 
 
-def _first_frame(container, stream):
+FIRST_FRAME_PATIENCE = 256
+"""Packets that do not decode before the first frame that does, at most (a damaged start: a zeroed sector, flipped
+bits in the first GOP or the first audio frames), before the stream is called undecodable."""
+
+
+def first_frame(container, stream):
+    """The first frame of ``stream`` that decodes, passing over up to ``FIRST_FRAME_PATIENCE`` packets that do not
+    (the ffmpeg CLI decodes such a file from its first good frame; ``container.decode`` ends at the first error).
+
+    Raises:
+        DecodeError: no packet decodes before the patience runs out (with the first error), or none at all.
+    """
     import av
 
-    try:
-        frame = next(iter(container.decode(stream)), None)
-    except (av.error.FFmpegError, ValueError, StopIteration) as e:
-        raise DecodeError(f"first frame does not decode: {type(e).__name__}: {e}") from e
-    if frame is None:
-        raise DecodeError("stream holds no decodable frame")
-    return frame
+    first_error, bad = None, 0
+    for packet in demux(container, stream):
+        try:
+            frames = packet.decode()
+        except (av.error.FFmpegError, ValueError) as e:
+            first_error, bad = first_error or e, bad + 1
+            if bad > FIRST_FRAME_PATIENCE:
+                break
+            continue
+        if frames:
+            return frames[0]
+    if first_error is not None:
+        raise DecodeError(f"first frame does not decode: {type(first_error).__name__}: {first_error}") from first_error
+    raise DecodeError("stream holds no decodable frame")
 
 
 def probe_media(path: str) -> MediaInfo:
@@ -579,14 +598,17 @@ def probe_media(path: str) -> MediaInfo:
         if duration is None and stream.duration and stream.time_base:
             duration = float(stream.duration * stream.time_base)
         try:
-            frame = _first_frame(container, stream)
+            frame = first_frame(container, stream)
         except DecodeError:
             if stream is amain or amain is None:
                 raise
             # the pictures are broken but the sound is not: the audio filters can still use the item (the video
             # filters fail on it in their own decode)
-            _first_frame(container, amain)
+            first_frame(container, amain)
             frame = None
+        if stream is amain and frame is not None:  # what the audio decodes to, where the header's guess differs
+            audio = replace(audio, sample_rate=int(frame.sample_rate or audio.sample_rate),
+                            channels=int(frame.layout.nb_channels or audio.channels))
         if video is not None:
             video = replace(video, **color_description(vmain.codec_context, frame))
         if frame is not None and video is not None:

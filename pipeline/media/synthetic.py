@@ -166,6 +166,64 @@ def zeroed_middle_copy(src: str, dst: str, fraction: float = 0.02) -> str:
     return dst
 
 
+def garbled_packets_copy(src: str, dst: str, kind: str = "audio", first: int = 2, seed: int = 0) -> str:
+    """A copy of ``src`` with the bytes of the first ``first`` packets of its first ``kind`` stream replaced in place
+    by random ones (flipped bits at the start of a download; the first 64 of a packet split across the container's
+    own): the container is untouched, those packets do not decode, and every packet after them is as it was."""
+    import random
+
+    import av
+
+    data = bytearray(open(src, "rb").read())
+    rng = random.Random(seed)
+    with av.open(src) as c:
+        stream = getattr(c.streams, kind)[0]
+        done = 0
+        for packet in c.demux(stream):
+            if done == first:
+                break
+            if not packet.size:
+                continue
+            payload = bytes(packet)
+            at = data.find(payload, max(0, packet.pos or 0))
+            if at < 0:  # split across the container's own packets (MPEG-PS): its head, with the frame's header
+                payload = payload[:64]
+                at = data.find(payload, max(0, packet.pos or 0))
+            if at < 0:
+                raise ValueError(f"packet {done} of {src} is not stored in the file as it demuxes")
+            data[at:at + len(payload)] = rng.randbytes(len(payload))
+            done += 1
+    with open(dst, "wb") as f:
+        f.write(data)
+    return dst
+
+
+def flv_caption_copy(src: str, dst: str, share: float = 0.7, text: str = "a caption") -> str:
+    """A copy of the FLV ``src`` with a caption (an ``onTextData`` script tag, as a live stream's captions come) put
+    before the tag at ``share`` of its tags: FFmpeg adds a subtitle stream when it meets it, past the streams it
+    found on opening."""
+    import struct
+
+    def amf_string(value: str) -> bytes:
+        raw = value.encode()
+        return struct.pack(">H", len(raw)) + raw
+
+    data = open(src, "rb").read()
+    starts, pos = [], 13  # the FLV header (9 bytes) and the first PreviousTagSize
+    while pos + 11 <= len(data):
+        starts.append(pos)
+        pos += 11 + int.from_bytes(data[pos + 1:pos + 4], "big") + 4
+    at = starts[int(len(starts) * share)]
+    ts = int.from_bytes(data[at + 4:at + 7], "big") | data[at + 7] << 24
+    body = (b"\x02" + amf_string("onTextData") + b"\x08" + struct.pack(">I", 1) + amf_string("text") + b"\x02"
+            + amf_string(text) + b"\x00\x00\x09")
+    tag = (bytes([18]) + len(body).to_bytes(3, "big") + (ts & 0xFFFFFF).to_bytes(3, "big") + bytes([ts >> 24 & 0xFF])
+           + bytes(3) + body + struct.pack(">I", 11 + len(body)))
+    with open(dst, "wb") as f:
+        f.write(data[:at] + tag + data[at:])
+    return dst
+
+
 def broken_pictures_copy(src: str, dst: str, seed: int = 0) -> str:
     """``src`` remuxed with every video packet replaced by random bytes of the same size and timing, the audio
     untouched: a recording whose pictures are lost and whose sound is not."""

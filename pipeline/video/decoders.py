@@ -22,11 +22,13 @@ import torch
 from pipeline.errors import DecodeError, DecodeTimeout, ItemTimeout
 from pipeline.media import damage
 from pipeline.media.chunks import ChunkClock
+from pipeline.media.packets import demux
 from pipeline.media.probe import (
     ASF_HEADER,
     DISCONTINUITY_S,
     EBML_MAGIC,
     cut_short_by_duration,
+    first_frame,
     main_video_stream,
     quarter_turns,
     stated_duration,
@@ -629,7 +631,7 @@ def _placed(container, stream, index_of: _FrameIndex | None):
     (``chunks.ChunkClock``: after a corrupt stretch the demuxer's count would time every packet early), with the
     chunks the demuxer passed over before it (0 elsewhere)."""
     clock = index_of.chunks.fresh() if index_of is not None and index_of.chunks is not None else None
-    for packet in container.demux(stream):
+    for packet in demux(container, stream):
         yield packet, clock.place(packet) if clock is not None else 0
 
 
@@ -769,7 +771,7 @@ class _FrameIndex:
             with av.open(path) as c:
                 s = main_video_stream(c)
                 clock = ChunkClock.of(c, s)
-                for p in c.demux(s):
+                for p in demux(c, s):
                     if clock is not None:
                         clock.place(p)
                     packets += p.size > 0
@@ -944,13 +946,11 @@ def _lost_tail(header: int, index: _FrameIndex | None, stated_s: float | None,
 def _first_frame_rotation(container, stream) -> float:
     """PyAV exposes the display matrix only on decoded frames; a stream whose first frame does not decode says 0
     here and fails in ``decode``."""
-    import av
-
     try:
-        frame = next(iter(container.decode(stream)), None)
-    except (av.error.FFmpegError, ValueError):
+        frame = first_frame(container, stream)
+    except DecodeError:
         return 0.0
-    return float(getattr(frame, "rotation", 0) or 0) if frame is not None else 0.0
+    return float(getattr(frame, "rotation", 0) or 0)
 
 
 def _upright_rgb(frame, size: tuple[int, int], prepare: Prepare | None = None) -> np.ndarray:

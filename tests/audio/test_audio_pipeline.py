@@ -198,6 +198,9 @@ def _wav(path: str, samples: np.ndarray, rate: int = 16000) -> str:
     return path
 
 
+FILM = ("-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=60")  # longer than the speech: -shortest
+
+
 @pytest.mark.parametrize("ext,encode,reported,slack_s", [
     ("m4a", (), True, 0.05), ("mp3", ("-b:a", "32k"), True, 0.05), ("flac", (), False, 0.05),
     pytest.param("mp3", ("-q:a", "4"), True, 0.05, id="vbr-mp3"),
@@ -251,6 +254,72 @@ def test_a_corrupt_stretch_in_a_recording_is_silence_and_the_rest_keeps_its_plac
         assert a - slack_s * 16000 <= spoken[0] and spoken[-1] <= b + slack_s * 16000
     else:
         assert tally.spans == []
+
+
+@pytest.mark.parametrize("ext,film,encode", [
+    pytest.param("flac", False, ("-c:a", "flac"), id="flac"),
+    pytest.param("flv", True, ("-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-shortest"), id="flv-aac"),
+    pytest.param("mpg", True, ("-c:v", "mpeg2video", "-c:a", "mp2", "-shortest"), id="mpeg-ps-mp2")])
+@pytest.mark.parametrize("garbled", [1, 3])
+def test_a_recording_whose_first_packets_do_not_decode_starts_with_their_silence(tmp_path, long_speech, ext, film,
+                                                                                  encode, garbled):
+    """Flipped bytes in the first audio packets (found by fuzzing damaged files): the ffmpeg CLI decodes the rest,
+    and so does the job now, the time they held silence and every frame after them in its place (the clean decode's
+    samples; an AAC decoder's noise substitution draws from a generator the lost frames no longer advanced, so
+    there within a small mean difference). Before, the probe of the FLAC failed ("first frame does not decode") and
+    the audio of both ended before it began ("audio does not decode"): the item failed. The raw FLAC's frames number
+    themselves and FLV's and MPEG-PS's packets carry their times; where they do not (MP3, ADTS), a stretch at the
+    start is as one in the middle at a variable bit rate."""
+    import av
+
+    from pipeline.media.probe import probe_media
+
+    clean = str(tmp_path / f"clean.{ext}")
+    synthetic._ffmpeg([*(FILM if film else ()), "-i", _wav(str(tmp_path / "s.wav"), long_speech), *encode, clean])
+    bad = synthetic.garbled_packets_copy(clean, str(tmp_path / f"bad.{ext}"), "audio", garbled)
+    ref = decode_audio(clean)
+    assert probe_media(bad).duration_s == probe_media(clean).duration_s
+    got = decode_audio(bad)
+    assert len(got) == len(ref)
+    with av.open(clean) as c:  # where the first packet after those garbled begins (a FLAC's parser joins them)
+        stream = c.streams.audio[0]
+        times = [float(p.pts * stream.time_base) for p in c.demux(stream) if p.size][:garbled + 1]
+    lost = round((times[-1] - times[0]) * 16000)
+    start = np.flatnonzero(got)[0]  # the silence of the frames lost; the first frame after them decodes
+    assert lost - 16 <= start <= lost + 1200  # the decoder's first frame after a loss may start quiet
+    after = start + 16000
+    assert _lag_s(got[after:], ref[after:]) == 0.0
+    assert np.abs(got[after:] - ref[after:]).mean() < (1e-3 if ext != "flac" else 1e-6)
+
+
+def test_a_corrupt_stretch_in_an_mpeg_ps_film_keeps_its_sound_in_place(tmp_path, long_speech):
+    """A DVD rip's or a broadcast capture's MPEG-PS with a stretch zeroed from inside one MP2 packet to just inside
+    one 30 packets (2.16 s) on: the demuxer passes over the packets between without an error and the one after the
+    stretch, its head lost, does not decode. Its packets carry their times, so the speech after is where they say
+    (the clean decode's samples). Before, the stream was taken for a raw one whose demuxer counts packets: the bytes
+    of the packet that failed were added to a time that already held the stretch, and the audio after it came
+    2.1 s early (found by fuzzing damaged files)."""
+    import av
+
+    clean = str(tmp_path / "film.mpg")
+    synthetic._ffmpeg(["-i", _wav(str(tmp_path / "s.wav"), long_speech), *FILM, "-c:v", "mpeg2video", "-c:a", "mp2",
+                       "-shortest", clean])
+    data = bytearray(open(clean, "rb").read())
+    with av.open(clean) as c:
+        origin = c.start_time / av.time_base  # the decode's zero
+        packets = [p for p in c.demux(c.streams.audio[0]) if p.size]
+        first, last = packets[len(packets) // 2], packets[len(packets) // 2 + 30]
+        a = data.find(bytes(first)[:64], first.pos) + 32
+        b = data.find(bytes(last)[:64], last.pos) + 100
+    data[a:b] = bytes(b - a)
+    bad = str(tmp_path / "bad.mpg")
+    open(bad, "wb").write(data)
+    ref, got = decode_audio(clean), decode_audio(bad)
+    assert len(got) == len(ref)
+    before, after = (round((float(p.pts * p.time_base) - origin) * 16000) for p in (first, last))
+    assert np.array_equal(got[:before], ref[:before])
+    assert _lag_s(got[after + 16000:], ref[after + 16000:]) == 0.0
+    assert np.abs(got[after + 16000:] - ref[after + 16000:]).mean() < 1e-4
 
 
 def _zeroed(src: str, dst: str, *at: float, fraction: float = 0.02) -> str:

@@ -3,6 +3,7 @@ a player shows, and the probe reports which it was; and what a stream says of it
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.audio.decode import decode_audio
 from pipeline.config import VideoConfig
@@ -131,3 +132,24 @@ def test_probe_reports_the_colour_description_as_ffprobe_does(tmp_path, name):
         assert (v.color_transfer, v.color_primaries, v.pix_fmt) == ("smpte2084", "bt2020", "yuv420p10le")
     if name == "untagged":
         assert (v.color_primaries, v.color_transfer, v.color_space) == (None, None, None)
+
+
+def test_a_stream_an_flv_adds_part_way_is_passed_over(tmp_path):
+    """A caption in an FLV (an ``onTextData`` tag, as live streams carry them) makes a stream FFmpeg adds when it
+    meets it, after the streams it found on opening. PyAV then raised IndexError at the end of every pass over the
+    file (its flush asks for a stream it never listed): the item failed as a bug in a filter (found by fuzzing
+    damaged files, where a garbled tag reads as one). The pictures, the sound and the probe are now as the file's
+    without the caption."""
+    from pipeline.video.decoders import PyAVBackend
+
+    clean = str(tmp_path / "clean.flv")
+    synthetic._ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=4", "-f", "lavfi", "-i",
+                       "sine=frequency=440:sample_rate=44100:duration=4", "-c:v", "libx264", "-preset", "ultrafast",
+                       "-pix_fmt", "yuv420p", "-c:a", "aac", clean])
+    captioned = synthetic.flv_caption_copy(clean, str(tmp_path / "captioned.flv"), share=0.7)
+    assert np.array_equal(decode_audio(captioned), decode_audio(clean))
+    request = Uniform(100)
+    got = decode_video(captioned, [request], [PyAVBackend()], random_access=False)
+    want = decode_video(clean, [request], [PyAVBackend()], random_access=False)
+    assert got.frames.shape[0] == want.frames.shape[0] == 100 and torch.equal(got.frames, want.frames)
+    assert probe_media(captioned).duration_s == probe_media(clean).duration_s
