@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.errors import DecodeError, ItemTimeout
 from pipeline.media import damage
 from pipeline.media.chunks import ChunkClock
-from pipeline.media.packets import demux
+from pipeline.media.packets import demux, open_container
 from pipeline.media.probe import (
     DISCONTINUITY_S,
     cut_short_by_duration,
@@ -67,7 +67,7 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
     import av
 
     try:
-        container = av.open(path)
+        container = open_container(path)
     except (av.error.FFmpegError, OSError, ValueError) as e:
         raise DecodeError(f"cannot open media: {type(e).__name__}: {e}") from e
     with container:

@@ -33,11 +33,10 @@ Vorbis, FLAC) are encoded to AAC."""
 def _audio_codecs(path: str) -> list[str]:
     """ffmpeg codec arguments for every audio track of ``path`` in the cropped MP4: copied where MP4 holds the
     codec, AAC otherwise (``-c:a copy`` of PCM made the whole encode fail)."""
-    import av
-
+    from pipeline.media.packets import open_container
     from pipeline.media.probe import codec_name
 
-    with av.open(path) as c:
+    with open_container(path) as c:
         codecs = [codec_name(s.codec_context) for s in c.streams.audio]
     args = []
     for i, codec in enumerate(codecs):

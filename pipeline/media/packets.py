@@ -1,10 +1,26 @@
-"""A container's packets through PyAV, whatever streams the file adds as it goes."""
+"""Containers and their packets through PyAV, whatever a file's metadata holds and whatever streams it adds as it
+goes."""
 
 from __future__ import annotations
 
 import logging
 
 log = logging.getLogger(__name__)
+
+
+def open_container(path: str, **options):
+    """``av.open(path)`` for reading, with metadata that is not UTF-8 passed over: PyAV refuses to open such a file
+    (``UnicodeDecodeError``), which the ffmpeg CLI decodes whole. Old tools write tags in Latin-1 or a Windows code
+    page (an AVI's INFO, an ASF's, ID3v1), and a damaged header reads as such: before, every decode but the probe's
+    failed on them (found by fuzzing damaged files).
+
+    Args:
+        path: a local media file.
+        options: more arguments of ``av.open`` (``hwaccel``).
+    """
+    import av
+
+    return av.open(path, metadata_errors="ignore", **options)
 
 
 def demux(container, *streams):

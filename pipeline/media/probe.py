@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pipeline.errors import DecodeError
-from pipeline.media.packets import demux
+from pipeline.media.packets import demux, open_container
 
 
 @dataclass(frozen=True)
@@ -378,10 +378,9 @@ def holds_stated_size(path: str) -> bool:
 
 def _streams_end(path: str, origin: float, check=None) -> float:
     """Where the last packet of any stream of ``path`` ends, in seconds on the file's timeline."""
-    import av
 
     end = 0.0
-    with av.open(path) as c:
+    with open_container(path) as c:
         for n, p in enumerate(demux(c)):
             if check is not None and n % 4096 == 0:
                 check()
@@ -516,7 +515,7 @@ def _open(path: str):
     import av
 
     try:
-        return av.open(path, metadata_errors="ignore")
+        return open_container(path)
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError, OSError) as e:
         raise DecodeError(f"cannot open media: {type(e).__name__}: {e}") from e
 

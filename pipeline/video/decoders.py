@@ -22,7 +22,7 @@ import torch
 from pipeline.errors import DecodeError, DecodeTimeout, ItemTimeout
 from pipeline.media import damage
 from pipeline.media.chunks import ChunkClock
-from pipeline.media.packets import demux
+from pipeline.media.packets import demux, open_container
 from pipeline.media.probe import (
     ASF_HEADER,
     DISCONTINUITY_S,
@@ -77,10 +77,9 @@ def _shown(packet) -> bool:
 
 def main_video_index(path: str) -> int | None:
     """The container index of the main video stream (``main_video_stream``); None where the file does not open."""
-    import av
 
     try:
-        with av.open(path) as c:
+        with open_container(path) as c:
             return main_video_stream(c).index
     except Exception:  # noqa: BLE001 - the decode that follows says what is wrong with the file
         return None
@@ -92,7 +91,7 @@ def timeline_offset(path: str) -> float:
     import av
 
     try:
-        with av.open(path) as c:
+        with open_container(path) as c:
             s = main_video_stream(c)
             if s.start_time is None or c.start_time is None:
                 return 0.0
@@ -404,9 +403,8 @@ class PyAVBackend:
         self._indices = _Handoff()  # the demux meta() read, for decode() to seek by
 
     def meta(self, path: str, stop: threading.Event | None = None) -> VideoMeta:
-        import av
 
-        with av.open(path) as c:
+        with open_container(path) as c:
             s = main_video_stream(c)
             rate = float(s.average_rate or s.guessed_rate or 0.0)
             n = header = int(s.frames or 0)
@@ -653,9 +651,7 @@ def _nvdec_accel(device: str):
 
 
 def _open(path: str, hw=None):
-    import av
-
-    return av.open(path) if hw is None else av.open(path, hwaccel=hw)
+    return open_container(path) if hw is None else open_container(path, hwaccel=hw)
 
 
 def _decoding_stream(container, hw=None):
@@ -768,7 +764,7 @@ class _FrameIndex:
         pts, dts, key = array("q"), array("q"), array("b")
         count, packets, timed, duration = 0, 0, True, 0
         try:
-            with av.open(path) as c:
+            with open_container(path) as c:
                 s = main_video_stream(c)
                 clock = ChunkClock.of(c, s)
                 for p in demux(c, s):
@@ -903,7 +899,7 @@ def _lost_on_decord(path: str, frames: int, fps: float, timestamps: np.ndarray |
         avi = head[:4] == b"RIFF" and head[8:12] == b"AVI "
         if not avi and head[:4] != EBML_MAGIC and head[:3] != b"FLV" and head[:12] != ASF_HEADER[:12]:
             return 0, None
-        with av.open(path) as c:
+        with open_container(path) as c:
             s = main_video_stream(c)
             if avi:
                 spanned = round(float(timestamps[-1]) * fps) + 1 if timestamps is not None and len(timestamps) else 0

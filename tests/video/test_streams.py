@@ -153,3 +153,25 @@ def test_a_stream_an_flv_adds_part_way_is_passed_over(tmp_path):
     want = decode_video(clean, [request], [PyAVBackend()], random_access=False)
     assert got.frames.shape[0] == want.frames.shape[0] == 100 and torch.equal(got.frames, want.frames)
     assert probe_media(captioned).duration_s == probe_media(clean).duration_s
+
+
+@pytest.mark.parametrize("ext", ["mkv", "mp4", "avi", "mp3", "wav"])
+def test_a_file_whose_tags_are_not_utf8_decodes(tmp_path, ext):
+    """A title in Latin-1 (as old tools and Windows code pages write tags; a damaged header reads as such): PyAV
+    refused to open the file (``UnicodeDecodeError``), so every decode but the probe's failed and the item with it
+    (found by fuzzing damaged files; the ffmpeg CLI decodes them whole). Every backend decodes it now."""
+    import subprocess
+
+    path = str(tmp_path / f"latin1.{ext}")
+    pictures = ext not in ("mp3", "wav")
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                    "sine=frequency=440:sample_rate=16000:duration=2",
+                    *(["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=2"] if pictures else []),
+                    "-metadata", b"title=Caf\xe9 cr\xe8me", path], check=True)
+    assert probe_media(path).duration_s == pytest.approx(2.0, abs=0.1)
+    assert len(decode_audio(path)) == pytest.approx(32000, abs=1600)  # an MP3 frame and its delay at most
+    if pictures:
+        seeking = ("decord", "torchcodec") if ext != "avi" else ()  # an AVI's MPEG-4 part 2: PyAV alone
+        for backend in available_backends((*seeking, "pyav")):
+            video = decode_video(path, [Uniform(5)], [backend], random_access=ext != "avi")
+            assert video.frames.shape == (5, 120, 160, 3) and video.backend == backend.name, backend.name
