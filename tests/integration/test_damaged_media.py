@@ -175,13 +175,15 @@ def test_damaged_files_of_every_container_get_one_typed_row_each(tmp_path, bases
     assert succeeded >= len(BASES)  # most damage leaves most of a file: the rows say what decoded
 
 
-def _cli_decodes(path: str) -> tuple[float, int]:
-    """Seconds and video frames the ffmpeg CLI decodes of ``path``."""
-    out = subprocess.run(["ffmpeg", "-hide_banner", "-nostats", "-progress", "pipe:1", "-i", path, "-f", "null", "-"],
-                         capture_output=True, text=True, errors="replace", timeout=120).stdout
-    times = [int(t) for t in re.findall(r"out_time_us=(\d+)", out)]
-    frames = [int(f) for f in re.findall(r"^frame=(\d+)", out, re.M)]
-    return (times[-1] / 1e6 if times else 0.0), (frames[-1] if frames else 0)
+def _cli_decodes(path: str) -> tuple[float, int, int]:
+    """Seconds, video frames and kilobytes of sound (16-bit PCM at the source's rate) the ffmpeg CLI decodes of
+    ``path``."""
+    run = subprocess.run(["ffmpeg", "-hide_banner", "-nostats", "-progress", "pipe:1", "-i", path, "-f", "null", "-"],
+                         capture_output=True, text=True, errors="replace", timeout=120)
+    times = [int(t) for t in re.findall(r"out_time_us=(\d+)", run.stdout)]
+    frames = [int(f) for f in re.findall(r"^frame=(\d+)", run.stdout, re.M)]
+    sound = [int(k) for k in re.findall(r"audio:(\d+)[kK]i?B", run.stderr)]
+    return (times[-1] / 1e6 if times else 0.0), (frames[-1] if frames else 0), (sound[-1] if sound else 0)
 
 
 @pytest.mark.slow
@@ -196,7 +198,8 @@ def test_damaged_media_soak(tmp_path, bases):
           + json.dumps({t: sum(r["result_info"]["error_type"] == t for r in failed.values())
                         for t in sorted({r["result_info"]["error_type"] for r in failed.values()})}))
     for vid, row in sorted(failed.items()):
-        seconds, frames = _cli_decodes(manifest[vid]["video_path"])
+        seconds, frames, sound = _cli_decodes(manifest[vid]["video_path"])
         mark = "CLI decodes" if seconds > 1.0 else ""
-        print(f"{mark:12s} {vid:36s} CLI {seconds:5.2f} s {frames:4d} frames | {row['result_info']['error_message'][:100]}")
+        print(f"{mark:12s} {vid:36s} CLI {seconds:5.2f} s {frames:4d} frames {sound:4d} kB sound | "
+              f"{row['result_info']['error_message'][:90]}")
     assert _check(manifest, got) == []
