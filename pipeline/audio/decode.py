@@ -207,12 +207,12 @@ duration has the rest as a span of ``result_info.corrupt_spans``."""
 
 TIMED_CONTAINERS = ("mov", "mp4", "matroska", "webm", "mpegts", "ogg", "flac", "flv", "asf", "mpeg")
 """Container formats whose packets carry timestamps of their own (``container.format.name`` holds one of these):
-after a corrupt stretch the next frame's time says where it belongs (a raw FLAC's frames number themselves in their
-headers, which FFmpeg's parser reads: even a stretch over its first frames is placed; FLV's tags, ASF's payloads and
-MPEG-PS's PES packets carry their times: an MPEG-PS's MP2 after a stretch was moved by its bytes as well, 0.74 s
-early in a 40-s film, and an FLV whose first AAC packets did not decode lost all its sound). A raw stream's demuxer counts
-the frames instead (MP3: the audio after 6 s lost in a 5-minute file came 6 s early), so there the time lost is measured in
-bytes, where the stream has a constant bit rate (``_frames``)."""
+after a corrupt stretch the next frame's time says where it belongs. A raw FLAC's frames number themselves in their
+headers, which FFmpeg's parser reads (a stretch over its first frames is placed too); FLV's tags, ASF's payloads and
+MPEG-PS's PES packets carry their times (before, an MPEG-PS's MP2 after a stretch was also moved by the failed
+packet's bytes, 2.1 s early in the test's film, and an FLV whose first AAC packets did not decode lost all its
+sound). A raw stream's demuxer counts the frames instead (MP3: the audio after 6 s lost in a 5-minute file came 6 s
+early), so there the time lost is measured in bytes, where the stream has a constant bit rate (``_frames``)."""
 
 
 @dataclass(frozen=True)

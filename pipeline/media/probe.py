@@ -378,7 +378,6 @@ def holds_stated_size(path: str) -> bool:
 
 def _streams_end(path: str, origin: float, check=None) -> float:
     """Where the last packet of any stream of ``path`` ends, in seconds on the file's timeline."""
-
     end = 0.0
     with open_container(path) as c:
         for n, p in enumerate(demux(c)):

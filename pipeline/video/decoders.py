@@ -77,7 +77,6 @@ def _shown(packet) -> bool:
 
 def main_video_index(path: str) -> int | None:
     """The container index of the main video stream (``main_video_stream``); None where the file does not open."""
-
     try:
         with open_container(path) as c:
             return main_video_stream(c).index
@@ -403,7 +402,6 @@ class PyAVBackend:
         self._indices = _Handoff()  # the demux meta() read, for decode() to seek by
 
     def meta(self, path: str, stop: threading.Event | None = None) -> VideoMeta:
-
         with open_container(path) as c:
             s = main_video_stream(c)
             rate = float(s.average_rate or s.guessed_rate or 0.0)
