@@ -7,7 +7,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from pipeline.media.damage import ItemDamage
-from pipeline.media.probe import MediaInfo, probe_media
+from pipeline.media.probe import MediaInfo, probe_media, stated_frames
 
 if TYPE_CHECKING:
     from pipeline.config import VideoConfig
@@ -214,7 +214,8 @@ class MediaItem:
                              timeout_s=cfg.decode_timeout_s, random_access=random_access,
                              reduced_pass_bytes=0 if at_request_size else cfg.reduced_pass_bytes,
                              several_streams=self._info.video_streams > 1, given_up=self.given_up,
-                             pixel_aspect=v.sample_aspect_ratio if cfg.square_pixels else 1.0, first_field=first_field)
+                             pixel_aspect=v.sample_aspect_ratio if cfg.square_pixels else 1.0, first_field=first_field,
+                             stated_frames=stated_frames(self._info))
         if cfg.tone_map and v.hdr:  # PQ or HLG pixels as coded are flat and grey: the filters see SDR
             from pipeline.video.tonemap import tone_map_
 

@@ -111,6 +111,23 @@ class MediaInfo:
     audio_streams: int
     video: VideoStreamInfo | None
     audio: AudioStreamInfo | None
+    stated_duration_s: float | None = None  # the header's, where it cannot be true and ``duration_s`` was measured
+
+
+MIN_FRAME_BYTES = 8
+"""The fewest bytes a stored video frame takes with its container's framing (an MKV block's header, an MP4 sample's
+entry in the index, an AVI chunk's header): a header that states more frames than its file's size holds this way
+states a wrong duration or count (a damaged or a hostile header)."""
+
+
+def _possible(duration: float, video: VideoStreamInfo | None, size: int) -> bool:
+    """Whether a file of ``size`` bytes can last ``duration`` seconds: not negative, not endless, and (with video)
+    not more frames at its rate than ``MIN_FRAME_BYTES`` each fit in it."""
+    import math
+
+    if not math.isfinite(duration) or duration < 0:
+        return False
+    return video is None or not video.fps or duration * video.fps * MIN_FRAME_BYTES <= size
 
 
 DISCONTINUITY_S = 10.0
@@ -519,6 +536,18 @@ def _open(path: str):
         raise DecodeError(f"cannot open media: {type(e).__name__}: {e}") from e
 
 
+def stated_frames(info: MediaInfo) -> float | None:
+    """The frames the header of ``info``'s file states for its main video stream: the larger of its count and its
+    duration (as stated, where the probe measured another) times its rate, by which decord reserves memory; None
+    without video or either figure."""
+    v = info.video
+    if v is None:
+        return None
+    stated = info.stated_duration_s if info.stated_duration_s is not None else info.duration_s
+    by_time = stated * v.fps if stated and v.fps else 0.0
+    return max(float(v.frames or 0), by_time) or None
+
+
 FIRST_FRAME_PATIENCE = 256
 """Packets that do not decode before the first frame that does, at most (a damaged start: a zeroed sector, flipped
 bits in the first GOP or the first audio frames), before the stream is called undecodable."""
@@ -595,6 +624,11 @@ def probe_media(path: str) -> MediaInfo:
         stream = vmain if vmain is not None else amain
         if duration is None and stream.duration and stream.time_base:
             duration = float(stream.duration * stream.time_base)
+        stated = None
+        if duration is not None and not _possible(duration, video, os.path.getsize(path)):
+            # a damaged or hostile header (an MKV stating 10^9 s or -5 s for 4): where the streams end, measured
+            origin = container.start_time / av.time_base if container.start_time is not None else 0.0
+            stated, duration = duration, _streams_end(path, origin) or None
         try:
             frame = first_frame(container, stream)
         except DecodeError:
@@ -620,4 +654,5 @@ def probe_media(path: str) -> MediaInfo:
             container=container.format.name, duration_s=duration,
             bit_rate=int(container.bit_rate) if container.bit_rate else None,
             video_streams=len(vstreams), audio_streams=len(astreams), video=video, audio=audio,
+            stated_duration_s=stated,
         )

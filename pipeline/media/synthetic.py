@@ -198,6 +198,23 @@ def garbled_packets_copy(src: str, dst: str, kind: str = "audio", first: int = 2
     return dst
 
 
+def mkv_stating_duration(src: str, dst: str, seconds: float) -> str:
+    """A copy of the Matroska ``src`` whose Segment Info states ``seconds`` as its duration (a muxer's bug, a damaged
+    or a hostile header), its frames as they were. The Duration element keeps its width (4 or 8 bytes); the
+    timecode scale is FFmpeg's default, a millisecond."""
+    import struct
+
+    data = bytearray(open(src, "rb").read())
+    at = data.find(b"\x44\x89")  # the Duration element's ID, then its size as one byte (0x84 or 0x88)
+    if at < 0 or data[at + 2] not in (0x84, 0x88):
+        raise ValueError(f"{src} states no duration this can rewrite")
+    value = seconds * 1000.0
+    data[at + 3:at + 3 + (data[at + 2] & 0x0F)] = struct.pack(">f" if data[at + 2] == 0x84 else ">d", value)
+    with open(dst, "wb") as f:
+        f.write(data)
+    return dst
+
+
 def flv_caption_copy(src: str, dst: str, share: float = 0.7, text: str = "a caption") -> str:
     """A copy of the FLV ``src`` with a caption (an ``onTextData`` script tag, as a live stream's captions come) put
     before the tag at ``share`` of its tags: FFmpeg adds a subtitle stream when it meets it, past the streams it

@@ -9,6 +9,7 @@ import contextvars
 import functools
 import itertools
 import logging
+import os
 import threading
 import time
 from array import array
@@ -27,6 +28,7 @@ from pipeline.media.probe import (
     ASF_HEADER,
     DISCONTINUITY_S,
     EBML_MAGIC,
+    MIN_FRAME_BYTES,
     cut_short_by_duration,
     first_frame,
     main_video_stream,
@@ -239,6 +241,9 @@ class DecordBackend:
     name = "decord"
     random_access = True  # trusts the container's seeking: frame-exact only where ``seeks_frame_exactly`` says so
     chooses_stream = False  # decodes the stream its own FFmpeg 4 ranks best, which need not be the main stream
+    # reserves memory for every frame the header states (its duration times its rate where it lists none): an MKV
+    # stating 10^9 s made it throw std::bad_alloc through its C API, which aborts the process (``stated_frames``)
+    trusts_stated_count = True
 
     def __init__(self) -> None:
         import decord  # noqa: F401 - fail at construction when the package is missing
@@ -1248,7 +1253,7 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
                  timeout_s: float = 120.0, max_bytes: int = 8 << 30, random_access: bool = True,
                  several_streams: bool = False, reduced_pass_bytes: int | None = None,
                  given_up: threading.Event | None = None, pixel_aspect: float = 1.0,
-                 first_field: int | None = None) -> DecodedVideo:
+                 first_field: int | None = None, stated_frames: float | None = None) -> DecodedVideo:
     """Decode the union of ``requests`` once, trying each backend until one succeeds.
 
     Args:
@@ -1279,6 +1284,9 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
             frame is decoded at the stored height (scaled along its lines only, which keeps the fields apart),
             deinterlaced (``deinterlace.deinterlace``) and then scaled to the decode size, a slice at a time.
             None: progressive.
+        stated_frames: the frames the file's header states (the probe's count, or its duration times its rate):
+            where the file is too small to hold them (``MIN_FRAME_BYTES`` each), the backends that reserve memory
+            for each (decord) are not tried; the others count the frames the file holds.
 
     Returns:
         The decoded frames and their plan.
@@ -1295,6 +1303,12 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
         backends = _only(backends, lambda b: getattr(b, "chooses_stream", True),
                          "this file holds several video streams and no configured backend can be told which one to "
                          "decode; add torchcodec or pyav to video.backends")
+    size = os.path.getsize(path)
+    if stated_frames is not None and not stated_frames * MIN_FRAME_BYTES <= size:  # NaN too
+        backends = _only(backends, lambda b: not getattr(b, "trusts_stated_count", False),
+                         f"this file's header states {stated_frames:.3g} frames, more than its {size} bytes can hold, "
+                         f"and the backends {[b.name for b in backends]} reserve memory for each; add torchcodec or "
+                         "pyav to video.backends (they count the frames the file holds)")
     errors = []
     offset = timeline_offset(path)  # where the first frame sits on the file's timeline, which windows are given on
 

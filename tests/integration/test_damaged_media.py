@@ -203,3 +203,42 @@ def test_damaged_media_soak(tmp_path, bases):
         print(f"{mark:12s} {vid:36s} CLI {seconds:5.2f} s {frames:4d} frames {sound:4d} kB sound | "
               f"{row['result_info']['error_message'][:90]}")
     assert _check(manifest, got) == []
+
+
+@pytest.mark.parametrize("stated", [1e9, -5.0])
+def test_a_header_stating_an_impossible_duration_is_measured_and_crashes_no_decoder(tmp_path, bases, stated):
+    """An MKV whose header states 10^9 s (or -5 s) for its 4: decord reserved memory for 2.5 * 10^10 frames and threw
+    std::bad_alloc through its C API, which aborts the process (the whole job, before any row; found by fuzzing
+    headers). A file too small to hold the frames its header states (8 bytes each at the least) is now left to
+    torchcodec or PyAV, which count the frames it holds, and its probe says how long it lasts, measured (before:
+    10^9 s, and -5 s, in the row)."""
+    path = synthetic.mkv_stating_duration(str(bases / "hevc_ac3.mkv"), str(tmp_path / "stated.mkv"), stated)
+    demo = yaml.safe_load(open(os.path.join(ROOT, "configs", "default.yaml")))
+    raw = base_config(write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "stated", "video_path": path}]),
+                      str(tmp_path), str(tmp_path / "out"), str(tmp_path / "cache"), filters=demo["filters"],
+                      video=demo["video"])
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    job = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "run.py"), "--config", str(tmp_path / "job.yaml")],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert job.returncode == 0, job.stderr[-3000:]
+    (row,) = pq.read_table(str(tmp_path / "out" / "parts")).to_pylist()
+    assert row["result_info"]["succeed"], row["result_info"]["error_message"]
+    assert row["probe"]["duration_s"] == pytest.approx(4.0, abs=0.1)
+    assert row["result_info"]["decode_backend"] in ("torchcodec", "pyav")
+    assert row["static"]["windows"][-1]["end_s"] == pytest.approx(4.0, abs=0.2)
+
+
+def test_decord_alone_refuses_a_file_too_small_for_the_frames_its_header_states(bases):
+    """Where decord is the only backend configured, such a file is a clear decode failure, not an abort."""
+    from pipeline.errors import DecodeError
+    from pipeline.video.decoders import available_backends, decode_video
+    from pipeline.video.sampling import Uniform
+
+    backends = available_backends(("decord",))
+    if not backends:
+        pytest.skip("decord is not installed (x86_64 Linux only)")
+    path = str(bases / "h264_aac.mp4")
+    size = os.path.getsize(path)
+    with pytest.raises(DecodeError, match=r"states 2\.5e\+10 frames, more than its \d+ bytes can hold"):
+        decode_video(path, [Uniform(4)], backends, stated_frames=2.5e10)
+    assert decode_video(path, [Uniform(4)], backends, stated_frames=size / 8).backend == "decord"  # it can hold them
