@@ -635,8 +635,10 @@ def probe_media(path: str) -> MediaInfo:
             if stream is amain or amain is None:
                 raise
             # the pictures are broken but the sound is not: the audio filters can still use the item (the video
-            # filters fail on it in their own decode)
-            first_frame(container, amain)
+            # filters fail on it in their own decode). From the start again: the pictures' search read on past the
+            # sound's first packets, and past all of them in a short file
+            with _open(path) as again:
+                first_frame(again, again.streams[amain.index])
             frame = None
         if stream is amain and frame is not None:  # what the audio decodes to, where the header's guess differs
             audio = replace(audio, sample_rate=int(frame.sample_rate or audio.sample_rate),
