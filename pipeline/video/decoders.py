@@ -1240,6 +1240,14 @@ def check_pixels(width: int, height: int, max_pixels: int) -> None:
         raise DecodeError(f"{width}x{height} is over video.max_pixels={max_pixels}")
 
 
+def _size(path: str) -> int | None:
+    """The file's size; None where it is gone (a node cache evicted it: the backends then say so, as DecodeErrors)."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
 def _only(backends: list[object], fit, refusal: str) -> list[object]:
     """The backends that ``fit`` this file; DecodeError(``refusal``) where none does."""
     kept = [b for b in backends if fit(b)]
@@ -1303,8 +1311,8 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
         backends = _only(backends, lambda b: getattr(b, "chooses_stream", True),
                          "this file holds several video streams and no configured backend can be told which one to "
                          "decode; add torchcodec or pyav to video.backends")
-    size = os.path.getsize(path)
-    if stated_frames is not None and not stated_frames * MIN_FRAME_BYTES <= size:  # NaN too
+    size = _size(path) if stated_frames is not None else None
+    if size is not None and not stated_frames * MIN_FRAME_BYTES <= size:  # NaN too
         backends = _only(backends, lambda b: not getattr(b, "trusts_stated_count", False),
                          f"this file's header states {stated_frames:.3g} frames, more than its {size} bytes can hold, "
                          f"and the backends {[b.name for b in backends]} reserve memory for each; add torchcodec or "
