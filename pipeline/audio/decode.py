@@ -77,10 +77,12 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         parts: list[np.ndarray] = []
         total = 0
         cap = None if max_seconds is None else int(max_seconds * sample_rate)
-        # a raw FLAC starts at its first sample: FFmpeg takes the first packet's time, a later one where the first
-        # frames' headers are damaged (the audio after them then came early by the frames lost)
-        raw_flac = container.format.name == "flac"
-        start = container.start_time if container.start_time is not None and not raw_flac else 0
+        stated = stated_duration(container)  # where the header states the end (FFmpeg gives a WAV what it holds)
+        # a raw FLAC whose header counts its samples starts at its first: FFmpeg takes the first packet's time, a
+        # later one where the first frames are damaged (the audio after them then came early by the frames lost).
+        # One written to a pipe counts none, and may be a capture whose frames number on from a stream's
+        numbered_from_zero = container.format.name == "flac" and stated is not None
+        start = container.start_time if container.start_time is not None and not numbered_from_zero else 0
         expected = float(start) / av.time_base
         jump_s = DISCONTINUITY_S if timestamps_may_jump(container) else None  # a splice, not missing audio
         first = True
@@ -91,7 +93,6 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         clock = ChunkClock.of(container, stream)  # an AVI's index: each packet's time, and every chunk
         # the packets the header lists (MP4; an AVI's index: its header counts PCM's samples), and those that demux
         header, seen = (clock.with_data() if clock is not None else int(stream.frames or 0)), Demuxed()
-        stated = stated_duration(container)  # where the header states the end (FFmpeg gives a WAV what it holds)
         claimed = max(claimed or 0.0, stated) if stated is not None else claimed
 
         def told() -> int | None:  # asked at a variable bit rate's first stretch only: it reads the file's header

@@ -292,6 +292,28 @@ def test_a_recording_whose_first_packets_do_not_decode_starts_with_their_silence
     assert np.abs(got[after:] - ref[after:]).mean() < (1e-3 if ext != "flac" else 1e-6)
 
 
+def test_a_flac_captured_part_way_through_a_stream_starts_with_its_first_frame(tmp_path, long_speech):
+    """A FLAC written to a pipe counts no samples in its header, and one captured from a live stream numbers its
+    frames on from the stream's: its audio starts with its first frame, as before, though a FLAC whose header counts
+    its samples now starts at sample 0 (where its first frames are lost, their silence: the test above)."""
+    import subprocess
+
+    import av
+
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", _wav(str(tmp_path / "s.wav"), long_speech), "-t", "20",
+                          "-f", "flac", "pipe:1"], capture_output=True, check=True).stdout
+    whole = tmp_path / "pipe.flac"
+    whole.write_bytes(raw)
+    with av.open(str(whole)) as c:
+        packets = [p for p in c.demux(c.streams.audio[0]) if p.size]
+    joined = packets[20]  # the capture begins at this frame: the header, then the frames from it on
+    capture = tmp_path / "capture.flac"
+    capture.write_bytes(raw[:packets[0].pos] + raw[joined.pos:])
+    full, got = decode_audio(str(whole)), decode_audio(str(capture))
+    assert len(got) == len(full) - joined.pts
+    assert np.array_equal(got, full[joined.pts:])
+
+
 def test_a_corrupt_stretch_in_an_mpeg_ps_film_keeps_its_sound_in_place(tmp_path, long_speech):
     """A DVD rip's or a broadcast capture's MPEG-PS with a stretch zeroed from inside one MP2 packet to just inside
     one 30 packets (2.16 s) on: the demuxer passes over the packets between without an error and the one after the
