@@ -8,9 +8,11 @@ failure the CLI decodes most of is worth a look; not asserted, as the CLI shows 
 
     python -m pytest -m slow tests/integration/test_damaged_media.py -s
 
-Found by it, and fixed: a stream an FLV adds part way (PyAV's IndexError: the item failed as a bug in a filter), a
-file whose first packets do not decode (the probe failed, the ffmpeg CLI decodes the rest), and MPEG-PS sound 2 s
-early after a stretch.
+Found by it (and by setting header fields to extreme values), and mended: tags that are not UTF-8 (PyAV refused to
+open the file in every decode but the probe's), a stream an FLV adds part way (PyAV's IndexError: the item failed as
+a bug in a filter), a file whose first packets do not decode (the probe failed; the ffmpeg CLI decodes the rest),
+MPEG-PS sound 2 s early after a stretch, and an MKV stating 10^9 s, for which decord threw std::bad_alloc and
+aborted the job (the last test here).
 """
 
 from __future__ import annotations

@@ -914,6 +914,7 @@ def test_a_reader_failing_in_a_shared_stream_fails_only_its_filter(long_shots, m
     a debugger to place)."""
     import logging
     import traceback
+
     from pipeline.config import VideoConfig
     from pipeline.errors import FilterError
     from pipeline.filters import signal
