@@ -215,6 +215,19 @@ def mkv_stating_duration(src: str, dst: str, seconds: float) -> str:
     return dst
 
 
+def mp4_stating_frames(src: str, dst: str, count: int) -> str:
+    """A copy of the MP4 ``src`` whose first track's ``stts`` states its first run of samples as ``count`` (a
+    damaged or a hostile index: four bytes of the ``moov``), its samples as they were."""
+    data = bytearray(open(src, "rb").read())
+    at = data.find(b"stts")
+    if at < 4:
+        raise ValueError(f"{src} has no stts box")
+    data[at + 12:at + 16] = count.to_bytes(4, "big")  # after the type: version and flags, entries, then the count
+    with open(dst, "wb") as f:
+        f.write(data)
+    return dst
+
+
 def flv_caption_copy(src: str, dst: str, share: float = 0.7, text: str = "a caption") -> str:
     """A copy of the FLV ``src`` with a caption (an ``onTextData`` script tag, as a live stream's captions come) put
     before the tag at ``share`` of its tags: FFmpeg adds a subtitle stream when it meets it, past the streams it
