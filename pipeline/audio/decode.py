@@ -119,6 +119,10 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
                 if given_up is not None and given_up.is_set():
                     raise ItemTimeout("the item was given up (runtime.item_timeout_s) while its audio decoded")
                 t = frame.time  # seconds on the file's timeline; None where the stream has no timestamps
+                if t is not None and jump_s is None and claimed is not None and t - origin > claimed + GAP_S:
+                    # past the file's end: a flipped bit in a packet's time (an FLV tag's, an ASF payload's) made a
+                    # jump of days, which failed the item at the cap; the frame plays after the one before
+                    t = None
                 before = total
                 if t is not None:
                     gap = t - expected

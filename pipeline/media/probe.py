@@ -603,6 +603,9 @@ def probe_media(path: str) -> MediaInfo:
         vmain, amain = main_stream(vstreams), main_stream(astreams)
         if vmain is not None:
             ctx = vmain.codec_context
+            if ctx is None:  # FFmpeg knows no decoder for it (a damaged AVI's fourcc): one clear error, not a bug
+                raise DecodeError(f"no decoder for the video stream of this {container.format.name} file (its codec "
+                                  "is unknown to FFmpeg, or its header is damaged)")
             rate = vmain.average_rate or vmain.guessed_rate
             sar = ctx.sample_aspect_ratio
             video = VideoStreamInfo(

@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -249,3 +250,38 @@ def test_decord_alone_refuses_a_file_too_small_for_the_frames_its_header_states(
     with pytest.raises(DecodeError, match=r"states 2\.5e\+10 frames, more than its \d+ bytes can hold"):
         decode_video(path, [Uniform(4)], backends, stated_frames=2.5e10)
     assert decode_video(path, [Uniform(4)], backends, stated_frames=size / 8).backend == "decord"  # it can hold them
+
+
+def test_an_audio_packet_timed_past_the_files_end_plays_in_its_place(tmp_path, bases):
+    """A flipped bit in one FLV audio tag's time (its high byte: 12 days on): the decode filled the jump with
+    silence up to the cap and failed the item ("audio starts or jumps 1073741.8s into the file"; a WMV with a
+    flipped payload time did so in the soak, seed 23). A frame timed past the file's end plays after the one
+    before: the sound is the clean file's, sample for sample."""
+    from pipeline.audio.decode import decode_audio
+
+    data = bytearray((bases / "h264_aac.flv").read_bytes())
+    tags, pos = [], 13
+    while pos + 11 <= len(data):
+        if data[pos] == 8:  # an audio tag: type, size (3 bytes), time (3 bytes), its high byte, stream id
+            tags.append(pos)
+        pos += 11 + int.from_bytes(data[pos + 1:pos + 4], "big") + 4
+    data[tags[len(tags) // 2] + 7] |= 0x40
+    flipped = tmp_path / "flipped.flv"
+    flipped.write_bytes(data)
+    clean = decode_audio(str(bases / "h264_aac.flv"), max_seconds=14400)
+    assert np.array_equal(decode_audio(str(flipped), max_seconds=14400), clean)
+
+
+def test_a_video_stream_whose_codec_ffmpeg_does_not_know_is_a_decode_error(tmp_path, bases):
+    """An AVI whose fourcc is damaged ('H264' read as 'H\\xeb64'): PyAV opens it with no decoder for the pictures,
+    and the probe failed every filter with "AttributeError: 'NoneType' object has no attribute
+    'sample_aspect_ratio'", a bug's row (found by the soak, seed 23). Now a DecodeError that says so."""
+    from pipeline.errors import DecodeError
+    from pipeline.media.probe import probe_media
+
+    data = (bases / "h264_pcm.avi").read_bytes()
+    head = data[:8192].replace(b"H264", b"H\xeb64")
+    damaged = tmp_path / "fourcc.avi"
+    damaged.write_bytes(head + data[8192:])
+    with pytest.raises(DecodeError, match="no decoder for the video stream of this avi file"):
+        probe_media(str(damaged))
