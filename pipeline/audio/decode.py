@@ -72,6 +72,9 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         raise DecodeError(f"cannot open media: {type(e).__name__}: {e}") from e
     with container:
         stream = main_audio_stream(container)  # the default track of a film with commentary or dubs
+        if stream.codec_context is None:  # FFmpeg knows no decoder for it (a damaged header's codec tag)
+            raise DecodeError(f"no decoder for the audio stream of this {container.format.name} file (its codec is "
+                              "unknown to FFmpeg, or its header is damaged)")
         layout = "mono" if channels == 1 else "stereo"
         resampler, source, pair = None, None, False
         parts: list[np.ndarray] = []

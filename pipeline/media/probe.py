@@ -621,6 +621,9 @@ def probe_media(path: str) -> MediaInfo:
                 raise DecodeError(f"video stream has no size ({video.width}x{video.height})")
         if amain is not None:
             ctx = amain.codec_context
+            if ctx is None:
+                raise DecodeError(f"no decoder for the audio stream of this {container.format.name} file (its codec "
+                                  "is unknown to FFmpeg, or its header is damaged)")
             audio = AudioStreamInfo(codec=codec_name(ctx), sample_rate=int(ctx.sample_rate or 0),
                                     channels=int(ctx.channels or 0), index=amain.index)
         duration = float(container.duration) / av.time_base if container.duration else None

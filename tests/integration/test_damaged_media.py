@@ -272,16 +272,25 @@ def test_an_audio_packet_timed_past_the_files_end_plays_in_its_place(tmp_path, b
     assert np.array_equal(decode_audio(str(flipped), max_seconds=14400), clean)
 
 
-def test_a_video_stream_whose_codec_ffmpeg_does_not_know_is_a_decode_error(tmp_path, bases):
-    """An AVI whose fourcc is damaged ('H264' read as 'H\\xeb64'): PyAV opens it with no decoder for the pictures,
-    and the probe failed every filter with "AttributeError: 'NoneType' object has no attribute
-    'sample_aspect_ratio'", a bug's row (found by the soak, seed 23). Now a DecodeError that says so."""
+@pytest.mark.parametrize("base,tag,kind", [("h264_pcm.avi", b"H264", "video"), ("speech.m4a", b"mp4a", "audio")])
+def test_a_stream_whose_codec_ffmpeg_does_not_know_is_a_decode_error(tmp_path, bases, base, tag, kind):
+    """An AVI whose fourcc is damaged ('H264' read as 'H\\xeb64'), an M4A whose sample entry and object type are:
+    PyAV opens them with no decoder for that stream, and the probe failed every filter with "AttributeError:
+    'NoneType' object has no attribute 'sample_aspect_ratio'" (or "'codec'"), a bug's row (found by the soak, seed
+    23). Now a DecodeError that says so, from the probe and from the audio decode."""
+    from pipeline.audio.decode import decode_audio
     from pipeline.errors import DecodeError
     from pipeline.media.probe import probe_media
 
-    data = (bases / "h264_pcm.avi").read_bytes()
-    head = data[:8192].replace(b"H264", b"H\xeb64")
-    damaged = tmp_path / "fourcc.avi"
-    damaged.write_bytes(head + data[8192:])
-    with pytest.raises(DecodeError, match="no decoder for the video stream of this avi file"):
+    data = (bases / base).read_bytes().replace(tag, tag[:3] + b"\xeb")
+    if kind == "audio":  # FFmpeg names AAC by the esds's object type as well: that too (0x40, before streamType 0x15)
+        at = data.find(b"\x40\x15", data.find(b"esds"))
+        data = data[:at] + b"\xeb" + data[at + 1:]
+    damaged = tmp_path / f"tag-{base}"
+    damaged.write_bytes(data)
+    message = f"no decoder for the {kind} stream of this"
+    with pytest.raises(DecodeError, match=message):
         probe_media(str(damaged))
+    if kind == "audio":
+        with pytest.raises(DecodeError, match=message):
+            decode_audio(str(damaged))
