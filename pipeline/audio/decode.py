@@ -16,6 +16,7 @@ from pipeline.media.packets import demux, open_container
 from pipeline.media.probe import (
     DISCONTINUITY_S,
     cut_short_by_duration,
+    decoder_context,
     holds_stated_size,
     main_audio_stream,
     mp3_header,
@@ -72,9 +73,7 @@ def decode_audio(path: str, sample_rate: int = 16000, max_seconds: float | None 
         raise DecodeError(f"cannot open media: {type(e).__name__}: {e}") from e
     with container:
         stream = main_audio_stream(container)  # the default track of a film with commentary or dubs
-        if stream.codec_context is None:  # FFmpeg knows no decoder for it (a damaged header's codec tag)
-            raise DecodeError(f"no decoder for the audio stream of this {container.format.name} file (its codec is "
-                              "unknown to FFmpeg, or its header is damaged)")
+        decoder_context(container, stream, "audio")  # one FFmpeg knows a decoder for (else a clear DecodeError)
         layout = "mono" if channels == 1 else "stereo"
         resampler, source, pair = None, None, False
         parts: list[np.ndarray] = []

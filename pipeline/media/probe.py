@@ -120,14 +120,29 @@ entry in the index, an AVI chunk's header): a header that states more frames tha
 states a wrong duration or count (a damaged or a hostile header)."""
 
 
+def holds_frames(frames: float, size: int) -> bool:
+    """Whether a file of ``size`` bytes can hold ``frames`` video frames, ``MIN_FRAME_BYTES`` each (False for NaN)."""
+    return frames * MIN_FRAME_BYTES <= size
+
+
 def _possible(duration: float, video: VideoStreamInfo | None, size: int) -> bool:
     """Whether a file of ``size`` bytes can last ``duration`` seconds: not negative, not endless, and (with video)
-    not more frames at its rate than ``MIN_FRAME_BYTES`` each fit in it."""
+    not more frames at its rate than it holds (``holds_frames``)."""
     import math
 
     if not math.isfinite(duration) or duration < 0:
         return False
-    return video is None or not video.fps or duration * video.fps * MIN_FRAME_BYTES <= size
+    return video is None or not video.fps or holds_frames(duration * video.fps, size)
+
+
+def decoder_context(container, stream, kind: str):
+    """``stream``'s codec context; DecodeError where FFmpeg knows no decoder for it (``kind``: "video" or "audio"),
+    which PyAV gives as None: its codec is unknown to FFmpeg or its header is damaged (an AVI's fourcc, an M4A's
+    sample entry). Before, every filter failed on it as a bug (an AttributeError)."""
+    if stream.codec_context is None:
+        raise DecodeError(f"no decoder for the {kind} stream of this {container.format.name} file (its codec is "
+                          "unknown to FFmpeg, or its header is damaged)")
+    return stream.codec_context
 
 
 DISCONTINUITY_S = 10.0
@@ -602,10 +617,7 @@ def probe_media(path: str) -> MediaInfo:
         video = audio = None
         vmain, amain = main_stream(vstreams), main_stream(astreams)
         if vmain is not None:
-            ctx = vmain.codec_context
-            if ctx is None:  # FFmpeg knows no decoder for it (a damaged AVI's fourcc): one clear error, not a bug
-                raise DecodeError(f"no decoder for the video stream of this {container.format.name} file (its codec "
-                                  "is unknown to FFmpeg, or its header is damaged)")
+            ctx = decoder_context(container, vmain, "video")
             rate = vmain.average_rate or vmain.guessed_rate
             sar = ctx.sample_aspect_ratio
             video = VideoStreamInfo(
@@ -620,10 +632,7 @@ def probe_media(path: str) -> MediaInfo:
                     return _animated_webp(path, container.format.name, len(vstreams))
                 raise DecodeError(f"video stream has no size ({video.width}x{video.height})")
         if amain is not None:
-            ctx = amain.codec_context
-            if ctx is None:
-                raise DecodeError(f"no decoder for the audio stream of this {container.format.name} file (its codec "
-                                  "is unknown to FFmpeg, or its header is damaged)")
+            ctx = decoder_context(container, amain, "audio")
             audio = AudioStreamInfo(codec=codec_name(ctx), sample_rate=int(ctx.sample_rate or 0),
                                     channels=int(ctx.channels or 0), index=amain.index)
         duration = float(container.duration) / av.time_base if container.duration else None

@@ -28,9 +28,9 @@ from pipeline.media.probe import (
     ASF_HEADER,
     DISCONTINUITY_S,
     EBML_MAGIC,
-    MIN_FRAME_BYTES,
     cut_short_by_duration,
     first_frame,
+    holds_frames,
     main_video_stream,
     quarter_turns,
     stated_duration,
@@ -1293,7 +1293,7 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
             deinterlaced (``deinterlace.deinterlace``) and then scaled to the decode size, a slice at a time.
             None: progressive.
         stated_frames: the frames the file's header states (the probe's count, or its duration times its rate):
-            where the file is too small to hold them (``MIN_FRAME_BYTES`` each), the backends that reserve memory
+            where the file is too small to hold them (``probe.holds_frames``), the backends that reserve memory
             for each (decord) are not tried; the others count the frames the file holds.
 
     Returns:
@@ -1312,7 +1312,7 @@ def decode_video(path: str, requests: list[FrameRequest], backends: list[object]
                          "this file holds several video streams and no configured backend can be told which one to "
                          "decode; add torchcodec or pyav to video.backends")
     size = _size(path) if stated_frames is not None else None
-    if size is not None and not stated_frames * MIN_FRAME_BYTES <= size:  # NaN too
+    if size is not None and not holds_frames(stated_frames, size):  # NaN too
         backends = _only(backends, lambda b: not getattr(b, "trusts_stated_count", False),
                          f"this file's header states {stated_frames:.3g} frames, more than its {size} bytes can hold, "
                          f"and the backends {[b.name for b in backends]} reserve memory for each; add torchcodec or "

@@ -126,16 +126,25 @@ def _damaged_job(tmp_path, bases, count: int, seed: int) -> tuple[dict, dict, su
         path.write_bytes(data)
         rows.append({"video_id": path.name, "video_path": str(path), "base": name})
     rows += [{"video_id": f"clean-{name}", "video_path": str(bases / name), "base": name} for name in names]
+    job = _demo_job(tmp_path, rows, 3000, runtime={"item_timeout_s": 120, "stall_timeout_s": 300},
+                    output={"rows_per_file": 100, "flush_interval_s": 30})
+    return {r["video_id"]: r for r in rows}, _rows_by_id(tmp_path), job
+
+
+def _demo_job(tmp_path, rows: list[dict], timeout_s: float, **sections) -> subprocess.CompletedProcess:
+    """``rows`` (a manifest's) through the demo's filters in a job of its own process (a native crash would end the
+    test's), its output under ``tmp_path``; ``sections`` merged into the config."""
     demo = yaml.safe_load(open(os.path.join(ROOT, "configs", "default.yaml")))
     raw = base_config(write_manifest(str(tmp_path / "m.parquet"), rows), str(tmp_path), str(tmp_path / "out"),
-                      str(tmp_path / "cache"), filters=demo["filters"], video=demo["video"],
-                      runtime={"item_timeout_s": 120, "stall_timeout_s": 300},
-                      output={"rows_per_file": 100, "flush_interval_s": 30})
+                      str(tmp_path / "cache"), filters=demo["filters"], video=demo["video"], **sections)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
-    job = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "run.py"), "--config", str(tmp_path / "job.yaml")],
-                         capture_output=True, text=True, timeout=3000, cwd=ROOT)
-    got = {r["video_id"]: r for r in pq.read_table(str(tmp_path / "out" / "parts")).to_pylist()}
-    return {r["video_id"]: r for r in rows}, got, job
+    return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "run.py"), "--config", str(tmp_path / "job.yaml")],
+                          capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+
+
+def _rows_by_id(tmp_path) -> dict[str, dict]:
+    """The rows ``_demo_job`` wrote, by id."""
+    return {r["video_id"]: r for r in pq.read_table(str(tmp_path / "out" / "parts")).to_pylist()}
 
 
 def _check(manifest: dict, got: dict) -> list[str]:
@@ -221,15 +230,9 @@ def test_a_header_stating_an_impossible_duration_is_measured_and_crashes_no_deco
                                               float(stated.split()[1]))
     else:
         path = synthetic.mp4_stating_frames(str(bases / "h264_aac.mp4"), str(tmp_path / "stated.mp4"), 2 ** 31)
-    demo = yaml.safe_load(open(os.path.join(ROOT, "configs", "default.yaml")))
-    raw = base_config(write_manifest(str(tmp_path / "m.parquet"), [{"video_id": "stated", "video_path": path}]),
-                      str(tmp_path), str(tmp_path / "out"), str(tmp_path / "cache"), filters=demo["filters"],
-                      video=demo["video"])
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
-    job = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "run.py"), "--config", str(tmp_path / "job.yaml")],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    job = _demo_job(tmp_path, [{"video_id": "stated", "video_path": path}], 600)
     assert job.returncode == 0, job.stderr[-3000:]
-    (row,) = pq.read_table(str(tmp_path / "out" / "parts")).to_pylist()
+    (row,) = _rows_by_id(tmp_path).values()
     assert row["result_info"]["succeed"], row["result_info"]["error_message"]
     assert row["probe"]["duration_s"] == pytest.approx(4.0, abs=0.1)
     assert row["result_info"]["decode_backend"] in ("torchcodec", "pyav")
