@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
           + (f", {report.rows} rows, {report.bytes_written / 1e6:.1f} MB written" if not args.dry_run else "")
           + (f"; finished {report.pending_finished} interrupted compaction(s) first" if report.pending_finished else "")
           + ")", flush=True)
+    if report.quarantined:
+        print(f"{out.dir}: {'found' if args.dry_run else 'moved'} {report.quarantined} damaged part file(s) that no "
+              f"reader can read{'' if args.dry_run else ' to _quarantine/parts/'}: the next run redoes the items "
+              "whose rows they held", flush=True)
     return 0
 
 

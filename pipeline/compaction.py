@@ -36,6 +36,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import MediasieveError
+from pipeline.quarantine import READ_ERRORS, part_fault, quarantine, read_past_damaged
 from pipeline.resume import part_files
 from pipeline.writer import PARTS_DIR, commit_bytes, commit_file, is_local_fs
 
@@ -63,6 +64,8 @@ class CompactionReport:
     """Plans of an interrupted compaction rolled forward or back first."""
     duplicates_removed: int = 0
     """Second success rows of items removed first (``remove_duplicate_successes``); with ``dry_run``, found."""
+    quarantined: int = 0
+    """Damaged parts moved to the quarantine (``pipeline.quarantine``); with ``dry_run``, found."""
 
 
 def _parts_dir(root: str) -> str:
@@ -167,29 +170,36 @@ def compact(out_dir: str, storage_options: dict, target_bytes: int = 512 << 20, 
     fs.invalidate_cache()
     pending = 0 if dry_run else finish_pending(fs, root)
     duplicates = 0
+    token = uuid.uuid4().hex[:8]
+    by = None if dry_run else f"compaction {token}"  # a dry run moves no damaged part, it names them
+    moved: set[str] = set()  # damaged parts found (moved to the quarantine unless ``dry_run``): ``_judge``
     if id_column is not None:
         duplicates = remove_duplicate_successes(out_dir, storage_options, id_column, None, row_group_rows, scratch_dir,
-                                                compression, dry_run)
+                                                compression, dry_run, by, moved)
     parts = _parts_dir(root)
     try:
         listed = fs.find(parts, detail=True)
     except FileNotFoundError:
         listed = {}
+    listed = {p: info for p, info in listed.items() if p not in moved}  # found by a dry run's duplicate check
     ours = sorted((p, int(info["size"])) for p, info in listed.items() if _PART.match(p.rsplit("/", 1)[-1]))
     small = [(p, size) for p, size in ours if size < target_bytes // 2]
     distinct: list[pa.Schema] = []  # a schema per part would hold gigabytes for a week's parts: an index each
     indexed = []
     for (path, size), schema in zip(small, _in_parallel(_read_schema, fs, [p for p, _ in small])):
+        if isinstance(schema, BaseException):
+            _judge(fs, root, path, schema, by, moved)
+            continue
         index = next((i for i, known in enumerate(distinct) if known.equals(schema)), None)
         if index is None:
             distinct.append(schema)
             index = len(distinct) - 1
         indexed.append((path, size, index))
     groups = _group(indexed, target_bytes)
-    token = uuid.uuid4().hex[:8]
     merged = sum(len(g) for g in groups)
-    report = CompactionReport(len(listed), len(listed) - merged + len(groups), 0, merged, len(groups), 0, pending,
-                              duplicates)
+    before = len(listed) + len(moved)  # a part the duplicate check moved was not listed
+    report = CompactionReport(before, before - len(moved) - merged + len(groups), 0, merged, len(groups), 0, pending,
+                              duplicates, len(moved))  # a source moved during its merge is one of ``merged``
     if dry_run or not groups:
         return report
     for i, group in enumerate(groups):
@@ -197,9 +207,11 @@ def compact(out_dir: str, storage_options: dict, target_bytes: int = 512 << 20, 
         rows, size = _replace_planned(
             fs, root, f"{token}-{i:06d}", _target_name(sources[-1], token, i), sources,  # the newest source's run
             lambda final, sources=sources, schema=distinct[group[0][2]]: _write_merged(
-                fs, sources, schema, final, f"{root}/_tmp", row_group_rows, scratch_dir, compression))
+                fs, sources, schema, final, f"{root}/_tmp", row_group_rows, scratch_dir, compression,
+                lambda path, error: _judge(fs, root, path, error, by, moved)), moved)
         report.rows += rows
         report.bytes_written += size
+    report.quarantined = len(moved)
     log.info("compacted %d parts (%d rows) into %d; %d parts now", merged, report.rows, len(groups),
              report.files_after)
     return report
@@ -212,24 +224,27 @@ def _target_name(source: str, token: str, seq: int) -> str:
     return f"part-{m.group(1) if m else '00000000T000000-00000000'}-c{token}-{seq:06d}.parquet"
 
 
-def _replace_planned(fs, root: str, plan_token: str, target: str, sources: list[str], write) -> tuple[int, int]:
+def _replace_planned(fs, root: str, plan_token: str, target: str, sources: list[str], write,
+                     moved: set[str] = frozenset()) -> tuple[int, int]:
     """Replace ``sources`` (part paths) by the part ``target`` (a name in ``parts/``) that ``write(final_path)``
     commits whole, returning its rows and bytes: the plan first, then the target, then the sources' deletion and the
-    plan's (``finish_pending`` finishes what a crash interrupts)."""
+    plan's (``finish_pending`` finishes what a crash interrupts). A source in ``moved`` (a damaged part the write
+    moved to the quarantine) is not in ``parts/`` any more."""
     if is_local_fs(fs):
         fs.makedirs(f"{root}/{PLAN_DIR}", exist_ok=True)
     plan = {"token": plan_token, "target": target, "sources": [p.rsplit("/", 1)[-1] for p in sources]}
     plan_path = f"{root}/{PLAN_DIR}/{plan_token}.json"
     commit_bytes(fs, plan_path, json.dumps(plan, indent=1).encode(), f"{root}/_tmp")
     rows, size = write(f"{_parts_dir(root)}/{target}")
-    _remove(fs, sources)  # the target is committed: its sources may go
+    _remove(fs, [s for s in sources if s not in moved])  # the target is committed: its sources may go
     fs.rm_file(plan_path)
     return rows, size
 
 
 def remove_duplicate_successes(out_dir: str, storage_options: dict, id_column: str, files: list[str] | None = None,
                                row_group_rows: int = 65536, scratch_dir: str | None = None,
-                               compression: str = "zstd", dry_run: bool = False) -> int:
+                               compression: str = "zstd", dry_run: bool = False, by: str | None = None,
+                               moved: set[str] | None = None) -> int:
     """Keep one success row per item: the latest (by ``end_time``, then part name, then position). The caller holds
     the lease.
 
@@ -249,6 +264,9 @@ def remove_duplicate_successes(out_dir: str, storage_options: dict, id_column: s
         scratch_dir: a local directory for a rewritten part before its upload (default: the system's).
         compression: the rewritten parts' Parquet codec.
         dry_run: count them, change nothing.
+        by: who moves a damaged part that a read meets to the quarantine (``read_past_damaged``); None: it is only
+            left out.
+        moved: where given, the damaged parts met are added to it.
 
     Returns:
         The success rows removed (with ``dry_run``: found).
@@ -260,22 +278,31 @@ def remove_duplicate_successes(out_dir: str, storage_options: dict, id_column: s
     if not files:
         return 0
     ok = pc.field("result_info", "succeed")
-    ok_ids = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={"id": pc.field(id_column)},
-                                                                           filter=ok)["id"]
-    counts = pc.value_counts(ok_ids)
-    more = pc.greater(counts.field("counts"), 1)
-    repeated = counts.field("values").filter(more)
-    surplus = (pc.sum(counts.field("counts").filter(more)).as_py() or 0) - len(repeated)
-    del ok_ids, counts
+
+    def read(files: list[str]) -> tuple[int, pa.Array, list[tuple[str, pa.Table]]]:
+        ok_ids = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={"id": pc.field(id_column)},
+                                                                               filter=ok)["id"]
+        counts = pc.value_counts(ok_ids)
+        more = pc.greater(counts.field("counts"), 1)
+        repeated = counts.field("values").filter(more)
+        surplus = (pc.sum(counts.field("counts").filter(more)).as_py() or 0) - len(repeated)
+        del ok_ids, counts
+        if dry_run or not surplus:
+            return surplus, repeated, []
+
+        def where(fs, path: str) -> pa.Table:  # the repeated ids' success rows in one part, in the part's order
+            return ds.dataset(path, format="parquet", filesystem=fs).to_table(
+                columns={"id": pc.field(id_column), "end_time": pc.field("result_info", "end_time")},
+                filter=ok & pc.field(id_column).isin(repeated), use_threads=False)
+
+        return surplus, repeated, [(path, table) for path, table in zip(files, _in_parallel(where, fs, files))
+                                   if table.num_rows]
+
+    (surplus, repeated, found), files, damaged = read_past_damaged(fs, root, files, read, by)
+    if moved is not None:
+        moved.update(damaged)
     if dry_run or not surplus:
         return surplus
-
-    def where(fs, path: str) -> pa.Table:  # the repeated ids' success rows in one part, in the part's order
-        return ds.dataset(path, format="parquet", filesystem=fs).to_table(
-            columns={"id": pc.field(id_column), "end_time": pc.field("result_info", "end_time")},
-            filter=ok & pc.field(id_column).isin(repeated), use_threads=False)
-
-    found = [(path, table) for path, table in zip(files, _in_parallel(where, fs, files)) if table.num_rows]
     keeper: dict = {}  # id -> (its rank, the part, which of the id's success rows in that part)
     for path, table in found:
         seen: Counter = Counter()
@@ -341,9 +368,31 @@ def _rewrite_without(fs, root: str, path: str, keep: dict, repeated: pa.Array, i
     return counts["read"] - counts["kept"]
 
 
-def _read_schema(fs, path: str) -> pa.Schema:
-    with fs.open(path, "rb") as f:
-        return pq.read_schema(f)
+def _read_schema(fs, path: str) -> pa.Schema | BaseException:
+    """The part's schema, or what reading it raised (``_judge`` tells a damaged part from a fault of the store)."""
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_schema(f)
+    except READ_ERRORS as e:
+        return e
+
+
+def _judge(fs, root: str, path: str, error: BaseException, by: str | None, moved: set[str]) -> None:
+    """A read of the part ``path`` raised ``error``: where the part is damaged (``part_fault``) it goes to the
+    quarantine (named only, with ``by`` None: a dry run) and into ``moved``; where it reads, ``error`` was the store's
+    and is raised."""
+    try:
+        why = part_fault(fs, path)
+    except (OSError, ValueError):
+        why = None
+    if why is None:
+        raise error
+    if by is not None:
+        quarantine(fs, root, {path: why}, by)
+    else:
+        log.error("the part file %s is damaged (%s); compacting (not a dry run) or the next run moves it to the "
+                  "quarantine and the next run redoes its items", path, why)
+    moved.add(path)
 
 
 def _read_table(fs, path: str) -> pa.Table:
@@ -362,16 +411,27 @@ def _in_parallel(read, fs, paths: list[str], window: int = 32):
 
 
 def _write_merged(fs, sources: list[str], schema: pa.Schema, final: str, tmp_dir: str, row_group_rows: int,
-                  scratch_dir: str | None, compression: str) -> tuple[int, int]:
+                  scratch_dir: str | None, compression: str,
+                  on_fault: Callable[[str, BaseException], None]) -> tuple[int, int]:
     """Stream ``sources`` into one Parquet file in local scratch, check its row count, and commit it as ``final``
-    whole or not at all. Returns its rows and bytes."""
+    whole or not at all. Returns its rows and bytes. A source whose read fails goes to ``on_fault(path, error)``,
+    which moves a damaged one aside (it is then left out) and raises otherwise."""
+
+    def read(fs, path: str) -> pa.Table | None:
+        try:
+            return _read_table(fs, path)
+        except READ_ERRORS as e:
+            on_fault(path, e)
+            return None
 
     def write(local: str) -> int:
         want = 0
         with pq.ParquetWriter(local, schema, compression=compression) as writer:
             buffered: list[pa.Table] = []
             held = 0
-            for table in _in_parallel(_read_table, fs, sources):
+            for table in _in_parallel(read, fs, sources):
+                if table is None:
+                    continue
                 want += table.num_rows
                 buffered.append(table)
                 held += table.num_rows

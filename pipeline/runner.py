@@ -63,6 +63,7 @@ from pipeline.resume import (
     FAILURES,
     SUCCESS_MARKER,
     SUMMARY,
+    CommittedState,
     OutputLease,
     check_or_record_config,
     failed_for_good,
@@ -74,6 +75,7 @@ from pipeline.resume import (
     share_pending,
     writer_schema,
 )
+from pipeline.quarantine import quarantined, read_past_damaged
 from pipeline.storage import SCRATCH_DIR, FetchedItem, TieredFetcher, check_protocols
 from pipeline.task_queue import BoundedTaskQueue
 from pipeline.video.decoders import decodes_past_deadline
@@ -753,11 +755,15 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
         """Rank 0 reads the committed parts once for every rank and shares the positions to process."""
         try:
             fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
-            files = part_files(fs, root)
-            state = read_committed(out.dir, out.storage_options, cfg.input.id_column, files)
-            for_good = None
-            if cfg.resume.retry_failed == "retryable":
-                for_good = failed_for_good(fs, files, state, cfg.input.id_column)
+
+            def read(files: list[str]) -> tuple[CommittedState, pa.Array | None]:
+                state = read_committed(out.dir, out.storage_options, cfg.input.id_column, files)
+                retryable = cfg.resume.retry_failed == "retryable"
+                return state, failed_for_good(fs, files, state, cfg.input.id_column) if retryable else None
+
+            # a damaged part (a node that lost power after its commit) is moved aside and its items redone
+            (state, for_good), _, _ = read_past_damaged(fs, root, part_files(fs, root), read, run_id)
+            if for_good is not None:
                 log.info("%d of the %d items with only failure rows failed for good (their latest failure is not "
                          "retryable) and are not retried (resume.retry_failed=retryable)", len(for_good),
                          len(state.failed_only))
@@ -922,7 +928,8 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
         state = read_committed(out.dir, out.storage_options, id_col, files)  # distinct ids: succeeded, failed only
         if state.duplicate_successes:  # one success row per item before the marker says the output is complete
             duplicates_removed = remove_duplicate_successes(out.dir, out.storage_options, id_col, files,
-                                                            scratch_dir=scratch, compression=out.compression)
+                                                            scratch_dir=scratch, compression=out.compression,
+                                                            by=run_id)
             log.warning("removed %d second success row(s) of items, keeping the latest", duplicates_removed)
             fs.invalidate_cache()
             files = part_files(fs, root)
@@ -972,6 +979,7 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
             "failures_by_type": by_type,
             "without_row": len(manifest) - n_with_row,
             "duplicate_success_rows_removed": duplicates_removed,
+            "parts_quarantined": len(quarantined(fs, root)),  # damaged parts moved aside, by this run or earlier
         },
         "models": _models_summary(ranks),
         "per_rank": [{k: r[k] for k in ("rank", "host", "device", "done", "succeeded", "failed", "items_per_s",

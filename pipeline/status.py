@@ -20,6 +20,7 @@ from pipeline.compaction import pending_plans
 from pipeline.config import JobConfig
 from pipeline.crashes import read_ledger
 from pipeline.manifest import SPILL_DIR, open_manifest
+from pipeline.quarantine import QUARANTINE_DIR, quarantined, read_past_damaged
 from pipeline.resume import (
     SUCCESS_MARKER,
     SUMMARY,
@@ -110,16 +111,23 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
         if summary.get("run_id") else None
     run["complete"] = complete is not None and not run["live"]
 
-    files = part_files(fs, root)
-    state = read_committed(out.dir, out.storage_options, cfg.input.id_column, files)
     spill = os.path.join(cfg.storage.cache_dir, SPILL_DIR)
     manifest = open_manifest(cfg.input, spill, f"status-{os.getpid()}")
     try:
         kept = manifest.kept_ids()
+
+        def read(files: list[str]):
+            state = read_committed(out.dir, out.storage_options, cfg.input.id_column, files)
+            latest = latest_failures(fs, files, state, kept, cfg.input.id_column, cfg.input.path_column) \
+                if files else {}
+            for_good = failed_for_good(fs, files, state, cfg.input.id_column) \
+                if cfg.resume.retry_failed == "retryable" else None
+            return state, latest, for_good, damaged_items(fs, files)
+
+        # a damaged part is named, not moved (no lease here): the next run or compaction moves it
+        (state, latest, for_good, damaged), files, unreadable = read_past_damaged(fs, root, part_files(fs, root),
+                                                                                  read, None)
         succeeded = pc.sum(pc.is_in(kept, value_set=state.succeeded)).as_py() or 0
-        latest = latest_failures(fs, files, state, kept, cfg.input.id_column, cfg.input.path_column) if files else {}
-        for_good = failed_for_good(fs, files, state, cfg.input.id_column) \
-            if cfg.resume.retry_failed == "retryable" else None
         pending = len(pending_indices(manifest.ids, state, cfg.resume.retry_failed, manifest.keep, for_good))
         total = len(manifest)
     finally:
@@ -136,11 +144,13 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
         "output_dir": out.dir,
         "run": run,
         "items": {"manifest": total, "succeeded": succeeded, "failed": len(latest), "failures_by_type": by_type,
-                  "without_row": total - succeeded - len(latest), "damaged": damaged_items(fs, files),
+                  "without_row": total - succeeded - len(latest), "damaged": damaged,
                   "done_fraction": round(succeeded / total, 6) if total else None},
         "next_run": {"would_process": pending, "retry_failed": cfg.resume.retry_failed},
-        "output": {"part_files": len(files), "rows": state.rows, "interrupted_compactions": len(plans),
-                   "duplicate_success_rows": state.duplicate_successes},
+        "output": {"part_files": len(files) + len(unreadable), "rows": state.rows, "interrupted_compactions": len(plans),
+                   "duplicate_success_rows": state.duplicate_successes,
+                   "damaged_parts": {path.rsplit("/", 1)[-1]: why for path, why in unreadable.items()},
+                   "quarantined_parts": len(quarantined(fs, root))},
         "crashes": {"items": len(ledger),
                     "refused": sum(1 for e in ledger.values() if limit is not None and e.get("crashes", 0) >= limit)},
     }
@@ -175,7 +185,13 @@ def format_status(status: dict[str, Any]) -> str:
         + (f"; {output['interrupted_compactions']} interrupted compaction(s), finished by the next run or compaction"
            if output["interrupted_compactions"] else "")
         + (f"; {output['duplicate_success_rows']} second success row(s) of items, removed by the next complete run "
-           "or jobs/compact.py" if output.get("duplicate_success_rows") else ""),
+           "or jobs/compact.py" if output.get("duplicate_success_rows") else "")
+        + (f"; {len(output['damaged_parts'])} DAMAGED part file(s) that no reader can read "
+           f"({', '.join(sorted(output['damaged_parts'])[:3])}{', ...' if len(output['damaged_parts']) > 3 else ''}): "
+           f"the next run or jobs/compact.py moves them to {QUARANTINE_DIR}/ and the next run redoes their items"
+           if output.get("damaged_parts") else "")
+        + (f"; {output['quarantined_parts']} damaged part file(s) moved to {QUARANTINE_DIR}/ earlier"
+           if output.get("quarantined_parts") else ""),
         f"  crashes  : {crashes['items']} item(s) in the crash ledger, {crashes['refused']} refused",
     ]
     return "\n".join(lines)
