@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
 import uuid
@@ -120,6 +121,26 @@ def commit_file(fs: fsspec.AbstractFileSystem, final_path: str, local_path: str,
         fs.put_file(local_path, final_path)
 
 
+def sync_to_disk(path: str, directory: bool = False) -> None:
+    """Flush a local file's data (or a directory's entries) to its disk before the commit counts as done.
+
+    A rename is atomic, but ext4 and XFS write a new file's data late (NFS and Lustre clients cache it): a node that
+    lost power after renaming a part into place left its name with zero bytes or cut short, which every later read
+    of the output failed on (``pipeline.quarantine`` moves such a part aside where one is met). A filesystem that
+    cannot sync a directory (some network ones) is let be; one that cannot sync a file's data fails the commit,
+    which is retried.
+    """
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not directory:
+            raise
+        log.debug("cannot sync the directory %s: %s", path, e)
+    finally:
+        os.close(fd)
+
+
 def _rename_into_place(fs: fsspec.AbstractFileSystem, final_path: str, tmp_dir: str, write,
                        proceed: Callable[[], bool] | None = None) -> None:
     """``write(tmp)`` a temporary file in ``tmp_dir``, then rename it to ``final_path`` (if ``proceed()``); on any
@@ -128,9 +149,11 @@ def _rename_into_place(fs: fsspec.AbstractFileSystem, final_path: str, tmp_dir: 
     tmp = f"{tmp_dir}/{final_path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         write(tmp)
+        sync_to_disk(tmp)  # its data before its name: see sync_to_disk
         if proceed is not None and not proceed():
             raise OutputHungError(f"the commit of {final_path} was given up as hung: not renamed into place")
         fs.mv(tmp, final_path)
+        sync_to_disk(final_path.rsplit("/", 1)[0] or "/", directory=True)  # the new name
     except BaseException:
         try:
             fs.rm_file(tmp)

@@ -107,7 +107,7 @@ def test_status_after_a_crash_reports_the_stale_lease_the_ledger_and_an_interrup
                              "complete": False}
     assert status["crashes"] == {"items": 2, "refused": 1}
     assert status["output"] == {"part_files": 0, "rows": 0, "interrupted_compactions": 1,
-                                "duplicate_success_rows": 0}
+                                "duplicate_success_rows": 0, "damaged_parts": {}, "quarantined_parts": 0}
     assert status["items"]["without_row"] == 8 and status["next_run"]["would_process"] == 8
     text = format_status(status)
     assert "its lease is stale" in text and "1 interrupted compaction(s)" in text and "1 refused" in text

@@ -120,6 +120,49 @@ def test_failed_commit_keeps_rows_and_name(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "parts") == ["part-run1-r00000-000000.parquet"]
 
 
+def test_a_part_is_on_the_disk_before_its_name_is(tmp_path, monkeypatch):
+    """A rename is atomic but a new file's data is written late (ext4, XFS): a node that lost power after the rename
+    left a part of zero bytes. The commit syncs the temporary file before renaming it and the directory after."""
+    import errno
+
+    import pipeline.writer as writer_mod
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((path, os.listdir(tmp_path / "parts")))  # what the directory held then
+        real_fsync(fd)
+
+    monkeypatch.setattr(writer_mod.os, "fsync", fsync)
+    w = ResultWriter(str(tmp_path), {}, SCHEMA, "run1", 0, rows_per_file=100, commit_retries=0)
+    w.add(_row(1))
+    w.flush()
+    final = "part-run1-r00000-000000.parquet"
+    (tmp_file, seen_then), (folder, seen_after) = synced
+    assert tmp_file.startswith(str(tmp_path / "_tmp")) and tmp_file.endswith(".tmp") and seen_then == []
+    assert folder == str(tmp_path / "parts") and seen_after == [final]
+
+    def failing(fd):  # the disk fails the file's sync: the commit fails (and is retried), nothing is in place
+        if not os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer_mod.os, "fsync", failing)
+    w.add(_row(2))
+    with pytest.raises(OSError, match="Input/output"):
+        w.flush()
+    assert os.listdir(tmp_path / "parts") == [final] and not os.listdir(tmp_path / "_tmp") and w.buffered == 1
+
+    def no_directory_sync(fd):  # some network filesystems cannot sync a directory: the commit stands
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(writer_mod.os, "fsync", no_directory_sync)
+    w.flush()
+    assert sorted(os.listdir(tmp_path / "parts")) == [final, "part-run1-r00000-000001.parquet"]
+
+
 def test_writer_on_s3_is_one_put_per_part(s3, bucket):
     name, fs = bucket
     out = f"s3://{name}/out"
