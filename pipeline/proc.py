@@ -19,6 +19,19 @@ def start_ticks(pid: int) -> int:
         return 0
 
 
+def boot_time() -> float | None:
+    """When this machine's kernel booted (``/proc/stat``'s ``btime``, Unix time; a container shares its host's
+    kernel, and so its page cache), or None where unknown."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def is_alive(pid: int, ticks: int = 0) -> bool:
     """Whether ``pid`` runs on this host and, where ``ticks`` is known, is the process that started then."""
     try:

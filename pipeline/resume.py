@@ -451,6 +451,13 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
         recorded = json.loads(fs.cat_file(path))
     except FileNotFoundError:
         recorded = None
+    except (ValueError, UnicodeDecodeError) as e:  # zero bytes: a node that lost power as an older version wrote it
+        raise ConfigError(f"the recorded config {path} cannot be read ({type(e).__name__}: {e}), so this run cannot "
+                          f"check that {out_dir} holds output of this job: where it does, delete {CONFIG} (this run's "
+                          "config is recorded in its place) and rerun; no row was touched") from e
+    if not isinstance(recorded, dict | None):
+        raise ConfigError(f"the recorded config {path} is not a mapping: where {out_dir} holds output of this job, "
+                          f"delete {CONFIG} and rerun; no row was touched")
     if recorded is not None:
         changed, unrecorded = identity_changes(recorded.get("identity") or {}, identity)
         if unrecorded:

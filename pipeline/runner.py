@@ -462,7 +462,8 @@ class RankWorkers:
                     corrupt_media={k: n - self._damage_before[k] for k, n in damage.counts().items()},
                     tiers_skipped=self.fetcher.skipped_tiers,
                     cache_bytes=cache.bytes_used if cache else 0,
-                    cache_evictions=cache.evictions if cache else 0, suspects_rehearsed=self._rehearsed,
+                    cache_evictions=cache.evictions if cache else 0, cache_discarded=self.fetcher.cache_discarded,
+                    suspects_rehearsed=self._rehearsed,
                     suspects_refused=self._refused, batches=batch_stats(self.filters))
         return snap
 

@@ -24,6 +24,7 @@ import fsspec
 from fsspec.callbacks import Callback
 
 from pipeline.config import StorageConfig, TierConfig
+from pipeline.proc import boot_time
 from pipeline.errors import (
     AccessDeniedError,
     BadInputError,
@@ -212,6 +213,7 @@ class NodeCache:
         self._adopted: dict[str, float] = {}  # leftover entry -> its mtime when adopted
         self._bytes = 0
         self._last_sweep = 0.0
+        self._booted = boot_time()
         self.evictions = 0
         self.parts_removed = 0
         if tend:
@@ -248,6 +250,30 @@ class NodeCache:
         except OSError:
             pass
         return path, size
+
+    def suspect(self, uri: str) -> bool:
+        """Whether the cache's copy of ``uri`` may have lost its bytes: it is empty, or it was written before this
+        machine last booted (ask before ``lookup``, which touches it). A rename is atomic, but a new file's data
+        reaches the disk up to half a minute later (ext4, XFS), so a node that lost power or panicked (a GPU's Xid
+        error) can come back with the last entries it wrote empty or cut short, and syncing every download would
+        cost a large file's write-back on the fetch path. ``TieredFetcher`` checks a suspect's size against its
+        source once; the touch of its use then clears it."""
+        try:
+            st = os.stat(self.path_of(self.name_for(uri)))
+        except FileNotFoundError:
+            return False
+        return st.st_size == 0 or (self._booted is not None and st.st_mtime < self._booted)
+
+    def discard(self, uri: str) -> None:
+        """Unpin and remove the cache's copy of ``uri`` (it lost bytes: ``suspect``)."""
+        name = self.name_for(uri)
+        with self._lock:
+            self._pins.pop(name, None)
+            self._forget(name)
+            try:
+                os.remove(self.path_of(name))
+            except FileNotFoundError:
+                pass
 
     def tmp_path(self, uri: str) -> str:
         """A unique temporary name in the cache for a download in progress."""
@@ -479,6 +505,8 @@ class TieredFetcher:
         """Fetches abandoned as silent since the last one a tier served (``fetch_watched``)."""
         self.hung_fetches = 0
         """Abandoned fetches whose threads have not returned yet."""
+        self.cache_discarded = 0
+        """Node-cache copies found to have lost bytes in a crash, fetched again (``_cached``)."""
         self._skips: dict[str, tuple[float, float]] = {}  # tier -> (skipped until, monotonic; length of the skip)
         self._counter_lock = threading.Lock()
         for tier in self.tiers:  # bad tier options are a config error before any work, not an item failure
@@ -521,12 +549,32 @@ class TieredFetcher:
         return [(t.name, t.root.rstrip("/") + "/" + rel, t.storage_options) for t in self.tiers]
 
     def _cached(self, candidates: list[tuple[str, str, dict]]) -> FetchedItem | None:
-        """The node cache's copy of any of the candidate URLs (pinned), before any tier is asked."""
-        for _tier, url, _options in candidates if self.cache is not None else ():
+        """The node cache's copy of any of the candidate URLs (pinned), before any tier is asked; a copy that may
+        have lost bytes in a crash (``NodeCache.suspect``) only where its source still lists its size."""
+        for tier, url, options in candidates if self.cache is not None else ():
+            suspect = self.cache.suspect(url)
             hit = self.cache.lookup(url)
-            if hit is not None:
-                return FetchedItem(hit[0], "cache", hit[1], url, 0, lambda u=url: self.cache.release(u))
+            if hit is None:
+                continue
+            if suspect and not self._same_size(tier, url, options, hit[1]):
+                self.cache.discard(url)
+                with self._counter_lock:
+                    self.cache_discarded += 1
+                log.warning("the node cache's copy of %s (%d bytes, written before this machine last booted or "
+                            "empty) is not the size of its source: fetched again", url, hit[1])
+                return None
+            return FetchedItem(hit[0], "cache", hit[1], url, 0, lambda u=url: self.cache.release(u))
         return None
+
+    def _same_size(self, tier: str, url: str, options: dict, size: int) -> bool:
+        """Whether ``url``'s source lists ``size`` bytes (True where it cannot say: its copy is used as before)."""
+        try:
+            fs, rpath = self._filesystem(url, options)
+            listed = fs.info(rpath).get("size")
+        except Exception as e:  # noqa: BLE001 - an unanswered check keeps the copy; the fetch would fail the same
+            log.warning("cannot check the node cache's copy of %s against %s: %s: %s", url, tier, type(e).__name__, e)
+            return True
+        return listed is None or int(listed) == size
 
     def fetch_watched(self, path: str, should_stop: Callable[[], bool], silence_s: float,
                       poll_s: float = 0.5, min_bytes_per_s: float = 0.0) -> FetchedItem:

@@ -383,3 +383,65 @@ def test_fetch_progress_gives_up_on_silence_and_on_a_trickle_once_its_window_is_
         tmp.write_bytes(b"x" * 1000 * (second + 1))
         assert p.stalled(t1 + second, 5.0, 100.0) is None
     assert p.stalled(t1 + 12.5, 5.0, 100.0) == "no byte and no new attempt for 6.5s"  # the file stopped growing
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_cache_copy_that_lost_bytes_in_a_crash_is_fetched_again(tmp_path, where, s3, bucket, monkeypatch):
+    """A node that lost power or panicked comes back with the last entries it wrote empty or cut short (their data
+    had not reached the disk). Such a copy, written before the machine booted (or empty), is checked against its
+    source's size once: a short one is fetched again, a whole one is used and no longer checked."""
+    from pipeline.proc import boot_time
+
+    booted = boot_time()
+    assert booted is not None  # Linux: /proc/stat says when the kernel booted
+    data = {f"f{i}.bin": bytes([i]) * 1000 for i in range(4)}
+    if where == "s3":
+        name, fs = bucket
+        for key, body in data.items():
+            fs.pipe_file(f"{name}/t/{key}", body)
+        tier = TierConfig("t", f"s3://{name}/t", storage_options=s3.options())
+    else:
+        (tmp_path / "t").mkdir()
+        for key, body in data.items():
+            (tmp_path / "t" / key).write_bytes(body)
+        tier = TierConfig("t", str(tmp_path / "t"))
+    f = _local_fetcher(tmp_path, [tier])
+    copies = {}
+    for key in data:
+        item = f.fetch(key)
+        copies[key] = item.local_path
+        item.release()
+
+    def crashed(key, body):  # what the crash left: these bytes, written before the boot
+        with open(copies[key], "wb") as out:
+            out.write(body)
+        os.utime(copies[key], (booted - 60, booted - 60))
+
+    crashed("f0.bin", b"")  # empty
+    crashed("f1.bin", data["f1.bin"][:300])  # cut short
+    crashed("f2.bin", data["f2.bin"])  # whole
+    with open(copies["f3.bin"], "wb") as out:  # written since the boot and short: not a crash's (not checked)
+        out.write(data["f3.bin"][:10])
+
+    again = _local_fetcher(tmp_path, [tier])  # the next run on the rebooted node
+    got = {}
+    for key in data:
+        item = again.fetch(key)
+        got[key] = (item.tier, open(item.local_path, "rb").read())
+        item.release()
+    assert got["f0.bin"] == ("t", data["f0.bin"]) and got["f1.bin"] == ("t", data["f1.bin"])
+    assert got["f2.bin"] == ("cache", data["f2.bin"]) and got["f3.bin"] == ("cache", data["f3.bin"][:10])
+    assert again.cache_discarded == 2
+    assert not any(again.cache.suspect(key) for key in data)  # refetched or touched by their use: checked once
+
+    crashed("f2.bin", data["f2.bin"][:5])  # a source that cannot answer the check: its copy is used as before
+
+    class Unanswered:
+        def info(self, path):
+            raise OSError("Connection refused")
+
+    unanswered = _local_fetcher(tmp_path, [tier])
+    monkeypatch.setattr(unanswered, "_filesystem", lambda url, options: (Unanswered(), url))
+    item = unanswered.fetch("f2.bin")
+    assert item.tier == "cache" and unanswered.cache_discarded == 0
+    item.release()

@@ -268,6 +268,19 @@ def test_config_record_refuses_other_job_and_redacts_secrets(tmp_path):
     assert redact({"a": [{"password": "x"}]}) == {"a": [{"password": "***"}]}
 
 
+@pytest.mark.parametrize("damage", [b"", b'{"identity": {"input"', b"\xff\xfe", b"[1, 2]"],
+                         ids=["zero-bytes", "cut-short", "not-text", "not-a-mapping"])
+def test_an_unreadable_config_record_is_a_clear_error_that_touches_nothing(tmp_path, damage):
+    ident = {"input": {"manifest": "m1"}}
+    (tmp_path / "_config.json").write_bytes(damage)
+    with pytest.raises(ConfigError, match="delete _config.json .*and rerun; no row was touched"):
+        check_or_record_config(str(tmp_path), {}, {}, ident, False)
+    assert (tmp_path / "_config.json").read_bytes() == damage
+    (tmp_path / "_config.json").unlink()  # what the message says to do
+    check_or_record_config(str(tmp_path), {}, {}, ident, False)
+    assert json.loads((tmp_path / "_config.json").read_text())["identity"] == ident
+
+
 def test_config_record_names_what_differs_and_takes_an_older_record(tmp_path, caplog):
     """The settings that change the pictures are part of the job; a record written before they were (no ``video``
     in it, or fewer keys) is resumed with a warning and completed, and from then on they hold."""
