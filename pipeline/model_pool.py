@@ -108,13 +108,47 @@ def _is_local(uri: str) -> bool:
     return uri.startswith("file://") or "://" not in uri
 
 
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "VersionId", "LastModified", "last_modified",
+                 "updated", "mtime")
+"""What an fsspec listing says of a file's version, where it says any (S3's ETag, GCS's md5Hash, a mount's mtime)."""
+
+
+def _source_files(fs, path: str) -> list[tuple[str, int, str]]:
+    """``(path relative to the model, bytes, version)`` of each file of a model file or directory at its source (a
+    file's relative path is ""). An http(s) URL is a file: its ``isdir`` GETs the URL to look for links, which reads
+    a body served without a type whole, on every rank."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if not {"http", "https"} & set(protocols) and fs.isdir(path):
+        base = path.rstrip("/") + "/"
+        listed = [(p[len(base):], info) for p, info in sorted(fs.find(base, detail=True).items())]
+    else:
+        listed = [("", fs.info(path))]
+    return [(rel, int(info.get("size") or 0), "/".join(str(info[k]) for k in _VERSION_KEYS if info.get(k) is not None))
+            for rel, info in listed]
+
+
+def _copy_holds(target: str, files: list[tuple[str, int, str]]) -> bool:
+    """Whether the node's copy holds every file of the model at its source's size (a copy the node wrote just before
+    it lost power can be empty or cut short: its data reaches the disk after its rename)."""
+    for rel, size, _version in files:
+        try:
+            if os.path.getsize(os.path.join(target, rel) if rel else target) != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[[], None],
                    storage_options: dict | None = None) -> str:
     """Make a model file or directory available on this node and return its local path.
 
     Local paths are used in place. Remote ones (any fsspec URL) are downloaded once per node by local rank 0
     into ``cache_dir`` (temporary name, then rename) while the node's other ranks wait at ``barrier``; all ranks
-    then load the same copy.
+    then load the same copy. The copy is named by the URL and by what the source lists of its files (sizes, and
+    an ETag or modification time), so weights replaced at the same URL are copied again, not read stale from a
+    copy made before; and a copy whose sizes differ from the source's (cut short when the node lost power) is
+    replaced.
 
     Args:
         uri: a local path or any fsspec URL of a file or directory.
@@ -134,18 +168,24 @@ def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[
         if not os.path.exists(path):
             raise ConfigError(f"model file {uri} does not exist")
         return path
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    target = os.path.join(cache_dir, f"{digest}-{posixpath.basename(uri.rstrip('/')) or 'model'}")
     error: Exception | None = None
-    if local_rank == 0 and not os.path.exists(target):
-        try:
+    target = ""
+    try:  # whatever fails, every rank reaches the barrier (the others would wait there for local rank 0)
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        fs.invalidate_cache(path)  # fsspec shares one instance per options: its listings may predate the file
+        if not fs.exists(path):
+            raise ConfigError(f"model file {uri} does not exist")
+        files = _source_files(fs, path)  # every rank lists it (one small request) to name the same copy
+        digest = hashlib.sha256(repr((uri, files)).encode()).hexdigest()[:16]
+        target = os.path.join(cache_dir, f"{digest}-{posixpath.basename(uri.rstrip('/')) or 'model'}")
+        if local_rank == 0 and not (os.path.exists(target) and _copy_holds(target, files)):
             os.makedirs(cache_dir, exist_ok=True)
-            fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-            fs.invalidate_cache(path)  # fsspec shares one instance per options: its listings may predate the file
-            if not fs.exists(path):
-                raise ConfigError(f"model file {uri} does not exist")
+            if os.path.exists(target):
+                log.warning("the node's copy %s of model %s is not the size of its source (cut short when the node "
+                            "lost power?): copied again", target, uri)
+                shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.remove(target)
             tmp = f"{target}.{uuid.uuid4().hex[:8]}.part"
-            if fs.isdir(path):
+            if not (len(files) == 1 and files[0][0] == ""):  # a directory
                 fs.get(path.rstrip("/") + "/", tmp, recursive=True)
             else:
                 fs.get_file(path, tmp)
@@ -154,8 +194,8 @@ def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[
             except OSError:  # a concurrent copy won (two jobs on one node): keep theirs
                 shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.remove(tmp)
             log.info("model %s copied to node cache %s", uri, target)
-        except Exception as e:  # noqa: BLE001 - re-raised after the barrier so other ranks are not left waiting
-            error = e
+    except Exception as e:  # noqa: BLE001 - re-raised after the barrier so other ranks are not left waiting
+        error = e
     barrier()
     if error is not None:
         raise error

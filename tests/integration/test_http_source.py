@@ -196,3 +196,21 @@ def test_silence_fails_an_attempt_but_a_long_download_does_not(tmp_path, server)
     assert timeout.total is None and timeout.sock_read == 60.0
     own = fetcher._filesystem(f"{server}/plain.bin", {"client_kwargs": {"timeout": None}})[0]
     assert own.client_kwargs["timeout"] is None  # options that set their own are left alone
+
+
+def test_a_model_over_http_is_copied_once_and_again_when_it_changes(tmp_path, server, monkeypatch):
+    """An http(s) model URL is a file (its listing is the response's size), copied once per node, and copied again
+    when the weights served there change."""
+    from pipeline.model_pool import localize_model
+
+    served = tmp_path / "served"
+    served.mkdir()
+    monkeypatch.setattr(_Handler, "media", str(served))
+    (served / "w.onnx").write_bytes(b"a" * 5000)
+    url, cache = f"{server}/media/w.onnx", str(tmp_path / "models")
+    first = localize_model(url, cache, 0, lambda: None)
+    assert open(first, "rb").read() == b"a" * 5000
+    assert localize_model(url, cache, 0, lambda: None) == first
+    (served / "w.onnx").write_bytes(b"b" * 6000)
+    second = localize_model(url, cache, 0, lambda: None)
+    assert second != first and open(second, "rb").read() == b"b" * 6000

@@ -96,6 +96,39 @@ def test_pool_instances_are_exclusive_and_timeout_fails_cleanly():
         pass
 
 
+def test_a_node_copy_of_a_model_cut_short_in_a_crash_is_copied_again(s3, bucket, tmp_path, monkeypatch):
+    """A node that lost power just after copying a model can come back with the copy empty or cut short (its data
+    reached the disk after its rename); every run on that node then failed to load it. A copy whose sizes differ
+    from the source's is copied again."""
+    import os
+
+    name, fs = bucket
+    fs.pipe(f"{name}/models/w.onnx", b"w" * 5000)
+    fs.pipe(f"{name}/models/dir/config.json", b"{}")
+    fs.pipe(f"{name}/models/dir/model.safetensors", b"s" * 3000)
+    opts = s3.options()
+    path = localize_model(f"s3://{name}/models/w.onnx", str(tmp_path), 0, lambda: None, opts)
+    d = localize_model(f"s3://{name}/models/dir", str(tmp_path), 0, lambda: None, opts)
+    with open(path, "wb"):
+        pass  # emptied
+    with open(os.path.join(d, "model.safetensors"), "r+b") as f:
+        f.truncate(1000)  # cut short
+    assert localize_model(f"s3://{name}/models/w.onnx", str(tmp_path), 0, lambda: None, opts) == path
+    assert open(path, "rb").read() == b"w" * 5000
+    assert localize_model(f"s3://{name}/models/dir", str(tmp_path), 0, lambda: None, opts) == d
+    assert open(os.path.join(d, "model.safetensors"), "rb").read() == b"s" * 3000
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".part")]
+
+    reached = []  # a rank whose listing fails still reaches the barrier, where the others wait for it
+    import pipeline.model_pool as model_pool
+
+    monkeypatch.setattr(model_pool, "_source_files", lambda fs, path: (_ for _ in ()).throw(
+        PermissionError("Access Denied")))
+    with pytest.raises(PermissionError):
+        localize_model(f"s3://{name}/models/w.onnx", str(tmp_path), 3, lambda: reached.append(1), opts)
+    assert reached == [1]
+
+
 def test_localize_model_from_s3_downloads_once(s3, bucket, tmp_path):
     name, fs = bucket
     fs.pipe(f"{name}/models/w.bin", b"weights")
@@ -104,9 +137,11 @@ def test_localize_model_from_s3_downloads_once(s3, bucket, tmp_path):
     barriers = []
     path = localize_model(f"s3://{name}/models/w.bin", str(tmp_path), 0, lambda: barriers.append(1), s3.options())
     assert open(path, "rb").read() == b"weights" and barriers == [1]
-    fs.pipe(f"{name}/models/w.bin", b"changed")  # a second call uses the node copy, no download
-    assert open(localize_model(f"s3://{name}/models/w.bin", str(tmp_path), 0, lambda: None, s3.options()),
-                "rb").read() == b"weights"
+    again = localize_model(f"s3://{name}/models/w.bin", str(tmp_path), 0, lambda: None, s3.options())
+    assert again == path  # the node's copy, no second download
+    fs.pipe(f"{name}/models/w.bin", b"changed")  # weights replaced at the same URL: copied again, never read stale
+    new = localize_model(f"s3://{name}/models/w.bin", str(tmp_path), 0, lambda: None, s3.options())
+    assert new != path and open(new, "rb").read() == b"changed"
     d = localize_model(f"s3://{name}/models/dir", str(tmp_path), 0, lambda: None, s3.options())
     assert sorted(__import__("os").listdir(d)) == ["config.json", "model.safetensors"]
     with pytest.raises(ConfigError, match="does not exist"):
