@@ -234,3 +234,34 @@ def test_a_valid_parquet_file_is_never_moved_and_a_taken_name_is_kept(tmp_path):
     read_past_damaged(fs, root, files, lambda fl: pq.ParquetDataset(fl, filesystem=fs).read(), "run")
     moved = sorted(os.listdir(f"{root}/{QUARANTINE_DIR}"))
     assert len(moved) == 3 and fs.cat_file(f"{root}/{QUARANTINE_DIR}/p0.parquet") == b"earlier"
+
+
+def test_the_command_lines_say_what_they_found_and_moved(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    out = str(tmp_path / "out")
+    fs, root = fsspec.filesystem("file"), out
+    raw = _job(tmp_path, out, n=N)
+    _run(raw)
+    parts = _parts(fs, root)
+    _zero(fs, parts[5])
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    def command(script, *args):
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", script), "--config", str(config), *args],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    assert "1 DAMAGED part file(s)" in command("status.py")
+    assert json.loads(command("status.py", "--json"))["output"]["damaged_parts"] == {
+        parts[5].rsplit("/", 1)[-1]: "ArrowInvalid: Parquet file size is 0 bytes"}
+    assert "found 1 damaged part file(s)" in command("compact.py", "--dry-run") and fs.exists(parts[5])
+    assert "moved 1 damaged part file(s) that no reader can read to _quarantine/parts/" in command("compact.py")
+    assert not fs.exists(parts[5]) and set(_in_quarantine(fs, root)) == {parts[5].rsplit("/", 1)[-1]}

@@ -576,7 +576,9 @@ def test_a_listing_job_lists_again_each_run_and_keeps_the_latest_snapshot(tmp_pa
         _run(raw)
 
 
-def test_an_unreadable_committed_part_stops_the_run_before_any_work(tmp_path, media_dir):
+def test_an_unreadable_committed_part_is_moved_aside_and_a_store_that_fails_stops_the_run(tmp_path, media_dir,
+                                                                                         monkeypatch):
+    from pipeline import runner
     from pipeline.errors import MediasieveError
 
     rows = make_corpus(str(tmp_path / "c"), media_dir, 2)
@@ -585,9 +587,18 @@ def test_an_unreadable_committed_part_stops_the_run_before_any_work(tmp_path, me
     _run(raw)
     bad = tmp_path / "out" / "parts" / "part-20261202T000000-0badbad0-r00000-000000.parquet"
     bad.write_bytes(b"not parquet at all")  # dropped there by hand, or a disk that lost it
-    with pytest.raises(MediasieveError, match="cannot read the committed output"):
+    again = _run(raw)  # before, this stopped every rerun: the file goes to the quarantine, the run goes on
+    assert again.summary["this_run"]["items"] == 0 and again.summary["total"]["parts_quarantined"] == 1
+    assert not bad.exists() and (tmp_path / "out" / "_quarantine" / "parts" / bad.name).read_bytes() == \
+        b"not parquet at all"
+
+    def store_down(*args, **kwargs):  # a read that fails with no damaged part behind it: the run stops
+        raise OSError("Connection reset by peer")
+
+    monkeypatch.setattr(runner, "read_committed", store_down)
+    with pytest.raises(MediasieveError, match="cannot read the committed output.*Connection reset"):
         _run(raw)
-    assert not (tmp_path / "out" / "_lease.json").exists()  # released: fix the file and rerun
+    assert not (tmp_path / "out" / "_lease.json").exists()  # released: rerun once the store answers
 
 
 def test_a_clip_the_signal_filters_and_classifiers_read_through_is_one_pass_in_the_job(tmp_path):
