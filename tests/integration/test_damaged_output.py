@@ -111,12 +111,17 @@ def test_the_next_run_moves_damaged_parts_aside_and_redoes_their_items(tmp_path,
         assert pl.scan_parquet(f"{root}/parts/*.parquet").select(pl.len()).collect().item() == N
 
 
-def test_status_names_damaged_parts_and_moves_nothing(tmp_path):
+def _local_job(tmp_path):
+    """A job of ``N`` items run to its end on a local output: ``(out, fs, root, its config, its parts)``."""
     out = str(tmp_path / "out")
-    fs, root = fsspec.filesystem("file"), out
     raw = _job(tmp_path, out, n=N)
     _run(raw)
-    parts = _parts(fs, root)
+    fs = fsspec.filesystem("file")
+    return out, fs, out, raw, _parts(fs, out)
+
+
+def test_status_names_damaged_parts_and_moves_nothing(tmp_path):
+    out, fs, root, raw, parts = _local_job(tmp_path)
     held = _rows(fs, parts[1]) + _rows(fs, parts[2])
     _zero(fs, parts[1])
     _garble_column(fs, parts[2], "result_info.succeed")
@@ -143,11 +148,7 @@ def test_compaction_moves_a_part_with_a_damaged_page_the_run_does_not_read(tmp_p
     """A page of a column the resume scan skips (the path) reads nowhere but in a reader that wants it, and in
     compaction, which reads every column: there the part goes to the quarantine, the rest are merged, and the next
     run redoes its items."""
-    out = str(tmp_path / "out")
-    fs, root = fsspec.filesystem("file"), out
-    raw = _job(tmp_path, out, n=N)
-    _run(raw)
-    parts = _parts(fs, root)
+    out, fs, root, raw, parts = _local_job(tmp_path)
     held = _rows(fs, parts[4]) + _rows(fs, parts[8])
     zeroed = _rows(fs, parts[8])
     _garble_column(fs, parts[4], "video_path")
@@ -244,11 +245,7 @@ def test_the_command_lines_say_what_they_found_and_moved(tmp_path):
 
     from tests.conftest import ROOT
 
-    out = str(tmp_path / "out")
-    fs, root = fsspec.filesystem("file"), out
-    raw = _job(tmp_path, out, n=N)
-    _run(raw)
-    parts = _parts(fs, root)
+    out, fs, root, raw, parts = _local_job(tmp_path)
     _zero(fs, parts[5])
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(raw))
