@@ -59,6 +59,7 @@ from pipeline.media import damage
 from pipeline.media.item import MediaItem
 from pipeline.metrics import MetricsLog, PrometheusExporter, RankStats
 from pipeline.model_pool import ModelPool, localize_model
+from pipeline.quarantine import quarantined, read_past_damaged
 from pipeline.resume import (
     FAILURES,
     SUCCESS_MARKER,
@@ -75,7 +76,6 @@ from pipeline.resume import (
     share_pending,
     writer_schema,
 )
-from pipeline.quarantine import quarantined, read_past_damaged
 from pipeline.storage import SCRATCH_DIR, FetchedItem, TieredFetcher, check_protocols
 from pipeline.task_queue import BoundedTaskQueue
 from pipeline.video.decoders import decodes_past_deadline

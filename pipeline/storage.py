@@ -24,7 +24,6 @@ import fsspec
 from fsspec.callbacks import Callback
 
 from pipeline.config import StorageConfig, TierConfig
-from pipeline.proc import boot_time
 from pipeline.errors import (
     AccessDeniedError,
     BadInputError,
@@ -35,6 +34,7 @@ from pipeline.errors import (
     TransientFetchError,
     error_chain,
 )
+from pipeline.proc import boot_time
 
 log = logging.getLogger(__name__)
 
@@ -265,10 +265,10 @@ class NodeCache:
         return st.st_size == 0 or (self._booted is not None and st.st_mtime < self._booted)
 
     def discard(self, uri: str) -> None:
-        """Unpin and remove the cache's copy of ``uri`` (it lost bytes: ``suspect``)."""
+        """Unpin (as ``release``) and remove the cache's copy of ``uri`` (it lost bytes: ``suspect``)."""
+        self.release(uri)
         name = self.name_for(uri)
         with self._lock:
-            self._pins.pop(name, None)
             self._forget(name)
             try:
                 os.remove(self.path_of(name))
