@@ -47,6 +47,10 @@ def test_prometheus_endpoint_serves_rank_metrics(tmp_path, media_dir):
     assert 'mediasieve_decodes_past_deadline{rank="0"} 0.0' in seen
     assert 'mediasieve_corrupt_media{kind="audio_packets_lost",rank="0"}' in seen  # the process's count so far
     assert 'mediasieve_items_damaged{rank="0"} 0.0' in seen
+    assert 'mediasieve_cache_discarded{rank="0"} 0.0' in seen
+    rss = next(float(line.split()[-1]) for line in seen.splitlines()
+               if line.startswith('mediasieve_resident_bytes{rank="0"}'))
+    assert 50e6 < rss < 20e9  # the process's memory now: torch alone holds more than 50 MB
     assert result["outcome"].summary["this_run"]["succeeded"] == 12
 
 
