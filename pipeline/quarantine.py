@@ -120,8 +120,9 @@ def read_past_damaged(fs, root: str, files: list[str], read: Callable[[list[str]
 
     Where ``read`` fails on parts that ``damaged_parts`` finds damaged, they are moved to the quarantine (``by``
     names who moved them) or, with ``by`` None (a reader that holds no lease: ``jobs/status.py``), only left out,
-    and ``read`` runs again over the rest. An error that names no part is first retried once: a fault of the store
-    rarely repeats itself, a damaged page always does, and only then are the parts checked one by one.
+    and ``read`` runs again over the rest. An error that no damaged part explains is retried once (a fault of the
+    store rarely repeats itself, a damaged page always does); where it comes back the same and names no part, every
+    part is then checked one by one.
 
     Returns:
         ``(read's result, the files it read, {damaged part: why})``.
