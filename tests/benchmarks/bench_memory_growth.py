@@ -12,7 +12,9 @@ open file descriptors from outside (a thread or a file left per item shows there
 once per glibc ``MALLOC_ARENA_MAX`` (0: glibc's default, 8 per core), side by side: native memory that grows with
 many threads' arenas and not with the items shows as the difference.
 
-Usage: python tests/benchmarks/bench_memory_growth.py [--repeat 100] [--arenas 0 2]
+``--filters probe speech_cuts`` keeps only those of the demo's filters, to find which part grows.
+
+Usage: python tests/benchmarks/bench_memory_growth.py [--repeat 100] [--arenas 0 2] [--filters NAME ...]
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=100, help="times the demo's 19 items are run, under new ids")
     parser.add_argument("--arenas", type=int, nargs="+", default=[0],
                         help="MALLOC_ARENA_MAX per run (0: glibc's default)")
+    parser.add_argument("--filters", nargs="+", default=None, help="keep only these of the demo config's filters")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="ms-mem-")
     try:
@@ -132,6 +135,11 @@ def main() -> int:
         cfg["storage"]["tiers"][0]["root"] = os.path.join(work, "corpus")
         cfg["output"]["dir"] = os.path.join(work, "out")
         cfg["runtime"].update(progress=False, metrics_interval_s=2)
+        if args.filters:
+            unknown = set(args.filters) - set(cfg["filters"])
+            if unknown:
+                parser.error(f"not among the demo config's filters: {', '.join(sorted(unknown))}")
+            cfg["filters"] = {k: v for k, v in cfg["filters"].items() if k in args.filters}
         config = os.path.join(work, "job.yaml")
         with open(config, "w") as f:
             yaml.safe_dump(cfg, f)
