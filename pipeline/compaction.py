@@ -36,7 +36,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import MediasieveError
-from pipeline.quarantine import READ_ERRORS, part_fault, quarantine, read_past_damaged
+from pipeline.quarantine import READ_ERRORS, fault_or_none, quarantine, read_past_damaged
 from pipeline.resume import part_files
 from pipeline.writer import PARTS_DIR, commit_bytes, commit_file, is_local_fs
 
@@ -381,17 +381,10 @@ def _judge(fs, root: str, path: str, error: BaseException, by: str | None, moved
     """A read of the part ``path`` raised ``error``: where the part is damaged (``part_fault``) it goes to the
     quarantine (named only, with ``by`` None: a dry run) and into ``moved``; where it reads, ``error`` was the store's
     and is raised."""
-    try:
-        why = part_fault(fs, path)
-    except (OSError, ValueError):
-        why = None
+    why = fault_or_none(fs, path)
     if why is None:
         raise error
-    if by is not None:
-        quarantine(fs, root, {path: why}, by)
-    else:
-        log.error("the part file %s is damaged (%s); compacting (not a dry run) or the next run moves it to the "
-                  "quarantine and the next run redoes its items", path, why)
+    quarantine(fs, root, {path: why}, by)
     moved.add(path)
 
 

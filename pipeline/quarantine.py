@@ -59,7 +59,8 @@ def part_fault(fs, path: str) -> str | None:
     return None
 
 
-def _judged(fs, path: str) -> str | None:
+def fault_or_none(fs, path: str) -> str | None:
+    """``part_fault``, None where the store could not give the bytes (no verdict: the part is left where it is)."""
     try:
         return part_fault(fs, path)
     except (OSError, ValueError) as e:  # read again at the next attempt; not moved on a fault of the store
@@ -82,14 +83,20 @@ def damaged_parts(fs, files: list[str], error: BaseException, sweep: bool) -> di
         log.warning("a read of the output failed twice with the same error, which names no part (%s): checking "
                     "its %d part files one by one", message.strip().splitlines()[0][:200], len(files))
     with ThreadPoolExecutor(max_workers=min(SWEEP_THREADS, len(candidates)), thread_name_prefix="check") as pool:
-        faults = list(pool.map(lambda p: _judged(fs, p), candidates))
+        faults = list(pool.map(lambda p: fault_or_none(fs, p), candidates))
     return {path: why for path, why in zip(candidates, faults) if why is not None}
 
 
-def quarantine(fs, root: str, faults: dict[str, str], by: str) -> None:
+def quarantine(fs, root: str, faults: dict[str, str], by: str | None) -> None:
     """Move each damaged part (``{path: why}``) to ``<root>/_quarantine/parts/`` with ``<name>.json`` saying why,
     when and by whom (``by``: a run id, or "compaction"). Nothing is deleted: a part already there under that name
-    is kept beside it."""
+    is kept beside it. With ``by`` None (a reader that holds no lease: ``jobs/status.py``, a dry run) each is only
+    named in the log."""
+    if by is None:
+        for path, why in faults.items():
+            log.error("the part file %s is damaged (%s); the next run or jobs/compact.py moves it to %s, and the next "
+                      "run redoes its items", path, why, QUARANTINE_DIR)
+        return
     folder = f"{root.rstrip('/')}/{QUARANTINE_DIR}"
     if is_local_fs(fs):
         fs.makedirs(folder, exist_ok=True)
@@ -145,11 +152,6 @@ def read_past_damaged(fs, root: str, files: list[str], read: Callable[[list[str]
                 last = str(e)
                 continue
             last, fruitless = None, 0
-            if by is not None:
-                quarantine(fs, root, bad, by)
-            else:
-                for path, why in bad.items():
-                    log.error("the part file %s is damaged (%s); the next run moves it to %s and redoes its items",
-                              path, why, QUARANTINE_DIR)
+            quarantine(fs, root, bad, by)
             found.update(bad)
             files = [f for f in files if f not in bad]
