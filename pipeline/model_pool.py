@@ -104,7 +104,8 @@ class ModelPool:
             torch.cuda.empty_cache()
 
 
-def _is_local(uri: str) -> bool:
+def is_local(uri: str) -> bool:
+    """A local path (plain or ``file://``), used in place rather than copied."""
     return uri.startswith("file://") or "://" not in uri
 
 
@@ -113,7 +114,7 @@ _VERSION_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "VersionId",
 """What an fsspec listing says of a file's version, where it says any (S3's ETag, GCS's md5Hash, a mount's mtime)."""
 
 
-def _source_files(fs, path: str) -> list[tuple[str, int, str]]:
+def source_files(fs, path: str) -> list[tuple[str, int, str]]:
     """``(path relative to the model, bytes, version)`` of each file of a model file or directory at its source (a
     file's relative path is ""). An http(s) URL is a file: its ``isdir`` GETs the URL to look for links, which reads
     a body served without a type whole, on every rank."""
@@ -163,7 +164,7 @@ def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[
     Raises:
         ConfigError: the URI does not exist.
     """
-    if _is_local(uri):
+    if is_local(uri):
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         if not os.path.exists(path):
             raise ConfigError(f"model file {uri} does not exist")
@@ -175,7 +176,7 @@ def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[
         fs.invalidate_cache(path)  # fsspec shares one instance per options: its listings may predate the file
         if not fs.exists(path):
             raise ConfigError(f"model file {uri} does not exist")
-        files = _source_files(fs, path)  # every rank lists it (one small request) to name the same copy
+        files = source_files(fs, path)  # every rank lists it (one small request) to name the same copy
         digest = hashlib.sha256(repr((uri, files)).encode()).hexdigest()[:16]
         target = os.path.join(cache_dir, f"{digest}-{posixpath.basename(uri.rstrip('/')) or 'model'}")
         if local_rank == 0 and not (os.path.exists(target) and _copy_holds(target, files)):

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -425,39 +426,70 @@ def _leaves(d: dict, prefix: str = "") -> dict[str, object]:
 
 
 def identity_changes(recorded: dict, current: dict) -> tuple[list[str], list[str]]:
-    """The settings (dotted) in which ``current`` differs from the ``recorded`` job identity, and the ``video``
-    settings the recorded one lacks (an older version's record: not a difference, but worth a warning)."""
+    """The settings (dotted) in which ``current`` differs from the ``recorded`` job identity, and the ``video`` and
+    ``models`` settings the recorded one lacks (an older version's record: not a difference, but worth a warning)."""
     old, new = _leaves(recorded), _leaves(current)
-    unrecorded = sorted(k for k in new.keys() - old.keys() if k.startswith("video."))
+    unrecorded = sorted(k for k in new.keys() - old.keys() if k.startswith(("video.", "models.")))
     changed = sorted(k for k in old.keys() | new.keys()
                      if k not in unrecorded and (k not in old or k not in new or old[k] != new[k]))
     return changed, unrecorded
 
 
-def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, identity: dict,
-                           allow_change: bool) -> None:
-    """Record the resolved config next to the output; on a rerun, refuse a different job.
-
-    A ``video`` setting that the recorded identity lacks (written by a version before that setting was part of
-    it, or before it existed) is not held against the rerun: it is logged, and recorded from now on.
+def recorded_config(out_dir: str, storage_options: dict) -> dict | None:
+    """The ``_config.json`` an earlier run of ``out_dir`` recorded (None: there is none).
 
     Raises:
-        ConfigError: the recorded identity differs (the message names the settings) and
-            ``resume.allow_config_change`` is false.
+        ConfigError: it cannot be read as a JSON mapping.
     """
     fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
     path = f"{root.rstrip('/')}/{CONFIG}"
     try:
         recorded = json.loads(fs.cat_file(path))
     except FileNotFoundError:
-        recorded = None
+        return None
     except (ValueError, UnicodeDecodeError) as e:  # zero bytes: a node that lost power as an older version wrote it
         raise ConfigError(f"the recorded config {path} cannot be read ({type(e).__name__}: {e}), so this run cannot "
                           f"check that {out_dir} holds output of this job: where it does, delete {CONFIG} (this run's "
                           "config is recorded in its place) and rerun; no row was touched") from e
-    if not isinstance(recorded, dict | None):
+    if not isinstance(recorded, dict):
         raise ConfigError(f"the recorded config {path} is not a mapping: where {out_dir} holds output of this job, "
                           f"delete {CONFIG} and rerun; no row was touched")
+    return recorded
+
+
+def _changed_weights(recorded: dict, current: dict, changed: list[str], weights: dict[str, dict]) -> str:
+    """What a refusal says of models whose weights changed: where they are, and both digests (shortened)."""
+    was, now = (recorded.get("identity") or {}).get("models") or {}, current.get("models") or {}
+
+    def short(v: Any) -> str:
+        return "none" if v is None else str(v)[:19] + ("..." if len(str(v)) > 19 else "")
+
+    said = [f"{(weights.get(k) or {}).get('uri', k)} ({short(was.get(k))} then, {short(now.get(k))} now)"
+            for k in (c[len("models."):] for c in changed if c.startswith("models."))]
+    return f"; the weights at {', '.join(said)} are not those its rows were made with" if said else ""
+
+
+def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, identity: dict,
+                           allow_change: bool, weights: dict[str, dict] | None = None, run_id: str = "") -> None:
+    """Record the resolved config next to the output; on a rerun, refuse a different job.
+
+    A ``video`` or ``models`` setting that the recorded identity lacks (written by a version before that setting
+    was part of it, or before it existed) is not held against the rerun: it is logged, and recorded from now on.
+    The record keeps the models' fingerprints (``weights``, for the next run's ``pipeline.weights.weigh_models``)
+    and ``model_history``: the run from which each set of model digests made the rows (their ``run_id``).
+
+    Args:
+        identity: the job identity, with its ``models`` digests where it has models.
+        weights: ``pipeline.weights.weigh_models``'s fingerprints.
+        run_id: this run's id, for ``model_history``.
+
+    Raises:
+        ConfigError: the recorded identity differs (the message names the settings, and the weights that changed)
+            and ``resume.allow_config_change`` is false.
+    """
+    fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
+    path = f"{root.rstrip('/')}/{CONFIG}"
+    recorded = recorded_config(out_dir, storage_options)
     if recorded is not None:
         changed, unrecorded = identity_changes(recorded.get("identity") or {}, identity)
         if unrecorded:
@@ -467,11 +499,16 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
             raise ConfigError(
                 f"{out_dir} holds output of a different job ({', '.join(changed[:8])}"
                 f"{' and more' if len(changed) > 8 else ''} {'differs' if len(changed) == 1 else 'differ'} from "
-                f"{CONFIG}); use a new output.dir, or "
+                f"{CONFIG}{_changed_weights(recorded, identity, changed, weights or {})}); use a new output.dir, or "
                 "resume.allow_config_change=true to continue anyway"
             )
         if changed:
             log.warning("resuming %s with a changed config (%s): resume.allow_config_change", out_dir,
                         ", ".join(changed[:8]))
-    body = json.dumps({"identity": identity, "config": redact(resolved)}, indent=2, default=str).encode()
+    history = list((recorded or {}).get("model_history") or [])
+    models = identity.get("models") or {}
+    if models and (not history or history[-1].get("models") != models):
+        history.append({"from_run": run_id, "models": models})
+    body = json.dumps({"identity": identity, "config": redact(resolved), "models": weights or {},
+                       "model_history": history}, indent=2, default=str).encode()
     commit_bytes(fs, path, body, f"{root.rstrip('/')}/_tmp")

@@ -73,6 +73,7 @@ from pipeline.resume import (
     pending_indices,
     read_committed,
     read_pending,
+    recorded_config,
     share_pending,
     writer_schema,
 )
@@ -80,6 +81,7 @@ from pipeline.storage import SCRATCH_DIR, FetchedItem, TieredFetcher, check_prot
 from pipeline.task_queue import BoundedTaskQueue
 from pipeline.video.decoders import decodes_past_deadline
 from pipeline.writer import ResultWriter, bounded, commit_bytes, is_local_fs, result_schema
+from pipeline.weights import weigh_models
 
 log = logging.getLogger(__name__)
 
@@ -645,23 +647,36 @@ def _new_run_id() -> str:
     return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
 
+def _model_cache(cfg: JobConfig) -> str:
+    """The node's directory of model copies."""
+    return cfg.model_pool.model_cache_dir or os.path.join(cfg.storage.cache_dir, "models")
+
+
 def _prepare_output(cfg: JobConfig, run_id: str) -> OutputLease:
     """Rank 0: take the output lease and check/record the resolved config."""
     lease = OutputLease(cfg.output.dir, cfg.output.storage_options, run_id, cfg.output.lease_timeout_s,
                         io_timeout_s=cfg.output.commit_timeout_s)
     lease.acquire()
 
-    def prepare() -> None:
+    def prepare() -> dict | None:
         fs, root = fsspec.core.url_to_fs(cfg.output.dir, **cfg.output.storage_options)
         marker = f"{root.rstrip('/')}/{SUCCESS_MARKER}"
         if fs.exists(marker):  # this run is not complete until it says so itself
             fs.rm_file(marker)
         finish_pending(fs, root.rstrip("/"))  # a compaction killed part-way: before any rank reads the parts
-        check_or_record_config(cfg.output.dir, cfg.output.storage_options, to_dict(cfg), job_identity(cfg),
-                               cfg.resume.allow_config_change)
+        return recorded_config(cfg.output.dir, cfg.output.storage_options)
 
     try:
-        bounded(prepare, cfg.output.commit_timeout_s, f"preparing the output directory {cfg.output.dir}")
+        what = f"preparing the output directory {cfg.output.dir}"
+        recorded = bounded(prepare, cfg.output.commit_timeout_s, what)
+        # outside the output's time limit: a first run reads every model whole (a remote one as this node's copy)
+        sources = {f"{f.name}.{key}": source for f in build_filters(cfg.filters)
+                   for key, source in f.model_sources().items()}
+        models, weights = weigh_models(sources, (recorded or {}).get("models") or {}, _model_cache(cfg))
+        identity = job_identity(cfg) | ({"models": models} if models else {})
+        bounded(lambda: check_or_record_config(cfg.output.dir, cfg.output.storage_options, to_dict(cfg), identity,
+                                               cfg.resume.allow_config_change, weights, run_id),
+                cfg.output.commit_timeout_s, what)
     except BaseException:
         lease.release()
         raise
@@ -792,9 +807,8 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
     schema = _main_decides(ctx, lambda: writer_schema(cfg.output.dir, cfg.output.storage_options, newest_part,
                                                       wanted, cfg.resume.on_schema_change))
     pool = ModelPool(device, cfg.model_pool.instances, cfg.model_pool.acquire_timeout_s, cfg.runtime.empty_cache_every)
-    model_cache = cfg.model_pool.model_cache_dir or os.path.join(cfg.storage.cache_dir, "models")
     setup = SetupContext(device, pool, lambda uri, options=None: localize_model(
-        uri, model_cache, ctx.local_rank, ctx.barrier, options), cfg.runtime.strict_gpu,
+        uri, _model_cache(cfg), ctx.local_rank, ctx.barrier, options), cfg.runtime.strict_gpu,
                          cfg.storage.cache_dir)
     for f in filters:
         f.setup(setup)

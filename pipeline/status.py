@@ -22,6 +22,7 @@ from pipeline.crashes import read_ledger
 from pipeline.manifest import SPILL_DIR, open_manifest
 from pipeline.quarantine import QUARANTINE_DIR, quarantined, read_past_damaged
 from pipeline.resume import (
+    CONFIG,
     SUCCESS_MARKER,
     SUMMARY,
     OutputLease,
@@ -88,8 +89,9 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
     Returns:
         A JSON-ready mapping: ``run`` (live or not, the last complete run), ``items`` (manifest, succeeded, failed
         by type, without a row, succeeded with damage: ``damaged_items``), ``next_run`` (items the next
-        run would process), ``output`` (part files, rows, interrupted compactions, second success rows of items) and
-        ``crashes`` (ledger entries, refused items).
+        run would process), ``output`` (part files, rows, interrupted compactions, second success rows of items),
+        ``models`` (the weights recorded for the rows: digests or packaged versions, since which run, and how many
+        earlier sets made rows of older runs) and ``crashes`` (ledger entries, refused items).
     """
     out = cfg.output
     fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
@@ -138,6 +140,12 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
     for rec in latest.values():
         by_type[rec["error_type"]] = by_type.get(rec["error_type"], 0) + 1
     plans = pending_plans(fs, root)
+    recorded = _read_json(fs, f"{root}/{CONFIG}") or {}
+    history = recorded.get("model_history") or []
+    models = {"weights": (recorded.get("identity") or {}).get("models") or {},
+              "since_run": history[-1].get("from_run") if history else None,
+              "uris": {k: v.get("uri") for k, v in (recorded.get("models") or {}).items()},
+              "earlier_sets": max(len(history) - 1, 0)}
     ledger = read_ledger(out.dir, out.storage_options).get("items", {})
     limit = cfg.resume.max_item_crashes
     return {
@@ -151,6 +159,7 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
                    "duplicate_success_rows": state.duplicate_successes,
                    "damaged_parts": {path.rsplit("/", 1)[-1]: why for path, why in unreadable.items()},
                    "quarantined_parts": len(quarantined(fs, root))},
+        "models": models,
         "crashes": {"items": len(ledger),
                     "refused": sum(1 for e in ledger.values() if limit is not None and e.get("crashes", 0) >= limit)},
     }
@@ -194,4 +203,12 @@ def format_status(status: dict[str, Any]) -> str:
            if output.get("quarantined_parts") else ""),
         f"  crashes  : {crashes['items']} item(s) in the crash ledger, {crashes['refused']} refused",
     ]
+    models = status.get("models") or {}
+    if models.get("weights"):
+        said = [f"{k} {v[:19] + '...' if v.startswith('sha256:') else v}"
+                + (f" ({models['uris'][k]})" if models["uris"].get(k) else "") for k, v in models["weights"].items()]
+        lines.insert(-1, f"  models   : {'; '.join(said)}"
+                     + (f", since run {models['since_run']}" if models.get("since_run") else "")
+                     + (f"; rows of earlier runs were made with {models['earlier_sets']} other set(s) of weights "
+                        f"(model_history in {CONFIG})" if models.get("earlier_sets") else ""))
     return "\n".join(lines)

@@ -101,6 +101,12 @@ class Filter:
         below ``max_batch`` says the model ran out of memory at the configured batch size."""
         return {}
 
+    def model_sources(self) -> dict[str, Any]:
+        """Each model the filter loads, by the setting that names it (``model_uri``): a
+        ``pipeline.weights.ModelSource``, or a string naming weights that a package ships (``silero-vad==6.2.1``).
+        Their digests are part of the job's identity (none by default)."""
+        return {}
+
     def setup(self, ctx: SetupContext) -> None:
         """Load models into ``ctx.pool`` (once per process, before any item); nothing by default."""
 

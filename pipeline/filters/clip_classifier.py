@@ -22,6 +22,7 @@ from pipeline.media.item import MediaItem
 from pipeline.video.preprocess import ClipViews, clips_to_input, per_group
 from pipeline.video.sampling import Uniform, Windows, window_bounds
 from pipeline.video.stream import WindowStream, read_all_through
+from pipeline.weights import ModelSource
 
 WINDOW = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("label", pa.string()), ("prob", pa.float32())])
 
@@ -105,6 +106,11 @@ class ClipClassifierFilter(VideoFilter):
     @property
     def _pool_key(self) -> str:
         return f"clip_classifier:{self.params.model_uri}"
+
+    def model_sources(self) -> dict[str, ModelSource]:
+        # model.onnx is made from the weights by jobs/export_onnx.py: read by the onnx backend only
+        derived = () if self.params.backend == "onnx" else ("model.onnx",)
+        return {"model_uri": ModelSource(self.params.model_uri, self.params.storage_options, derived)}
 
     def setup(self, ctx: SetupContext) -> None:
         from models.video_classifier import VideoClassifier

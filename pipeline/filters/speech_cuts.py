@@ -7,6 +7,8 @@ track); the chunks of concurrent items share Silero VAD batches.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +25,7 @@ from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, GpuFailure
 from pipeline.filters.base import RUNTIME, Filter, FilterContext, SetupContext
 from pipeline.media.item import MediaItem
+from pipeline.weights import ModelSource
 
 SPAN = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())])
 
@@ -82,6 +85,17 @@ class SpeechCutsFilter(Filter):
             raise ConfigError(f"filters.{name}.separator.model_uri is required when a separator is configured")
         if params.separator is not None and params.separator.provider not in ("cpu", "cuda", "tensorrt"):
             raise ConfigError(f"filters.{name}.separator.provider must be cpu, cuda or tensorrt")
+
+    def model_sources(self) -> dict[str, ModelSource | str]:
+        out: dict[str, ModelSource | str] = {"vad": f"silero-vad=={importlib.metadata.version('silero-vad')}"}
+        sep = self.params.separator
+        if sep is not None:
+            out["separator.model_uri"] = ModelSource(sep.model_uri, sep.storage_options)
+            if sep.sidecar_uri:
+                out["separator.sidecar_uri"] = ModelSource(sep.sidecar_uri, sep.storage_options)
+            elif "://" not in sep.model_uri and os.path.exists(sep.model_uri + ".json"):  # load_sidecar's default
+                out["separator.sidecar_uri"] = ModelSource(sep.model_uri + ".json")
+        return out
 
     def setup(self, ctx: SetupContext) -> None:
         p = self.params

@@ -23,6 +23,7 @@ from pipeline.media.item import MediaItem
 from pipeline.video.crop import aggregate_regions, safe_crop
 from pipeline.video.deinterlace import is_interlaced
 from pipeline.video.sampling import EveryK
+from pipeline.weights import ModelSource
 from pipeline.writer import is_local_fs
 
 MP4_AUDIO = frozenset({"aac", "mp3", "mp2", "ac3", "eac3", "alac", "opus"})
@@ -126,6 +127,9 @@ class YoloRegionsFilter(VideoFilter):
     @property
     def _pool_key(self) -> str:
         return f"yolo:{self.params.model_uri}"
+
+    def model_sources(self) -> dict[str, ModelSource]:
+        return {"model_uri": ModelSource(self.params.model_uri, self.params.storage_options)}
 
     def setup(self, ctx: SetupContext) -> None:
         import numpy as np

@@ -127,6 +127,12 @@ def test_speech_cuts_with_a_separator_in_the_job(tmp_path, media_dir):
         out[name] = pq.read_table(str(tmp_path / name / "parts")).to_pylist()[0]["speech_cuts"]
     assert out["sep"]["separator_runtime"]["execution_provider"] == "CPUExecutionProvider"
     assert out["plain"]["separator_runtime"] is None
+    models = json.load(open(tmp_path / "sep" / "_config.json"))["identity"]["models"]
+    assert sorted(models) == ["speech_cuts.separator.model_uri", "speech_cuts.separator.sidecar_uri",
+                              "speech_cuts.vad"]
+    json.dump({**SIDE, "sample_rate": 16000}, open(str(tmp_path / "vocals.onnx.json"), "w"))  # the sidecar alone
+    with pytest.raises(ConfigError, match=r"speech_cuts\.separator\.sidecar_uri differs"):
+        run_rank(cfg, DistContext())
     # an identity separator (at another rate, resampled back) leaves the speech where it was
     assert len(out["sep"]["speech"]) == len(out["plain"]["speech"])
     for a, b in zip(out["sep"]["speech"], out["plain"]["speech"]):

@@ -122,7 +122,7 @@ def test_a_node_copy_of_a_model_cut_short_in_a_crash_is_copied_again(s3, bucket,
     reached = []  # a rank whose listing fails still reaches the barrier, where the others wait for it
     import pipeline.model_pool as model_pool
 
-    monkeypatch.setattr(model_pool, "_source_files", lambda fs, path: (_ for _ in ()).throw(
+    monkeypatch.setattr(model_pool, "source_files", lambda fs, path: (_ for _ in ()).throw(
         PermissionError("Access Denied")))
     with pytest.raises(PermissionError):
         localize_model(f"s3://{name}/models/w.onnx", str(tmp_path), 3, lambda: reached.append(1), opts)

@@ -1,0 +1,96 @@
+"""Which weights a job's models are: a content digest per model, part of the job's identity, so that weights replaced
+at the same URL between two runs of one output are found before a row is written, not mixed in silently."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from pipeline.errors import ConfigError
+from pipeline.model_pool import is_local, localize_model, source_files
+
+log = logging.getLogger(__name__)
+
+_BLOCK = 8 << 20
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model a filter loads: a file or directory at any fsspec URL (or local path).
+
+    ``derived`` names files of a directory that are made from the model's weights and not read by this filter's
+    backend (a classifier's ``model.onnx`` when it runs in torch): exporting one must not read as new weights.
+    """
+
+    uri: str
+    storage_options: dict = field(default_factory=dict)
+    derived: tuple[str, ...] = ()
+
+
+def fingerprint(source: ModelSource, known: dict | None = None, copy_to: str | None = None) -> dict[str, Any]:
+    """The weights at ``source`` now: ``{"uri", "files": [[relative path, bytes, version]], "sha256"}``.
+
+    The digest of a single file is its ``sha256sum``; of a directory, the SHA-256 of its files' ``path<TAB>sha256``
+    lines in path order. The files are read whole, once: where ``known`` (this model's fingerprint from the last
+    run) lists the same files at the same sizes and versions (an ETag, a modification time), its digest is kept
+    and nothing is read.
+
+    Args:
+        copy_to: the node's model cache: a remote model is copied there (``localize_model``, the copy this node's
+            ranks then load) and hashed from the copy, so that it is downloaded once, not twice.
+
+    Raises:
+        ConfigError: the model does not exist.
+    """
+    fs, path = fsspec.core.url_to_fs(source.uri, **source.storage_options)
+    fs.invalidate_cache(path)  # fsspec shares one instance per options: its listings may predate the file
+    if not fs.exists(path):
+        raise ConfigError(f"model file {source.uri} does not exist")
+    files = [[rel, size, version] for rel, size, version in source_files(fs, path) if rel not in source.derived]
+    if known and known.get("uri") == source.uri and known.get("files") == files and known.get("sha256"):
+        return known
+    if copy_to and not is_local(source.uri):
+        fs, path = fsspec.filesystem("file"), localize_model(source.uri, copy_to, 0, lambda: None,
+                                                             source.storage_options)
+    if len(files) == 1 and files[0][0] == "":
+        digest = _file_sha256(fs, path)
+    else:
+        lines = "".join(f"{rel}\t{_file_sha256(fs, path.rstrip('/') + '/' + rel)}\n" for rel, _, _ in files)
+        digest = hashlib.sha256(lines.encode()).hexdigest()
+    log.info("model %s: sha256 %s (%d file(s), %d bytes read)", source.uri, digest, len(files),
+             sum(size for _, size, _ in files))
+    return {"uri": source.uri, "files": files, "sha256": digest}
+
+
+def _file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb", block_size=_BLOCK) as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weigh_models(sources: dict[str, ModelSource | str], known: dict[str, dict],
+                 copy_to: str | None = None) -> tuple[dict[str, str], dict]:
+    """Every model of the job: its identity (``sha256:<digest>``, or a packaged model's version as given) and the
+    fingerprints to record for the next run's ``known``.
+
+    Args:
+        sources: per model (``<filter>.<setting>``), where its weights are, or the version that names them.
+        known: the fingerprints the last run recorded (empty on the first run).
+        copy_to: the node's model cache (``fingerprint``).
+    """
+    identity: dict[str, str] = {}
+    record: dict[str, dict] = {}
+    for key, source in sorted(sources.items()):
+        if isinstance(source, str):
+            identity[key] = source
+            continue
+        fp = fingerprint(source, known.get(key), copy_to)
+        identity[key] = f"sha256:{fp['sha256']}"
+        record[key] = fp
+    return identity, record
