@@ -110,34 +110,47 @@ def is_local(uri: str) -> bool:
 
 
 _VERSION_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "VersionId", "LastModified", "last_modified",
-                 "updated", "mtime")
-"""What an fsspec listing says of a file's version, where it says any (S3's ETag, GCS's md5Hash, a mount's mtime)."""
+                 "updated", "mtime", "Content-MD5", "Digest", "Last-Modified")
+"""What an fsspec listing says of a file's version, where it says any (S3's ETag, GCS's md5Hash, a mount's mtime,
+an HTTP server's ETag or Last-Modified)."""
 
 
-def source_files(fs, path: str) -> list[tuple[str, int, str]]:
+def source_files(fs, path: str) -> list[tuple[str, int | None, str]]:
     """``(path relative to the model, bytes, version)`` of each file of a model file or directory at its source (a
-    file's relative path is ""). An http(s) URL is a file: its ``isdir`` GETs the URL to look for links, which reads
-    a body served without a type whole, on every rank."""
+    file's relative path is ""; bytes None where the source does not say, as for a body served without a length).
+    An http(s) URL is a file: its ``isdir`` GETs the URL to look for links, which reads a body served without a type
+    whole, on every rank."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     if not {"http", "https"} & set(protocols) and fs.isdir(path):
         base = path.rstrip("/") + "/"
         listed = [(p[len(base):], info) for p, info in sorted(fs.find(base, detail=True).items())]
     else:
         listed = [("", fs.info(path))]
-    return [(rel, int(info.get("size") or 0), "/".join(str(info[k]) for k in _VERSION_KEYS if info.get(k) is not None))
-            for rel, info in listed]
+    return [(rel, None if info.get("size") is None else int(info["size"]),
+             "/".join(str(info[k]) for k in _VERSION_KEYS if info.get(k) is not None)) for rel, info in listed]
 
 
-def _copy_holds(target: str, files: list[tuple[str, int, str]]) -> bool:
-    """Whether the node's copy holds every file of the model at its source's size (a copy the node wrote just before
-    it lost power can be empty or cut short: its data reaches the disk after its rename)."""
+def _copy_holds(target: str, files: list[tuple[str, int | None, str]]) -> bool:
+    """Whether the node's copy holds every file of the model at its source's size, where the source says it (a copy
+    the node wrote just before it lost power can be empty or cut short: its data reaches the disk after its
+    rename)."""
     for rel, size, _version in files:
         try:
-            if os.path.getsize(os.path.join(target, rel) if rel else target) != size:
+            held = os.path.getsize(os.path.join(target, rel) if rel else target)
+            if size is not None and held != size:
                 return False
         except OSError:
             return False
     return True
+
+
+def _remove(path: str) -> None:
+    """A file or directory, where it is."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[[], None],
@@ -149,7 +162,7 @@ def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[
     then load the same copy. The copy is named by the URL and by what the source lists of its files (sizes, and
     an ETag or modification time), so weights replaced at the same URL are copied again, not read stale from a
     copy made before; and a copy whose sizes differ from the source's (cut short when the node lost power) is
-    replaced.
+    replaced. A source that lists no version (or no size) for a file is copied at every call.
 
     Args:
         uri: a local path or any fsspec URL of a file or directory.
@@ -179,21 +192,30 @@ def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[
         files = source_files(fs, path)  # every rank lists it (one small request) to name the same copy
         digest = hashlib.sha256(repr((uri, files)).encode()).hexdigest()[:16]
         target = os.path.join(cache_dir, f"{digest}-{posixpath.basename(uri.rstrip('/')) or 'model'}")
-        if local_rank == 0 and not (os.path.exists(target) and _copy_holds(target, files)):
+        # a source that does not say every file's size and version (an HTTP server without ETag or Last-Modified)
+        # can change unseen under the same name: copied at every start, renamed over the last copy
+        versioned = all(size is not None and version for _, size, version in files)
+        if local_rank == 0 and not (versioned and os.path.exists(target) and _copy_holds(target, files)):
             os.makedirs(cache_dir, exist_ok=True)
-            if os.path.exists(target):
+            if versioned and os.path.exists(target):
                 log.warning("the node's copy %s of model %s is not the size of its source (cut short when the node "
                             "lost power?): copied again", target, uri)
-                shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.remove(target)
+                _remove(target)
             tmp = f"{target}.{uuid.uuid4().hex[:8]}.part"
-            if not (len(files) == 1 and files[0][0] == ""):  # a directory
-                fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-            else:
-                fs.get_file(path, tmp)
+            try:
+                if not (len(files) == 1 and files[0][0] == ""):  # a directory
+                    fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+                else:
+                    fs.get_file(path, tmp)
+                if not _copy_holds(tmp, files):  # a body that ended early without an error
+                    raise OSError(f"the copy of model {uri} is not the size its source lists")
+            except BaseException:  # cut short, denied: no partial copy left behind in the cache
+                _remove(tmp)
+                raise
             try:
                 os.rename(tmp, target)
             except OSError:  # a concurrent copy won (two jobs on one node): keep theirs
-                shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.remove(tmp)
+                _remove(tmp)
             log.info("model %s copied to node cache %s", uri, target)
     except Exception as e:  # noqa: BLE001 - re-raised after the barrier so other ranks are not left waiting
         error = e

@@ -37,7 +37,7 @@ def fingerprint(source: ModelSource, known: dict | None = None, copy_to: str | N
     The digest of a single file is its ``sha256sum``; of a directory, the SHA-256 of its files' ``path<TAB>sha256``
     lines in path order. The files are read whole, once: where ``known`` (this model's fingerprint from the last
     run) lists the same files at the same sizes and versions (an ETag, a modification time), its digest is kept
-    and nothing is read.
+    and nothing is read (a source that lists no version for a file is read at every start).
 
     Args:
         copy_to: the node's model cache: a remote model is copied there (``localize_model``, the copy this node's
@@ -51,7 +51,10 @@ def fingerprint(source: ModelSource, known: dict | None = None, copy_to: str | N
     if not fs.exists(path):
         raise ConfigError(f"model file {source.uri} does not exist")
     files = [[rel, size, version] for rel, size, version in source_files(fs, path) if rel not in source.derived]
-    if known and known.get("uri") == source.uri and known.get("files") == files and known.get("sha256"):
+    # a source that does not say every file's size and version (an HTTP server without ETag or Last-Modified) can
+    # change unseen: read at every start (localize_model copies it anew each time too)
+    versioned = all(size is not None and version for _, size, version in files)
+    if versioned and known and known.get("uri") == source.uri and known.get("files") == files and known.get("sha256"):
         return known
     if copy_to and not is_local(source.uri):
         fs, path = fsspec.filesystem("file"), localize_model(source.uri, copy_to, 0, lambda: None,
@@ -62,7 +65,7 @@ def fingerprint(source: ModelSource, known: dict | None = None, copy_to: str | N
         lines = "".join(f"{rel}\t{_file_sha256(fs, path.rstrip('/') + '/' + rel)}\n" for rel, _, _ in files)
         digest = hashlib.sha256(lines.encode()).hexdigest()
     log.info("model %s: sha256 %s (%d file(s), %d bytes read)", source.uri, digest, len(files),
-             sum(size for _, size, _ in files))
+             sum(size or 0 for _, size, _ in files))
     return {"uri": source.uri, "files": files, "sha256": digest}
 
 
@@ -83,6 +86,10 @@ def weigh_models(sources: dict[str, ModelSource | str], known: dict[str, dict],
         sources: per model (``<filter>.<setting>``), where its weights are, or the version that names them.
         known: the fingerprints the last run recorded (empty on the first run).
         copy_to: the node's model cache (``fingerprint``).
+
+    Raises:
+        ConfigError: a model does not exist, or cannot be read (the error says which and why): on rank 0 before
+            any work, a ``MediasieveError`` that the other ranks raise too rather than wait for.
     """
     identity: dict[str, str] = {}
     record: dict[str, dict] = {}
@@ -90,7 +97,13 @@ def weigh_models(sources: dict[str, ModelSource | str], known: dict[str, dict],
         if isinstance(source, str):
             identity[key] = source
             continue
-        fp = fingerprint(source, known.get(key), copy_to)
+        try:
+            fp = fingerprint(source, known.get(key), copy_to)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - denied, cut short, unreachable: a model this job cannot load
+            raise ConfigError(f"model {source.uri} ({key}) could not be read to record its weights "
+                              f"({type(e).__name__}: {e})") from e
         identity[key] = f"sha256:{fp['sha256']}"
         record[key] = fp
     return identity, record

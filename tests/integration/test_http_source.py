@@ -3,6 +3,7 @@ HTTP server on loopback: status codes typed as the object store's are, and bodie
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -214,3 +215,27 @@ def test_a_model_over_http_is_copied_once_and_again_when_it_changes(tmp_path, se
     (served / "w.onnx").write_bytes(b"b" * 6000)
     second = localize_model(url, cache, 0, lambda: None)
     assert second != first and open(second, "rb").read() == b"b" * 6000
+    # this server sends no ETag or Last-Modified: weights of the same size are new weights all the same
+    (served / "w.onnx").write_bytes(b"c" * 6000)
+    assert open(localize_model(url, cache, 0, lambda: None), "rb").read() == b"c" * 6000
+
+    from pipeline.weights import ModelSource, weigh_models
+
+    source = {"m": ModelSource(url)}
+    _, known = weigh_models(source, {}, cache)
+    (served / "w.onnx").write_bytes(b"d" * 6000)
+    now, _ = weigh_models(source, known, cache)  # nothing in the listing changed: read again all the same
+    assert now == {"m": "sha256:" + hashlib.sha256(b"d" * 6000).hexdigest()}
+
+
+def test_a_model_that_cannot_be_read_is_a_config_error_naming_it(tmp_path, server):
+    """A model whose body is cut short is a ConfigError (a MediasieveError: the job's other ranks raise it too, not
+    wait in a collective for rank 0), naming the model and the cause; nothing is left in the node's model cache."""
+    from pipeline.errors import ConfigError
+    from pipeline.weights import ModelSource, weigh_models
+
+    cache = tmp_path / "models"
+    with pytest.raises(ConfigError, match=rf"model {server}/short.bin \(regions.model_uri\) could not be read to "
+                                          r"record its weights \(\w+"):
+        weigh_models({"regions.model_uri": ModelSource(f"{server}/short.bin")}, {}, str(cache))
+    assert not cache.exists() or os.listdir(cache) == []  # not even the partial copy
