@@ -470,18 +470,21 @@ def _changed_weights(recorded: dict, current: dict, changed: list[str], weights:
 
 
 def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, identity: dict,
-                           allow_change: bool, weights: dict[str, dict] | None = None, run_id: str = "") -> None:
+                           allow_change: bool, weights: dict[str, dict] | None = None, run_id: str = "",
+                           software: list[dict[str, str]] | None = None) -> None:
     """Record the resolved config next to the output; on a rerun, refuse a different job.
 
     A ``video`` or ``models`` setting that the recorded identity lacks (written by a version before that setting
     was part of it, or before it existed) is not held against the rerun: it is logged, and recorded from now on.
     The record keeps the models' fingerprints (``weights``, for the next run's ``pipeline.weights.weigh_models``)
-    and ``model_history``: the run from which each set of model digests made the rows (their ``run_id``).
+    and ``model_history``: the run from which each set of model digests made the rows (their ``run_id``); and
+    ``software_history`` likewise for the ranks' software (``pipeline.software``), which is recorded, not checked.
 
     Args:
         identity: the job identity, with its ``models`` digests where it has models.
         weights: ``pipeline.weights.weigh_models``'s fingerprints.
-        run_id: this run's id, for ``model_history``.
+        run_id: this run's id, for ``model_history`` and ``software_history``.
+        software: the distinct version sets of the ranks' software.
 
     Raises:
         ConfigError: the recorded identity differs (the message names the settings, and the weights that changed)
@@ -509,6 +512,10 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
     models = identity.get("models") or {}
     if models and (not history or history[-1].get("models") != models):
         history.append({"from_run": run_id, "models": models})
+    ran = list((recorded or {}).get("software_history") or [])
+    software = sorted(software or [], key=lambda s: json.dumps(s, sort_keys=True))  # not by which rank ran which
+    if software and (not ran or ran[-1].get("software") != software):
+        ran.append({"from_run": run_id, "software": software})
     body = json.dumps({"identity": identity, "config": redact(resolved), "models": weights or {},
-                       "model_history": history}, indent=2, default=str).encode()
+                       "model_history": history, "software_history": ran}, indent=2, default=str).encode()
     commit_bytes(fs, path, body, f"{root.rstrip('/')}/_tmp")

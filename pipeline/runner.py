@@ -77,6 +77,7 @@ from pipeline.resume import (
     share_pending,
     writer_schema,
 )
+from pipeline.software import distinct_software, software_versions, warn_if_mixed
 from pipeline.storage import SCRATCH_DIR, FetchedItem, TieredFetcher, check_protocols
 from pipeline.task_queue import BoundedTaskQueue
 from pipeline.video.decoders import decodes_past_deadline
@@ -652,8 +653,8 @@ def _model_cache(cfg: JobConfig) -> str:
     return cfg.model_pool.model_cache_dir or os.path.join(cfg.storage.cache_dir, "models")
 
 
-def _prepare_output(cfg: JobConfig, run_id: str) -> OutputLease:
-    """Rank 0: take the output lease and check/record the resolved config."""
+def _prepare_output(cfg: JobConfig, run_id: str, software: list[dict[str, str]]) -> OutputLease:
+    """Rank 0: take the output lease and check/record the resolved config (and the ranks' distinct ``software``)."""
     lease = OutputLease(cfg.output.dir, cfg.output.storage_options, run_id, cfg.output.lease_timeout_s,
                         io_timeout_s=cfg.output.commit_timeout_s)
     lease.acquire()
@@ -675,7 +676,7 @@ def _prepare_output(cfg: JobConfig, run_id: str) -> OutputLease:
         models, weights = weigh_models(sources, (recorded or {}).get("models") or {}, _model_cache(cfg))
         identity = job_identity(cfg) | ({"models": models} if models else {})
         bounded(lambda: check_or_record_config(cfg.output.dir, cfg.output.storage_options, to_dict(cfg), identity,
-                                               cfg.resume.allow_config_change, weights, run_id),
+                                               cfg.resume.allow_config_change, weights, run_id, software),
                 cfg.output.commit_timeout_s, what)
     except BaseException:
         lease.release()
@@ -727,12 +728,15 @@ def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_sign
     fetcher = TieredFetcher(cfg.storage, cache_share=1.0 / max(1, ctx.local_world_size), tend_cache=ctx.local_rank == 0,
                             orphan_age_s=2 * cfg.runtime.stall_timeout_s)
 
+    software = distinct_software(ctx.gather(software_versions()))  # a node on another image: said before any work
+
     # Rank 0 takes the lease; every rank learns the run id or the reason to stop.
     leases: list[OutputLease] = []
 
     def take_lease() -> str:
+        warn_if_mixed(software)
         run_id = _new_run_id()
-        leases.append(_prepare_output(cfg, run_id))
+        leases.append(_prepare_output(cfg, run_id, [s["versions"] for s in software]))
         return run_id
 
     run_id = _main_decides(ctx, take_lease)
@@ -874,7 +878,7 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
         return RankOutcome(run_id, ctx.rank, snap, True, output_dir=cfg.output.dir)
     models = {k: v for f in filters for k, v in f.runtimes().items()}
     everyone = ctx.gather({"rank": ctx.rank, "host": ctx.host, "device": device, "interrupted": workers.interrupted,
-                           "models": models, **snap})
+                           "models": models, "software": software_versions(), **snap})
     outcome = RankOutcome(run_id, ctx.rank, snap, workers.interrupted, output_dir=cfg.output.dir)
     if ctx.is_main and not any(r["interrupted"] for r in everyone):
         abandoned = threading.Event()  # given up as hung: the summary and the marker must not land late
@@ -997,6 +1001,7 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
             "parts_quarantined": len(quarantined(fs, root)),  # damaged parts moved aside, by this run or earlier
         },
         "models": _models_summary(ranks),
+        "software": distinct_software([r["software"] for r in ranks]),
         "per_rank": [{k: r[k] for k in ("rank", "host", "device", "done", "succeeded", "failed", "items_per_s",
                                         "units_taken", "peak_rss_mb")} for r in ranks],
     }

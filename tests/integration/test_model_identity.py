@@ -187,3 +187,23 @@ def test_weigh_models_names_packaged_weights_by_version_and_files_by_digest(tmp_
     identity, record = weigh_models({"s.vad": "silero-vad==6.0", "y.model_uri": ModelSource(str(f))}, {})
     assert identity == {"s.vad": "silero-vad==6.0", "y.model_uri": f"sha256:{hashlib.sha256(b'abc').hexdigest()}"}
     assert list(record) == ["y.model_uri"]
+
+
+def test_the_software_of_each_run_is_recorded_not_checked(tmp_path, media_dir):
+    from pipeline.software import software_versions
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 2)
+    raw = base_config(write_manifest(str(tmp_path / "m.parquet"), rows), str(tmp_path / "c"), str(tmp_path / "out"),
+                      str(tmp_path / "cache"))
+    first = _run(raw).summary
+    assert first["software"] == [{"versions": software_versions(), "ranks": [0]}]
+    path = tmp_path / "out" / "_config.json"
+    rec = json.loads(path.read_text())
+    assert rec["software_history"] == [{"from_run": first["run_id"], "software": [software_versions()]}]
+    assert _run(raw).summary["this_run"]["items"] == 0
+    assert len(json.loads(path.read_text())["software_history"]) == 1  # the same software: no new entry
+    rec["software_history"][0]["software"][0]["av"] = "15.0.0"  # the rows so far were made by an older image
+    path.write_text(json.dumps(rec))
+    third = _run(raw).summary  # an upgrade is no different job: recorded, not refused
+    assert [h["from_run"] for h in json.loads(path.read_text())["software_history"]] == [first["run_id"],
+                                                                                        third["run_id"]]

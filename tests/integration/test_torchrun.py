@@ -364,3 +364,33 @@ def test_a_bad_manifest_stops_every_rank_with_its_error(tmp_path, media_dir):
                                         proc.stderr)}
     assert ranks == {0, 1}, proc.stderr[-3000:]
     assert os.listdir(tmp_path / "cache" / "_manifest") == []
+
+
+def test_ranks_on_different_software_are_said_at_the_start_and_recorded(tmp_path, media_dir):
+    """A node on another image: rank 1 sees an older silero-vad (its metadata first on its path, as a second
+    install would be). The job says so before any work, and the summary and _config.json record both sets."""
+    import importlib.metadata
+
+    now = importlib.metadata.version("silero-vad")
+    rows, config = _setup(tmp_path, media_dir, 4)
+    older = tmp_path / "older" / "silero_vad-5.1.2.dist-info"
+    older.mkdir(parents=True)
+    (older / "METADATA").write_text("Metadata-Version: 2.1\nName: silero-vad\nVersion: 5.1.2\n")
+    wrapper = tmp_path / "rank.sh"
+    wrapper.write_text(f'#!/bin/sh\nif [ "$LOCAL_RANK" = 1 ]; then export PYTHONPATH="{older.parent}:$PYTHONPATH"; fi\n'
+                       f'exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+           str(wrapper), os.path.join(ROOT, "jobs", "run.py"), "--config", config]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = re.search(rf"the ranks do not run the same software \(silero-vad {re.escape(now)} on ranks 0, 5\.1\.2 on "
+                     r"ranks 1\)", proc.stderr)
+    assert said, proc.stderr[-3000:]
+    work = re.search(r"items in manifest, \d+ committed successes", proc.stderr)
+    assert work and said.start() < work.start()  # said before any work
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert [(s["versions"]["silero-vad"], s["ranks"]) for s in summary["software"]] == [(now, [0]), ("5.1.2", [1])]
+    assert summary["total"]["succeeded"] == 4
+    recorded = json.load(open(tmp_path / "out" / "_config.json"))["software_history"]
+    assert [[s["silero-vad"] for s in h["software"]] for h in recorded] == [[now, "5.1.2"]]
