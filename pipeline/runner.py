@@ -82,7 +82,7 @@ from pipeline.storage import SCRATCH_DIR, FetchedItem, TieredFetcher, check_prot
 from pipeline.task_queue import BoundedTaskQueue
 from pipeline.video.decoders import decodes_past_deadline
 from pipeline.writer import ResultWriter, bounded, commit_bytes, is_local_fs, result_schema
-from pipeline.weights import weigh_models
+from pipeline.weights import check_copy, weigh_models
 
 log = logging.getLogger(__name__)
 
@@ -653,8 +653,9 @@ def _model_cache(cfg: JobConfig) -> str:
     return cfg.model_pool.model_cache_dir or os.path.join(cfg.storage.cache_dir, "models")
 
 
-def _prepare_output(cfg: JobConfig, run_id: str, software: list[dict[str, str]]) -> OutputLease:
-    """Rank 0: take the output lease and check/record the resolved config (and the ranks' distinct ``software``)."""
+def _prepare_output(cfg: JobConfig, run_id: str, software: list[dict[str, str]]) -> tuple[OutputLease, dict]:
+    """Rank 0: take the output lease and check/record the resolved config (and the ranks' distinct ``software``);
+    returns the lease and the models' fingerprints (``pipeline.weights``), which every rank checks its copy against."""
     lease = OutputLease(cfg.output.dir, cfg.output.storage_options, run_id, cfg.output.lease_timeout_s,
                         io_timeout_s=cfg.output.commit_timeout_s)
     lease.acquire()
@@ -681,7 +682,7 @@ def _prepare_output(cfg: JobConfig, run_id: str, software: list[dict[str, str]])
     except BaseException:
         lease.release()
         raise
-    return lease
+    return lease, weights
 
 
 def _use_returning_arrow_pool() -> None:
@@ -733,24 +734,26 @@ def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_sign
     # Rank 0 takes the lease; every rank learns the run id or the reason to stop.
     leases: list[OutputLease] = []
 
-    def take_lease() -> str:
+    def take_lease() -> tuple[str, dict]:
         warn_if_mixed(software)
         run_id = _new_run_id()
-        leases.append(_prepare_output(cfg, run_id, [s["versions"] for s in software]))
-        return run_id
+        lease, weights = _prepare_output(cfg, run_id, [s["versions"] for s in software])
+        leases.append(lease)
+        return run_id, weights
 
-    run_id = _main_decides(ctx, take_lease)
+    run_id, weights = _main_decides(ctx, take_lease)
     lease = leases[0] if leases else None
 
     try:
-        return _run_started(cfg, ctx, device, run_id, fetcher, install_signal_handlers, lease)
+        return _run_started(cfg, ctx, device, run_id, fetcher, install_signal_handlers, lease, weights)
     finally:
         if lease is not None:
             lease.release()
 
 
 def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fetcher: TieredFetcher,
-                 install_signal_handlers: bool, lease: OutputLease | None = None) -> RankOutcome:
+                 install_signal_handlers: bool, lease: OutputLease | None = None,
+                 weights: dict | None = None) -> RankOutcome:
     started = time.time()
     source = cfg.input
     if source.listing_glob:  # listed once, by rank 0, for every rank
@@ -760,14 +763,14 @@ def _run_started(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fet
     try:
         check_protocols(manifest.protocols)
         return _run_with_manifest(cfg, ctx, device, run_id, fetcher, install_signal_handlers, manifest, started,
-                                  lease)
+                                  lease, weights)
     finally:
         manifest.close()
 
 
 def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: str, fetcher: TieredFetcher,
                        install_signal_handlers: bool, manifest: Manifest, started: float,
-                       lease: OutputLease | None = None) -> RankOutcome:
+                       lease: OutputLease | None = None, weights: dict | None = None) -> RankOutcome:
     out = cfg.output
     mine: dict[str, pa.Array] = {}
 
@@ -811,9 +814,15 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
     schema = _main_decides(ctx, lambda: writer_schema(cfg.output.dir, cfg.output.storage_options, newest_part,
                                                       wanted, cfg.resume.on_schema_change))
     pool = ModelPool(device, cfg.model_pool.instances, cfg.model_pool.acquire_timeout_s, cfg.runtime.empty_cache_every)
-    setup = SetupContext(device, pool, lambda uri, options=None: localize_model(
-        uri, _model_cache(cfg), ctx.local_rank, ctx.barrier, options), cfg.runtime.strict_gpu,
-                         cfg.storage.cache_dir)
+    recorded = {fp["uri"]: fp for fp in (weights or {}).values()}
+
+    def localize(uri: str, options: dict | None = None) -> str:
+        local = localize_model(uri, _model_cache(cfg), ctx.local_rank, ctx.barrier, options)
+        if uri in recorded:  # another node's weights at the same path, or weights replaced as the run started
+            check_copy(local, recorded[uri], ctx.host)
+        return local
+
+    setup = SetupContext(device, pool, localize, cfg.runtime.strict_gpu, cfg.storage.cache_dir)
     for f in filters:
         f.setup(setup)
     writer = ResultWriter(cfg.output.dir, cfg.output.storage_options, schema, run_id, ctx.rank,

@@ -59,14 +59,35 @@ def fingerprint(source: ModelSource, known: dict | None = None, copy_to: str | N
     if copy_to and not is_local(source.uri):
         fs, path = fsspec.filesystem("file"), localize_model(source.uri, copy_to, 0, lambda: None,
                                                              source.storage_options)
-    if len(files) == 1 and files[0][0] == "":
-        digest = _file_sha256(fs, path)
-    else:
-        lines = "".join(f"{rel}\t{_file_sha256(fs, path.rstrip('/') + '/' + rel)}\n" for rel, _, _ in files)
-        digest = hashlib.sha256(lines.encode()).hexdigest()
+    digest = _digest(fs, path, files)
     log.info("model %s: sha256 %s (%d file(s), %d bytes read)", source.uri, digest, len(files),
              sum(size or 0 for _, size, _ in files))
     return {"uri": source.uri, "files": files, "sha256": digest}
+
+
+def check_copy(local: str, recorded: dict[str, Any], host: str) -> None:
+    """Check that the weights this rank loads from ``local`` are those rank 0 recorded for the run.
+
+    A local path is read where it is, on every node: one whose image or init container put other weights there
+    would mix its rows in under rank 0's digest; a remote model replaced between rank 0's digest and this node's
+    copy, likewise. The files of ``recorded`` are read (from the page cache, where the model was just copied).
+
+    Raises:
+        ConfigError: they differ (both digests and the host named).
+    """
+    digest = _digest(fsspec.filesystem("file"), local, recorded["files"])
+    if digest != recorded["sha256"]:
+        raise ConfigError(f"the weights at {recorded['uri']} on {host} (sha256:{digest[:12]}...) are not those rank 0 "
+                          f"recorded for this run (sha256:{recorded['sha256'][:12]}...): a node with other weights at "
+                          "that path, or weights replaced as the run started; give every node the same weights")
+
+
+def _digest(fs: fsspec.AbstractFileSystem, path: str, files: list) -> str:
+    """A file's SHA-256, or a directory's: that of its ``files``' ``path<TAB>sha256`` lines, in their order."""
+    if len(files) == 1 and files[0][0] == "":
+        return _file_sha256(fs, path)
+    lines = "".join(f"{rel}\t{_file_sha256(fs, path.rstrip('/') + '/' + rel)}\n" for rel, _, _ in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def _file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:

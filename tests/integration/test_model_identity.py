@@ -10,7 +10,6 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import weights
 from pipeline.config import build_config, validate_config
 from pipeline.distributed import DistContext
 from pipeline.errors import ConfigError
@@ -100,23 +99,27 @@ def test_weights_replaced_at_the_same_s3_url_stop_the_rerun_before_any_row(tmp_p
 
 
 def test_the_same_weights_copied_anew_are_no_change_and_unchanged_ones_are_not_read_again(
-        tmp_path, media_dir, two_yolos, monkeypatch):
+        tmp_path, media_dir, two_yolos, caplog):
     a, _ = two_yolos
     model = str(tmp_path / "w" / "yolo.pt")
     os.makedirs(os.path.dirname(model))
     shutil.copy(a, model)
     raw = _yolo_job(tmp_path, media_dir, model)
-    _run(raw)
-    reads = []
-    real = weights._file_sha256
-    monkeypatch.setattr(weights, "_file_sha256", lambda fs, path: reads.append(path) or real(fs, path))
-    _run(raw)
-    assert reads == []  # same size and modification time: the recorded digest stands
-    os.remove(model)
-    shutil.copy(a, model)  # an init container copying the weights at each start: a new mtime, the same bytes
-    os.utime(model, (1, 1))
-    _run(raw)
-    assert len(reads) == 1
+
+    def hashed() -> int:  # rank 0's digests of the source (each rank's check of what it loads is apart)
+        return sum("bytes read" in r.getMessage() for r in caplog.records if r.name == "pipeline.weights")
+
+    with caplog.at_level(logging.INFO, logger="pipeline.weights"):
+        _run(raw)
+        assert hashed() == 1
+        caplog.clear()
+        _run(raw)
+        assert hashed() == 0  # same size and modification time: the recorded digest stands
+        os.remove(model)
+        shutil.copy(a, model)  # an init container copying the weights at each start: a new mtime, the same bytes
+        os.utime(model, (1, 1))
+        _run(raw)
+        assert hashed() == 1
     rec = _recorded(str(tmp_path / "out"))
     assert rec["models"]["regions.model_uri"]["files"][0][2] == str(os.stat(model).st_mtime)
     assert len(rec["model_history"]) == 1
@@ -207,3 +210,25 @@ def test_the_software_of_each_run_is_recorded_not_checked(tmp_path, media_dir):
     third = _run(raw).summary  # an upgrade is no different job: recorded, not refused
     assert [h["from_run"] for h in json.loads(path.read_text())["software_history"]] == [first["run_id"],
                                                                                         third["run_id"]]
+
+
+def test_weights_replaced_as_the_run_starts_stop_it_before_any_row(tmp_path, media_dir, two_yolos, monkeypatch):
+    """Between rank 0's digest and a rank's load (seconds on a big job's start), the weights at the path change:
+    the rank that would load them stops, rather than write rows under the recorded digest."""
+    import pipeline.runner as runner
+
+    a, b = two_yolos
+    model = str(tmp_path / "yolo.pt")
+    shutil.copy(a, model)
+    real = runner.weigh_models
+
+    def then_replaced(*args, **kwargs):
+        out = real(*args, **kwargs)
+        shutil.copy(b, model)
+        return out
+
+    monkeypatch.setattr(runner, "weigh_models", then_replaced)
+    with pytest.raises(ConfigError, match=rf"the weights at {model} on \S+ \(sha256:{_sha256(b)[:12]}\.\.\.\) are "
+                                          rf"not those rank 0 recorded for this run \(sha256:{_sha256(a)[:12]}"):
+        _run(_yolo_job(tmp_path, media_dir, model))
+    assert not os.path.exists(tmp_path / "out" / "parts") or not os.listdir(tmp_path / "out" / "parts")

@@ -394,3 +394,30 @@ def test_ranks_on_different_software_are_said_at_the_start_and_recorded(tmp_path
     assert summary["total"]["succeeded"] == 4
     recorded = json.load(open(tmp_path / "out" / "_config.json"))["software_history"]
     assert [[s["silero-vad"] for s in h["software"]] for h in recorded] == [[now, "5.1.2"]]
+
+
+def test_a_node_with_other_weights_at_the_same_path_stops_the_job_before_any_row(tmp_path, media_dir):
+    """Each rank runs from its own directory (as each node has its own disk) where `models/yolo.pt` holds other
+    weights on rank 1 (an older image): rank 1 stops naming both digests, and no row is written under rank 0's."""
+    import hashlib
+
+    from tests.video.tiny_models import tiny_yolo
+
+    for rank, seed in ((0, 0), (1, 1)):
+        (tmp_path / f"node{rank}" / "models").mkdir(parents=True)
+        tiny_yolo(str(tmp_path / f"node{rank}" / "models" / "yolo.pt"), seed=seed)
+    digests = [hashlib.sha256((tmp_path / f"node{r}" / "models" / "yolo.pt").read_bytes()).hexdigest() for r in (0, 1)]
+    assert digests[0] != digests[1]
+    rows, config = _setup(tmp_path, media_dir, 4, filters={
+        "regions": {"type": "yolo_regions", "model_uri": "models/yolo.pt", "imgsz": 160, "step": 10}})
+    wrapper = tmp_path / "rank.sh"
+    wrapper.write_text(f'#!/bin/sh\ncd "{tmp_path}/node$LOCAL_RANK" && exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+           str(wrapper), os.path.join(ROOT, "jobs", "run.py"), "--config", config]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert re.search(rf"\[rank 1\].*the weights at models/yolo.pt on \S+ \(sha256:{digests[1][:12]}\.\.\.\) are not "
+                     rf"those rank 0 recorded for this run \(sha256:{digests[0][:12]}", proc.stderr), proc.stderr[-3000:]
+    parts = tmp_path / "out" / "parts"
+    assert not parts.exists() or not os.listdir(parts)
