@@ -21,6 +21,7 @@ from pipeline.config import JobConfig
 from pipeline.crashes import read_ledger
 from pipeline.manifest import SPILL_DIR, open_manifest
 from pipeline.quarantine import QUARANTINE_DIR, quarantined, read_past_damaged
+from pipeline.weights import ModelSource, listed_anew
 from pipeline.resume import (
     CONFIG,
     SUCCESS_MARKER,
@@ -78,6 +79,25 @@ def damaged_items(fs, files: list[str]) -> int | None:
                             pc.greater(pc.fill_null(t["audio_packets_lost"], 0), 0)),
                      pc.greater(pc.fill_null(pc.list_value_length(t["corrupt_spans"]), 0), 0))
     return pc.sum(damaged.cast("int64")).as_py() or 0
+
+
+def _listed_anew(cfg: JobConfig, known: dict[str, dict]) -> dict[str, str]:
+    """Per recorded model whose source lists other files, sizes or versions now: the next run reads it again, and
+    refuses to go on if its digest differs (one listing each; nothing read). A model's fsspec options are the
+    ``storage_options`` beside its setting in the config's filter (``<filter>.<setting>``), read from the specs:
+    building the filters would import torch."""
+    params = {spec.name: spec.params for spec in cfg.filters}
+    out = {}
+    for key, fp in known.items():
+        name, *path = key.split(".")
+        where = params.get(name) or {}
+        for part in path[:-1]:
+            where = where.get(part) or {} if isinstance(where, dict) else {}
+        options = where.get("storage_options") or {} if isinstance(where, dict) else {}
+        said = listed_anew(ModelSource(fp.get("uri", ""), options, tuple(fp.get("derived") or ())), fp)
+        if said:
+            out[key] = said
+    return out
 
 
 def job_status(cfg: JobConfig) -> dict[str, Any]:
@@ -145,7 +165,8 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
     models = {"weights": (recorded.get("identity") or {}).get("models") or {},
               "since_run": history[-1].get("from_run") if history else None,
               "uris": {k: v.get("uri") for k, v in (recorded.get("models") or {}).items()},
-              "earlier_sets": max(len(history) - 1, 0)}
+              "earlier_sets": max(len(history) - 1, 0),
+              "listed_anew": _listed_anew(cfg, recorded.get("models") or {})}
     ledger = read_ledger(out.dir, out.storage_options).get("items", {})
     limit = cfg.resume.max_item_crashes
     return {
@@ -210,5 +231,7 @@ def format_status(status: dict[str, Any]) -> str:
         lines.insert(-1, f"  models   : {'; '.join(said)}"
                      + (f", since run {models['since_run']}" if models.get("since_run") else "")
                      + (f"; rows of earlier runs were made with {models['earlier_sets']} other set(s) of weights "
-                        f"(model_history in {CONFIG})" if models.get("earlier_sets") else ""))
+                        f"(model_history in {CONFIG})" if models.get("earlier_sets") else "")
+                     + "".join(f"; {k} at {models['uris'].get(k, k)}: {why} (the next run reads it again, and "
+                               "refuses to go on if its digest differs)" for k, why in models.get("listed_anew", {}).items()))
     return "\n".join(lines)

@@ -32,7 +32,7 @@ class ModelSource:
 
 
 def fingerprint(source: ModelSource, known: dict | None = None, copy_to: str | None = None) -> dict[str, Any]:
-    """The weights at ``source`` now: ``{"uri", "files": [[relative path, bytes, version]], "sha256"}``.
+    """The weights at ``source`` now: ``{"uri", "files": [[relative path, bytes, version]], "derived", "sha256"}``.
 
     The digest of a single file is its ``sha256sum``; of a directory, the SHA-256 of its files' ``path<TAB>sha256``
     lines in path order. The files are read whole, once: where ``known`` (this model's fingerprint from the last
@@ -62,7 +62,23 @@ def fingerprint(source: ModelSource, known: dict | None = None, copy_to: str | N
     digest = _digest(fs, path, files)
     log.info("model %s: sha256 %s (%d file(s), %d bytes read)", source.uri, digest, len(files),
              sum(size or 0 for _, size, _ in files))
-    return {"uri": source.uri, "files": files, "sha256": digest}
+    return {"uri": source.uri, "files": files, "derived": list(source.derived), "sha256": digest}
+
+
+def listed_anew(source: ModelSource, known: dict[str, Any]) -> str | None:
+    """Whether the source of a recorded model now lists other files, sizes or versions than ``known`` (a listing;
+    nothing is read): what the next run's start reads and hashes again. None where it lists the same."""
+    try:
+        fs, path = fsspec.core.url_to_fs(source.uri, **source.storage_options)
+        fs.invalidate_cache(path)
+        if not fs.exists(path):
+            return "missing"
+        files = [[rel, size, version] for rel, size, version in source_files(fs, path) if rel not in source.derived]
+    except Exception as e:  # noqa: BLE001 - a status report: said, not raised
+        return f"cannot be listed ({type(e).__name__}: {e})"
+    if source.uri != known.get("uri") or files != known.get("files"):
+        return "another size or version than recorded"
+    return None
 
 
 def check_copy(local: str, recorded: dict[str, Any], host: str) -> None:

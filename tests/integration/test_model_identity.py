@@ -14,7 +14,7 @@ from pipeline.config import build_config, validate_config
 from pipeline.distributed import DistContext
 from pipeline.errors import ConfigError
 from pipeline.runner import run_rank
-from pipeline.weights import ModelSource, fingerprint, weigh_models
+from pipeline.weights import ModelSource, fingerprint, listed_anew, weigh_models
 from tests.conftest import base_config, make_corpus, write_manifest
 from tests.video.tiny_models import tiny_yolo
 
@@ -69,8 +69,14 @@ def test_weights_replaced_at_the_same_s3_url_stop_the_rerun_before_any_row(tmp_p
     assert rec["model_history"] == [{"from_run": first["run_id"], "models": rec["identity"]["models"]}]
     before = _parts(out)
 
+    from pipeline.status import format_status, job_status
+
+    assert job_status(build_config(raw))["models"]["listed_anew"] == {}
     fs.put_file(b, url)  # new weights, same URL
     raw["input"]["limit"] = None
+    said = format_status(job_status(build_config(raw)))  # an operator's look before the rerun: a listing, no read
+    assert (f"; regions.model_uri at {url}: another size or version than recorded (the next run reads it again, and "
+            "refuses to go on if its digest differs)") in said
     with pytest.raises(ConfigError, match=r"models\.regions\.model_uri differs .*the weights at "
                                           rf"{url} \(sha256:{_sha256(a)[:12]}\.\.\. then, "
                                           rf"sha256:{_sha256(b)[:12]}\.\.\. now\) are not those its rows"):
@@ -89,11 +95,10 @@ def test_weights_replaced_at_the_same_s3_url_stop_the_rerun_before_any_row(tmp_p
     by_run = {r["video_id"]: r["result_info"]["run_id"] for r in pq.read_table(os.path.join(out, "parts")).to_pylist()}
     assert by_run == {"id-0000": first["run_id"], "id-0001": first["run_id"], "id-0002": second["run_id"]}
 
-    from pipeline.status import format_status, job_status
-
     status = job_status(build_config(raw))
     assert status["models"] == {"weights": {"regions.model_uri": f"sha256:{_sha256(b)}"},
-                                "since_run": second["run_id"], "uris": {"regions.model_uri": url}, "earlier_sets": 1}
+                                "since_run": second["run_id"], "uris": {"regions.model_uri": url}, "earlier_sets": 1,
+                                "listed_anew": {}}
     assert (f"models   : regions.model_uri sha256:{_sha256(b)[:12]}... ({url}), since run {second['run_id']}; rows "
             "of earlier runs were made with 1 other set(s) of weights") in format_status(status)
 
@@ -177,6 +182,7 @@ def test_a_directory_digest_covers_every_file_but_derived_ones(tmp_path):
     first = fingerprint(torch_side)
     (d / "model.onnx").write_bytes(b"exported")  # jobs/export_onnx.py writes it next to the weights
     assert fingerprint(torch_side, first) == first
+    assert listed_anew(ModelSource(str(d), {}, tuple(first["derived"])), first) is None  # as status sees it
     assert fingerprint(ModelSource(str(d)))["sha256"] != first["sha256"]  # the onnx backend reads it
     (d / "backbone" / "model.safetensors").write_bytes(b"v" + b"w" * 999)  # the same size, other weights
     assert fingerprint(torch_side, first)["sha256"] != first["sha256"]
