@@ -495,6 +495,12 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
     recorded = recorded_config(out_dir, storage_options)
     if recorded is not None:
         changed, unrecorded = identity_changes(recorded.get("identity") or {}, identity)
+        if changed and not part_files(fs, root):  # listed only on a change: an output of a million parts is slow to
+            # a run that stopped before its first row (a model that did not load, a typo fixed since) left nothing to
+            # mix with: its record is replaced, not held against the next
+            log.warning("%s holds no rows yet: the config an earlier run recorded (%s differ) is replaced", out_dir,
+                        ", ".join(changed[:8]))
+            recorded, changed, unrecorded = None, [], []
         if unrecorded:
             log.warning("%s was begun by a version that did not record %s; rows written before may have been "
                         "computed otherwise", out_dir, ", ".join(unrecorded))

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import pyarrow as pa
 
 from pipeline.batching import first_line, is_out_of_memory, release_memory
-from pipeline.errors import FilterError, MediasieveError, OutOfMemory
+from pipeline.errors import ConfigError, FilterError, MediasieveError, OutOfMemory
 from pipeline.media.item import MediaItem
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,26 @@ class SetupContext:
         from pipeline.storage import SCRATCH_DIR
 
         return os.path.join(self.cache_dir, SCRATCH_DIR)
+
+
+@contextlib.contextmanager
+def loading_model(filter_name: str, uri: str) -> Iterator[None]:
+    """Around building a filter's model from its files and warming it up: an error of the files (empty, cut short,
+    corrupt, a model of another kind or shape, a sidecar that is not JSON) becomes one ``ConfigError`` naming the
+    filter and the model, before any work, as a bad config does; running out of memory and a GPU's failure pass as
+    they are (the node's, not the file's)."""
+    try:
+        yield
+    except MediasieveError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ultralytics, torch, onnx and ORT each raise their own
+        from models.circuit_breaker import is_cuda_failure
+
+        if is_out_of_memory(e) or is_cuda_failure(e):
+            raise
+        raise ConfigError(f"filters.{filter_name}: {uri} does not load as this filter's model "
+                          f"({first_line(e).rstrip(': ')}): empty, cut short, corrupt, or a model of another kind; "
+                          "no item was started") from e
 
 
 RUNTIME = pa.struct([("backend", pa.string()), ("execution_provider", pa.string()), ("io_binding", pa.bool_()),

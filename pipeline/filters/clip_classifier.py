@@ -17,7 +17,7 @@ from models.circuit_breaker import CircuitBreaker, CudaCircuitOpen, runtime_afte
 from models.onnx_session import OrtParams
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, GpuFailure
-from pipeline.filters.base import RUNTIME, FilterContext, SetupContext, VideoFilter
+from pipeline.filters.base import RUNTIME, FilterContext, SetupContext, VideoFilter, loading_model
 from pipeline.media.item import MediaItem
 from pipeline.video.preprocess import ClipViews, clips_to_input, per_group
 from pipeline.video.sampling import Uniform, Windows, window_bounds
@@ -113,9 +113,13 @@ class ClipClassifierFilter(VideoFilter):
         return {"model_uri": ModelSource(self.params.model_uri, self.params.storage_options, derived)}
 
     def setup(self, ctx: SetupContext) -> None:
+        local = ctx.localize(self.params.model_uri, self.params.storage_options)
+        with loading_model(self.name, self.params.model_uri):
+            self._load(ctx, local)
+
+    def _load(self, ctx: SetupContext, local: str) -> None:
         from models.video_classifier import VideoClassifier
 
-        local = ctx.localize(self.params.model_uri, self.params.storage_options)
         with open(os.path.join(local, "head.json")) as f:
             self.head = json.load(f)
         fp16 = self.params.fp16 and ctx.device.startswith("cuda")

@@ -23,7 +23,7 @@ from pipeline.audio.separator import Separator, SeparatorParams, load_sidecar
 from pipeline.audio.vad import OnnxSileroVAD, SequenceSileroVAD, SileroVAD
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, GpuFailure
-from pipeline.filters.base import RUNTIME, Filter, FilterContext, SetupContext
+from pipeline.filters.base import RUNTIME, Filter, FilterContext, SetupContext, loading_model
 from pipeline.media.item import MediaItem
 from pipeline.weights import ModelSource
 
@@ -137,13 +137,15 @@ class SpeechCutsFilter(Filter):
         sep = self.params.separator
         if sep is not None:
             model = ctx.localize(sep.model_uri, sep.storage_options)
-            sidecar = load_sidecar(model, ctx.localize(sep.sidecar_uri, sep.storage_options) if sep.sidecar_uri else None)
+            sidecar_local = ctx.localize(sep.sidecar_uri, sep.storage_options) if sep.sidecar_uri else None
             self._separator_key = f"separator:{sep.model_uri}"
-            ctx.pool.add(self._separator_key, lambda device: Separator(model, sidecar, sep, device, ctx.strict_gpu,
-                                                                       trt_cache),
-                         instances=self.params.vad_instances)
-            with ctx.pool.acquire(self._separator_key) as built:  # built and warmed up now, not on the first item
-                self.runtime = built.ort.runtime(io_binding=False)
+            with loading_model(f"{self.name}.separator", sep.model_uri):
+                sidecar = load_sidecar(model, sidecar_local)
+                ctx.pool.add(self._separator_key, lambda device: Separator(model, sidecar, sep, device, ctx.strict_gpu,
+                                                                           trt_cache),
+                             instances=self.params.vad_instances)
+                with ctx.pool.acquire(self._separator_key) as built:  # built and warmed up now, not on the first item
+                    self.runtime = built.ort.runtime(io_binding=False)
         self._pool = pool
         self._direct = run_batch  # whole-file chunks differ in length per file: no cross-item batching
         self._batcher = DynamicBatcher(run_batch, self.params.gpu_pipeline.batch_chunks,

@@ -17,7 +17,7 @@ from models.circuit_breaker import CudaCircuitOpen, runtime_after_trip
 from models.onnx_session import OrtParams
 from pipeline.batching import DynamicBatcher
 from pipeline.errors import ConfigError, FilterError, GpuFailure
-from pipeline.filters.base import RUNTIME, FilterContext, SetupContext, VideoFilter
+from pipeline.filters.base import RUNTIME, FilterContext, SetupContext, VideoFilter, loading_model
 from pipeline.filters.signal import BOX, BlackBorderParams, frames_content_box
 from pipeline.media.item import MediaItem
 from pipeline.video.crop import aggregate_regions, safe_crop
@@ -162,7 +162,8 @@ class YoloRegionsFilter(VideoFilter):
             except ValueError as e:  # the model does not fit the configuration (input size, batch, metadata)
                 raise ConfigError(f"filters.{self.name}: {e}") from e
 
-        ctx.pool.add(self._pool_key, build, lambda d: d.detect(np.zeros((1, 64, 64, 3), np.uint8)))
+        with loading_model(self.name, p.model_uri):
+            ctx.pool.add(self._pool_key, build, lambda d: d.detect(np.zeros((1, 64, 64, 3), np.uint8)))
         self._pool = ctx.pool
         key, pool = self._pool_key, ctx.pool
 

@@ -255,6 +255,31 @@ def test_a_lease_taken_over_while_held_is_never_overwritten_and_says_so(tmp_path
     assert (tmp_path / "_lease.json").exists()  # nor removed by this run's release
 
 
+def _a_row(out) -> None:
+    """A committed part: rows of the recorded job, which a different one may not mix with."""
+    (out / "parts").mkdir(exist_ok=True)
+    pq.write_table(pa.table({"video_id": ["a"]}), str(out / "parts" / "part-r-r00000-000000.parquet"))
+
+
+def test_a_record_without_rows_is_replaced_not_held_against_the_next_run(tmp_path, caplog):
+    """A run that stopped before its first row (a model that did not load, a setting fixed since): the next run
+    with the setting changed goes on, its own config recorded in place, with a warning."""
+    import logging
+
+    ident = {"input": {"manifest": "m1"}, "filters": {"probe": {}}, "models": {"r.model_uri": "sha256:aa"}}
+    check_or_record_config(str(tmp_path), {}, {}, ident, False, run_id="run-1")
+    fixed = {**ident, "models": {"r.model_uri": "sha256:bb"}}
+    with caplog.at_level(logging.WARNING, logger="pipeline.resume"):
+        check_or_record_config(str(tmp_path), {}, {}, fixed, False, run_id="run-2")
+    assert "holds no rows yet: the config an earlier run recorded (models.r.model_uri differ) is replaced" in caplog.text
+    rec = json.loads((tmp_path / "_config.json").read_text())
+    assert rec["identity"] == fixed
+    assert rec["model_history"] == [{"from_run": "run-2", "models": fixed["models"]}]  # run-1 made no row
+    _a_row(tmp_path)
+    with pytest.raises(ConfigError, match=r"models\.r\.model_uri differs"):
+        check_or_record_config(str(tmp_path), {}, {}, ident, False, run_id="run-3")
+
+
 def test_config_record_refuses_other_job_and_redacts_secrets(tmp_path):
     ident = {"input": {"manifest": "m1"}, "filters": {"probe": {}}}
     resolved = {"storage": {"tiers": [{"storage_options": {"secret": "s3cr3t", "key_id": "AK", "anon": False}}]}}
@@ -262,6 +287,7 @@ def test_config_record_refuses_other_job_and_redacts_secrets(tmp_path):
     text = (tmp_path / "_config.json").read_text()
     assert "s3cr3t" not in text and "AK" not in text and '"anon": false' in text
     check_or_record_config(str(tmp_path), {}, resolved, ident, False)
+    _a_row(tmp_path)
     with pytest.raises(ConfigError, match="different job"):
         check_or_record_config(str(tmp_path), {}, resolved, {**ident, "filters": {"noop": {}}}, False)
     check_or_record_config(str(tmp_path), {}, resolved, {**ident, "filters": {"noop": {}}}, True)
@@ -296,6 +322,7 @@ def test_config_record_names_what_differs_and_takes_an_older_record(tmp_path, ca
         check_or_record_config(str(tmp_path), {}, {}, ident, False)
     assert "did not record video.decode_max_side, video.deinterlace, video.square_pixels, video.tone_map" in caplog.text
     assert json.loads((tmp_path / "_config.json").read_text())["identity"]["video"] == video  # recorded now
+    _a_row(tmp_path)
     with pytest.raises(ConfigError, match=r"\(video\.deinterlace, video\.tone_map differ"):
         check_or_record_config(str(tmp_path), {}, {}, {**ident, "video": {**video, "tone_map": False,
                                                                            "deinterlace": False}}, False)
