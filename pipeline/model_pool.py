@@ -144,6 +144,36 @@ def _copy_holds(target: str, files: list[tuple[str, int | None, str]]) -> bool:
     return True
 
 
+SOURCE_SUFFIX = ".source"
+"""Beside each node copy, the URL it was copied from: which copies are of the same model."""
+
+EARLIER_COPY_GRACE_S = 600.0
+"""An earlier version's copy younger than this stays: a rank of another job that listed the source just before it
+changed may be about to load it."""
+
+
+def _remove_earlier_copies(cache_dir: str, uri: str, kept: str) -> None:
+    """Remove this node's copies of earlier versions of ``uri``: no run loads them again, since every run names its
+    copy by what the source lists now (copies made before ``SOURCE_SUFFIX`` existed are not known, and stay)."""
+    now = time.time()
+    for name in os.listdir(cache_dir):
+        if not name.endswith(SOURCE_SUFFIX):
+            continue
+        copy = os.path.join(cache_dir, name[: -len(SOURCE_SUFFIX)])
+        if copy == kept:
+            continue
+        try:
+            with open(copy + SOURCE_SUFFIX) as f:
+                same = f.read() == uri
+            if not same or now - os.path.getmtime(copy) < EARLIER_COPY_GRACE_S:
+                continue
+        except OSError:  # removed meanwhile (another job's rank on this node), or the copy is gone
+            continue
+        _remove(copy)
+        _remove(copy + SOURCE_SUFFIX)
+        log.info("removed the node's copy %s of an earlier version of model %s", copy, uri)
+
+
 def _remove(path: str) -> None:
     """A file or directory, where it is."""
     if os.path.isdir(path):
@@ -216,7 +246,10 @@ def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[
                 os.rename(tmp, target)
             except OSError:  # a concurrent copy won (two jobs on one node): keep theirs
                 _remove(tmp)
+            with open(target + SOURCE_SUFFIX, "w") as f:
+                f.write(uri)
             log.info("model %s copied to node cache %s", uri, target)
+            _remove_earlier_copies(cache_dir, uri, target)
     except Exception as e:  # noqa: BLE001 - re-raised after the barrier so other ranks are not left waiting
         error = e
     barrier()

@@ -148,3 +148,31 @@ def test_localize_model_from_s3_downloads_once(s3, bucket, tmp_path):
         localize_model(f"s3://{name}/models/nope.bin", str(tmp_path), 0, lambda: None, s3.options())
     with pytest.raises(ConfigError, match="does not exist"):
         localize_model(str(tmp_path / "nope.pt"), str(tmp_path), 0, lambda: None)
+
+
+def test_a_new_version_of_a_model_removes_the_nodes_copies_of_earlier_ones(s3, bucket, tmp_path):
+    """No run loads an earlier version's copy again (each names its copy by what the source lists now): it is
+    removed once the new one is made, unless it was made in the last ten minutes (another job's rank may be about
+    to load it); copies of other models stay."""
+    import os
+
+    name, fs = bucket
+    opts = s3.options()
+    url, other = f"s3://{name}/models/w.bin", f"s3://{name}/models/other.bin"
+    fs.pipe(url, b"v1")
+    fs.pipe(other, b"o")
+    first = localize_model(url, str(tmp_path), 0, lambda: None, opts)
+    kept = localize_model(other, str(tmp_path), 0, lambda: None, opts)
+    assert open(first + ".source").read() == url
+    fs.pipe(url, b"v2-")
+    young = localize_model(url, str(tmp_path), 0, lambda: None, opts)
+    assert os.path.exists(first)  # a minute old: kept for now
+    os.utime(first, (1, 1))
+    os.utime(young, (1, 1))
+    fs.pipe(url, b"v3--")
+    now = localize_model(url, str(tmp_path), 0, lambda: None, opts)
+    assert open(now, "rb").read() == b"v3--"
+    assert not os.path.exists(first) and not os.path.exists(first + ".source")
+    assert not os.path.exists(young)
+    assert os.path.exists(kept) and open(kept, "rb").read() == b"o"
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) + s for p in (now, kept) for s in ("", ".source"))
