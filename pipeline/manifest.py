@@ -103,6 +103,15 @@ def _listing_batches(cfg: InputConfig) -> Iterator[pa.RecordBatch]:
     yield pa.record_batch({cfg.id_column: pa.array(ids, pa.string()), cfg.path_column: pa.array(paths, pa.string())})
 
 
+def list_glob(cfg: InputConfig) -> pa.Table:
+    """The objects ``cfg.listing_glob`` matches, as a manifest (id: the path below the glob's fixed prefix).
+
+    Raises:
+        ConfigError: a glob the filesystem refuses.
+    """
+    return pa.Table.from_batches(list(_listing_batches(cfg)))
+
+
 LISTING_DIR = "_listing"
 
 
@@ -129,7 +138,7 @@ def snapshot_listing(cfg: InputConfig, out_dir: str, storage_options: dict, run_
     fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
     path = f"{root.rstrip('/')}/{LISTING_DIR}/{run_id}.parquet"
     try:
-        table = pa.Table.from_batches(list(_listing_batches(cfg)))
+        table = list_glob(cfg)
         commit_latest_table(fs, root, LISTING_DIR, run_id, table)
     except MediasieveError:
         raise

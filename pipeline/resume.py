@@ -471,7 +471,7 @@ def _changed_weights(recorded: dict, current: dict, changed: list[str], weights:
 
 def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, identity: dict,
                            allow_change: bool, weights: dict[str, dict] | None = None, run_id: str = "",
-                           software: list[dict[str, str]] | None = None) -> None:
+                           software: list[dict[str, str]] | None = None, record: bool = True) -> str:
     """Record the resolved config next to the output; on a rerun, refuse a different job.
 
     A ``video`` or ``models`` setting that the recorded identity lacks (written by a version before that setting
@@ -485,6 +485,12 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
         weights: ``pipeline.weights.weigh_models``'s fingerprints.
         run_id: this run's id, for ``model_history`` and ``software_history``.
         software: the distinct version sets of the ranks' software.
+        record: write the record (False: only check, for ``jobs/preflight.py``).
+
+    Returns:
+        What the output is to this job: ``new``, ``the same job``, ``replaced`` (a record without rows),
+        ``changed, allowed`` (``resume.allow_config_change``) or ``begun by an older version`` (settings it did not
+        record).
 
     Raises:
         ConfigError: the recorded identity differs (the message names the settings, and the weights that changed)
@@ -493,6 +499,7 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
     fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
     path = f"{root.rstrip('/')}/{CONFIG}"
     recorded = recorded_config(out_dir, storage_options)
+    verdict = "new" if recorded is None else "the same job"
     if recorded is not None:
         changed, unrecorded = identity_changes(recorded.get("identity") or {}, identity)
         if changed and not part_files(fs, root):  # listed only on a change: an output of a million parts is slow to
@@ -500,8 +507,9 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
             # mix with: its record is replaced, not held against the next
             log.warning("%s holds no rows yet: the config an earlier run recorded (%s differ) is replaced", out_dir,
                         ", ".join(changed[:8]))
-            recorded, changed, unrecorded = None, [], []
+            recorded, changed, unrecorded, verdict = None, [], [], "replaced"
         if unrecorded:
+            verdict = "begun by an older version"
             log.warning("%s was begun by a version that did not record %s; rows written before may have been "
                         "computed otherwise", out_dir, ", ".join(unrecorded))
         if changed and not allow_change:
@@ -512,8 +520,11 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
                 "resume.allow_config_change=true to continue anyway"
             )
         if changed:
+            verdict = "changed, allowed"
             log.warning("resuming %s with a changed config (%s): resume.allow_config_change", out_dir,
                         ", ".join(changed[:8]))
+    if not record:
+        return verdict
     history = list((recorded or {}).get("model_history") or [])
     models = identity.get("models") or {}
     if models and (not history or history[-1].get("models") != models):
@@ -525,3 +536,4 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
     body = json.dumps({"identity": identity, "config": redact(resolved), "models": weights or {},
                        "model_history": history, "software_history": ran}, indent=2, default=str).encode()
     commit_bytes(fs, path, body, f"{root.rstrip('/')}/_tmp")
+    return verdict

@@ -1,0 +1,150 @@
+"""jobs/preflight.py: a job rehearsed on a sample of its manifest before it is submitted. It runs the real job on
+the sample into a scratch directory, says what fails and how fast the rest goes, and names what would stop the job
+(a live run, an output it cannot write or would refuse, every item failing), writing nothing to the output."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.config import build_config, validate_config
+from pipeline.distributed import DistContext
+from pipeline.preflight import format_preflight, preflight
+from pipeline.resume import OutputLease
+from pipeline.runner import run_rank
+from tests.conftest import ROOT, base_config, make_corpus, write_manifest
+
+
+def _cfg(raw):
+    cfg = build_config(raw)
+    validate_config(cfg)
+    return cfg
+
+
+def _job(tmp_path, media_dir, n=6, **sections) -> dict:
+    rows = make_corpus(str(tmp_path / "c"), media_dir, n, kinds=("motion.mp4", "speech.wav"))
+    shutil.copy(os.path.join(media_dir, "broken", "random.mp4"), tmp_path / "c" / "broken.mp4")
+    rows.append({"video_id": "broken", "video_path": "broken.mp4", "batch": 0})
+    return base_config(write_manifest(str(tmp_path / "m.parquet"), rows), str(tmp_path / "c"), str(tmp_path / "out"),
+                       str(tmp_path / "cache"), **sections)
+
+
+def _tree(path) -> dict[str, bytes]:
+    out = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            out[os.path.relpath(os.path.join(d, f), path)] = open(os.path.join(d, f), "rb").read()
+    return out
+
+
+def test_a_new_job_is_rehearsed_on_its_sample_and_nothing_is_written_to_its_output(tmp_path, media_dir):
+    cfg = _cfg(_job(tmp_path, media_dir))
+    report = preflight(cfg, items=7, world_size=4, scratch=str(tmp_path / "scratch"))
+    assert report["problems"] == []
+    out, sample = report["output"], report["sample"]
+    assert (out["writable"], out["live_run"], out["resume"]) == (True, None, "new")
+    assert (sample["items"], sample["succeeded"], sample["failed"]) == (7, 6, 1)  # the whole manifest, here
+    assert sample["failures"] == [{"id": "broken", "error_type": "DecodeError",
+                                   "error_message": sample["failures"][0]["error_message"]}]
+    assert sample["tier_hits"] == {"shared": 7} and sample["manifest_items"] == 7
+    assert sample["items_per_s_per_rank"] > 0
+    assert sample["hours_at_that_pace"] == pytest.approx(7 / (sample["items_per_s_per_rank"] * 4) / 3600, rel=0.01,
+                                                         abs=1e-4)
+    assert set(sample["per_filter_s"]) == {"probe"}
+    assert not (tmp_path / "out").exists()  # not even the directory
+    text = format_preflight(report)
+    assert "7 of 7 items: 6 ok, 1 failed {'DecodeError': 1}" in text and "verdict  : ready to submit" in text
+    assert "broken: DecodeError" in text
+
+
+def test_an_output_it_would_refuse_is_a_problem_and_is_left_as_it_was(tmp_path, media_dir):
+    raw = _job(tmp_path, media_dir)
+    run_rank(_cfg(raw), DistContext())
+    before = _tree(tmp_path / "out")
+    raw["filters"] = {"probe": {}, "noop": {}}
+    report = preflight(_cfg(raw), items=3, scratch=str(tmp_path / "scratch"))
+    assert report["output"]["resume"] == "refused"
+    assert any("the job would be refused:" in p and "filters.noop" in p for p in report["problems"])
+    assert report["sample"]["items"] == 3  # the sample ran all the same: what else it says still helps
+    assert _tree(tmp_path / "out") == before  # byte for byte
+    raw["filters"] = {"probe": {}}
+    again = preflight(_cfg(raw), items=2, scratch=str(tmp_path / "scratch2"))
+    assert again["output"]["resume"] == "the same job" and again["problems"] == []
+
+
+def test_a_live_run_and_an_output_that_cannot_be_written_are_problems(tmp_path, media_dir):
+    raw = _job(tmp_path, media_dir)
+    lease = OutputLease(str(tmp_path / "out"), {}, "run-live", 30)
+    lease.acquire()
+    try:
+        report = preflight(_cfg(raw), items=1, scratch=str(tmp_path / "s1"))
+    finally:
+        lease.release()
+    assert report["output"]["live_run"]["run_id"] == "run-live"
+    assert any("a run is live" in p and "OutputLockedError" in p for p in report["problems"])
+    (tmp_path / "a-file").write_text("x")
+    raw["output"]["dir"] = str(tmp_path / "a-file" / "out")  # a path under a file
+    report = preflight(_cfg(raw), items=1, scratch=str(tmp_path / "s2"))
+    assert report["output"]["writable"] is False
+    assert any("nothing can be committed to" in p for p in report["problems"])
+
+
+def test_every_sampled_item_failing_is_a_problem_naming_the_tiers(tmp_path, media_dir):
+    raw = _job(tmp_path, media_dir)
+    raw["storage"]["tiers"] = [{"name": "shared", "root": str(tmp_path / "typo")}]
+    report = preflight(_cfg(raw), items=4, scratch=str(tmp_path / "scratch"))
+    assert report["sample"]["failures_by_type"] == {"NotFoundError": 4}
+    assert report["problems"] == ["every sampled item failed ({'NotFoundError': 4}): check storage.tiers, the "
+                                  "credentials and the manifest's paths"]
+
+
+def test_a_listing_job_is_sampled_from_its_glob(tmp_path, media_dir):
+    raw = _job(tmp_path, media_dir)
+    raw["input"] = {"listing_glob": str(tmp_path / "c" / "*.mp4")}
+    report = preflight(_cfg(raw), items=2, seed=1, scratch=str(tmp_path / "scratch"))
+    assert report["sample"]["manifest_items"] == 4  # three clips and the broken one
+    assert report["sample"]["items"] == 2
+
+
+def test_the_command_line_exit_codes(tmp_path, media_dir):
+    raw = _job(tmp_path, media_dir)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "preflight.py"), "--config", str(config),
+                               *args], capture_output=True, text=True, timeout=300)
+
+    ok = cli("--items", "2", "--json")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout)["sample"]["items"] == 2
+    refused = cli("--items", "1", "storage.tiers=[{name: shared, root: /nonexistent}]")
+    assert refused.returncode == 1 and "PROBLEM  : every sampled item failed" in refused.stdout
+    bad = cli("input.manifest=" + str(tmp_path / "none.parquet"))
+    assert bad.returncode == 2 and "none.parquet" in bad.stderr
+    assert not (tmp_path / "out").exists()
+    assert pq.read_table(str(tmp_path / "m.parquet")).num_rows == 7  # the manifest untouched
+
+
+def test_storage_that_hangs_stops_the_sample_run_and_is_named(tmp_path, media_dir, s3, bucket):
+    """A tier whose endpoint accepts and never answers: the sample run stops as the job would (StorageHungError),
+    and the report names it rather than the preflight hanging or dying with a traceback."""
+    from tests.integration.test_hung_storage import _config, _upload
+    from tests.s3server import FaultProxy
+
+    name, fs = bucket
+    _, manifest = _upload(tmp_path, media_dir, fs, name, 6)
+    proxy = FaultProxy(s3.port, hang={"/videos/": None})
+    try:
+        report = preflight(_cfg(_config(tmp_path, s3, name, manifest, proxy.endpoint)), items=6,
+                           scratch=str(tmp_path / "scratch"))
+    finally:
+        proxy.stop()
+    assert any(p.startswith("the sample run stopped: StorageHungError: 2 fetches in a row went silent")
+               for p in report["problems"]), report["problems"]
+    assert "PROBLEM  : the sample run stopped: StorageHungError" in format_preflight(report)
