@@ -29,7 +29,7 @@ from pipeline.errors import ConfigError, ManifestError, MediasieveError
 from pipeline.manifest import SPILL_DIR, list_glob, open_manifest
 from pipeline.resume import OutputLease, check_or_record_config, part_files, recorded_config
 from pipeline.software import software_versions
-from pipeline.writer import bounded, commit_bytes
+from pipeline.writer import bounded, commit_bytes, is_local_fs
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ def check_output(cfg: JobConfig, scratch: str) -> dict[str, Any]:
         path = f"{root}/_tmp/preflight-{uuid.uuid4().hex[:12]}.probe"
         commit_bytes(fs, path, b"mediasieve preflight\n", f"{root}/_tmp")
         fs.rm_file(path)
-        if not existed and not fs.find(root):  # leave no directory behind where there was none
-            fs.rm(root, recursive=True)
+        if is_local_fs(fs) and not existed and not fs.find(root):  # no directory left where there was none (an
+            fs.rm(root, recursive=True)  # object store has no directories)
 
     try:
         bounded(probe, out.commit_timeout_s, f"committing a probe file to {out.dir}")
@@ -261,6 +261,7 @@ def format_preflight(report: dict[str, Any]) -> str:
         lines.append(f"  pace     : {s['items_per_s_per_rank']:.2f} items/s for one rank here, once its models "
                      f"were loaded: the {s['manifest_items']} items in about {_duration(s['hours_at_that_pace'])} on "
                      f"{s['world_size']} rank(s) like it (a sample's pace: the cluster's devices, storage and "
-                     "sizes decide)")
+                     "sizes decide)" + ("; the output holds rows already: jobs/status.py says how many the next run "
+                                        "takes" if out.get("rows_committed") else ""))
     lines += [f"  PROBLEM  : {p}" for p in report["problems"]] or ["  verdict  : ready to submit"]
     return "\n".join(lines)

@@ -75,6 +75,7 @@ def test_an_output_it_would_refuse_is_a_problem_and_is_left_as_it_was(tmp_path, 
     raw["filters"] = {"probe": {}}
     again = preflight(_cfg(raw), items=2, scratch=str(tmp_path / "scratch2"))
     assert again["output"]["resume"] == "the same job" and again["problems"] == []
+    assert "the output holds rows already: jobs/status.py says how many the next run takes" in format_preflight(again)
 
 
 def test_a_live_run_and_an_output_that_cannot_be_written_are_problems(tmp_path, media_dir):
@@ -148,3 +149,18 @@ def test_storage_that_hangs_stops_the_sample_run_and_is_named(tmp_path, media_di
     assert any(p.startswith("the sample run stopped: StorageHungError: 2 fetches in a row went silent")
                for p in report["problems"]), report["problems"]
     assert "PROBLEM  : the sample run stopped: StorageHungError" in format_preflight(report)
+
+
+def test_an_output_on_the_object_store_is_checked_there(tmp_path, media_dir, s3, bucket):
+    """The usual output: a prefix of a bucket that does not exist yet (writable, new); and a bucket that does not
+    exist at all (not writable, named)."""
+    name, fs = bucket
+    raw = _job(tmp_path, media_dir)
+    raw["output"] = {**raw["output"], "dir": f"s3://{name}/runs/job-1", "storage_options": s3.options()}
+    report = preflight(_cfg(raw), items=1, scratch=str(tmp_path / "s1"))
+    assert (report["output"]["writable"], report["output"]["resume"], report["problems"]) == (True, "new", [])
+    assert fs.find(f"{name}/runs") == []  # the probe is gone
+    raw["output"]["dir"] = "s3://no-such-bucket-here/job-1"
+    report = preflight(_cfg(raw), items=1, scratch=str(tmp_path / "s2"))
+    assert report["output"]["writable"] is False
+    assert any(p.startswith("nothing can be committed to s3://no-such-bucket-here/job-1: ") for p in report["problems"])
