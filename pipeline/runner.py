@@ -814,7 +814,9 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
     schema = _main_decides(ctx, lambda: writer_schema(cfg.output.dir, cfg.output.storage_options, newest_part,
                                                       wanted, cfg.resume.on_schema_change))
     pool = ModelPool(device, cfg.model_pool.instances, cfg.model_pool.acquire_timeout_s, cfg.runtime.empty_cache_every)
-    recorded = {fp["uri"]: fp for fp in (weights or {}).values()}
+    recorded: dict[str, list[dict]] = {}
+    for fp in (weights or {}).values():
+        recorded.setdefault(fp["uri"], []).append(fp)
 
     def localize(uri: str, options: dict | None = None) -> str:
         local = localize_model(uri, _model_cache(cfg), ctx.local_rank, ctx.barrier, options)

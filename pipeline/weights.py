@@ -81,21 +81,25 @@ def listed_anew(source: ModelSource, known: dict[str, Any]) -> str | None:
     return None
 
 
-def check_copy(local: str, recorded: dict[str, Any], host: str) -> None:
+def check_copy(local: str, recorded: list[dict[str, Any]], host: str) -> None:
     """Check that the weights this rank loads from ``local`` are those rank 0 recorded for the run.
 
     A local path is read where it is, on every node: one whose image or init container put other weights there
     would mix its rows in under rank 0's digest; a remote model replaced between rank 0's digest and this node's
-    copy, likewise. The files of ``recorded`` are read (from the page cache, where the model was just copied).
+    copy, likewise. The files of each fingerprint of ``recorded`` (one per filter setting naming this model: two
+    filters may read different files of one directory) are read, from the page cache where the model was just
+    copied; one that matches is enough.
 
     Raises:
-        ConfigError: they differ (both digests and the host named).
+        ConfigError: none matches (both digests and the host named).
     """
-    digest = _digest(fsspec.filesystem("file"), local, recorded["files"])
-    if digest != recorded["sha256"]:
-        raise ConfigError(f"the weights at {recorded['uri']} on {host} (sha256:{digest[:12]}...) are not those rank 0 "
-                          f"recorded for this run (sha256:{recorded['sha256'][:12]}...): a node with other weights at "
-                          "that path, or weights replaced as the run started; give every node the same weights")
+    fs = fsspec.filesystem("file")
+    digests = [_digest(fs, local, fp["files"]) for fp in recorded]
+    if not any(d == fp["sha256"] for d, fp in zip(digests, recorded)):
+        raise ConfigError(f"the weights at {recorded[0]['uri']} on {host} (sha256:{digests[0][:12]}...) are not those "
+                          f"rank 0 recorded for this run (sha256:{recorded[0]['sha256'][:12]}...): a node with other "
+                          "weights at that path, or weights replaced as the run started; give every node the same "
+                          "weights")
 
 
 def _digest(fs: fsspec.AbstractFileSystem, path: str, files: list) -> str:

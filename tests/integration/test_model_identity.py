@@ -14,7 +14,7 @@ from pipeline.config import build_config, validate_config
 from pipeline.distributed import DistContext
 from pipeline.errors import ConfigError
 from pipeline.runner import run_rank
-from pipeline.weights import ModelSource, fingerprint, listed_anew, weigh_models
+from pipeline.weights import ModelSource, check_copy, fingerprint, listed_anew, weigh_models
 from tests.conftest import base_config, make_corpus, write_manifest
 from tests.video.tiny_models import tiny_yolo
 
@@ -184,6 +184,11 @@ def test_a_directory_digest_covers_every_file_but_derived_ones(tmp_path):
     assert fingerprint(torch_side, first) == first
     assert listed_anew(ModelSource(str(d), {}, tuple(first["derived"])), first) is None  # as status sees it
     assert fingerprint(ModelSource(str(d)))["sha256"] != first["sha256"]  # the onnx backend reads it
+    # two filters on one directory, one on each backend: each rank's check takes either's files
+    check_copy(str(d), [first, fingerprint(ModelSource(str(d)))], "node-1")
+    with pytest.raises(ConfigError, match=rf"the weights at {d} on node-1 \(sha256:{first['sha256'][:12]}\.\.\.\) are not "
+                                          r"those rank 0 recorded for this run \(sha256:000000000000"):
+        check_copy(str(d), [{**first, "sha256": "0" * 64}], "node-1")
     (d / "backbone" / "model.safetensors").write_bytes(b"v" + b"w" * 999)  # the same size, other weights
     assert fingerprint(torch_side, first)["sha256"] != first["sha256"]
     # a recorded digest is kept only for the same files at the same sizes and versions
