@@ -78,7 +78,9 @@ def test_two_nodes_on_one_machine(tmp_path, media_dir, s3, bucket):
     table = pq.read_table(str(tmp_path / "out" / "parts"))
     assert set(pc.struct_field(table["result_info"], "rank").to_pylist()) == {0, 1}
     for node in (0, 1):  # the model was copied once into each node's own cache
-        copies = os.listdir(tmp_path / f"node{node}-cache" / "models")
-        assert len([c for c in copies if not c.endswith(".part")]) == 1, copies
+        models = tmp_path / f"node{node}-cache" / "models"
+        copies = [c for c in os.listdir(models) if not c.endswith((".part", ".source"))]
+        assert len(copies) == 1, copies
+        assert (models / (copies[0] + ".source")).read_text() == f"s3://{name}/models/cls"  # the URL it came from
     logs = outs[0][1] + outs[1][1]
     assert logs.count("copied to node cache") == 2
