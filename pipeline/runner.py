@@ -81,8 +81,8 @@ from pipeline.software import distinct_software, software_versions, warn_if_mixe
 from pipeline.storage import SCRATCH_DIR, FetchedItem, TieredFetcher, check_protocols
 from pipeline.task_queue import BoundedTaskQueue
 from pipeline.video.decoders import decodes_past_deadline
-from pipeline.writer import ResultWriter, bounded, commit_bytes, is_local_fs, result_schema
 from pipeline.weights import check_copy, weigh_models
+from pipeline.writer import ResultWriter, bounded, commit_bytes, is_local_fs, result_schema
 
 log = logging.getLogger(__name__)
 
