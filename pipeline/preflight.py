@@ -231,8 +231,8 @@ def _duration(hours: float) -> str:
     if hours < 1 / 60:
         return "under a minute"
     if hours < 1:
-        return f"{hours * 60:.0f} min"
-    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
+        return f"about {hours * 60:.0f} min"
+    return f"about {hours:.1f} h" if hours < 48 else f"about {hours / 24:.1f} days"
 
 
 def format_preflight(report: dict[str, Any]) -> str:
@@ -259,7 +259,7 @@ def format_preflight(report: dict[str, Any]) -> str:
                      + ", ".join(f"{k} {v:.2f}s" for k, v in sorted(s["per_filter_s"].items(), key=lambda kv: -kv[1])))
     if s["items_per_s_per_rank"]:
         lines.append(f"  pace     : {s['items_per_s_per_rank']:.2f} items/s for one rank here, once its models "
-                     f"were loaded: the {s['manifest_items']} items in about {_duration(s['hours_at_that_pace'])} on "
+                     f"were loaded: the {s['manifest_items']} items in {_duration(s['hours_at_that_pace'])} on "
                      f"{s['world_size']} rank(s) like it (a sample's pace: the cluster's devices, storage and "
                      "sizes decide)" + ("; the output holds rows already: jobs/status.py says how many the next run "
                                         "takes" if out.get("rows_committed") else ""))
