@@ -49,6 +49,24 @@ def test_duckdb_reads_the_readme_query_and_nested_columns(output):
     assert speech >= 1  # the speech WAV has at least one speech segment
 
 
+def test_duckdb_joins_each_row_to_the_weights_that_made_it(output):
+    """The README's lineage query: every success row with the model_history entry of its run."""
+    import importlib.metadata
+    import json
+
+    import duckdb
+
+    rows = duckdb.connect().execute(f"""
+        WITH h AS (SELECT e.from_run, e.models FROM (SELECT unnest(model_history) AS e
+                                                     FROM read_json('{output}/_config.json')))
+        SELECT r.video_id, r.result_info.run_id, h.models
+        FROM read_parquet('{output}/parts/*.parquet') r ASOF LEFT JOIN h ON r.result_info.run_id >= h.from_run
+        WHERE r.result_info.succeed""").fetchall()
+    history = json.load(open(f"{output}/_config.json"))["model_history"]
+    assert len(rows) == 4 and {r[1] for r in rows} == {history[0]["from_run"]}
+    assert all(r[2] == {"speech_cuts.vad": f"silero-vad=={importlib.metadata.version('silero-vad')}"} for r in rows)
+
+
 def test_polars_reads_the_readme_expression(output):
     import polars as pl
 
