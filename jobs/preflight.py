@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=16, help="manifest rows to run (default 16)")
     parser.add_argument("--world-size", type=int, default=1, help="the ranks the job will run on, for the estimate")
     parser.add_argument("--seed", type=int, default=0, help="the sample's random seed")
+    parser.add_argument("--scratch", default=None, help="where the sample's media, models and rows go (default: a "
+                        "temporary directory, removed after; the sample's media can be large)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     setup_logging(0, args.log_level)
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from pipeline.preflight import format_preflight, preflight
 
-        report = preflight(cfg, args.items, args.world_size, args.seed)
+        report = preflight(cfg, args.items, args.world_size, args.seed, args.scratch)
     except (ConfigError, ManifestError) as e:
         log.error("%s: %s", type(e).__name__, e)
         return 2

@@ -121,9 +121,10 @@ def test_the_command_line_exit_codes(tmp_path, media_dir):
         return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "preflight.py"), "--config", str(config),
                                *args], capture_output=True, text=True, timeout=300)
 
-    ok = cli("--items", "2", "--json")
+    ok = cli("--items", "2", "--json", "--scratch", str(tmp_path / "kept"))
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads(ok.stdout)["sample"]["items"] == 2
+    assert pq.read_table(str(tmp_path / "kept" / "out" / "parts")).num_rows == 2  # a given scratch is kept
     refused = cli("--items", "1", "storage.tiers=[{name: shared, root: /nonexistent}]")
     assert refused.returncode == 1 and "PROBLEM  : every sampled item failed" in refused.stdout
     bad = cli("input.manifest=" + str(tmp_path / "none.parquet"))
