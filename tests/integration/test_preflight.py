@@ -165,3 +165,18 @@ def test_an_output_on_the_object_store_is_checked_there(tmp_path, media_dir, s3,
     report = preflight(_cfg(raw), items=1, scratch=str(tmp_path / "s2"))
     assert report["output"]["writable"] is False
     assert any(p.startswith("nothing can be committed to s3://no-such-bucket-here/job-1: ") for p in report["problems"])
+
+
+def test_the_sample_is_drawn_from_the_rows_the_job_would_take(tmp_path, media_dir):
+    """input.limit and dropped duplicate ids narrow the manifest: the sample comes from what is left."""
+    raw = _job(tmp_path, media_dir)
+    raw["input"]["limit"] = 3
+    report = preflight(_cfg(raw), items=16, scratch=str(tmp_path / "s1"))
+    assert (report["sample"]["manifest_items"], report["sample"]["items"]) == (3, 3)
+    ids = {r["video_id"] for r in pq.read_table(str(tmp_path / "s1" / "out" / "parts")).to_pylist()}
+    assert ids == {"id-0000", "id-0001", "id-0002"}
+    rows = pq.read_table(str(tmp_path / "m.parquet")).to_pylist()
+    write_manifest(str(tmp_path / "dup.parquet"), rows + rows[:2])
+    raw["input"] = {"manifest": str(tmp_path / "dup.parquet"), "on_duplicate_ids": "drop"}
+    report = preflight(_cfg(raw), items=16, scratch=str(tmp_path / "s2"))
+    assert (report["sample"]["manifest_items"], report["sample"]["items"]) == (7, 7)
