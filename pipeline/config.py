@@ -135,6 +135,10 @@ class RuntimeConfig:
     """After SIGTERM, how long items already in a filter may take before they are abandoned."""
     strict_gpu: bool = False
     """Any fallback from a requested GPU provider, or a CUDA failure at run time, is fatal (``--strict-gpu``)."""
+    mixed_software: Literal["warn", "fail"] = "warn"
+    """Ranks whose software differs (a node on another image: another FFmpeg, torch or silero-vad, whose rows may
+    differ for the same input): ``warn`` says so at the start and goes on (``summary.json``'s ``software`` lists
+    each set); ``fail`` stops every rank before any work, naming what differs."""
     torch_threads: int | None = None
     """torch intra-op threads per rank (None: leave torch's default)."""
     progress: bool = True

@@ -735,7 +735,7 @@ def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_sign
     leases: list[OutputLease] = []
 
     def take_lease() -> tuple[str, dict]:
-        warn_if_mixed(software)
+        warn_if_mixed(software, cfg.runtime.mixed_software == "fail")
         run_id = _new_run_id()
         lease, weights = _prepare_output(cfg, run_id, [s["versions"] for s in software])
         leases.append(lease)

@@ -114,14 +114,23 @@ def differences(sets: list[dict[str, Any]]) -> dict[str, dict[str, list[int]]]:
     return out
 
 
-def warn_if_mixed(sets: list[dict[str, Any]]) -> None:
-    """Log, on rank 0, that the ranks do not all run the same software, and what differs."""
+def warn_if_mixed(sets: list[dict[str, Any]], fail: bool = False) -> None:
+    """Log, on rank 0, that the ranks do not all run the same software, and what differs.
+
+    Raises:
+        ConfigError: they differ and ``fail`` (``runtime.mixed_software: fail``).
+    """
     diff = differences(sets)
     if diff:
         said = "; ".join(f"{name} " + ", ".join(f"{v} on ranks {_ranks(r)}" for v, r in by.items())
                          for name, by in diff.items())
+        if fail:
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"the ranks do not run the same software ({said}), and runtime.mixed_software is "
+                              "fail: give every node the same image")
         log.warning("the ranks do not run the same software (%s): their rows may differ for the same input; "
-                    "summary.json's software lists each set", said)
+                    "summary.json's software lists each set (runtime.mixed_software=fail stops instead)", said)
 
 
 def _ranks(ranks: list[int]) -> str:

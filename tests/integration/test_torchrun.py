@@ -394,6 +394,13 @@ def test_ranks_on_different_software_are_said_at_the_start_and_recorded(tmp_path
     assert summary["total"]["succeeded"] == 4
     recorded = json.load(open(tmp_path / "out" / "_config.json"))["software_history"]
     assert [sorted(s["silero-vad"] for s in h["software"]) for h in recorded] == [sorted([now, "5.1.2"])]
+    before = sorted(os.listdir(tmp_path / "out" / "parts"))
+    strict = subprocess.run(cmd + ["runtime.mixed_software=fail"], env=_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert strict.returncode != 0
+    assert re.search(r"\[rank 1\].*ConfigError: the ranks do not run the same software \(silero-vad .* and "
+                     r"runtime.mixed_software is fail", strict.stderr), strict.stderr[-3000:]  # every rank says it
+    assert sorted(os.listdir(tmp_path / "out" / "parts")) == before
 
 
 def test_a_node_with_other_weights_at_the_same_path_stops_the_job_before_any_row(tmp_path, media_dir):

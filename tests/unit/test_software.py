@@ -3,6 +3,9 @@
 import importlib.metadata
 import logging
 
+import pytest
+
+from pipeline.errors import ConfigError
 from pipeline.software import differences, distinct_software, software_versions, warn_if_mixed
 
 
@@ -29,8 +32,11 @@ def test_distinct_sets_name_their_ranks_and_what_differs(caplog):
             in caplog.text)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.software"):
-        warn_if_mixed(distinct_software([a, a]))
+        warn_if_mixed(distinct_software([a, a]), fail=True)  # the same software: nothing to say, nothing to stop
     assert caplog.text == ""
+    with pytest.raises(ConfigError, match=r"\(av 18.1.0 on ranks 0,1,2, absent on ranks 3; .*runtime.mixed_software is "
+                                          "fail: give every node the same image"):
+        warn_if_mixed(sets, fail=True)
 
 
 def test_the_commit_of_a_checkout_is_read_as_git_says_it(tmp_path):
