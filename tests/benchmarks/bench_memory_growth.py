@@ -12,9 +12,11 @@ open file descriptors from outside (a thread or a file left per item shows there
 once per glibc ``MALLOC_ARENA_MAX`` (0: glibc's default, 8 per core), side by side: native memory that grows with
 many threads' arenas and not with the items shows as the difference.
 
-``--filters probe speech_cuts`` keeps only those of the demo's filters, to find which part grows.
+``--filters probe speech_cuts`` keeps only those of the demo's filters, to find which part grows. ``--models`` adds
+YOLO regions (with its crop encoded) and a video classifier over windows, with tiny random weights made here: their
+outputs mean nothing, their memory over the items is what is measured.
 
-Usage: python tests/benchmarks/bench_memory_growth.py [--repeat 100] [--arenas 0 2] [--filters NAME ...]
+Usage: python tests/benchmarks/bench_memory_growth.py [--repeat 100] [--arenas 0 2] [--filters NAME ...] [--models]
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def main() -> int:
     parser.add_argument("--arenas", type=int, nargs="+", default=[0],
                         help="MALLOC_ARENA_MAX per run (0: glibc's default)")
     parser.add_argument("--filters", nargs="+", default=None, help="keep only these of the demo config's filters")
+    parser.add_argument("--models", action="store_true",
+                        help="add YOLO regions and a video classifier (tiny random weights: memory only)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="ms-mem-")
     try:
@@ -140,6 +144,14 @@ def main() -> int:
             if unknown:
                 parser.error(f"not among the demo config's filters: {', '.join(sorted(unknown))}")
             cfg["filters"] = {k: v for k, v in cfg["filters"].items() if k in args.filters}
+        if args.models:
+            from tests.video.tiny_models import tiny_videomae, tiny_yolo
+
+            cfg["filters"]["regions"] = {"type": "yolo_regions", "model_uri": tiny_yolo(os.path.join(work, "y.pt")),
+                                         "imgsz": 320, "step": 5, "conf": 0.01,
+                                         "crop_output": os.path.join(work, "crops")}
+            cfg["filters"]["classes"] = {"type": "clip_classifier",
+                                         "model_uri": tiny_videomae(os.path.join(work, "clf"), image_size=64)}
         config = os.path.join(work, "job.yaml")
         with open(config, "w") as f:
             yaml.safe_dump(cfg, f)
