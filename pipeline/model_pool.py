@@ -130,6 +130,17 @@ def source_files(fs, path: str) -> list[tuple[str, int | None, str]]:
              "/".join(str(info[k]) for k in _VERSION_KEYS if info.get(k) is not None)) for rel, info in listed]
 
 
+def one_file(files: list[tuple[str, int | None, str]]) -> bool:
+    """Whether ``source_files`` listed a single file (not a directory)."""
+    return len(files) == 1 and files[0][0] == ""
+
+
+def lists_versions(files: list[tuple[str, int | None, str]]) -> bool:
+    """Whether the source says every file's size and version: where it does not (an HTTP server without ETag or
+    Last-Modified), the same listing can hide other bytes."""
+    return all(size is not None and version for _, size, version in files)
+
+
 def _copy_holds(target: str, files: list[tuple[str, int | None, str]]) -> bool:
     """Whether the node's copy holds every file of the model at its source's size, where the source says it (a copy
     the node wrote just before it lost power can be empty or cut short: its data reaches the disk after its
@@ -222,9 +233,8 @@ def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[
         files = source_files(fs, path)  # every rank lists it (one small request) to name the same copy
         digest = hashlib.sha256(repr((uri, files)).encode()).hexdigest()[:16]
         target = os.path.join(cache_dir, f"{digest}-{posixpath.basename(uri.rstrip('/')) or 'model'}")
-        # a source that does not say every file's size and version (an HTTP server without ETag or Last-Modified)
-        # can change unseen under the same name: copied at every start, renamed over the last copy
-        versioned = all(size is not None and version for _, size, version in files)
+        # a source that can change unseen under the same listing is copied at every start, over the last copy
+        versioned = lists_versions(files)
         if local_rank == 0 and not (versioned and os.path.exists(target) and _copy_holds(target, files)):
             os.makedirs(cache_dir, exist_ok=True)
             if versioned and os.path.exists(target):
@@ -233,7 +243,7 @@ def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[
                 _remove(target)
             tmp = f"{target}.{uuid.uuid4().hex[:8]}.part"
             try:
-                if not (len(files) == 1 and files[0][0] == ""):  # a directory
+                if not one_file(files):
                     fs.get(path.rstrip("/") + "/", tmp, recursive=True)
                 else:
                     fs.get_file(path, tmp)

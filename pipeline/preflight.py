@@ -24,11 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import JobConfig, job_identity, to_dict
+from pipeline.config import JobConfig, to_dict
 from pipeline.errors import ConfigError, ManifestError, MediasieveError
 from pipeline.manifest import SPILL_DIR, list_glob, open_manifest
 from pipeline.resume import OutputLease, check_or_record_config, part_files, recorded_config
 from pipeline.software import software_versions
+from pipeline.weights import shown
 from pipeline.writer import bounded, commit_bytes, is_local_fs
 
 log = logging.getLogger(__name__)
@@ -61,20 +62,15 @@ def check_output(cfg: JobConfig, scratch: str) -> dict[str, Any]:
         report["writable"], report["write_error"] = True, None
     except Exception as e:  # noqa: BLE001 - said in the report
         report["writable"], report["write_error"] = False, f"{type(e).__name__}: {e}"
-    from pipeline.filters import build_filters
-    from pipeline.weights import weigh_models
+    from pipeline.runner import weighed_identity
 
     try:
         recorded = recorded_config(out.dir, out.storage_options)
-        sources = {f"{f.name}.{key}": source for f in build_filters(cfg.filters)
-                   for key, source in f.model_sources().items()}
-        models, weights = weigh_models(sources, (recorded or {}).get("models") or {},
-                                       os.path.join(scratch, "cache", "models"))
-        identity = job_identity(cfg) | ({"models": models} if models else {})
+        identity, weights = weighed_identity(cfg, recorded, os.path.join(scratch, "cache", "models"))
         report["resume"] = check_or_record_config(out.dir, out.storage_options, to_dict(cfg), identity,
                                                   cfg.resume.allow_config_change, weights, record=False)
         report["refused"] = None
-        report["models"] = models
+        report["models"] = identity.get("models") or {}
         report["rows_committed"] = bool(recorded is not None and part_files(fs, root))
     except ConfigError as e:
         report["resume"], report["refused"] = "refused", str(e)
@@ -246,8 +242,7 @@ def format_preflight(report: dict[str, Any]) -> str:
              f"  output   : {out['dir']}: {'writable' if out['writable'] else 'NOT WRITABLE'}; "
              f"{'LIVE RUN ' + str(out['live_run']['run_id']) if out['live_run'] else 'no live run'}; {resume}"]
     if out.get("models"):
-        lines.append("  models   : " + "; ".join(f"{k} {v[:19] + '...' if v.startswith('sha256:') else v}"
-                                                  for k, v in out["models"].items()))
+        lines.append("  models   : " + "; ".join(f"{k} {shown(v)}" for k, v in out["models"].items()))
     lines.append(f"  sample   : {s['items']} of {s['manifest_items']} items: {s['succeeded']} ok, {s['failed']} failed "
                  f"{s['failures_by_type'] or ''}".rstrip()
                  + (f", {s['damaged']} with damage" if s["damaged"] else "") + f"; tiers {s['tier_hits']}")

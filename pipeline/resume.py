@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError, OutputHungError, OutputLockedError
 from pipeline.proc import is_alive, start_ticks
+from pipeline.weights import shown
 from pipeline.writer import PARTS_DIR, bounded, commit_bytes, commit_latest_table, is_local_fs
 
 log = logging.getLogger(__name__)
@@ -460,11 +460,7 @@ def recorded_config(out_dir: str, storage_options: dict) -> dict | None:
 def _changed_weights(recorded: dict, current: dict, changed: list[str], weights: dict[str, dict]) -> str:
     """What a refusal says of models whose weights changed: where they are, and both digests (shortened)."""
     was, now = (recorded.get("identity") or {}).get("models") or {}, current.get("models") or {}
-
-    def short(v: Any) -> str:
-        return "none" if v is None else str(v)[:19] + ("..." if len(str(v)) > 19 else "")
-
-    said = [f"{(weights.get(k) or {}).get('uri', k)} ({short(was.get(k))} then, {short(now.get(k))} now)"
+    said = [f"{(weights.get(k) or {}).get('uri', k)} ({shown(was.get(k))} then, {shown(now.get(k))} now)"
             for k in (c[len("models."):] for c in changed if c.startswith("models."))]
     return f"; the weights at {', '.join(said)} are not those its rows were made with" if said else ""
 

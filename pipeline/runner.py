@@ -653,6 +653,20 @@ def _model_cache(cfg: JobConfig) -> str:
     return cfg.model_pool.model_cache_dir or os.path.join(cfg.storage.cache_dir, "models")
 
 
+def weighed_identity(cfg: JobConfig, recorded: dict | None, model_cache: str) -> tuple[dict, dict]:
+    """The job's identity with its models' digests (``pipeline.weights``), and the fingerprints to record: on rank 0
+    before any work, and in ``jobs/preflight.py``. A first run reads every model whole (a remote one as the node's
+    copy in ``model_cache``), outside any time limit of the output's.
+
+    Args:
+        recorded: the output's ``_config.json`` (its fingerprints spare the reads of unchanged models), or None.
+    """
+    sources = {f"{f.name}.{key}": source for f in build_filters(cfg.filters)
+               for key, source in f.model_sources().items()}
+    models, weights = weigh_models(sources, (recorded or {}).get("models") or {}, model_cache)
+    return job_identity(cfg) | ({"models": models} if models else {}), weights
+
+
 def _prepare_output(cfg: JobConfig, run_id: str, software: list[dict[str, str]]) -> tuple[OutputLease, dict]:
     """Rank 0: take the output lease and check/record the resolved config (and the ranks' distinct ``software``);
     returns the lease and the models' fingerprints (``pipeline.weights``), which every rank checks its copy against."""
@@ -671,11 +685,7 @@ def _prepare_output(cfg: JobConfig, run_id: str, software: list[dict[str, str]])
     try:
         what = f"preparing the output directory {cfg.output.dir}"
         recorded = bounded(prepare, cfg.output.commit_timeout_s, what)
-        # outside the output's time limit: a first run reads every model whole (a remote one as this node's copy)
-        sources = {f"{f.name}.{key}": source for f in build_filters(cfg.filters)
-                   for key, source in f.model_sources().items()}
-        models, weights = weigh_models(sources, (recorded or {}).get("models") or {}, _model_cache(cfg))
-        identity = job_identity(cfg) | ({"models": models} if models else {})
+        identity, weights = weighed_identity(cfg, recorded, _model_cache(cfg))
         bounded(lambda: check_or_record_config(cfg.output.dir, cfg.output.storage_options, to_dict(cfg), identity,
                                                cfg.resume.allow_config_change, weights, run_id, software),
                 cfg.output.commit_timeout_s, what)

@@ -21,7 +21,6 @@ from pipeline.config import JobConfig
 from pipeline.crashes import read_ledger
 from pipeline.manifest import SPILL_DIR, open_manifest
 from pipeline.quarantine import QUARANTINE_DIR, quarantined, read_past_damaged
-from pipeline.weights import ModelSource, listed_anew
 from pipeline.resume import (
     CONFIG,
     SUCCESS_MARKER,
@@ -33,6 +32,7 @@ from pipeline.resume import (
     pending_indices,
     read_committed,
 )
+from pipeline.weights import ModelSource, listed_anew, shown
 
 
 def _read_json(fs, path: str) -> dict | None:
@@ -226,8 +226,7 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     models = status.get("models") or {}
     if models.get("weights"):
-        said = [f"{k} {v[:19] + '...' if v.startswith('sha256:') else v}"
-                + (f" ({models['uris'][k]})" if models["uris"].get(k) else "") for k, v in models["weights"].items()]
+        said = [f"{k} {shown(v)}" + (f" ({models['uris'][k]})" if models["uris"].get(k) else "") for k, v in models["weights"].items()]
         lines.insert(-1, f"  models   : {'; '.join(said)}"
                      + (f", since run {models['since_run']}" if models.get("since_run") else "")
                      + (f"; rows of earlier runs were made with {models['earlier_sets']} other set(s) of weights "

@@ -11,7 +11,7 @@ from typing import Any
 import fsspec
 
 from pipeline.errors import ConfigError
-from pipeline.model_pool import is_local, localize_model, source_files
+from pipeline.model_pool import is_local, lists_versions, localize_model, one_file, source_files
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,10 @@ def fingerprint(source: ModelSource, known: dict | None = None, copy_to: str | N
     Raises:
         ConfigError: the model does not exist.
     """
-    fs, path = fsspec.core.url_to_fs(source.uri, **source.storage_options)
-    fs.invalidate_cache(path)  # fsspec shares one instance per options: its listings may predate the file
-    if not fs.exists(path):
-        raise ConfigError(f"model file {source.uri} does not exist")
-    files = [[rel, size, version] for rel, size, version in source_files(fs, path) if rel not in source.derived]
-    # a source that does not say every file's size and version (an HTTP server without ETag or Last-Modified) can
-    # change unseen: read at every start (localize_model copies it anew each time too)
-    versioned = all(size is not None and version for _, size, version in files)
-    if versioned and known and known.get("uri") == source.uri and known.get("files") == files and known.get("sha256"):
+    fs, path, files = _listing(source)
+    # a source that can change unseen under the same listing is read at every start (localize_model copies it anew
+    # each time too)
+    if lists_versions(files) and known and known.get("uri") == source.uri and known.get("files") == files and known.get("sha256"):
         return known
     if copy_to and not is_local(source.uri):
         fs, path = fsspec.filesystem("file"), localize_model(source.uri, copy_to, 0, lambda: None,
@@ -65,15 +60,34 @@ def fingerprint(source: ModelSource, known: dict | None = None, copy_to: str | N
     return {"uri": source.uri, "files": files, "derived": list(source.derived), "sha256": digest}
 
 
+def shown(identity: str | None) -> str:
+    """A model's identity as messages show it: a digest cut to its first 12 hex digits, a packaged version whole."""
+    if identity is None:
+        return "none"
+    return identity[:19] + "..." if identity.startswith("sha256:") else identity
+
+
+def _listing(source: ModelSource) -> tuple[fsspec.AbstractFileSystem, str, list[list]]:
+    """The model's filesystem, path and ``[relative path, bytes, version]`` of each of its files but the derived.
+
+    Raises:
+        ConfigError: the model does not exist.
+    """
+    fs, path = fsspec.core.url_to_fs(source.uri, **source.storage_options)
+    fs.invalidate_cache(path)  # fsspec shares one instance per options: its listings may predate the file
+    if not fs.exists(path):
+        raise ConfigError(f"model file {source.uri} does not exist")
+    return fs, path, [[rel, size, version] for rel, size, version in source_files(fs, path)
+                      if rel not in source.derived]
+
+
 def listed_anew(source: ModelSource, known: dict[str, Any]) -> str | None:
     """Whether the source of a recorded model now lists other files, sizes or versions than ``known`` (a listing;
     nothing is read): what the next run's start reads and hashes again. None where it lists the same."""
     try:
-        fs, path = fsspec.core.url_to_fs(source.uri, **source.storage_options)
-        fs.invalidate_cache(path)
-        if not fs.exists(path):
-            return "missing"
-        files = [[rel, size, version] for rel, size, version in source_files(fs, path) if rel not in source.derived]
+        _, _, files = _listing(source)
+    except ConfigError:
+        return "missing"
     except Exception as e:  # noqa: BLE001 - a status report: said, not raised
         return f"cannot be listed ({type(e).__name__}: {e})"
     if source.uri != known.get("uri") or files != known.get("files"):
@@ -104,7 +118,7 @@ def check_copy(local: str, recorded: list[dict[str, Any]], host: str) -> None:
 
 def _digest(fs: fsspec.AbstractFileSystem, path: str, files: list) -> str:
     """A file's SHA-256, or a directory's: that of its ``files``' ``path<TAB>sha256`` lines, in their order."""
-    if len(files) == 1 and files[0][0] == "":
+    if one_file(files):
         return _file_sha256(fs, path)
     lines = "".join(f"{rel}\t{_file_sha256(fs, path.rstrip('/') + '/' + rel)}\n" for rel, _, _ in files)
     return hashlib.sha256(lines.encode()).hexdigest()
