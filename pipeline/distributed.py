@@ -8,9 +8,23 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
+
+
+def ranks_by_value(pairs: Iterable[tuple[int, Any]]) -> list[tuple[Any, list[int]]]:
+    """The distinct values among ``(rank, value)`` pairs, in the order first seen, each with the ranks that hold it
+    (for a summary: the runtimes of a model, the software versions, across the ranks)."""
+    out: list[tuple[Any, list[int]]] = []
+    for rank, value in pairs:
+        for seen, ranks in out:
+            if seen == value:
+                ranks.append(rank)
+                break
+        else:
+            out.append((value, [rank]))
+    return out
 
 
 @dataclass

@@ -32,6 +32,7 @@ from pipeline.distributed import (
     StopFlag,
     WorkUnitCounter,
     init_distributed,
+    ranks_by_value,
     resolve_device,
 )
 from pipeline.errors import (
@@ -931,17 +932,11 @@ def _crash_ledger(cfg: JobConfig, ctx: DistContext, run_id: str) -> tuple[dict[s
 
 def _models_summary(ranks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Per filter: each distinct runtime (execution provider, io_binding, fallback reason) and the ranks on it."""
-    out: dict[str, list[dict[str, Any]]] = {}
+    per_model: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for r in ranks:
         for name, rt in r.get("models", {}).items():
-            entries = out.setdefault(name, [])
-            for e in entries:
-                if {k: v for k, v in e.items() if k != "ranks"} == rt:
-                    e["ranks"].append(r["rank"])
-                    break
-            else:
-                entries.append({**rt, "ranks": [r["rank"]]})
-    return out
+            per_model.setdefault(name, []).append((r["rank"], rt))
+    return {name: [{**rt, "ranks": on} for rt, on in ranks_by_value(pairs)] for name, pairs in per_model.items()}
 
 
 def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int, ranks: list[dict[str, Any]],

@@ -12,6 +12,8 @@ import os
 import platform
 from typing import Any
 
+from pipeline.distributed import ranks_by_value
+
 log = logging.getLogger(__name__)
 
 PACKAGES = ("mediasieve", "torch", "torchvision", "numpy", "av", "torchcodec", "decord", "pillow", "silero-vad",
@@ -90,15 +92,7 @@ def _common_dir(git: str) -> str:
 
 def distinct_software(per_rank: list[dict[str, str]]) -> list[dict[str, Any]]:
     """The distinct version sets among the ranks' (in rank order), each with the ranks that run it."""
-    out: list[dict[str, Any]] = []
-    for rank, versions in enumerate(per_rank):
-        for entry in out:
-            if entry["versions"] == versions:
-                entry["ranks"].append(rank)
-                break
-        else:
-            out.append({"versions": versions, "ranks": [rank]})
-    return out
+    return [{"versions": versions, "ranks": ranks} for versions, ranks in ranks_by_value(enumerate(per_rank))]
 
 
 def differences(sets: list[dict[str, Any]]) -> dict[str, dict[str, list[int]]]:
