@@ -35,10 +35,10 @@ from pipeline.writer import bounded, commit_bytes, is_local_fs
 log = logging.getLogger(__name__)
 
 
-def check_output(cfg: JobConfig, scratch: str) -> dict[str, Any]:
+def check_output(cfg: JobConfig, model_cache: str) -> dict[str, Any]:
     """What the job's output directory would say to a run started now: a live run holding it, whether a file can be
     committed there (one probe file, removed), and whether the job would resume it or be refused (the models are
-    read for their digests, into ``scratch``'s model cache, where the sample run then loads them)."""
+    read for their digests, copied into ``model_cache``: the sample run's, which then loads them)."""
     out = cfg.output
     fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
     root = root.rstrip("/")
@@ -66,7 +66,7 @@ def check_output(cfg: JobConfig, scratch: str) -> dict[str, Any]:
 
     try:
         recorded = recorded_config(out.dir, out.storage_options)
-        identity, weights = weighed_identity(cfg, recorded, os.path.join(scratch, "cache", "models"))
+        identity, weights = weighed_identity(cfg, recorded, model_cache)
         report["resume"] = check_or_record_config(out.dir, out.storage_options, to_dict(cfg), identity,
                                                   cfg.resume.allow_config_change, weights, record=False)
         report["refused"] = None
@@ -103,23 +103,28 @@ def draw_sample(cfg: JobConfig, scratch: str, items: int, seed: int) -> tuple[st
     return path, total
 
 
-def run_sample(cfg: JobConfig, sample: str, scratch: str, device: str) -> tuple[dict[str, Any], list[dict]]:
-    """The real job over ``sample`` in one process into ``scratch`` (its own output, node cache and model cache; no
-    metrics port): returns the run summary and each row's id and ``result_info``."""
-    from pipeline.distributed import DistContext
-    from pipeline.runner import run_rank
-
-    cfg = dataclasses.replace(
+def scratch_config(cfg: JobConfig, scratch: str) -> JobConfig:
+    """``cfg`` with its output, node cache and model cache in ``scratch`` and no metrics port or progress bar: the
+    sample run's."""
+    return dataclasses.replace(
         cfg,
-        input=dataclasses.replace(cfg.input, manifest=sample, format="parquet", listing_glob=None, limit=None,
-                                  storage_options={}),
         output=dataclasses.replace(cfg.output, dir=os.path.join(scratch, "out"), storage_options={}),
         storage=dataclasses.replace(cfg.storage, cache_dir=os.path.join(scratch, "cache")),
         runtime=dataclasses.replace(cfg.runtime, prometheus_port=None, progress=False),
         model_pool=dataclasses.replace(cfg.model_pool, model_cache_dir=None),
     )
+
+
+def run_sample(cfg: JobConfig, sample: str, device: str) -> tuple[dict[str, Any], list[dict]]:
+    """The real job over ``sample`` in one process, with ``cfg`` a ``scratch_config`` (its own output, node cache
+    and model cache; no metrics port): returns the run summary and each row's id and ``result_info``."""
+    from pipeline.distributed import DistContext
+    from pipeline.runner import run_rank
+
+    cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, manifest=sample, format="parquet",
+                                                             listing_glob=None, limit=None, storage_options={}))
     outcome = run_rank(cfg, DistContext(), device)
-    table = pq.read_table(os.path.join(scratch, "out", "parts"), columns=[cfg.input.id_column, "result_info"])
+    table = pq.read_table(os.path.join(cfg.output.dir, "parts"), columns=[cfg.input.id_column, "result_info"])
     rows = [{"id": r[cfg.input.id_column], **r["result_info"]} for r in table.to_pylist()]
     return outcome.summary or {}, rows
 
@@ -195,11 +200,14 @@ def preflight(cfg: JobConfig, items: int = 16, world_size: int = 1, seed: int = 
     os.makedirs(scratch, exist_ok=True)
     started = time.time()
     try:
+        from pipeline.runner import model_cache_dir
+
         device = resolve_device(cfg.runtime.device, 0)
-        output = check_output(cfg, scratch)
+        local = scratch_config(cfg, scratch)
+        output = check_output(cfg, model_cache_dir(local))
         sample, total = draw_sample(cfg, scratch, items, seed)
         try:
-            summary, rows = run_sample(cfg, sample, scratch, device)
+            summary, rows = run_sample(local, sample, device)
             judged, stopped = judge_sample(rows, summary, total, world_size), None
         except (ConfigError, ManifestError):
             raise

@@ -649,8 +649,8 @@ def _new_run_id() -> str:
     return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
 
-def _model_cache(cfg: JobConfig) -> str:
-    """The node's directory of model copies."""
+def model_cache_dir(cfg: JobConfig) -> str:
+    """The node's directory of model copies (``model_pool.model_cache_dir``, else ``<storage.cache_dir>/models``)."""
     return cfg.model_pool.model_cache_dir or os.path.join(cfg.storage.cache_dir, "models")
 
 
@@ -686,7 +686,7 @@ def _prepare_output(cfg: JobConfig, run_id: str, software: list[dict[str, str]])
     try:
         what = f"preparing the output directory {cfg.output.dir}"
         recorded = bounded(prepare, cfg.output.commit_timeout_s, what)
-        identity, weights = weighed_identity(cfg, recorded, _model_cache(cfg))
+        identity, weights = weighed_identity(cfg, recorded, model_cache_dir(cfg))
         bounded(lambda: check_or_record_config(cfg.output.dir, cfg.output.storage_options, to_dict(cfg), identity,
                                                cfg.resume.allow_config_change, weights, run_id, software),
                 cfg.output.commit_timeout_s, what)
@@ -830,7 +830,7 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
         recorded.setdefault(fp["uri"], []).append(fp)
 
     def localize(uri: str, options: dict | None = None) -> str:
-        local = localize_model(uri, _model_cache(cfg), ctx.local_rank, ctx.barrier, options)
+        local = localize_model(uri, model_cache_dir(cfg), ctx.local_rank, ctx.barrier, options)
         if uri in recorded:  # another node's weights at the same path, or weights replaced as the run started
             check_copy(local, recorded[uri], ctx.host)
         return local
