@@ -32,9 +32,9 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline import part_format
 from pipeline.errors import MediasieveError
 from pipeline.quarantine import READ_ERRORS, fault_or_none, quarantine, read_past_damaged
 from pipeline.resume import part_files
@@ -280,7 +280,7 @@ def remove_duplicate_successes(out_dir: str, storage_options: dict, id_column: s
     ok = pc.field("result_info", "succeed")
 
     def read(files: list[str]) -> tuple[int, pa.Array, list[tuple[str, pa.Table]]]:
-        ok_ids = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={"id": pc.field(id_column)},
+        ok_ids = part_format.dataset(files, fs).to_table(columns={"id": pc.field(id_column)},
                                                                                filter=ok)["id"]
         counts = pc.value_counts(ok_ids)
         more = pc.greater(counts.field("counts"), 1)
@@ -291,7 +291,7 @@ def remove_duplicate_successes(out_dir: str, storage_options: dict, id_column: s
             return surplus, repeated, []
 
         def where(fs, path: str) -> pa.Table:  # the repeated ids' success rows in one part, in the part's order
-            return ds.dataset(path, format="parquet", filesystem=fs).to_table(
+            return part_format.dataset(path, fs).to_table(
                 columns={"id": pc.field(id_column), "end_time": pc.field("result_info", "end_time")},
                 filter=ok & pc.field(id_column).isin(repeated), use_threads=False)
 
@@ -346,8 +346,8 @@ def _rewrite_without(fs, root: str, path: str, keep: dict, repeated: pa.Array, i
     def write(local: str) -> int:
         seen: Counter = Counter()
         with fs.open(path, "rb") as f:
-            source = pq.ParquetFile(f)
-            with pq.ParquetWriter(local, source.schema_arrow, compression=compression) as writer:
+            source = part_format.open_file(f)
+            with part_format.writer(local, source.schema_arrow, compression) as writer:
                 for group in range(source.num_row_groups):
                     table = source.read_row_group(group)
                     succeeded = pc.fill_null(pc.struct_field(table["result_info"], "succeed"), False)
@@ -390,7 +390,7 @@ def _judge(fs, root: str, path: str, error: BaseException, by: str | None, moved
 
 def _read_table(fs, path: str) -> pa.Table:
     with fs.open(path, "rb") as f:
-        return pq.read_table(f)
+        return part_format.read_table(f)
 
 
 def _in_parallel(read, fs, paths: list[str], window: int = 32):
@@ -419,7 +419,7 @@ def _write_merged(fs, sources: list[str], schema: pa.Schema, final: str, tmp_dir
 
     def write(local: str) -> int:
         want = 0
-        with pq.ParquetWriter(local, schema, compression=compression) as writer:
+        with part_format.writer(local, schema, compression) as writer:
             buffered: list[pa.Table] = []
             held = 0
             for table in _in_parallel(read, fs, sources):

@@ -7,10 +7,15 @@ damage pages, and a user can drop a stray file in. One such part stopped every l
 ("cannot read the committed output ... rerun to resume", which failed again each time), and ``jobs/status.py``,
 compaction and every reader with it.
 
-A part is judged damaged only by reading it whole into memory and parsing every row group there, which no network
-fault can make fail; a part that reads is never moved. The run (under its lease) and compaction move a damaged part
-to ``<output>/_quarantine/parts/`` with a note of why, so that its items, whose rows are no longer readable, are
-redone and readers see whole parts again; nothing is deleted. ``jobs/status.py`` only names them.
+A part is judged damaged only by reading it whole into memory and parsing every row group there, each page checked
+against its checksum (``part_format``), which no network fault can make fail; a part that reads is never moved. The
+run (under its lease) and compaction move a damaged part to ``<output>/_quarantine/parts/`` with a note of why, so
+that its items, whose rows are no longer readable, are redone and readers see whole parts again; nothing is deleted.
+``jobs/status.py`` only names them.
+
+A run and compaction find what their reads reach: the resume scan reads two columns, so damage in the others (a
+flipped bit in a page of scores) is found only by a read of every column. ``verify_parts`` (``jobs/verify.py``) is
+that read: every part whole, every page against its checksum.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import datetime as dt
 import json
 import logging
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline import part_format
 from pipeline.writer import commit_bytes, is_local_fs
 
 log = logging.getLogger(__name__)
@@ -42,21 +49,50 @@ SWEEP_THREADS = 4
 T = TypeVar("T")
 
 
+@dataclass
+class PartCheck:
+    """What reading one part whole found (``check_part``)."""
+
+    path: str
+    bytes: int
+    rows: int
+    """Rows in its footer (0 where the footer does not parse)."""
+    checksums: bool
+    """Its pages carry checksums (``part_format``), so every value read was verified; False for parts of earlier
+    versions, whose values no reader can check."""
+    fault: str | None
+    """Why it is damaged; None where it reads whole."""
+
+
+def check_part(fs, path: str) -> PartCheck:
+    """Read the part at ``path`` whole into memory and parse every row group there, each page verified against its
+    checksum where it has one, so the verdict is the file's, not the network's.
+
+    Raises:
+        OSError: the bytes could not be read (a fault of the store, or the part is gone: no verdict).
+    """
+    data = fs.cat_file(path)
+    rows, checksums = 0, False
+    try:
+        parquet = part_format.open_file(pa.BufferReader(data))
+        rows, checksums = parquet.metadata.num_rows, part_format.has_checksums(parquet.metadata)
+        for group in range(parquet.num_row_groups):
+            parquet.read_row_group(group)
+    except READ_ERRORS as e:
+        said = f"{type(e).__name__}: {str(e).strip()}"
+        if part_format.CHECKSUM_ERROR in said:
+            said = f"a page's bytes do not match its checksum, so its values are not those written ({said})"
+        return PartCheck(path, len(data), rows, checksums, said)
+    return PartCheck(path, len(data), rows, checksums, None)
+
+
 def part_fault(fs, path: str) -> str | None:
-    """Why the part at ``path`` is not whole Parquet, or None where it reads. Its bytes are read whole and parsed in
-    memory, row group by row group, so the verdict is the file's, not the network's.
+    """Why the part at ``path`` is not whole Parquet, or None where it reads (``check_part``).
 
     Raises:
         OSError: the bytes could not be read (a fault of the store: no verdict).
     """
-    data = fs.cat_file(path)
-    try:
-        parquet = pq.ParquetFile(pa.BufferReader(data))
-        for group in range(parquet.num_row_groups):
-            parquet.read_row_group(group)
-    except READ_ERRORS as e:
-        return f"{type(e).__name__}: {str(e).strip()}"
-    return None
+    return check_part(fs, path).fault
 
 
 def fault_or_none(fs, path: str) -> str | None:
@@ -155,3 +191,67 @@ def read_past_damaged(fs, root: str, files: list[str], read: Callable[[list[str]
             quarantine(fs, root, bad, by)
             found.update(bad)
             files = [f for f in files if f not in bad]
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_parts`` found."""
+
+    parts: int = 0
+    rows: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    unchecked: list[str] = field(default_factory=list)
+    """Parts that read whole but carry no page checksums (written by an earlier version): their values are
+    unverified."""
+    damaged: dict[str, str] = field(default_factory=dict)
+    """Part -> why it is damaged."""
+    damaged_rows: int = 0
+    """Rows the damaged parts' footers count, where their footers read: the rows the next run redoes."""
+    unread: dict[str, str] = field(default_factory=dict)
+    """Part -> the store's error: no verdict on it."""
+    gone: int = 0
+    """Parts listed that were gone when read (compacted or moved meanwhile)."""
+
+
+def verify_parts(fs, files: list[str], threads: int = SWEEP_THREADS,
+                 progress: Callable[[PartCheck], None] | None = None) -> VerifyReport:
+    """Read every part in ``files`` whole, each page against its checksum (``check_part``), ``threads`` at a time
+    (each holds one part's bytes and one row group's rows). Moves nothing.
+
+    Args:
+        fs: the output's filesystem.
+        files: the part files.
+        threads: parts read at once.
+        progress: called with each part's check as it finishes.
+    """
+    report = VerifyReport()
+    started = time.monotonic()
+
+    def check(path: str) -> PartCheck | BaseException:
+        try:
+            return check_part(fs, path)
+        except (OSError, ValueError) as e:  # the store's fault, or gone: no verdict
+            return e
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files) or 1)), thread_name_prefix="verify") as pool:
+        for path, done in zip(files, pool.map(check, files)):
+            if isinstance(done, FileNotFoundError):
+                report.gone += 1
+                continue
+            if isinstance(done, BaseException):
+                report.unread[path] = f"{type(done).__name__}: {done}"
+                continue
+            report.parts += 1
+            report.bytes += done.bytes
+            if done.fault is not None:
+                report.damaged[path] = done.fault
+                report.damaged_rows += done.rows
+            else:
+                report.rows += done.rows
+                if not done.checksums:
+                    report.unchecked.append(path)
+            if progress is not None:
+                progress(done)
+    report.seconds = time.monotonic() - started
+    return report

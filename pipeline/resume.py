@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline import part_format
 from pipeline.errors import ConfigError, OutputHungError, OutputLockedError
 from pipeline.proc import is_alive, start_ticks
 from pipeline.weights import shown
@@ -87,7 +87,7 @@ def read_committed(out_dir: str, storage_options: dict, id_column: str,
     files = part_files(fs, root) if files is None else files
     if not files:
         return CommittedState(pa.array([], pa.string()), pa.array([], pa.string()), 0, 0)
-    dataset = ds.dataset(files, format="parquet", filesystem=fs)
+    dataset = part_format.dataset(files, fs)
     table = dataset.to_table(columns={"id": pc.field(id_column), "ok": pc.field("result_info", "succeed")})
     rows = table.num_rows
     ok_rows = table.filter(table["ok"])["id"]
@@ -106,7 +106,7 @@ def _latest_failure_rows(fs, files: list[str], failed_only: pa.Array, id_column:
     """The latest failure row (by ``end_time``; a tie goes to the row read last) of each id in ``failed_only``, as
     ``id``, ``end_time`` and ``columns``. Only failure rows are read: a row group without one is skipped by its
     statistics."""
-    failed = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns={
+    failed = part_format.dataset(files, fs).to_table(columns={
         "id": pc.field(id_column), "end_time": pc.field("result_info", "end_time"), **columns,
     }, filter=pc.invert(pc.field("result_info", "succeed")))
     failed = failed.filter(pc.is_in(failed["id"], value_set=failed_only))
@@ -181,7 +181,7 @@ def read_pending(url: str, storage_options: dict) -> pa.Array:
     """The positions rank 0 shared (``share_pending``)."""
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
     with fs.open(path, "rb") as f:
-        return pq.read_table(f)["pending"].combine_chunks()
+        return part_format.read_table(f)["pending"].combine_chunks()
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from typing import Any
 
 import fsspec
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
+from pipeline import part_format
 from pipeline.compaction import pending_plans
 from pipeline.config import JobConfig
 from pipeline.crashes import read_ledger
@@ -53,7 +53,7 @@ def _progress(fs, files: list[str], run_id: str, left: int) -> dict[str, Any]:
         return {}
     done = 0
     if files:
-        done = ds.dataset(files, format="parquet", filesystem=fs).count_rows(
+        done = part_format.dataset(files, fs).count_rows(
             filter=pc.field("result_info", "run_id") == run_id)
     elapsed = max(1.0, time.time() - started)
     rate = done / elapsed
@@ -69,7 +69,7 @@ def damaged_items(fs, files: list[str]) -> int | None:
     (``result_info``'s ``DAMAGE_FIELDS``); None where the parts predate those fields."""
     if not files:
         return 0
-    data = ds.dataset(files, format="parquet", filesystem=fs)
+    data = part_format.dataset(files, fs)
     info = data.schema.field("result_info").type
     if any(info.get_field_index(name) < 0 for name in DAMAGE_FIELDS):
         return None

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline import part_format
 from pipeline.errors import OutputHungError
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def commit_latest_table(fs: fsspec.AbstractFileSystem, root: str, folder: str, r
     if is_local_fs(fs):
         fs.makedirs(directory, exist_ok=True)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **{"compression": "zstd", **parquet_options})
+    part_format.write_table(table, sink, **{"compression": "zstd", **parquet_options})
     path = f"{directory}/{run_id}.parquet"
     commit_bytes(fs, path, sink.getvalue().to_pybytes(), f"{root.rstrip('/')}/{TMP_DIR}")
     try:
@@ -269,7 +269,7 @@ class ResultWriter:
             raise self._hung  # the output hung at an earlier commit: no part is built, no thread is started
         table = pa.Table.from_pylist(rows, schema=self.schema)
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression=self.compression)
+        part_format.write_table(table, buf, compression=self.compression)
         data = buf.getvalue()
         name = f"part-{self.run_id}-r{self.rank:05d}-{self._seq:06d}.parquet"
         final = f"{self.root}/{PARTS_DIR}/{name}"
