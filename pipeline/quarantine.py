@@ -214,8 +214,7 @@ class VerifyReport:
     """Parts listed that were gone when read (compacted or moved meanwhile)."""
 
 
-def verify_parts(fs, files: list[str], threads: int = SWEEP_THREADS,
-                 progress: Callable[[PartCheck], None] | None = None) -> VerifyReport:
+def verify_parts(fs, files: list[str], threads: int = SWEEP_THREADS) -> VerifyReport:
     """Read every part in ``files`` whole, each page against its checksum (``check_part``), ``threads`` at a time
     (each holds one part's bytes and one row group's rows). Moves nothing.
 
@@ -223,7 +222,6 @@ def verify_parts(fs, files: list[str], threads: int = SWEEP_THREADS,
         fs: the output's filesystem.
         files: the part files.
         threads: parts read at once.
-        progress: called with each part's check as it finishes.
     """
     report = VerifyReport()
     started = time.monotonic()
@@ -251,7 +249,5 @@ def verify_parts(fs, files: list[str], threads: int = SWEEP_THREADS,
                 report.rows += done.rows
                 if not done.checksums:
                     report.unchecked.append(path)
-            if progress is not None:
-                progress(done)
     report.seconds = time.monotonic() - started
     return report

@@ -11,13 +11,11 @@ import os
 import subprocess
 import sys
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import part_format
 from pipeline.compaction import compact
 from pipeline.quarantine import check_part, verify_parts
 from pipeline.resume import OutputLease
