@@ -212,6 +212,12 @@ class ResumeConfig:
     model): ``fail`` stops before any work; ``conform`` writes the new rows in the committed schema (fields it
     lacks are dropped, fields this run no longer fills are null), so the table stays one table to its readers.
     A changed type always stops."""
+    on_software_change: Literal["warn", "fail"] = "warn"
+    """When this run's software (``pipeline.software``: FFmpeg's libraries, PyAV, torch, silero-vad, the models'
+    runtimes, mediasieve's own commit) differs from the last run's that made rows here: ``warn`` says what changed
+    and goes on (``software_history`` in ``_config.json`` says which runs made which rows: refusing would stop every
+    rerun after a security update); ``fail`` stops before any work, naming what changed, for a table that must come
+    from one build."""
     max_item_crashes: int | None = 2
     """An item in flight when its process died (a segfault or abort in a native decoder, the OOM killer) is a
     suspect on the rerun: rehearsed in a child process, where a crash gives it a ``CrashError`` row, then run

@@ -68,7 +68,9 @@ def check_output(cfg: JobConfig, model_cache: str) -> dict[str, Any]:
         recorded = recorded_config(out.dir, out.storage_options)
         identity, weights = weighed_identity(cfg, recorded, model_cache)
         report["resume"] = check_or_record_config(out.dir, out.storage_options, to_dict(cfg), identity,
-                                                  cfg.resume.allow_config_change, weights, record=False)
+                                                  cfg.resume.allow_config_change, weights,
+                                                  software=[software_versions()], record=False,
+                                                  on_software_change=cfg.resume.on_software_change)
         report["refused"] = None
         report["models"] = identity.get("models") or {}
         report["rows_committed"] = bool(recorded is not None and part_files(fs, root))

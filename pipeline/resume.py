@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from pipeline import part_format
 from pipeline.errors import ConfigError, OutputHungError, OutputLockedError
 from pipeline.proc import is_alive, start_ticks
+from pipeline.software import changes_between, said
 from pipeline.weights import shown
 from pipeline.writer import PARTS_DIR, bounded, commit_bytes, commit_latest_table, is_local_fs
 
@@ -467,14 +468,16 @@ def _changed_weights(recorded: dict, current: dict, changed: list[str], weights:
 
 def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, identity: dict,
                            allow_change: bool, weights: dict[str, dict] | None = None, run_id: str = "",
-                           software: list[dict[str, str]] | None = None, record: bool = True) -> str:
+                           software: list[dict[str, str]] | None = None, record: bool = True,
+                           on_software_change: str = "warn") -> str:
     """Record the resolved config next to the output; on a rerun, refuse a different job.
 
     A ``video`` or ``models`` setting that the recorded identity lacks (written by a version before that setting
     was part of it, or before it existed) is not held against the rerun: it is logged, and recorded from now on.
     The record keeps the models' fingerprints (``weights``, for the next run's ``pipeline.weights.weigh_models``)
     and ``model_history``: the run from which each set of model digests made the rows (their ``run_id``); and
-    ``software_history`` likewise for the ranks' software (``pipeline.software``), which is recorded, not checked.
+    ``software_history`` likewise for the ranks' software (``pipeline.software``): a change from the last run's is
+    said, and refused with ``on_software_change="fail"`` where the output holds rows.
 
     Args:
         identity: the job identity, with its ``models`` digests where it has models.
@@ -482,6 +485,7 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
         run_id: this run's id, for ``model_history`` and ``software_history``.
         software: the distinct version sets of the ranks' software.
         record: write the record (False: only check, for ``jobs/preflight.py``).
+        on_software_change: ``resume.on_software_change``.
 
     Returns:
         What the output is to this job: ``new``, ``the same job``, ``replaced`` (a record without rows),
@@ -490,7 +494,8 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
 
     Raises:
         ConfigError: the recorded identity differs (the message names the settings, and the weights that changed)
-            and ``resume.allow_config_change`` is false.
+            and ``resume.allow_config_change`` is false; or the software differs from the last run's, the output
+            holds rows and ``on_software_change`` is ``fail``.
     """
     fs, root = fsspec.core.url_to_fs(out_dir, **storage_options)
     path = f"{root.rstrip('/')}/{CONFIG}"
@@ -519,14 +524,24 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
             verdict = "changed, allowed"
             log.warning("resuming %s with a changed config (%s): resume.allow_config_change", out_dir,
                         ", ".join(changed[:8]))
+    ran = list((recorded or {}).get("software_history") or [])
+    software = sorted(software or [], key=lambda s: json.dumps(s, sort_keys=True))  # not by which rank ran which
+    if software and ran and ran[-1].get("software") != software:
+        change = said(changes_between(ran[-1].get("software") or [], software))
+        since = ran[-1].get("from_run")
+        if on_software_change == "fail" and part_files(fs, root):
+            raise ConfigError(f"{out_dir} holds rows made with other software than this run's ({change}; the "
+                              f"software of run {since} on), and resume.on_software_change is fail: run the image "
+                              "those rows were made with, or use a new output.dir")
+        log.warning("this run's software differs from that of the runs before it (%s; since run %s): their rows may "
+                    "differ for the same input; software_history in %s says which runs made which rows "
+                    "(resume.on_software_change=fail refuses instead)", change, since, CONFIG)
     if not record:
         return verdict
     history = list((recorded or {}).get("model_history") or [])
     models = identity.get("models") or {}
     if models and (not history or history[-1].get("models") != models):
         history.append({"from_run": run_id, "models": models})
-    ran = list((recorded or {}).get("software_history") or [])
-    software = sorted(software or [], key=lambda s: json.dumps(s, sort_keys=True))  # not by which rank ran which
     if software and (not ran or ran[-1].get("software") != software):
         ran.append({"from_run": run_id, "software": software})
     body = json.dumps({"identity": identity, "config": redact(resolved), "models": weights or {},

@@ -688,7 +688,8 @@ def _prepare_output(cfg: JobConfig, run_id: str, software: list[dict[str, str]])
         recorded = bounded(prepare, cfg.output.commit_timeout_s, what)
         identity, weights = weighed_identity(cfg, recorded, model_cache_dir(cfg))
         bounded(lambda: check_or_record_config(cfg.output.dir, cfg.output.storage_options, to_dict(cfg), identity,
-                                               cfg.resume.allow_config_change, weights, run_id, software),
+                                               cfg.resume.allow_config_change, weights, run_id, software,
+                                               on_software_change=cfg.resume.on_software_change),
                 cfg.output.commit_timeout_s, what)
     except BaseException:
         lease.release()

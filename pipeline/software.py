@@ -108,6 +108,23 @@ def differences(sets: list[dict[str, Any]]) -> dict[str, dict[str, list[int]]]:
     return out
 
 
+def changes_between(before: list[dict[str, str]], now: list[dict[str, str]]) -> dict[str, tuple[str, str]]:
+    """Per package whose versions differ between two runs' distinct version sets (``software_history`` entries):
+    its versions then and now, each a comma-joined list where the ranks of a run differed ("absent": not installed)."""
+    out = {}
+    for name in sorted({k for s in before + now for k in s}):
+        then = ", ".join(sorted({s.get(name, "absent") for s in before}))
+        current = ", ".join(sorted({s.get(name, "absent") for s in now}))
+        if then != current:
+            out[name] = (then, current)
+    return out
+
+
+def said(changes: dict[str, tuple[str, str]]) -> str:
+    """``changes_between``'s result in a line: ``torch 2.14.1 -> 2.15.0; libavcodec 61.19.100 -> 62.3.100``."""
+    return "; ".join(f"{name} {then} -> {now}" for name, (then, now) in changes.items())
+
+
 def warn_if_mixed(sets: list[dict[str, Any]], fail: bool = False) -> None:
     """Log, on rank 0, that the ranks do not all run the same software, and what differs.
 

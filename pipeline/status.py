@@ -167,6 +167,7 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
               "uris": {k: v.get("uri") for k, v in (recorded.get("models") or {}).items()},
               "earlier_sets": max(len(history) - 1, 0),
               "listed_anew": _listed_anew(cfg, recorded.get("models") or {})}
+    ran = recorded.get("software_history") or []
     ledger = read_ledger(out.dir, out.storage_options).get("items", {})
     limit = cfg.resume.max_item_crashes
     return {
@@ -181,6 +182,7 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
                    "damaged_parts": {path.rsplit("/", 1)[-1]: why for path, why in unreadable.items()},
                    "quarantined_parts": len(quarantined(fs, root))},
         "models": models,
+        "software": {"since_run": ran[-1].get("from_run") if ran else None, "earlier_sets": max(len(ran) - 1, 0)},
         "crashes": {"items": len(ledger),
                     "refused": sum(1 for e in ledger.values() if limit is not None and e.get("crashes", 0) >= limit)},
     }
@@ -233,4 +235,8 @@ def format_status(status: dict[str, Any]) -> str:
                         f"(model_history in {CONFIG})" if models.get("earlier_sets") else "")
                      + "".join(f"; {k} at {models['uris'].get(k, k)}: {why} (the next run reads it again, and "
                                "refuses to go on if its digest differs)" for k, why in models.get("listed_anew", {}).items()))
+    software = status.get("software") or {}
+    if software.get("earlier_sets"):
+        lines.insert(-1, f"  software : the current set since run {software['since_run']}; rows of earlier runs were "
+                         f"made with {software['earlier_sets']} other set(s) (software_history in {CONFIG})")
     return "\n".join(lines)

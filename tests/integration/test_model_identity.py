@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 
 import pyarrow.parquet as pq
@@ -203,7 +204,7 @@ def test_weigh_models_names_packaged_weights_by_version_and_files_by_digest(tmp_
     assert list(record) == ["y.model_uri"]
 
 
-def test_the_software_of_each_run_is_recorded_not_checked(tmp_path, media_dir):
+def test_the_software_of_each_run_is_recorded_and_a_change_said_or_refused(tmp_path, media_dir, caplog):
     from pipeline.software import software_versions
 
     rows = make_corpus(str(tmp_path / "c"), media_dir, 2)
@@ -214,13 +215,35 @@ def test_the_software_of_each_run_is_recorded_not_checked(tmp_path, media_dir):
     path = tmp_path / "out" / "_config.json"
     rec = json.loads(path.read_text())
     assert rec["software_history"] == [{"from_run": first["run_id"], "software": [software_versions()]}]
-    assert _run(raw).summary["this_run"]["items"] == 0
+    with caplog.at_level(logging.WARNING):
+        assert _run(raw).summary["this_run"]["items"] == 0
     assert len(json.loads(path.read_text())["software_history"]) == 1  # the same software: no new entry
+    assert "software differs" not in caplog.text
     rec["software_history"][0]["software"][0]["av"] = "15.0.0"  # the rows so far were made by an older image
+    rec["software_history"][0]["software"][0]["libavcodec"] = "58.134.100"
     path.write_text(json.dumps(rec))
-    third = _run(raw).summary  # an upgrade is no different job: recorded, not refused
+
+    strict = {**raw, "resume": {**raw.get("resume", {}), "on_software_change": "fail"}}
+    av = software_versions()["av"]
+    with pytest.raises(ConfigError, match=rf"other software than this run's \(av 15\.0\.0 -> {re.escape(av)}; "
+                                          rf"libavcodec 58\.134\.100 -> .*the software of run {first['run_id']} on\), "
+                                          "and resume.on_software_change is fail"):
+        _run(strict)
+    assert json.loads(path.read_text()) == rec  # refused before anything was recorded
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        third = _run(raw).summary  # by default an upgrade is no different job: said, recorded, not refused
+    assert f"this run's software differs from that of the runs before it (av 15.0.0 -> {av}; libavcodec " \
+           f"58.134.100 -> " in caplog.text and f"since run {first['run_id']})" in caplog.text
     assert [h["from_run"] for h in json.loads(path.read_text())["software_history"]] == [first["run_id"],
                                                                                         third["run_id"]]
+    from pipeline.status import format_status, job_status
+
+    status = job_status(build_config(raw))
+    assert status["software"] == {"since_run": third["run_id"], "earlier_sets": 1}
+    assert (f"software : the current set since run {third['run_id']}; rows of earlier runs were made with 1 other "
+            "set(s)") in format_status(status)
 
 
 def test_weights_replaced_as_the_run_starts_stop_it_before_any_row(tmp_path, media_dir, two_yolos, monkeypatch):

@@ -77,6 +77,16 @@ def test_an_output_it_would_refuse_is_a_problem_and_is_left_as_it_was(tmp_path, 
     assert again["output"]["resume"] == "the same job" and again["problems"] == []
     assert "the output holds rows already: jobs/status.py says how many the next run takes" in format_preflight(again)
 
+    path = tmp_path / "out" / "_config.json"  # the rows so far were made by another FFmpeg
+    rec = json.loads(path.read_text())
+    rec["software_history"][-1]["software"][0]["libavcodec"] = "58.134.100"
+    path.write_text(json.dumps(rec))
+    assert preflight(_cfg(raw), items=1, scratch=str(tmp_path / "scratch3"))["problems"] == []  # warned only
+    raw["resume"] = {**raw.get("resume", {}), "on_software_change": "fail"}
+    strict = preflight(_cfg(raw), items=1, scratch=str(tmp_path / "scratch4"))
+    assert strict["output"]["resume"] == "refused"
+    assert any("other software than this run's (libavcodec 58.134.100 -> " in p for p in strict["problems"])
+
 
 def test_a_live_run_and_an_output_that_cannot_be_written_are_problems(tmp_path, media_dir):
     raw = _job(tmp_path, media_dir)

@@ -6,7 +6,14 @@ import logging
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.software import differences, distinct_software, software_versions, warn_if_mixed
+from pipeline.software import (
+    changes_between,
+    differences,
+    distinct_software,
+    said,
+    software_versions,
+    warn_if_mixed,
+)
 
 
 def test_this_process_reports_its_packages_and_ffmpeg():
@@ -63,3 +70,13 @@ def test_the_commit_of_a_checkout_is_read_as_git_says_it(tmp_path):
     assert checkout_commit(str(tmp_path / "wt")) == first  # a worktree's branch, in the shared directory
     assert checkout_commit(str(tmp_path / "repo")) == git("rev-parse", "HEAD") != first
     assert checkout_commit(str(tmp_path)) is None
+
+
+def test_a_change_between_two_runs_names_each_package_then_and_now():
+    a = {"torch": "2.14.1", "av": "18.1.0", "libavcodec": "61.19.100"}
+    assert changes_between([a], [dict(a)]) == {}
+    upgraded = {**a, "torch": "2.15.0", "libavcodec": "62.3.100"}
+    assert said(changes_between([a], [upgraded])) == "libavcodec 61.19.100 -> 62.3.100; torch 2.14.1 -> 2.15.0"
+    # a run whose ranks differed, then one image; a package gone
+    assert changes_between([a, {**a, "av": "17.0.0"}], [a]) == {"av": ("17.0.0, 18.1.0", "18.1.0")}
+    assert changes_between([a], [{k: v for k, v in a.items() if k != "av"}]) == {"av": ("18.1.0", "absent")}
