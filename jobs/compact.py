@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,20 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("config error: %s", e)
         return 2
 
-    import fsspec
-
     from pipeline.compaction import compact
-    from pipeline.resume import OutputLease
+    from pipeline.resume import command_lease
     from pipeline.storage import SCRATCH_DIR
 
     out = cfg.output
-    fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
-    if not fs.exists(root):  # taking the lease would create it: a mistyped output.dir is said, not made
-        log.error("no output at %s: nothing to compact", out.dir)
-        return 2
-    lease = OutputLease(out.dir, out.storage_options, f"compact-{uuid.uuid4().hex[:8]}", out.lease_timeout_s)
     try:
-        lease.acquire()
+        lease = command_lease(out, "compact")
+    except ConfigError as e:
+        log.error("%s: nothing to compact", e)
+        return 2
     except OutputLockedError as e:
         log.error("%s", e)
         return 3

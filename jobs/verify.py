@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sys
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,24 +44,19 @@ def main(argv: list[str] | None = None) -> int:
         log.error("config error: %s", e)
         return 2
 
-    import fsspec
-
     from pipeline.quarantine import quarantine, quarantined, verify_parts
-    from pipeline.resume import OutputLease, part_files
+    from pipeline.resume import command_lease, existing_output, part_files
 
     out = cfg.output
-    fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
-    if not fs.exists(root):
-        log.error("no output at %s: nothing to verify", out.dir)
+    try:
+        fs, root = existing_output(out)
+        lease = command_lease(out, "verify") if args.quarantine else None
+    except ConfigError as e:
+        log.error("%s: nothing to verify", e)
         return 2
-    lease = None
-    if args.quarantine:
-        lease = OutputLease(out.dir, out.storage_options, f"verify-{uuid.uuid4().hex[:8]}", out.lease_timeout_s)
-        try:
-            lease.acquire()
-        except OutputLockedError as e:
-            log.error("%s", e)
-            return 3
+    except OutputLockedError as e:
+        log.error("%s", e)
+        return 3
     try:
         files = sorted(part_files(fs, root))
         report = verify_parts(fs, files, args.threads)

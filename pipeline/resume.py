@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import fsspec
@@ -268,6 +269,32 @@ def writer_schema(out_dir: str, storage_options: dict, newest_part: str | None, 
                           "rows in the committed schema (added fields dropped, removed fields null)")
     log.warning("%s; writing the new rows in the committed schema (resume.on_schema_change=conform)", where)
     return committed.remove_metadata()
+
+
+def existing_output(out) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and root of the output ``out`` (an ``OutputConfig``) that a command works on.
+
+    Raises:
+        ConfigError: there is none (a mistyped ``output.dir``: said, not made, as taking its lease would make it).
+    """
+    fs, root = fsspec.core.url_to_fs(out.dir, **out.storage_options)
+    if not fs.exists(root):
+        raise ConfigError(f"no output at {out.dir}")
+    return fs, root
+
+
+def command_lease(out, who: str) -> OutputLease:
+    """The lease of the existing output ``out``, taken for a command that changes it (``who``: compact, verify), so
+    that it refuses while a run is live and a run refuses while it works. Release it when done.
+
+    Raises:
+        ConfigError: there is no output there (``existing_output``).
+        OutputLockedError: a run (or another command) holds it.
+    """
+    existing_output(out)
+    lease = OutputLease(out.dir, out.storage_options, f"{who}-{uuid.uuid4().hex[:8]}", out.lease_timeout_s)
+    lease.acquire()
+    return lease
 
 
 def pending_indices(ids: pa.Array | pa.ChunkedArray, state: CommittedState, retry_failed: bool | str,
