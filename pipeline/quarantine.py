@@ -66,18 +66,26 @@ class PartCheck:
 
 def check_part(fs, path: str) -> PartCheck:
     """Read the part at ``path`` whole into memory and parse every row group there, each page verified against its
-    checksum where it has one, so the verdict is the file's, not the network's.
+    checksum where it has one, so the verdict is the file's, not the network's. A page that fails its checksum is
+    read again first: bytes garbled on the way (a link without TLS, a bad NIC) come right the second time, a damaged
+    file does not.
 
     Raises:
         OSError: the bytes could not be read (a fault of the store, or the part is gone: no verdict).
     """
-    data = fs.cat_file(path)
+    checked = _parse_whole(path, fs.cat_file(path))
+    if checked.fault is not None and part_format.CHECKSUM_ERROR in checked.fault:
+        checked = _parse_whole(path, fs.cat_file(path))
+    return checked
+
+
+def _parse_whole(path: str, data: bytes) -> PartCheck:
     rows, checksums = 0, False
     try:
         parquet = part_format.open_file(pa.BufferReader(data))
         rows, checksums = parquet.metadata.num_rows, part_format.has_checksums(parquet.metadata)
         for group in range(parquet.num_row_groups):
-            parquet.read_row_group(group)
+            parquet.read_row_group(group, use_threads=False)  # no Arrow task left running after an error
     except READ_ERRORS as e:
         said = f"{type(e).__name__}: {str(e).strip()}"
         if part_format.CHECKSUM_ERROR in said:

@@ -197,3 +197,24 @@ def test_verify_says_what_it_could_not_do(tmp_path, monkeypatch):
     report = verify_parts(fs, parts + [f"{root}/parts/gone.parquet"])
     assert list(report.unread) == [parts[1]] and "Connection reset" in report.unread[parts[1]]
     assert report.gone == 1 and report.parts == len(parts) - 1 and not report.damaged
+
+
+def test_bytes_garbled_on_the_way_are_read_again_not_taken_for_damage(tmp_path, monkeypatch):
+    out, opts, fs, root = _output(tmp_path, "local", None, None)
+    raw = _job(tmp_path, out, n=9)
+    _run(raw)
+    part = _parts(fs, root)[0]
+    copy = str(tmp_path / "copy.parquet")
+    fs.copy(part, copy)
+    _flip_silently(fs, copy, "result_info.cost_s")
+    garbled = fs.cat_file(copy)
+    real, reads = type(fs).cat_file, []
+
+    def once(self, path, *a, **k):  # the first read of the part comes garbled, as over a bad link; the next whole
+        reads.append(path)
+        return garbled if path == part and len(reads) == 1 else real(self, path, *a, **k)
+
+    monkeypatch.setattr(type(fs), "cat_file", once)
+    checked = check_part(fs, part)
+    assert checked.fault is None and checked.checksums and reads == [part, part]
+    assert check_part(fs, copy).fault is not None  # damaged in the file: the second read says the same
