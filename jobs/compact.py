@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; finished {report.pending_finished} interrupted compaction(s) first" if report.pending_finished else "")
           + ")", flush=True)
     if report.quarantined:
-        print(f"{out.dir}: {'found' if args.dry_run else 'moved'} {report.quarantined} damaged part file(s) that do "
-              f"not read as Parquet{'' if args.dry_run else ' to _quarantine/parts/'}: the next run redoes the items "
+        print(f"{out.dir}: {'found' if args.dry_run else 'moved'} {report.quarantined} damaged part file(s) (cut "
+              f"short, garbled, or failing their page checksums){'' if args.dry_run else ' to _quarantine/parts/'}: the next run redoes the items "
               "whose rows they held", flush=True)
     return 0
 

@@ -218,7 +218,7 @@ def format_status(status: dict[str, Any]) -> str:
            if output["interrupted_compactions"] else "")
         + (f"; {output['duplicate_success_rows']} second success row(s) of items, removed by the next complete run "
            "or jobs/compact.py" if output.get("duplicate_success_rows") else "")
-        + (f"; {len(output['damaged_parts'])} DAMAGED part file(s) that do not read as Parquet "
+        + (f"; {len(output['damaged_parts'])} DAMAGED part file(s) (cut short, garbled, or failing their page checksums) "
            f"({', '.join(sorted(output['damaged_parts'])[:3])}{', ...' if len(output['damaged_parts']) > 3 else ''}): "
            f"the next run or jobs/compact.py moves them to {QUARANTINE_DIR}/ and the next run redoes their items"
            if output.get("damaged_parts") else "")

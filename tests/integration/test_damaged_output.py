@@ -260,5 +260,6 @@ def test_the_command_lines_say_what_they_found_and_moved(tmp_path):
     assert json.loads(command("status.py", "--json"))["output"]["damaged_parts"] == {
         parts[5].rsplit("/", 1)[-1]: "ArrowInvalid: Parquet file size is 0 bytes"}
     assert "found 1 damaged part file(s)" in command("compact.py", "--dry-run") and fs.exists(parts[5])
-    assert "moved 1 damaged part file(s) that do not read as Parquet to _quarantine/parts/" in command("compact.py")
+    assert ("moved 1 damaged part file(s) (cut short, garbled, or failing their page checksums) to "
+            "_quarantine/parts/") in command("compact.py")
     assert not fs.exists(parts[5]) and set(_in_quarantine(fs, root)) == {parts[5].rsplit("/", 1)[-1]}
