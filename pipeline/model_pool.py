@@ -130,6 +130,19 @@ def source_files(fs, path: str) -> list[tuple[str, int | None, str]]:
              "/".join(str(info[k]) for k in _VERSION_KEYS if info.get(k) is not None)) for rel, info in listed]
 
 
+def list_source(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str, list]:
+    """A model's filesystem, path and ``source_files`` (a local path's too), listed afresh.
+
+    Raises:
+        ConfigError: the model does not exist.
+    """
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs.invalidate_cache(path)  # fsspec shares one instance per options: its listings may predate the file
+    if not fs.exists(path):
+        raise ConfigError(f"model file {uri} does not exist")
+    return fs, path, source_files(fs, path)
+
+
 def one_file(files: list[tuple[str, int | None, str]]) -> bool:
     """Whether ``source_files`` listed a single file (not a directory)."""
     return len(files) == 1 and files[0][0] == ""
@@ -226,11 +239,7 @@ def localize_model(uri: str, cache_dir: str, local_rank: int, barrier: Callable[
     error: Exception | None = None
     target = ""
     try:  # whatever fails, every rank reaches the barrier (the others would wait there for local rank 0)
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        fs.invalidate_cache(path)  # fsspec shares one instance per options: its listings may predate the file
-        if not fs.exists(path):
-            raise ConfigError(f"model file {uri} does not exist")
-        files = source_files(fs, path)  # every rank lists it (one small request) to name the same copy
+        fs, path, files = list_source(uri, storage_options)  # every rank lists it (one small request) to name the copy
         digest = hashlib.sha256(repr((uri, files)).encode()).hexdigest()[:16]
         target = os.path.join(cache_dir, f"{digest}-{posixpath.basename(uri.rstrip('/')) or 'model'}")
         # a source that can change unseen under the same listing is copied at every start, over the last copy

@@ -11,7 +11,7 @@ from typing import Any
 import fsspec
 
 from pipeline.errors import ConfigError
-from pipeline.model_pool import is_local, lists_versions, localize_model, one_file, source_files
+from pipeline.model_pool import is_local, list_source, lists_versions, localize_model, one_file
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def fingerprint(source: ModelSource, known: dict | None = None, copy_to: str | N
     fs, path, files = _listing(source)
     # a source that can change unseen under the same listing is read at every start (localize_model copies it anew
     # each time too)
-    if lists_versions(files) and known and known.get("uri") == source.uri and known.get("files") == files and known.get("sha256"):
+    if (lists_versions(files) and known and known.get("uri") == source.uri and known.get("files") == files
+            and known.get("sha256")):
         return known
     if copy_to and not is_local(source.uri):
         fs, path = fsspec.filesystem("file"), localize_model(source.uri, copy_to, 0, lambda: None,
@@ -73,12 +74,8 @@ def _listing(source: ModelSource) -> tuple[fsspec.AbstractFileSystem, str, list[
     Raises:
         ConfigError: the model does not exist.
     """
-    fs, path = fsspec.core.url_to_fs(source.uri, **source.storage_options)
-    fs.invalidate_cache(path)  # fsspec shares one instance per options: its listings may predate the file
-    if not fs.exists(path):
-        raise ConfigError(f"model file {source.uri} does not exist")
-    return fs, path, [[rel, size, version] for rel, size, version in source_files(fs, path)
-                      if rel not in source.derived]
+    fs, path, files = list_source(source.uri, source.storage_options)
+    return fs, path, [[rel, size, version] for rel, size, version in files if rel not in source.derived]
 
 
 def listed_anew(source: ModelSource, known: dict[str, Any]) -> str | None:
