@@ -553,7 +553,8 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
                         ", ".join(changed[:8]))
     ran = list((recorded or {}).get("software_history") or [])
     software = sorted(software or [], key=lambda s: json.dumps(s, sort_keys=True))  # not by which rank ran which
-    if software and ran and ran[-1].get("software") != software:
+    other_software = bool(software) and (not ran or ran[-1].get("software") != software)
+    if other_software and ran:
         change = said(changes_between(ran[-1].get("software") or [], software))
         since = ran[-1].get("from_run")
         if on_software_change == "fail" and part_files(fs, root):
@@ -569,7 +570,7 @@ def check_or_record_config(out_dir: str, storage_options: dict, resolved: dict, 
     models = identity.get("models") or {}
     if models and (not history or history[-1].get("models") != models):
         history.append({"from_run": run_id, "models": models})
-    if software and (not ran or ran[-1].get("software") != software):
+    if other_software:
         ran.append({"from_run": run_id, "software": software})
     body = json.dumps({"identity": identity, "config": redact(resolved), "models": weights or {},
                        "model_history": history, "software_history": ran}, indent=2, default=str).encode()

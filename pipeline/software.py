@@ -133,15 +133,15 @@ def warn_if_mixed(sets: list[dict[str, Any]], fail: bool = False) -> None:
     """
     diff = differences(sets)
     if diff:
-        said = "; ".join(f"{name} " + ", ".join(f"{v} on ranks {_ranks(r)}" for v, r in by.items())
-                         for name, by in diff.items())
+        by_rank = "; ".join(f"{name} " + ", ".join(f"{v} on ranks {_ranks(r)}" for v, r in by.items())
+                            for name, by in diff.items())
         if fail:
             from pipeline.errors import ConfigError
 
-            raise ConfigError(f"the ranks do not run the same software ({said}), and runtime.mixed_software is "
+            raise ConfigError(f"the ranks do not run the same software ({by_rank}), and runtime.mixed_software is "
                               "fail: give every node the same image")
         log.warning("the ranks do not run the same software (%s): their rows may differ for the same input; "
-                    "summary.json's software lists each set (runtime.mixed_software=fail stops instead)", said)
+                    "summary.json's software lists each set (runtime.mixed_software=fail stops instead)", by_rank)
 
 
 def _ranks(ranks: list[int]) -> str:
