@@ -100,6 +100,13 @@ def _listed_anew(cfg: JobConfig, known: dict[str, dict]) -> dict[str, str]:
     return out
 
 
+def _since(history: list[dict] | None) -> dict[str, Any]:
+    """Of a ``_config.json`` history (``model_history``, ``software_history``): the run from which its latest entry
+    made the rows, and how many other entries made rows of earlier runs."""
+    history = history or []
+    return {"since_run": history[-1].get("from_run") if history else None, "earlier_sets": max(len(history) - 1, 0)}
+
+
 def job_status(cfg: JobConfig) -> dict[str, Any]:
     """The job's state from its committed output, its manifest, its lease and its crash ledger.
 
@@ -161,13 +168,10 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
         by_type[rec["error_type"]] = by_type.get(rec["error_type"], 0) + 1
     plans = pending_plans(fs, root)
     recorded = _read_json(fs, f"{root}/{CONFIG}") or {}
-    history = recorded.get("model_history") or []
     models = {"weights": (recorded.get("identity") or {}).get("models") or {},
-              "since_run": history[-1].get("from_run") if history else None,
+              **_since(recorded.get("model_history")),
               "uris": {k: v.get("uri") for k, v in (recorded.get("models") or {}).items()},
-              "earlier_sets": max(len(history) - 1, 0),
               "listed_anew": _listed_anew(cfg, recorded.get("models") or {})}
-    ran = recorded.get("software_history") or []
     ledger = read_ledger(out.dir, out.storage_options).get("items", {})
     limit = cfg.resume.max_item_crashes
     return {
@@ -182,7 +186,7 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
                    "damaged_parts": {path.rsplit("/", 1)[-1]: why for path, why in unreadable.items()},
                    "quarantined_parts": len(quarantined(fs, root))},
         "models": models,
-        "software": {"since_run": ran[-1].get("from_run") if ran else None, "earlier_sets": max(len(ran) - 1, 0)},
+        "software": _since(recorded.get("software_history")),
         "crashes": {"items": len(ledger),
                     "refused": sum(1 for e in ledger.values() if limit is not None and e.get("crashes", 0) >= limit)},
     }
@@ -218,8 +222,8 @@ def format_status(status: dict[str, Any]) -> str:
            if output["interrupted_compactions"] else "")
         + (f"; {output['duplicate_success_rows']} second success row(s) of items, removed by the next complete run "
            "or jobs/compact.py" if output.get("duplicate_success_rows") else "")
-        + (f"; {len(output['damaged_parts'])} DAMAGED part file(s) (cut short, garbled, or failing their page checksums) "
-           f"({', '.join(sorted(output['damaged_parts'])[:3])}{', ...' if len(output['damaged_parts']) > 3 else ''}): "
+        + (f"; {len(output['damaged_parts'])} DAMAGED part file(s) (cut short, garbled, or failing their page "
+           f"checksums) ({', '.join(sorted(output['damaged_parts'])[:3])}{', ...' if len(output['damaged_parts']) > 3 else ''}): "
            f"the next run or jobs/compact.py moves them to {QUARANTINE_DIR}/ and the next run redoes their items"
            if output.get("damaged_parts") else "")
         + (f"; {output['quarantined_parts']} damaged part file(s) moved to {QUARANTINE_DIR}/ earlier"
@@ -228,13 +232,15 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     models = status.get("models") or {}
     if models.get("weights"):
-        said = [f"{k} {shown(v)}" + (f" ({models['uris'][k]})" if models["uris"].get(k) else "") for k, v in models["weights"].items()]
+        said = [f"{k} {shown(v)}" + (f" ({models['uris'][k]})" if models["uris"].get(k) else "")
+                for k, v in models["weights"].items()]
         lines.insert(-1, f"  models   : {'; '.join(said)}"
                      + (f", since run {models['since_run']}" if models.get("since_run") else "")
                      + (f"; rows of earlier runs were made with {models['earlier_sets']} other set(s) of weights "
                         f"(model_history in {CONFIG})" if models.get("earlier_sets") else "")
                      + "".join(f"; {k} at {models['uris'].get(k, k)}: {why} (the next run reads it again, and "
-                               "refuses to go on if its digest differs)" for k, why in models.get("listed_anew", {}).items()))
+                               "refuses to go on if its digest differs)"
+                               for k, why in models.get("listed_anew", {}).items()))
     software = status.get("software") or {}
     if software.get("earlier_sets"):
         lines.insert(-1, f"  software : the current set since run {software['since_run']}; rows of earlier runs were "
