@@ -24,9 +24,12 @@ class InputConfig:
     """Where the items come from."""
 
     manifest: str | None = None
-    """Manifest URL (any fsspec URL): Parquet, JSONL or CSV, one row per item."""
+    """Manifest URL (any fsspec URL), one row per item: a Parquet, JSONL or CSV file (JSONL and CSV also gzip-, bz2-,
+    xz- or zstd-compressed); a directory, read as a dataset that Spark, DuckDB or pyarrow wrote (every data file
+    below it in path order; names beginning with ``_`` or ``.`` skipped; ``key=value`` directories added as string
+    columns); or a glob of files (``s3://b/manifest/part-*.parquet``)."""
     format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
-    """Manifest format; ``auto`` picks it from the file extension."""
+    """Manifest format; ``auto`` picks it from each file's extension."""
     listing_glob: str | None = None
     """Listing mode instead of a manifest: a glob over a storage prefix (e.g. ``s3://b/videos/**/*.mp4``)."""
     id_column: str = "video_id"

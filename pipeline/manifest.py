@@ -9,13 +9,16 @@ copy of them, in the page cache, however many ranks it runs, and only the ranks 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import posixpath
 import socket
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -38,53 +41,196 @@ SPILL_GROUP_ROWS = 8_192
 SPILL_DIR = "_manifest"
 
 
+_FORMATS = ((".parquet", "parquet"), (".pq", "parquet"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
+            (".json", "jsonl"), (".csv", "csv"), (".tsv", "csv"))
+_COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # what JSONL and CSV exports come in
+GLOB_CHARS = "*?["
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+READ_AHEAD_FILES = 8
+READ_AHEAD_MAX_BYTES = 32 << 20  # larger files are streamed batch by batch, one at a time  # Spark's and Hive's directory name for a null partition value
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestFile:
+    """One file of the manifest, as read.
+
+    Attributes:
+        path: its path on the manifest's filesystem.
+        name: its URL, for messages.
+        fmt: ``parquet``, ``jsonl`` or ``csv``.
+        compression: fsspec's name of the codec the file is wrapped in (``gzip``), or None.
+        partition: the ``key=value`` directories between the manifest's root and the file (a Hive or Spark
+            partitioned dataset), as (column, value or None) pairs, in path order.
+        size: its size as listed (None: not listed), which decides whether it is read ahead.
+    """
+
+    path: str
+    name: str
+    fmt: str
+    compression: str | None
+    partition: tuple[tuple[str, str | None], ...] = ()
+    size: int | None = None
+
+
+def _split_compression(url: str) -> tuple[str, str | None]:
+    """The name without a compression suffix, and the codec that suffix names (None: none)."""
+    name = url.split("?", 1)[0].lower()
+    for suffix, codec in _COMPRESSED.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], codec
+    return name, None
+
+
 def _format_of(url: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    name = url.split("?", 1)[0].lower()
-    for suffix, kind in ((".parquet", "parquet"), (".pq", "parquet"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
-                         (".json", "jsonl"), (".csv", "csv"), (".tsv", "csv")):
+    name, _codec = _split_compression(url)
+    for suffix, kind in _FORMATS:
         if name.endswith(suffix):
             return kind
     raise ConfigError(f"input.format=auto cannot tell the format of {url}; set input.format")
 
 
-def check_input_exists(cfg: InputConfig) -> None:
-    """Fail fast (ConfigError) when the manifest URL does not exist."""
-    if cfg.manifest:
-        fs, path = fsspec.core.url_to_fs(cfg.manifest, **cfg.storage_options)
-        try:
-            exists = fs.exists(path)
-        except Exception as e:  # noqa: BLE001 - any error here means the manifest is not readable
-            raise ConfigError(f"input.manifest {cfg.manifest} cannot be reached: {type(e).__name__}: {e}") from e
-        if not exists:
-            raise ConfigError(f"input.manifest {cfg.manifest} does not exist")
-        _format_of(cfg.manifest, cfg.format)
+def _compression_of(url: str) -> str | None:
+    _name, codec = _split_compression(url)
+    if codec is not None and codec not in fsspec.available_compressions():
+        raise ConfigError(f"input.manifest {url} is compressed with {codec}, which fsspec cannot read here: "
+                          f"pip install {'zstandard' if codec == 'zstd' else codec}")
+    return codec
 
 
-def _file_batches(cfg: InputConfig) -> Iterator[pa.RecordBatch]:
+def _hidden(rel: str) -> bool:
+    """Hadoop's rule, which Spark, Hive, DuckDB and pyarrow follow: a name beginning with ``_`` or ``.`` at any level
+    below the root is not data (``_SUCCESS``, ``_temporary/``, ``.part-0.crc``, ``_committed_*``)."""
+    return any(seg.startswith(("_", ".")) for seg in rel.split("/"))
+
+
+def _partition(rel: str) -> tuple[tuple[str, str | None], ...]:
+    found = []
+    for seg in rel.split("/")[:-1]:
+        key, eq, value = seg.partition("=")
+        if eq and key:
+            value = urllib.parse.unquote(value)
+            found.append((urllib.parse.unquote(key), None if value == HIVE_NULL else value))
+    return tuple(found)
+
+
+def _refuse_table_formats(url: str, rels: list[str]) -> None:
+    """A Delta or Iceberg table's directory holds the files its log has removed (overwritten, deleted rows): read
+    as plain files, it would bring them back."""
+    for rel in rels:
+        segs = rel.split("/")
+        if "_delta_log" in segs[:-1]:
+            raise ConfigError(f"input.manifest {url} is a Delta Lake table (it has a _delta_log): its directory also "
+                              "holds the files its log removed; write the table's current snapshot to Parquet "
+                              "(Spark, DuckDB's delta extension) and name that")
+        if len(segs) >= 2 and segs[-2] == "metadata" and segs[-1].endswith(".metadata.json"):
+            raise ConfigError(f"input.manifest {url} is an Apache Iceberg table ({rel}): its data directory also holds "
+                              "the files its snapshots removed; write its current snapshot to Parquet and name that")
+
+
+def manifest_files(cfg: InputConfig) -> tuple[fsspec.AbstractFileSystem, list[ManifestFile]]:
+    """The files of ``cfg.manifest``: one file; every data file under a directory (a dataset that Spark, DuckDB or
+    pyarrow wrote: hidden names skipped, ``key=value`` directories read as partition columns); or those a glob
+    matches. Sorted by path, so that every node reads the rows in one order.
+
+    Raises:
+        ConfigError: the URL cannot be reached, names nothing, a directory or glob with no data files, a file whose
+            format cannot be told, a compression fsspec cannot read, a Delta or Iceberg table.
+    """
     url = cfg.manifest
-    fmt = _format_of(url, cfg.format)
     fs, path = fsspec.core.url_to_fs(url, **cfg.storage_options)
+    proto = url.split("://", 1)[0] + "://" if "://" in url else ""
     try:
-        with fs.open(path, "rb") as f:
-            if fmt == "parquet":
-                yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS)
-            elif fmt == "jsonl":
-                yield from pajson.open_json(f)
+        if any(ch in path for ch in GLOB_CHARS):
+            base = path[: path.rfind("/", 0, min(path.index(ch) for ch in GLOB_CHARS if ch in path)) + 1]
+            listed = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"}
+        elif fs.isdir(path):
+            base = path.rstrip("/") + "/"
+            listed = fs.find(path, detail=True)
+        else:
+            if not fs.exists(path):
+                raise ConfigError(f"input.manifest {url} does not exist")
+            return fs, [ManifestFile(path, url, _format_of(url, cfg.format), _compression_of(url))]
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any error here means the manifest is not readable
+        raise ConfigError(f"input.manifest {url} cannot be reached: {type(e).__name__}: {e}") from e
+    found = sorted(listed)
+    rels = [p[len(base):] if p.startswith(base) else posixpath.basename(p) for p in found]
+    _refuse_table_formats(url, rels)
+    files = []
+    for p, rel in zip(found, rels):
+        if _hidden(rel):
+            continue
+        name = proto + p if proto else p
+        files.append(ManifestFile(p, name, _format_of(name, cfg.format), _compression_of(name), _partition(rel),
+                                  listed[p].get("size")))
+    if not files:
+        raise ConfigError(f"input.manifest {url} holds no data files"
+                          f"{f' ({len(found)} hidden: names beginning with _ or .)' if found else ''}")
+    keys = [k for k, _v in files[0].partition]
+    for f in files[1:]:
+        if [k for k, _v in f.partition] != keys:
+            raise ConfigError(f"input.manifest {url}: {f.name} is partitioned by {[k for k, _v in f.partition]}, "
+                              f"{files[0].name} by {keys}: one dataset has one layout of key=value directories")
+    return fs, files
+
+
+def check_input_exists(cfg: InputConfig) -> None:
+    """Fail fast (ConfigError) when the manifest names no readable data file (``manifest_files``)."""
+    if cfg.manifest:
+        manifest_files(cfg)
+
+
+def _read_file(fs: fsspec.AbstractFileSystem, f: ManifestFile, cfg: InputConfig) -> Iterator[pa.RecordBatch]:
+    try:
+        with fs.open(f.path, "rb", compression=f.compression) as src:
+            if f.fmt == "parquet":
+                yield from pq.ParquetFile(src).iter_batches(batch_size=BATCH_ROWS)
+            elif f.fmt == "jsonl":
+                yield from pajson.open_json(src)
             else:
-                delimiter = "\t" if url.lower().endswith(".tsv") else ","
+                delimiter = "\t" if _split_compression(f.name)[0].endswith(".tsv") else ","
                 # ids and paths stay strings even when they look like numbers
                 opts = pacsv.ConvertOptions(column_types={cfg.id_column: pa.string(), cfg.path_column: pa.string()})
-                yield from pacsv.open_csv(f, parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                yield from pacsv.open_csv(src, parse_options=pacsv.ParseOptions(delimiter=delimiter),
                                           convert_options=opts)
     except FileNotFoundError as e:
-        raise ConfigError(f"input.manifest {url} does not exist") from e
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
-        raise ManifestError(f"cannot read manifest {url} as {fmt}: {e}") from e
+        raise ManifestError(f"manifest file {f.name} is gone (listed at the start, then removed: is the manifest "
+                            "being rewritten?)") from e
+    except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as e:
+        raise ManifestError(f"cannot read manifest {f.name} as {f.fmt}: {e}") from e
 
 
-def _listing_batches(cfg: InputConfig) -> Iterator[pa.RecordBatch]:
+def _file_batches(cfg: InputConfig) -> Iterator[tuple[pa.RecordBatch, ManifestFile]]:
+    """Every file's batches, in path order; up to ``READ_AHEAD_FILES`` small files are read ahead in threads (a
+    dataset of thousands of files on an object store otherwise waits out a request's latency for each in turn)."""
+    fs, files = manifest_files(cfg)
+
+    def whole(f: ManifestFile) -> list[pa.RecordBatch]:
+        return list(_read_file(fs, f, cfg))
+
+    with ThreadPoolExecutor(READ_AHEAD_FILES, thread_name_prefix="manifest-read") as pool:
+        ahead: dict[int, Future] = {}
+        try:
+            for i, f in enumerate(files):
+                for j in range(i, min(i + READ_AHEAD_FILES, len(files))):
+                    small = files[j].size is not None and files[j].size <= READ_AHEAD_MAX_BYTES
+                    if small and j not in ahead and len(files) > 1:
+                        ahead[j] = pool.submit(whole, files[j])
+                read = ahead.pop(i, None)
+                for batch in read.result() if read is not None else _read_file(fs, f, cfg):
+                    for key, value in f.partition:
+                        if key not in batch.schema.names:  # Spark leaves partition columns out of the files
+                            batch = batch.append_column(key, pa.array([value] * batch.num_rows, pa.string()))
+                    yield batch, f
+        finally:
+            for read in ahead.values():
+                read.cancel()
+
+
+def _listing_batches(cfg: InputConfig) -> Iterator[tuple[pa.RecordBatch, ManifestFile]]:
     pattern = cfg.listing_glob
     fs, path = fsspec.core.url_to_fs(pattern, **cfg.storage_options)
     proto = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
@@ -100,7 +246,9 @@ def _listing_batches(cfg: InputConfig) -> Iterator[pa.RecordBatch]:
     files = [p for p in found if not fs.isdir(p)]
     ids = [posixpath.relpath(p, base) if base else p for p in files]
     paths = [proto + p if proto else p for p in files]
-    yield pa.record_batch({cfg.id_column: pa.array(ids, pa.string()), cfg.path_column: pa.array(paths, pa.string())})
+    listing = ManifestFile(pattern, f"the listing of {pattern}", "listing", None)
+    yield (pa.record_batch({cfg.id_column: pa.array(ids, pa.string()), cfg.path_column: pa.array(paths, pa.string())}),
+           listing)
 
 
 def list_glob(cfg: InputConfig) -> pa.Table:
@@ -109,7 +257,7 @@ def list_glob(cfg: InputConfig) -> pa.Table:
     Raises:
         ConfigError: a glob the filesystem refuses.
     """
-    return pa.Table.from_batches(list(_listing_batches(cfg)))
+    return pa.Table.from_batches([batch for batch, _listing in _listing_batches(cfg)])
 
 
 LISTING_DIR = "_listing"
@@ -149,10 +297,11 @@ def snapshot_listing(cfg: InputConfig, out_dir: str, storage_options: dict, run_
     return dataclasses.replace(cfg, manifest=url, format="parquet", listing_glob=None, storage_options=storage_options)
 
 
-def _normalise(batch: pa.RecordBatch, cfg: InputConfig, offset: int) -> pa.RecordBatch:
+def _normalise(batch: pa.RecordBatch, cfg: InputConfig, row: int, source: ManifestFile) -> pa.RecordBatch:
+    """Id and path as strings, no null id; ``row``: the batch's first row within ``source``."""
     for col in (cfg.id_column, cfg.path_column):
         if col not in batch.schema.names:
-            raise ManifestError(f"manifest has no column {col!r}; columns are {batch.schema.names}")
+            raise ManifestError(f"manifest {source.name} has no column {col!r}; its columns are {batch.schema.names}")
     arrays = list(batch.columns)
     for col in (cfg.id_column, cfg.path_column):
         i = batch.schema.get_field_index(col)
@@ -160,9 +309,76 @@ def _normalise(batch: pa.RecordBatch, cfg: InputConfig, offset: int) -> pa.Recor
     batch = pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
     nulls = batch.column(cfg.id_column).null_count
     if nulls:
-        first = offset + pc.index(pc.is_null(batch.column(cfg.id_column)), True).as_py()
-        raise ManifestError(f"manifest has {nulls} row(s) with a null {cfg.id_column} (the first at row {first})")
+        first = row + pc.index(pc.is_null(batch.column(cfg.id_column)), True).as_py()
+        raise ManifestError(f"manifest {source.name} has a null {cfg.id_column} at its row {first}")
     return batch
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema, source: ManifestFile, first: ManifestFile,
+             missing_said: set[str]) -> pa.RecordBatch:
+    """``batch`` in the spill's schema (the first file's): a column that the first file has and this one lacks is
+    null in its rows (a dataset whose later files were written before a column was added); a column the first file
+    lacks, or one that does not cast, stops the job (dropping it would lose what the manifest says)."""
+    if batch.schema == schema:
+        return batch
+    extra = [n for n in batch.schema.names if n not in schema.names]
+    if extra:
+        raise ManifestError(f"manifest {source.name} has column(s) {extra} that {first.name} (the first file, whose "
+                            f"columns the rows take) has not; its columns are {schema.names}")
+    missing = [n for n in schema.names if n not in batch.schema.names]
+    if missing and source.name not in missing_said:
+        missing_said.add(source.name)
+        log.warning("manifest %s has no column(s) %s: null in its rows", source.name, missing)
+    arrays = []
+    for field in schema:
+        if field.name in missing:
+            arrays.append(pa.nulls(batch.num_rows, field.type))
+            continue
+        column = batch.column(field.name)
+        try:
+            arrays.append(column if column.type == field.type else pc.cast(column, field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+            raise ManifestError(f"manifest {source.name}: column {field.name!r} is {column.type}, in {first.name} "
+                                f"{field.type}, and does not cast: {e}") from e
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+class ManifestDigest:
+    """What a node read of the manifest: its rows, files and a digest of every id and path in order. Nodes that read
+    different rows (a manifest rewritten, or files added, while the job started; a mount that shows a node other
+    files) would otherwise process different items at the same positions.
+
+    The digest does not depend on how the rows were cut into batches (a value stream and a length stream per
+    column), so nodes whose readers batch differently agree where the rows do.
+    """
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.files = 0
+        self._streams = [hashlib.sha256() for _ in range(5)]  # SHA-NI: about twice BLAKE2's pace here
+
+    def update(self, ids: pa.Array, paths: pa.Array) -> None:
+        """Add a batch's ids (no nulls) and paths (strings)."""
+        first = self.rows
+        self.rows += len(ids)
+        values_id, lengths_id, values_path, lengths_path, nulls = self._streams
+        for column, values, lengths in ((ids, values_id, lengths_id), (paths, values_path, lengths_path)):
+            if column.null_count:  # where the nulls are, by row of the whole manifest
+                mask = column.is_null().to_numpy(zero_copy_only=False)
+                nulls.update((np.flatnonzero(mask) + first).astype("<i8").tobytes())
+                column = pc.fill_null(column, "")
+            offsets = np.frombuffer(column.buffers()[1], np.int32, len(column) + 1, column.offset * 4)
+            data = column.buffers()[2]
+            if data is not None and offsets[-1] > offsets[0]:
+                values.update(memoryview(data)[offsets[0]:offsets[-1]])
+            lengths.update(np.diff(offsets).astype("<i8").tobytes())
+
+    def summary(self) -> dict[str, Any]:
+        """``rows``, ``files`` and ``digest`` (hex), as JSON."""
+        whole = hashlib.sha256()
+        for stream in self._streams:
+            whole.update(stream.digest())
+        return {"rows": self.rows, "files": self.files, "digest": whole.hexdigest()[:32]}
 
 
 def _duplicates(ids: pa.ChunkedArray) -> tuple[np.ndarray, list[str], int]:
@@ -202,6 +418,7 @@ class Manifest:
         keep: a boolean mask over ``ids`` of the rows to process (None when every row is kept).
         schema: the manifest's schema with id and path cast to strings.
         protocols: the URL schemes of the absolute paths (``s3``, ``gs``, ``https``; plain paths are not counted).
+        read: what the node read (``ManifestDigest.summary``: rows, files, digest), which every node compares.
         spill_path: the spill's path (the ids file is ``ids_path(spill_path)``).
     """
 
@@ -219,7 +436,9 @@ class Manifest:
             raise
         self.ids = table.column("id")
         self.keep = table.column("keep").combine_chunks() if "keep" in table.column_names else None
-        self.protocols = frozenset(json.loads((table.schema.metadata or {}).get(b"protocols", b"[]")))
+        said = table.schema.metadata or {}
+        self.protocols = frozenset(json.loads(said.get(b"protocols", b"[]")))
+        self.read: dict[str, Any] = json.loads(said.get(b"read", b"{}"))
         self.schema = self._file.schema_arrow
         meta = self._file.metadata
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
@@ -269,6 +488,40 @@ class Manifest:
             remove_spill(self.spill_path)
 
 
+def spill_read(spill_path: str) -> dict[str, Any]:
+    """What the node read into ``spill_path`` (``ManifestDigest.summary``), from its ids file's metadata."""
+    with pa.memory_map(ids_path(spill_path), "r") as source:
+        said = pa.ipc.open_file(source).schema.metadata or {}
+    return json.loads(said.get(b"read", b"{}"))
+
+
+def nodes_disagree(reads: dict[int, tuple[str, dict[str, Any]]]) -> str | None:
+    """Why the nodes' manifests differ, or None where every node read the same rows.
+
+    Args:
+        reads: by node rank, its host and what it read (``ManifestDigest.summary``).
+    """
+    if not reads:
+        return None
+    first = min(reads)
+    host0, read0 = reads[first]
+    others = [(node, host, read) for node, (host, read) in sorted(reads.items()) if read != read0]
+    if not others:
+        return None
+
+    def said(read: dict[str, Any]) -> str:
+        return f"{read.get('rows', 0):,} rows from {read.get('files', 0)} file(s)"
+
+    shown = [f"node {node} ({host}) {said(read) if said(read) != said(read0) else 'as many, with other ids or paths'}"
+             for node, host, read in others[:4]]
+    more = f" and {len(others) - 4} more" if len(others) > 4 else ""
+    return (f"the nodes read different manifests: node {first} ({host0}) read {said(read0)}, {', '.join(shown)}{more}. "
+            "The manifest changed while the job started (files still being written or replaced?) or the nodes see "
+            "different files (another mount, a stale cache); they would process different items at the same "
+            "positions. Every rank stops before any work: rerun once the manifest is whole and the same on every "
+            "node")
+
+
 def ids_path(spill_path: str) -> str:
     """The ids file beside a spill: ``<tag>-ids__<host>__<process>.arrow`` (the stale-spill sweep reads the same
     host and process fields)."""
@@ -286,10 +539,13 @@ def remove_spill(spill_path: str) -> None:
             pass
 
 
-def _write_ids(path: str, ids: pa.ChunkedArray, keep: pa.Array | None, protocols: set[str]) -> None:
-    """The ids (and the keep mask) as an uncompressed Arrow IPC file, for ``pa.memory_map``."""
+def _write_ids(path: str, ids: pa.ChunkedArray, keep: pa.Array | None, protocols: set[str],
+               read: dict[str, Any]) -> None:
+    """The ids (and the keep mask) as an uncompressed Arrow IPC file, for ``pa.memory_map``; ``read``: the
+    ``ManifestDigest`` summary of what was read."""
     columns = {"id": ids} if keep is None else {"id": ids, "keep": pa.chunked_array([keep])}  # chunked apart: no copy
-    table = pa.table(columns).replace_schema_metadata({"protocols": json.dumps(sorted(protocols))})
+    table = pa.table(columns).replace_schema_metadata({"protocols": json.dumps(sorted(protocols)),
+                                                       "read": json.dumps(read)})
     with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
 
@@ -372,22 +628,27 @@ def build_spill(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> str:
     writer: pq.ParquetWriter | None = None
     id_chunks: list[pa.Array] = []
     protocols: set[str] = set()
-    n = 0
+    digest = ManifestDigest()
+    first: ManifestFile | None = None
+    current: ManifestFile | None = None
+    row = 0  # within the current file
+    missing_said: set[str] = set()
     try:
-        for raw in batches:
-            batch = _normalise(raw, cfg, n)
+        for raw, source in batches:
+            if source is not current:
+                current, row = source, 0
+                digest.files += 1
+            batch = _normalise(raw, cfg, row, source)
+            row += batch.num_rows
             if writer is None:
+                first = source
                 writer = pq.ParquetWriter(spill_path, batch.schema, compression="lz4")
-            elif batch.schema != writer.schema:
-                try:
-                    batch = batch.cast(writer.schema)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
-                    raise ManifestError(f"manifest rows from {n} on have another schema than the first rows: "
-                                        f"{batch.schema} vs {writer.schema}: {e}") from e
+            else:
+                batch = _conform(batch, writer.schema, source, first, missing_said)
             writer.write_batch(batch, row_group_size=SPILL_GROUP_ROWS)
             id_chunks.append(batch.column(cfg.id_column))
+            digest.update(batch.column(cfg.id_column), batch.column(cfg.path_column))
             protocols |= url_schemes(batch.column(cfg.path_column))
-            n += batch.num_rows
         if writer is None:  # an empty manifest (or an empty listing) still has its columns
             schema = pa.schema([(cfg.id_column, pa.string()), (cfg.path_column, pa.string())])
             writer = pq.ParquetWriter(spill_path, schema)
@@ -424,7 +685,7 @@ def build_spill(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> str:
         mask[kept[cfg.limit:]] = False
         keep = pa.array(mask)
     try:
-        _write_ids(ids_path(spill_path), ids, keep, protocols)
+        _write_ids(ids_path(spill_path), ids, keep, protocols, digest.summary())
     except BaseException as e:
         remove_spill(spill_path)
         if isinstance(e, OSError):

@@ -40,6 +40,7 @@ from pipeline.errors import (
     FetchTimeout,
     ItemError,
     ItemTimeout,
+    ManifestError,
     MediasieveError,
     OutputHungError,
     OutputLockedError,
@@ -53,8 +54,10 @@ from pipeline.manifest import (
     Manifest,
     build_spill,
     check_input_exists,
+    nodes_disagree,
     remove_spill,
     snapshot_listing,
+    spill_read,
 )
 from pipeline.media import damage
 from pipeline.media.item import MediaItem
@@ -611,15 +614,27 @@ def _node_manifest(ctx: DistContext, source: InputConfig, spill_dir: str, run_id
             _raise_shared(*failed)
 
     built: str | None = None
+    read: dict | None = None
     error: Exception | None = None
     if ctx.local_rank == 0:
         try:
             built = build_spill(source, spill_dir, f"{run_id}-n{ctx.node_rank:05d}")
+            read = spill_read(built)
         except Exception as e:  # noqa: BLE001 - shared below, then raised
             error = e
     reports = ctx.gather((ctx.host, ctx.node_rank, ctx.local_rank, built,
-                          None if error is None else shared_failure(error, "cannot build the manifest spill")))
-    stop_on_failure([r[4] for r in reports], error)
+                          None if error is None else shared_failure(error, "cannot build the manifest spill"), read))
+    try:
+        stop_on_failure([r[4] for r in reports], error)
+        # every node read the manifest itself: the positions that rank 0 shares mean the same items on each only
+        # where they read the same rows (every rank decides this from the same reports: no further collective)
+        differ = nodes_disagree({r[1]: (r[0], r[5]) for r in reports if r[2] == 0 and r[5] is not None})
+        if differ:
+            raise ManifestError(differ)
+    except BaseException:
+        if built is not None:
+            remove_spill(built)
+        raise
     path = next((r[3] for r in reports if r[:3] == (ctx.host, ctx.node_rank, 0)), None)
     manifest: Manifest | None = None
     try:

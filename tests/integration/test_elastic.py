@@ -84,3 +84,61 @@ def test_two_nodes_on_one_machine(tmp_path, media_dir, s3, bucket):
         assert (models / (copies[0] + ".source")).read_text() == f"s3://{name}/models/cls"  # the URL it came from
     logs = outs[0][1] + outs[1][1]
     assert logs.count("copied to node cache") == 2
+
+
+def _two_nodes(tmp_path, job, extra):
+    """Launch two one-rank torchrun "nodes" of one job, each with its own node cache and its own overrides."""
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+               "--rdzv_id", f"nodes-{port}", os.path.join(ROOT, "jobs", "run.py"), "--config", str(job),
+               f"storage.cache_dir={tmp_path / f'node{node}-cache'}", *extra[node]]
+        procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    return [(p.returncode, err) for p, (_o, err) in zip(procs, outs)]
+
+
+def test_nodes_read_a_dataset_directory_and_stop_where_they_read_different_rows(tmp_path, media_dir):
+    import random
+
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 12)
+    for i, row in enumerate(rows):
+        row["lang"] = ["en", "de"][i % 2]
+    out = tmp_path / "out"
+    # a manifest rewritten while the job started: node 1 reads the same items in another order, so the positions
+    # that rank 0 shares would name other items there
+    shuffled = rows[:]
+    random.Random(3).shuffle(shuffled)
+    first = write_manifest(str(tmp_path / "m.parquet"), rows)
+    second = write_manifest(str(tmp_path / "m2.parquet"), shuffled)
+    raw = base_config(first, str(tmp_path / "c"), str(out), str(tmp_path / "cache"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    results = _two_nodes(tmp_path, tmp_path / "job.yaml", [[], [f"input.manifest={second}"]])
+    for code, err in results:
+        assert code == 1 and "exitcode  : 2" in err, err[-3000:]  # torchrun says 1; its rank's exit code is 2
+        assert "the nodes read different manifests: node 0" in err and "as many, with other ids or paths" in err
+    assert not (out / "parts").exists() or not os.listdir(out / "parts")  # no work was done
+    for node in (0, 1):  # and no spill is left in either node's cache
+        spills = tmp_path / f"node{node}-cache" / "_manifest"
+        assert not spills.exists() or not os.listdir(spills)
+
+    # the same job over a directory that Spark's partitionBy would write (lang=en/part-*.parquet, no lang column in
+    # the files, a _SUCCESS beside them), read by both nodes alike
+    dataset = tmp_path / "manifest"
+    ds.write_dataset(pa.Table.from_pylist(rows), dataset, format="parquet", max_rows_per_file=3,
+                     max_rows_per_group=3, partitioning=ds.partitioning(pa.schema([("lang", pa.string())]),
+                                                                        flavor="hive"))
+    (dataset / "_SUCCESS").write_text("")
+    results = _two_nodes(tmp_path, tmp_path / "job.yaml", [[f"input.manifest={dataset}"]] * 2)
+    for code, err in results:
+        assert code == 0, err[-3000:]
+    table = pq.read_table(str(out / "parts"))
+    ok = table.filter(pc.struct_field(table["result_info"], "succeed"))
+    assert sorted(zip(ok["video_id"].to_pylist(), ok["lang"].to_pylist())) == \
+        sorted((r["video_id"], r["lang"]) for r in rows)
+    assert set(pc.struct_field(ok["result_info"], "rank").to_pylist()) == {0, 1}

@@ -138,7 +138,7 @@ def test_null_id_names_its_row_and_a_changed_schema_is_refused(tmp_path, small_b
     rows[12]["video_id"] = None
     path = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)
-    with pytest.raises(ManifestError, match="1 row.*null video_id.*row 12"):
+    with pytest.raises(ManifestError, match="m.parquet has a null video_id at its row 12"):
         read_manifest(InputConfig(manifest=str(path)), str(tmp_path / "s"))
     # a CSV (over one 1 MB read block) whose type inference from the first block does not hold later on
     csv = tmp_path / "m.csv"
@@ -302,7 +302,7 @@ class _Peers:
 
 def test_a_node_manifest_failure_on_any_rank_stops_every_rank(tmp_path):
     from pipeline.errors import MediasieveError
-    from pipeline.manifest import build_spill, ids_path
+    from pipeline.manifest import build_spill, ids_path, spill_read
     from pipeline.runner import _node_manifest
 
     path = tmp_path / "m.jsonl"
@@ -311,24 +311,230 @@ def test_a_node_manifest_failure_on_any_rank_stops_every_rank(tmp_path):
     spills = tmp_path / "s"
 
     # local rank 1 cannot open what rank 0 built (a storage.cache_dir that is not one directory per node)
-    rounds = [("node-a", 0, 0, str(spills / "r-n00000__node-a__1-1.parquet"), None), None]
+    rounds = [("node-a", 0, 0, str(spills / "r-n00000__node-a__1-1.parquet"), None, None), None]
     with pytest.raises(MediasieveError, match="cannot open the manifest spill .*storage.cache_dir must be one"):
         _node_manifest(_Peers(1, rounds), cfg, str(spills), "r")
 
     # local rank 0 built and attached, its peer could not attach: rank 0 stops with the peer's error, spill removed
-    rounds = [("node-a", 0, 1, None, None), ("MediasieveError", "cannot open the manifest spill X")]
+    rounds = [("node-a", 0, 1, None, None, None), ("MediasieveError", "cannot open the manifest spill X")]
     with pytest.raises(MediasieveError, match="cannot open the manifest spill X"):
         _node_manifest(_Peers(0, rounds), cfg, str(spills), "r")
     assert list(spills.iterdir()) == []
 
     # rank 0 could not read the manifest: rank 1 stops with the same error type, without opening anything
-    rounds = [("node-a", 0, 0, None, ("ManifestError", "manifest has 1 row(s) with a null video_id"))]
+    rounds = [("node-a", 0, 0, None, ("ManifestError", "manifest has a null video_id at its row 1"), None)]
     with pytest.raises(ManifestError, match="null video_id"):
         _node_manifest(_Peers(1, rounds), cfg, str(spills), "r")
 
     # and the good case: rank 1 attaches to rank 0's spill and does not own it
     built = build_spill(cfg, str(spills), "r-n00000")
-    m = _node_manifest(_Peers(1, [("node-a", 0, 0, built, None), None]), cfg, str(spills), "r")
+    m = _node_manifest(_Peers(1, [("node-a", 0, 0, built, None, spill_read(built)), None]), cfg, str(spills), "r")
     assert not m.owner and m.ids.to_pylist() == ["a", "b"]
     m.close()
     assert os.path.exists(built) and os.path.exists(ids_path(built))
+
+
+# --- manifests of many files: a directory (a dataset Spark, DuckDB or pyarrow wrote) or a glob ---
+
+
+def test_a_partitioned_dataset_directory_reads_as_one_manifest(tmp_path):
+    import pyarrow.dataset as ds
+
+    rows = [{"video_id": f"v{i:02d}", "video_path": f"p/{i}.mp4", "score": float(i),
+             "lang": ["en", "de", None][i % 3]} for i in range(30)]
+    root = tmp_path / "m"
+    # Hive layout as Spark's partitionBy writes it: lang=en/..., null as __HIVE_DEFAULT_PARTITION__, the
+    # partition column left out of the files
+    ds.write_dataset(pa.Table.from_pylist(rows), root, format="parquet", max_rows_per_file=4, max_rows_per_group=4,
+                     partitioning=ds.partitioning(pa.schema([("lang", pa.string())]), flavor="hive"),
+                     basename_template="part-{i}.parquet")
+    assert sorted(p.name for p in root.iterdir()) == ["lang=__HIVE_DEFAULT_PARTITION__", "lang=de", "lang=en"]
+    # what a Spark or Hadoop writer leaves beside the data: none of it is rows
+    (root / "_SUCCESS").write_text("")
+    (root / "lang=en" / ".part-00000.parquet.crc").write_bytes(b"crc")
+    (root / "_temporary" / "0").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows[:2]), root / "_temporary" / "0" / "part-x.parquet")  # a dead task's
+
+    out = read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
+    assert out.column_names == ["video_id", "video_path", "score", "lang"]
+    got = sorted(out.to_pylist(), key=lambda r: r["video_id"])
+    assert got == rows  # every row once, each with its directory's value, the null partition null
+    # files are read in path order, so that every node reads the rows in one order
+    langs = out["lang"].to_pylist()
+    assert langs == sorted(langs, key=lambda v: {None: 0, "de": 1, "en": 2}[v])
+    # a trailing slash and a glob name the same files
+    again = read_manifest(InputConfig(manifest=str(root) + "/"), str(tmp_path / "s"))
+    assert again.equals(out)
+    globbed = read_manifest(InputConfig(manifest=str(root) + "/lang=en/*.parquet"), str(tmp_path / "s"))
+    assert set(globbed["video_id"].to_pylist()) == {r["video_id"] for r in rows if r["lang"] == "en"}
+
+
+def test_compressed_jsonl_and_csv_files_over_s3_by_a_glob(bucket):
+    import gzip
+    import io
+
+    name, fs = bucket
+    part0 = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
+    fs.pipe(f"{name}/m/part-0.jsonl.gz", gzip.compress(part0))
+    buf = io.BytesIO()
+    pacsv.write_csv(pa.Table.from_pylist([{"video_id": "c", "video_path": "x/c.mp4", "lang": "fr"}]), buf)
+    fs.pipe(f"{name}/m/part-1.csv.gz", gzip.compress(buf.getvalue()))
+    fs.pipe(f"{name}/m/_SUCCESS", b"")
+    fs.pipe(f"{name}/other/part-9.jsonl", part0)  # outside the glob
+    cfg = InputConfig(manifest=f"s3://{name}/m/part-*", storage_options=fs.storage_options)
+    check_input_exists(cfg)
+    out = read_manifest(cfg)
+    assert out.to_pylist() == ROWS + [{"video_id": "c", "video_path": "x/c.mp4", "lang": "fr"}]
+    whole_dir = read_manifest(InputConfig(manifest=f"s3://{name}/m", storage_options=fs.storage_options))
+    assert whole_dir.equals(out)
+
+
+def test_files_of_one_dataset_that_differ_in_columns(tmp_path, caplog):
+    root = tmp_path / "m"
+    root.mkdir()
+    pq.write_table(pa.Table.from_pylist(ROWS), root / "a.parquet")
+    # written before the lang column was added: its rows get a null lang, with a warning naming the file
+    pq.write_table(pa.table({"video_id": ["c"], "video_path": ["x/c.mp4"]}), root / "b.parquet")
+    with caplog.at_level("WARNING", logger="pipeline.manifest"):
+        out = read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
+    assert out["lang"].to_pylist() == ["en", "de", None]
+    assert "b.parquet has no column(s) ['lang']" in caplog.text
+
+    # a column the first file lacks would be lost: refused, naming the file and the column; no spill left
+    pq.write_table(pa.table({"video_id": ["d"], "video_path": ["x/d.mp4"], "lang": ["it"], "extra": [1]}),
+                   root / "c.parquet")
+    with pytest.raises(ManifestError, match=r"c\.parquet has column\(s\) \['extra'\] that .*a\.parquet"):
+        read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
+    os.remove(root / "c.parquet")
+    # a column whose type does not cast
+    pq.write_table(pa.table({"video_id": ["d"], "video_path": ["x/d.mp4"], "lang": [[1, 2]]}), root / "c.parquet")
+    with pytest.raises(ManifestError, match=r"c\.parquet: column 'lang' is list<.*does not cast"):
+        read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
+    assert list((tmp_path / "s").iterdir()) == []
+
+
+def test_directories_and_globs_that_hold_no_manifest_are_refused_before_any_work(tmp_path, monkeypatch):
+    def refused(path, match):
+        with pytest.raises(ConfigError, match=match):
+            check_input_exists(InputConfig(manifest=str(path)))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused(empty, "holds no data files")
+    (empty / "_SUCCESS").write_text("")
+    refused(empty, r"holds no data files \(1 hidden")
+    refused(tmp_path / "nothing-*.parquet", "holds no data files")
+
+    other = tmp_path / "other"
+    other.mkdir()
+    pq.write_table(pa.Table.from_pylist(ROWS), other / "part-0.parquet")
+    (other / "README.txt").write_text("made by hand")
+    refused(other, r"cannot tell the format of .*README\.txt")  # not skipped: it might hold rows
+    os.remove(other / "README.txt")
+
+    delta = tmp_path / "delta"
+    (delta / "_delta_log").mkdir(parents=True)
+    (delta / "_delta_log" / "00000000000000000000.json").write_text("{}")
+    pq.write_table(pa.Table.from_pylist(ROWS), delta / "part-0.parquet")
+    refused(delta, "Delta Lake table")
+    iceberg = tmp_path / "iceberg"
+    (iceberg / "metadata").mkdir(parents=True)
+    (iceberg / "data").mkdir()
+    (iceberg / "metadata" / "v1.metadata.json").write_text("{}")
+    pq.write_table(pa.Table.from_pylist(ROWS), iceberg / "data" / "part-0.parquet")
+    refused(iceberg, "Apache Iceberg table")
+
+    mixed = tmp_path / "mixed"
+    for sub in ("lang=en", "year=2024"):
+        (mixed / sub).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(ROWS), mixed / sub / "part-0.parquet")
+    refused(mixed, r"partitioned by \['year'\].* by \['lang'\]")
+
+    (other / "part-1.jsonl.zst").write_bytes(b"(\xb5/\xfd")
+    monkeypatch.setattr("fsspec.available_compressions", lambda: [None, "gzip"])
+    refused(other, "compressed with zstd.*pip install zstandard")
+
+
+def test_a_file_cut_short_or_gone_while_read_is_a_manifest_error(tmp_path, monkeypatch):
+    import gzip
+
+    import pipeline.manifest as mf
+
+    root = tmp_path / "m"
+    root.mkdir()
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in ROWS * 50).encode())
+    (root / "part-0.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ManifestError, match="cannot read manifest .*part-0.jsonl.gz as jsonl"):
+        read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
+    (root / "part-0.jsonl.gz").write_bytes(whole)
+
+    listed = mf.manifest_files
+
+    def then_removed(cfg):  # listed at the start, removed before it is read (a manifest being rewritten)
+        fs, files = listed(cfg)
+        os.remove(files[0].path)
+        return fs, files
+
+    monkeypatch.setattr(mf, "manifest_files", then_removed)
+    with pytest.raises(ManifestError, match="part-0.jsonl.gz is gone .*being rewritten"):
+        read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
+    assert list((tmp_path / "s").iterdir()) == []
+
+
+def test_the_digest_of_what_a_node_read_depends_on_its_rows_not_its_batches():
+    from pipeline.manifest import ManifestDigest
+
+    ids = pa.array([f"v{i}" for i in range(100)])
+    paths = pa.array([None if i % 7 == 0 else f"p/{i}.mp4" for i in range(100)])
+
+    def digest(ids, paths, cuts):
+        d = ManifestDigest()
+        for a, b in zip([0] + cuts, cuts + [len(ids)]):
+            d.update(ids.slice(a, b - a), paths.slice(a, b - a))
+        return d.summary()
+
+    one = digest(ids, paths, [])
+    assert one["rows"] == 100
+    assert digest(ids, paths, [7, 8, 50, 99]) == one  # other batches, same rows (slices with offsets too)
+    swapped = pa.array([f"v{i}" for i in [1, 0] + list(range(2, 100))])
+    assert digest(swapped, paths, [])["digest"] != one["digest"]  # the same ids in another order
+    moved = pa.array([f"p/{i}.mp4" for i in range(100)])
+    assert digest(ids, moved, [])["digest"] != one["digest"]  # the nulls filled
+    other = pa.array([None if i % 7 == 0 else f"p/{i}.mp4" for i in range(99)] + ["q/99.mp4"])
+    assert digest(ids, other, [30])["digest"] != one["digest"]  # one path changed
+    joined = pa.array([f"v{i}" for i in range(98)] + ["v98v99", ""])  # the same bytes cut at another place
+    assert digest(joined, paths, [])["digest"] != one["digest"]
+
+
+def test_nodes_that_read_different_manifests_stop_every_rank(tmp_path):
+    from pipeline.manifest import build_spill, nodes_disagree, spill_read
+    from pipeline.runner import _node_manifest
+
+    same = {"rows": 3, "files": 1, "digest": "a"}
+    assert nodes_disagree({0: ("h0", same), 1: ("h1", dict(same))}) is None
+    said = nodes_disagree({0: ("h0", same), 1: ("h1", same), 2: ("h2", {"rows": 5, "files": 2, "digest": "b"}),
+                           3: ("h3", {"rows": 3, "files": 1, "digest": "c"})})
+    assert said.startswith("the nodes read different manifests: node 0 (h0) read 3 rows from 1 file(s), "
+                           "node 2 (h2) 5 rows from 2 file(s), node 3 (h3) as many, with other ids or paths.")
+    assert "node 1" not in said
+
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    cfg = InputConfig(manifest=str(path))
+    spills = tmp_path / "s"
+    other = dict(spill_read(build_spill(cfg, str(tmp_path / "elsewhere"), "x")), rows=4)
+
+    class TwoNodes:  # this node's rank 0 beside node 1's rank 0, which read another manifest
+        def __new__(cls):
+            from pipeline.distributed import DistContext
+
+            class Ctx(DistContext):
+                def gather(self, obj):
+                    return [obj, ("node-b", 1, 0, "/elsewhere/spill.parquet", None, other)]
+
+            return Ctx(rank=0, world_size=2, local_rank=0, local_world_size=1, host="node-a", node_rank=0)
+
+    with pytest.raises(ManifestError, match=r"node 0 \(node-a\) read 2 rows from 1 file\(s\), node 1 \(node-b\) 4 "
+                                            "rows"):
+        _node_manifest(TwoNodes(), cfg, str(spills), "r")
+    assert list(spills.iterdir()) == []  # this node's spill removed
