@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import part_format
+from pipeline.distributed import ranks_by_value
 from pipeline.errors import ConfigError, OutputHungError, OutputLockedError
 from pipeline.proc import is_alive, start_ticks
 from pipeline.software import changes_between, said
@@ -461,6 +462,35 @@ def identity_changes(recorded: dict, current: dict) -> tuple[list[str], list[str
     changed = sorted(k for k in old.keys() | new.keys()
                      if k not in unrecorded and (k not in old or k not in new or old[k] != new[k]))
     return changed, unrecorded
+
+
+def rank_settings(identity: dict, out_dir: str) -> dict:
+    """What every rank of one run must have been given alike: the job's identity (``job_identity``) and the output
+    directory. A node's cache directory, threads or timeouts may differ; these may not."""
+    return {**identity, "output": {"dir": out_dir}}
+
+
+def ranks_disagree(per_rank: list[dict]) -> str | None:
+    """Why the ranks were not given the same job, or None: each setting (dotted) whose value differs between the
+    ranks' ``rank_settings``, with the ranks that hold each value.
+
+    Args:
+        per_rank: every rank's ``rank_settings``, in rank order.
+    """
+    leaves = [_leaves(settings) for settings in per_rank]
+    found = []
+    for key in sorted(set().union(*leaves)):
+        values = ranks_by_value((rank, ours.get(key, "(unset)")) for rank, ours in enumerate(leaves))
+        if len(values) > 1:
+            each = "; ".join(f"{json.dumps(v, default=str)[:80]} on rank{'s' if len(r) > 1 else ''} "
+                             f"{','.join(map(str, r[:8]))}{',...' if len(r) > 8 else ''}" for v, r in values)
+            found.append(f"{key}: {each}")
+    if not found:
+        return None
+    return (f"the ranks were not given the same job ({' | '.join(found[:6])}{' | ...' if len(found) > 6 else ''}): a "
+            "node launched with other overrides or another copy of the config (a ConfigMap changed while the pods "
+            "started?) would write rows of another job into this output. Every rank stops before any work: launch "
+            "every node with the same config")
 
 
 def recorded_config(out_dir: str, storage_options: dict) -> dict | None:

@@ -36,6 +36,7 @@ from pipeline.distributed import (
     resolve_device,
 )
 from pipeline.errors import (
+    ConfigError,
     CrashError,
     FetchTimeout,
     ItemError,
@@ -75,6 +76,8 @@ from pipeline.resume import (
     latest_failures,
     part_files,
     pending_indices,
+    rank_settings,
+    ranks_disagree,
     read_committed,
     read_pending,
     recorded_config,
@@ -757,6 +760,10 @@ def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_sign
                             orphan_age_s=2 * cfg.runtime.stall_timeout_s)
 
     software = distinct_software(ctx.gather(software_versions()))  # a node on another image: said before any work
+    # a node launched with other overrides or another copy of the config: every rank stops alike, before any work
+    differ = ranks_disagree(ctx.gather(rank_settings(job_identity(cfg), cfg.output.dir)))
+    if differ:
+        raise ConfigError(differ)
 
     # Rank 0 takes the lease; every rank learns the run id or the reason to stop.
     leases: list[OutputLease] = []

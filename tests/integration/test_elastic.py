@@ -86,8 +86,8 @@ def test_two_nodes_on_one_machine(tmp_path, media_dir, s3, bucket):
     assert logs.count("copied to node cache") == 2
 
 
-def _two_nodes(tmp_path, job, extra):
-    """Launch two one-rank torchrun "nodes" of one job, each with its own node cache and its own overrides."""
+def _two_nodes(tmp_path, job, extra, cwd=(None, None)):
+    """Launch two one-rank torchrun "nodes" of one job, each with its own node cache, overrides and directory."""
     port = free_port()
     procs = []
     for node in (0, 1):
@@ -95,12 +95,13 @@ def _two_nodes(tmp_path, job, extra):
                "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
                "--rdzv_id", f"nodes-{port}", os.path.join(ROOT, "jobs", "run.py"), "--config", str(job),
                f"storage.cache_dir={tmp_path / f'node{node}-cache'}", *extra[node]]
-        procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=cwd[node]))
     outs = [p.communicate(timeout=300) for p in procs]
     return [(p.returncode, err) for p, (_o, err) in zip(procs, outs)]
 
 
-def test_nodes_read_a_dataset_directory_and_stop_where_they_read_different_rows(tmp_path, media_dir):
+def test_nodes_must_be_given_the_same_job_and_read_the_same_manifest(tmp_path, media_dir):
     import random
 
     import pyarrow as pa
@@ -110,25 +111,41 @@ def test_nodes_read_a_dataset_directory_and_stop_where_they_read_different_rows(
     for i, row in enumerate(rows):
         row["lang"] = ["en", "de"][i % 2]
     out = tmp_path / "out"
-    # a manifest rewritten while the job started: node 1 reads the same items in another order, so the positions
-    # that rank 0 shares would name other items there
-    shuffled = rows[:]
-    random.Random(3).shuffle(shuffled)
-    first = write_manifest(str(tmp_path / "m.parquet"), rows)
-    second = write_manifest(str(tmp_path / "m2.parquet"), shuffled)
-    raw = base_config(first, str(tmp_path / "c"), str(out), str(tmp_path / "cache"))
+    raw = base_config("m.parquet", str(tmp_path / "c"), str(out), str(tmp_path / "cache"))
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
-    results = _two_nodes(tmp_path, tmp_path / "job.yaml", [[], [f"input.manifest={second}"]])
+
+    def nothing_done():
+        assert not (out / "parts").exists() or not os.listdir(out / "parts")
+        for node in (0, 1):  # and no spill is left in either node's cache
+            spills = tmp_path / f"node{node}-cache" / "_manifest"
+            assert not spills.exists() or not os.listdir(spills)
+
+    # 1. a node launched with another override (or another copy of the config): it would write another job's rows
+    (tmp_path / "n0").mkdir()
+    (tmp_path / "n1").mkdir()
+    write_manifest(str(tmp_path / "n0" / "m.parquet"), rows)
+    results = _two_nodes(tmp_path, tmp_path / "job.yaml", [[], ["video.decode_max_side=256"]],
+                         cwd=(tmp_path / "n0", tmp_path / "n0"))
     for code, err in results:
         assert code == 1 and "exitcode  : 2" in err, err[-3000:]  # torchrun says 1; its rank's exit code is 2
-        assert "the nodes read different manifests: node 0" in err and "as many, with other ids or paths" in err
-    assert not (out / "parts").exists() or not os.listdir(out / "parts")  # no work was done
-    for node in (0, 1):  # and no spill is left in either node's cache
-        spills = tmp_path / f"node{node}-cache" / "_manifest"
-        assert not spills.exists() or not os.listdir(spills)
+        assert "the ranks were not given the same job (video.decode_max_side: " in err
+        assert "on rank 0; 256 on rank 1" in err
+    nothing_done()
 
-    # the same job over a directory that Spark's partitionBy would write (lang=en/part-*.parquet, no lang column in
-    # the files, a _SUCCESS beside them), read by both nodes alike
+    # 2. the same config, but the nodes see different files at the manifest's URL (here a relative path read from
+    # each node's own directory: another mount, a manifest rewritten while the job started): node 1 reads the same
+    # items in another order, so the positions that rank 0 shares would name other items there
+    shuffled = rows[:]
+    random.Random(3).shuffle(shuffled)
+    write_manifest(str(tmp_path / "n1" / "m.parquet"), shuffled)
+    results = _two_nodes(tmp_path, tmp_path / "job.yaml", [[], []], cwd=(tmp_path / "n0", tmp_path / "n1"))
+    for code, err in results:
+        assert code == 1 and "exitcode  : 2" in err, err[-3000:]
+        assert "the nodes read different manifests: node 0" in err and "as many, with other ids or paths" in err
+    nothing_done()
+
+    # 3. the same job over a directory that Spark's partitionBy would write (lang=en/part-*.parquet, no lang column
+    # in the files, a _SUCCESS beside them), read by both nodes alike
     dataset = tmp_path / "manifest"
     ds.write_dataset(pa.Table.from_pylist(rows), dataset, format="parquet", max_rows_per_file=3,
                      max_rows_per_group=3, partitioning=ds.partitioning(pa.schema([("lang", pa.string())]),

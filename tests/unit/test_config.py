@@ -134,3 +134,25 @@ def test_nvdec_decode_without_an_nvdec_backend_is_a_config_error(tmp_path):
     assert load_config(_write(tmp_path, _good(tmp_path)), ["video.decode_device=cuda"]).video.decode_device == "cuda"
     assert load_config(_write(tmp_path, _good(tmp_path)),
                        ["video.decode_device=cuda", "video.backends=[decord, pyav]"]).video.backends == ("decord", "pyav")
+
+
+def test_ranks_given_another_job_are_named_setting_by_setting():
+    from pipeline.config import job_identity, load_config
+    from pipeline.resume import rank_settings, ranks_disagree
+
+    def settings(*overrides, out="/out"):
+        cfg = load_config(None, ["input.manifest=/m.parquet", "output.dir=/out", "filters.probe.type=probe",
+                                 *overrides])
+        return rank_settings(job_identity(cfg), out)
+
+    same = settings()
+    assert ranks_disagree([same, settings(), settings("runtime.producers=7", "storage.cache_dir=/elsewhere")]) is None
+    said = ranks_disagree([same, settings("video.decode_max_side=256"), settings(out="/other"), same,
+                           settings("video.decode_max_side=256")])
+    assert said.startswith("the ranks were not given the same job (output.dir: \"/out\" on ranks 0,1,3,4; \"/other\" "
+                           "on rank 2 | video.decode_max_side: ")
+    assert "256 on ranks 1,4" in said
+    # a filter enabled on one rank only: its settings are absent on the others
+    extra = settings("filters.noop2.type=noop")
+    said = ranks_disagree([same, extra])
+    assert 'filters.noop2.type: "(unset)" on rank 0; "noop" on rank 1' in said

@@ -466,6 +466,14 @@ def test_a_file_cut_short_or_gone_while_read_is_a_manifest_error(tmp_path, monke
     (root / "part-0.jsonl.gz").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ManifestError, match="cannot read manifest .*part-0.jsonl.gz as jsonl"):
         read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
+    # the same among files read ahead in threads: the error comes back from its thread, naming the file
+    for i in (1, 2, 3):
+        rows = [{"video_id": f"f{i}-{j}", "video_path": "p"} for j in range(50)]
+        (root / f"part-{i}.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    with pytest.raises(ManifestError, match="cannot read manifest .*part-0.jsonl.gz as jsonl"):
+        read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
+    for i in (1, 2, 3):
+        os.remove(root / f"part-{i}.jsonl.gz")
     (root / "part-0.jsonl.gz").write_bytes(whole)
 
     listed = mf.manifest_files
