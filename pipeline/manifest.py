@@ -1,4 +1,5 @@
-"""Read the input manifest (Parquet, JSONL, CSV at any fsspec URL) or list a storage prefix.
+"""Read the input manifest (Parquet, JSONL, CSV at any fsspec URL: a file, a dataset's directory, a glob) or list a
+storage prefix.
 
 The manifest is streamed once per node, batch by batch, into a node-local Parquet spill with small row groups; the
 rows of a work unit are read back from the spill when the unit is taken. Its ids (and the mask of rows to process)
@@ -45,9 +46,9 @@ _FORMATS = ((".parquet", "parquet"), (".pq", "parquet"), (".jsonl", "jsonl"), ("
             (".json", "jsonl"), (".csv", "csv"), (".tsv", "csv"))
 _COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # what JSONL and CSV exports come in
 GLOB_CHARS = "*?["
-HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # Spark's and Hive's directory name for a null partition value
 READ_AHEAD_FILES = 8
-READ_AHEAD_MAX_BYTES = 32 << 20  # larger files are streamed batch by batch, one at a time  # Spark's and Hive's directory name for a null partition value
+READ_AHEAD_MAX_BYTES = 32 << 20  # larger files are streamed batch by batch, one at a time
 
 
 @dataclasses.dataclass(frozen=True)

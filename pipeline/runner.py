@@ -602,7 +602,8 @@ def _raise_shared(err_type: str, err_msg: str) -> None:
 def _node_manifest(ctx: DistContext, source: InputConfig, spill_dir: str, run_id: str) -> Manifest:
     """Each node's local rank 0 streams the manifest into the node's spill; every rank of the node attaches to it,
     its ids memory-mapped (one copy per node, not one per rank, and one read of the manifest per node). A failure
-    on any rank, in either step, stops every rank with its error instead of leaving them in a collective."""
+    on any rank, in either step, stops every rank with its error instead of leaving them in a collective, and so do
+    nodes that read different rows (``nodes_disagree``)."""
 
     def shared_failure(e: Exception, what: str) -> tuple[str, str]:
         if isinstance(e, MediasieveError):
