@@ -143,7 +143,7 @@ def manifest_files(cfg: InputConfig) -> tuple[fsspec.AbstractFileSystem, list[Ma
     fs, path = fsspec.core.url_to_fs(url, **cfg.storage_options)
     proto = url.split("://", 1)[0] + "://" if "://" in url else ""
     try:
-        if any(ch in path for ch in GLOB_CHARS):
+        if any(ch in path for ch in GLOB_CHARS) and not fs.isfile(path):  # a file named "m[1].parquet" is a file
             base = path[: path.rfind("/", 0, min(path.index(ch) for ch in GLOB_CHARS if ch in path)) + 1]
             listed = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"}
         elif fs.isdir(path):

@@ -424,6 +424,9 @@ def test_directories_and_globs_that_hold_no_manifest_are_refused_before_any_work
     (empty / "_SUCCESS").write_text("")
     refused(empty, r"holds no data files \(1 hidden")
     refused(tmp_path / "nothing-*.parquet", "holds no data files")
+    literal = tmp_path / "m[1].parquet"  # a file whose name holds glob characters is that file
+    pq.write_table(pa.Table.from_pylist(ROWS), literal)
+    assert read_manifest(InputConfig(manifest=str(literal)), str(tmp_path / "s")).to_pylist() == ROWS
 
     other = tmp_path / "other"
     other.mkdir()
