@@ -1046,11 +1046,20 @@ def write_summary(cfg: JobConfig, run_id: str, manifest: Manifest, pending: int,
                                         "units_taken", "peak_rss_mb")} for r in ranks],
     }
     tmp = f"{root}/_tmp"
+    # every rank took its share to the end, so every item has a row: where one has none, the ranks did not process
+    # what rank 0 decided (a fault this version checks at the start), and the marker would call the output complete
+    missing = summary["total"]["without_row"]
+    summary["complete"] = missing == 0
+    if missing:
+        log.error("%d item(s) of the manifest have no row although every rank finished its share: no completion "
+                  "marker; rerun the same command to process them (jobs/status.py counts them)", missing)
+    writes = [(FAILURES, ("\n".join(lines) + ("\n" if lines else "")).encode()),
+              (SUMMARY, json.dumps(summary, indent=2).encode())]
+    if not missing:
+        writes.append((SUCCESS_MARKER, json.dumps({"run_id": run_id}).encode()))  # the marker last
 
     def commit() -> None:  # the reads above take as long as the output is large; these writes are small
-        for name, data in ((FAILURES, ("\n".join(lines) + ("\n" if lines else "")).encode()),
-                           (SUMMARY, json.dumps(summary, indent=2).encode()),
-                           (SUCCESS_MARKER, json.dumps({"run_id": run_id}).encode())):  # the marker last
+        for name, data in writes:
             if abandoned.is_set():
                 return  # given up as hung: no marker may land late
             commit_bytes(fs, f"{root}/{name}", data, tmp, lambda: not abandoned.is_set())

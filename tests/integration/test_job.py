@@ -641,3 +641,27 @@ def test_a_clip_the_signal_filters_and_classifiers_read_through_is_one_pass_in_t
     seconds = dict(row["result_info"]["filter_s"])
     assert all(seconds[n] > 0 for n in ("static", "scene_cuts", "vfx"))
     assert seconds["rov"] > 0.2 * seconds["vfx"]  # its 12 clips (6 reversed) against vfx's 11; before, about 0
+
+
+def test_a_run_that_leaves_an_item_without_a_row_writes_no_completion_marker(tmp_path, media_dir, monkeypatch,
+                                                                              caplog):
+    """The ranks processing other positions than rank 0 decided (what nodes that read different manifests did,
+    stopped at the start now) left items without a row, and ``_SUCCESS`` said the output was complete."""
+    import pipeline.runner as runner
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 6)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    out = tmp_path / "out"
+    raw = base_config(manifest, str(tmp_path / "c"), str(out), str(tmp_path / "cache"))
+    real = runner.pending_indices
+    monkeypatch.setattr(runner, "pending_indices", lambda *a, **k: real(*a, **k)[1:])  # one item never handed out
+    with caplog.at_level("ERROR", logger="pipeline.runner"):
+        outcome = _run(raw)
+    assert outcome.summary["total"]["without_row"] == 1 and outcome.summary["complete"] is False
+    assert not (out / "_SUCCESS").exists()
+    assert json.load(open(out / "summary.json"))["complete"] is False
+    assert "1 item(s) of the manifest have no row although every rank finished its share" in caplog.text
+    monkeypatch.setattr(runner, "pending_indices", real)
+    again = _run(raw)  # the rerun processes it and says the output is complete
+    assert again.summary["this_run"]["items"] == 1 and again.summary["complete"] is True
+    assert (out / "_SUCCESS").exists()
