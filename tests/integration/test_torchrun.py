@@ -360,8 +360,8 @@ def test_a_bad_manifest_stops_every_rank_with_its_error(tmp_path, media_dir):
     config.write_text(yaml.safe_dump(raw))
     proc = subprocess.run(_torchrun(str(config)), env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    ranks = {int(m) for m in re.findall(r"\[rank ([01])\] ERROR .*ManifestError: manifest has 1 row\(s\) with a null",
-                                        proc.stderr)}
+    said = r"\[rank ([01])\] ERROR .*ManifestError: manifest \S+m\.jsonl has a null video_id at its row 1"
+    ranks = {int(m) for m in re.findall(said, proc.stderr)}
     assert ranks == {0, 1}, proc.stderr[-3000:]
     assert os.listdir(tmp_path / "cache" / "_manifest") == []
 
