@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import socket
 import urllib.parse
 from collections import OrderedDict
@@ -23,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import fsspec
+from fsspec.utils import glob_translate
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -231,25 +233,63 @@ def _file_batches(cfg: InputConfig) -> Iterator[tuple[pa.RecordBatch, ManifestFi
                 read.cancel()
 
 
+LIST_PAGE = 1000  # S3's largest page of a listing
+
+
+def _s3_listing(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[list[str]]:
+    """Pages of the objects a glob matches on S3, in key order, one LIST page at a time.
+
+    ``fs.glob`` builds an info dict of every object below the glob's fixed prefix (about 1.3 KB each, measured:
+    13 GB for 10M objects) and keeps the listing in the filesystem's directory cache for the life of the process;
+    this holds one page.
+    """
+    magic = min(path.index(ch) for ch in GLOB_CHARS if ch in path)
+    bucket, slash, _rest = path.partition("/")
+    if not slash or magic <= len(bucket):
+        raise ConfigError(f"a glob over S3 names its bucket without wildcards, not {path!r}")
+    match = re.compile(glob_translate(path)).match
+    request = {"Bucket": bucket, "Prefix": path[len(bucket) + 1:magic], "MaxKeys": LIST_PAGE}
+    if "**" not in path and "/" not in path[magic:]:
+        request["Delimiter"] = "/"  # one level: what lies deeper cannot match
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        names = (f"{bucket}/{o['Key']}" for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+        yield [name for name in names if match(name)]
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
 def _listing_batches(cfg: InputConfig) -> Iterator[tuple[pa.RecordBatch, ManifestFile]]:
     pattern = cfg.listing_glob
     fs, path = fsspec.core.url_to_fs(pattern, **cfg.storage_options)
     proto = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
-    base = path
-    for i, ch in enumerate(path):
-        if ch in "*?[":
-            base = path[: path.rfind("/", 0, i) + 1]
-            break
+    magic = [path.index(ch) for ch in GLOB_CHARS if ch in path]
+    base = path[: path.rfind("/", 0, min(magic)) + 1] if magic else ""
     try:
-        found = sorted(fs.glob(path))
-    except ValueError as e:
+        if magic and "s3" in fs.protocol and hasattr(fs, "call_s3"):
+            pages = _s3_listing(fs, path)
+        else:  # a shared filesystem, another store: its own glob, whole
+            found = fs.glob(path, detail=True)
+            pages = iter([sorted(p for p, info in found.items() if info.get("type") != "directory")])
+        listing = ManifestFile(pattern, f"the listing of {pattern}", "listing", None)
+        ids: list[str] = []
+        paths: list[str] = []
+        sent = False
+        for page in pages:
+            for name in page:
+                ids.append(name[len(base):] if base and name.startswith(base) else name)
+                paths.append(proto + name if proto else name)
+            while len(ids) >= BATCH_ROWS:
+                yield (pa.record_batch({cfg.id_column: pa.array(ids[:BATCH_ROWS], pa.string()),
+                                        cfg.path_column: pa.array(paths[:BATCH_ROWS], pa.string())}), listing)
+                del ids[:BATCH_ROWS], paths[:BATCH_ROWS]
+                sent = True
+        if ids or not sent:  # an empty listing is still a manifest with its columns
+            yield (pa.record_batch({cfg.id_column: pa.array(ids, pa.string()),
+                                    cfg.path_column: pa.array(paths, pa.string())}), listing)
+    except ValueError as e:  # a glob the filesystem refuses
         raise ConfigError(f"input.listing_glob {pattern!r}: {e}") from e
-    files = [p for p in found if not fs.isdir(p)]
-    ids = [posixpath.relpath(p, base) if base else p for p in files]
-    paths = [proto + p if proto else p for p in files]
-    listing = ManifestFile(pattern, f"the listing of {pattern}", "listing", None)
-    yield (pa.record_batch({cfg.id_column: pa.array(ids, pa.string()), cfg.path_column: pa.array(paths, pa.string())}),
-           listing)
 
 
 def list_glob(cfg: InputConfig) -> pa.Table:

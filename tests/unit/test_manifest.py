@@ -77,9 +77,37 @@ def test_listing_mode_over_s3(bucket):
     assert out["video_path"].to_pylist() == [f"s3://{name}/v/a.mp4", f"s3://{name}/v/sub/b.mp4"]
 
 
+@pytest.mark.parametrize("pattern", ["v/**/*.mp4", "v/*.mp4", "v/*/*.mp4", "v/su?/*", "v/[ab].*", "v*/*.mp4",
+                                     "v/**", "v/sub/**/*.mp4", "nothing/*.mp4"])
+def test_an_s3_listing_is_read_page_by_page_and_matches_fsspecs_glob(bucket, monkeypatch, pattern):
+    """Oracle: fsspec's own glob (which holds every object's info, and keeps it in its directory cache)."""
+    import s3fs
+
+    import pipeline.manifest as mf
+
+    name, fs = bucket
+    for key in ("v/a.mp4", "v/b.MP4", "v/sub/c.mp4", "v/sub/deep/d.mp4", "v/sub/e.txt", "v/x y/\u00fc.mp4", "v/dir/",
+                "v/sua/f.mp4", "w/z.mp4", "v2/q.mp4", "v/sub/deep/more/g.mp4"):
+        fs.pipe(f"{name}/{key}", b"" if key.endswith("/") else b"x")
+    monkeypatch.setattr(mf, "LIST_PAGE", 2)  # every page boundary crossed
+    ours = s3fs.S3FileSystem(**fs.storage_options, skip_instance_cache=True)
+    monkeypatch.setattr("fsspec.core.url_to_fs", lambda url, **kw: (ours, ours._strip_protocol(url)))
+    listed = read_manifest(InputConfig(listing_glob=f"s3://{name}/{pattern}"))
+    oracle = s3fs.S3FileSystem(**fs.storage_options, skip_instance_cache=True)
+    # a zero-byte key ending in "/" (the "folder" a console makes) is no item, though s3fs's glob lists it as a file
+    expected = sorted(p for p, i in oracle.glob(f"{name}/{pattern}", detail=True).items()
+                      if i["type"] != "directory" and not p.endswith("/"))
+    assert listed["video_path"].to_pylist() == [f"s3://{p}" for p in expected]
+    base = f"{name}/{pattern[: pattern.rfind('/', 0, min(pattern.index(c) for c in '*?[' if c in pattern)) + 1]}"
+    assert listed["video_id"].to_pylist() == [p[len(base):] for p in expected]
+    assert not ours.dircache  # nothing kept for the life of the process
+
+
 def test_bad_glob_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="listing_glob"):
         read_manifest(InputConfig(listing_glob=str(tmp_path) + "/a**b"))
+    with pytest.raises(ConfigError, match="names its bucket without wildcards"):  # before any request
+        read_manifest(InputConfig(listing_glob="s3://media-*/v/*.mp4", storage_options={"anon": True}))
 
 
 @pytest.fixture
