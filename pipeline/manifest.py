@@ -50,7 +50,7 @@ _COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # wha
 GLOB_CHARS = "*?["
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # Spark's and Hive's directory name for a null partition value
 READ_AHEAD_FILES = 8
-READ_AHEAD_MAX_BYTES = 32 << 20  # larger files are streamed batch by batch, one at a time
+READ_AHEAD_MAX_BYTES = 16 << 20  # larger files are streamed batch by batch, one at a time (8 x 16 MB in flight)
 
 
 @dataclasses.dataclass(frozen=True)
