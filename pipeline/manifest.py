@@ -159,6 +159,8 @@ def manifest_files(cfg: InputConfig) -> tuple[fsspec.AbstractFileSystem, list[Ma
         raise
     except Exception as e:  # noqa: BLE001 - any error here means the manifest is not readable
         raise ConfigError(f"input.manifest {url} cannot be reached: {type(e).__name__}: {e}") from e
+    finally:
+        fs.invalidate_cache(path.split("*", 1)[0])  # an object store's listing is not kept for the process's life
     found = sorted(listed)
     rels = [p[len(base):] if p.startswith(base) else posixpath.basename(p) for p in found]
     _refuse_table_formats(url, rels)

@@ -415,6 +415,10 @@ def test_compressed_jsonl_and_csv_files_over_s3_by_a_glob(bucket):
     assert out.to_pylist() == ROWS + [{"video_id": "c", "video_path": "x/c.mp4", "lang": "fr"}]
     whole_dir = read_manifest(InputConfig(manifest=f"s3://{name}/m", storage_options=fs.storage_options))
     assert whole_dir.equals(out)
+    import fsspec
+
+    used = fsspec.core.url_to_fs(f"s3://{name}/m", **fs.storage_options)[0]  # the instance the reads used
+    assert not [k for k in used.dircache if k.startswith(f"{name}/m")]  # its listing was not kept
 
 
 def test_files_of_one_dataset_that_differ_in_columns(tmp_path, caplog):
