@@ -592,6 +592,40 @@ def _main_decides(ctx: DistContext, decide: Callable[[], T]) -> T:
     return value
 
 
+def _on_every_rank(ctx: DistContext, what: str, step: Callable[[], T]) -> T:
+    """Run ``step`` on every rank; where it fails on any, every rank raises that failure, typed and naming the ranks
+    and hosts where it happened. Without this, a check that fails on one node (a manifest or a tier its image cannot
+    reach) stopped that rank alone, and every other rank, rank 0's log included, stopped in its next collective with
+    "Connection closed by peer" and exit code 1, the cause only in the failed node's log."""
+    value: T | None = None
+    error: Exception | None = None
+    failure: tuple[str, str] | None = None
+    try:
+        value = step()
+    except MediasieveError as e:
+        error, failure = e, (type(e).__name__, str(e))
+    except Exception as e:  # noqa: BLE001 - shared below, then raised
+        error, failure = e, ("MediasieveError", f"{what}: {type(e).__name__}: {e}")
+    if ctx.world_size == 1:
+        if error is not None:
+            raise error
+        return value
+    failed = [(rank, host, said) for rank, host, said in ctx.gather((ctx.rank, ctx.host, failure)) if said is not None]
+    if not failed:
+        return value
+    kind, message = failed[0][2]
+    alike = [(rank, host) for rank, host, said in failed if said == failed[0][2]]
+    hosts = sorted({host for _rank, host in alike})
+    where = (f"rank{'s' if len(alike) > 1 else ''} {','.join(str(r) for r, _h in alike[:8])}"
+             f"{',...' if len(alike) > 8 else ''} on {', '.join(hosts[:4])}{' ...' if len(hosts) > 4 else ''}")
+    otherwise = len(failed) - len(alike)
+    from pipeline import errors
+
+    shared = getattr(errors, kind, MediasieveError)(
+        f"{message} (on {where}{f'; {otherwise} other rank(s) failed otherwise' if otherwise else ''})")
+    raise shared from error
+
+
 def _raise_shared(err_type: str, err_msg: str) -> None:
     """Raise another rank's error here: the MediasieveError of the same type and message."""
     from pipeline import errors
@@ -754,11 +788,15 @@ def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_sign
         import torch
 
         torch.set_num_threads(cfg.runtime.torch_threads)
-    check_input_exists(cfg.input)
-    # checks the tiers; local rank 0 tends what earlier runs left in the node cache (an entry or a partial download
-    # unused for twice the stall timeout is abandoned: no live rank holds an item that long)
-    fetcher = TieredFetcher(cfg.storage, cache_share=1.0 / max(1, ctx.local_world_size), tend_cache=ctx.local_rank == 0,
-                            orphan_age_s=2 * cfg.runtime.stall_timeout_s)
+
+    def reach() -> TieredFetcher:
+        check_input_exists(cfg.input)
+        # checks the tiers; local rank 0 tends what earlier runs left in the node cache (an entry or a partial
+        # download unused for twice the stall timeout is abandoned: no live rank holds an item that long)
+        return TieredFetcher(cfg.storage, cache_share=1.0 / max(1, ctx.local_world_size),
+                             tend_cache=ctx.local_rank == 0, orphan_age_s=2 * cfg.runtime.stall_timeout_s)
+
+    fetcher = _on_every_rank(ctx, "cannot reach the manifest or the storage tiers", reach)
 
     software = distinct_software(ctx.gather(software_versions()))  # a node on another image: said before any work
     # a node launched with other overrides or another copy of the config: every rank stops alike, before any work

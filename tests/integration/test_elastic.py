@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -132,7 +133,15 @@ def test_nodes_must_be_given_the_same_job_and_read_the_same_manifest(tmp_path, m
         assert "on rank 0; 256 on rank 1" in err
     nothing_done()
 
-    # 2. the same config, but the nodes see different files at the manifest's URL (here a relative path read from
+    # 2. a node that cannot reach the manifest (its image lacks a mount or a credential): every rank stops with that
+    # node's error and exit code 2; rank 0's log said only "Connection closed by peer" (exit code 1) before
+    results = _two_nodes(tmp_path, tmp_path / "job.yaml", [[], []], cwd=(tmp_path / "n0", tmp_path / "n1"))
+    for code, err in results:
+        assert code == 1 and "exitcode  : 2" in err, err[-3000:]
+        assert re.search(r"ConfigError: input.manifest m.parquet does not exist \(on rank 1 on \S+\)", err), err[-3000:]
+    nothing_done()
+
+    # 3. the same config, but the nodes see different files at the manifest's URL (here a relative path read from
     # each node's own directory: another mount, a manifest rewritten while the job started): node 1 reads the same
     # items in another order, so the positions that rank 0 shares would name other items there
     shuffled = rows[:]
@@ -144,7 +153,7 @@ def test_nodes_must_be_given_the_same_job_and_read_the_same_manifest(tmp_path, m
         assert "the nodes read different manifests: node 0" in err and "as many, with other ids or paths" in err
     nothing_done()
 
-    # 3. the same job over a directory that Spark's partitionBy would write (lang=en/part-*.parquet, no lang column
+    # 4. the same job over a directory that Spark's partitionBy would write (lang=en/part-*.parquet, no lang column
     # in the files, a _SUCCESS beside them), read by both nodes alike
     dataset = tmp_path / "manifest"
     ds.write_dataset(pa.Table.from_pylist(rows), dataset, format="parquet", max_rows_per_file=3,

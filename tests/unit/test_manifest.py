@@ -581,3 +581,40 @@ def test_nodes_that_read_different_manifests_stop_every_rank(tmp_path):
                                             "rows"):
         _node_manifest(TwoNodes(), cfg, str(spills), "r")
     assert list(spills.iterdir()) == []  # this node's spill removed
+
+
+def test_a_start_check_that_fails_on_some_ranks_stops_every_rank_with_their_error():
+    from pipeline.distributed import DistContext
+    from pipeline.errors import DependencyError
+    from pipeline.runner import _on_every_rank
+
+    def rank(r, reports):
+        class Ctx(DistContext):
+            def gather(self, obj):
+                return [obj if i == r else reports[i] for i in range(len(reports))]
+
+        return Ctx(rank=r, world_size=len(reports), local_rank=0, local_world_size=1, host=f"h{r}")
+
+    missing = ("ConfigError", "input.manifest m.parquet does not exist")
+    reports = [(0, "h0", None), (1, "h1", missing), (2, "h2", None), (3, "h3", missing),
+               (4, "h4", ("DependencyError", "gs:// URLs need the gcsfs package: pip install gcsfs"))]
+    with pytest.raises(ConfigError) as raised:  # a rank whose own check passed stops with the others' error
+        _on_every_rank(rank(0, reports), "x", lambda: "ok")
+    assert str(raised.value) == ("input.manifest m.parquet does not exist (on ranks 1,3 on h1, h3; 1 other rank(s) "
+                                 "failed otherwise)")
+
+    def fails():
+        raise DependencyError("gs:// URLs need the gcsfs package: pip install gcsfs")
+
+    only4 = [(0, "h0", None), (1, "h1", None), (2, "h2", None), (3, "h3", None), reports[4]]
+    said = r"^gs:// URLs need the gcsfs package: pip install gcsfs \(on rank 4 on h4\)$"
+    with pytest.raises(DependencyError, match=said):
+        _on_every_rank(rank(4, only4), "x", fails)
+    assert _on_every_rank(rank(2, [(i, f"h{i}", None) for i in range(5)]), "x", lambda: 42) == 42
+
+    class Alone(DistContext):  # one process: its own error, as it was
+        def gather(self, obj):
+            raise AssertionError("no collective with one rank")
+
+    with pytest.raises(DependencyError, match=r"^gs:// URLs need the gcsfs package: pip install gcsfs$"):
+        _on_every_rank(Alone(), "x", fails)
