@@ -619,18 +619,16 @@ def _on_every_rank(ctx: DistContext, what: str, step: Callable[[], T]) -> T:
     where = (f"rank{'s' if len(alike) > 1 else ''} {','.join(str(r) for r, _h in alike[:8])}"
              f"{',...' if len(alike) > 8 else ''} on {', '.join(hosts[:4])}{' ...' if len(hosts) > 4 else ''}")
     otherwise = len(failed) - len(alike)
+    _raise_shared(kind, f"{message} (on {where}{f'; {otherwise} other rank(s) failed otherwise' if otherwise else ''})",
+                  error)
+
+
+def _raise_shared(err_type: str, err_msg: str, cause: BaseException | None = None) -> None:
+    """Raise another rank's error here: the MediasieveError of the same type and message (``cause``: this rank's
+    own error, where it had one)."""
     from pipeline import errors
 
-    shared = getattr(errors, kind, MediasieveError)(
-        f"{message} (on {where}{f'; {otherwise} other rank(s) failed otherwise' if otherwise else ''})")
-    raise shared from error
-
-
-def _raise_shared(err_type: str, err_msg: str) -> None:
-    """Raise another rank's error here: the MediasieveError of the same type and message."""
-    from pipeline import errors
-
-    raise getattr(errors, err_type, MediasieveError)(err_msg)
+    raise getattr(errors, err_type, MediasieveError)(err_msg) from cause
 
 
 def _node_manifest(ctx: DistContext, source: InputConfig, spill_dir: str, run_id: str) -> Manifest:
