@@ -582,6 +582,23 @@ def test_nodes_that_read_different_manifests_stop_every_rank(tmp_path):
         _node_manifest(TwoNodes(), cfg, str(spills), "r")
     assert list(spills.iterdir()) == []  # this node's spill removed
 
+    # the other node could not read the manifest at all: its error here, and this node's spill removed too
+    failed = ("node-b", 1, 0, None, ("ManifestError", "cannot read manifest m.jsonl as jsonl: bad"), None)
+
+    class FailedPeer:
+        def __new__(cls):
+            from pipeline.distributed import DistContext
+
+            class Ctx(DistContext):
+                def gather(self, obj):
+                    return [obj, failed]
+
+            return Ctx(rank=0, world_size=2, local_rank=0, local_world_size=1, host="node-a", node_rank=0)
+
+    with pytest.raises(ManifestError, match="cannot read manifest m.jsonl as jsonl: bad"):
+        _node_manifest(FailedPeer(), cfg, str(spills), "r")
+    assert list(spills.iterdir()) == []
+
 
 def test_a_start_check_that_fails_on_some_ranks_stops_every_rank_with_their_error():
     from pipeline.distributed import DistContext
