@@ -75,6 +75,13 @@ class ManifestFile:
     size: int | None = None
 
 
+def _glob_base(path: str) -> tuple[int | None, str]:
+    """Where a glob's first wildcard is (None: no wildcard), and its fixed part up to the last ``/`` before it (the
+    directory an id is taken below; "" where the wildcard is in the first segment or there is none)."""
+    magic = min((path.index(ch) for ch in GLOB_CHARS if ch in path), default=None)
+    return magic, "" if magic is None else path[: path.rfind("/", 0, magic) + 1]
+
+
 def _split_compression(url: str) -> tuple[str, str | None]:
     """The name without a compression suffix, and the codec that suffix names (None: none)."""
     name = url.split("?", 1)[0].lower()
@@ -144,9 +151,9 @@ def manifest_files(cfg: InputConfig) -> tuple[fsspec.AbstractFileSystem, list[Ma
     url = cfg.manifest
     fs, path = fsspec.core.url_to_fs(url, **cfg.storage_options)
     proto = url.split("://", 1)[0] + "://" if "://" in url else ""
+    magic, base = _glob_base(path)
     try:
-        if any(ch in path for ch in GLOB_CHARS) and not fs.isfile(path):  # a file named "m[1].parquet" is a file
-            base = path[: path.rfind("/", 0, min(path.index(ch) for ch in GLOB_CHARS if ch in path)) + 1]
+        if magic is not None and not fs.isfile(path):  # a file named "m[1].parquet" is a file
             listed = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"}
         elif fs.isdir(path):
             base = path.rstrip("/") + "/"
@@ -160,7 +167,7 @@ def manifest_files(cfg: InputConfig) -> tuple[fsspec.AbstractFileSystem, list[Ma
     except Exception as e:  # noqa: BLE001 - any error here means the manifest is not readable
         raise ConfigError(f"input.manifest {url} cannot be reached: {type(e).__name__}: {e}") from e
     finally:
-        fs.invalidate_cache(path.split("*", 1)[0])  # an object store's listing is not kept for the process's life
+        fs.invalidate_cache(base or path)  # an object store's listing is not kept for the process's life
     found = sorted(listed)
     rels = [p[len(base):] if p.startswith(base) else posixpath.basename(p) for p in found]
     _refuse_table_formats(url, rels)
@@ -245,7 +252,7 @@ def _s3_listing(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[list[str]]
     ``bench_listing.py``: some 14 GB for 10M objects) and keeps the listing in the filesystem's directory cache for
     the life of the process; this holds one page, and the ids and paths of one batch as Python strings.
     """
-    magic = min(path.index(ch) for ch in GLOB_CHARS if ch in path)
+    magic, _base = _glob_base(path)
     bucket, slash, _rest = path.partition("/")
     if not slash or magic <= len(bucket):
         raise ConfigError(f"a glob over S3 names its bucket without wildcards, not {path!r}")
@@ -266,10 +273,9 @@ def _listing_batches(cfg: InputConfig) -> Iterator[tuple[pa.RecordBatch, Manifes
     pattern = cfg.listing_glob
     fs, path = fsspec.core.url_to_fs(pattern, **cfg.storage_options)
     proto = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
-    magic = [path.index(ch) for ch in GLOB_CHARS if ch in path]
-    base = path[: path.rfind("/", 0, min(magic)) + 1] if magic else ""
+    magic, base = _glob_base(path)
     try:
-        if magic and "s3" in fs.protocol and hasattr(fs, "call_s3"):
+        if magic is not None and "s3" in fs.protocol and hasattr(fs, "call_s3"):
             pages = _s3_listing(fs, path)
         else:  # a shared filesystem, another store: its own glob, whole
             found = fs.glob(path, detail=True)
