@@ -13,6 +13,11 @@ from typing import Any, Iterable
 log = logging.getLogger(__name__)
 
 
+def ranks_shown(ranks: list[int]) -> str:
+    """Ranks for a message: ``1,3,5``, the first eight and ``,...`` after them."""
+    return ",".join(map(str, ranks[:8])) + (",..." if len(ranks) > 8 else "")
+
+
 def ranks_by_value(pairs: Iterable[tuple[int, Any]]) -> list[tuple[Any, list[int]]]:
     """The distinct values among ``(rank, value)`` pairs, in the order first seen, each with the ranks that hold it
     (for a summary: the runtimes of a model, the software versions, across the ranks)."""

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import part_format
-from pipeline.distributed import ranks_by_value
+from pipeline.distributed import ranks_by_value, ranks_shown
 from pipeline.errors import ConfigError, OutputHungError, OutputLockedError
 from pipeline.proc import is_alive, start_ticks
 from pipeline.software import changes_between, said
@@ -482,8 +482,8 @@ def ranks_disagree(per_rank: list[dict]) -> str | None:
     for key in sorted(set().union(*leaves)):
         values = ranks_by_value((rank, ours.get(key, "(unset)")) for rank, ours in enumerate(leaves))
         if len(values) > 1:
-            each = "; ".join(f"{json.dumps(v, default=str)[:80]} on rank{'s' if len(r) > 1 else ''} "
-                             f"{','.join(map(str, r[:8]))}{',...' if len(r) > 8 else ''}" for v, r in values)
+            each = "; ".join(f"{json.dumps(v, default=str)[:80]} on rank{'s' if len(r) > 1 else ''} {ranks_shown(r)}"
+                             for v, r in values)
             found.append(f"{key}: {each}")
     if not found:
         return None

@@ -33,6 +33,7 @@ from pipeline.distributed import (
     WorkUnitCounter,
     init_distributed,
     ranks_by_value,
+    ranks_shown,
     resolve_device,
 )
 from pipeline.errors import (
@@ -599,13 +600,11 @@ def _on_every_rank(ctx: DistContext, what: str, step: Callable[[], T]) -> T:
     "Connection closed by peer" and exit code 1, the cause only in the failed node's log."""
     value: T | None = None
     error: Exception | None = None
-    failure: tuple[str, str] | None = None
     try:
         value = step()
-    except MediasieveError as e:
-        error, failure = e, (type(e).__name__, str(e))
     except Exception as e:  # noqa: BLE001 - shared below, then raised
-        error, failure = e, ("MediasieveError", f"{what}: {type(e).__name__}: {e}")
+        error = e
+    failure = None if error is None else _shared_failure(error, what)
     if ctx.world_size == 1:
         if error is not None:
             raise error
@@ -616,11 +615,19 @@ def _on_every_rank(ctx: DistContext, what: str, step: Callable[[], T]) -> T:
     kind, message = failed[0][2]
     alike = [(rank, host) for rank, host, said in failed if said == failed[0][2]]
     hosts = sorted({host for _rank, host in alike})
-    where = (f"rank{'s' if len(alike) > 1 else ''} {','.join(str(r) for r, _h in alike[:8])}"
-             f"{',...' if len(alike) > 8 else ''} on {', '.join(hosts[:4])}{' ...' if len(hosts) > 4 else ''}")
+    where = (f"rank{'s' if len(alike) > 1 else ''} {ranks_shown([r for r, _h in alike])} on {', '.join(hosts[:4])}"
+             f"{' ...' if len(hosts) > 4 else ''}")
     otherwise = len(failed) - len(alike)
     _raise_shared(kind, f"{message} (on {where}{f'; {otherwise} other rank(s) failed otherwise' if otherwise else ''})",
                   error)
+
+
+def _shared_failure(e: Exception, what: str) -> tuple[str, str]:
+    """A rank's error as the (type, message) that every rank raises: a MediasieveError as it is, any other error as
+    a MediasieveError saying ``what`` failed."""
+    if isinstance(e, MediasieveError):
+        return type(e).__name__, str(e)
+    return "MediasieveError", f"{what}: {type(e).__name__}: {e}"
 
 
 def _raise_shared(err_type: str, err_msg: str, cause: BaseException | None = None) -> None:
@@ -636,11 +643,6 @@ def _node_manifest(ctx: DistContext, source: InputConfig, spill_dir: str, run_id
     its ids memory-mapped (one copy per node, not one per rank, and one read of the manifest per node). A failure
     on any rank, in either step, stops every rank with its error instead of leaving them in a collective, and so do
     nodes that read different rows (``nodes_disagree``)."""
-
-    def shared_failure(e: Exception, what: str) -> tuple[str, str]:
-        if isinstance(e, MediasieveError):
-            return type(e).__name__, str(e)
-        return "MediasieveError", f"{what}: {type(e).__name__}: {e}"
 
     def stop_on_failure(reports: list[tuple[str, str] | None], mine: BaseException | None) -> None:
         if mine is not None:
@@ -659,7 +661,7 @@ def _node_manifest(ctx: DistContext, source: InputConfig, spill_dir: str, run_id
         except Exception as e:  # noqa: BLE001 - shared below, then raised
             error = e
     reports = ctx.gather((ctx.host, ctx.node_rank, ctx.local_rank, built,
-                          None if error is None else shared_failure(error, "cannot build the manifest spill"), read))
+                          None if error is None else _shared_failure(error, "cannot build the manifest spill"), read))
     try:
         stop_on_failure([r[4] for r in reports], error)
         # every node read the manifest itself: the positions that rank 0 shares mean the same items on each only

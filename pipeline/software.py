@@ -12,7 +12,7 @@ import os
 import platform
 from typing import Any
 
-from pipeline.distributed import ranks_by_value
+from pipeline.distributed import ranks_by_value, ranks_shown
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def warn_if_mixed(sets: list[dict[str, Any]], fail: bool = False) -> None:
     """
     diff = differences(sets)
     if diff:
-        by_rank = "; ".join(f"{name} " + ", ".join(f"{v} on ranks {_ranks(r)}" for v, r in by.items())
+        by_rank = "; ".join(f"{name} " + ", ".join(f"{v} on ranks {ranks_shown(r)}" for v, r in by.items())
                             for name, by in diff.items())
         if fail:
             from pipeline.errors import ConfigError
@@ -143,6 +143,3 @@ def warn_if_mixed(sets: list[dict[str, Any]], fail: bool = False) -> None:
         log.warning("the ranks do not run the same software (%s): their rows may differ for the same input; "
                     "summary.json's software lists each set (runtime.mixed_software=fail stops instead)", by_rank)
 
-
-def _ranks(ranks: list[int]) -> str:
-    return ",".join(map(str, ranks[:8])) + (",..." if len(ranks) > 8 else "")
