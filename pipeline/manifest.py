@@ -139,6 +139,16 @@ def _refuse_table_formats(url: str, rels: list[str]) -> None:
                               "the files its snapshots removed; write its current snapshot to Parquet and name that")
 
 
+def _forget_listing(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Drop what listing ``root`` left in the filesystem's directory cache, its subdirectories' listings included
+    (``invalidate_cache`` drops a path and its parents only): an object store's listing is not kept for the life of
+    the process."""
+    fs.invalidate_cache(root)
+    below = fs._strip_protocol(root).rstrip("/") + "/"
+    for key in [k for k in fs.dircache if k.startswith(below)]:
+        fs.dircache.pop(key, None)
+
+
 def manifest_files(cfg: InputConfig) -> tuple[fsspec.AbstractFileSystem, list[ManifestFile]]:
     """The files of ``cfg.manifest``: one file; every data file under a directory (a dataset that Spark, DuckDB or
     pyarrow wrote: hidden names skipped, ``key=value`` directories read as partition columns); or those a glob
@@ -167,7 +177,7 @@ def manifest_files(cfg: InputConfig) -> tuple[fsspec.AbstractFileSystem, list[Ma
     except Exception as e:  # noqa: BLE001 - any error here means the manifest is not readable
         raise ConfigError(f"input.manifest {url} cannot be reached: {type(e).__name__}: {e}") from e
     finally:
-        fs.invalidate_cache(base or path)  # an object store's listing is not kept for the process's life
+        _forget_listing(fs, base or path)
     found = sorted(listed)
     rels = [p[len(base):] if p.startswith(base) else posixpath.basename(p) for p in found]
     _refuse_table_formats(url, rels)

@@ -413,12 +413,14 @@ def test_compressed_jsonl_and_csv_files_over_s3_by_a_glob(bucket):
     check_input_exists(cfg)
     out = read_manifest(cfg)
     assert out.to_pylist() == ROWS + [{"video_id": "c", "video_path": "x/c.mp4", "lang": "fr"}]
+    d = {"video_id": "d", "video_path": "x/d.mp4", "lang": "it"}
+    fs.pipe(f"{name}/m/more/part-2.jsonl.gz", gzip.compress((json.dumps(d) + "\n").encode()))  # a subdirectory
     whole_dir = read_manifest(InputConfig(manifest=f"s3://{name}/m", storage_options=fs.storage_options))
-    assert whole_dir.equals(out)
+    assert whole_dir.to_pylist() == [d] + out.to_pylist()  # path order: m/more/ before m/part-
     import fsspec
 
     used = fsspec.core.url_to_fs(f"s3://{name}/m", **fs.storage_options)[0]  # the instance the reads used
-    assert not [k for k in used.dircache if k.startswith(f"{name}/m")]  # its listing was not kept
+    assert not [k for k in used.dircache if k.startswith(f"{name}/m")]  # its listing was not kept, subdirectories too
 
 
 def test_files_of_one_dataset_that_differ_in_columns(tmp_path, caplog):
