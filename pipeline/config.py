@@ -40,6 +40,12 @@ class InputConfig:
     """Duplicate ids: ``error`` stops before any work, naming them; ``drop`` keeps the first with a warning."""
     limit: int | None = None
     """Process only the first N items of the manifest (for trials)."""
+    portable_types: bool = True
+    """Write the manifest's other columns in types that Spark, DuckDB, Polars and pyarrow all read
+    (``pipeline.portable``): nanosecond timestamps in microseconds, times of day and UUIDs as strings, float16 as
+    float32, list views as lists, an empty struct as null. False keeps them as read (an output begun before this
+    setting whose parts hold such a column resumes only so); an id column is always a string, a UUID in its
+    canonical form."""
     storage_options: dict = field(default_factory=dict)
     """fsspec storage options for the manifest or listing URL."""
 
@@ -632,6 +638,7 @@ def job_identity(cfg: JobConfig) -> dict:
     inp = dict(d["input"])
     inp.pop("storage_options", None)
     inp.pop("limit", None)
+    inp.pop("portable_types", None)  # the committed parts' schema guards it (resume.writer_schema)
     return {"input": inp, "filters": {k: v for k, v in d["filters"].items() if v.get("enabled", True)},
             "video": {k: d["video"][k] for k in PICTURE_KEYS}}
 

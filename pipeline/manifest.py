@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError, ManifestError, MediasieveError
+from pipeline.portable import changes, portable_batch, portable_type, to_portable
 from pipeline.proc import is_alive, parse_process_tag, process_tag
 
 log = logging.getLogger(__name__)
@@ -364,13 +365,24 @@ def _normalise(batch: pa.RecordBatch, cfg: InputConfig, row: int, source: Manife
     arrays = list(batch.columns)
     for col in (cfg.id_column, cfg.path_column):
         i = batch.schema.get_field_index(col)
-        arrays[i] = pc.cast(arrays[i], pa.string())
+        # a UUID as its canonical string (cast as it is, its 16 bytes were taken for UTF-8)
+        arrays[i] = pc.cast(to_portable(arrays[i], portable_type(arrays[i].type)), pa.string())
     batch = pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
     nulls = batch.column(cfg.id_column).null_count
     if nulls:
         first = row + pc.index(pc.is_null(batch.column(cfg.id_column)), True).as_py()
         raise ManifestError(f"manifest {source.name} has a null {cfg.id_column} at its row {first}")
     return batch
+
+
+def _say_retyped(schema: pa.Schema, keep: set[str], said: dict[str, str], source: ManifestFile) -> None:
+    """Log, once per column, that a manifest column will be written in another type (``pipeline.portable``)."""
+    new = [c for c in changes(pa.schema([f for f in schema if f.name not in keep])) if c not in said]
+    if new:
+        said.update(dict.fromkeys(new, source.name))
+        log.warning("manifest %s: column(s) %s written to the rows in types that every reader of the output reads "
+                    "(Spark refuses nanosecond timestamps, times of day, float16 and UUIDs; input.portable_types="
+                    "false keeps them as read)", source.name, "; ".join(new))
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema, source: ManifestFile, first: ManifestFile,
@@ -692,12 +704,19 @@ def build_spill(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> str:
     current: ManifestFile | None = None
     row = 0  # within the current file
     missing_said: set[str] = set()
+    retyped: dict[str, str] = {}  # column -> what it becomes, said once
+    truncated: set[str] = set()
+    strings = {cfg.id_column, cfg.path_column}  # made strings by _normalise
     try:
         for raw, source in batches:
             if source is not current:
                 current, row = source, 0
                 digest.files += 1
+                if cfg.portable_types:
+                    _say_retyped(raw.schema, strings, retyped, source)
             batch = _normalise(raw, cfg, row, source)
+            if cfg.portable_types:
+                batch = portable_batch(batch, strings, truncated)
             row += batch.num_rows
             if writer is None:
                 first = source
@@ -712,6 +731,11 @@ def build_spill(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> str:
             schema = pa.schema([(cfg.id_column, pa.string()), (cfg.path_column, pa.string())])
             writer = pq.ParquetWriter(spill_path, schema)
         writer.close()
+    except pa.ArrowNotImplementedError as e:  # a type Parquet cannot hold: the spill's, and the output's
+        remove_spill(spill_path)
+        raise ManifestError(f"the manifest has a column that Parquet cannot hold ({e}); "
+                            f"{'' if cfg.portable_types else 'input.portable_types=true writes it in a type that it can, or '}"
+                            "drop it from the manifest") from e
     except BaseException as e:
         if writer is not None:
             try:
@@ -723,6 +747,9 @@ def build_spill(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> str:
             # reading errors are ManifestErrors already: an OSError here is the spill's disk (full, gone)
             raise MediasieveError(f"cannot write the manifest spill {spill_path}: {e}") from e
         raise
+    if truncated:
+        log.warning("manifest column(s) %s hold times below a microsecond: written to the rows in microseconds, "
+                    "the digits below dropped", sorted(truncated))
     ids = pa.chunked_array(id_chunks, pa.string())
     keep = None
     later, names, n_repeated = _duplicates(ids)

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from pipeline import part_format
 from pipeline.distributed import ranks_by_value, ranks_shown
 from pipeline.errors import ConfigError, OutputHungError, OutputLockedError
+from pipeline.portable import portable_type
 from pipeline.proc import is_alive, start_ticks
 from pipeline.software import changes_between, said
 from pipeline.weights import shown
@@ -264,7 +265,12 @@ def writer_schema(out_dir: str, storage_options: dict, newest_part: str | None, 
         return committed.remove_metadata()
     where = f"{out_dir} holds rows in another schema than this run writes ({drift.describe()})"
     if drift.changed:
-        raise ConfigError(f"{where}; a changed type cannot be written into the same table: use a new output.dir")
+        as_read = [f.name for f in current if f.name in committed.names and not f.type.equals(
+            committed.field(f.name).type) and portable_type(committed.field(f.name).type).equals(f.type)]
+        hint = (f" (the committed parts hold manifest column(s) {as_read} as read, by a version before "
+                "input.portable_types: input.portable_types=false writes them so again)") if as_read else ""
+        raise ConfigError(f"{where}; a changed type cannot be written into the same table: use a new output.dir"
+                          f"{hint}")
     if on_change != "conform":
         raise ConfigError(f"{where}; use a new output.dir, or resume.on_schema_change=conform to write the new "
                           "rows in the committed schema (added fields dropped, removed fields null)")
@@ -464,10 +470,13 @@ def identity_changes(recorded: dict, current: dict) -> tuple[list[str], list[str
     return changed, unrecorded
 
 
-def rank_settings(identity: dict, out_dir: str) -> dict:
-    """What every rank of one run must have been given alike: the job's identity (``job_identity``) and the output
-    directory. A node's cache directory, threads or timeouts may differ; these may not."""
-    return {**identity, "output": {"dir": out_dir}}
+def rank_settings(identity: dict, out_dir: str, portable_types: bool = True) -> dict:
+    """What every rank of one run must have been given alike: the job's identity (``job_identity``), the output
+    directory and the types its manifest columns are written in (``input.portable_types``: the committed parts'
+    schema guards it between runs, not within one). A node's cache directory, threads or timeouts may differ; these
+    may not."""
+    return {**identity, "input": {**identity.get("input", {}), "portable_types": portable_types},
+            "output": {"dir": out_dir}}
 
 
 def ranks_disagree(per_rank: list[dict]) -> str | None:

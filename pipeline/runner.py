@@ -800,7 +800,7 @@ def run_rank(cfg: JobConfig, ctx: DistContext, device: str = "cpu", install_sign
 
     software = distinct_software(ctx.gather(software_versions()))  # a node on another image: said before any work
     # a node launched with other overrides or another copy of the config: every rank stops alike, before any work
-    differ = ranks_disagree(ctx.gather(rank_settings(job_identity(cfg), cfg.output.dir)))
+    differ = ranks_disagree(ctx.gather(rank_settings(job_identity(cfg), cfg.output.dir, cfg.input.portable_types)))
     if differ:
         raise ConfigError(differ)
 

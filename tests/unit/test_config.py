@@ -143,7 +143,7 @@ def test_ranks_given_another_job_are_named_setting_by_setting():
     def settings(*overrides, out="/out"):
         cfg = load_config(None, ["input.manifest=/m.parquet", "output.dir=/out", "filters.probe.type=probe",
                                  *overrides])
-        return rank_settings(job_identity(cfg), out)
+        return rank_settings(job_identity(cfg), out, cfg.input.portable_types)
 
     same = settings()
     assert ranks_disagree([same, settings(), settings("runtime.producers=7", "storage.cache_dir=/elsewhere")]) is None
@@ -156,3 +156,6 @@ def test_ranks_given_another_job_are_named_setting_by_setting():
     extra = settings("filters.noop2.type=noop")
     said = ranks_disagree([same, extra])
     assert 'filters.noop2.type: "(unset)" on rank 0; "noop" on rank 1' in said
+    # not in the job's identity (the committed schema guards it between runs), but the same for every rank of one
+    said = ranks_disagree([same, settings("input.portable_types=false")])
+    assert said and "input.portable_types: true on rank 0; false on rank 1" in said
