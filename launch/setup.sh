@@ -9,6 +9,11 @@ if command -v apt-get >/dev/null; then
   # system FFmpeg (torchcodec, the ffmpeg CLI), espeak-ng (real speech in generated media), a font for the
   # burnt-in text of generated clips (ffmpeg's drawtext)
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg espeak-ng fonts-dejavu-core fontconfig >/dev/null
+  # Java 17+ for Spark, which the tests read the output with as users do (pyspark, the dev extra)
+  if ! java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])'; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openjdk-17-jre-headless >/dev/null \
+      || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq default-jre-headless >/dev/null
+  fi
 fi
 PY=${PYTHON:-python3}
 $PY -m pip install -q --upgrade pip
@@ -16,7 +21,11 @@ $PY -m pip install -q --upgrade pip
 $PY -m pip install -q torch==2.14.1 torchvision==0.29.1
 $PY -m pip install -q -e '.[dev]'
 $PY - <<'PY'
-import av, pyarrow, s3fs, torch, onnxruntime
+import shutil, subprocess
+import av, pyarrow, pyspark, s3fs, torch, onnxruntime
+java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0] if shutil.which("java") else None
+assert java, "no java on PATH: Spark (the readers' tests) needs Java 17 or later"
 print(f"mediasieve set up: torch {torch.__version__} (cuda={torch.cuda.is_available()}), pyav {av.__version__}, "
-      f"pyarrow {pyarrow.__version__}, onnxruntime {onnxruntime.__version__} {onnxruntime.get_available_providers()}")
+      f"pyarrow {pyarrow.__version__}, onnxruntime {onnxruntime.__version__} {onnxruntime.get_available_providers()}, "
+      f"pyspark {pyspark.__version__} on {java}")
 PY
