@@ -622,6 +622,27 @@ def _on_every_rank(ctx: DistContext, what: str, step: Callable[[], T]) -> T:
                   error)
 
 
+def copy_models(filters: list, localize: Callable[[str, dict | None], str], copies: dict[str, str]) -> None:
+    """Every model the filters declare (``model_sources``), made local to the node with ``localize`` (a remote one
+    copied by local rank 0 while the node's other ranks wait at a barrier) and checked, into ``copies`` (URI -> local
+    path), in the same order on every rank. A failure is raised after the last model, so that a rank whose copy or
+    check failed still passes every barrier the others pass (a collective left half-entered hangs or garbles the
+    next one)."""
+    error: Exception | None = None
+    seen: set[str] = set()
+    for f in filters:
+        for source in f.model_sources().values():
+            if isinstance(source, str) or source.uri in seen:  # a string: weights a package ships
+                continue
+            seen.add(source.uri)
+            try:
+                copies[source.uri] = localize(source.uri, source.storage_options)
+            except Exception as e:  # noqa: BLE001 - raised after the last model's barrier
+                error = error or e
+    if error is not None:
+        raise error
+
+
 def _shared_failure(e: Exception, what: str) -> tuple[str, str]:
     """A rank's error as the (type, message) that every rank raises: a MediasieveError as it is, any other error as
     a MediasieveError saying ``what`` failed."""
@@ -891,15 +912,22 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
     for fp in (weights or {}).values():
         recorded.setdefault(fp["uri"], []).append(fp)
 
+    copies: dict[str, str] = {}
+
     def localize(uri: str, options: dict | None = None) -> str:
+        if uri in copies:
+            return copies[uri]
         local = localize_model(uri, model_cache_dir(cfg), ctx.local_rank, ctx.barrier, options)
         if uri in recorded:  # another node's weights at the same path, or weights replaced as the run started
             check_copy(local, recorded[uri], ctx.host)
         return local
 
+    # A node's copies first (their barriers are collectives), then the loads (none): a failure in either, on any
+    # rank, stops every rank with its error, where before the others stopped in their next collective with gloo's
+    # "Connection closed by peer", the cause only in the failed node's log.
+    _on_every_rank(ctx, "copying the models to the node", lambda: copy_models(filters, localize, copies))
     setup = SetupContext(device, pool, localize, cfg.runtime.strict_gpu, cfg.storage.cache_dir)
-    for f in filters:
-        f.setup(setup)
+    _on_every_rank(ctx, "loading the filters' models", lambda: [f.setup(setup) for f in filters])
     writer = ResultWriter(cfg.output.dir, cfg.output.storage_options, schema, run_id, ctx.rank,
                           cfg.output.rows_per_file, cfg.output.flush_interval_s, cfg.output.compression,
                           commit_timeout_s=cfg.output.commit_timeout_s)

@@ -153,7 +153,23 @@ def test_nodes_must_be_given_the_same_job_and_read_the_same_manifest(tmp_path, m
         assert "the nodes read different manifests: node 0" in err and "as many, with other ids or paths" in err
     nothing_done()
 
-    # 4. the same job over a directory that Spark's partitionBy would write (lang=en/part-*.parquet, no lang column
+    # 4. a node whose image put other weights at the model's local path (here a relative path read from each node's
+    # directory): its rank's check against rank 0's digest failed, and rank 0 said only "Connection closed by peer"
+    # (exit code 1); now every rank stops with that node's error and exit code 2, before any item
+    from tests.video.tiny_models import tiny_videomae
+
+    tiny_videomae(str(tmp_path / "n0" / "clf"), image_size=32)
+    tiny_videomae(str(tmp_path / "n1" / "clf"), image_size=32, seed=1)
+    classifier = [f"input.manifest={tmp_path / 'n0' / 'm.parquet'}", "filters.clf.type=clip_classifier",
+                  "filters.clf.model_uri=clf"]
+    results = _two_nodes(tmp_path, tmp_path / "job.yaml", [classifier] * 2, cwd=(tmp_path / "n0", tmp_path / "n1"))
+    for code, err in results:
+        assert code == 1 and "exitcode  : 2" in err, err[-3000:]
+        assert re.search(r"ConfigError: the weights at clf on \S+ \(sha256:\w+\.\.\.\) are not those rank 0 recorded "
+                         r".*\(on rank 1 on \S+\)", err), err[-3000:]
+    nothing_done()
+
+    # 5. the same job over a directory that Spark's partitionBy would write (lang=en/part-*.parquet, no lang column
     # in the files, a _SUCCESS beside them), read by both nodes alike
     dataset = tmp_path / "manifest"
     ds.write_dataset(pa.Table.from_pylist(rows), dataset, format="parquet", max_rows_per_file=3,

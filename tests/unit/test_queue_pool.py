@@ -176,3 +176,35 @@ def test_a_new_version_of_a_model_removes_the_nodes_copies_of_earlier_ones(s3, b
     assert not os.path.exists(young)
     assert os.path.exists(kept) and open(kept, "rb").read() == b"o"
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) + s for p in (now, kept) for s in ("", ".source"))
+
+
+def test_a_failed_model_copy_still_passes_every_barrier_and_is_raised_after_the_last():
+    """Each remote model's copy is a collective (the node's ranks wait at a barrier for local rank 0). A rank whose
+    first copy or check fails must still pass the barriers of the models after it, as the others do, or the ranks
+    are left in different collectives; its error comes after the last, for every rank to share."""
+    from pipeline.errors import ConfigError
+    from pipeline.runner import copy_models
+    from pipeline.weights import ModelSource
+
+    class Declares:
+        def __init__(self, *uris):
+            self.uris = uris
+
+        def model_sources(self):  # and weights a package ships, named by a string: nothing to copy
+            return {"vad": "silero-vad==6.2.1", **{f"m{i}": ModelSource(u) for i, u in enumerate(self.uris)}}
+
+    filters = [Declares("s3://b/yolo.pt", "s3://b/sep.onnx"), Declares("s3://b/yolo.pt"), Declares("s3://b/clf")]
+    barriers: list[str] = []
+
+    def localize(uri, options):
+        barriers.append(uri)  # localize_model's barrier, reached whether its copy succeeds or not
+        if uri == "s3://b/yolo.pt":
+            raise ConfigError("the weights at s3://b/yolo.pt on h1 are not those rank 0 recorded")
+        return f"/cache/{uri.rsplit('/', 1)[-1]}"
+
+    copies: dict[str, str] = {}
+    with pytest.raises(ConfigError, match="not those rank 0 recorded"):
+        copy_models(filters, localize, copies)
+    # every model once, in the order every rank takes: the one declared twice is not copied (or waited for) again
+    assert barriers == ["s3://b/yolo.pt", "s3://b/sep.onnx", "s3://b/clf"]
+    assert copies == {"s3://b/sep.onnx": "/cache/sep.onnx", "s3://b/clf": "/cache/clf"}
