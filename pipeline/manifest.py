@@ -206,33 +206,94 @@ def check_input_exists(cfg: InputConfig) -> None:
         manifest_files(cfg)
 
 
-def _read_file(fs: fsspec.AbstractFileSystem, f: ManifestFile, cfg: InputConfig) -> Iterator[pa.RecordBatch]:
+class _TypesChange(Exception):
+    """A CSV or JSONL file whose columns change type after the reader's first block (internal: the spill is built
+    again with the file read whole)."""
+
+    def __init__(self, file: ManifestFile, error: Exception):
+        super().__init__(f"{file.name}: {error}")
+        self.file = file
+
+
+_TYPE_CHANGES = ("CSV conversion error to", "changed from", "unexpected field", "Failed to convert JSON to")
+"""What pyarrow's streaming CSV and JSON readers say where a later block's values do not fit the types they took
+from the first (a column empty in the first megabyte and filled later, a number then ``2.5`` or ``unknown``, a
+JSON field that first appears later)."""
+
+
+def _csv_options(f: ManifestFile, cfg: InputConfig) -> tuple[pacsv.ParseOptions, pacsv.ConvertOptions]:
+    delimiter = "\t" if _split_compression(f.name)[0].endswith(".tsv") else ","
+    # ids and paths stay strings even when they look like numbers
+    return (pacsv.ParseOptions(delimiter=delimiter),
+            pacsv.ConvertOptions(column_types={cfg.id_column: pa.string(), cfg.path_column: pa.string()}))
+
+
+def _read_whole(src, f: ManifestFile, cfg: InputConfig) -> Iterator[pa.RecordBatch]:
+    """A CSV or JSONL file read at once, its columns' types unified over all its rows (pyarrow's whole-file readers
+    widen a type where a later block needs it: null to a number, an integer to a float, anything to a string in a
+    CSV, a struct to one with more fields); a JSON field holding values of two kinds (a number, then "n/a") is
+    read with Python's json, its values as strings (JSON text for what is not one)."""
+    if f.fmt == "csv":
+        parse, convert = _csv_options(f, cfg)
+        table = pacsv.read_csv(src, parse_options=parse, convert_options=convert)
+    else:
+        data = src.read()
+        try:
+            table = pajson.read_json(pa.BufferReader(data))
+        except pa.ArrowInvalid:
+            table = _json_lines(data, f)
+    yield from table.to_batches(BATCH_ROWS)
+
+
+def _json_lines(data: bytes, f: ManifestFile) -> pa.Table:
+    rows = [json.loads(line) for line in data.splitlines() if line.strip()]
+    columns: dict[str, pa.Array] = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        values = [row.get(key) for row in rows]
+        try:
+            columns[key] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            log.warning("manifest %s: field %r holds values of more than one kind: read as strings", f.name, key)
+            columns[key] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values],
+                                    pa.string())
+    return pa.table(columns)
+
+
+def _read_file(fs: fsspec.AbstractFileSystem, f: ManifestFile, cfg: InputConfig,
+               whole: frozenset[str] = frozenset()) -> Iterator[pa.RecordBatch]:
     try:
         with fs.open(f.path, "rb", compression=f.compression) as src:
             if f.fmt == "parquet":
                 yield from pq.ParquetFile(src).iter_batches(batch_size=BATCH_ROWS)
-            elif f.fmt == "jsonl":
-                yield from pajson.open_json(src)
+            elif f.path in whole:
+                yield from _read_whole(src, f, cfg)
             else:
-                delimiter = "\t" if _split_compression(f.name)[0].endswith(".tsv") else ","
-                # ids and paths stay strings even when they look like numbers
-                opts = pacsv.ConvertOptions(column_types={cfg.id_column: pa.string(), cfg.path_column: pa.string()})
-                yield from pacsv.open_csv(src, parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                                          convert_options=opts)
+                try:
+                    if f.fmt == "jsonl":
+                        yield from pajson.open_json(src)
+                    else:
+                        parse, convert = _csv_options(f, cfg)
+                        yield from pacsv.open_csv(src, parse_options=parse, convert_options=convert)
+                except pa.ArrowInvalid as e:
+                    if any(said in str(e) for said in _TYPE_CHANGES):
+                        raise _TypesChange(f, e) from e
+                    raise
     except FileNotFoundError as e:
         raise ManifestError(f"manifest file {f.name} is gone (listed at the start, then removed: is the manifest "
                             "being rewritten?)") from e
-    except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as e:
+    except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"cannot read manifest {f.name} as {f.fmt}: {e}") from e
 
 
-def _file_batches(cfg: InputConfig) -> Iterator[tuple[pa.RecordBatch, ManifestFile]]:
+def _file_batches(cfg: InputConfig, whole: frozenset[str] = frozenset()) -> Iterator[tuple[pa.RecordBatch,
+                                                                                            ManifestFile]]:
     """Every file's batches, in path order; up to ``READ_AHEAD_FILES`` small files are read ahead in threads (a
-    dataset of thousands of files on an object store otherwise waits out a request's latency for each in turn)."""
+    dataset of thousands of files on an object store otherwise waits out a request's latency for each in turn).
+    The CSV and JSONL files in ``whole`` are read at once (``_read_whole``)."""
     fs, files = manifest_files(cfg)
 
-    def whole(f: ManifestFile) -> list[pa.RecordBatch]:
-        return list(_read_file(fs, f, cfg))
+    def at_once(f: ManifestFile) -> list[pa.RecordBatch]:
+        return list(_read_file(fs, f, cfg, whole))
 
     with ThreadPoolExecutor(READ_AHEAD_FILES, thread_name_prefix="manifest-read") as pool:
         ahead: dict[int, Future] = {}
@@ -241,9 +302,9 @@ def _file_batches(cfg: InputConfig) -> Iterator[tuple[pa.RecordBatch, ManifestFi
                 for j in range(i, min(i + READ_AHEAD_FILES, len(files))):
                     small = files[j].size is not None and files[j].size <= READ_AHEAD_MAX_BYTES
                     if small and j not in ahead and len(files) > 1:
-                        ahead[j] = pool.submit(whole, files[j])
+                        ahead[j] = pool.submit(at_once, files[j])
                 read = ahead.pop(i, None)
-                for batch in read.result() if read is not None else _read_file(fs, f, cfg):
+                for batch in read.result() if read is not None else _read_file(fs, f, cfg, whole):
                     for key, value in f.partition:
                         if key not in batch.schema.names:  # Spark leaves partition columns out of the files
                             batch = batch.append_column(key, pa.array([value] * batch.num_rows, pa.string()))
@@ -695,7 +756,19 @@ def build_spill(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> str:
                           "(storage.cache_dir must be a writable node-local directory)") from e
     _remove_stale_spills(spill_dir)
     spill_path = os.path.join(spill_dir, f"{tag}__{socket.gethostname()}__{process_tag()}.parquet")
-    batches = _listing_batches(cfg) if cfg.listing_glob else _file_batches(cfg)
+    whole: set[str] = set()
+    while True:  # once more for each CSV or JSONL file whose types change after its first block
+        try:
+            return _build_spill(cfg, spill_path, frozenset(whole))
+        except _TypesChange as e:  # its first rows went into the spill in the first block's types: built again
+            whole.add(e.file.path)
+            log.warning("manifest %s: values that do not fit the types its reader took from its first block (%s): "
+                        "the manifest is read again, that file whole, its types unified over all its rows (held in "
+                        "memory while read)", e.file.name, e.__cause__)
+
+
+def _build_spill(cfg: InputConfig, spill_path: str, whole: frozenset[str]) -> str:
+    batches = _listing_batches(cfg) if cfg.listing_glob else _file_batches(cfg, whole)
     writer: pq.ParquetWriter | None = None
     id_chunks: list[pa.Array] = []
     protocols: set[str] = set()
