@@ -446,17 +446,52 @@ def _say_retyped(schema: pa.Schema, keep: set[str], said: dict[str, str], source
                     "false keeps them as read)", source.name, "; ".join(new))
 
 
+class _Widen(Exception):
+    """A later file of the manifest holds a column the spill's schema lacks, or one of a wider type (internal: the
+    spill is built again in the wider schema)."""
+
+    def __init__(self, columns: dict[str, pa.DataType], source: ManifestFile):
+        super().__init__(f"{source.name}: {', '.join(f'{n} ({t})' for n, t in columns.items())}")
+        self.columns = columns
+        self.source = source
+
+
+def _widened(field: pa.Field, other: pa.DataType) -> pa.DataType | None:
+    """The type that holds values of ``field``'s type and ``other`` (Arrow's permissive promotion: null to
+    anything, a narrower integer or float to a wider one, an integer to a float, a struct to one with more fields),
+    or None where none does (a number and a string)."""
+    try:
+        return pa.unify_schemas([pa.schema([field]), pa.schema([field.with_type(other)])],
+                                promote_options="permissive").field(0).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+
+
 def _conform(batch: pa.RecordBatch, schema: pa.Schema, source: ManifestFile, first: ManifestFile,
              missing_said: set[str]) -> pa.RecordBatch:
-    """``batch`` in the spill's schema (the first file's): a column that the first file has and this one lacks is
-    null in its rows (a dataset whose later files were written before a column was added); a column the first file
-    lacks, or one that does not cast, stops the job (dropping it would lose what the manifest says)."""
+    """``batch`` in the spill's schema (the first file's, widened where later files need it): a column that the
+    schema has and this file lacks is null in its rows (a dataset whose later files were written before a column was
+    added); a column the schema lacks, or one of a wider type (a column all null in the first file, int32 then
+    int64), raises ``_Widen`` for the spill to be built again in the wider schema; a column of a type that no type
+    holds with the schema's (a number, then a string) stops the job."""
     if batch.schema == schema:
         return batch
-    extra = [n for n in batch.schema.names if n not in schema.names]
-    if extra:
-        raise ManifestError(f"manifest {source.name} has column(s) {extra} that {first.name} (the first file, whose "
-                            f"columns the rows take) has not; its columns are {schema.names}")
+    wider: dict[str, pa.DataType] = {}
+    for field in batch.schema:
+        if field.name not in schema.names:
+            wider[field.name] = field.type
+            continue
+        mine = schema.field(field.name)
+        if field.type.equals(mine.type):
+            continue
+        promoted = _widened(mine, field.type)
+        if promoted is None:
+            raise ManifestError(f"manifest {source.name}: column {field.name!r} is {field.type}, in {first.name} "
+                                f"{mine.type}, and no type holds both")
+        if not promoted.equals(mine.type):
+            wider[field.name] = promoted
+    if wider:
+        raise _Widen(wider, source)
     missing = [n for n in schema.names if n not in batch.schema.names]
     if missing and source.name not in missing_said:
         missing_said.add(source.name)
@@ -473,6 +508,20 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, source: ManifestFile, fir
             raise ManifestError(f"manifest {source.name}: column {field.name!r} is {column.type}, in {first.name} "
                                 f"{field.type}, and does not cast: {e}") from e
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _widen_first(batch: pa.RecordBatch, widen: dict[str, pa.DataType]) -> pa.RecordBatch:
+    """The first batch in the schema that later files need: its columns cast to their wider types, and the columns
+    only later files have added (null in its rows)."""
+    if not widen:
+        return batch
+    arrays = [pc.cast(c, widen[n]) if n in widen else c for n, c in zip(batch.schema.names, batch.columns)]
+    names = list(batch.schema.names)
+    for name, typ in widen.items():
+        if name not in names:
+            arrays.append(pa.nulls(batch.num_rows, typ))
+            names.append(name)
+    return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
 class ManifestDigest:
@@ -757,17 +806,25 @@ def build_spill(cfg: InputConfig, spill_dir: str, tag: str = "manifest") -> str:
     _remove_stale_spills(spill_dir)
     spill_path = os.path.join(spill_dir, f"{tag}__{socket.gethostname()}__{process_tag()}.parquet")
     whole: set[str] = set()
-    while True:  # once more for each CSV or JSONL file whose types change after its first block
+    widen: dict[str, pa.DataType] = {}
+    while True:  # the rows read so far went into the spill in types a later value does not fit: built again
         try:
-            return _build_spill(cfg, spill_path, frozenset(whole))
-        except _TypesChange as e:  # its first rows went into the spill in the first block's types: built again
+            return _build_spill(cfg, spill_path, frozenset(whole), dict(widen))
+        except _TypesChange as e:
             whole.add(e.file.path)
             log.warning("manifest %s: values that do not fit the types its reader took from its first block (%s): "
                         "the manifest is read again, that file whole, its types unified over all its rows (held in "
                         "memory while read)", e.file.name, e.__cause__)
+        except _Widen as e:
+            if all(widen.get(n) is not None and widen[n].equals(t) for n, t in e.columns.items()):
+                raise ManifestError(f"manifest {e}: the columns do not widen") from e  # never: no loop for good
+            widen.update(e.columns)
+            log.warning("manifest %s has column(s) %s that the files before it do not hold, or in a wider type: "
+                        "the manifest is read again with them (null in the rows of files without them)",
+                        e.source.name, "; ".join(f"{n} ({t})" for n, t in e.columns.items()))
 
 
-def _build_spill(cfg: InputConfig, spill_path: str, whole: frozenset[str]) -> str:
+def _build_spill(cfg: InputConfig, spill_path: str, whole: frozenset[str], widen: dict[str, pa.DataType]) -> str:
     batches = _listing_batches(cfg) if cfg.listing_glob else _file_batches(cfg, whole)
     writer: pq.ParquetWriter | None = None
     id_chunks: list[pa.Array] = []
@@ -793,6 +850,7 @@ def _build_spill(cfg: InputConfig, spill_path: str, whole: frozenset[str]) -> st
             row += batch.num_rows
             if writer is None:
                 first = source
+                batch = _widen_first(batch, widen)
                 writer = pq.ParquetWriter(spill_path, batch.schema, compression="lz4")
             else:
                 batch = _conform(batch, writer.schema, source, first, missing_said)

@@ -430,17 +430,40 @@ def test_files_of_one_dataset_that_differ_in_columns(tmp_path, caplog):
     assert out["lang"].to_pylist() == ["en", "de", None]
     assert "b.parquet has no column(s) ['lang']" in caplog.text
 
-    # a column the first file lacks would be lost: refused, naming the file and the column; no spill left
+    # a column the first file lacks (a dataset whose later files gained one): added, null in the earlier rows
     pq.write_table(pa.table({"video_id": ["d"], "video_path": ["x/d.mp4"], "lang": ["it"], "extra": [1]}),
                    root / "c.parquet")
-    with pytest.raises(ManifestError, match=r"c\.parquet has column\(s\) \['extra'\] that .*a\.parquet"):
-        read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
-    os.remove(root / "c.parquet")
-    # a column whose type does not cast
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.manifest"):
+        out = read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
+    assert out["extra"].to_pylist() == [None, None, None, 1] and out["lang"].to_pylist() == ["en", "de", None, "it"]
+    assert "c.parquet has column(s) extra (int64) that the files before it do not hold" in caplog.text
+    # a column of a type no type holds with the first's: refused, naming both files; no spill left
     pq.write_table(pa.table({"video_id": ["d"], "video_path": ["x/d.mp4"], "lang": [[1, 2]]}), root / "c.parquet")
-    with pytest.raises(ManifestError, match=r"c\.parquet: column 'lang' is list<.*does not cast"):
+    with pytest.raises(ManifestError, match=r"c\.parquet: column 'lang' is list<.*a\.parquet string, and no type "
+                                            "holds both"):
         read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
     assert list((tmp_path / "s").iterdir()) == []
+
+
+def test_a_dataset_whose_files_hold_a_column_in_narrower_types_is_read_in_the_widest(tmp_path):
+    """pandas or pyarrow writing a manifest a chunk at a time types each file by its own values: a column all None in
+    the first chunk is null-typed there, an integer column int32 in one file and int64 (or double) in the next.
+    Read as the first file's types, the later values did not cast and the job stopped."""
+    root = tmp_path / "m"
+    root.mkdir()
+    pq.write_table(pa.table({"video_id": ["a"], "video_path": ["a.mp4"], "note": pa.array([None], pa.null()),
+                             "n": pa.array([1], pa.int32()), "meta": [{"k": 1}]}), root / "part-0.parquet")
+    pq.write_table(pa.table({"video_id": ["b"], "video_path": ["b.mp4"], "note": ["late"],
+                             "n": pa.array([2**40], pa.int64()), "meta": [{"k": 2, "src": "x"}]}), root / "part-1.parquet")
+    pq.write_table(pa.table({"video_id": ["c"], "video_path": ["c.mp4"], "note": ["z"], "n": [2.5],
+                             "meta": [None]}), root / "part-2.parquet")
+    out = read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
+    assert [str(t) for t in out.schema.types][2:] == ["string", "double", "struct<k: int64, src: string>"]
+    assert out.to_pylist() == [
+        {"video_id": "a", "video_path": "a.mp4", "note": None, "n": 1.0, "meta": {"k": 1, "src": None}},
+        {"video_id": "b", "video_path": "b.mp4", "note": "late", "n": float(2**40), "meta": {"k": 2, "src": "x"}},
+        {"video_id": "c", "video_path": "c.mp4", "note": "z", "n": 2.5, "meta": None}]
 
 
 def test_directories_and_globs_that_hold_no_manifest_are_refused_before_any_work(tmp_path, monkeypatch):
@@ -698,6 +721,6 @@ def test_a_late_type_change_in_a_compressed_file_of_a_dataset_read_ahead(tmp_pat
     assert table["x"].to_pylist()[-3:] == [2.5, 2.5, 1.0]
     # across files, types are not widened: a later file whose values do not fit the first's stops the job, naming both
     (tmp_path / "ds" / "c.jsonl").write_text('{"video_id": "c", "video_path": "c.mp4", "x": "n/a"}\n')
-    with pytest.raises(ManifestError, match=r"c.jsonl: column 'x' is string, in .*a.jsonl.gz double, and does not "
-                                            "cast"):
+    with pytest.raises(ManifestError, match=r"c.jsonl: column 'x' is string, in .*a.jsonl.gz double, and no type "
+                                            "holds both"):
         read_manifest(InputConfig(manifest=str(tmp_path / "ds")), str(tmp_path / "spill"))
