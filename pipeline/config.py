@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, redact_urls
 
 
 @dataclass(frozen=True)
@@ -633,14 +633,27 @@ change how an item is decoded or whether it fails, not what its row says."""
 
 def job_identity(cfg: JobConfig) -> dict:
     """The parts of a config that must match for a rerun to resume the same job: the input, the enabled filters
-    with their parameters, and the ``video`` settings that change the pictures (``PICTURE_KEYS``)."""
+    with their parameters, and the ``video`` settings that change the pictures (``PICTURE_KEYS``); never a
+    credential (``identity_clean``)."""
     d = to_dict(cfg)
     inp = dict(d["input"])
-    inp.pop("storage_options", None)
     inp.pop("limit", None)
     inp.pop("portable_types", None)  # the committed parts' schema guards it (resume.writer_schema)
-    return {"input": inp, "filters": {k: v for k, v in d["filters"].items() if v.get("enabled", True)},
-            "video": {k: d["video"][k] for k in PICTURE_KEYS}}
+    return identity_clean({"input": inp, "filters": {k: v for k, v in d["filters"].items() if v.get("enabled", True)},
+                           "video": {k: d["video"][k] for k in PICTURE_KEYS}})
+
+
+def identity_clean(obj: Any) -> Any:
+    """A job identity (or a part of one) without credentials: every ``storage_options`` dropped (how the bytes are
+    reached, with keys and secrets, is no part of the job: the models' digests are), and the credentials of URLs
+    (a signed URL's signature and token, ``errors.redact_urls``) replaced by ``***``, so that a URL signed anew for
+    a rerun names the same job. The identity is written to ``_config.json`` and compared between ranks, whose
+    message names each value."""
+    if isinstance(obj, dict):
+        return {k: identity_clean(v) for k, v in obj.items() if k != "storage_options"}
+    if isinstance(obj, list):
+        return [identity_clean(v) for v in obj]
+    return redact_urls(obj) if isinstance(obj, str) else obj
 
 
 def job_arguments(description: str | None, log_level: str = "INFO") -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ Item failures become rows whose ``error_type`` is the class name of one of these
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 
@@ -159,3 +160,30 @@ def error_chain(error: BaseException | None, limit: int = 8) -> Iterator[BaseExc
             return
         yield error
         error = error.__cause__ or error.__context__
+
+
+SECRET_WORDS = ("secret", "password", "passwd", "token", "key_id", "access_key", "credential", "signature")
+SECRET_NAMES = {"key", "account_key", "sas_key", "private_key", "api_key", "apikey", "auth", "sig"}
+"""Names of settings and URL query parameters whose values are credentials: s3fs, adlfs and gcsfs options; a
+presigned S3 URL's ``X-Amz-Signature``, ``X-Amz-Credential`` and ``X-Amz-Security-Token`` (an STS session's own
+secret), GCS's ``X-Goog-Signature``, an Azure SAS's ``sig``, a CDN's ``token``."""
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a setting or a query parameter called ``name`` holds a credential."""
+    n = name.lower()
+    return n in SECRET_NAMES or any(w in n for w in SECRET_WORDS)
+
+
+_QUERY_VALUE = re.compile(r"([?&;])([^=&;\s'\"#?]+)=([^&;\s'\"#]*)")
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@'\"]+):([^/\s@'\"]+)@")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the credentials of the URLs in it replaced by ``***``: the values of query parameters that name
+    one (a signed URL's signature and session token: they grant access until they expire) and a password in
+    ``scheme://user:password@host``. Error messages quote the URL they failed on; a row's ``error_message``,
+    ``failures.jsonl`` and the log are read by more people than the manifest is."""
+    if "=" in text:
+        text = _QUERY_VALUE.sub(lambda m: f"{m[1]}{m[2]}=***" if is_secret_name(m[2]) and m[3] else m[0], text)
+    return _USERINFO.sub(r"\1:***@", text) if "@" in text else text

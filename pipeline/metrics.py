@@ -25,7 +25,8 @@ _SECRET_ENV = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "KEY_ID", "CREDENTIA
 
 
 class RedactSecrets(logging.Filter):
-    """Replaces the values of credential-like environment variables in every record with ``***``."""
+    """Replaces the values of credential-like environment variables, and the credentials of URLs (a signed URL's
+    signature and token, ``errors.redact_urls``), in every record with ``***``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,12 +34,19 @@ class RedactSecrets(logging.Filter):
                               if any(w in k.upper() for w in _SECRET_ENV) and len(v) >= 8}, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.values:
-            msg = record.getMessage()
-            if any(v in msg for v in self.values):
-                for v in self.values:
-                    msg = msg.replace(v, "***")
-                record.msg, record.args = msg, None
+        from pipeline.errors import redact_urls
+
+        msg = record.getMessage()
+        clean = redact_urls(msg)
+        for v in self.values:
+            if v in clean:
+                clean = clean.replace(v, "***")
+        if record.exc_info and not record.exc_text:  # a traceback's messages quote URLs too
+            record.exc_text = redact_urls(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact_urls(record.exc_text)
+        if clean != msg:
+            record.msg, record.args = clean, None
         return True
 
 

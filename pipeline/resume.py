@@ -17,8 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import part_format
+from pipeline.config import identity_clean
 from pipeline.distributed import ranks_by_value, ranks_shown
-from pipeline.errors import ConfigError, OutputHungError, OutputLockedError
+from pipeline.errors import ConfigError, OutputHungError, OutputLockedError, is_secret_name, redact_urls
 from pipeline.portable import portable_type
 from pipeline.proc import is_alive, start_ticks
 from pipeline.software import changes_between, said
@@ -33,22 +34,14 @@ SUMMARY = "summary.json"
 FAILURES = "failures.jsonl"
 SUCCESS_MARKER = "_SUCCESS"
 
-_SECRET_WORDS = ("secret", "password", "passwd", "token", "key_id", "access_key", "credential", "signature")
-_SECRET_NAMES = {"key", "account_key", "sas_key", "private_key", "api_key", "auth"}  # s3fs/adlfs/gcsfs option names
-
-
-def _is_secret(name: str) -> bool:
-    n = name.lower()
-    return n in _SECRET_NAMES or any(w in n for w in _SECRET_WORDS)
-
-
 def redact(obj):
-    """Replace values whose key names a credential with ``***`` (configs written to disk)."""
+    """Replace values whose key names a credential, and the credentials of URLs (``errors.redact_urls``), with
+    ``***`` (configs written to disk)."""
     if isinstance(obj, dict):
-        return {k: ("***" if _is_secret(str(k)) and v else redact(v)) for k, v in obj.items()}
+        return {k: ("***" if is_secret_name(str(k)) and v else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
-    return obj
+    return redact_urls(obj) if isinstance(obj, str) else obj
 
 
 def part_files(fs, root: str) -> list[str]:
@@ -463,7 +456,8 @@ def _leaves(d: dict, prefix: str = "") -> dict[str, object]:
 def identity_changes(recorded: dict, current: dict) -> tuple[list[str], list[str]]:
     """The settings (dotted) in which ``current`` differs from the ``recorded`` job identity, and the ``video`` and
     ``models`` settings the recorded one lacks (an older version's record: not a difference, but worth a warning)."""
-    old, new = _leaves(recorded), _leaves(current)
+    # a record written before identity_clean holds storage options and signed URLs: compared without them
+    old, new = _leaves(identity_clean(recorded)), _leaves(current)
     unrecorded = sorted(k for k in new.keys() - old.keys() if k.startswith(("video.", "models.")))
     changed = sorted(k for k in old.keys() | new.keys()
                      if k not in unrecorded and (k not in old or k not in new or old[k] != new[k]))

@@ -49,6 +49,7 @@ from pipeline.errors import (
     ShutdownError,
     StorageHungError,
     is_retryable,
+    redact_urls,
 )
 from pipeline.filters import FilterContext, SetupContext, batch_stats, build_filters, frame_requests_of
 from pipeline.manifest import (
@@ -228,7 +229,7 @@ class RankWorkers:
         out["result_info"] = {
             "succeed": error is None,
             "error_type": None if error is None else type(error).__name__,
-            "error_message": None if error is None else str(error)[:2000],
+            "error_message": None if error is None else redact_urls(str(error))[:2000],
             "retryable": None if error is None else is_retryable(error),
             "start_time": _now(start),
             "end_time": _now(end),

@@ -4,6 +4,7 @@ HTTP server on loopback: status codes typed as the object store's are, and bodie
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import threading
@@ -160,6 +161,9 @@ def test_a_body_cut_short_is_transient(tmp_path, server):
     assert f.retries_done == 4 and not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
+SIGNED = "X-Amz-Security-Token=SESSIONSECRET&X-Amz-Signature=SIGSECRET"
+
+
 def test_a_job_over_http_urls(tmp_path, server, media_dir):
     """The manifest names media by URL; rows come out as for any tier, and a dead link is a NotFoundError row."""
     import pyarrow.parquet as pq
@@ -172,7 +176,7 @@ def test_a_job_over_http_urls(tmp_path, server, media_dir):
     _Handler.media = media_dir
     rows = [{"video_id": "clip", "video_path": f"{server}/media/motion.mp4"},
             {"video_id": "talk", "video_path": f"{server}/media/speech.wav?sig=abc"},
-            {"video_id": "dead", "video_path": f"{server}/media/gone.mp4"}]
+            {"video_id": "dead", "video_path": f"{server}/media/gone.mp4?{SIGNED}"}]
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
     raw = base_config(manifest, str(tmp_path), str(tmp_path / "out"), str(tmp_path / "cache"))
     cfg = build_config(raw)
@@ -183,6 +187,13 @@ def test_a_job_over_http_urls(tmp_path, server, media_dir):
     assert got["clip"]["result_info"]["storage_tier"] == "http"
     assert got["talk"]["result_info"]["succeed"] and got["talk"]["probe"]["audio"]["sample_rate"] == 16000
     assert got["dead"]["result_info"]["error_type"] == "NotFoundError"
+    # a signed link's credentials stay out of the error message (the row's, failures.jsonl's): the message quoted
+    # the URL whole, session token and signature included; the path column is the manifest's own, as given
+    said = got["dead"]["result_info"]["error_message"]
+    assert "gone.mp4?X-Amz-Security-Token=***&X-Amz-Signature=***" in said and "SECRET" not in said
+    assert got["dead"]["video_path"].endswith(SIGNED)
+    (failure,) = [json.loads(line) for line in open(tmp_path / "out" / "failures.jsonl")]
+    assert failure["video_id"] == "dead" and "SECRET" not in failure["error_message"]
 
 
 def test_silence_fails_an_attempt_but_a_long_download_does_not(tmp_path, server):

@@ -159,3 +159,68 @@ def test_ranks_given_another_job_are_named_setting_by_setting():
     # not in the job's identity (the committed schema guards it between runs), but the same for every rank of one
     said = ranks_disagree([same, settings("input.portable_types=false")])
     assert said and "input.portable_types: true on rank 0; false on rank 1" in said
+
+
+def test_credentials_stay_out_of_the_job_identity_and_a_url_signed_anew_is_the_same_job():
+    """The identity is written to _config.json and its differences between ranks are printed: a filter's
+    storage_options (an S3 key and secret) were written and printed as they were, and a manifest at a signed URL
+    was another job at every rerun (the URL is signed anew), refused as a changed input.manifest."""
+    from pipeline.config import job_identity, load_config
+    from pipeline.resume import identity_changes, redact
+
+    def identity(signature: str) -> dict:
+        return job_identity(load_config(None, [
+            f"input.manifest=https://h.example/m.parquet?X-Amz-Security-Token=TOKEN-{signature}&X-Amz-Signature={signature}",
+            "output.dir=/o", "filters.y.type=yolo_regions", "filters.y.model_uri=s3://b/y.pt",
+            "filters.y.storage_options={key: AKIAEXAMPLE, secret: TOPSECRET}"]))
+
+    first, again = identity("SIG1"), identity("SIG2")
+    said = json.dumps(first)
+    assert "TOPSECRET" not in said and "AKIAEXAMPLE" not in said and "SIG1" not in said
+    assert first["input"]["manifest"] == "https://h.example/m.parquet?X-Amz-Security-Token=***&X-Amz-Signature=***"
+    assert first == again and identity_changes(first, again) == ([], [])
+    # an output recorded before: its identity held both, and its rerun is still the same job
+    old = json.loads(said.replace("***", "SIG0"))
+    old["filters"]["y"]["storage_options"] = {"key": "AKIAEXAMPLE", "secret": "TOPSECRET"}
+    assert identity_changes(old, again) == ([], [])
+    assert identity_changes(old, identity("SIG3") | {"video": {**first["video"], "tone_map": False}})[0] == \
+        ["video.tone_map"]
+    # the resolved config written beside it: credentials by name, and in URLs
+    written = redact({"input": {"manifest": "https://h/m?sig=abc&lang=en"}, "storage": {"secret": "s"}})
+    assert written == {"input": {"manifest": "https://h/m?sig=***&lang=en"}, "storage": {"secret": "***"}}
+
+
+def test_signed_urls_and_passwords_in_messages_and_log_records_are_redacted(caplog):
+    import logging
+
+    from pipeline.errors import redact_urls
+    from pipeline.metrics import RedactSecrets
+
+    cases = {  # a presigned S3 URL (with an STS session token), GCS and Azure SAS, a CDN token, a password
+        "url='https://b.s3.amazonaws.com/v.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F2026"
+        "&X-Amz-Security-Token=IQoJb3Jp&X-Amz-SignedHeaders=host&X-Amz-Signature=abc123'":
+            "url='https://b.s3.amazonaws.com/v.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***"
+            "&X-Amz-Security-Token=***&X-Amz-SignedHeaders=host&X-Amz-Signature=***'",
+        "https://storage.googleapis.com/b/o?X-Goog-Credential=sa%40p&X-Goog-Signature=9f":
+            "https://storage.googleapis.com/b/o?X-Goog-Credential=***&X-Goog-Signature=***",
+        "https://a.blob.core.windows.net/c/v.mp4?sv=2022-11-02&se=2026-12-06&sp=r&sig=AbC%2B":
+            "https://a.blob.core.windows.net/c/v.mp4?sv=2022-11-02&se=2026-12-06&sp=r&sig=***",
+        "https://cdn.example/v.mp4?token=xyz&quality=hd#t=10": "https://cdn.example/v.mp4?token=***&quality=hd#t=10",
+        "ftp://user:hunter2@host/v.mp4": "ftp://user:***@host/v.mp4",
+    }
+    for text, clean in cases.items():
+        assert redact_urls(text) == clean
+    untouched = "s3://bucket/key.mp4 https://x.example/a?b=c&lang=en width=320 a=b"
+    assert redact_urls(untouched) == untouched
+
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "fetch of %s failed", ("https://h/v?sig=SECRET",),
+                               None)
+    try:
+        raise OSError("403 for https://h/v?token=SECRET2")
+    except OSError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    RedactSecrets().filter(record)
+    assert record.getMessage() == "fetch of https://h/v?sig=*** failed"
+    assert "SECRET2" not in record.exc_text and "token=***" in record.exc_text
