@@ -862,18 +862,17 @@ def _build_spill(cfg: InputConfig, spill_path: str, whole: frozenset[str], widen
             schema = pa.schema([(cfg.id_column, pa.string()), (cfg.path_column, pa.string())])
             writer = pq.ParquetWriter(spill_path, schema)
         writer.close()
-    except pa.ArrowNotImplementedError as e:  # a type Parquet cannot hold: the spill's, and the output's
-        remove_spill(spill_path)
-        raise ManifestError(f"the manifest has a column that Parquet cannot hold ({e}); "
-                            f"{'' if cfg.portable_types else 'input.portable_types=true writes it in a type that it can, or '}"
-                            "drop it from the manifest") from e
     except BaseException as e:
         if writer is not None:
             try:
                 writer.close()
-            except OSError:
+            except (OSError, pa.ArrowException):
                 pass
         remove_spill(spill_path)
+        if isinstance(e, pa.ArrowNotImplementedError):  # a type Parquet cannot hold: the spill's, and the output's
+            fix = "" if cfg.portable_types else "input.portable_types=true writes it in a type that it can, or "
+            raise ManifestError(f"the manifest has a column that Parquet cannot hold ({e}); {fix}drop it from the "
+                                "manifest") from e
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
             # reading errors are ManifestErrors already: an OSError here is the spill's disk (full, gone)
             raise MediasieveError(f"cannot write the manifest spill {spill_path}: {e}") from e

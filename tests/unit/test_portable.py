@@ -71,7 +71,7 @@ def test_an_id_column_of_uuids_is_their_canonical_string_even_as_read(tmp_path):
     assert [r["video_id"] for r in rows] == [str(u) for u in ids]
 
 
-def test_pandas_style_nanoseconds_float16_decimals_lists_and_empty_structs(tmp_path):
+def test_pandas_style_nanoseconds_float16_decimals_lists_and_maps(tmp_path):
     ns = pa.timestamp("ns", tz="UTC")
     table = pa.table({
         "video_id": ["a", "b", "c"], "video_path": ["a", "b", "c"],
