@@ -91,7 +91,7 @@ from pipeline.storage import SCRATCH_DIR, FetchedItem, TieredFetcher, check_prot
 from pipeline.task_queue import BoundedTaskQueue
 from pipeline.video.decoders import decodes_past_deadline
 from pipeline.weights import check_copy, weigh_models
-from pipeline.writer import ResultWriter, bounded, commit_bytes, is_local_fs, result_schema
+from pipeline.writer import ResultWriter, bounded, case_clashes, commit_bytes, is_local_fs, result_schema
 
 log = logging.getLogger(__name__)
 
@@ -905,6 +905,11 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
 
     filters = build_filters(cfg.filters)
     wanted = result_schema(manifest.schema, [(f.name, f.arrow_type()) for f in filters])
+    clashes = case_clashes(wanted) if ctx.rank == 0 else []
+    if clashes:
+        log.warning("the rows hold column names that differ only in case (%s): Spark refuses such a table unless "
+                    "spark.sql.caseSensitive=true (pyarrow, DuckDB and Polars read it); rename one in the manifest "
+                    "or the filters", "; ".join(clashes))
     # Rank 0 reads the committed parts' schema once, and every rank writes in the schema it decides on.
     schema = _main_decides(ctx, lambda: writer_schema(cfg.output.dir, cfg.output.storage_options, newest_part,
                                                       wanted, cfg.resume.on_schema_change))

@@ -63,6 +63,21 @@ def result_schema(manifest_schema: pa.Schema, filter_columns: list[tuple[str, pa
     return pa.schema(fields)
 
 
+def case_clashes(fields: list[pa.Field] | pa.Schema, prefix: str = "") -> list[str]:
+    """Names of ``fields`` (at any depth of structs) that differ only in case, as ``a / A`` pairs: Spark, whose
+    column names are case-insensitive unless ``spark.sql.caseSensitive`` is set, refuses such a file ("The column
+    `lang` already exists"), where pyarrow, DuckDB and Polars read it."""
+    out, seen = [], {}
+    for f in fields:
+        name = f"{prefix}{f.name}"
+        other = seen.setdefault(f.name.lower(), name)
+        if other != name:
+            out.append(f"{other} / {name}")
+        if pa.types.is_struct(f.type):
+            out += case_clashes(list(f.type), f"{name}.")
+    return out
+
+
 def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 

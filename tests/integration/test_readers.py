@@ -235,3 +235,30 @@ def test_every_filters_columns_read_in_spark_as_in_pyarrow(spark, tmp_path):
     frame = spark.read.parquet(str(tmp_path / "parts"))
     assert [f.name for f in frame.schema.fields] == schema.names
     assert _spark_rows(frame) == _arrow_rows(str(tmp_path / "parts"))
+
+
+def test_column_names_that_differ_only_in_case_are_said_and_read_in_spark_when_told(spark, tmp_path, media_dir,
+                                                                                  caplog):
+    """pyarrow, DuckDB and Polars read a table with ``Lang`` and ``lang``; Spark, case-insensitive by default, refuses
+    it whole. The job says so at the start, naming the columns and Spark's setting that reads it."""
+    import logging
+
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 1)
+    rows[0].update(Lang="EN", lang="en")
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    cfg = build_config(base_config(manifest, str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache")))
+    validate_config(cfg)
+    with caplog.at_level(logging.WARNING, "pipeline.runner"):
+        assert run_rank(cfg, DistContext()).summary["total"]["succeeded"] == 1
+    assert "differ only in case (Lang / lang): Spark refuses such a table unless spark.sql.caseSensitive=true" \
+        in caplog.text
+    parts = str(tmp_path / "out" / "parts")
+    with pytest.raises(Exception, match="already exists"):
+        spark.read.parquet(parts).collect()
+    spark.conf.set("spark.sql.caseSensitive", "true")
+    try:
+        (row,) = spark.read.parquet(parts).select("Lang", "lang").collect()
+    finally:
+        spark.conf.unset("spark.sql.caseSensitive")
+    assert tuple(row) == ("EN", "en")
