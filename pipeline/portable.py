@@ -34,6 +34,15 @@ import pyarrow.compute as pc
 MAX_DECIMAL_DIGITS = 38  # Spark's and Polars' largest decimal; Parquet and pyarrow hold up to 76
 
 
+def _never(_t: pa.DataType) -> bool:
+    return False
+
+
+# pyarrow before 16 has no list views (and before 18 no UUID type, which _is_uuid finds by its name)
+_is_list_view = getattr(pa.types, "is_list_view", _never)
+_is_large_list_view = getattr(pa.types, "is_large_list_view", _never)
+
+
 def _is_uuid(t: pa.DataType) -> bool:
     return isinstance(t, pa.BaseExtensionType) and t.extension_name == "arrow.uuid"
 
@@ -54,9 +63,9 @@ def portable_type(t: pa.DataType) -> pa.DataType:
         if t.num_fields == 0:
             return pa.null()
         return pa.struct([f.with_type(portable_type(f.type)) for f in t])
-    if pa.types.is_list_view(t) or pa.types.is_large_list_view(t):
+    if _is_list_view(t) or _is_large_list_view(t):
         value = t.value_field.with_type(portable_type(t.value_type))
-        return pa.list_(value) if pa.types.is_list_view(t) else pa.large_list(value)
+        return pa.list_(value) if _is_list_view(t) else pa.large_list(value)
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         value = t.value_field.with_type(portable_type(t.value_type))
         if pa.types.is_fixed_size_list(t):
@@ -103,10 +112,10 @@ def to_portable(values: pa.Array, target: pa.DataType, truncated: set[str] | Non
     if pa.types.is_struct(t):
         children = [to_portable(values.field(i), f.type, truncated, f"{where}.{f.name}") for i, f in enumerate(target)]
         return pa.StructArray.from_arrays(children, fields=list(target), mask=mask)
-    if pa.types.is_list_view(t) or pa.types.is_large_list_view(t):
+    if _is_list_view(t) or _is_large_list_view(t):
         # rebuilt from its lengths: pyarrow 26's cast of a list view to a list makes an invalid array (its offsets
         # one short), which the Parquet writer refuses
-        large = pa.types.is_large_list_view(t)
+        large = _is_large_list_view(t)
         lengths = pc.fill_null(pc.list_value_length(values), 0).to_numpy()
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int64() if large else pa.int32())
         cls = pa.LargeListArray if large else pa.ListArray
