@@ -472,8 +472,8 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, source: ManifestFile, fir
     """``batch`` in the spill's schema (the first file's, widened where later files need it): a column that the
     schema has and this file lacks is null in its rows (a dataset whose later files were written before a column was
     added); a column the schema lacks, or one of a wider type (a column all null in the first file, int32 then
-    int64), raises ``_Widen`` for the spill to be built again in the wider schema; a column of a type that no type
-    holds with the schema's (a number, then a string) stops the job."""
+    int64), raises ``_Widen`` for the spill to be built again in the wider schema; a column whose values do not cast
+    to the schema's type (a number, then a string) stops the job."""
     if batch.schema == schema:
         return batch
     wider: dict[str, pa.DataType] = {}
@@ -484,11 +484,8 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, source: ManifestFile, fir
         mine = schema.field(field.name)
         if field.type.equals(mine.type):
             continue
-        promoted = _widened(mine, field.type)
-        if promoted is None:
-            raise ManifestError(f"manifest {source.name}: column {field.name!r} is {field.type}, in {first.name} "
-                                f"{mine.type}, and no type holds both")
-        if not promoted.equals(mine.type):
+        promoted = _widened(mine, field.type)  # None: no wider type; the values may still cast (below)
+        if promoted is not None and not promoted.equals(mine.type):
             wider[field.name] = promoted
     if wider:
         raise _Widen(wider, source)

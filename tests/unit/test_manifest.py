@@ -438,10 +438,9 @@ def test_files_of_one_dataset_that_differ_in_columns(tmp_path, caplog):
         out = read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
     assert out["extra"].to_pylist() == [None, None, None, 1] and out["lang"].to_pylist() == ["en", "de", None, "it"]
     assert "c.parquet has column(s) extra (int64) that the files before it do not hold" in caplog.text
-    # a column of a type no type holds with the first's: refused, naming both files; no spill left
+    # a column whose values do not cast to the first's type: refused, naming both files; no spill left
     pq.write_table(pa.table({"video_id": ["d"], "video_path": ["x/d.mp4"], "lang": [[1, 2]]}), root / "c.parquet")
-    with pytest.raises(ManifestError, match=r"c\.parquet: column 'lang' is list<.*a\.parquet string, and no type "
-                                            "holds both"):
+    with pytest.raises(ManifestError, match=r"c\.parquet: column 'lang' is list<.*does not cast"):
         read_manifest(InputConfig(manifest=str(root)), str(tmp_path / "s"))
     assert list((tmp_path / "s").iterdir()) == []
 
@@ -719,8 +718,15 @@ def test_a_late_type_change_in_a_compressed_file_of_a_dataset_read_ahead(tmp_pat
     table = read_manifest(InputConfig(manifest=str(tmp_path / "ds")), str(tmp_path / "spill"))
     assert table.num_rows == LATE + 3 and table.schema.field("x").type == pa.float64()
     assert table["x"].to_pylist()[-3:] == [2.5, 2.5, 1.0]
+    # a pandas categorical in one file and plain strings in the next: no wider type, but the strings cast
+    (tmp_path / "cat").mkdir()
+    pq.write_table(pa.table({"video_id": ["a"], "video_path": ["a"], "lang": pa.array(["en"]).dictionary_encode()}),
+                   tmp_path / "cat" / "a.parquet")
+    pq.write_table(pa.table({"video_id": ["b"], "video_path": ["b"], "lang": ["de"]}), tmp_path / "cat" / "b.parquet")
+    assert read_manifest(InputConfig(manifest=str(tmp_path / "cat")), str(tmp_path / "spill"))["lang"].to_pylist() \
+        == ["en", "de"]
     # across files, types are not widened: a later file whose values do not fit the first's stops the job, naming both
     (tmp_path / "ds" / "c.jsonl").write_text('{"video_id": "c", "video_path": "c.mp4", "x": "n/a"}\n')
-    with pytest.raises(ManifestError, match=r"c.jsonl: column 'x' is string, in .*a.jsonl.gz double, and no type "
-                                            "holds both"):
+    with pytest.raises(ManifestError, match=r"c.jsonl: column 'x' is string, in .*a.jsonl.gz double, and does not "
+                                            "cast"):
         read_manifest(InputConfig(manifest=str(tmp_path / "ds")), str(tmp_path / "spill"))
