@@ -265,7 +265,10 @@ def _read_file(fs: fsspec.AbstractFileSystem, f: ManifestFile, cfg: InputConfig,
         with fs.open(f.path, "rb", compression=f.compression) as src:
             if f.fmt == "parquet":
                 yield from pq.ParquetFile(src).iter_batches(batch_size=BATCH_ROWS)
-            elif f.path in whole:
+            elif f.path in whole or (f.size is not None and f.size <= READ_AHEAD_MAX_BYTES):
+                # a small file is held whole anyway (read ahead): its types unified at once, where a type change
+                # after its first block would have the whole manifest read again (in a dataset of thousands of
+                # such files, once per file)
                 yield from _read_whole(src, f, cfg)
             else:
                 try:

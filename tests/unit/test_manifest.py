@@ -708,6 +708,26 @@ def test_csv_and_jsonl_whose_types_change_after_the_first_block_are_read_whole(t
     assert "the manifest is read again, that file whole" in caplog.text
 
 
+def test_small_files_are_read_whole_at_once_and_only_a_large_one_has_the_manifest_read_again(tmp_path, caplog,
+                                                                                            monkeypatch):
+    """A dataset of many small JSONL files whose optional field appears late in each: read whole at once (they are
+    held whole anyway), the manifest is not read again for each of them; a file over the read-ahead size streams, and
+    its change has the manifest read again once."""
+    import pipeline.manifest as mf
+
+    (tmp_path / "ds").mkdir()
+    for i in range(3):
+        (tmp_path / "ds" / f"part-{i}.jsonl").write_text(_late("jsonl", {"extra": i}).replace('"id', f'"p{i}-id'))
+    with caplog.at_level("WARNING", "pipeline.manifest"):
+        table = read_manifest(InputConfig(manifest=str(tmp_path / "ds")), str(tmp_path / "spill"))
+    assert table.num_rows == 3 * (LATE + 2) and table["extra"].to_pylist()[-1] == 2
+    assert "read again" not in caplog.text
+    monkeypatch.setattr(mf, "READ_AHEAD_MAX_BYTES", 1 << 20)  # each file now over it
+    with caplog.at_level("WARNING", "pipeline.manifest"):
+        table = read_manifest(InputConfig(manifest=str(tmp_path / "ds")), str(tmp_path / "spill"))
+    assert table.num_rows == 3 * (LATE + 2) and caplog.text.count("the manifest is read again, that file whole") == 3
+
+
 def test_a_late_type_change_in_a_compressed_file_of_a_dataset_read_ahead(tmp_path):
     import gzip
 
