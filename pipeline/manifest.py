@@ -439,11 +439,11 @@ def _normalise(batch: pa.RecordBatch, cfg: InputConfig, row: int, source: Manife
     return batch
 
 
-def _say_retyped(schema: pa.Schema, keep: set[str], said: dict[str, str], source: ManifestFile) -> None:
+def _say_retyped(schema: pa.Schema, keep: set[str], said: set[str], source: ManifestFile) -> None:
     """Log, once per column, that a manifest column will be written in another type (``pipeline.portable``)."""
     new = [c for c in changes(pa.schema([f for f in schema if f.name not in keep])) if c not in said]
     if new:
-        said.update(dict.fromkeys(new, source.name))
+        said.update(new)
         log.warning("manifest %s: column(s) %s written to the rows in types that every reader of the output reads "
                     "(Spark refuses nanosecond timestamps, times of day, float16 and UUIDs; input.portable_types="
                     "false keeps them as read)", source.name, "; ".join(new))
@@ -834,7 +834,7 @@ def _build_spill(cfg: InputConfig, spill_path: str, whole: frozenset[str], widen
     current: ManifestFile | None = None
     row = 0  # within the current file
     missing_said: set[str] = set()
-    retyped: dict[str, str] = {}  # column -> what it becomes, said once
+    retyped: set[str] = set()  # "column (type -> type)", said once
     truncated: set[str] = set()
     strings = {cfg.id_column, cfg.path_column}  # made strings by _normalise
     try:

@@ -10,6 +10,8 @@ import time
 from collections import Counter
 from typing import Any
 
+from pipeline.errors import redact_urls
+
 
 class RankLogFilter(logging.Filter):
     def __init__(self, rank: int):
@@ -34,8 +36,6 @@ class RedactSecrets(logging.Filter):
                               if any(w in k.upper() for w in _SECRET_ENV) and len(v) >= 8}, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from pipeline.errors import redact_urls
-
         msg = record.getMessage()
         clean = redact_urls(msg)
         for v in self.values:
