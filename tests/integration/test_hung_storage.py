@@ -192,8 +192,8 @@ def _output_config(tmp_path, s3, name, manifest, endpoint, **sections):
     opts = s3.options(endpoint=endpoint, read_timeout=3600, retries={"max_attempts": 1})
     out = f"s3://{name}/out"
     return base_config(manifest, str(tmp_path / "all"), out, str(tmp_path / "cache"),
-                       output={"dir": out, "storage_options": opts, "rows_per_file": 2, "lease_timeout_s": 4,
-                               "commit_timeout_s": 5}, **sections)
+                       output={"dir": out, "storage_options": opts, "rows_per_file": 2, "lease_timeout_s": 3,
+                               "commit_timeout_s": 3}, **sections)
 
 
 def test_an_output_that_hangs_mid_run_stops_the_rank_and_the_rerun_redoes_the_rest(tmp_path, media_dir, s3, bucket):
@@ -214,7 +214,7 @@ def test_an_output_that_hangs_mid_run_stops_the_rank_and_the_rerun_redoes_the_re
     started = time.monotonic()
     try:
         with pytest.raises(OutputHungError, match=r"the commit of .*/out/parts/part-.* did not finish in "
-                                                  r"output.commit_timeout_s=5s"):
+                                                  r"output.commit_timeout_s=3s"):
             _run(_output_config(tmp_path, s3, name, manifest, proxy.endpoint,
                                 filters={"noop": {"sleep_s": 0.3}}))
         took = time.monotonic() - started
@@ -222,9 +222,9 @@ def test_an_output_that_hangs_mid_run_stops_the_rank_and_the_rerun_redoes_the_re
         committed = pq.read_table(f"{name}/out/parts", filesystem=fs)["video_id"].to_pylist()
     finally:
         proxy.stop()
-    assert took < 40, took  # the commit, the lease's release and the metrics upload each gave up after 5 s
+    assert took < 40, took  # the commit, the lease's release and the metrics upload each gave up after 3 s
     assert 0 < len(committed) < 12 and len(set(committed)) == len(committed)
-    time.sleep(4.5)  # the lease (not released: the output was hung) goes stale, as it would for a dead process
+    time.sleep(3.5)  # the lease (not released: the output was hung) goes stale, as it would for a dead process
     again = _run(_output_config(tmp_path, s3, name, manifest, s3.endpoint, filters={"noop": {"sleep_s": 0.3}}))
     assert again.summary["this_run"]["items"] == 12 - len(committed)
     fs.invalidate_cache()
@@ -255,7 +255,7 @@ def _no_summary_then_the_rerun_writes_it(tmp_path, s3, bucket, manifest) -> None
     fs.invalidate_cache()
     assert not fs.exists(f"{name}/out/_SUCCESS") and not fs.exists(f"{name}/out/summary.json")
     assert len(pq.read_table(f"{name}/out/parts", filesystem=fs)) == 4
-    time.sleep(4.5)  # the lease was released (its path does not hang), but wait out a stale one all the same
+    time.sleep(3.5)  # the lease was released (its path does not hang), but wait out a stale one all the same
     again = _run(_output_config(tmp_path, s3, name, manifest, s3.endpoint))
     assert again.summary["this_run"]["items"] == 0 and again.summary["total"]["succeeded"] == 4
     fs.invalidate_cache()
@@ -289,12 +289,12 @@ def test_reads_that_hang_at_the_end_stop_the_rank_and_the_rerun_finishes_the_out
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
     proxy = FaultProxy(s3.port, hang={"/out/parts/part-": 0})  # GETs of committed parts; their PUTs pass
     raw = _output_config(tmp_path, s3, name, manifest, proxy.endpoint)
-    raw["output"]["finish_timeout_s"] = 4
+    raw["output"]["finish_timeout_s"] = 3
     before = set(threading.enumerate())
     started = time.monotonic()
     try:
         with pytest.raises(OutputHungError, match=r"finishing the output \(the summary's reads.* did not finish in "
-                                                  r"output.finish_timeout_s=4s"):
+                                                  r"output.finish_timeout_s=3s"):
             _run(raw)
         took = time.monotonic() - started
         assert proxy.hung >= 1  # a read of a part did hang
