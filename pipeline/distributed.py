@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -131,13 +132,22 @@ def init_distributed(device: str, timeout_s: float) -> DistContext:
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
-    # The process group's keys go under a prefix unique to this restart attempt. torchrun's agent store outlives
-    # a restart, and without the prefix a restarted rank can read a dead rank's address from the last attempt
-    # (gloo then fails with "connection refused" or hangs in connectFullMesh).
+    # torchrun's agent store (shared with the workers, torch's default) outlives a restart: the process group's
+    # keys go under a prefix of the restart attempt, else a restarted rank can read a dead rank's address from the
+    # last attempt (gloo then fails with "connection refused" or hangs in connectFullMesh). That count is each
+    # node's own, though: a node whose workers were healthy when another's failed restarts without counting, and a
+    # replacement node starts at 0, so across nodes the prefixes differ and every rank waits for the others until
+    # the timeout. Without sharing (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, set by the launchers), rank 0 hosts a
+    # new store on a new port at every attempt: nothing stale to read, and the prefix is one for all.
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size,
                          is_master=ctx.rank == 0 and not agent_store, timeout=timeout)
-    store = dist.PrefixStore(f"mediasieve/attempt_{ctx.restart_count}", base)
+    store = dist.PrefixStore(f"mediasieve/attempt_{ctx.restart_count}" if agent_store else "mediasieve", base)
+    if agent_store and int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and ctx.rank == 0:
+        log.warning("torchrun shares its rendezvous store with the workers on %s nodes: a node restarted or replaced "
+                    "alone (another's workers failed, a pod evicted) would wait at its restart until "
+                    "runtime.dist_timeout_s; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 where torchrun is "
+                    "launched (the launchers in launch/ do)", os.environ["GROUP_WORLD_SIZE"])
     kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout, "store": store, "rank": ctx.rank,
                               "world_size": ctx.world_size}
     if backend == "nccl":
@@ -197,12 +207,17 @@ class GlobalCounter:
 
 class StopFlag:
     """A reason to stop that one rank raises and every rank sees: a key in torchrun's store (a local value with one
-    process). Polled, not waited on: a rank checks it every couple of seconds in its supervision loop."""
+    process). Polled, not waited on: a rank checks it every couple of seconds in its supervision loop.
+
+    The store may be held by the raising rank's own process (rank 0's, where torchrun does not share its rendezvous
+    store): a rank that has not read the flag when that process exits can no longer read it. So each rank that
+    sees the flag says so (``seen``), and the raiser waits for them (``wait_seen``) before it stops."""
 
     def __init__(self, store: Any = None, key: str = "mediasieve/stop"):
         self.store = store
         self.key = key
         self._local: str | None = None
+        self._said = False
 
     def raise_flag(self, reason: str) -> None:
         if self.store is None:
@@ -217,3 +232,20 @@ class StopFlag:
         if not self.store.check([self.key]):
             return None
         return self.store.get(self.key).decode()
+
+    def seen(self) -> None:
+        """Tell the raiser that this rank saw the flag (once; later calls do nothing)."""
+        if self.store is not None and not self._said:
+            self.store.add(f"{self.key}/seen", 1)
+            self._said = True
+
+    def wait_seen(self, others: int, timeout_s: float) -> bool:
+        """Wait until ``others`` ranks saw the flag (``seen``); False where ``timeout_s`` passed first."""
+        if self.store is None or others <= 0:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while int(self.store.add(f"{self.key}/seen", 0)) < others:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True

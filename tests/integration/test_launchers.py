@@ -57,8 +57,8 @@ def test_slurm_script_stops_the_job_cleanly_at_the_time_limit_and_requeues_it(tm
                       filters={"noop": {"sleep_s": 0.5}}, output={"dir": str(out), "rows_per_file": 2},
                       runtime={"consumers": 1, "producers": 1})  # 4 items/s on 2 ranks: the signal comes mid-job
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
-    env = _slurm_env(tmp_path, 'while [[ "$1" == --* ]]; do shift; done; SLURM_NODEID=0 exec "$@"',
-                     CONFIG=str(tmp_path / "job.yaml"))
+    env = _slurm_env(tmp_path, f'echo "$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" > {tmp_path}/share; '
+                     'while [[ "$1" == --* ]]; do shift; done; SLURM_NODEID=0 exec "$@"', CONFIG=str(tmp_path / "job.yaml"))
     proc = _sbatch(env)
     try:
         _wait_for(lambda: (out / "parts").is_dir() and len(os.listdir(out / "parts")) >= 2)
@@ -69,6 +69,7 @@ def test_slurm_script_stops_the_job_cleanly_at_the_time_limit_and_requeues_it(tm
     assert proc.returncode != 0, err[-3000:]
     assert "the time limit is near: stopping the job cleanly" in err
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "4343"]
+    assert (tmp_path / "share").read_text().strip() == "1"  # torchrun's workers meet in a store of their own
     committed = pq.read_table(str(out / "parts"))["video_id"].to_pylist()
     assert 4 <= len(committed) < 16 and len(set(committed)) == len(committed)
     assert not (out / "_lease.json").exists() and not (out / "_SUCCESS").exists()  # a clean stop, not a kill
@@ -131,6 +132,8 @@ def test_k8s_manifest_is_a_pytorchjob_with_secrets_from_the_environment():
     assert container["command"][:2] == ["torchrun", "jobs/run.py"]
     assert container["envFrom"][0]["secretRef"]["name"]
     shutdown = int({e["name"]: e["value"] for e in container["env"]}["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
+    # a replaced worker pod rejoins (test_k8s_indexed_job_pods_run_the_job_and_a_replaced_pod_rejoins_it)
+    assert {e["name"]: e["value"] for e in container["env"]}["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > shutdown  # the kubelet waits for torchrun's own wait
     config = yaml.safe_load(kinds["ConfigMap"]["data"]["job.yaml"])
@@ -139,3 +142,100 @@ def test_k8s_manifest_is_a_pytorchjob_with_secrets_from_the_environment():
     cfg = build_config(config)  # the embedded config is a valid job config
     assert shutdown > cfg.runtime.shutdown_grace_s + 60  # the workers' clean stop, and a commit
     assert cfg.storage.cache_dir == "/cache" and "secret" not in kinds["ConfigMap"]["data"]["job.yaml"].lower()
+
+
+def _indexed_job() -> tuple[dict, dict, dict, str]:
+    docs = list(yaml.safe_load_all(open(os.path.join(ROOT, "launch", "k8s", "indexed-job.yaml"))))
+    kinds = {d["kind"]: d for d in docs}
+    job = kinds["Job"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    return kinds, job, container, kinds["ConfigMap"]["data"]["job.yaml"]
+
+
+def test_k8s_indexed_job_is_wired_together():
+    """A plain batch/v1 Indexed Job (no operator): the names that must agree do (the Service's name is the pods'
+    subdomain and the rendezvous host's domain; completions, parallelism and NNODES; GPUs), a disruption is not
+    counted as a failure, and index 0's success ends the Job."""
+    from pipeline.config import build_config
+
+    kinds, job, container, config_text = _indexed_job()
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    service = kinds["Service"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == int(env["NNODES"])
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    assert pod["subdomain"] == service["metadata"]["name"]
+    assert env["RDZV_HOST"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}"  # index 0's DNS name
+    assert int(env["RDZV_PORT"]) in [p["port"] for p in service["spec"]["ports"]]
+    assert int(env["GPUS_PER_POD"]) == container["resources"]["limits"]["nvidia.com/gpu"]
+    uid = next(e for e in container["env"] if e["name"] == "JOB_UID")
+    assert uid["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/controller-uid']"
+    assert pod["restartPolicy"] == "Never"  # what podFailurePolicy requires
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in spec["podFailurePolicy"]["rules"]
+    assert spec["successPolicy"]["rules"] == [{"succeededIndexes": "0"}]
+    assert container["command"][:2] == ["bash", "-c"] and "exec torchrun" in container["command"][2]
+    assert container["envFrom"][0]["secretRef"]["name"] and "secret" not in config_text.lower()
+    shutdown = int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
+    assert pod["terminationGracePeriodSeconds"] > shutdown  # the kubelet waits for torchrun's own wait
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # else a replaced pod never rejoins (the test below)
+    cfg = build_config(yaml.safe_load(config_text))
+    assert shutdown > cfg.runtime.shutdown_grace_s + 60
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert os.path.dirname(env["CONFIG"]) == mounts["config"] and cfg.storage.cache_dir == mounts["cache"]
+
+
+def test_k8s_indexed_job_pods_run_the_job_and_a_replaced_pod_rejoins_it(tmp_path, media_dir):
+    """The container's own command, run as Kubernetes would run it in two pods (its environment, the index, the
+    args), with the rendezvous host's DNS name replaced by this machine's address. Then an eviction: pod 1 gets
+    SIGTERM mid-run and stops cleanly; the Job's replacement pod for index 1 (a fresh node cache) rejoins pod 0,
+    whose torchrun restarts its worker into the new rendezvous; both end with 0 and every item has one row."""
+    from tests.s3server import free_port
+
+    _kinds, _job, container, _config = _indexed_job()
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 16)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    out = tmp_path / "out"
+    raw = base_config(manifest, str(tmp_path / "c"), str(out), str(tmp_path / "cache"),
+                      filters={"noop": {"sleep_s": 0.5}}, output={"dir": str(out), "rows_per_file": 2},
+                      runtime={"consumers": 1, "producers": 1})  # 4 items/s on 2 ranks: the eviction comes mid-job
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _shim(bin_dir / "torchrun", f'exec {sys.executable} -m torch.distributed.run "$@"')  # the image's torchrun
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    env.update(RDZV_HOST="127.0.0.1", RDZV_PORT=str(free_port()), GPUS_PER_POD="1", CONFIG=str(tmp_path / "job.yaml"),
+               JOB_UID=f"uid-{os.getpid()}")  # the fieldRef's value
+    base = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OMP_NUM_THREADS="1", **env)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        base.pop(k, None)
+
+    def pod(index: int, name: str) -> subprocess.Popen:
+        args = [*container["command"], *container["args"], f"storage.cache_dir={tmp_path / name}"]
+        return subprocess.Popen(args, env={**base, "JOB_COMPLETION_INDEX": str(index)}, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{name}.log", "w"),
+                                start_new_session=True)
+
+    def log(name: str) -> str:
+        return (tmp_path / f"{name}.log").read_text()[-3000:]
+
+    pods = [pod(0, "pod0"), pod(1, "pod1")]
+    try:
+        _wait_for(lambda: (out / "parts").is_dir() and len(os.listdir(out / "parts")) >= 2)
+        pods[1].send_signal(signal.SIGTERM)  # the kubelet's stop of an evicted pod: to its process 1, torchrun
+        assert pods[1].wait(120) != 0, log("pod1")  # stopped, not finished: the Job replaces it
+        assert pods[0].poll() is None, log("pod0")  # pod 0 waits in a new rendezvous for the replacement
+        replacement = pod(1, "pod1-new")
+        assert pods[0].wait(120) == 0, log("pod0")
+        assert replacement.wait(60) == 0, log("pod1-new")
+    finally:
+        for p in pods + [locals().get("replacement")]:
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    table = pq.read_table(str(out / "parts")).to_pylist()
+    ok = [r["video_id"] for r in table if r["result_info"]["succeed"]]
+    assert sorted(ok) == sorted(r["video_id"] for r in rows)  # one success row each: nothing lost, nothing twice
+    assert len({r["result_info"]["run_id"] for r in table}) >= 2  # the replacement's rows came from a second run
+    assert (out / "_SUCCESS").exists()
+    assert "torchrun shares its rendezvous store" not in (tmp_path / "pod0.log").read_text()

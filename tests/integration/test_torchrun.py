@@ -12,6 +12,7 @@ import time
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from tests.conftest import ROOT, base_config, make_corpus, probe_type_of_previous_version, write_manifest
@@ -239,13 +240,17 @@ def test_two_ranks_compact_their_output_at_the_end(tmp_path, media_dir):
     assert again.returncode == 0 and "12 already done" in again.stdout, again.stderr[-3000:]
 
 
-def test_every_rank_stops_when_another_run_takes_the_output_over(tmp_path, media_dir):
+@pytest.mark.parametrize("share", ["0", "1"], ids=["agent store", "rank 0's store"])
+def test_every_rank_stops_when_another_run_takes_the_output_over(tmp_path, media_dir, share):
     """Rank 0 holds the lease; when another run takes it over, rank 0 raises a flag in torchrun's store and both
-    ranks stop, committing nothing more."""
+    ranks stop, committing nothing more. Also where the store is rank 0's own (torchrun not sharing its rendezvous
+    store, as the launchers run it): before, rank 0 exited with it before rank 1 had read the flag, and rank 1 could
+    only say that it could not read it."""
     rows, config = _setup(tmp_path, media_dir, 40, filters={"noop": {"sleep_s": 0.3}},
                           runtime={"consumers": 1, "producers": 1, "progress": False},
                           output={"dir": str(tmp_path / "out"), "rows_per_file": 2, "lease_timeout_s": 4})
-    proc = subprocess.Popen(_torchrun(config), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(_env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE=share)
+    proc = subprocess.Popen(_torchrun(config), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parts = tmp_path / "out" / "parts"
     deadline = time.time() + 120
     while not (parts.is_dir() and len(list(parts.iterdir())) >= 2) and time.time() < deadline:
