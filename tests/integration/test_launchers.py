@@ -40,6 +40,19 @@ def _sbatch(env) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _slow_job(tmp_path, media_dir) -> tuple[list[dict], object]:
+    """``job.yaml`` over 16 items at 4 items/s on 2 ranks (one consumer each, 0.5 s an item): a signal sent once
+    two parts are committed comes mid-job. Returns the manifest's rows and the output directory."""
+    rows = make_corpus(str(tmp_path / "c"), media_dir, 16)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    out = tmp_path / "out"
+    raw = base_config(manifest, str(tmp_path / "c"), str(out), str(tmp_path / "cache"),
+                      filters={"noop": {"sleep_s": 0.5}}, output={"dir": str(out), "rows_per_file": 2},
+                      runtime={"consumers": 1, "producers": 1})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    return rows, out
+
+
 def _wait_for(condition, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -50,13 +63,7 @@ def _wait_for(condition, timeout_s: float = 120) -> None:
 def test_slurm_script_stops_the_job_cleanly_at_the_time_limit_and_requeues_it(tmp_path, media_dir):
     """Slurm's USR1 before the time limit (``--signal=B:USR1@600``): the script stops the real job (SIGTERM through
     srun and torchrun: finished rows committed, the lease released) and requeues it; the requeued job resumes."""
-    rows = make_corpus(str(tmp_path / "c"), media_dir, 16)
-    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
-    out = tmp_path / "out"
-    raw = base_config(manifest, str(tmp_path / "c"), str(out), str(tmp_path / "cache"),
-                      filters={"noop": {"sleep_s": 0.5}}, output={"dir": str(out), "rows_per_file": 2},
-                      runtime={"consumers": 1, "producers": 1})  # 4 items/s on 2 ranks: the signal comes mid-job
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    rows, out = _slow_job(tmp_path, media_dir)
     env = _slurm_env(tmp_path, f'echo "$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" > {tmp_path}/share; '
                      'while [[ "$1" == --* ]]; do shift; done; SLURM_NODEID=0 exec "$@"', CONFIG=str(tmp_path / "job.yaml"))
     proc = _sbatch(env)
@@ -194,13 +201,7 @@ def test_k8s_indexed_job_pods_run_the_job_and_a_replaced_pod_rejoins_it(tmp_path
     from tests.s3server import free_port
 
     _kinds, _job, container, _config = _indexed_job()
-    rows = make_corpus(str(tmp_path / "c"), media_dir, 16)
-    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
-    out = tmp_path / "out"
-    raw = base_config(manifest, str(tmp_path / "c"), str(out), str(tmp_path / "cache"),
-                      filters={"noop": {"sleep_s": 0.5}}, output={"dir": str(out), "rows_per_file": 2},
-                      runtime={"consumers": 1, "producers": 1})  # 4 items/s on 2 ranks: the eviction comes mid-job
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    rows, out = _slow_job(tmp_path, media_dir)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _shim(bin_dir / "torchrun", f'exec {sys.executable} -m torch.distributed.run "$@"')  # the image's torchrun
