@@ -2,7 +2,9 @@
 """The mediasieve job: ``torchrun --nproc_per_node=N jobs/run.py --config configs/X.yaml [key.sub=value ...]``.
 
 Plain ``python jobs/run.py ...`` is the same job with one process. Exit codes: 0 done, 2 bad config or input,
-3 output directory in use, 143 stopped by a signal (rerun to resume), 1 any other failure.
+3 output directory in use, 143 stopped by a signal (rerun to resume), 1 any other failure. torchrun itself ends
+with 1 whatever its workers' codes: where ``MEDIASIEVE_EXIT_CODE_FILE`` is set, each node's local rank 0 writes its
+code there, for a launcher to end with (``launch/k8s/indexed-job.yaml``: a config error fails the Job at once).
 """
 
 from __future__ import annotations
@@ -79,7 +81,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def say_exit_code(code: int | None) -> None:
+    """Write ``code`` to ``MEDIASIEVE_EXIT_CODE_FILE`` on a node's local rank 0 (None: remove what an earlier
+    attempt of torchrun's left there); nothing where the variable is not set."""
+    path = os.environ.get("MEDIASIEVE_EXIT_CODE_FILE")
+    if not path or int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        return
+    try:
+        if code is None:
+            if os.path.exists(path):
+                os.remove(path)
+            return
+        with open(f"{path}.tmp", "w") as f:
+            f.write(f"{code}\n")
+        os.replace(f"{path}.tmp", path)
+    except OSError as e:  # the launcher then ends with torchrun's own code
+        log.warning("cannot write the exit code to %s: %s", path, e)
+
+
 if __name__ == "__main__":
     from pipeline.proc import exit_now
 
-    exit_now(main())  # without the 0.5-0.7 s teardown of torch's libraries
+    say_exit_code(None)
+    code = main()
+    say_exit_code(code)
+    exit_now(code)  # without the 0.5-0.7 s teardown of torch's libraries

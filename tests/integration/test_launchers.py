@@ -180,9 +180,13 @@ def test_k8s_indexed_job_is_wired_together():
     uid = next(e for e in container["env"] if e["name"] == "JOB_UID")
     assert uid["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/controller-uid']"
     assert pod["restartPolicy"] == "Never"  # what podFailurePolicy requires
-    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in spec["podFailurePolicy"]["rules"]
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}  # first: it wins
+    assert {"action": "FailJob", "onExitCodes": {"containerName": container["name"], "operator": "In",
+                                                 "values": [2]}} in rules  # the job's code for a config error
     assert spec["successPolicy"]["rules"] == [{"succeededIndexes": "0"}]
-    assert container["command"][:2] == ["bash", "-c"] and "exec torchrun" in container["command"][2]
+    script = container["command"][2]
+    assert container["command"][:2] == ["bash", "-c"] and "trap 'kill -TERM \"$child\"" in script  # SIGTERM on
     assert container["envFrom"][0]["secretRef"]["name"] and "secret" not in config_text.lower()
     shutdown = int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
     assert pod["terminationGracePeriodSeconds"] > shutdown  # the kubelet waits for torchrun's own wait
@@ -224,8 +228,8 @@ def test_k8s_indexed_job_pods_run_the_job_and_a_replaced_pod_rejoins_it(tmp_path
     pods = [pod(0, "pod0"), pod(1, "pod1")]
     try:
         _wait_for(lambda: (out / "parts").is_dir() and len(os.listdir(out / "parts")) >= 2)
-        pods[1].send_signal(signal.SIGTERM)  # the kubelet's stop of an evicted pod: to its process 1, torchrun
-        assert pods[1].wait(120) != 0, log("pod1")  # stopped, not finished: the Job replaces it
+        pods[1].send_signal(signal.SIGTERM)  # the kubelet's stop of an evicted pod: to its process 1
+        assert pods[1].wait(120) not in (0, 2), log("pod1")  # stopped, not finished nor refused: the Job replaces it
         assert pods[0].poll() is None, log("pod0")  # pod 0 waits in a new rendezvous for the replacement
         replacement = pod(1, "pod1-new")
         assert pods[0].wait(120) == 0, log("pod0")
@@ -240,3 +244,46 @@ def test_k8s_indexed_job_pods_run_the_job_and_a_replaced_pod_rejoins_it(tmp_path
     assert len({r["result_info"]["run_id"] for r in table}) >= 2  # the replacement's rows came from a second run
     assert (out / "_SUCCESS").exists()
     assert "torchrun shares its rendezvous store" not in (tmp_path / "pod0.log").read_text()
+
+
+def test_k8s_indexed_job_pod_ends_with_2_on_a_config_error(tmp_path):
+    """torchrun ends with 1 whatever its workers' codes; the pod's script ends with the job's 2 for a config error,
+    which the Job's podFailurePolicy fails the Job on at once (before: retried with back-off until backoffLimit,
+    every pod, each after torchrun's own restarts)."""
+    from tests.s3server import free_port
+
+    _kinds, _job, container, _config = _indexed_job()
+    raw = base_config("m.parquet", str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _shim(bin_dir / "torchrun", f'exec {sys.executable} -m torch.distributed.run "$@"')
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    env.update(NNODES="1", GPUS_PER_POD="1", RDZV_PORT=str(free_port()), CONFIG=str(tmp_path / "job.yaml"),
+               JOB_UID="uid-config", JOB_COMPLETION_INDEX="0", MAX_RESTARTS="1")  # a restart: its code counts
+    proc = subprocess.run([*container["command"], "runtime.consumers=0"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OMP_NUM_THREADS="1", **env),
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "runtime.consumers must be >= 1" in proc.stderr and "the Job fails without retrying" in proc.stderr
+
+
+def test_the_exit_code_is_written_by_local_rank_0_only_and_a_failed_write_is_said(tmp_path, monkeypatch, caplog):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mediasieve_run", os.path.join(ROOT, "jobs", "run.py"))
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    path = tmp_path / "code"
+    monkeypatch.setenv("MEDIASIEVE_EXIT_CODE_FILE", str(path))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    run.say_exit_code(2)
+    assert not path.exists()  # another local rank: the node's rank 0 says it
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    run.say_exit_code(2)
+    assert path.read_text() == "2\n"
+    run.say_exit_code(None)  # an attempt's start: the last attempt's code goes
+    assert not path.exists()
+    monkeypatch.setenv("MEDIASIEVE_EXIT_CODE_FILE", str(tmp_path / "no-such-dir" / "code"))
+    run.say_exit_code(2)  # the launcher then ends with torchrun's own code
+    assert "cannot write the exit code to" in caplog.text
