@@ -526,10 +526,12 @@ class RankWorkers:
                               "this run held it (its heartbeat was late: a paused or frozen process?); this run "
                               "stops, and the rows it had not committed are dropped, since that run does those items")
                     self.takeover.raise_flag(reason)
+                    self._taken_over(reason)  # this rank's rows not committed go at once, before the wait below
                     # the store may go with this process (torchrun not sharing its own): stop once the others
                     # read the flag, so that none commits rows into the output the other run holds now
                     if not self.takeover.wait_seen(self.world_size - 1, 2 * TAKEOVER_POLL_S + 2):
                         log.warning("not every rank saw the takeover flag within %.0fs", 2 * TAKEOVER_POLL_S + 2)
+                    reason = None  # said
                 elif time.monotonic() - last_flag_check >= TAKEOVER_POLL_S:  # the others: one store round trip
                     last_flag_check = time.monotonic()
                     reason = self.takeover.reason()
