@@ -210,12 +210,14 @@ class StopFlag:
     process). Polled, not waited on: a rank checks it every couple of seconds in its supervision loop.
 
     The store may be held by the raising rank's own process (rank 0's, where torchrun does not share its rendezvous
-    store): a rank that has not read the flag when that process exits can no longer read it. So each rank that
-    sees the flag says so (``seen``), and the raiser waits for them (``wait_seen``) before it stops."""
+    store): a rank that has not read the flag when that process exits can no longer read it. So a rank that reads
+    the flag says so (once, beside it in the store), and the raiser waits for the other ``ranks - 1``
+    (``wait_seen``) before it stops."""
 
-    def __init__(self, store: Any = None, key: str = "mediasieve/stop"):
+    def __init__(self, store: Any = None, key: str = "mediasieve/stop", ranks: int = 1):
         self.store = store
         self.key = key
+        self.ranks = ranks
         self._local: str | None = None
         self._said = False
 
@@ -226,25 +228,22 @@ class StopFlag:
             self.store.set(self.key, reason)
 
     def reason(self) -> str | None:
-        """The reason, once some rank raised the flag; else None."""
+        """The reason, once some rank raised the flag; else None. Reading it tells the raiser this rank saw it."""
         if self.store is None:
             return self._local
         if not self.store.check([self.key]):
             return None
-        return self.store.get(self.key).decode()
-
-    def seen(self) -> None:
-        """Tell the raiser that this rank saw the flag (once; later calls do nothing)."""
-        if self.store is not None and not self._said:
+        if not self._said:
             self.store.add(f"{self.key}/seen", 1)
             self._said = True
+        return self.store.get(self.key).decode()
 
-    def wait_seen(self, others: int, timeout_s: float) -> bool:
-        """Wait until ``others`` ranks saw the flag (``seen``); False where ``timeout_s`` passed first."""
-        if self.store is None or others <= 0:
+    def wait_seen(self, timeout_s: float) -> bool:
+        """Wait until the other ranks read the flag; False where ``timeout_s`` passed first."""
+        if self.store is None or self.ranks <= 1:
             return True
         deadline = time.monotonic() + timeout_s
-        while int(self.store.add(f"{self.key}/seen", 0)) < others:
+        while int(self.store.add(f"{self.key}/seen", 0)) < self.ranks - 1:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)

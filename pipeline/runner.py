@@ -190,7 +190,6 @@ class RankWorkers:
     """The output lease, on the rank that holds it: another run taking it over stops this one."""
     takeover: StopFlag = field(default_factory=StopFlag)
     """Raised by the lease's rank when another run took the output over; every rank polls it and stops."""
-    world_size: int = 1
     stop: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False
     lease_lost: bool = False
@@ -529,14 +528,13 @@ class RankWorkers:
                     self._taken_over(reason)  # this rank's rows not committed go at once, before the wait below
                     # the store may go with this process (torchrun not sharing its own): stop once the others
                     # read the flag, so that none commits rows into the output the other run holds now
-                    if not self.takeover.wait_seen(self.world_size - 1, 2 * TAKEOVER_POLL_S + 2):
-                        log.warning("not every rank saw the takeover flag within %.0fs", 2 * TAKEOVER_POLL_S + 2)
+                    waited = 2 * TAKEOVER_POLL_S + 2
+                    if not self.takeover.wait_seen(waited):
+                        log.warning("not every rank saw the takeover flag within %.0fs", waited)
                     reason = None  # said
                 elif time.monotonic() - last_flag_check >= TAKEOVER_POLL_S:  # the others: one store round trip
                     last_flag_check = time.monotonic()
                     reason = self.takeover.reason()
-                    if reason is not None:
-                        self.takeover.seen()
                 if reason is not None:
                     self._taken_over(reason)
                 if self._fatal:
@@ -567,8 +565,6 @@ class RankWorkers:
             # raised it has exited, and the rows finished since must not be committed (the writer closes after this).
             try:
                 reason = self.takeover.reason()
-                if reason is not None:
-                    self.takeover.seen()
             except Exception as e:  # noqa: BLE001 - the store went with torchrun: nothing more to learn from it
                 log.warning("cannot read the takeover flag before the last commit: %s: %s", type(e).__name__, e)
                 reason = None
@@ -972,7 +968,7 @@ def _run_with_manifest(cfg: JobConfig, ctx: DistContext, device: str, run_id: st
         stats=RankStats(), run_id=run_id, rank=ctx.rank, host=ctx.host, device=device, pool=pool,
         global_done=GlobalCounter(ctx.store, f"mediasieve/{run_id}/done"), global_total=len(pending),
         metrics=metrics, exporter=exporter, journal=journal, suspects=suspects, lease=lease,
-        takeover=StopFlag(ctx.store, f"mediasieve/{run_id}/takeover"), world_size=ctx.world_size,
+        takeover=StopFlag(ctx.store, f"mediasieve/{run_id}/takeover", ctx.world_size),
     )
     ctx.barrier()
 

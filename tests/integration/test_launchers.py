@@ -151,6 +151,19 @@ def test_k8s_manifest_is_a_pytorchjob_with_secrets_from_the_environment():
     assert cfg.storage.cache_dir == "/cache" and "secret" not in kinds["ConfigMap"]["data"]["job.yaml"].lower()
 
 
+def _pod_env(tmp_path, container: dict, **values: str) -> dict:
+    """The environment Kubernetes gives the Indexed Job's container (the YAML's values, with ``values`` in place of
+    what the cluster or the downward API would set), and a ``torchrun`` on PATH as in the image."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    _shim(bin_dir / "torchrun", f'exec {sys.executable} -m torch.distributed.run "$@"')
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OMP_NUM_THREADS="1",
+               **{e["name"]: e["value"] for e in container["env"] if "value" in e})
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return {**env, **values}
+
+
 def _indexed_job() -> tuple[dict, dict, dict, str]:
     docs = list(yaml.safe_load_all(open(os.path.join(ROOT, "launch", "k8s", "indexed-job.yaml"))))
     kinds = {d["kind"]: d for d in docs}
@@ -206,15 +219,8 @@ def test_k8s_indexed_job_pods_run_the_job_and_a_replaced_pod_rejoins_it(tmp_path
 
     _kinds, _job, container, _config = _indexed_job()
     rows, out = _slow_job(tmp_path, media_dir)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _shim(bin_dir / "torchrun", f'exec {sys.executable} -m torch.distributed.run "$@"')  # the image's torchrun
-    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-    env.update(RDZV_HOST="127.0.0.1", RDZV_PORT=str(free_port()), GPUS_PER_POD="1", CONFIG=str(tmp_path / "job.yaml"),
-               JOB_UID=f"uid-{os.getpid()}")  # the fieldRef's value
-    base = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OMP_NUM_THREADS="1", **env)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        base.pop(k, None)
+    base = _pod_env(tmp_path, container, RDZV_HOST="127.0.0.1", RDZV_PORT=str(free_port()), GPUS_PER_POD="1",
+                    CONFIG=str(tmp_path / "job.yaml"), JOB_UID=f"uid-{os.getpid()}")  # JOB_UID: the fieldRef's
 
     def pod(index: int, name: str) -> subprocess.Popen:
         args = [*container["command"], *container["args"], f"storage.cache_dir={tmp_path / name}"]
@@ -255,15 +261,11 @@ def test_k8s_indexed_job_pod_ends_with_2_on_a_config_error(tmp_path):
     _kinds, _job, container, _config = _indexed_job()
     raw = base_config("m.parquet", str(tmp_path / "c"), str(tmp_path / "out"), str(tmp_path / "cache"))
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _shim(bin_dir / "torchrun", f'exec {sys.executable} -m torch.distributed.run "$@"')
-    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-    env.update(NNODES="1", GPUS_PER_POD="1", RDZV_PORT=str(free_port()), CONFIG=str(tmp_path / "job.yaml"),
-               JOB_UID="uid-config", JOB_COMPLETION_INDEX="0", MAX_RESTARTS="1")  # a restart: its code counts
+    env = _pod_env(tmp_path, container, NNODES="1", GPUS_PER_POD="1", RDZV_PORT=str(free_port()),
+                   CONFIG=str(tmp_path / "job.yaml"), JOB_UID="uid-config", JOB_COMPLETION_INDEX="0",
+                   MAX_RESTARTS="1")  # a restart: its code counts
     proc = subprocess.run([*container["command"], "runtime.consumers=0"], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OMP_NUM_THREADS="1", **env),
-                          timeout=300)
+                          env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "runtime.consumers must be >= 1" in proc.stderr and "the Job fails without retrying" in proc.stderr
 
